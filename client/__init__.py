@@ -1,0 +1,9 @@
+"""kvstore client SDK: ``from kvstore.client import KVClient, KVLayout``."""
+from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError, NotFound,
+                                   ResourceExhausted, StaleRead, Unavailable)
+from kvstore.client.sdk import BlockLease, KVClient, LookupResult, Namespace
+from kvstore.layout import KVLayout
+
+__all__ = ["KVClient", "KVLayout", "Namespace", "BlockLease", "LookupResult", "KVStoreError",
+           "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
+           "Unavailable", "StaleRead"]

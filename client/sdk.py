@@ -1,0 +1,448 @@
+"""The kvstore client SDK.
+
+    client = KVClient()                                   # default socket, or socket=/address=
+    ns = client.namespace("llama-3-8b", KVLayout(32, 8, 128, block_tokens=16))
+    keys = ns.block_keys(token_ids)                       # one 16-byte key per full block
+    ns.lookup(keys).num_cached                            # longest cached prefix, in blocks
+    ns.put(keys, kv).result()                             # kv: [blocks, *layout.block_shape]
+    kv = ns.get(keys).result()                            # the longest stored prefix of keys
+    ns.delete(keys); client.stats()
+
+put/get return concurrent.futures.Future: the copy runs on the SDK's I/O threads so the caller's
+compute goes on. The caller must not modify a tensor it passed to put until its future is done.
+Same-host clients copy through the shared arena; others (TCP, or no access to the arena file)
+stream bytes over gRPC with the same semantics. Every error is a kvstore.client.errors class;
+the runtime adapters turn any of them into "recompute".
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from kvstore.arena import Arena, ArenaError
+from kvstore.client import transfer
+from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
+                                   Unavailable, from_rpc_error)
+from kvstore.config import _default_socket
+from kvstore.keys import chain_keys, namespace_digest, pack_keys
+from kvstore.layout import KVLayout
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvstore.client")
+
+TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD"}
+_MSG_LIMIT = 256 << 20
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    num_cached: int          # blocks in the longest cached prefix
+    tiers: list[str]         # tier of each of those blocks
+
+
+class _Session:
+    """The OpenSession stream, kept open by a background thread for the client's lifetime."""
+
+    def __init__(self, stub, client_name: str, timeout_s: float):
+        self.ready = threading.Event()
+        self.ended = threading.Event()
+        self.event: pb.SessionEvent | None = None
+        self.error: BaseException | None = None
+        self._call = stub.OpenSession(pb.OpenSessionRequest(client_name=client_name,
+                                                            pid=os.getpid()))
+        self._thread = threading.Thread(target=self._run, name="kvstore-session", daemon=True)
+        self._thread.start()
+        if not self.ready.wait(timeout_s):
+            self._call.cancel()
+            raise Unavailable(f"daemon did not open a session within {timeout_s:g}s")
+        if self.event is None:
+            raise self.error if self.error else Unavailable("daemon closed the session")
+
+    def _run(self) -> None:
+        try:
+            for ev in self._call:
+                if self.event is None:
+                    self.event = ev
+                    self.ready.set()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.error = from_rpc_error(exc)
+        finally:
+            self.ended.set()
+            self.ready.set()
+
+    @property
+    def alive(self) -> bool:
+        return not self.ended.is_set()
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._thread.join(timeout=2)
+
+
+class KVClient:
+    """A connection to one kvstore daemon. Thread-safe; reconnects on its own after a restart.
+
+    socket:    Unix socket path (default: the daemon's default socket).
+    address:   "host:port" for TCP instead (bytes then travel over gRPC).
+    token:     bearer token for a TCP daemon that requires one.
+    timeout_s: deadline of each control call.
+    shared_memory: map the daemon's arena when it is reachable (same host).
+    """
+
+    def __init__(self, socket: str | None = None, *, address: str | None = None,
+                 token: str | None = None, timeout_s: float = 10.0, io_threads: int = 2,
+                 shared_memory: bool = True, client_name: str = ""):
+        self.target = address if address else f"unix:{socket or _default_socket()}"
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._want_shm = shared_memory
+        self._client_name = client_name or f"pid{os.getpid()}"
+        self._channel = grpc.insecure_channel(self.target, options=[
+            ("grpc.max_receive_message_length", _MSG_LIMIT),
+            ("grpc.max_send_message_length", _MSG_LIMIT),
+        ])
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._lock = threading.Lock()
+        self._session: _Session | None = None
+        self.arena: Arena | None = None
+        self._arena_view: transfer.ArenaView | None = None
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
+        self._namespaces: dict[bytes, Namespace] = {}
+        self._closed = False
+        self.reconnects = 0
+        self._connect()
+
+    # -- connection --------------------------------------------------------------------------
+    def _connect(self) -> None:
+        sess = _Session(self._stub, self._client_name, self.timeout_s) if not self._metadata \
+            else self._open_with_metadata()
+        ev = sess.event
+        if self.arena is not None:
+            self._arena_view = None
+            self.arena.close()
+            self.arena = None
+        if self._want_shm and ev.arena.path:
+            try:
+                self.arena = Arena.attach(ev.arena.path, ev.arena.uuid, ev.arena.size_bytes)
+                self._arena_view = transfer.ArenaView(self.arena.buffer)
+            except ArenaError as exc:
+                log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
+        self._session = sess
+        self.max_batch_blocks = ev.max_batch_blocks or 4096
+        self.max_message_bytes = min(ev.max_message_bytes or (4 << 20), _MSG_LIMIT)
+
+    def _open_with_metadata(self) -> _Session:
+        stub = self._stub
+        md = self._metadata
+
+        class _Stub:  # pass the token on the session stream too
+            def OpenSession(self, req):
+                return stub.OpenSession(req, metadata=md)
+        return _Session(_Stub(), self._client_name, self.timeout_s)
+
+    def _ensure_session(self) -> _Session:
+        if self._closed:
+            raise Unavailable("client is closed")
+        s = self._session
+        if s is not None and s.alive:
+            return s
+        with self._lock:
+            if self._session is None or not self._session.alive:
+                log.info("session to %s ended; reconnecting", self.target)
+                self._connect()
+                self.reconnects += 1
+                for ns in self._namespaces.values():
+                    ns._registered = False
+            return self._session
+
+    @property
+    def session_id(self) -> int:
+        return self._ensure_session().event.session_id
+
+    @property
+    def shared_memory(self) -> bool:
+        """True when block bytes move through the mapped arena (same host)."""
+        return self.arena is not None
+
+    def call(self, method: str, request):
+        """One unary RPC with the client's deadline; gRPC errors become KVStoreError classes."""
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s,
+                                               metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # -- API ---------------------------------------------------------------------------------
+    def namespace(self, model_id: str, layout: KVLayout, tenant: str = "") -> "Namespace":
+        ns = Namespace(self, model_id, layout, tenant)
+        ns._register()
+        self._namespaces[ns.namespace_id] = ns
+        return ns
+
+    def stats(self) -> pb.Stats:
+        self._ensure_session()
+        return self.call("GetStats", pb.GetStatsRequest())
+
+    def submit(self, fn, *args) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self._session is not None:
+            self._session.close()
+        self._channel.close()
+        if self.arena is not None:
+            self._arena_view = None
+            self.arena.close()
+
+    def __enter__(self) -> "KVClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class BlockLease:
+    """Leased blocks, readable in place (zero copy) until :meth:`release`.
+
+    ``views(like)`` gives one byte row per block (torch tensors if like="torch", else numpy)
+    that alias the arena. Reading them after release is undefined. ``release`` raises StaleRead
+    if the lease expired first: whatever was read must then be discarded.
+    """
+
+    def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
+                 tiers: list[str]):
+        self.ns = ns
+        self.lease_id = lease_id
+        self.offsets = offsets
+        self.tiers = tiers
+        self._session_id = session_id
+        self._released = lease_id == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def views(self, like: str = "torch"):
+        av = self.ns.client._arena_view
+        if av is None:
+            raise InvalidArgument("zero-copy views need the shared arena (same host)")
+        base = av.torch if like == "torch" else av.np
+        bb = self.ns.layout.block_bytes
+        return [base[o:o + bb] for o in self.offsets]
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        try:
+            self.ns.client.call("Release", pb.ReleaseRequest(session_id=self._session_id,
+                                                             lease_id=self.lease_id))
+        except KVStoreError as exc:
+            if "expired" in str(exc):
+                raise StaleRead(str(exc)) from None
+            if isinstance(exc, (NotFound, Unavailable)):
+                # The session is gone (daemon restarted): the lease went with it and the bytes
+                # may be gone too.
+                raise StaleRead(f"lease lost with its session: {exc}") from None
+            raise
+
+    def __enter__(self) -> "BlockLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Namespace:
+    """One model shard's blocks in the daemon: (model id, layout, tenant)."""
+
+    def __init__(self, client: KVClient, model_id: str, layout: KVLayout, tenant: str = ""):
+        self.client = client
+        self.model_id = model_id
+        self.layout = layout
+        self.tenant = tenant
+        self.namespace_id = namespace_digest(model_id, layout, tenant)
+        self._registered = False
+
+    def _register(self) -> None:
+        self.client._ensure_session()
+        resp = self.client.call("RegisterNamespace", pb.RegisterNamespaceRequest(
+            model_id=self.model_id, layout=self.layout.to_proto(pb), tenant=self.tenant))
+        if resp.namespace_id != self.namespace_id:
+            raise KVStoreError("daemon derived another namespace digest: client and daemon "
+                               "versions disagree on key derivation")
+        self._registered = True
+
+    def _rpc(self, method: str, make_request):
+        """Call with a fresh session id; after a daemon restart re-register and retry once.
+
+        Returns (response, session id used)."""
+        for attempt in (0, 1):
+            sess = self.client._ensure_session()
+            if not self._registered:
+                self._register()
+            sid = sess.event.session_id
+            try:
+                return self.client.call(method, make_request(sid)), sid
+            except (NotFound, Unavailable) as exc:
+                if attempt or ("unknown namespace" not in str(exc) and "unknown session" not in str(exc)):
+                    raise
+                self._registered = False
+
+    # -- keys --------------------------------------------------------------------------------
+    def block_keys(self, token_ids: Sequence[int], parent: bytes | None = None) -> list[bytes]:
+        """Keys of every full block of ``token_ids``; ``parent`` continues an earlier chain."""
+        return chain_keys(parent or self.namespace_id, token_ids, self.layout.block_tokens)
+
+    # -- operations --------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        blob = pack_keys(keys)
+        r, _ = self._rpc("Lookup", lambda sid: pb.LookupRequest(
+            namespace_id=self.namespace_id, keys=blob))
+        return LookupResult(r.num_cached, [TIER_NAMES.get(t, "?") for t in r.tiers])
+
+    def put(self, keys: Sequence[bytes], kv, parent_key: bytes | None = None) -> Future:
+        """Store ``kv`` ([len(keys), *layout.block_shape]) under ``keys`` (one chain, in order).
+
+        Returns a Future of the number of blocks newly written. Shape or dtype errors raise
+        InvalidArgument here, before anything is sent.
+        """
+        blob = pack_keys(keys)
+        rows = transfer.block_rows(kv, self.layout, len(keys))
+        self._check_batch(len(keys))
+        return self.client.submit(self._put, blob, rows, parent_key or b"")
+
+    def _put(self, blob: bytes, rows, parent_key: bytes) -> int:
+        alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob, parent_key=parent_key))
+        try:
+            written = self._write(sid, alloc.allocation_id, list(alloc.offsets), rows)
+        except BaseException:
+            try:
+                self.client.call("Commit", pb.CommitRequest(
+                    session_id=sid, allocation_id=alloc.allocation_id, abort=True))
+            except KVStoreError:
+                pass
+            raise
+        self.client.call("Commit", pb.CommitRequest(session_id=sid,
+                                                    allocation_id=alloc.allocation_id))
+        return written
+
+    def _write(self, sid: int, allocation_id: int, offsets: list[int], rows) -> int:
+        bb = self.layout.block_bytes
+        todo = [i for i, o in enumerate(offsets) if o >= 0]
+        av = self.client._arena_view
+        if av is not None:
+            arena = av.rows_for(rows)
+            for i in todo:
+                o = offsets[i]
+                transfer.copy_rows(arena[o:o + bb], rows[i])
+            return len(todo)
+        per_msg = max(1, (self.client.max_message_bytes - (64 << 10)) // bb)
+        run: list[int] = []
+        for i in todo + [None]:
+            if run and (i is None or i != run[-1] + 1 or len(run) == per_msg):
+                data = b"".join(_row_bytes(rows[j]) for j in run)
+                self.client.call("WriteBlocks", pb.WriteBlocksRequest(
+                    session_id=sid, allocation_id=allocation_id, first_index=run[0], data=data))
+                run = []
+            if i is not None:
+                run.append(i)
+        return len(todo)
+
+    def acquire(self, keys: Sequence[bytes]) -> BlockLease:
+        """Lease the longest stored prefix of ``keys`` (zero-copy access; see BlockLease)."""
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob))
+        return BlockLease(self, sid, r.lease_id, list(r.offsets),
+                          [TIER_NAMES.get(t, "?") for t in r.tiers])
+
+    def get(self, keys: Sequence[bytes], out=None) -> Future:
+        """Future of the longest stored prefix of ``keys`` as [found, *layout.block_shape].
+
+        A block evicted since a lookup shortens the result; the caller recomputes the rest.
+        ``out`` (a contiguous tensor/array of at least len(keys) blocks) avoids an allocation:
+        the future then resolves to its first ``found`` blocks.
+        """
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        if out is not None:
+            transfer.out_rows(out, self.layout, len(keys))  # validate before submitting
+        return self.client.submit(self._get, blob, len(keys), out)
+
+    def _get(self, blob: bytes, n: int, out):
+        r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob))
+        lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [])
+        found = len(lease)
+        try:
+            if out is None:
+                out = transfer.new_output(self.layout, found,
+                                          like="numpy" if _torch_missing() else "torch")
+            dst = transfer.out_rows(out, self.layout, found)
+            if found:
+                av = self.client._arena_view
+                if av is not None:
+                    arena = av.rows_for(dst)
+                    bb = self.layout.block_bytes
+                    for i, o in enumerate(lease.offsets):
+                        transfer.copy_rows(dst[i], arena[o:o + bb])
+                else:
+                    self._read_stream(lease, dst)
+        except BaseException:
+            try:
+                lease.release()
+            except KVStoreError:
+                pass
+            raise
+        lease.release()  # StaleRead if it expired: the copy is discarded
+        return out[:found]
+
+    def _read_stream(self, lease: BlockLease, dst) -> None:
+        import numpy as np
+        try:
+            stream = self.client._stub.ReadBlocks(
+                pb.ReadBlocksRequest(session_id=lease._session_id, lease_id=lease.lease_id),
+                timeout=self.client.timeout_s, metadata=self.client._metadata)
+            for msg in stream:
+                transfer.copy_rows(dst[msg.index], np.frombuffer(msg.data, dtype=np.uint8))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        blob = pack_keys(keys)
+        r, _ = self._rpc("Delete", lambda sid: pb.DeleteRequest(
+            namespace_id=self.namespace_id, keys=blob))
+        return r.deleted
+
+    def _check_batch(self, n: int) -> None:
+        if n > self.client.max_batch_blocks:
+            raise InvalidArgument(f"batch of {n} blocks exceeds the daemon's max_batch_blocks="
+                                  f"{self.client.max_batch_blocks}; split it")
+
+
+def _row_bytes(row) -> bytes:
+    if transfer._is_torch(row):
+        return row.cpu().numpy().tobytes()
+    return row.tobytes()
+
+
+def _torch_missing() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return True
+    return False

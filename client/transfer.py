@@ -1,0 +1,110 @@
+"""Moving block bytes between a caller's tensors and arena slots.
+
+Works with torch tensors (any device torch can copy from/to) and numpy arrays; torch is imported
+only when the caller passes a tensor, so the SDK installs without it.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from kvstore.errors import InvalidArgument
+from kvstore.layout import KVLayout
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
+
+
+def _is_torch(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def block_rows(kv, layout: KVLayout, n_blocks: int):
+    """A [n_blocks, block_bytes] uint8 view of ``kv`` after checking its shape and dtype."""
+    want_shape = (n_blocks, *layout.block_shape)
+    if _is_torch(kv):
+        dtype = str(kv.dtype).removeprefix("torch.")
+        if dtype != layout.dtype:
+            raise InvalidArgument(f"kv dtype is {dtype}, the namespace layout says {layout.dtype}")
+        if tuple(kv.shape) != want_shape:
+            raise InvalidArgument(f"kv shape is {tuple(kv.shape)}, expected {want_shape} "
+                                  "([blocks, layers, 2, block_tokens, kv_heads, head_dim])")
+        return kv.contiguous().view(-1).view(__import__("torch").uint8).view(n_blocks, -1)
+    arr = np.asarray(kv)
+    if layout.dtype in _NUMPY_DTYPES:
+        if arr.dtype != _NUMPY_DTYPES[layout.dtype]:
+            raise InvalidArgument(f"kv dtype is {arr.dtype}, the namespace layout says {layout.dtype}")
+        if arr.shape != want_shape:
+            raise InvalidArgument(f"kv shape is {arr.shape}, expected {want_shape}")
+    else:  # numpy has no bfloat16/fp8: accept raw bytes of the right size
+        if arr.dtype != np.uint8 or arr.size != n_blocks * layout.block_bytes:
+            raise InvalidArgument(f"numpy kv for {layout.dtype} must be uint8 of "
+                                  f"{n_blocks * layout.block_bytes} bytes, got {arr.dtype} "
+                                  f"of {arr.size} elements")
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8).reshape(n_blocks, -1)
+
+
+def new_output(layout: KVLayout, n_blocks: int, like: str = "torch"):
+    if like == "torch":
+        import torch
+        return torch.empty((n_blocks, *layout.block_shape), dtype=getattr(torch, layout.dtype))
+    if layout.dtype in _NUMPY_DTYPES:
+        return np.empty((n_blocks, *layout.block_shape), dtype=_NUMPY_DTYPES[layout.dtype])
+    return np.empty((n_blocks, layout.block_bytes), dtype=np.uint8)
+
+
+def out_rows(out, layout: KVLayout, n_blocks: int):
+    """Writable [n_blocks, block_bytes] uint8 view of a caller's output buffer (checked)."""
+    if _is_torch(out):
+        import torch
+        if not out.is_contiguous():
+            raise InvalidArgument("out must be contiguous")
+        if out.numel() * out.element_size() < n_blocks * layout.block_bytes:
+            raise InvalidArgument(f"out holds {out.numel() * out.element_size()} bytes, "
+                                  f"{n_blocks} blocks need {n_blocks * layout.block_bytes}")
+        return out.view(-1).view(torch.uint8)[: n_blocks * layout.block_bytes].view(n_blocks, -1)
+    arr = out
+    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+        raise InvalidArgument("out must be a contiguous torch tensor or numpy array")
+    flat = arr.reshape(-1).view(np.uint8)
+    if flat.size < n_blocks * layout.block_bytes:
+        raise InvalidArgument(f"out holds {flat.size} bytes, {n_blocks} blocks need "
+                              f"{n_blocks * layout.block_bytes}")
+    return flat[: n_blocks * layout.block_bytes].reshape(n_blocks, -1)
+
+
+class ArenaView:
+    """The mapped arena as a flat uint8 torch tensor and numpy array (same memory)."""
+
+    def __init__(self, buffer: memoryview):
+        self.np = np.frombuffer(buffer, dtype=np.uint8)
+        self._torch = None
+
+    @property
+    def torch(self):
+        if self._torch is None:
+            import torch
+            self._torch = torch.from_numpy(self.np)
+        return self._torch
+
+    def rows_for(self, target):
+        return self.torch if _is_torch(target) else self.np
+
+
+def copy_rows(dst, src) -> None:
+    """dst[...] = src for two byte rows of equal size, torch or numpy on either side."""
+    if _is_torch(src):
+        if _is_torch(dst):
+            dst.copy_(src)
+        else:
+            import torch
+            torch.from_numpy(dst).copy_(src)
+    elif _is_torch(dst):
+        if dst.device.type == "cpu":
+            np.copyto(dst.numpy(), src)
+        else:
+            import torch
+            dst.copy_(torch.from_numpy(np.array(src)))
+    else:
+        np.copyto(dst, src)

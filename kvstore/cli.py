@@ -1,0 +1,134 @@
+"""The kvstore command line: serve, stats, config, bench.
+
+Exit codes: 0 success; 1 runtime failure (daemon unreachable, startup error); 2 bad usage or
+configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+
+from kvstore import __version__
+from kvstore.config import FIELDS, ConfigError, load_config
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file")
+    for f in FIELDS:
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.help)
+
+
+def _overrides(args) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in FIELDS}
+
+
+def cmd_serve(args) -> int:
+    from kvstore.server import DaemonError, run_daemon
+    from kvstore.arena import ArenaError
+
+    cfg = load_config(args.config, overrides=_overrides(args))
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run_daemon(cfg))
+    except (DaemonError, ArenaError, OSError) as exc:
+        print(f"kvstore serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = load_config(args.config, overrides=_overrides(args))
+    rows = cfg.describe()
+    if args.json:
+        print(json.dumps({k: v for k, v, _ in rows}, indent=2))
+    else:
+        w = max(len(k) for k, _, _ in rows)
+        for k, v, src in rows:
+            print(f"{k:<{w}}  {v:<28}  ({src})")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from kvstore.client import KVClient, KVStoreError
+    from kvstore.statsview import render_table, stats_to_dict
+
+    cfg = load_config(args.config, overrides=_overrides(args))
+    try:
+        client = KVClient(cfg.socket, address=args.address, timeout_s=args.timeout,
+                          shared_memory=False, client_name="kvstore-stats")
+    except KVStoreError as exc:
+        print(f"kvstore stats: cannot reach the daemon at {args.address or cfg.socket}: {exc}",
+              file=sys.stderr)
+        return 1
+    try:
+        while True:
+            st = client.stats()
+            if args.json:
+                print(json.dumps(stats_to_dict(st), indent=2))
+            else:
+                if args.watch:
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                print(render_table(st))
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KVStoreError as exc:
+        print(f"kvstore stats: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+
+
+def cmd_bench(args) -> int:
+    from kvstore.bench import main as bench_main
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache daemon for LLM inference")
+    ap.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon")
+    _add_config_flags(p)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("stats", help="show tier statistics of a running daemon")
+    _add_config_flags(p)
+    p.add_argument("--address", help="TCP host:port instead of the Unix socket")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(fn=cmd_stats)
+
+    p = sub.add_parser("config", help="show the effective configuration")
+    _add_config_flags(p)
+    p.add_argument("--print", action="store_true", default=True, help="print it (default)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"kvstore {args.cmd}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The daemon's configuration: one typed object, built once from
+
+    defaults  ←  TOML file (--config)  ←  KVSTORE_* environment  ←  command-line flags
+
+and validated once. Every key is defined in one table (``FIELDS``) with its type, default and
+help; the TOML key, the environment variable (KVSTORE_<KEY>) and the flag (--<key-with-dashes>)
+all derive from its name. Errors name the key and where the bad value came from.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kvstore.units import format_bytes, parse_size
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _default_socket() -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "kvstore" if runtime else Path(f"/tmp/kvstore-{os.getuid()}")
+    return str(base / "kvstore.sock")
+
+
+def _default_dram_bytes() -> int:
+    """A quarter of the memory available now, at most 64 GiB, at least 64 MiB."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not avail:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(64 << 20, min(avail // 4, 64 << 30)) // (1 << 20) * (1 << 20)
+
+
+def _size(v: Any) -> int:
+    return parse_size(v)
+
+
+def _pos_float(v: Any) -> float:
+    f = float(v)
+    if not f > 0:
+        raise ValueError(f"must be > 0, got {v!r}")
+    return f
+
+
+def _pos_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"not an integer: {v!r}")
+    i = int(v)
+    if i <= 0:
+        raise ValueError(f"must be > 0, got {v!r}")
+    return i
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, got {v!r}")
+    return v
+
+
+def _log_level(v: Any) -> str:
+    s = str(v).upper()
+    if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"must be one of debug, info, warning, error; got {v!r}")
+    return s.lower()
+
+
+@dataclass
+class Field:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    show: Callable[[Any], str] = str
+
+
+FIELDS: list[Field] = [
+    Field("socket", _str, _default_socket, "Unix socket the daemon listens on (mode 0600)"),
+    Field("listen", _str, "", "also listen on TCP host:port (off when empty)"),
+    Field("dram_bytes", _size, _default_dram_bytes, "DRAM tier size (shared-memory arena)",
+          format_bytes),
+    Field("chunk_bytes", _size, 64 << 20, "arena chunk size; one block size per chunk",
+          format_bytes),
+    Field("shm_dir", _str, "/dev/shm", "directory of the shared-memory arena file"),
+    Field("max_batch_blocks", _pos_int, 4096, "most blocks one request may name"),
+    Field("max_message_bytes", _size, 64 << 20, "largest gRPC message accepted", format_bytes),
+    Field("lease_timeout_s", _pos_float, 30.0, "a get's lease expires after this long"),
+    Field("allocation_timeout_s", _pos_float, 30.0, "an uncommitted put expires after this long"),
+    Field("log_level", _log_level, "info", "debug, info, warning or error"),
+]
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+@dataclass
+class Config:
+    socket: str = ""
+    listen: str = ""
+    dram_bytes: int = 0
+    chunk_bytes: int = 0
+    shm_dir: str = ""
+    max_batch_blocks: int = 0
+    max_message_bytes: int = 0
+    lease_timeout_s: float = 0.0
+    allocation_timeout_s: float = 0.0
+    log_level: str = ""
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(key, value, source) rows for `kvstore config --print`."""
+        return [(f.name, f.show(getattr(self, f.name)), self.sources.get(f.name, "default"))
+                for f in FIELDS]
+
+    def validate(self) -> None:
+        if self.dram_bytes < 2 * self.chunk_bytes and self.dram_bytes < (64 << 20):
+            raise ConfigError(f"dram_bytes: {format_bytes(self.dram_bytes)} is too small "
+                              f"(at least 64 MiB)")
+        if self.chunk_bytes % 4096:
+            raise ConfigError("chunk_bytes: must be a multiple of 4 KiB")
+        if self.listen and ":" not in self.listen:
+            raise ConfigError(f"listen: expected host:port, got {self.listen!r}")
+
+
+def load_config(config_file: str | Path | None = None, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Build and validate the effective configuration. Raises ConfigError naming the key."""
+    env = os.environ if env is None else env
+    cfg = Config()
+    for f in FIELDS:
+        setattr(cfg, f.name, f.default() if callable(f.default) else f.default)
+
+    def apply(key: str, raw: Any, source: str) -> None:
+        f = _BY_NAME.get(key)
+        if f is None:
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(_BY_NAME)})")
+        try:
+            setattr(cfg, key, f.parse(raw))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{key} (from {source}): {exc}") from None
+        cfg.sources[key] = source
+
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, raw in _flatten(data).items():
+            apply(key, raw, str(path))
+    for key in _BY_NAME:
+        name = f"KVSTORE_{key.upper()}"
+        if name in env:
+            apply(key, env[name], f"${name}")
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            apply(key, raw, "--" + key.replace("_", "-"))
+    cfg.validate()
+    return cfg
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """[dram] bytes = "4GiB" and dram_bytes = "4GiB" are the same key."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}".replace("-", "_")
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "_"))
+        else:
+            out[key] = v
+    return out
+
+
+def field_names() -> list[str]:
+    return [f.name for f in FIELDS]
+
+
+def field_help(name: str) -> str:
+    return _BY_NAME[name].help
+
+

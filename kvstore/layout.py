@@ -1,0 +1,101 @@
+"""The shape of one KV block, shared by the daemon and the SDK.
+
+A block holds the keys and values of ``block_tokens`` consecutive tokens for every layer of one
+model shard. Its bytes are laid out ``[num_layers, 2 (k, v), block_tokens, num_kv_heads,
+head_dim]`` in ``dtype``: one layer's KV of a block is contiguous, so a runtime can consume a
+block layer by layer while later layers are still arriving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Element sizes by dtype name (torch names without the "torch." prefix).
+DTYPE_BYTES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int8": 1,
+    "uint8": 1,
+}
+
+SLOT_ALIGN_BYTES = 4096  # slots are 4 KiB aligned so the same slot size serves O_DIRECT
+
+
+class LayoutError(ValueError):
+    """A layout field is out of range, or two layouts that must agree do not."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_tokens: int = 16
+    dtype: str = "bfloat16"
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        dtype = str(self.dtype).removeprefix("torch.")
+        object.__setattr__(self, "dtype", dtype)
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_tokens", "tp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise LayoutError(f"layout.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < self.tp_size:
+            raise LayoutError(f"layout.tp_rank must be in [0, {self.tp_size}), got {self.tp_rank!r}")
+        if dtype not in DTYPE_BYTES:
+            raise LayoutError(f"layout.dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        if self.block_bytes > 1 << 30:
+            raise LayoutError(f"a block of {self.block_bytes} bytes is over the 1 GiB limit")
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.block_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def element_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer's K and V within one block."""
+        return 2 * self.block_tokens * self.num_kv_heads * self.head_dim * self.element_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        return self.num_layers * self.layer_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        return -(-self.block_bytes // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
+
+    def fingerprint(self) -> str:
+        """Canonical text that enters the namespace digest: any field change changes every key."""
+        return (
+            f"L={self.num_layers};H={self.num_kv_heads};D={self.head_dim};B={self.block_tokens};"
+            f"dtype={self.dtype};tp={self.tp_rank}/{self.tp_size}"
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_layers} layers x {self.num_kv_heads} kv heads x {self.head_dim} dims, "
+            f"{self.block_tokens} tokens/block, {self.dtype}, tp {self.tp_rank}/{self.tp_size}"
+        )
+
+    def to_proto(self, pb):
+        return pb.KVLayout(
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            block_tokens=self.block_tokens, dtype=self.dtype, tp_rank=self.tp_rank,
+            tp_size=self.tp_size,
+        )
+
+    @classmethod
+    def from_proto(cls, msg) -> "KVLayout":
+        return cls(
+            num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim,
+            block_tokens=msg.block_tokens, dtype=msg.dtype, tp_rank=msg.tp_rank,
+            tp_size=msg.tp_size or 1,
+        )

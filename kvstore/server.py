@@ -1,0 +1,152 @@
+"""The daemon's lifecycle: create the arena, listen, serve, and shut down cleanly.
+
+SIGTERM or SIGINT: stop accepting, let in-flight calls finish (grace period), end every session
+(reclaiming its leases), unlink the arena and the socket, exit 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket as socketlib
+import stat
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore import __version__
+from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.config import Config
+from kvstore.service import KVStoreServicer
+from kvstore.store import BlockStore
+from kvstore.units import format_bytes
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvstore.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+SHUTDOWN_GRACE_S = 5.0
+EXPIRE_INTERVAL_S = 1.0
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start (socket in use, arena too large, ...)."""
+
+
+def _prepare_socket(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise DaemonError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket of a daemon that died
+        else:
+            raise DaemonError(f"another daemon is listening on {path}")
+        finally:
+            probe.close()
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stopping = asyncio.Event()
+        self.server: grpc.aio.Server | None = None
+        self.arena: Arena | None = None
+        self.store: BlockStore | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        sock = Path(cfg.socket)
+        _prepare_socket(sock)
+        for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
+            log.info("removed stale arena %s of a daemon that is gone", p)
+        self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        self.store = BlockStore(
+            self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
+            lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
+        )
+        opts = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=opts)
+        pb_grpc.add_KVStoreServicer_to_server(
+            KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            self.server.add_insecure_port(f"unix:{sock}")
+        finally:
+            os.umask(old_umask)
+        if cfg.listen:
+            self.server.add_insecure_port(cfg.listen)
+        await self.server.start()
+        os.chmod(sock, 0o600)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._expirer = asyncio.create_task(self._expire_loop())
+        log.info("kvstore %s listening on unix:%s%s", __version__, sock,
+                 f" and tcp:{cfg.listen}" if cfg.listen else "")
+        log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
+                 format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
+                 format_bytes(self.store.slabs.chunk_bytes))
+        log.info("SSD tier: off; HBM tier: off")
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            r = self.health.set(name, status)
+            if asyncio.iscoroutine(r):
+                await r
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL_S)
+            try:
+                self.store.expire()
+            except Exception:
+                log.exception("lease expiry failed")
+
+    async def wait(self) -> None:
+        await self.stopping.wait()
+
+    async def stop(self) -> None:
+        log.info("shutting down: draining in-flight calls (up to %.0fs)", SHUTDOWN_GRACE_S)
+        self.stopping.set()
+        if self.server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(SHUTDOWN_GRACE_S)
+        if getattr(self, "_expirer", None):
+            self._expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expirer
+        if self.store is not None:
+            for sid in list(self.store.sessions):
+                self.store.close_session(sid)
+        if self.arena is not None:
+            self.arena.close()
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.cfg.socket).unlink()
+        log.info("stopped")
+
+
+async def run_daemon(cfg: Config) -> None:
+    daemon = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stopping.set)
+    try:
+        await daemon.start()
+        await daemon.wait()
+    finally:
+        await daemon.stop()

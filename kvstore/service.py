@@ -1,0 +1,146 @@
+"""The gRPC servicer: a thin translation between kvstore.v1 messages and BlockStore calls.
+
+Domain errors become status codes with the store's message; anything else becomes INTERNAL with
+a log line, and the daemon keeps serving everyone else.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import grpc
+
+from kvstore import __version__
+from kvstore.errors import KVStoreError
+from kvstore.layout import KVLayout, LayoutError
+from kvstore.store import BlockStore
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvstore.service")
+
+TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD}
+
+
+def _status(code_name: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, code_name)
+
+
+def unary(fn):
+    """Map domain errors to gRPC statuses for a unary handler."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except KVStoreError as exc:
+            await context.abort(_status(exc.code), str(exc))
+        except LayoutError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; "
+                                "see the daemon log")
+    return wrapper
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event):
+        self.store = store
+        self.max_message_bytes = max_message_bytes
+        self._stopping = stopping
+
+    async def OpenSession(self, request, context):
+        s = self.store.open_session(request.client_name, request.pid)
+        arena = self.store.arena
+        try:
+            yield pb.SessionEvent(
+                session_id=s.session_id,
+                arena=pb.ArenaInfo(path=str(arena.path), size_bytes=arena.size_bytes,
+                                   uuid=arena.uuid),
+                daemon_version=__version__,
+                max_batch_blocks=self.store.max_batch_blocks,
+                max_message_bytes=self.max_message_bytes,
+            )
+            await self._stopping.wait()
+        finally:
+            self.store.close_session(s.session_id)
+
+    @unary
+    def RegisterNamespace(self, request, context):
+        layout = KVLayout.from_proto(request.layout)
+        ns = self.store.register_namespace(request.model_id, layout, request.tenant)
+        return pb.RegisterNamespaceResponse(namespace_id=ns.namespace_id,
+                                            block_bytes=layout.block_bytes,
+                                            slot_bytes=layout.slot_bytes)
+
+    @unary
+    def Lookup(self, request, context):
+        n, tiers = self.store.lookup(request.namespace_id, request.keys)
+        return pb.LookupResponse(num_cached=n, tiers=[TIER_ENUM[t] for t in tiers])
+
+    @unary
+    def Allocate(self, request, context):
+        alloc_id, offsets = self.store.allocate(request.session_id, request.namespace_id,
+                                                request.keys, request.parent_key)
+        return pb.AllocateResponse(allocation_id=alloc_id, offsets=offsets)
+
+    @unary
+    def WriteBlocks(self, request, context):
+        self.store.write_remote(request.session_id, request.allocation_id, request.first_index,
+                                request.data)
+        return pb.WriteBlocksResponse()
+
+    @unary
+    def Commit(self, request, context):
+        n = self.store.commit(request.session_id, request.allocation_id, request.abort)
+        return pb.CommitResponse(committed=n)
+
+    @unary
+    def Acquire(self, request, context):
+        lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
+                                                   request.keys)
+        return pb.AcquireResponse(lease_id=lease.lease_id if lease else 0, offsets=offsets,
+                                  tiers=[TIER_ENUM[t] for t in tiers],
+                                  lease_timeout_s=self.store.lease_timeout_s)
+
+    async def ReadBlocks(self, request, context):
+        try:
+            blocks = list(self.store.read_remote(request.session_id, request.lease_id))
+        except KVStoreError as exc:
+            await context.abort(_status(exc.code), str(exc))
+            return
+        for i, view in blocks:
+            yield pb.BlockData(index=i, data=bytes(view))
+
+    @unary
+    def Release(self, request, context):
+        self.store.release(request.session_id, request.lease_id)
+        return pb.ReleaseResponse()
+
+    @unary
+    def Delete(self, request, context):
+        return pb.DeleteResponse(deleted=self.store.delete(request.namespace_id, request.keys))
+
+    @unary
+    def GetStats(self, request, context):
+        return stats_message(self.store)
+
+
+def stats_message(store: BlockStore) -> pb.Stats:
+    c = store.dram
+    tiers = [pb.TierStats(
+        tier=pb.TIER_DRAM, capacity_bytes=store.slabs.capacity_bytes,
+        used_bytes=store.slabs.used_bytes(), blocks=store.tier_blocks(), hits=c.hits,
+        misses=c.misses, evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+        promotions=c.promotions, demotions=c.demotions,
+    )]
+    namespaces = [pb.NamespaceStats(namespace_id=ns.namespace_id, model_id=ns.model_id,
+                                    tenant=ns.tenant, blocks=n, bytes=b)
+                  for ns, n, b in store.namespace_usage()]
+    k = store.counters
+    return pb.Stats(tiers=tiers, namespaces=namespaces, sessions=len(store.sessions),
+                    active_leases=store.active_leases(), uptime_s=store.uptime_s(),
+                    daemon_version=__version__, lookups=k.lookups,
+                    puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
+                    sessions_reclaimed=k.sessions_reclaimed)

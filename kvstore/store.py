@@ -1,0 +1,442 @@
+"""The block store: the daemon's domain logic, independent of gRPC.
+
+Primitives, in call order (the servicer is a thin translation of these):
+
+    open_session → register_namespace → lookup
+    put:  allocate → (client copies into the arena slots) → commit(abort=False|True)
+    get:  acquire  → (client copies out of the arena slots) → release
+    delete, expire (called periodically), close_session (the client's stream broke)
+
+Guarantees:
+- A block is visible to lookup/acquire only after commit; an aborted or expired allocation is
+  never visible.
+- A leased block is never evicted and its slot never reused until the lease is released or
+  expires. A release after expiry raises FailedPrecondition so the reader discards its copy.
+- Slots of an allocation that expired while its writer lives stay quarantined until that
+  writer's session ends, so a late write can never land in another block.
+- Everything runs on the daemon's event loop thread: no locks, no awaits inside an operation.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvstore.arena import Arena
+from kvstore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from kvstore.index import COMMITTED, DELETED, NO_SLOT, WRITING, BlockIndex
+from kvstore.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
+from kvstore.layout import KVLayout, LayoutError
+from kvstore.sessions import Allocation, IdSource, Lease, Session
+from kvstore.stats import DaemonCounters, TierCounters
+from kvstore.tiers.dram import SlabAllocator
+
+log = logging.getLogger("kvstore.store")
+
+NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
+ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
+QUARANTINED = -2      # slot owner marker: held until the writer's session ends
+
+
+@dataclass(frozen=True)
+class Namespace:
+    index: int
+    namespace_id: bytes
+    model_id: str
+    tenant: str
+    layout: KVLayout
+
+
+class BlockStore:
+    def __init__(
+        self,
+        arena: Arena,
+        *,
+        chunk_bytes: int = 64 << 20,
+        max_batch_blocks: int = 4096,
+        lease_timeout_s: float = 30.0,
+        allocation_timeout_s: float = 30.0,
+        clock=time.monotonic,
+    ):
+        self.arena = arena
+        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes)
+        self.index = BlockIndex()
+        self.max_batch_blocks = max_batch_blocks
+        self.lease_timeout_s = lease_timeout_s
+        self.allocation_timeout_s = allocation_timeout_s
+        self.clock = clock
+        self.started_at = clock()
+        self.namespaces: dict[bytes, Namespace] = {}
+        self._ns_by_index: list[Namespace] = []
+        self.sessions: dict[int, Session] = {}
+        self._new_id = IdSource()
+        self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.dram = TierCounters()
+        self.counters = DaemonCounters()
+
+    # -- sessions and namespaces -----------------------------------------------------------
+    def open_session(self, client_name: str = "", pid: int = 0) -> Session:
+        s = Session(self._new_id(), client_name, pid)
+        self.sessions[s.session_id] = s
+        return s
+
+    def close_session(self, session_id: int) -> None:
+        s = self.sessions.pop(session_id, None)
+        if s is None:
+            return
+        for lease in s.leases.values():
+            self._unlease(lease)
+        for alloc in s.allocations.values():
+            self._abort(alloc)
+        for off in s.quarantined_slots:
+            self.slabs.free(off)
+        if s.leases or s.allocations:
+            self.counters.sessions_reclaimed += 1
+            log.info("session %d (%s pid %d) ended: reclaimed %d leases, %d allocations",
+                     session_id, s.client_name, s.pid, len(s.leases), len(s.allocations))
+
+    def register_namespace(self, model_id: str, layout: KVLayout, tenant: str = "") -> Namespace:
+        if not model_id:
+            raise InvalidArgument("model_id must not be empty")
+        try:
+            self.slabs.size_class(layout.slot_bytes)
+        except ValueError as exc:
+            raise InvalidArgument(f"layout {layout.describe()}: {exc}") from None
+        digest = namespace_digest(model_id, layout, tenant)
+        ns = self.namespaces.get(digest)
+        if ns is not None:
+            return ns
+        for other in self.namespaces.values():
+            if (other.model_id, other.tenant, other.layout.tp_rank, other.layout.tp_size) == (
+                model_id, tenant, layout.tp_rank, layout.tp_size
+            ):
+                raise FailedPrecondition(
+                    f"layout mismatch for model {model_id!r} (tenant {tenant!r}, tp rank "
+                    f"{layout.tp_rank}): registered as [{other.layout.describe()}], "
+                    f"this client declares [{layout.describe()}]"
+                )
+        ns = Namespace(len(self._ns_by_index), digest, model_id, tenant, layout)
+        self.namespaces[digest] = ns
+        self._ns_by_index.append(ns)
+        log.info("namespace %s: model %r tenant %r, %s (%d bytes/block)",
+                 digest.hex()[:12], model_id, tenant, layout.describe(), layout.block_bytes)
+        return ns
+
+    # -- lookup ------------------------------------------------------------------------------
+    def lookup(self, namespace_id: bytes, keys_blob: bytes) -> tuple[int, list[str]]:
+        ns = self._namespace(namespace_id)
+        keys = self._keys(keys_blob)
+        stamp = self.index.tick()
+        idx = self.index
+        tiers: list[str] = []
+        for key in keys:
+            bid = idx.find(ns.index, key)
+            if bid < 0 or idx.state[bid] != COMMITTED:
+                break
+            idx.stamp[bid] = stamp
+            tiers.append(self._tier_of(bid))
+        self.counters.lookups += 1
+        return len(tiers), tiers
+
+    # -- put ---------------------------------------------------------------------------------
+    def allocate(self, session_id: int, namespace_id: bytes, keys_blob: bytes,
+                 parent_key: bytes = b"") -> tuple[int, list[int]]:
+        """Reserve slots for the keys not yet stored. Returns (allocation id, offsets).
+
+        offsets[i] >= 0: write block i there; ALREADY_STORED: skip it; NO_ROOM: no slot could
+        be made free for it (every slot of its size is leased) — then neither it nor any later
+        block of the batch is stored, so what is stored stays a prefix.
+        """
+        s = self._session(session_id)
+        ns = self._namespace(namespace_id)
+        keys = self._keys(keys_blob)
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("duplicate keys in one batch")
+        if parent_key and len(parent_key) != KEY_BYTES:
+            raise InvalidArgument(f"parent_key must be {KEY_BYTES} bytes, got {len(parent_key)}")
+        idx = self.index
+        stamp = idx.tick()
+        parent = idx.find(ns.index, parent_key) if parent_key else -1
+        present = [idx.find(ns.index, k) for k in keys]
+        n_new = sum(1 for b in present if b < 0)
+        # The batch's already-stored blocks must survive the eviction that makes room for it.
+        kept = np.asarray([b for b in present if b >= 0], dtype=np.int64)
+        idx.leases[kept] += 1
+        try:
+            self._make_room(ns.layout.slot_bytes, n_new)
+        finally:
+            idx.leases[kept] -= 1
+
+        block_ids: list[int] = []
+        offsets: list[int] = []
+        for key, bid in zip(keys, present):
+            if bid >= 0:
+                if idx.state[bid] == COMMITTED:
+                    idx.stamp[bid] = stamp
+                block_ids.append(-1)
+                offsets.append(ALREADY_STORED)
+                parent = bid
+                continue
+            off = self.slabs.allocate(ns.layout.slot_bytes) if (not offsets or offsets[-1] != NO_ROOM) else None
+            if off is None:
+                block_ids.append(-1)
+                offsets.append(NO_ROOM)
+                continue
+            bid = idx.add(ns.index, key, parent, stamp)
+            idx.dram[bid] = off
+            self.slabs.set_owner(off, bid)
+            block_ids.append(bid)
+            offsets.append(off)
+            parent = bid
+        if n_new and all(o == NO_ROOM for o, b in zip(offsets, present) if b < 0):
+            self.counters.puts_rejected += 1
+            raise ResourceExhausted(
+                f"DRAM tier full: no unleased block of {ns.layout.slot_bytes} bytes to evict "
+                f"({self.slabs.capacity_bytes} bytes, {self._active_leases()} active leases)"
+            )
+        alloc = Allocation(self._new_id(), s.session_id, ns.index, block_ids,
+                           self.clock() + self.allocation_timeout_s)
+        s.allocations[alloc.allocation_id] = alloc
+        return alloc.allocation_id, offsets
+
+    def write_remote(self, session_id: int, allocation_id: int, first_index: int, data) -> None:
+        """Copy streamed block bytes (a remote client's put) into the allocation's slots."""
+        alloc = self._allocation(session_id, allocation_id)
+        layout = self._ns_by_index[alloc.ns].layout
+        bb = layout.block_bytes
+        if len(data) % bb:
+            raise InvalidArgument(f"data is {len(data)} bytes, not a multiple of the "
+                                  f"{bb}-byte block of this namespace")
+        n = len(data) // bb
+        if first_index + n > len(alloc.block_ids):
+            raise InvalidArgument(f"blocks [{first_index}, {first_index + n}) outside the "
+                                  f"allocation of {len(alloc.block_ids)} blocks")
+        mv = memoryview(data)
+        for i in range(n):
+            bid = alloc.block_ids[first_index + i]
+            if bid >= 0:
+                off = int(self.index.dram[bid])
+                self.arena.buffer[off:off + bb] = mv[i * bb:(i + 1) * bb]
+
+    def commit(self, session_id: int, allocation_id: int, abort: bool = False) -> int:
+        alloc = self._allocation(session_id, allocation_id)
+        del self.sessions[session_id].allocations[allocation_id]
+        if abort:
+            self._abort(alloc)
+            return 0
+        idx = self.index
+        bb = self._ns_by_index[alloc.ns].layout.block_bytes
+        n = 0
+        for bid in alloc.block_ids:
+            if bid >= 0:
+                idx.state[bid] = COMMITTED
+                n += 1
+        self.dram.bytes_in += n * bb
+        return n
+
+    # -- get ---------------------------------------------------------------------------------
+    def acquire(self, session_id: int, namespace_id: bytes, keys_blob: bytes) -> tuple[Lease | None, list[int], list[str]]:
+        """Lease the longest stored prefix of ``keys``. Returns (lease, offsets, tiers)."""
+        s = self._session(session_id)
+        ns = self._namespace(namespace_id)
+        keys = self._keys(keys_blob)
+        idx = self.index
+        stamp = idx.tick()
+        bids: list[int] = []
+        for key in keys:
+            bid = idx.find(ns.index, key)
+            if bid < 0 or idx.state[bid] != COMMITTED or idx.dram[bid] == NO_SLOT:
+                break
+            bids.append(bid)
+        self.dram.hits += len(bids)
+        self.dram.misses += len(keys) - len(bids)
+        if not bids:
+            return None, [], []
+        ids = np.asarray(bids, dtype=np.int64)
+        idx.stamp[ids] = stamp
+        idx.leases[ids] += 1
+        self.dram.bytes_out += len(bids) * ns.layout.block_bytes
+        lease = Lease(self._new_id(), s.session_id, bids, self.clock() + self.lease_timeout_s)
+        s.leases[lease.lease_id] = lease
+        return lease, idx.dram[ids].tolist(), ["DRAM"] * len(bids)
+
+    def read_remote(self, session_id: int, lease_id: int):
+        """(index, bytes view) of each leased block, for a remote client's get."""
+        s = self._session(session_id)
+        lease = s.leases.get(lease_id)
+        if lease is None:
+            raise FailedPrecondition(f"lease {lease_id} is unknown, released or expired")
+        for i, bid in enumerate(lease.block_ids):
+            layout = self._ns_by_index[int(self.index.ns[bid])].layout
+            off = int(self.index.dram[bid])
+            yield i, self.arena.buffer[off:off + layout.block_bytes]
+
+    def release(self, session_id: int, lease_id: int) -> None:
+        s = self._session(session_id)
+        lease = s.leases.pop(lease_id, None)
+        if lease is None:
+            if lease_id in self._expired_leases:
+                raise FailedPrecondition(
+                    f"lease {lease_id} expired after {self.lease_timeout_s:g}s before release; "
+                    "the blocks may have been reused: discard what was read")
+            raise FailedPrecondition(f"lease {lease_id} is unknown or already released")
+        self._unlease(lease)
+
+    # -- delete and housekeeping --------------------------------------------------------------
+    def delete(self, namespace_id: bytes, keys_blob: bytes) -> int:
+        ns = self._namespace(namespace_id)
+        keys = self._keys(keys_blob)
+        idx = self.index
+        n = 0
+        for key in keys:
+            bid = idx.find(ns.index, key)
+            if bid < 0 or idx.state[bid] != COMMITTED:
+                continue
+            idx.unlink(bid)
+            if idx.leases[bid]:
+                idx.state[bid] = DELETED
+            else:
+                self._drop(bid)
+            n += 1
+        return n
+
+    def expire(self) -> None:
+        now = self.clock()
+        for s in self.sessions.values():
+            for lease in [l for l in s.leases.values() if l.deadline < now]:
+                del s.leases[lease.lease_id]
+                self._unlease(lease)
+                self._expired_leases[lease.lease_id] = None
+                if len(self._expired_leases) > 65536:
+                    self._expired_leases.popitem(last=False)
+                self.counters.leases_expired += 1
+            for alloc in [a for a in s.allocations.values() if a.deadline < now]:
+                del s.allocations[alloc.allocation_id]
+                self._abort(alloc, quarantine=s)
+                self.counters.allocations_expired += 1
+
+    # -- internals ---------------------------------------------------------------------------
+    def _session(self, session_id: int) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"unknown session {session_id}: open a session first (or reconnect)")
+        return s
+
+    def _namespace(self, namespace_id: bytes) -> Namespace:
+        ns = self.namespaces.get(bytes(namespace_id))
+        if ns is None:
+            raise NotFound(f"unknown namespace {bytes(namespace_id).hex() or '(empty)'}: "
+                           "register it first")
+        return ns
+
+    def _keys(self, blob: bytes) -> list[bytes]:
+        try:
+            keys = unpack_keys(bytes(blob))
+        except MalformedKeyError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if len(keys) > self.max_batch_blocks:
+            raise InvalidArgument(f"batch of {len(keys)} blocks exceeds max_batch_blocks="
+                                  f"{self.max_batch_blocks}; split it")
+        return keys
+
+    def _allocation(self, session_id: int, allocation_id: int) -> Allocation:
+        s = self._session(session_id)
+        alloc = s.allocations.get(allocation_id)
+        if alloc is None:
+            raise FailedPrecondition(f"allocation {allocation_id} is unknown, already committed, "
+                                     "or expired")
+        return alloc
+
+    def _tier_of(self, bid: int) -> str:
+        return "DRAM" if self.index.dram[bid] != NO_SLOT else "SSD"
+
+    def _unlease(self, lease: Lease) -> None:
+        idx = self.index
+        for bid in lease.block_ids:
+            idx.leases[bid] -= 1
+            if idx.leases[bid] == 0 and idx.state[bid] == DELETED:
+                self._drop(bid)
+
+    def _abort(self, alloc: Allocation, quarantine: Session | None = None) -> None:
+        for bid in alloc.block_ids:
+            if bid < 0:
+                continue
+            off = int(self.index.dram[bid])
+            self.index.unlink(bid)
+            self.index.release_id(bid)
+            if quarantine is not None:
+                self.slabs.set_owner(off, QUARANTINED)
+                quarantine.quarantined_slots.append(off)
+            else:
+                self.slabs.free(off)
+
+    def _drop(self, bid: int) -> None:
+        """Forget a block that is unlinked (or about to be) and unleased; free its slot."""
+        idx = self.index
+        if idx.state[bid] != DELETED:
+            idx.unlink(bid)
+        off = int(idx.dram[bid])
+        if off != NO_SLOT:
+            self.slabs.free(off)
+        idx.release_id(bid)
+
+    def _evictable(self, slot_bytes: int) -> np.ndarray:
+        idx = self.index
+        owners = self.slabs.owners(slot_bytes)
+        mask = (idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)
+        return owners[mask]
+
+    def _make_room(self, slot_bytes: int, n_needed: int) -> None:
+        """Evict least valuable unleased blocks of this size class until n_needed slots exist."""
+        cls = self.slabs.size_class(slot_bytes)
+        short = n_needed - len(cls.free)
+        if short <= 0:
+            return
+        # Prefer fresh chunks over evicting: grow as far as the free chunks allow.
+        while short > 0 and self.slabs.grow(cls):
+            short = n_needed - len(cls.free)
+        if short <= 0:
+            return
+        victims = self.index.eviction_order(self._evictable(slot_bytes))[:short]
+        for bid in victims.tolist():
+            self._drop(bid)
+        self.dram.evictions += len(victims)
+        short -= len(victims)
+        if short > 0:
+            self._steal_chunks(cls, n_needed)
+
+    def _steal_chunks(self, cls, n_needed: int) -> None:
+        """Evict other size classes' coldest blocks until whole chunks come free for ``cls``."""
+        for other in [c for c in self.slabs.classes.values() if c is not cls]:
+            for bid in self.index.eviction_order(self._evictable(other.slot_bytes)).tolist():
+                self._drop(bid)
+                self.dram.evictions += 1
+                if self.slabs.release_empty_spans(keep=cls):
+                    while len(cls.free) < n_needed and self.slabs.grow(cls):
+                        pass
+                    if len(cls.free) >= n_needed:
+                        return
+
+    def _active_leases(self) -> int:
+        return sum(len(s.leases) for s in self.sessions.values())
+
+    # -- statistics --------------------------------------------------------------------------
+    def tier_blocks(self) -> int:
+        idx = self.index
+        return int(np.count_nonzero((idx.state == COMMITTED) & (idx.dram != NO_SLOT)))
+
+    def namespace_usage(self) -> list[tuple[Namespace, int, int]]:
+        out = []
+        for ns in self._ns_by_index:
+            n = self.index.count(ns.index)
+            out.append((ns, n, n * ns.layout.block_bytes))
+        return out
+
+    def active_leases(self) -> int:
+        return self._active_leases()
+
+    def uptime_s(self) -> float:
+        return self.clock() - self.started_at

@@ -1,0 +1,142 @@
+"""The DRAM tier: slot allocation inside the shared arena.
+
+The arena's data region is cut into equal chunks. A chunk (or a run of adjacent chunks, for slots
+larger than a chunk) is handed to one *size class* — one slot size, i.e. one block size rounded up
+to 4 KiB — and cut into slots of that size. Namespaces with the same block size share a class;
+different block sizes never share a chunk, so there is no fragmentation inside a chunk.
+
+When a class has no free slot, the caller evicts inside that class (``slot_owner`` maps each slot
+back to its block). A class that owns nothing yet takes a free run of chunks, or reclaims a run
+that another class has emptied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvstore.arena import HEADER_BYTES
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class Span:
+    first_chunk: int
+    n_chunks: int
+    base: int            # arena offset of its first slot
+    n_slots: int
+    used: int = 0
+
+
+@dataclass
+class SizeClass:
+    slot_bytes: int
+    spans: list[Span] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)   # free slot offsets (a stack)
+    # slot_owner[i] is the block id held in the i-th slot of this class, -1 if free
+    slot_owner: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    slot_offsets: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slot_offsets)
+
+
+class SlabAllocator:
+    def __init__(self, arena_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        data_bytes = arena_bytes - HEADER_BYTES
+        self.chunk_bytes = max(4096, min(chunk_bytes, data_bytes) // 4096 * 4096)
+        self.n_chunks = data_bytes // self.chunk_bytes
+        self.chunk_free = np.ones(self.n_chunks, dtype=bool)
+        self.classes: dict[int, SizeClass] = {}
+        self._slot_index: dict[int, tuple[SizeClass, int]] = {}  # offset -> (class, slot no.)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.n_chunks * self.chunk_bytes
+
+    def used_bytes(self) -> int:
+        return sum(c.slot_bytes * (c.n_slots - len(c.free)) for c in self.classes.values())
+
+    def size_class(self, slot_bytes: int) -> SizeClass:
+        cls = self.classes.get(slot_bytes)
+        if cls is None:
+            if slot_bytes > self.n_chunks * self.chunk_bytes:
+                raise ValueError(f"a {slot_bytes}-byte slot does not fit in the DRAM arena")
+            cls = self.classes[slot_bytes] = SizeClass(slot_bytes)
+        return cls
+
+    def allocate(self, slot_bytes: int) -> int | None:
+        """Offset of a free slot of this size, or None (caller evicts, then retries)."""
+        cls = self.size_class(slot_bytes)
+        if not cls.free and not self.grow(cls):
+            return None
+        return cls.free.pop()
+
+    def set_owner(self, offset: int, block_id: int) -> None:
+        cls, i = self._slot_index[offset]
+        cls.slot_owner[i] = block_id
+
+    def free(self, offset: int) -> None:
+        cls, i = self._slot_index[offset]
+        cls.slot_owner[i] = -1
+        cls.free.append(offset)
+
+    def owners(self, slot_bytes: int) -> np.ndarray:
+        """Block ids occupying this class's slots (free slots omitted)."""
+        cls = self.classes.get(slot_bytes)
+        if cls is None:
+            return np.empty(0, dtype=np.int64)
+        o = cls.slot_owner
+        return o[o >= 0]
+
+    def release_empty_spans(self, keep: SizeClass | None = None) -> int:
+        """Give chunks of fully free spans back to the pool; returns chunks released."""
+        released = 0
+        for cls in self.classes.values():
+            if cls is keep:
+                continue
+            for span in list(cls.spans):
+                lo, hi = span.base, span.base + span.n_slots * cls.slot_bytes
+                in_span = (cls.slot_offsets >= lo) & (cls.slot_offsets < hi)
+                if (cls.slot_owner[in_span] >= 0).any():
+                    continue
+                keep_mask = ~in_span
+                for off in cls.slot_offsets[in_span].tolist():
+                    self._slot_index.pop(off, None)
+                cls.free = [f for f in cls.free if not lo <= f < hi]
+                cls.slot_offsets = cls.slot_offsets[keep_mask]
+                cls.slot_owner = cls.slot_owner[keep_mask]
+                for j, off in enumerate(cls.slot_offsets.tolist()):
+                    self._slot_index[off] = (cls, j)
+                cls.spans.remove(span)
+                self.chunk_free[span.first_chunk:span.first_chunk + span.n_chunks] = True
+                released += span.n_chunks
+        return released
+
+    def grow(self, cls: SizeClass) -> bool:
+        need = -(-cls.slot_bytes // self.chunk_bytes)
+        start = self._find_free_run(need)
+        if start is None:
+            return False
+        self.chunk_free[start:start + need] = False
+        base = HEADER_BYTES + start * self.chunk_bytes
+        n_slots = (need * self.chunk_bytes) // cls.slot_bytes
+        cls.spans.append(Span(start, need, base, n_slots))
+        offsets = base + np.arange(n_slots, dtype=np.int64) * cls.slot_bytes
+        first = cls.n_slots
+        cls.slot_offsets = np.concatenate([cls.slot_offsets, offsets])
+        cls.slot_owner = np.concatenate([cls.slot_owner, np.full(n_slots, -1, dtype=np.int64)])
+        for j, off in enumerate(offsets.tolist()):
+            self._slot_index[off] = (cls, first + j)
+        cls.free.extend(reversed(offsets.tolist()))  # lowest offset handed out first
+        return True
+
+    def _find_free_run(self, need: int) -> int | None:
+        run = 0
+        for i, free in enumerate(self.chunk_free.tolist()):
+            run = run + 1 if free else 0
+            if run == need:
+                return i - need + 1
+        return None
