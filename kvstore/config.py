@@ -69,6 +69,23 @@ def _str(v: Any) -> str:
     return v
 
 
+def _default_ssd_dir() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "kvstore" / "ssd")
+
+
+def _size0(v: Any) -> int:
+    """A size where 0 means off."""
+    return 0 if str(v).strip() in ("0", "") else parse_size(v)
+
+
+def _write_policy(v: Any) -> str:
+    s = str(v).lower().replace("-", "_")
+    if s not in ("write_through", "write_back"):
+        raise ValueError(f"must be write_through or write_back, got {v!r}")
+    return s
+
+
 def _log_level(v: Any) -> str:
     s = str(v).upper()
     if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -98,6 +115,13 @@ FIELDS: list[Field] = [
     Field("lease_timeout_s", _pos_float, 30.0, "a get's lease expires after this long"),
     Field("allocation_timeout_s", _pos_float, 30.0, "an uncommitted put expires after this long"),
     Field("log_level", _log_level, "info", "debug, info, warning or error"),
+    Field("ssd_dir", _str, _default_ssd_dir, "directory of the SSD tier's slab files and journal"),
+    Field("ssd_bytes", _size0, 0, "SSD tier capacity (0: no SSD tier)", format_bytes),
+    Field("ssd_segment_bytes", _size, 256 << 20, "size of one preallocated slab file",
+          format_bytes),
+    Field("ssd_io_threads", _pos_int, 16, "SSD I/O threads (requests in flight)"),
+    Field("ssd_write_policy", _write_policy, "write_through",
+          "write_through (commit waits for SSD) or write_back (written when evicted)"),
 ]
 _BY_NAME = {f.name: f for f in FIELDS}
 
@@ -114,6 +138,11 @@ class Config:
     lease_timeout_s: float = 0.0
     allocation_timeout_s: float = 0.0
     log_level: str = ""
+    ssd_dir: str = ""
+    ssd_bytes: int = 0
+    ssd_segment_bytes: int = 0
+    ssd_io_threads: int = 0
+    ssd_write_policy: str = ""
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> list[tuple[str, str, str]]:
@@ -127,6 +156,11 @@ class Config:
                               f"(at least 64 MiB)")
         if self.chunk_bytes % 4096:
             raise ConfigError("chunk_bytes: must be a multiple of 4 KiB")
+        if self.ssd_bytes and self.ssd_bytes < self.ssd_segment_bytes:
+            raise ConfigError(f"ssd_bytes: {format_bytes(self.ssd_bytes)} is smaller than one "
+                              f"segment (ssd_segment_bytes={format_bytes(self.ssd_segment_bytes)})")
+        if self.ssd_segment_bytes % 4096:
+            raise ConfigError("ssd_segment_bytes: must be a multiple of 4 KiB")
         if self.listen and ":" not in self.listen:
             raise ConfigError(f"listen: expected host:port, got {self.listen!r}")
 

@@ -26,6 +26,7 @@ _COLUMNS = {
     "parent": np.int64,     # block id of the previous block in its chain, -1 for a root
     "children": np.uint32,  # blocks whose parent this is (prefix-aware eviction)
     "depth": np.uint32,     # position in its chain
+    "csum": np.uint64,      # checksum of the block's bytes on SSD (valid when ssd != NO_SLOT)
 }
 
 

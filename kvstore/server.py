@@ -73,6 +73,7 @@ class Daemon:
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
         )
+        self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         opts = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -101,7 +102,16 @@ class Daemon:
         log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
                  format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
                  format_bytes(self.store.slabs.chunk_bytes))
-        log.info("SSD tier: off; HBM tier: off")
+        if self.tiering is not None:
+            t = self.tiering
+            log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s, "
+                     "%d blocks recovered)", format_bytes(t.ssd.capacity_bytes), t.ssd.directory,
+                     t.ssd.n_segments, format_bytes(t.ssd.segment_bytes),
+                     "O_DIRECT" if t.ssd.direct else "buffered", t.ssd.io_threads, t.policy,
+                     t.ssd.counters.recovered_blocks)
+        else:
+            log.info("SSD tier: off (set --ssd-bytes)")
+        log.info("HBM tier: off")
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -133,11 +143,39 @@ class Daemon:
         if self.store is not None:
             for sid in list(self.store.sessions):
                 self.store.close_session(sid)
+        if getattr(self, "tiering", None) is not None:
+            try:
+                self.tiering.close()
+            except OSError:
+                log.exception("SSD tier: flushing at shutdown failed")
+            self.tiering = None
         if self.arena is not None:
             self.arena.close()
         with contextlib.suppress(FileNotFoundError):
             Path(self.cfg.socket).unlink()
         log.info("stopped")
+
+
+def open_ssd_tier(cfg: Config, store: BlockStore):
+    """Open (and recover) the SSD tier; raises DaemonError with a clear message."""
+    from kvstore.tiering import Tiering
+    from kvstore.tiers.journal import Journal
+    from kvstore.tiers.ssd import SSDFormatError, SSDTier
+
+    ssd = SSDTier(Path(cfg.ssd_dir).expanduser(), cfg.ssd_bytes, cfg.ssd_segment_bytes,
+                  io_threads=cfg.ssd_io_threads)
+    try:
+        ssd.open()
+    except SSDFormatError as exc:
+        ssd.close()
+        raise DaemonError(f"SSD tier: {exc}") from None
+    except OSError as exc:
+        ssd.close()
+        raise DaemonError(f"SSD tier in {cfg.ssd_dir}: {exc}") from None
+    tiering = Tiering(store, ssd, Journal(ssd.directory / "journal", ssd.pool),
+                      cfg.ssd_write_policy)
+    tiering.recover()
+    return tiering
 
 
 async def run_daemon(cfg: Config) -> None:

@@ -44,6 +44,23 @@ def unary(fn):
     return wrapper
 
 
+def unary_async(fn):
+    """Like ``unary`` for handlers that await (SSD I/O on the tiering path)."""
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except KVStoreError as exc:
+            await context.abort(_status(exc.code), str(exc))
+        except LayoutError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; "
+                                "see the daemon log")
+    return wrapper
+
+
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event):
         self.store = store
@@ -91,15 +108,25 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                 request.data)
         return pb.WriteBlocksResponse()
 
-    @unary
-    def Commit(self, request, context):
-        n = self.store.commit(request.session_id, request.allocation_id, request.abort)
+    @unary_async
+    async def Commit(self, request, context):
+        tiering = self.store.tiering
+        committed: list[int] = []
+        n = self.store.commit(request.session_id, request.allocation_id, request.abort,
+                              committed_out=committed)
+        if tiering is not None and committed:
+            await tiering.persist(committed)   # write-through: answer once durable
         return pb.CommitResponse(committed=n)
 
-    @unary
-    def Acquire(self, request, context):
+    @unary_async
+    async def Acquire(self, request, context):
+        tiering = self.store.tiering
+        promote: list[int] | None = [] if tiering is not None else None
         lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
-                                                   request.keys)
+                                                   request.keys, promote_out=promote)
+        if promote:
+            lease, offsets = await tiering.promote(request.session_id, lease, promote)
+            tiers = tiers[:len(offsets)]
         return pb.AcquireResponse(lease_id=lease.lease_id if lease else 0, offsets=offsets,
                                   tiers=[TIER_ENUM[t] for t in tiers],
                                   lease_timeout_s=self.store.lease_timeout_s)
@@ -135,6 +162,8 @@ def stats_message(store: BlockStore) -> pb.Stats:
         misses=c.misses, evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
         promotions=c.promotions, demotions=c.demotions,
     )]
+    if store.tiering is not None:
+        tiers.append(ssd_tier_stats(store.tiering))
     namespaces = [pb.NamespaceStats(namespace_id=ns.namespace_id, model_id=ns.model_id,
                                     tenant=ns.tenant, blocks=n, bytes=b)
                   for ns, n, b in store.namespace_usage()]
@@ -144,3 +173,15 @@ def stats_message(store: BlockStore) -> pb.Stats:
                     daemon_version=__version__, lookups=k.lookups,
                     puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
                     sessions_reclaimed=k.sessions_reclaimed)
+
+
+def ssd_tier_stats(tiering) -> pb.TierStats:
+    ssd, c, io = tiering.ssd, tiering.counters, tiering.ssd.counters
+    return pb.TierStats(
+        tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes, used_bytes=ssd.used_bytes(),
+        blocks=tiering.tier_blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
+        bytes_in=io.bytes_written, bytes_out=io.bytes_read, promotions=c.promotions,
+        demotions=c.demotions, checksum_failures=io.checksum_failures,
+        recovered_blocks=io.recovered_blocks, read_bps=ssd.read_meter.rate_bps(),
+        write_bps=ssd.write_meter.rate_bps(), io_errors=io.write_errors + io.read_errors,
+    )

@@ -76,6 +76,7 @@ class BlockStore:
         self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.dram = TierCounters()
         self.counters = DaemonCounters()
+        self.tiering = None   # kvstore.tiering.Tiering when an SSD tier is configured
 
     # -- sessions and namespaces -----------------------------------------------------------
     def open_session(self, client_name: str = "", pid: int = 0) -> Session:
@@ -121,6 +122,8 @@ class BlockStore:
         ns = Namespace(len(self._ns_by_index), digest, model_id, tenant, layout)
         self.namespaces[digest] = ns
         self._ns_by_index.append(ns)
+        if self.tiering is not None:
+            self.tiering.on_namespace(ns)
         log.info("namespace %s: model %r tenant %r, %s (%d bytes/block)",
                  digest.hex()[:12], model_id, tenant, layout.describe(), layout.block_bytes)
         return ns
@@ -221,7 +224,10 @@ class BlockStore:
                 off = int(self.index.dram[bid])
                 self.arena.buffer[off:off + bb] = mv[i * bb:(i + 1) * bb]
 
-    def commit(self, session_id: int, allocation_id: int, abort: bool = False) -> int:
+    def commit(self, session_id: int, allocation_id: int, abort: bool = False,
+               committed_out: list[int] | None = None) -> int:
+        """Publish (or abort) an allocation; returns blocks published. Their ids are appended
+        to ``committed_out`` (the SSD tier writes them through)."""
         alloc = self._allocation(session_id, allocation_id)
         del self.sessions[session_id].allocations[allocation_id]
         if abort:
@@ -234,12 +240,19 @@ class BlockStore:
             if bid >= 0:
                 idx.state[bid] = COMMITTED
                 n += 1
+                if committed_out is not None:
+                    committed_out.append(bid)
         self.dram.bytes_in += n * bb
         return n
 
     # -- get ---------------------------------------------------------------------------------
-    def acquire(self, session_id: int, namespace_id: bytes, keys_blob: bytes) -> tuple[Lease | None, list[int], list[str]]:
-        """Lease the longest stored prefix of ``keys``. Returns (lease, offsets, tiers)."""
+    def acquire(self, session_id: int, namespace_id: bytes, keys_blob: bytes,
+                promote_out: list[int] | None = None) -> tuple[Lease | None, list[int], list[str]]:
+        """Lease the longest stored prefix of ``keys``. Returns (lease, offsets, tiers).
+
+        Without ``promote_out`` only DRAM blocks count. With it, SSD-only blocks join the
+        prefix (offset -1) and their positions are appended to ``promote_out``: the caller
+        must promote them (Tiering.promote) before answering."""
         s = self._session(session_id)
         ns = self._namespace(namespace_id)
         keys = self._keys(keys_blob)
@@ -248,11 +261,16 @@ class BlockStore:
         bids: list[int] = []
         for key in keys:
             bid = idx.find(ns.index, key)
-            if bid < 0 or idx.state[bid] != COMMITTED or idx.dram[bid] == NO_SLOT:
+            if bid < 0 or idx.state[bid] != COMMITTED:
                 break
+            if idx.dram[bid] == NO_SLOT:
+                if promote_out is None or idx.ssd[bid] == NO_SLOT:
+                    break
+                promote_out.append(len(bids))
             bids.append(bid)
-        self.dram.hits += len(bids)
-        self.dram.misses += len(keys) - len(bids)
+        in_dram = len(bids) - (len(promote_out) if promote_out else 0)
+        self.dram.hits += in_dram
+        self.dram.misses += len(keys) - in_dram
         if not bids:
             return None, [], []
         ids = np.asarray(bids, dtype=np.int64)
@@ -261,7 +279,22 @@ class BlockStore:
         self.dram.bytes_out += len(bids) * ns.layout.block_bytes
         lease = Lease(self._new_id(), s.session_id, bids, self.clock() + self.lease_timeout_s)
         s.leases[lease.lease_id] = lease
-        return lease, idx.dram[ids].tolist(), ["DRAM"] * len(bids)
+        return lease, idx.dram[ids].tolist(), [self._tier_of(b) for b in bids]
+
+    def truncate_lease(self, session_id: int, lease: Lease, n: int) -> tuple[Lease | None, list[int]]:
+        """Keep the lease's first n blocks (after a promotion); (lease or None, DRAM offsets).
+        None as well when the lease ended meanwhile (session closed, expired)."""
+        s = self.sessions.get(session_id)
+        if s is None or s.leases.get(lease.lease_id) is not lease:
+            return None, []
+        dropped, lease.block_ids = lease.block_ids[n:], lease.block_ids[:n]
+        self.unpin(dropped)
+        if n == 0:
+            del s.leases[lease.lease_id]
+            return None, []
+        bb = self._ns_by_index[int(self.index.ns[lease.block_ids[0]])].layout.block_bytes
+        self.dram.bytes_out -= len(dropped) * bb
+        return lease, self.index.dram[np.asarray(lease.block_ids, dtype=np.int64)].tolist()
 
     def read_remote(self, session_id: int, lease_id: int):
         """(index, bytes view) of each leased block, for a remote client's get."""
@@ -354,11 +387,47 @@ class BlockStore:
         return "DRAM" if self.index.dram[bid] != NO_SLOT else "SSD"
 
     def _unlease(self, lease: Lease) -> None:
+        self.unpin(lease.block_ids)
+
+    def pin(self, bids: list[int]) -> None:
+        """Protect blocks from eviction, deletion and slot reuse (I/O in flight on them)."""
+        for bid in bids:
+            self.index.leases[bid] += 1
+
+    def unpin(self, bids: list[int]) -> None:
         idx = self.index
-        for bid in lease.block_ids:
+        for bid in bids:
             idx.leases[bid] -= 1
             if idx.leases[bid] == 0 and idx.state[bid] == DELETED:
                 self._drop(bid)
+
+    def discard(self, bid: int) -> None:
+        """Forget one block now (checksum failure, SSD eviction); freed once unpinned."""
+        idx = self.index
+        if idx.state[bid] != COMMITTED:
+            return
+        idx.unlink(bid)
+        if idx.leases[bid]:
+            idx.state[bid] = DELETED
+        else:
+            self._drop(bid)
+
+    def promotion_slots(self, bids: list[int]) -> list[int | None]:
+        """A DRAM slot for each (pinned, SSD-only) block, owned by it; None where no room."""
+        idx = self.index
+        by_class: dict[int, int] = {}
+        for bid in bids:
+            sb = self._ns_by_index[int(idx.ns[bid])].layout.slot_bytes
+            by_class[sb] = by_class.get(sb, 0) + 1
+        for sb, n in by_class.items():
+            self._make_room(sb, n)
+        out: list[int | None] = []
+        for bid in bids:
+            off = self.slabs.allocate(self._ns_by_index[int(idx.ns[bid])].layout.slot_bytes)
+            if off is not None:
+                self.slabs.set_owner(off, bid)
+            out.append(off)
+        return out
 
     def _abort(self, alloc: Allocation, quarantine: Session | None = None) -> None:
         for bid in alloc.block_ids:
@@ -381,12 +450,29 @@ class BlockStore:
         off = int(idx.dram[bid])
         if off != NO_SLOT:
             self.slabs.free(off)
+        if self.tiering is not None:
+            self.tiering.forget_ssd(bid)
         idx.release_id(bid)
+
+    def _evict(self, victims: list[int]) -> None:
+        """Make DRAM room: demote victims that have (or get) an SSD copy, drop the rest."""
+        idx = self.index
+        if self.tiering is not None:
+            self.tiering.prepare_demotion(victims)
+        for bid in victims:
+            if self.tiering is not None and self.tiering.can_demote(bid):
+                self.slabs.free(int(idx.dram[bid]))
+                idx.dram[bid] = NO_SLOT
+                self.dram.demotions += 1
+            else:
+                self._drop(bid)
+        self.dram.evictions += len(victims)
 
     def _evictable(self, slot_bytes: int) -> np.ndarray:
         idx = self.index
         owners = self.slabs.owners(slot_bytes)
-        mask = (idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)
+        # dram == NO_SLOT: a slot being filled by a promotion (its block is pinned anyway)
+        mask = (idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0) & (idx.dram[owners] != NO_SLOT)
         return owners[mask]
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
@@ -401,9 +487,7 @@ class BlockStore:
         if short <= 0:
             return
         victims = self.index.eviction_order(self._evictable(slot_bytes))[:short]
-        for bid in victims.tolist():
-            self._drop(bid)
-        self.dram.evictions += len(victims)
+        self._evict(victims.tolist())
         short -= len(victims)
         if short > 0:
             self._steal_chunks(cls, n_needed)
@@ -412,8 +496,7 @@ class BlockStore:
         """Evict other size classes' coldest blocks until whole chunks come free for ``cls``."""
         for other in [c for c in self.slabs.classes.values() if c is not cls]:
             for bid in self.index.eviction_order(self._evictable(other.slot_bytes)).tolist():
-                self._drop(bid)
-                self.dram.evictions += 1
+                self._evict([bid])
                 if self.slabs.release_empty_spans(keep=cls):
                     while len(cls.free) < n_needed and self.slabs.grow(cls):
                         pass

@@ -1,0 +1,397 @@
+"""Tiering between the DRAM arena and the SSD tier.
+
+The store (kvstore/store.py) stays synchronous on the event loop; this module adds the SSD side:
+
+    persist(bids)        write-through: after a commit, write the blocks to SSD and wait until
+                         their journal records are fsync'd (the commit answers after that).
+    prepare_demotion()   called by DRAM eviction: with write-back, dirty victims are written to
+                         SSD first (in parallel, the eviction waits); with either policy a victim
+                         that has an SSD copy is demoted (DRAM copy dropped), one without is dropped.
+    promote(lease, ...)  an Acquire found SSD-only blocks: read them in parallel straight into
+                         fresh arena slots, verify checksums, then answer with the prefix that
+                         made it to DRAM. A checksum failure is a miss: counted, block dropped.
+    recover()            rebuild the SSD part of the index from the journal at startup.
+
+Protection across awaits: every block being written or read is pinned (its lease count raised)
+before the first await and unpinned after its result is applied, so eviction, deletion and slot
+reuse never touch a slot with I/O in flight. Concurrent Acquires of one SSD block share a single
+read (``_promoting``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from kvstore.errors import KVStoreError
+from kvstore.index import COMMITTED, DELETED, NO_SLOT
+from kvstore.layout import KVLayout, LayoutError
+from kvstore.stats import TierCounters
+from kvstore.tiers import journal as jr
+from kvstore.tiers.ssd import SSDTier
+
+log = logging.getLogger("kvstore.tiering")
+
+WRITE_POLICIES = ("write_through", "write_back")
+_ROOT_PARENT = b"\0" * 16
+_SSD_EVICT_BATCH = 64
+
+
+class Tiering:
+    def __init__(self, store, ssd: SSDTier, journal: jr.Journal, write_policy: str = "write_through"):
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"ssd write policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
+        self.store = store
+        self.ssd = ssd
+        self.journal = journal
+        self.policy = write_policy
+        self.counters = TierCounters()
+        self._ns_ord: dict[bytes, int] = {}
+        self._promoting: dict[int, asyncio.Future] = {}
+        self._sync_task: asyncio.Task | None = None
+        self._replaying = False
+        self._live = 0
+        self._last_error_log = 0.0
+        store.tiering = self
+
+    # -- namespaces ----------------------------------------------------------------------------
+    def on_namespace(self, ns) -> None:
+        if self._replaying or ns.namespace_id in self._ns_ord:
+            return
+        self._ns_ord[ns.namespace_id] = len(self._ns_ord)
+        self.journal.append(jr.encode_ns(self._ns_record(ns)))
+        self._schedule_sync()
+
+    @staticmethod
+    def _ns_record(ns) -> jr.NamespaceRecord:
+        l = ns.layout
+        return jr.NamespaceRecord(ns.namespace_id, ns.model_id, ns.tenant, {
+            "num_layers": l.num_layers, "num_kv_heads": l.num_kv_heads, "head_dim": l.head_dim,
+            "block_tokens": l.block_tokens, "dtype": l.dtype, "tp_rank": l.tp_rank,
+            "tp_size": l.tp_size})
+
+    # -- recovery and compaction ---------------------------------------------------------------
+    def recover(self) -> int:
+        """Rebuild namespaces and SSD blocks from the journal, then compact it. Returns blocks."""
+        st = self.journal.replay()
+        store, idx, ssd = self.store, self.store.index, self.ssd
+        self._replaying = True
+        try:
+            by_ord = []
+            for rec in st.namespaces:
+                try:
+                    ns = store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
+                except (KVStoreError, LayoutError, TypeError) as exc:
+                    log.warning("journal: namespace %r not restored: %s", rec.model_id, exc)
+                    ns = None
+                by_ord.append(ns)
+        finally:
+            self._replaying = False
+        for seg, slot_bytes in st.segments.items():
+            if not ssd.assign_segment(seg, slot_bytes):
+                log.warning("journal: segment %d is outside the configured capacity; its blocks "
+                            "are dropped", seg)
+        links = []
+        for addr, r in st.puts.items():
+            ns = by_ord[r.ns_ord]
+            seg_no = addr >> 32
+            if ns is None or seg_no >= len(ssd.segments) or \
+                    ssd.segments[seg_no].slot_bytes != ns.layout.slot_bytes:
+                continue
+            if idx.find(ns.index, r.key) >= 0:
+                continue
+            bid = idx.add(ns.index, r.key, -1, 0)
+            if not ssd.claim(addr, bid):
+                idx.unlink(bid)
+                idx.release_id(bid)
+                continue
+            idx.state[bid] = COMMITTED
+            idx.ssd[bid] = addr
+            idx.csum[bid] = r.checksum
+            idx.depth[bid] = r.depth
+            if r.parent_key != _ROOT_PARENT:
+                links.append((bid, ns.index, r.parent_key))
+        for bid, ns_index, parent_key in links:
+            p = idx.find(ns_index, parent_key)
+            if p >= 0:
+                idx.parent[bid] = p
+                idx.children[p] += 1
+        ssd.rebuild_free_lists()
+        n = self.tier_blocks()
+        self.ssd.counters.recovered_blocks = n
+        self.compact()
+        if n or st.records:
+            log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records",
+                     n, len(st.namespaces), st.records)
+        return n
+
+    def compact(self) -> None:
+        """Rewrite the journal as the live records only (blocking; startup, shutdown, and when
+        dead records outnumber live ones)."""
+        store, idx = self.store, self.store.index
+        records = []
+        self._ns_ord = {}
+        for ns in store._ns_by_index:
+            self._ns_ord[ns.namespace_id] = len(self._ns_ord)
+            records.append(jr.encode_ns(self._ns_record(ns)))
+        for seg in self.ssd.segments:
+            if seg.slot_bytes:
+                records.append(jr.encode_seg(seg.number, seg.slot_bytes))
+        live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
+        for bid in live.tolist():
+            records.append(jr.encode_put(self._put_record(bid)))
+        self.journal._buf.clear()
+        self.journal._durable = self.journal._appended
+        self.journal.rewrite(records)
+        self._live = len(live)   # SSD slots holding a block; kept current by write/forget
+
+    def _maybe_compact(self) -> None:
+        j = self.journal
+        if j.records_in_file > 2 * self._live + 65536 and j._flush_task is None:
+            self.compact()
+
+    def _put_record(self, bid: int) -> jr.PutRecord:
+        idx = self.store.index
+        p = int(idx.parent[bid])
+        ns = self.store._ns_by_index[int(idx.ns[bid])]
+        return jr.PutRecord(self._ns_ord[ns.namespace_id], idx.key_of(bid),
+                            idx.key_of(p) if p >= 0 else _ROOT_PARENT, int(idx.depth[bid]),
+                            int(idx.ssd[bid]), int(idx.csum[bid]))
+
+    def _schedule_sync(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = loop.create_task(self.journal.sync())
+
+    # -- SSD slots -----------------------------------------------------------------------------
+    def _ssd_slots(self, slot_bytes: int, n: int) -> list[int]:
+        """Up to n free SSD slots of this size, evicting SSD blocks (prefix-aware) if needed."""
+        out: list[int] = []
+        while len(out) < n:
+            addr = self.ssd.allocate(slot_bytes)
+            if addr is not None:
+                out.append(addr)
+                continue
+            seg = self.ssd.take_segment(slot_bytes)
+            if seg is not None:
+                self.journal.append(jr.encode_seg(seg, slot_bytes))
+                continue
+            if not self._evict_ssd(slot_bytes, n - len(out)):
+                break
+        return out
+
+    def _evict_ssd(self, slot_bytes: int, need: int) -> int:
+        idx = self.store.index
+        owners = self.ssd.owners(slot_bytes)
+        owners = owners[(idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)]
+        victims = idx.eviction_order(owners)[:max(need, _SSD_EVICT_BATCH)]
+        for bid in victims.tolist():
+            if idx.dram[bid] != NO_SLOT:
+                self.forget_ssd(bid)      # the DRAM copy stays
+            else:
+                self.store.discard(bid)   # SSD eviction drops
+        self.counters.evictions += len(victims)
+        return len(victims)
+
+    def forget_ssd(self, bid: int) -> None:
+        """Free the block's SSD slot (it must not have I/O in flight) and journal that."""
+        idx = self.store.index
+        addr = int(idx.ssd[bid])
+        if addr == NO_SLOT:
+            return
+        self.ssd.free(addr)
+        idx.ssd[bid] = NO_SLOT
+        self._live -= 1
+        self.journal.append(jr.encode_del(addr))
+        self._schedule_sync()
+
+    # -- writes --------------------------------------------------------------------------------
+    def _start_writes(self, bids: list[int]) -> list[tuple[int, int, object]]:
+        """Allocate SSD slots and submit the writes; (bid, addr, concurrent future) each."""
+        store, idx = self.store, self.store.index
+        started = []
+        for bid in bids:
+            layout = store._ns_by_index[int(idx.ns[bid])].layout
+            addrs = self._ssd_slots(layout.slot_bytes, 1)
+            if not addrs:
+                break
+            addr = addrs[0]
+            self.ssd.set_owner(addr, bid)
+            off = int(idx.dram[bid])
+            view = store.arena.buffer[off:off + layout.slot_bytes]
+            fut = self.ssd.pool.submit(self.ssd.write_slot, addr, view, idx.key_of(bid),
+                                       layout.block_bytes)
+            started.append((bid, addr, fut))
+        return started
+
+    def _finish_write(self, bid: int, addr: int, result) -> None:
+        idx = self.store.index
+        if isinstance(result, BaseException):
+            self.ssd.free(addr)
+            self.ssd.counters.write_errors += 1
+            now = time.monotonic()
+            if now - self._last_error_log > 5.0:
+                self._last_error_log = now
+                log.warning("SSD write failed (%s): block stays in DRAM only; counting further "
+                            "failures quietly for 5s", result)
+            return
+        if idx.state[bid] != COMMITTED or idx.ssd[bid] != NO_SLOT:
+            self.ssd.free(addr)    # deleted while writing
+            return
+        idx.ssd[bid] = addr
+        idx.csum[bid] = result
+        self._live += 1
+        self.journal.append(jr.encode_put(self._put_record(bid)))
+
+    async def persist(self, bids: list[int]) -> None:
+        """Write-through: write freshly committed blocks to SSD and wait for durability.
+
+        Write failures are counted and logged; the blocks stay in DRAM. Never raises for I/O."""
+        if self.policy != "write_through":
+            return
+        idx = self.store.index
+        bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT]
+        if not bids:
+            return
+        self.store.pin(bids)
+        # Shielded: a cancelled Commit must not leave pins or half-applied writes behind.
+        await asyncio.shield(self._persist_pinned(bids))
+
+    async def _persist_pinned(self, bids: list[int]) -> None:
+        try:
+            started = self._start_writes(bids)
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f in started),
+                                           return_exceptions=True)
+            for (bid, addr, _), r in zip(started, results):
+                self._finish_write(bid, addr, r)
+            await self.journal.sync()
+        except OSError as exc:
+            log.warning("SSD journal sync failed: %s", exc)
+        finally:
+            self.store.unpin(bids)
+        self._maybe_compact()
+
+    def write_blocking(self, bids: list[int]) -> None:
+        """Write these DRAM blocks to SSD now, in parallel, blocking the caller (write-back
+        demotion and shutdown flush)."""
+        self.store.pin(bids)
+        try:
+            for bid, addr, fut in self._start_writes(bids):
+                try:
+                    r = fut.result()
+                except OSError as exc:
+                    r = exc
+                self._finish_write(bid, addr, r)
+        finally:
+            self.store.unpin(bids)
+        self._schedule_sync()
+
+    # -- demotion (called by DRAM eviction) ------------------------------------------------------
+    def prepare_demotion(self, victims: list[int]) -> None:
+        if self.policy == "write_back":
+            idx = self.store.index
+            dirty = [b for b in victims if idx.ssd[b] == NO_SLOT]
+            if dirty:
+                self.write_blocking(dirty)
+
+    def can_demote(self, bid: int) -> bool:
+        ok = self.store.index.ssd[bid] != NO_SLOT
+        if ok:
+            self.counters.demotions += 1
+        return ok
+
+    # -- promotion -------------------------------------------------------------------------------
+    async def promote(self, session_id: int, lease, positions: list[int]):
+        """Bring the lease's SSD-only blocks (at ``positions``) into DRAM; answer the prefix that
+        is in DRAM as (lease or None, offsets). Blocks after the first failure are unleased."""
+        store, idx = self.store, self.store.index
+        bids = lease.block_ids
+        waits, mine = [], []
+        need = []
+        for pos in positions:
+            b = bids[pos]
+            fut = self._promoting.get(b)
+            if fut is not None:
+                waits.append(fut)
+            elif idx.dram[b] == NO_SLOT:
+                need.append(b)
+        offs = store.promotion_slots(need)
+        loop = asyncio.get_running_loop()
+        for b, off in zip(need, offs):
+            if off is None:
+                break
+            fut = loop.create_future()
+            self._promoting[b] = fut
+            mine.append((b, off, fut))
+        if mine:
+            store.pin([b for b, _, _ in mine])
+            await asyncio.shield(loop.create_task(self._read_pinned(mine)))
+        if waits:
+            await asyncio.gather(*waits)
+        n = 0
+        while n < len(bids) and idx.dram[bids[n]] != NO_SLOT:
+            n += 1
+        self.counters.misses += len(positions) - sum(1 for p in positions if p < n)
+        return store.truncate_lease(session_id, lease, n)
+
+    async def _read_pinned(self, mine) -> None:
+        store, idx, ssd = self.store, self.store.index, self.ssd
+        loop = asyncio.get_running_loop()
+        try:
+            futs = []
+            for b, off, _ in mine:
+                layout = store._ns_by_index[int(idx.ns[b])].layout
+                view = store.arena.buffer[off:off + layout.slot_bytes]
+                futs.append(loop.run_in_executor(ssd.pool, ssd.read_slot, int(idx.ssd[b]), view,
+                                                 idx.key_of(b), layout.block_bytes, int(idx.csum[b])))
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            for (b, off, fut), r in zip(mine, results):
+                if r is True:
+                    idx.dram[b] = off
+                    self.counters.promotions += 1
+                    self.counters.hits += 1
+                    store.dram.promotions += 1
+                else:
+                    store.slabs.free(off)
+                    if isinstance(r, BaseException):
+                        ssd.counters.read_errors += 1
+                        log.warning("SSD read of block %s failed (%s): treated as a miss",
+                                    idx.key_of(b).hex()[:12], r)
+                    else:
+                        ssd.counters.checksum_failures += 1
+                        log.warning("SSD block %s failed its checksum: dropped, never served",
+                                    idx.key_of(b).hex()[:12])
+                    store.discard(b)
+        finally:
+            for b, _, fut in mine:
+                self._promoting.pop(b, None)
+                if not fut.done():
+                    fut.set_result(None)
+            store.unpin([b for b, _, _ in mine])
+
+    # -- shutdown and stats ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush write-back blocks, sync and compact the journal, close the files."""
+        idx = self.store.index
+        if self.policy == "write_back":
+            dirty = np.flatnonzero((idx.state == COMMITTED) & (idx.dram != NO_SLOT) &
+                                   (idx.ssd == NO_SLOT)).tolist()
+            if dirty:
+                log.info("flushing %d write-back blocks to SSD", len(dirty))
+                for i in range(0, len(dirty), 1024):
+                    self.write_blocking(dirty[i:i + 1024])
+        try:
+            self.journal.flush_blocking()
+            self.compact()
+        finally:
+            self.journal.close()
+            self.ssd.close()
+
+    def tier_blocks(self) -> int:
+        idx = self.store.index
+        return int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED)))

@@ -1,0 +1,211 @@
+"""The SSD index journal: what the SSD tier holds, rebuilt after a restart or a crash.
+
+An append-only file of framed records ``crc32 | length | type | payload``:
+
+    NS   a namespace registration (digest, model id, tenant, layout); its ordinal names it below
+    SEG  segment n is cut into slots of this many bytes
+    PUT  block (namespace ordinal, key, parent key, depth) lives in slot addr, with this checksum
+    DEL  slot addr no longer holds a block
+
+Contract:
+- A PUT is appended only after the slot's data write completed; ``await sync()`` returns once
+  every record appended before the call is fsync'd (group commit: concurrent callers share one
+  fsync). A block whose PUT is durable survives a crash.
+- Replay stops at the first torn or corrupt frame (a crash mid-append) and truncates the file
+  there; everything before it is applied in order.
+- ``rewrite`` compacts the journal to the live records (write a new file, fsync, rename), done at
+  startup and at a clean shutdown, and while running once dead records outnumber live ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("kvstore.journal")
+
+NS, SEG, PUT, DEL = 1, 2, 3, 4
+_FRAME = struct.Struct("<IIB")            # crc32(type + payload), payload length, type
+_SEG = struct.Struct("<IQ")
+_PUT = struct.Struct("<I16s16sIQQ")       # ns ordinal, key, parent key, depth, addr, checksum
+_DEL = struct.Struct("<Q")
+
+
+@dataclass
+class PutRecord:
+    ns_ord: int
+    key: bytes
+    parent_key: bytes     # b"\0" * 16 for a chain root
+    depth: int
+    addr: int
+    checksum: int
+
+
+@dataclass
+class NamespaceRecord:
+    namespace_id: bytes
+    model_id: str
+    tenant: str
+    layout: dict
+
+
+@dataclass
+class JournalState:
+    namespaces: list[NamespaceRecord]
+    segments: dict[int, int]              # segment -> slot bytes
+    puts: dict[int, PutRecord]            # addr -> record
+    records: int = 0
+    truncated_bytes: int = 0
+
+
+def _frame(rtype: int, payload: bytes) -> bytes:
+    body = bytes([rtype]) + payload
+    return _FRAME.pack(zlib.crc32(body), len(payload), rtype) + payload
+
+
+def encode_ns(rec: NamespaceRecord) -> bytes:
+    meta = json.dumps({"model_id": rec.model_id, "tenant": rec.tenant, "layout": rec.layout})
+    return _frame(NS, rec.namespace_id + meta.encode())
+
+
+def encode_seg(segment: int, slot_bytes: int) -> bytes:
+    return _frame(SEG, _SEG.pack(segment, slot_bytes))
+
+
+def encode_put(r: PutRecord) -> bytes:
+    return _frame(PUT, _PUT.pack(r.ns_ord, r.key, r.parent_key, r.depth, r.addr, r.checksum))
+
+
+def encode_del(addr: int) -> bytes:
+    return _frame(DEL, _DEL.pack(addr))
+
+
+class Journal:
+    def __init__(self, path: Path, pool):
+        self.path = Path(path)
+        self.pool = pool
+        self._buf = bytearray()
+        self._appended = 0        # records appended so far
+        self._durable = 0         # records known fsync'd
+        self._flush_task: asyncio.Future | None = None
+        self._fd: int | None = None
+        self.records_in_file = 0
+        self.fsyncs = 0
+
+    # -- replay and compaction ----------------------------------------------------------------
+    def replay(self) -> JournalState:
+        st = JournalState([], {}, {})
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        pos = 0
+        while pos + _FRAME.size <= len(data):
+            crc, length, rtype = _FRAME.unpack_from(data, pos)
+            end = pos + _FRAME.size + length
+            if end > len(data):
+                break
+            payload = data[pos + _FRAME.size:end]
+            if zlib.crc32(bytes([rtype]) + payload) != crc:
+                break
+            try:
+                self._apply(st, rtype, payload)
+            except (ValueError, struct.error, KeyError):
+                break
+            st.records += 1
+            pos = end
+        st.truncated_bytes = len(data) - pos
+        if st.truncated_bytes:
+            log.warning("journal %s: ignoring %d bytes of a torn or corrupt tail", self.path,
+                        st.truncated_bytes)
+        return st
+
+    @staticmethod
+    def _apply(st: JournalState, rtype: int, payload: bytes) -> None:
+        if rtype == NS:
+            meta = json.loads(payload[16:])
+            st.namespaces.append(NamespaceRecord(payload[:16], meta["model_id"], meta["tenant"],
+                                                 meta["layout"]))
+        elif rtype == SEG:
+            seg, slot_bytes = _SEG.unpack(payload)
+            st.segments[seg] = slot_bytes
+        elif rtype == PUT:
+            r = PutRecord(*_PUT.unpack(payload))
+            if r.ns_ord >= len(st.namespaces):
+                raise ValueError("PUT names an unknown namespace")
+            st.puts[r.addr] = r
+        elif rtype == DEL:
+            (addr,) = _DEL.unpack(payload)
+            st.puts.pop(addr, None)
+        else:
+            raise ValueError(f"unknown record type {rtype}")
+
+    def rewrite(self, records: list[bytes]) -> None:
+        """Replace the journal with these encoded records (atomically) and reopen for append."""
+        self.close()
+        tmp = self.path.with_suffix(".compact")
+        with open(tmp, "wb") as f:
+            for r in records:
+                f.write(r)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.records_in_file = len(records)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    # -- appending ---------------------------------------------------------------------------
+    def append(self, encoded: bytes) -> None:
+        self._buf += encoded
+        self._appended += 1
+        self.records_in_file += 1
+
+    async def sync(self) -> None:
+        """Return once every record appended before this call is on disk (fsync'd)."""
+        target = self._appended
+        while self._durable < target:
+            if self._flush_task is None:
+                self._flush_task = asyncio.ensure_future(self._flush())
+            await asyncio.shield(self._flush_task)
+
+    async def _flush(self) -> None:
+        data, upto = bytes(self._buf), self._appended
+        self._buf.clear()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.pool, self._write, data)
+            self._durable = upto
+        finally:
+            self._flush_task = None
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        os.fsync(self._fd)
+        self.fsyncs += 1
+
+    def flush_blocking(self) -> None:
+        """Write and fsync what is buffered (shutdown; not on the event loop's hot path)."""
+        if self._fd is None:
+            return
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._write(data)
+        self._durable = self._appended
+
+    def pending(self) -> int:
+        return self._appended - self._durable
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

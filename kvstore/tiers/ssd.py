@@ -1,0 +1,336 @@
+"""The SSD tier: preallocated slab files with fixed-size slots, O_DIRECT I/O in a thread pool.
+
+Layout of ``--ssd-dir``::
+
+    superblock        magic, format version, segment size (refused if incompatible)
+    seg-00000.slab    one preallocated file per segment (``segment_bytes`` each)
+    journal           the index journal (see kvstore/tiers/journal.py)
+
+Capacity is cut into segments; a segment is handed to one size class (one slot size: a block size
+rounded up to 4 KiB) the first time that class needs room, and cut into slots. A slot address is
+``segment << 32 | slot``. Millions of blocks live in a handful of files: no file per block.
+
+I/O contract:
+- ``read_into(addr, view)`` / ``write_from(addr, view)`` move one whole slot between the file and
+  a 4 KiB-aligned buffer (an arena slot: arena slots are page aligned) with os.preadv/pwritev,
+  which release the GIL, on a bounded pool of ``io_threads`` threads. With O_DIRECT the page
+  cache is bypassed; where the filesystem refuses O_DIRECT (tmpfs) the tier falls back to
+  buffered I/O and logs it.
+- Every block carries an xxh3-64 checksum of its bytes, seeded with its key, computed on write
+  and verified on every read: a torn, corrupted or misplaced slot is reported as a mismatch,
+  never as data.
+- A failed write (ENOSPC, EIO) raises OSError to the caller, who drops that block from the tier.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+log = logging.getLogger("kvstore.ssd")
+
+FORMAT_VERSION = 1
+_MAGIC = b"KVSTSSD\x00"
+ALIGN = 4096
+SLOT_BITS = 32
+# Test hook (fault injection at the OS boundary): after N successful slot writes, every write
+# fails with this errno. Both must be set; unset in production.
+_FAULT_ERRNO_ENV = "KVSTORE_TEST_SSD_WRITE_ERRNO"
+_FAULT_AFTER_ENV = "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER"
+
+
+class SSDFormatError(RuntimeError):
+    """The SSD directory was written by an incompatible format, or is not a kvstore directory."""
+
+
+def block_checksum(data, key: bytes) -> int:
+    """xxh3-64 of the block bytes, seeded with the key: a slot holding another block's bytes
+    fails verification even if those bytes are intact."""
+    return xxhash.xxh3_64_intdigest(data, seed=int.from_bytes(key[:8], "little"))
+
+
+@dataclass
+class Segment:
+    number: int
+    fd: int
+    slot_bytes: int = 0                        # 0: not yet given to a size class
+    owner: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    free: list[int] = field(default_factory=list)
+
+
+class RateMeter:
+    """Bytes per second over the last ``window_s`` seconds (recent bandwidth for stats)."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self._events: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._events.append((now, nbytes))
+            if len(self._events) > 4096:
+                self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        cut = now - self.window_s
+        i = 0
+        while i < len(self._events) and self._events[i][0] < cut:
+            i += 1
+        del self._events[:i]
+
+    def rate_bps(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            if not self._events:
+                return 0.0
+            span = max(now - self._events[0][0], 1.0)
+            return sum(n for _, n in self._events) / span
+
+
+@dataclass
+class SSDCounters:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    reads: int = 0
+    writes: int = 0
+    write_errors: int = 0
+    read_errors: int = 0
+    checksum_failures: int = 0
+    recovered_blocks: int = 0
+    evictions: int = 0
+
+
+class SSDTier:
+    """Slab files under ``directory``. Create with :meth:`open` (recovers an existing directory)."""
+
+    def __init__(self, directory: Path, capacity_bytes: int, segment_bytes: int,
+                 io_threads: int = 8, direct: bool = True):
+        self.directory = Path(directory)
+        self.segment_bytes = max(ALIGN, segment_bytes // ALIGN * ALIGN)
+        self.n_segments = max(1, capacity_bytes // self.segment_bytes)
+        self.io_threads = io_threads
+        self.want_direct = direct
+        self.direct = False
+        self.segments: list[Segment] = []
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-ssd")
+        self.counters = SSDCounters()
+        self.read_meter = RateMeter()
+        self.write_meter = RateMeter()
+        self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
+        self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
+        self._writes_ok = 0
+        self._fault_lock = threading.Lock()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.n_segments * self.segment_bytes
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create or check the directory and preallocate every segment file.
+
+        Raises SSDFormatError for a directory of another format or segment size, OSError when
+        the files cannot be created (no space for the preallocation, no permission)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon") from None
+        self._check_superblock()
+        flags = os.O_RDWR | os.O_CREAT
+        direct_flag = getattr(os, "O_DIRECT", 0)
+        for n in range(self.n_segments):
+            path = self.directory / f"seg-{n:05d}.slab"
+            fd = None
+            if self.want_direct and direct_flag:
+                try:
+                    fd = os.open(path, flags | direct_flag, 0o600)
+                    self.direct = True
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.direct = False
+            if fd is None:
+                fd = os.open(path, flags, 0o600)
+            try:
+                if os.fstat(fd).st_size < self.segment_bytes:
+                    os.posix_fallocate(fd, 0, self.segment_bytes)
+            except OSError as exc:
+                os.close(fd)
+                raise OSError(exc.errno, f"cannot preallocate {self.segment_bytes} bytes for "
+                              f"{path}: {exc.strerror}. Lower --ssd-bytes or free disk space") from None
+            self.segments.append(Segment(n, fd))
+        if self.want_direct and not self.direct:
+            log.warning("SSD tier: %s refuses O_DIRECT (tmpfs?): using buffered I/O",
+                        self.directory)
+        # Any segment files beyond the configured capacity are left alone but unused.
+
+    def _check_superblock(self) -> None:
+        sb = self.directory / "superblock"
+        want = {"format_version": FORMAT_VERSION, "segment_bytes": self.segment_bytes}
+        if sb.exists():
+            raw = sb.read_bytes()
+            if not raw.startswith(_MAGIC):
+                raise SSDFormatError(f"{self.directory} is not a kvstore SSD directory "
+                                     "(bad superblock magic); choose another --ssd-dir")
+            try:
+                meta = json.loads(raw[len(_MAGIC):])
+            except ValueError:
+                raise SSDFormatError(f"{sb}: unreadable superblock") from None
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise SSDFormatError(
+                    f"{self.directory} was written by SSD format version "
+                    f"{meta.get('format_version')}, this daemon reads version {FORMAT_VERSION}: "
+                    "refusing to misread it; use another --ssd-dir or remove this one")
+            if meta.get("segment_bytes") != self.segment_bytes:
+                raise SSDFormatError(
+                    f"{self.directory} uses segments of {meta.get('segment_bytes')} bytes, the "
+                    f"configuration asks for {self.segment_bytes}: keep ssd_segment_bytes as it was")
+            return
+        if any(self.directory.glob("seg-*.slab")) or (self.directory / "journal").exists():
+            raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
+                                 "refusing to guess its format")
+        tmp = sb.with_suffix(".tmp")
+        tmp.write_bytes(_MAGIC + json.dumps(want).encode())
+        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(tmp, sb)
+        _fsync_dir(self.directory)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for s in self.segments:
+            os.close(s.fd)
+        self.segments = []
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- slot allocation ---------------------------------------------------------------------
+    def assign_segment(self, number: int, slot_bytes: int) -> bool:
+        """Give segment ``number`` to a size class (replay of the journal); False if out of range."""
+        if number >= len(self.segments):
+            return False
+        seg = self.segments[number]
+        if seg.slot_bytes == 0:
+            n = self.segment_bytes // slot_bytes
+            seg.slot_bytes = slot_bytes
+            seg.owner = np.full(n, -1, dtype=np.int64)
+            seg.free = list(range(n - 1, -1, -1))
+        return seg.slot_bytes == slot_bytes
+
+    def take_segment(self, slot_bytes: int) -> int | None:
+        """An unassigned segment for this class, assigned now; None when every one is taken."""
+        if slot_bytes > self.segment_bytes:
+            return None
+        for seg in self.segments:
+            if seg.slot_bytes == 0:
+                self.assign_segment(seg.number, slot_bytes)
+                return seg.number
+        return None
+
+    def allocate(self, slot_bytes: int) -> int | None:
+        """Address of a free slot of this size in an already assigned segment, or None."""
+        for seg in self.segments:
+            if seg.slot_bytes == slot_bytes and seg.free:
+                return (seg.number << SLOT_BITS) | seg.free.pop()
+        return None
+
+    def claim(self, addr: int, block_id: int) -> bool:
+        """Mark a specific slot as used (journal replay). False if it is out of range or taken."""
+        seg_no, slot = addr >> SLOT_BITS, addr & ((1 << SLOT_BITS) - 1)
+        if seg_no >= len(self.segments):
+            return False
+        seg = self.segments[seg_no]
+        if slot >= len(seg.owner) or seg.owner[slot] != -1:
+            return False
+        seg.owner[slot] = block_id
+        return True
+
+    def rebuild_free_lists(self) -> None:
+        """After a replay of claims: free slots are those without an owner (lowest first)."""
+        for seg in self.segments:
+            if seg.slot_bytes:
+                seg.free = np.flatnonzero(seg.owner < 0)[::-1].tolist()
+
+    def set_owner(self, addr: int, block_id: int) -> None:
+        self.segments[addr >> SLOT_BITS].owner[addr & ((1 << SLOT_BITS) - 1)] = block_id
+
+    def free(self, addr: int) -> None:
+        seg = self.segments[addr >> SLOT_BITS]
+        slot = addr & ((1 << SLOT_BITS) - 1)
+        seg.owner[slot] = -1
+        seg.free.append(slot)
+
+    def owners(self, slot_bytes: int) -> np.ndarray:
+        parts = [s.owner[s.owner >= 0] for s in self.segments if s.slot_bytes == slot_bytes]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def slot_bytes_of(self, addr: int) -> int:
+        return self.segments[addr >> SLOT_BITS].slot_bytes
+
+    def used_bytes(self) -> int:
+        return sum(s.slot_bytes * int((s.owner >= 0).sum()) for s in self.segments if s.slot_bytes)
+
+    def path_of(self, addr: int) -> tuple[Path, int]:
+        """(slab file, byte offset) of a slot — for tools and tests."""
+        seg = self.segments[addr >> SLOT_BITS]
+        return (self.directory / f"seg-{seg.number:05d}.slab",
+                (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes)
+
+    # -- I/O (run these in self.pool) --------------------------------------------------------
+    def write_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int) -> int:
+        """Write one slot from ``view`` (slot_bytes long, 4 KiB aligned); returns the checksum of
+        its first ``nbytes``. Raises OSError on failure (ENOSPC, EIO, short write)."""
+        csum = block_checksum(view[:nbytes], key)
+        if self._fault_errno and self._fault_after >= 0:
+            with self._fault_lock:
+                if self._writes_ok >= self._fault_after:
+                    raise OSError(self._fault_errno, os.strerror(self._fault_errno) + " (injected)")
+                self._writes_ok += 1
+        seg = self.segments[addr >> SLOT_BITS]
+        off = (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes
+        n = os.pwritev(seg.fd, [view], off)
+        if n != len(view):
+            raise OSError(errno.EIO, f"short write of {n}/{len(view)} bytes")
+        self.counters.bytes_written += n
+        self.counters.writes += 1
+        self.write_meter.add(n)
+        return csum
+
+    def read_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int, csum: int) -> bool:
+        """Read one slot into ``view``; True iff its first ``nbytes`` match ``csum``.
+        Raises OSError on an I/O error."""
+        seg = self.segments[addr >> SLOT_BITS]
+        off = (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes
+        n = os.preadv(seg.fd, [view], off)
+        self.counters.bytes_read += n
+        self.counters.reads += 1
+        self.read_meter.add(n)
+        if n != len(view):
+            return False
+        return block_checksum(view[:nbytes], key) == csum
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
