@@ -1,45 +1,57 @@
 """The block index: every block the daemon holds, in any tier.
 
-Blocks get a small integer id; their fields live in numpy columns indexed by that id, so the
-per-block cost is a few dozen bytes instead of a Python object each. Keys are looked up through one
-dict per namespace, so a key of one namespace can never resolve to a block of another.
+Blocks get a small integer id; their fields live in numpy columns indexed by that id, and keys
+are found through one open-addressing hash table (numpy int32 ids, linear probing) keyed by
+(namespace, key): no Python object per block, so ten million blocks cost well under 100 bytes
+each (see ``kvstore bench ssd``). A key of one namespace never resolves to a block of another:
+a probe matches only if namespace and all 16 key bytes are equal. Keys are BLAKE2b digests, so
+their first 8 bytes are already a uniform hash.
 
 Block states: WRITING (allocated, invisible to readers) → COMMITTED (visible) → DELETED
-(removed from the key map; its slot is freed once the last lease on it is released).
+(removed from the key table; its slot is freed once the last lease on it is released).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from kvstore.keys import KEY_BYTES
-
 FREE, WRITING, COMMITTED, DELETED = 0, 1, 2, 3
 NO_SLOT = -1
+_EMPTY, _TOMB = -1, -2
+_NS_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 _COLUMNS = {
     "ns": np.uint32,
     "state": np.uint8,
     "dram": np.int64,       # arena offset, NO_SLOT if not in DRAM
-    "ssd": np.int64,        # SSD slot number, NO_SLOT if not on SSD
+    "ssd": np.int64,        # SSD slot address, NO_SLOT if not on SSD
     "stamp": np.uint64,     # logical time of the last touch (one tick per request)
-    "leases": np.uint32,    # readers holding the block
-    "parent": np.int64,     # block id of the previous block in its chain, -1 for a root
+    "leases": np.uint32,    # readers holding the block (and in-flight I/O pins)
+    "parent": np.int32,     # block id of the previous block in its chain, -1 for a root
     "children": np.uint32,  # blocks whose parent this is (prefix-aware eviction)
     "depth": np.uint32,     # position in its chain
     "csum": np.uint64,      # checksum of the block's bytes on SSD (valid when ssd != NO_SLOT)
 }
 
 
+def keys_array(keys) -> np.ndarray:
+    """[n, 2] uint64 view of 16-byte keys (a list of bytes or one concatenated blob)."""
+    blob = keys if isinstance(keys, (bytes, bytearray, memoryview)) else b"".join(keys)
+    return np.frombuffer(blob, dtype=np.uint64).reshape(-1, 2)
+
+
 class BlockIndex:
     def __init__(self, initial_capacity: int = 1024):
         self._cap = 0
-        self.keys = np.empty((0, KEY_BYTES), dtype=np.uint8)
+        self.keys = np.empty((0, 2), dtype=np.uint64)   # 16 key bytes as two words
         for name, dtype in _COLUMNS.items():
             setattr(self, name, np.empty(0, dtype=dtype))
-        self._free_ids: list[int] = []
-        self._maps: dict[int, dict[bytes, int]] = {}
+        self._free = np.empty(0, dtype=np.int32)         # stack of free ids
+        self._n_free = 0
+        self._table = np.full(16, _EMPTY, dtype=np.int32)
+        self._table_used = 0                              # live + tombstones
+        self._ns_count: dict[int, int] = {}
         self.clock = 0
-        self._grow(initial_capacity)
+        self._grow(max(16, initial_capacity))
 
     # -- time -------------------------------------------------------------------------------
     def tick(self) -> int:
@@ -47,50 +59,128 @@ class BlockIndex:
         return self.clock
 
     # -- lookup -----------------------------------------------------------------------------
+    def _home(self, ns, lo: np.ndarray) -> np.ndarray:
+        mask = np.uint64(len(self._table) - 1)
+        mixed = lo ^ (np.asarray(ns, dtype=np.uint64) * _NS_MIX)
+        return (mixed & mask).astype(np.int64)
+
+    def find_many(self, ns: int, keys) -> np.ndarray:
+        """Block id of each key (int64, -1 where absent), probing all keys at once."""
+        q = keys_array(keys)
+        n = len(q)
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0:
+            return out
+        pos = self._home(ns, q[:, 0])
+        active = np.arange(n)
+        mask = len(self._table) - 1
+        while len(active):
+            b = self._table[pos].astype(np.int64)
+            live = b >= 0
+            bl = np.where(live, b, 0)
+            hit = live & (self.keys[bl, 0] == q[active, 0]) & (self.keys[bl, 1] == q[active, 1]) \
+                & (self.ns[bl] == ns)
+            out[active[hit]] = b[hit]
+            go_on = ~hit & (b != _EMPTY)
+            active, pos = active[go_on], (pos[go_on] + 1) & mask
+        return out
+
     def find(self, ns: int, key: bytes) -> int:
-        return self._maps.get(ns, {}).get(key, -1)
+        return int(self.find_many(ns, key)[0])
 
     def count(self, ns: int | None = None) -> int:
         if ns is None:
-            return sum(len(m) for m in self._maps.values())
-        return len(self._maps.get(ns, {}))
+            return sum(self._ns_count.values())
+        return self._ns_count.get(ns, 0)
 
     def ids(self, ns: int) -> list[int]:
-        return list(self._maps.get(ns, {}).values())
+        return np.flatnonzero((self.ns == ns) & ((self.state == WRITING) |
+                                                 (self.state == COMMITTED))).tolist()
 
     def key_of(self, bid: int) -> bytes:
         return self.keys[bid].tobytes()
 
     # -- mutation ---------------------------------------------------------------------------
     def add(self, ns: int, key: bytes, parent: int, stamp: int) -> int:
-        if not self._free_ids:
-            self._grow(max(1024, self._cap))
-        bid = self._free_ids.pop()
-        self.keys[bid] = np.frombuffer(key, dtype=np.uint8)
-        self.ns[bid] = ns
-        self.state[bid] = WRITING
-        self.dram[bid] = NO_SLOT
-        self.ssd[bid] = NO_SLOT
-        self.stamp[bid] = stamp
-        self.leases[bid] = 0
-        self.parent[bid] = parent
-        self.children[bid] = 0
-        self.depth[bid] = self.depth[parent] + 1 if parent >= 0 else 0
-        if parent >= 0:
-            self.children[parent] += 1
-        self._maps.setdefault(ns, {})[key] = bid
-        return bid
+        """A new WRITING block for a key that is not in the table (callers check first)."""
+        return int(self.add_many(ns, key, np.asarray([parent]), stamp)[0])
+
+    def add_many(self, ns: int, keys, parents: np.ndarray, stamp: int) -> np.ndarray:
+        """New WRITING blocks for keys absent from the table; their ids (ascending).
+        ``parents`` are existing block ids (-1 for a chain root)."""
+        q = keys_array(keys)
+        n = len(q)
+        if self._n_free < n:
+            self._grow(max(n - self._n_free, self._cap // 2, 1024))
+        bids = self._free[self._n_free - n:self._n_free][::-1].astype(np.int64)
+        self._n_free -= n
+        parents = np.asarray(parents, dtype=np.int64)
+        self.keys[bids] = q
+        self.ns[bids] = ns
+        self.state[bids] = WRITING
+        self.dram[bids] = NO_SLOT
+        self.ssd[bids] = NO_SLOT
+        self.stamp[bids] = stamp
+        self.leases[bids] = 0
+        self.children[bids] = 0
+        self.parent[bids] = parents
+        has = parents >= 0
+        self.depth[bids] = np.where(has, self.depth[np.where(has, parents, 0)] + 1, 0)
+        np.add.at(self.children, parents[has], 1)
+        self._insert(bids)
+        self._ns_count[ns] = self._ns_count.get(ns, 0) + n
+        return bids
+
+    def _insert(self, bids: np.ndarray) -> None:
+        if (self._table_used + len(bids)) * 2 > len(self._table):
+            self._rehash(extra=len(bids))
+        self._place(bids)
+        self._table_used += len(bids)
+
+    def _place(self, bids: np.ndarray) -> None:
+        """Put ids into the table by linear probing, vectorized (ties: first id wins a slot)."""
+        pending = bids
+        pos = self._home(self.ns[pending], self.keys[pending, 0])
+        mask = len(self._table) - 1
+        while len(pending):
+            open_ = np.flatnonzero(self._table[pos] < 0)
+            if len(open_):
+                slots, first = np.unique(pos[open_], return_index=True)
+                won = open_[first]
+                self._table[slots] = pending[won]
+                keep = np.ones(len(pending), dtype=bool)
+                keep[won] = False
+                pending, pos = pending[keep], pos[keep]
+            pos = (pos + 1) & mask
+
+    def _rehash(self, extra: int = 0) -> None:
+        live = self._table[self._table >= 0].astype(np.int64)
+        size = 16
+        while size < 2 * (len(live) + extra) + 2:
+            size *= 2
+        self._table = np.full(size, _EMPTY, dtype=np.int32)
+        self._place(live)
+        self._table_used = len(live)
 
     def unlink(self, bid: int) -> None:
-        """Remove the block from its key map (no longer findable); the id stays allocated.
+        """Remove the block from the key table (no longer findable); the id stays allocated.
 
         Parent links only order eviction. A child of an unlinked block keeps its link, so after
         the id is reused it may point at an unrelated block: that can perturb eviction order,
         never which bytes a key resolves to.
         """
-        m = self._maps.get(int(self.ns[bid]))
-        if m is not None and m.get(self.key_of(bid)) == bid:
-            del m[self.key_of(bid)]
+        mask = len(self._table) - 1
+        pos = int(self._home(self.ns[bid], self.keys[bid:bid + 1, 0])[0])
+        while True:
+            b = int(self._table[pos])
+            if b == bid:
+                self._table[pos] = _TOMB
+                ns = int(self.ns[bid])
+                self._ns_count[ns] -= 1
+                break
+            if b == _EMPTY:
+                break       # not linked (already unlinked)
+            pos = (pos + 1) & mask
         parent = int(self.parent[bid])
         if parent >= 0 and self.children[parent] > 0:
             self.children[parent] -= 1
@@ -100,16 +190,33 @@ class BlockIndex:
         self.state[bid] = FREE
         self.dram[bid] = NO_SLOT
         self.ssd[bid] = NO_SLOT
-        self._free_ids.append(bid)
+        if self._n_free == len(self._free):
+            self._free = np.concatenate([self._free, np.empty(max(1024, len(self._free) // 2),
+                                                                dtype=np.int32)])
+        self._free[self._n_free] = bid
+        self._n_free += 1
 
     def _grow(self, extra: int) -> None:
+        """Add ``extra`` ids. Callers grow by half the capacity: bounded over-allocation."""
         new_cap = self._cap + extra
-        self.keys = np.concatenate([self.keys, np.zeros((extra, KEY_BYTES), dtype=np.uint8)])
+        keys = np.zeros((new_cap, 2), dtype=np.uint64)
+        keys[:self._cap] = self.keys
+        self.keys = keys
         for name, dtype in _COLUMNS.items():
-            col = getattr(self, name)
-            setattr(self, name, np.concatenate([col, np.zeros(extra, dtype=dtype)]))
-        self._free_ids.extend(range(new_cap - 1, self._cap - 1, -1))
+            col = np.zeros(new_cap, dtype=dtype)
+            col[:self._cap] = getattr(self, name)
+            setattr(self, name, col)
+        free = np.empty(self._n_free + extra, dtype=np.int32)
+        free[:self._n_free] = self._free[:self._n_free]
+        free[self._n_free:] = np.arange(new_cap - 1, self._cap - 1, -1, dtype=np.int32)
+        self._free = free
+        self._n_free += extra
         self._cap = new_cap
+
+    def nbytes(self) -> int:
+        """Memory held by the index's arrays."""
+        return (self.keys.nbytes + self._free.nbytes + self._table.nbytes +
+                sum(getattr(self, name).nbytes for name in _COLUMNS))
 
     def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
         """Candidates sorted most-evictable first.

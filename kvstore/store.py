@@ -135,8 +135,7 @@ class BlockStore:
         stamp = self.index.tick()
         idx = self.index
         tiers: list[str] = []
-        for key in keys:
-            bid = idx.find(ns.index, key)
+        for bid in idx.find_many(ns.index, keys).tolist():
             if bid < 0 or idx.state[bid] != COMMITTED:
                 break
             idx.stamp[bid] = stamp
@@ -163,7 +162,7 @@ class BlockStore:
         idx = self.index
         stamp = idx.tick()
         parent = idx.find(ns.index, parent_key) if parent_key else -1
-        present = [idx.find(ns.index, k) for k in keys]
+        present = idx.find_many(ns.index, keys).tolist()
         n_new = sum(1 for b in present if b < 0)
         # The batch's already-stored blocks must survive the eviction that makes room for it.
         kept = np.asarray([b for b in present if b >= 0], dtype=np.int64)
@@ -259,8 +258,7 @@ class BlockStore:
         idx = self.index
         stamp = idx.tick()
         bids: list[int] = []
-        for key in keys:
-            bid = idx.find(ns.index, key)
+        for bid in idx.find_many(ns.index, keys).tolist():
             if bid < 0 or idx.state[bid] != COMMITTED:
                 break
             if idx.dram[bid] == NO_SLOT:
@@ -324,8 +322,7 @@ class BlockStore:
         keys = self._keys(keys_blob)
         idx = self.index
         n = 0
-        for key in keys:
-            bid = idx.find(ns.index, key)
+        for bid in idx.find_many(ns.index, keys).tolist():
             if bid < 0 or idx.state[bid] != COMMITTED:
                 continue
             idx.unlink(bid)
