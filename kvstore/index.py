@@ -132,7 +132,7 @@ class BlockIndex:
         return bids
 
     def _insert(self, bids: np.ndarray) -> None:
-        if (self._table_used + len(bids)) * 2 > len(self._table):
+        if (self._table_used + len(bids)) * 3 > 2 * len(self._table):   # load <= 2/3
             self._rehash(extra=len(bids))
         self._place(bids)
         self._table_used += len(bids)
@@ -156,7 +156,7 @@ class BlockIndex:
     def _rehash(self, extra: int = 0) -> None:
         live = self._table[self._table >= 0].astype(np.int64)
         size = 16
-        while size < 2 * (len(live) + extra) + 2:
+        while 2 * size < 3 * (len(live) + extra) + 2:
             size *= 2
         self._table = np.full(size, _EMPTY, dtype=np.int32)
         self._place(live)

@@ -202,3 +202,17 @@ def test_graceful_restart_recovers_namespaces_and_blocks(daemon_factory, tmp_pat
         for keys, data in chains:
             assert get_exact(ns, keys, data) == 4
         assert tier(ssd_stats(c), "SSD").recovered_blocks == 20
+
+
+def test_bench_ssd_smoke(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kvstore", "bench", "ssd", "--dir", str(tmp_path),
+                        "--dram", "8MiB", "--factor", "2", "--block-kib", "64", "--qd", "4",
+                        "--client-threads", "2", "--repeat", "1", "--index-blocks", "20000",
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["ssd_hits"] >= res["sdk_get_blocks"] > 0
+    assert res["checksum_failures"] == 0
+    assert res["get_vs_raw_read"] > 0 and res["put_vs_raw_write"] > 0
+    assert res["index"]["array_bytes_per_block"] < 200
+    assert list(tmp_path.iterdir()) == []      # cleaned up

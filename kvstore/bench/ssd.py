@@ -1,0 +1,271 @@
+"""`kvstore bench ssd`: the SSD tier through the SDK against raw O_DIRECT I/O of the same disk.
+
+Starts a real daemon with a small DRAM tier and an SSD tier in ``--dir``, then, in one run:
+
+  write   SDK puts (write-through: each commit waits for SSD) of a working set ``--factor``
+          times the DRAM tier, against raw O_DIRECT pwrite of the same bytes, same request size
+          (one slot) and queue depth (``--qd`` threads = the daemon's SSD I/O threads).
+  read    SDK gets of that working set oldest first, so nearly every block is an SSD hit that is
+          promoted into DRAM and copied out (bytes checked), against raw O_DIRECT preadv of the
+          same slots in random order, same request size and queue depth.
+  index   daemon bytes per indexed block after a synthetic fill of ``--index-blocks`` blocks
+          (resident memory growth of this process / blocks, and the index arrays alone).
+
+Figures are ratios against the baselines of the same run; absolute numbers depend on the disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from kvstore.layout import KVLayout
+from kvstore.units import format_bytes, parse_size
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(prog="kvstore bench ssd", description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", default="/var/tmp", help="where the SSD files go (a real disk)")
+    ap.add_argument("--dram", default="64MiB", help="DRAM tier size")
+    ap.add_argument("--factor", type=float, default=4.0, help="working set / DRAM tier")
+    ap.add_argument("--block-kib", type=int, default=256, help="block size (multiple of 32)")
+    ap.add_argument("--batch", type=int, default=32, help="blocks per put/get")
+    ap.add_argument("--qd", type=int, default=16, help="queue depth: SSD I/O threads")
+    ap.add_argument("--client-threads", type=int, default=8, help="SDK gets/puts in flight")
+    ap.add_argument("--index-blocks", type=int, default=10_000_000,
+                    help="synthetic index fill (0: skip)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="raw-read / SDK-get pairs; the median ratio is reported")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap.parse_args(argv)
+
+
+def _aligned(nbytes: int) -> mmap.mmap:
+    return mmap.mmap(-1, nbytes)   # page aligned: what O_DIRECT needs
+
+
+def _open_direct(path: Path, create: bool) -> tuple[int, bool]:
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600), True
+    except OSError:
+        return os.open(path, flags, 0o600), False
+
+
+def raw_io(path: Path, slot: int, n: int, qd: int, write: bool) -> float:
+    """Seconds to write (sequential slots) or read (random order) n slots, qd threads."""
+    fd, _ = _open_direct(path, create=write)
+    if write:
+        os.posix_fallocate(fd, 0, slot * n)
+    order = list(range(n))
+    if not write:
+        random.Random(1).shuffle(order)
+    shares = [order[i::qd] for i in range(qd)]
+
+    def worker(share):
+        buf = _aligned(slot)
+        if write:
+            buf.write(os.urandom(slot))
+        view = [memoryview(buf)]
+        for i in share:
+            (os.pwritev if write else os.preadv)(fd, view, i * slot)
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(qd) as ex:
+        list(ex.map(worker, shares))
+    if write:
+        os.fsync(fd)
+    dt = time.perf_counter() - t
+    os.close(fd)
+    return dt
+
+
+def _start_daemon(work: Path, a, ssd_bytes: int, seg: int):
+    from kvstore.client import KVClient, KVStoreError
+    sock = work / "kv.sock"
+    log = open(work / "daemon.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "serve", "--socket", str(sock),
+         "--dram-bytes", a.dram, "--chunk-bytes", "4MiB", "--ssd-dir", str(work / "ssd"),
+         "--ssd-bytes", str(ssd_bytes), "--ssd-segment-bytes", str(seg),
+         "--ssd-io-threads", str(a.qd), "--max-message-bytes", "64MiB", "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited: {(work / 'daemon.log').read_text()}")
+        if sock.exists():
+            try:
+                return proc, KVClient(str(sock), io_threads=a.client_threads, client_name="bench")
+            except KVStoreError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("daemon did not start")
+
+
+class SDKRun:
+    """A daemon with the working set stored through the SDK; get passes on demand."""
+
+    def __init__(self, a, work: Path, layout: KVLayout, n_blocks: int):
+        seg = 64 << 20
+        ssd_bytes = -(-int(n_blocks * layout.slot_bytes * 1.25) // seg) * seg
+        self.a, self.layout = a, layout
+        self.proc, self.client = _start_daemon(work, a, ssd_bytes, seg)
+        self.ns = self.client.namespace("bench-ssd", layout)
+        rng = np.random.default_rng(0)
+        self.data = rng.integers(0, 256, (a.batch, *layout.block_shape), dtype=np.uint8)
+        self.chains = [self.ns.block_keys(rng.integers(0, 50000, a.batch * layout.block_tokens))
+                       for _ in range(n_blocks // a.batch)]
+
+    def put_all(self) -> float:
+        t = time.perf_counter()
+        futs = [self.ns.put(keys, self.data) for keys in self.chains]
+        written = sum(f.result() for f in futs)
+        dt = time.perf_counter() - t
+        if written != len(self.chains) * self.a.batch:
+            raise RuntimeError(f"only {written} of {len(self.chains) * self.a.batch} blocks stored")
+        return dt
+
+    def get_all(self) -> tuple[float, int]:
+        """Get every chain oldest first (each is on SSD only by then: 4x DRAM, LRU), with
+        ``client_threads`` gets in flight. Returns (seconds, blocks). The first and last block
+        of each get are compared inside the timed loop (a full compare would time numpy, not
+        kvstore); tests/test_ssd.py compares every byte."""
+        a, data = self.a, self.data
+        outs = [np.empty((a.batch, *self.layout.block_shape), dtype=np.uint8)
+                for _ in range(a.client_threads)]
+        window: list = []
+
+        def finish(f) -> int:
+            r = f.result()
+            if len(r) != len(data) or not (np.array_equal(r[0], data[0]) and
+                                           np.array_equal(r[-1], data[-1])):
+                raise RuntimeError("SDK get returned fewer blocks or bytes that differ")
+            return len(r)
+        got = 0
+        t = time.perf_counter()
+        for i, keys in enumerate(self.chains):
+            if len(window) == len(outs):
+                got += finish(window.pop(0))
+            window.append(self.ns.get(keys, out=outs[i % len(outs)]))
+        got += sum(finish(f) for f in window)
+        return time.perf_counter() - t, got
+
+    def ssd_stats(self):
+        from kvstore.v1 import kvstore_pb2 as pb
+        return {t.tier: t for t in self.client.stats().tiers}[pb.TIER_SSD]
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def index_bytes_per_block(n: int) -> dict:
+    from kvstore.index import COMMITTED, BlockIndex
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    rng = np.random.default_rng(0)
+    base = rss()
+    idx = BlockIndex()
+    t = time.perf_counter()
+    step = 100_000
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        keys = rng.integers(0, 2**63, (m, 2), dtype=np.uint64)
+        # chains of 64 blocks: each block's parent is the previous one of its chain
+        bids = idx.add_many(i // step % 8, keys.tobytes(), np.full(m, -1), 1)
+        idx.state[bids] = COMMITTED
+    fill_s = time.perf_counter() - t
+    probe = keys[:4096].tobytes()
+    t = time.perf_counter()
+    found = idx.find_many((n - 1) // step % 8, probe)
+    find_ms = (time.perf_counter() - t) * 1e3
+    assert (found >= 0).all()
+    return {"blocks": n, "rss_bytes_per_block": (rss() - base) / n,
+            "array_bytes_per_block": idx.nbytes() / n, "fill_s": fill_s,
+            "find_4096_ms": find_ms}
+
+
+def main(argv: list[str]) -> int:
+    a = _args(argv)
+    if a.block_kib % 32:
+        print("kvstore bench ssd: --block-kib must be a multiple of 32", file=sys.stderr)
+        return 2
+    layout = KVLayout(num_layers=a.block_kib // 32, num_kv_heads=8, head_dim=128,
+                      block_tokens=16, dtype="uint8")
+    dram = parse_size(a.dram)
+    n_blocks = int(dram * a.factor) // layout.slot_bytes // a.batch * a.batch
+    work = Path(tempfile.mkdtemp(prefix="kvstore-bench-ssd-", dir=a.dir))
+    res: dict = {"block_bytes": layout.block_bytes, "request_bytes": layout.slot_bytes,
+                 "queue_depth": a.qd, "working_set_bytes": n_blocks * layout.slot_bytes,
+                 "dram_bytes": dram, "dir": str(work)}
+    try:
+        _, direct = _open_direct(work / "probe", create=True)
+        os.unlink(work / "probe")
+        res["o_direct"] = direct
+        raw = work / "raw.bin"
+        slot = layout.slot_bytes
+        raw_w = raw_io(raw, slot, n_blocks, a.qd, write=True)
+        sdk = SDKRun(a, work, layout, n_blocks)
+        try:
+            put_s = sdk.put_all()
+            pairs = []
+            for _ in range(a.repeat):   # alternate baseline and SDK: load noise hits both
+                raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False)
+                get_s, got = sdk.get_all()
+                pairs.append((n_blocks * slot / raw_r, got * layout.block_bytes / get_s))
+            st = sdk.ssd_stats()
+        finally:
+            sdk.close()
+        raw.unlink()
+        ratios = sorted(g / r for r, g in pairs)
+        med = pairs[[g / r for r, g in pairs].index(ratios[len(ratios) // 2])]
+        res.update({
+            "raw_write_bps": n_blocks * slot / raw_w,
+            "sdk_put_bps": n_blocks * layout.block_bytes / put_s,
+            "raw_read_bps": med[0], "sdk_get_bps": med[1],
+            "get_vs_raw_read": med[1] / med[0], "get_vs_raw_read_all": ratios,
+            "ssd_hits": st.hits, "ssd_promotions": st.promotions,
+            "checksum_failures": st.checksum_failures,
+            "sdk_get_blocks": n_blocks * a.repeat,
+        })
+        res["put_vs_raw_write"] = res["sdk_put_bps"] / res["raw_write_bps"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if a.index_blocks:
+        res["index"] = index_bytes_per_block(a.index_blocks)
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    gb = lambda bps: f"{bps / 1e9:.2f} GB/s"  # noqa: E731
+    print(f"SSD tier bench: working set {format_bytes(res['working_set_bytes'])} = "
+          f"{a.factor:g}x DRAM {format_bytes(dram)}, request {format_bytes(layout.slot_bytes)}, "
+          f"queue depth {a.qd}, {'O_DIRECT' if res['o_direct'] else 'buffered (no O_DIRECT)'}")
+    print(f"  get  SDK {gb(res['sdk_get_bps'])}  raw read  {gb(res['raw_read_bps'])}  "
+          f"ratio {res['get_vs_raw_read']:.2f}x  (median of {a.repeat} alternating pairs: "
+          f"{', '.join(f'{r:.2f}' for r in res['get_vs_raw_read_all'])}; {res['ssd_hits']} SSD "
+          f"hits of {res['sdk_get_blocks']} blocks got)")
+    print(f"  put  SDK {gb(res['sdk_put_bps'])}  raw write {gb(res['raw_write_bps'])}  "
+          f"ratio {res['put_vs_raw_write']:.2f}x  (write-through: commit waits for SSD + fsync)")
+    if "index" in res:
+        ix = res["index"]
+        print(f"  index: {ix['blocks']:,} blocks, {ix['rss_bytes_per_block']:.1f} B/block "
+              f"resident ({ix['array_bytes_per_block']:.1f} B in the index arrays), "
+              f"find of 4096 keys {ix['find_4096_ms']:.2f} ms")
+    return 0
