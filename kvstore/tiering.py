@@ -79,45 +79,23 @@ class Tiering:
         store, idx, ssd = self.store, self.store.index, self.ssd
         self._replaying = True
         try:
-            by_ord = []
+            by_ns = []
             for rec in st.namespaces:
                 try:
                     ns = store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
                 except (KVStoreError, LayoutError, TypeError) as exc:
                     log.warning("journal: namespace %r not restored: %s", rec.model_id, exc)
                     ns = None
-                by_ord.append(ns)
+                by_ns.append(ns)
         finally:
             self._replaying = False
         for seg, slot_bytes in st.segments.items():
             if not ssd.assign_segment(seg, slot_bytes):
                 log.warning("journal: segment %d is outside the configured capacity; its blocks "
                             "are dropped", seg)
-        links = []
-        for addr, r in st.puts.items():
-            ns = by_ord[r.ns_ord]
-            seg_no = addr >> 32
-            if ns is None or seg_no >= len(ssd.segments) or \
-                    ssd.segments[seg_no].slot_bytes != ns.layout.slot_bytes:
-                continue
-            if idx.find(ns.index, r.key) >= 0:
-                continue
-            bid = idx.add(ns.index, r.key, -1, 0)
-            if not ssd.claim(addr, bid):
-                idx.unlink(bid)
-                idx.release_id(bid)
-                continue
-            idx.state[bid] = COMMITTED
-            idx.ssd[bid] = addr
-            idx.csum[bid] = r.checksum
-            idx.depth[bid] = r.depth
-            if r.parent_key != _ROOT_PARENT:
-                links.append((bid, ns.index, r.parent_key))
-        for bid, ns_index, parent_key in links:
-            p = idx.find(ns_index, parent_key)
-            if p >= 0:
-                idx.parent[bid] = p
-                idx.children[p] += 1
+        for ns_ord, ns in enumerate(by_ns):
+            if ns is not None:
+                self._restore(ns, st.puts[st.puts["ns"] == ns_ord])
         ssd.rebuild_free_lists()
         n = self.tier_blocks()
         self.ssd.counters.recovered_blocks = n
@@ -126,6 +104,37 @@ class Tiering:
             log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records",
                      n, len(st.namespaces), st.records)
         return n
+
+    def _restore(self, ns, recs: np.ndarray) -> None:
+        """Index one namespace's journaled blocks at once (vectorized: millions per restart)."""
+        idx, ssd = self.store.index, self.ssd
+        addrs = recs["addr"]
+        seg_no = np.minimum(addrs >> 32, len(ssd.segments))
+        slot = addrs & 0xFFFFFFFF
+        seg_slot_bytes = np.array([s.slot_bytes for s in ssd.segments] + [0], dtype=np.int64)
+        seg_slots = np.array([len(s.owner) for s in ssd.segments] + [0], dtype=np.int64)
+        ok = (seg_slot_bytes[seg_no] == ns.layout.slot_bytes) & (slot < seg_slots[seg_no])
+        keys = np.ascontiguousarray(recs["key"])
+        _, first = np.unique(keys, axis=0, return_index=True)
+        uniq = np.zeros(len(recs), dtype=bool)
+        uniq[first] = True
+        ok &= uniq & (idx.find_many(ns.index, keys.tobytes()) < 0)
+        sel = np.flatnonzero(ok)
+        if not len(sel):
+            return
+        bids = idx.add_many(ns.index, keys[sel].tobytes(), np.full(len(sel), -1), 0)
+        idx.state[bids] = COMMITTED
+        idx.ssd[bids] = addrs[sel]
+        idx.csum[bids] = recs["csum"][sel]
+        idx.depth[bids] = recs["depth"][sel]
+        for n in np.unique(seg_no[sel]).tolist():
+            in_seg = seg_no[sel] == n
+            ssd.segments[n].owner[slot[sel][in_seg]] = bids[in_seg]
+        parent_keys = np.ascontiguousarray(recs["parent"][sel])
+        parents = idx.find_many(ns.index, parent_keys.tobytes())
+        has = (parents >= 0) & parent_keys.any(axis=1)
+        idx.parent[bids[has]] = parents[has]
+        np.add.at(idx.children, parents[has], 1)
 
     def compact(self) -> None:
         """Rewrite the journal as the live records only (blocking; startup, shutdown, and when
@@ -140,8 +149,7 @@ class Tiering:
             if seg.slot_bytes:
                 records.append(jr.encode_seg(seg.number, seg.slot_bytes))
         live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
-        for bid in live.tolist():
-            records.append(jr.encode_put(self._put_record(bid)))
+        records.append(jr.encode_puts(self._put_entries(live)))
         self.journal._buf.clear()
         self.journal._durable = self.journal._appended
         self.journal.rewrite(records)
@@ -152,13 +160,20 @@ class Tiering:
         if j.records_in_file > 2 * self._live + 65536 and j._flush_task is None:
             self.compact()
 
-    def _put_record(self, bid: int) -> jr.PutRecord:
+    def _put_entries(self, bids: np.ndarray) -> np.ndarray:
         idx = self.store.index
-        p = int(idx.parent[bid])
-        ns = self.store._ns_by_index[int(idx.ns[bid])]
-        return jr.PutRecord(self._ns_ord[ns.namespace_id], idx.key_of(bid),
-                            idx.key_of(p) if p >= 0 else _ROOT_PARENT, int(idx.depth[bid]),
-                            int(idx.ssd[bid]), int(idx.csum[bid]))
+        bids = np.asarray(bids, dtype=np.int64)
+        ords = np.array([self._ns_ord[ns.namespace_id] for ns in self.store._ns_by_index] or [0],
+                        dtype=np.uint32)
+        e = np.zeros(len(bids), dtype=jr.PUT_DTYPE)
+        e["ns"] = ords[idx.ns[bids]]
+        e["key"] = idx.keys[bids]
+        p = idx.parent[bids].astype(np.int64)
+        e["parent"] = np.where((p >= 0)[:, None], idx.keys[np.maximum(p, 0)], 0)
+        e["depth"] = idx.depth[bids]
+        e["addr"] = idx.ssd[bids]
+        e["csum"] = idx.csum[bids]
+        return e
 
     def _schedule_sync(self) -> None:
         try:
@@ -229,24 +244,29 @@ class Tiering:
             started.append((bid, addr, fut))
         return started
 
-    def _finish_write(self, bid: int, addr: int, result) -> None:
+    def _finish_writes(self, started, results) -> None:
+        """Apply finished writes: index the written blocks and journal them in one frame."""
         idx = self.store.index
-        if isinstance(result, BaseException):
-            self.ssd.free(addr)
-            self.ssd.counters.write_errors += 1
-            now = time.monotonic()
-            if now - self._last_error_log > 5.0:
-                self._last_error_log = now
-                log.warning("SSD write failed (%s): block stays in DRAM only; counting further "
-                            "failures quietly for 5s", result)
-            return
-        if idx.state[bid] != COMMITTED or idx.ssd[bid] != NO_SLOT:
-            self.ssd.free(addr)    # deleted while writing
-            return
-        idx.ssd[bid] = addr
-        idx.csum[bid] = result
-        self._live += 1
-        self.journal.append(jr.encode_put(self._put_record(bid)))
+        done = []
+        for (bid, addr, _), result in zip(started, results):
+            if isinstance(result, BaseException):
+                self.ssd.free(addr)
+                self.ssd.counters.write_errors += 1
+                now = time.monotonic()
+                if now - self._last_error_log > 5.0:
+                    self._last_error_log = now
+                    log.warning("SSD write failed (%s): block stays in DRAM only; counting "
+                                "further failures quietly for 5s", result)
+                continue
+            if idx.state[bid] != COMMITTED or idx.ssd[bid] != NO_SLOT:
+                self.ssd.free(addr)    # deleted while writing
+                continue
+            idx.ssd[bid] = addr
+            idx.csum[bid] = result
+            done.append(bid)
+        if done:
+            self._live += len(done)
+            self.journal.append(jr.encode_puts(self._put_entries(np.asarray(done))))
 
     async def persist(self, bids: list[int]) -> None:
         """Write-through: write freshly committed blocks to SSD and wait for durability.
@@ -267,8 +287,7 @@ class Tiering:
             started = self._start_writes(bids)
             results = await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f in started),
                                            return_exceptions=True)
-            for (bid, addr, _), r in zip(started, results):
-                self._finish_write(bid, addr, r)
+            self._finish_writes(started, results)
             await self.journal.sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
@@ -281,12 +300,14 @@ class Tiering:
         demotion and shutdown flush)."""
         self.store.pin(bids)
         try:
-            for bid, addr, fut in self._start_writes(bids):
+            started = self._start_writes(bids)
+            results = []
+            for _, _, fut in started:
                 try:
-                    r = fut.result()
+                    results.append(fut.result())
                 except OSError as exc:
-                    r = exc
-                self._finish_write(bid, addr, r)
+                    results.append(exc)
+            self._finish_writes(started, results)
         finally:
             self.store.unpin(bids)
         self._schedule_sync()

@@ -252,19 +252,8 @@ class SSDTier:
                 return (seg.number << SLOT_BITS) | seg.free.pop()
         return None
 
-    def claim(self, addr: int, block_id: int) -> bool:
-        """Mark a specific slot as used (journal replay). False if it is out of range or taken."""
-        seg_no, slot = addr >> SLOT_BITS, addr & ((1 << SLOT_BITS) - 1)
-        if seg_no >= len(self.segments):
-            return False
-        seg = self.segments[seg_no]
-        if slot >= len(seg.owner) or seg.owner[slot] != -1:
-            return False
-        seg.owner[slot] = block_id
-        return True
-
     def rebuild_free_lists(self) -> None:
-        """After a replay of claims: free slots are those without an owner (lowest first)."""
+        """After recovery set owners directly: free slots are those without one (lowest first)."""
         for seg in self.segments:
             if seg.slot_bytes:
                 seg.free = np.flatnonzero(seg.owner < 0)[::-1].tolist()
