@@ -90,3 +90,33 @@ def test_index_matches_a_dict(ops):
         got = idx.find_many(ns, keys).tolist()
         assert got == [model.get((ns, key), -1) for key in keys]
         assert idx.count(ns) == sum(1 for (n, _) in model if n == ns)
+
+
+@pytest.mark.gpu
+def test_gds_path_matches_host_path(tmp_path):
+    """kvikio (GDS) and the host O_DIRECT path read each other's slots, checksums included."""
+    from kvstore.tiers import gds
+    if not gds.available():
+        pytest.skip("needs CUDA and kvikio (the gds extra)")
+    import torch
+    ssd = SSDTier(tmp_path, 1 << 20, 1 << 20, io_threads=2)
+    ssd.open()
+    io = gds.KvikioSlotIO(ssd)
+    try:
+        ssd.assign_segment(0, 8192)
+        key = os.urandom(16)
+        src = torch.randint(0, 256, (8192,), dtype=torch.uint8, device="cuda")
+        a = ssd.allocate(8192)
+        csum = io.write_slot(a, src, key, 8000)
+        host = mmap.mmap(-1, 8192)
+        assert ssd.read_slot(a, memoryview(host), key, 8000, csum)        # GDS -> host path
+        assert bytes(host[:8000]) == src[:8000].cpu().numpy().tobytes()
+        b = ssd.allocate(8192)
+        csum_b = ssd.write_slot(b, memoryview(host), key, 8000)           # host -> GDS path
+        dst = torch.empty(8192, dtype=torch.uint8, device="cuda")
+        assert io.read_slot(b, dst, key, 8000, csum_b)
+        assert torch.equal(dst[:8000], src[:8000])
+        assert not io.read_slot(b, dst, os.urandom(16), 8000, csum_b)     # wrong key: a miss
+    finally:
+        io.close()
+        ssd.close()
