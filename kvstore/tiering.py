@@ -343,8 +343,11 @@ class Tiering:
                 need.append(b)
         offs = store.promotion_slots(need)
         loop = asyncio.get_running_loop()
-        for b, off in zip(need, offs):
-            if off is None:
+        for i, (b, off) in enumerate(zip(need, offs)):
+            if off is None:   # no DRAM room: the answer's prefix ends before this block
+                for later in offs[i + 1:]:
+                    if later is not None:
+                        store.slabs.free(later)
                 break
             fut = loop.create_future()
             self._promoting[b] = fut

@@ -216,3 +216,12 @@ def test_bench_ssd_smoke(tmp_path):
     assert res["get_vs_raw_read"] > 0 and res["put_vs_raw_write"] > 0
     assert res["index"]["array_bytes_per_block"] < 200
     assert list(tmp_path.iterdir()) == []      # cleaned up
+
+
+def test_one_daemon_per_ssd_dir(daemon_factory, tmp_path, shm_dir):
+    ssd_dir = tmp_path / "ssd"
+    daemon_factory(*ssd_args(ssd_dir))
+    r = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--socket",
+                        str(tmp_path / "other.sock"), "--shm-dir", str(shm_dir),
+                        *ssd_args(ssd_dir)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "in use by another kvstore daemon" in r.stderr

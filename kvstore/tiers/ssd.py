@@ -150,6 +150,7 @@ class SSDTier:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
+            self._lock_fd = None
             raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon") from None
         self._check_superblock()
         flags = os.O_RDWR | os.O_CREAT
