@@ -12,12 +12,17 @@ Block states: WRITING (allocated, invisible to readers) → COMMITTED (visible) 
 """
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 FREE, WRITING, COMMITTED, DELETED = 0, 1, 2, 3
 NO_SLOT = -1
 _EMPTY, _TOMB = -1, -2
-_NS_MIX = np.uint64(0x9E3779B97F4A7C15)
+_NS_MIX_INT = 0x9E3779B97F4A7C15
+_NS_MIX = np.uint64(_NS_MIX_INT)
+_U64 = (1 << 64) - 1
+_WORDS = struct.Struct("<QQ")
 
 _COLUMNS = {
     "ns": np.uint32,
@@ -102,8 +107,39 @@ class BlockIndex:
 
     # -- mutation ---------------------------------------------------------------------------
     def add(self, ns: int, key: bytes, parent: int, stamp: int) -> int:
-        """A new WRITING block for a key that is not in the table (callers check first)."""
-        return int(self.add_many(ns, key, np.asarray([parent]), stamp)[0])
+        """A new WRITING block for a key that is not in the table (callers check first).
+        Scalar twin of add_many (a put adds its blocks one by one; numpy calls cost more)."""
+        if self._n_free == 0:
+            self._grow(max(self._cap // 2, 1024))
+        if (self._table_used + 1) * 3 > 2 * len(self._table):
+            self._rehash(extra=1)
+        self._n_free -= 1
+        bid = int(self._free[self._n_free])
+        lo, hi = _WORDS.unpack(key)
+        self.keys[bid, 0] = lo
+        self.keys[bid, 1] = hi
+        self.ns[bid] = ns
+        self.state[bid] = WRITING
+        self.dram[bid] = NO_SLOT
+        self.ssd[bid] = NO_SLOT
+        self.stamp[bid] = stamp
+        self.leases[bid] = 0
+        self.children[bid] = 0
+        self.parent[bid] = parent
+        if parent >= 0:
+            self.depth[bid] = self.depth[parent] + 1
+            self.children[parent] += 1
+        else:
+            self.depth[bid] = 0
+        mask = len(self._table) - 1
+        pos = (lo ^ ((ns * _NS_MIX_INT) & _U64)) & mask
+        table = self._table
+        while table[pos] >= 0:
+            pos = (pos + 1) & mask
+        table[pos] = bid
+        self._table_used += 1
+        self._ns_count[ns] = self._ns_count.get(ns, 0) + 1
+        return bid
 
     def add_many(self, ns: int, keys, parents: np.ndarray, stamp: int) -> np.ndarray:
         """New WRITING blocks for keys absent from the table; their ids (ascending).
@@ -170,7 +206,7 @@ class BlockIndex:
         never which bytes a key resolves to.
         """
         mask = len(self._table) - 1
-        pos = int(self._home(self.ns[bid], self.keys[bid:bid + 1, 0])[0])
+        pos = (int(self.keys[bid, 0]) ^ ((int(self.ns[bid]) * _NS_MIX_INT) & _U64)) & mask
         while True:
             b = int(self._table[pos])
             if b == bid:
