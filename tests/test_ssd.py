@@ -225,3 +225,17 @@ def test_one_daemon_per_ssd_dir(daemon_factory, tmp_path, shm_dir):
                         str(tmp_path / "other.sock"), "--shm-dir", str(shm_dir),
                         *ssd_args(ssd_dir)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "in use by another kvstore daemon" in r.stderr
+
+
+def test_tmpfs_falls_back_to_buffered_io_and_says_so(daemon_factory, shm_dir):
+    d = daemon_factory(*ssd_args(shm_dir / "ssd"))      # /dev/shm: tmpfs refuses O_DIRECT
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        chains = [put_chain(ns, seed, 8) for seed in range(40)]
+        for keys, data in chains:
+            assert get_exact(ns, keys, data) == 8
+        assert tier(ssd_stats(c), "SSD").promotions > 0
+    if "refuses O_DIRECT" not in d.log():
+        assert "O_DIRECT I/O" in d.log()   # this kernel's tmpfs accepts O_DIRECT
+    else:
+        assert "buffered I/O" in d.log()

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -175,6 +176,11 @@ class SSDTier:
                 os.close(fd)
                 raise OSError(exc.errno, f"cannot preallocate {self.segment_bytes} bytes for "
                               f"{path}: {exc.strerror}. Lower --ssd-bytes or free disk space") from None
+            if self.direct and not _direct_io_works(fd):
+                # Some filesystems accept O_DIRECT at open and refuse it on I/O.
+                os.close(fd)
+                fd = os.open(path, flags, 0o600)
+                self.direct = False
             self.segments.append(Segment(n, fd))
         if self.want_direct and not self.direct:
             log.warning("SSD tier: %s refuses O_DIRECT (tmpfs?): using buffered I/O",
@@ -316,6 +322,19 @@ class SSDTier:
         if n != len(view):
             return False
         return block_checksum(view[:nbytes], key) == csum
+
+
+def _direct_io_works(fd: int) -> bool:
+    buf = mmap.mmap(-1, ALIGN)
+    try:
+        os.preadv(fd, [memoryview(buf)], 0)
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    finally:
+        buf.close()
 
 
 def _fsync_dir(path: Path) -> None:
