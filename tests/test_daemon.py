@@ -297,3 +297,21 @@ def _wait_for(cond, timeout_s: float = 10.0):
             return
         time.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_expired_lease_is_a_stale_read(daemon_factory):
+    import time
+
+    from kvstore.client import StaleRead
+
+    d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB", "--lease-timeout-s", "1")
+    with KVClient(d.socket) as c:
+        ns = c.namespace("llama", LAYOUT)
+        keys = ns.block_keys(list(range(32)))
+        ns.put(keys, torch.zeros(2, *LAYOUT.block_shape, dtype=torch.bfloat16)).result()
+        lease = ns.acquire(keys)
+        assert len(lease) == 2 and not lease.surely_valid()  # 1 s lease: no margin left
+        time.sleep(2.5)                                       # the daemon expires it
+        with pytest.raises(StaleRead, match="expired"):
+            lease.release()
+        assert c.stats().leases_expired == 1 and c.stats().active_leases == 0
