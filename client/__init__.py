@@ -1,9 +1,10 @@
 """kvstore client SDK: ``from kvstore.client import KVClient, KVLayout``."""
 from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError, NotFound,
                                    ResourceExhausted, StaleRead, Unavailable)
+from kvstore.client.aio import AsyncKVClient, AsyncNamespace
 from kvstore.client.sdk import BlockLease, KVClient, LookupResult, Namespace
 from kvstore.layout import KVLayout
 
-__all__ = ["KVClient", "KVLayout", "Namespace", "BlockLease", "LookupResult", "KVStoreError",
+__all__ = ["KVClient", "AsyncKVClient", "AsyncNamespace", "KVLayout", "Namespace", "BlockLease", "LookupResult", "KVStoreError",
            "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
            "Unavailable", "StaleRead"]

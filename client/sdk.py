@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -222,8 +223,12 @@ class BlockLease:
     """
 
     def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
-                 tiers: list[str]):
+                 tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0):
         self.ns = ns
+        # The daemon starts the lease clock after it receives the request, i.e. after
+        # requested_at: until requested_at + timeout_s (minus a margin for clock granularity)
+        # the lease cannot have expired.
+        self._valid_until = requested_at + timeout_s - 1.0
         self.lease_id = lease_id
         self.offsets = offsets
         self.tiers = tiers
@@ -233,6 +238,9 @@ class BlockLease:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def surely_valid(self) -> bool:
+        return time.monotonic() < self._valid_until
+
     def views(self, like: str = "torch"):
         av = self.ns.client._arena_view
         if av is None:
@@ -241,10 +249,18 @@ class BlockLease:
         bb = self.ns.layout.block_bytes
         return [base[o:o + bb] for o in self.offsets]
 
-    def release(self) -> None:
+    def release(self, wait: bool = True) -> None:
+        """Give the blocks back. ``wait=False`` sends the release without waiting for the answer
+        when the lease provably cannot have expired yet (see :meth:`surely_valid`)."""
         if self._released:
             return
         self._released = True
+        if not wait and self.surely_valid():
+            fut = self.ns.client._stub.Release.future(
+                pb.ReleaseRequest(session_id=self._session_id, lease_id=self.lease_id),
+                timeout=self.ns.client.timeout_s, metadata=self.ns.client._metadata)
+            fut.add_done_callback(_log_release_failure)
+            return
         try:
             self.ns.client.call("Release", pb.ReleaseRequest(session_id=self._session_id,
                                                              lease_id=self.lease_id))
@@ -365,10 +381,11 @@ class Namespace:
         """Lease the longest stored prefix of ``keys`` (zero-copy access; see BlockLease)."""
         blob = pack_keys(keys)
         self._check_batch(len(keys))
+        t0 = time.monotonic()
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob))
         return BlockLease(self, sid, r.lease_id, list(r.offsets),
-                          [TIER_NAMES.get(t, "?") for t in r.tiers])
+                          [TIER_NAMES.get(t, "?") for t in r.tiers], t0, r.lease_timeout_s)
 
     def get(self, keys: Sequence[bytes], out=None) -> Future:
         """Future of the longest stored prefix of ``keys`` as [found, *layout.block_shape].
@@ -384,9 +401,10 @@ class Namespace:
         return self.client.submit(self._get, blob, len(keys), out)
 
     def _get(self, blob: bytes, n: int, out):
+        t0 = time.monotonic()
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob))
-        lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [])
+        lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s)
         found = len(lease)
         try:
             if out is None:
@@ -408,7 +426,9 @@ class Namespace:
             except KVStoreError:
                 pass
             raise
-        lease.release()  # StaleRead if it expired: the copy is discarded
+        # Raises StaleRead if the lease expired before the copy finished: the copy is discarded.
+        # While the lease is provably valid the release goes out without a round trip.
+        lease.release(wait=False)
         return out[:found]
 
     def _read_stream(self, lease: BlockLease, dst) -> None:
@@ -432,6 +452,12 @@ class Namespace:
         if n > self.client.max_batch_blocks:
             raise InvalidArgument(f"batch of {n} blocks exceeds the daemon's max_batch_blocks="
                                   f"{self.client.max_batch_blocks}; split it")
+
+
+def _log_release_failure(fut) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("asynchronous lease release failed: %s", exc)
 
 
 def _row_bytes(row) -> bytes:

@@ -21,7 +21,6 @@ import mmap
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvstore.bench.harness import private_daemon
 from kvstore.layout import KVLayout
 from kvstore.units import format_bytes, parse_size
 
@@ -91,38 +91,13 @@ def raw_io(path: Path, slot: int, n: int, qd: int, write: bool) -> float:
     return dt
 
 
-def _start_daemon(work: Path, a, ssd_bytes: int, seg: int):
-    from kvstore.client import KVClient, KVStoreError
-    sock = work / "kv.sock"
-    log = open(work / "daemon.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvstore", "serve", "--socket", str(sock),
-         "--dram-bytes", a.dram, "--chunk-bytes", "4MiB", "--ssd-dir", str(work / "ssd"),
-         "--ssd-bytes", str(ssd_bytes), "--ssd-segment-bytes", str(seg),
-         "--ssd-io-threads", str(a.qd), "--max-message-bytes", "64MiB", "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited: {(work / 'daemon.log').read_text()}")
-        if sock.exists():
-            try:
-                return proc, KVClient(str(sock), io_threads=a.client_threads, client_name="bench")
-            except KVStoreError:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("daemon did not start")
-
-
 class SDKRun:
     """A daemon with the working set stored through the SDK; get passes on demand."""
 
-    def __init__(self, a, work: Path, layout: KVLayout, n_blocks: int):
-        seg = 64 << 20
-        ssd_bytes = -(-int(n_blocks * layout.slot_bytes * 1.25) // seg) * seg
+    def __init__(self, a, socket: str, layout: KVLayout, n_blocks: int):
+        from kvstore.client import KVClient
         self.a, self.layout = a, layout
-        self.proc, self.client = _start_daemon(work, a, ssd_bytes, seg)
+        self.client = KVClient(socket, io_threads=a.client_threads, client_name="bench-ssd")
         self.ns = self.client.namespace("bench-ssd", layout)
         rng = np.random.default_rng(0)
         self.data = rng.integers(0, 256, (a.batch, *layout.block_shape), dtype=np.uint8)
@@ -169,8 +144,6 @@ class SDKRun:
 
     def close(self) -> None:
         self.client.close()
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def index_bytes_per_block(n: int) -> dict:
@@ -222,17 +195,23 @@ def main(argv: list[str]) -> int:
         raw = work / "raw.bin"
         slot = layout.slot_bytes
         raw_w = raw_io(raw, slot, n_blocks, a.qd, write=True)
-        sdk = SDKRun(a, work, layout, n_blocks)
-        try:
-            put_s = sdk.put_all()
-            pairs = []
-            for _ in range(a.repeat):   # alternate baseline and SDK: load noise hits both
-                raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False)
-                get_s, got = sdk.get_all()
-                pairs.append((n_blocks * slot / raw_r, got * layout.block_bytes / get_s))
-            st = sdk.ssd_stats()
-        finally:
-            sdk.close()
+        seg = 64 << 20
+        ssd_bytes = -(-int(n_blocks * slot * 1.25) // seg) * seg
+        with private_daemon("--dram-bytes", a.dram, "--chunk-bytes", "4MiB",
+                            "--ssd-dir", str(work / "ssd"), "--ssd-bytes", str(ssd_bytes),
+                            "--ssd-segment-bytes", str(seg), "--ssd-io-threads", str(a.qd),
+                            "--log-level", "warning") as sock:
+            sdk = SDKRun(a, sock, layout, n_blocks)
+            try:
+                put_s = sdk.put_all()
+                pairs = []
+                for _ in range(a.repeat):   # alternate baseline and SDK: load noise hits both
+                    raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False)
+                    get_s, got = sdk.get_all()
+                    pairs.append((n_blocks * slot / raw_r, got * layout.block_bytes / get_s))
+                st = sdk.ssd_stats()
+            finally:
+                sdk.close()
         raw.unlink()
         ratios = sorted(g / r for r, g in pairs)
         med = pairs[[g / r for r, g in pairs].index(ratios[len(ratios) // 2])]
