@@ -239,3 +239,54 @@ def test_tmpfs_falls_back_to_buffered_io_and_says_so(daemon_factory, shm_dir):
         assert "O_DIRECT I/O" in d.log()   # this kernel's tmpfs accepts O_DIRECT
     else:
         assert "buffered I/O" in d.log()
+
+
+def test_full_ssd_evicts_and_puts_keep_succeeding(daemon_factory, tmp_path):
+    # SSD: one 8 MiB segment = 512 blocks; DRAM 256 blocks; 1600 blocks put.
+    d = daemon_factory(*SMALL_DRAM, "--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "8MiB",
+                       "--ssd-segment-bytes", "8MiB")
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        chains = [put_chain(ns, seed, 16) for seed in range(100)]
+        ssd = tier(ssd_stats(c), "SSD")
+        assert ssd.evictions > 0 and ssd.blocks <= 512
+        for keys, data in chains[-20:]:          # the most recent survive, byte-exact
+            assert get_exact(ns, keys, data) == 16
+        for keys, data in chains[:5]:            # the oldest were dropped (or are a prefix)
+            assert get_exact(ns, keys, data) < 16
+
+
+def test_deleted_ssd_block_stays_deleted_after_restart(daemon_factory, tmp_path):
+    ssd_dir = tmp_path / "ssd"
+    d = daemon_factory(*ssd_args(ssd_dir))
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        keys, data = put_chain(ns, 3, 8)
+        for seed in range(10, 50):               # demote the chain to SSD only
+            put_chain(ns, seed, 8)
+        assert set(ns.lookup(keys).tiers) == {"SSD"}
+        assert ns.delete(keys[4:]) == 4
+    d.kill()
+    d2 = daemon_factory(*ssd_args(ssd_dir), workdir=tmp_path / "after")
+    with KVClient(d2.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        assert ns.lookup(keys).num_cached == 4
+        assert get_exact(ns, keys, data) == 4
+
+
+def test_concurrent_gets_of_one_ssd_chain_share_the_promotion(daemon_factory, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    d = daemon_factory(*ssd_args(tmp_path / "ssd"))
+    with KVClient(d.socket, io_threads=8) as c:
+        ns = c.namespace("m", LAYOUT)
+        keys, data = put_chain(ns, 5, 16)
+        for seed in range(10, 50):
+            put_chain(ns, seed, 8)
+        assert set(ns.lookup(keys).tiers) == {"SSD"}
+        before = tier(ssd_stats(c), "SSD").promotions
+        with ThreadPoolExecutor(8) as ex:
+            found = list(ex.map(lambda _: get_exact(ns, keys, data), range(8)))
+        assert found == [16] * 8
+        ssd = tier(ssd_stats(c), "SSD")
+        assert ssd.promotions - before == 16      # each block read from SSD once, shared
+        assert ssd.checksum_failures == 0
