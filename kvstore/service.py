@@ -145,9 +145,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.store.release(request.session_id, request.lease_id)
         return pb.ReleaseResponse()
 
-    @unary
-    def Delete(self, request, context):
-        return pb.DeleteResponse(deleted=self.store.delete(request.namespace_id, request.keys))
+    @unary_async
+    async def Delete(self, request, context):
+        n = self.store.delete(request.namespace_id, request.keys)
+        if self.store.tiering is not None:
+            await self.store.tiering.sync_journal()   # a delete that answered stays deleted
+        return pb.DeleteResponse(deleted=n)
 
     @unary
     def GetStats(self, request, context):

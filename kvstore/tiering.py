@@ -175,13 +175,20 @@ class Tiering:
         e["csum"] = idx.csum[bids]
         return e
 
+    async def sync_journal(self) -> None:
+        """Wait until every journal record appended so far is durable (errors are logged)."""
+        try:
+            await self.journal.sync()
+        except OSError as exc:
+            log.warning("SSD journal sync failed: %s", exc)
+
     def _schedule_sync(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
         if self._sync_task is None or self._sync_task.done():
-            self._sync_task = loop.create_task(self.journal.sync())
+            self._sync_task = loop.create_task(self.sync_journal())
 
     # -- SSD slots -----------------------------------------------------------------------------
     def _ssd_slots(self, slot_bytes: int, n: int) -> list[int]:
