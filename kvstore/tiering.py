@@ -178,7 +178,8 @@ class Tiering:
     async def sync_journal(self) -> None:
         """Wait until every journal record appended so far is durable (errors are logged)."""
         try:
-            await self.journal.sync()
+            while self.journal.pending():   # records may arrive while a flush is running
+                await self.journal.sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
 

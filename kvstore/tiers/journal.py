@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,9 @@ class Journal:
         self._fd: int | None = None
         self.records_in_file = 0
         self.fsyncs = 0
+        # Serializes file writes (pool threads) with rewrite/close (loop thread): a compaction
+        # must never interleave with, or have its fd reused under, an in-flight append.
+        self._io_lock = threading.Lock()
 
     # -- replay and compaction ----------------------------------------------------------------
     def replay(self) -> JournalState:
@@ -166,7 +170,11 @@ class Journal:
 
     def rewrite(self, records: list[bytes]) -> None:
         """Replace the journal with these encoded records (atomically) and reopen for append."""
-        self.close()
+        with self._io_lock:
+            self._rewrite(records)
+
+    def _rewrite(self, records: list[bytes]) -> None:
+        self._close()
         tmp = self.path.with_suffix(".compact")
         with open(tmp, "wb") as f:
             for r in records:
@@ -206,6 +214,12 @@ class Journal:
             self._flush_task = None
 
     def _write(self, data: bytes) -> None:
+        with self._io_lock:
+            self._write_locked(data)
+
+    def _write_locked(self, data: bytes) -> None:
+        if self._fd is None:
+            raise OSError(9, "journal is closed")
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
@@ -225,6 +239,10 @@ class Journal:
         return self._appended - self._durable
 
     def close(self) -> None:
+        with self._io_lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
