@@ -254,7 +254,8 @@ def main(argv: list[str]) -> int:
             "acquire_vs_raw_read_all": acq_ratios,
             "ssd_hits": st.hits, "ssd_promotions": st.promotions,
             "checksum_failures": st.checksum_failures,
-            "sdk_get_blocks": 2 * n_blocks * a.repeat,   # get + acquire passes "short_gets": sdk.short_gets,
+            "sdk_get_blocks": 2 * n_blocks * a.repeat,   # get + acquire passes
+            "short_gets": sdk.short_gets,
         })
         res["put_vs_raw_write"] = res["sdk_put_bps"] / res["raw_write_bps"]
     finally:
