@@ -375,13 +375,20 @@ class Tiering:
         store, idx, ssd = self.store, self.store.index, self.ssd
         loop = asyncio.get_running_loop()
         try:
-            futs = []
+            reads = []
             for b, off, _ in mine:
                 layout = store._ns_by_index[int(idx.ns[b])].layout
-                view = store.arena.buffer[off:off + layout.slot_bytes]
-                futs.append(loop.run_in_executor(ssd.pool, ssd.read_slot, int(idx.ssd[b]), view,
-                                                 idx.key_of(b), layout.block_bytes, int(idx.csum[b])))
-            results = await asyncio.gather(*futs, return_exceptions=True)
+                reads.append((int(idx.ssd[b]), store.arena.buffer[off:off + layout.slot_bytes],
+                              idx.key_of(b), layout.block_bytes, int(idx.csum[b])))
+            # One pool task per group of reads, as many groups as I/O threads: the same
+            # parallelism, with fewer loop wake-ups per batch than one task per block.
+            n_groups = min(len(reads), ssd.io_threads)
+            groups = [reads[g::n_groups] for g in range(n_groups)]
+            done = await asyncio.gather(*(loop.run_in_executor(ssd.pool, ssd.read_slots, g)
+                                          for g in groups))
+            results: list = [None] * len(reads)
+            for g, res in enumerate(done):
+                results[g::n_groups] = res
             for (b, off, fut), r in zip(mine, results):
                 if r is True:
                     idx.dram[b] = off

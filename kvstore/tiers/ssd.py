@@ -310,6 +310,17 @@ class SSDTier:
         self.write_meter.add(n)
         return csum
 
+    def read_slots(self, reads) -> list:
+        """read_slot for each (addr, view, key, nbytes, csum), sequentially in this thread;
+        each result is True/False, or the OSError that read raised."""
+        out = []
+        for r in reads:
+            try:
+                out.append(self.read_slot(*r))
+            except OSError as exc:
+                out.append(exc)
+        return out
+
     def read_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int, csum: int) -> bool:
         """Read one slot into ``view``; True iff its first ``nbytes`` match ``csum``.
         Raises OSError on an I/O error."""
