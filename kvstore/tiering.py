@@ -54,6 +54,7 @@ class Tiering:
         self._replaying = False
         self._live = 0
         self._last_error_log = 0.0
+        self._rng = np.random.default_rng()
         store.tiering = self
 
     # -- namespaces ----------------------------------------------------------------------------
@@ -209,10 +210,16 @@ class Tiering:
         return out
 
     def _evict_ssd(self, slot_bytes: int, need: int) -> int:
+        """Drop the least valuable unpinned SSD blocks of this size (at least ``need``).
+
+        Candidates are a random sample of the class's slots, not all of them: with tens of
+        millions of slots a full sort per eviction would stall the daemon for seconds. Taking
+        the most evictable 1/32 of the sample approximates LRU (with prefix-aware ties)."""
         idx = self.store.index
-        owners = self.ssd.owners(slot_bytes)
+        batch = max(need, _SSD_EVICT_BATCH)
+        owners = self.ssd.sample_owners(slot_bytes, 32 * batch, self._rng)
         owners = owners[(idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)]
-        victims = idx.eviction_order(owners)[:max(need, _SSD_EVICT_BATCH)]
+        victims = idx.eviction_order(owners)[:batch]
         for bid in victims.tolist():
             if idx.dram[bid] != NO_SLOT:
                 self.forget_ssd(bid)      # the DRAM copy stays

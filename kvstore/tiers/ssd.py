@@ -278,6 +278,23 @@ class SSDTier:
         parts = [s.owner[s.owner >= 0] for s in self.segments if s.slot_bytes == slot_bytes]
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
+    def sample_owners(self, slot_bytes: int, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Block ids in up to k distinct slots of this size, drawn at random (all of them when
+        the class has at most k slots); free slots omitted."""
+        segs = [s for s in self.segments if s.slot_bytes == slot_bytes]
+        sizes = np.array([len(s.owner) for s in segs], dtype=np.int64)
+        total = int(sizes.sum()) if len(segs) else 0
+        if total <= k:
+            return self.owners(slot_bytes)
+        picks = np.unique(rng.integers(0, total, k))
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        seg_of = np.searchsorted(starts, picks, side="right") - 1
+        out = np.empty(len(picks), dtype=np.int64)
+        for i, seg in enumerate(segs):
+            sel = seg_of == i
+            out[sel] = seg.owner[picks[sel] - starts[i]]
+        return out[out >= 0]
+
     def slot_bytes_of(self, addr: int) -> int:
         return self.segments[addr >> SLOT_BITS].slot_bytes
 
