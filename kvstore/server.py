@@ -145,7 +145,7 @@ class Daemon:
                 self.store.close_session(sid)
         if getattr(self, "tiering", None) is not None:
             try:
-                self.tiering.close()
+                await self.tiering.close()
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
             self.tiering = None

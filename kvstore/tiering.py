@@ -37,6 +37,7 @@ log = logging.getLogger("kvstore.tiering")
 WRITE_POLICIES = ("write_through", "write_back")
 _ROOT_PARENT = b"\0" * 16
 _SSD_EVICT_BATCH = 64
+COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
 
 
 class Tiering:
@@ -55,6 +56,7 @@ class Tiering:
         self._live = 0
         self._last_error_log = 0.0
         self._rng = np.random.default_rng()
+        self._closed = False
         store.tiering = self
 
     # -- namespaces ----------------------------------------------------------------------------
@@ -138,8 +140,14 @@ class Tiering:
         np.add.at(idx.children, parents[has], 1)
 
     def compact(self) -> None:
-        """Rewrite the journal as the live records only (blocking; startup, shutdown, and when
-        dead records outnumber live ones)."""
+        """Rewrite the journal as the live records only, blocking (startup and shutdown)."""
+        records = self._snapshot()
+        self.journal._buf.clear()
+        self.journal._durable = self.journal._appended
+        self.journal.rewrite(records)
+
+    def _snapshot(self) -> list:
+        """The live journal: namespaces (renumbered), segments, and every SSD block."""
         store, idx = self.store, self.store.index
         records = []
         self._ns_ord = {}
@@ -150,16 +158,16 @@ class Tiering:
             if seg.slot_bytes:
                 records.append(jr.encode_seg(seg.number, seg.slot_bytes))
         live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
-        records.append(jr.encode_puts(self._put_entries(live)))
-        self.journal._buf.clear()
-        self.journal._durable = self.journal._appended
-        self.journal.rewrite(records)
+        records.append(self._put_entries(live))    # encoded by the writer, off the loop
         self._live = len(live)   # SSD slots holding a block; kept current by write/forget
+        return records
 
     def _maybe_compact(self) -> None:
+        """While running: compact in the background once dead records outnumber live ones."""
         j = self.journal
-        if j.records_in_file > 2 * self._live + 65536 and j._flush_task is None:
-            self.compact()
+        if not self._closed and j.records_in_file > 2 * self._live + COMPACT_MIN_RECORDS and \
+                j._flush_task is None:
+            j.start_rewrite(self._snapshot())
 
     def _put_entries(self, bids: np.ndarray) -> np.ndarray:
         idx = self.store.index
@@ -183,6 +191,7 @@ class Tiering:
                 await self.journal.sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
+        self._maybe_compact()
 
     def _schedule_sync(self) -> None:
         try:
@@ -421,8 +430,11 @@ class Tiering:
             store.unpin([b for b, _, _ in mine])
 
     # -- shutdown and stats ----------------------------------------------------------------------
-    def close(self) -> None:
+    async def close(self) -> None:
         """Flush write-back blocks, sync and compact the journal, close the files."""
+        self._closed = True
+        while self.journal._flush_task is not None:   # a flush or background compaction
+            await asyncio.shield(self.journal._flush_task)
         idx = self.store.index
         if self.policy == "write_back":
             dirty = np.flatnonzero((idx.state == COMMITTED) & (idx.dram != NO_SLOT) &

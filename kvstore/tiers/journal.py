@@ -168,27 +168,30 @@ class Journal:
         else:
             raise ValueError(f"unknown record type {rtype}")
 
-    def rewrite(self, records: list[bytes]) -> None:
-        """Replace the journal with these encoded records (atomically) and reopen for append."""
-        with self._io_lock:
-            self._rewrite(records)
-
-    def _rewrite(self, records: list[bytes]) -> None:
-        self._close()
+    def rewrite(self, records: list) -> None:
+        """Replace the journal with these records (atomically) and reopen for append. A record
+        is encoded bytes, or a PUT_DTYPE array (encoded here, off the event loop when this runs
+        in the pool). On failure the old journal stays in place."""
         tmp = self.path.with_suffix(".compact")
+        n = 0
         with open(tmp, "wb") as f:
             for r in records:
+                if isinstance(r, np.ndarray):
+                    r = encode_puts(r)
                 f.write(r)
+                n += 1
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        with self._io_lock:
+            self._close()
+            os.replace(tmp, self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         dfd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        self.records_in_file = len(records)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.records_in_file = n
 
     # -- appending ---------------------------------------------------------------------------
     def append(self, encoded: bytes) -> None:
@@ -212,6 +215,26 @@ class Journal:
             self._durable = upto
         finally:
             self._flush_task = None
+
+    def start_rewrite(self, records: list) -> asyncio.Future:
+        """Compact in the pool while the daemon keeps running. The caller guarantees that no
+        flush is in flight and that ``records`` already reflect every record appended so far
+        (so the buffer is dropped). Appends made meanwhile stay buffered; syncs wait for the
+        rewrite, then flush them into the new file."""
+        assert self._flush_task is None
+        upto = self._appended
+        self._buf.clear()
+
+        async def run() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.pool, self.rewrite, records)
+                self._durable = max(self._durable, upto)
+            except OSError as exc:
+                log.warning("journal compaction failed (%s); the old journal stays", exc)
+            finally:
+                self._flush_task = None
+        self._flush_task = asyncio.ensure_future(run())
+        return self._flush_task
 
     def _write(self, data: bytes) -> None:
         with self._io_lock:
