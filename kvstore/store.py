@@ -285,13 +285,14 @@ class BlockStore:
         s = self.sessions.get(session_id)
         if s is None or s.leases.get(lease.lease_id) is not lease:
             return None, []
+        if n < len(lease.block_ids):
+            bb = self._ns_by_index[int(self.index.ns[lease.block_ids[0]])].layout.block_bytes
+            self.dram.bytes_out -= (len(lease.block_ids) - n) * bb
         dropped, lease.block_ids = lease.block_ids[n:], lease.block_ids[:n]
         self.unpin(dropped)
         if n == 0:
             del s.leases[lease.lease_id]
             return None, []
-        bb = self._ns_by_index[int(self.index.ns[lease.block_ids[0]])].layout.block_bytes
-        self.dram.bytes_out -= len(dropped) * bb
         return lease, self.index.dram[np.asarray(lease.block_ids, dtype=np.int64)].tolist()
 
     def read_remote(self, session_id: int, lease_id: int):
