@@ -291,3 +291,17 @@ def test_concurrent_gets_of_one_ssd_chain_share_the_promotion(daemon_factory, tm
         ssd = tier(ssd_stats(c), "SSD")
         assert ssd.promotions - before == 16      # each block read from SSD once, shared
         assert ssd.checksum_failures == 0
+
+
+def test_streaming_client_gets_ssd_blocks(daemon_factory, tmp_path):
+    """A client without the shared arena (remote) gets SSD blocks over gRPC, byte-exact."""
+    d = daemon_factory(*ssd_args(tmp_path / "ssd"))
+    with KVClient(d.socket) as local, KVClient(d.socket, shared_memory=False) as remote:
+        ns = local.namespace("m", LAYOUT)
+        keys, data = put_chain(ns, 9, 8)
+        for seed in range(10, 45):
+            put_chain(ns, seed, 8)
+        rns = remote.namespace("m", LAYOUT)
+        assert not remote.shared_memory
+        assert set(rns.lookup(keys).tiers) == {"SSD"}
+        assert get_exact(rns, keys, data) == 8
