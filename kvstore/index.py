@@ -23,6 +23,7 @@ _NS_MIX_INT = 0x9E3779B97F4A7C15
 _NS_MIX = np.uint64(_NS_MIX_INT)
 _U64 = (1 << 64) - 1
 _WORDS = struct.Struct("<QQ")
+_SCALAR_FIND_MAX = 48      # below this many keys a Python probe beats numpy's call overhead
 
 _COLUMNS = {
     "ns": np.uint32,
@@ -73,13 +74,18 @@ class BlockIndex:
         """Block id of each key (int64, -1 where absent), probing all keys at once."""
         q = keys_array(keys)
         n = len(q)
+        if n <= _SCALAR_FIND_MAX:
+            return np.array([self._find_one(ns, lo, hi) for lo, hi in q.tolist()],
+                            dtype=np.int64)
         out = np.full(n, -1, dtype=np.int64)
-        if n == 0:
-            return out
         pos = self._home(ns, q[:, 0])
         active = np.arange(n)
         mask = len(self._table) - 1
         while len(active):
+            if len(active) <= _SCALAR_FIND_MAX:   # the long-probe tail: finish it in Python
+                for i, (lo, hi) in zip(active.tolist(), q[active].tolist()):
+                    out[i] = self._find_one(ns, lo, hi)
+                break
             b = self._table[pos].astype(np.int64)
             live = b >= 0
             bl = np.where(live, b, 0)
@@ -90,8 +96,22 @@ class BlockIndex:
             active, pos = active[go_on], (pos[go_on] + 1) & mask
         return out
 
+    def _find_one(self, ns: int, lo: int, hi: int) -> int:
+        """Scalar probe: small batches pay less than numpy's per-call overhead this way."""
+        table, keys, nscol = self._table, self.keys, self.ns
+        mask = len(table) - 1
+        pos = (lo ^ ((ns * _NS_MIX_INT) & _U64)) & mask
+        while True:
+            b = int(table[pos])
+            if b == _EMPTY:
+                return -1
+            if b >= 0 and int(keys[b, 0]) == lo and int(keys[b, 1]) == hi and int(nscol[b]) == ns:
+                return b
+            pos = (pos + 1) & mask
+
     def find(self, ns: int, key: bytes) -> int:
-        return int(self.find_many(ns, key)[0])
+        lo, hi = _WORDS.unpack(key)
+        return self._find_one(ns, lo, hi)
 
     def count(self, ns: int | None = None) -> int:
         if ns is None:
