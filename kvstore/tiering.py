@@ -250,10 +250,11 @@ class Tiering:
         self._schedule_sync()
 
     # -- writes --------------------------------------------------------------------------------
-    def _start_writes(self, bids: list[int]) -> list[tuple[int, int, object]]:
-        """Allocate SSD slots and submit the writes; (bid, addr, concurrent future) each."""
+    def _start_writes(self, bids: list[int]) -> tuple[list[tuple[int, int]], list]:
+        """Allocate SSD slots and submit the writes, one pool task per group (as many groups
+        as I/O threads). Returns ((bid, addr) per write, futures of the groups' results)."""
         store, idx = self.store, self.store.index
-        started = []
+        started, writes = [], []
         for bid in bids:
             layout = store._ns_by_index[int(idx.ns[bid])].layout
             addrs = self._ssd_slots(layout.slot_bytes, 1)
@@ -262,17 +263,26 @@ class Tiering:
             addr = addrs[0]
             self.ssd.set_owner(addr, bid)
             off = int(idx.dram[bid])
-            view = store.arena.buffer[off:off + layout.slot_bytes]
-            fut = self.ssd.pool.submit(self.ssd.write_slot, addr, view, idx.key_of(bid),
-                                       layout.block_bytes)
-            started.append((bid, addr, fut))
-        return started
+            writes.append((addr, store.arena.buffer[off:off + layout.slot_bytes],
+                           idx.key_of(bid), layout.block_bytes))
+            started.append((bid, addr))
+        n_groups = min(len(writes), self.ssd.io_threads)
+        futs = [self.ssd.pool.submit(self.ssd.write_slots, writes[g::n_groups])
+                for g in range(n_groups)]
+        return started, futs
+
+    @staticmethod
+    def _ungroup(group_results: list[list], n: int) -> list:
+        out: list = [None] * n
+        for g, res in enumerate(group_results):
+            out[g::len(group_results)] = res
+        return out
 
     def _finish_writes(self, started, results) -> None:
         """Apply finished writes: index the written blocks and journal them in one frame."""
         idx = self.store.index
         done = []
-        for (bid, addr, _), result in zip(started, results):
+        for (bid, addr), result in zip(started, results):
             if isinstance(result, BaseException):
                 self.ssd.free(addr)
                 self.ssd.counters.write_errors += 1
@@ -308,10 +318,9 @@ class Tiering:
 
     async def _persist_pinned(self, bids: list[int]) -> None:
         try:
-            started = self._start_writes(bids)
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f in started),
-                                           return_exceptions=True)
-            self._finish_writes(started, results)
+            started, futs = self._start_writes(bids)
+            groups = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+            self._finish_writes(started, self._ungroup(groups, len(started)))
             await self.journal.sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
@@ -324,14 +333,8 @@ class Tiering:
         demotion and shutdown flush)."""
         self.store.pin(bids)
         try:
-            started = self._start_writes(bids)
-            results = []
-            for _, _, fut in started:
-                try:
-                    results.append(fut.result())
-                except OSError as exc:
-                    results.append(exc)
-            self._finish_writes(started, results)
+            started, futs = self._start_writes(bids)
+            self._finish_writes(started, self._ungroup([f.result() for f in futs], len(started)))
         finally:
             self.store.unpin(bids)
         self._schedule_sync()
@@ -402,9 +405,7 @@ class Tiering:
             groups = [reads[g::n_groups] for g in range(n_groups)]
             done = await asyncio.gather(*(loop.run_in_executor(ssd.pool, ssd.read_slots, g)
                                           for g in groups))
-            results: list = [None] * len(reads)
-            for g, res in enumerate(done):
-                results[g::n_groups] = res
+            results = self._ungroup(done, len(reads))
             for (b, off, fut), r in zip(mine, results):
                 if r is True:
                     idx.dram[b] = off

@@ -327,6 +327,17 @@ class SSDTier:
         self.write_meter.add(n)
         return csum
 
+    def write_slots(self, writes) -> list:
+        """write_slot for each (addr, view, key, nbytes), sequentially in this thread; each
+        result is the checksum, or the OSError that write raised."""
+        out = []
+        for w in writes:
+            try:
+                out.append(self.write_slot(*w))
+            except OSError as exc:
+                out.append(exc)
+        return out
+
     def read_slots(self, reads) -> list:
         """read_slot for each (addr, view, key, nbytes, csum), sequentially in this thread;
         each result is True/False, or the OSError that read raised."""
