@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from kvstore.errors import KVStoreError
-from kvstore.index import COMMITTED, DELETED, NO_SLOT
+from kvstore.index import COMMITTED, NO_SLOT
 from kvstore.layout import KVLayout, LayoutError
 from kvstore.stats import TierCounters
 from kvstore.tiers import journal as jr
@@ -79,7 +79,7 @@ class Tiering:
     def recover(self) -> int:
         """Rebuild namespaces and SSD blocks from the journal, then compact it. Returns blocks."""
         st = self.journal.replay()
-        store, idx, ssd = self.store, self.store.index, self.ssd
+        store, ssd = self.store, self.ssd
         self._replaying = True
         try:
             by_ns = []

@@ -3,8 +3,6 @@ write errors, format checks. Every block written is read back and compared byte 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
