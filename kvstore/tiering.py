@@ -37,6 +37,7 @@ log = logging.getLogger("kvstore.tiering")
 WRITE_POLICIES = ("write_through", "write_back")
 _ROOT_PARENT = b"\0" * 16
 _SSD_EVICT_BATCH = 64
+CLEAN_BATCH = 64
 COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
 
 
@@ -57,6 +58,7 @@ class Tiering:
         self._last_error_log = 0.0
         self._rng = np.random.default_rng()
         self._closed = False
+        self._cleaner: asyncio.Task | None = None
         store.tiering = self
 
     # -- namespaces ----------------------------------------------------------------------------
@@ -307,6 +309,7 @@ class Tiering:
 
         Write failures are counted and logged; the blocks stay in DRAM. Never raises for I/O."""
         if self.policy != "write_through":
+            self._kick_cleaner()
             return
         idx = self.store.index
         bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT]
@@ -339,12 +342,46 @@ class Tiering:
             self.store.unpin(bids)
         self._schedule_sync()
 
+    # -- write-back cleaner ------------------------------------------------------------------------
+    def _kick_cleaner(self) -> None:
+        if not self._closed and (self._cleaner is None or self._cleaner.done()):
+            self._cleaner = asyncio.get_running_loop().create_task(self._clean())
+
+    async def _clean(self) -> None:
+        """Write-back: keep the next eviction victims clean, in the background.
+
+        While fewer than 1/8 of a size class's unleased DRAM blocks have an SSD copy, write
+        the coldest dirty ones (in eviction order, CLEAN_BATCH at a time). Eviction then finds
+        clean victims and demotes them without waiting; it writes synchronously only when the
+        cleaner fell behind. Blocks that die young in DRAM are never written."""
+        store, idx = self.store, self.store.index
+        slabs = store.slabs
+        while not self._closed:
+            todo = []
+            free_chunk_bytes = int(slabs.chunk_free.sum()) * slabs.chunk_bytes
+            for cls in list(slabs.classes.values()):
+                ev = store._evictable(cls.slot_bytes)
+                headroom = (len(cls.free) + free_chunk_bytes // cls.slot_bytes +
+                            int((idx.ssd[ev] != NO_SLOT).sum()))
+                if headroom >= max(1, slabs.capacity_bytes // cls.slot_bytes // 8):
+                    continue
+                dirty = ev[idx.ssd[ev] == NO_SLOT]
+                todo += idx.eviction_order(dirty)[:CLEAN_BATCH].tolist()
+            if not todo:
+                return
+            store.pin(todo)
+            await asyncio.shield(self._persist_pinned(todo))
+            self.ssd.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
+            if all(idx.ssd[b] == NO_SLOT for b in todo):
+                return   # nothing could be written (disk full, I/O errors): stop, retry later
+
     # -- demotion (called by DRAM eviction) ------------------------------------------------------
     def prepare_demotion(self, victims: list[int]) -> None:
         if self.policy == "write_back":
             idx = self.store.index
             dirty = [b for b in victims if idx.ssd[b] == NO_SLOT]
             if dirty:
+                self.ssd.counters.sync_demotions += len(dirty)
                 self.write_blocking(dirty)
 
     def can_demote(self, bid: int) -> bool:
@@ -434,10 +471,15 @@ class Tiering:
     async def close(self) -> None:
         """Flush write-back blocks, sync and compact the journal, close the files."""
         self._closed = True
+        if self._cleaner is not None:
+            await asyncio.gather(self._cleaner, return_exceptions=True)
         while self.journal._flush_task is not None:   # a flush or background compaction
             await asyncio.shield(self.journal._flush_task)
         idx = self.store.index
         if self.policy == "write_back":
+            log.info("write-back: %d blocks written ahead of eviction by the cleaner, %d while "
+                     "an eviction waited", self.ssd.counters.cleaned,
+                     self.ssd.counters.sync_demotions)
             dirty = np.flatnonzero((idx.state == COMMITTED) & (idx.dram != NO_SLOT) &
                                    (idx.ssd == NO_SLOT)).tolist()
             if dirty:

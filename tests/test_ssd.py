@@ -72,6 +72,12 @@ def test_working_set_4x_dram_every_byte_checked(daemon_factory, tmp_path, policy
         assert ssd.checksum_failures == 0 and ssd.io_errors == 0
         assert ssd.bytes_out >= ssd.promotions * BB
         assert ns.lookup(chains[0][0]).num_cached == 16
+    if policy == "write_back":
+        assert d.stop() == 0
+        import re
+        m = re.search(r"write-back: (\d+) blocks written ahead of eviction by the cleaner, "
+                      r"(\d+) while an eviction waited", d.log())
+        assert m and int(m.group(1)) > 0, d.log()[-2000:]
 
 
 def test_lookup_reports_ssd_tier(daemon_factory, tmp_path):

@@ -112,6 +112,8 @@ class SSDCounters:
     checksum_failures: int = 0
     recovered_blocks: int = 0
     evictions: int = 0
+    sync_demotions: int = 0     # write-back victims written while eviction waited
+    cleaned: int = 0            # write-back blocks written ahead of eviction
 
 
 class SSDTier:
