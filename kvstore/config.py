@@ -117,8 +117,8 @@ FIELDS: list[Field] = [
     Field("log_level", _log_level, "info", "debug, info, warning or error"),
     Field("ssd_dir", _str, _default_ssd_dir, "directory of the SSD tier's slab files and journal"),
     Field("ssd_bytes", _size0, 0, "SSD tier capacity (0: no SSD tier)", format_bytes),
-    Field("ssd_segment_bytes", _size, 256 << 20, "size of one preallocated slab file",
-          format_bytes),
+    Field("ssd_segment_bytes", _size0, 0, "size of one preallocated slab file (0: the "
+          "directory's own, or capacity/64 within 64 MiB..16 GiB for a new one)", format_bytes),
     Field("ssd_io_threads", _pos_int, 16, "SSD I/O threads (requests in flight)"),
     Field("ssd_write_policy", _write_policy, "write_through",
           "write_through (commit waits for SSD) or write_back (written when evicted)"),
@@ -156,7 +156,7 @@ class Config:
                               f"(at least 64 MiB)")
         if self.chunk_bytes % 4096:
             raise ConfigError("chunk_bytes: must be a multiple of 4 KiB")
-        if self.ssd_bytes and self.ssd_bytes < self.ssd_segment_bytes:
+        if self.ssd_bytes and self.ssd_segment_bytes and self.ssd_bytes < self.ssd_segment_bytes:
             raise ConfigError(f"ssd_bytes: {format_bytes(self.ssd_bytes)} is smaller than one "
                               f"segment (ssd_segment_bytes={format_bytes(self.ssd_segment_bytes)})")
         if self.ssd_segment_bytes % 4096:

@@ -69,6 +69,17 @@ def test_slot_write_read_checksum(tmp_path):
         ssd.close()
     with pytest.raises(SSDFormatError, match="segments of"):
         SSDTier(tmp_path, 1 << 20, 512 << 10).open()
+    again = SSDTier(tmp_path, 4 << 20)          # segment size 0: adopt the directory's own
+    again.open()
+    assert (again.segment_bytes, again.n_segments) == (1 << 20, 4)
+    again.close()
+
+
+def test_auto_segment_size_keeps_file_count_small():
+    from kvstore.tiers.ssd import auto_segment_bytes
+    assert auto_segment_bytes(8 << 20) == 8 << 20            # tiny: one segment
+    assert auto_segment_bytes(1 << 30) == 64 << 20
+    assert auto_segment_bytes(1 << 40) == 16 << 30            # 1 TiB: 64 files
 
 
 @settings(max_examples=40, deadline=None)

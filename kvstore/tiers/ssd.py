@@ -119,11 +119,14 @@ class SSDCounters:
 class SSDTier:
     """Slab files under ``directory``. Create with :meth:`open` (recovers an existing directory)."""
 
-    def __init__(self, directory: Path, capacity_bytes: int, segment_bytes: int,
+    def __init__(self, directory: Path, capacity_bytes: int, segment_bytes: int = 0,
                  io_threads: int = 8, direct: bool = True):
+        """segment_bytes 0: the directory's own segment size, or for a new directory about
+        1/64 of the capacity (64 MiB .. 16 GiB): few files even at many TiB."""
         self.directory = Path(directory)
-        self.segment_bytes = max(ALIGN, segment_bytes // ALIGN * ALIGN)
-        self.n_segments = max(1, capacity_bytes // self.segment_bytes)
+        self._requested_capacity = capacity_bytes
+        self._requested_segment = segment_bytes // ALIGN * ALIGN
+        self._set_geometry(self._requested_segment or auto_segment_bytes(capacity_bytes))
         self.io_threads = io_threads
         self.want_direct = direct
         self.direct = False
@@ -136,6 +139,10 @@ class SSDTier:
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0
         self._fault_lock = threading.Lock()
+
+    def _set_geometry(self, segment_bytes: int) -> None:
+        self.segment_bytes = max(ALIGN, segment_bytes)
+        self.n_segments = max(1, self._requested_capacity // self.segment_bytes)
 
     @property
     def capacity_bytes(self) -> int:
@@ -156,6 +163,7 @@ class SSDTier:
             self._lock_fd = None
             raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon") from None
         self._check_superblock()
+        _raise_fd_limit(self.n_segments + 1024)
         flags = os.O_RDWR | os.O_CREAT
         direct_flag = getattr(os, "O_DIRECT", 0)
         for n in range(self.n_segments):
@@ -206,10 +214,14 @@ class SSDTier:
                     f"{self.directory} was written by SSD format version "
                     f"{meta.get('format_version')}, this daemon reads version {FORMAT_VERSION}: "
                     "refusing to misread it; use another --ssd-dir or remove this one")
-            if meta.get("segment_bytes") != self.segment_bytes:
+            seg = meta.get("segment_bytes")
+            if not isinstance(seg, int) or seg <= 0 or seg % ALIGN:
+                raise SSDFormatError(f"{sb}: bad segment size {seg!r}")
+            if self._requested_segment and seg != self._requested_segment:
                 raise SSDFormatError(
-                    f"{self.directory} uses segments of {meta.get('segment_bytes')} bytes, the "
-                    f"configuration asks for {self.segment_bytes}: keep ssd_segment_bytes as it was")
+                    f"{self.directory} uses segments of {seg} bytes, the configuration asks "
+                    f"for {self._requested_segment}: keep ssd_segment_bytes as it was (or 0)")
+            self._set_geometry(seg)
             return
         if any(self.directory.glob("seg-*.slab")) or (self.directory / "journal").exists():
             raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
@@ -363,6 +375,20 @@ class SSDTier:
         if n != len(view):
             return False
         return block_checksum(view[:nbytes], key) == csum
+
+
+def auto_segment_bytes(capacity_bytes: int) -> int:
+    seg = min(max(capacity_bytes // 64, 64 << 20), 16 << 30, max(capacity_bytes, ALIGN))
+    return max(ALIGN, seg // ALIGN * ALIGN)
+
+
+def _raise_fd_limit(needed: int) -> None:
+    """One descriptor per segment file: lift the soft limit toward the hard one if needed."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def _direct_io_works(fd: int) -> bool:
