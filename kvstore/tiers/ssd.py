@@ -162,6 +162,13 @@ class SSDTier:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon") from None
+        try:
+            self._open_locked()
+        except BaseException:
+            self._release_files()
+            raise
+
+    def _open_locked(self) -> None:
         self._check_superblock()
         _raise_fd_limit(self.n_segments + 1024)
         flags = os.O_RDWR | os.O_CREAT
@@ -236,6 +243,9 @@ class SSDTier:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self._release_files()
+
+    def _release_files(self) -> None:
         for s in self.segments:
             os.close(s.fd)
         self.segments = []
