@@ -91,6 +91,14 @@ def test_lookup_reports_ssd_tier(daemon_factory, tmp_path):
         assert r.num_cached == 8 and set(r.tiers) == {"SSD"}
         assert get_exact(ns, *first) == 8
         assert set(ns.lookup(first[0]).tiers) == {"DRAM"}
+    out = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", d.socket],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "SSD: read" in out.stdout
+    js = json.loads(subprocess.run([sys.executable, "-m", "kvstore", "stats", "--json",
+                                    "--socket", d.socket], capture_output=True, text=True,
+                                   timeout=60).stdout)
+    ssd = next(t for t in js["tiers"] if t["tier"] == "SSD")
+    assert ssd["hits"] == 8 and ssd["promotions"] == 8 and ssd["bytes_out"] >= 8 * BB
 
 
 _WRITER = r"""
