@@ -68,7 +68,8 @@ class KvikioSlotIO:
         n = f.pwrite(dev_buf, slot_bytes, off).get()
         if n != slot_bytes:
             raise OSError(errno.EIO, f"short GDS write of {n}/{slot_bytes} bytes")
-        self.ssd.counters.bytes_written += n
+        with self.ssd._stat_lock:
+            self.ssd.counters.bytes_written += n
         self.ssd.write_meter.add(n)
         return csum
 
@@ -76,7 +77,8 @@ class KvikioSlotIO:
         """Read one slot into a device buffer; True iff it verifies against ``csum``."""
         f, off, slot_bytes = self._where(addr)
         n = f.pread(dev_buf, slot_bytes, off).get()
-        self.ssd.counters.bytes_read += n
+        with self.ssd._stat_lock:
+            self.ssd.counters.bytes_read += n
         self.ssd.read_meter.add(n)
         return n == slot_bytes and block_checksum(_host_bytes(dev_buf, nbytes), key) == csum
 

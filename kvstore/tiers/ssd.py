@@ -23,6 +23,7 @@ I/O contract:
 """
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import json
@@ -70,35 +71,29 @@ class Segment:
 
 
 class RateMeter:
-    """Bytes per second over the last ``window_s`` seconds (recent bandwidth for stats)."""
+    """Bytes per second over the last ``window_s`` seconds (recent bandwidth for stats), in
+    one-second buckets: constant memory whatever the I/O rate. Thread-safe."""
 
-    def __init__(self, window_s: float = 10.0):
+    def __init__(self, window_s: int = 10):
         self.window_s = window_s
-        self._events: list[tuple[float, int]] = []
+        self._buckets: collections.deque[list] = collections.deque()   # [second, bytes]
         self._lock = threading.Lock()
 
     def add(self, nbytes: int) -> None:
-        now = time.monotonic()
+        sec = int(time.monotonic())
         with self._lock:
-            self._events.append((now, nbytes))
-            if len(self._events) > 4096:
-                self._trim(now)
-
-    def _trim(self, now: float) -> None:
-        cut = now - self.window_s
-        i = 0
-        while i < len(self._events) and self._events[i][0] < cut:
-            i += 1
-        del self._events[:i]
+            if self._buckets and self._buckets[-1][0] == sec:
+                self._buckets[-1][1] += nbytes
+            else:
+                self._buckets.append([sec, nbytes])
+                while self._buckets[0][0] <= sec - self.window_s:
+                    self._buckets.popleft()
 
     def rate_bps(self) -> float:
         now = time.monotonic()
         with self._lock:
-            self._trim(now)
-            if not self._events:
-                return 0.0
-            span = max(now - self._events[0][0], 1.0)
-            return sum(n for _, n in self._events) / span
+            total = sum(n for sec, n in self._buckets if sec > now - self.window_s)
+        return total / self.window_s
 
 
 @dataclass
@@ -139,6 +134,7 @@ class SSDTier:
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0
         self._fault_lock = threading.Lock()
+        self._stat_lock = threading.Lock()   # counters are bumped from the I/O threads
 
     def _set_geometry(self, segment_bytes: int) -> None:
         self.segment_bytes = max(ALIGN, segment_bytes)
@@ -346,8 +342,9 @@ class SSDTier:
         n = os.pwritev(seg.fd, [view], off)
         if n != len(view):
             raise OSError(errno.EIO, f"short write of {n}/{len(view)} bytes")
-        self.counters.bytes_written += n
-        self.counters.writes += 1
+        with self._stat_lock:
+            self.counters.bytes_written += n
+            self.counters.writes += 1
         self.write_meter.add(n)
         return csum
 
@@ -379,8 +376,9 @@ class SSDTier:
         seg = self.segments[addr >> SLOT_BITS]
         off = (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes
         n = os.preadv(seg.fd, [view], off)
-        self.counters.bytes_read += n
-        self.counters.reads += 1
+        with self._stat_lock:
+            self.counters.bytes_read += n
+            self.counters.reads += 1
         self.read_meter.add(n)
         if n != len(view):
             return False
