@@ -9,8 +9,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-import time
 
 from kvstore import __version__
 from kvstore.config import FIELDS, ConfigError, load_config
@@ -58,26 +58,41 @@ def cmd_stats(args) -> int:
     from kvstore.statsview import render_table, stats_to_dict
 
     cfg = load_config(args.config, overrides=_overrides(args))
+    if args.watch is not None and not args.watch >= 0.05:
+        print("kvstore stats: --watch SECONDS must be >= 0.05", file=sys.stderr)
+        return 2
+    token = os.environ.get("KVSTORE_AUTH_TOKEN") or None
+    if args.token_file:
+        try:
+            token = open(args.token_file).read().strip()
+        except OSError as exc:
+            print(f"kvstore stats: --token-file {args.token_file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 2
     try:
         client = KVClient(cfg.socket, address=args.address, timeout_s=args.timeout,
-                          shared_memory=False, client_name="kvstore-stats")
+                          shared_memory=False, client_name="kvstore-stats", token=token,
+                          tls_ca_file=args.tls_ca, tls_server_name=args.tls_server_name)
     except KVStoreError as exc:
         print(f"kvstore stats: cannot reach the daemon at {args.address or cfg.socket}: {exc}",
               file=sys.stderr)
         return 1
+    tty = sys.stdout.isatty()
     try:
-        while True:
-            st = client.stats()
+        snapshots = client.watch_stats(args.watch) if args.watch else [client.stats()]
+        for st in snapshots:
             if args.json:
-                print(json.dumps(stats_to_dict(st), indent=2))
+                # One document per line under --watch (NDJSON), pretty otherwise.
+                print(json.dumps(stats_to_dict(st), indent=None if args.watch else 2))
+            elif args.watch and tty:
+                # Like top: redraw in place (home, each line cleared, rest of screen cleared).
+                sys.stdout.write("\x1b[H" + "".join(line + "\x1b[K\n"
+                                                    for line in render_table(st).splitlines())
+                                 + "\x1b[J")
             else:
-                if args.watch:
-                    sys.stdout.write("\x1b[H\x1b[2J")
-                print(render_table(st))
-            if not args.watch:
-                return 0
+                print(render_table(st) + ("\n" if args.watch else ""))
             sys.stdout.flush()
-            time.sleep(args.watch)
+        return 0
     except KVStoreError as exc:
         print(f"kvstore stats: {exc}", file=sys.stderr)
         return 1
@@ -107,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--token-file", help="bearer token for a TCP daemon (else $KVSTORE_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", help="PEM certificate to trust for a TLS daemon")
+    p.add_argument("--tls-server-name", help="name to check in the daemon's certificate")
     p.set_defaults(fn=cmd_stats)
 
     p = sub.add_parser("config", help="show the effective configuration")
