@@ -102,6 +102,26 @@ def cmd_stats(args) -> int:
         client.close()
 
 
+def cmd_health(args) -> int:
+    """Exit 0 when the daemon answers SERVING to grpc.health.v1 (for Docker HEALTHCHECK and exec
+    probes; Kubernetes can also probe the TCP port with its built-in gRPC probe)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cfg = load_config(args.config, overrides=_overrides(args))
+    target = args.address or f"unix:{cfg.socket}"
+    try:
+        with grpc.insecure_channel(target) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"kvstore health: {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    print(status)
+    return 0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_bench(args) -> int:
     from kvstore.bench import main as bench_main
     return bench_main(args.bench_args)
@@ -126,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="PEM certificate to trust for a TLS daemon")
     p.add_argument("--tls-server-name", help="name to check in the daemon's certificate")
     p.set_defaults(fn=cmd_stats)
+
+    p = sub.add_parser("health", help="check that the daemon is serving (exit 0) or not (1)")
+    _add_config_flags(p)
+    p.add_argument("--address", help="TCP host:port (plaintext) instead of the Unix socket")
+    p.add_argument("--service", default="", help="service name to check ('' = the daemon)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(fn=cmd_health)
 
     p = sub.add_parser("config", help="show the effective configuration")
     _add_config_flags(p)

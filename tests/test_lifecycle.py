@@ -142,3 +142,10 @@ def test_sigterm_exits_within_grace_despite_a_stuck_client(daemon_factory):
     assert took < 1 + 4, f"shutdown took {took:.1f}s with a 1s grace period"
     stream.cancel()
     c.close()
+
+
+def test_health_command(daemon, tmp_path):
+    r = _cli("health", "--socket", daemon.socket)
+    assert r.returncode == 0 and r.stdout.strip() == "SERVING", r.stderr
+    r = _cli("health", "--socket", str(tmp_path / "nobody.sock"), "--timeout", "1")
+    assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
