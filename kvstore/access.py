@@ -168,7 +168,9 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                                 f"unknown session {sid}: open a session first (or reconnect)")
         if name in _NS_CALLS or (name == "ReportFallbacks" and request.namespace_id):
             ns = self.store.namespaces.get(bytes(request.namespace_id))
-            if ns is not None and not principal.may_use(ns.tenant):
+            # For a tenant, unknown and foreign namespaces take this one path: same status,
+            # same message, same work — neither existence nor timing tells them apart.
+            if principal.salts is not None and (ns is None or not principal.may_use(ns.tenant)):
                 await context.abort(grpc.StatusCode.NOT_FOUND,
                                     f"unknown namespace {bytes(request.namespace_id).hex() or '(empty)'}"
                                     ": register it first")

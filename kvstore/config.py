@@ -96,15 +96,6 @@ def _port(v: Any) -> int:
     return i
 
 
-def _nonneg_int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError(f"not an integer: {v!r}")
-    i = int(v)
-    if i < 0:
-        raise ValueError(f"must be >= 0, got {v!r}")
-    return i
-
-
 def _redacted(v: Any) -> str:
     return "(set)" if v else ""
 

@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
 from kvstore.client import KVClient
 from kvstore.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -174,6 +175,19 @@ def test_tenants_cannot_probe_read_or_delete_each_other(tenant_daemon):
                     b.call(method, make(ns_id))
                 errors.append(str(exc.value).replace(ns_id.hex(), "<ns>"))
             assert errors[0] == errors[1], (method, errors)
+
+        # Nor by timing: interleaved calls, median latency of each kind within noise.
+        times = {ns_a.namespace_id: [], made_up: []}
+        req = {k: pb.LookupRequest(namespace_id=k, keys=blob) for k in times}
+        for _ in range(150):
+            for k in times:
+                t0 = time.perf_counter()
+                with pytest.raises(NotFound):
+                    b.call("Lookup", req[k])
+                times[k].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        ratio = med[ns_a.namespace_id] / med[made_up]
+        assert 0.7 < ratio < 1.43, f"foreign/unknown median latency ratio {ratio:.2f}"
 
         # B cannot ride on A's session (lease and allocation ids are per session).
         lease = ns_a.acquire(keys_a)
