@@ -77,14 +77,16 @@ def cmd_stats(args) -> int:
         print(f"kvstore stats: cannot reach the daemon at {args.address or cfg.socket}: {exc}",
               file=sys.stderr)
         return 1
-    tty = sys.stdout.isatty()
+    tty = sys.stdout.isatty() and bool(args.watch) and not args.json
+    if tty:
+        sys.stdout.write("\x1b[?1049h")   # the alternate screen, like top; restored on exit
     try:
         snapshots = client.watch_stats(args.watch) if args.watch else [client.stats()]
         for st in snapshots:
             if args.json:
                 # One document per line under --watch (NDJSON), pretty otherwise.
                 print(json.dumps(stats_to_dict(st), indent=None if args.watch else 2))
-            elif args.watch and tty:
+            elif tty:
                 # Like top: redraw in place (home, each line cleared, rest of screen cleared).
                 sys.stdout.write("\x1b[H" + "".join(line + "\x1b[K\n"
                                                     for line in render_table(st).splitlines())
@@ -99,6 +101,9 @@ def cmd_stats(args) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if tty:
+            sys.stdout.write("\x1b[?1049l")
+            sys.stdout.flush()
         client.close()
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 import datetime
 import grp
 import ipaddress
+import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -114,6 +117,13 @@ def test_tls_listener(daemon_factory, tmp_path):
         keys = ns.block_keys(np.arange(32))
         assert ns.put(keys, _kv(2, 3.0)).result() == 2
         assert np.array_equal(np.asarray(ns.get(keys).result()), _kv(2, 3.0))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    r = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--json", "--address",
+                        f"localhost:{port}", "--token-file", str(token_file), "--tls-ca",
+                        str(cert)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tiers"][0]["blocks"] == 2
     creds = grpc.ssl_channel_credentials(cert.read_bytes())
     with grpc.secure_channel(f"localhost:{port}", creds) as ch:   # TLS, but no token
         with pytest.raises(grpc.RpcError) as exc:
@@ -207,6 +217,7 @@ def test_tenants_cannot_probe_read_or_delete_each_other(tenant_daemon):
         assert np.array_equal(np.asarray(ns_a.get(keys_a).result()), _kv(4, 7.0))
         assert {n.tenant for n in b.stats().namespaces} == {"tenant-b"}
         assert {n.tenant for n in a.stats().namespaces} == {"tenant-a"}
+        assert {n.tenant for n in next(b.watch_stats(0.05)).namespaces} == {"tenant-b"}
     finally:
         a.close()
         b.close()
