@@ -109,24 +109,15 @@ class KVClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._want_shm = shared_memory
         self._client_name = client_name or f"pid{os.getpid()}"
+        self._tls = _tls_credentials(tls, tls_ca_file)
         options = [
             ("grpc.max_receive_message_length", _MSG_LIMIT),
             ("grpc.max_send_message_length", _MSG_LIMIT),
         ]
-        if tls or tls_ca_file:
-            roots = None
-            if tls_ca_file:
-                try:
-                    with open(tls_ca_file, "rb") as f:
-                        roots = f.read()
-                except OSError as exc:
-                    raise InvalidArgument(f"tls_ca_file {tls_ca_file}: {exc.strerror}") from None
-            if tls_server_name:
-                options.append(("grpc.ssl_target_name_override", tls_server_name))
-            self._channel = grpc.secure_channel(
-                self.target, grpc.ssl_channel_credentials(root_certificates=roots), options)
-        else:
-            self._channel = grpc.insecure_channel(self.target, options=options)
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._channel_options = options   # a reconnect opens its channel with these too
+        self._channel = _open_channel(self.target, options, self._tls)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
@@ -469,6 +460,26 @@ class Namespace:
         if n > self.client.max_batch_blocks:
             raise InvalidArgument(f"batch of {n} blocks exceeds the daemon's max_batch_blocks="
                                   f"{self.client.max_batch_blocks}; split it")
+
+
+def _tls_credentials(tls: bool, ca_file: str | None):
+    """Channel credentials for TLS (None: plaintext). ca_file replaces the system roots."""
+    if not (tls or ca_file):
+        return None
+    roots = None
+    if ca_file:
+        try:
+            with open(ca_file, "rb") as f:
+                roots = f.read()
+        except OSError as exc:
+            raise InvalidArgument(f"tls_ca_file {ca_file}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def _open_channel(target: str, options: list, tls_credentials) -> grpc.Channel:
+    if tls_credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls_credentials, options=options)
 
 
 def _row_bytes(row) -> bytes:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 
 from kvstore import __version__
@@ -80,6 +81,7 @@ def cmd_stats(args) -> int:
     tty = sys.stdout.isatty() and bool(args.watch) and not args.json
     if tty:
         sys.stdout.write("\x1b[?1049h")   # the alternate screen, like top; restored on exit
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # ... on SIGTERM too
     try:
         snapshots = client.watch_stats(args.watch) if args.watch else [client.stats()]
         for st in snapshots:

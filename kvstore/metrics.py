@@ -147,8 +147,11 @@ class Metrics:
         for t in st.tiers:
             total = t.hits + t.misses
             t.hit_rate = t.hits / total if total else 0.0
-            t.read_bps = self._read[t.tier].rate() if t.tier in self._read else 0.0
-            t.write_bps = self._write[t.tier].rate() if t.tier in self._write else 0.0
+            # A tier that measures its own bandwidth (SSD: per I/O) keeps its figure.
+            if not t.read_bps and t.tier in self._read:
+                t.read_bps = self._read[t.tier].rate()
+            if not t.write_bps and t.tier in self._write:
+                t.write_bps = self._write[t.tier].rate()
             t.get_latency.CopyFrom(self.get_latency[t.tier].summary()
                                    if t.tier in self.get_latency else LatencyHistogram().summary())
             t.put_latency.CopyFrom(self.put_latency[t.tier].summary()
@@ -156,6 +159,8 @@ class Metrics:
         counters = self.store.counters
         for name in OPTIONAL_COUNTERS:
             setattr(st, name, int(getattr(counters, name, 0)))
+        # Tiers that verify checksums count failures per tier; the daemon total sums them.
+        st.checksum_failures += sum(int(getattr(t, "checksum_failures", 0)) for t in st.tiers)
         st.recompute_fallbacks = self.recompute_fallbacks
         st.recompute_fallback_blocks = self.recompute_fallback_blocks
         st.requests_throttled = self.requests_throttled

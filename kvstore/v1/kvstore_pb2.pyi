@@ -225,7 +225,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "hit_rate", "read_bps", "write_bps", "get_latency", "put_latency")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "read_bps", "write_bps", "hit_rate", "get_latency", "put_latency")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -237,9 +237,9 @@ class TierStats(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
     PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     DEMOTIONS_FIELD_NUMBER: _ClassVar[int]
-    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     READ_BPS_FIELD_NUMBER: _ClassVar[int]
     WRITE_BPS_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     GET_LATENCY_FIELD_NUMBER: _ClassVar[int]
     PUT_LATENCY_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
@@ -253,12 +253,12 @@ class TierStats(_message.Message):
     bytes_out: int
     promotions: int
     demotions: int
-    hit_rate: float
     read_bps: float
     write_bps: float
+    hit_rate: float
     get_latency: LatencySummary
     put_latency: LatencySummary
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., hit_rate: _Optional[float] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., hit_rate: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
 
 class LatencySummary(_message.Message):
     __slots__ = ("count", "sum_s", "p50_s", "p99_s", "bucket_upper_s", "bucket_counts")
