@@ -24,6 +24,7 @@ log = logging.getLogger("kvstore.metrics")
 
 _READ_TIMEOUT_S = 5.0
 _MAX_HEADER_BYTES = 16 << 10
+_MAX_CONNECTIONS = 64      # slow or idle clients cannot pile up: more are closed at once
 
 
 class MetricsServer:
@@ -32,6 +33,7 @@ class MetricsServer:
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
+        self._open = 0
         self._page = resources.files("kvstore.web").joinpath("dashboard.html").read_bytes()
 
     async def start(self) -> None:
@@ -46,6 +48,16 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= _MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._open -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
             status, ctype, body = self._route(head)

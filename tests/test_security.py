@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import DaemonProcess
 from helpers import tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import (NotFound, PermissionDenied, ResourceExhausted)
@@ -321,3 +322,33 @@ def test_client_limits_and_a_flooder_cannot_starve_others(daemon_factory):
     assert normal.stats().requests_throttled >= refused[0] + 2
     flooder.close()
     normal.close()
+
+
+class _HealthProbedDaemon(DaemonProcess):
+    """conftest's readiness check calls GetStats without a token; probe grpc health instead."""
+
+    def _healthy(self) -> bool:
+        try:
+            with grpc.insecure_channel(f"unix:{self.socket}") as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                         timeout=1)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+
+def test_socket_can_require_a_token(tmp_path, shm_dir):
+    d = _HealthProbedDaemon(tmp_path, shm_dir, ["--dram-bytes", "64MiB", "--chunk-bytes", "4MiB",
+                                                "--socket-requires-token", "true"],
+                            env={"KVSTORE_AUTH_TOKEN": TOKEN})
+    try:
+        d.start()
+        with pytest.raises(PermissionDenied, match="missing bearer token"):
+            KVClient(d.socket, timeout_s=5)
+        with KVClient(d.socket, token=TOKEN) as c:
+            ns = c.namespace("m", LAYOUT)
+            keys = ns.block_keys(np.arange(16))
+            assert ns.put(keys, _kv(1)).result() == 1
+            assert c.shared_memory      # a token changes who you are, not how bytes move
+    finally:
+        d.close()
