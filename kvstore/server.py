@@ -111,8 +111,11 @@ class Daemon:
             os.umask(old_umask)
         tcp = ""
         if cfg.listen:
-            port = (self.server.add_secure_port(cfg.listen, tls) if tls
-                    else self.server.add_insecure_port(cfg.listen))
+            try:
+                port = (self.server.add_secure_port(cfg.listen, tls) if tls
+                        else self.server.add_insecure_port(cfg.listen))
+            except RuntimeError as exc:
+                raise DaemonError(f"listen {cfg.listen}: cannot bind ({exc})") from None
             tcp = f"{cfg.listen.rsplit(':', 1)[0]}:{port}"
             if tls is None and not _is_loopback(cfg.listen):
                 log.warning("TCP listener %s has no TLS: bearer tokens cross the network in "
@@ -125,12 +128,21 @@ class Daemon:
         if cfg.metrics_port:
             self.metrics_server = MetricsServer(self.metrics.snapshot, cfg.metrics_host,
                                                 cfg.metrics_port)
-            await self.metrics_server.start()
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                raise DaemonError(f"metrics_port {cfg.metrics_host}:{cfg.metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._expirer = asyncio.create_task(self._expire_loop())
         self._sampler = asyncio.create_task(self._sample_loop())
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
                  f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
+        log.info("access: %d bearer tokens; socket %s a token; per client at most %d puts/gets "
+                 "and %s in flight", len(tokens),
+                 "requires" if cfg.socket_requires_token else "does not require",
+                 cfg.max_inflight_requests_per_client,
+                 format_bytes(cfg.inflight_bytes_per_client))
         log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
                  format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
                  format_bytes(self.store.slabs.chunk_bytes))

@@ -148,3 +148,19 @@ def test_health_command(daemon, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "SERVING", r.stderr
     r = _cli("health", "--socket", str(tmp_path / "nobody.sock"), "--timeout", "1")
     assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
+
+
+def test_ports_in_use_are_named(tmp_path):
+    import socket as socketlib
+    with socketlib.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        base = ["serve", "--socket", str(tmp_path / "kv.sock"), "--shm-dir", str(tmp_path),
+                "--dram-bytes", "64MiB", "--chunk-bytes", "4MiB"]
+        r = _cli(*base, "--metrics-port", str(port))
+        assert r.returncode == 1 and f"metrics_port 127.0.0.1:{port}" in r.stderr, r.stderr
+        r = _cli(*base, "--listen", f"127.0.0.1:{port}",
+                 env={"KVSTORE_AUTH_TOKEN": "s3cret-s3cret-s3cret"})
+        assert r.returncode == 1 and f"listen 127.0.0.1:{port}: cannot bind" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("*.arena")) and not (tmp_path / "kv.sock").exists()
