@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import DaemonProcess
-from helpers import tcp_port
+from ops_helpers import tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import (NotFound, PermissionDenied, ResourceExhausted)
 from kvstore.keys import pack_keys
