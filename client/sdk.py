@@ -94,22 +94,31 @@ class KVClient:
     socket:    Unix socket path (default: the daemon's default socket).
     address:   "host:port" for TCP instead (bytes then travel over gRPC).
     token:     bearer token for a TCP daemon that requires one.
+    tls:       connect with TLS (implied by tls_ca_file); tls_ca_file is the PEM of the CA (or the
+               self-signed certificate) to trust instead of the system roots; tls_server_name
+               overrides the name checked against the certificate.
     timeout_s: deadline of each control call.
     shared_memory: map the daemon's arena when it is reachable (same host).
     """
 
     def __init__(self, socket: str | None = None, *, address: str | None = None,
                  token: str | None = None, timeout_s: float = 10.0, io_threads: int = 2,
-                 shared_memory: bool = True, client_name: str = ""):
+                 shared_memory: bool = True, client_name: str = "", tls: bool = False,
+                 tls_ca_file: str | None = None, tls_server_name: str | None = None):
         self.target = address if address else f"unix:{socket or _default_socket()}"
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._want_shm = shared_memory
         self._client_name = client_name or f"pid{os.getpid()}"
-        self._channel = grpc.insecure_channel(self.target, options=[
+        self._tls = _tls_credentials(tls, tls_ca_file)
+        options = [
             ("grpc.max_receive_message_length", _MSG_LIMIT),
             ("grpc.max_send_message_length", _MSG_LIMIT),
-        ])
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._channel_options = options   # a reconnect opens its channel with these too
+        self._channel = _open_channel(self.target, options, self._tls)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
@@ -191,6 +200,25 @@ class KVClient:
     def stats(self) -> pb.Stats:
         self._ensure_session()
         return self.call("GetStats", pb.GetStatsRequest())
+
+    def watch_stats(self, interval_s: float = 1.0):
+        """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats)."""
+        self._ensure_session()
+        try:
+            yield from self._stub.WatchStats(pb.WatchStatsRequest(interval_s=interval_s),
+                                             metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def report_fallbacks(self, count: int = 1, blocks: int = 0, reason: str = "",
+                         namespace_id: bytes = b"") -> None:
+        """Tell the daemon this client recomputed instead of loading; never raises (the cache
+        is already failing this client, and reporting must not make that worse)."""
+        try:
+            self.call("ReportFallbacks", pb.ReportFallbacksRequest(
+                namespace_id=namespace_id, count=count, blocks=blocks, reason=reason[:200]))
+        except KVStoreError as exc:
+            log.debug("could not report %d fallbacks: %s", count, exc)
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
@@ -458,6 +486,26 @@ def _log_release_failure(fut) -> None:
     exc = fut.exception()
     if exc is not None:
         log.warning("asynchronous lease release failed: %s", exc)
+
+
+def _tls_credentials(tls: bool, ca_file: str | None):
+    """Channel credentials for TLS (None: plaintext). ca_file replaces the system roots."""
+    if not (tls or ca_file):
+        return None
+    roots = None
+    if ca_file:
+        try:
+            with open(ca_file, "rb") as f:
+                roots = f.read()
+        except OSError as exc:
+            raise InvalidArgument(f"tls_ca_file {ca_file}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def _open_channel(target: str, options: list, tls_credentials) -> grpc.Channel:
+    if tls_credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls_credentials, options=options)
 
 
 def _row_bytes(row) -> bytes:
