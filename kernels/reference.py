@@ -1,0 +1,54 @@
+"""Torch reference kernels: they run on any device and define the expected results.
+
+The Triton kernels (``triton_kv``) must match these bit for bit: copies are exact, and
+quantization uses the same float32 operations in the same order (``x * (QMAX / amax)``, clamp,
+round half away from zero for int8, round to nearest even for fp8).
+
+All functions take an already validated ``PagedKV`` and int64 page table (see ``ops``).
+"""
+from __future__ import annotations
+
+import torch
+
+from kvstore.kernels.paged import PagedKV
+from kvstore.kernels.quant import QMAX, QuantizedBlocks, qdtype
+
+
+def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b, l, c, t] = layers[l][c, page_table[b, t // P], t % P] for every block b."""
+    n, ppb = page_table.shape
+    B = ppb * pkv.page_tokens
+    idx = page_table.reshape(-1).to(pkv.device)
+    for l, layer in enumerate(pkv.layers):
+        pages = layer.index_select(1, idx)                 # [2, n*ppb, P, H, D], contiguous
+        out[:, l].copy_(pages.view(2, n, B, pkv.num_kv_heads, pkv.head_dim).transpose(0, 1))
+    return out
+
+
+def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> None:
+    """The inverse of gather: layers[l][c, page_table[b, t // P], t % P] = blocks[b, l, c, t]."""
+    n, ppb = page_table.shape
+    P = pkv.page_tokens
+    idx = page_table.reshape(-1).to(pkv.device)
+    for l, layer in enumerate(pkv.layers):
+        src = blocks[:, l].transpose(0, 1).reshape(2, n * ppb, P, pkv.num_kv_heads, pkv.head_dim)
+        layer.index_copy_(1, idx, src)
+
+
+def quantize(blocks: torch.Tensor, name: str) -> QuantizedBlocks:
+    """Quantize [n, L, 2, B, H, D] blocks with one scale per (block, layer, k|v)."""
+    dt, qmax = qdtype(name), QMAX[name]
+    x = blocks.float()
+    amax = x.abs().amax(dim=(3, 4, 5))
+    scales = amax / qmax
+    inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    y = (x * inv[..., None, None, None]).clamp(-qmax, qmax)
+    if name == "int8":
+        q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).to(dt)
+    else:
+        q = y.to(dt)
+    return QuantizedBlocks(q, scales)
+
+
+def dequantize(q: QuantizedBlocks, dtype: torch.dtype) -> torch.Tensor:
+    return (q.data.float() * q.scales[..., None, None, None]).to(dtype)

@@ -1,0 +1,134 @@
+"""The Triton kernels against the torch reference.
+
+Without a GPU the kernels still run through triton's interpreter (TRITON_INTERPRET=1, CPU
+tensors), which checks their indexing, masking and quantization arithmetic; the GPU tests
+(marked ``gpu``, skipped without CUDA) check the compiled kernels on a real device.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.kernels import QMAX, gather, gather_quantized, scatter, scatter_dequantized
+from test_kernels import layers_of, make_cache
+
+TESTS = Path(__file__).resolve().parent
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+requires_cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON),
+                                   reason="needs a CUDA device and triton")
+
+# The interpreter must be switched on before triton decorates the kernels, and a process that
+# already imported them compiled for a GPU cannot be switched back: run it in a fresh process.
+_INTERPRET_CHECK = r"""
+import os, torch
+from test_kernels import make_cache, layers_of
+from kvstore.kernels import gather, scatter, gather_quantized, scatter_dequantized
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for kind in ("per_layer", "layer_first", "hnd"):
+        for P, ppb in ((4, 2), (2, 3)):
+            cache = make_cache(kind, 3, 9, P, 2, 8, dtype)
+            pt = torch.tensor([[3, 1, 4][:ppb], [0, 7, 8][:ppb]])
+            a = gather(cache, pt, impl="torch")
+            assert torch.equal(a, gather(cache, pt, impl="triton")), (dtype, kind, P)
+            c1 = make_cache(kind, 3, 9, P, 2, 8, dtype, seed=1)
+            c2 = make_cache(kind, 3, 9, P, 2, 8, dtype, seed=1)
+            scatter(c1, pt, a + 1, impl="torch")
+            scatter(c2, pt, a + 1, impl="triton")
+            assert all(torch.equal(x, y) for x, y in zip(layers_of(c1), layers_of(c2)))
+            for name in ("int8", "float8_e4m3fn"):
+                qa = gather_quantized(cache, pt, name, impl="torch")
+                qb = gather_quantized(cache, pt, name, impl="triton")
+                assert torch.equal(qa.scales, qb.scales), (dtype, kind, name)
+                # triton 3.6's interpreter is not a bit-exact fp32 emulator (the GPU tests want
+                # equality): its arithmetic lands exact ties (x = amax / 2, common in bf16) on
+                # the other side, so int8 payloads may differ by one step there; it rounds
+                # float->fp8 without carrying a mantissa overflow into the exponent (126.1 -> 64),
+                # so fp8 payloads are compared on GPU only; and it truncates float32->bfloat16
+                # where GPUs round to nearest even, so dequantized bf16 may differ by one ulp.
+                if name == "int8":
+                    diff = (qa.data.int() - qb.data.int()).abs()
+                    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02, (dtype, kind)
+                scatter_dequantized(c1, pt, qa, impl="torch")
+                scatter_dequantized(c2, pt, qa, impl="triton")
+                tol = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0
+                assert all(torch.allclose(x.float(), y.float(), rtol=tol, atol=0)
+                           for x, y in zip(layers_of(c1), layers_of(c2))), (dtype, kind, name)
+print("interpreter ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_match_reference_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(TESTS)}
+    r = subprocess.run([sys.executable, "-c", _INTERPRET_CHECK], cwd=TESTS, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "interpreter ok" in r.stdout, r.stdout + r.stderr
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+def _cuda_cache(kind, L, N, P, H, D, dtype, seed=0, misalign=False):
+    cache = make_cache(kind, L, N, P, H, D, dtype, seed)
+    if isinstance(cache, list):
+        if misalign:     # storage one element off 16-byte alignment: the unvectorized path
+            out = []
+            for t in cache:
+                buf = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")[1:]
+                out.append(buf.view(t.shape).copy_(t))
+            return out
+        return [t.cuda() for t in cache]
+    return cache.cuda() if kind == "layer_first" else cache.transpose(3, 4).cuda().transpose(3, 4)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["per_layer", "layer_first", "hnd", "misaligned"])
+@pytest.mark.parametrize("P, ppb", [(16, 1), (4, 4), (16, 2)])
+def test_gpu_gather_scatter_match_reference(dtype, kind, P, ppb):
+    misalign = kind == "misaligned"
+    cache = _cuda_cache("per_layer" if misalign else kind, 4, 96, P, 8, 128, dtype,
+                        misalign=misalign)
+    n = 96 // ppb // 2
+    pt = torch.randperm(96)[: n * ppb].reshape(n, ppb)
+    want = gather(cache, pt, impl="torch")
+    got = gather(cache, pt)               # auto: triton on CUDA
+    assert torch.equal(got, want)
+    dst = torch.randperm(96)[: n * ppb].reshape(n, ppb)
+    ref = _cuda_cache("per_layer" if misalign else kind, 4, 96, P, 8, 128, dtype, seed=1,
+                      misalign=misalign)
+    tri = _cuda_cache("per_layer" if misalign else kind, 4, 96, P, 8, 128, dtype, seed=1,
+                      misalign=misalign)
+    scatter(ref, dst, want, impl="torch")
+    scatter(tri, dst, want)
+    assert all(torch.equal(a, b) for a, b in zip(layers_of(ref), layers_of(tri)))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("name", sorted(QMAX))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["per_layer", "layer_first"])
+def test_gpu_quantized_offload_matches_reference(name, dtype, kind):
+    if name != "int8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 conversion needs compute capability 8.9+")
+    cache = _cuda_cache(kind, 4, 64, 16, 8, 128, dtype)
+    pt = torch.randperm(64)[:32].reshape(16, 2)
+    qa = gather_quantized(cache, pt, name, impl="torch")
+    qb = gather_quantized(cache, pt, name)
+    assert torch.equal(qa.scales, qb.scales)
+    assert torch.equal(qa.data.view(torch.uint8), qb.data.view(torch.uint8))
+    ref = _cuda_cache(kind, 4, 64, 16, 8, 128, dtype, seed=1)
+    tri = _cuda_cache(kind, 4, 64, 16, 8, 128, dtype, seed=1)
+    scatter_dequantized(ref, pt, qa, impl="torch")
+    scatter_dequantized(tri, pt, qa)
+    assert all(torch.equal(a, b) for a, b in zip(layers_of(ref), layers_of(tri)))
