@@ -14,10 +14,29 @@ from kvstore.kernels.paged import PagedKV
 from kvstore.kernels.quant import QMAX, QuantizedBlocks, qdtype
 
 
+def _rows(pkv: PagedKV, page_table: torch.Tensor) -> torch.Tensor:
+    """Row ids into a contiguous layer viewed as [2 * pages, P*H*D], ordered (block, k|v, page).
+
+    With them one index_select / index_copy_ per layer moves whole pages in block order: far
+    faster on CPU than the 6-D strided copy of the general path.
+    """
+    n, ppb = page_table.shape
+    ids = page_table.to(pkv.device)
+    return torch.stack([ids, ids + pkv.num_pages], dim=1).reshape(-1)
+
+
 def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[b, l, c, t] = layers[l][c, page_table[b, t // P], t % P] for every block b."""
     n, ppb = page_table.shape
     B = ppb * pkv.page_tokens
+    if n == 0:
+        return out
+    if all(t.is_contiguous() for t in pkv.layers):
+        rows = _rows(pkv, page_table)
+        flat = out.view(n, pkv.num_layers, -1)
+        for l, layer in enumerate(pkv.layers):
+            flat[:, l].copy_(layer.view(2 * pkv.num_pages, -1).index_select(0, rows).view(n, -1))
+        return out
     idx = page_table.reshape(-1).to(pkv.device)
     for l, layer in enumerate(pkv.layers):
         pages = layer.index_select(1, idx)                 # [2, n*ppb, P, H, D], contiguous
@@ -29,6 +48,14 @@ def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> Non
     """The inverse of gather: layers[l][c, page_table[b, t // P], t % P] = blocks[b, l, c, t]."""
     n, ppb = page_table.shape
     P = pkv.page_tokens
+    if n == 0:
+        return
+    if all(t.is_contiguous() for t in pkv.layers):
+        rows = _rows(pkv, page_table)
+        flat = blocks.view(n, pkv.num_layers, -1)
+        for l, layer in enumerate(pkv.layers):
+            layer.view(2 * pkv.num_pages, -1).index_copy_(0, rows, flat[:, l].reshape(rows.numel(), -1))
+        return
     idx = page_table.reshape(-1).to(pkv.device)
     for l, layer in enumerate(pkv.layers):
         src = blocks[:, l].transpose(0, 1).reshape(2, n * ppb, P, pkv.num_kv_heads, pkv.head_dim)

@@ -45,7 +45,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             scatter(c1, pt, a + 1, impl="torch")
             scatter(c2, pt, a + 1, impl="triton")
             assert all(torch.equal(x, y) for x, y in zip(layers_of(c1), layers_of(c2)))
-            for name in ("int8", "float8_e4m3fn"):
+            for name in ("int8", "float8_e4m3fn") if P == 4 else ():     # keep it short
                 qa = gather_quantized(cache, pt, name, impl="torch")
                 qb = gather_quantized(cache, pt, name, impl="triton")
                 assert torch.equal(qa.scales, qb.scales), (dtype, kind, name)

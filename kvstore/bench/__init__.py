@@ -1,0 +1,28 @@
+"""`kvstore bench NAME [options]`: benchmarks that print ratios against a baseline measured in
+the same run. Each module in BENCHMARKS exposes ``main(argv) -> exit code``; it is imported only
+when run, so one benchmark's heavy dependencies never burden another.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS: dict[str, str] = {
+    "gpu": "kvstore.bench.gpu",          # SDK H2D/D2H vs pinned cudaMemcpy; kernels vs memcpy
+    "kernels": "kvstore.bench.kernels",  # reference gather/scatter vs a plain copy (CPU or GPU)
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: kvstore bench NAME [options]   (kvstore bench NAME --help)\n\nbenchmarks:")
+        for name, mod in BENCHMARKS.items():
+            print(f"  {name:<10} {mod}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        print(f"kvstore bench: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHMARKS[name]).main(rest)
