@@ -68,7 +68,9 @@ def quantize(blocks: torch.Tensor, name: str) -> QuantizedBlocks:
     x = blocks.float()
     amax = x.abs().amax(dim=(3, 4, 5))
     scales = amax / qmax
-    inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    # a true division: `qmax / amax` would be torch's reciprocal() * qmax, two roundings where
+    # the Triton kernel does one (div_rn), and exact ties would then round differently
+    inv = torch.where(amax > 0, torch.full_like(amax, qmax).div(amax), torch.zeros_like(amax))
     y = (x * inv[..., None, None, None]).clamp(-qmax, qmax)
     if name == "int8":
         q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).to(dt)
