@@ -14,29 +14,48 @@ from kvstore.kernels.paged import PagedKV
 from kvstore.kernels.quant import QMAX, QuantizedBlocks, qdtype
 
 
-def _rows(pkv: PagedKV, page_table: torch.Tensor) -> torch.Tensor:
-    """Row ids into a contiguous layer viewed as [2 * pages, P*H*D], ordered (block, k|v, page).
+def _rows(pkv: PagedKV, page_table: torch.Tensor, all_layers: bool) -> torch.Tensor:
+    """Page-row ids in kvstore block order, for a cache viewed as rows of P*H*D elements.
 
-    With them one index_select / index_copy_ per layer moves whole pages in block order: far
-    faster on CPU than the 6-D strided copy of the general path.
+    A contiguous layer is [2 * pages] rows: ids ordered (block, k|v, page-of-block). A contiguous
+    layer-first cache is [L * 2 * pages] rows: ids ordered (block, layer, k|v, page-of-block),
+    which is exactly the row order of the [n, L, 2, B, H, D] blocks, so one index_select moves
+    every layer. Whole-row copies are far faster on CPU than the general 6-D strided copy.
     """
-    n, ppb = page_table.shape
-    ids = page_table.to(pkv.device)
-    return torch.stack([ids, ids + pkv.num_pages], dim=1).reshape(-1)
+    N = pkv.num_pages
+    ids = page_table.to(pkv.device)[:, None, :] + torch.arange(2, device=pkv.device)[:, None] * N
+    if all_layers:
+        layer = torch.arange(pkv.num_layers, device=pkv.device)[:, None, None] * (2 * N)
+        ids = ids[:, None] + layer
+    return ids.reshape(-1)
+
+
+def _row_path(pkv: PagedKV) -> str:
+    if pkv.layer_first is not None and pkv.layer_first.is_contiguous():
+        return "layer_first"
+    return "per_layer" if all(t.is_contiguous() for t in pkv.layers) else "strided"
 
 
 def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[b, l, c, t] = layers[l][c, page_table[b, t // P], t % P] for every block b."""
     n, ppb = page_table.shape
-    B = ppb * pkv.page_tokens
     if n == 0:
         return out
-    if all(t.is_contiguous() for t in pkv.layers):
-        rows = _rows(pkv, page_table)
-        flat = out.view(n, pkv.num_layers, -1)
-        for l, layer in enumerate(pkv.layers):
-            flat[:, l].copy_(layer.view(2 * pkv.num_pages, -1).index_select(0, rows).view(n, -1))
+    path = _row_path(pkv)
+    if path == "layer_first":
+        src = pkv.layer_first.view(-1, pkv.layers[0][0, 0].numel())
+        torch.index_select(src, 0, _rows(pkv, page_table, True), out=out.view(-1, src.shape[1]))
         return out
+    if path == "per_layer":
+        rows = _rows(pkv, page_table, False)
+        flat = out.view(n, pkv.num_layers, -1)
+        tmp = torch.empty((rows.numel(), pkv.layers[0][0, 0].numel()), dtype=out.dtype,
+                          device=out.device)          # one scratch buffer for every layer
+        for l, layer in enumerate(pkv.layers):
+            torch.index_select(layer.view(2 * pkv.num_pages, -1), 0, rows, out=tmp)
+            flat[:, l].copy_(tmp.view(n, -1))
+        return out
+    B = ppb * pkv.page_tokens
     idx = page_table.reshape(-1).to(pkv.device)
     for l, layer in enumerate(pkv.layers):
         pages = layer.index_select(1, idx)                 # [2, n*ppb, P, H, D], contiguous
@@ -47,18 +66,26 @@ def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.T
 def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> None:
     """The inverse of gather: layers[l][c, page_table[b, t // P], t % P] = blocks[b, l, c, t]."""
     n, ppb = page_table.shape
-    P = pkv.page_tokens
     if n == 0:
         return
-    if all(t.is_contiguous() for t in pkv.layers):
-        rows = _rows(pkv, page_table)
+    path = _row_path(pkv)
+    row = pkv.layers[0][0, 0].numel()
+    if path == "layer_first":
+        pkv.layer_first.view(-1, row).index_copy_(0, _rows(pkv, page_table, True),
+                                                  blocks.view(-1, row))
+        return
+    if path == "per_layer":
+        rows = _rows(pkv, page_table, False)
         flat = blocks.view(n, pkv.num_layers, -1)
+        tmp = torch.empty((n, flat.shape[2]), dtype=blocks.dtype, device=blocks.device)
         for l, layer in enumerate(pkv.layers):
-            layer.view(2 * pkv.num_pages, -1).index_copy_(0, rows, flat[:, l].reshape(rows.numel(), -1))
+            tmp.copy_(flat[:, l])
+            layer.view(2 * pkv.num_pages, -1).index_copy_(0, rows, tmp.view(rows.numel(), -1))
         return
     idx = page_table.reshape(-1).to(pkv.device)
     for l, layer in enumerate(pkv.layers):
-        src = blocks[:, l].transpose(0, 1).reshape(2, n * ppb, P, pkv.num_kv_heads, pkv.head_dim)
+        src = blocks[:, l].transpose(0, 1).reshape(2, n * ppb, pkv.page_tokens,
+                                                   pkv.num_kv_heads, pkv.head_dim)
         layer.index_copy_(1, idx, src)
 
 

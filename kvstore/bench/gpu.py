@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-tokens", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=64, help="blocks per put/get (and per gather)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layout", choices=["per_layer", "layer_first"], default="per_layer")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--socket", help="use this running daemon instead of starting a private one")
     ap.add_argument("--json", action="store_true")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "--device", "cuda", "--layers", str(args.layers), "--kv-heads", str(args.kv_heads),
             "--head-dim", str(args.head_dim), "--block-tokens", str(args.block_tokens),
             "--page-tokens", str(args.page_tokens), "--blocks", str(args.blocks),
-            "--dtype", args.dtype, "--repeat", str(args.repeat)])
+            "--dtype", args.dtype, "--repeat", str(args.repeat), "--layout", args.layout])
         res["kernels"] = kbench.measure(kargs, torch)
     except (RuntimeError, ValueError) as exc:
         print(f"kvstore bench gpu: {exc}", file=sys.stderr)

@@ -24,6 +24,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--blocks", type=int, default=32, help="blocks moved per call")
     ap.add_argument("--pages", type=int, default=0, help="pages in the cache (default 4x needed)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--layout", choices=["per_layer", "layer_first"], default="per_layer",
+                    help="a list of per-layer caches (vLLM) or one layer-first tensor")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     return ap
@@ -64,6 +66,8 @@ def measure(args, torch) -> dict:
     g = torch.Generator().manual_seed(0)
     cache = [torch.randn(2, pages, args.page_tokens, args.kv_heads, args.head_dim,
                          generator=g).to(dtype).to(dev) for _ in range(args.layers)]
+    if args.layout == "layer_first":
+        cache = torch.stack(cache)
     pt = torch.randperm(pages, generator=g)[: args.blocks * ppb].reshape(args.blocks, ppb)
     out = gather(cache, pt)                                   # warms up (and compiles triton)
     scatter(cache, pt, out)
@@ -81,7 +85,7 @@ def measure(args, torch) -> dict:
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "impl": "triton" if dev.type == "cuda" else "torch reference",
         "bytes_per_call": nbytes, "blocks": args.blocks, "layers": args.layers,
-        "page_tokens": args.page_tokens, "block_tokens": args.block_tokens, "dtype": args.dtype,
+        "layout": args.layout, "page_tokens": args.page_tokens, "block_tokens": args.block_tokens, "dtype": args.dtype,
         "copy_gbps": nbytes / base / 1e9,
         "gather_gbps": nbytes / t_gather / 1e9, "scatter_gbps": nbytes / t_scatter / 1e9,
         "gather_vs_copy": base / t_gather, "scatter_vs_copy": base / t_scatter,
@@ -96,7 +100,7 @@ def measure(args, torch) -> dict:
 
 def report(res: dict, title: str) -> None:
     print(f"{title} on {res['device']} ({res['impl']}): {res['blocks']} blocks x "
-          f"{res['layers']} layers, pages of {res['page_tokens']} -> blocks of "
+          f"{res['layers']} layers ({res['layout']}), pages of {res['page_tokens']} -> blocks of "
           f"{res['block_tokens']} tokens, {res['dtype']}, {res['bytes_per_call'] / 2**20:.1f} MiB "
           "per call")
     print(f"  plain copy (baseline) {res['copy_gbps']:8.2f} GB/s")
