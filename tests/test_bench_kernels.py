@@ -1,4 +1,5 @@
-"""`kvstore bench kernels` and `kvstore bench gpu` as a user runs them (real processes)."""
+"""`kvstore bench kernels` and `kvstore bench gpu`: in-process through the dispatcher, and the
+exit-code contract once through the real CLI."""
 from __future__ import annotations
 
 import json
@@ -14,27 +15,35 @@ def bench(*args: str, timeout: float = 120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_bench_kernels_json_reports_ratios_against_a_plain_copy():
-    r = bench("kernels", "--json", "--layers", "2", "--kv-heads", "2", "--head-dim", "16",
-              "--block-tokens", "16", "--page-tokens", "4", "--blocks", "4", "--repeat", "2")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
+@pytest.mark.parametrize("layout", ["per_layer", "layer_first"])
+def test_bench_kernels_json_reports_ratios_against_a_plain_copy(capsys, layout):
+    from kvstore.bench import main
+    rc = main(["kernels", "--json", "--layers", "2", "--kv-heads", "2", "--head-dim", "16",
+               "--block-tokens", "16", "--page-tokens", "4", "--blocks", "4", "--repeat", "2",
+               "--layout", layout])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    res = json.loads(out.out)
+    assert res["layout"] == layout
     assert res["impl"] == "torch reference" and res["bytes_per_call"] == 4 * 2 * 2 * 16 * 2 * 16 * 2
     for k in ("gather_vs_copy", "scatter_vs_copy", "gather_int8_vs_copy"):
         assert res[k] > 0
 
 
-def test_bench_kernels_refuses_bad_options_with_one_line():
-    r = bench("kernels", "--block-tokens", "16", "--page-tokens", "5", "--repeat", "1")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "--page-tokens must divide --block-tokens" in r.stderr
+def test_bench_kernels_refuses_bad_options_with_one_line(capsys):
+    from kvstore.bench import main
+    assert main(["kernels", "--block-tokens", "16", "--page-tokens", "5", "--repeat", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--page-tokens must divide --block-tokens" in err
 
 
-def test_bench_dispatcher_names_unknown_benchmarks():
-    r = bench("nope")
-    assert r.returncode == 2 and "unknown benchmark 'nope'" in r.stderr
-    listing = bench()                     # no name: the list of benchmarks, exit 2
-    assert listing.returncode == 2 and "gpu" in listing.stdout and "kernels" in listing.stdout
+def test_bench_dispatcher_names_unknown_benchmarks(capsys):
+    from kvstore.bench import BENCHMARKS, main
+    assert main(["nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+    assert main([]) == 2                  # no name: the list of benchmarks
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in BENCHMARKS) and {"gpu", "kernels"} <= set(BENCHMARKS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
