@@ -57,54 +57,66 @@ def _copy_pages(cache, layer_off, page_table, blocks, s_kv, s_page, s_tok, s_hea
 
 
 @triton.jit
-def _slab_offsets(layer_off, page_table, b, c, e, mask, s_kv, s_page, s_tok, s_head,
-                  layer, PPB: tl.constexpr, P: tl.constexpr, H: tl.constexpr, D: tl.constexpr):
-    tok = e // (H * D)
-    r = e % (H * D)
-    page = tl.load(page_table + b * PPB + tok // P, mask=mask, other=0).to(tl.int64)
-    return (tl.load(layer_off + layer) + c * s_kv + page * s_page + (tok % P) * s_tok
-            + (r // D) * s_head + r % D)
+def _page_offsets(layer_off, page_table, b, j, c, e, s_kv, s_page, s_tok, s_head, layer,
+                  PPB: tl.constexpr, H: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr,
+                  DENSE: tl.constexpr, ALIGN: tl.constexpr):
+    # element offsets (from layer 0) of elements e of page j of block b, this layer, half c
+    page = tl.load(page_table + b * PPB + j).to(tl.int64)
+    base = tl.load(layer_off + layer) + c * s_kv + page * s_page
+    if DENSE:
+        src = base + e
+        if ALIGN > 1:
+            src = tl.max_contiguous(tl.multiple_of(src, ALIGN), TILE)
+    else:
+        r = e % (H * D)
+        src = base + (e // (H * D)) * s_tok + (r // D) * s_head + r % D
+    return src
 
 
 @triton.jit
 def _gather_quant(cache, layer_off, page_table, q, scales, s_kv, s_page, s_tok, s_head,
                   L: tl.constexpr, PPB: tl.constexpr, P: tl.constexpr, H: tl.constexpr,
-                  D: tl.constexpr, TILE: tl.constexpr, QMAX_: tl.constexpr, INT8: tl.constexpr):
-    # grid: (block, layer * k|v); one program owns one slab, so amax needs no second launch
+                  D: tl.constexpr, TILE: tl.constexpr, DENSE: tl.constexpr,
+                  ALIGN: tl.constexpr, QMAX_: tl.constexpr, INT8: tl.constexpr):
+    # grid: (block, layer * k|v); one program owns one slab, so amax needs no second launch.
+    # Two passes over the slab (amax, then quantize); the second mostly hits L2.
     b = tl.program_id(0).to(tl.int64)
     pid_lc = tl.program_id(1)
     layer = pid_lc // 2
     c = pid_lc % 2
-    SLAB: tl.constexpr = PPB * P * H * D
+    PAGE: tl.constexpr = P * H * D
     amax = tl.zeros([TILE], dtype=tl.float32)
-    for start in range(0, SLAB, TILE):
-        e = start + tl.arange(0, TILE)
-        mask = e < SLAB
-        src = _slab_offsets(layer_off, page_table, b, c, e, mask, s_kv, s_page, s_tok, s_head,
-                            layer, PPB, P, H, D)
-        x = tl.load(cache + src, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+    for j in range(PPB):
+        for start in range(0, PAGE, TILE):
+            e = start + tl.arange(0, TILE)
+            mask = e < PAGE
+            src = _page_offsets(layer_off, page_table, b, j, c, e, s_kv, s_page, s_tok, s_head,
+                                layer, PPB, H, D, TILE, DENSE, ALIGN)
+            x = tl.load(cache + src, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
     m = tl.max(amax, axis=0)
     tl.store(scales + b * (2 * L) + pid_lc, tl.math.div_rn(m, QMAX_))
     # m == 0 divides by zero (inf, no trap) and is then discarded, as in the reference
     inv = tl.where(m > 0, tl.math.div_rn(tl.full([], QMAX_, tl.float32), m), 0.0)
-    out = (b * (2 * L) + pid_lc) * SLAB
-    for start in range(0, SLAB, TILE):
-        e = start + tl.arange(0, TILE)
-        mask = e < SLAB
-        src = _slab_offsets(layer_off, page_table, b, c, e, mask, s_kv, s_page, s_tok, s_head,
-                            layer, PPB, P, H, D)
-        y = tl.load(cache + src, mask=mask, other=0.0).to(tl.float32) * inv
-        y = tl.minimum(tl.maximum(y, -QMAX_), QMAX_)
-        if INT8:
-            y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
-        tl.store(q + out + e, y.to(q.dtype.element_ty), mask=mask)
+    out = (b * (2 * L) + pid_lc) * (PPB * PAGE)
+    for j in range(PPB):
+        for start in range(0, PAGE, TILE):
+            e = start + tl.arange(0, TILE)
+            mask = e < PAGE
+            src = _page_offsets(layer_off, page_table, b, j, c, e, s_kv, s_page, s_tok, s_head,
+                                layer, PPB, H, D, TILE, DENSE, ALIGN)
+            y = tl.load(cache + src, mask=mask, other=0.0).to(tl.float32) * inv
+            y = tl.minimum(tl.maximum(y, -QMAX_), QMAX_)
+            if INT8:
+                y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
+            tl.store(q + out + j * PAGE + e, y.to(q.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dequant_scatter(cache, layer_off, page_table, q, scales, s_kv, s_page, s_tok, s_head,
                      L: tl.constexpr, PPB: tl.constexpr, P: tl.constexpr, H: tl.constexpr,
-                     D: tl.constexpr, TILE: tl.constexpr):
+                     D: tl.constexpr, TILE: tl.constexpr, DENSE: tl.constexpr,
+                     ALIGN: tl.constexpr):
     # grid: (block * page-of-block, layer * k|v, tile of the page), like _copy_pages
     pid_page = tl.program_id(0).to(tl.int64)
     pid_lc = tl.program_id(1)
@@ -113,12 +125,10 @@ def _dequant_scatter(cache, layer_off, page_table, q, scales, s_kv, s_page, s_to
     b = pid_page // PPB
     j = pid_page % PPB
     PAGE: tl.constexpr = P * H * D
-    page = tl.load(page_table + pid_page).to(tl.int64)
     e = tl.program_id(2) * TILE + tl.arange(0, TILE)
     mask = e < PAGE
-    r = e % (H * D)
-    dst = (tl.load(layer_off + layer) + c * s_kv + page * s_page + (e // (H * D)) * s_tok
-           + (r // D) * s_head + r % D)
+    dst = _page_offsets(layer_off, page_table, b, j, c, e, s_kv, s_page, s_tok, s_head, layer,
+                        PPB, H, D, TILE, DENSE, ALIGN)
     scale = tl.load(scales + b * (2 * L) + pid_lc)
     x = tl.load(q + (b * (2 * L) + pid_lc) * (PPB * PAGE) + j * PAGE + e, mask=mask)
     tl.store(cache + dst, (x.to(tl.float32) * scale).to(cache.dtype.element_ty), mask=mask)
@@ -189,10 +199,13 @@ def gather_quantized(pkv: PagedKV, page_table: torch.Tensor, name: str) -> Quant
     scales = torch.empty((n, pkv.num_layers, 2), dtype=torch.float32, device=pkv.device)
     if n:
         pt = page_table.to(pkv.device, non_blocking=True).contiguous()
+        offsets = _layer_offsets(pkv)
+        page_elems = pkv.page_tokens * pkv.num_kv_heads * pkv.head_dim
         _gather_quant[(n, 2 * pkv.num_layers)](
-            pkv.layers[0], _layer_offsets(pkv), pt, data, scales, *_strides(pkv),
+            pkv.layers[0], offsets, pt, data, scales, *_strides(pkv),
             L=pkv.num_layers, PPB=ppb, P=pkv.page_tokens, H=pkv.num_kv_heads, D=pkv.head_dim,
-            TILE=_TILE, QMAX_=QMAX[name], INT8=name == "int8", num_warps=4)
+            TILE=_TILE, DENSE=_dense(pkv), ALIGN=_alignment(pkv, offsets, data, page_elems),
+            QMAX_=QMAX[name], INT8=name == "int8", num_warps=4)
     return QuantizedBlocks(data, scales)
 
 
@@ -202,7 +215,9 @@ def scatter_dequantized(pkv: PagedKV, page_table: torch.Tensor, q: QuantizedBloc
         return
     P, H, D = pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim
     pt = page_table.to(pkv.device, non_blocking=True).contiguous()
+    offsets = _layer_offsets(pkv)
     grid = (n * ppb, 2 * pkv.num_layers, triton.cdiv(P * H * D, _TILE))
-    _dequant_scatter[grid](pkv.layers[0], _layer_offsets(pkv), pt, q.data, q.scales,
-                           *_strides(pkv), L=pkv.num_layers, PPB=ppb, P=P, H=H, D=D,
-                           TILE=_TILE, num_warps=4)
+    _dequant_scatter[grid](pkv.layers[0], offsets, pt, q.data, q.scales, *_strides(pkv),
+                           L=pkv.num_layers, PPB=ppb, P=P, H=H, D=D, TILE=_TILE,
+                           DENSE=_dense(pkv), ALIGN=_alignment(pkv, offsets, q.data, P * H * D),
+                           num_warps=4)

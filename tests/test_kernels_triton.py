@@ -129,3 +129,41 @@ def test_gpu_quantized_offload_matches_reference(name, dtype, kind):
     scatter_dequantized(ref, pt, qa, impl="torch")
     scatter_dequantized(tri, pt, qa)
     assert all(torch.equal(a, b) for a, b in zip(layers_of(ref), layers_of(tri)))
+
+
+# -- compiled for a GPU, without one ----------------------------------------------------------
+def _compile_for_sm90(fn, types: dict, consts: dict):
+    """triton.compile for an H100 (sm_90) target: needs no driver, only triton's bundled tools.
+
+    Pointer arguments get the 16-byte divisibility the JIT gives every aligned tensor at launch.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+             for a, t in types.items() if t.startswith("*")}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernels_compile_for_sm90_with_vector_copies_and_rounding_conversions():
+    import re
+    from kvstore.kernels import triton_kv as K
+    common = {"layer_off": "*i64", "page_table": "*i64", "s_kv": "i64", "s_page": "i64",
+              "s_tok": "i32", "s_head": "i32"}
+    shape = {"L": 4, "PPB": 2, "P": 16, "H": 8, "D": 128, "TILE": 1024, "DENSE": True, "ALIGN": 8}
+    ptx = _compile_for_sm90(K._copy_pages, {**common, "cache": "*bf16", "blocks": "*bf16"},
+                            {**shape, "TO_CACHE": False})
+    # 16-byte vector loads and stores: the alignment hints reach the code generator
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    ptx = _compile_for_sm90(K._gather_quant, {**common, "cache": "*bf16", "q": "*fp8e4nv",
+                                              "scales": "*fp32"},
+                            {**shape, "QMAX_": 448.0, "INT8": False})
+    assert "div.rn.f32" in ptx                                    # the reference's true division
+    assert re.search(r"cvt\.rn(\.satfinite)?\.e4m3x2\.f32", ptx)  # round to nearest even, as torch
+    ptx = _compile_for_sm90(K._dequant_scatter, {**common, "cache": "*fp16", "q": "*i8",
+                                                 "scales": "*fp32"}, {**shape, "DENSE": False,
+                                                                      "ALIGN": 1})
+    assert "st.global" in ptx
