@@ -1,9 +1,9 @@
 """The SDK's CUDA data path: the mapped arena registered as pinned memory, and a copy stream.
 
 On a CUDA host a client registers the daemon's shared arena with ``cudaHostRegister`` (through
-``torch.cuda.cudart()``), so a put of a GPU tensor is one D2H DMA per block straight into its
-arena slot and a get into a GPU tensor one H2D DMA per block, on a side stream that overlaps the
-caller's compute. No staging copy, no copy through the daemon.
+``torch.cuda.cudart()``), so a put of a GPU tensor is one D2H DMA per run of adjacent slots
+straight into the arena, and a get into a GPU tensor one H2D DMA per run, on a side stream that
+overlaps the caller's compute. No staging copy, no copy through the daemon.
 
 Ordering contract:
 * put: the copies wait for the work queued on the caller's current stream when put() was called
@@ -62,6 +62,26 @@ def attach(arena, arena_view, want: bool | None) -> "PinnedArena | None":
         return None
 
 
+def runs(offsets: list[int], indices: list[int], row_bytes: int) -> list[tuple[int, int, int]]:
+    """Group rows into (first index, count, arena offset) runs that are adjacent on both sides.
+
+    Rows i and i+1 of a [n, row_bytes] tensor are adjacent in memory; when their arena slots are
+    adjacent too (the slab allocator hands out consecutive slots, and slot == block size for
+    4 KiB-multiple blocks) one DMA moves the whole run: fewer, larger copies approach the
+    link's bandwidth where per-copy launch cost would dominate small blocks.
+    """
+    out: list[tuple[int, int, int]] = []
+    for i in indices:
+        o = offsets[i]
+        if out:
+            first, count, start = out[-1]
+            if i == first + count and o == start + count * row_bytes:
+                out[-1] = (first, count + 1, start)
+                continue
+        out.append((i, 1, o))
+    return out
+
+
 def ready_event(x):
     """An event on the current stream of ``x``'s device, or None for a non-CUDA tensor."""
     if not is_cuda_tensor(x):
@@ -102,12 +122,13 @@ class PinnedArena:
         with torch.cuda.stream(stream):
             if ready is not None:
                 stream.wait_event(ready)
-            for i in indices:
-                o = offsets[i]
+            for first, count, o in runs(offsets, indices, bb):
+                host = self.arena_tensor[o:o + count * bb]
+                dev = gpu_rows[first:first + count].view(-1)
                 if to_arena:
-                    self.arena_tensor[o:o + bb].copy_(gpu_rows[i], non_blocking=True)
+                    host.copy_(dev, non_blocking=True)
                 else:
-                    gpu_rows[i].copy_(self.arena_tensor[o:o + bb], non_blocking=True)
+                    dev.copy_(host, non_blocking=True)
             gpu_rows.record_stream(stream)           # the allocator must not reuse it early
             done = torch.cuda.Event()
             done.record(stream)

@@ -49,11 +49,23 @@ def test_gpu_put_and_get_dma_through_the_pinned_arena(daemon):
         keys = ns.block_keys(list(range(16 * 8)))
         kv = torch.randn(8, *LAYOUT.block_shape, device="cuda").half()
         kv_copy = kv.clone()
-        fut = ns.put(keys, kv * 1)                         # produced on the compute stream
-        assert fut.result(timeout=30) == 8
+        assert ns.put(keys[:3], kv[:3]).result(timeout=30) == 3
+        fut = ns.put(keys, kv * 1)            # produced on the compute stream; 3 already stored
+        assert fut.result(timeout=30) == 5
         out = torch.zeros_like(kv)
         got = ns.get(keys, out=out).result(timeout=30)
         assert got.data_ptr() == out.data_ptr() and got.shape[0] == 8
         assert torch.equal(out, kv_copy)
         # a CPU get of the same blocks reads the same bytes the DMA wrote
         assert torch.equal(ns.get(keys).result(timeout=30), kv_copy.cpu())
+
+
+def test_copies_are_grouped_into_runs_adjacent_in_both_places():
+    bb = 4096
+    offsets = [8192, 12288, 16384, 40960, -1, 45056, 4096]
+    todo = [0, 1, 2, 3, 5, 6]                       # index 4: already stored, nothing to copy
+    assert kvcuda.runs(offsets, todo, bb) == [(0, 3, 8192), (3, 1, 40960), (5, 1, 45056),
+                                              (6, 1, 4096)]
+    assert kvcuda.runs([0, 4096, 8192], [0, 1, 2], bb) == [(0, 3, 0)]
+    assert kvcuda.runs([8192, 4096], [0, 1], bb) == [(0, 1, 8192), (1, 1, 4096)]   # descending
+    assert kvcuda.runs([], [], bb) == []
