@@ -132,7 +132,7 @@ def test_gpu_quantized_offload_matches_reference(name, dtype, kind):
 
 
 # -- compiled for a GPU, without one ----------------------------------------------------------
-def _compile_for_sm90(fn, types: dict, consts: dict):
+def _compile_for_sm90(fn, types: dict, consts: dict, arch: int = 90):
     """triton.compile for an H100 (sm_90) target: needs no driver, only triton's bundled tools.
 
     Pointer arguments get the 16-byte divisibility the JIT gives every aligned tensor at launch.
@@ -144,7 +144,7 @@ def _compile_for_sm90(fn, types: dict, consts: dict):
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
              for a, t in types.items() if t.startswith("*")}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+                          target=GPUTarget("cuda", arch, 32)).asm["ptx"]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -167,3 +167,25 @@ def test_kernels_compile_for_sm90_with_vector_copies_and_rounding_conversions():
                                                  "scales": "*fp32"}, {**shape, "DENSE": False,
                                                                       "ALIGN": 1})
     assert "st.global" in ptx
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_kernel_variant_compiles(arch):
+    from kvstore.kernels import triton_kv as K
+    common = {"layer_off": "*i64", "page_table": "*i64", "s_kv": "i64", "s_page": "i64",
+              "s_tok": "i32", "s_head": "i32"}
+    for dt in ("bf16", "fp16", "fp32"):
+        for dense, align in ((True, 16 // {"bf16": 2, "fp16": 2, "fp32": 4}[dt]), (False, 1)):
+            shape = {"L": 3, "PPB": 4, "P": 4, "H": 2, "D": 64, "TILE": 1024, "DENSE": dense,
+                     "ALIGN": align}
+            for to_cache in (False, True):
+                _compile_for_sm90(K._copy_pages, {**common, "cache": f"*{dt}", "blocks": f"*{dt}"},
+                                  {**shape, "TO_CACHE": to_cache}, arch)
+            # fp8 e4m3 needs sm_89+: the launcher refuses it below that
+            for q, qmax in (("*i8", 127.0), ("*fp8e4nv", 448.0)) if arch >= 89 else (("*i8", 127.0),):
+                types = {**common, "cache": f"*{dt}", "q": q, "scales": "*fp32"}
+                _compile_for_sm90(K._gather_quant, types,
+                                  {**shape, "QMAX_": qmax, "INT8": q == "*i8"}, arch)
+                _compile_for_sm90(K._dequant_scatter, types, shape, arch)
