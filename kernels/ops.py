@@ -7,6 +7,8 @@ table or buffer that do not fit each other, before touching any memory.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvstore.kernels import reference
@@ -19,6 +21,10 @@ _IMPLS = ("auto", "torch", "triton")
 def _use_triton(pkv: PagedKV, impl: str) -> bool:
     if impl not in _IMPLS:
         raise KernelInputError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "triton" and pkv.device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise KernelInputError(f"impl='triton' needs CUDA tensors (the cache is on {pkv.device}); "
+                               "on CPU only under TRITON_INTERPRET=1")
     return impl == "triton" or (impl == "auto" and pkv.device.type == "cuda")
 
 

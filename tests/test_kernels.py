@@ -121,7 +121,7 @@ def test_scatter_refuses_a_page_named_twice():
     assert all(torch.equal(a, b) for a, b in zip(cache, before))
 
 
-def test_mismatched_inputs_are_refused():
+def test_mismatched_inputs_are_refused(monkeypatch):
     cache = make_cache("per_layer", 2, 6, 2, 1, 4, torch.float32)
     pt = torch.tensor([[0, 1]])
     with pytest.raises(KernelInputError, match="layer 1"):
@@ -138,6 +138,10 @@ def test_mismatched_inputs_are_refused():
         gather([t.transpose(3, 4) for t in make_cache("per_layer", 2, 6, 2, 3, 3, torch.float32)], pt)
     with pytest.raises(KernelInputError, match="impl"):
         gather(cache, pt, impl="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(KernelInputError, match="TRITON_INTERPRET=1"):
+            gather(cache, pt, impl="triton")
 
 
 # -- quantization ---------------------------------------------------------------------------
