@@ -63,3 +63,15 @@ def test_bench_gpu_runs_and_reports_every_ratio():
     for k in ("put_vs_raw", "get_vs_raw"):
         assert res["transfers"][k] > 0
     assert res["kernels"]["impl"] == "triton" and res["kernels"]["gather_vs_copy"] > 0
+
+
+def test_bench_gpu_transfer_harness_runs_on_cpu_tensors():
+    # The GPU benchmark's harness (private daemon, fresh keys per put, byte check of the get)
+    # on CPU tensors, so a GPU run does not find its bugs first. Not GPU figures.
+    from kvstore.bench import gpu
+    args = gpu._parser().parse_args(["--layers", "2", "--blocks", "4", "--repeat", "2"])
+    res = gpu.measure_transfers(args, torch, device="cpu")
+    assert res["blocks"] == 4 and res["arena_pinned"] is False
+    assert res["bytes"] == 4 * 2 * 2 * 16 * 8 * 128 * 2
+    for k in ("put_vs_raw", "get_vs_raw", "sdk_put_gbps", "sdk_get_gbps"):
+        assert res[k] > 0
