@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -32,26 +31,32 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def timer(device):
+    """run(fns, repeat) -> the best seconds of each fn, the fns interleaved round by round.
+
+    Interleaving exposes the kernels and the baseline to the same interference (other jobs on a
+    shared machine), and the best of several rounds is the least disturbed one.
+    """
     import torch
-    if device.type == "cuda":
-        def run(fn, repeat):
-            times = []
-            for _ in range(repeat):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            return statistics.median(times)
-    else:
-        def run(fn, repeat):
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+    cuda = device.type == "cuda"
+
+    def once(fn) -> float:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def run(fns, repeat):
+        best = [float("inf")] * len(fns)
+        for _ in range(repeat):
+            for k, fn in enumerate(fns):
+                best[k] = min(best[k], once(fn))
+        return best
     return run
 
 
@@ -75,24 +80,26 @@ def measure(args, torch) -> dict:
     flat_src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     flat_dst = torch.empty_like(flat_src)
     run = timer(dev)
-    run(lambda: flat_dst.copy_(flat_src), 2)
-    t_copy = run(lambda: flat_dst.copy_(flat_src), args.repeat)
-    t_gather = run(lambda: gather(cache, pt, out=out), args.repeat)
-    t_scatter = run(lambda: scatter(cache, pt, out), args.repeat)
-    t_copy2 = run(lambda: flat_dst.copy_(flat_src), args.repeat)   # baseline again: drift check
-    base = min(t_copy, t_copy2)
+    fns = [lambda: flat_dst.copy_(flat_src), lambda: gather(cache, pt, out=out),
+           lambda: scatter(cache, pt, out)]
+    quantizable = dtype.is_floating_point and dtype.itemsize >= 2
+    if quantizable:
+        gather_quantized(cache, pt, "int8")
+        fns.append(lambda: gather_quantized(cache, pt, "int8"))
+    times = run(fns, args.repeat)
+    base, t_gather, t_scatter = times[:3]
     res = {
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "impl": "triton" if dev.type == "cuda" else "torch reference",
         "bytes_per_call": nbytes, "blocks": args.blocks, "layers": args.layers,
-        "layout": args.layout, "page_tokens": args.page_tokens, "block_tokens": args.block_tokens, "dtype": args.dtype,
+        "layout": args.layout, "page_tokens": args.page_tokens,
+        "block_tokens": args.block_tokens, "dtype": args.dtype,
         "copy_gbps": nbytes / base / 1e9,
         "gather_gbps": nbytes / t_gather / 1e9, "scatter_gbps": nbytes / t_scatter / 1e9,
         "gather_vs_copy": base / t_gather, "scatter_vs_copy": base / t_scatter,
     }
-    if dtype.is_floating_point and dtype.itemsize >= 2:
-        gather_quantized(cache, pt, "int8")
-        t_q = run(lambda: gather_quantized(cache, pt, "int8"), args.repeat)
+    if quantizable:
+        t_q = times[3]
         res["gather_int8_gbps"] = nbytes / t_q / 1e9            # source bytes read per second
         res["gather_int8_vs_copy"] = base / t_q
     return res
