@@ -160,7 +160,8 @@ def _strides(pkv: PagedKV):
     return s[0], s[1], s[2], s[3]
 
 
-def _alignment(pkv: PagedKV, offsets: torch.Tensor, blocks: torch.Tensor, page_elems: int) -> int:
+def _alignment(pkv: PagedKV, blocks: torch.Tensor, page_elems: int) -> int:
+    # 16-byte aligned layers also make every layer offset a multiple of ALIGN elements
     es = pkv.layers[0].element_size()
     align = max(1, _ALIGN_BYTES // es)
     s_kv, s_page, _, _ = _strides(pkv)
@@ -187,7 +188,7 @@ def copy(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor, to_cache:
     grid = (n * ppb, 2 * pkv.num_layers, triton.cdiv(page_elems, _TILE))
     _copy_pages[grid](pkv.layers[0], offsets, pt, blocks, *_strides(pkv),
                       L=pkv.num_layers, PPB=ppb, P=P, H=H, D=D, TILE=_TILE,
-                      DENSE=_dense(pkv), ALIGN=_alignment(pkv, offsets, blocks, page_elems),
+                      DENSE=_dense(pkv), ALIGN=_alignment(pkv, blocks, page_elems),
                       TO_CACHE=to_cache, num_warps=4)
 
 
@@ -204,7 +205,7 @@ def gather_quantized(pkv: PagedKV, page_table: torch.Tensor, name: str) -> Quant
         _gather_quant[(n, 2 * pkv.num_layers)](
             pkv.layers[0], offsets, pt, data, scales, *_strides(pkv),
             L=pkv.num_layers, PPB=ppb, P=pkv.page_tokens, H=pkv.num_kv_heads, D=pkv.head_dim,
-            TILE=_TILE, DENSE=_dense(pkv), ALIGN=_alignment(pkv, offsets, data, page_elems),
+            TILE=_TILE, DENSE=_dense(pkv), ALIGN=_alignment(pkv, data, page_elems),
             QMAX_=QMAX[name], INT8=name == "int8", num_warps=4)
     return QuantizedBlocks(data, scales)
 
@@ -219,5 +220,5 @@ def scatter_dequantized(pkv: PagedKV, page_table: torch.Tensor, q: QuantizedBloc
     grid = (n * ppb, 2 * pkv.num_layers, triton.cdiv(P * H * D, _TILE))
     _dequant_scatter[grid](pkv.layers[0], offsets, pt, q.data, q.scales, *_strides(pkv),
                            L=pkv.num_layers, PPB=ppb, P=P, H=H, D=D, TILE=_TILE,
-                           DENSE=_dense(pkv), ALIGN=_alignment(pkv, offsets, q.data, P * H * D),
+                           DENSE=_dense(pkv), ALIGN=_alignment(pkv, q.data, P * H * D),
                            num_warps=4)
