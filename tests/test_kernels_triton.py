@@ -60,6 +60,21 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 tol = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0
                 assert all(torch.allclose(x.float(), y.float(), rtol=tol, atol=0)
                            for x, y in zip(layers_of(c1), layers_of(c2))), (dtype, kind, name)
+# pages larger than one 1024-element tile, and a ragged last tile (P*H*D = 3*5*70 = 1050)
+for kind in ("per_layer", "layer_first", "hnd"):
+    for P, H, D in ((16, 2, 64), (3, 5, 70)):
+        cache = make_cache(kind, 2, 5, P, H, D, torch.bfloat16)
+        pt = torch.tensor([[4, 0], [2, 3]])
+        a = gather(cache, pt, impl="torch")
+        assert torch.equal(a, gather(cache, pt, impl="triton")), (kind, P, H, D)
+        c1 = make_cache(kind, 2, 5, P, H, D, torch.bfloat16, seed=1)
+        c2 = make_cache(kind, 2, 5, P, H, D, torch.bfloat16, seed=1)
+        scatter(c1, pt, a, impl="torch")
+        scatter(c2, pt, a, impl="triton")
+        assert all(torch.equal(x, y) for x, y in zip(layers_of(c1), layers_of(c2)))
+        qa = gather_quantized(cache, pt, "int8", impl="torch")
+        qb = gather_quantized(cache, pt, "int8", impl="triton")
+        assert torch.equal(qa.scales, qb.scales) and torch.equal(qa.data, qb.data), (kind, P)
 print("interpreter ok")
 """
 
