@@ -75,6 +75,10 @@ for kind in ("per_layer", "layer_first", "hnd"):
         qa = gather_quantized(cache, pt, "int8", impl="torch")
         qb = gather_quantized(cache, pt, "int8", impl="triton")
         assert torch.equal(qa.scales, qb.scales) and torch.equal(qa.data, qb.data), (kind, P)
+        scatter_dequantized(c1, pt, qa, impl="torch")
+        scatter_dequantized(c2, pt, qa, impl="triton")
+        assert all(torch.allclose(x.float(), y.float(), rtol=2.0 ** -7, atol=0)
+                   for x, y in zip(layers_of(c1), layers_of(c2))), (kind, P)
 print("interpreter ok")
 """
 
