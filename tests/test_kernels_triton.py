@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from kvstore.kernels import QMAX, gather, gather_quantized, scatter, scatter_dequantized
-from test_kernels import layers_of, make_cache
+try:                                   # tests/ as rootdir-relative modules (the default)
+    from test_kernels import layers_of, make_cache
+except ImportError:                    # tests/ as a package
+    from tests.test_kernels import layers_of, make_cache
 
 TESTS = Path(__file__).resolve().parent
 
