@@ -27,7 +27,7 @@ from typing import Sequence
 import grpc
 
 from kvstore.arena import Arena, ArenaError
-from kvstore.client import transfer
+from kvstore.client import cuda, transfer
 from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
                                    Unavailable, from_rpc_error)
 from kvstore.config import _default_socket
@@ -99,12 +99,15 @@ class KVClient:
                overrides the name checked against the certificate.
     timeout_s: deadline of each control call.
     shared_memory: map the daemon's arena when it is reachable (same host).
+    pin_arena: register the mapped arena as pinned memory for GPU DMA (client/cuda.py); None
+               (default) pins when this process uses CUDA through torch, False never does.
     """
 
     def __init__(self, socket: str | None = None, *, address: str | None = None,
                  token: str | None = None, timeout_s: float = 10.0, io_threads: int = 2,
                  shared_memory: bool = True, client_name: str = "", tls: bool = False,
-                 tls_ca_file: str | None = None, tls_server_name: str | None = None):
+                 tls_ca_file: str | None = None, tls_server_name: str | None = None,
+                 pin_arena: bool | None = None):
         self.target = address if address else f"unix:{socket or _default_socket()}"
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -124,6 +127,8 @@ class KVClient:
         self._session: _Session | None = None
         self.arena: Arena | None = None
         self._arena_view: transfer.ArenaView | None = None
+        self._pin_arena = pin_arena
+        self._pinned: cuda.PinnedArena | None = None
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
@@ -136,8 +141,7 @@ class KVClient:
             else self._open_with_metadata()
         ev = sess.event
         if self.arena is not None:
-            self._arena_view = None
-            self.arena.close()
+            self._unmap_arena()
             self.arena = None
         if self._want_shm and ev.arena.path:
             try:
@@ -145,6 +149,8 @@ class KVClient:
                 self._arena_view = transfer.ArenaView(self.arena.buffer)
             except ArenaError as exc:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
+            else:
+                self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
         self._session = sess
         self.max_batch_blocks = ev.max_batch_blocks or 4096
         self.max_message_bytes = min(ev.max_message_bytes or (4 << 20), _MSG_LIMIT)
@@ -232,8 +238,14 @@ class KVClient:
             self._session.close()
         self._channel.close()
         if self.arena is not None:
-            self._arena_view = None
-            self.arena.close()
+            self._unmap_arena()
+
+    def _unmap_arena(self) -> None:
+        if self._pinned is not None:
+            self._pinned.close()          # unregister before the mapping goes
+            self._pinned = None
+        self._arena_view = None
+        self.arena.close()
 
     def __enter__(self) -> "KVClient":
         return self
@@ -365,13 +377,14 @@ class Namespace:
         blob = pack_keys(keys)
         rows = transfer.block_rows(kv, self.layout, len(keys))
         self._check_batch(len(keys))
-        return self.client.submit(self._put, blob, rows, parent_key or b"")
+        ready = cuda.ready_event(rows)     # the copy waits for the caller's stream as of now
+        return self.client.submit(self._put, blob, rows, parent_key or b"", ready)
 
-    def _put(self, blob: bytes, rows, parent_key: bytes) -> int:
+    def _put(self, blob: bytes, rows, parent_key: bytes, ready=None) -> int:
         alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob, parent_key=parent_key))
         try:
-            written = self._write(sid, alloc.allocation_id, list(alloc.offsets), rows)
+            written = self._write(sid, alloc.allocation_id, list(alloc.offsets), rows, ready)
         except BaseException:
             try:
                 self.client.call("Commit", pb.CommitRequest(
@@ -383,10 +396,14 @@ class Namespace:
                                                     allocation_id=alloc.allocation_id))
         return written
 
-    def _write(self, sid: int, allocation_id: int, offsets: list[int], rows) -> int:
+    def _write(self, sid: int, allocation_id: int, offsets: list[int], rows, ready=None) -> int:
         bb = self.layout.block_bytes
         todo = [i for i, o in enumerate(offsets) if o >= 0]
         av = self.client._arena_view
+        pinned = self.client._pinned
+        if av is not None and pinned is not None and cuda.is_cuda_tensor(rows):
+            pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
+            return len(todo)
         if av is not None:
             arena = av.rows_for(rows)
             for i in todo:
@@ -426,9 +443,9 @@ class Namespace:
         self._check_batch(len(keys))
         if out is not None:
             transfer.out_rows(out, self.layout, len(keys))  # validate before submitting
-        return self.client.submit(self._get, blob, len(keys), out)
+        return self.client.submit(self._get, blob, len(keys), out, cuda.ready_event(out))
 
-    def _get(self, blob: bytes, n: int, out):
+    def _get(self, blob: bytes, n: int, out, ready=None):
         t0 = time.monotonic()
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob))
@@ -441,7 +458,11 @@ class Namespace:
             dst = transfer.out_rows(out, self.layout, found)
             if found:
                 av = self.client._arena_view
-                if av is not None:
+                pinned = self.client._pinned
+                if av is not None and pinned is not None and cuda.is_cuda_tensor(dst):
+                    # before the lease is released: the slot must not be reused mid-DMA
+                    pinned.from_arena(dst, lease.offsets, ready).synchronize()
+                elif av is not None:
                     arena = av.rows_for(dst)
                     bb = self.layout.block_bytes
                     for i, o in enumerate(lease.offsets):
