@@ -27,7 +27,7 @@ from typing import Sequence
 import grpc
 
 from kvstore.arena import Arena, ArenaError
-from kvstore.client import transfer
+from kvstore.client import cuda, transfer
 from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
                                    Unavailable, from_rpc_error)
 from kvstore.config import _default_socket
@@ -94,27 +94,41 @@ class KVClient:
     socket:    Unix socket path (default: the daemon's default socket).
     address:   "host:port" for TCP instead (bytes then travel over gRPC).
     token:     bearer token for a TCP daemon that requires one.
+    tls:       connect with TLS (implied by tls_ca_file); tls_ca_file is the PEM of the CA (or the
+               self-signed certificate) to trust instead of the system roots; tls_server_name
+               overrides the name checked against the certificate.
     timeout_s: deadline of each control call.
     shared_memory: map the daemon's arena when it is reachable (same host).
+    pin_arena: register the mapped arena as pinned memory for GPU DMA (client/cuda.py); None
+               (default) pins when this process uses CUDA through torch, False never does.
     """
 
     def __init__(self, socket: str | None = None, *, address: str | None = None,
                  token: str | None = None, timeout_s: float = 10.0, io_threads: int = 2,
-                 shared_memory: bool = True, client_name: str = ""):
+                 shared_memory: bool = True, client_name: str = "", tls: bool = False,
+                 tls_ca_file: str | None = None, tls_server_name: str | None = None,
+                 pin_arena: bool | None = None):
         self.target = address if address else f"unix:{socket or _default_socket()}"
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._want_shm = shared_memory
         self._client_name = client_name or f"pid{os.getpid()}"
-        self._channel = grpc.insecure_channel(self.target, options=[
+        self._tls = _tls_credentials(tls, tls_ca_file)
+        options = [
             ("grpc.max_receive_message_length", _MSG_LIMIT),
             ("grpc.max_send_message_length", _MSG_LIMIT),
-        ])
+        ]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
+        self._channel_options = options   # a reconnect opens its channel with these too
+        self._channel = _open_channel(self.target, options, self._tls)
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self.arena: Arena | None = None
         self._arena_view: transfer.ArenaView | None = None
+        self._pin_arena = pin_arena
+        self._pinned: cuda.PinnedArena | None = None
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
@@ -127,8 +141,7 @@ class KVClient:
             else self._open_with_metadata()
         ev = sess.event
         if self.arena is not None:
-            self._arena_view = None
-            self.arena.close()
+            self._unmap_arena()
             self.arena = None
         if self._want_shm and ev.arena.path:
             try:
@@ -136,6 +149,8 @@ class KVClient:
                 self._arena_view = transfer.ArenaView(self.arena.buffer)
             except ArenaError as exc:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
+            else:
+                self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
         self._session = sess
         self.max_batch_blocks = ev.max_batch_blocks or 4096
         self.max_message_bytes = min(ev.max_message_bytes or (4 << 20), _MSG_LIMIT)
@@ -192,6 +207,25 @@ class KVClient:
         self._ensure_session()
         return self.call("GetStats", pb.GetStatsRequest())
 
+    def watch_stats(self, interval_s: float = 1.0):
+        """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats)."""
+        self._ensure_session()
+        try:
+            yield from self._stub.WatchStats(pb.WatchStatsRequest(interval_s=interval_s),
+                                             metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def report_fallbacks(self, count: int = 1, blocks: int = 0, reason: str = "",
+                         namespace_id: bytes = b"") -> None:
+        """Tell the daemon this client recomputed instead of loading; never raises (the cache
+        is already failing this client, and reporting must not make that worse)."""
+        try:
+            self.call("ReportFallbacks", pb.ReportFallbacksRequest(
+                namespace_id=namespace_id, count=count, blocks=blocks, reason=reason[:200]))
+        except KVStoreError as exc:
+            log.debug("could not report %d fallbacks: %s", count, exc)
+
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
 
@@ -204,8 +238,14 @@ class KVClient:
             self._session.close()
         self._channel.close()
         if self.arena is not None:
-            self._arena_view = None
-            self.arena.close()
+            self._unmap_arena()
+
+    def _unmap_arena(self) -> None:
+        if self._pinned is not None:
+            self._pinned.close()          # unregister before the mapping goes
+            self._pinned = None
+        self._arena_view = None
+        self.arena.close()
 
     def __enter__(self) -> "KVClient":
         return self
@@ -337,13 +377,14 @@ class Namespace:
         blob = pack_keys(keys)
         rows = transfer.block_rows(kv, self.layout, len(keys))
         self._check_batch(len(keys))
-        return self.client.submit(self._put, blob, rows, parent_key or b"")
+        ready = cuda.ready_event(rows)     # the copy waits for the caller's stream as of now
+        return self.client.submit(self._put, blob, rows, parent_key or b"", ready)
 
-    def _put(self, blob: bytes, rows, parent_key: bytes) -> int:
+    def _put(self, blob: bytes, rows, parent_key: bytes, ready=None) -> int:
         alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob, parent_key=parent_key))
         try:
-            written = self._write(sid, alloc.allocation_id, list(alloc.offsets), rows)
+            written = self._write(sid, alloc.allocation_id, list(alloc.offsets), rows, ready)
         except BaseException:
             try:
                 self.client.call("Commit", pb.CommitRequest(
@@ -355,10 +396,14 @@ class Namespace:
                                                     allocation_id=alloc.allocation_id))
         return written
 
-    def _write(self, sid: int, allocation_id: int, offsets: list[int], rows) -> int:
+    def _write(self, sid: int, allocation_id: int, offsets: list[int], rows, ready=None) -> int:
         bb = self.layout.block_bytes
         todo = [i for i, o in enumerate(offsets) if o >= 0]
         av = self.client._arena_view
+        pinned = self.client._pinned
+        if av is not None and pinned is not None and cuda.is_cuda_tensor(rows):
+            pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
+            return len(todo)
         if av is not None:
             arena = av.rows_for(rows)
             for i in todo:
@@ -398,9 +443,9 @@ class Namespace:
         self._check_batch(len(keys))
         if out is not None:
             transfer.out_rows(out, self.layout, len(keys))  # validate before submitting
-        return self.client.submit(self._get, blob, len(keys), out)
+        return self.client.submit(self._get, blob, len(keys), out, cuda.ready_event(out))
 
-    def _get(self, blob: bytes, n: int, out):
+    def _get(self, blob: bytes, n: int, out, ready=None):
         t0 = time.monotonic()
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob))
@@ -413,7 +458,11 @@ class Namespace:
             dst = transfer.out_rows(out, self.layout, found)
             if found:
                 av = self.client._arena_view
-                if av is not None:
+                pinned = self.client._pinned
+                if av is not None and pinned is not None and cuda.is_cuda_tensor(dst):
+                    # before the lease is released: the slot must not be reused mid-DMA
+                    pinned.from_arena(dst, lease.offsets, ready).synchronize()
+                elif av is not None:
                     arena = av.rows_for(dst)
                     bb = self.layout.block_bytes
                     for i, o in enumerate(lease.offsets):
@@ -458,6 +507,26 @@ def _log_release_failure(fut) -> None:
     exc = fut.exception()
     if exc is not None:
         log.warning("asynchronous lease release failed: %s", exc)
+
+
+def _tls_credentials(tls: bool, ca_file: str | None):
+    """Channel credentials for TLS (None: plaintext). ca_file replaces the system roots."""
+    if not (tls or ca_file):
+        return None
+    roots = None
+    if ca_file:
+        try:
+            with open(ca_file, "rb") as f:
+                roots = f.read()
+        except OSError as exc:
+            raise InvalidArgument(f"tls_ca_file {ca_file}: {exc.strerror}") from None
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def _open_channel(target: str, options: list, tls_credentials) -> grpc.Channel:
+    if tls_credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls_credentials, options=options)
 
 
 def _row_bytes(row) -> bytes:

@@ -93,6 +93,30 @@ def _log_level(v: Any) -> str:
     return s.lower()
 
 
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {v!r}")
+
+
+def _port(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"not a port number: {v!r}")
+    i = int(v)
+    if not 0 <= i <= 65535:
+        raise ValueError(f"must be a port in 0..65535 (0: off), got {v!r}")
+    return i
+
+
+def _redacted(v: Any) -> str:
+    return "(set)" if v else ""
+
+
 @dataclass
 class Field:
     name: str
@@ -122,6 +146,22 @@ FIELDS: list[Field] = [
     Field("ssd_io_threads", _pos_int, 16, "SSD I/O threads (requests in flight)"),
     Field("ssd_write_policy", _write_policy, "write_through",
           "write_through (commit waits for SSD) or write_back (written when evicted)"),
+    # -- operations: statistics, lifecycle, access control, limits ---------------------------
+    Field("metrics_port", _port, 0, "serve /metrics (Prometheus) and the dashboard on this "
+          "port (0: off)"),
+    Field("metrics_host", _str, "127.0.0.1", "address the metrics port binds"),
+    Field("shutdown_grace_s", _pos_float, 5.0, "SIGTERM: in-flight calls get this long to finish"),
+    Field("socket_group", _str, "", "make the Unix socket 0660 owned by this group (else 0600)"),
+    Field("socket_requires_token", _bool, False, "require a bearer token on the Unix socket too"),
+    Field("tokens_file", _str, "", "bearer tokens: lines 'TOKEN TENANT [SHARED_SALT ...]'"),
+    Field("auth_token", _str, "", "a single bearer token for tenant '' (prefer "
+          "$KVSTORE_AUTH_TOKEN)", _redacted),
+    Field("tls_cert_file", _str, "", "TLS certificate (PEM) for the TCP listener"),
+    Field("tls_key_file", _str, "", "TLS private key (PEM) for the TCP listener"),
+    Field("max_inflight_requests_per_client", _pos_int, 256,
+          "outstanding puts + gets + streams one client may have"),
+    Field("max_inflight_bytes_per_client", _size, 0, "bytes of outstanding puts + gets one "
+          "client may have (0: half the DRAM tier)", lambda v: format_bytes(v) if v else "auto"),
 ]
 _BY_NAME = {f.name: f for f in FIELDS}
 
@@ -143,6 +183,17 @@ class Config:
     ssd_segment_bytes: int = 0
     ssd_io_threads: int = 0
     ssd_write_policy: str = ""
+    metrics_port: int = 0
+    metrics_host: str = ""
+    shutdown_grace_s: float = 0.0
+    socket_group: str = ""
+    socket_requires_token: bool = False
+    tokens_file: str = ""
+    auth_token: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    max_inflight_requests_per_client: int = 0
+    max_inflight_bytes_per_client: int = 0
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> list[tuple[str, str, str]]:
@@ -163,6 +214,20 @@ class Config:
             raise ConfigError("ssd_segment_bytes: must be a multiple of 4 KiB")
         if self.listen and ":" not in self.listen:
             raise ConfigError(f"listen: expected host:port, got {self.listen!r}")
+        if self.listen and not (self.tokens_file or self.auth_token):
+            raise ConfigError("listen: TCP requires bearer-token authentication: set tokens_file "
+                              "or auth_token ($KVSTORE_AUTH_TOKEN)")
+        if self.socket_requires_token and not (self.tokens_file or self.auth_token):
+            raise ConfigError("socket_requires_token: no tokens configured (tokens_file or "
+                              "auth_token)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file/tls_key_file: set both or neither")
+        if self.tls_cert_file and not self.listen:
+            raise ConfigError("tls_cert_file: TLS applies to the TCP listener; set listen too")
+
+    @property
+    def inflight_bytes_per_client(self) -> int:
+        return self.max_inflight_bytes_per_client or self.dram_bytes // 2
 
 
 def load_config(config_file: str | Path | None = None, env: dict[str, str] | None = None,

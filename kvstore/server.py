@@ -1,12 +1,17 @@
 """The daemon's lifecycle: create the arena, listen, serve, and shut down cleanly.
 
-SIGTERM or SIGINT: stop accepting, let in-flight calls finish (grace period), end every session
-(reclaiming its leases), unlink the arena and the socket, exit 0.
+SIGTERM or SIGINT: stop accepting, let in-flight calls finish (grace period, shutdown_grace_s),
+end every session (reclaiming its leases), unlink the arena and the socket, exit 0.
+
+Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
+and may use TLS. Every call passes the access layer (kvstore.access) before the servicer.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -19,9 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
+from kvstore.access import AccessPolicy, Limits
 from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.config import Config
-from kvstore.service import KVStoreServicer
+from kvstore.metrics import Metrics
+from kvstore.metrics_http import MetricsServer
+from kvstore.service import KVStoreServicer, stats_message
 from kvstore.store import BlockStore
 from kvstore.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
@@ -32,6 +41,7 @@ log = logging.getLogger("kvstore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 SHUTDOWN_GRACE_S = 5.0
 EXPIRE_INTERVAL_S = 1.0
+METRICS_SAMPLE_S = 1.0
 
 
 class DaemonError(RuntimeError):
@@ -65,6 +75,9 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.cfg
         sock = Path(cfg.socket)
+        sock_mode, sock_gid = socket_mode(cfg.socket_group)
+        tokens = TokenTable.from_config(cfg.tokens_file, cfg.auth_token)
+        tls = tls_credentials(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         _prepare_socket(sock)
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
@@ -79,9 +92,15 @@ class Daemon:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=opts)
+        self.metrics = Metrics(self.store, base=functools.partial(stats_message, self.store))
+        self.access = AccessPolicy(
+            self.store, self.metrics, tokens,
+            Limits(cfg.max_inflight_requests_per_client, cfg.inflight_bytes_per_client),
+            socket_requires_token=cfg.socket_requires_token)
+        self.server = grpc.aio.server(options=opts, interceptors=[self.access])
         pb_grpc.add_KVStoreServicer_to_server(
-            KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping), self.server)
+            KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics),
+            self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -91,14 +110,40 @@ class Daemon:
             self.server.add_insecure_port(f"unix:{sock}")
         finally:
             os.umask(old_umask)
+        tcp = ""
         if cfg.listen:
-            self.server.add_insecure_port(cfg.listen)
+            try:
+                port = (self.server.add_secure_port(cfg.listen, tls) if tls
+                        else self.server.add_insecure_port(cfg.listen))
+            except RuntimeError as exc:
+                raise DaemonError(f"listen {cfg.listen}: cannot bind ({exc})") from None
+            tcp = f"{cfg.listen.rsplit(':', 1)[0]}:{port}"
+            if tls is None and not _is_loopback(cfg.listen):
+                log.warning("TCP listener %s has no TLS: bearer tokens cross the network in "
+                            "clear text (set tls_cert_file and tls_key_file)", tcp)
         await self.server.start()
-        os.chmod(sock, 0o600)
+        if sock_gid is not None:
+            os.chown(sock, -1, sock_gid)
+        os.chmod(sock, sock_mode)
+        self.metrics_server = None
+        if cfg.metrics_port:
+            self.metrics_server = MetricsServer(self.metrics.snapshot, cfg.metrics_host,
+                                                cfg.metrics_port)
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                raise DaemonError(f"metrics_port {cfg.metrics_host}:{cfg.metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._expirer = asyncio.create_task(self._expire_loop())
-        log.info("kvstore %s listening on unix:%s%s", __version__, sock,
-                 f" and tcp:{cfg.listen}" if cfg.listen else "")
+        self._sampler = asyncio.create_task(self._sample_loop())
+        log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
+                 f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
+        log.info("access: %d bearer tokens; socket %s a token; per client at most %d puts/gets "
+                 "and %s in flight", len(tokens),
+                 "requires" if cfg.socket_requires_token else "does not require",
+                 cfg.max_inflight_requests_per_client,
+                 format_bytes(cfg.inflight_bytes_per_client))
         log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
                  format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
                  format_bytes(self.store.slabs.chunk_bytes))
@@ -127,19 +172,31 @@ class Daemon:
             except Exception:
                 log.exception("lease expiry failed")
 
+    async def _sample_loop(self) -> None:
+        while True:
+            try:
+                self.metrics.sample()
+            except Exception:
+                log.exception("metrics sampling failed")
+            await asyncio.sleep(METRICS_SAMPLE_S)
+
     async def wait(self) -> None:
         await self.stopping.wait()
 
     async def stop(self) -> None:
-        log.info("shutting down: draining in-flight calls (up to %.0fs)", SHUTDOWN_GRACE_S)
+        grace_s = self.cfg.shutdown_grace_s or SHUTDOWN_GRACE_S
+        log.info("shutting down: draining in-flight calls (up to %.1fs)", grace_s)
         self.stopping.set()
         if self.server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            await self.server.stop(SHUTDOWN_GRACE_S)
-        if getattr(self, "_expirer", None):
-            self._expirer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expirer
+            await self.server.stop(grace_s)
+        if getattr(self, "metrics_server", None):
+            await self.metrics_server.stop()
+        for task in (getattr(self, "_expirer", None), getattr(self, "_sampler", None)):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.store is not None:
             for sid in list(self.store.sessions):
                 self.store.close_session(sid)
@@ -188,3 +245,13 @@ async def run_daemon(cfg: Config) -> None:
         await daemon.wait()
     finally:
         await daemon.stop()
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -20,6 +20,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvstore.service")
 
+WATCH_MIN_INTERVAL_S = 0.05
 TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD}
 
 
@@ -62,10 +63,12 @@ def unary_async(fn):
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
-    def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event):
+    def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event,
+                 metrics=None):
         self.store = store
         self.max_message_bytes = max_message_bytes
         self._stopping = stopping
+        self.metrics = metrics   # kvstore.metrics.Metrics; None: counters only
 
     async def OpenSession(self, request, context):
         s = self.store.open_session(request.client_name, request.pid)
@@ -154,7 +157,29 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     def GetStats(self, request, context):
-        return stats_message(self.store)
+        return self.metrics.snapshot() if self.metrics else stats_message(self.store)
+
+    async def WatchStats(self, request, context):
+        interval_s = request.interval_s or 1.0
+        if not interval_s >= WATCH_MIN_INTERVAL_S:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"interval_s must be >= {WATCH_MIN_INTERVAL_S}, got {interval_s}")
+        while not self._stopping.is_set():
+            yield self.metrics.snapshot() if self.metrics else stats_message(self.store)
+            # Wake at the interval, or at once when the daemon stops: the stream then ends OK.
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    @unary
+    def ReportFallbacks(self, request, context):
+        if self.metrics is not None:
+            self.metrics.fallbacks_reported(request.count, request.blocks)
+        if request.count:
+            log.info("client reported %d recompute fallbacks (%d blocks)%s", request.count,
+                     request.blocks, f": {request.reason[:200]}" if request.reason else "")
+        return pb.ReportFallbacksResponse()
 
 
 def stats_message(store: BlockStore) -> pb.Stats:

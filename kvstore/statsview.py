@@ -7,25 +7,40 @@ from kvstore.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 
 
+def _ints(d):
+    """MessageToDict writes 64-bit integers as strings (JSON's doubles lose precision); we
+    want numbers: counts here stay far below 2**53."""
+    if isinstance(d, dict):
+        return {k: _ints(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_ints(v) for v in d]
+    if isinstance(d, str) and d.isdigit():
+        return int(d)
+    return d
+
+
 def stats_to_dict(st: pb.Stats) -> dict:
-    d = MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d = _ints(MessageToDict(st, preserving_proto_field_name=True,
+                            always_print_fields_with_no_presence=True))
     for t in d.get("tiers", []):
         t["tier"] = t["tier"].removeprefix("TIER_")
-        for k, v in list(t.items()):
-            if k != "tier":
-                t[k] = int(v)
-        lookups = t["hits"] + t["misses"]
-        t["hit_rate"] = t["hits"] / lookups if lookups else 0.0
-    for ns in d.get("namespaces", []):
-        ns["namespace_id"] = st.namespaces[d["namespaces"].index(ns)].namespace_id.hex()
-        ns["blocks"] = int(ns["blocks"])
-        ns["bytes"] = int(ns["bytes"])
+    for ns, msg in zip(d.get("namespaces", []), st.namespaces):
+        ns["namespace_id"] = msg.namespace_id.hex()
     return d
+
+
+def _rate(bps: float) -> str:
+    return f"{format_bytes(int(bps))}/s"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f}" if s else "-"
 
 
 def render_table(st: pb.Stats) -> str:
     cols = ["tier", "capacity", "used", "blocks", "hits", "misses", "hit rate", "evictions",
-            "bytes in", "bytes out"]
+            "promo", "demo", "bytes in", "bytes out", "read", "write",
+            "get p50/p99 ms", "put p50/p99 ms"]
     rows = []
     for t in st.tiers:
         total = t.hits + t.misses
@@ -33,7 +48,11 @@ def render_table(st: pb.Stats) -> str:
             pb.Tier.Name(t.tier).removeprefix("TIER_"), format_bytes(t.capacity_bytes),
             format_bytes(t.used_bytes), str(t.blocks), str(t.hits), str(t.misses),
             f"{100 * t.hits / total:.1f}%" if total else "-", str(t.evictions),
+            str(t.promotions), str(t.demotions),
             format_bytes(t.bytes_in), format_bytes(t.bytes_out),
+            _rate(t.read_bps), _rate(t.write_bps),
+            f"{_ms(t.get_latency.p50_s)}/{_ms(t.get_latency.p99_s)}",
+            f"{_ms(t.put_latency.p50_s)}/{_ms(t.put_latency.p99_s)}",
         ])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [f"kvstore {st.daemon_version}  up {st.uptime_s:.0f}s  sessions {st.sessions}  "
@@ -47,6 +66,14 @@ def render_table(st: pb.Stats) -> str:
                          f"{format_bytes(int(t.write_bps))}/s  promotions {t.promotions}  "
                          f"demotions {t.demotions}  checksum failures {t.checksum_failures}  "
                          f"I/O errors {t.io_errors}  recovered {t.recovered_blocks}")
+    lines.append("")
+    lines.append(f"prefetch on time {st.prefetch_on_time}  late {st.prefetch_late}  wasted "
+                 f"{st.prefetch_wasted}   checksum failures {st.checksum_failures}   "
+                 f"recompute fallbacks {st.recompute_fallbacks} ({st.recompute_fallback_blocks} "
+                 f"blocks)")
+    lines.append(f"puts rejected {st.puts_rejected}  throttled {st.requests_throttled}  "
+                 f"auth failures {st.auth_failures}  leases expired {st.leases_expired}  "
+                 f"sessions reclaimed {st.sessions_reclaimed}")
     if st.namespaces:
         lines.append("")
         lines.append("namespaces:")

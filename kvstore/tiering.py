@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from kvstore.errors import KVStoreError
-from kvstore.index import COMMITTED, NO_SLOT
+from kvstore.index import COMMITTED, FREE, NO_SLOT
 from kvstore.layout import KVLayout, LayoutError
 from kvstore.stats import TierCounters
 from kvstore.tiers import journal as jr
@@ -102,9 +102,8 @@ class Tiering:
             if ns is not None:
                 self._restore(ns, st.puts[st.puts["ns"] == ns_ord])
         ssd.rebuild_free_lists()
-        n = self.tier_blocks()
-        self.ssd.counters.recovered_blocks = n
-        self.compact()
+        self.compact()                  # also counts the live blocks
+        n = self.ssd.counters.recovered_blocks = self._live
         if n or st.records:
             log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records",
                      n, len(st.namespaces), st.records)
@@ -161,7 +160,9 @@ class Tiering:
                 records.append(jr.encode_seg(seg.number, seg.slot_bytes))
         live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
         records.append(self._put_entries(live))    # encoded by the writer, off the loop
-        self._live = len(live)   # SSD slots holding a block; kept current by write/forget
+        # SSD slots holding a block (deleted-but-leased ones too: forget_ssd counts them down
+        # when they go); kept current by _finish_writes and forget_ssd.
+        self._live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
         return records
 
     def _maybe_compact(self) -> None:
@@ -494,5 +495,5 @@ class Tiering:
             self.ssd.close()
 
     def tier_blocks(self) -> int:
-        idx = self.store.index
-        return int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED)))
+        """Blocks holding an SSD slot (kept as a running count: stats sample it every second)."""
+        return self._live

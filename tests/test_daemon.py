@@ -134,7 +134,9 @@ def test_client_killed_holding_a_lease_is_reclaimed(daemon):
 
 
 def test_full_arena_evicts_and_all_leased_is_resource_exhausted(daemon_factory):
-    d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB")
+    # one client may lease the whole tier here (the default per-client limit is half of it)
+    d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB",
+                       "--max-inflight-bytes-per-client", "128MiB")
     layout = KVLayout(num_layers=16, num_kv_heads=8, head_dim=128, block_tokens=16,
                       dtype="bfloat16")  # 1 MiB blocks: 64 fit
     with KVClient(d.socket) as c:

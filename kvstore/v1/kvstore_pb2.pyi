@@ -225,7 +225,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "checksum_failures", "recovered_blocks", "read_bps", "write_bps", "io_errors")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "checksum_failures", "recovered_blocks", "read_bps", "write_bps", "io_errors", "hit_rate", "get_latency", "put_latency")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,9 @@ class TierStats(_message.Message):
     READ_BPS_FIELD_NUMBER: _ClassVar[int]
     WRITE_BPS_FIELD_NUMBER: _ClassVar[int]
     IO_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    GET_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    PUT_LATENCY_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     capacity_bytes: int
     used_bytes: int
@@ -258,7 +261,26 @@ class TierStats(_message.Message):
     read_bps: float
     write_bps: float
     io_errors: int
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., io_errors: _Optional[int] = ...) -> None: ...
+    hit_rate: float
+    get_latency: LatencySummary
+    put_latency: LatencySummary
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., io_errors: _Optional[int] = ..., hit_rate: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
+
+class LatencySummary(_message.Message):
+    __slots__ = ("count", "sum_s", "p50_s", "p99_s", "bucket_upper_s", "bucket_counts")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUM_S_FIELD_NUMBER: _ClassVar[int]
+    P50_S_FIELD_NUMBER: _ClassVar[int]
+    P99_S_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_UPPER_S_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    sum_s: float
+    p50_s: float
+    p99_s: float
+    bucket_upper_s: _containers.RepeatedScalarFieldContainer[float]
+    bucket_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, count: _Optional[int] = ..., sum_s: _Optional[float] = ..., p50_s: _Optional[float] = ..., p99_s: _Optional[float] = ..., bucket_upper_s: _Optional[_Iterable[float]] = ..., bucket_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NamespaceStats(_message.Message):
     __slots__ = ("namespace_id", "model_id", "tenant", "blocks", "bytes")
@@ -275,7 +297,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed")
+    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +308,14 @@ class Stats(_message.Message):
     PUTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_ON_TIME_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_LATE_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_WASTED_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FALLBACK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_THROTTLED_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FAILURES_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
@@ -296,4 +326,34 @@ class Stats(_message.Message):
     puts_rejected: int
     leases_expired: int
     sessions_reclaimed: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ...) -> None: ...
+    prefetch_on_time: int
+    prefetch_late: int
+    prefetch_wasted: int
+    checksum_failures: int
+    recompute_fallbacks: int
+    recompute_fallback_blocks: int
+    requests_throttled: int
+    auth_failures: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ...) -> None: ...
+
+class WatchStatsRequest(_message.Message):
+    __slots__ = ("interval_s",)
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    interval_s: float
+    def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
+class ReportFallbacksRequest(_message.Message):
+    __slots__ = ("namespace_id", "count", "blocks", "reason")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    count: int
+    blocks: int
+    reason: str
+    def __init__(self, namespace_id: _Optional[bytes] = ..., count: _Optional[int] = ..., blocks: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReportFallbacksResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -89,6 +89,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.Stats.FromString,
                 _registered_method=True)
+        self.WatchStats = channel.unary_stream(
+                '/kvstore.v1.KVStore/WatchStats',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchStatsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.Stats.FromString,
+                _registered_method=True)
+        self.ReportFallbacks = channel.unary_unary(
+                '/kvstore.v1.KVStore/ReportFallbacks',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -160,6 +170,18 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportFallbacks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +239,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.GetStatsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.Stats.SerializeToString,
+            ),
+            'WatchStats': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStats,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchStatsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.Stats.SerializeToString,
+            ),
+            'ReportFallbacks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFallbacks,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +548,60 @@ class KVStore:
             '/kvstore.v1.KVStore/GetStats',
             kvstore_dot_v1_dot_kvstore__pb2.GetStatsRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.KVStore/WatchStats',
+            kvstore_dot_v1_dot_kvstore__pb2.WatchStatsRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFallbacks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/ReportFallbacks',
+            kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.FromString,
             options,
             channel_credentials,
             insecure,

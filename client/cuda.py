@@ -1,0 +1,152 @@
+"""The SDK's CUDA data path: the mapped arena registered as pinned memory, and a copy stream.
+
+On a CUDA host a client registers the daemon's shared arena with ``cudaHostRegister`` (through
+``torch.cuda.cudart()``), so a put of a GPU tensor is one D2H DMA per run of adjacent slots
+straight into the arena, and a get into a GPU tensor one H2D DMA per run, on a side stream that
+overlaps the caller's compute. No staging copy, no copy through the daemon.
+
+Ordering contract:
+* put: the copies wait for the work queued on the caller's current stream when put() was called
+  (an event recorded then), so a tensor produced by the forward pass is complete before it is read;
+* get(out=gpu_tensor): the copies also wait for the caller's stream at get() time; the future
+  resolves once the bytes are in ``out`` (the I/O thread waits on the copy event, then releases the
+  lease: a slot is never reused while a DMA still reads it).
+
+Without CUDA (CPU-only torch, no torch, no device, or a failed registration) ``attach`` returns
+None after one log line and the SDK keeps its CPU path unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("kvstore.client.cuda")
+
+_HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: pinned for every CUDA context
+
+
+def is_cuda_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(available, why not) without importing torch for a process that never did."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False, "torch is not imported in this process"
+    if not torch.backends.cuda.is_built():
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible"
+    return True, ""
+
+
+def attach(arena, arena_view, want: bool | None) -> "PinnedArena | None":
+    """Pin ``arena`` for this process if asked (want=True) or if CUDA is in use (want=None)."""
+    if want is False:
+        return None
+    ok, why = cuda_available()
+    if not ok:
+        # asked for: a warning; automatic on a CPU-only torch: one info line; no torch: quiet
+        level = logging.WARNING if want else (
+            logging.DEBUG if "not imported" in why else logging.INFO)
+        log.log(level, "not pinning the kvstore arena: %s; GPU tensors (if any) are copied "
+                "through pageable memory", why)
+        return None
+    try:
+        return PinnedArena(arena, arena_view.torch)
+    except RuntimeError as exc:
+        log.warning("not pinning the kvstore arena: %s; GPU tensors are copied through "
+                    "pageable memory", exc)
+        return None
+
+
+def runs(offsets: list[int], indices: list[int], row_bytes: int) -> list[tuple[int, int, int]]:
+    """Group rows into (first index, count, arena offset) runs that are adjacent on both sides.
+
+    Rows i and i+1 of a [n, row_bytes] tensor are adjacent in memory; when their arena slots are
+    adjacent too (the slab allocator hands out consecutive slots, and slot == block size for
+    4 KiB-multiple blocks) one DMA moves the whole run: fewer, larger copies approach the
+    link's bandwidth where per-copy launch cost would dominate small blocks.
+    """
+    out: list[tuple[int, int, int]] = []
+    for i in indices:
+        o = offsets[i]
+        if out:
+            first, count, start = out[-1]
+            if i == first + count and o == start + count * row_bytes:
+                out[-1] = (first, count + 1, start)
+                continue
+        out.append((i, 1, o))
+    return out
+
+
+def ready_event(x):
+    """An event on the current stream of ``x``'s device, or None for a non-CUDA tensor."""
+    if not is_cuda_tensor(x):
+        return None
+    import torch
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(x.device))
+    return ev
+
+
+class PinnedArena:
+    """The arena pinned in this process, with one copy stream per device."""
+
+    def __init__(self, arena, arena_tensor):
+        import torch
+        self._torch = torch
+        self.arena_tensor = arena_tensor            # flat uint8 CPU tensor over the mapping
+        self.ptr = arena_tensor.data_ptr()
+        self.size_bytes = arena.size_bytes
+        rt = torch.cuda.cudart()
+        err = rt.cudaHostRegister(self.ptr, self.size_bytes, _HOST_REGISTER_PORTABLE)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {self.size_bytes} bytes failed ({err})")
+        self._streams: dict[int, object] = {}
+        log.info("pinned the kvstore arena (%d bytes) for DMA", self.size_bytes)
+
+    def _stream(self, device):
+        idx = device.index if device.index is not None else self._torch.cuda.current_device()
+        s = self._streams.get(idx)
+        if s is None:
+            s = self._streams[idx] = self._torch.cuda.Stream(device=idx)
+        return s
+
+    def _copy(self, gpu_rows, offsets: list[int], indices: list[int], ready, to_arena: bool):
+        torch = self._torch
+        stream = self._stream(gpu_rows.device)
+        bb = gpu_rows.shape[1]
+        with torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            for first, count, o in runs(offsets, indices, bb):
+                host = self.arena_tensor[o:o + count * bb]
+                dev = gpu_rows[first:first + count].view(-1)
+                if to_arena:
+                    host.copy_(dev, non_blocking=True)
+                else:
+                    dev.copy_(host, non_blocking=True)
+            gpu_rows.record_stream(stream)           # the allocator must not reuse it early
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def to_arena(self, gpu_rows, offsets: list[int], indices: list[int], ready=None):
+        """Queue D2H copies of gpu_rows[i] into the slots offsets[i]; returns the done event."""
+        return self._copy(gpu_rows, offsets, indices, ready, to_arena=True)
+
+    def from_arena(self, gpu_rows, offsets: list[int], ready=None):
+        """Queue H2D copies of the slots offsets[i] into gpu_rows[i]; returns the done event."""
+        return self._copy(gpu_rows, offsets, list(range(len(offsets))), ready, to_arena=False)
+
+    def close(self) -> None:
+        """Unregister; call before the arena is unmapped. Waits for queued copies first."""
+        if self.ptr is None:
+            return
+        for s in self._streams.values():
+            s.synchronize()
+        self._torch.cuda.cudart().cudaHostUnregister(self.ptr)
+        self.ptr = None

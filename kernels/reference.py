@@ -1,0 +1,110 @@
+"""Torch reference kernels: they run on any device and define the expected results.
+
+The Triton kernels (``triton_kv``) must match these bit for bit: copies are exact, and
+quantization uses the same float32 operations in the same order (``x * (QMAX / amax)``, clamp,
+round half away from zero for int8, round to nearest even for fp8).
+
+All functions take an already validated ``PagedKV`` and int64 page table (see ``ops``).
+"""
+from __future__ import annotations
+
+import torch
+
+from kvstore.kernels.paged import PagedKV
+from kvstore.kernels.quant import QMAX, QuantizedBlocks, qdtype
+
+
+def _rows(pkv: PagedKV, page_table: torch.Tensor, all_layers: bool) -> torch.Tensor:
+    """Page-row ids in kvstore block order, for a cache viewed as rows of P*H*D elements.
+
+    A contiguous layer is [2 * pages] rows: ids ordered (block, k|v, page-of-block). A contiguous
+    layer-first cache is [L * 2 * pages] rows: ids ordered (block, layer, k|v, page-of-block),
+    which is exactly the row order of the [n, L, 2, B, H, D] blocks, so one index_select moves
+    every layer. Whole-row copies are far faster on CPU than the general 6-D strided copy.
+    """
+    N = pkv.num_pages
+    ids = page_table.to(pkv.device)[:, None, :] + torch.arange(2, device=pkv.device)[:, None] * N
+    if all_layers:
+        layer = torch.arange(pkv.num_layers, device=pkv.device)[:, None, None] * (2 * N)
+        ids = ids[:, None] + layer
+    return ids.reshape(-1)
+
+
+def _row_path(pkv: PagedKV) -> str:
+    if pkv.layer_first is not None and pkv.layer_first.is_contiguous():
+        return "layer_first"
+    return "per_layer" if all(t.is_contiguous() for t in pkv.layers) else "strided"
+
+
+def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b, l, c, t] = layers[l][c, page_table[b, t // P], t % P] for every block b."""
+    n, ppb = page_table.shape
+    if n == 0:
+        return out
+    path = _row_path(pkv)
+    if path == "layer_first":
+        src = pkv.layer_first.view(-1, pkv.layers[0][0, 0].numel())
+        torch.index_select(src, 0, _rows(pkv, page_table, True), out=out.view(-1, src.shape[1]))
+        return out
+    if path == "per_layer":
+        rows = _rows(pkv, page_table, False)
+        flat = out.view(n, pkv.num_layers, -1)
+        tmp = torch.empty((rows.numel(), pkv.layers[0][0, 0].numel()), dtype=out.dtype,
+                          device=out.device)          # one scratch buffer for every layer
+        for l, layer in enumerate(pkv.layers):
+            torch.index_select(layer.view(2 * pkv.num_pages, -1), 0, rows, out=tmp)
+            flat[:, l].copy_(tmp.view(n, -1))
+        return out
+    B = ppb * pkv.page_tokens
+    idx = page_table.reshape(-1).to(pkv.device)
+    for l, layer in enumerate(pkv.layers):
+        pages = layer.index_select(1, idx)                 # [2, n*ppb, P, H, D], contiguous
+        out[:, l].copy_(pages.view(2, n, B, pkv.num_kv_heads, pkv.head_dim).transpose(0, 1))
+    return out
+
+
+def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> None:
+    """The inverse of gather: layers[l][c, page_table[b, t // P], t % P] = blocks[b, l, c, t]."""
+    n, ppb = page_table.shape
+    if n == 0:
+        return
+    path = _row_path(pkv)
+    row = pkv.layers[0][0, 0].numel()
+    if path == "layer_first":
+        pkv.layer_first.view(-1, row).index_copy_(0, _rows(pkv, page_table, True),
+                                                  blocks.view(-1, row))
+        return
+    if path == "per_layer":
+        rows = _rows(pkv, page_table, False)
+        flat = blocks.view(n, pkv.num_layers, -1)
+        tmp = torch.empty((n, flat.shape[2]), dtype=blocks.dtype, device=blocks.device)
+        for l, layer in enumerate(pkv.layers):
+            tmp.copy_(flat[:, l])
+            layer.view(2 * pkv.num_pages, -1).index_copy_(0, rows, tmp.view(rows.numel(), -1))
+        return
+    idx = page_table.reshape(-1).to(pkv.device)
+    for l, layer in enumerate(pkv.layers):
+        src = blocks[:, l].transpose(0, 1).reshape(2, n * ppb, pkv.page_tokens,
+                                                   pkv.num_kv_heads, pkv.head_dim)
+        layer.index_copy_(1, idx, src)
+
+
+def quantize(blocks: torch.Tensor, name: str) -> QuantizedBlocks:
+    """Quantize [n, L, 2, B, H, D] blocks with one scale per (block, layer, k|v)."""
+    dt, qmax = qdtype(name), QMAX[name]
+    x = blocks.float()
+    amax = x.abs().amax(dim=(3, 4, 5))
+    scales = amax / qmax
+    # a true division: `qmax / amax` would be torch's reciprocal() * qmax, two roundings where
+    # the Triton kernel does one (div_rn), and exact ties would then round differently
+    inv = torch.where(amax > 0, torch.full_like(amax, qmax).div(amax), torch.zeros_like(amax))
+    y = (x * inv[..., None, None, None]).clamp(-qmax, qmax)
+    if name == "int8":
+        q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).to(dt)
+    else:
+        q = y.to(dt)
+    return QuantizedBlocks(q, scales)
+
+
+def dequantize(q: QuantizedBlocks, dtype: torch.dtype) -> torch.Tensor:
+    return (q.data.float() * q.scales[..., None, None, None]).to(dtype)

@@ -1,0 +1,106 @@
+"""The Prometheus view of the Stats model: every metric is named kvstore_*.
+
+Built per scrape from one Stats snapshot through prometheus_client's collector interface, so the
+exposition format (escaping, _total suffixes, histogram buckets) is the library's, not ours.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+from kvstore.v1 import kvstore_pb2 as pb
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_TIER_GAUGES = [
+    ("capacity_bytes", "capacity_bytes", "Tier capacity in bytes"),
+    ("used_bytes", "used_bytes", "Bytes of the tier in use"),
+    ("blocks", "blocks", "Blocks stored in the tier"),
+    ("hit_ratio", "hit_rate", "hits / (hits + misses) since start"),
+    ("read_bytes_per_second", "read_bps", "Recent read bandwidth (bytes out per second)"),
+    ("write_bytes_per_second", "write_bps", "Recent write bandwidth (bytes in per second)"),
+]
+_TIER_COUNTERS = [
+    ("hits", "hits", "Block lookups answered from the tier"),
+    ("misses", "misses", "Blocks asked for and not found in the tier"),
+    ("evictions", "evictions", "Blocks evicted from the tier"),
+    ("promotions", "promotions", "Blocks promoted into the tier"),
+    ("demotions", "demotions", "Blocks demoted out of the tier"),
+    ("bytes_in", "bytes_in", "Bytes written into the tier"),
+    ("bytes_out", "bytes_out", "Bytes read out of the tier"),
+]
+_DAEMON_COUNTERS = [
+    ("lookups", "Lookup calls"),
+    ("puts_rejected", "Puts refused because the tier was full of leased blocks"),
+    ("leases_expired", "Leases that expired before release"),
+    ("sessions_reclaimed", "Sessions whose client died with leases or allocations open"),
+    ("checksum_failures", "Blocks that failed their checksum (served as misses)"),
+    ("recompute_fallbacks", "Requests clients recomputed instead of loading (reported)"),
+    ("recompute_fallback_blocks", "Blocks clients recomputed instead of loading (reported)"),
+    ("requests_throttled", "Calls refused with RESOURCE_EXHAUSTED for a client over its limits"),
+    ("auth_failures", "Calls refused for a missing or invalid token"),
+]
+
+
+class _StatsCollector:
+    def __init__(self, st: pb.Stats):
+        self.st = st
+
+    def collect(self):
+        st = self.st
+        tiers = [(pb.Tier.Name(t.tier).removeprefix("TIER_"), t) for t in st.tiers]
+        for name, attr, doc in _TIER_GAUGES:
+            g = GaugeMetricFamily(f"kvstore_tier_{name}", doc, labels=["tier"])
+            for label, t in tiers:
+                g.add_metric([label], float(getattr(t, attr)))
+            yield g
+        for name, attr, doc in _TIER_COUNTERS:
+            c = CounterMetricFamily(f"kvstore_tier_{name}", doc, labels=["tier"])
+            for label, t in tiers:
+                c.add_metric([label], float(getattr(t, attr)))
+            yield c
+        for op in ("get", "put"):
+            h = HistogramMetricFamily(f"kvstore_{op}_latency_seconds",
+                                      f"{op} latency as the daemon sees it "
+                                      f"({'acquire to release' if op == 'get' else 'allocate to commit'})",
+                                      labels=["tier"])
+            for label, t in tiers:
+                s = getattr(t, f"{op}_latency")
+                buckets = [(_le(u), float(c)) for u, c in zip(s.bucket_upper_s, s.bucket_counts)]
+                if not buckets:
+                    buckets = [("+Inf", 0.0)]
+                h.add_metric([label], buckets, sum_value=s.sum_s)
+            yield h
+        for suffix, attr, doc in (("blocks", "blocks", "Blocks stored per namespace"),
+                                  ("bytes", "bytes", "Bytes stored per namespace")):
+            g = GaugeMetricFamily(f"kvstore_namespace_{suffix}", doc,
+                                  labels=["namespace", "model", "tenant"])
+            for ns in st.namespaces:
+                g.add_metric([ns.namespace_id.hex(), ns.model_id, ns.tenant],
+                             float(getattr(ns, attr)))
+            yield g
+        p = CounterMetricFamily("kvstore_prefetch", "Prefetches by outcome", labels=["outcome"])
+        for outcome in ("on_time", "late", "wasted"):
+            p.add_metric([outcome], float(getattr(st, f"prefetch_{outcome}")))
+        yield p
+        for attr, doc in _DAEMON_COUNTERS:
+            yield CounterMetricFamily(f"kvstore_{attr}", doc, value=float(getattr(st, attr)))
+        yield GaugeMetricFamily("kvstore_sessions", "Open client sessions", value=st.sessions)
+        yield GaugeMetricFamily("kvstore_active_leases", "Leases held now",
+                                value=st.active_leases)
+        yield GaugeMetricFamily("kvstore_uptime_seconds", "Seconds since the daemon started",
+                                value=st.uptime_s)
+        info = GaugeMetricFamily("kvstore_build_info", "Daemon version", labels=["version"])
+        info.add_metric([st.daemon_version], 1.0)
+        yield info
+
+
+def _le(upper: float) -> str:
+    return "+Inf" if upper == float("inf") else repr(upper)
+
+
+def prometheus_text(st: pb.Stats) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(st))
+    return generate_latest(registry)
