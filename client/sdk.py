@@ -320,6 +320,13 @@ class BlockLease:
         self.release()
 
 
+@dataclass(frozen=True)
+class PrefetchTicket:
+    prefetch_id: int        # 0: nothing of the keys was cached
+    blocks: int             # cached prefix length
+    to_promote: int         # of which on SSD only (being read into DRAM)
+
+
 class Namespace:
     """One model shard's blocks in the daemon: (model id, layout, tenant)."""
 
@@ -490,6 +497,58 @@ class Namespace:
                 transfer.copy_rows(dst[msg.index], np.frombuffer(msg.data, dtype=np.uint8))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    # -- scheduler hints and the recompute planner ---------------------------------------------
+    def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
+                 grace_s: float = 0.0) -> "PrefetchTicket":
+        """Hint that a get of ``keys`` is expected within ``deadline_s``: the daemon promotes
+        the cached prefix's SSD blocks into DRAM (deadline order) and holds them until the
+        deadline plus ``grace_s`` (0: the daemon's default). A hint only: a get works the same
+        without it. See ``prefetch_queue`` for a scheduler's queue of requests."""
+        return self.prefetch_many([(keys, deadline_s)], grace_s)[0]
+
+    def prefetch_queue(self, requests: Sequence[Sequence[bytes]], interval_s: float = 0.1,
+                       grace_s: float = 0.0) -> "list[PrefetchTicket]":
+        """Announce upcoming requests in serving order: request i is expected after about
+        i * interval_s seconds, so the daemon promotes them in that order."""
+        return self.prefetch_many([(keys, i * interval_s) for i, keys in enumerate(requests)],
+                                  grace_s)
+
+    def prefetch_many(self, items, grace_s: float = 0.0) -> "list[PrefetchTicket]":
+        """Prefetch (keys, deadline_s) pairs in one call."""
+        blobs = []
+        for keys, deadline_s in items:
+            self._check_batch(len(keys))
+            blobs.append(pb.PrefetchItem(keys=pack_keys(keys), deadline_s=deadline_s))
+        r, sid = self._rpc("Prefetch", lambda sid: pb.PrefetchRequest(
+            session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s))
+        return [PrefetchTicket(i, n, m) for i, n, m in zip(r.prefetch_ids, r.blocks, r.to_promote)]
+
+    def cancel_prefetch(self, tickets) -> int:
+        """End these prefetches now (their blocks become evictable again); returns how many
+        were still pending."""
+        ids = [t.prefetch_id if isinstance(t, PrefetchTicket) else int(t) for t in tickets]
+        r, _ = self._rpc("CancelPrefetch", lambda sid: pb.CancelPrefetchRequest(
+            session_id=sid, prefetch_ids=[i for i in ids if i]))
+        return r.cancelled
+
+    def plan_recompute(self, keys: Sequence[bytes], profile, latency_s: float = 0.0):
+        """Ask the daemon's planner how much of the cached prefix of ``keys`` to recompute.
+
+        ``profile`` is this client's kvstore.planner.PrefillProfile (seconds to prefill k
+        tokens). Returns kvstore.planner.Plan built from the daemon's answer (its tiers and
+        measured bandwidths); recompute tokens [0, k), load blocks [k / block_tokens, N)."""
+        from kvstore.planner import Plan
+
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        r, _ = self._rpc("PlanRecompute", lambda sid: pb.PlanRecomputeRequest(
+            namespace_id=self.namespace_id, keys=blob, latency_s=latency_s,
+            profile=pb.PrefillProfile(c0=profile.c0, c1=profile.c1, c2=profile.c2)))
+        return Plan(r.recompute_tokens, r.load_blocks_from, r.predicted_s, r.load_all_s,
+                    r.recompute_all_s, 0.0, 0.0, num_cached=r.num_cached,
+                    tiers=tuple(TIER_NAMES.get(t, "?") for t in r.tiers),
+                    bandwidth_bps={"DRAM": r.dram_read_bps, "SSD": r.ssd_read_bps})
 
     def delete(self, keys: Sequence[bytes]) -> int:
         blob = pack_keys(keys)

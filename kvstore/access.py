@@ -30,7 +30,7 @@ log = logging.getLogger("kvstore.access")
 
 _SERVICE = "/kvstore.v1.KVStore/"
 _EXEMPT = ("/grpc.health.v1.Health/",)
-_NS_CALLS = {"Lookup", "Allocate", "Acquire", "Delete"}
+_NS_CALLS = {"Lookup", "Allocate", "Acquire", "Delete", "Prefetch", "PlanRecompute"}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kvstore.units import format_bytes, parse_size
+from kvstore.units import format_bytes, parse_rate, parse_size
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,13 @@ def _default_ssd_dir() -> str:
 def _size0(v: Any) -> int:
     """A size where 0 means off."""
     return 0 if str(v).strip() in ("0", "") else parse_size(v)
+
+
+def _rate0(v: Any) -> int:
+    try:
+        return parse_rate(v)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (expected e.g. 200MB/s, 1GiB/s, 0 for none)") from None
 
 
 def _write_policy(v: Any) -> str:
@@ -146,6 +153,12 @@ FIELDS: list[Field] = [
     Field("ssd_io_threads", _pos_int, 16, "SSD I/O threads (requests in flight)"),
     Field("ssd_write_policy", _write_policy, "write_through",
           "write_through (commit waits for SSD) or write_back (written when evicted)"),
+    Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none); a "
+          "testing/QoS knob", lambda v: f"{format_bytes(v)}/s" if v else "none"),
+    Field("prefetch_concurrency", _pos_int, 4, "prefetches whose SSD reads run at once"),
+    Field("prefetch_grace_s", _pos_float, 5.0, "a prefetched block stays leased this long past "
+          "its deadline"),
+    Field("max_pending_prefetches", _pos_int, 65536, "prefetches queued or leased at once"),
     # -- operations: statistics, lifecycle, access control, limits ---------------------------
     Field("metrics_port", _port, 0, "serve /metrics (Prometheus) and the dashboard on this "
           "port (0: off)"),
@@ -183,6 +196,10 @@ class Config:
     ssd_segment_bytes: int = 0
     ssd_io_threads: int = 0
     ssd_write_policy: str = ""
+    ssd_read_limit: int = 0
+    prefetch_concurrency: int = 0
+    prefetch_grace_s: float = 0.0
+    max_pending_prefetches: int = 0
     metrics_port: int = 0
     metrics_host: str = ""
     shutdown_grace_s: float = 0.0

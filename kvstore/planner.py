@@ -76,6 +76,9 @@ class Plan:
     recompute_all_s: float       # predicted time of k = N
     compute_s: float
     load_s: float
+    num_cached: int = 0                  # filled in by the daemon's PlanRecompute answer
+    tiers: tuple = ()
+    bandwidth_bps: dict | None = None
 
     @property
     def speedup_vs_best_extreme(self) -> float:

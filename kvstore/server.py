@@ -28,7 +28,9 @@ from kvstore.access import AccessPolicy, Limits
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.config import Config
+from kvstore.bandwidth import measure_memcpy_bps
 from kvstore.metrics import Metrics
+from kvstore.prefetch import Prefetcher
 from kvstore.metrics_http import MetricsServer
 from kvstore.service import KVStoreServicer, stats_message
 from kvstore.store import BlockStore
@@ -87,6 +89,8 @@ class Daemon:
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
         )
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
+        self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
+                                     cfg.max_pending_prefetches)
         opts = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -98,9 +102,9 @@ class Daemon:
             Limits(cfg.max_inflight_requests_per_client, cfg.inflight_bytes_per_client),
             socket_requires_token=cfg.socket_requires_token)
         self.server = grpc.aio.server(options=opts, interceptors=[self.access])
-        pb_grpc.add_KVStoreServicer_to_server(
-            KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics),
-            self.server)
+        servicer = KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics)
+        servicer.dram_read_bps = measure_memcpy_bps()
+        pb_grpc.add_KVStoreServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -169,6 +173,7 @@ class Daemon:
             await asyncio.sleep(EXPIRE_INTERVAL_S)
             try:
                 self.store.expire()
+                self.prefetcher.expire()
             except Exception:
                 log.exception("lease expiry failed")
 
@@ -197,6 +202,8 @@ class Daemon:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if getattr(self, "prefetcher", None) is not None:
+            self.prefetcher.close()
         if self.store is not None:
             for sid in list(self.store.sessions):
                 self.store.close_session(sid)
@@ -229,6 +236,11 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
     except OSError as exc:
         ssd.close()
         raise DaemonError(f"SSD tier in {cfg.ssd_dir}: {exc}") from None
+    if cfg.ssd_read_limit:
+        from kvstore.tiers.ratelimit import TokenBucket
+        ssd.read_limiter = TokenBucket(cfg.ssd_read_limit)
+        log.info("SSD reads capped at %s/s (ssd_read_limit: a testing/QoS knob)",
+                 format_bytes(cfg.ssd_read_limit))
     tiering = Tiering(store, ssd, Journal(ssd.directory / "journal", ssd.pool),
                       cfg.ssd_write_policy)
     tiering.recover()

@@ -12,7 +12,7 @@ import logging
 import grpc
 
 from kvstore import __version__
-from kvstore.errors import KVStoreError
+from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError
 from kvstore.layout import KVLayout, LayoutError
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -69,6 +69,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.max_message_bytes = max_message_bytes
         self._stopping = stopping
         self.metrics = metrics   # kvstore.metrics.Metrics; None: counters only
+        self.dram_read_bps = 0.0  # memcpy-scale figure for the planner (set by the daemon)
 
     async def OpenSession(self, request, context):
         s = self.store.open_session(request.client_name, request.pid)
@@ -127,6 +128,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         promote: list[int] | None = [] if tiering is not None else None
         lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
                                                    request.keys, promote_out=promote)
+        if lease is not None and self.store.prefetcher is not None:
+            self.store.prefetcher.on_acquire(lease.block_ids)
         if promote:
             lease, offsets = await tiering.promote(request.session_id, lease, promote)
             tiers = tiers[:len(offsets)]
@@ -182,6 +185,53 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.ReportFallbacksResponse()
 
 
+    # -- prefetch and the recompute planner (kvstore/prefetch.py, kvstore/planner.py) ----------
+    @unary
+    def Prefetch(self, request, context):
+        pf = self.store.prefetcher
+        if pf is None:
+            raise FailedPrecondition("prefetch is not enabled in this daemon")
+        out = pf.submit(request.session_id, request.namespace_id,
+                        [(it.keys, it.deadline_s) for it in request.items], request.grace_s)
+        return pb.PrefetchResponse(prefetch_ids=[o[0] for o in out], blocks=[o[1] for o in out],
+                                   to_promote=[o[2] for o in out])
+
+    @unary
+    def CancelPrefetch(self, request, context):
+        pf = self.store.prefetcher
+        n = pf.cancel(request.session_id, list(request.prefetch_ids)) if pf else 0
+        return pb.CancelPrefetchResponse(cancelled=n)
+
+    @unary_async
+    async def PlanRecompute(self, request, context):
+        from kvstore.bandwidth import probe_ssd_bps
+        from kvstore.planner import PrefillProfile, plan_recompute
+
+        pr = request.profile
+        profile = PrefillProfile(pr.c0, pr.c1, pr.c2)
+        if not all(x >= 0 and x < float("inf") for x in (pr.c0, pr.c1, pr.c2, request.latency_s)):
+            raise InvalidArgument("profile coefficients and latency_s must be finite and >= 0")
+        ns = self.store._namespace(request.namespace_id)
+        n, tiers = self.store.lookup(request.namespace_id, request.keys)
+        tiering = self.store.tiering
+        ssd_bps = tiering.read_bps() if tiering is not None else 0.0
+        if tiering is not None and not ssd_bps and "SSD" in tiers:
+            idx = self.store.index
+            keys = self.store._keys(request.keys)[:n]
+            bids = [int(b) for b in idx.find_many(ns.index, keys).tolist() if b >= 0]
+            ssd_bps = await probe_ssd_bps(tiering, bids)
+        bw = {"DRAM": self.dram_read_bps, "SSD": ssd_bps}
+        plan = plan_recompute(tiers, ns.layout.block_tokens, ns.layout.block_bytes, bw, profile,
+                              request.latency_s)
+        inf = float("inf")
+        return pb.PlanRecomputeResponse(
+            num_cached=n, tiers=[TIER_ENUM[t] for t in tiers],
+            recompute_tokens=plan.recompute_tokens, load_blocks_from=plan.load_blocks_from,
+            predicted_s=min(plan.predicted_s, 1e30), load_all_s=min(plan.load_all_s, 1e30),
+            recompute_all_s=min(plan.recompute_all_s, 1e30) if plan.recompute_all_s < inf else 1e30,
+            dram_read_bps=bw["DRAM"], ssd_read_bps=bw["SSD"])
+
+
 def stats_message(store: BlockStore) -> pb.Stats:
     c = store.dram
     tiers = [pb.TierStats(
@@ -196,11 +246,17 @@ def stats_message(store: BlockStore) -> pb.Stats:
                                     tenant=ns.tenant, blocks=n, bytes=b)
                   for ns, n, b in store.namespace_usage()]
     k = store.counters
-    return pb.Stats(tiers=tiers, namespaces=namespaces, sessions=len(store.sessions),
-                    active_leases=store.active_leases(), uptime_s=store.uptime_s(),
-                    daemon_version=__version__, lookups=k.lookups,
-                    puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
-                    sessions_reclaimed=k.sessions_reclaimed)
+    st = pb.Stats(tiers=tiers, namespaces=namespaces, sessions=len(store.sessions),
+                  active_leases=store.active_leases(), uptime_s=store.uptime_s(),
+                  daemon_version=__version__, lookups=k.lookups,
+                  puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
+                  sessions_reclaimed=k.sessions_reclaimed)
+    pf = store.prefetcher
+    if pf is not None:
+        c = pf.counters
+        st.prefetch_issued, st.prefetch_cancelled = c.issued, c.cancelled
+        st.prefetch_bytes_promoted, st.prefetch_pending = c.bytes_promoted, pf.pending
+    return st
 
 
 def ssd_tier_stats(tiering) -> pb.TierStats:

@@ -77,6 +77,7 @@ class BlockStore:
         self.dram = TierCounters()
         self.counters = DaemonCounters()
         self.tiering = None   # kvstore.tiering.Tiering when an SSD tier is configured
+        self.prefetcher = None   # kvstore.prefetch.Prefetcher (set by the daemon)
 
     # -- sessions and namespaces -----------------------------------------------------------
     def open_session(self, client_name: str = "", pid: int = 0) -> Session:

@@ -59,6 +59,7 @@ class Tiering:
         self._rng = np.random.default_rng()
         self._closed = False
         self._cleaner: asyncio.Task | None = None
+        self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
         store.tiering = self
 
     # -- namespaces ----------------------------------------------------------------------------
@@ -397,10 +398,20 @@ class Tiering:
         is in DRAM as (lease or None, offsets). Blocks after the first failure are unleased."""
         store, idx = self.store, self.store.index
         bids = lease.block_ids
-        waits, mine = [], []
-        need = []
-        for pos in positions:
-            b = bids[pos]
+        await self.fetch([bids[pos] for pos in positions])
+        n = 0
+        while n < len(bids) and idx.dram[bids[n]] != NO_SLOT:
+            n += 1
+        self.counters.misses += len(positions) - sum(1 for p in positions if p < n)
+        return store.truncate_lease(session_id, lease, n)
+
+    async def fetch(self, block_ids: list[int]) -> int:
+        """Bring these pinned blocks into DRAM, sharing reads already in flight; returns the
+        blocks this call read. Where DRAM has no room the rest stay on SSD (a get then misses
+        them). Used by promote (a get) and by the prefetcher."""
+        store, idx = self.store, self.store.index
+        waits, mine, need = [], [], []
+        for b in block_ids:
             fut = self._promoting.get(b)
             if fut is not None:
                 waits.append(fut)
@@ -422,11 +433,22 @@ class Tiering:
             await asyncio.shield(loop.create_task(self._read_pinned(mine)))
         if waits:
             await asyncio.gather(*waits)
-        n = 0
-        while n < len(bids) and idx.dram[bids[n]] != NO_SLOT:
-            n += 1
-        self.counters.misses += len(positions) - sum(1 for p in positions if p < n)
-        return store.truncate_lease(session_id, lease, n)
+        return sum(1 for b, _, _ in mine if idx.dram[b] != NO_SLOT)
+
+    def read_bps(self) -> float:
+        """Measured SSD read throughput of recent promotions (bytes / wall time per batch,
+        averaged by bytes), capped by ssd_read_limit; 0 when nothing was read yet."""
+        bw = self._read_bw
+        lim = self.ssd.read_limiter.rate_bps if self.ssd.read_limiter is not None else 0.0
+        return min(bw, lim) if bw and lim else (bw or 0.0)
+
+    def _observe_read(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        bw = nbytes / seconds
+        # Weight by bytes: a 1-block batch (latency-bound) moves the figure little.
+        w = min(1.0, nbytes / (64 << 20))
+        self._read_bw = bw if not self._read_bw else (1 - w) * self._read_bw + w * bw
 
     async def _read_pinned(self, mine) -> None:
         store, idx, ssd = self.store, self.store.index, self.ssd
@@ -441,8 +463,10 @@ class Tiering:
             # parallelism, with fewer loop wake-ups per batch than one task per block.
             n_groups = min(len(reads), ssd.io_threads)
             groups = [reads[g::n_groups] for g in range(n_groups)]
+            t0 = time.monotonic()
             done = await asyncio.gather(*(loop.run_in_executor(ssd.pool, ssd.read_slots, g)
                                           for g in groups))
+            self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
             results = self._ungroup(done, len(reads))
             for (b, off, fut), r in zip(mine, results):
                 if r is True:

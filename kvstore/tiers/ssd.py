@@ -130,6 +130,7 @@ class SSDTier:
         self.counters = SSDCounters()
         self.read_meter = RateMeter()
         self.write_meter = RateMeter()
+        self.read_limiter = None   # kvstore.tiers.ratelimit.TokenBucket (ssd_read_limit)
         self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0
@@ -376,6 +377,8 @@ class SSDTier:
         Raises OSError on an I/O error."""
         seg = self.segments[addr >> SLOT_BITS]
         off = (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes
+        if self.read_limiter is not None:
+            self.read_limiter.take(len(view))
         n = os.preadv(seg.fd, [view], off)
         with self._stat_lock:
             self.counters.bytes_read += n

@@ -297,7 +297,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures")
+    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,10 @@ class Stats(_message.Message):
     RECOMPUTE_FALLBACK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_THROTTLED_FIELD_NUMBER: _ClassVar[int]
     AUTH_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_ISSUED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_BYTES_PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_PENDING_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
     sessions: int
@@ -334,7 +338,11 @@ class Stats(_message.Message):
     recompute_fallback_blocks: int
     requests_throttled: int
     auth_failures: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ...) -> None: ...
+    prefetch_issued: int
+    prefetch_cancelled: int
+    prefetch_bytes_promoted: int
+    prefetch_pending: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ...) -> None: ...
 
 class WatchStatsRequest(_message.Message):
     __slots__ = ("interval_s",)
@@ -357,3 +365,91 @@ class ReportFallbacksRequest(_message.Message):
 class ReportFallbacksResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PrefetchItem(_message.Message):
+    __slots__ = ("keys", "deadline_s")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    keys: bytes
+    deadline_s: float
+    def __init__(self, keys: _Optional[bytes] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("session_id", "namespace_id", "items", "grace_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    namespace_id: bytes
+    items: _containers.RepeatedCompositeFieldContainer[PrefetchItem]
+    grace_s: float
+    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., items: _Optional[_Iterable[_Union[PrefetchItem, _Mapping]]] = ..., grace_s: _Optional[float] = ...) -> None: ...
+
+class PrefetchResponse(_message.Message):
+    __slots__ = ("prefetch_ids", "blocks", "to_promote")
+    PREFETCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    prefetch_ids: _containers.RepeatedScalarFieldContainer[int]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    to_promote: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prefetch_ids: _Optional[_Iterable[int]] = ..., blocks: _Optional[_Iterable[int]] = ..., to_promote: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CancelPrefetchRequest(_message.Message):
+    __slots__ = ("session_id", "prefetch_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    prefetch_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[int] = ..., prefetch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CancelPrefetchResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: int
+    def __init__(self, cancelled: _Optional[int] = ...) -> None: ...
+
+class PrefillProfile(_message.Message):
+    __slots__ = ("c0", "c1", "c2")
+    C0_FIELD_NUMBER: _ClassVar[int]
+    C1_FIELD_NUMBER: _ClassVar[int]
+    C2_FIELD_NUMBER: _ClassVar[int]
+    c0: float
+    c1: float
+    c2: float
+    def __init__(self, c0: _Optional[float] = ..., c1: _Optional[float] = ..., c2: _Optional[float] = ...) -> None: ...
+
+class PlanRecomputeRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "profile", "latency_s")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: bytes
+    profile: PrefillProfile
+    latency_s: float
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., profile: _Optional[_Union[PrefillProfile, _Mapping]] = ..., latency_s: _Optional[float] = ...) -> None: ...
+
+class PlanRecomputeResponse(_message.Message):
+    __slots__ = ("num_cached", "tiers", "recompute_tokens", "load_blocks_from", "predicted_s", "load_all_s", "recompute_all_s", "dram_read_bps", "ssd_read_bps")
+    NUM_CACHED_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_BLOCKS_FROM_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ALL_S_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_ALL_S_FIELD_NUMBER: _ClassVar[int]
+    DRAM_READ_BPS_FIELD_NUMBER: _ClassVar[int]
+    SSD_READ_BPS_FIELD_NUMBER: _ClassVar[int]
+    num_cached: int
+    tiers: _containers.RepeatedScalarFieldContainer[Tier]
+    recompute_tokens: int
+    load_blocks_from: int
+    predicted_s: float
+    load_all_s: float
+    recompute_all_s: float
+    dram_read_bps: float
+    ssd_read_bps: float
+    def __init__(self, num_cached: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., recompute_tokens: _Optional[int] = ..., load_blocks_from: _Optional[int] = ..., predicted_s: _Optional[float] = ..., load_all_s: _Optional[float] = ..., recompute_all_s: _Optional[float] = ..., dram_read_bps: _Optional[float] = ..., ssd_read_bps: _Optional[float] = ...) -> None: ...

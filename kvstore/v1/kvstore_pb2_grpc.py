@@ -99,6 +99,21 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/kvstore.v1.KVStore/Prefetch',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
+        self.CancelPrefetch = channel.unary_unary(
+                '/kvstore.v1.KVStore/CancelPrefetch',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.CancelPrefetchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CancelPrefetchResponse.FromString,
+                _registered_method=True)
+        self.PlanRecompute = channel.unary_unary(
+                '/kvstore.v1.KVStore/PlanRecompute',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -182,6 +197,24 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelPrefetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanRecompute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +282,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.ReportFallbacks,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PrefetchRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.PrefetchResponse.SerializeToString,
+            ),
+            'CancelPrefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelPrefetch,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CancelPrefetchRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CancelPrefetchResponse.SerializeToString,
+            ),
+            'PlanRecompute': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRecompute,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +650,87 @@ class KVStore:
             '/kvstore.v1.KVStore/ReportFallbacks',
             kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Prefetch',
+            kvstore_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelPrefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/CancelPrefetch',
+            kvstore_dot_v1_dot_kvstore__pb2.CancelPrefetchRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.CancelPrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanRecompute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/PlanRecompute',
+            kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeResponse.FromString,
             options,
             channel_credentials,
             insecure,

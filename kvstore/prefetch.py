@@ -1,0 +1,224 @@
+"""Prefetch: scheduler hints that bring SSD blocks into DRAM before the get that needs them.
+
+    submit(session, namespace, [(keys, deadline_s), ...])   the cached prefix of each item is
+                      pinned at once (so eviction never takes what a pending prefetch needs),
+                      and its SSD-only blocks are queued for promotion in deadline order.
+    on_acquire(bids)  a get touched these blocks: each prefetch holding one of them ends,
+                      counted on time (its transfer had finished) or late (the get came first;
+                      the get then shares the transfer still in flight — Tiering._promoting).
+    cancel(session, ids), expire()
+                      every prefetch ends exactly once: done (read by a get), expired (its
+                      lease of deadline + grace ran out unread: wasted), or cancelled (by the
+                      client, or because its session ended). Ending unpins its blocks and drops
+                      every trace of it; nothing grows without bound (max_pending).
+
+At most ``concurrency`` prefetches have reads in flight; the rest wait in a deadline heap. Each
+runs through Tiering.fetch, the same shared, pinned, checksum-verified reads that a get uses.
+Everything runs on the daemon's event loop; ``expire`` is called by the daemon's expiry loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from dataclasses import dataclass, field
+
+from kvstore.errors import InvalidArgument, ResourceExhausted
+from kvstore.index import COMMITTED, NO_SLOT
+
+log = logging.getLogger("kvstore.prefetch")
+
+QUEUED, RUNNING, READY, ENDED = range(4)
+
+
+@dataclass(eq=False)
+class Prefetch:
+    prefetch_id: int
+    session_id: int
+    block_ids: list[int]          # pinned until the prefetch ends
+    to_read: list[int]            # SSD-only at submit
+    deadline: float
+    expires: float
+    state: int = QUEUED
+    block_bytes: int = 0
+
+
+@dataclass
+class PrefetchCounters:
+    issued: int = 0
+    on_time: int = 0
+    late: int = 0
+    wasted: int = 0
+    cancelled: int = 0
+    bytes_promoted: int = 0
+
+
+class Prefetcher:
+    def __init__(self, store, concurrency: int = 4, grace_s: float = 5.0,
+                 max_pending: int = 65536, clock=time.monotonic):
+        self.store = store
+        self.concurrency = concurrency
+        self.grace_s = grace_s
+        self.max_pending = max_pending
+        self.clock = clock
+        self.counters = PrefetchCounters()
+        self.live: dict[int, Prefetch] = {}
+        self._queue: list[tuple[float, int]] = []     # (deadline, id), lazily pruned
+        self._expiry: list[tuple[float, int]] = []    # (expires, id), lazily pruned
+        self._by_block: dict[int, set[int]] = {}
+        self._by_session: dict[int, set[int]] = {}
+        self._running = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._next_id = 1
+        store.prefetcher = self
+        store.counters.prefetcher_counters = self.counters   # read by kvstore.metrics
+
+    # -- the protocol --------------------------------------------------------------------------
+    def submit(self, session_id: int, namespace_id: bytes, items: list[tuple[bytes, float]],
+               grace_s: float = 0.0) -> list[tuple[int, int, int]]:
+        """Queue prefetches; (prefetch id or 0 when nothing is cached, blocks, SSD-only blocks)."""
+        store, idx = self.store, self.store.index
+        store._session(session_id)
+        ns = store._namespace(namespace_id)
+        if not grace_s >= 0:
+            raise InvalidArgument(f"grace_s must be >= 0, got {grace_s}")
+        if len(self.live) + len(items) > self.max_pending:
+            raise ResourceExhausted(
+                f"{len(self.live)} prefetches pending (max_pending_prefetches="
+                f"{self.max_pending}): wait for gets or deadlines, or cancel some")
+        parsed = []
+        for keys_blob, deadline_s in items:
+            if not deadline_s >= 0 or deadline_s > 86400:
+                raise InvalidArgument(f"deadline_s must be in [0, 86400], got {deadline_s}")
+            parsed.append((store._keys(keys_blob), deadline_s))   # validate all before any
+        now = self.clock()
+        grace = grace_s or self.grace_s
+        out = []
+        for keys, deadline_s in parsed:
+            bids = []
+            for bid in idx.find_many(ns.index, keys).tolist():
+                if bid < 0 or idx.state[bid] != COMMITTED:
+                    break
+                bids.append(bid)
+            if not bids:
+                out.append((0, 0, 0))
+                continue
+            to_read = [b for b in bids if idx.dram[b] == NO_SLOT]
+            p = Prefetch(self._next_id, session_id, bids, to_read, now + deadline_s,
+                         now + deadline_s + grace, block_bytes=ns.layout.block_bytes)
+            self._next_id += 1
+            store.pin(bids)
+            self.live[p.prefetch_id] = p
+            for b in bids:
+                self._by_block.setdefault(b, set()).add(p.prefetch_id)
+            self._by_session.setdefault(session_id, set()).add(p.prefetch_id)
+            heapq.heappush(self._expiry, (p.expires, p.prefetch_id))
+            if to_read and store.tiering is not None:
+                heapq.heappush(self._queue, (p.deadline, p.prefetch_id))
+            else:
+                p.state = READY
+            self.counters.issued += 1
+            out.append((p.prefetch_id, len(bids), len(to_read)))
+        self._kick()
+        return out
+
+    def on_acquire(self, block_ids: list[int]) -> None:
+        """A get leased these blocks: end the prefetches that were waiting for it."""
+        if not self._by_block:
+            return
+        for b in block_ids:
+            for pid in list(self._by_block.get(b, ())):
+                p = self.live.get(pid)
+                if p is not None:
+                    self._end(p, "on_time" if p.state == READY else "late")
+
+    def cancel(self, session_id: int, prefetch_ids: list[int]) -> int:
+        self.store._session(session_id)
+        n = 0
+        for pid in prefetch_ids:
+            p = self.live.get(pid)
+            if p is not None and p.session_id == session_id:
+                self._end(p, "cancelled")
+                n += 1
+        return n
+
+    def expire(self) -> None:
+        """End prefetches whose lease ran out (wasted) or whose session is gone (cancelled)."""
+        now = self.clock()
+        while self._expiry and self._expiry[0][0] <= now:
+            _, pid = heapq.heappop(self._expiry)
+            p = self.live.get(pid)
+            if p is not None:
+                self._end(p, "wasted")
+        for sid in [s for s in self._by_session if s not in self.store.sessions]:
+            for pid in list(self._by_session.get(sid, ())):
+                self._end(self.live[pid], "cancelled")
+        # The heaps hold ended ids until they surface; rebuild when mostly dead.
+        if len(self._expiry) > 2 * len(self.live) + 1024:
+            self._expiry = [(p.expires, p.prefetch_id) for p in self.live.values()]
+            heapq.heapify(self._expiry)
+        if len(self._queue) > 2 * len(self.live) + 1024:
+            self._queue = [(p.deadline, p.prefetch_id) for p in self.live.values()
+                           if p.state == QUEUED]
+            heapq.heapify(self._queue)
+
+    def close(self) -> None:
+        for p in list(self.live.values()):
+            self._end(p, "cancelled")
+        for t in self._tasks:
+            t.cancel()
+
+    @property
+    def pending(self) -> int:
+        return len(self.live)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _end(self, p: Prefetch, outcome: str) -> None:
+        if p.state == ENDED:
+            return
+        p.state = ENDED
+        del self.live[p.prefetch_id]
+        for b in p.block_ids:
+            s = self._by_block.get(b)
+            if s is not None:
+                s.discard(p.prefetch_id)
+                if not s:
+                    del self._by_block[b]
+        s = self._by_session.get(p.session_id)
+        if s is not None:
+            s.discard(p.prefetch_id)
+            if not s:
+                del self._by_session[p.session_id]
+        self.store.unpin(p.block_ids)
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
+
+    def _kick(self) -> None:
+        """Start queued prefetches, earliest deadline first, up to the concurrency bound."""
+        while self._running < self.concurrency and self._queue:
+            _, pid = heapq.heappop(self._queue)
+            p = self.live.get(pid)
+            if p is None or p.state != QUEUED:
+                continue
+            p.state = RUNNING
+            self._running += 1
+            t = asyncio.get_running_loop().create_task(self._run(p))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _run(self, p: Prefetch) -> None:
+        idx = self.store.index
+        try:
+            # Blocks are pinned by the prefetch; skip what a get already brought in or a
+            # delete took (a pinned deleted block waits for its unpin to be freed).
+            need = [b for b in p.to_read if idx.dram[b] == NO_SLOT and idx.state[b] == COMMITTED]
+            if need and p.state != ENDED:
+                n = await self.store.tiering.fetch(need)
+                self.counters.bytes_promoted += n * p.block_bytes
+        except Exception:
+            log.exception("prefetch %d failed; the get will read from SSD itself", p.prefetch_id)
+        finally:
+            if p.state == RUNNING:
+                p.state = READY
+            self._running -= 1
+            self._kick()

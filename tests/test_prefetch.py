@@ -1,0 +1,116 @@
+"""Prefetch through real daemon processes: SSD blocks promoted ahead of the get, shared
+transfers for late gets, outcome counts, and every prefetch's state reclaimed."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from kvstore.client import KVClient
+from kvstore.client.errors import InvalidArgument, NotFound
+
+from test_ssd import BB, LAYOUT, get_exact, put_chain, ssd_args, ssd_stats, tier
+
+
+def _on_ssd(daemon_factory, tmp_path, n_chains=1, n_blocks=16, extra=()):
+    """Put chains, restart the daemon: every block is then on SSD only (recovered)."""
+    ssd_dir = tmp_path / "ssd"
+    d = daemon_factory(*ssd_args(ssd_dir, "32MiB"))
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        chains = [put_chain(ns, seed, n_blocks) for seed in range(n_chains)]
+    d.stop()
+    d2 = daemon_factory(*ssd_args(ssd_dir, "32MiB", *extra), workdir=tmp_path / "after")
+    return d2, chains
+
+
+def _wait(pred, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_prefetch_promotes_then_get_is_on_time(daemon_factory, tmp_path):
+    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        assert ns.lookup(keys).tiers == ["SSD"] * 16
+        t = ns.prefetch(keys, deadline_s=5.0)
+        assert (t.blocks, t.to_promote) == (16, 16) and t.prefetch_id
+        _wait(lambda: ns.lookup(keys).tiers == ["DRAM"] * 16)
+        assert get_exact(ns, keys, data) == 16
+        st = c.stats()
+        assert (st.prefetch_issued, st.prefetch_on_time, st.prefetch_late) == (1, 1, 0)
+        assert st.prefetch_bytes_promoted == 16 * BB and st.prefetch_pending == 0
+
+
+def test_late_get_shares_the_transfer_in_flight(daemon_factory, tmp_path):
+    # 16 blocks of 16 KiB at 1 MB/s: the transfer takes ~0.25 s, the get arrives at once.
+    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "1MB/s"))
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        ns.prefetch(keys, deadline_s=5.0)
+        t0 = time.monotonic()
+        assert get_exact(ns, keys, data) == 16
+        assert time.monotonic() - t0 > 0.1            # it waited for the capped transfer
+        st = c.stats()
+        assert (st.prefetch_on_time, st.prefetch_late) == (0, 1)
+        assert tier(ssd_stats(c), "SSD").bytes_out == 16 * BB   # one read per block, not two
+
+
+def test_ten_thousand_prefetches_all_end_and_nothing_stays_pinned(daemon_factory, tmp_path):
+    d, chains = _on_ssd(daemon_factory, tmp_path, n_chains=4, n_blocks=50)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        keys = [k for ks, _ in chains for k in ks]
+        # Every prefix of every chain, over and over: 10,000 prefetches, 0.3 s leases.
+        items = [(chains[i % 4][0][:1 + i % 50], 0.0) for i in range(10_000)]
+        tickets = []
+        for i in range(0, len(items), 2500):
+            tickets += ns.prefetch_many(items[i:i + 2500], grace_s=0.3)
+        assert all(t.prefetch_id for t in tickets)
+        got = get_exact(ns, chains[0][0], chains[0][1])    # reads 1 in 4 of them at most
+        assert got == 50
+        _wait(lambda: c.stats().prefetch_pending == 0, timeout_s=15)
+        st = c.stats()
+        assert st.prefetch_issued == 10_000
+        assert st.prefetch_on_time + st.prefetch_late + st.prefetch_wasted + \
+            st.prefetch_cancelled == 10_000
+        assert st.prefetch_wasted >= 7_000
+        # Nothing stays pinned: a working set the size of the whole DRAM tier evicts them all.
+        ns2 = c.namespace("m2", LAYOUT)
+        for seed in range(100, 104):
+            put_chain(ns2, seed, 64)
+        assert ns.lookup(keys[:1]).tiers in ([], ["SSD"])   # demoted or evicted, not pinned
+
+
+def test_cancel_and_session_end_end_prefetches(daemon_factory, tmp_path):
+    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        t = ns.prefetch(keys, deadline_s=60)
+        assert ns.cancel_prefetch([t]) == 1 and ns.cancel_prefetch([t]) == 0
+        ns.prefetch(keys, deadline_s=60)
+        assert c.stats().prefetch_pending == 1
+    with KVClient(d.socket) as c2:
+        _wait(lambda: c2.stats().prefetch_pending == 0)   # the first session ended
+        assert c2.stats().prefetch_cancelled == 2
+
+
+def test_prefetch_bad_input_is_a_clear_error(daemon_factory, tmp_path):
+    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        with pytest.raises(InvalidArgument, match="deadline_s"):
+            ns.prefetch(keys, deadline_s=-1)
+        with pytest.raises(InvalidArgument):
+            ns.prefetch_many([(keys, 1.0)], grace_s=float("nan"))
+        assert ns.prefetch([b"\x01" * 16]).prefetch_id == 0     # nothing cached: nothing to do
+        from kvstore.v1 import kvstore_pb2 as pb
+        with pytest.raises(NotFound, match="unknown namespace"):
+            c.call("Prefetch", pb.PrefetchRequest(
+                session_id=c.session_id, namespace_id=b"\x07" * 16,
+                items=[pb.PrefetchItem(keys=b"".join(keys), deadline_s=1.0)]))
+        assert c.stats().prefetch_pending == 0
