@@ -405,10 +405,7 @@ class Namespace:
             pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
             return len(todo)
         if av is not None:
-            arena = av.rows_for(rows)
-            for i in todo:
-                o = offsets[i]
-                transfer.copy_rows(arena[o:o + bb], rows[i])
+            transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True)
             return len(todo)
         per_msg = max(1, (self.client.max_message_bytes - (64 << 10)) // bb)
         run: list[int] = []
@@ -463,10 +460,8 @@ class Namespace:
                     # before the lease is released: the slot must not be reused mid-DMA
                     pinned.from_arena(dst, lease.offsets, ready).synchronize()
                 elif av is not None:
-                    arena = av.rows_for(dst)
-                    bb = self.layout.block_bytes
-                    for i, o in enumerate(lease.offsets):
-                        transfer.copy_rows(dst[i], arena[o:o + bb])
+                    transfer.copy_runs(dst, av.rows_for(dst), lease.offsets, list(range(found)),
+                                       self.layout.block_bytes, to_arena=False)
                 else:
                     self._read_stream(lease, dst)
         except BaseException:
