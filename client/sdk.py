@@ -105,11 +105,7 @@ class KVClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._want_shm = shared_memory
         self._client_name = client_name or f"pid{os.getpid()}"
-        self._channel = grpc.insecure_channel(self.target, options=[
-            ("grpc.max_receive_message_length", _MSG_LIMIT),
-            ("grpc.max_send_message_length", _MSG_LIMIT),
-        ])
-        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._new_channel()
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self.arena: Arena | None = None
@@ -121,6 +117,20 @@ class KVClient:
         self._connect()
 
     # -- connection --------------------------------------------------------------------------
+    def _new_channel(self) -> None:
+        # A private subchannel pool and a short reconnect backoff: a channel that saw the daemon
+        # down must not keep failing fast for up to gRPC's default 120 s backoff after the
+        # daemon is back, and a new channel must not inherit another channel's backoff.
+        self._channel = grpc.insecure_channel(self.target, options=[
+            ("grpc.max_receive_message_length", _MSG_LIMIT),
+            ("grpc.max_send_message_length", _MSG_LIMIT),
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ])
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+
     def _connect(self) -> None:
         sess = _Session(self._stub, self._client_name, self.timeout_s) if not self._metadata \
             else self._open_with_metadata()
@@ -157,6 +167,8 @@ class KVClient:
         with self._lock:
             if self._session is None or not self._session.alive:
                 log.info("session to %s ended; reconnecting", self.target)
+                self._channel.close()  # its backoff state could refuse a daemon that is back
+                self._new_channel()
                 self._connect()
                 self.reconnects += 1
                 for ns in self._namespaces.values():
