@@ -279,6 +279,25 @@ class HFPrefixCache:
             report.store = self._store_pool.submit(self._store, layers, keys, blocks_found)
         return hook
 
+    def store(self, input_ids: torch.Tensor, cache) -> Future:
+        """Store the full blocks of ``input_ids`` whose KV ``cache`` holds (computed elsewhere,
+        e.g. by a plain ``model.generate``); blocks the daemon already has are skipped.
+        Returns a Future of the number of blocks written."""
+        ids = torch.as_tensor(input_ids).reshape(-1).tolist()
+        ns = self._namespace()
+        keys = ns.block_keys(ids)
+        if cache.get_seq_length() < len(keys) * self.layout.block_tokens:
+            raise ValueError(f"cache holds {cache.get_seq_length()} tokens, fewer than the "
+                             f"{len(keys) * self.layout.block_tokens} of the full blocks")
+        found = ns.lookup(keys).num_cached
+        if found >= len(keys):
+            done: Future = Future()
+            done.set_result(0)
+            return done
+        self._pending.acquire()
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._store_pool.submit(self._store, layers, keys, found)
+
     def _store(self, layers, keys: list[bytes], first: int) -> int:
         try:
             kv = pack_blocks(layers, self.layout, first * self.layout.block_tokens,
