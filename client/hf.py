@@ -235,7 +235,8 @@ class HFPrefixCache:
 
         try:
             views = lease.views("torch")
-            loader = LayerLoader(views, lease.offsets, self.layout, use, release, timeline)
+            loader = LayerLoader(views, lease.offsets, self.layout, use, release, timeline,
+                                 extra_tokens=n - report.reused_tokens)
         except Exception as exc:  # noqa: BLE001 - e.g. no shared arena (remote daemon)
             _release_quietly(lease)
             self._fallback(report, _reason(exc), exc)

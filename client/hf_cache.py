@@ -61,15 +61,20 @@ class LayerLoader:
     """Copies ``n_blocks`` leased blocks into per-layer K/V tensors on a background thread.
 
     ``wait(i)`` blocks until layer ``i`` is copied and returns its (K, V), each
-    ``[1, kv_heads, n_blocks * block_tokens, head_dim]``; it raises PrefixLoadFailed if the copy
-    or the lease failed (for the last layer: also when the release found the lease stale).
-    ``release`` is called exactly once, from the loader thread, after the last copy.
+    ``[1, kv_heads, n_blocks * block_tokens + extra_tokens, head_dim]`` with the prefix in the
+    first ``n_blocks * block_tokens`` positions: the room after it takes the suffix's KV without
+    another copy of the prefix. It raises PrefixLoadFailed if the copy or the lease failed (for
+    the last layer: also when the release found the lease stale). ``release`` is called exactly
+    once, from the loader thread, after the last copy.
     """
 
     def __init__(self, views: list[torch.Tensor], offsets: list[int], layout: KVLayout,
-                 n_blocks: int, release, timeline: LoadTimeline, wait_timeout_s: float = 60.0):
+                 n_blocks: int, release, timeline: LoadTimeline, wait_timeout_s: float = 60.0,
+                 extra_tokens: int = 0):
         self.layout = layout
         self.n_blocks = n_blocks
+        self.prefix_tokens = n_blocks * layout.block_tokens
+        self.extra_tokens = extra_tokens
         self.timeline = timeline
         self._views = views[:n_blocks]
         self._offsets = offsets[:n_blocks]
@@ -113,10 +118,10 @@ class LayerLoader:
         try:
             sources = self._sources()
             for i in range(L):
-                k = torch.empty((1, H, T, D), dtype=dtype)
-                v = torch.empty((1, H, T, D), dtype=dtype)
-                kb = k[0].view(H, self.n_blocks, B, D)
-                vb = v[0].view(H, self.n_blocks, B, D)
+                k = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype)
+                v = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype)
+                kb = k[0, :, :T].view(H, self.n_blocks, B, D)
+                vb = v[0, :, :T].view(H, self.n_blocks, B, D)
                 for first, n, src in sources:
                     # src[:, i, 0] is [n, B, H, D]; the cache wants [H, n, B, D]
                     kb[:, first:first + n].copy_(src[:, i, 0].permute(2, 0, 1, 3))
@@ -156,23 +161,35 @@ class _PrefixLayer(DynamicLayer):
         self._idx = layer_idx
         self._pending = prefix_tokens
 
-    def _materialize(self) -> None:
+    def _materialize(self, key_states=None, value_states=None) -> bool:
+        """Take the prefix from the loader; True if the new states were placed after it too."""
         if not self._pending:
-            return
+            return False
         tl = self._cache.timeline
         tl.needed_s.append(tl.now())
         k, v = self._cache.loader.wait(self._idx)
         tl.waited_s.append(tl.now())
+        T = self._pending
         self.dtype, self.device = k.dtype, k.device
-        self.keys, self.values = k, v
         self.is_initialized = True
         self._pending = 0
+        if (key_states is not None and k.shape[-2] == T + key_states.shape[-2]
+                and key_states.shape[:2] == k.shape[:2] and key_states.dtype == k.dtype
+                and key_states.device == k.device):
+            # The loader left room for exactly this suffix: no concatenation copy.
+            k[..., T:, :] = key_states
+            v[..., T:, :] = value_states
+            self.keys, self.values = k, v
+            return True
+        self.keys, self.values = k[..., :T, :], v[..., :T, :]
+        return False
 
     def get_seq_length(self) -> int:
         return self._pending or super().get_seq_length()
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self._materialize()
+        if self._materialize(key_states, value_states):
+            return self.keys, self.values
         return super().update(key_states, value_states, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
