@@ -12,7 +12,7 @@ import torch
 
 # ~1B parameters: the Llama-3.2-1B block shape with a 32k vocabulary.
 SHAPE_1B = dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=32000)
-SHAPE_DEMO = dict(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=2, vocab=4096)
+SHAPE_DEMO = dict(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2, vocab=4096)
 SHAPE_TINY = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
 
 

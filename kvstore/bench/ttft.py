@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-ssd", action="store_true", help="skip the SSD point")
     ap.add_argument("--ssd-dir", help="where the private daemon's SSD tier lives "
                                       "(default: a temporary directory in /var/tmp)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's "
+                    "choice; on an oversubscribed machine 1 can be faster)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -85,6 +87,8 @@ def run(args, sizes: list[int], shape: dict) -> dict:
     from kvstore.client.hf import HFPrefixCache, layout_for
     from kvstore.sidecar import PrivateDaemon, supports
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     weights = {s: (s / 512) * (1 + s / 4096) for s in sizes}  # prefill cost, roughly
     reuse_w = 0.15 * args.reps
     prog = Progress(2 + sum(weights[s] + 4 * reuse_w for s in sizes), not args.no_progress)
