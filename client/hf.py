@@ -97,12 +97,16 @@ class HFPrefixCache:
                   its per-call deadline, lazily again after any failure.
     namespace:    alternatively an existing Namespace; it must match the model's layout.
     layerwise:    overlap the prefix copy with compute (False: copy everything first).
+    cooldown_s:   after the daemon missed a deadline, skip it for this long (a hung daemon
+                  must not add ``deadline_s`` to every request).
+
+    Concurrent ``generate`` calls from several threads are safe; ``last`` is the latest one's.
     """
 
     def __init__(self, model, model_id: str | None = None, *, client=None, socket: str | None = None,
                  namespace=None, block_tokens: int = 16, tenant: str = "",
                  deadline_s: float = 2.0, layerwise: bool = True, fingerprint: bool = True,
-                 max_pending_stores: int = 4):
+                 max_pending_stores: int = 4, cooldown_s: float = 5.0):
         self.model = model
         if namespace is not None:
             block_tokens = namespace.layout.block_tokens
@@ -121,6 +125,8 @@ class HFPrefixCache:
         self.tenant = tenant
         self.layerwise = layerwise
         self.deadline_s = deadline_s
+        self.cooldown_s = cooldown_s
+        self._skip_until = 0.0
         self._socket = socket
         self._client = client
         self._own_client = client is None
@@ -195,7 +201,17 @@ class HFPrefixCache:
             self._fallback(report, "stale", exc)
             cache, _ = self._fresh_cache(ids, keys, report, blocks_found=0)
             out = self.model.generate(ids, past_key_values=cache, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if cache.loader is None:
+                raise  # nothing of ours was involved: the caller's error
+            # Defensive: whatever went wrong with the restored prefix, recompute without it.
+            # A genuine caller error fails again below and propagates.
+            self._fallback(report, "error", exc)
+            return self.model.generate(ids, **kwargs)
         cache.finish_prefill()  # a single-forward generation never started a second pass
+        if cache.loader is not None and not report.fallback:
+            self._count("hits")
+            self._count("reused_tokens", report.reused_tokens)
         return out
 
     def _prepare(self, ids: torch.Tensor, report: RequestReport):
@@ -203,6 +219,10 @@ class HFPrefixCache:
         B = self.layout.block_tokens
         n = ids.shape[1]
         keys: list[bytes] = []
+        if time.monotonic() < self._skip_until:
+            self._fallback(report, "cooldown", "the daemon missed a deadline recently",
+                           quiet=True)
+            return self._fresh_cache(ids, keys, report, 0)
         try:
             ns = self._namespace()
             keys = ns.block_keys(ids[0].tolist())
@@ -216,6 +236,8 @@ class HFPrefixCache:
             return self._fresh_cache(ids, keys, report, 0)
         except Exception as exc:  # noqa: BLE001 - the cache never fails inference
             self._fallback(report, _reason(exc), exc)
+            if report.fallback == "deadline":
+                self._skip_until = time.monotonic() + self.cooldown_s
             return self._fresh_cache(ids, keys, report, 0)
         report.blocks_found = len(lease)
         report.tiers = list(lease.tiers)
@@ -244,8 +266,6 @@ class HFPrefixCache:
         loader.start()
         if not self.layerwise:
             loader.join()
-        self._count("hits")
-        self._count("reused_tokens", report.reused_tokens)
         cache = PrefixCache(self.model.config, loader, report.reused_tokens, timeline,
                             self._store_hook(keys, len(lease), report))
         return cache, keys
@@ -256,12 +276,13 @@ class HFPrefixCache:
         return PrefixCache(self.model.config, None, 0, LoadTimeline(),
                            self._store_hook(keys, blocks_found, report)), keys
 
-    def _fallback(self, report: RequestReport, reason: str, exc: BaseException) -> None:
+    def _fallback(self, report: RequestReport, reason: str, exc, quiet: bool = False) -> None:
         report.fallback = reason
         report.reused_tokens = 0
         self._count("fallbacks")
         self._count(f"fallback_{reason}")
-        log.warning("kvstore: recomputing the whole prompt (%s): %s", reason, exc)
+        (log.debug if quiet else log.warning)(
+            "kvstore: recomputing the whole prompt (%s): %s", reason, exc)
 
     # -- storing -----------------------------------------------------------------------------
     def _store_hook(self, keys: list[bytes], blocks_found: int, report: RequestReport):

@@ -85,7 +85,7 @@ def test_daemon_restarted_between_requests(daemon_factory, tmp_path, model, ids,
 
 def test_paused_daemon_hits_the_deadline(daemon, model, ids, expected):
     with HFPrefixCache(model, "tiny", socket=daemon.socket, block_tokens=8,
-                       deadline_s=0.5) as kv:
+                       deadline_s=0.5, cooldown_s=0) as kv:
         _gen(kv, ids)
         os.kill(daemon.proc.pid, signal.SIGSTOP)
         try:
@@ -100,6 +100,25 @@ def test_paused_daemon_hits_the_deadline(daemon, model, ids, expected):
         kv.flush()
         assert torch.equal(_gen(kv, ids), expected)
         assert kv.last.reused_tokens == 32 and kv.last.fallback == ""
+
+
+def test_hung_daemon_is_skipped_for_a_cooldown(daemon, model, ids, expected):
+    with HFPrefixCache(model, "tiny", socket=daemon.socket, block_tokens=8,
+                       deadline_s=2.0, cooldown_s=60) as kv:
+        _gen(kv, ids)
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            with torch.no_grad():
+                kv.generate(ids, **GEN)
+                assert kv.last.fallback == "deadline"
+                t = time.monotonic()
+                out = kv.generate(ids, **GEN)
+                took = time.monotonic() - t
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        assert torch.equal(out, expected)
+        assert kv.last.fallback == "cooldown" and took < 1.5   # no second 2 s wait on the daemon
+        assert kv.stats["fallbacks"] == 2
 
 
 def test_daemon_error_degrades_to_recompute(daemon_factory, tmp_path, model, ids, expected):
