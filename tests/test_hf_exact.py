@@ -140,3 +140,26 @@ def test_unsupported_models_are_refused_clearly():
     model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
     with pytest.raises(ValueError, match="full-attention layers only"):
         layout_for(model)
+
+
+def test_exact_after_demotion_to_ssd_and_promotion_back(daemon_factory, tmp_path):
+    from kvstore.bench.ttft import Demoter
+    from kvstore.sidecar import supports
+    if not supports("--ssd-dir"):
+        pytest.skip("this daemon has no SSD tier")
+    d = daemon_factory("--dram-bytes", "16MiB", "--chunk-bytes", "4MiB",
+                       "--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "512MiB")
+    model = tiny_llama(seed=0)
+    ids = prompt(70, seed=21)
+    with HFPrefixCache(model, "tiny", socket=d.socket, block_tokens=16) as kv:
+        full = _full(model, ids)
+        with torch.no_grad():
+            kv.generate(ids, **GEN)
+        kv.flush()
+        Demoter(kv, ids)()                               # DRAM -> SSD, by eviction
+        with torch.no_grad():
+            warm = kv.generate(ids, **GEN)               # SSD -> DRAM, by the lease
+        assert kv.last.tiers[:4] == ["SSD"] * 4 and kv.last.reused_tokens == 64
+        assert torch.equal(warm.sequences, full.sequences)
+        for w, m in zip(warm.logits, _from_memory(model, ids, 64).logits):
+            assert torch.equal(w, m)

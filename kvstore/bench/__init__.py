@@ -1,43 +1,29 @@
-"""`kvstore bench NAME [args]`: the benchmarks, each a module with ``main(argv) -> int``.
+"""Benchmarks: `kvstore bench NAME [options]` (or `python -m kvstore.bench NAME`).
 
-BENCHMARKS maps a name to its module's dotted path; modules are imported only when run, so a
-daemon-only install (no torch) still lists them. Add a benchmark with one line here.
+Each prints its figures next to a baseline measured in the same run and the ratio between them;
+machines are shared and noisy, so only same-run ratios mean anything. `--json` for scripts.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHMARKS: dict[str, str] = {
-    "ttft": "kvstore.bench.ttft",
+# name -> module (relative to kvstore.bench) exposing main(argv) -> int
+BENCHMARKS = {
+    "ttft": "ttft",
 }
-
-
-def _summary(name: str) -> str:
-    try:
-        doc = importlib.import_module(BENCHMARKS[name]).__doc__ or ""
-    except ImportError as exc:
-        return f"(unavailable: {exc})"
-    first = doc.strip().splitlines()[0] if doc.strip() else ""
-    return first.split(" — ", 1)[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kvstore bench NAME [options]   (kvstore bench NAME --help)\n\nbenchmarks:")
-        for name in sorted(BENCHMARKS):
-            print(f"  {name:<12} {_summary(name)}")
+        print("usage: kvstore bench {" + ",".join(BENCHMARKS) + "} [options]")
+        print(__doc__.strip().splitlines()[2] if __doc__ else "")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
-        print(f"kvstore bench: unknown benchmark {name!r}; one of {', '.join(sorted(BENCHMARKS))}",
+        print(f"kvstore bench: unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})",
               file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(BENCHMARKS[name])
-    except ImportError as exc:
-        print(f"kvstore bench {name}: missing dependency ({exc}); "
-              "install the extras: pip install 'kvstore[hf]'", file=sys.stderr)
-        return 1
+    module = importlib.import_module(f"kvstore.bench.{BENCHMARKS[name]}")
     return module.main(rest)

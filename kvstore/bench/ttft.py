@@ -210,7 +210,7 @@ def _point(model, kv, size: int, args, prog: Progress, full_w: float, reuse_w: f
                         "waited_until": [x * 1e3 for x in tl.waited_s]},
     }
     if with_ssd:
-        demoter = _Demoter(kv, ids)
+        demoter = Demoter(kv, ids)
         ssd_runs, ssd_tiers, _ = reuse("SSD", True, before=demoter)
         p["ssd_s"] = _median(ssd_runs)
         p["ssd_tiers"] = ssd_tiers
@@ -225,7 +225,7 @@ def _point(model, kv, size: int, args, prog: Progress, full_w: float, reuse_w: f
     return p
 
 
-class _Demoter:
+class Demoter:
     """Pushes a prompt's blocks from DRAM to SSD by filling DRAM with other blocks.
 
     Generic on purpose: it needs no demotion API, only the daemon's own eviction (DRAM → SSD).
@@ -245,17 +245,23 @@ class _Demoter:
     def __call__(self) -> None:
         B = self.ns.layout.block_tokens
         dram = next((t.capacity_bytes for t in self.ns.client.stats().tiers if t.tier == 2), 0)
-        limit = 4 * max(dram, 1 << 30) // self.ns.layout.block_bytes
+        # One DRAM tier's worth of filler per round, and only then a lookup: a lookup counts as
+        # a use, and checking after every batch would keep the prefix the most recent thing.
+        per_round = -(-max(dram, 1 << 20) // self.ns.layout.block_bytes) + 32
         n = 0
-        while not self._on_ssd():
-            if n > limit:
-                raise RuntimeError("the prefix did not leave DRAM after writing "
-                                   f"{n} filler blocks: is the SSD tier demoting?")
-            toks = list(range(self.next_token, self.next_token + 32 * B))
-            self.next_token += 32 * B
-            self.filler.put(self.filler.block_keys(toks), self.batch).result()
-            n += 32
-        self.written += n
+        for _ in range(4):
+            written = 0
+            while written < per_round:
+                toks = list(range(self.next_token, self.next_token + 32 * B))
+                self.next_token += 32 * B
+                self.filler.put(self.filler.block_keys(toks), self.batch).result()
+                written += 32
+            n += written
+            if self._on_ssd():
+                self.written += n
+                return
+        raise RuntimeError(f"the prefix did not leave DRAM after writing {n} filler blocks "
+                           "(four DRAM tiers' worth): is the SSD tier demoting?")
 
     def _on_ssd(self) -> bool:
         r = self.ns.lookup(self.keys[:-1])
