@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def run(args, sizes: list[int], shape: dict) -> dict:
 
     ssd_status = "ok"
     daemon = None
+    made_ssd_dir = None
     if args.socket:
         socket = args.socket
         ssd_status = "skipped: --socket names an external daemon; the SSD point needs a private one"
@@ -111,7 +113,10 @@ def run(args, sizes: list[int], shape: dict) -> dict:
         elif not supports("--ssd-dir"):
             ssd_status = "skipped: this kvstore daemon has no SSD tier (no --ssd-dir flag)"
         else:
-            ssd_dir = args.ssd_dir or tempfile.mkdtemp(prefix="kvstore-bench-ssd-", dir="/var/tmp")
+            ssd_dir = args.ssd_dir
+            if not ssd_dir:
+                ssd_dir = made_ssd_dir = tempfile.mkdtemp(prefix="kvstore-bench-ssd-",
+                                                          dir="/var/tmp")
             extra = ["--ssd-dir", ssd_dir, "--ssd-bytes", str(16 * largest_kv + (1 << 30))]
         # DRAM holds the largest prefix with room to spare but is small enough to demote from
         dram = -(-(2 * largest_kv + (128 << 20)) // (64 << 20)) * (64 << 20)
@@ -136,6 +141,8 @@ def run(args, sizes: list[int], shape: dict) -> dict:
         prog.done()
         if daemon is not None:
             daemon.stop()
+        if made_ssd_dir:
+            shutil.rmtree(made_ssd_dir, ignore_errors=True)
     return result
 
 
