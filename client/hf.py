@@ -258,7 +258,8 @@ class HFPrefixCache:
         try:
             views = lease.views("torch")
             loader = LayerLoader(views, lease.offsets, self.layout, use, release, timeline,
-                                 extra_tokens=n - report.reused_tokens)
+                                 extra_tokens=n - report.reused_tokens,
+                                 device=self.model.device)
         except Exception as exc:  # noqa: BLE001 - e.g. no shared arena (remote daemon)
             _release_quietly(lease)
             self._fallback(report, _reason(exc), exc)

@@ -70,11 +70,12 @@ class LayerLoader:
 
     def __init__(self, views: list[torch.Tensor], offsets: list[int], layout: KVLayout,
                  n_blocks: int, release, timeline: LoadTimeline, wait_timeout_s: float = 60.0,
-                 extra_tokens: int = 0):
+                 extra_tokens: int = 0, device: str | torch.device = "cpu"):
         self.layout = layout
         self.n_blocks = n_blocks
         self.prefix_tokens = n_blocks * layout.block_tokens
         self.extra_tokens = extra_tokens
+        self.device = torch.device(device)
         self.timeline = timeline
         self._views = views[:n_blocks]
         self._offsets = offsets[:n_blocks]
@@ -118,8 +119,10 @@ class LayerLoader:
         try:
             sources = self._sources()
             for i in range(L):
-                k = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype)
-                v = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype)
+                # On an accelerator, copy_ from host memory returns once the bytes are there,
+                # so publishing the event after it is safe for any stream that reads them.
+                k = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype, device=self.device)
+                v = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype, device=self.device)
                 kb = k[0, :, :T].view(H, self.n_blocks, B, D)
                 vb = v[0, :, :T].view(H, self.n_blocks, B, D)
                 for first, n, src in sources:
