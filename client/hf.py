@@ -229,7 +229,11 @@ class HFPrefixCache:
             if not keys:
                 return self._fresh_cache(ids, keys, report, 0)
             t = time.perf_counter()
-            lease = ns.acquire(keys[:ns.client.max_batch_blocks])
+            if ns.client.shared_memory:
+                lease = ns.acquire(keys[:ns.client.max_batch_blocks])
+            else:  # a remote daemon: the bytes stream over gRPC before compute starts
+                lease = _FetchedPrefix(ns.get(keys[:min(ns.client.max_batch_blocks,
+                                                        (n - 1) // B)]).result())
             report.lookup_s = time.perf_counter() - t
         except LayoutMismatch as exc:
             self._fallback(report, "layout", exc)
@@ -288,8 +292,8 @@ class HFPrefixCache:
     # -- storing -----------------------------------------------------------------------------
     def _store_hook(self, keys: list[bytes], blocks_found: int, report: RequestReport):
         """Called with the cache once the prompt's KV is complete (after the first token)."""
-        if report.fallback in ("layout",) or blocks_found >= len(keys):
-            return None
+        if report.fallback in _NO_STORE or blocks_found >= len(keys):
+            return None  # nothing new, or a daemon that just failed us would fail this too
 
         def hook(cache: PrefixCache) -> None:
             if not self._pending.acquire(blocking=False):
@@ -353,6 +357,27 @@ class HFPrefixCache:
     def hit_rate(self) -> float:
         """Reused prompt tokens / prompt tokens, over all requests so far."""
         return self.stats["reused_tokens"] / max(1, self.stats["prompt_tokens"])
+
+
+class _FetchedPrefix:
+    """Blocks already copied out by ``Namespace.get``, shaped like a BlockLease for the loader."""
+
+    def __init__(self, kv: torch.Tensor):
+        self._rows = kv.reshape(len(kv), -1).view(torch.uint8) if len(kv) else kv
+        self.offsets = [i * self._rows.shape[1] for i in range(len(kv))]
+        self.tiers: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def views(self, like: str = "torch"):
+        return [self._rows[i] for i in range(len(self.offsets))]
+
+    def release(self) -> None:
+        """Nothing to do: ``get`` released (and validated) its lease before returning."""
+
+
+_NO_STORE = ("layout", "deadline", "unavailable", "cooldown")
 
 
 def _reason(exc: BaseException) -> str:

@@ -65,6 +65,15 @@ def test_cached_generation_equals_recompute_gqa(daemon, block_tokens, n_tokens, 
         _check(kv, model, prompt(n_tokens), expect_reused)
 
 
+def test_remote_client_streams_the_prefix(daemon):
+    model = tiny_llama(seed=4)
+    client = KVClient(daemon.socket, shared_memory=False)   # as if across hosts
+    assert not client.shared_memory
+    with HFPrefixCache(model, "tiny-remote", client=client, block_tokens=8) as kv:
+        _check(kv, model, prompt(45, seed=8), 40)
+    client.close()
+
+
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_mha_and_whole_prefix_loading(daemon, layerwise):
     model = tiny_llama(seed=3, heads=4, kv_heads=4, layers=4)
