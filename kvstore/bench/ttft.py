@@ -218,8 +218,9 @@ def _point(model, kv, size: int, args, prog: Progress, full_w: float, reuse_w: f
     }
     if with_ssd:
         demoter = Demoter(kv, ids)
-        ssd_runs, ssd_tiers, _ = reuse("SSD", True, before=demoter)
+        ssd_runs, ssd_tiers, ssd_last = reuse("SSD", True, before=demoter)
         p["ssd_s"] = _median(ssd_runs)
+        p["ssd_lookup_s"] = ssd_last.lookup_s  # the daemon promotes before it answers
         p["ssd_tiers"] = ssd_tiers
         p["ssd_filler_blocks"] = demoter.written
         p["same_first_token"]["ssd"] = all(int(o[0, -1]) == first for _, o in ssd_runs)
