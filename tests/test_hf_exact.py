@@ -10,6 +10,10 @@ Two comparisons per case, both against a real daemon:
 """
 from __future__ import annotations
 
+import shutil
+import uuid
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -17,6 +21,20 @@ from transformers import DynamicCache
 from hf_models import prompt, tiny_llama
 from kvstore.client import KVClient
 from kvstore.client.hf import HFPrefixCache, LayoutMismatch, layout_for
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """One real daemon for the whole module (each test uses its own model ids): on a busy
+    2-core machine, daemon start-up would otherwise dominate these tests."""
+    from conftest import DaemonProcess
+    shm = Path("/dev/shm") / f"kvstore-test-{uuid.uuid4().hex[:10]}"
+    shm.mkdir()
+    d = DaemonProcess(tmp_path_factory.mktemp("hf-exact"), shm,
+                      ["--dram-bytes", "256MiB", "--chunk-bytes", "16MiB"]).start()
+    yield d
+    d.close()
+    shutil.rmtree(shm, ignore_errors=True)
+
 
 GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -61,13 +79,14 @@ def _check(kv: HFPrefixCache, model, ids, expect_reused: int, tol: float = 1e-4)
 ])
 def test_cached_generation_equals_recompute_gqa(daemon, block_tokens, n_tokens, expect_reused):
     model = tiny_llama(seed=0, heads=4, kv_heads=2)
-    with HFPrefixCache(model, "tiny-gqa", socket=daemon.socket, block_tokens=block_tokens) as kv:
+    with HFPrefixCache(model, f"tiny-gqa-{block_tokens}-{n_tokens}", socket=daemon.socket,
+                       block_tokens=block_tokens) as kv:
         _check(kv, model, prompt(n_tokens), expect_reused)
 
 
 def test_remote_client_streams_the_prefix(daemon):
     model = tiny_llama(seed=4)
-    client = KVClient(daemon.socket, shared_memory=False)   # as if across hosts
+    client = KVClient(daemon.socket, shared_memory=False, timeout_s=30)  # as if across hosts
     assert not client.shared_memory
     with HFPrefixCache(model, "tiny-remote", client=client, block_tokens=8) as kv:
         _check(kv, model, prompt(45, seed=8), 40)
@@ -77,7 +96,7 @@ def test_remote_client_streams_the_prefix(daemon):
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_mha_and_whole_prefix_loading(daemon, layerwise):
     model = tiny_llama(seed=3, heads=4, kv_heads=4, layers=4)
-    with HFPrefixCache(model, "tiny-mha", socket=daemon.socket, block_tokens=8,
+    with HFPrefixCache(model, f"tiny-mha-{layerwise}", socket=daemon.socket, block_tokens=8,
                        layerwise=layerwise) as kv:
         _check(kv, model, prompt(50, seed=7), 48)
         tl = kv.last.timeline
@@ -97,7 +116,7 @@ def test_extended_prompt_reuses_shared_prefix_and_stores_only_new_blocks(daemon)
     doc = prompt(64, seed=11)
     q1 = torch.cat([doc, prompt(10, seed=12)], dim=1)
     q2 = torch.cat([doc, prompt(21, seed=13)], dim=1)
-    with HFPrefixCache(model, "tiny", socket=daemon.socket, block_tokens=16) as kv:
+    with HFPrefixCache(model, "tiny-extend", socket=daemon.socket, block_tokens=16) as kv:
         with torch.no_grad():
             kv.generate(q1, **GEN)
             kv.flush()
@@ -114,7 +133,8 @@ def test_two_models_share_one_daemon_without_mixing(daemon):
     b = tiny_llama(seed=1)                       # same config, other weights
     c = tiny_llama(seed=2, layers=2, kv_heads=1)  # other layout
     ids = prompt(40, seed=4)
-    kvs = [HFPrefixCache(m, "tiny", socket=daemon.socket, block_tokens=8) for m in (a, b, c)]
+    kvs = [HFPrefixCache(m, "tiny-pair", socket=daemon.socket, block_tokens=8)
+           for m in (a, b, c)]
     try:
         assert len({kv.model_id for kv in kvs}) == 3   # weights digest separates a and b
         for kv in kvs:
