@@ -185,6 +185,12 @@ class _PrefixLayer(DynamicLayer):
             self.keys, self.values = k, v
             return True
         self.keys, self.values = k[..., :T, :], v[..., :T, :]
+        if key_states is not None and key_states.shape[0] != 1:
+            # generate expanded the prompt (beams, num_return_sequences) but not our cache:
+            # every row shares the prompt's prefix; the concatenation in update copies it.
+            b = key_states.shape[0]
+            self.keys = self.keys.expand(b, -1, -1, -1)
+            self.values = self.values.expand(b, -1, -1, -1)
         return False
 
     def get_seq_length(self) -> int:

@@ -128,6 +128,24 @@ def test_extended_prompt_reuses_shared_prefix_and_stores_only_new_blocks(daemon)
         assert kv.hit_rate == pytest.approx(64 / (74 + 85))
 
 
+@pytest.mark.parametrize("kw", [dict(num_beams=2, num_return_sequences=2, do_sample=False),
+                                dict(do_sample=True, top_k=5, num_return_sequences=2)])
+def test_beams_and_samples_share_the_cached_prefix(daemon, kw):
+    model = tiny_llama(seed=0)
+    ids = prompt(45, seed=3)
+    name = "tiny-beam" if "num_beams" in kw else "tiny-sample"
+    with HFPrefixCache(model, name, socket=daemon.socket, block_tokens=8) as kv:
+        with torch.no_grad():
+            kv.generate(ids, max_new_tokens=4, **kw)
+            kv.flush()
+            torch.manual_seed(0)
+            out = kv.generate(ids, max_new_tokens=4, **kw)
+            assert kv.last.reused_tokens == 40 and kv.stats["fallbacks"] == 0
+            torch.manual_seed(0)
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, **kw)
+        assert torch.equal(out, ref)
+
+
 def test_two_models_share_one_daemon_without_mixing(daemon):
     a = tiny_llama(seed=0)
     b = tiny_llama(seed=1)                       # same config, other weights
