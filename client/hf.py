@@ -15,6 +15,10 @@ Per request (``generate`` with a batch of one prompt):
 4. once the first token is sampled, the prompt's new full blocks are packed and stored on a
    background thread (``Namespace.put``): the store never delays the first token.
 
+A client that cannot map the daemon's arena (a remote daemon) fetches the prefix with
+``Namespace.get`` instead, before compute starts. Beam search and several samples per prompt
+share the one cached prefix.
+
 The cache never makes inference fail: daemon down, restarted, slow (past ``deadline_s``) or
 answering an error, a stale lease, a refused layout discovered late — each degrades to a full
 recompute, counted in :attr:`HFPrefixCache.stats` and logged; the next request tries the daemon
