@@ -51,8 +51,10 @@ class PrivateDaemon:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                log_text = self.log_path.read_text()
+                self.stop()  # removes the temporary directories
                 raise RuntimeError(f"kvstore serve exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text()}")
+                                   f"{log_text}")
             if os.path.exists(self.socket):
                 try:
                     KVClient(self.socket, timeout_s=2, shared_memory=False).close()
