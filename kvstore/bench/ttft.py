@@ -120,7 +120,12 @@ def run(args, sizes: list[int], shape: dict) -> dict:
             extra = ["--ssd-dir", ssd_dir, "--ssd-bytes", str(16 * largest_kv + (1 << 30))]
         # DRAM holds the largest prefix with room to spare but is small enough to demote from
         dram = -(-(2 * largest_kv + (128 << 20)) // (64 << 20)) * (64 << 20)
-        daemon = PrivateDaemon(dram_bytes=dram, extra_args=extra).start()
+        try:
+            daemon = PrivateDaemon(dram_bytes=dram, extra_args=extra).start()
+        except BaseException:
+            if made_ssd_dir:
+                shutil.rmtree(made_ssd_dir, ignore_errors=True)
+            raise
         socket = daemon.socket
     result: dict = {
         "model": {**shape, "dtype": args.dtype, "params": param_count(model),
