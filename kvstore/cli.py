@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_config)
 
-    p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False,
+                       prefix_chars="\x00")  # --help and every --flag go to the benchmark
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
 

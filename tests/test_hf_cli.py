@@ -39,6 +39,11 @@ def test_bench_ttft_small_shape(daemon, capsys):
     assert r["ssd_status"].startswith("skipped")
 
 
+def test_bench_help_reaches_the_dispatcher(capsys):
+    assert main(["bench", "--help"]) == 0
+    assert "ttft" in capsys.readouterr().out
+
+
 def test_bench_dispatcher_errors(capsys):
     assert main(["bench", "nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
