@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "gpu": "kvstore.bench.gpu",          # SDK H2D/D2H vs pinned cudaMemcpy; kernels vs memcpy
     "kernels": "kvstore.bench.kernels",  # reference gather/scatter vs a plain copy (CPU or GPU)
     "ssd": "kvstore.bench.ssd",          # SDK get/put through the SSD tier vs raw O_DIRECT
+    "ttft": "kvstore.bench.ttft",        # HF TTFT: full prefill vs reuse from DRAM / SSD
 }
 
 
