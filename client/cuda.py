@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from kvstore.client.transfer import runs  # noqa: F401  (re-exported)
+
 log = logging.getLogger("kvstore.client.cuda")
 
 _HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: pinned for every CUDA context
@@ -60,26 +62,6 @@ def attach(arena, arena_view, want: bool | None) -> "PinnedArena | None":
         log.warning("not pinning the kvstore arena: %s; GPU tensors are copied through "
                     "pageable memory", exc)
         return None
-
-
-def runs(offsets: list[int], indices: list[int], row_bytes: int) -> list[tuple[int, int, int]]:
-    """Group rows into (first index, count, arena offset) runs that are adjacent on both sides.
-
-    Rows i and i+1 of a [n, row_bytes] tensor are adjacent in memory; when their arena slots are
-    adjacent too (the slab allocator hands out consecutive slots, and slot == block size for
-    4 KiB-multiple blocks) one DMA moves the whole run: fewer, larger copies approach the
-    link's bandwidth where per-copy launch cost would dominate small blocks.
-    """
-    out: list[tuple[int, int, int]] = []
-    for i in indices:
-        o = offsets[i]
-        if out:
-            first, count, start = out[-1]
-            if i == first + count and o == start + count * row_bytes:
-                out[-1] = (first, count + 1, start)
-                continue
-        out.append((i, 1, o))
-    return out
 
 
 def ready_event(x):

@@ -117,12 +117,18 @@ class KVClient:
         options = [
             ("grpc.max_receive_message_length", _MSG_LIMIT),
             ("grpc.max_send_message_length", _MSG_LIMIT),
+            # A private subchannel pool and a short reconnect backoff: a channel that saw the
+            # daemon down must not keep failing fast for up to gRPC's default 120 s backoff
+            # after the daemon is back, and a new channel must not inherit another's backoff.
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._channel_options = options   # a reconnect opens its channel with these too
-        self._channel = _open_channel(self.target, options, self._tls)
-        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._new_channel()
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self.arena: Arena | None = None
@@ -136,6 +142,10 @@ class KVClient:
         self._connect()
 
     # -- connection --------------------------------------------------------------------------
+    def _new_channel(self) -> None:
+        self._channel = _open_channel(self.target, self._channel_options, self._tls)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+
     def _connect(self) -> None:
         sess = _Session(self._stub, self._client_name, self.timeout_s) if not self._metadata \
             else self._open_with_metadata()
@@ -173,6 +183,8 @@ class KVClient:
         with self._lock:
             if self._session is None or not self._session.alive:
                 log.info("session to %s ended; reconnecting", self.target)
+                self._channel.close()  # its backoff state could refuse a daemon that is back
+                self._new_channel()
                 self._connect()
                 self.reconnects += 1
                 for ns in self._namespaces.values():
@@ -412,10 +424,7 @@ class Namespace:
             pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
             return len(todo)
         if av is not None:
-            arena = av.rows_for(rows)
-            for i in todo:
-                o = offsets[i]
-                transfer.copy_rows(arena[o:o + bb], rows[i])
+            transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True)
             return len(todo)
         per_msg = max(1, (self.client.max_message_bytes - (64 << 10)) // bb)
         run: list[int] = []
@@ -470,10 +479,8 @@ class Namespace:
                     # before the lease is released: the slot must not be reused mid-DMA
                     pinned.from_arena(dst, lease.offsets, ready).synchronize()
                 elif av is not None:
-                    arena = av.rows_for(dst)
-                    bb = self.layout.block_bytes
-                    for i, o in enumerate(lease.offsets):
-                        transfer.copy_rows(dst[i], arena[o:o + bb])
+                    transfer.copy_runs(dst, av.rows_for(dst), lease.offsets, list(range(found)),
+                                       self.layout.block_bytes, to_arena=False)
                 else:
                     self._read_stream(lease, dst)
         except BaseException:

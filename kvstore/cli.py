@@ -1,4 +1,4 @@
-"""The kvstore command line: serve, stats, config, bench.
+"""The kvstore command line: serve, stats, config, bench, demo.
 
 Exit codes: 0 success; 1 runtime failure (daemon unreachable, startup error); 2 bad usage or
 configuration.
@@ -134,6 +134,11 @@ def cmd_bench(args) -> int:
     return bench_main(args.bench_args)
 
 
+def cmd_demo(args) -> int:
+    from kvstore.demo import main as demo_main
+    return demo_main(args.demo_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache daemon for LLM inference")
     ap.add_argument("--version", action="version", version=f"kvstore {__version__}")
@@ -167,9 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_config)
 
-    p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False,
+                       prefix_chars="\x00")  # --help and every --flag go to the benchmark
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("demo", help="watch a cached prefix cut time to first token (kvstore "
+                                    "demo --help)", add_help=False,
+                       prefix_chars="\x00")  # every argument, --flags too, goes to the demo
+    p.add_argument("demo_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_demo)
     return ap
 
 

@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "ssd": "kvstore.bench.ssd",          # SDK get/put through the SSD tier vs raw O_DIRECT
     "prefetch": "kvstore.bench.prefetch",  # cache wait with scheduler hints vs without
     "recompute": "kvstore.bench.recompute",  # TTFT: load-all, recompute-all, planned hybrid
+    "ttft": "kvstore.bench.ttft",        # HF TTFT: full prefill vs reuse from DRAM / SSD
 }
 
 
