@@ -89,6 +89,7 @@ class RequestReport:
     lookup_s: float = 0.0           # the acquire round trip
     timeline: LoadTimeline | None = None
     store: Future | None = None     # resolves to blocks written (or raises), once stored
+    hybrid: object = None           # kvstore.client.hybrid.HybridReport (generate_hybrid)
 
 
 class HFPrefixCache:
@@ -216,6 +217,55 @@ class HFPrefixCache:
         if cache.loader is not None and not report.fallback:
             self._count("hits")
             self._count("reused_tokens", report.reused_tokens)
+        return out
+
+    def generate_hybrid(self, input_ids: torch.Tensor, profile, **kwargs):
+        """``generate`` with partial recomputation (client/hybrid.py): the daemon's planner
+        picks k from the blocks' tiers and bandwidths and ``profile`` (this model's
+        kvstore.planner.PrefillProfile); tokens [0, k) are recomputed while blocks [k, N) load,
+        meeting earlier or later if the load runs faster or slower than planned. Any cache
+        failure degrades to a full recompute (counted); new full blocks are stored afterwards."""
+        from kvstore.client.hybrid import HybridPrefill
+
+        if "past_key_values" in kwargs:
+            raise ValueError("HFPrefixCache.generate_hybrid builds past_key_values itself")
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        report = RequestReport(prompt_tokens=ids.shape[1])
+        self.last = report
+        if ids.shape[0] != 1:
+            self._count("bypass")
+            return self.model.generate(ids, **kwargs)
+        self._count("requests")
+        self._count("prompt_tokens", report.prompt_tokens)
+        kwargs.setdefault("attention_mask", torch.ones_like(ids))
+        cache = keys = None
+        try:
+            if time.monotonic() < self._skip_until:
+                raise _Cooldown("the daemon missed a deadline recently")
+            ns = self._namespace()
+            keys = ns.block_keys(ids[0].tolist())
+            cache, hrep = HybridPrefill(self.model, ns, profile).prefix_cache(ids, keys=keys)
+            report.hybrid = hrep
+            report.blocks_found = hrep.cached_blocks
+            report.tiers = list(hrep.plan.tiers) if hrep.plan is not None else []
+            report.reused_tokens = hrep.loaded_blocks * self.layout.block_tokens
+        except Exception as exc:  # noqa: BLE001 - the cache never fails inference
+            self._fallback(report, "cooldown" if isinstance(exc, _Cooldown) else _reason(exc),
+                           exc, quiet=isinstance(exc, _Cooldown))
+            if report.fallback == "deadline":
+                self._skip_until = time.monotonic() + self.cooldown_s
+            return self.model.generate(ids, **kwargs)
+        out = self.model.generate(ids, past_key_values=cache, **kwargs)
+        self._count("hits" if report.blocks_found else "misses")
+        self._count("reused_tokens", report.reused_tokens)
+        if keys and report.blocks_found < len(keys):
+            try:
+                report.store = self.store(ids, cache)
+            except Exception as exc:  # noqa: BLE001
+                self._count("store_failures")
+                log.warning("kvstore: storing after a hybrid prefill failed: %s", exc)
         return out
 
     def _prepare(self, ids: torch.Tensor, report: RequestReport):
@@ -379,6 +429,10 @@ class _FetchedPrefix:
 
     def release(self) -> None:
         """Nothing to do: ``get`` released (and validated) its lease before returning."""
+
+
+class _Cooldown(RuntimeError):
+    pass
 
 
 _NO_STORE = ("layout", "deadline", "unavailable", "cooldown")

@@ -70,7 +70,10 @@ def test_hybrid_plan_output_equals_full_recompute(daemon_factory, tmp_path, mode
         plan = Plan(3 * 16, 3, 0.0, 0.0, 0.0, 0.0, 0.0, num_cached=N_BLOCKS)
         cache, rep = hp.prefix_cache(ids, plan=plan)
         assert cache.get_seq_length() == N_BLOCKS * 16
-        assert (rep.computed_tokens, rep.loaded_blocks) == (48, 5) and not rep.load_failed
+        # Compute covers at least [0, k); the load at most [k/B, N) — more compute only if
+        # the load lagged (timing on a shared machine).
+        assert rep.computed_tokens >= 48 and rep.loaded_blocks <= 5 and not rep.load_failed
+        assert rep.computed_tokens + 16 * rep.loaded_blocks == N_BLOCKS * 16
         _check(model, ids, cache, *ref)
 
 
@@ -102,3 +105,24 @@ def test_daemon_planned_hybrid_is_exact(daemon_factory, tmp_path, model):
         assert rep.plan.num_cached == N_BLOCKS and rep.plan.tiers == ("SSD",) * N_BLOCKS
         assert rep.computed_tokens + 16 * rep.loaded_blocks == N_BLOCKS * 16
         _check(model, ids, cache, *ref)
+
+
+def test_adapter_generate_hybrid_matches_plain_generate(daemon_factory, tmp_path, model):
+    from kvstore.client.hf import HFPrefixCache
+
+    ids = prompt(N_BLOCKS * 16 + EXTRA, seed=4)
+    d, layout = _store_on_ssd(daemon_factory, tmp_path, model, ids, "--ssd-read-limit", "100kB/s")
+    _, ref_tokens = _reference(model, ids)
+    with KVClient(d.socket) as c:
+        kv = HFPrefixCache(model, namespace=c.namespace("tiny", layout))
+        out = kv.generate_hybrid(ids, PrefillProfile(0.0, 1e-3, 0.0), max_new_tokens=6,
+                                 do_sample=False)
+        assert torch.equal(out, ref_tokens)
+        h = kv.last.hybrid
+        assert h.cached_blocks == N_BLOCKS and not kv.last.fallback
+        assert h.computed_tokens + 16 * h.loaded_blocks == N_BLOCKS * 16
+        # The daemon gone: a plain recompute, same tokens.
+        d.stop()
+        out = kv.generate_hybrid(ids, PrefillProfile(0.0, 1e-3, 0.0), max_new_tokens=6,
+                                 do_sample=False)
+        assert torch.equal(out, ref_tokens) and kv.last.fallback
