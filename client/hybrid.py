@@ -103,7 +103,10 @@ class HybridPrefill:
     def _meet(self, ids, keys, N, k, cache, rep):
         B = self.B
         lock = threading.Lock()
-        state = {"loaded_from": N, "computed": 0, "failed": ""}
+        state = {"loaded_from": N, "computed": 0, "failed": "", "loaded": 0}
+        cond = threading.Condition()
+        plan_bw = (rep.plan.bandwidth_bps or {}).get("SSD", 0.0) if rep.plan else 0.0
+        self._planned_block_s = self.ns.layout.block_bytes / plan_bw if plan_bw else 0.0
         chunks: list[tuple[int, int, torch.Tensor]] = []   # (first block, n, kv) back to front
         t0 = time.perf_counter()
 
@@ -124,6 +127,9 @@ class HybridPrefill:
                     with lock:
                         chunks.append((lo, hi - lo, kv))
                         state["loaded_from"] = lo
+                        state["loaded"] += hi - lo
+                    with cond:
+                        cond.notify_all()
                     rep.events.append(("loaded", lo, time.perf_counter() - t0))
                     hi = lo
             except Exception as exc:  # noqa: BLE001 - a failed load means more compute
@@ -138,6 +144,7 @@ class HybridPrefill:
         if k:
             self._forward(ids, 0, k, cache)
             m = k
+            rep.events.append(("computed", m, time.perf_counter() - t0))
         while True:
             with lock:
                 state["computed"] = m
@@ -146,12 +153,17 @@ class HybridPrefill:
             if m >= target:
                 break
             if failed or not loader.is_alive():
-                # The loader stopped short (or is done and missed nothing beyond target):
-                # compute up to what it delivered.
+                # The loader stopped short: compute up to what it delivered.
                 self._forward(ids, m, target, cache)
                 m = target
                 continue
             step = min(self.chunk_tokens, target - m)
+            chunk_s = self.profile.seconds(m + step) - self.profile.seconds(m)
+            if self._load_reaches_s(state, lock, m, N, t0) < chunk_s:
+                # The load will cover [m, target) before this chunk would be computed: let it.
+                with cond:
+                    cond.wait(timeout=0.005)
+                continue
             self._forward(ids, m, m + step, cache)
             m += step
             rep.events.append(("computed", m, time.perf_counter() - t0))
@@ -181,6 +193,23 @@ class HybridPrefill:
         rep.computed_tokens = m
         rep.loaded_blocks = got
         return cache, rep
+
+    def _load_reaches_s(self, state, lock, m: int, N: int, t0: float) -> float:
+        """Predicted seconds until the load covers down to token m: the observed per-block
+        rate so far (the plan's bandwidth until a chunk has landed, or the time already spent
+        on the first chunk if that is longer). Compute continues past k only when this
+        exceeds the next chunk's compute time: Cake's meeting point, moved by what the load
+        actually does."""
+        with lock:
+            loaded, lf = state["loaded"], state["loaded_from"]
+        elapsed = time.perf_counter() - t0
+        if loaded:
+            per_block = elapsed / loaded
+        else:
+            per_block = max(self._planned_block_s, elapsed / self.load_chunk_blocks)
+        if not per_block:
+            return float("inf")
+        return max(0, lf - m // self.B) * per_block
 
     def _forward(self, ids, start: int, end: int, cache) -> None:
         if end <= start:
