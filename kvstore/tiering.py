@@ -398,7 +398,13 @@ class Tiering:
         is in DRAM as (lease or None, offsets). Blocks after the first failure are unleased."""
         store, idx = self.store, self.store.index
         bids = lease.block_ids
-        await self.fetch([bids[pos] for pos in positions])
+        # The lease's clock starts when it is answered: a slow read (a capped or busy disk)
+        # must not expire it before the client has even seen it.
+        lease.deadline = float("inf")
+        try:
+            await self.fetch([bids[pos] for pos in positions])
+        finally:
+            lease.deadline = store.clock() + store.lease_timeout_s
         n = 0
         while n < len(bids) and idx.dram[bids[n]] != NO_SLOT:
             n += 1
