@@ -42,8 +42,8 @@ class PageFormat:
                              f"{want[2]}] ([B, H, N, 2*head_dim]); refusing to guess its layout")
         if str(kv.dtype).removeprefix("torch.") != L.dtype:
             raise ValueError(f"KVStoreConnector: KV tensor dtype {kv.dtype} != layout {L.dtype}")
-        if kv.stride(3) != 1 or kv.stride(2) != 2 * L.head_dim:
-            raise ValueError(f"KVStoreConnector: a {self.backend} page's [N, C] interior is not "
+        if kv.stride(3) != 1:
+            raise ValueError(f"KVStoreConnector: {self.backend} KV tensor's channels are not "
                              f"contiguous (strides {kv.stride()}); refusing to guess its layout")
         return torch.as_strided(kv, size=(kv.shape[0], 2, L.block_tokens, L.num_kv_heads,
                                           L.head_dim),
@@ -67,6 +67,9 @@ class PageFormat:
 
 
 def _cpu_attn(kv: torch.Tensor, L: KVLayout) -> tuple[int, ...]:
+    if kv.stride(2) != 2 * L.head_dim:  # the backend reinterprets [N, 2D] as [2N, D]
+        raise ValueError(f"KVStoreConnector: a CPU_ATTN page's [N, C] interior is not "
+                         f"contiguous (strides {kv.stride()}); refusing to guess its layout")
     s_b, s_h = kv.stride(0), kv.stride(1)
     return (s_b, L.block_tokens * L.head_dim, L.head_dim, s_h, 1)
 

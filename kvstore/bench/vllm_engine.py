@@ -58,6 +58,13 @@ def _has_vllm(py: str) -> bool:
     return r.returncode == 0
 
 
+def kvstore_origin(py: str) -> Path:
+    """Where the interpreter ``py`` imports kvstore from (its package directory)."""
+    r = subprocess.run([py, "-c", "import kvstore, os; print(os.path.dirname(kvstore.__file__))"],
+                       capture_output=True, text=True, timeout=60, check=True)
+    return Path(r.stdout.strip()).resolve()
+
+
 def make_model(py: str, out_dir: str, shape: str = "tiny", seed: int = 0) -> None:
     """Save a random-weight Llama of ``shape`` to ``out_dir`` (in the vLLM environment)."""
     subprocess.run([py, "-m", "kvstore.bench.vllm_engine", "make-model", out_dir,
