@@ -61,7 +61,7 @@ def run(args) -> dict:
     toks = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
     prefix = toks(args.prefix_tokens)
     prompts = [prefix + toks(args.suffix_tokens) for _ in range(args.requests)]
-    warmup = toks(args.prefix_tokens + args.suffix_tokens)
+    warmup = [toks(args.prefix_tokens + args.suffix_tokens) for _ in range(2)]
     max_len = args.prefix_tokens + args.suffix_tokens + 64
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-vllm-"))
@@ -69,18 +69,23 @@ def run(args) -> dict:
     try:
         model = str(workdir / "model")
         make_model(py, model, args.shape)
-        with EngineProcess(py, model, max_model_len=max_len,
-                           log_path=str(workdir / "baseline.log")) as eng:
-            _ttfts(eng, [warmup])
-            base = _ttfts(eng, prompts)
         proc, sock, shm = _daemon(workdir, shlex.split(args.daemon_args))
-        with EngineProcess(py, model, sock, max_model_len=max_len,
-                           log_path=str(workdir / "connector.log")) as eng:
-            _ttfts(eng, [warmup])
-            cold = _ttfts(eng, prompts[:1])[0]
+        # Both engines live side by side and take turns, so machine noise hits both alike.
+        with EngineProcess(py, model, max_model_len=max_len,
+                           log_path=str(workdir / "baseline.log")) as base_eng, \
+             EngineProcess(py, model, sock, max_model_len=max_len,
+                           log_path=str(workdir / "connector.log")) as conn_eng:
+            for i in range(2):
+                _ttfts(base_eng, [warmup[i]])
+                _ttfts(conn_eng, [warmup[i]])
+            base, warm = [], []
+            cold = _ttfts(conn_eng, prompts[:1])[0]
+            base += _ttfts(base_eng, prompts[:1])
             time.sleep(0.5)  # the cold request's put completes in the background
-            warm = _ttfts(eng, prompts[1:])
-            counters = eng.stats()
+            for p in prompts[1:]:
+                base += _ttfts(base_eng, [p])
+                warm += _ttfts(conn_eng, [p])
+            counters = conn_eng.stats()
     finally:
         if proc is not None:
             proc.terminate()

@@ -103,6 +103,8 @@ class EngineProcess:
                 if "error" in reply:
                     raise RuntimeError(f"vLLM engine: {reply['error']}")
                 return reply
+            if self._log is not subprocess.DEVNULL:
+                self._log.write(line)  # vLLM's own log lines
         raise TimeoutError(f"vLLM engine gave no reply in {timeout_s}s; log: {self.log_path}")
 
     def call(self, op: str, timeout_s: float = 600.0, **kw) -> dict:
