@@ -80,8 +80,12 @@ _DEFAULTS = {
 # The daemon link: lazily connected, dropped on error, retried after retry_s.
 # ---------------------------------------------------------------------------------------------
 class _DaemonLink:
-    """One KVClient + Namespace. Any error closes the client; the next use after retry_s
-    reconnects from scratch (a fresh gRPC channel, so gRPC's own backoff never delays it)."""
+    """One KVClient + Namespace. Any error closes the client; a later use reconnects from
+    scratch (a fresh gRPC channel, so gRPC's own backoff never delays it). Consecutive failures
+    double the wait from retry_s up to MAX_RETRY_S: a stalled daemon costs the engine one
+    timeout per wait, not one per request."""
+
+    MAX_RETRY_S = 10.0
 
     def __init__(self, cfg: dict, model_id: str, layout: KVLayout, name: str):
         self.cfg = cfg
@@ -93,6 +97,7 @@ class _DaemonLink:
         self._client: KVClient | None = None
         self._ns: Namespace | None = None
         self._next_try = 0.0
+        self._failures = 0
 
     def namespace(self, timeout_s: float | None = None) -> Namespace | None:
         with self._lock:
@@ -105,6 +110,7 @@ class _DaemonLink:
                                         timeout_s=timeout_s or self.timeout_s,
                                         client_name=self.name)
                 self._ns = self._client.namespace(self.model_id, self.layout, self.cfg["tenant"])
+                self._failures = 0
                 log.info("kvstore connector %s: connected to %s (%s)", self.name,
                          self._client.target, self.layout.describe())
             except Exception as exc:  # noqa: BLE001 - the cache never fails inference
@@ -116,10 +122,12 @@ class _DaemonLink:
             self._drop(exc)
 
     def _drop(self, exc: BaseException) -> None:
+        wait_s = min(self.cfg["retry_s"] * 2 ** self._failures, self.MAX_RETRY_S)
+        self._failures += 1
         log.warning("kvstore connector %s: daemon unavailable (%s); recomputing for %.1fs",
-                    self.name, exc, self.cfg["retry_s"])
+                    self.name, exc, wait_s)
         client, self._client, self._ns = self._client, None, None
-        self._next_try = time.monotonic() + self.cfg["retry_s"]
+        self._next_try = time.monotonic() + wait_s
         if client is not None:
             # close() waits for in-flight I/O: never on the engine's thread.
             threading.Thread(target=client.close, daemon=True).start()

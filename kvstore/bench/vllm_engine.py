@@ -77,9 +77,12 @@ class EngineProcess:
 
     def __init__(self, py: str, model_dir: str, socket: str | None = None, *,
                  max_model_len: int = 1024, extra_config: dict | None = None,
-                 log_path: str | None = None, start_timeout_s: float = 600.0):
+                 prefix_caching: bool = False, log_path: str | None = None,
+                 start_timeout_s: float = 600.0):
         args = [py, "-m", "kvstore.bench.vllm_engine", "serve", model_dir,
                 "--max-model-len", str(max_model_len)]
+        if prefix_caching:
+            args.append("--prefix-caching")
         if socket is not None:
             args += ["--kv-config", json.dumps({"socket": socket, **(extra_config or {})})]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
@@ -176,7 +179,8 @@ def _connector_counters(llm) -> dict:
     return out
 
 
-def _serve(model_dir: str, max_model_len: int, kv_config: str | None) -> None:
+def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
+           prefix_caching: bool) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -187,9 +191,10 @@ def _serve(model_dir: str, max_model_len: int, kv_config: str | None) -> None:
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.client.vllm",
             kv_role="kv_both", kv_connector_extra_config=json.loads(kv_config))
     try:
-        # vLLM's own prefix cache is off so that reuse is measured on the connector alone.
+        # vLLM's own prefix cache is off by default here, so reuse is the connector's alone.
         llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=max_model_len, enforce_eager=True, enable_prefix_caching=False,
+                  max_model_len=max_model_len, enforce_eager=True,
+                  enable_prefix_caching=prefix_caching,
                   seed=0, **kw)
     except Exception as exc:  # noqa: BLE001
         _send({"error": f"{type(exc).__name__}: {exc}"})
@@ -230,11 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-config", help="JSON kv_connector_extra_config; absent: no connector")
+    p.add_argument("--prefix-caching", action="store_true", help="vLLM's own prefix cache on")
     args = ap.parse_args(argv)
     if args.cmd == "make-model":
         _make_model(args.out_dir, args.shape, args.seed)
     else:
-        _serve(args.model_dir, args.max_model_len, args.kv_config)
+        _serve(args.model_dir, args.max_model_len, args.kv_config, args.prefix_caching)
     return 0
 
 
