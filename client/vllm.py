@@ -61,7 +61,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvstore.client.vllm")
+# Under "vllm." so that vLLM's log handlers show the connector's messages.
+log = logging.getLogger("vllm.kvstore_connector")
 
 _DEFAULTS = {
     "socket": None,            # daemon socket (default: the daemon's default socket)
