@@ -233,6 +233,10 @@ class _Load:
 class KVStoreConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST  # the DRAM tier (SSD hits are promoted first)
 
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped store is just a future miss
+
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
