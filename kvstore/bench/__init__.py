@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "kernels": "kvstore.bench.kernels",  # reference gather/scatter vs a plain copy (CPU or GPU)
     "ssd": "kvstore.bench.ssd",          # SDK get/put through the SSD tier vs raw O_DIRECT
     "ttft": "kvstore.bench.ttft",        # HF TTFT: full prefill vs reuse from DRAM / SSD
+    "vllm": "kvstore.bench.vllm",        # vLLM TTFT with and without the kvstore connector
 }
 
 
