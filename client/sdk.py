@@ -98,6 +98,8 @@ class KVClient:
                self-signed certificate) to trust instead of the system roots; tls_server_name
                overrides the name checked against the certificate.
     timeout_s: deadline of each control call.
+    io_threads: threads running puts and gets; copy_threads: threads splitting one large host
+               copy (1: copy on the I/O thread alone).
     shared_memory: map the daemon's arena when it is reachable (same host).
     pin_arena: register the mapped arena as pinned memory for GPU DMA (client/cuda.py); None
                (default) pins when this process uses CUDA through torch, False never does.
@@ -105,6 +107,7 @@ class KVClient:
 
     def __init__(self, socket: str | None = None, *, address: str | None = None,
                  token: str | None = None, timeout_s: float = 10.0, io_threads: int = 2,
+                 copy_threads: int = 2,
                  shared_memory: bool = True, client_name: str = "", tls: bool = False,
                  tls_ca_file: str | None = None, tls_server_name: str | None = None,
                  pin_arena: bool | None = None):
@@ -136,6 +139,10 @@ class KVClient:
         self._pin_arena = pin_arena
         self._pinned: cuda.PinnedArena | None = None
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
+        # Host copies of large batches are split across these threads (see transfer.copy_runs);
+        # a separate pool, so an I/O thread waiting on its pieces can never starve them.
+        self._copy_pool = ThreadPoolExecutor(copy_threads, thread_name_prefix="kvstore-copy") \
+            if copy_threads > 1 else None
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
         self.reconnects = 0
@@ -246,6 +253,8 @@ class KVClient:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        if self._copy_pool is not None:
+            self._copy_pool.shutdown(wait=True)
         if self._session is not None:
             self._session.close()
         self._channel.close()
@@ -424,7 +433,8 @@ class Namespace:
             pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
             return len(todo)
         if av is not None:
-            transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True)
+            transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True,
+                               pool=self.client._copy_pool)
             return len(todo)
         per_msg = max(1, (self.client.max_message_bytes - (64 << 10)) // bb)
         run: list[int] = []
@@ -480,7 +490,8 @@ class Namespace:
                     pinned.from_arena(dst, lease.offsets, ready).synchronize()
                 elif av is not None:
                     transfer.copy_runs(dst, av.rows_for(dst), lease.offsets, list(range(found)),
-                                       self.layout.block_bytes, to_arena=False)
+                                       self.layout.block_bytes, to_arena=False,
+                                       pool=self.client._copy_pool)
                 else:
                     self._read_stream(lease, dst)
         except BaseException:

@@ -137,13 +137,28 @@ def runs(offsets: list[int], indices: list[int], row_bytes: int) -> list[tuple[i
     return out
 
 
+_PIECE_BYTES = 8 << 20   # parallel host copies move pieces of this size
+
+
 def copy_runs(dst_rows, arena, offsets: list[int], indices: list[int], row_bytes: int,
-              to_arena: bool) -> None:
-    """Copy rows between a [n, row_bytes] buffer and arena slots, one copy per adjacent run."""
+              to_arena: bool, pool=None) -> None:
+    """Copy rows between a [n, row_bytes] buffer and arena slots, one copy per adjacent run.
+
+    With a thread pool, host-to-host runs are cut into 8 MiB pieces copied in parallel
+    (numpy's copy releases the GIL): block-sized memcpys stay below glibc's large-copy path
+    and one thread measured ~6 GB/s here, two threads together ~8.5 GB/s."""
+    pieces = []
     for first, count, start in runs(offsets, indices, row_bytes):
         rows = dst_rows[first:first + count].reshape(-1)
         slots = arena[start:start + count * row_bytes]
-        if to_arena:
-            copy_rows(slots, rows)
-        else:
-            copy_rows(rows, slots)
+        dst, src = (slots, rows) if to_arena else (rows, slots)
+        if pool is None or _as_numpy(dst) is None or _as_numpy(src) is None:
+            copy_rows(dst, src)
+            continue
+        for a in range(0, count * row_bytes, _PIECE_BYTES):
+            pieces.append((dst[a:a + _PIECE_BYTES], src[a:a + _PIECE_BYTES]))
+    if len(pieces) == 1:
+        copy_rows(*pieces[0])
+    elif pieces:
+        for fut in [pool.submit(copy_rows, d, s) for d, s in pieces]:
+            fut.result()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 
 import grpc
@@ -29,28 +30,12 @@ def _status(code_name: str) -> grpc.StatusCode:
 
 
 def unary(fn):
-    """Map domain errors to gRPC statuses for a unary handler."""
+    """Map domain errors to gRPC statuses for a unary handler, plain or async (SSD I/O)."""
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         try:
-            return fn(self, request, context)
-        except KVStoreError as exc:
-            await context.abort(_status(exc.code), str(exc))
-        except LayoutError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception:
-            log.exception("internal error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; "
-                                "see the daemon log")
-    return wrapper
-
-
-def unary_async(fn):
-    """Like ``unary`` for handlers that await (SSD I/O on the tiering path)."""
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        try:
-            return await fn(self, request, context)
+            result = fn(self, request, context)
+            return await result if inspect.isawaitable(result) else result
         except KVStoreError as exc:
             await context.abort(_status(exc.code), str(exc))
         except LayoutError as exc:
@@ -112,7 +97,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                 request.data)
         return pb.WriteBlocksResponse()
 
-    @unary_async
+    @unary
     async def Commit(self, request, context):
         tiering = self.store.tiering
         committed: list[int] = []
@@ -122,7 +107,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             await tiering.persist(committed)   # write-through: answer once durable
         return pb.CommitResponse(committed=n)
 
-    @unary_async
+    @unary
     async def Acquire(self, request, context):
         tiering = self.store.tiering
         promote: list[int] | None = [] if tiering is not None else None
@@ -151,7 +136,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.store.release(request.session_id, request.lease_id)
         return pb.ReleaseResponse()
 
-    @unary_async
+    @unary
     async def Delete(self, request, context):
         n = self.store.delete(request.namespace_id, request.keys)
         if self.store.tiering is not None:

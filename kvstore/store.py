@@ -173,6 +173,15 @@ class BlockStore:
         finally:
             idx.leases[kept] -= 1
 
+        # Take the batch's slots up front and hand them out in address order: adjacent slots
+        # for consecutive blocks let clients copy a whole run at once.
+        fresh: list[int] = []
+        while len(fresh) < n_new:
+            off = self.slabs.allocate(ns.layout.slot_bytes)
+            if off is None:
+                break
+            fresh.append(off)
+        fresh.sort(reverse=True)
         block_ids: list[int] = []
         offsets: list[int] = []
         for key, bid in zip(keys, present):
@@ -183,7 +192,7 @@ class BlockStore:
                 offsets.append(ALREADY_STORED)
                 parent = bid
                 continue
-            off = self.slabs.allocate(ns.layout.slot_bytes) if (not offsets or offsets[-1] != NO_ROOM) else None
+            off = fresh.pop() if fresh else None
             if off is None:
                 block_ids.append(-1)
                 offsets.append(NO_ROOM)

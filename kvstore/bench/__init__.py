@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "prefetch": "kvstore.bench.prefetch",  # cache wait with scheduler hints vs without
     "recompute": "kvstore.bench.recompute",  # TTFT: load-all, recompute-all, planned hybrid
     "ttft": "kvstore.bench.ttft",        # HF TTFT: full prefill vs reuse from DRAM / SSD
+    "vllm": "kvstore.bench.vllm",        # vLLM TTFT with and without the kvstore connector
 }
 
 

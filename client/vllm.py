@@ -1,0 +1,540 @@
+"""A vLLM KV connector backed by the kvstore daemon (vLLM v1 ``KVConnectorBase_V1``).
+
+Switch it on with::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector":"KVStoreConnector",
+        "kv_connector_module_path":"kvstore.client.vllm","kv_role":"kv_both",
+        "kv_connector_extra_config":{"socket":"/run/kvstore/kv.sock"}}'
+
+Protocol, in vLLM's call order:
+  scheduler  get_num_new_matched_tokens  Lookup of the prompt's key chain; a hit is loaded
+                                          asynchronously (the request waits in
+                                          WAITING_FOR_REMOTE_KVS, the engine keeps stepping).
+             update_state_after_alloc    records which vLLM blocks receive the hit.
+             build_connector_meta        per step: the loads to start, and the prompt blocks
+                                          this step completes, to store.
+             request_finished            forgets the request; never holds its blocks (the
+                                          store was issued when the blocks were computed).
+  worker     register_kv_caches          checks the engine's KV page format (refuses unknown).
+             wait_for_save               end of the forward: copies the completed blocks out of
+                                          the paged cache and hands them to an SDK put (async).
+             start_load_kv               starts SDK gets into staging tensors (I/O threads).
+             get_finished                copies finished gets into the paged cache and reports
+                                          the request done; missing or failed blocks go to
+                                          get_block_ids_with_load_errors, vLLM recomputes them.
+  wait_for_layer_load / save_kv_layer are no-ops: a load completes before its request is
+  scheduled, and a store is taken after the whole forward.
+
+Blocks: kvstore's block_tokens is vLLM's block_size, so one vLLM block is one kvstore block
+and keys chain over the prompt's token ids (only full blocks; the tail of a prompt that ends
+mid-block is recomputed). Bytes are kvstore's canonical layout [layers, 2, block, heads,
+head_dim], converted from the backend's page format, so any runtime declaring the same layout
+reads them. Failure rule: every daemon error, timeout or restart is a miss (counted as a
+fallback) and vLLM recomputes; nothing here raises into the engine.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                               KVConnectorMetadata,
+                                                               KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvstore.client import KVClient, KVLayout, Namespace
+from kvstore.keys import chain_keys, namespace_digest
+from kvstore.client.vllm_pages import PageFormat, page_format_for
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# Under "vllm." so that vLLM's log handlers show the connector's messages.
+log = logging.getLogger("vllm.kvstore_connector")
+
+_DEFAULTS = {
+    "socket": None,            # daemon socket (default: the daemon's default socket)
+    "address": None,           # or host:port (bytes then stream over gRPC)
+    "model_id": None,          # namespace model id (default: vLLM's model path/name)
+    "tenant": "",
+    "lookup_timeout_s": 0.5,   # scheduler: a slower lookup is a miss
+    "io_timeout_s": 5.0,       # worker: deadline of each put/get RPC
+    "load_timeout_s": 10.0,    # worker: a load not done by then is a failed load
+    "retry_s": 1.0,            # after a daemon error, stay off the daemon this long
+    "max_pending_store_bytes": 1 << 30,  # staging held by unfinished puts; beyond: skip
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon link: lazily connected, dropped on error, retried after retry_s.
+# ---------------------------------------------------------------------------------------------
+class _DaemonLink:
+    """One KVClient + Namespace. Any error closes the client; a later use reconnects from
+    scratch (a fresh gRPC channel, so gRPC's own backoff never delays it). Consecutive failures
+    double the wait from retry_s up to MAX_RETRY_S: a stalled daemon costs the engine one
+    timeout per wait, not one per request."""
+
+    MAX_RETRY_S = 10.0
+
+    def __init__(self, cfg: dict, model_id: str, layout: KVLayout, name: str):
+        self.cfg = cfg
+        self.model_id = model_id
+        self.layout = layout
+        self.name = name
+        self.timeout_s = cfg["io_timeout_s"]
+        self._lock = threading.Lock()
+        self._client: KVClient | None = None
+        self._ns: Namespace | None = None
+        self._next_try = 0.0
+        self._failures = 0
+
+    def namespace(self, timeout_s: float | None = None) -> Namespace | None:
+        with self._lock:
+            if self._ns is not None:
+                return self._ns
+            if time.monotonic() < self._next_try:
+                return None
+            try:
+                self._client = KVClient(self.cfg["socket"], address=self.cfg["address"],
+                                        timeout_s=timeout_s or self.timeout_s,
+                                        client_name=self.name)
+                self._ns = self._client.namespace(self.model_id, self.layout, self.cfg["tenant"])
+                self._failures = 0
+                log.info("kvstore connector %s: connected to %s (%s)", self.name,
+                         self._client.target, self.layout.describe())
+            except Exception as exc:  # noqa: BLE001 - the cache never fails inference
+                self._drop(exc)
+            return self._ns
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._drop(exc)
+
+    def _drop(self, exc: BaseException) -> None:
+        wait_s = min(self.cfg["retry_s"] * 2 ** self._failures, self.MAX_RETRY_S)
+        self._failures += 1
+        log.warning("kvstore connector %s: daemon unavailable (%s); recomputing for %.1fs",
+                    self.name, exc, wait_s)
+        client, self._client, self._ns = self._client, None, None
+        self._next_try = time.monotonic() + wait_s
+        if client is not None:
+            # close() waits for in-flight I/O: never on the engine's thread.
+            threading.Thread(target=client.close, daemon=True).start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client, self._ns = None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata (scheduler -> worker) and statistics
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LoadSpec:
+    req_id: str
+    keys: list[bytes]          # keys of the blocks to load, in chain order
+    block_ids: list[int]       # vLLM block receiving each
+
+
+@dataclass
+class StoreSpec:
+    keys: list[bytes]
+    parent_key: bytes          # key before keys[0] (b"" at the chain root)
+    block_ids: list[int]
+
+
+@dataclass
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)
+
+
+_COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "loaded_blocks",
+             "loaded_bytes", "load_failed_blocks", "stored_blocks", "stored_bytes",
+             "store_failed_blocks", "store_skipped_blocks", "fallbacks")
+
+
+@dataclass
+class KVStoreConnectorStats(KVConnectorStats):
+    """Counters over one logging interval; aggregate() sums workers and the scheduler."""
+
+    def __post_init__(self):
+        for k in _COUNTERS:
+            self.data.setdefault(k, 0)
+
+    def reset(self):
+        self.data = {k: 0 for k in _COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> "KVStoreConnectorStats":
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class _Counters:
+    """Cumulative counters plus the interval ones vLLM's stats logger takes."""
+
+    def __init__(self):
+        self.total = dict.fromkeys(_COUNTERS, 0)
+        self._interval = dict.fromkeys(_COUNTERS, 0)
+        self._lock = threading.Lock()
+
+    def add(self, **kv: int) -> None:
+        with self._lock:
+            for k, v in kv.items():
+                self.total[k] += v
+                self._interval[k] += v
+
+    def take(self) -> KVStoreConnectorStats | None:
+        with self._lock:
+            if not any(self._interval.values()):
+                return None
+            out, self._interval = self._interval, dict.fromkeys(_COUNTERS, 0)
+        return KVStoreConnectorStats(data=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The connector
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _ReqState:
+    keys: list[bytes]          # keys of the prompt's full blocks
+    stored: int                # blocks [0, stored) are in kvstore or their put was issued
+    block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    future: Future
+    deadline: float
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST  # the DRAM tier (SSD hits are promoted first)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped store is just a future miss
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        unknown = set(extra) - set(_DEFAULTS)
+        if unknown:
+            raise ValueError(f"KVStoreConnector: unknown kv_connector_extra_config keys "
+                             f"{sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+        self.cfg = {**_DEFAULTS, **extra}
+        self.block_size = vllm_config.cache_config.block_size
+        self.layer_names, self.layout = _layout_from(vllm_config, kv_cache_config, role)
+        self.model_id = self.cfg["model_id"] or vllm_config.model_config.model
+        self.counters = _Counters()
+        if role == KVConnectorRole.SCHEDULER:
+            # kvstore is a cache: a failed load is a miss to recompute, never a failed request.
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                log.info("KVStoreConnector: kv_load_failure_policy set to 'recompute'")
+                self._kv_transfer_config.kv_load_failure_policy = "recompute"
+            self.link = _DaemonLink(self.cfg, self.model_id, self.layout, "vllm-scheduler")
+            self._reqs: dict[str, _ReqState] = {}
+            self._lookups: dict[str, tuple[int, int]] = {}  # req -> (computed, hit blocks)
+            self._pending_loads: list[LoadSpec] = []
+            self._seed = namespace_digest(self.model_id, self.layout, self.cfg["tenant"])
+        else:
+            self.link = _DaemonLink(self.cfg, self.model_id, self.layout,
+                                    f"vllm-worker-tp{self.layout.tp_rank}")
+            self.pages: PageFormat | None = None
+            self._kv: list[torch.Tensor] = []
+            self._loads: list[_Load] = []
+            self._load_errors: set[int] = set()
+            self._stores: list[tuple[Future, int]] = []
+            self._pending_store_bytes = 0
+
+    # =========================================================================================
+    # Scheduler side
+    # =========================================================================================
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._state(request)
+        if st is None:
+            return 0, False
+        # At least the prompt's last token is recomputed: vLLM needs its logits.
+        usable = min(len(st.keys), (len(request.prompt_token_ids) - 1) // self.block_size)
+        first = num_computed_tokens // self.block_size
+        if usable <= first:
+            return 0, False
+        hit = self._lookup(st.keys[:usable])
+        st.stored = max(st.stored, hit)
+        self._lookups[request.request_id] = (num_computed_tokens, hit)
+        if hit <= first:
+            return 0, False
+        return hit * self.block_size - num_computed_tokens, True
+
+    def _state(self, request: "Request") -> _ReqState | None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            toks = request.prompt_token_ids
+            if toks is None or getattr(request, "lora_request", None) is not None:
+                return None  # prompt embeddings / LoRA: the token ids do not name the KV
+            # Keys derive from the namespace digest, computed locally: no daemon call.
+            st = _ReqState(keys=chain_keys(self._seed, toks, self.block_size), stored=0)
+            self._reqs[request.request_id] = st
+        return st
+
+    def _lookup(self, keys: list[bytes]) -> int:
+        ns = self.link.namespace(self.cfg["lookup_timeout_s"])
+        if ns is None:
+            self.counters.add(lookups=1, miss_blocks=len(keys), fallbacks=1)
+            return 0
+        try:
+            hit = ns.lookup(keys).num_cached
+        except Exception as exc:  # noqa: BLE001
+            self.link.failed(exc)
+            self.counters.add(lookups=1, miss_blocks=len(keys), fallbacks=1)
+            return 0
+        self.counters.add(lookups=1, hit_blocks=hit, miss_blocks=len(keys) - hit)
+        return hit
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int):
+        if num_external_tokens <= 0:
+            return
+        computed, _hit = self._lookups.pop(request.request_id, (0, 0))
+        st = self._reqs[request.request_id]
+        first = computed // self.block_size
+        last = (computed + num_external_tokens) // self.block_size
+        block_ids = blocks.get_block_ids()[0]
+        self._pending_loads.append(LoadSpec(request.request_id, st.keys[first:last],
+                                            list(block_ids[first:last])))
+        self.counters.add(hit_tokens=num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KVStoreConnectorMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        sched = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            self._add_store(meta, st, new.num_computed_tokens + sched.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None or st.stored >= len(st.keys):
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            self._add_store(meta, st, cached.num_computed_tokens[i] + sched.get(req_id, 0))
+        return meta
+
+    def _add_store(self, meta: KVStoreConnectorMetadata, st: _ReqState,
+                   computed_after_step: int) -> None:
+        end = min(len(st.keys), computed_after_step // self.block_size, len(st.block_ids))
+        if end <= st.stored:
+            return
+        meta.stores.append(StoreSpec(st.keys[st.stored:end],
+                                     st.keys[st.stored - 1] if st.stored else b"",
+                                     st.block_ids[st.stored:end]))
+        st.stored = end
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)
+        return False, None  # stores were issued as blocks completed: never hold the blocks
+
+    # =========================================================================================
+    # Worker side
+    # =========================================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        missing = [n for n in self.layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"KVStoreConnector: no KV cache tensor for layers {missing}")
+        static = self._vllm_config.compilation_config.static_forward_context
+        backend = getattr(static.get(self.layer_names[0]), "attn_backend", None)
+        name = backend.get_name() if backend is not None else "?"
+        self.pages = page_format_for(name, self.layout)  # raises on an unknown page format
+        self._kv = [self.pages.canonical(kv_caches[n]) for n in self.layer_names]
+        log.info("KVStoreConnector: %d layers, %s pages, %s", len(self._kv), name,
+                 self.layout.describe())
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVStoreConnectorMetadata):
+            return
+        for spec in meta.loads:
+            ns = self.link.namespace()
+            if ns is None:
+                fut: Future = Future()
+                fut.set_exception(ConnectionError("daemon unavailable"))
+            else:
+                try:
+                    fut = ns.get(spec.keys)
+                except Exception as exc:  # noqa: BLE001
+                    self.link.failed(exc)
+                    fut = Future()
+                    fut.set_exception(exc)
+            self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"]))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads finish before their request is scheduled (asynchronous loading)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata,
+                      **kwargs: Any) -> None:
+        return  # stores are taken in wait_for_save, once the whole forward has run
+
+    def wait_for_save(self):
+        self._reap_stores()
+        meta = self._connector_metadata
+        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.stores:
+            return
+        for spec in meta.stores:
+            n = len(spec.keys)
+            nbytes = n * self.layout.block_bytes
+            ns = self.link.namespace()
+            if ns is None or self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"]:
+                self.counters.add(store_skipped_blocks=n)
+                continue
+            try:
+                # The copy out of the paged cache happens now: these blocks may be reused as
+                # soon as the step ends. The put itself runs on the SDK's I/O threads.
+                staging = self.pages.gather(self._kv, spec.block_ids)
+                fut = ns.put(spec.keys, staging, parent_key=spec.parent_key or None)
+            except Exception as exc:  # noqa: BLE001
+                self.link.failed(exc)
+                self.counters.add(store_failed_blocks=n, fallbacks=1)
+                continue
+            self._pending_store_bytes += nbytes
+            self._stores.append((fut, n))
+
+    def _reap_stores(self) -> None:
+        keep = []
+        for fut, n in self._stores:
+            if not fut.done():
+                keep.append((fut, n))
+                continue
+            self._pending_store_bytes -= n * self.layout.block_bytes
+            exc = fut.exception()
+            if exc is not None:
+                self.link.failed(exc)
+                self.counters.add(store_failed_blocks=n, fallbacks=1)
+            else:
+                self.counters.add(stored_blocks=fut.result(),
+                                  stored_bytes=fut.result() * self.layout.block_bytes)
+        self._stores = keep
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._reap_stores()
+        done: set[str] = set()
+        keep = []
+        now = time.monotonic()
+        for ld in self._loads:
+            if not ld.future.done() and now < ld.deadline:
+                keep.append(ld)
+                continue
+            done.add(ld.spec.req_id)
+            self._finish_load(ld)
+        self._loads = keep
+        return None, (done or None)
+
+    def _finish_load(self, ld: _Load) -> None:
+        ids = ld.spec.block_ids
+        found = 0
+        if not ld.future.done():
+            ld.future.cancel()
+            self.link.failed(TimeoutError(f"load not done in {self.cfg['load_timeout_s']}s"))
+        elif ld.future.exception() is not None:
+            self.link.failed(ld.future.exception())
+        else:
+            try:
+                kv = ld.future.result()
+                found = int(kv.shape[0])
+                if found:
+                    self.pages.scatter(self._kv, ids[:found], kv)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("KVStoreConnector: writing loaded blocks failed: %s", exc)
+                found = 0
+        if found < len(ids):
+            self._load_errors.update(ids[found:])
+            self.counters.add(load_failed_blocks=len(ids) - found, fallbacks=1)
+        self.counters.add(loaded_blocks=found, loaded_bytes=found * self.layout.block_bytes)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self):
+        if self._role == KVConnectorRole.WORKER:
+            for fut, _ in self._stores:  # let issued puts land, within the I/O deadline
+                try:
+                    fut.result(timeout=self.cfg["io_timeout_s"])
+                except Exception:  # noqa: BLE001
+                    pass
+        self.link.close()
+
+    # =========================================================================================
+    # Statistics
+    # =========================================================================================
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self.counters.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVStoreConnectorStats(data=dict(data or {}))
+
+
+def _layout_from(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig",
+                 role: KVConnectorRole) -> tuple[list[str], KVLayout]:
+    """The kvstore layout of this engine's KV cache; ValueError for what we cannot store."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(f"KVStoreConnector supports models with one KV cache group (plain full "
+                         f"attention); this one has {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
+        raise ValueError(f"KVStoreConnector supports full-attention KV caches only, got {spec}")
+    if spec.head_size_v != spec.head_size or spec.num_head_slots or spec.state_content_bytes:
+        raise ValueError(f"KVStoreConnector: unsupported KV page (K/V head sizes "
+                         f"{spec.head_size}/{spec.head_size_v}, packed content)")
+    if vllm_config.cache_config.cache_dtype not in ("auto", None):
+        raise ValueError(f"KVStoreConnector: kv cache dtype {vllm_config.cache_config.cache_dtype}"
+                         " (quantized KV with scales) is not supported")
+    if spec.block_size != vllm_config.cache_config.block_size:
+        raise ValueError(f"KVStoreConnector: KV spec block size {spec.block_size} != "
+                         f"cache_config.block_size {vllm_config.cache_config.block_size}")
+    tp_size = vllm_config.parallel_config.tensor_parallel_size
+    tp_rank = 0
+    if role == KVConnectorRole.WORKER and tp_size > 1:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        tp_rank = get_tensor_model_parallel_rank()
+    layout = KVLayout(num_layers=len(groups[0].layer_names), num_kv_heads=spec.num_kv_heads,
+                      head_dim=spec.head_size, block_tokens=spec.block_size,
+                      dtype=str(spec.dtype).removeprefix("torch."), tp_rank=tp_rank,
+                      tp_size=tp_size)
+    return list(groups[0].layer_names), layout

@@ -1,0 +1,91 @@
+"""What is inside a vLLM KV page, per attention backend, and kvstore's canonical view of it.
+
+vLLM (0.32) hands connectors one ``[B, H, N, C]`` tensor per layer: B blocks, H kv heads, N
+tokens per block, C = 2 * head_dim. That shape is only a container — which of C's elements are
+K and which are V is the backend's choice:
+
+  CPU_ATTN    each (block, head) page is [2, N, D]: the N keys, then the N values
+              (the backend views [N, 2D] as [2N, D] and splits rows).
+  FLASH_ATTN  each token's C is [K (D), V (D)] (the backend splits the last dim).
+              Written from vLLM's source; GPU vLLM is untested.
+
+A backend not in this table is refused: guessing would store garbage that later loads would
+serve as KV (LMCache's server mode broke this way when vLLM changed its KV format).
+
+kvstore's block layout is [layers, 2, N, H, D] (kvstore.layout); ``canonical`` gives each
+layer's cache as a strided [B, 2, N, H, D] view of the same memory, so gather/scatter are
+plain tensor indexing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kvstore.layout import KVLayout
+
+
+@dataclass(frozen=True)
+class PageFormat:
+    backend: str
+    layout: KVLayout
+    _strides: Callable[[torch.Tensor, KVLayout], tuple[int, ...]]
+
+    def canonical(self, kv: torch.Tensor) -> torch.Tensor:
+        """[B, 2, N, H, D] view (no copy) of one layer's ``[B, H, N, 2D]`` cache tensor."""
+        L = self.layout
+        want = (L.num_kv_heads, L.block_tokens, 2 * L.head_dim)
+        if kv.dim() != 4 or tuple(kv.shape[1:]) != want:
+            raise ValueError(f"KVStoreConnector: {self.backend} KV tensor has shape "
+                             f"{tuple(kv.shape)}, expected [blocks, {want[0]}, {want[1]}, "
+                             f"{want[2]}] ([B, H, N, 2*head_dim]); refusing to guess its layout")
+        if str(kv.dtype).removeprefix("torch.") != L.dtype:
+            raise ValueError(f"KVStoreConnector: KV tensor dtype {kv.dtype} != layout {L.dtype}")
+        if kv.stride(3) != 1:
+            raise ValueError(f"KVStoreConnector: {self.backend} KV tensor's channels are not "
+                             f"contiguous (strides {kv.stride()}); refusing to guess its layout")
+        return torch.as_strided(kv, size=(kv.shape[0], 2, L.block_tokens, L.num_kv_heads,
+                                          L.head_dim),
+                                stride=self._strides(kv, L), storage_offset=kv.storage_offset())
+
+    def gather(self, layers: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
+        """Copy of blocks ``block_ids`` as [n, layers, 2, N, H, D] on the CPU."""
+        L = self.layout
+        idx = torch.as_tensor(block_ids, dtype=torch.long, device=layers[0].device)
+        out = torch.empty((len(block_ids), len(layers), 2, L.block_tokens, L.num_kv_heads,
+                           L.head_dim), dtype=layers[0].dtype)
+        for i, kv in enumerate(layers):
+            out[:, i].copy_(kv.index_select(0, idx))
+        return out
+
+    def scatter(self, layers: list[torch.Tensor], block_ids: list[int], data: torch.Tensor) -> None:
+        """Write [n, layers, 2, N, H, D] ``data`` into blocks ``block_ids``."""
+        idx = torch.as_tensor(block_ids, dtype=torch.long, device=layers[0].device)
+        for i, kv in enumerate(layers):
+            kv[idx] = data[:, i].to(kv.device)
+
+
+def _cpu_attn(kv: torch.Tensor, L: KVLayout) -> tuple[int, ...]:
+    if kv.stride(2) != 2 * L.head_dim:  # the backend reinterprets [N, 2D] as [2N, D]
+        raise ValueError(f"KVStoreConnector: a CPU_ATTN page's [N, C] interior is not "
+                         f"contiguous (strides {kv.stride()}); refusing to guess its layout")
+    s_b, s_h = kv.stride(0), kv.stride(1)
+    return (s_b, L.block_tokens * L.head_dim, L.head_dim, s_h, 1)
+
+
+def _flash_attn(kv: torch.Tensor, L: KVLayout) -> tuple[int, ...]:
+    s_b, s_h, s_n = kv.stride(0), kv.stride(1), kv.stride(2)
+    return (s_b, L.head_dim, s_n, s_h, 1)
+
+
+_FORMATS = {"CPU_ATTN": _cpu_attn, "FLASH_ATTN": _flash_attn}
+
+
+def page_format_for(backend: str, layout: KVLayout) -> PageFormat:
+    """The page format of ``backend``; ValueError naming the backend when it is unknown."""
+    if backend not in _FORMATS:
+        raise ValueError(f"KVStoreConnector does not know how the {backend!r} attention backend "
+                         f"lays out K and V inside a page (known: {sorted(_FORMATS)}); refusing "
+                         "to store or load its KV rather than misread it")
+    return PageFormat(backend, layout, _FORMATS[backend])
