@@ -187,7 +187,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         n = pf.cancel(request.session_id, list(request.prefetch_ids)) if pf else 0
         return pb.CancelPrefetchResponse(cancelled=n)
 
-    @unary_async
+    @unary
     async def PlanRecompute(self, request, context):
         from kvstore.bandwidth import probe_ssd_bps
         from kvstore.planner import PrefillProfile, plan_recompute
