@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow   # each starts several daemons; run with -m slow
+
 
 def _bench(*args, timeout=240):
     r = subprocess.run([sys.executable, "-m", "kvstore", "bench", *args], capture_output=True,
