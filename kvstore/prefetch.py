@@ -22,7 +22,7 @@ import asyncio
 import heapq
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvstore.errors import InvalidArgument, ResourceExhausted
 from kvstore.index import COMMITTED, NO_SLOT

@@ -29,6 +29,7 @@ def supports(flag: str) -> bool:
 class PrivateDaemon:
     def __init__(self, dram_bytes: int = 512 << 20, chunk_bytes: int = 64 << 20,
                  extra_args: list[str] | None = None):
+        """extra_args follow the size flags, so a flag given there overrides them."""
         self.dram_bytes = dram_bytes
         self.chunk_bytes = chunk_bytes
         self.extra_args = list(extra_args or [])

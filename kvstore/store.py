@@ -27,9 +27,9 @@ import numpy as np
 
 from kvstore.arena import Arena
 from kvstore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from kvstore.index import COMMITTED, DELETED, NO_SLOT, WRITING, BlockIndex
+from kvstore.index import COMMITTED, DELETED, NO_SLOT, BlockIndex
 from kvstore.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
-from kvstore.layout import KVLayout, LayoutError
+from kvstore.layout import KVLayout
 from kvstore.sessions import Allocation, IdSource, Lease, Session
 from kvstore.stats import DaemonCounters, TierCounters
 from kvstore.tiers.dram import SlabAllocator

@@ -1,5 +1,4 @@
 """BlockStore domain logic, without a server: allocation, eviction, leases, expiry."""
-import numpy as np
 import pytest
 
 from kvstore.arena import Arena

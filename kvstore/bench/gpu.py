@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from kvstore.sidecar import PrivateDaemon
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,47 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--socket", help="use this running daemon instead of starting a private one")
     ap.add_argument("--json", action="store_true")
     return ap
-
-
-class _PrivateDaemon:
-    """A `kvstore serve` child on a private socket and shm dir, removed on exit."""
-
-    def __init__(self, dram_bytes: int, chunk_bytes: int):
-        self.dir = Path(tempfile.mkdtemp(prefix="kvstore-bench-"))
-        shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else self.dir
-        self.shm = Path(tempfile.mkdtemp(prefix="kvstore-bench-", dir=shm))
-        self.socket = str(self.dir / "kv.sock")
-        self.log = open(self.dir / "daemon.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve", "--socket", self.socket, "--shm-dir",
-             str(self.shm), "--dram-bytes", str(dram_bytes), "--chunk-bytes", str(chunk_bytes),
-             "--log-level", "warning"], stdout=self.log, stderr=subprocess.STDOUT)
-
-    def connect(self, timeout_s: float = 30.0):
-        from kvstore.client import KVClient, KVStoreError
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"private daemon exited: {(self.dir / 'daemon.log').read_text()}")
-            try:
-                if os.path.exists(self.socket):
-                    return KVClient(self.socket, timeout_s=30.0, client_name="kvstore-bench-gpu")
-            except KVStoreError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"private daemon did not come up in {timeout_s:g}s")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        shutil.rmtree(self.shm, ignore_errors=True)
 
 
 def _wall(sync, fn, repeat: int, before=None) -> float:
@@ -112,10 +68,12 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
         client = KVClient(args.socket, timeout_s=30.0, client_name="kvstore-bench-gpu")
     else:
         chunk = max(64 << 20, -(-layout.slot_bytes // (1 << 20)) * (1 << 20))
-        daemon = _PrivateDaemon(max(256 << 20, 3 * n * layout.slot_bytes + 2 * chunk), chunk)
+        daemon = PrivateDaemon(max(256 << 20, 3 * n * layout.slot_bytes + 2 * chunk), chunk,
+                               ["--log-level", "warning"]).start()
     try:
         if daemon:
-            client = daemon.connect()
+            from kvstore.client import KVClient
+            client = KVClient(daemon.socket, timeout_s=30.0, client_name="kvstore-bench-gpu")
         ns = client.namespace("kvstore-bench-gpu", layout)
         dt = getattr(torch, args.dtype)
         kv = torch.randn(n, *layout.block_shape, device=device).to(dt)
@@ -163,7 +121,7 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
         except NameError:
             pass
         if daemon:
-            daemon.close()
+            daemon.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import shutil
@@ -23,29 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvstore.sidecar import PrivateDaemon
 from kvstore.bench.vllm_engine import MODEL_SHAPES, EngineProcess, find_vllm_python, make_model
-
-
-def _daemon(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
-    from kvstore.client import KVClient, KVStoreError
-
-    sock = str(workdir / "kv.sock")
-    shm = Path("/dev/shm" if os.access("/dev/shm", os.W_OK) else workdir) / f"kvstore-bench-{os.getpid()}"
-    shm.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--socket", sock,
-                             "--shm-dir", str(shm), "--dram-bytes", "2GiB", *extra],
-                            stdout=open(workdir / "daemon.log", "w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited: {(workdir / 'daemon.log').read_text()}")
-        try:
-            KVClient(sock, shared_memory=False, timeout_s=1).close()
-            return proc, sock, shm
-        except KVStoreError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("daemon did not start in 30s")
 
 
 def _ttfts(eng: EngineProcess, prompts: list[list[int]]) -> list[float]:
@@ -65,11 +43,12 @@ def run(args) -> dict:
     max_len = args.prefix_tokens + args.suffix_tokens + 64
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-vllm-"))
-    proc = shm = None
+    daemon = None
     try:
         model = str(workdir / "model")
         make_model(py, model, args.shape)
-        proc, sock, shm = _daemon(workdir, shlex.split(args.daemon_args))
+        daemon = PrivateDaemon(2 << 30, extra_args=shlex.split(args.daemon_args)).start()
+        sock = daemon.socket
         # Both engines live side by side and take turns, so machine noise hits both alike.
         with EngineProcess(py, model, max_model_len=max_len,
                            log_path=str(workdir / "baseline.log")) as base_eng, \
@@ -87,11 +66,8 @@ def run(args) -> dict:
                 warm += _ttfts(conn_eng, [p])
             counters = conn_eng.stats()
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        if shm is not None:
-            shutil.rmtree(shm, ignore_errors=True)
+        if daemon is not None:
+            daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     b, w = statistics.median(base), statistics.median(warm)
     return {
