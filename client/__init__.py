@@ -2,9 +2,10 @@
 from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError, NotFound,
                                    ResourceExhausted, StaleRead, Unavailable)
 from kvstore.client.aio import AsyncKVClient, AsyncNamespace
-from kvstore.client.sdk import BlockLease, KVClient, LookupResult, Namespace
+from kvstore.client.namespace import BlockLease, LookupResult, Namespace, PrefetchTicket
+from kvstore.client.sdk import KVClient
 from kvstore.layout import KVLayout
 
-__all__ = ["KVClient", "AsyncKVClient", "AsyncNamespace", "KVLayout", "Namespace", "BlockLease", "LookupResult", "KVStoreError",
-           "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted",
-           "Unavailable", "StaleRead"]
+__all__ = ["KVClient", "AsyncKVClient", "AsyncNamespace", "KVLayout", "Namespace", "BlockLease",
+           "LookupResult", "PrefetchTicket", "KVStoreError", "InvalidArgument", "NotFound",
+           "FailedPrecondition", "ResourceExhausted", "Unavailable", "StaleRead"]

@@ -14,7 +14,8 @@ import asyncio
 import functools
 from typing import Sequence
 
-from kvstore.client.sdk import KVClient, LookupResult, Namespace
+from kvstore.client.namespace import LookupResult, Namespace
+from kvstore.client.sdk import KVClient
 from kvstore.layout import KVLayout
 
 

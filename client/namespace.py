@@ -1,0 +1,360 @@
+"""Namespaces: one model shard's blocks in the daemon, and the operations on them.
+
+A Namespace belongs to a KVClient (client.namespace(...)); it derives keys, and runs lookup,
+put, get, acquire (zero-copy leases), prefetch, planning and delete through the client's
+session, re-registering itself after a daemon restart.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import grpc
+
+from kvstore.client import cuda, transfer
+from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
+                                   Unavailable, from_rpc_error)
+from kvstore.keys import chain_keys, namespace_digest, pack_keys
+from kvstore.layout import KVLayout
+from kvstore.v1 import kvstore_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvstore.client.sdk import KVClient
+
+log = logging.getLogger("kvstore.client")
+
+TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD"}
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    num_cached: int          # blocks in the longest cached prefix
+    tiers: list[str]         # tier of each of those blocks
+
+
+class BlockLease:
+    """Leased blocks, readable in place (zero copy) until :meth:`release`.
+
+    ``views(like)`` gives one byte row per block (torch tensors if like="torch", else numpy)
+    that alias the arena. Reading them after release is undefined. ``release`` raises StaleRead
+    if the lease expired first: whatever was read must then be discarded.
+    """
+
+    def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
+                 tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0):
+        self.ns = ns
+        # The daemon starts the lease clock after it receives the request, i.e. after
+        # requested_at: until requested_at + timeout_s (minus a margin for clock granularity)
+        # the lease cannot have expired.
+        self._valid_until = requested_at + timeout_s - 1.0
+        self.lease_id = lease_id
+        self.offsets = offsets
+        self.tiers = tiers
+        self._session_id = session_id
+        self._released = lease_id == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def surely_valid(self) -> bool:
+        return time.monotonic() < self._valid_until
+
+    def views(self, like: str = "torch"):
+        av = self.ns.client._arena_view
+        if av is None:
+            raise InvalidArgument("zero-copy views need the shared arena (same host)")
+        base = av.torch if like == "torch" else av.np
+        bb = self.ns.layout.block_bytes
+        return [base[o:o + bb] for o in self.offsets]
+
+    def release(self, wait: bool = True) -> None:
+        """Give the blocks back. ``wait=False`` sends the release without waiting for the answer
+        when the lease provably cannot have expired yet (see :meth:`surely_valid`)."""
+        if self._released:
+            return
+        self._released = True
+        if not wait and self.surely_valid():
+            fut = self.ns.client._stub.Release.future(
+                pb.ReleaseRequest(session_id=self._session_id, lease_id=self.lease_id),
+                timeout=self.ns.client.timeout_s, metadata=self.ns.client._metadata)
+            fut.add_done_callback(_log_release_failure)
+            return
+        try:
+            self.ns.client.call("Release", pb.ReleaseRequest(session_id=self._session_id,
+                                                             lease_id=self.lease_id))
+        except KVStoreError as exc:
+            if "expired" in str(exc):
+                raise StaleRead(str(exc)) from None
+            if isinstance(exc, (NotFound, Unavailable)):
+                # The session is gone (daemon restarted): the lease went with it and the bytes
+                # may be gone too.
+                raise StaleRead(f"lease lost with its session: {exc}") from None
+            raise
+
+    def __enter__(self) -> "BlockLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class PrefetchTicket:
+    prefetch_id: int        # 0: nothing of the keys was cached
+    blocks: int             # cached prefix length
+    to_promote: int         # of which on SSD only (being read into DRAM)
+
+
+class Namespace:
+    """One model shard's blocks in the daemon: (model id, layout, tenant)."""
+
+    def __init__(self, client: KVClient, model_id: str, layout: KVLayout, tenant: str = ""):
+        self.client = client
+        self.model_id = model_id
+        self.layout = layout
+        self.tenant = tenant
+        self.namespace_id = namespace_digest(model_id, layout, tenant)
+        self._registered = False
+
+    def _register(self) -> None:
+        self.client._ensure_session()
+        resp = self.client.call("RegisterNamespace", pb.RegisterNamespaceRequest(
+            model_id=self.model_id, layout=self.layout.to_proto(pb), tenant=self.tenant))
+        if resp.namespace_id != self.namespace_id:
+            raise KVStoreError("daemon derived another namespace digest: client and daemon "
+                               "versions disagree on key derivation")
+        self._registered = True
+
+    def _rpc(self, method: str, make_request):
+        """Call with a fresh session id; after a daemon restart re-register and retry once.
+
+        Returns (response, session id used)."""
+        for attempt in (0, 1):
+            sess = self.client._ensure_session()
+            if not self._registered:
+                self._register()
+            sid = sess.event.session_id
+            try:
+                return self.client.call(method, make_request(sid)), sid
+            except (NotFound, Unavailable) as exc:
+                if attempt or ("unknown namespace" not in str(exc) and "unknown session" not in str(exc)):
+                    raise
+                self._registered = False
+
+    # -- keys --------------------------------------------------------------------------------
+    def block_keys(self, token_ids: Sequence[int], parent: bytes | None = None) -> list[bytes]:
+        """Keys of every full block of ``token_ids``; ``parent`` continues an earlier chain."""
+        return chain_keys(parent or self.namespace_id, token_ids, self.layout.block_tokens)
+
+    # -- operations --------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        blob = pack_keys(keys)
+        r, _ = self._rpc("Lookup", lambda sid: pb.LookupRequest(
+            namespace_id=self.namespace_id, keys=blob))
+        return LookupResult(r.num_cached, [TIER_NAMES.get(t, "?") for t in r.tiers])
+
+    def put(self, keys: Sequence[bytes], kv, parent_key: bytes | None = None) -> Future:
+        """Store ``kv`` ([len(keys), *layout.block_shape]) under ``keys`` (one chain, in order).
+
+        Returns a Future of the number of blocks newly written. Shape or dtype errors raise
+        InvalidArgument here, before anything is sent.
+        """
+        blob = pack_keys(keys)
+        rows = transfer.block_rows(kv, self.layout, len(keys))
+        self._check_batch(len(keys))
+        ready = cuda.ready_event(rows)     # the copy waits for the caller's stream as of now
+        return self.client.submit(self._put, blob, rows, parent_key or b"", ready)
+
+    def _put(self, blob: bytes, rows, parent_key: bytes, ready=None) -> int:
+        alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob, parent_key=parent_key))
+        try:
+            written = self._write(sid, alloc.allocation_id, list(alloc.offsets), rows, ready)
+        except BaseException:
+            try:
+                self.client.call("Commit", pb.CommitRequest(
+                    session_id=sid, allocation_id=alloc.allocation_id, abort=True))
+            except KVStoreError:
+                pass
+            raise
+        self.client.call("Commit", pb.CommitRequest(session_id=sid,
+                                                    allocation_id=alloc.allocation_id))
+        return written
+
+    def _write(self, sid: int, allocation_id: int, offsets: list[int], rows, ready=None) -> int:
+        bb = self.layout.block_bytes
+        todo = [i for i, o in enumerate(offsets) if o >= 0]
+        av = self.client._arena_view
+        pinned = self.client._pinned
+        if av is not None and pinned is not None and cuda.is_cuda_tensor(rows):
+            pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
+            return len(todo)
+        if av is not None:
+            transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True,
+                               pool=self.client._copy_pool)
+            return len(todo)
+        per_msg = max(1, (self.client.max_message_bytes - (64 << 10)) // bb)
+        run: list[int] = []
+        for i in todo + [None]:
+            if run and (i is None or i != run[-1] + 1 or len(run) == per_msg):
+                data = b"".join(_row_bytes(rows[j]) for j in run)
+                self.client.call("WriteBlocks", pb.WriteBlocksRequest(
+                    session_id=sid, allocation_id=allocation_id, first_index=run[0], data=data))
+                run = []
+            if i is not None:
+                run.append(i)
+        return len(todo)
+
+    def acquire(self, keys: Sequence[bytes]) -> BlockLease:
+        """Lease the longest stored prefix of ``keys`` (zero-copy access; see BlockLease)."""
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        t0 = time.monotonic()
+        r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob))
+        return BlockLease(self, sid, r.lease_id, list(r.offsets),
+                          [TIER_NAMES.get(t, "?") for t in r.tiers], t0, r.lease_timeout_s)
+
+    def get(self, keys: Sequence[bytes], out=None) -> Future:
+        """Future of the longest stored prefix of ``keys`` as [found, *layout.block_shape].
+
+        A block evicted since a lookup shortens the result; the caller recomputes the rest.
+        ``out`` (a contiguous tensor/array of at least len(keys) blocks) avoids an allocation:
+        the future then resolves to its first ``found`` blocks.
+        """
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        if out is not None:
+            transfer.out_rows(out, self.layout, len(keys))  # validate before submitting
+        return self.client.submit(self._get, blob, len(keys), out, cuda.ready_event(out))
+
+    def _get(self, blob: bytes, n: int, out, ready=None):
+        t0 = time.monotonic()
+        r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob))
+        lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s)
+        found = len(lease)
+        try:
+            if out is None:
+                out = transfer.new_output(self.layout, found,
+                                          like="numpy" if _torch_missing() else "torch")
+            dst = transfer.out_rows(out, self.layout, found)
+            if found:
+                av = self.client._arena_view
+                pinned = self.client._pinned
+                if av is not None and pinned is not None and cuda.is_cuda_tensor(dst):
+                    # before the lease is released: the slot must not be reused mid-DMA
+                    pinned.from_arena(dst, lease.offsets, ready).synchronize()
+                elif av is not None:
+                    transfer.copy_runs(dst, av.rows_for(dst), lease.offsets, list(range(found)),
+                                       self.layout.block_bytes, to_arena=False,
+                                       pool=self.client._copy_pool)
+                else:
+                    self._read_stream(lease, dst)
+        except BaseException:
+            try:
+                lease.release()
+            except KVStoreError:
+                pass
+            raise
+        # Raises StaleRead if the lease expired before the copy finished: the copy is discarded.
+        # While the lease is provably valid the release goes out without a round trip.
+        lease.release(wait=False)
+        return out[:found]
+
+    def _read_stream(self, lease: BlockLease, dst) -> None:
+        import numpy as np
+        try:
+            stream = self.client._stub.ReadBlocks(
+                pb.ReadBlocksRequest(session_id=lease._session_id, lease_id=lease.lease_id),
+                timeout=self.client.timeout_s, metadata=self.client._metadata)
+            for msg in stream:
+                transfer.copy_rows(dst[msg.index], np.frombuffer(msg.data, dtype=np.uint8))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # -- scheduler hints and the recompute planner ---------------------------------------------
+    def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
+                 grace_s: float = 0.0) -> "PrefetchTicket":
+        """Hint that a get of ``keys`` is expected within ``deadline_s``: the daemon promotes
+        the cached prefix's SSD blocks into DRAM (deadline order) and holds them until the
+        deadline plus ``grace_s`` (0: the daemon's default). A hint only: a get works the same
+        without it. See ``prefetch_queue`` for a scheduler's queue of requests."""
+        return self.prefetch_many([(keys, deadline_s)], grace_s)[0]
+
+    def prefetch_queue(self, requests: Sequence[Sequence[bytes]], interval_s: float = 0.1,
+                       grace_s: float = 0.0) -> "list[PrefetchTicket]":
+        """Announce upcoming requests in serving order: request i is expected after about
+        i * interval_s seconds, so the daemon promotes them in that order."""
+        return self.prefetch_many([(keys, i * interval_s) for i, keys in enumerate(requests)],
+                                  grace_s)
+
+    def prefetch_many(self, items, grace_s: float = 0.0) -> "list[PrefetchTicket]":
+        """Prefetch (keys, deadline_s) pairs in one call."""
+        blobs = []
+        for keys, deadline_s in items:
+            self._check_batch(len(keys))
+            blobs.append(pb.PrefetchItem(keys=pack_keys(keys), deadline_s=deadline_s))
+        r, sid = self._rpc("Prefetch", lambda sid: pb.PrefetchRequest(
+            session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s))
+        return [PrefetchTicket(i, n, m) for i, n, m in zip(r.prefetch_ids, r.blocks, r.to_promote)]
+
+    def cancel_prefetch(self, tickets) -> int:
+        """End these prefetches now (their blocks become evictable again); returns how many
+        were still pending."""
+        ids = [t.prefetch_id if isinstance(t, PrefetchTicket) else int(t) for t in tickets]
+        r, _ = self._rpc("CancelPrefetch", lambda sid: pb.CancelPrefetchRequest(
+            session_id=sid, prefetch_ids=[i for i in ids if i]))
+        return r.cancelled
+
+    def plan_recompute(self, keys: Sequence[bytes], profile, latency_s: float = 0.0):
+        """Ask the daemon's planner how much of the cached prefix of ``keys`` to recompute.
+
+        ``profile`` is this client's kvstore.planner.PrefillProfile (seconds to prefill k
+        tokens). Returns kvstore.planner.Plan built from the daemon's answer (its tiers and
+        measured bandwidths); recompute tokens [0, k), load blocks [k / block_tokens, N)."""
+        from kvstore.planner import Plan
+
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        r, _ = self._rpc("PlanRecompute", lambda sid: pb.PlanRecomputeRequest(
+            namespace_id=self.namespace_id, keys=blob, latency_s=latency_s,
+            profile=pb.PrefillProfile(c0=profile.c0, c1=profile.c1, c2=profile.c2)))
+        return Plan(r.recompute_tokens, r.load_blocks_from, r.predicted_s, r.load_all_s,
+                    r.recompute_all_s, 0.0, 0.0, num_cached=r.num_cached,
+                    tiers=tuple(TIER_NAMES.get(t, "?") for t in r.tiers),
+                    bandwidth_bps={"DRAM": r.dram_read_bps, "SSD": r.ssd_read_bps})
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        blob = pack_keys(keys)
+        r, _ = self._rpc("Delete", lambda sid: pb.DeleteRequest(
+            namespace_id=self.namespace_id, keys=blob))
+        return r.deleted
+
+    def _check_batch(self, n: int) -> None:
+        if n > self.client.max_batch_blocks:
+            raise InvalidArgument(f"batch of {n} blocks exceeds the daemon's max_batch_blocks="
+                                  f"{self.client.max_batch_blocks}; split it")
+
+
+def _log_release_failure(fut) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("asynchronous lease release failed: %s", exc)
+
+
+def _row_bytes(row) -> bytes:
+    if transfer._is_torch(row):
+        return row.cpu().numpy().tobytes()
+    return row.tobytes()
+
+
+def _torch_missing() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return True
+    return False
