@@ -4,8 +4,7 @@
         client = KVClient(d.socket)
 
 The child is a real `kvstore serve`; on exit it is stopped with SIGTERM (graceful) and its
-temporary directories are removed. ``supports(flag)`` tells whether this build's daemon accepts a
-serve flag (e.g. ``--ssd-dir``), so callers can run optional tiers only where they exist.
+temporary directories are removed.
 """
 from __future__ import annotations
 
@@ -17,13 +16,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-def supports(flag: str) -> bool:
-    """True if `kvstore serve` accepts ``flag`` (probed from its --help)."""
-    out = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--help"],
-                         capture_output=True, text=True, timeout=60)
-    return flag in out.stdout
 
 
 class PrivateDaemon:

@@ -191,9 +191,6 @@ def test_unsupported_models_are_refused_clearly():
 
 def test_exact_after_demotion_to_ssd_and_promotion_back(daemon_factory, tmp_path):
     from kvstore.bench.ttft import Demoter
-    from kvstore.sidecar import supports
-    if not supports("--ssd-dir"):
-        pytest.skip("this daemon has no SSD tier")
     d = daemon_factory("--dram-bytes", "16MiB", "--chunk-bytes", "4MiB",
                        "--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "512MiB")
     model = tiny_llama(seed=0)

@@ -86,7 +86,7 @@ def run(args, sizes: list[int], shape: dict) -> dict:
     import torch
 
     from kvstore.client.hf import HFPrefixCache, layout_for
-    from kvstore.sidecar import PrivateDaemon, supports
+    from kvstore.sidecar import PrivateDaemon
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,8 +110,6 @@ def run(args, sizes: list[int], shape: dict) -> dict:
         extra: list[str] = []
         if args.no_ssd:
             ssd_status = "skipped: --no-ssd"
-        elif not supports("--ssd-dir"):
-            ssd_status = "skipped: this kvstore daemon has no SSD tier (no --ssd-dir flag)"
         else:
             ssd_dir = args.ssd_dir
             if not ssd_dir:
