@@ -67,10 +67,12 @@ def render_table(st: pb.Stats) -> str:
                          f"demotions {t.demotions}  checksum failures {t.checksum_failures}  "
                          f"I/O errors {t.io_errors}  recovered {t.recovered_blocks}")
     lines.append("")
-    lines.append(f"prefetch on time {st.prefetch_on_time}  late {st.prefetch_late}  wasted "
-                 f"{st.prefetch_wasted}   checksum failures {st.checksum_failures}   "
-                 f"recompute fallbacks {st.recompute_fallbacks} ({st.recompute_fallback_blocks} "
-                 f"blocks)")
+    lines.append(f"prefetch issued {st.prefetch_issued}  pending {st.prefetch_pending}  on time "
+                 f"{st.prefetch_on_time}  late {st.prefetch_late}  wasted {st.prefetch_wasted}  "
+                 f"cancelled {st.prefetch_cancelled}  promoted "
+                 f"{format_bytes(st.prefetch_bytes_promoted)}")
+    lines.append(f"checksum failures {st.checksum_failures}   recompute fallbacks "
+                 f"{st.recompute_fallbacks} ({st.recompute_fallback_blocks} blocks)")
     lines.append(f"puts rejected {st.puts_rejected}  throttled {st.requests_throttled}  "
                  f"auth failures {st.auth_failures}  leases expired {st.leases_expired}  "
                  f"sessions reclaimed {st.sessions_reclaimed}")
