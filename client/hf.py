@@ -180,25 +180,33 @@ class HFPrefixCache:
         self.close()
 
     # -- the request path --------------------------------------------------------------------
-    def generate(self, input_ids: torch.Tensor, **kwargs):
-        """``model.generate(input_ids, **kwargs)`` with the cached prefix reused.
-
-        Returns exactly what model.generate returns. ``past_key_values`` must not be passed.
-        Batches of more than one prompt run uncached (counted as ``bypass``)."""
+    def _begin(self, input_ids, kwargs: dict, entry: str):
+        """Common start of a request: (ids as [1, n], its report), or (ids, None) when the
+        request runs uncached — a batch of several prompts or a padded attention mask."""
         if "past_key_values" in kwargs:
-            raise ValueError("HFPrefixCache.generate builds past_key_values itself")
+            raise ValueError(f"HFPrefixCache.{entry} builds past_key_values itself")
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         report = RequestReport(prompt_tokens=ids.shape[1])
         self.last = report
-        if ids.shape[0] != 1 or (kwargs.get("attention_mask") is not None
-                                 and not bool(kwargs["attention_mask"].all())):
+        mask = kwargs.get("attention_mask")
+        if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
             self._count("bypass")
-            return self.model.generate(ids, **kwargs)
+            return ids, None
         self._count("requests")
         self._count("prompt_tokens", report.prompt_tokens)
         kwargs.setdefault("attention_mask", torch.ones_like(ids))
+        return ids, report
+
+    def generate(self, input_ids: torch.Tensor, **kwargs):
+        """``model.generate(input_ids, **kwargs)`` with the cached prefix reused.
+
+        Returns exactly what model.generate returns. ``past_key_values`` must not be passed.
+        Batches of more than one prompt run uncached (counted as ``bypass``)."""
+        ids, report = self._begin(input_ids, kwargs, "generate")
+        if report is None:
+            return self.model.generate(ids, **kwargs)
         cache, keys = self._prepare(ids, report)
         try:
             out = self.model.generate(ids, past_key_values=cache, **kwargs)
@@ -227,19 +235,9 @@ class HFPrefixCache:
         failure degrades to a full recompute (counted); new full blocks are stored afterwards."""
         from kvstore.client.hybrid import HybridPrefill
 
-        if "past_key_values" in kwargs:
-            raise ValueError("HFPrefixCache.generate_hybrid builds past_key_values itself")
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        report = RequestReport(prompt_tokens=ids.shape[1])
-        self.last = report
-        if ids.shape[0] != 1:
-            self._count("bypass")
+        ids, report = self._begin(input_ids, kwargs, "generate_hybrid")
+        if report is None:
             return self.model.generate(ids, **kwargs)
-        self._count("requests")
-        self._count("prompt_tokens", report.prompt_tokens)
-        kwargs.setdefault("attention_mask", torch.ones_like(ids))
         cache = keys = None
         try:
             if time.monotonic() < self._skip_until:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, make_dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -179,39 +180,10 @@ FIELDS: list[Field] = [
 _BY_NAME = {f.name: f for f in FIELDS}
 
 
-@dataclass
-class Config:
-    socket: str = ""
-    listen: str = ""
-    dram_bytes: int = 0
-    chunk_bytes: int = 0
-    shm_dir: str = ""
-    max_batch_blocks: int = 0
-    max_message_bytes: int = 0
-    lease_timeout_s: float = 0.0
-    allocation_timeout_s: float = 0.0
-    log_level: str = ""
-    ssd_dir: str = ""
-    ssd_bytes: int = 0
-    ssd_segment_bytes: int = 0
-    ssd_io_threads: int = 0
-    ssd_write_policy: str = ""
-    ssd_read_limit: int = 0
-    prefetch_concurrency: int = 0
-    prefetch_grace_s: float = 0.0
-    max_pending_prefetches: int = 0
-    metrics_port: int = 0
-    metrics_host: str = ""
-    shutdown_grace_s: float = 0.0
-    socket_group: str = ""
-    socket_requires_token: bool = False
-    tokens_file: str = ""
-    auth_token: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    max_inflight_requests_per_client: int = 0
-    max_inflight_bytes_per_client: int = 0
-    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+class _ConfigMethods:
+    """Behaviour of Config; its fields come from FIELDS (below), so each key is declared once."""
+
+    sources: dict[str, str]
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(key, value, source) rows for `kvstore config --print`."""
@@ -245,6 +217,15 @@ class Config:
     @property
     def inflight_bytes_per_client(self) -> int:
         return self.max_inflight_bytes_per_client or self.dram_bytes // 2
+
+
+Config = make_dataclass(
+    "Config",
+    [(f.name, Any, dc_field(default=None)) for f in FIELDS]
+    + [("sources", dict, dc_field(default_factory=dict, repr=False, compare=False))],
+    bases=(_ConfigMethods,),
+)
+Config.__doc__ = "The effective configuration: one attribute per FIELDS entry, plus sources."
 
 
 def load_config(config_file: str | Path | None = None, env: dict[str, str] | None = None,

@@ -31,9 +31,6 @@ _EXPORT_EVERY = 4
 BANDWIDTH_WINDOW_S = 5.0
 _PENDING_MAX = 1 << 16   # timers of puts/gets never finished (client died) are dropped oldest first
 
-# Daemon counters that other parts of the store may keep; reported as 0 until they do.
-OPTIONAL_COUNTERS = ("prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures")
-
 
 class LatencyHistogram:
     """Counts of observations per log-spaced bucket; quantiles from the bucket upper bounds."""
@@ -156,11 +153,8 @@ class Metrics:
                                    if t.tier in self.get_latency else LatencyHistogram().summary())
             t.put_latency.CopyFrom(self.put_latency[t.tier].summary()
                                    if t.tier in self.put_latency else LatencyHistogram().summary())
-        counters = self.store.counters
-        for name in OPTIONAL_COUNTERS:
-            setattr(st, name, int(getattr(counters, name, 0)))
         # Tiers that verify checksums count failures per tier; the daemon total sums them.
-        st.checksum_failures += sum(int(getattr(t, "checksum_failures", 0)) for t in st.tiers)
+        st.checksum_failures = sum(int(getattr(t, "checksum_failures", 0)) for t in st.tiers)
         st.recompute_fallbacks = self.recompute_fallbacks
         st.recompute_fallback_blocks = self.recompute_fallback_blocks
         st.requests_throttled = self.requests_throttled

@@ -72,7 +72,6 @@ class Prefetcher:
         self._tasks: set[asyncio.Task] = set()
         self._next_id = 1
         store.prefetcher = self
-        store.counters.prefetcher_counters = self.counters   # read by kvstore.metrics
 
     # -- the protocol --------------------------------------------------------------------------
     def submit(self, session_id: int, namespace_id: bytes, items: list[tuple[bytes, float]],

@@ -240,6 +240,7 @@ def stats_message(store: BlockStore) -> pb.Stats:
     if pf is not None:
         c = pf.counters
         st.prefetch_issued, st.prefetch_cancelled = c.issued, c.cancelled
+        st.prefetch_on_time, st.prefetch_late, st.prefetch_wasted = c.on_time, c.late, c.wasted
         st.prefetch_bytes_promoted, st.prefetch_pending = c.bytes_promoted, pf.pending
     return st
 

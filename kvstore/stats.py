@@ -25,20 +25,3 @@ class DaemonCounters:
     leases_expired: int = 0
     allocations_expired: int = 0
     sessions_reclaimed: int = 0
-
-    # Prefetch outcomes, read by kvstore.metrics (OPTIONAL_COUNTERS) from the prefetcher.
-    @property
-    def _prefetch(self):
-        return getattr(self, "prefetcher_counters", None)
-
-    @property
-    def prefetch_on_time(self) -> int:
-        return self._prefetch.on_time if self._prefetch else 0
-
-    @property
-    def prefetch_late(self) -> int:
-        return self._prefetch.late if self._prefetch else 0
-
-    @property
-    def prefetch_wasted(self) -> int:
-        return self._prefetch.wasted if self._prefetch else 0
