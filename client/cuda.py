@@ -120,9 +120,12 @@ class PinnedArena:
         """Queue D2H copies of gpu_rows[i] into the slots offsets[i]; returns the done event."""
         return self._copy(gpu_rows, offsets, indices, ready, to_arena=True)
 
-    def from_arena(self, gpu_rows, offsets: list[int], ready=None):
-        """Queue H2D copies of the slots offsets[i] into gpu_rows[i]; returns the done event."""
-        return self._copy(gpu_rows, offsets, list(range(len(offsets))), ready, to_arena=False)
+    def from_arena(self, gpu_rows, offsets: list[int], ready=None, indices=None):
+        """Queue H2D copies of the slots offsets[i] into gpu_rows[i] (every i, or those in
+        ``indices``); returns the done event."""
+        if indices is None:
+            indices = list(range(len(offsets)))
+        return self._copy(gpu_rows, offsets, indices, ready, to_arena=False)
 
     def close(self) -> None:
         """Unregister; call before the arena is unmapped. Waits for queued copies first."""

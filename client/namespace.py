@@ -70,21 +70,23 @@ class BlockLease:
         bb = self.ns.layout.block_bytes
         return [base[o:o + bb] for o in self.offsets]
 
-    def release(self, wait: bool = True) -> None:
+    def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
         """Give the blocks back. ``wait=False`` sends the release without waiting for the answer
-        when the lease provably cannot have expired yet (see :meth:`surely_valid`)."""
+        when the lease provably cannot have expired yet (see :meth:`surely_valid`).
+        ``hbm_filled``: the lease's HBM fill slots were written (see client/hbm.py)."""
         if self._released:
             return
         self._released = True
+        req = pb.ReleaseRequest(session_id=self._session_id, lease_id=self.lease_id,
+                                hbm_filled=hbm_filled)
         if not wait and self.surely_valid():
             fut = self.ns.client._stub.Release.future(
-                pb.ReleaseRequest(session_id=self._session_id, lease_id=self.lease_id),
+                req,
                 timeout=self.ns.client.timeout_s, metadata=self.ns.client._metadata)
             fut.add_done_callback(_log_release_failure)
             return
         try:
-            self.ns.client.call("Release", pb.ReleaseRequest(session_id=self._session_id,
-                                                             lease_id=self.lease_id))
+            self.ns.client.call("Release", req)
         except KVStoreError as exc:
             if "expired" in str(exc):
                 raise StaleRead(str(exc)) from None
@@ -233,27 +235,25 @@ class Namespace:
 
     def _get(self, blob: bytes, n: int, out, ready=None):
         t0 = time.monotonic()
+        pool = self.client._hbm
+        want_hbm = pool is not None and out is not None and pool.serves(out)
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
-            session_id=sid, namespace_id=self.namespace_id, keys=blob))
+            session_id=sid, namespace_id=self.namespace_id, keys=blob, want_hbm=want_hbm))
         lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s)
         found = len(lease)
+        filled = False
         try:
             if out is None:
                 out = transfer.new_output(self.layout, found,
                                           like="numpy" if _torch_missing() else "torch")
             dst = transfer.out_rows(out, self.layout, found)
-            if found:
-                av = self.client._arena_view
-                pinned = self.client._pinned
-                if av is not None and pinned is not None and cuda.is_cuda_tensor(dst):
-                    # before the lease is released: the slot must not be reused mid-DMA
-                    pinned.from_arena(dst, lease.offsets, ready).synchronize()
-                elif av is not None:
-                    transfer.copy_runs(dst, av.rows_for(dst), lease.offsets, list(range(found)),
-                                       self.layout.block_bytes, to_arena=False,
-                                       pool=self.client._copy_pool)
-                else:
-                    self._read_stream(lease, dst)
+            if found and want_hbm and (r.hbm_offsets or r.hbm_fill):
+                filled = self._copy_with_hbm(pool, dst, lease, list(r.hbm_offsets),
+                                             list(r.hbm_fill), ready)
+            elif found and self.client._arena_view is None:
+                self._read_stream(lease, dst)
+            elif found:
+                self._copy_from_dram(dst, lease.offsets, list(range(found)), ready)
         except BaseException:
             try:
                 lease.release()
@@ -262,8 +262,43 @@ class Namespace:
             raise
         # Raises StaleRead if the lease expired before the copy finished: the copy is discarded.
         # While the lease is provably valid the release goes out without a round trip.
-        lease.release(wait=False)
+        lease.release(wait=False, hbm_filled=filled)
         return out[:found]
+
+    def _copy_from_dram(self, dst, offsets: list[int], indices: list[int], ready=None) -> None:
+        if not indices:
+            return
+        av = self.client._arena_view
+        pinned = self.client._pinned
+        if av is not None and pinned is not None and cuda.is_cuda_tensor(dst):
+            # before the lease is released: the slot must not be reused mid-DMA
+            pinned.from_arena(dst, offsets, ready, indices).synchronize()
+        elif av is not None:
+            transfer.copy_runs(dst, av.rows_for(dst), offsets, indices, self.layout.block_bytes,
+                               to_arena=False, pool=self.client._copy_pool)
+        else:
+            raise KVStoreError("HBM/DRAM copies need the shared arena")
+
+    def _copy_with_hbm(self, pool, dst, lease: BlockLease, reads: list[int], fill: list[int],
+                       ready) -> bool:
+        """Blocks with an HBM copy: pool → dst; the rest: arena → dst, then dst → their fill
+        slots. Returns True once the fills are complete (the release publishes them)."""
+        found = len(lease)
+        from_hbm = [i for i in range(found) if reads[i] >= 0]
+        from_dram = [i for i in range(found) if reads[i] < 0]
+        done = pool.copy(dst, reads, from_hbm, to_pool=False, ready=ready)
+        self._copy_from_dram(dst, lease.offsets, from_dram, ready)
+        fills = [i for i in from_dram if fill[i] >= 0]
+        try:
+            fill_done = pool.copy(dst, fill, fills, to_pool=True)
+            if fill_done is not None:
+                fill_done.synchronize()
+        except Exception as exc:   # a failed fill costs only the next get's speed
+            log.warning("copying %d blocks into the HBM pool failed: %s", len(fills), exc)
+            fills = []
+        if done is not None:
+            done.synchronize()      # before the lease is released
+        return bool(fills)
 
     def _read_stream(self, lease: BlockLease, dst) -> None:
         import numpy as np

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 
 from kvstore.arena import Arena, ArenaError
-from kvstore.client import cuda, transfer
+from kvstore.client import cuda, hbm, transfer
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace
 from kvstore.config import _default_socket
@@ -92,6 +92,9 @@ class KVClient:
     shared_memory: map the daemon's arena when it is reachable (same host).
     pin_arena: register the mapped arena as pinned memory for GPU DMA (client/cuda.py); None
                (default) pins when this process uses CUDA through torch, False never does.
+    use_hbm:   open the daemon's HBM pool when it has one (client/hbm.py): gets into tensors on
+               the pool's GPU then read HBM copies device to device. None (default) and True
+               open it when this process can; False never does.
     """
 
     def __init__(self, socket: str | None = None, *, address: str | None = None,
@@ -99,7 +102,7 @@ class KVClient:
                  copy_threads: int = 2,
                  shared_memory: bool = True, client_name: str = "", tls: bool = False,
                  tls_ca_file: str | None = None, tls_server_name: str | None = None,
-                 pin_arena: bool | None = None):
+                 pin_arena: bool | None = None, use_hbm: bool | None = None):
         self.target = address if address else f"unix:{socket or _default_socket()}"
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -127,6 +130,8 @@ class KVClient:
         self._arena_view: transfer.ArenaView | None = None
         self._pin_arena = pin_arena
         self._pinned: cuda.PinnedArena | None = None
+        self._use_hbm = use_hbm
+        self._hbm: hbm.PoolView | None = None
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
         # Host copies of large batches are split across these threads (see transfer.copy_runs);
         # a separate pool, so an I/O thread waiting on its pieces can never starve them.
@@ -157,6 +162,8 @@ class KVClient:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
             else:
                 self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
+                if self._use_hbm is not False and ev.HasField("hbm"):
+                    self._hbm = hbm.open_pool(ev.hbm)
         self._session = sess
         self.max_batch_blocks = ev.max_batch_blocks or 4096
         self.max_message_bytes = min(ev.max_message_bytes or (4 << 20), _MSG_LIMIT)
@@ -251,6 +258,9 @@ class KVClient:
             self._unmap_arena()
 
     def _unmap_arena(self) -> None:
+        if self._hbm is not None:
+            self._hbm.close()
+            self._hbm = None
         if self._pinned is not None:
             self._pinned.close()          # unregister before the mapping goes
             self._pinned = None

@@ -87,6 +87,13 @@ def _rate0(v: Any) -> int:
         raise ValueError(f"{exc} (expected e.g. 200MB/s, 1GiB/s, 0 for none)") from None
 
 
+def _hbm_device(v: Any) -> str:
+    s = str(v).strip().lower()
+    if s == "host" or s == "cuda" or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise ValueError(f"must be cuda, cuda:N or host, got {v!r}")
+
+
 def _write_policy(v: Any) -> str:
     s = str(v).lower().replace("-", "_")
     if s not in ("write_through", "write_back"):
@@ -156,6 +163,10 @@ FIELDS: list[Field] = [
           "write_through (commit waits for SSD) or write_back (written when evicted)"),
     Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none); a "
           "testing/QoS knob", lambda v: f"{format_bytes(v)}/s" if v else "none"),
+    Field("hbm_bytes", _size0, 0, "HBM tier size: a GPU memory pool shared with clients by "
+          "CUDA IPC (0: no HBM tier)", format_bytes),
+    Field("hbm_device", _hbm_device, "cuda", "GPU of the HBM pool (cuda, cuda:N), or host: "
+          "the tier's protocol on shared memory, for CPU hosts and tests (no speed-up)"),
     Field("prefetch_concurrency", _pos_int, 4, "prefetches whose SSD reads run at once"),
     Field("prefetch_grace_s", _pos_float, 5.0, "a prefetched block stays leased this long past "
           "its deadline"),
@@ -201,6 +212,9 @@ class _ConfigMethods:
                               f"segment (ssd_segment_bytes={format_bytes(self.ssd_segment_bytes)})")
         if self.ssd_segment_bytes % 4096:
             raise ConfigError("ssd_segment_bytes: must be a multiple of 4 KiB")
+        if self.hbm_bytes and self.hbm_bytes < (1 << 20):
+            raise ConfigError(f"hbm_bytes: {format_bytes(self.hbm_bytes)} is too small "
+                              "(at least 1 MiB, or 0 for no HBM tier)")
         if self.listen and ":" not in self.listen:
             raise ConfigError(f"listen: expected host:port, got {self.listen!r}")
         if self.listen and not (self.tokens_file or self.auth_token):

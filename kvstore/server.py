@@ -89,6 +89,7 @@ class Daemon:
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
         )
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
+        self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches)
         opts = [
@@ -160,7 +161,16 @@ class Daemon:
                      t.ssd.counters.recovered_blocks)
         else:
             log.info("SSD tier: off (set --ssd-bytes)")
-        log.info("HBM tier: off")
+        if self.hbm is not None:
+            h = self.hbm
+            route = ""
+            if self.tiering is not None:
+                route = ("; SSD blocks are read straight into HBM" if self.tiering.direct_to_hbm()
+                         else "; SSD blocks reach HBM through DRAM")
+            log.info("HBM tier: %s %s pool on %s%s", format_bytes(h.slabs.capacity_bytes),
+                     h.pool.backend, h.pool.device, route)
+        else:
+            log.info("HBM tier: off (set --hbm-bytes on a CUDA host)")
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -213,6 +223,9 @@ class Daemon:
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
             self.tiering = None
+        if getattr(self, "hbm", None) is not None:
+            self.hbm.close()
+            self.hbm = None
         if self.arena is not None:
             self.arena.close()
         with contextlib.suppress(FileNotFoundError):
@@ -245,6 +258,30 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
                       cfg.ssd_write_policy)
     tiering.recover()
     return tiering
+
+
+def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
+    """Create the HBM pool and its tier; raises DaemonError with a clear message."""
+    from kvstore.tiers import gds
+    from kvstore.tiers.hbm import HBMTier, HBMUnavailable, open_pool
+
+    try:
+        pool = open_pool(cfg.hbm_bytes, cfg.hbm_device,
+                         Path(cfg.shm_dir) if cfg.shm_dir else None)
+    except (HBMUnavailable, OSError) as exc:
+        raise DaemonError(f"HBM tier: {exc}") from None
+    hbm = HBMTier(pool, cfg.chunk_bytes)
+    store.hbm = hbm
+    if tiering is not None and pool.backend == "cuda":
+        if gds.available():
+            try:
+                tiering.gds = gds.KvikioSlotIO(tiering.ssd)
+            except Exception as exc:     # kvikio present but unusable: the bounce path works
+                log.warning("GPUDirect Storage unavailable (%s): SSD blocks reach HBM through "
+                            "DRAM", exc)
+        else:
+            log.info("kvikio not installed (the gds extra): SSD blocks reach HBM through DRAM")
+    return hbm
 
 
 async def run_daemon(cfg: Config) -> None:

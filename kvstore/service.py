@@ -67,6 +67,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 daemon_version=__version__,
                 max_batch_blocks=self.store.max_batch_blocks,
                 max_message_bytes=self.max_message_bytes,
+                hbm=self.store.hbm.pool.info() if self.store.hbm is not None else None,
             )
             await self._stopping.wait()
         finally:
@@ -110,17 +111,22 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @unary
     async def Acquire(self, request, context):
         tiering = self.store.tiering
+        want_hbm = request.want_hbm and self.store.hbm is not None
         promote: list[int] | None = [] if tiering is not None else None
         lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
-                                                   request.keys, promote_out=promote)
+                                                   request.keys, promote_out=promote,
+                                                   want_hbm=want_hbm)
         if lease is not None and self.store.prefetcher is not None:
             self.store.prefetcher.on_acquire(lease.block_ids)
         if promote:
-            lease, offsets = await tiering.promote(request.session_id, lease, promote)
+            lease, offsets = await tiering.promote(request.session_id, lease, promote,
+                                                   to_hbm=want_hbm)
             tiers = tiers[:len(offsets)]
+        hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
         return pb.AcquireResponse(lease_id=lease.lease_id if lease else 0, offsets=offsets,
                                   tiers=[TIER_ENUM[t] for t in tiers],
-                                  lease_timeout_s=self.store.lease_timeout_s)
+                                  lease_timeout_s=self.store.lease_timeout_s,
+                                  hbm_offsets=hbm_reads, hbm_fill=hbm_fill)
 
     async def ReadBlocks(self, request, context):
         try:
@@ -133,7 +139,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     def Release(self, request, context):
-        self.store.release(request.session_id, request.lease_id)
+        self.store.release(request.session_id, request.lease_id, request.hbm_filled)
         return pb.ReleaseResponse()
 
     @unary
@@ -205,7 +211,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             keys = self.store._keys(request.keys)[:n]
             bids = [int(b) for b in idx.find_many(ns.index, keys).tolist() if b >= 0]
             ssd_bps = await probe_ssd_bps(tiering, bids)
-        bw = {"DRAM": self.dram_read_bps, "SSD": ssd_bps}
+        # HBM copies always have a DRAM or SSD copy too; a client that reads HBM only gains
+        bw = {"HBM": self.dram_read_bps, "DRAM": self.dram_read_bps, "SSD": ssd_bps}
         plan = plan_recompute(tiers, ns.layout.block_tokens, ns.layout.block_bytes, bw, profile,
                               request.latency_s)
         inf = float("inf")
@@ -218,8 +225,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
 
 def stats_message(store: BlockStore) -> pb.Stats:
+    tiers = [hbm_tier_stats(store.hbm)] if store.hbm is not None else []
     c = store.dram
-    tiers = [pb.TierStats(
+    tiers += [pb.TierStats(
         tier=pb.TIER_DRAM, capacity_bytes=store.slabs.capacity_bytes,
         used_bytes=store.slabs.used_bytes(), blocks=store.tier_blocks(), hits=c.hits,
         misses=c.misses, evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
@@ -243,6 +251,15 @@ def stats_message(store: BlockStore) -> pb.Stats:
         st.prefetch_on_time, st.prefetch_late, st.prefetch_wasted = c.on_time, c.late, c.wasted
         st.prefetch_bytes_promoted, st.prefetch_pending = c.bytes_promoted, pf.pending
     return st
+
+
+def hbm_tier_stats(hbm) -> pb.TierStats:
+    c = hbm.counters
+    return pb.TierStats(
+        tier=pb.TIER_HBM, capacity_bytes=hbm.slabs.capacity_bytes,
+        used_bytes=hbm.slabs.used_bytes(), blocks=hbm.blocks(), hits=c.hits, misses=c.misses,
+        evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+        promotions=c.promotions, demotions=c.demotions)
 
 
 def ssd_tier_stats(tiering) -> pb.TierStats:

@@ -18,6 +18,7 @@ class Lease:
     session_id: int
     block_ids: list[int]
     deadline: float
+    hbm_fill: dict[int, int] = field(default_factory=dict)   # block id -> HBM slot to fill
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Session:
     # Slots of allocations that expired while this client lived: it may still be writing into
     # them, so they are reused only after the session ends.
     quarantined_slots: list[int] = field(default_factory=list)
+    quarantined_hbm: list[int] = field(default_factory=list)   # HBM fill slots, likewise
 
 
 class IdSource:

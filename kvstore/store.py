@@ -77,6 +77,7 @@ class BlockStore:
         self.dram = TierCounters()
         self.counters = DaemonCounters()
         self.tiering = None   # kvstore.tiering.Tiering when an SSD tier is configured
+        self.hbm = None       # kvstore.tiers.hbm.HBMTier when an HBM tier is configured
         self.prefetcher = None   # kvstore.prefetch.Prefetcher (set by the daemon)
 
     # -- sessions and namespaces -----------------------------------------------------------
@@ -90,11 +91,15 @@ class BlockStore:
         if s is None:
             return
         for lease in s.leases.values():
+            if lease.hbm_fill:
+                self.hbm.finish(self, lease.hbm_fill, ok=False)
             self._unlease(lease)
         for alloc in s.allocations.values():
             self._abort(alloc)
         for off in s.quarantined_slots:
             self.slabs.free(off)
+        if self.hbm is not None:
+            self.hbm.free_quarantined(s.quarantined_hbm)
         if s.leases or s.allocations:
             self.counters.sessions_reclaimed += 1
             log.info("session %d (%s pid %d) ended: reclaimed %d leases, %d allocations",
@@ -256,38 +261,66 @@ class BlockStore:
 
     # -- get ---------------------------------------------------------------------------------
     def acquire(self, session_id: int, namespace_id: bytes, keys_blob: bytes,
-                promote_out: list[int] | None = None) -> tuple[Lease | None, list[int], list[str]]:
+                promote_out: list[int] | None = None,
+                want_hbm: bool = False) -> tuple[Lease | None, list[int], list[str]]:
         """Lease the longest stored prefix of ``keys``. Returns (lease, offsets, tiers).
 
         Without ``promote_out`` only DRAM blocks count. With it, SSD-only blocks join the
         prefix (offset -1) and their positions are appended to ``promote_out``: the caller
-        must promote them (Tiering.promote) before answering."""
+        must promote them (Tiering.promote) before answering. With ``want_hbm`` a block with
+        an HBM copy counts too (DRAM offset -1 if it has none): see :meth:`hbm_answer`."""
         s = self._session(session_id)
         ns = self._namespace(namespace_id)
         keys = self._keys(keys_blob)
         idx = self.index
+        hbm = self.hbm if want_hbm else None
         stamp = idx.tick()
         bids: list[int] = []
+        tiers: list[str] = []
         for bid in idx.find_many(ns.index, keys).tolist():
             if bid < 0 or idx.state[bid] != COMMITTED:
                 break
-            if idx.dram[bid] == NO_SLOT:
-                if promote_out is None or idx.ssd[bid] == NO_SLOT:
-                    break
+            if hbm is not None and bid in hbm.slot:
+                tiers.append("HBM")
+            elif idx.dram[bid] != NO_SLOT:
+                tiers.append("DRAM")
+            elif promote_out is not None and idx.ssd[bid] != NO_SLOT:
                 promote_out.append(len(bids))
+                tiers.append("SSD")
+            else:
+                break
             bids.append(bid)
-        in_dram = len(bids) - (len(promote_out) if promote_out else 0)
+        in_dram = tiers.count("DRAM")
         self.dram.hits += in_dram
-        self.dram.misses += len(keys) - in_dram
+        self.dram.misses += len(keys) - in_dram - tiers.count("HBM")
+        if hbm is not None:
+            hbm.counters.hits += tiers.count("HBM")
+            hbm.counters.misses += len(keys) - tiers.count("HBM")
         if not bids:
             return None, [], []
         ids = np.asarray(bids, dtype=np.int64)
         idx.stamp[ids] = stamp
         idx.leases[ids] += 1
-        self.dram.bytes_out += len(bids) * ns.layout.block_bytes
+        self.dram.bytes_out += (len(bids) - tiers.count("HBM")) * ns.layout.block_bytes
+        if hbm is not None:
+            hbm.counters.bytes_out += tiers.count("HBM") * ns.layout.block_bytes
         lease = Lease(self._new_id(), s.session_id, bids, self.clock() + self.lease_timeout_s)
         s.leases[lease.lease_id] = lease
-        return lease, idx.dram[ids].tolist(), [self._tier_of(b) for b in bids]
+        return lease, idx.dram[ids].tolist(), tiers
+
+    def hbm_answer(self, lease: Lease | None) -> tuple[list[int], list[int]]:
+        """For a want_hbm get: (HBM offset to read each leased block from, HBM slot to fill
+        with it), -1 where none. Blocks answered from DRAM get fill slots while HBM has room;
+        the lease owns them until its release (see release(hbm_filled))."""
+        if lease is None or self.hbm is None:
+            return [], []
+        hbm = self.hbm
+        reads = [hbm.offset(b) for b in lease.block_ids]
+        need = [b for b, o in zip(lease.block_ids, reads)
+                if o < 0 and b not in hbm.filling and self.index.dram[b] != NO_SLOT]
+        fill = dict(zip(need, hbm.reserve(self, need))) if need else {}
+        lease.hbm_fill = {b: o for b, o in fill.items() if o >= 0}
+        return reads, [lease.hbm_fill.get(b, -1) for b in lease.block_ids]
 
     def truncate_lease(self, session_id: int, lease: Lease, n: int) -> tuple[Lease | None, list[int]]:
         """Keep the lease's first n blocks (after a promotion); (lease or None, DRAM offsets).
@@ -297,7 +330,8 @@ class BlockStore:
             return None, []
         if n < len(lease.block_ids):
             bb = self._ns_by_index[int(self.index.ns[lease.block_ids[0]])].layout.block_bytes
-            self.dram.bytes_out -= (len(lease.block_ids) - n) * bb
+            in_hbm = self.hbm.slot if self.hbm is not None else {}
+            self.dram.bytes_out -= sum(b not in in_hbm for b in lease.block_ids[n:]) * bb
         dropped, lease.block_ids = lease.block_ids[n:], lease.block_ids[:n]
         self.unpin(dropped)
         if n == 0:
@@ -316,7 +350,9 @@ class BlockStore:
             off = int(self.index.dram[bid])
             yield i, self.arena.buffer[off:off + layout.block_bytes]
 
-    def release(self, session_id: int, lease_id: int) -> None:
+    def release(self, session_id: int, lease_id: int, hbm_filled: bool = False) -> None:
+        """End a lease. ``hbm_filled``: the client copied the blocks into the lease's HBM fill
+        slots, which become the blocks' HBM copies (otherwise the slots are freed)."""
         s = self._session(session_id)
         lease = s.leases.pop(lease_id, None)
         if lease is None:
@@ -325,6 +361,8 @@ class BlockStore:
                     f"lease {lease_id} expired after {self.lease_timeout_s:g}s before release; "
                     "the blocks may have been reused: discard what was read")
             raise FailedPrecondition(f"lease {lease_id} is unknown or already released")
+        if lease.hbm_fill:
+            self.hbm.finish(self, lease.hbm_fill, ok=hbm_filled)
         self._unlease(lease)
 
     # -- delete and housekeeping --------------------------------------------------------------
@@ -349,6 +387,8 @@ class BlockStore:
         for s in self.sessions.values():
             for lease in [l for l in s.leases.values() if l.deadline < now]:
                 del s.leases[lease.lease_id]
+                if lease.hbm_fill:   # the client may still be copying into them
+                    self.hbm.finish(self, lease.hbm_fill, ok=False, quarantine=s.quarantined_hbm)
                 self._unlease(lease)
                 self._expired_leases[lease.lease_id] = None
                 if len(self._expired_leases) > 65536:
@@ -392,7 +432,15 @@ class BlockStore:
         return alloc
 
     def _tier_of(self, bid: int) -> str:
+        if self.hbm is not None and bid in self.hbm.slot:
+            return "HBM"
         return "DRAM" if self.index.dram[bid] != NO_SLOT else "SSD"
+
+    def slot_bytes_of(self, bid: int) -> int:
+        return self._ns_by_index[int(self.index.ns[bid])].layout.slot_bytes
+
+    def block_bytes_of(self, bid: int) -> int:
+        return self._ns_by_index[int(self.index.ns[bid])].layout.block_bytes
 
     def _unlease(self, lease: Lease) -> None:
         self.unpin(lease.block_ids)
@@ -460,6 +508,8 @@ class BlockStore:
             self.slabs.free(off)
         if self.tiering is not None:
             self.tiering.forget_ssd(bid)
+        if self.hbm is not None:
+            self.hbm.drop(bid)
         idx.release_id(bid)
 
     def _evict(self, victims: list[int]) -> None:

@@ -60,6 +60,7 @@ class Tiering:
         self._closed = False
         self._cleaner: asyncio.Task | None = None
         self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
+        self.gds = None              # kvstore.tiers.gds.KvikioSlotIO: SSD -> HBM pool reads
         store.tiering = self
 
     # -- namespaces ----------------------------------------------------------------------------
@@ -393,53 +394,88 @@ class Tiering:
         return ok
 
     # -- promotion -------------------------------------------------------------------------------
-    async def promote(self, session_id: int, lease, positions: list[int]):
-        """Bring the lease's SSD-only blocks (at ``positions``) into DRAM; answer the prefix that
-        is in DRAM as (lease or None, offsets). Blocks after the first failure are unleased."""
+    async def promote(self, session_id: int, lease, positions: list[int], to_hbm: bool = False):
+        """Bring the lease's SSD-only blocks (at ``positions``) into DRAM — or, for a client that
+        reads HBM when the daemon can read SSD straight into the pool (``direct_to_hbm``), into
+        HBM; answer the readable prefix as (lease or None, offsets). Blocks after the first
+        failure are unleased."""
         store, idx = self.store, self.store.index
         bids = lease.block_ids
         # The lease's clock starts when it is answered: a slow read (a capped or busy disk)
         # must not expire it before the client has even seen it.
         lease.deadline = float("inf")
         try:
-            await self.fetch([bids[pos] for pos in positions])
+            await self.fetch([bids[pos] for pos in positions], to_hbm=to_hbm)
         finally:
             lease.deadline = store.clock() + store.lease_timeout_s
+        hbm = store.hbm.slot if to_hbm and store.hbm is not None else {}
         n = 0
-        while n < len(bids) and idx.dram[bids[n]] != NO_SLOT:
+        while n < len(bids) and (idx.dram[bids[n]] != NO_SLOT or bids[n] in hbm):
             n += 1
         self.counters.misses += len(positions) - sum(1 for p in positions if p < n)
         return store.truncate_lease(session_id, lease, n)
 
-    async def fetch(self, block_ids: list[int]) -> int:
-        """Bring these pinned blocks into DRAM, sharing reads already in flight; returns the
-        blocks this call read. Where DRAM has no room the rest stay on SSD (a get then misses
-        them). Used by promote (a get) and by the prefetcher."""
-        store, idx = self.store, self.store.index
-        waits, mine, need = [], [], []
-        for b in block_ids:
-            fut = self._promoting.get(b)
-            if fut is not None:
-                waits.append(fut)
-            elif idx.dram[b] == NO_SLOT:
-                need.append(b)
-        offs = store.promotion_slots(need)
-        loop = asyncio.get_running_loop()
-        for i, (b, off) in enumerate(zip(need, offs)):
-            if off is None:   # no DRAM room: the answer's prefix ends before this block
-                for later in offs[i + 1:]:
-                    if later is not None:
-                        store.slabs.free(later)
+    def direct_to_hbm(self) -> bool:
+        """True when SSD blocks can be read straight into HBM slots (no DRAM bounce): a host
+        pool (plain reads into its mapping) or a CUDA pool with kvikio (GPUDirect Storage)."""
+        hbm = self.store.hbm
+        return hbm is not None and (hbm.pool.backend == "host" or self.gds is not None)
+
+    def _placed(self, b: int, to_hbm: bool) -> bool:
+        if self.store.index.dram[b] != NO_SLOT:
+            return True
+        return to_hbm and self.store.hbm is not None and b in self.store.hbm.slot
+
+    async def fetch(self, block_ids: list[int], to_hbm: bool = False) -> int:
+        """Bring these pinned blocks into DRAM (or HBM: see promote), sharing reads already in
+        flight; returns the blocks this call read. Where there is no room the rest stay on SSD
+        (a get then misses them). Used by promote (a get) and by the prefetcher."""
+        direct = to_hbm and self.direct_to_hbm()
+        read = 0
+        for _ in range(2):     # a shared read may have gone to the other tier: then read again
+            waits, need = [], []
+            for b in block_ids:
+                fut = self._promoting.get(b)
+                if fut is not None:
+                    waits.append(fut)
+                elif not self._placed(b, to_hbm) and self.store.index.ssd[b] != NO_SLOT:
+                    need.append(b)
+            if need:
+                read += await self._read_into(need, direct)
+            if not waits:
                 break
+            await asyncio.gather(*waits)
+            if all(self._placed(b, to_hbm) for b in block_ids):
+                break
+        return read
+
+    async def _read_into(self, need: list[int], direct: bool) -> int:
+        store = self.store
+        if direct:
+            offs = [o if o >= 0 else None for o in store.hbm.reserve(store, need)]
+            free = store.hbm.slabs.free
+        else:
+            offs = store.promotion_slots(need)
+            free = store.slabs.free
+        loop = asyncio.get_running_loop()
+        mine = []
+        full = False
+        for b, off in zip(need, offs):
+            full = full or off is None   # no room: the answer's prefix ends before this block
+            if full:
+                if off is not None:
+                    free(off)
+                    if direct:
+                        store.hbm.filling.pop(b, None)
+                continue
             fut = loop.create_future()
             self._promoting[b] = fut
             mine.append((b, off, fut))
-        if mine:
-            store.pin([b for b, _, _ in mine])
-            await asyncio.shield(loop.create_task(self._read_pinned(mine)))
-        if waits:
-            await asyncio.gather(*waits)
-        return sum(1 for b, _, _ in mine if idx.dram[b] != NO_SLOT)
+        if not mine:
+            return 0
+        store.pin([b for b, _, _ in mine])
+        await asyncio.shield(loop.create_task(self._read_pinned(mine, direct)))
+        return sum(1 for b, _, _ in mine if self._placed(b, direct))
 
     def read_bps(self) -> float:
         """Measured SSD read throughput of recent promotions (bytes / wall time per batch,
@@ -456,32 +492,48 @@ class Tiering:
         w = min(1.0, nbytes / (64 << 20))
         self._read_bw = bw if not self._read_bw else (1 - w) * self._read_bw + w * bw
 
-    async def _read_pinned(self, mine) -> None:
+    async def _read_pinned(self, mine, into_hbm: bool = False) -> None:
         store, idx, ssd = self.store, self.store.index, self.ssd
+        hbm = store.hbm
         loop = asyncio.get_running_loop()
         try:
             reads = []
             for b, off, _ in mine:
                 layout = store._ns_by_index[int(idx.ns[b])].layout
-                reads.append((int(idx.ssd[b]), store.arena.buffer[off:off + layout.slot_bytes],
-                              idx.key_of(b), layout.block_bytes, int(idx.csum[b])))
+                if not into_hbm:
+                    dest = store.arena.buffer[off:off + layout.slot_bytes]
+                elif hbm.pool.backend == "host":
+                    dest = hbm.pool.host_slot(off, layout.slot_bytes)
+                else:
+                    dest = hbm.pool.slot_tensor(off, layout.slot_bytes)
+                reads.append((int(idx.ssd[b]), dest, idx.key_of(b), layout.block_bytes,
+                              int(idx.csum[b])))
+            reader = self.gds if into_hbm and hbm.pool.backend == "cuda" else ssd
             # One pool task per group of reads, as many groups as I/O threads: the same
             # parallelism, with fewer loop wake-ups per batch than one task per block.
             n_groups = min(len(reads), ssd.io_threads)
             groups = [reads[g::n_groups] for g in range(n_groups)]
             t0 = time.monotonic()
-            done = await asyncio.gather(*(loop.run_in_executor(ssd.pool, ssd.read_slots, g)
+            done = await asyncio.gather(*(loop.run_in_executor(ssd.pool, reader.read_slots, g)
                                           for g in groups))
             self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
             results = self._ungroup(done, len(reads))
             for (b, off, fut), r in zip(mine, results):
                 if r is True:
-                    idx.dram[b] = off
+                    if into_hbm:
+                        hbm.adopt(b, off)
+                        hbm.counters.bytes_in += store.block_bytes_of(b)
+                    else:
+                        idx.dram[b] = off
+                        store.dram.promotions += 1
                     self.counters.promotions += 1
                     self.counters.hits += 1
-                    store.dram.promotions += 1
                 else:
-                    store.slabs.free(off)
+                    if into_hbm:
+                        hbm.filling.pop(b, None)
+                        hbm.slabs.free(off)
+                    else:
+                        store.slabs.free(off)
                     if isinstance(r, BaseException):
                         ssd.counters.read_errors += 1
                         log.warning("SSD read of block %s failed (%s): treated as a miss",

@@ -75,3 +75,5 @@ def test_bench_gpu_transfer_harness_runs_on_cpu_tensors():
     assert res["bytes"] == 4 * 2 * 2 * 16 * 8 * 128 * 2
     for k in ("put_vs_raw", "get_vs_raw", "sdk_put_gbps", "sdk_get_gbps"):
         assert res[k] > 0
+    # the private daemon has an HBM tier (a host pool here): its hit path is measured too
+    assert res["hbm_backend"] == "host" and res["hbm_get_vs_d2d"] > 0

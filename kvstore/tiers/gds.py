@@ -82,6 +82,17 @@ class KvikioSlotIO:
         self.ssd.read_meter.add(n)
         return n == slot_bytes and block_checksum(_host_bytes(dev_buf, nbytes), key) == csum
 
+    def read_slots(self, reads) -> list:
+        """read_slot for each (addr, device view, key, nbytes, csum), sequentially in this
+        thread; results as SSDTier.read_slots (True/False, or the OSError raised)."""
+        out = []
+        for addr, view, key, nbytes, csum in reads:
+            try:
+                out.append(self.read_slot(addr, view, key, nbytes, csum))
+            except OSError as exc:
+                out.append(exc)
+        return out
+
     def close(self) -> None:
         for f in self._files:
             f.close()

@@ -46,6 +46,36 @@ class ArenaInfo(_message.Message):
     uuid: bytes
     def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., uuid: _Optional[bytes] = ...) -> None: ...
 
+class HBMPoolInfo(_message.Message):
+    __slots__ = ("backend", "size_bytes", "device_uuid", "ipc_device", "ipc_handle", "ipc_storage_bytes", "ipc_storage_offset", "ipc_ref_counter_handle", "ipc_ref_counter_offset", "ipc_event_handle", "ipc_event_sync_required", "path", "uuid")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    IPC_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IPC_STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IPC_REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IPC_EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    IPC_EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    size_bytes: int
+    device_uuid: str
+    ipc_device: int
+    ipc_handle: bytes
+    ipc_storage_bytes: int
+    ipc_storage_offset: int
+    ipc_ref_counter_handle: bytes
+    ipc_ref_counter_offset: int
+    ipc_event_handle: bytes
+    ipc_event_sync_required: bool
+    path: str
+    uuid: bytes
+    def __init__(self, backend: _Optional[str] = ..., size_bytes: _Optional[int] = ..., device_uuid: _Optional[str] = ..., ipc_device: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., ipc_storage_bytes: _Optional[int] = ..., ipc_storage_offset: _Optional[int] = ..., ipc_ref_counter_handle: _Optional[bytes] = ..., ipc_ref_counter_offset: _Optional[int] = ..., ipc_event_handle: _Optional[bytes] = ..., ipc_event_sync_required: _Optional[bool] = ..., path: _Optional[str] = ..., uuid: _Optional[bytes] = ...) -> None: ...
+
 class OpenSessionRequest(_message.Message):
     __slots__ = ("client_name", "pid")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -55,18 +85,20 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "arena", "daemon_version", "max_batch_blocks", "max_message_bytes")
+    __slots__ = ("session_id", "arena", "daemon_version", "max_batch_blocks", "max_message_bytes", "hbm")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ARENA_FIELD_NUMBER: _ClassVar[int]
     DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HBM_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     arena: ArenaInfo
     daemon_version: str
     max_batch_blocks: int
     max_message_bytes: int
-    def __init__(self, session_id: _Optional[int] = ..., arena: _Optional[_Union[ArenaInfo, _Mapping]] = ..., daemon_version: _Optional[str] = ..., max_batch_blocks: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    hbm: HBMPoolInfo
+    def __init__(self, session_id: _Optional[int] = ..., arena: _Optional[_Union[ArenaInfo, _Mapping]] = ..., daemon_version: _Optional[str] = ..., max_batch_blocks: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., hbm: _Optional[_Union[HBMPoolInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterNamespaceRequest(_message.Message):
     __slots__ = ("model_id", "layout", "tenant")
@@ -157,26 +189,32 @@ class CommitResponse(_message.Message):
     def __init__(self, committed: _Optional[int] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("session_id", "namespace_id", "keys")
+    __slots__ = ("session_id", "namespace_id", "keys", "want_hbm")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    WANT_HBM_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace_id: bytes
     keys: bytes
-    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ...) -> None: ...
+    want_hbm: bool
+    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., want_hbm: _Optional[bool] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
-    __slots__ = ("lease_id", "offsets", "tiers", "lease_timeout_s")
+    __slots__ = ("lease_id", "offsets", "tiers", "lease_timeout_s", "hbm_offsets", "hbm_fill")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    HBM_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    HBM_FILL_FIELD_NUMBER: _ClassVar[int]
     lease_id: int
     offsets: _containers.RepeatedScalarFieldContainer[int]
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     lease_timeout_s: float
-    def __init__(self, lease_id: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
+    hbm_offsets: _containers.RepeatedScalarFieldContainer[int]
+    hbm_fill: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lease_id: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., lease_timeout_s: _Optional[float] = ..., hbm_offsets: _Optional[_Iterable[int]] = ..., hbm_fill: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReadBlocksRequest(_message.Message):
     __slots__ = ("session_id", "lease_id")
@@ -195,12 +233,14 @@ class BlockData(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("session_id", "lease_id")
+    __slots__ = ("session_id", "lease_id", "hbm_filled")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    HBM_FILLED_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     lease_id: int
-    def __init__(self, session_id: _Optional[int] = ..., lease_id: _Optional[int] = ...) -> None: ...
+    hbm_filled: bool
+    def __init__(self, session_id: _Optional[int] = ..., lease_id: _Optional[int] = ..., hbm_filled: _Optional[bool] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ()

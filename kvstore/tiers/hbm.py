@@ -1,0 +1,265 @@
+"""The HBM tier: a pool of GPU memory owned by the daemon and shared with clients by CUDA IPC.
+
+A block in HBM is a *copy*: the tier never holds a block's only copy (DRAM or SSD always has it),
+so an HBM eviction is just freeing the slot — the block is "demoted" to the DRAM/SSD copy it
+already has, with no copy on the eviction path — and a client that cannot read HBM (CPU tensors,
+a remote client) never meets a block it cannot read. docs/decisions.md #17 says why.
+
+How blocks get there (the daemon never copies block bytes into HBM itself; clients do, the way
+they write DRAM slots for a put):
+
+* a get by a client that opened the pool (``want_hbm``) of a block that is in DRAM but not HBM
+  comes with an HBM slot to fill: after its host→device copy, the client copies the block from
+  its own output buffer into that slot (device→device) and releases the lease with
+  ``hbm_filled``; only then is the copy visible. An expired lease's fill slots stay quarantined
+  until the client's session ends, like an expired allocation's DRAM slots.
+* with GPUDirect Storage (kvikio on a CUDA host) SSD-only blocks are read straight from the slab
+  files into HBM slots by the daemon (tiering.fetch), skipping the host bounce.
+
+Backends: ``cuda`` (torch allocates the pool on one device and exports it with
+``UntypedStorage._share_cuda_``; clients open it with ``_new_shared_cuda``) and ``host``, a
+shared-memory file mapped like the arena: the same protocol and bookkeeping on a machine without
+a GPU, which is what the CPU tests run. A ``host`` pool gives no speed-up over DRAM; it exists so
+the tier's logic is exercised end to end everywhere.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.index import COMMITTED
+from kvstore.stats import TierCounters
+from kvstore.tiers.dram import SlabAllocator
+from kvstore.v1 import kvstore_pb2 as pb
+
+log = logging.getLogger("kvstore.hbm")
+
+HOST_POOL_PREFIX = "kvstorehbm"
+BACKENDS = ("cuda", "host")
+
+
+class HBMUnavailable(RuntimeError):
+    """The configured HBM pool cannot be created here (no CUDA, bad device)."""
+
+
+class HostPool:
+    """The ``host`` backend: pool bytes in a shared-memory file (no GPU)."""
+
+    backend = "host"
+
+    def __init__(self, size_bytes: int, directory: Path | None = None):
+        for p in remove_stale_arenas(directory, prefix=HOST_POOL_PREFIX):
+            log.info("removed stale HBM host pool %s of a daemon that is gone", p)
+        self.arena = Arena.create(size_bytes, directory, prefix=HOST_POOL_PREFIX)
+        self.size_bytes = self.arena.size_bytes
+        self.device = "cpu"
+
+    def info(self) -> pb.HBMPoolInfo:
+        return pb.HBMPoolInfo(backend="host", size_bytes=self.size_bytes,
+                              path=str(self.arena.path), uuid=self.arena.uuid)
+
+    def host_slot(self, offset: int, nbytes: int) -> memoryview:
+        """A writable view of one slot (the SSD tier reads into it directly)."""
+        return self.arena.buffer[offset:offset + nbytes]
+
+    def close(self) -> None:
+        self.arena.close()
+
+
+class CudaPool:
+    """The ``cuda`` backend: one device allocation, exported by CUDA IPC."""
+
+    backend = "cuda"
+
+    def __init__(self, size_bytes: int, device: str = "cuda:0"):
+        try:
+            import torch
+        except ImportError:
+            raise HBMUnavailable("the HBM tier needs torch with CUDA (pip install torch)") from None
+        if not torch.cuda.is_available():
+            raise HBMUnavailable(
+                f"hbm_bytes is set but CUDA is not available (torch {torch.__version__}, "
+                f"{'CPU-only build' if not torch.backends.cuda.is_built() else 'no visible device'}"
+                "); set hbm_bytes = 0, or hbm_device = \"host\" to run the tier's protocol on "
+                "shared memory")
+        try:
+            dev = torch.device(device)
+            if dev.type != "cuda":
+                raise ValueError
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            props = torch.cuda.get_device_properties(idx)
+        except (ValueError, RuntimeError, AssertionError) as exc:
+            raise HBMUnavailable(f"hbm_device {device!r} is not a usable CUDA device "
+                                 f"({torch.cuda.device_count()} visible): {exc}") from None
+        try:
+            self.tensor = torch.empty(size_bytes, dtype=torch.uint8, device=idx)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise HBMUnavailable(f"cannot allocate a {size_bytes}-byte HBM pool on cuda:{idx}: "
+                                 f"{exc}") from None
+        torch.cuda.synchronize(idx)
+        self._torch = torch
+        self.device = f"cuda:{idx}"
+        self.device_uuid = _uuid_str(props)
+        self.size_bytes = size_bytes
+        self._share = self.tensor.untyped_storage()._share_cuda_()
+        log.info("HBM pool: %d bytes on %s (%s, %s) exported by CUDA IPC", size_bytes,
+                 self.device, props.name, self.device_uuid)
+
+    def info(self) -> pb.HBMPoolInfo:
+        dev, handle, storage_bytes, storage_off, ref_h, ref_off, ev_h, ev_sync = self._share
+        return pb.HBMPoolInfo(
+            backend="cuda", size_bytes=self.size_bytes, device_uuid=self.device_uuid,
+            ipc_device=int(dev), ipc_handle=bytes(handle), ipc_storage_bytes=int(storage_bytes),
+            ipc_storage_offset=int(storage_off), ipc_ref_counter_handle=bytes(ref_h or b""),
+            ipc_ref_counter_offset=int(ref_off), ipc_event_handle=bytes(ev_h or b""),
+            ipc_event_sync_required=bool(ev_sync))
+
+    def slot_tensor(self, offset: int, nbytes: int):
+        """A device view of one slot (kvikio reads into it)."""
+        return self.tensor[offset:offset + nbytes]
+
+    def close(self) -> None:
+        self.tensor = None
+
+
+def _uuid_str(props) -> str:
+    u = getattr(props, "uuid", None)
+    if u is None:
+        return ""
+    s = str(u)
+    return s if s.startswith("GPU-") else f"GPU-{s}"
+
+
+def open_pool(size_bytes: int, device: str, shm_dir: Path | None = None):
+    """The daemon's pool for ``hbm_device`` ("cuda", "cuda:N" or "host")."""
+    if device == "host":
+        return HostPool(size_bytes, shm_dir)
+    return CudaPool(size_bytes, device)
+
+
+class HBMTier:
+    """Slot bookkeeping of the pool: which blocks have an HBM copy, which slots are being filled.
+
+    Runs on the daemon's event loop like the store (no locks). ``slot`` maps block id → offset of
+    a ready copy; ``filling`` block id → offset a client is copying into under a lease.
+    """
+
+    def __init__(self, pool, chunk_bytes: int):
+        self.pool = pool
+        self.slabs = SlabAllocator(pool.size_bytes, min(chunk_bytes, max(4096, pool.size_bytes // 4)))
+        self.slot: dict[int, int] = {}
+        self.filling: dict[int, int] = {}
+        self.counters = TierCounters()
+        self.fills_abandoned = 0
+
+    # -- reading ---------------------------------------------------------------------------
+    def offset(self, bid: int) -> int:
+        return self.slot.get(bid, -1)
+
+    # -- filling ---------------------------------------------------------------------------
+    def reserve(self, store, bids: list[int]) -> list[int]:
+        """An HBM slot for each block (-1 where none could be freed); the slots become the
+        blocks' copies at :meth:`finish` with ok=True. The blocks must be leased."""
+        out = []
+        by_class: dict[int, int] = {}
+        for bid in bids:
+            sb = store.slot_bytes_of(bid)
+            by_class[sb] = by_class.get(sb, 0) + 1
+        for sb, n in by_class.items():
+            self._make_room(store, sb, n)
+        for bid in bids:
+            off = self.slabs.allocate(store.slot_bytes_of(bid)) if bid not in self.filling else None
+            if off is None:
+                out.append(-1)
+                continue
+            self.slabs.set_owner(off, bid)
+            self.filling[bid] = off
+            out.append(off)
+        return out
+
+    def finish(self, store, fills: dict[int, int], ok: bool, quarantine: list | None = None) -> int:
+        """End a lease's fills: publish them (ok) or free their slots; returns copies made.
+        With ``quarantine`` (an expired lease whose client lives) the slots are parked there
+        instead: the client may still be writing into them."""
+        idx = store.index
+        made = 0
+        for bid, off in fills.items():
+            if self.filling.get(bid) == off:
+                del self.filling[bid]
+            if ok and idx.state[bid] == COMMITTED and bid not in self.slot:
+                self.slot[bid] = off
+                self.counters.promotions += 1
+                self.counters.bytes_in += store.block_bytes_of(bid)
+                made += 1
+            elif quarantine is not None:
+                self.slabs.set_owner(off, -2)
+                quarantine.append(off)
+                self.fills_abandoned += 1
+            else:
+                self.slabs.free(off)
+                if not ok:
+                    self.fills_abandoned += 1
+        return made
+
+    def adopt(self, bid: int, off: int) -> None:
+        """A slot the daemon filled itself (GPUDirect read) becomes the block's copy."""
+        if self.filling.get(bid) == off:
+            del self.filling[bid]
+        self.slot[bid] = off
+        self.counters.promotions += 1
+
+    def free_quarantined(self, offsets: list[int]) -> None:
+        for off in offsets:
+            self.slabs.free(off)
+
+    # -- dropping and eviction -------------------------------------------------------------
+    def drop(self, bid: int) -> None:
+        """Forget a block's HBM copy (the block is gone from the store)."""
+        off = self.slot.pop(bid, None)
+        if off is not None:
+            self.slabs.free(off)
+
+    def _evictable(self, store, slot_bytes: int) -> np.ndarray:
+        owners = self.slabs.owners(slot_bytes)
+        if not len(owners):
+            return owners
+        idx = store.index
+        ready = np.fromiter((self.slot.get(int(b), -1) >= 0 for b in owners), dtype=bool,
+                            count=len(owners))
+        return owners[ready & (idx.leases[owners] == 0)]
+
+    def _evict(self, victims) -> None:
+        for bid in victims:
+            self.slabs.free(self.slot.pop(int(bid)))
+        self.counters.evictions += len(victims)
+        self.counters.demotions += len(victims)
+
+    def _make_room(self, store, slot_bytes: int, n_needed: int) -> None:
+        cls = self.slabs.size_class(slot_bytes)
+        while len(cls.free) < n_needed and self.slabs.grow(cls):
+            pass
+        short = n_needed - len(cls.free)
+        if short <= 0:
+            return
+        victims = store.index.eviction_order(self._evictable(store, slot_bytes))[:short]
+        self._evict(victims.tolist())
+        if len(cls.free) >= n_needed:
+            return
+        for other in [c for c in self.slabs.classes.values() if c is not cls]:
+            for bid in store.index.eviction_order(self._evictable(store, other.slot_bytes)).tolist():
+                self._evict([bid])
+                if self.slabs.release_empty_spans(keep=cls):
+                    while len(cls.free) < n_needed and self.slabs.grow(cls):
+                        pass
+                    if len(cls.free) >= n_needed:
+                        return
+
+    # -- statistics ------------------------------------------------------------------------
+    def blocks(self) -> int:
+        return len(self.slot)
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,314 @@
+"""The HBM tier through real daemon and client processes.
+
+On CPU hosts the tier runs with ``--hbm-device host``: the same protocol and bookkeeping (fill
+slots under leases, copies in HBM never the only copy, eviction, GPUDirect-style SSD reads into
+the pool) over a shared-memory pool. The CUDA IPC backend is exercised by the ``gpu`` tests.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.client import KVClient
+from kvstore.layout import KVLayout
+from kvstore.v1 import kvstore_pb2 as pb
+
+# 2 layers x 4 heads x 64 dims x 16 tokens x uint8 x (k, v) = 16 KiB per block
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
+BB = LAYOUT.block_bytes
+SMALL_DRAM = ("--dram-bytes", "4MiB", "--chunk-bytes", "256KiB")   # 256 blocks
+HOST_HBM = ("--hbm-bytes", "1MiB", "--hbm-device", "host")         # 64 blocks
+
+
+def chain(seed: int, n_blocks: int):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 50000, n_blocks * LAYOUT.block_tokens)
+    data = rng.integers(0, 256, (n_blocks, *LAYOUT.block_shape), dtype=np.uint8)
+    return tokens, torch.from_numpy(data)
+
+
+def tier(c: KVClient, name: str) -> pb.TierStats:
+    for t in c.stats().tiers:
+        if pb.Tier.Name(t.tier) == f"TIER_{name}":
+            return t
+    raise AssertionError(f"no {name} tier in stats")
+
+
+def wait_for(pred, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def get_into(ns, keys, n: int):
+    out = torch.empty((n, *LAYOUT.block_shape), dtype=torch.uint8)
+    return ns.get(keys, out=out).result(timeout=30)
+
+
+def test_a_dram_hit_fills_hbm_and_the_next_get_reads_hbm(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c:
+        assert c._hbm is not None and c._hbm.backend == "host"
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(1, 8)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        assert ns.lookup(keys).tiers == ["DRAM"] * 8
+
+        got = get_into(ns, keys, 8)                   # DRAM hit; the client fills HBM
+        assert torch.equal(got, data)
+        wait_for(lambda: tier(c, "HBM").promotions == 8)
+        h = tier(c, "HBM")
+        assert (h.blocks, h.hits, h.bytes_in, h.used_bytes) == (8, 0, 8 * BB, 8 * BB)
+        assert ns.lookup(keys).tiers == ["HBM"] * 8
+
+        got = get_into(ns, keys, 8)                   # now served from HBM
+        assert torch.equal(got, data)
+        h = tier(c, "HBM")
+        assert (h.hits, h.promotions, h.bytes_out) == (8, 8, 8 * BB)
+
+        # A numpy output is not on the pool's device: read through DRAM, same bytes.
+        dram_hits = tier(c, "DRAM").hits
+        arr = ns.get(keys).result(timeout=30)
+        assert np.array_equal(np.asarray(arr), data.numpy())
+        assert tier(c, "DRAM").hits == dram_hits + 8 and tier(c, "HBM").hits == 8
+
+        # The bytes in the pool are the block's bytes (what the next D2D hit copies).
+        pool = c._hbm.tensor
+        lease_resp = c.call("Acquire", pb.AcquireRequest(
+            session_id=c._session.event.session_id, namespace_id=ns.namespace_id,
+            keys=b"".join(keys), want_hbm=True))
+        offs = list(lease_resp.hbm_offsets)
+        assert len(offs) == 8 and min(offs) > 0 and not any(f >= 0 for f in lease_resp.hbm_fill)
+        for i, o in enumerate(offs):
+            assert torch.equal(pool[o:o + BB], data[i].reshape(-1))
+        c.call("Release", pb.ReleaseRequest(session_id=c._session.event.session_id,
+                                            lease_id=lease_resp.lease_id))
+
+
+def test_hbm_eviction_keeps_every_block_readable(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        chains = []
+        for seed in range(10):                         # 120 blocks: twice the HBM pool
+            tokens, data = chain(100 + seed, 12)
+            keys = ns.block_keys(tokens)
+            ns.put(keys, data).result(timeout=30)
+            chains.append((keys, data))
+        for _ in range(2):
+            for keys, data in chains:
+                assert torch.equal(get_into(ns, keys, 12), data)
+        wait_for(lambda: tier(c, "HBM").promotions >= 64)
+        h = tier(c, "HBM")
+        assert h.evictions > 0 and h.blocks <= 64 and h.used_bytes <= 64 * BB
+        assert tier(c, "DRAM").blocks == 120            # an HBM eviction drops only the copy
+        for keys, data in chains:                       # every block still byte-exact
+            assert torch.equal(get_into(ns, keys, 12), data)
+
+
+def test_a_block_gone_from_dram_is_gone_from_hbm(daemon_factory):
+    """Without an SSD tier a DRAM eviction drops the block: its HBM copy must go with it
+    (HBM never holds the only copy, and never serves a block the store forgot)."""
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(7, 4)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        get_into(ns, keys, 4)
+        wait_for(lambda: tier(c, "HBM").blocks == 4)
+        # Age those blocks, then fill DRAM (256 slots) with 300 newer blocks.
+        for seed in range(25):
+            t2, d2 = chain(1000 + seed, 12)
+            ns.put(ns.block_keys(t2), d2).result(timeout=30)
+        assert ns.lookup(keys).num_cached == 0
+        assert tier(c, "HBM").blocks == 0
+        assert len(get_into(ns, keys, 4)) == 0
+        ns.delete(keys)
+
+
+def test_delete_removes_the_hbm_copy(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(3, 6)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        get_into(ns, keys, 6)
+        wait_for(lambda: tier(c, "HBM").blocks == 6)
+        assert ns.delete(keys) == 6
+        h = tier(c, "HBM")
+        assert (h.blocks, h.used_bytes) == (0, 0)
+        assert len(get_into(ns, keys, 6)) == 0
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from kvstore.client import KVClient
+    from kvstore.layout import KVLayout
+    from kvstore.v1 import kvstore_pb2 as pb
+    layout = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
+    c = KVClient(sys.argv[1])
+    ns = c.namespace("m", layout)
+    keys = bytes.fromhex(sys.argv[2])
+    r = c.call("Acquire", pb.AcquireRequest(session_id=c._session.event.session_id,
+               namespace_id=ns.namespace_id, keys=keys, want_hbm=True))
+    print(sum(1 for f in r.hbm_fill if f >= 0), flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_client_killed_mid_fill_leaves_nothing_behind(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(5, 8)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, d.socket, b"".join(keys).hex()],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "8"      # 8 fill slots handed out
+            h = tier(c, "HBM")
+            assert (h.used_bytes, h.blocks) == (8 * BB, 0)      # reserved, not yet visible
+            assert ns.lookup(keys).tiers == ["DRAM"] * 8
+            # Another reader meanwhile gets DRAM and no second fill of the same blocks.
+            assert torch.equal(get_into(ns, keys, 8), data)
+            assert tier(c, "HBM").used_bytes == 8 * BB
+        finally:
+            holder.kill()
+            holder.wait()
+        wait_for(lambda: tier(c, "HBM").used_bytes == 0)        # session reclaimed the fills
+        assert tier(c, "HBM").blocks == 0
+        assert torch.equal(get_into(ns, keys, 8), data)          # and fills work again
+        wait_for(lambda: tier(c, "HBM").blocks == 8)
+
+
+def test_an_expired_fill_is_quarantined_until_the_session_ends(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM, "--lease-timeout-s", "0.5")
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(6, 4)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        sid = c._session.event.session_id
+        r = c.call("Acquire", pb.AcquireRequest(session_id=sid, namespace_id=ns.namespace_id,
+                                                keys=b"".join(keys), want_hbm=True))
+        assert sum(1 for f in r.hbm_fill if f >= 0) == 4
+        time.sleep(1.5)                                   # the lease expires unreleased
+        wait_for(lambda: tier(c, "HBM").used_bytes == 4 * BB and c.stats().leases_expired >= 1)
+        with pytest.raises(Exception, match="expired"):
+            c.call("Release", pb.ReleaseRequest(session_id=sid, lease_id=r.lease_id,
+                                                hbm_filled=True))
+        assert tier(c, "HBM").blocks == 0                # a late "filled" publishes nothing
+    with KVClient(d.socket) as c2:                       # the first session ended: slots back
+        wait_for(lambda: tier(c2, "HBM").used_bytes == 0)
+
+
+def test_ssd_blocks_are_read_straight_into_hbm(daemon_factory, tmp_path):
+    ssd = ("--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "32MiB",
+           "--ssd-segment-bytes", "8MiB", "--ssd-io-threads", "4")
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM, *ssd)
+    assert "SSD blocks are read straight into HBM" in d.log()
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(9, 8)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        for seed in range(25):                            # push the chain out of DRAM to SSD
+            t2, d2 = chain(2000 + seed, 12)
+            ns.put(ns.block_keys(t2), d2).result(timeout=30)
+        assert ns.lookup(keys).tiers == ["SSD"] * 8
+        dram_promotions = tier(c, "DRAM").promotions
+        assert torch.equal(get_into(ns, keys, 8), data)   # SSD -> HBM slots -> out
+        h = tier(c, "HBM")
+        assert (h.promotions, h.blocks, h.bytes_in) == (8, 8, 8 * BB)
+        assert tier(c, "DRAM").promotions == dram_promotions     # no DRAM bounce
+        assert tier(c, "SSD").promotions >= 8
+        assert ns.lookup(keys).tiers == ["HBM"] * 8
+        assert torch.equal(get_into(ns, keys, 8), data)   # an HBM hit now
+        assert tier(c, "HBM").hits == 8
+        # A reader that cannot use HBM still gets the blocks (promoted SSD -> DRAM).
+        arr = ns.get(keys).result(timeout=30)
+        assert np.array_equal(np.asarray(arr), data.numpy())
+        assert tier(c, "DRAM").promotions == dram_promotions + 8
+
+
+def test_remote_clients_never_see_the_pool(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket, shared_memory=False) as c:
+        assert c._hbm is None
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(11, 4)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        for _ in range(2):
+            assert torch.equal(get_into(ns, keys, 4), data)
+        assert tier(c, "HBM").promotions == 0
+    with KVClient(d.socket, use_hbm=False) as c:
+        assert c._hbm is None
+
+
+def test_hbm_tier_without_cuda_is_a_clear_startup_error(tmp_path, shm_dir):
+    if torch.cuda.is_available():
+        pytest.skip("checks the behaviour without CUDA")
+    r = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--socket",
+                        str(tmp_path / "s.sock"), "--shm-dir", str(shm_dir), *SMALL_DRAM,
+                        "--hbm-bytes", "64MiB"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "HBM tier" in r.stderr and "CUDA is not available" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvstore", "config", "--print",
+                        "--hbm-device", "tpu"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "hbm_device" in r.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pool_by_ipc_fill_then_device_to_device_hit(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, "--hbm-bytes", "64MiB", "--hbm-device", "cuda:0")
+    with KVClient(d.socket) as c:
+        assert c._hbm is not None and c._hbm.backend == "cuda"
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(21, 8)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data.cuda()).result(timeout=30)
+        for expect_hits in (0, 8):
+            out = torch.empty((8, *LAYOUT.block_shape), dtype=torch.uint8, device="cuda")
+            got = ns.get(keys, out=out).result(timeout=30)
+            assert torch.equal(got.cpu(), data)
+            wait_for(lambda: tier(c, "HBM").promotions == 8)
+            assert tier(c, "HBM").hits == expect_hits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pool_ssd_blocks_reach_hbm(daemon_factory, tmp_path):
+    """SSD-only blocks read by a GPU client land in HBM: straight from the slab file with
+    kvikio (the gds extra), through DRAM without it. Same bytes either way."""
+    from kvstore.tiers import gds
+    ssd = ("--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "32MiB",
+           "--ssd-segment-bytes", "8MiB", "--ssd-io-threads", "4")
+    d = daemon_factory(*SMALL_DRAM, "--hbm-bytes", "64MiB", "--hbm-device", "cuda:0", *ssd)
+    direct = gds.available()
+    assert ("read straight into HBM" if direct else "reach HBM through DRAM") in d.log()
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(22, 8)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        for seed in range(25):
+            t2, d2 = chain(3000 + seed, 12)
+            ns.put(ns.block_keys(t2), d2).result(timeout=30)
+        assert ns.lookup(keys).tiers == ["SSD"] * 8
+        out = torch.empty((8, *LAYOUT.block_shape), dtype=torch.uint8, device="cuda")
+        assert torch.equal(ns.get(keys, out=out).result(timeout=30).cpu(), data)
+        wait_for(lambda: tier(c, "HBM").blocks == 8)
+        assert ns.lookup(keys).tiers == ["HBM"] * 8
