@@ -312,3 +312,31 @@ def test_cuda_pool_ssd_blocks_reach_hbm(daemon_factory, tmp_path):
         assert torch.equal(ns.get(keys, out=out).result(timeout=30).cpu(), data)
         wait_for(lambda: tier(c, "HBM").blocks == 8)
         assert ns.lookup(keys).tiers == ["HBM"] * 8
+
+
+def test_after_a_daemon_restart_the_client_opens_the_new_pool(daemon_factory):
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        tokens, data = chain(31, 4)
+        keys = ns.block_keys(tokens)
+        ns.put(keys, data).result(timeout=30)
+        get_into(ns, keys, 4)
+        wait_for(lambda: tier(c, "HBM").blocks == 4)
+        old_pool = c._hbm._keep.path              # the host pool's shared-memory file
+        d.kill()                                   # the pool's file is the dead daemon's
+        d.start()
+
+        def back():
+            try:
+                return ns.put(keys, data).result(timeout=30) == 4
+            except Exception:
+                return False
+        wait_for(back, timeout_s=20)
+        assert c.reconnects >= 1 and c._hbm is not None
+        assert c._hbm._keep.path != old_pool and c._hbm._keep.path.exists()
+        # the new daemon removed the killed one's pool file
+        assert list(d.shm_dir.glob("kvstorehbm-*.arena")) == [c._hbm._keep.path]
+        for _ in range(2):                         # fill, then hit, in the new pool
+            assert torch.equal(get_into(ns, keys, 4), data)
+        assert tier(c, "HBM").hits == 4
