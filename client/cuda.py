@@ -74,6 +74,29 @@ def ready_event(x):
     return ev
 
 
+def queue_copies(stream, base, rows, offsets: list[int], indices: list[int], ready,
+                 to_base: bool):
+    """Queue copies rows[i] <-> base[offsets[i]:+row] for i in indices on ``stream`` (one copy
+    per run of adjacent slots), after ``ready``; returns the event marking their end. ``base`` is
+    a flat uint8 tensor: the pinned arena (H2D/D2H) or the HBM pool (D2D)."""
+    import torch
+    bb = rows.shape[1]
+    with torch.cuda.stream(stream):
+        if ready is not None:
+            stream.wait_event(ready)
+        for first, count, o in runs(offsets, indices, bb):
+            slots = base[o:o + count * bb]
+            dev = rows[first:first + count].view(-1)
+            if to_base:
+                slots.copy_(dev, non_blocking=True)
+            else:
+                dev.copy_(slots, non_blocking=True)
+        rows.record_stream(stream)           # the allocator must not reuse it early
+        done = torch.cuda.Event()
+        done.record(stream)
+    return done
+
+
 class PinnedArena:
     """The arena pinned in this process, with one copy stream per device."""
 
@@ -98,23 +121,8 @@ class PinnedArena:
         return s
 
     def _copy(self, gpu_rows, offsets: list[int], indices: list[int], ready, to_arena: bool):
-        torch = self._torch
-        stream = self._stream(gpu_rows.device)
-        bb = gpu_rows.shape[1]
-        with torch.cuda.stream(stream):
-            if ready is not None:
-                stream.wait_event(ready)
-            for first, count, o in runs(offsets, indices, bb):
-                host = self.arena_tensor[o:o + count * bb]
-                dev = gpu_rows[first:first + count].view(-1)
-                if to_arena:
-                    host.copy_(dev, non_blocking=True)
-                else:
-                    dev.copy_(host, non_blocking=True)
-            gpu_rows.record_stream(stream)           # the allocator must not reuse it early
-            done = torch.cuda.Event()
-            done.record(stream)
-        return done
+        return queue_copies(self._stream(gpu_rows.device), self.arena_tensor, gpu_rows, offsets,
+                            indices, ready, to_base=to_arena)
 
     def to_arena(self, gpu_rows, offsets: list[int], indices: list[int], ready=None):
         """Queue D2H copies of gpu_rows[i] into the slots offsets[i]; returns the done event."""

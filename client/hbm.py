@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 
 from kvstore.arena import Arena
-from kvstore.client import transfer
+from kvstore.client import cuda, transfer
 
 log = logging.getLogger("kvstore.client.hbm")
 
@@ -50,24 +50,10 @@ class PoolView:
         if self.backend == "host":
             transfer.copy_runs(rows, self.tensor, offsets, indices, bb, to_arena=to_pool)
             return None
-        torch = self._torch
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.device)
-        stream = self._stream
-        with torch.cuda.stream(stream):
-            if ready is not None:
-                stream.wait_event(ready)
-            for first, count, o in transfer.runs(offsets, indices, bb):
-                pool = self.tensor[o:o + count * bb]
-                dev = rows[first:first + count].view(-1)
-                if to_pool:
-                    pool.copy_(dev, non_blocking=True)
-                else:
-                    dev.copy_(pool, non_blocking=True)
-            rows.record_stream(stream)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return done
+            self._stream = self._torch.cuda.Stream(device=self.device)
+        return cuda.queue_copies(self._stream, self.tensor, rows, offsets, indices, ready,
+                                 to_base=to_pool)
 
     def close(self) -> None:
         if self._stream is not None:

@@ -313,28 +313,35 @@ class Namespace:
 
     # -- scheduler hints and the recompute planner ---------------------------------------------
     def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
-                 grace_s: float = 0.0) -> "PrefetchTicket":
+                 grace_s: float = 0.0, to_hbm: bool | None = None) -> "PrefetchTicket":
         """Hint that a get of ``keys`` is expected within ``deadline_s``: the daemon promotes
         the cached prefix's SSD blocks into DRAM (deadline order) and holds them until the
         deadline plus ``grace_s`` (0: the daemon's default). A hint only: a get works the same
-        without it. See ``prefetch_queue`` for a scheduler's queue of requests."""
-        return self.prefetch_many([(keys, deadline_s)], grace_s)[0]
+        without it. See ``prefetch_queue`` for a scheduler's queue of requests.
+
+        ``to_hbm``: stage the blocks in the daemon's HBM tier, so the get into a tensor on the
+        pool's GPU is device to device. None (default): when this client opened the pool."""
+        return self.prefetch_many([(keys, deadline_s)], grace_s, to_hbm)[0]
 
     def prefetch_queue(self, requests: Sequence[Sequence[bytes]], interval_s: float = 0.1,
-                       grace_s: float = 0.0) -> "list[PrefetchTicket]":
+                       grace_s: float = 0.0, to_hbm: bool | None = None) -> "list[PrefetchTicket]":
         """Announce upcoming requests in serving order: request i is expected after about
         i * interval_s seconds, so the daemon promotes them in that order."""
         return self.prefetch_many([(keys, i * interval_s) for i, keys in enumerate(requests)],
-                                  grace_s)
+                                  grace_s, to_hbm)
 
-    def prefetch_many(self, items, grace_s: float = 0.0) -> "list[PrefetchTicket]":
+    def prefetch_many(self, items, grace_s: float = 0.0,
+                      to_hbm: bool | None = None) -> "list[PrefetchTicket]":
         """Prefetch (keys, deadline_s) pairs in one call."""
+        if to_hbm is None:
+            to_hbm = self.client._hbm is not None
         blobs = []
         for keys, deadline_s in items:
             self._check_batch(len(keys))
             blobs.append(pb.PrefetchItem(keys=pack_keys(keys), deadline_s=deadline_s))
         r, sid = self._rpc("Prefetch", lambda sid: pb.PrefetchRequest(
-            session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s))
+            session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s,
+            to_hbm=to_hbm))
         return [PrefetchTicket(i, n, m) for i, n, m in zip(r.prefetch_ids, r.blocks, r.to_promote)]
 
     def cancel_prefetch(self, tickets) -> int:

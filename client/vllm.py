@@ -11,14 +11,16 @@ Protocol, in vLLM's call order:
                                           asynchronously (the request waits in
                                           WAITING_FOR_REMOTE_KVS, the engine keeps stepping).
              update_state_after_alloc    records which vLLM blocks receive the hit.
-             build_connector_meta        per step: the loads to start, and the prompt blocks
-                                          this step completes, to store.
+             build_connector_meta        per step: the loads to start, and the blocks this
+                                          step completes, to store (prompt blocks, and with
+                                          store_generated those of generated tokens).
              request_finished            forgets the request; never holds its blocks (the
                                           store was issued when the blocks were computed).
   worker     register_kv_caches          checks the engine's KV page format (refuses unknown).
              wait_for_save               end of the forward: copies the completed blocks out of
                                           the paged cache and hands them to an SDK put (async).
-             start_load_kv               starts SDK gets into staging tensors (I/O threads).
+             start_load_kv               starts SDK gets into staging tensors on the KV cache's
+                                          device (I/O threads).
              get_finished                copies finished gets into the paged cache and reports
                                           the request done; missing or failed blocks go to
                                           get_block_ids_with_load_errors, vLLM recomputes them.
@@ -74,6 +76,8 @@ _DEFAULTS = {
     "load_timeout_s": 10.0,    # worker: a load not done by then is a failed load
     "retry_s": 1.0,            # after a daemon error, stay off the daemon this long
     "max_pending_store_bytes": 1 << 30,  # staging held by unfinished puts; beyond: skip
+    "store_generated": True,   # also store blocks of generated tokens (the next chat turn's
+                               # prompt holds this turn's answer)
 }
 
 
@@ -218,9 +222,10 @@ class _Counters:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class _ReqState:
-    keys: list[bytes]          # keys of the prompt's full blocks
+    keys: list[bytes]          # keys of the full blocks known so far (prompt, then generated)
     stored: int                # blocks [0, stored) are in kvstore or their put was issued
     block_ids: list[int] = field(default_factory=list)
+    request: Any = None        # the scheduler's Request: its all_token_ids grow as it decodes
 
 
 @dataclass
@@ -297,7 +302,8 @@ class KVStoreConnector(KVConnectorBase_V1):
             if toks is None or getattr(request, "lora_request", None) is not None:
                 return None  # prompt embeddings / LoRA: the token ids do not name the KV
             # Keys derive from the namespace digest, computed locally: no daemon call.
-            st = _ReqState(keys=chain_keys(self._seed, toks, self.block_size), stored=0)
+            st = _ReqState(keys=chain_keys(self._seed, toks, self.block_size), stored=0,
+                           request=request if self.cfg["store_generated"] else None)
             self._reqs[request.request_id] = st
         return st
 
@@ -341,7 +347,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
-            if st is None or st.stored >= len(st.keys):
+            if st is None or (st.request is None and st.stored >= len(st.keys)):
                 continue
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
@@ -353,7 +359,15 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def _add_store(self, meta: KVStoreConnectorMetadata, st: _ReqState,
                    computed_after_step: int) -> None:
-        end = min(len(st.keys), computed_after_step // self.block_size, len(st.block_ids))
+        complete = min(computed_after_step // self.block_size, len(st.block_ids))
+        if st.request is not None and complete > len(st.keys):
+            # Decoding: blocks past the prompt hold generated tokens whose KV this step computed.
+            # Their keys continue the prompt's chain, so a later prompt that repeats the
+            # conversation (the next chat turn) finds them.
+            bs = self.block_size
+            toks = st.request.all_token_ids[len(st.keys) * bs:complete * bs]
+            st.keys += chain_keys(st.keys[-1] if st.keys else self._seed, list(toks), bs)
+        end = min(len(st.keys), complete)
         if end <= st.stored:
             return
         meta.stores.append(StoreSpec(st.keys[st.stored:end],
@@ -393,7 +407,12 @@ class KVStoreConnector(KVConnectorBase_V1):
                 fut.set_exception(ConnectionError("daemon unavailable"))
             else:
                 try:
-                    fut = ns.get(spec.keys)
+                    # Staging on the KV cache's device: on a GPU engine the get is one DMA per
+                    # run from the pinned arena, or device to device from the HBM tier.
+                    out = torch.empty((len(spec.keys), *self.layout.block_shape),
+                                      dtype=getattr(torch, self.layout.dtype),
+                                      device=self._kv[0].device)
+                    fut = ns.get(spec.keys, out=out)
                 except Exception as exc:  # noqa: BLE001
                     self.link.failed(exc)
                     fut = Future()

@@ -42,6 +42,7 @@ class Prefetch:
     expires: float
     state: int = QUEUED
     block_bytes: int = 0
+    to_hbm: bool = False          # stage in the HBM tier, not just DRAM
 
 
 @dataclass
@@ -75,8 +76,9 @@ class Prefetcher:
 
     # -- the protocol --------------------------------------------------------------------------
     def submit(self, session_id: int, namespace_id: bytes, items: list[tuple[bytes, float]],
-               grace_s: float = 0.0) -> list[tuple[int, int, int]]:
-        """Queue prefetches; (prefetch id or 0 when nothing is cached, blocks, SSD-only blocks)."""
+               grace_s: float = 0.0, to_hbm: bool = False) -> list[tuple[int, int, int]]:
+        """Queue prefetches; (prefetch id or 0 when nothing is cached, blocks, SSD-only blocks).
+        ``to_hbm`` (the daemon has an HBM tier): stage every block in HBM."""
         store, idx = self.store, self.store.index
         store._session(session_id)
         ns = store._namespace(namespace_id)
@@ -103,9 +105,13 @@ class Prefetcher:
             if not bids:
                 out.append((0, 0, 0))
                 continue
-            to_read = [b for b in bids if idx.dram[b] == NO_SLOT]
+            if to_hbm:
+                to_read = [b for b in bids if b not in store.hbm.slot]
+            else:
+                to_read = [b for b in bids if idx.dram[b] == NO_SLOT]
             p = Prefetch(self._next_id, session_id, bids, to_read, now + deadline_s,
-                         now + deadline_s + grace, block_bytes=ns.layout.block_bytes)
+                         now + deadline_s + grace, block_bytes=ns.layout.block_bytes,
+                         to_hbm=to_hbm)
             self._next_id += 1
             store.pin(bids)
             self.live[p.prefetch_id] = p
@@ -113,7 +119,7 @@ class Prefetcher:
                 self._by_block.setdefault(b, set()).add(p.prefetch_id)
             self._by_session.setdefault(session_id, set()).add(p.prefetch_id)
             heapq.heappush(self._expiry, (p.expires, p.prefetch_id))
-            if to_read and store.tiering is not None:
+            if to_read and (store.tiering is not None or to_hbm):
                 heapq.heappush(self._queue, (p.deadline, p.prefetch_id))
             else:
                 p.state = READY
@@ -211,8 +217,16 @@ class Prefetcher:
             # Blocks are pinned by the prefetch; skip what a get already brought in or a
             # delete took (a pinned deleted block waits for its unpin to be freed).
             need = [b for b in p.to_read if idx.dram[b] == NO_SLOT and idx.state[b] == COMMITTED]
-            if need and p.state != ENDED:
-                n = await self.store.tiering.fetch(need)
+            if p.to_hbm:
+                need = [b for b in need if b not in self.store.hbm.slot]
+            if need and p.state != ENDED and self.store.tiering is not None:
+                n = await self.store.tiering.fetch(need, to_hbm=p.to_hbm)
+                self.counters.bytes_promoted += n * p.block_bytes
+            if p.to_hbm and p.state != ENDED:
+                # DRAM blocks (and SSD blocks read into DRAM): copied into HBM by the daemon
+                stage = [b for b in p.to_read if idx.state[b] == COMMITTED and
+                         idx.dram[b] != NO_SLOT and b not in self.store.hbm.slot]
+                n = await self.store.hbm.copy_in(self.store, stage)
                 self.counters.bytes_promoted += n * p.block_bytes
         except Exception:
             log.exception("prefetch %d failed; the get will read from SSD itself", p.prefetch_id)

@@ -272,6 +272,8 @@ def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
         raise DaemonError(f"HBM tier: {exc}") from None
     hbm = HBMTier(pool, cfg.chunk_bytes)
     store.hbm = hbm
+    if pool.backend == "cuda":
+        pool.pin_host(store.arena)    # DRAM -> HBM prefetch copies as DMA
     if tiering is not None and pool.backend == "cuda":
         if gds.available():
             try:

@@ -183,7 +183,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if pf is None:
             raise FailedPrecondition("prefetch is not enabled in this daemon")
         out = pf.submit(request.session_id, request.namespace_id,
-                        [(it.keys, it.deadline_s) for it in request.items], request.grace_s)
+                        [(it.keys, it.deadline_s) for it in request.items], request.grace_s,
+                        to_hbm=request.to_hbm and self.store.hbm is not None)
         return pb.PrefetchResponse(prefetch_ids=[o[0] for o in out], blocks=[o[1] for o in out],
                                    to_promote=[o[2] for o in out])
 

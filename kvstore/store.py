@@ -32,7 +32,7 @@ from kvstore.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_
 from kvstore.layout import KVLayout
 from kvstore.sessions import Allocation, IdSource, Lease, Session
 from kvstore.stats import DaemonCounters, TierCounters
-from kvstore.tiers.dram import SlabAllocator
+from kvstore.tiers.dram import SlabAllocator, make_room
 
 log = logging.getLogger("kvstore.store")
 
@@ -534,32 +534,8 @@ class BlockStore:
         return owners[mask]
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
-        """Evict least valuable unleased blocks of this size class until n_needed slots exist."""
-        cls = self.slabs.size_class(slot_bytes)
-        short = n_needed - len(cls.free)
-        if short <= 0:
-            return
-        # Prefer fresh chunks over evicting: grow as far as the free chunks allow.
-        while short > 0 and self.slabs.grow(cls):
-            short = n_needed - len(cls.free)
-        if short <= 0:
-            return
-        victims = self.index.eviction_order(self._evictable(slot_bytes))[:short]
-        self._evict(victims.tolist())
-        short -= len(victims)
-        if short > 0:
-            self._steal_chunks(cls, n_needed)
-
-    def _steal_chunks(self, cls, n_needed: int) -> None:
-        """Evict other size classes' coldest blocks until whole chunks come free for ``cls``."""
-        for other in [c for c in self.slabs.classes.values() if c is not cls]:
-            for bid in self.index.eviction_order(self._evictable(other.slot_bytes)).tolist():
-                self._evict([bid])
-                if self.slabs.release_empty_spans(keep=cls):
-                    while len(cls.free) < n_needed and self.slabs.grow(cls):
-                        pass
-                    if len(cls.free) >= n_needed:
-                        return
+        """Evict least valuable unleased blocks until n_needed slots of this size exist."""
+        make_room(self.slabs, self.index, slot_bytes, n_needed, self._evictable, self._evict)
 
     def _active_leases(self) -> int:
         return sum(len(s.leases) for s in self.sessions.values())

@@ -33,6 +33,19 @@ def chain(seed: int, n_blocks: int):
     return tokens, torch.from_numpy(data)
 
 
+def put_chain(ns, seed: int, n_blocks: int):
+    tokens, data = chain(seed, n_blocks)
+    keys = ns.block_keys(tokens)
+    ns.put(keys, data).result(timeout=30)
+    return keys, data
+
+
+def fill_dram(ns, seed0: int) -> None:
+    """Put 300 newer blocks: more than the 256-block DRAM tier, so older blocks leave DRAM."""
+    for seed in range(25):
+        put_chain(ns, seed0 + seed, 12)
+
+
 def tier(c: KVClient, name: str) -> pb.TierStats:
     for t in c.stats().tiers:
         if pb.Tier.Name(t.tier) == f"TIER_{name}":
@@ -57,9 +70,7 @@ def test_a_dram_hit_fills_hbm_and_the_next_get_reads_hbm(daemon_factory):
     with KVClient(d.socket) as c:
         assert c._hbm is not None and c._hbm.backend == "host"
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(1, 8)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 1, 8)
         assert ns.lookup(keys).tiers == ["DRAM"] * 8
 
         got = get_into(ns, keys, 8)                   # DRAM hit; the client fills HBM
@@ -120,15 +131,11 @@ def test_a_block_gone_from_dram_is_gone_from_hbm(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(7, 4)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 7, 4)
         get_into(ns, keys, 4)
         wait_for(lambda: tier(c, "HBM").blocks == 4)
         # Age those blocks, then fill DRAM (256 slots) with 300 newer blocks.
-        for seed in range(25):
-            t2, d2 = chain(1000 + seed, 12)
-            ns.put(ns.block_keys(t2), d2).result(timeout=30)
+        fill_dram(ns, 1000)
         assert ns.lookup(keys).num_cached == 0
         assert tier(c, "HBM").blocks == 0
         assert len(get_into(ns, keys, 4)) == 0
@@ -139,9 +146,7 @@ def test_delete_removes_the_hbm_copy(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(3, 6)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 3, 6)
         get_into(ns, keys, 6)
         wait_for(lambda: tier(c, "HBM").blocks == 6)
         assert ns.delete(keys) == 6
@@ -170,9 +175,7 @@ def test_a_client_killed_mid_fill_leaves_nothing_behind(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(5, 8)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 5, 8)
         holder = subprocess.Popen([sys.executable, "-c", _HOLDER, d.socket, b"".join(keys).hex()],
                                   stdout=subprocess.PIPE, text=True)
         try:
@@ -196,9 +199,7 @@ def test_an_expired_fill_is_quarantined_until_the_session_ends(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM, "--lease-timeout-s", "0.5")
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(6, 4)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 6, 4)
         sid = c._session.event.session_id
         r = c.call("Acquire", pb.AcquireRequest(session_id=sid, namespace_id=ns.namespace_id,
                                                 keys=b"".join(keys), want_hbm=True))
@@ -220,12 +221,8 @@ def test_ssd_blocks_are_read_straight_into_hbm(daemon_factory, tmp_path):
     assert "SSD blocks are read straight into HBM" in d.log()
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(9, 8)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
-        for seed in range(25):                            # push the chain out of DRAM to SSD
-            t2, d2 = chain(2000 + seed, 12)
-            ns.put(ns.block_keys(t2), d2).result(timeout=30)
+        keys, data = put_chain(ns, 9, 8)
+        fill_dram(ns, 2000)  # push the chain out of DRAM to SSD
         assert ns.lookup(keys).tiers == ["SSD"] * 8
         dram_promotions = tier(c, "DRAM").promotions
         assert torch.equal(get_into(ns, keys, 8), data)   # SSD -> HBM slots -> out
@@ -247,9 +244,7 @@ def test_remote_clients_never_see_the_pool(daemon_factory):
     with KVClient(d.socket, shared_memory=False) as c:
         assert c._hbm is None
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(11, 4)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 11, 4)
         for _ in range(2):
             assert torch.equal(get_into(ns, keys, 4), data)
         assert tier(c, "HBM").promotions == 0
@@ -301,12 +296,8 @@ def test_cuda_pool_ssd_blocks_reach_hbm(daemon_factory, tmp_path):
     assert ("read straight into HBM" if direct else "reach HBM through DRAM") in d.log()
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(22, 8)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
-        for seed in range(25):
-            t2, d2 = chain(3000 + seed, 12)
-            ns.put(ns.block_keys(t2), d2).result(timeout=30)
+        keys, data = put_chain(ns, 22, 8)
+        fill_dram(ns, 3000)
         assert ns.lookup(keys).tiers == ["SSD"] * 8
         out = torch.empty((8, *LAYOUT.block_shape), dtype=torch.uint8, device="cuda")
         assert torch.equal(ns.get(keys, out=out).result(timeout=30).cpu(), data)
@@ -318,9 +309,7 @@ def test_after_a_daemon_restart_the_client_opens_the_new_pool(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
-        tokens, data = chain(31, 4)
-        keys = ns.block_keys(tokens)
-        ns.put(keys, data).result(timeout=30)
+        keys, data = put_chain(ns, 31, 4)
         get_into(ns, keys, 4)
         wait_for(lambda: tier(c, "HBM").blocks == 4)
         old_pool = c._hbm._keep.path              # the host pool's shared-memory file
@@ -340,3 +329,39 @@ def test_after_a_daemon_restart_the_client_opens_the_new_pool(daemon_factory):
         for _ in range(2):                         # fill, then hit, in the new pool
             assert torch.equal(get_into(ns, keys, 4), data)
         assert tier(c, "HBM").hits == 4
+
+
+def test_prefetch_stages_blocks_in_hbm_so_the_get_is_an_hbm_hit(daemon_factory, tmp_path):
+    ssd = ("--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "32MiB",
+           "--ssd-segment-bytes", "8MiB", "--ssd-io-threads", "4")
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM, *ssd)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        t_ssd, d_ssd = chain(41, 6)                        # will be SSD-only
+        k_ssd = ns.block_keys(t_ssd)
+        ns.put(k_ssd, d_ssd).result(timeout=30)
+        fill_dram(ns, 4000)
+        t_dram, d_dram = chain(42, 6)                      # stays in DRAM
+        k_dram = ns.block_keys(t_dram)
+        ns.put(k_dram, d_dram).result(timeout=30)
+        assert ns.lookup(k_ssd).tiers == ["SSD"] * 6 and ns.lookup(k_dram).tiers == ["DRAM"] * 6
+        dram_promotions = tier(c, "DRAM").promotions
+
+        tickets = ns.prefetch_many([(k_ssd, 5.0), (k_dram, 5.0)])   # to_hbm: the pool is open
+        assert [(t.blocks, t.to_promote) for t in tickets] == [(6, 6), (6, 6)]
+        wait_for(lambda: tier(c, "HBM").blocks == 12)
+        assert ns.lookup(k_ssd).tiers == ["HBM"] * 6 and ns.lookup(k_dram).tiers == ["HBM"] * 6
+        assert tier(c, "DRAM").promotions == dram_promotions      # SSD blocks skipped DRAM
+        assert torch.equal(get_into(ns, k_ssd, 6), d_ssd)
+        assert torch.equal(get_into(ns, k_dram, 6), d_dram)
+        st = c.stats()
+        assert tier(c, "HBM").hits == 12 and st.prefetch_on_time == 2
+        assert st.prefetch_bytes_promoted == 12 * BB
+
+        # to_hbm=False keeps the old behaviour: nothing new is staged in HBM
+        t3, d3 = chain(43, 4)
+        k3 = ns.block_keys(t3)
+        ns.put(k3, d3).result(timeout=30)
+        ns.prefetch(k3, 5.0, to_hbm=False)
+        time.sleep(0.3)
+        assert tier(c, "HBM").blocks == 12

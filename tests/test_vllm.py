@@ -52,6 +52,9 @@ SLOW = _toks(280)
 LONG = E + _toks(310)                   # E's 2 blocks, then 2 more full blocks and a tail
 PROMPTS = {"A": A, "A2": A2, "ALIGNED": ALIGNED, "D": D, "E": E, "SLOW": SLOW, "LONG": LONG}
 MAX_TOKENS = 8
+CHAT1 = _toks(200)                      # turn 1: 1 full prompt block; the answer completes block 2
+CHAT_ANSWER_TOKENS = 80                 # KV of 279 tokens: block 2 = 72 prompt + 56 generated
+CHAT_QUESTION = _toks(40)               # turn 2 = CHAT1 + answer + question (320 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,11 @@ def daemon(workdir, shm):
 def baseline(model_dir, workdir):
     """Greedy outputs of every prompt from vLLM without the connector, one request at a time."""
     with EngineProcess(VLLM_PY, model_dir, log_path=str(workdir / "baseline.log")) as eng:
-        return {name: eng.generate([p], MAX_TOKENS)["outputs"][0] for name, p in PROMPTS.items()}
+        out = {name: eng.generate([p], MAX_TOKENS)["outputs"][0] for name, p in PROMPTS.items()}
+        out["CHAT1"] = eng.generate([CHAT1], CHAT_ANSWER_TOKENS)["outputs"][0]
+        out["CHAT2_PROMPT"] = CHAT1 + out["CHAT1"] + CHAT_QUESTION
+        out["CHAT2"] = eng.generate([out["CHAT2_PROMPT"]], MAX_TOKENS)["outputs"][0]
+        return out
 
 
 def _engine(model_dir, daemon, workdir, name, prefix_caching=False):
@@ -133,6 +140,18 @@ def test_outputs_equal_and_shared_prefix_loads_from_kvstore(engine, baseline, da
     assert s["worker"]["load_failed_blocks"] == 0 and s["scheduler"]["fallbacks"] == 0
     assert s["scheduler"]["hit_tokens"] == 5 * BLOCK
     assert _dram_hits(daemon) - hits0 == 5               # the daemon served those 5 blocks
+
+
+def test_a_chat_turn_reuses_the_previous_turns_answer(engine, baseline):
+    """Blocks of generated tokens are stored too: the next turn's prompt repeats the answer."""
+    stored0 = engine.stats()["worker"]["stored_blocks"]
+    r = engine.generate([CHAT1], CHAT_ANSWER_TOKENS)
+    assert r["outputs"][0] == baseline["CHAT1"] and r["num_cached_tokens"][0] == 0
+    # block 1 (prompt) and block 2 (72 prompt tokens + 56 generated ones)
+    assert engine.stats()["worker"]["stored_blocks"] - stored0 == 2
+    r = engine.generate([baseline["CHAT2_PROMPT"]], MAX_TOKENS)
+    assert r["outputs"][0] == baseline["CHAT2"]
+    assert r["num_cached_tokens"][0] == 2 * BLOCK        # prompt-only storing would give 1 block
 
 
 def test_second_engine_reuses_first_engines_blocks(engine, model_dir, daemon, workdir, baseline):

@@ -140,3 +140,29 @@ class SlabAllocator:
             if run == need:
                 return i - need + 1
         return None
+
+
+def make_room(slabs: SlabAllocator, index, slot_bytes: int, n_needed: int, evictable,
+              evict) -> None:
+    """Make ``n_needed`` slots of this size free: grow into free chunks first, then evict the
+    class's least valuable blocks, then other classes' coldest blocks until whole chunks come
+    free for this class. ``evictable(slot_bytes)`` names the candidates (block ids) of a class,
+    ordered here by ``index.eviction_order``; ``evict(block_ids)`` frees their slots. Used by
+    the DRAM tier (store) and the HBM tier alike."""
+    cls = slabs.size_class(slot_bytes)
+    while len(cls.free) < n_needed and slabs.grow(cls):
+        pass
+    short = n_needed - len(cls.free)
+    if short <= 0:
+        return
+    evict(index.eviction_order(evictable(slot_bytes))[:short].tolist())
+    if len(cls.free) >= n_needed:
+        return
+    for other in [c for c in slabs.classes.values() if c is not cls]:
+        for bid in index.eviction_order(evictable(other.slot_bytes)).tolist():
+            evict([bid])
+            if slabs.release_empty_spans(keep=cls):
+                while len(cls.free) < n_needed and slabs.grow(cls):
+                    pass
+                if len(cls.free) >= n_needed:
+                    return

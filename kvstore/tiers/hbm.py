@@ -32,7 +32,7 @@ import numpy as np
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.index import COMMITTED
 from kvstore.stats import TierCounters
-from kvstore.tiers.dram import SlabAllocator
+from kvstore.tiers.dram import SlabAllocator, make_room
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger("kvstore.hbm")
@@ -64,6 +64,11 @@ class HostPool:
     def host_slot(self, offset: int, nbytes: int) -> memoryview:
         """A writable view of one slot (the SSD tier reads into it directly)."""
         return self.arena.buffer[offset:offset + nbytes]
+
+    def copy_from_host(self, copies: list[tuple[int, memoryview]]) -> None:
+        """Write each host view into the pool at its offset (blocking)."""
+        for off, src in copies:
+            self.arena.buffer[off:off + len(src)] = src
 
     def close(self) -> None:
         self.arena.close()
@@ -105,6 +110,9 @@ class CudaPool:
         self.device_uuid = _uuid_str(props)
         self.size_bytes = size_bytes
         self._share = self.tensor.untyped_storage()._share_cuda_()
+        self._stream = None
+        self._pinned = False
+        self._pinned_ptr = None
         log.info("HBM pool: %d bytes on %s (%s, %s) exported by CUDA IPC", size_bytes,
                  self.device, props.name, self.device_uuid)
 
@@ -121,7 +129,38 @@ class CudaPool:
         """A device view of one slot (kvikio reads into it)."""
         return self.tensor[offset:offset + nbytes]
 
+    def copy_from_host(self, copies: list[tuple[int, memoryview]]) -> None:
+        """H2D copies of host views (DRAM arena slots) into the pool, on this pool's own
+        stream; returns once they are complete. Pageable copies unless the arena is pinned
+        (pin_host)."""
+        import numpy as np
+        torch = self._torch
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._stream):
+            for off, src in copies:
+                host = torch.from_numpy(np.frombuffer(src, dtype=np.uint8))
+                self.tensor[off:off + len(src)].copy_(host, non_blocking=self._pinned)
+        self._stream.synchronize()
+
+    def pin_host(self, arena) -> None:
+        """Register the daemon's DRAM arena as pinned memory so copy_from_host is DMA."""
+        import numpy as np
+        ptr = np.frombuffer(arena.buffer, dtype=np.uint8).ctypes.data
+        err = self._torch.cuda.cudart().cudaHostRegister(ptr, arena.size_bytes, 1)
+        self._pinned = int(err) == 0
+        self._pinned_ptr = ptr if self._pinned else None
+        if not self._pinned:
+            log.warning("cudaHostRegister of the DRAM arena failed (%s): HBM prefetch copies "
+                        "are pageable", err)
+
     def close(self) -> None:
+        """Free the pool; unregister the arena (call before the arena is unmapped)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        if self._pinned_ptr is not None:
+            self._torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            self._pinned_ptr = None
         self.tensor = None
 
 
@@ -211,6 +250,35 @@ class HBMTier:
         self.slot[bid] = off
         self.counters.promotions += 1
 
+    async def copy_in(self, store, bids: list[int]) -> int:
+        """Copy these DRAM blocks into HBM (a prefetch with to_hbm); returns the copies made.
+        The blocks must be pinned (a prefetch pins its blocks) so their DRAM slots stay put."""
+        import asyncio
+        bids = [b for b in bids if b not in self.slot and b not in self.filling]
+        if not bids:
+            return 0
+        offs = self.reserve(store, bids)
+        todo = [(b, o) for b, o in zip(bids, offs) if o >= 0]
+        copies = [(o, store.arena.buffer[int(store.index.dram[b]):
+                                         int(store.index.dram[b]) + store.block_bytes_of(b)])
+                  for b, o in todo]
+        ok = False
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.pool.copy_from_host, copies)
+            ok = True
+        except Exception as exc:     # a failed staging costs only speed: the get reads DRAM
+            log.warning("copying %d blocks into HBM failed: %s", len(todo), exc)
+        made = 0
+        for b, o in todo:
+            if ok and store.index.state[b] == COMMITTED:
+                self.adopt(b, o)
+                self.counters.bytes_in += store.block_bytes_of(b)
+                made += 1
+            else:
+                self.filling.pop(b, None)
+                self.slabs.free(o)
+        return made
+
     def free_quarantined(self, offsets: list[int]) -> None:
         for off in offsets:
             self.slabs.free(off)
@@ -238,24 +306,8 @@ class HBMTier:
         self.counters.demotions += len(victims)
 
     def _make_room(self, store, slot_bytes: int, n_needed: int) -> None:
-        cls = self.slabs.size_class(slot_bytes)
-        while len(cls.free) < n_needed and self.slabs.grow(cls):
-            pass
-        short = n_needed - len(cls.free)
-        if short <= 0:
-            return
-        victims = store.index.eviction_order(self._evictable(store, slot_bytes))[:short]
-        self._evict(victims.tolist())
-        if len(cls.free) >= n_needed:
-            return
-        for other in [c for c in self.slabs.classes.values() if c is not cls]:
-            for bid in store.index.eviction_order(self._evictable(store, other.slot_bytes)).tolist():
-                self._evict([bid])
-                if self.slabs.release_empty_spans(keep=cls):
-                    while len(cls.free) < n_needed and self.slabs.grow(cls):
-                        pass
-                    if len(cls.free) >= n_needed:
-                        return
+        make_room(self.slabs, store.index, slot_bytes, n_needed,
+                  lambda sb: self._evictable(store, sb), self._evict)
 
     # -- statistics ------------------------------------------------------------------------
     def blocks(self) -> int:

@@ -415,16 +415,18 @@ class PrefetchItem(_message.Message):
     def __init__(self, keys: _Optional[bytes] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("session_id", "namespace_id", "items", "grace_s")
+    __slots__ = ("session_id", "namespace_id", "items", "grace_s", "to_hbm")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    TO_HBM_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace_id: bytes
     items: _containers.RepeatedCompositeFieldContainer[PrefetchItem]
     grace_s: float
-    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., items: _Optional[_Iterable[_Union[PrefetchItem, _Mapping]]] = ..., grace_s: _Optional[float] = ...) -> None: ...
+    to_hbm: bool
+    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., items: _Optional[_Iterable[_Union[PrefetchItem, _Mapping]]] = ..., grace_s: _Optional[float] = ..., to_hbm: _Optional[bool] = ...) -> None: ...
 
 class PrefetchResponse(_message.Message):
     __slots__ = ("prefetch_ids", "blocks", "to_promote")
