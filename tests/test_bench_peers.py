@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from kvstore.bench.peer_stores import NO_CLIENT, NO_SERVER
+from kvstore.bench.peers import filesystem_type
 
 SMALL = ["--blocks", "32", "--block-kib", "64", "--batch", "4", "--repeat", "2"]
 
@@ -19,8 +23,19 @@ def _bench(*args, timeout=120):
                           check=False, capture_output=True, text=True, timeout=timeout)
 
 
-def test_peers_small_run_measures_every_store_and_checks_bytes(tmp_path):
-    r = _bench("--json", "--dir", str(tmp_path), *SMALL)
+@pytest.fixture
+def disk_dir(tmp_path):
+    """An empty directory on a disk: pytest's own unless /tmp is a tmpfs (the bench refuses)."""
+    if filesystem_type(str(tmp_path)) not in ("tmpfs", "ramfs"):
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="kvstore-test-peers-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_peers_small_run_measures_every_store_and_checks_bytes(disk_dir):
+    r = _bench("--json", "--dir", str(disk_dir), *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     stores = res["stores"]
@@ -47,11 +62,11 @@ def test_peers_small_run_measures_every_store_and_checks_bytes(tmp_path):
     # The SSD store's DRAM tier holds at most half the set and each round scans it oldest
     # first: its gets are SSD reads, not DRAM hits.
     assert stores["kvstore-ssd"]["ssd_hits"] >= 0.9 * stores["kvstore-ssd"]["blocks_read"]
-    assert list(tmp_path.iterdir()) == []      # files, SSD slabs and journal removed
+    assert list(disk_dir.iterdir()) == []      # files, SSD slabs and journal removed
 
 
-def test_peers_human_table_and_no_redis(tmp_path):
-    r = _bench("--no-redis", "--dir", str(tmp_path), *SMALL)
+def test_peers_human_table_and_no_redis(disk_dir):
+    r = _bench("--no-redis", "--dir", str(disk_dir), *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("kvstore-dram", "kvstore-ssd", "files", "files-odirect"):
         assert f"  {name} " in r.stdout
@@ -65,6 +80,7 @@ def test_peers_human_table_and_no_redis(tmp_path):
     (["--blocks", "16", "--batch", "4"], "--blocks must be at least 8 x --batch"),
     (["--repeat", "0"], "--repeat must be positive"),
     (["--dir", "/nonexistent/x"], "--dir /nonexistent/x: not a writable directory"),
+    (["--dir", "/dev/shm"], "--dir /dev/shm: on tmpfs, not a disk"),
     (["--redis-url", "http://localhost:6379"], "--redis-url must start with redis://"),
     (["--redis-server", "/nonexistent/redis-server"], "not an executable file"),
 ])
@@ -76,9 +92,9 @@ def test_peers_bad_options_exit_2_with_one_line(args, message):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="needs kvstore[peers]")
-def test_peers_unreachable_redis_url_fails_in_one_line(tmp_path):
-    r = _bench("--dir", str(tmp_path), "--redis-url", f"unix://{tmp_path}/none.sock", *SMALL)
+def test_peers_unreachable_redis_url_fails_in_one_line(disk_dir):
+    r = _bench("--dir", str(disk_dir), "--redis-url", f"unix://{disk_dir}/none.sock", *SMALL)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvstore bench peers: "), r.stderr
-    assert list(tmp_path.iterdir()) == []      # daemons stopped, work directory removed
+    assert list(disk_dir.iterdir()) == []      # daemons stopped, work directory removed

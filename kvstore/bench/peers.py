@@ -47,6 +47,7 @@ from kvstore.layout import KVLayout
 from kvstore.units import format_bytes
 
 PROG = "kvstore bench peers"
+SEGMENT_BYTES = 64 << 20     # the kvstore-ssd store's slab files
 COMPARED_WITH = {"files": "kvstore-dram", "redis": "kvstore-dram",
                  "files-odirect": "kvstore-ssd"}
 SOURCE = {"kvstore-dram": "DRAM (shared arena)", "files": "page cache",
@@ -89,7 +90,11 @@ def _check(a) -> str | None:
                 "a quarter of the set, and at least 4 batches)")
     if not os.path.isdir(a.dir) or not os.access(a.dir, os.W_OK):
         return f"--dir {a.dir}: not a writable directory"
-    need = 2.5 * a.blocks * a.block_kib * 1024   # files-odirect + kvstore-ssd (x1.25) + files
+    fs = filesystem_type(a.dir)
+    if fs in ("tmpfs", "ramfs") or not _o_direct_ok(a.dir):
+        return (f"--dir {a.dir}: on {fs or 'a filesystem that refuses O_DIRECT'}, not a disk; "
+                "the disk stores need a directory on a disk")
+    need = 2 * a.blocks * a.block_kib * 1024 + _ssd_bytes(a.blocks * a.block_kib * 1024)
     if shutil.disk_usage(a.dir).free < need:
         return f"--dir {a.dir}: needs {format_bytes(need)} free"
     if a.redis_url and not a.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -97,6 +102,34 @@ def _check(a) -> str | None:
     if a.redis_server and not os.access(a.redis_server, os.X_OK):
         return f"--redis-server {a.redis_server}: not an executable file"
     return None
+
+
+def filesystem_type(directory: str) -> str:
+    """Filesystem type of the mount that holds ``directory`` ("" when unknown)."""
+    path, best, fs = os.path.realpath(directory), "", ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                mnt, kind = line.split()[1:3]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fs = mnt, kind
+    except OSError:
+        pass
+    return fs
+
+
+def _o_direct_ok(directory: str) -> bool:
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory) as f:
+            os.close(os.open(f.name, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def _ssd_bytes(working_set: int) -> int:
+    """The kvstore-ssd store's SSD capacity: the set and a quarter, in whole segments."""
+    return -(-working_set * 5 // 4 // SEGMENT_BYTES) * SEGMENT_BYTES
 
 
 def _page_aligned(shape: tuple[int, int]) -> np.ndarray:
@@ -244,11 +277,10 @@ def run(a) -> dict:
         stores["kvstore-dram"] = KVStoreStore(sock, layout, "dram")
         stack.callback(stores["kvstore-dram"].close)
         dram = max(ws // 4, 4 * a.batch * slot)
-        seg = 64 << 20
         sock = stack.enter_context(private_daemon(
             "--dram-bytes", str(dram), "--chunk-bytes", str(min(4 << 20, dram // 2 // 4096 * 4096)),
             "--ssd-dir", str(work / "kvstore-ssd"),
-            "--ssd-bytes", str(-(-ws * 5 // 4 // seg) * seg), "--ssd-segment-bytes", str(seg),
+            "--ssd-bytes", str(_ssd_bytes(ws)), "--ssd-segment-bytes", str(SEGMENT_BYTES),
             "--log-level", "warning"))
         stores["kvstore-ssd"] = KVStoreStore(sock, layout, "ssd")
         stack.callback(stores["kvstore-ssd"].close)
