@@ -213,7 +213,8 @@ class KVStoreStore:
         if not self.client.shared_memory:
             raise RuntimeError("the daemon's arena is not mappable from here")
         self.layout = layout
-        self.ns = self.client.namespace(f"bench-{name}", layout)
+        # One namespace name in both daemons: the same chain keys, which name the peers' blocks
+        self.ns = self.client.namespace("bench-peers", layout)
 
     def block_keys(self, b: int, batch: int) -> list[bytes]:
         return self.ns.block_keys(range(b * batch * 16, (b + 1) * batch * 16))
@@ -291,10 +292,11 @@ def run(a) -> dict:
         if redis_store is not None:
             stores["redis"] = redis_store
 
-        # The same keys everywhere: kvstore's chain keys (one chain per batch) name the files
-        # and the Redis values too.
+        # The same keys everywhere: kvstore's chain keys (one chain per batch), which both
+        # kvstore daemons derive alike, name the files and the Redis values too.
         keys = [k for b in range(a.blocks // a.batch)
                 for k in stores["kvstore-dram"].block_keys(b, a.batch)]
+        assert keys[:a.batch] == stores["kvstore-ssd"].block_keys(0, a.batch)
         w = Workload(a.blocks, bb, a.batch, keys)
         results = {name: Result(name) for name in stores}
         for name, store in stores.items():
