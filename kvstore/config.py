@@ -171,6 +171,9 @@ FIELDS: list[Field] = [
     Field("prefetch_grace_s", _pos_float, 5.0, "a prefetched block stays leased this long past "
           "its deadline"),
     Field("max_pending_prefetches", _pos_int, 65536, "prefetches queued or leased at once"),
+    Field("max_prefetch_bytes_per_client", _size, 0, "bytes of blocks one client's pending "
+          "prefetches may pin (0: half the DRAM tier)",
+          lambda v: format_bytes(v) if v else "auto"),
     # -- operations: statistics, lifecycle, access control, limits ---------------------------
     Field("metrics_port", _port, 0, "serve /metrics (Prometheus) and the dashboard on this "
           "port (0: off)"),
@@ -227,6 +230,10 @@ class _ConfigMethods:
             raise ConfigError("tls_cert_file/tls_key_file: set both or neither")
         if self.tls_cert_file and not self.listen:
             raise ConfigError("tls_cert_file: TLS applies to the TCP listener; set listen too")
+
+    @property
+    def prefetch_bytes_per_client(self) -> int:
+        return self.max_prefetch_bytes_per_client or self.dram_bytes // 2
 
     @property
     def inflight_bytes_per_client(self) -> int:

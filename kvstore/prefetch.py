@@ -57,8 +57,13 @@ class PrefetchCounters:
 
 class Prefetcher:
     def __init__(self, store, concurrency: int = 4, grace_s: float = 5.0,
-                 max_pending: int = 65536, clock=time.monotonic):
+                 max_pending: int = 65536, clock=time.monotonic, max_session_bytes: int = 0):
+        """max_session_bytes: bytes of blocks one session's pending prefetches may pin (0: no
+        limit) — so no client can pin the DRAM tier and starve everyone else's puts."""
         self.store = store
+        self.max_session_bytes = max_session_bytes
+        self._session_blocks: dict[int, dict[int, int]] = {}   # session -> block -> prefetches
+        self._session_bytes: dict[int, int] = {}               # session -> bytes of those blocks
         self.concurrency = concurrency
         self.grace_s = grace_s
         self.max_pending = max_pending
@@ -93,15 +98,30 @@ class Prefetcher:
             if not deadline_s >= 0 or deadline_s > 86400:
                 raise InvalidArgument(f"deadline_s must be in [0, 86400], got {deadline_s}")
             parsed.append((store._keys(keys_blob), deadline_s))   # validate all before any
-        now = self.clock()
-        grace = grace_s or self.grace_s
-        out = []
+        resolved = []
         for keys, deadline_s in parsed:
             bids = []
             for bid in idx.find_many(ns.index, keys).tolist():
                 if bid < 0 or idx.state[bid] != COMMITTED:
                     break
                 bids.append(bid)
+            resolved.append((bids, deadline_s))
+        held = self._session_blocks.setdefault(session_id, {})
+        if self.max_session_bytes:
+            # Bytes this session's prefetches pin: distinct blocks (overlapping prefixes of one
+            # chain pin the same memory once).
+            new = {b for bids, _ in resolved for b in bids if b not in held}
+            asked = len(new) * ns.layout.block_bytes
+            pinned = self._session_bytes.get(session_id, 0)
+            if pinned + asked > self.max_session_bytes:
+                raise ResourceExhausted(
+                    f"prefetch of {asked} more bytes refused: this client's pending prefetches "
+                    f"already pin {pinned} bytes (max_prefetch_bytes_per_client="
+                    f"{self.max_session_bytes}); wait for its gets or deadlines, or cancel some")
+        now = self.clock()
+        grace = grace_s or self.grace_s
+        out = []
+        for bids, deadline_s in resolved:
             if not bids:
                 out.append((0, 0, 0))
                 continue
@@ -114,6 +134,12 @@ class Prefetcher:
                          to_hbm=to_hbm)
             self._next_id += 1
             store.pin(bids)
+            for b in bids:
+                if b not in held:
+                    held[b] = 0
+                    self._session_bytes[session_id] = \
+                        self._session_bytes.get(session_id, 0) + p.block_bytes
+                held[b] += 1
             self.live[p.prefetch_id] = p
             for b in bids:
                 self._by_block.setdefault(b, set()).add(p.prefetch_id)
@@ -125,6 +151,8 @@ class Prefetcher:
                 p.state = READY
             self.counters.issued += 1
             out.append((p.prefetch_id, len(bids), len(to_read)))
+        if not held:
+            del self._session_blocks[session_id]
         self._kick()
         return out
 
@@ -196,6 +224,15 @@ class Prefetcher:
             if not s:
                 del self._by_session[p.session_id]
         self.store.unpin(p.block_ids)
+        held = self._session_blocks.get(p.session_id, {})
+        for b in p.block_ids:
+            held[b] -= 1
+            if not held[b]:
+                del held[b]
+                self._session_bytes[p.session_id] -= p.block_bytes
+        if not held:
+            self._session_blocks.pop(p.session_id, None)
+            self._session_bytes.pop(p.session_id, None)
         setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
 
     def _kick(self) -> None:

@@ -91,7 +91,8 @@ class Daemon:
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
-                                     cfg.max_pending_prefetches)
+                                     cfg.max_pending_prefetches,
+                                     max_session_bytes=cfg.prefetch_bytes_per_client)
         opts = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -60,7 +60,9 @@ def test_late_get_shares_the_transfer_in_flight(daemon_factory, tmp_path):
 
 
 def test_ten_thousand_prefetches_all_end_and_nothing_stays_pinned(daemon_factory, tmp_path):
-    d, chains = _on_ssd(daemon_factory, tmp_path, n_chains=4, n_blocks=50)
+    # 200 distinct blocks pinned at once (of 256 in DRAM): above the default per-client share
+    d, chains = _on_ssd(daemon_factory, tmp_path, n_chains=4, n_blocks=50,
+                        extra=("--max-prefetch-bytes-per-client", "4MiB"))
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         keys = [k for ks, _ in chains for k in ks]
@@ -113,3 +115,25 @@ def test_prefetch_bad_input_is_a_clear_error(daemon_factory, tmp_path):
                 session_id=c.session_id, namespace_id=b"\x07" * 16,
                 items=[pb.PrefetchItem(keys=b"".join(keys), deadline_s=1.0)]))
         assert c.stats().prefetch_pending == 0
+
+
+def test_one_client_cannot_pin_more_than_its_prefetch_share(daemon_factory, tmp_path):
+    # 4 chains of 16 blocks of 16 KiB; a client may pin 40 blocks' worth (640 KiB) by prefetch.
+    d, chains = _on_ssd(daemon_factory, tmp_path, n_chains=4,
+                        extra=("--max-prefetch-bytes-per-client", str(40 * BB)))
+    from kvstore.client.errors import ResourceExhausted
+    with KVClient(d.socket) as c, KVClient(d.socket) as other:
+        ns = c.namespace("m", LAYOUT)
+        first = ns.prefetch_many([(chains[0][0], 30.0), (chains[1][0], 30.0)])   # 32 blocks
+        with pytest.raises(ResourceExhausted, match="max_prefetch_bytes_per_client"):
+            ns.prefetch(chains[2][0], 30.0)                     # 48 > 40: refused, whole
+        assert c.stats().prefetch_pending == 2
+        # another client has its own share
+        t = other.namespace("m", LAYOUT).prefetch(chains[2][0], 30.0)
+        assert t.blocks == 16
+        # a get ends a prefetch and gives its bytes back to the client's share
+        assert get_exact(ns, *chains[0]) == 16
+        assert ns.prefetch(chains[3][0], 30.0).blocks == 16    # 32 <= 40 again
+        assert ns.prefetch(chains[3][0][:8], 30.0).blocks == 8 # blocks it pins already: free
+        assert ns.cancel_prefetch(first) == 1                   # chains[1] was still pending
+        assert ns.prefetch(chains[2][0], 30.0).blocks == 16

@@ -7,8 +7,9 @@ Layout of ``--ssd-dir``::
     journal           the index journal (see kvstore/tiers/journal.py)
 
 Capacity is cut into segments; a segment is handed to one size class (one slot size: a block size
-rounded up to 4 KiB) the first time that class needs room, and cut into slots. A slot address is
-``segment << 32 | slot``. Millions of blocks live in a handful of files: no file per block.
+rounded up to 4 KiB) the first time that class needs room, and cut into slots; an emptied segment
+can be re-cut for another class (``reassign_segment``; the policy is Tiering._make_ssd_room). A
+slot address is ``segment << 32 | slot``. Millions of blocks live in a handful of files: no file per block.
 
 I/O contract:
 - ``read_into(addr, view)`` / ``write_from(addr, view)`` move one whole slot between the file and
@@ -109,6 +110,7 @@ class SSDCounters:
     evictions: int = 0
     sync_demotions: int = 0     # write-back victims written while eviction waited
     cleaned: int = 0            # write-back blocks written ahead of eviction
+    segments_reassigned: int = 0  # segments emptied and given to another block size
 
 
 class SSDTier:
@@ -262,6 +264,15 @@ class SSDTier:
             seg.owner = np.full(n, -1, dtype=np.int64)
             seg.free = list(range(n - 1, -1, -1))
         return seg.slot_bytes == slot_bytes
+
+    def reassign_segment(self, number: int, slot_bytes: int) -> None:
+        """Hand an emptied segment (every slot free) to another size class."""
+        seg = self.segments[number]
+        if (seg.owner >= 0).any():
+            raise ValueError(f"segment {number} still holds blocks")
+        seg.slot_bytes = 0
+        self.assign_segment(number, slot_bytes)
+        self.counters.segments_reassigned += 1
 
     def take_segment(self, slot_bytes: int) -> int | None:
         """An unassigned segment for this class, assigned now; None when every one is taken."""
