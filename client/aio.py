@@ -44,6 +44,17 @@ class AsyncNamespace:
     async def delete(self, keys: Sequence[bytes]) -> int:
         return await _in_thread(self.sync.delete, keys)
 
+    async def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
+                       grace_s: float = 0.0, to_hbm: bool | None = None):
+        """See Namespace.prefetch: a scheduler hint, answered once the daemon queued it."""
+        return await _in_thread(self.sync.prefetch, keys, deadline_s, grace_s, to_hbm)
+
+    async def prefetch_many(self, items, grace_s: float = 0.0, to_hbm: bool | None = None):
+        return await _in_thread(self.sync.prefetch_many, items, grace_s, to_hbm)
+
+    async def cancel_prefetch(self, tickets) -> int:
+        return await _in_thread(self.sync.cancel_prefetch, tickets)
+
 
 class AsyncKVClient:
     """Takes the same arguments as KVClient; connect with ``await`` or ``async with``."""

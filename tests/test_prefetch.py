@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from kvstore.client import KVClient
@@ -137,3 +138,21 @@ def test_one_client_cannot_pin_more_than_its_prefetch_share(daemon_factory, tmp_
         assert ns.prefetch(chains[3][0][:8], 30.0).blocks == 8 # blocks it pins already: free
         assert ns.cancel_prefetch(first) == 1                   # chains[1] was still pending
         assert ns.prefetch(chains[2][0], 30.0).blocks == 16
+
+
+def test_async_clients_prefetch_too(daemon_factory, tmp_path):
+    import asyncio
+
+    from kvstore.client import AsyncKVClient
+    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path)
+
+    async def main():
+        async with AsyncKVClient(d.socket) as c:
+            ns = await c.namespace("m", LAYOUT)
+            t = await ns.prefetch(keys, deadline_s=5.0)
+            assert (t.blocks, t.to_promote) == (16, 16)
+            [t2] = await ns.prefetch_many([(keys[:4], 5.0)])
+            assert await ns.cancel_prefetch([t2]) == 1
+            got = await ns.get(keys)
+            assert np.array_equal(np.asarray(got), data)
+    asyncio.run(main())
