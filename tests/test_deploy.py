@@ -171,7 +171,10 @@ def test_dockerfile_references_exist():
             assert (REPO / path).exists(), f"COPY {path}: missing from the repository"
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
-    for extra in re.findall(r'KVSTORE_EXTRAS="\[(\w+)\]"', text):
+    named = [e for group in re.findall(r'KVSTORE_EXTRAS="\[([\w,]+)\]"', text)
+             for e in group.split(",")]
+    assert {"gds", "hbm"} <= set(named)            # the CUDA image: GDS and the HBM tier
+    for extra in named:
         assert extra in extras, f"extra [{extra}] not in pyproject"
     assert 'ENTRYPOINT ["kvstore"]' in text and '"kvstore", "health"' in text
 

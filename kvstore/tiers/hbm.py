@@ -83,7 +83,8 @@ class CudaPool:
         try:
             import torch
         except ImportError:
-            raise HBMUnavailable("the HBM tier needs torch with CUDA (pip install torch)") from None
+            raise HBMUnavailable("the HBM tier needs torch with CUDA in the daemon "
+                                 "(pip install 'kvstore[hbm]')") from None
         if not torch.cuda.is_available():
             raise HBMUnavailable(
                 f"hbm_bytes is set but CUDA is not available (torch {torch.__version__}, "
