@@ -326,8 +326,9 @@ def test_after_a_daemon_restart_the_client_opens_the_new_pool(daemon_factory):
         assert c._hbm._keep.path != old_pool and c._hbm._keep.path.exists()
         # the new daemon removed the killed one's pool file
         assert list(d.shm_dir.glob("kvstorehbm-*.arena")) == [c._hbm._keep.path]
-        for _ in range(2):                         # fill, then hit, in the new pool
-            assert torch.equal(get_into(ns, keys, 4), data)
+        assert torch.equal(get_into(ns, keys, 4), data)      # fill the new pool ...
+        wait_for(lambda: tier(c, "HBM").blocks == 4)         # (published at the release)
+        assert torch.equal(get_into(ns, keys, 4), data)      # ... then hit it
         assert tier(c, "HBM").hits == 4
 
 
