@@ -96,8 +96,9 @@ def _hbm_device(v: Any) -> str:
 
 def _write_policy(v: Any) -> str:
     s = str(v).lower().replace("-", "_")
-    if s not in ("write_through", "write_back"):
-        raise ValueError(f"must be write_through or write_back, got {v!r}")
+    if s not in ("write_through", "write_back", "write_through_selective"):
+        raise ValueError(f"must be write_through, write_back or write_through_selective, "
+                         f"got {v!r}")
     return s
 
 
@@ -160,7 +161,10 @@ FIELDS: list[Field] = [
           "directory's own, or capacity/64 within 64 MiB..16 GiB for a new one)", format_bytes),
     Field("ssd_io_threads", _pos_int, 16, "SSD I/O threads (requests in flight)"),
     Field("ssd_write_policy", _write_policy, "write_through",
-          "write_through (commit waits for SSD) or write_back (written when evicted)"),
+          "write_through (commit waits for SSD), write_back (written when evicted) or "
+          "write_through_selective (written once read ssd_write_hits times; others never)"),
+    Field("ssd_write_hits", _pos_int, 1, "write_through_selective: gets of a block before it "
+          "is written to SSD"),
     Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none); a "
           "testing/QoS knob", lambda v: f"{format_bytes(v)}/s" if v else "none"),
     Field("hbm_bytes", _size0, 0, "HBM tier size: a GPU memory pool shared with clients by "

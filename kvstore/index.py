@@ -36,6 +36,7 @@ _COLUMNS = {
     "children": np.uint32,  # blocks whose parent this is (prefix-aware eviction)
     "depth": np.uint32,     # position in its chain
     "csum": np.uint64,      # checksum of the block's bytes on SSD (valid when ssd != NO_SLOT)
+    "hits": np.uint8,       # gets that leased the block (saturating): selective SSD writes
 }
 
 
@@ -144,6 +145,7 @@ class BlockIndex:
         self.ssd[bid] = NO_SLOT
         self.stamp[bid] = stamp
         self.leases[bid] = 0
+        self.hits[bid] = 0
         self.children[bid] = 0
         self.parent[bid] = parent
         if parent >= 0:
@@ -178,6 +180,7 @@ class BlockIndex:
         self.ssd[bids] = NO_SLOT
         self.stamp[bids] = stamp
         self.leases[bids] = 0
+        self.hits[bids] = 0
         self.children[bids] = 0
         self.parent[bids] = parents
         has = parents >= 0

@@ -256,7 +256,7 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
         log.info("SSD reads capped at %s/s (ssd_read_limit: a testing/QoS knob)",
                  format_bytes(cfg.ssd_read_limit))
     tiering = Tiering(store, ssd, Journal(ssd.directory / "journal", ssd.pool),
-                      cfg.ssd_write_policy)
+                      cfg.ssd_write_policy, cfg.ssd_write_hits)
     tiering.recover()
     return tiering
 

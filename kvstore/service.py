@@ -118,6 +118,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                                    want_hbm=want_hbm)
         if lease is not None and self.store.prefetcher is not None:
             self.store.prefetcher.on_acquire(lease.block_ids)
+        if lease is not None and tiering is not None:
+            tiering.on_hits(lease.block_ids)
         if promote:
             lease, offsets = await tiering.promote(request.session_id, lease, promote,
                                                    to_hbm=want_hbm)

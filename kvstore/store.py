@@ -301,6 +301,7 @@ class BlockStore:
         ids = np.asarray(bids, dtype=np.int64)
         idx.stamp[ids] = stamp
         idx.leases[ids] += 1
+        idx.hits[ids] = np.minimum(idx.hits[ids], 254) + 1
         self.dram.bytes_out += (len(bids) - tiers.count("HBM")) * ns.layout.block_bytes
         if hbm is not None:
             hbm.counters.bytes_out += tiers.count("HBM") * ns.layout.block_bytes

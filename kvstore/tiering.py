@@ -34,7 +34,7 @@ from kvstore.tiers.ssd import SSDTier
 
 log = logging.getLogger("kvstore.tiering")
 
-WRITE_POLICIES = ("write_through", "write_back")
+WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
 _ROOT_PARENT = b"\0" * 16
 _SSD_EVICT_BATCH = 64
 CLEAN_BATCH = 64
@@ -42,13 +42,17 @@ COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many d
 
 
 class Tiering:
-    def __init__(self, store, ssd: SSDTier, journal: jr.Journal, write_policy: str = "write_through"):
+    def __init__(self, store, ssd: SSDTier, journal: jr.Journal, write_policy: str = "write_through",
+                 write_hits: int = 1):
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"ssd write policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.store = store
         self.ssd = ssd
         self.journal = journal
         self.policy = write_policy
+        self.write_hits = write_hits      # write_through_selective: gets before the SSD write
+        self._selected: set[int] = set()  # selective writes in flight
+        self._write_tasks: set[asyncio.Task] = set()
         self.counters = TierCounters()
         self._ns_ord: dict[bytes, int] = {}
         self._promoting: dict[int, asyncio.Future] = {}
@@ -358,8 +362,9 @@ class Tiering:
         """Write-through: write freshly committed blocks to SSD and wait for durability.
 
         Write failures are counted and logged; the blocks stay in DRAM. Never raises for I/O."""
-        if self.policy != "write_through":
+        if self.policy == "write_back":
             self._kick_cleaner()
+        if self.policy != "write_through":
             return
         idx = self.store.index
         bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT]
@@ -380,6 +385,30 @@ class Tiering:
         finally:
             self.store.unpin(bids)
         self._maybe_compact()
+
+    def on_hits(self, bids: list[int]) -> None:
+        """write_through_selective (SGLang HiCache's policy of that name): a block is written to
+        SSD once gets have read it ``write_hits`` times; a block nobody reads never costs an SSD
+        write, and is dropped (not demoted) when DRAM evicts it. Written in the background: the
+        get that crossed the threshold does not wait."""
+        if self.policy != "write_through_selective" or self._closed:
+            return
+        idx = self.store.index
+        due = [b for b in bids if idx.hits[b] >= self.write_hits and idx.ssd[b] == NO_SLOT
+               and idx.dram[b] != NO_SLOT and b not in self._selected]
+        if not due:
+            return
+        self._selected.update(due)
+        self.store.pin(due)
+        task = asyncio.get_running_loop().create_task(self._write_selected(due))
+        self._write_tasks.add(task)
+        task.add_done_callback(self._write_tasks.discard)
+
+    async def _write_selected(self, bids: list[int]) -> None:
+        try:
+            await self._persist_pinned(bids)      # unpins
+        finally:
+            self._selected.difference_update(bids)
 
     def write_blocking(self, bids: list[int]) -> None:
         """Write these DRAM blocks to SSD now, in parallel, blocking the caller (write-back
@@ -603,6 +632,8 @@ class Tiering:
         self._closed = True
         if self._cleaner is not None:
             await asyncio.gather(self._cleaner, return_exceptions=True)
+        if self._write_tasks:
+            await asyncio.gather(*self._write_tasks, return_exceptions=True)
         while self.journal._flush_task is not None:   # a flush or background compaction
             await asyncio.shield(self.journal._flush_task)
         idx = self.store.index

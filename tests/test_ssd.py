@@ -371,3 +371,39 @@ def test_a_new_block_size_takes_segments_from_a_full_tier(daemon_factory, tmp_pa
         for keys, data in old:                                # what is found is exact
             get_prefix_exact(a, LAYOUT, keys, data)
         assert tier(ssd_stats(c), "SSD").checksum_failures == 0
+
+
+def test_write_through_selective_writes_only_blocks_that_were_read(daemon_factory, tmp_path):
+    """SGLang HiCache's write_through_selective: a block reaches SSD once gets read it
+    ssd_write_hits times; blocks nobody read are dropped, not demoted, when DRAM evicts them."""
+    ssd_dir = tmp_path / "ssd"
+    args = ssd_args(ssd_dir, "32MiB", "--ssd-write-policy", "write_through_selective",
+                    "--ssd-write-hits", "2")
+    d = daemon_factory(*args)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        hot, data_hot = put_chain(ns, 1, 8)
+        warm, data_warm = put_chain(ns, 2, 8)
+        cold, _ = put_chain(ns, 3, 8)
+        assert tier(ssd_stats(c), "SSD").blocks == 0          # nothing written at commit
+        assert get_exact(ns, hot, data_hot) == 8
+        assert get_exact(ns, warm, data_warm) == 8
+        assert tier(ssd_stats(c), "SSD").blocks == 0          # one read: below the threshold
+        assert get_exact(ns, hot, data_hot) == 8              # the second read: written
+        deadline = time.monotonic() + 10
+        while tier(ssd_stats(c), "SSD").blocks < 8:
+            assert time.monotonic() < deadline, "hot blocks never reached SSD"
+            time.sleep(0.02)
+        assert tier(ssd_stats(c), "SSD").bytes_in == 8 * BB
+        for seed in range(10):                                # 320 newer blocks: DRAM evicts all
+            put_chain(ns, 100 + seed, 32)
+        assert ns.lookup(hot).tiers == ["SSD"] * 8           # demoted
+        assert ns.lookup(warm).num_cached == 0                # dropped
+        assert ns.lookup(cold).num_cached == 0
+        assert get_exact(ns, hot, data_hot) == 8
+    d.kill()                                                  # written blocks are durable
+    d2 = daemon_factory(*args, workdir=tmp_path / "after")
+    with KVClient(d2.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        assert get_exact(ns, hot, data_hot) == 8
+        assert ns.lookup(warm).num_cached == 0
