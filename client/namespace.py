@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
-from kvstore.client import cuda, transfer
+from kvstore.client import cuda, quantized, transfer
 from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
                                    Unavailable, from_rpc_error)
 from kvstore.keys import chain_keys, namespace_digest, pack_keys
@@ -165,8 +165,11 @@ class Namespace:
         InvalidArgument here, before anything is sent.
         """
         blob = pack_keys(keys)
-        rows = transfer.block_rows(kv, self.layout, len(keys))
         self._check_batch(len(keys))
+        if self.layout.quant:     # quantized namespace: store the packed payload + scales
+            rows = quantized.pack(kv, self.layout, len(keys))
+        else:
+            rows = transfer.block_rows(kv, self.layout, len(keys))
         ready = cuda.ready_event(rows)     # the copy waits for the caller's stream as of now
         return self.client.submit(self._put, blob, rows, parent_key or b"", ready)
 
@@ -229,9 +232,18 @@ class Namespace:
         """
         blob = pack_keys(keys)
         self._check_batch(len(keys))
+        if self.layout.quant:
+            staging = quantized.staging_for(out, self.layout, len(keys))  # validates out
+            return self.client.submit(self._get_quantized, blob, len(keys), staging, out,
+                                      cuda.ready_event(out))
         if out is not None:
             transfer.out_rows(out, self.layout, len(keys))  # validate before submitting
         return self.client.submit(self._get, blob, len(keys), out, cuda.ready_event(out))
+
+    def _get_quantized(self, blob: bytes, n: int, staging, out, ready=None):
+        rows = self._get(blob, n, staging, ready)
+        with transfer.writing_into(out):
+            return quantized.unpack(rows, self.layout, out)
 
     def _get(self, blob: bytes, n: int, out, ready=None):
         t0 = time.monotonic()
@@ -247,13 +259,14 @@ class Namespace:
                 out = transfer.new_output(self.layout, found,
                                           like="numpy" if _torch_missing() else "torch")
             dst = transfer.out_rows(out, self.layout, found)
-            if found and want_hbm and (r.hbm_offsets or r.hbm_fill):
-                filled = self._copy_with_hbm(pool, dst, lease, list(r.hbm_offsets),
-                                             list(r.hbm_fill), ready)
-            elif found and self.client._arena_view is None:
-                self._read_stream(lease, dst)
-            elif found:
-                self._copy_from_dram(dst, lease.offsets, list(range(found)), ready)
+            with transfer.writing_into(out):
+                if found and want_hbm and (r.hbm_offsets or r.hbm_fill):
+                    filled = self._copy_with_hbm(pool, dst, lease, list(r.hbm_offsets),
+                                                 list(r.hbm_fill), ready)
+                elif found and self.client._arena_view is None:
+                    self._read_stream(lease, dst)
+                elif found:
+                    self._copy_from_dram(dst, lease.offsets, list(range(found)), ready)
         except BaseException:
             try:
                 lease.release()

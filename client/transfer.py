@@ -5,6 +5,8 @@ only when the caller passes a tensor, so the SDK installs without it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 
 import numpy as np
@@ -74,6 +76,16 @@ def out_rows(out, layout: KVLayout, n_blocks: int):
         raise InvalidArgument(f"out holds {flat.size} bytes, {n_blocks} blocks need "
                               f"{n_blocks * layout.block_bytes}")
     return flat[: n_blocks * layout.block_bytes].reshape(n_blocks, layout.block_bytes)
+
+
+def writing_into(t):
+    """Context for writing into ``t`` from an SDK thread: an inference tensor (made under
+    torch.inference_mode, as engines' forward passes are) may be updated in place only inside
+    inference mode, which is per thread."""
+    if _is_torch(t) and t.is_inference():
+        import torch
+        return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 class ArenaView:

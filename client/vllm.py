@@ -36,6 +36,7 @@ fallback) and vLLM recomputes; nothing here raises into the engine.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -78,6 +79,8 @@ _DEFAULTS = {
     "max_pending_store_bytes": 1 << 30,  # staging held by unfinished puts; beyond: skip
     "store_generated": True,   # also store blocks of generated tokens (the next chat turn's
                                # prompt holds this turn's answer)
+    "quant": "",               # "int8" / "float8_e4m3fn": store blocks quantized (~half the
+                               # bytes in every tier; values within kvstore.kernels.quant's bound)
 }
 
 
@@ -127,7 +130,8 @@ class _DaemonLink:
             self._drop(exc)
 
     def _drop(self, exc: BaseException) -> None:
-        wait_s = min(self.cfg["retry_s"] * 2 ** self._failures, self.MAX_RETRY_S)
+        # (the exponent is capped: 2.0 ** n overflows a float after ~1000 failures)
+        wait_s = min(self.cfg["retry_s"] * 2.0 ** min(self._failures, 32), self.MAX_RETRY_S)
         self._failures += 1
         log.warning("kvstore connector %s: daemon unavailable (%s); recomputing for %.1fs",
                     self.name, exc, wait_s)
@@ -253,6 +257,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.cfg = {**_DEFAULTS, **extra}
         self.block_size = vllm_config.cache_config.block_size
         self.layer_names, self.layout = _layout_from(vllm_config, kv_cache_config, role)
+        if self.cfg["quant"]:
+            self.layout = dataclasses.replace(self.layout, quant=self.cfg["quant"])  # validated
         self.model_id = self.cfg["model_id"] or vllm_config.model_config.model
         self.counters = _Counters()
         if role == KVConnectorRole.SCHEDULER:

@@ -4,6 +4,11 @@ A block holds the keys and values of ``block_tokens`` consecutive tokens for eve
 model shard. Its bytes are laid out ``[num_layers, 2 (k, v), block_tokens, num_kv_heads,
 head_dim]`` in ``dtype``: one layer's KV of a block is contiguous, so a runtime can consume a
 block layer by layer while later layers are still arriving.
+
+A *quantized* layout (``quant`` = "int8" or "float8_e4m3fn") stores the same logical block
+(shape ``block_shape``, values of ``dtype``) as a one-byte payload of that shape followed by one
+float32 scale per (layer, k|v): about half the bytes of bf16 in every tier (see
+kvstore/kernels/quant.py for the error bound). The SDK quantizes on put and dequantizes on get.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ DTYPE_BYTES = {
 }
 
 SLOT_ALIGN_BYTES = 4096  # slots are 4 KiB aligned so the same slot size serves O_DIRECT
+QUANT_FORMATS = ("int8", "float8_e4m3fn")   # payload dtypes of quantized layouts
 
 
 class LayoutError(ValueError):
@@ -36,6 +42,7 @@ class KVLayout:
     dtype: str = "bfloat16"
     tp_rank: int = 0
     tp_size: int = 1
+    quant: str = ""          # "" (blocks in dtype) or one of QUANT_FORMATS
 
     def __post_init__(self) -> None:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -48,6 +55,11 @@ class KVLayout:
             raise LayoutError(f"layout.tp_rank must be in [0, {self.tp_size}), got {self.tp_rank!r}")
         if dtype not in DTYPE_BYTES:
             raise LayoutError(f"layout.dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        if self.quant and self.quant not in QUANT_FORMATS:
+            raise LayoutError(f"layout.quant {self.quant!r} is not one of {list(QUANT_FORMATS)} "
+                              "(or empty: not quantized)")
+        if self.quant and dtype not in ("float32", "float16", "bfloat16"):
+            raise LayoutError(f"layout.quant needs a 16/32-bit float dtype, got {dtype}")
         if self.block_bytes > 1 << 30:
             raise LayoutError(f"a block of {self.block_bytes} bytes is over the 1 GiB limit")
 
@@ -65,8 +77,16 @@ class KVLayout:
         return 2 * self.block_tokens * self.num_kv_heads * self.head_dim * self.element_bytes
 
     @property
-    def block_bytes(self) -> int:
+    def payload_bytes(self) -> int:
+        """Bytes of the block's values (quantized: one byte each)."""
+        if self.quant:
+            return self.num_layers * 2 * self.block_tokens * self.num_kv_heads * self.head_dim
         return self.num_layers * self.layer_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """Stored bytes of one block (quantized: payload, then [layers, 2] float32 scales)."""
+        return self.payload_bytes + (self.num_layers * 2 * 4 if self.quant else 0)
 
     @property
     def slot_bytes(self) -> int:
@@ -77,19 +97,21 @@ class KVLayout:
         return (
             f"L={self.num_layers};H={self.num_kv_heads};D={self.head_dim};B={self.block_tokens};"
             f"dtype={self.dtype};tp={self.tp_rank}/{self.tp_size}"
+            + (f";quant={self.quant}" if self.quant else "")   # unquantized keys unchanged
         )
 
     def describe(self) -> str:
         return (
             f"{self.num_layers} layers x {self.num_kv_heads} kv heads x {self.head_dim} dims, "
             f"{self.block_tokens} tokens/block, {self.dtype}, tp {self.tp_rank}/{self.tp_size}"
+            + (f", stored as {self.quant}" if self.quant else "")
         )
 
     def to_proto(self, pb):
         return pb.KVLayout(
             num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             block_tokens=self.block_tokens, dtype=self.dtype, tp_rank=self.tp_rank,
-            tp_size=self.tp_size,
+            tp_size=self.tp_size, quant=self.quant,
         )
 
     @classmethod
@@ -97,5 +119,5 @@ class KVLayout:
         return cls(
             num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim,
             block_tokens=msg.block_tokens, dtype=msg.dtype, tp_rank=msg.tp_rank,
-            tp_size=msg.tp_size or 1,
+            tp_size=msg.tp_size or 1, quant=msg.quant,
         )

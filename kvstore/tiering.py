@@ -81,7 +81,7 @@ class Tiering:
         return jr.NamespaceRecord(ns.namespace_id, ns.model_id, ns.tenant, {
             "num_layers": l.num_layers, "num_kv_heads": l.num_kv_heads, "head_dim": l.head_dim,
             "block_tokens": l.block_tokens, "dtype": l.dtype, "tp_rank": l.tp_rank,
-            "tp_size": l.tp_size})
+            "tp_size": l.tp_size, **({"quant": l.quant} if l.quant else {})})
 
     # -- recovery and compaction ---------------------------------------------------------------
     def recover(self) -> int:

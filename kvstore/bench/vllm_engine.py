@@ -59,9 +59,11 @@ def _has_vllm(py: str) -> bool:
 
 
 def kvstore_origin(py: str) -> Path:
-    """Where the interpreter ``py`` imports kvstore from (its package directory)."""
+    """Where the interpreter ``py`` imports kvstore from (its package directory), as vLLM's
+    spawned workers see it: run outside any checkout, so a ``kvstore/`` in the current
+    directory does not shadow what is installed."""
     r = subprocess.run([py, "-c", "import kvstore, os; print(os.path.dirname(kvstore.__file__))"],
-                       capture_output=True, text=True, timeout=60, check=True)
+                       capture_output=True, text=True, timeout=60, check=True, cwd="/")
     return Path(r.stdout.strip()).resolve()
 
 
