@@ -12,6 +12,9 @@ The store (kvstore/store.py) stays synchronous on the event loop; this module ad
                          made it to DRAM. A checksum failure is a miss: counted, block dropped.
     recover()            rebuild the SSD part of the index from the journal at startup.
 
+The journal (recovery, compaction) and SSD space management (slots, eviction, segments) live in
+kvstore/ssd_journaling.py and kvstore/ssd_space.py, mixins of Tiering; this module moves data.
+
 Protection across awaits: every block being written or read is pinned (its lease count raised)
 before the first await and unpinned after its result is applied, so eviction, deletion and slot
 reuse never touch a slot with I/O in flight. Concurrent Acquires of one SSD block share a single
@@ -25,9 +28,9 @@ import time
 
 import numpy as np
 
-from kvstore.errors import KVStoreError
-from kvstore.index import COMMITTED, FREE, NO_SLOT
-from kvstore.layout import KVLayout, LayoutError
+from kvstore.index import COMMITTED, NO_SLOT
+from kvstore.ssd_journaling import SSDJournaling
+from kvstore.ssd_space import SSDSpace
 from kvstore.stats import TierCounters
 from kvstore.tiers import journal as jr
 from kvstore.tiers.ssd import SSDTier
@@ -35,13 +38,10 @@ from kvstore.tiers.ssd import SSDTier
 log = logging.getLogger("kvstore.tiering")
 
 WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
-_ROOT_PARENT = b"\0" * 16
-_SSD_EVICT_BATCH = 64
 CLEAN_BATCH = 64
-COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
 
 
-class Tiering:
+class Tiering(SSDJournaling, SSDSpace):
     def __init__(self, store, ssd: SSDTier, journal: jr.Journal, write_policy: str = "write_through",
                  write_hits: int = 1):
         if write_policy not in WRITE_POLICIES:
@@ -66,244 +66,6 @@ class Tiering:
         self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
         self.gds = None              # kvstore.tiers.gds.KvikioSlotIO: SSD -> HBM pool reads
         store.tiering = self
-
-    # -- namespaces ----------------------------------------------------------------------------
-    def on_namespace(self, ns) -> None:
-        if self._replaying or ns.namespace_id in self._ns_ord:
-            return
-        self._ns_ord[ns.namespace_id] = len(self._ns_ord)
-        self.journal.append(jr.encode_ns(self._ns_record(ns)))
-        self._schedule_sync()
-
-    @staticmethod
-    def _ns_record(ns) -> jr.NamespaceRecord:
-        l = ns.layout
-        return jr.NamespaceRecord(ns.namespace_id, ns.model_id, ns.tenant, {
-            "num_layers": l.num_layers, "num_kv_heads": l.num_kv_heads, "head_dim": l.head_dim,
-            "block_tokens": l.block_tokens, "dtype": l.dtype, "tp_rank": l.tp_rank,
-            "tp_size": l.tp_size, **({"quant": l.quant} if l.quant else {})})
-
-    # -- recovery and compaction ---------------------------------------------------------------
-    def recover(self) -> int:
-        """Rebuild namespaces and SSD blocks from the journal, then compact it. Returns blocks."""
-        st = self.journal.replay()
-        store, ssd = self.store, self.ssd
-        self._replaying = True
-        try:
-            by_ns = []
-            for rec in st.namespaces:
-                try:
-                    ns = store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
-                except (KVStoreError, LayoutError, TypeError) as exc:
-                    log.warning("journal: namespace %r not restored: %s", rec.model_id, exc)
-                    ns = None
-                by_ns.append(ns)
-        finally:
-            self._replaying = False
-        for seg, slot_bytes in st.segments.items():
-            if not ssd.assign_segment(seg, slot_bytes):
-                log.warning("journal: segment %d is outside the configured capacity; its blocks "
-                            "are dropped", seg)
-        for ns_ord, ns in enumerate(by_ns):
-            if ns is not None:
-                self._restore(ns, st.puts[st.puts["ns"] == ns_ord])
-        ssd.rebuild_free_lists()
-        self.compact()                  # also counts the live blocks
-        n = self.ssd.counters.recovered_blocks = self._live
-        if n or st.records:
-            log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records",
-                     n, len(st.namespaces), st.records)
-        return n
-
-    def _restore(self, ns, recs: np.ndarray) -> None:
-        """Index one namespace's journaled blocks at once (vectorized: millions per restart)."""
-        idx, ssd = self.store.index, self.ssd
-        addrs = recs["addr"]
-        seg_no = np.minimum(addrs >> 32, len(ssd.segments))
-        slot = addrs & 0xFFFFFFFF
-        seg_slot_bytes = np.array([s.slot_bytes for s in ssd.segments] + [0], dtype=np.int64)
-        seg_slots = np.array([len(s.owner) for s in ssd.segments] + [0], dtype=np.int64)
-        ok = (seg_slot_bytes[seg_no] == ns.layout.slot_bytes) & (slot < seg_slots[seg_no])
-        keys = np.ascontiguousarray(recs["key"])
-        _, first = np.unique(keys, axis=0, return_index=True)
-        uniq = np.zeros(len(recs), dtype=bool)
-        uniq[first] = True
-        ok &= uniq & (idx.find_many(ns.index, keys.tobytes()) < 0)
-        sel = np.flatnonzero(ok)
-        if not len(sel):
-            return
-        bids = idx.add_many(ns.index, keys[sel].tobytes(), np.full(len(sel), -1), 0)
-        idx.state[bids] = COMMITTED
-        idx.ssd[bids] = addrs[sel]
-        idx.csum[bids] = recs["csum"][sel]
-        idx.depth[bids] = recs["depth"][sel]
-        for n in np.unique(seg_no[sel]).tolist():
-            in_seg = seg_no[sel] == n
-            ssd.segments[n].owner[slot[sel][in_seg]] = bids[in_seg]
-        parent_keys = np.ascontiguousarray(recs["parent"][sel])
-        parents = idx.find_many(ns.index, parent_keys.tobytes())
-        has = (parents >= 0) & parent_keys.any(axis=1)
-        idx.parent[bids[has]] = parents[has]
-        np.add.at(idx.children, parents[has], 1)
-
-    def compact(self) -> None:
-        """Rewrite the journal as the live records only, blocking (startup and shutdown)."""
-        records = self._snapshot()
-        self.journal._buf.clear()
-        self.journal._durable = self.journal._appended
-        self.journal.rewrite(records)
-
-    def _snapshot(self) -> list:
-        """The live journal: namespaces (renumbered), segments, and every SSD block."""
-        store, idx = self.store, self.store.index
-        records = []
-        self._ns_ord = {}
-        for ns in store._ns_by_index:
-            self._ns_ord[ns.namespace_id] = len(self._ns_ord)
-            records.append(jr.encode_ns(self._ns_record(ns)))
-        for seg in self.ssd.segments:
-            if seg.slot_bytes:
-                records.append(jr.encode_seg(seg.number, seg.slot_bytes))
-        live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
-        records.append(self._put_entries(live))    # encoded by the writer, off the loop
-        # SSD slots holding a block (deleted-but-leased ones too: forget_ssd counts them down
-        # when they go); kept current by _finish_writes and forget_ssd.
-        self._live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
-        return records
-
-    def _maybe_compact(self) -> None:
-        """While running: compact in the background once dead records outnumber live ones."""
-        j = self.journal
-        if not self._closed and j.records_in_file > 2 * self._live + COMPACT_MIN_RECORDS and \
-                j._flush_task is None:
-            j.start_rewrite(self._snapshot())
-
-    def _put_entries(self, bids: np.ndarray) -> np.ndarray:
-        idx = self.store.index
-        bids = np.asarray(bids, dtype=np.int64)
-        ords = np.array([self._ns_ord[ns.namespace_id] for ns in self.store._ns_by_index] or [0],
-                        dtype=np.uint32)
-        e = np.zeros(len(bids), dtype=jr.PUT_DTYPE)
-        e["ns"] = ords[idx.ns[bids]]
-        e["key"] = idx.keys[bids]
-        p = idx.parent[bids].astype(np.int64)
-        e["parent"] = np.where((p >= 0)[:, None], idx.keys[np.maximum(p, 0)], 0)
-        e["depth"] = idx.depth[bids]
-        e["addr"] = idx.ssd[bids]
-        e["csum"] = idx.csum[bids]
-        return e
-
-    async def sync_journal(self) -> None:
-        """Wait until every journal record appended so far is durable (errors are logged)."""
-        try:
-            while self.journal.pending():   # records may arrive while a flush is running
-                await self.journal.sync()
-        except OSError as exc:
-            log.warning("SSD journal sync failed: %s", exc)
-        self._maybe_compact()
-
-    def _schedule_sync(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if self._sync_task is None or self._sync_task.done():
-            self._sync_task = loop.create_task(self.sync_journal())
-
-    # -- SSD slots -----------------------------------------------------------------------------
-    def _ssd_slots(self, slot_bytes: int, n: int) -> list[int]:
-        """Up to n free SSD slots of this size, evicting SSD blocks (prefix-aware) if needed."""
-        out: list[int] = []
-        while len(out) < n:
-            addr = self.ssd.allocate(slot_bytes)
-            if addr is not None:
-                out.append(addr)
-                continue
-            seg = self.ssd.take_segment(slot_bytes)
-            if seg is not None:
-                self.journal.append(jr.encode_seg(seg, slot_bytes))
-                continue
-            if not self._make_ssd_room(slot_bytes, n - len(out)):
-                break
-        return out
-
-    def _make_ssd_room(self, slot_bytes: int, need: int) -> int:
-        """Free SSD slots of this size: evict the class's least valuable unpinned blocks — or,
-        when a segment of another block size is colder than all of those (or the class has
-        nothing to evict: a new model on a full tier), empty that segment and give it to this
-        class. Returns slots freed (0: nothing could be)."""
-        idx = self.store.index
-        batch = max(need, _SSD_EVICT_BATCH)
-        # Candidates are a random sample of the class's slots, not all of them: with tens of
-        # millions of slots a full sort per eviction would stall the daemon for seconds. Taking
-        # the most evictable 1/32 of the sample approximates LRU (with prefix-aware ties).
-        owners = self.ssd.sample_owners(slot_bytes, 32 * batch, self._rng)
-        owners = owners[(idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)]
-        victims = idx.eviction_order(owners)[:batch]
-        cold = self._coldest_foreign_segment(slot_bytes)
-        if cold is not None and (not len(victims) or cold[1] < int(idx.stamp[victims].max())):
-            freed = self._reassign_segment(cold[0], slot_bytes)
-            if freed:
-                return freed
-        for bid in victims.tolist():
-            self._evict_ssd_block(bid)
-        self.counters.evictions += len(victims)
-        return len(victims)
-
-    def _evict_ssd_block(self, bid: int) -> None:
-        if self.store.index.dram[bid] != NO_SLOT:
-            self.forget_ssd(bid)      # the DRAM copy stays
-        else:
-            self.store.discard(bid)   # SSD eviction drops
-
-    def _coldest_foreign_segment(self, slot_bytes: int) -> tuple[int, int] | None:
-        """(segment, newest stamp seen in a sample of it) of the coldest segment of another
-        size class that could hold this one's slots; -1 for an empty one. None if none."""
-        if slot_bytes > self.ssd.segment_bytes:
-            return None
-        idx = self.store.index
-        best = None
-        for seg in self.ssd.segments:
-            if seg.slot_bytes in (0, slot_bytes):
-                continue
-            sample = seg.owner if len(seg.owner) <= 256 else \
-                seg.owner[self._rng.integers(0, len(seg.owner), 256)]
-            sample = sample[sample >= 0]
-            newest = int(idx.stamp[sample].max()) if len(sample) else -1
-            if best is None or newest < best[1]:
-                best = (seg.number, newest)
-        return best
-
-    def _reassign_segment(self, number: int, slot_bytes: int) -> int:
-        """Empty segment ``number`` (its blocks evicted: dropped, or kept in DRAM) and give it
-        to this size class; journaled, so a restart sees the new size. 0 if a block in it is
-        pinned (I/O or a lease): then nothing is touched."""
-        idx, seg = self.store.index, self.ssd.segments[number]
-        held = seg.owner[seg.owner >= 0]
-        if len(held) and ((idx.leases[held] > 0).any() or (idx.state[held] != COMMITTED).any()):
-            return 0
-        for bid in held.tolist():
-            self._evict_ssd_block(bid)
-        self.counters.evictions += len(held)
-        old = seg.slot_bytes
-        self.ssd.reassign_segment(number, slot_bytes)
-        self.journal.append(jr.encode_seg(number, slot_bytes))
-        self._schedule_sync()
-        log.info("SSD segment %d: %d blocks of %d bytes evicted, segment given to %d-byte blocks",
-                 number, len(held), old, slot_bytes)
-        return len(seg.free)
-
-    def forget_ssd(self, bid: int) -> None:
-        """Free the block's SSD slot (it must not have I/O in flight) and journal that."""
-        idx = self.store.index
-        addr = int(idx.ssd[bid])
-        if addr == NO_SLOT:
-            return
-        self.ssd.free(addr)
-        idx.ssd[bid] = NO_SLOT
-        self._live -= 1
-        self.journal.append(jr.encode_del(addr))
-        self._schedule_sync()
 
     # -- writes --------------------------------------------------------------------------------
     def _start_writes(self, bids: list[int]) -> tuple[list[tuple[int, int]], list]:

@@ -138,7 +138,7 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     puts and deletes go on, and a fresh store recovers exactly the live blocks."""
     import asyncio
 
-    from kvstore import tiering as tiering_mod
+    from kvstore import ssd_journaling
     from kvstore.arena import Arena
     from kvstore.index import NO_SLOT
     from kvstore.layout import KVLayout
@@ -146,7 +146,7 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     from kvstore.tiering import Tiering
     from kvstore.tiers.journal import Journal
 
-    monkeypatch.setattr(tiering_mod, "COMPACT_MIN_RECORDS", 8)
+    monkeypatch.setattr(ssd_journaling, "COMPACT_MIN_RECORDS", 8)
     layout = KVLayout(1, 1, 64, 16, "uint8")          # 2 KiB blocks in 4 KiB slots
     bb = layout.block_bytes
 
