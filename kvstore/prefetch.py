@@ -106,7 +106,7 @@ class Prefetcher:
                     break
                 bids.append(bid)
             resolved.append((bids, deadline_s))
-        held = self._session_blocks.setdefault(session_id, {})
+        held = self._session_blocks.get(session_id, {})
         if self.max_session_bytes:
             # Bytes this session's prefetches pin: distinct blocks (overlapping prefixes of one
             # chain pin the same memory once).
@@ -134,6 +134,7 @@ class Prefetcher:
                          to_hbm=to_hbm)
             self._next_id += 1
             store.pin(bids)
+            held = self._session_blocks.setdefault(session_id, held)
             for b in bids:
                 if b not in held:
                     held[b] = 0
@@ -151,8 +152,6 @@ class Prefetcher:
                 p.state = READY
             self.counters.issued += 1
             out.append((p.prefetch_id, len(bids), len(to_read)))
-        if not held:
-            del self._session_blocks[session_id]
         self._kick()
         return out
 

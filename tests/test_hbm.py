@@ -94,13 +94,13 @@ def test_a_dram_hit_fills_hbm_and_the_next_get_reads_hbm(daemon_factory):
         # The bytes in the pool are the block's bytes (what the next D2D hit copies).
         pool = c._hbm.tensor
         lease_resp = c.call("Acquire", pb.AcquireRequest(
-            session_id=c._session.event.session_id, namespace_id=ns.namespace_id,
+            session_id=c.session_id, namespace_id=ns.namespace_id,
             keys=b"".join(keys), want_hbm=True))
         offs = list(lease_resp.hbm_offsets)
         assert len(offs) == 8 and min(offs) > 0 and not any(f >= 0 for f in lease_resp.hbm_fill)
         for i, o in enumerate(offs):
             assert torch.equal(pool[o:o + BB], data[i].reshape(-1))
-        c.call("Release", pb.ReleaseRequest(session_id=c._session.event.session_id,
+        c.call("Release", pb.ReleaseRequest(session_id=c.session_id,
                                             lease_id=lease_resp.lease_id))
 
 
@@ -164,7 +164,7 @@ _HOLDER = textwrap.dedent("""
     c = KVClient(sys.argv[1])
     ns = c.namespace("m", layout)
     keys = bytes.fromhex(sys.argv[2])
-    r = c.call("Acquire", pb.AcquireRequest(session_id=c._session.event.session_id,
+    r = c.call("Acquire", pb.AcquireRequest(session_id=c.session_id,
                namespace_id=ns.namespace_id, keys=keys, want_hbm=True))
     print(sum(1 for f in r.hbm_fill if f >= 0), flush=True)
     time.sleep(600)
@@ -200,7 +200,7 @@ def test_an_expired_fill_is_quarantined_until_the_session_ends(daemon_factory):
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         keys, data = put_chain(ns, 6, 4)
-        sid = c._session.event.session_id
+        sid = c.session_id
         r = c.call("Acquire", pb.AcquireRequest(session_id=sid, namespace_id=ns.namespace_id,
                                                 keys=b"".join(keys), want_hbm=True))
         assert sum(1 for f in r.hbm_fill if f >= 0) == 4

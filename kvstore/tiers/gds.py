@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd import SLOT_BITS, SSDTier, block_checksum
+from kvstore.tiers.ssd import SLOT_BITS, SSDTier, block_checksum, each_slot
 
 log = logging.getLogger("kvstore.gds")
 
@@ -85,13 +85,7 @@ class KvikioSlotIO:
     def read_slots(self, reads) -> list:
         """read_slot for each (addr, device view, key, nbytes, csum), sequentially in this
         thread; results as SSDTier.read_slots (True/False, or the OSError raised)."""
-        out = []
-        for addr, view, key, nbytes, csum in reads:
-            try:
-                out.append(self.read_slot(addr, view, key, nbytes, csum))
-            except OSError as exc:
-                out.append(exc)
-        return out
+        return each_slot(self.read_slot, reads)
 
     def close(self) -> None:
         for f in self._files:

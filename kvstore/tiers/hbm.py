@@ -24,6 +24,7 @@ the tier's logic is exercised end to end everywhere.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -193,7 +194,6 @@ class HBMTier:
         self.slot: dict[int, int] = {}
         self.filling: dict[int, int] = {}
         self.counters = TierCounters()
-        self.fills_abandoned = 0
 
     # -- reading ---------------------------------------------------------------------------
     def offset(self, bid: int) -> int:
@@ -237,11 +237,8 @@ class HBMTier:
             elif quarantine is not None:
                 self.slabs.set_owner(off, -2)
                 quarantine.append(off)
-                self.fills_abandoned += 1
             else:
                 self.slabs.free(off)
-                if not ok:
-                    self.fills_abandoned += 1
         return made
 
     def adopt(self, bid: int, off: int) -> None:
@@ -254,7 +251,6 @@ class HBMTier:
     async def copy_in(self, store, bids: list[int]) -> int:
         """Copy these DRAM blocks into HBM (a prefetch with to_hbm); returns the copies made.
         The blocks must be pinned (a prefetch pins its blocks) so their DRAM slots stay put."""
-        import asyncio
         bids = [b for b in bids if b not in self.slot and b not in self.filling]
         if not bids:
             return 0

@@ -364,24 +364,12 @@ class SSDTier:
     def write_slots(self, writes) -> list:
         """write_slot for each (addr, view, key, nbytes), sequentially in this thread; each
         result is the checksum, or the OSError that write raised."""
-        out = []
-        for w in writes:
-            try:
-                out.append(self.write_slot(*w))
-            except OSError as exc:
-                out.append(exc)
-        return out
+        return each_slot(self.write_slot, writes)
 
     def read_slots(self, reads) -> list:
         """read_slot for each (addr, view, key, nbytes, csum), sequentially in this thread;
         each result is True/False, or the OSError that read raised."""
-        out = []
-        for r in reads:
-            try:
-                out.append(self.read_slot(*r))
-            except OSError as exc:
-                out.append(exc)
-        return out
+        return each_slot(self.read_slot, reads)
 
     def read_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int, csum: int) -> bool:
         """Read one slot into ``view``; True iff its first ``nbytes`` match ``csum``.
@@ -398,6 +386,18 @@ class SSDTier:
         if n != len(view):
             return False
         return block_checksum(view[:nbytes], key) == csum
+
+
+def each_slot(op, items) -> list:
+    """op(*item) for each item, sequentially in this thread (one pool task runs a group of
+    slots); each result is op's, or the OSError it raised — one slot's failure is its own."""
+    out = []
+    for item in items:
+        try:
+            out.append(op(*item))
+        except OSError as exc:
+            out.append(exc)
+    return out
 
 
 def auto_segment_bytes(capacity_bytes: int) -> int:
