@@ -50,7 +50,7 @@ def test_tokens_file_parsing(tmp_path):
     assert parse_tokens_file(f)["aaaaaaaaaaaaaaaa1"] == TokenEntry("ops", frozenset({"ops"}),
                                                                    admin=True)
     f.write_text("aaaaaaaaaaaaaaaa1 ops +root\n")
-    with pytest.raises(ConfigError, match="line 1: unknown option '\+root'"):
+    with pytest.raises(ConfigError, match=r"line 1: unknown option '\+root'"):
         parse_tokens_file(f)
     f.write_text("aaaaaaaaaaaaaaaa1 alice\naaaaaaaaaaaaaaaa1 bob\n")
     with pytest.raises(ConfigError, match="line 2: duplicate token"):
