@@ -40,7 +40,7 @@ class Reason(str, enum.Enum):
     # -- access ------------------------------------------------------------------------------
     UNAUTHENTICATED = "UNAUTHENTICATED"    # missing or invalid bearer token
     TENANT_DENIED = "TENANT_DENIED"        # the token may not use that tenant salt
-    ARENA_NOT_TRUSTED = "ARENA_NOT_TRUSTED"  # shared-memory / HBM access not granted (arena_tenants)
+    ARENA_NOT_TRUSTED = "ARENA_NOT_TRUSTED"  # shared memory / HBM not granted (arena_tenants)
     # -- the daemon and the transport ------------------------------------------------------
     INTERNAL = "INTERNAL"                  # a bug: see the daemon log
     UNAVAILABLE = "UNAVAILABLE"            # daemon away, restarting, or the call was cancelled

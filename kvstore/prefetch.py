@@ -92,7 +92,8 @@ class Prefetcher:
         if len(self.live) + len(items) > self.max_pending:
             raise ResourceExhausted(
                 f"{len(self.live)} prefetches pending (max_pending_prefetches="
-                f"{self.max_pending}): wait for gets or deadlines, or cancel some", Reason.OVER_LIMIT)
+                f"{self.max_pending}): wait for gets or deadlines, or cancel some",
+                Reason.OVER_LIMIT)
         parsed = []
         for keys_blob, deadline_s in items:
             if not deadline_s >= 0 or deadline_s > 86400:

@@ -35,7 +35,7 @@ def _kv(layout: KVLayout, n: int, fill: float = 1.0) -> np.ndarray:
 
 
 def _reason(call, *args):
-    """(SDK exception, the raw kvstore-reason metadata) of a call expected to fail."""
+    """The SDK exception of a call expected to fail."""
     with pytest.raises(Exception) as exc:
         call(*args)
     return exc.value

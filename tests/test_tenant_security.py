@@ -26,7 +26,6 @@ from kvstore.layout import KVLayout
 from kvstore.metrics import Metrics
 from kvstore.stats import UINT64_MAX
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 LAYOUT = KVLayout(2, 2, 64, block_tokens=16, dtype="float16")   # 16 KiB blocks
 TOKENS = {"a": "tenant-a-token-0123456789abcdef", "b": "tenant-b-token-0123456789abcdef",
@@ -210,6 +209,9 @@ def test_tenant_statistics_show_only_their_own(daemon_factory, tmp_path):
             ns_a.lookup(keys)
         held = ns_a.acquire(keys)
         b.namespace("llama", LAYOUT, tenant="tenant-b")
+        with pytest.raises(PermissionDenied) as exc:
+            b.namespace("llama", LAYOUT, tenant="tenant-a")
+        assert exc.value.reason == Reason.TENANT_DENIED
         for st in (b.stats(), next(b.watch_stats(0.05))):
             assert [n.tenant for n in st.namespaces] == ["tenant-b"]
             assert st.lookups == 0 and st.active_leases == 0 and st.sessions == 1
