@@ -280,3 +280,17 @@ def test_sighup_reloads_the_tokens_file(daemon_factory, tmp_path):
         assert d.proc.poll() is None
     finally:
         a.close()
+
+
+def test_arena_tenants_config_key(tmp_path):
+    from kvstore.config import ConfigError, load_config
+
+    toml = tmp_path / "kv.toml"
+    toml.write_text('arena_tenants = ["team-a", "team-b"]\n')
+    assert load_config(toml, env={}).arena_tenants == ("team-a", "team-b")
+    assert load_config(env={"KVSTORE_ARENA_TENANTS": "team-a, team-c"}).arena_tenants == (
+        "team-a", "team-c")
+    assert load_config(env={}).arena_tenants == ()
+    toml.write_text("arena_tenants = 3\n")
+    with pytest.raises(ConfigError, match="arena_tenants"):
+        load_config(toml, env={})
