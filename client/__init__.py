@@ -1,6 +1,7 @@
 """kvstore client SDK: ``from kvstore.client import KVClient, KVLayout``."""
 from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError, NotFound,
-                                   ResourceExhausted, StaleRead, Unavailable)
+                                   PermissionDenied, Reason, ResourceExhausted, StaleRead,
+                                   Unauthenticated, Unavailable)
 from kvstore.client.aio import AsyncKVClient, AsyncNamespace
 from kvstore.client.namespace import BlockLease, LookupResult, Namespace, PrefetchTicket
 from kvstore.client.sdk import KVClient
@@ -8,4 +9,5 @@ from kvstore.layout import KVLayout
 
 __all__ = ["KVClient", "AsyncKVClient", "AsyncNamespace", "KVLayout", "Namespace", "BlockLease",
            "LookupResult", "PrefetchTicket", "KVStoreError", "InvalidArgument", "NotFound",
-           "FailedPrecondition", "ResourceExhausted", "Unavailable", "StaleRead"]
+           "FailedPrecondition", "ResourceExhausted", "Unavailable", "StaleRead",
+           "PermissionDenied", "Unauthenticated", "Reason"]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.client.errors import FailedPrecondition, KVStoreError
+from kvstore.client.errors import FailedPrecondition, KVStoreError, Reason
 from kvstore.client.hf_cache import (LayerLoader, LoadTimeline, PrefixCache, PrefixLoadFailed,
                                      check_supported, pack_blocks)
 from kvstore.layout import KVLayout
@@ -51,6 +51,8 @@ log = logging.getLogger("kvstore.client.hf")
 
 class LayoutMismatch(FailedPrecondition):
     """The model's KV layout differs from the namespace's: its blocks would be misread."""
+
+    default_reason = Reason.LAYOUT_MISMATCH
 
 
 def layout_for(model, block_tokens: int = 16, tp_rank: int = 0, tp_size: int = 1) -> KVLayout:
@@ -163,7 +165,7 @@ class HFPrefixCache:
             try:
                 self._ns = self._client.namespace(self.model_id, self.layout, self.tenant)
             except FailedPrecondition as exc:
-                if "layout mismatch" in str(exc):
+                if exc.reason == Reason.LAYOUT_MISMATCH:
                     raise LayoutMismatch(str(exc)) from None
                 raise
             return self._ns

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import grpc
 
 from kvstore.client import cuda, quantized, transfer
-from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
+from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, Reason, StaleRead,
                                    Unavailable, from_rpc_error)
 from kvstore.keys import chain_keys, namespace_digest, pack_keys
 from kvstore.layout import KVLayout
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore.client")
 
 TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD"}
+# The daemon forgot the session or the namespace (it restarted): register again and retry once.
+_REREGISTER = (Reason.UNKNOWN_SESSION, Reason.UNKNOWN_NAMESPACE)
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,12 @@ class BlockLease:
         try:
             self.ns.client.call("Release", req)
         except KVStoreError as exc:
-            if "expired" in str(exc):
+            if exc.reason == Reason.EXPIRED_LEASE:
                 raise StaleRead(str(exc)) from None
             if isinstance(exc, (NotFound, Unavailable)):
                 # The session is gone (daemon restarted): the lease went with it and the bytes
                 # may be gone too.
-                raise StaleRead(f"lease lost with its session: {exc}") from None
+                raise StaleRead(f"lease lost with its session: {exc}", exc.reason) from None
             raise
 
     def __enter__(self) -> "BlockLease":
@@ -142,7 +144,7 @@ class Namespace:
             try:
                 return self.client.call(method, make_request(sid)), sid
             except (NotFound, Unavailable) as exc:
-                if attempt or ("unknown namespace" not in str(exc) and "unknown session" not in str(exc)):
+                if attempt or exc.reason not in _REREGISTER:
                     raise
                 self._registered = False
 

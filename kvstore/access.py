@@ -2,16 +2,23 @@
 
 For every call, before the servicer sees it:
 1. authenticate (bearer token; required over TCP, optional on the Unix socket; the health
-   service is exempt so Kubernetes gRPC probes work without credentials);
+   service is exempt so Kubernetes gRPC probes work without credentials) — before the request
+   bytes are even decoded, so an unauthenticated caller learns nothing from a malformed message:
+   UNAUTHENTICATED, counted in auth_failures, one log line. An authenticated request that does
+   not parse is INVALID_ARGUMENT (MALFORMED_REQUEST);
 2. tenant isolation: a namespace whose tenant salt the caller may not use, and a session another
    caller opened, answer exactly like unknown ones (NOT_FOUND, same message, same early exit) —
    no existence oracle; registering a namespace under a salt the caller may not use is
    PERMISSION_DENIED;
-3. per-client limits: outstanding puts and gets (allocations + leases) and active streams per
+3. shared memory only for the trusted (Principal.arena: the socket's owner, arena_tenants):
+   others are not told the arena's or the HBM pool's location, get no slot offsets, and HBM
+   requests from them are PERMISSION_DENIED (ARENA_NOT_TRUSTED) — they move bytes over gRPC;
+4. per-client limits: outstanding puts and gets (allocations + leases) and active streams per
    client, in requests and bytes; over a limit is RESOURCE_EXHAUSTED for that client only.
 
 After the call it times puts (allocate → commit) and gets (acquire → release) into the metrics,
-and filters other tenants' namespaces out of statistics.
+and cuts statistics down to the caller's own tenant unless it is an admin (see _visible_stats).
+Every refusal carries a reason (kvstore.errors).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ from dataclasses import dataclass
 import grpc
 
 from kvstore.auth import LOCAL, Principal, TokenTable, bearer_token
+from kvstore.errors import (InvalidArgument, NotFound, PermissionDenied, Reason,
+                            ResourceExhausted, Unauthenticated, abort)
 from kvstore.metrics import Metrics
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -61,6 +70,11 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
         self._principal_of: dict[int, Principal] = {}      # session -> principal
         self._clients: dict[str, _Client] = collections.defaultdict(_Client)
 
+    def replace_tokens(self, tokens: TokenTable) -> None:
+        """Use ``tokens`` from the next call on (SIGHUP reload): a revoked token is refused at
+        once, also by clients that opened their session with it."""
+        self.tokens = tokens
+
     # -- the interceptor -----------------------------------------------------------------------
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -68,26 +82,39 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(_EXEMPT):
             return handler
         name = method[len(_SERVICE):] if method.startswith(_SERVICE) else None
+        # The wrapped handlers receive the raw request bytes (no deserializer) and decode them
+        # themselves, after authentication.
+        decode = handler.request_deserializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, name),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, name, decode),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, name),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, name, decode),
                 response_serializer=handler.response_serializer)
         if handler.stream_stream:   # server reflection
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_bidi(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_bidi(handler.stream_stream, decode),
                 response_serializer=handler.response_serializer)
         return handler
 
-    def _wrap_unary(self, inner, name):
-        async def behavior(request, context):
+    @staticmethod
+    async def _decode(raw: bytes, decode, name, context):
+        if decode is None:
+            return raw
+        try:
+            return decode(raw)
+        except Exception as exc:    # protobuf's DecodeError, or anything a parser raises
+            await abort(context, InvalidArgument(
+                f"{name or 'request'}: the request does not parse as its message "
+                f"({type(exc).__name__}); is the client built from another kvstore.proto?",
+                Reason.MALFORMED_REQUEST))
+
+    def _wrap_unary(self, inner, name, decode):
+        async def behavior(raw, context):
             principal = await self._authenticate(context)
+            request = await self._decode(raw, decode, name, context)
             if name:
                 await self._check(name, request, principal, context)
             t0 = self.metrics.clock()
@@ -95,13 +122,14 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             if inspect.isawaitable(response):
                 response = await response
             if name and response is not None:
-                self._after(name, request, response, principal, t0)
+                response = self._after(name, request, response, principal, t0)
             return response
         return behavior
 
-    def _wrap_stream(self, inner, name):
-        async def behavior(request, context):
+    def _wrap_stream(self, inner, name, decode):
+        async def behavior(raw, context):
             principal = await self._authenticate(context)
+            request = await self._decode(raw, decode, name, context)
             if name:
                 await self._check(name, request, principal, context)
             key = self._client_key(principal, getattr(request, "session_id", 0))
@@ -116,6 +144,11 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                     if name == "OpenSession" and opened is None:
                         opened = msg.session_id
                         self._session_opened(opened, principal)
+                        if not principal.arena:
+                            # Where the arena and the HBM pool are is withheld: such a client
+                            # streams bytes over gRPC.
+                            msg.ClearField("arena")
+                            msg.ClearField("hbm")
                     elif name in ("GetStats", "WatchStats"):
                         msg = self._visible_stats(msg, principal)
                     yield msg
@@ -126,10 +159,14 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                     self._session_closed(opened)
         return behavior
 
-    def _wrap_bidi(self, inner):
+    def _wrap_bidi(self, inner, decode):
         async def behavior(request_iterator, context):
             await self._authenticate(context)
-            async for msg in inner(request_iterator, context):
+
+            async def requests():
+                async for raw in request_iterator:
+                    yield await self._decode(raw, decode, None, context)
+            async for msg in inner(requests(), context):
                 yield msg
         return behavior
 
@@ -150,30 +187,36 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
     async def _deny(self, context, message: str):
         self.metrics.auth_failures += 1
         log.warning("refused a call from %s: %s", context.peer(), message)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, Unauthenticated(message, Reason.UNAUTHENTICATED))
 
     # -- tenant isolation and limits, before the servicer ------------------------------------
     async def _check(self, name: str, request, principal: Principal, context) -> None:
         if name == "RegisterNamespace":
             if not principal.may_use(request.tenant):
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
+                await abort(context, PermissionDenied(
                     f"{principal.name} may not use tenant {request.tenant!r}; allowed: "
-                    f"{sorted(principal.salts or ())}")
+                    f"{sorted(principal.salts or ())}", Reason.TENANT_DENIED))
             return
+        if not principal.arena and (getattr(request, "want_hbm", False)
+                                    or getattr(request, "to_hbm", False)
+                                    or getattr(request, "hbm_filled", False)):
+            await abort(context, PermissionDenied(
+                f"{principal.name} is not trusted with the shared arena or the HBM pool (the "
+                "daemon's arena_tenants); move bytes over gRPC", Reason.ARENA_NOT_TRUSTED))
         sid = getattr(request, "session_id", 0)
         if sid and principal.salts is not None and self._owner.get(sid) != principal.name:
             # The store's own words for a session that does not exist.
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown session {sid}: open a session first (or reconnect)")
+            await abort(context, NotFound(
+                f"unknown session {sid}: open a session first (or reconnect)",
+                Reason.UNKNOWN_SESSION))
         if name in _NS_CALLS or (name == "ReportFallbacks" and request.namespace_id):
             ns = self.store.namespaces.get(bytes(request.namespace_id))
             # For a tenant, unknown and foreign namespaces take this one path: same status,
             # same message, same work — neither existence nor timing tells them apart.
             if principal.salts is not None and (ns is None or not principal.may_use(ns.tenant)):
-                await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"unknown namespace {bytes(request.namespace_id).hex() or '(empty)'}"
-                                    ": register it first")
+                await abort(context, NotFound(
+                    f"unknown namespace {bytes(request.namespace_id).hex() or '(empty)'}: "
+                    "register it first", Reason.UNKNOWN_NAMESPACE))
         if name in ("Allocate", "Acquire"):
             n_keys, rest = divmod(len(request.keys), 16)
             if rest or n_keys > self.store.max_batch_blocks:
@@ -197,9 +240,9 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
         else:
             return
         self.metrics.requests_throttled += 1
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"client {key} is over its limit: {why}; finish (commit/release) "
-                            "outstanding puts and gets, then retry")
+        await abort(context, ResourceExhausted(
+            f"client {key} is over its limit: {why}; finish (commit/release) outstanding puts "
+            "and gets, then retry", Reason.OVER_LIMIT))
 
     def _prune(self, client: _Client) -> None:
         """Forget allocations and leases the store no longer has (committed, expired, ...)."""
@@ -210,7 +253,8 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                 del table[k]
 
     # -- bookkeeping, after the servicer ---------------------------------------------------------
-    def _after(self, name: str, request, response, principal: Principal, t0: float) -> None:
+    def _after(self, name: str, request, response, principal: Principal, t0: float):
+        """Record the call; returns the response the caller may see."""
         sid = getattr(request, "session_id", 0)
         if name == "Allocate":
             ns = self.store.namespaces.get(bytes(request.namespace_id))
@@ -218,6 +262,8 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             client = self._clients[self._client_key(principal, sid)]
             client.allocations[(sid, response.allocation_id)] = n * ns.layout.block_bytes
             self.metrics.put_started(response.allocation_id, t0)
+            if not principal.arena:
+                _hide_offsets(response.offsets)
         elif name == "Commit":
             self.metrics.put_finished(request.allocation_id, committed=not request.abort)
         elif name == "Acquire" and response.lease_id:
@@ -225,13 +271,13 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             client = self._clients[self._client_key(principal, sid)]
             client.leases[(sid, response.lease_id)] = len(response.offsets) * ns.layout.block_bytes
             self.metrics.get_started(response.lease_id, response.tiers[0], t0)
+            if not principal.arena:
+                _hide_offsets(response.offsets)
         elif name == "Release":
             self.metrics.get_finished(request.lease_id)
         elif name == "GetStats":
-            filtered = self._visible_stats(response, principal)
-            if filtered is not response:
-                response.ClearField("namespaces")
-                response.namespaces.extend(filtered.namespaces)
+            return self._visible_stats(response, principal)
+        return response
 
     def _client_key(self, principal: Principal, session_id: int) -> str:
         if principal.salts is None:   # local clients are told apart by their sessions
@@ -257,14 +303,29 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                     and not client.leases:
                 del self._clients[key]
 
-    @staticmethod
-    def _visible_stats(st: pb.Stats, principal: Principal) -> pb.Stats:
-        """A tenant sees its own namespaces only; tier totals are shared by everyone."""
-        if principal.salts is None:
+    def _visible_stats(self, st: pb.Stats, principal: Principal) -> pb.Stats:
+        """What ``principal`` may see of the daemon's statistics.
+
+        The socket's owner and admin tokens see everything. A tenant sees its own figures only:
+        the namespaces of salts it may use (blocks, bytes), its own sessions and outstanding
+        leases, each tier's capacity, the daemon's version and uptime. Every other figure
+        (tier use, hits, lookups, prefetch, fallbacks, auth failures, ...) is daemon-wide — it
+        would tell one tenant what the others are doing — and reads 0 for a tenant."""
+        if principal.admin:
             return st
-        out = pb.Stats()
-        out.CopyFrom(st)
-        out.ClearField("namespaces")
+        out = pb.Stats(daemon_version=st.daemon_version, uptime_s=st.uptime_s)
+        for t in st.tiers:
+            out.tiers.add(tier=t.tier, capacity_bytes=t.capacity_bytes)
         out.namespaces.extend(ns for ns in st.namespaces if principal.may_use(ns.tenant))
+        client = self._clients.get(self._client_key(principal, 0))
+        sessions = self.store.sessions
+        mine = [sessions[sid] for sid in (client.sessions if client else ()) if sid in sessions]
+        out.sessions = len(mine)
+        out.active_leases = sum(len(s.leases) for s in mine)
         return out
 
+
+def _hide_offsets(offsets) -> None:
+    """Slot offsets are for clients that map the arena: others get 0 for every block to copy
+    (the sign still says write / skip / no room) and never learn where a block lives."""
+    offsets[:] = [0 if o >= 0 else o for o in offsets]

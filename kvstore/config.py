@@ -70,6 +70,14 @@ def _str(v: Any) -> str:
     return v
 
 
+def _names(v: Any) -> tuple[str, ...]:
+    """A list of names: a TOML array of strings, or one comma-separated string (env, flag)."""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"must be a list of names, got {v!r}")
+    return tuple(x.strip() for x in items if x.strip())
+
+
 def _default_ssd_dir() -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(cache) / "kvstore" / "ssd")
@@ -186,6 +194,9 @@ FIELDS: list[Field] = [
     Field("socket_group", _str, "", "make the Unix socket 0660 owned by this group (else 0600)"),
     Field("socket_requires_token", _bool, False, "require a bearer token on the Unix socket too"),
     Field("tokens_file", _str, "", "bearer tokens: lines 'TOKEN TENANT [SHARED_SALT ...]'"),
+    Field("arena_tenants", _names, (), "tenants whose tokens may map the shared arena and "
+          "the HBM pool (a process that maps them can read every tenant's blocks); other "
+          "tokens move bytes over gRPC", lambda v: ",".join(v) or "none"),
     Field("auth_token", _str, "", "a single bearer token for tenant '' (prefer "
           "$KVSTORE_AUTH_TOKEN)", _redacted),
     Field("tls_cert_file", _str, "", "TLS certificate (PEM) for the TCP listener"),

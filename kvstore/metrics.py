@@ -20,6 +20,7 @@ import math
 import time
 from typing import Callable
 
+from kvstore.stats import saturating_add
 from kvstore.v1 import kvstore_pb2 as pb
 
 # Log-spaced latency buckets, 1 µs .. ~100 s, each 20% wider than the last: a quantile read off
@@ -128,8 +129,8 @@ class Metrics:
             self.get_latency[tier].observe(self.clock() - t0)
 
     def fallbacks_reported(self, count: int, blocks: int) -> None:
-        self.recompute_fallbacks += count
-        self.recompute_fallback_blocks += blocks
+        self.recompute_fallbacks = saturating_add(self.recompute_fallbacks, count)
+        self.recompute_fallback_blocks = saturating_add(self.recompute_fallback_blocks, blocks)
 
     # -- sampling and the snapshot -----------------------------------------------------------
     def sample(self) -> None:

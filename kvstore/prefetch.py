@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kvstore.errors import InvalidArgument, ResourceExhausted
+from kvstore.errors import InvalidArgument, Reason, ResourceExhausted
 from kvstore.index import COMMITTED, NO_SLOT
 
 log = logging.getLogger("kvstore.prefetch")
@@ -88,15 +88,17 @@ class Prefetcher:
         store._session(session_id)
         ns = store._namespace(namespace_id)
         if not grace_s >= 0:
-            raise InvalidArgument(f"grace_s must be >= 0, got {grace_s}")
+            raise InvalidArgument(f"grace_s must be >= 0, got {grace_s}", Reason.BAD_ARGUMENT)
         if len(self.live) + len(items) > self.max_pending:
             raise ResourceExhausted(
                 f"{len(self.live)} prefetches pending (max_pending_prefetches="
-                f"{self.max_pending}): wait for gets or deadlines, or cancel some")
+                f"{self.max_pending}): wait for gets or deadlines, or cancel some",
+                Reason.OVER_LIMIT)
         parsed = []
         for keys_blob, deadline_s in items:
             if not deadline_s >= 0 or deadline_s > 86400:
-                raise InvalidArgument(f"deadline_s must be in [0, 86400], got {deadline_s}")
+                raise InvalidArgument(f"deadline_s must be in [0, 86400], got {deadline_s}",
+                                      Reason.BAD_ARGUMENT)
             parsed.append((store._keys(keys_blob), deadline_s))   # validate all before any
         resolved = []
         for keys, deadline_s in parsed:
@@ -117,7 +119,8 @@ class Prefetcher:
                 raise ResourceExhausted(
                     f"prefetch of {asked} more bytes refused: this client's pending prefetches "
                     f"already pin {pinned} bytes (max_prefetch_bytes_per_client="
-                    f"{self.max_session_bytes}); wait for its gets or deadlines, or cancel some")
+                    f"{self.max_session_bytes}); wait for its gets or deadlines, or cancel some",
+                    Reason.OVER_LIMIT)
         now = self.clock()
         grace = grace_s or self.grace_s
         out = []

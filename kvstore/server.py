@@ -5,6 +5,7 @@ end every session (reclaiming its leases), unlink the arena and the socket, exit
 
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access) before the servicer.
+SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from kvstore import __version__
 from kvstore.access import AccessPolicy, Limits
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
-from kvstore.config import Config
+from kvstore.config import Config, ConfigError
 from kvstore.bandwidth import measure_memcpy_bps
 from kvstore.metrics import Metrics
 from kvstore.prefetch import Prefetcher
@@ -73,12 +74,13 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.arena: Arena | None = None
         self.store: BlockStore | None = None
+        self.access: AccessPolicy | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
         sock = Path(cfg.socket)
         sock_mode, sock_gid = socket_mode(cfg.socket_group)
-        tokens = TokenTable.from_config(cfg.tokens_file, cfg.auth_token)
+        tokens = TokenTable.from_config(cfg.tokens_file, cfg.auth_token, cfg.arena_tenants)
         tls = tls_credentials(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         _prepare_socket(sock)
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
@@ -145,9 +147,10 @@ class Daemon:
         self._sampler = asyncio.create_task(self._sample_loop())
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
                  f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
-        log.info("access: %d bearer tokens; socket %s a token; per client at most %d puts/gets "
-                 "and %s in flight", len(tokens),
+        log.info("access: %d bearer tokens; socket %s a token; shared arena for the socket's "
+                 "owner%s; per client at most %d puts/gets and %s in flight", len(tokens),
                  "requires" if cfg.socket_requires_token else "does not require",
+                 f" and tenants {', '.join(cfg.arena_tenants)}" if cfg.arena_tenants else " only",
                  cfg.max_inflight_requests_per_client,
                  format_bytes(cfg.inflight_bytes_per_client))
         log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
@@ -172,6 +175,20 @@ class Daemon:
                      h.pool.backend, h.pool.device, route)
         else:
             log.info("HBM tier: off (set --hbm-bytes on a CUDA host)")
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: re-read the tokens file; the next call of every client is checked against it."""
+        if self.access is None:
+            return
+        try:
+            tokens = TokenTable.from_config(self.cfg.tokens_file, self.cfg.auth_token,
+                                            self.cfg.arena_tenants)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the %d tokens in force: %s", len(self.access.tokens), exc)
+            return
+        self.access.replace_tokens(tokens)
+        log.info("SIGHUP: reloaded %d bearer tokens from %s", len(tokens),
+                 self.cfg.tokens_file or "auth_token")
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -292,6 +309,7 @@ async def run_daemon(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_tokens)
     try:
         await daemon.start()
         await daemon.wait()

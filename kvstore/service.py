@@ -1,7 +1,8 @@
 """The gRPC servicer: a thin translation between kvstore.v1 messages and BlockStore calls.
 
-Domain errors become status codes with the store's message; anything else becomes INTERNAL with
-a log line, and the daemon keeps serving everyone else.
+Domain errors become status codes with the store's message and their reason (kvstore.errors:
+trailing metadata ``kvstore-reason``); anything else becomes INTERNAL with a log line, and the
+daemon keeps serving everyone else.
 """
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import functools
 import inspect
 import logging
 
-import grpc
 
 from kvstore import __version__
-from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError
+from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason, abort
 from kvstore.layout import KVLayout, LayoutError
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -22,11 +22,11 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 log = logging.getLogger("kvstore.service")
 
 WATCH_MIN_INTERVAL_S = 0.05
+# One ReportFallbacks may claim at most this many fallbacks and blocks: a client reports what one
+# request recomputed, so anything larger is a bug or an attack on the counters.
+MAX_REPORTED_FALLBACKS = 1 << 20
+MAX_REPORTED_BLOCKS = 1 << 40
 TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD}
-
-
-def _status(code_name: str) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, code_name)
 
 
 def unary(fn):
@@ -37,13 +37,13 @@ def unary(fn):
             result = fn(self, request, context)
             return await result if inspect.isawaitable(result) else result
         except KVStoreError as exc:
-            await context.abort(_status(exc.code), str(exc))
+            await abort(context, exc)
         except LayoutError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, InvalidArgument(str(exc), Reason.BAD_LAYOUT))
         except Exception:
             log.exception("internal error in %s", fn.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; "
-                                "see the daemon log")
+            await abort(context, KVStoreError(f"internal error in {fn.__name__}; see the daemon "
+                                              "log", Reason.INTERNAL))
     return wrapper
 
 
@@ -134,7 +134,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         try:
             blocks = list(self.store.read_remote(request.session_id, request.lease_id))
         except KVStoreError as exc:
-            await context.abort(_status(exc.code), str(exc))
+            await abort(context, exc)
             return
         for i, view in blocks:
             yield pb.BlockData(index=i, data=bytes(view))
@@ -158,8 +158,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def WatchStats(self, request, context):
         interval_s = request.interval_s or 1.0
         if not interval_s >= WATCH_MIN_INTERVAL_S:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"interval_s must be >= {WATCH_MIN_INTERVAL_S}, got {interval_s}")
+            await abort(context, InvalidArgument(
+                f"interval_s must be >= {WATCH_MIN_INTERVAL_S}, got {interval_s}",
+                Reason.BAD_ARGUMENT))
         while not self._stopping.is_set():
             yield self.metrics.snapshot() if self.metrics else stats_message(self.store)
             # Wake at the interval, or at once when the daemon stops: the stream then ends OK.
@@ -170,6 +171,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     def ReportFallbacks(self, request, context):
+        if request.count > MAX_REPORTED_FALLBACKS or request.blocks > MAX_REPORTED_BLOCKS:
+            raise InvalidArgument(
+                f"ReportFallbacks(count={request.count}, blocks={request.blocks}): one report "
+                f"may claim at most {MAX_REPORTED_FALLBACKS} fallbacks and "
+                f"{MAX_REPORTED_BLOCKS} blocks", Reason.BAD_ARGUMENT)
         if self.metrics is not None:
             self.metrics.fallbacks_reported(request.count, request.blocks)
         if request.count:
@@ -183,7 +189,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def Prefetch(self, request, context):
         pf = self.store.prefetcher
         if pf is None:
-            raise FailedPrecondition("prefetch is not enabled in this daemon")
+            raise FailedPrecondition("prefetch is not enabled in this daemon", Reason.NOT_ENABLED)
         out = pf.submit(request.session_id, request.namespace_id,
                         [(it.keys, it.deadline_s) for it in request.items], request.grace_s,
                         to_hbm=request.to_hbm and self.store.hbm is not None)
@@ -204,7 +210,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         pr = request.profile
         profile = PrefillProfile(pr.c0, pr.c1, pr.c2)
         if not all(x >= 0 and x < float("inf") for x in (pr.c0, pr.c1, pr.c2, request.latency_s)):
-            raise InvalidArgument("profile coefficients and latency_s must be finite and >= 0")
+            raise InvalidArgument("profile coefficients and latency_s must be finite and >= 0",
+                                  Reason.BAD_ARGUMENT)
         ns = self.store._namespace(request.namespace_id)
         n, tiers = self.store.lookup(request.namespace_id, request.keys)
         tiering = self.store.tiering

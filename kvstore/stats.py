@@ -3,6 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+UINT64_MAX = (1 << 64) - 1   # every counter is a uint64 in kvstore.v1.Stats
+
+
+def saturating_add(total: int, n: int) -> int:
+    """``total + n`` held at UINT64_MAX: a counter that would overflow its uint64 field stays at
+    the maximum instead of making every statistics view fail to serialize."""
+    return min(total + max(n, 0), UINT64_MAX)
+
 
 @dataclass
 class TierCounters:

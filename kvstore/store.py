@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore.arena import Arena
-from kvstore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from kvstore.errors import (FailedPrecondition, InvalidArgument, NotFound, Reason,
+                            ResourceExhausted)
 from kvstore.index import COMMITTED, DELETED, NO_SLOT, BlockIndex
 from kvstore.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
 from kvstore.layout import KVLayout
@@ -107,11 +108,11 @@ class BlockStore:
 
     def register_namespace(self, model_id: str, layout: KVLayout, tenant: str = "") -> Namespace:
         if not model_id:
-            raise InvalidArgument("model_id must not be empty")
+            raise InvalidArgument("model_id must not be empty", Reason.BAD_ARGUMENT)
         try:
             self.slabs.size_class(layout.slot_bytes)
         except ValueError as exc:
-            raise InvalidArgument(f"layout {layout.describe()}: {exc}") from None
+            raise InvalidArgument(f"layout {layout.describe()}: {exc}", Reason.BAD_LAYOUT) from None
         digest = namespace_digest(model_id, layout, tenant)
         ns = self.namespaces.get(digest)
         if ns is not None:
@@ -123,7 +124,7 @@ class BlockStore:
                 raise FailedPrecondition(
                     f"layout mismatch for model {model_id!r} (tenant {tenant!r}, tp rank "
                     f"{layout.tp_rank}): registered as [{other.layout.describe()}], "
-                    f"this client declares [{layout.describe()}]"
+                    f"this client declares [{layout.describe()}]", Reason.LAYOUT_MISMATCH
                 )
         ns = Namespace(len(self._ns_by_index), digest, model_id, tenant, layout)
         self.namespaces[digest] = ns
@@ -162,9 +163,10 @@ class BlockStore:
         ns = self._namespace(namespace_id)
         keys = self._keys(keys_blob)
         if len(set(keys)) != len(keys):
-            raise InvalidArgument("duplicate keys in one batch")
+            raise InvalidArgument("duplicate keys in one batch", Reason.BAD_KEYS)
         if parent_key and len(parent_key) != KEY_BYTES:
-            raise InvalidArgument(f"parent_key must be {KEY_BYTES} bytes, got {len(parent_key)}")
+            raise InvalidArgument(f"parent_key must be {KEY_BYTES} bytes, got {len(parent_key)}",
+                                  Reason.BAD_KEYS)
         idx = self.index
         stamp = idx.tick()
         parent = idx.find(ns.index, parent_key) if parent_key else -1
@@ -212,8 +214,8 @@ class BlockStore:
             self.counters.puts_rejected += 1
             raise ResourceExhausted(
                 f"DRAM tier full: no unleased block of {ns.layout.slot_bytes} bytes to evict "
-                f"({self.slabs.capacity_bytes} bytes, {self._active_leases()} active leases)"
-            )
+                f"({self.slabs.capacity_bytes} bytes, {self._active_leases()} active leases)",
+                Reason.NO_ROOM)
         alloc = Allocation(self._new_id(), s.session_id, ns.index, block_ids,
                            self.clock() + self.allocation_timeout_s)
         s.allocations[alloc.allocation_id] = alloc
@@ -226,11 +228,12 @@ class BlockStore:
         bb = layout.block_bytes
         if len(data) % bb:
             raise InvalidArgument(f"data is {len(data)} bytes, not a multiple of the "
-                                  f"{bb}-byte block of this namespace")
+                                  f"{bb}-byte block of this namespace", Reason.BAD_ARGUMENT)
         n = len(data) // bb
         if first_index + n > len(alloc.block_ids):
             raise InvalidArgument(f"blocks [{first_index}, {first_index + n}) outside the "
-                                  f"allocation of {len(alloc.block_ids)} blocks")
+                                  f"allocation of {len(alloc.block_ids)} blocks",
+                                  Reason.BAD_ARGUMENT)
         mv = memoryview(data)
         for i in range(n):
             bid = alloc.block_ids[first_index + i]
@@ -345,7 +348,9 @@ class BlockStore:
         s = self._session(session_id)
         lease = s.leases.get(lease_id)
         if lease is None:
-            raise FailedPrecondition(f"lease {lease_id} is unknown, released or expired")
+            raise FailedPrecondition(f"lease {lease_id} is unknown, released or expired",
+                                     Reason.EXPIRED_LEASE if lease_id in self._expired_leases
+                                     else Reason.UNKNOWN_LEASE)
         for i, bid in enumerate(lease.block_ids):
             layout = self._ns_by_index[int(self.index.ns[bid])].layout
             off = int(self.index.dram[bid])
@@ -360,8 +365,10 @@ class BlockStore:
             if lease_id in self._expired_leases:
                 raise FailedPrecondition(
                     f"lease {lease_id} expired after {self.lease_timeout_s:g}s before release; "
-                    "the blocks may have been reused: discard what was read")
-            raise FailedPrecondition(f"lease {lease_id} is unknown or already released")
+                    "the blocks may have been reused: discard what was read",
+                    Reason.EXPIRED_LEASE)
+            raise FailedPrecondition(f"lease {lease_id} is unknown or already released",
+                                     Reason.UNKNOWN_LEASE)
         if lease.hbm_fill:
             self.hbm.finish(self, lease.hbm_fill, ok=hbm_filled)
         self._unlease(lease)
@@ -404,24 +411,25 @@ class BlockStore:
     def _session(self, session_id: int) -> Session:
         s = self.sessions.get(session_id)
         if s is None:
-            raise NotFound(f"unknown session {session_id}: open a session first (or reconnect)")
+            raise NotFound(f"unknown session {session_id}: open a session first (or reconnect)",
+                           Reason.UNKNOWN_SESSION)
         return s
 
     def _namespace(self, namespace_id: bytes) -> Namespace:
         ns = self.namespaces.get(bytes(namespace_id))
         if ns is None:
             raise NotFound(f"unknown namespace {bytes(namespace_id).hex() or '(empty)'}: "
-                           "register it first")
+                           "register it first", Reason.UNKNOWN_NAMESPACE)
         return ns
 
     def _keys(self, blob: bytes) -> list[bytes]:
         try:
             keys = unpack_keys(bytes(blob))
         except MalformedKeyError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(str(exc), Reason.BAD_KEYS) from None
         if len(keys) > self.max_batch_blocks:
             raise InvalidArgument(f"batch of {len(keys)} blocks exceeds max_batch_blocks="
-                                  f"{self.max_batch_blocks}; split it")
+                                  f"{self.max_batch_blocks}; split it", Reason.BATCH_TOO_LARGE)
         return keys
 
     def _allocation(self, session_id: int, allocation_id: int) -> Allocation:
@@ -429,7 +437,7 @@ class BlockStore:
         alloc = s.allocations.get(allocation_id)
         if alloc is None:
             raise FailedPrecondition(f"allocation {allocation_id} is unknown, already committed, "
-                                     "or expired")
+                                     "or expired", Reason.UNKNOWN_ALLOCATION)
         return alloc
 
     def _tier_of(self, bid: int) -> str:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from kvstore.auth import bearer_token, parse_tokens_file
+from kvstore.auth import TokenEntry, bearer_token, parse_tokens_file
 from kvstore.config import ConfigError
 from kvstore.metrics import LatencyHistogram, RateMeter
 
@@ -44,8 +44,14 @@ def test_tokens_file_parsing(tmp_path):
     f.write_text("# comment\n\naaaaaaaaaaaaaaaa1 alice shared  # trailing\nbbbbbbbbbbbbbbbb2 bob\n")
     f.chmod(0o640)
     t = parse_tokens_file(f)
-    assert t["aaaaaaaaaaaaaaaa1"] == ("alice", frozenset({"alice", "shared"}))
-    assert t["bbbbbbbbbbbbbbbb2"] == ("bob", frozenset({"bob"}))
+    assert t["aaaaaaaaaaaaaaaa1"] == TokenEntry("alice", frozenset({"alice", "shared"}))
+    assert t["bbbbbbbbbbbbbbbb2"] == TokenEntry("bob", frozenset({"bob"}))
+    f.write_text("aaaaaaaaaaaaaaaa1 ops +admin\n")
+    assert parse_tokens_file(f)["aaaaaaaaaaaaaaaa1"] == TokenEntry("ops", frozenset({"ops"}),
+                                                                   admin=True)
+    f.write_text("aaaaaaaaaaaaaaaa1 ops +root\n")
+    with pytest.raises(ConfigError, match=r"line 1: unknown option '\+root'"):
+        parse_tokens_file(f)
     f.write_text("aaaaaaaaaaaaaaaa1 alice\naaaaaaaaaaaaaaaa1 bob\n")
     with pytest.raises(ConfigError, match="line 2: duplicate token"):
         parse_tokens_file(f)
