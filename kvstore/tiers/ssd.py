@@ -15,8 +15,8 @@ the journal is lost or damaged (``scan``)::
     slot           [slot header, 4 KiB][payload, slot_bytes]
     slot header    magic, format version, address, key, payload length, payload checksum,
                    sequence number, slot size, an opaque tag (the namespace record, parent key,
-                   depth: see kvstore/ssd_journaling.py), xxh3-64 over all of it seeded with
-                   the key
+                   depth: see kvstore/ssd_journaling.py), xxh3-64 over the whole 4 KiB seeded
+                   with the key
 
 The header is one O_DIRECT block (4 KiB) written in the same pwritev as the payload. Sequence
 numbers are a hybrid clock (max of wall-clock ns and last + 1, floored at startup by everything
@@ -67,8 +67,8 @@ HEADER_BYTES = ALIGN          # slot header and segment header: one O_DIRECT blo
 _SLOT_MAGIC = b"KVSLOT\x00\x02"
 _SEG_MAGIC = b"KVSSEG\x00\x02"
 # magic | header checksum | version | tag length | payload length | addr | key | payload
-# checksum | seq | slot bytes, then the tag. The checksum covers every byte after itself up to
-# the end of the tag.
+# checksum | seq | slot bytes, then the tag, then zeros. The checksum covers every byte of the
+# 4 KiB header after itself.
 _SLOT_HDR = struct.Struct("<8sQHHIQ16sQQQ")
 # magic | header checksum | version | segment | slot bytes | seq
 _SEG_HDR = struct.Struct("<8sQHxxxxxxQQQ")
@@ -126,22 +126,21 @@ def encode_slot_header(addr: int, key: bytes, nbytes: int, csum: int, seq: int,
     if len(tag) > MAX_TAG_BYTES:
         raise ValueError(f"slot tag of {len(tag)} bytes (at most {MAX_TAG_BYTES})")
     key = key.ljust(16, b"\0")[:16]
-    body = _SLOT_HDR.pack(_SLOT_MAGIC, 0, FORMAT_VERSION, len(tag), nbytes, addr, key, csum,
-                          seq, slot_bytes)[16:] + tag
+    body = (_SLOT_HDR.pack(_SLOT_MAGIC, 0, FORMAT_VERSION, len(tag), nbytes, addr, key, csum,
+                           seq, slot_bytes)[16:] + tag).ljust(HEADER_BYTES - 16, b"\0")
     return _SLOT_MAGIC + struct.pack("<Q", _hdr_csum(body, key)) + body
 
 
 def decode_slot_header(raw, addr: int, slot_bytes: int) -> ScannedSlot | None:
     """The header at ``addr`` if it verifies and belongs there (its own address and slot size),
     else None."""
-    if len(raw) < _SLOT_HDR.size or bytes(raw[:8]) != _SLOT_MAGIC:
+    if len(raw) < HEADER_BYTES or bytes(raw[:8]) != _SLOT_MAGIC:
         return None
     (_, hcsum, version, tag_len, nbytes, h_addr, key, csum, seq,
      h_slot) = _SLOT_HDR.unpack_from(raw, 0)
     if version != FORMAT_VERSION or tag_len > MAX_TAG_BYTES:
         return None
-    body = bytes(raw[16:_SLOT_HDR.size + tag_len])
-    if _hdr_csum(body, key) != hcsum or h_addr != addr or h_slot != slot_bytes or \
+    if _hdr_csum(bytes(raw[16:HEADER_BYTES]), key) != hcsum or h_addr != addr or h_slot != slot_bytes or \
             nbytes > slot_bytes:
         return None
     return ScannedSlot(addr, key, nbytes, csum, seq, bytes(raw[_SLOT_HDR.size:_SLOT_HDR.size + tag_len]))
@@ -524,6 +523,7 @@ class SSDTier:
         n = os.pwritev(seg.fd, [hdr, view], slot_offset(slot, seg.slot_bytes))
         if n != len(view) + HEADER_BYTES:
             raise OSError(errno.EIO, f"short write of {n}/{len(view) + HEADER_BYTES} bytes")
+        n = len(view)         # the counters are block bytes, as every tier's (headers aside)
         with self._stat_lock:
             self.counters.bytes_written += n
             self.counters.writes += 1
@@ -533,10 +533,8 @@ class SSDTier:
     def _fill_header(self, addr: int, key: bytes, nbytes: int, csum: int, seg: Segment,
                      tag: bytes) -> memoryview:
         seq = self.next_seq()
-        raw = encode_slot_header(addr, key, nbytes, csum, seq, seg.slot_bytes, tag)
         buf = self._header_buf()
-        buf[:len(raw)] = raw
-        buf[len(raw):] = bytes(HEADER_BYTES - len(raw))
+        buf[:] = encode_slot_header(addr, key, nbytes, csum, seq, seg.slot_bytes, tag)
         # Recorded before the write returns: the caller journals the block with this number.
         seg.seq[addr & ((1 << SLOT_BITS) - 1)] = seq
         return memoryview(buf)
