@@ -100,6 +100,8 @@ class SSDJournaling:
         puts = puts[np.argsort(puts["seq"], kind="stable")[::-1]]
         if len(puts):
             ssd.observe_seq(int(puts["seq"].max()))
+        if st.deleted:
+            ssd.observe_seq(max(st.deleted.values()))
         for ns_ord, ns in enumerate(by_ns):
             if ns is not None:
                 self._restore(ns, puts[puts["ns"] == ns_ord])
@@ -119,6 +121,8 @@ class SSDJournaling:
         return n
 
     def _register(self, rec: jr.NamespaceRecord, source: str):
+        """Register a recovered namespace (not journaled again); None if refused. One from a
+        slot header must have the digest its blocks were written under."""
         self._replaying = True
         try:
             ns = self.store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
@@ -127,7 +131,7 @@ class SSDJournaling:
             return None
         finally:
             self._replaying = False
-        if ns.namespace_id != rec.namespace_id:
+        if source != "journal" and ns.namespace_id != rec.namespace_id:
             log.warning("%s: namespace %r has another digest now; its blocks are dropped",
                         source, rec.model_id)
             return None
