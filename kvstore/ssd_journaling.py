@@ -95,7 +95,7 @@ class SSDJournaling:
         puts = st.puts
         from_journal = len(puts)
         if figures is not None:
-            puts = self._merge(st, by_ns, self._scanned_entries(scanned, by_ns))
+            puts = self._merge(st, self._scanned_entries(scanned, by_ns))
         # Newest first: where two slots claim one key, _restore keeps the first.
         puts = puts[np.argsort(puts["seq"], kind="stable")[::-1]]
         if len(puts):
@@ -170,7 +170,7 @@ class SSDJournaling:
         return e[keep]
 
     @staticmethod
-    def _merge(st: jr.JournalState, by_ns: list, scanned: np.ndarray) -> np.ndarray:
+    def _merge(st: jr.JournalState, scanned: np.ndarray) -> np.ndarray:
         """Per slot, the newest of: the journal's last PUT, its last DEL, the slot's verified
         header (a tie between PUT and header is one write: the header is taken). A DEL newest
         frees the slot."""

@@ -177,8 +177,6 @@ def test_journal_and_temp_files_are_private(daemon_factory, tmp_path):
     for name in ("journal", "superblock"):
         assert stat.S_IMODE((ssd_dir / name).stat().st_mode) == 0o600, name
     # A compaction temp file left by a crash, world-readable: reused with mode 0600.
-    (ssd_dir / "journal.compact").write_bytes(b"x")
-    (ssd_dir / "journal.compact").chmod(0o644)
     pool = ThreadPoolExecutor(1)
     j = jr.Journal(tmp_path / "j2", pool)
     (tmp_path / "j2.compact").write_bytes(b"x")

@@ -140,10 +140,11 @@ def decode_slot_header(raw, addr: int, slot_bytes: int) -> ScannedSlot | None:
      h_slot) = _SLOT_HDR.unpack_from(raw, 0)
     if version != FORMAT_VERSION or tag_len > MAX_TAG_BYTES:
         return None
-    if _hdr_csum(bytes(raw[16:HEADER_BYTES]), key) != hcsum or h_addr != addr or h_slot != slot_bytes or \
-            nbytes > slot_bytes:
+    if _hdr_csum(bytes(raw[16:HEADER_BYTES]), key) != hcsum or h_addr != addr or \
+            h_slot != slot_bytes or nbytes > slot_bytes:
         return None
-    return ScannedSlot(addr, key, nbytes, csum, seq, bytes(raw[_SLOT_HDR.size:_SLOT_HDR.size + tag_len]))
+    tag = bytes(raw[_SLOT_HDR.size:_SLOT_HDR.size + tag_len])
+    return ScannedSlot(addr, key, nbytes, csum, seq, tag)
 
 
 def _hdr_csum(body: bytes, key: bytes) -> int:
@@ -577,7 +578,8 @@ class SSDTier:
         return block_checksum(view[:nbytes], key) == csum
 
     # -- rebuilding the index from the slab files ------------------------------------------------
-    def scan(self, known_slot_bytes: dict[int, int] | None = None) -> tuple[list[ScannedSlot], dict]:
+    def scan(self, known_slot_bytes: dict[int, int] | None = None
+             ) -> tuple[list[ScannedSlot], dict]:
         """Read every slot header of every segment (one 4 KiB read per slot, the segments in
         parallel on the I/O pool; payloads are not read) and return the slots whose header
         verifies, plus figures. A segment's slot size comes from its own header, else from
