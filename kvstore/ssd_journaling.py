@@ -2,7 +2,11 @@
 
     on_namespace(ns)   journal a namespace the first time it is seen (a restart restores it).
     recover()          rebuild namespaces and the SSD part of the index from the journal
-                       (vectorized: millions of blocks per restart), then compact it.
+                       (vectorized: millions of blocks per restart), then compact it. When the
+                       journal is missing, empty or damaged, also scan the slab files' slot
+                       headers and merge (newest sequence number wins per slot and per key).
+    slot_tag(bid)      what a slot header carries besides key and checksum so that a scan can
+                       rebuild the block's index entry and its namespace without the journal.
     compact()          rewrite the journal as the live records only (startup, shutdown, and in
                        the background once dead records outnumber live ones).
     sync_journal()     wait until every appended record is durable.
@@ -12,7 +16,9 @@ A mixin of kvstore.tiering.Tiering: it uses the store, ssd, journal and counters
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import struct
 
 import numpy as np
 
@@ -20,6 +26,13 @@ from kvstore.errors import KVStoreError
 from kvstore.index import COMMITTED, FREE, NO_SLOT
 from kvstore.layout import KVLayout, LayoutError
 from kvstore.tiers import journal as jr
+from kvstore.tiers.ssd import MAX_TAG_BYTES
+
+# A slot tag: namespace digest, parent key (zeros: a chain root), depth, then the namespace
+# record as JSON (model id, tenant, layout) — every slot carries enough to re-register its
+# namespace. A record too long for the header (a model id of kilobytes) is left out: such a
+# namespace is then recovered from the journal only.
+_TAG = struct.Struct("<16s16sI")
 
 log = logging.getLogger("kvstore.tiering")
 
@@ -35,6 +48,21 @@ class SSDJournaling:
         self.journal.append(jr.encode_ns(self._ns_record(ns)))
         self._schedule_sync()
 
+    def slot_tag(self, bid: int) -> bytes:
+        idx = self.store.index
+        ns = self.store._ns_by_index[int(idx.ns[bid])]
+        meta = self._ns_tags.get(ns.namespace_id)
+        if meta is None:
+            rec = self._ns_record(ns)
+            meta = json.dumps({"model_id": rec.model_id, "tenant": rec.tenant,
+                               "layout": rec.layout}, separators=(",", ":")).encode()
+            if len(meta) > MAX_TAG_BYTES - _TAG.size:
+                meta = b""
+            self._ns_tags[ns.namespace_id] = meta
+        p = int(idx.parent[bid])
+        parent = idx.key_of(p) if p >= 0 else bytes(16)
+        return _TAG.pack(ns.namespace_id, parent, int(idx.depth[bid])) + meta
+
     @staticmethod
     def _ns_record(ns) -> jr.NamespaceRecord:
         l = ns.layout
@@ -45,35 +73,121 @@ class SSDJournaling:
 
     # -- recovery and compaction ---------------------------------------------------------------
     def recover(self) -> int:
-        """Rebuild namespaces and SSD blocks from the journal, then compact it. Returns blocks."""
+        """Rebuild namespaces and SSD blocks from the journal — and, when the journal is
+        missing, empty or damaged in an existing directory, from the slab files' slot headers
+        too — then compact the journal. Returns blocks recovered."""
         st = self.journal.replay()
         store, ssd = self.store, self.ssd
-        self._replaying = True
-        try:
-            by_ns = []
-            for rec in st.namespaces:
-                try:
-                    ns = store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
-                except (KVStoreError, LayoutError, TypeError) as exc:
-                    log.warning("journal: namespace %r not restored: %s", rec.model_id, exc)
-                    ns = None
-                by_ns.append(ns)
-        finally:
-            self._replaying = False
+        by_ns = [self._register(rec, "journal") for rec in st.namespaces]
+        scanned, figures = [], None
+        if st.damaged and not ssd.created:
+            why = ("missing" if not st.exists else "empty" if not st.records and not
+                   st.truncated_bytes else f"damaged: {st.truncated_bytes} bytes in "
+                   f"{st.damaged_regions} region(s) skipped" if st.truncated_bytes else
+                   "without its header frame")
+            log.warning("SSD journal %s is %s: rebuilding the index from the slab files' slot "
+                        "headers too", self.journal.path, why)
+            scanned, figures = ssd.scan(st.segments)
         for seg, slot_bytes in st.segments.items():
             if not ssd.assign_segment(seg, slot_bytes):
-                log.warning("journal: segment %d is outside the configured capacity; its blocks "
-                            "are dropped", seg)
+                log.warning("journal: segment %d is outside the configured capacity or was "
+                            "re-cut; its journaled blocks are dropped", seg)
+        puts = st.puts
+        from_journal = len(puts)
+        if figures is not None:
+            puts = self._merge(st, self._scanned_entries(scanned, by_ns))
+        # Newest first: where two slots claim one key, _restore keeps the first.
+        puts = puts[np.argsort(puts["seq"], kind="stable")[::-1]]
+        if len(puts):
+            ssd.observe_seq(int(puts["seq"].max()))
+        if st.deleted:
+            ssd.observe_seq(max(st.deleted.values()))
         for ns_ord, ns in enumerate(by_ns):
             if ns is not None:
-                self._restore(ns, st.puts[st.puts["ns"] == ns_ord])
+                self._restore(ns, puts[puts["ns"] == ns_ord])
         ssd.rebuild_free_lists()
         self.compact()                  # also counts the live blocks
         n = self.ssd.counters.recovered_blocks = self._live
-        if n or st.records:
+        if figures is not None:
+            log.warning("SSD tier: recovered %d blocks, %d namespaces: %d journal frames "
+                        "replayed (%d live block entries), %d damaged regions skipped; slab "
+                        "scan read %d slot headers in %d segments in %.2fs, found %d intact "
+                        "slots", n, sum(1 for x in by_ns if x is not None), st.records,
+                        from_journal, st.damaged_regions, figures["headers_read"],
+                        figures["segments"], figures["seconds"], figures["slots_found"])
+        elif n or st.records:
             log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records",
                      n, len(st.namespaces), st.records)
         return n
+
+    def _register(self, rec: jr.NamespaceRecord, source: str):
+        """Register a recovered namespace (not journaled again); None if refused. One from a
+        slot header must have the digest its blocks were written under."""
+        self._replaying = True
+        try:
+            ns = self.store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
+        except (KVStoreError, LayoutError, TypeError) as exc:
+            log.warning("%s: namespace %r not restored: %s", source, rec.model_id, exc)
+            return None
+        finally:
+            self._replaying = False
+        if source != "journal" and ns.namespace_id != rec.namespace_id:
+            log.warning("%s: namespace %r has another digest now; its blocks are dropped",
+                        source, rec.model_id)
+            return None
+        return ns
+
+    def _scanned_entries(self, scanned, by_ns: list) -> np.ndarray:
+        """PUT entries of the slots a scan found; namespaces not known yet are registered from
+        the slot headers (appended to ``by_ns``)."""
+        ords = {ns.namespace_id: i for i, ns in enumerate(by_ns) if ns is not None}
+        e = np.zeros(len(scanned), dtype=jr.PUT_DTYPE)
+        keep = np.zeros(len(scanned), dtype=bool)
+        for i, s in enumerate(scanned):
+            if len(s.tag) < _TAG.size:
+                continue
+            digest, parent, depth = _TAG.unpack_from(s.tag, 0)
+            if digest not in ords:
+                ords[digest] = -1
+                meta = s.tag[_TAG.size:]
+                if meta:
+                    try:
+                        m = json.loads(meta)
+                        ns = self._register(jr.NamespaceRecord(
+                            digest, m["model_id"], m["tenant"], m["layout"]), "slot header")
+                    except (ValueError, KeyError, TypeError):
+                        ns = None
+                    if ns is not None:
+                        ords[digest] = len(by_ns)
+                        by_ns.append(ns)
+                        log.info("slot header: namespace %r (tenant %r) re-registered",
+                                 ns.model_id, ns.tenant)
+            if ords[digest] < 0:
+                continue
+            e[i] = (ords[digest], np.frombuffer(s.key, dtype="<u8"),
+                    np.frombuffer(parent, dtype="<u8"), depth, s.addr, s.csum, s.seq)
+            keep[i] = True
+        return e[keep]
+
+    @staticmethod
+    def _merge(st: jr.JournalState, scanned: np.ndarray) -> np.ndarray:
+        """Per slot, the newest of: the journal's last PUT, its last DEL, the slot's verified
+        header (a tie between PUT and header is one write: the header is taken). A DEL newest
+        frees the slot."""
+        puts = st.puts
+        d_addr = np.fromiter(st.deleted.keys(), dtype=np.int64, count=len(st.deleted))
+        d_seq = np.fromiter(st.deleted.values(), dtype=np.uint64, count=len(st.deleted))
+        cand = np.concatenate([puts, scanned])
+        addr = np.concatenate([cand["addr"], d_addr])
+        seq = np.concatenate([cand["seq"], d_seq])
+        kind = np.concatenate([np.full(len(puts), 1), np.full(len(scanned), 2),
+                               np.zeros(len(d_addr), dtype=np.int64)])
+        which = np.concatenate([np.arange(len(cand)), np.full(len(d_addr), -1)])
+        order = np.lexsort((kind, seq, addr))
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = addr[order][1:] != addr[order][:-1]
+        win = which[order][last]
+        return cand[win[win >= 0]]
 
     def _restore(self, ns, recs: np.ndarray) -> None:
         """Index one namespace's journaled blocks at once (vectorized: millions per restart)."""
@@ -92,6 +206,7 @@ class SSDJournaling:
         sel = np.flatnonzero(ok)
         if not len(sel):
             return
+        ssd.set_seq(addrs[sel], recs["seq"][sel])
         bids = idx.add_many(ns.index, keys[sel].tobytes(), np.full(len(sel), -1), 0)
         idx.state[bids] = COMMITTED
         idx.ssd[bids] = addrs[sel]
@@ -151,6 +266,7 @@ class SSDJournaling:
         e["depth"] = idx.depth[bids]
         e["addr"] = idx.ssd[bids]
         e["csum"] = idx.csum[bids]
+        e["seq"] = self.ssd.seq_of(e["addr"])
         return e
 
     async def sync_journal(self) -> None:

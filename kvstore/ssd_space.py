@@ -14,6 +14,7 @@ import logging
 
 from kvstore.index import COMMITTED, NO_SLOT
 from kvstore.tiers import journal as jr
+from kvstore.tiers.ssd import slots_per_segment
 
 log = logging.getLogger("kvstore.tiering")
 
@@ -70,7 +71,7 @@ class SSDSpace:
     def _coldest_foreign_segment(self, slot_bytes: int) -> tuple[int, int] | None:
         """(segment, newest stamp seen in a sample of it) of the coldest segment of another
         size class that could hold this one's slots; -1 for an empty one. None if none."""
-        if slot_bytes > self.ssd.segment_bytes:
+        if not slots_per_segment(self.ssd.segment_bytes, slot_bytes):
             return None
         idx = self.store.index
         best = None
@@ -113,5 +114,5 @@ class SSDSpace:
         self.ssd.free(addr)
         idx.ssd[bid] = NO_SLOT
         self._live -= 1
-        self.journal.append(jr.encode_del(addr))
+        self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
         self._schedule_sync()

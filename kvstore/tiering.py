@@ -55,6 +55,7 @@ class Tiering(SSDJournaling, SSDSpace):
         self._write_tasks: set[asyncio.Task] = set()
         self.counters = TierCounters()
         self._ns_ord: dict[bytes, int] = {}
+        self._ns_tags: dict[bytes, bytes] = {}   # namespace -> its record in slot headers
         self._promoting: dict[int, asyncio.Future] = {}
         self._sync_task: asyncio.Task | None = None
         self._replaying = False
@@ -82,7 +83,7 @@ class Tiering(SSDJournaling, SSDSpace):
             self.ssd.set_owner(addr, bid)
             off = int(idx.dram[bid])
             writes.append((addr, store.arena.buffer[off:off + layout.slot_bytes],
-                           idx.key_of(bid), layout.block_bytes))
+                           idx.key_of(bid), layout.block_bytes, self.slot_tag(bid)))
             started.append((bid, addr))
         n_groups = min(len(writes), self.ssd.io_threads)
         futs = [self.ssd.pool.submit(self.ssd.write_slots, writes[g::n_groups])

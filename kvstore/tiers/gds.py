@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd import SLOT_BITS, SSDTier, block_checksum, each_slot
+from kvstore.tiers.ssd import SSDTier, block_checksum, each_slot
 
 log = logging.getLogger("kvstore.gds")
 
@@ -58,16 +58,19 @@ class KvikioSlotIO:
                  "compatibility mode" if self.compat_mode else "GPUDirect")
 
     def _where(self, addr: int):
-        seg = self.ssd.segments[addr >> SLOT_BITS]
-        return self._files[seg.number], (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes, seg.slot_bytes
+        """(file, payload offset, slot bytes): the payload follows the slot header."""
+        seg, off = self.ssd.payload_offset(addr)
+        return self._files[seg.number], off, seg.slot_bytes
 
-    def write_slot(self, addr: int, dev_buf, key: bytes, nbytes: int) -> int:
-        """Write one slot from a device buffer of slot_bytes; returns the block's checksum."""
+    def write_slot(self, addr: int, dev_buf, key: bytes, nbytes: int, tag: bytes = b"") -> int:
+        """Write one slot from a device buffer of slot_bytes (the payload by DMA, then its
+        header from the host, as SSDTier.write_slot lays it out); returns the checksum."""
         f, off, slot_bytes = self._where(addr)
         csum = block_checksum(_host_bytes(dev_buf, nbytes), key)
         n = f.pwrite(dev_buf, slot_bytes, off).get()
         if n != slot_bytes:
             raise OSError(errno.EIO, f"short GDS write of {n}/{slot_bytes} bytes")
+        self.ssd.write_header(addr, key, nbytes, csum, tag)
         with self.ssd._stat_lock:
             self.ssd.counters.bytes_written += n
         self.ssd.write_meter.add(n)

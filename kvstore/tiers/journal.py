@@ -1,22 +1,30 @@
 """The SSD index journal: what the SSD tier holds, rebuilt after a restart or a crash.
 
-An append-only file of framed records ``crc32 | length | type | payload``:
+An append-only file of framed records ``magic | length | type | xxh3-64 | payload`` (the
+checksum covers magic, length, type and payload):
 
+    HDR   first frame of every journal file: the journal format (an empty file, or one whose
+          first frame is lost, is damaged, never "no blocks")
     NS    a namespace registration (digest, model id, tenant, layout); its ordinal names it below
     SEG   segment n is cut into slots of this many bytes
     PUTS  blocks (namespace ordinal, key, parent key, depth) live in slots addr, with these
-          checksums: one frame per batch, entries packed as a numpy structured array, so
-          millions of blocks replay and compact at numpy speed
-    DEL   slot addr no longer holds a block
+          checksums and sequence numbers: one frame per batch, entries packed as a numpy
+          structured array, so millions of blocks replay and compact at numpy speed
+    DEL   slot addr no longer holds a block (with the sequence number of the deletion)
 
 Contract:
 - A PUT is appended only after the slot's data write completed; ``await sync()`` returns once
   every record appended before the call is fsync'd (group commit: concurrent callers share one
   fsync). A block whose PUT is durable survives a crash.
-- Replay stops at the first torn or corrupt frame (a crash mid-append) and truncates the file
-  there; everything before it is applied in order.
+- Replay resynchronises: a frame that fails its checksum or its length bound (a torn tail, a
+  flipped or zeroed region) is skipped and replay scans forward for the next magic that starts a
+  frame which verifies. A payload that contains the magic is never taken for a frame inside an
+  intact run (frames are walked by their lengths) and, after a damaged region, only if a 64-bit
+  checksum over header and payload matches. Everything that verifies is applied in file order;
+  ``JournalState`` says how much was skipped (the caller then rebuilds from the slab files).
 - ``rewrite`` compacts the journal to the live records (write a new file, fsync, rename), done at
   startup and at a clean shutdown, and while running once dead records outnumber live ones.
+- The journal and its compaction temp file are created 0600 (they name models and tenants).
 """
 from __future__ import annotations
 
@@ -26,22 +34,27 @@ import logging
 import os
 import struct
 import threading
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 log = logging.getLogger("kvstore.journal")
 
-NS, SEG, PUTS, DEL = 1, 2, 5, 4
-_FRAME = struct.Struct("<IIB")            # crc32(type + payload), payload length, type
+NS, SEG, PUTS, DEL, HDR = 1, 2, 6, 7, 8
+JOURNAL_FORMAT = 2
+_MAGIC = b"KVJ\x02"
+_HEAD = struct.Struct("<4sIB")            # magic, payload length, type
+_FRAME = struct.Struct("<4sIBQ")          # ... then xxh3-64(head + payload)
 _SEG = struct.Struct("<IQ")
-_DEL = struct.Struct("<Q")
+_DEL = struct.Struct("<QQ")               # addr, seq
 # One block of a PUTS frame; parent is all zeros for a chain root.
 PUT_DTYPE = np.dtype([("ns", "<u4"), ("key", "<u8", (2,)), ("parent", "<u8", (2,)),
-                      ("depth", "<u4"), ("addr", "<i8"), ("csum", "<u8")])
+                      ("depth", "<u4"), ("addr", "<i8"), ("csum", "<u8"), ("seq", "<u8")])
 _PUTS_PER_FRAME = 4096
+# No frame is longer: a corrupted length cannot make replay swallow the rest of the file.
+MAX_PAYLOAD = _PUTS_PER_FRAME * PUT_DTYPE.itemsize + 65536
 
 
 @dataclass
@@ -57,13 +70,27 @@ class JournalState:
     namespaces: list[NamespaceRecord]
     segments: dict[int, int]              # segment -> slot bytes
     puts: np.ndarray                      # live PUT_DTYPE entries (last word per addr)
-    records: int = 0
-    truncated_bytes: int = 0
+    deleted: dict = None                  # addr -> seq, for slots whose last event is a DEL
+    records: int = 0                      # frames applied (the HDR frame not counted)
+    truncated_bytes: int = 0              # bytes skipped (damaged regions and a torn tail)
+    damaged_regions: int = 0              # runs of bytes skipped between verified frames
+    has_header: bool = False
+    exists: bool = False
+
+    @property
+    def damaged(self) -> bool:
+        """True when the journal cannot be trusted to list every block: missing, empty,
+        headerless, or with skipped bytes."""
+        return not self.has_header or self.truncated_bytes > 0
 
 
 def _frame(rtype: int, payload: bytes) -> bytes:
-    body = bytes([rtype]) + payload
-    return _FRAME.pack(zlib.crc32(body), len(payload), rtype) + payload
+    head = _HEAD.pack(_MAGIC, len(payload), rtype)
+    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head + payload)) + payload
+
+
+def encode_header() -> bytes:
+    return _frame(HDR, json.dumps({"format": JOURNAL_FORMAT}).encode())
 
 
 def encode_ns(rec: NamespaceRecord) -> bytes:
@@ -82,8 +109,22 @@ def encode_puts(entries: np.ndarray) -> bytes:
     return bytes(out)
 
 
-def encode_del(addr: int) -> bytes:
-    return _frame(DEL, _DEL.pack(addr))
+def encode_del(addr: int, seq: int = 0) -> bytes:
+    return _frame(DEL, _DEL.pack(addr, seq))
+
+
+def _frame_at(data: bytes, pos: int) -> tuple[int, bytes, int] | None:
+    """(type, payload, end) of a frame that verifies at ``pos``, else None."""
+    if pos + _FRAME.size > len(data):
+        return None
+    magic, length, rtype, csum = _FRAME.unpack_from(data, pos)
+    end = pos + _FRAME.size + length
+    if magic != _MAGIC or length > MAX_PAYLOAD or end > len(data):
+        return None
+    payload = data[pos + _FRAME.size:end]
+    if xxhash.xxh3_64_intdigest(data[pos:pos + _HEAD.size] + payload) != csum:
+        return None
+    return rtype, payload, end
 
 
 class Journal:
@@ -103,43 +144,57 @@ class Journal:
 
     # -- replay and compaction ----------------------------------------------------------------
     def replay(self) -> JournalState:
-        st = JournalState([], {}, np.empty(0, dtype=PUT_DTYPE))
+        st = JournalState([], {}, np.empty(0, dtype=PUT_DTYPE), {})
         # Events in file order; resolved at the end: an addr's last event wins.
         self._puts, self._dels = [], []
         try:
             data = self.path.read_bytes()
+            st.exists = True
         except FileNotFoundError:
             data = b""
         pos = 0
-        while pos + _FRAME.size <= len(data):
-            crc, length, rtype = _FRAME.unpack_from(data, pos)
-            end = pos + _FRAME.size + length
-            if end > len(data):
-                break
-            payload = data[pos + _FRAME.size:end]
-            if zlib.crc32(bytes([rtype]) + payload) != crc:
-                break
-            try:
-                self._apply(st, rtype, payload)
-            except (ValueError, struct.error, KeyError):
-                break
-            st.records += 1
-            pos = end
-        st.puts = self._resolve(self._puts, self._dels, len(st.namespaces))
-        st.truncated_bytes = len(data) - pos
-        if st.truncated_bytes:
-            log.warning("journal %s: ignoring %d bytes of a torn or corrupt tail", self.path,
-                        st.truncated_bytes)
+        while pos < len(data):
+            frame = _frame_at(data, pos)
+            if frame is not None:
+                rtype, payload, end = frame
+                try:
+                    if rtype == HDR:
+                        if json.loads(payload).get("format") != JOURNAL_FORMAT:
+                            raise ValueError("journal of another format")
+                        st.has_header = True
+                    else:
+                        self._apply(st, rtype, payload)
+                        st.records += 1
+                    pos = end
+                    continue
+                except (ValueError, struct.error, KeyError, TypeError, AttributeError):
+                    pass        # verified but unusable: skipped like a damaged frame
+            # Resynchronise: the next magic that starts a verifying frame.
+            nxt = pos + 1
+            while True:
+                nxt = data.find(_MAGIC, nxt)
+                if nxt < 0 or _frame_at(data, nxt) is not None:
+                    break
+                nxt += 1
+            nxt = len(data) if nxt < 0 else nxt
+            st.truncated_bytes += nxt - pos
+            st.damaged_regions += 1
+            log.warning("journal %s: skipping %d damaged bytes at offset %d%s", self.path,
+                        nxt - pos, pos, " (torn tail)" if nxt == len(data) else
+                        "; resynchronised on the next valid frame")
+            pos = nxt
+        st.puts, st.deleted = self._resolve(self._puts, self._dels, len(st.namespaces))
         return st
 
     @staticmethod
-    def _resolve(puts, dels, n_ns: int) -> np.ndarray:
-        if not puts:
-            return np.empty(0, dtype=PUT_DTYPE)
-        entries = np.concatenate([e for _, e in puts])
-        seq = np.concatenate([np.full(len(e), s, dtype=np.int64) for s, e in puts])
-        del_addr = np.array([a for _, a in dels], dtype=np.int64)
-        del_seq = np.array([s for s, _ in dels], dtype=np.int64)
+    def _resolve(puts, dels, n_ns: int) -> tuple[np.ndarray, dict]:
+        """Live PUT entries (an addr's last event in file order wins) and {addr: seq} of the
+        slots whose last event is a DEL."""
+        entries = np.concatenate([e for _, e in puts]) if puts else np.empty(0, dtype=PUT_DTYPE)
+        seq = np.concatenate([np.full(len(e), s, dtype=np.int64) for s, e in puts]) if puts \
+            else np.empty(0, dtype=np.int64)
+        del_addr = np.array([a for _, a, _ in dels], dtype=np.int64)
+        del_seq = np.array([s for s, _, _ in dels], dtype=np.int64)
         addr = np.concatenate([entries["addr"], del_addr])
         seqs = np.concatenate([seq, del_seq])
         kind = np.concatenate([np.arange(len(entries)), np.full(len(del_addr), -1)])
@@ -148,7 +203,11 @@ class Journal:
         last[:-1] = addr[order][1:] != addr[order][:-1]
         winners = kind[order][last]
         live = entries[winners[winners >= 0]]
-        return live[live["ns"] < n_ns]
+        last_dels = {int(a): 0 for a in addr[order][last][winners < 0].tolist()}
+        for _, a, dseq in dels:
+            if a in last_dels:
+                last_dels[a] = max(last_dels[a], dseq)
+        return live[live["ns"] < n_ns], last_dels
 
     def _apply(self, st: JournalState, rtype: int, payload: bytes) -> None:
         if rtype == NS:
@@ -163,8 +222,8 @@ class Journal:
                 raise ValueError("PUTS frame of a partial entry")
             self._puts.append((st.records, np.frombuffer(payload, dtype=PUT_DTYPE)))
         elif rtype == DEL:
-            (addr,) = _DEL.unpack(payload)
-            self._dels.append((st.records, addr))
+            addr, seq = _DEL.unpack(payload)
+            self._dels.append((st.records, addr, seq))
         else:
             raise ValueError(f"unknown record type {rtype}")
 
@@ -174,7 +233,10 @@ class Journal:
         in the pool). On failure the old journal stays in place."""
         tmp = self.path.with_suffix(".compact")
         n = 0
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)            # a leftover temp file from a crash keeps its mode
+        with open(fd, "wb") as f:
+            f.write(encode_header())
             for r in records:
                 if isinstance(r, np.ndarray):
                     r = encode_puts(r)
@@ -186,6 +248,7 @@ class Journal:
             self._close()
             os.replace(tmp, self.path)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.fchmod(self._fd, 0o600)
         dfd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)

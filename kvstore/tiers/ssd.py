@@ -6,6 +6,23 @@ Layout of ``--ssd-dir``::
     seg-00000.slab    one preallocated file per segment (``segment_bytes`` each)
     journal           the index journal (see kvstore/tiers/journal.py)
 
+Format 2 makes the slab files self-describing, so the index can be rebuilt from them alone when
+the journal is lost or damaged (``scan``)::
+
+    segment file   [segment header, 4 KiB][slot 0][slot 1]...
+    segment header magic, format version, segment number, slot size, sequence number of the
+                   assignment, xxh3-64 over all of it
+    slot           [slot header, 4 KiB][payload, slot_bytes]
+    slot header    magic, format version, address, key, payload length, payload checksum,
+                   sequence number, slot size, an opaque tag (the namespace record, parent key,
+                   depth: see kvstore/ssd_journaling.py), xxh3-64 over the whole 4 KiB seeded
+                   with the key
+
+The header is one O_DIRECT block (4 KiB) written in the same pwritev as the payload. Sequence
+numbers are a hybrid clock (max of wall-clock ns and last + 1, floored at startup by everything
+recovered): when two slots claim one key the newer wins, and a slot header older than its
+segment's assignment is a leftover of another slot size (free).
+
 Capacity is cut into segments; a segment is handed to one size class (one slot size: a block size
 rounded up to 4 KiB) the first time that class needs room, and cut into slots; an emptied segment
 can be re-cut for another class (``reassign_segment``; the policy is Tiering._make_ssd_room). A
@@ -19,7 +36,7 @@ I/O contract:
   buffered I/O and logs it.
 - Every block carries an xxh3-64 checksum of its bytes, seeded with its key, computed on write
   and verified on every read: a torn, corrupted or misplaced slot is reported as a mismatch,
-  never as data.
+  never as data. Reads read the payload only (not the header).
 - A failed write (ENOSPC, EIO) raises OSError to the caller, who drops that block from the tier.
 """
 from __future__ import annotations
@@ -31,6 +48,7 @@ import json
 import logging
 import mmap
 import os
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +60,19 @@ import xxhash
 
 log = logging.getLogger("kvstore.ssd")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _MAGIC = b"KVSTSSD\x00"
 ALIGN = 4096
+HEADER_BYTES = ALIGN          # slot header and segment header: one O_DIRECT block each
+_SLOT_MAGIC = b"KVSLOT\x00\x02"
+_SEG_MAGIC = b"KVSSEG\x00\x02"
+# magic | header checksum | version | tag length | payload length | addr | key | payload
+# checksum | seq | slot bytes, then the tag, then zeros. The checksum covers every byte of the
+# 4 KiB header after itself.
+_SLOT_HDR = struct.Struct("<8sQHHIQ16sQQQ")
+# magic | header checksum | version | segment | slot bytes | seq
+_SEG_HDR = struct.Struct("<8sQHxxxxxxQQQ")
+MAX_TAG_BYTES = HEADER_BYTES - _SLOT_HDR.size
 SLOT_BITS = 32
 # Test hook (fault injection at the OS boundary): after N successful slot writes, every write
 # fails with this errno. Both must be set; unset in production.
@@ -69,6 +97,74 @@ class Segment:
     slot_bytes: int = 0                        # 0: not yet given to a size class
     owner: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     free: list[int] = field(default_factory=list)
+    # Sequence number of the block each slot holds (written in its header; journaled with it).
+    seq: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+
+
+@dataclass
+class ScannedSlot:
+    """A slot whose header verified during ``SSDTier.scan``."""
+    addr: int
+    key: bytes
+    nbytes: int
+    csum: int
+    seq: int
+    tag: bytes
+
+
+def slots_per_segment(segment_bytes: int, slot_bytes: int) -> int:
+    return max(0, (segment_bytes - HEADER_BYTES) // (slot_bytes + HEADER_BYTES))
+
+
+def slot_offset(slot: int, slot_bytes: int) -> int:
+    """Byte offset of a slot's header in its segment file (its payload follows the header)."""
+    return HEADER_BYTES + slot * (slot_bytes + HEADER_BYTES)
+
+
+def encode_slot_header(addr: int, key: bytes, nbytes: int, csum: int, seq: int,
+                       slot_bytes: int, tag: bytes) -> bytes:
+    if len(tag) > MAX_TAG_BYTES:
+        raise ValueError(f"slot tag of {len(tag)} bytes (at most {MAX_TAG_BYTES})")
+    key = key.ljust(16, b"\0")[:16]
+    body = (_SLOT_HDR.pack(_SLOT_MAGIC, 0, FORMAT_VERSION, len(tag), nbytes, addr, key, csum,
+                           seq, slot_bytes)[16:] + tag).ljust(HEADER_BYTES - 16, b"\0")
+    return _SLOT_MAGIC + struct.pack("<Q", _hdr_csum(body, key)) + body
+
+
+def decode_slot_header(raw, addr: int, slot_bytes: int) -> ScannedSlot | None:
+    """The header at ``addr`` if it verifies and belongs there (its own address and slot size),
+    else None."""
+    if len(raw) < HEADER_BYTES or bytes(raw[:8]) != _SLOT_MAGIC:
+        return None
+    (_, hcsum, version, tag_len, nbytes, h_addr, key, csum, seq,
+     h_slot) = _SLOT_HDR.unpack_from(raw, 0)
+    if version != FORMAT_VERSION or tag_len > MAX_TAG_BYTES:
+        return None
+    if _hdr_csum(bytes(raw[16:HEADER_BYTES]), key) != hcsum or h_addr != addr or \
+            h_slot != slot_bytes or nbytes > slot_bytes:
+        return None
+    tag = bytes(raw[_SLOT_HDR.size:_SLOT_HDR.size + tag_len])
+    return ScannedSlot(addr, key, nbytes, csum, seq, tag)
+
+
+def _hdr_csum(body: bytes, key: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(body, seed=int.from_bytes(key[:8], "little") ^ 0x5107)
+
+
+def encode_segment_header(number: int, slot_bytes: int, seq: int) -> bytes:
+    body = _SEG_HDR.pack(_SEG_MAGIC, 0, FORMAT_VERSION, number, slot_bytes, seq)[16:]
+    return _SEG_MAGIC + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + body
+
+
+def decode_segment_header(raw, number: int) -> tuple[int, int] | None:
+    """(slot bytes, seq) of a verified segment header for segment ``number``, else None."""
+    if len(raw) < _SEG_HDR.size or bytes(raw[:8]) != _SEG_MAGIC:
+        return None
+    _, hcsum, version, n, slot_bytes, seq = _SEG_HDR.unpack_from(raw, 0)
+    if version != FORMAT_VERSION or n != number or \
+            xxhash.xxh3_64_intdigest(bytes(raw[16:_SEG_HDR.size])) != hcsum:
+        return None
+    return slot_bytes, seq
 
 
 class RateMeter:
@@ -138,6 +234,10 @@ class SSDTier:
         self._writes_ok = 0
         self._fault_lock = threading.Lock()
         self._stat_lock = threading.Lock()   # counters are bumped from the I/O threads
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._tls = threading.local()        # one aligned header buffer per I/O thread
+        self.created = False                 # open() made a new directory (nothing to recover)
 
     def _set_geometry(self, segment_bytes: int) -> None:
         self.segment_bytes = max(ALIGN, segment_bytes)
@@ -146,6 +246,25 @@ class SSDTier:
     @property
     def capacity_bytes(self) -> int:
         return self.n_segments * self.segment_bytes
+
+    # -- sequence numbers ----------------------------------------------------------------------
+    def next_seq(self) -> int:
+        """A number larger than every one handed out or recovered so far (a hybrid clock: wall
+        clock ns when it moves forward, last + 1 otherwise)."""
+        with self._seq_lock:
+            self._seq = max(time.time_ns(), self._seq + 1)
+            return self._seq
+
+    def observe_seq(self, seq: int) -> None:
+        """Floor the clock at a recovered number (a clock stepped back across a restart)."""
+        with self._seq_lock:
+            self._seq = max(self._seq, int(seq))
+
+    def _header_buf(self) -> mmap.mmap:
+        buf = getattr(self._tls, "buf", None)
+        if buf is None:
+            buf = self._tls.buf = mmap.mmap(-1, HEADER_BYTES)   # page aligned: O_DIRECT
+        return buf
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -215,6 +334,12 @@ class SSDTier:
                 meta = json.loads(raw[len(_MAGIC):])
             except ValueError:
                 raise SSDFormatError(f"{sb}: unreadable superblock") from None
+            if meta.get("format_version") == 1:
+                raise SSDFormatError(
+                    f"{self.directory} was written by SSD format version 1 (slots without "
+                    f"headers); this daemon reads version {FORMAT_VERSION} and will not misread "
+                    "it. Its blocks are a cache: remove the directory (they are recomputed on "
+                    "demand) or point --ssd-dir elsewhere")
             if meta.get("format_version") != FORMAT_VERSION:
                 raise SSDFormatError(
                     f"{self.directory} was written by SSD format version "
@@ -233,12 +358,15 @@ class SSDTier:
             raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
                                  "refusing to guess its format")
         tmp = sb.with_suffix(".tmp")
-        tmp.write_bytes(_MAGIC + json.dumps(want).encode())
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, _MAGIC + json.dumps(want).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, sb)
         _fsync_dir(self.directory)
+        self.created = True
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -259,9 +387,10 @@ class SSDTier:
             return False
         seg = self.segments[number]
         if seg.slot_bytes == 0:
-            n = self.segment_bytes // slot_bytes
+            n = slots_per_segment(self.segment_bytes, slot_bytes)
             seg.slot_bytes = slot_bytes
             seg.owner = np.full(n, -1, dtype=np.int64)
+            seg.seq = np.zeros(n, dtype=np.uint64)
             seg.free = list(range(n - 1, -1, -1))
         return seg.slot_bytes == slot_bytes
 
@@ -272,15 +401,29 @@ class SSDTier:
             raise ValueError(f"segment {number} still holds blocks")
         seg.slot_bytes = 0
         self.assign_segment(number, slot_bytes)
+        self._write_segment_header(seg)
         self.counters.segments_reassigned += 1
+
+    def _write_segment_header(self, seg: Segment) -> None:
+        """Record the segment's slot size in the file itself (scan reads it when the journal is
+        lost). Its sequence number outdates every slot header written under the old size."""
+        buf = self._header_buf()
+        buf[:] = encode_segment_header(seg.number, seg.slot_bytes,
+                                       self.next_seq()).ljust(HEADER_BYTES, b"\0")
+        n = os.pwritev(seg.fd, [memoryview(buf)], 0)
+        if n != HEADER_BYTES:
+            raise OSError(errno.EIO, f"short segment header write of {n} bytes")
 
     def take_segment(self, slot_bytes: int) -> int | None:
         """An unassigned segment for this class, assigned now; None when every one is taken."""
-        if slot_bytes > self.segment_bytes:
+        if not slots_per_segment(self.segment_bytes, slot_bytes):
             return None
         for seg in self.segments:
             if seg.slot_bytes == 0:
+                if not slots_per_segment(self.segment_bytes, slot_bytes):
+                    return None
                 self.assign_segment(seg.number, slot_bytes)
+                self._write_segment_header(seg)
                 return seg.number
         return None
 
@@ -299,6 +442,26 @@ class SSDTier:
 
     def set_owner(self, addr: int, block_id: int) -> None:
         self.segments[addr >> SLOT_BITS].owner[addr & ((1 << SLOT_BITS) - 1)] = block_id
+
+    def seq_of(self, addrs: np.ndarray) -> np.ndarray:
+        """Sequence numbers of the blocks in these slots (as their headers say)."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        out = np.zeros(len(addrs), dtype=np.uint64)
+        seg_no = addrs >> SLOT_BITS
+        for n in np.unique(seg_no).tolist():
+            sel = seg_no == n
+            out[sel] = self.segments[n].seq[addrs[sel] & ((1 << SLOT_BITS) - 1)]
+        return out
+
+    def set_seq(self, addrs: np.ndarray, seqs: np.ndarray) -> None:
+        """Recovery: the sequence numbers of restored blocks (kept for compaction)."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        seg_no = addrs >> SLOT_BITS
+        for n in np.unique(seg_no).tolist():
+            sel = seg_no == n
+            self.segments[n].seq[addrs[sel] & ((1 << SLOT_BITS) - 1)] = seqs[sel]
+        if len(seqs):
+            self.observe_seq(int(np.max(seqs)))
 
     def free(self, addr: int) -> None:
         seg = self.segments[addr >> SLOT_BITS]
@@ -331,19 +494,24 @@ class SSDTier:
         return self.segments[addr >> SLOT_BITS].slot_bytes
 
     def used_bytes(self) -> int:
-        """Bytes of slots not on a free list (cheap: stats sample it every second)."""
-        return sum(s.slot_bytes * (len(s.owner) - len(s.free)) for s in self.segments if s.slot_bytes)
+        """Bytes of slots not on a free list, their headers included (the same measure as
+        capacity_bytes; cheap: stats sample it every second)."""
+        return sum((s.slot_bytes + HEADER_BYTES) * (len(s.owner) - len(s.free))
+                   for s in self.segments if s.slot_bytes)
 
     def path_of(self, addr: int) -> tuple[Path, int]:
         """(slab file, byte offset) of a slot — for tools and tests."""
         seg = self.segments[addr >> SLOT_BITS]
         return (self.directory / f"seg-{seg.number:05d}.slab",
-                (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes)
+                slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes) + HEADER_BYTES)
 
     # -- I/O (run these in self.pool) --------------------------------------------------------
-    def write_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int) -> int:
-        """Write one slot from ``view`` (slot_bytes long, 4 KiB aligned); returns the checksum of
-        its first ``nbytes``. Raises OSError on failure (ENOSPC, EIO, short write)."""
+    def write_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int,
+                   tag: bytes = b"") -> int:
+        """Write one slot from ``view`` (slot_bytes long, 4 KiB aligned) behind its header
+        (which carries ``tag``, at most MAX_TAG_BYTES, opaque here), in one pwritev; returns
+        the checksum of its first ``nbytes``. Raises OSError on failure (ENOSPC, EIO, short
+        write)."""
         csum = block_checksum(view[:nbytes], key)
         if self._fault_errno and self._fault_after >= 0:
             with self._fault_lock:
@@ -351,15 +519,38 @@ class SSDTier:
                     raise OSError(self._fault_errno, os.strerror(self._fault_errno) + " (injected)")
                 self._writes_ok += 1
         seg = self.segments[addr >> SLOT_BITS]
-        off = (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes
-        n = os.pwritev(seg.fd, [view], off)
-        if n != len(view):
-            raise OSError(errno.EIO, f"short write of {n}/{len(view)} bytes")
+        slot = addr & ((1 << SLOT_BITS) - 1)
+        hdr = self._fill_header(addr, key, nbytes, csum, seg, tag)
+        n = os.pwritev(seg.fd, [hdr, view], slot_offset(slot, seg.slot_bytes))
+        if n != len(view) + HEADER_BYTES:
+            raise OSError(errno.EIO, f"short write of {n}/{len(view) + HEADER_BYTES} bytes")
+        n = len(view)         # the counters are block bytes, as every tier's (headers aside)
         with self._stat_lock:
             self.counters.bytes_written += n
             self.counters.writes += 1
         self.write_meter.add(n)
         return csum
+
+    def _fill_header(self, addr: int, key: bytes, nbytes: int, csum: int, seg: Segment,
+                     tag: bytes) -> memoryview:
+        seq = self.next_seq()
+        buf = self._header_buf()
+        buf[:] = encode_slot_header(addr, key, nbytes, csum, seq, seg.slot_bytes, tag)
+        # Recorded before the write returns: the caller journals the block with this number.
+        seg.seq[addr & ((1 << SLOT_BITS) - 1)] = seq
+        return memoryview(buf)
+
+    def write_header(self, addr: int, key: bytes, nbytes: int, csum: int, tag: bytes = b"") -> None:
+        """Write only a slot's header (a path that writes the payload itself: GDS)."""
+        seg = self.segments[addr >> SLOT_BITS]
+        hdr = self._fill_header(addr, key, nbytes, csum, seg, tag)
+        off = slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes)
+        if os.pwritev(seg.fd, [hdr], off) != HEADER_BYTES:
+            raise OSError(errno.EIO, "short slot header write")
+
+    def payload_offset(self, addr: int) -> tuple[Segment, int]:
+        seg = self.segments[addr >> SLOT_BITS]
+        return seg, slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes) + HEADER_BYTES
 
     def write_slots(self, writes) -> list:
         """write_slot for each (addr, view, key, nbytes), sequentially in this thread; each
@@ -374,8 +565,7 @@ class SSDTier:
     def read_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int, csum: int) -> bool:
         """Read one slot into ``view``; True iff its first ``nbytes`` match ``csum``.
         Raises OSError on an I/O error."""
-        seg = self.segments[addr >> SLOT_BITS]
-        off = (addr & ((1 << SLOT_BITS) - 1)) * seg.slot_bytes
+        seg, off = self.payload_offset(addr)
         if self.read_limiter is not None:
             self.read_limiter.take(len(view))
         n = os.preadv(seg.fd, [view], off)
@@ -386,6 +576,51 @@ class SSDTier:
         if n != len(view):
             return False
         return block_checksum(view[:nbytes], key) == csum
+
+    # -- rebuilding the index from the slab files ------------------------------------------------
+    def scan(self, known_slot_bytes: dict[int, int] | None = None
+             ) -> tuple[list[ScannedSlot], dict]:
+        """Read every slot header of every segment (one 4 KiB read per slot, the segments in
+        parallel on the I/O pool; payloads are not read) and return the slots whose header
+        verifies, plus figures. A segment's slot size comes from its own header, else from
+        ``known_slot_bytes`` (the journal's SEG records); a segment with neither is skipped.
+        Assigns the segments it finds. Run only when the journal is missing or damaged."""
+        known = known_slot_bytes or {}
+        t0 = time.monotonic()
+
+        def one(seg: Segment):
+            buf = mmap.mmap(-1, HEADER_BYTES)
+            view = memoryview(buf)
+            try:
+                head = decode_segment_header(view[:os.preadv(seg.fd, [view], 0)], seg.number)
+                slot_bytes, seg_seq = head if head else (known.get(seg.number, 0), 0)
+                if not slot_bytes or not slots_per_segment(self.segment_bytes, slot_bytes):
+                    return slot_bytes, [], 0
+                found = []
+                n = slots_per_segment(self.segment_bytes, slot_bytes)
+                for slot in range(n):
+                    got = os.preadv(seg.fd, [view], slot_offset(slot, slot_bytes))
+                    s = decode_slot_header(view[:got], (seg.number << SLOT_BITS) | slot,
+                                           slot_bytes)
+                    # Older than the segment's assignment: left over from another slot size.
+                    if s is not None and s.seq > seg_seq:
+                        found.append(s)
+                return slot_bytes, found, n
+            finally:
+                view.release()
+                buf.close()
+
+        results = list(self.pool.map(one, self.segments))
+        found, headers_read, segments = [], 0, 0
+        for seg, (slot_bytes, slots, n) in zip(self.segments, results):
+            if slot_bytes and n and self.assign_segment(seg.number, slot_bytes):
+                segments += 1
+                headers_read += n
+                found += slots
+        for s in found:
+            self.observe_seq(s.seq)
+        return found, {"segments": segments, "headers_read": headers_read,
+                       "slots_found": len(found), "seconds": time.monotonic() - t0}
 
 
 def each_slot(op, items) -> list:
