@@ -3,6 +3,17 @@
 SIGTERM or SIGINT: stop accepting, let in-flight calls finish (grace period, shutdown_grace_s),
 end every session (reclaiming its leases), unlink the arena and the socket, exit 0.
 
+Ownership: a daemon removes only what it created. The socket is unlinked at shutdown only when the
+file at that path is still the one this daemon bound (same device and inode), so a second daemon
+refused because the socket is taken, or one whose path was since taken over, leaves it alone; the
+arena file is this process's own (its name carries the pid).
+
+Start-up failures: a value in the configuration that cannot be used on this host (an SSD
+directory that is a file or not writable, hbm_bytes without CUDA, a missing shm_dir, ...) raises
+ConfigError, which the CLI answers with exit code 2 and a message saying what to change; anything
+else in the way (another daemon on the socket, a port in use) raises DaemonError (exit 1). A
+start-up that failed releases what it had opened without logging a shutdown.
+
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access) before the servicer.
 """
@@ -10,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -25,9 +37,9 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.access import AccessPolicy, Limits
-from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.arena import Arena, ArenaError, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
-from kvstore.config import Config
+from kvstore.config import Config, ConfigError
 from kvstore.bandwidth import measure_memcpy_bps
 from kvstore.metrics import Metrics
 from kvstore.prefetch import Prefetcher
@@ -50,11 +62,35 @@ class DaemonError(RuntimeError):
     """The daemon cannot start (socket in use, arena too large, ...)."""
 
 
+def _unusable_path(key: str, path, exc: OSError, what: str = "directory") -> ConfigError:
+    """A ConfigError for a configured path the daemon cannot use, saying what to change."""
+    flag = "--" + key.replace("_", "-")
+    where = exc.filename or path
+    if str(where).startswith(f"{path}/"):    # a file the daemon would create inside path
+        where = path
+    if exc.errno == errno.ENOENT:
+        why = f"{where} does not exist; create it or set {flag} to an existing {what}"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        why = f"{where} is not a directory; set {flag} to a {what} (or remove that file)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = (f"{where} is not writable by uid {os.getuid()} ({exc.strerror}); set {flag} to a "
+               f"writable {what} or fix its permissions")
+    elif exc.errno == errno.ENOSPC:
+        why = f"{exc.strerror}"
+    else:
+        why = f"{where}: {exc.strerror or exc}; set {flag} to a usable {what}"
+    return ConfigError(f"{key} {path}: {why}")
+
+
 def _prepare_socket(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise _unusable_path("socket", path, exc, "path in a writable directory") from None
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise DaemonError(f"{path} exists and is not a socket; refusing to replace it")
+            raise ConfigError(f"socket {path}: exists and is not a socket; refusing to replace "
+                              f"it: set --socket to another path (or remove that file)")
         probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
         try:
             probe.connect(str(path))
@@ -73,6 +109,8 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.arena: Arena | None = None
         self.store: BlockStore | None = None
+        self._started = False                  # serving: stop() then logs the shutdown
+        self._socket_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the socket we bound
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -83,7 +121,16 @@ class Daemon:
         _prepare_socket(sock)
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
-        self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        try:
+            self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        except ArenaError as exc:     # the arena does not fit where it was asked to live
+            cause = exc.__cause__
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
+            raise ConfigError(f"dram_bytes: cannot reserve {format_bytes(cfg.dram_bytes)} for "
+                              f"the DRAM arena in {self.cfg.shm_dir or '/dev/shm'} ({why}); "
+                              "lower --dram-bytes or give that filesystem more room") from None
+        except OSError as exc:
+            raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
@@ -116,6 +163,8 @@ class Daemon:
             self.server.add_insecure_port(f"unix:{sock}")
         finally:
             os.umask(old_umask)
+        st = sock.lstat()
+        self._socket_id = (st.st_dev, st.st_ino)
         tcp = ""
         if cfg.listen:
             try:
@@ -141,6 +190,7 @@ class Daemon:
                 raise DaemonError(f"metrics_port {cfg.metrics_host}:{cfg.metrics_port}: "
                                   f"{exc.strerror or exc}") from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
         self._expirer = asyncio.create_task(self._expire_loop())
         self._sampler = asyncio.create_task(self._sample_loop())
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
@@ -200,8 +250,10 @@ class Daemon:
         await self.stopping.wait()
 
     async def stop(self) -> None:
+        """Shut down, or after a failed start() release what it had opened (quietly)."""
         grace_s = self.cfg.shutdown_grace_s or SHUTDOWN_GRACE_S
-        log.info("shutting down: draining in-flight calls (up to %.1fs)", grace_s)
+        if self._started:
+            log.info("shutting down: draining in-flight calls (up to %.1fs)", grace_s)
         self.stopping.set()
         if self.server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -229,9 +281,21 @@ class Daemon:
             self.hbm = None
         if self.arena is not None:
             self.arena.close()
+        self._remove_own_socket()
+        if self._started:
+            log.info("stopped")
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket only if the file there is still the one this daemon bound."""
+        if self._socket_id is None:
+            return
+        path = Path(self.cfg.socket)
         with contextlib.suppress(FileNotFoundError):
-            Path(self.cfg.socket).unlink()
-        log.info("stopped")
+            st = path.lstat()
+            if (st.st_dev, st.st_ino) == self._socket_id:
+                path.unlink()
+            else:
+                log.warning("%s is no longer the socket this daemon bound: leaving it", path)
 
 
 def open_ssd_tier(cfg: Config, store: BlockStore):
@@ -244,12 +308,13 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
                   io_threads=cfg.ssd_io_threads)
     try:
         ssd.open()
-    except SSDFormatError as exc:
+    except SSDFormatError as exc:     # another format, or another daemon's: use another dir
         ssd.close()
-        raise DaemonError(f"SSD tier: {exc}") from None
+        raise ConfigError(f"ssd_dir {cfg.ssd_dir}: {exc}; set --ssd-dir to another "
+                          f"directory") from None
     except OSError as exc:
         ssd.close()
-        raise DaemonError(f"SSD tier in {cfg.ssd_dir}: {exc}") from None
+        raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
     if cfg.ssd_read_limit:
         from kvstore.tiers.ratelimit import TokenBucket
         ssd.read_limiter = TokenBucket(cfg.ssd_read_limit)
@@ -269,7 +334,9 @@ def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
     try:
         pool = open_pool(cfg.hbm_bytes, cfg.hbm_device,
                          Path(cfg.shm_dir) if cfg.shm_dir else None)
-    except (HBMUnavailable, OSError) as exc:
+    except HBMUnavailable as exc:     # its message says which of hbm_* to change
+        raise ConfigError(f"HBM tier: {exc}") from None
+    except OSError as exc:
         raise DaemonError(f"HBM tier: {exc}") from None
     hbm = HBMTier(pool, cfg.chunk_bytes)
     store.hbm = hbm

@@ -260,10 +260,27 @@ def test_cli_stats_table_json_and_exit_codes(daemon, tmp_path):
 
 
 def test_second_daemon_on_same_socket_is_refused(daemon):
+    with KVClient(daemon.socket) as c:
+        ns = c.namespace("llama", LAYOUT)
+        keys = ns.block_keys(list(range(32)))
+        kv = torch.full((2, *LAYOUT.block_shape), 7, dtype=torch.bfloat16)
+        assert ns.put(keys, kv).result() == 2
+    (arena,) = daemon.shm_dir.glob("*.arena")
+    sock_ino = os.stat(daemon.socket).st_ino
     r = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--socket", daemon.socket,
                         "--dram-bytes", "64MiB", "--shm-dir", str(daemon.shm_dir)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "another daemon is listening" in r.stderr
+    assert "stopped" not in r.stderr and "draining" not in r.stderr   # it never started
+    # The refused daemon removed nothing of the running one's: same socket file, same arena,
+    # and the first daemon still answers on it with the bytes it holds.
+    assert os.stat(daemon.socket).st_ino == sock_ino
+    assert list(daemon.shm_dir.glob("*.arena")) == [arena]
+    with KVClient(daemon.socket) as c:
+        got = c.namespace("llama", LAYOUT).get(keys).result()
+        assert torch.equal(got, kv)
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0 and not os.path.exists(daemon.socket)   # the owner removes it
 
 
 def test_client_reconnects_after_daemon_restart(daemon_factory, tmp_path):

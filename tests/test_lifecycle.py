@@ -164,3 +164,45 @@ def test_ports_in_use_are_named(tmp_path):
                  env={"KVSTORE_AUTH_TOKEN": "s3cret-s3cret-s3cret"})
         assert r.returncode == 1 and f"listen 127.0.0.1:{port}: cannot bind" in r.stderr, r.stderr
     assert not list(tmp_path.glob("*.arena")) and not (tmp_path / "kv.sock").exists()
+
+
+def _bad_config_cases():
+    cases = [
+        ("ssd_file", lambda t: ["--ssd-bytes", "64MiB", "--ssd-dir", str(t / "afile")],
+         ["ssd_dir", "is not a directory", "set --ssd-dir"]),
+        ("ssd_under_file", lambda t: ["--ssd-bytes", "64MiB", "--ssd-dir", str(t / "afile" / "x")],
+         ["ssd_dir", "is not a directory", "set --ssd-dir"]),
+        # /sys refuses mkdir even to root (EPERM, or EROFS where it is mounted read-only).
+        ("ssd_unwritable", lambda t: ["--ssd-bytes", "64MiB", "--ssd-dir", "/sys/kvstore-ssd-x"],
+         ["ssd_dir", "not writable", "set --ssd-dir"]),
+        ("shm_missing", lambda t: ["--shm-dir", str(t / "nope")],
+         ["shm_dir", "does not exist", "set --shm-dir"]),
+        ("socket_is_file", lambda t: ["--socket", str(t / "afile")],
+         ["socket", "not a socket", "set --socket"]),
+        ("dram_too_big", lambda t: ["--dram-bytes", "64TiB"],
+         ["dram_bytes", "lower --dram-bytes"]),
+    ]
+    import torch
+    if not torch.cuda.is_available():
+        cases.append(("hbm_without_cuda", lambda t: ["--hbm-bytes", "64MiB"],
+                      ["HBM tier", "CUDA is not available", "hbm_bytes = 0"]))
+    return [pytest.param(args, words, id=name) for name, args, words in cases]
+
+
+@pytest.mark.parametrize("args, words", _bad_config_cases())
+def test_startup_configuration_failures_exit_2_and_say_what_to_change(tmp_path, args, words):
+    (tmp_path / "afile").write_text("not a directory")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    base = ["serve", "--socket", str(tmp_path / "kv.sock"), "--shm-dir", str(shm),
+            "--dram-bytes", "64MiB", "--chunk-bytes", "4MiB"]
+    r = _cli(*base, *args(tmp_path))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvstore serve: configuration error: "), r.stderr
+    for w in words:
+        assert w in last, (w, last)
+    assert "Errno" not in last and "Traceback" not in r.stderr
+    # It never served, so it does not log a shutdown, and it leaves nothing behind.
+    assert "draining" not in r.stderr and "stopped" not in r.stderr, r.stderr
+    assert not list(shm.glob("*.arena")) and not (tmp_path / "kv.sock").exists()
