@@ -1,7 +1,12 @@
 """The kvstore command line: serve, stats, config, bench, demo.
 
-Exit codes: 0 success; 1 runtime failure (daemon unreachable, startup error); 2 bad usage or
-configuration.
+Exit codes: 0 success; 1 runtime failure (daemon unreachable, another daemon on the socket, a
+port in use); 2 bad usage or configuration, including a configured path or size the daemon finds
+unusable at start-up (kvstore.server raises ConfigError for those). A reader closing the pipe
+(`kvstore stats --watch 1 | head`) ends a command quietly with 0.
+
+serve and config take every configuration key as a flag; the client commands (stats, health)
+take only what they use to find and talk to the daemon.
 """
 from __future__ import annotations
 
