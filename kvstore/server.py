@@ -11,8 +11,9 @@ arena file is this process's own (its name carries the pid).
 Start-up failures: a value in the configuration that cannot be used on this host (an SSD
 directory that is a file or not writable, hbm_bytes without CUDA, a missing shm_dir, ...) raises
 ConfigError, which the CLI answers with exit code 2 and a message saying what to change; anything
-else in the way (another daemon on the socket, a port in use) raises DaemonError (exit 1). A
-start-up that failed releases what it had opened without logging a shutdown.
+else in the way (another daemon on the socket or the SSD directory, a directory of another
+format, a port in use) raises DaemonError (exit 1). A start-up that failed releases what it had
+opened without logging a shutdown.
 
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access) before the servicer.
@@ -308,10 +309,9 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
                   io_threads=cfg.ssd_io_threads)
     try:
         ssd.open()
-    except SSDFormatError as exc:     # another format, or another daemon's: use another dir
+    except SSDFormatError as exc:     # data in the way (another format, another daemon's): 1
         ssd.close()
-        raise ConfigError(f"ssd_dir {cfg.ssd_dir}: {exc}; set --ssd-dir to another "
-                          f"directory") from None
+        raise DaemonError(f"SSD tier: {exc}") from None
     except OSError as exc:
         ssd.close()
         raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
