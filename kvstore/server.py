@@ -83,6 +83,23 @@ def _unusable_path(key: str, path, exc: OSError, what: str = "directory") -> Con
     return ConfigError(f"{key} {path}: {why}")
 
 
+def _file_identity(path: Path) -> tuple[int, ...]:
+    """Device, inode and change time: an inode number alone is reused once a file is gone."""
+    st = path.lstat()
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _answers(path: Path) -> bool:
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def _prepare_socket(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -92,15 +109,9 @@ def _prepare_socket(path: Path) -> None:
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"socket {path}: exists and is not a socket; refusing to replace "
                               f"it: set --socket to another path (or remove that file)")
-        probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale socket of a daemon that died
-        else:
+        if _answers(path):
             raise DaemonError(f"another daemon is listening on {path}")
-        finally:
-            probe.close()
+        path.unlink()  # stale socket of a daemon that died
 
 
 class Daemon:
@@ -111,7 +122,7 @@ class Daemon:
         self.arena: Arena | None = None
         self.store: BlockStore | None = None
         self._started = False                  # serving: stop() then logs the shutdown
-        self._socket_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the socket we bound
+        self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -159,13 +170,18 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        # gRPC binds a private name that is renamed into place: gRPC unlinks the path it bound
+        # when the server stops, and that must never be a socket another daemon has since put
+        # at the configured path. _remove_own_socket removes ours.
+        bound = sock.with_name(f".kvstore-{os.getpid()}.sock")
+        bound.unlink(missing_ok=True)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
-            self.server.add_insecure_port(f"unix:{sock}")
+            self.server.add_insecure_port(f"unix:{bound}")
         finally:
             os.umask(old_umask)
-        st = sock.lstat()
-        self._socket_id = (st.st_dev, st.st_ino)
+        os.rename(bound, sock)
+        self._socket_id = _file_identity(sock)
         tcp = ""
         if cfg.listen:
             try:
@@ -181,6 +197,7 @@ class Daemon:
         if sock_gid is not None:
             os.chown(sock, -1, sock_gid)
         os.chmod(sock, sock_mode)
+        self._socket_id = _file_identity(sock)   # chmod changed its ctime
         self.metrics_server = None
         if cfg.metrics_port:
             self.metrics_server = MetricsServer(self.metrics.snapshot, cfg.metrics_host,
@@ -292,8 +309,7 @@ class Daemon:
             return
         path = Path(self.cfg.socket)
         with contextlib.suppress(FileNotFoundError):
-            st = path.lstat()
-            if (st.st_dev, st.st_ino) == self._socket_id:
+            if _file_identity(path) == self._socket_id:
                 path.unlink()
             else:
                 log.warning("%s is no longer the socket this daemon bound: leaving it", path)

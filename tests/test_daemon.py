@@ -19,6 +19,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import clientproc  # noqa: E402
+from conftest import DaemonProcess  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16, dtype="bfloat16")
 
@@ -281,6 +282,25 @@ def test_second_daemon_on_same_socket_is_refused(daemon):
         assert torch.equal(got, kv)
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0 and not os.path.exists(daemon.socket)   # the owner removes it
+
+
+def test_daemon_leaves_a_socket_it_no_longer_owns(daemon_factory, tmp_path):
+    # A's socket file is removed by hand and B takes the path: stopping A must not unlink B's.
+    a = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB")
+    os.unlink(a.socket)
+    b = DaemonProcess(Path(a.socket).parent, a.shm_dir, ["--dram-bytes", "64MiB",
+                                                          "--chunk-bytes", "16MiB"])
+    b.log_path = tmp_path / "b.log"
+    b.start()
+    try:
+        assert a.stop() == 0
+        assert os.path.exists(b.socket)
+        with KVClient(b.socket) as c:
+            assert c.stats().sessions == 1
+        assert "no longer the socket this daemon bound" in a.log()
+        assert b.stop() == 0 and not os.path.exists(b.socket)
+    finally:
+        b.close()
 
 
 def test_client_reconnects_after_daemon_restart(daemon_factory, tmp_path):
