@@ -4,9 +4,9 @@ SIGTERM or SIGINT: stop accepting, let in-flight calls finish (grace period, shu
 end every session (reclaiming its leases), unlink the arena and the socket, exit 0.
 
 Ownership: a daemon removes only what it created. The socket is unlinked at shutdown only when the
-file at that path is still the one this daemon bound (same device and inode), so a second daemon
-refused because the socket is taken, or one whose path was since taken over, leaves it alone; the
-arena file is this process's own (its name carries the pid).
+file at that path is still the one this daemon bound (same device, inode and ctime), so a second
+daemon refused because the socket is taken, or one whose path was since taken over, leaves it
+alone; the arena file is this process's own (its name carries the pid).
 
 Start-up failures: a value in the configuration that cannot be used on this host (an SSD
 directory that is a file or not writable, hbm_bytes without CUDA, a missing shm_dir, ...) raises
