@@ -136,7 +136,8 @@ class Stats:
                    proto=msg)
 
     def tier(self, name: str | Tier) -> TierStats | None:
-        """The named tier's row ("DRAM", "ssd", Tier.HBM), or None when the daemon has none."""
+        """The named tier's row ("DRAM", "ssd", Tier.HBM), or None when the daemon has none;
+        KeyError for a name that is no tier."""
         want = name if isinstance(name, Tier) else Tier[str(name).upper()]
         return next((t for t in self.tiers if t.tier == want), None)
 

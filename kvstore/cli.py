@@ -65,23 +65,13 @@ def cmd_config(args) -> int:
     rows = cfg.describe()
     print("# the configuration `kvstore serve` would start with here (defaults <- file <- "
           "$KVSTORE_* <- flags);\n# a running daemon keeps the one it started with")
-    if _answers(cfg.socket):
+    from kvstore.server import socket_answers
+    if socket_answers(cfg.socket):
         print(f"# a daemon is listening on {cfg.socket}: `kvstore stats` shows what it holds")
     w = max(len(k) for k, _, _ in rows)
     for k, v, src in rows:
         print(f"{k:<{w}}  {v:<28}  ({src})")
     return 0
-
-
-def _answers(path: str) -> bool:
-    """Something accepts connections on the Unix socket at path."""
-    import socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def cmd_stats(args) -> int:

@@ -89,7 +89,8 @@ def _file_identity(path: Path) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _answers(path: Path) -> bool:
+def socket_answers(path: str | Path) -> bool:
+    """Something accepts connections on the Unix socket at path (a live daemon)."""
     probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -109,7 +110,7 @@ def _prepare_socket(path: Path) -> None:
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"socket {path}: exists and is not a socket; refusing to replace "
                               f"it: set --socket to another path (or remove that file)")
-        if _answers(path):
+        if socket_answers(path):
             raise DaemonError(f"another daemon is listening on {path}")
         path.unlink()  # stale socket of a daemon that died
 
@@ -139,7 +140,7 @@ class Daemon:
             cause = exc.__cause__
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
             raise ConfigError(f"dram_bytes: cannot reserve {format_bytes(cfg.dram_bytes)} for "
-                              f"the DRAM arena in {self.cfg.shm_dir or '/dev/shm'} ({why}); "
+                              f"the DRAM arena in {cfg.shm_dir or '/dev/shm'} ({why}); "
                               "lower --dram-bytes or give that filesystem more room") from None
         except OSError as exc:
             raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
