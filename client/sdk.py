@@ -27,6 +27,7 @@ from kvstore.arena import Arena, ArenaError
 from kvstore.client import cuda, hbm, transfer
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace
+from kvstore.client.stats import Stats
 from kvstore.config import _default_socket
 from kvstore.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
@@ -218,16 +219,19 @@ class KVClient:
         self._namespaces[ns.namespace_id] = ns
         return ns
 
-    def stats(self) -> pb.Stats:
+    def stats(self) -> Stats:
+        """The daemon's statistics (client/stats.py): print() shows a short table; .proto is
+        the kvstore.v1.Stats message."""
         self._ensure_session()
-        return self.call("GetStats", pb.GetStatsRequest())
+        return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0):
         """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats)."""
         self._ensure_session()
         try:
-            yield from self._stub.WatchStats(pb.WatchStatsRequest(interval_s=interval_s),
-                                             metadata=self._metadata)
+            for msg in self._stub.WatchStats(pb.WatchStatsRequest(interval_s=interval_s),
+                                             metadata=self._metadata):
+                yield Stats.from_proto(msg)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

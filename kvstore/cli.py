@@ -1,7 +1,12 @@
 """The kvstore command line: serve, stats, config, bench, demo.
 
-Exit codes: 0 success; 1 runtime failure (daemon unreachable, startup error); 2 bad usage or
-configuration.
+Exit codes: 0 success; 1 runtime failure (daemon unreachable, another daemon on the socket, a
+port in use); 2 bad usage or configuration, including a configured path or size the daemon finds
+unusable at start-up (kvstore.server raises ConfigError for those). A reader closing the pipe
+(`kvstore stats --watch 1 | head`) ends a command quietly with 0.
+
+serve and config take every configuration key as a flag; the client commands (stats, health)
+take only what they use to find and talk to the daemon.
 """
 from __future__ import annotations
 
@@ -18,9 +23,17 @@ from kvstore.config import FIELDS, ConfigError, load_config
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Every configuration key as a flag: for the commands that build a daemon's configuration
+    (serve, config). The client commands take only --config and --socket."""
     p.add_argument("--config", help="TOML configuration file")
     for f in FIELDS:
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.help)
+
+
+def _add_socket_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (for its socket)")
+    p.add_argument("--socket", help="the daemon's Unix socket (default: the configuration's: "
+                                    "--config, $KVSTORE_SOCKET, else the default path)")
 
 
 def _overrides(args) -> dict:
@@ -43,14 +56,21 @@ def cmd_serve(args) -> int:
 
 
 def cmd_config(args) -> int:
+    """The configuration a new daemon would start with here (defaults, file, environment,
+    flags). Not a running daemon's: that one keeps what it started with."""
     cfg = load_config(args.config, overrides=_overrides(args))
-    rows = cfg.describe()
     if args.json:
-        print(json.dumps({k: v for k, v, _ in rows}, indent=2))
-    else:
-        w = max(len(k) for k, _, _ in rows)
-        for k, v, src in rows:
-            print(f"{k:<{w}}  {v:<28}  ({src})")
+        print(json.dumps(cfg.as_dict(), indent=2))
+        return 0
+    rows = cfg.describe()
+    print("# the configuration `kvstore serve` would start with here (defaults <- file <- "
+          "$KVSTORE_* <- flags);\n# a running daemon keeps the one it started with")
+    from kvstore.server import socket_answers
+    if socket_answers(cfg.socket):
+        print(f"# a daemon is listening on {cfg.socket}: `kvstore stats` shows what it holds")
+    w = max(len(k) for k, _, _ in rows)
+    for k, v, src in rows:
+        print(f"{k:<{w}}  {v:<28}  ({src})")
     return 0
 
 
@@ -84,10 +104,12 @@ def cmd_stats(args) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # ... on SIGTERM too
     try:
         snapshots = client.watch_stats(args.watch) if args.watch else [client.stats()]
-        for st in snapshots:
+        for snapshot in snapshots:
+            st = snapshot.proto
             if args.json:
                 # One document per line under --watch (NDJSON), pretty otherwise.
-                print(json.dumps(stats_to_dict(st), indent=None if args.watch else 2))
+                print(json.dumps(stats_to_dict(st, buckets=args.buckets),
+                                 indent=None if args.watch else 2))
             elif tty:
                 # Like top: redraw in place (home, each line cleared, rest of screen cleared).
                 sys.stdout.write("\x1b[H" + "".join(line + "\x1b[K\n"
@@ -141,7 +163,8 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache daemon for LLM inference")
-    ap.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    ap.add_argument("--version", action="version", version=f"kvstore {__version__}",
+                    help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("serve", help="run the daemon")
@@ -149,27 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("stats", help="show tier statistics of a running daemon")
-    _add_config_flags(p)
+    _add_socket_flags(p)
     p.add_argument("--address", help="TCP host:port instead of the Unix socket")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    p.add_argument("--buckets", action="store_true", help="with --json: include the latency "
+                   "histograms' buckets (left out by default; /metrics has them too)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="give up reaching the daemon after SECONDS (default 5)")
     p.add_argument("--token-file", help="bearer token for a TCP daemon (else $KVSTORE_AUTH_TOKEN)")
     p.add_argument("--tls-ca", help="PEM certificate to trust for a TLS daemon")
     p.add_argument("--tls-server-name", help="name to check in the daemon's certificate")
     p.set_defaults(fn=cmd_stats)
 
     p = sub.add_parser("health", help="check that the daemon is serving (exit 0) or not (1)")
-    _add_config_flags(p)
+    _add_socket_flags(p)
     p.add_argument("--address", help="TCP host:port (plaintext) instead of the Unix socket")
     p.add_argument("--service", default="", help="service name to check ('' = the daemon)")
-    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                   help="give up after SECONDS (default 3)")
     p.set_defaults(fn=cmd_health)
 
-    p = sub.add_parser("config", help="show the effective configuration")
+    p = sub.add_parser("config", help="show the configuration a new daemon would start with "
+                                      "(not a running daemon's)")
     _add_config_flags(p)
-    p.add_argument("--print", action="store_true", default=True, help="print it (default)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--print", action="store_true", default=True,
+                   help="a table of each key, its value and where it came from (the default)")
+    p.add_argument("--json", action="store_true", help="the values as JSON, numbers as numbers")
     p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False,
@@ -196,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kvstore {args.cmd}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`kvstore stats --watch 1 | head`): stop quietly, like a filter.
+        # stdout now points at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
 
 and validated once. Every key is defined in one table (``FIELDS``) with its type, default and
 help; the TOML key, the environment variable (KVSTORE_<KEY>) and the flag (--<key-with-dashes>)
-all derive from its name. Errors name the key and where the bad value came from.
+all derive from its name. Errors name the key and where the bad value came from; an unknown key
+in the TOML file, or a KVSTORE_* variable that is a near miss of a key, is an error that suggests
+the nearest known key (other KVSTORE_* variables belong to other tools and are left alone).
 """
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, make_dataclass
@@ -214,6 +217,11 @@ class _ConfigMethods:
 
     sources: dict[str, str]
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every key's typed value (numbers as numbers), secrets redacted: `config --json`."""
+        return {f.name: f.show(getattr(self, f.name)) if f.show is _redacted
+                else getattr(self, f.name) for f in FIELDS}
+
     def describe(self) -> list[tuple[str, str, str]]:
         """(key, value, source) rows for `kvstore config --print`."""
         return [(f.name, f.show(getattr(self, f.name)), self.sources.get(f.name, "default"))
@@ -275,7 +283,10 @@ def load_config(config_file: str | Path | None = None, env: dict[str, str] | Non
     def apply(key: str, raw: Any, source: str) -> None:
         f = _BY_NAME.get(key)
         if f is None:
-            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(_BY_NAME)})")
+            near = nearest_key(key)
+            hint = (f"did you mean {near}?" if near
+                    else "`kvstore config --print` lists the keys")
+            raise ConfigError(f"{source}: unknown key {key!r} ({hint})")
         try:
             setattr(cfg, key, f.parse(raw))
         except (ValueError, TypeError) as exc:
@@ -296,6 +307,13 @@ def load_config(config_file: str | Path | None = None, env: dict[str, str] | Non
         name = f"KVSTORE_{key.upper()}"
         if name in env:
             apply(key, env[name], f"${name}")
+    for name in sorted(env):
+        key = name.removeprefix("KVSTORE_").lower()
+        if name.startswith("KVSTORE_") and key not in _BY_NAME:
+            near = nearest_key(key, cutoff=_ENV_TYPO_CUTOFF)
+            if near:
+                raise ConfigError(f"${name}: unknown key {key!r} (did you mean "
+                                  f"$KVSTORE_{near.upper()}?)")
     for key, raw in (overrides or {}).items():
         if raw is not None:
             apply(key, raw, "--" + key.replace("_", "-"))
@@ -313,6 +331,18 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# A KVSTORE_* variable this close to a key is taken for a typo of it (KVSTORE_DRAM_BYTE); farther
+# ones (KVSTORE_VLLM_PYTHON, KVSTORE_TEST_*) are other tools' and are not ours to refuse.
+_ENV_TYPO_CUTOFF = 0.8
+
+
+def nearest_key(name: str, cutoff: float = 0.7) -> str | None:
+    """The known key most like name (a typo's suggestion), or None when none is close."""
+    near = difflib.get_close_matches(name.lower().replace("-", "_"), list(_BY_NAME), n=1,
+                                     cutoff=cutoff)
+    return near[0] if near else None
 
 
 def field_names() -> list[str]:

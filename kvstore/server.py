@@ -3,6 +3,18 @@
 SIGTERM or SIGINT: stop accepting, let in-flight calls finish (grace period, shutdown_grace_s),
 end every session (reclaiming its leases), unlink the arena and the socket, exit 0.
 
+Ownership: a daemon removes only what it created. The socket is unlinked at shutdown only when the
+file at that path is still the one this daemon bound (same device, inode and ctime), so a second
+daemon refused because the socket is taken, or one whose path was since taken over, leaves it
+alone; the arena file is this process's own (its name carries the pid).
+
+Start-up failures: a value in the configuration that cannot be used on this host (an SSD
+directory that is a file or not writable, hbm_bytes without CUDA, a missing shm_dir, ...) raises
+ConfigError, which the CLI answers with exit code 2 and a message saying what to change; anything
+else in the way (another daemon on the socket or the SSD directory, a directory of another
+format, a port in use) raises DaemonError (exit 1). A start-up that failed releases what it had
+opened without logging a shutdown.
+
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access) before the servicer.
 SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
@@ -11,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -26,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.access import AccessPolicy, Limits
-from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.arena import Arena, ArenaError, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.config import Config, ConfigError
 from kvstore.bandwidth import measure_memcpy_bps
@@ -51,20 +64,56 @@ class DaemonError(RuntimeError):
     """The daemon cannot start (socket in use, arena too large, ...)."""
 
 
+def _unusable_path(key: str, path, exc: OSError, what: str = "directory") -> ConfigError:
+    """A ConfigError for a configured path the daemon cannot use, saying what to change."""
+    flag = "--" + key.replace("_", "-")
+    where = exc.filename or path
+    if str(where).startswith(f"{path}/"):    # a file the daemon would create inside path
+        where = path
+    if exc.errno == errno.ENOENT:
+        why = f"{where} does not exist; create it or set {flag} to an existing {what}"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        why = f"{where} is not a directory; set {flag} to a {what} (or remove that file)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = (f"{where} is not writable by uid {os.getuid()} ({exc.strerror}); set {flag} to a "
+               f"writable {what} or fix its permissions")
+    elif exc.errno == errno.ENOSPC:
+        why = f"{exc.strerror}"
+    else:
+        why = f"{where}: {exc.strerror or exc}; set {flag} to a usable {what}"
+    return ConfigError(f"{key} {path}: {why}")
+
+
+def _file_identity(path: Path) -> tuple[int, ...]:
+    """Device, inode and change time: an inode number alone is reused once a file is gone."""
+    st = path.lstat()
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def socket_answers(path: str | Path) -> bool:
+    """Something accepts connections on the Unix socket at path (a live daemon)."""
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def _prepare_socket(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise _unusable_path("socket", path, exc, "path in a writable directory") from None
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise DaemonError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale socket of a daemon that died
-        else:
+            raise ConfigError(f"socket {path}: exists and is not a socket; refusing to replace "
+                              f"it: set --socket to another path (or remove that file)")
+        if socket_answers(path):
             raise DaemonError(f"another daemon is listening on {path}")
-        finally:
-            probe.close()
+        path.unlink()  # stale socket of a daemon that died
 
 
 class Daemon:
@@ -75,6 +124,8 @@ class Daemon:
         self.arena: Arena | None = None
         self.store: BlockStore | None = None
         self.access: AccessPolicy | None = None
+        self._started = False                  # serving: stop() then logs the shutdown
+        self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -85,7 +136,16 @@ class Daemon:
         _prepare_socket(sock)
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
-        self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        try:
+            self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        except ArenaError as exc:     # the arena does not fit where it was asked to live
+            cause = exc.__cause__
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
+            raise ConfigError(f"dram_bytes: cannot reserve {format_bytes(cfg.dram_bytes)} for "
+                              f"the DRAM arena in {cfg.shm_dir or '/dev/shm'} ({why}); "
+                              "lower --dram-bytes or give that filesystem more room") from None
+        except OSError as exc:
+            raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
@@ -113,11 +173,18 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        # gRPC binds a private name that is renamed into place: gRPC unlinks the path it bound
+        # when the server stops, and that must never be a socket another daemon has since put
+        # at the configured path. _remove_own_socket removes ours.
+        bound = sock.with_name(f".kvstore-{os.getpid()}.sock")
+        bound.unlink(missing_ok=True)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
-            self.server.add_insecure_port(f"unix:{sock}")
+            self.server.add_insecure_port(f"unix:{bound}")
         finally:
             os.umask(old_umask)
+        os.rename(bound, sock)
+        self._socket_id = _file_identity(sock)
         tcp = ""
         if cfg.listen:
             try:
@@ -133,6 +200,7 @@ class Daemon:
         if sock_gid is not None:
             os.chown(sock, -1, sock_gid)
         os.chmod(sock, sock_mode)
+        self._socket_id = _file_identity(sock)   # chmod changed its ctime
         self.metrics_server = None
         if cfg.metrics_port:
             self.metrics_server = MetricsServer(self.metrics.snapshot, cfg.metrics_host,
@@ -143,6 +211,7 @@ class Daemon:
                 raise DaemonError(f"metrics_port {cfg.metrics_host}:{cfg.metrics_port}: "
                                   f"{exc.strerror or exc}") from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
         self._expirer = asyncio.create_task(self._expire_loop())
         self._sampler = asyncio.create_task(self._sample_loop())
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
@@ -217,8 +286,10 @@ class Daemon:
         await self.stopping.wait()
 
     async def stop(self) -> None:
+        """Shut down, or after a failed start() release what it had opened (quietly)."""
         grace_s = self.cfg.shutdown_grace_s or SHUTDOWN_GRACE_S
-        log.info("shutting down: draining in-flight calls (up to %.1fs)", grace_s)
+        if self._started:
+            log.info("shutting down: draining in-flight calls (up to %.1fs)", grace_s)
         self.stopping.set()
         if self.server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -246,9 +317,20 @@ class Daemon:
             self.hbm = None
         if self.arena is not None:
             self.arena.close()
+        self._remove_own_socket()
+        if self._started:
+            log.info("stopped")
+
+    def _remove_own_socket(self) -> None:
+        """Unlink the socket only if the file there is still the one this daemon bound."""
+        if self._socket_id is None:
+            return
+        path = Path(self.cfg.socket)
         with contextlib.suppress(FileNotFoundError):
-            Path(self.cfg.socket).unlink()
-        log.info("stopped")
+            if _file_identity(path) == self._socket_id:
+                path.unlink()
+            else:
+                log.warning("%s is no longer the socket this daemon bound: leaving it", path)
 
 
 def open_ssd_tier(cfg: Config, store: BlockStore):
@@ -261,12 +343,12 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
                   io_threads=cfg.ssd_io_threads)
     try:
         ssd.open()
-    except SSDFormatError as exc:
+    except SSDFormatError as exc:     # data in the way (another format, another daemon's): 1
         ssd.close()
         raise DaemonError(f"SSD tier: {exc}") from None
     except OSError as exc:
         ssd.close()
-        raise DaemonError(f"SSD tier in {cfg.ssd_dir}: {exc}") from None
+        raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
     if cfg.ssd_read_limit:
         from kvstore.tiers.ratelimit import TokenBucket
         ssd.read_limiter = TokenBucket(cfg.ssd_read_limit)
@@ -286,7 +368,9 @@ def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
     try:
         pool = open_pool(cfg.hbm_bytes, cfg.hbm_device,
                          Path(cfg.shm_dir) if cfg.shm_dir else None)
-    except (HBMUnavailable, OSError) as exc:
+    except HBMUnavailable as exc:     # its message says which of hbm_* to change
+        raise ConfigError(f"HBM tier: {exc}") from None
+    except OSError as exc:
         raise DaemonError(f"HBM tier: {exc}") from None
     hbm = HBMTier(pool, cfg.chunk_bytes)
     store.hbm = hbm

@@ -19,11 +19,18 @@ def _ints(d):
     return d
 
 
-def stats_to_dict(st: pb.Stats) -> dict:
+def stats_to_dict(st: pb.Stats, *, buckets: bool = False) -> dict:
+    """Every field of st as JSON-ready values. The latency histograms' buckets (two lists of
+    ~90 numbers per tier and operation) only with buckets=True: count, sum and the quantiles
+    are in the default view, and /metrics has the histograms for Prometheus."""
     d = _ints(MessageToDict(st, preserving_proto_field_name=True,
                             always_print_fields_with_no_presence=True))
     for t in d.get("tiers", []):
         t["tier"] = t["tier"].removeprefix("TIER_")
+        if not buckets:
+            for op in ("get_latency", "put_latency"):
+                for k in ("bucket_upper_s", "bucket_counts"):
+                    t.get(op, {}).pop(k, None)
     for ns, msg in zip(d.get("namespaces", []), st.namespaces):
         ns["namespace_id"] = msg.namespace_id.hex()
     return d

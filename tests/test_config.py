@@ -59,3 +59,35 @@ def test_cli_config_print_and_exit_codes(tmp_path):
     assert r.returncode == 2 and "dram_bytes (from --dram-bytes)" in r.stderr
     r = run("config", "--config", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and "missing.toml" in r.stderr
+
+
+@pytest.mark.parametrize("toml,env,msg", [
+    ('dram_byte = "1GiB"', {}, "unknown key 'dram_byte' (did you mean dram_bytes?)"),
+    ('[metrics]\nprot = 9100\n', {}, "unknown key 'metrics_prot' (did you mean metrics_port?)"),
+    ('ssd-dirs = "/x"', {}, "(did you mean ssd_dir?)"),
+    ('', {"KVSTORE_DRAM_BYTE": "1GiB"},
+     "$KVSTORE_DRAM_BYTE: unknown key 'dram_byte' (did you mean $KVSTORE_DRAM_BYTES?)"),
+    ('', {"KVSTORE_LEASE_TIMEOUT": "3"}, "(did you mean $KVSTORE_LEASE_TIMEOUT_S?)"),
+])
+def test_unknown_keys_suggest_the_nearest_known_one(tmp_path, toml, env, msg):
+    f = tmp_path / "kv.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env=env)
+    assert msg in str(e.value)
+
+
+def test_other_tools_kvstore_variables_are_left_alone():
+    # Variables of the test harness, CI and the Docker build share the prefix but are no typo.
+    env = {"KVSTORE_VLLM_PYTHON": "/x/python", "KVSTORE_EXTRAS": "hbm",
+           "KVSTORE_TEST_SSD_WRITE_ERRNO": "28", "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER": "3",
+           "KVSTORE_DRAM_BYTES": "1GiB"}
+    assert load_config(env=env).dram_bytes == 1 << 30
+
+
+def test_cli_unknown_key_exits_2_with_the_suggestion(tmp_path):
+    f = tmp_path / "kv.toml"
+    f.write_text('dram_byte = "1GiB"\n')
+    r = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--config", str(f)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "did you mean dram_bytes?" in r.stderr, r.stderr

@@ -19,6 +19,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import clientproc  # noqa: E402
+from conftest import DaemonProcess  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16, dtype="bfloat16")
 
@@ -260,10 +261,46 @@ def test_cli_stats_table_json_and_exit_codes(daemon, tmp_path):
 
 
 def test_second_daemon_on_same_socket_is_refused(daemon):
+    with KVClient(daemon.socket) as c:
+        ns = c.namespace("llama", LAYOUT)
+        keys = ns.block_keys(list(range(32)))
+        kv = torch.full((2, *LAYOUT.block_shape), 7, dtype=torch.bfloat16)
+        assert ns.put(keys, kv).result() == 2
+    (arena,) = daemon.shm_dir.glob("*.arena")
+    sock_ino = os.stat(daemon.socket).st_ino
     r = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--socket", daemon.socket,
                         "--dram-bytes", "64MiB", "--shm-dir", str(daemon.shm_dir)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "another daemon is listening" in r.stderr
+    assert "stopped" not in r.stderr and "draining" not in r.stderr   # it never started
+    # The refused daemon removed nothing of the running one's: same socket file, same arena,
+    # and the first daemon still answers on it with the bytes it holds.
+    assert os.stat(daemon.socket).st_ino == sock_ino
+    assert list(daemon.shm_dir.glob("*.arena")) == [arena]
+    with KVClient(daemon.socket) as c:
+        got = c.namespace("llama", LAYOUT).get(keys).result()
+        assert torch.equal(got, kv)
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0 and not os.path.exists(daemon.socket)   # the owner removes it
+
+
+def test_daemon_leaves_a_socket_it_no_longer_owns(daemon_factory, tmp_path):
+    # A's socket file is removed by hand and B takes the path: stopping A must not unlink B's.
+    a = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB")
+    os.unlink(a.socket)
+    b = DaemonProcess(Path(a.socket).parent, a.shm_dir, ["--dram-bytes", "64MiB",
+                                                          "--chunk-bytes", "16MiB"])
+    b.log_path = tmp_path / "b.log"
+    b.start()
+    try:
+        assert a.stop() == 0
+        assert os.path.exists(b.socket)
+        with KVClient(b.socket) as c:
+            assert c.stats().sessions == 1
+        assert "no longer the socket this daemon bound" in a.log()
+        assert b.stop() == 0 and not os.path.exists(b.socket)
+    finally:
+        b.close()
 
 
 def test_client_reconnects_after_daemon_restart(daemon_factory, tmp_path):

@@ -1,6 +1,7 @@
 """Configuration errors, health, reflection and graceful shutdown of a real daemon process."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -54,7 +55,9 @@ def test_config_file_errors_and_print(tmp_path):
              env={"KVSTORE_AUTH_TOKEN": "s3cret-s3cret-s3cret"})
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)
-    assert cfg["metrics_port"] == "9100" and cfg["metrics_host"] == "0.0.0.0"
+    assert cfg["metrics_port"] == 9100 and cfg["metrics_host"] == "0.0.0.0"   # numbers as numbers
+    assert cfg["lease_timeout_s"] == 30.0 and cfg["socket_requires_token"] is False
+    assert cfg["dram_bytes"] > 0 and isinstance(cfg["dram_bytes"], int)
     assert cfg["auth_token"] == "(set)"          # secrets are never printed
     r = _cli("config", "--print", "--config", str(good))
     line = next(l for l in r.stdout.splitlines() if l.startswith("metrics_port"))
@@ -164,3 +167,95 @@ def test_ports_in_use_are_named(tmp_path):
                  env={"KVSTORE_AUTH_TOKEN": "s3cret-s3cret-s3cret"})
         assert r.returncode == 1 and f"listen 127.0.0.1:{port}: cannot bind" in r.stderr, r.stderr
     assert not list(tmp_path.glob("*.arena")) and not (tmp_path / "kv.sock").exists()
+
+
+def _bad_config_cases():
+    cases = [
+        ("ssd_file", lambda t: ["--ssd-bytes", "64MiB", "--ssd-dir", str(t / "afile")],
+         ["ssd_dir", "is not a directory", "set --ssd-dir"]),
+        ("ssd_under_file", lambda t: ["--ssd-bytes", "64MiB", "--ssd-dir", str(t / "afile" / "x")],
+         ["ssd_dir", "is not a directory", "set --ssd-dir"]),
+        # /sys refuses mkdir even to root (EPERM, or EROFS where it is mounted read-only).
+        ("ssd_unwritable", lambda t: ["--ssd-bytes", "64MiB", "--ssd-dir", "/sys/kvstore-ssd-x"],
+         ["ssd_dir", "not writable", "set --ssd-dir"]),
+        ("shm_missing", lambda t: ["--shm-dir", str(t / "nope")],
+         ["shm_dir", "does not exist", "set --shm-dir"]),
+        ("socket_is_file", lambda t: ["--socket", str(t / "afile")],
+         ["socket", "not a socket", "set --socket"]),
+        ("dram_too_big", lambda t: ["--dram-bytes", "64TiB"],
+         ["dram_bytes", "lower --dram-bytes"]),
+    ]
+    import torch
+    if not torch.cuda.is_available():
+        cases.append(("hbm_without_cuda", lambda t: ["--hbm-bytes", "64MiB"],
+                      ["HBM tier", "CUDA is not available", "hbm_bytes = 0"]))
+    return [pytest.param(args, words, id=name) for name, args, words in cases]
+
+
+@pytest.mark.parametrize("args, words", _bad_config_cases())
+def test_startup_configuration_failures_exit_2_and_say_what_to_change(tmp_path, args, words):
+    (tmp_path / "afile").write_text("not a directory")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    base = ["serve", "--socket", str(tmp_path / "kv.sock"), "--shm-dir", str(shm),
+            "--dram-bytes", "64MiB", "--chunk-bytes", "4MiB"]
+    r = _cli(*base, *args(tmp_path))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvstore serve: configuration error: "), r.stderr
+    for w in words:
+        assert w in last, (w, last)
+    assert "Errno" not in last and "Traceback" not in r.stderr
+    # It never served, so it does not log a shutdown, and it leaves nothing behind.
+    assert "draining" not in r.stderr and "stopped" not in r.stderr, r.stderr
+    assert not list(shm.glob("*.arena")) and not (tmp_path / "kv.sock").exists()
+
+
+def test_each_command_shows_only_its_own_flags_each_with_help():
+    serve_only = ["--dram-bytes", "--ssd-bytes", "--hbm-device", "--metrics-port", "--listen",
+                  "--tokens-file", "--shutdown-grace-s"]
+    for cmd in ("stats", "health"):
+        r = _cli(cmd, "--help")
+        assert r.returncode == 0, r.stderr
+        assert "--socket" in r.stdout and "--timeout" in r.stdout
+        for flag in serve_only:
+            assert flag not in r.stdout, (cmd, flag)
+    r = _cli("serve", "--help")
+    assert all(flag in r.stdout for flag in serve_only)
+    assert "--json" not in r.stdout and "--watch" not in r.stdout
+    # Every option of every command says what it does.
+    from kvstore.cli import build_parser
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        if name in ("bench", "demo"):        # they parse their own arguments (and --help)
+            continue
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    assert all(a.help for a in parser._actions if a.option_strings)
+
+
+def test_config_print_says_whose_configuration_it_shows(daemon):
+    r = _cli("config", "--print", "--socket", str(Path(daemon.socket).parent / "none.sock"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("# the configuration `kvstore serve` would start with here")
+    assert "a running daemon keeps the one it started with" in r.stdout
+    assert "a daemon is listening" not in r.stdout
+    r = _cli("config", "--print", "--socket", daemon.socket)
+    assert f"# a daemon is listening on {daemon.socket}" in r.stdout, r.stdout
+    rows = [l for l in r.stdout.splitlines() if not l.startswith("#")]
+    assert rows[0].startswith("socket") and daemon.socket in rows[0]
+
+
+def test_stats_watch_into_head_ends_without_a_traceback(daemon):
+    # `kvstore stats --watch ... | head -n 3`: head exits, the next snapshot meets a closed pipe.
+    cmd = (f"set -o pipefail; {sys.executable} -m kvstore stats --socket {daemon.socket} "
+           f"--watch 0.05 | head -n 3")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 3 and r.stdout.startswith("kvstore ")
+    assert r.stderr == "", r.stderr
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m kvstore stats "
+                        f"--socket {daemon.socket} --json --watch 0.05 | head -c 10"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

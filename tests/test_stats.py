@@ -57,7 +57,7 @@ def test_stats_json_has_every_metric(busy_daemon):
     for op in ("get_latency", "put_latency"):
         lat = dram[op]
         assert lat["count"] == 1 and 0 < lat["p50_s"] <= lat["p99_s"] < 60
-        assert lat["bucket_counts"][-1] == 1
+        assert "bucket_counts" not in lat and "bucket_upper_s" not in lat   # behind --buckets
     for k in ("evictions", "promotions", "demotions", "read_bps", "write_bps"):
         assert k in dram
     (ns,) = st["namespaces"]
@@ -137,3 +137,50 @@ def test_prometheus_endpoint_matches_the_model(busy_daemon):
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(base + "/nope", timeout=10)
     assert exc.value.code == 404
+
+
+def test_sdk_stats_is_a_readable_object(busy_daemon):
+    from kvstore.client.stats import Stats, Tier
+    with KVClient(busy_daemon.socket) as c:
+        st = c.stats()
+        watched = next(c.watch_stats(0.05))
+    assert isinstance(st, Stats) and isinstance(watched, Stats)
+    dram = st.tier("DRAM")
+    assert dram is st.tier(Tier.DRAM) and st.tier("ssd") is None
+    assert (dram.hits, dram.misses, dram.blocks) == (8, 4, 8)
+    assert dram.hit_rate == pytest.approx(8 / 12)
+    assert dram.tier == pb.TIER_DRAM and str(dram.tier) == "DRAM"   # equal to the proto's enum
+    assert dram.get_latency.count == 1 and dram.get_latency.bucket_counts[-1] == 1
+    (ns,) = st.namespaces
+    assert (ns.model_id, ns.tenant, ns.blocks, ns.namespace_id) == (
+        "stats-model", "t1", 8, busy_daemon.namespace_id)
+    assert (st.recompute_fallbacks, st.recompute_fallback_blocks) == (3, 4)
+    assert isinstance(st.proto, pb.Stats) and st.proto.tiers[0].hits == 8   # the raw message
+    text = str(st)
+    lines = text.splitlines()
+    assert len(lines) <= 8, text                 # a short table, not ~130 lines of proto text
+    assert lines[0].startswith("kvstore ") and "sessions" in lines[0]
+    assert "hit rate" in lines[1]
+    assert "DRAM" in lines[2] and "66.7%" in lines[2] and " 8 " in lines[2]
+    assert "recompute fallbacks 3" in text and "{" not in text
+
+
+def test_sdk_stats_objects_cover_every_proto_field():
+    """A field added to the Stats messages must reach the SDK object, not only .proto."""
+    from dataclasses import fields
+    from kvstore.client import stats
+    for cls, msg in [(stats.Stats, pb.Stats), (stats.TierStats, pb.TierStats),
+                     (stats.NamespaceStats, pb.NamespaceStats),
+                     (stats.Latency, pb.LatencySummary)]:
+        missing = {f.name for f in msg.DESCRIPTOR.fields} - {f.name for f in fields(cls)}
+        assert not missing, (cls.__name__, missing)
+
+
+def test_stats_json_buckets_behind_a_flag(busy_daemon):
+    r = _cli("stats", "--socket", busy_daemon.socket, "--json", "--buckets")
+    assert r.returncode == 0, r.stderr
+    lat = json.loads(r.stdout)["tiers"][0]["get_latency"]
+    assert lat["bucket_counts"][-1] == 1 and len(lat["bucket_upper_s"]) == len(
+        lat["bucket_counts"]) > 10
+    default = _cli("stats", "--socket", busy_daemon.socket, "--json").stdout
+    assert len(default.splitlines()) < len(r.stdout.splitlines()) / 2
