@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.access import AccessPolicy, Limits
-from kvstore.arena import Arena, remove_stale_arenas
+from kvstore.arena import Arena, ArenaPreparer, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.config import Config
 from kvstore.bandwidth import measure_memcpy_bps
@@ -83,11 +83,19 @@ class Daemon:
         _prepare_socket(sock)
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
-        self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        # Serve at once: the arena's memory is reserved and populated in the background, and
+        # the allocator takes each chunk as it is reserved (kvstore.arena, "Preparation").
+        self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
+                                  prepare_later=True)
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
         )
+        loop = asyncio.get_running_loop()
+        self.preparer = ArenaPreparer(
+            self.arena, self.store.slabs.chunk_bytes,
+            lambda end: loop.call_soon_threadsafe(self.store.slabs.mark_ready, end),
+            limit_bps=cfg.dram_prepare_limit).start()
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
@@ -150,9 +158,11 @@ class Daemon:
                  "requires" if cfg.socket_requires_token else "does not require",
                  cfg.max_inflight_requests_per_client,
                  format_bytes(cfg.inflight_bytes_per_client))
-        log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
+        log.info("DRAM tier: %s shared arena at %s (chunks of %s; %s ready, the rest is "
+                 "prepared in the background)",
                  format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
-                 format_bytes(self.store.slabs.chunk_bytes))
+                 format_bytes(self.store.slabs.chunk_bytes),
+                 format_bytes(self.store.slabs.ready_bytes))
         if self.tiering is not None:
             t = self.tiering
             log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s, "
@@ -227,6 +237,8 @@ class Daemon:
         if getattr(self, "hbm", None) is not None:
             self.hbm.close()
             self.hbm = None
+        if getattr(self, "preparer", None) is not None:
+            self.preparer.stop()     # before the mapping goes: it madvises into it
         if self.arena is not None:
             self.arena.close()
         with contextlib.suppress(FileNotFoundError):
