@@ -32,6 +32,8 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Callable
 
+from kvstore.units import format_bytes
+
 log = logging.getLogger("kvstore.arena")
 
 HEADER_BYTES = 4096
@@ -283,16 +285,17 @@ class ArenaPreparer:
                 arena.reserve(off, n)
             except ArenaError as exc:
                 self.error = str(exc)
-                log.error("DRAM arena: preparation stopped at %d of %d bytes: %s; serving with "
-                          "what is ready", off, arena.size_bytes, exc)
+                log.error("DRAM arena: preparation stopped at %s of %s: %s; serving with what is "
+                          "ready", format_bytes(off - HEADER_BYTES),
+                          format_bytes(arena.size_bytes - HEADER_BYTES), exc)
                 return
             self._on_reserved(off + n)
             self._pace(t0, off + n - start)
         if self._stop.is_set():
             return
         self.reserved_s = self._clock() - t0
-        log.info("DRAM arena: full capacity (%d bytes) reserved in %.2fs; populating its pages",
-                 arena.size_bytes, self.reserved_s)
+        log.info("DRAM arena: full capacity (%s) reserved in %.2fs; populating its pages",
+                 format_bytes(arena.size_bytes - HEADER_BYTES), self.reserved_s)
         t1 = self._clock()
         populated = HEADER_BYTES
         for off, n in self._pieces(HEADER_BYTES):
@@ -307,8 +310,8 @@ class ArenaPreparer:
         if self._stop.is_set():
             return
         self.populated_s = self._clock() - t0
-        log.info("DRAM arena prepared: %d bytes reserved in %.2fs, pages populated by %.2fs",
-                 arena.size_bytes, self.reserved_s, self.populated_s)
+        log.info("DRAM arena prepared: %s reserved in %.2fs, pages populated by %.2fs",
+                 format_bytes(arena.size_bytes - HEADER_BYTES), self.reserved_s, self.populated_s)
 
 
 def _free_bytes(directory: Path) -> int | None:
