@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.access import AccessPolicy, Limits
-from kvstore.arena import Arena, ArenaPreparer, remove_stale_arenas
+from kvstore.arena import HEADER_BYTES, Arena, ArenaPreparer, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.config import Config
 from kvstore.bandwidth import measure_memcpy_bps
@@ -85,8 +85,10 @@ class Daemon:
             log.info("removed stale arena %s of a daemon that is gone", p)
         # Serve at once: the arena's memory is reserved and populated in the background, and
         # the allocator takes each chunk as it is reserved (kvstore.arena, "Preparation").
+        # The first chunk is reserved here, so the first put never finds nothing ready.
         self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
                                   prepare_later=True)
+        self.arena.reserve(HEADER_BYTES, min(cfg.chunk_bytes, cfg.dram_bytes) // 4096 * 4096)
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
@@ -95,7 +97,9 @@ class Daemon:
         self.preparer = ArenaPreparer(
             self.arena, self.store.slabs.chunk_bytes,
             lambda end: loop.call_soon_threadsafe(self.store.slabs.mark_ready, end),
-            limit_bps=cfg.dram_prepare_limit).start()
+            limit_bps=cfg.dram_prepare_limit)
+        if cfg.ssd_bytes:
+            self.preparer.start()     # overlaps the SSD index's recovery
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
@@ -136,6 +140,9 @@ class Daemon:
                 log.warning("TCP listener %s has no TLS: bearer tokens cross the network in "
                             "clear text (set tls_cert_file and tls_key_file)", tcp)
         await self.server.start()
+        if not self.preparer.started_at:
+            # Only now: under memory pressure preparing (page reclaim) would slow the start.
+            self.preparer.start()
         if sock_gid is not None:
             os.chown(sock, -1, sock_gid)
         os.chmod(sock, sock_mode)

@@ -64,7 +64,8 @@ class BlockStore:
         self.arena = arena
         # Only the arena's prepared prefix is handed out; the daemon marks the rest ready
         # as its ArenaPreparer reserves it.
-        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, ready_bytes=arena.reserved_bytes)
+        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes,
+                                   ready_bytes=arena.reserved_bytes)
         self.index = BlockIndex()
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s

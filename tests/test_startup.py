@@ -181,7 +181,7 @@ def _bench(*args, timeout=180):
 
 
 def test_bench_startup_small_run(shm_dir):
-    r = _bench("--json", "--sizes", "32MiB,64MiB", "--chunk-bytes", "8MiB",
+    r = _bench("--json", "--sizes", "32MiB,64MiB", "--chunk-bytes", "8MiB", "--tiny-size", "16MiB",
                "--shm-dir", str(shm_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
@@ -193,6 +193,8 @@ def test_bench_startup_small_run(shm_dir):
         assert row["full_vs_fallocate"] == pytest.approx(row["full_s"] / row["fallocate_s"])
         assert row["reserve_s"] is not None and row["reserve_s"] >= 0
     assert res["max_ready_s"] == max(row["ready_s"] for row in res["sizes"])
+    assert res["tiny_ready_s"] > 0 and res["sizes"][0]["ready_vs_tiny"] == pytest.approx(
+        res["sizes"][0]["ready_s"] / res["tiny_ready_s"])
     assert list(shm_dir.iterdir()) == []                          # cleaned up
 
 
