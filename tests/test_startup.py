@@ -204,3 +204,20 @@ def test_bench_startup_skips_what_does_not_fit_and_refuses_bad_sizes(shm_dir):
     assert r.returncode == 1 and "no size fits here" in r.stderr and "64.0 TiB" in r.stderr
     r = _bench("--sizes", "lots", "--shm-dir", str(shm_dir))
     assert r.returncode == 2 and "kvstore bench startup:" in r.stderr
+
+
+def test_bench_scale_small_run():
+    r = subprocess.run([sys.executable, "-m", "kvstore", "bench", "scale", "--json", "--sizes",
+                        "1000,20000", "--batch", "16", "--rounds", "50"],
+                       check=False, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert [row["indexed_blocks"] for row in res["sizes"]] == [1000, 20000]
+    for row in res["sizes"]:
+        for op in ("lookup", "get"):
+            assert 0 < row[op]["p50_us"] <= row[op]["p99_us"]
+    assert res["sizes"][0]["lookup"]["p50_vs_smallest"] == 1.0
+    assert res["lookup_p50_growth"] == res["sizes"][-1]["lookup"]["p50_vs_smallest"]
+    bad = subprocess.run([sys.executable, "-m", "kvstore", "bench", "scale", "--sizes", "ten"],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "kvstore bench scale:" in bad.stderr
