@@ -301,8 +301,9 @@ class ArenaPreparer:
         for off, n in self._pieces(HEADER_BYTES):
             if not arena.populate(off, n):
                 self.populate_supported = False
-                log.info("DRAM arena: the kernel cannot prefault (MADV_POPULATE_WRITE); pages "
-                         "fault in on first use")
+                log.info("DRAM arena: prefaulting stopped at %s (MADV_POPULATE_WRITE: %s); the "
+                         "other pages fault in on first use", format_bytes(off - HEADER_BYTES),
+                         os.strerror(ctypes.get_errno()) if _madvise else "no libc madvise")
                 return
             populated = off + n
             arena.mark_populated(populated)
