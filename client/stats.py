@@ -61,6 +61,7 @@ class TierStats:
     """One tier's occupancy, traffic and latency."""
     tier: Tier = field(metadata=_BUILT)
     capacity_bytes: int = 0
+    ready_bytes: int = 0              # DRAM: the part of the arena prepared so far (start-up)
     used_bytes: int = 0
     blocks: int = 0
     hits: int = 0

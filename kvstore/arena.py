@@ -1,25 +1,63 @@
 """The shared-memory arena: the bytes of the DRAM tier, mapped by the daemon and its clients.
 
-The daemon creates one file under /dev/shm (mode 0600), sizes it with fallocate so every page
-exists before the first put, and writes a header with a random UUID. A same-host client maps the
-same file (MAP_POPULATE, so the first copy does not pay page faults) and checks the UUID against
-the one the daemon sent over gRPC: a stale file of an earlier daemon is refused, and the client
-falls back to streaming bytes over gRPC.
+The daemon creates one file under /dev/shm (mode 0600) and writes a header with a random UUID. A
+same-host client maps the same file and checks the UUID against the one the daemon sent over
+gRPC: a stale file of an earlier daemon is refused, and the client falls back to streaming bytes
+over gRPC.
+
+Preparation. Memory is usable only once it is *reserved* (fallocate: tmpfs allocates the pages
+without touching them, so a later write can never hit SIGBUS for want of memory); it is fast to
+copy into only once it is *populated* (page tables built and the pages cleared, which on a host
+whose memory was never touched runs at well under 1 GB/s). :meth:`Arena.create` does both before
+it returns; the daemon instead creates the arena with ``prepare_later=True`` (only the header
+page reserved, the file sized, nothing populated), starts serving, and lets an
+:class:`ArenaPreparer` thread reserve the data region piece by piece in address order and then
+populate it. The slab allocator hands out only chunks below :attr:`ArenaPreparer.reserved_bytes`.
+The header records how much is populated, so a client that attaches meanwhile populates its own
+mapping of that much only (the rest faults in on first use) instead of doing the daemon's work.
 
 Offsets handed out by the daemon are relative to the start of the file; the data region starts
 after a 4 KiB header page.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import struct
+import threading
+import time
 import uuid as uuidlib
 from pathlib import Path
+from typing import Callable
+
+from kvstore.units import format_bytes
+
+log = logging.getLogger("kvstore.arena")
 
 HEADER_BYTES = 4096
 _MAGIC = b"KVSTARN1"
 _HEADER = struct.Struct("<8s16sQQ")  # magic, uuid, total size, owner pid
+# Right after the header: bytes from the start of the file that the daemon has populated. Older
+# readers ignore it; the data region and its offsets are unchanged.
+_POPULATED = struct.Struct("<Q")
+_MADV_POPULATE_WRITE = 23            # Linux >= 5.14
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes: ctypes drops the GIL during the call (mmap.madvise does
+    not), so populating gigabytes never stalls the daemon's event loop. None if unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
 
 
 class ArenaError(RuntimeError):
@@ -38,37 +76,95 @@ def _populate_flags() -> int:
 class Arena:
     """A mapped arena file. Create it with :meth:`create` (daemon) or :meth:`attach` (client)."""
 
-    def __init__(self, path: Path, fd: int, mm: mmap.mmap, uuid: bytes, owner: bool):
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, uuid: bytes, owner: bool,
+                 reserved_bytes: int):
         self.path = path
         self.uuid = uuid
         self.size_bytes = len(mm)
+        self.directory = path.parent
         self._fd = fd
         self._mm = mm
         self._owner = owner
         self.buffer = memoryview(mm)
+        # The mapping's address, for madvise; taken through a temporary export so that close()
+        # is not blocked by a lingering one.
+        probe = ctypes.c_char.from_buffer(mm)
+        self._addr = ctypes.addressof(probe)
+        del probe
+        self._reserved = reserved_bytes
 
     @classmethod
-    def create(cls, size_bytes: int, directory: Path | None = None, prefix: str = "kvstore") -> "Arena":
+    def create(cls, size_bytes: int, directory: Path | None = None, prefix: str = "kvstore",
+               *, prepare_later: bool = False) -> "Arena":
+        """Create the daemon's arena of ``size_bytes`` data bytes (after the header page).
+
+        By default every page is reserved and populated before this returns. With
+        ``prepare_later`` only the header page is: the caller must prepare the rest with an
+        :class:`ArenaPreparer` (or :meth:`reserve`) before handing out any of it. Raises
+        ArenaError when the directory cannot hold the arena (checked up front either way)."""
         directory = Path(directory) if directory else default_shm_dir()
         uid = uuidlib.uuid4().bytes
         path = directory / f"{prefix}-{os.getpid()}-{uid.hex()[:8]}.arena"
         total = HEADER_BYTES + size_bytes
+        too_big = (f"cannot reserve {total} bytes for the DRAM arena in {directory}: {{}}. "
+                   "Lower --dram-bytes or enlarge /dev/shm.")
+        free = _free_bytes(directory)
+        if free is not None and free < total:
+            raise ArenaError(too_big.format(f"only {free} bytes free there"))
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                os.posix_fallocate(fd, 0, total)
+                os.posix_fallocate(fd, 0, HEADER_BYTES if prepare_later else total)
+                os.ftruncate(fd, total)
             except OSError as exc:
-                raise ArenaError(
-                    f"cannot reserve {total} bytes for the DRAM arena in {directory}: {exc}. "
-                    "Lower --dram-bytes or enlarge /dev/shm."
-                ) from exc
-            mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED | _populate_flags())
+                raise ArenaError(too_big.format(exc)) from exc
+            flags = mmap.MAP_SHARED | (0 if prepare_later else _populate_flags())
+            mm = mmap.mmap(fd, total, flags=flags)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
         mm[:_HEADER.size] = _HEADER.pack(_MAGIC, uid, total, os.getpid())
-        return cls(path, fd, mm, uid, owner=True)
+        populated = HEADER_BYTES if prepare_later else total
+        mm[_HEADER.size:_HEADER.size + _POPULATED.size] = _POPULATED.pack(populated)
+        return cls(path, fd, mm, uid, owner=True,
+                   reserved_bytes=HEADER_BYTES if prepare_later else total)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes from the start of the file that are backed by memory (safe to hand out)."""
+        return self._reserved
+
+    def populated_bytes(self) -> int:
+        """Bytes from the start of the file whose pages the daemon has populated (header)."""
+        return _POPULATED.unpack_from(self._mm, _HEADER.size)[0]
+
+    def reserve(self, offset: int, nbytes: int) -> None:
+        """Back [offset, offset + nbytes) with memory (fallocate; drops the GIL). Pieces must
+        come in address order, each starting where the reserved prefix ends. Raises ArenaError
+        (ENOSPC, ENOMEM: the directory or the host ran out of memory)."""
+        if offset != self._reserved:
+            raise ArenaError(f"reserve at {offset}: the reserved prefix ends at {self._reserved}")
+        try:
+            os.posix_fallocate(self._fd, offset, nbytes)
+        except OSError as exc:
+            raise ArenaError(f"cannot reserve {nbytes} bytes at {offset} of the DRAM arena in "
+                             f"{self.directory}: {exc}") from exc
+        self._reserved = offset + nbytes
+
+    def populate(self, offset: int, nbytes: int) -> bool:
+        """Prefault [offset, offset + nbytes) of this mapping for writing without changing a
+        byte (MADV_POPULATE_WRITE; drops the GIL). False where the kernel cannot (pages then
+        fault in on first use). Only for reserved memory: a hole would be allocated here."""
+        if _madvise is None or nbytes <= 0:
+            return False
+        if _madvise(self._addr + offset, nbytes, _MADV_POPULATE_WRITE) != 0:
+            return False
+        return True
+
+    def mark_populated(self, end: int) -> None:
+        """Record in the header that [0, end) is populated, for clients attaching later."""
+        self._mm[_HEADER.size:_HEADER.size + _POPULATED.size] = _POPULATED.pack(end)
 
     @classmethod
     def attach(cls, path: str | Path, expected_uuid: bytes, expected_size: int) -> "Arena":
@@ -82,16 +178,23 @@ class Arena:
             size = os.fstat(fd).st_size
             if size != expected_size or size < HEADER_BYTES:
                 raise ArenaError(f"arena {path} is {size} bytes, daemon said {expected_size}")
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _populate_flags())
+            head = os.pread(fd, _HEADER.size + _POPULATED.size, 0)
+            magic, uid, total, _pid = _HEADER.unpack_from(head)
+            if magic != _MAGIC or uid != expected_uuid or total != size:
+                raise ArenaError(f"arena {path} does not belong to this daemon (uuid mismatch)")
+            # Populate only what the daemon already populated: beyond it the daemon is still
+            # preparing, and populating here would do its slow work synchronously in the
+            # client. The first copy into the rest pays its page faults instead.
+            populated = min(_POPULATED.unpack_from(head, _HEADER.size)[0], size)
+            whole = populated == size
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (_populate_flags() if whole else 0))
         except BaseException:
             os.close(fd)
             raise
-        magic, uid, total, _pid = _HEADER.unpack(mm[:_HEADER.size])
-        if magic != _MAGIC or uid != expected_uuid or total != size:
-            mm.close()
-            os.close(fd)
-            raise ArenaError(f"arena {path} does not belong to this daemon (uuid mismatch)")
-        return cls(path, fd, mm, uid, owner=False)
+        arena = cls(path, fd, mm, uid, owner=False, reserved_bytes=size)
+        if not whole and populated > HEADER_BYTES:
+            arena.populate(0, populated)
+        return arena
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         if offset < HEADER_BYTES or offset + nbytes > self.size_bytes:
@@ -112,6 +215,112 @@ class Arena:
         self._mm = None
         if self._owner:
             self.path.unlink(missing_ok=True)
+
+
+class ArenaPreparer:
+    """Prepares an arena made with ``prepare_later`` in one background thread: first reserves
+    the data region in ``piece_bytes`` pieces in address order, calling ``on_reserved(end)``
+    after each (from this thread: the callee hands it to its own thread), then populates the
+    region piece by piece, recording progress in the header. Both steps are system calls that
+    drop the GIL, so the daemon serves meanwhile.
+
+    ``limit_bps`` (0: none) paces both steps, to keep preparation from crowding co-located
+    engines out of memory bandwidth (and to make preparation observable in tests).
+    A reservation that fails (the host ran out of memory) stops preparation: what was reserved
+    stays usable, :attr:`error` says why. :meth:`stop` returns within about one piece."""
+
+    def __init__(self, arena: Arena, piece_bytes: int, on_reserved: Callable[[int], None],
+                 limit_bps: float = 0.0, clock=time.monotonic):
+        self.arena = arena
+        self.piece_bytes = max(4096, piece_bytes // 4096 * 4096)
+        self.limit_bps = limit_bps
+        self._on_reserved = on_reserved
+        self._clock = clock
+        self._stop = threading.Event()
+        self.error: str = ""
+        self.started_at = 0.0
+        self.reserved_s: float | None = None     # seconds to reserve everything
+        self.populated_s: float | None = None    # seconds to populate everything (after that)
+        self.populate_supported = True
+        self._thread = threading.Thread(target=self._run, name="kvstore-arena-prepare",
+                                        daemon=True)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.arena.reserved_bytes
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive() and self.started_at > 0
+
+    def start(self) -> "ArenaPreparer":
+        self.started_at = self._clock()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _pieces(self, first: int):
+        total = self.arena.size_bytes
+        off = first
+        while off < total and not self._stop.is_set():
+            n = min(self.piece_bytes, total - off)
+            yield off, n
+            off += n
+
+    def _pace(self, t0: float, done_bytes: int) -> None:
+        if self.limit_bps > 0:
+            ahead = done_bytes / self.limit_bps - (self._clock() - t0)
+            if ahead > 0:
+                self._stop.wait(ahead)
+
+    def _run(self) -> None:
+        arena, t0 = self.arena, self.started_at
+        start = arena.reserved_bytes
+        for off, n in self._pieces(start):
+            try:
+                arena.reserve(off, n)
+            except ArenaError as exc:
+                self.error = str(exc)
+                log.error("DRAM arena: preparation stopped at %s of %s: %s; serving with what is "
+                          "ready", format_bytes(off - HEADER_BYTES),
+                          format_bytes(arena.size_bytes - HEADER_BYTES), exc)
+                return
+            self._on_reserved(off + n)
+            self._pace(t0, off + n - start)
+        if self._stop.is_set():
+            return
+        self.reserved_s = self._clock() - t0
+        log.info("DRAM arena: full capacity (%s) reserved in %.2fs; populating its pages",
+                 format_bytes(arena.size_bytes - HEADER_BYTES), self.reserved_s)
+        t1 = self._clock()
+        populated = HEADER_BYTES
+        for off, n in self._pieces(HEADER_BYTES):
+            if not arena.populate(off, n):
+                self.populate_supported = False
+                log.info("DRAM arena: prefaulting stopped at %s (MADV_POPULATE_WRITE: %s); the "
+                         "other pages fault in on first use", format_bytes(off - HEADER_BYTES),
+                         os.strerror(ctypes.get_errno()) if _madvise else "no libc madvise")
+                return
+            populated = off + n
+            arena.mark_populated(populated)
+            self._pace(t1, populated - HEADER_BYTES)
+        if self._stop.is_set():
+            return
+        self.populated_s = self._clock() - t0
+        log.info("DRAM arena prepared: %s reserved in %.2fs, pages populated by %.2fs",
+                 format_bytes(arena.size_bytes - HEADER_BYTES), self.reserved_s, self.populated_s)
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def remove_stale_arenas(directory: Path | None = None, prefix: str = "kvstore") -> list[Path]:

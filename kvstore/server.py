@@ -39,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.access import AccessPolicy, Limits
-from kvstore.arena import Arena, ArenaError, remove_stale_arenas
+from kvstore.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.config import Config, ConfigError
 from kvstore.bandwidth import measure_memcpy_bps
@@ -136,8 +136,13 @@ class Daemon:
         _prepare_socket(sock)
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
+        # Serve at once: the arena's memory is reserved and populated in the background, and
+        # the allocator takes each chunk as it is reserved (kvstore.arena, "Preparation").
+        # The first chunk is reserved here, so the first put never finds nothing ready.
         try:
-            self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+            self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
+                                      prepare_later=True)
+            self.arena.reserve(HEADER_BYTES, min(cfg.chunk_bytes, cfg.dram_bytes) // 4096 * 4096)
         except ArenaError as exc:     # the arena does not fit where it was asked to live
             cause = exc.__cause__
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
@@ -150,6 +155,13 @@ class Daemon:
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
         )
+        loop = asyncio.get_running_loop()
+        self.preparer = ArenaPreparer(
+            self.arena, self.store.slabs.chunk_bytes,
+            lambda end: loop.call_soon_threadsafe(self.store.slabs.mark_ready, end),
+            limit_bps=cfg.dram_prepare_limit)
+        if cfg.ssd_bytes:
+            self.preparer.start()     # overlaps the SSD index's recovery
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
@@ -197,6 +209,9 @@ class Daemon:
                 log.warning("TCP listener %s has no TLS: bearer tokens cross the network in "
                             "clear text (set tls_cert_file and tls_key_file)", tcp)
         await self.server.start()
+        if not self.preparer.started_at:
+            # Only now: under memory pressure preparing (page reclaim) would slow the start.
+            self.preparer.start()
         if sock_gid is not None:
             os.chown(sock, -1, sock_gid)
         os.chmod(sock, sock_mode)
@@ -222,9 +237,11 @@ class Daemon:
                  f" and tenants {', '.join(cfg.arena_tenants)}" if cfg.arena_tenants else " only",
                  cfg.max_inflight_requests_per_client,
                  format_bytes(cfg.inflight_bytes_per_client))
-        log.info("DRAM tier: %s shared arena at %s (chunks of %s)",
+        log.info("DRAM tier: %s shared arena at %s (chunks of %s; %s ready, the rest is "
+                 "prepared in the background)",
                  format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
-                 format_bytes(self.store.slabs.chunk_bytes))
+                 format_bytes(self.store.slabs.chunk_bytes),
+                 format_bytes(self.store.slabs.ready_bytes))
         if self.tiering is not None:
             t = self.tiering
             log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s, "
@@ -315,6 +332,8 @@ class Daemon:
         if getattr(self, "hbm", None) is not None:
             self.hbm.close()
             self.hbm = None
+        if getattr(self, "preparer", None) is not None:
+            self.preparer.stop()     # before the mapping goes: it madvises into it
         if self.arena is not None:
             self.arena.close()
         self._remove_own_socket()

@@ -239,6 +239,7 @@ def stats_message(store: BlockStore) -> pb.Stats:
     c = store.dram
     tiers += [pb.TierStats(
         tier=pb.TIER_DRAM, capacity_bytes=store.slabs.capacity_bytes,
+        ready_bytes=store.slabs.ready_bytes,
         used_bytes=store.slabs.used_bytes(), blocks=store.tier_blocks(), hits=c.hits,
         misses=c.misses, evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
         promotions=c.promotions, demotions=c.demotions,
@@ -267,6 +268,7 @@ def hbm_tier_stats(hbm) -> pb.TierStats:
     c = hbm.counters
     return pb.TierStats(
         tier=pb.TIER_HBM, capacity_bytes=hbm.slabs.capacity_bytes,
+        ready_bytes=hbm.slabs.ready_bytes,
         used_bytes=hbm.slabs.used_bytes(), blocks=hbm.blocks(), hits=c.hits, misses=c.misses,
         evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
         promotions=c.promotions, demotions=c.demotions)
@@ -275,7 +277,8 @@ def hbm_tier_stats(hbm) -> pb.TierStats:
 def ssd_tier_stats(tiering) -> pb.TierStats:
     ssd, c, io = tiering.ssd, tiering.counters, tiering.ssd.counters
     return pb.TierStats(
-        tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes, used_bytes=ssd.used_bytes(),
+        tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes, ready_bytes=ssd.capacity_bytes,
+        used_bytes=ssd.used_bytes(),
         blocks=tiering.tier_blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
         bytes_in=io.bytes_written, bytes_out=io.bytes_read, promotions=c.promotions,
         demotions=c.demotions, checksum_failures=io.checksum_failures,

@@ -52,7 +52,9 @@ def render_table(st: pb.Stats) -> str:
     for t in st.tiers:
         total = t.hits + t.misses
         rows.append([
-            pb.Tier.Name(t.tier).removeprefix("TIER_"), format_bytes(t.capacity_bytes),
+            pb.Tier.Name(t.tier).removeprefix("TIER_"),
+            format_bytes(t.capacity_bytes) + (f" ({format_bytes(t.ready_bytes)} ready)"
+                                              if t.ready_bytes < t.capacity_bytes else ""),
             format_bytes(t.used_bytes), str(t.blocks), str(t.hits), str(t.misses),
             f"{100 * t.hits / total:.1f}%" if total else "-", str(t.evictions),
             str(t.promotions), str(t.demotions),

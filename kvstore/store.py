@@ -63,7 +63,10 @@ class BlockStore:
         clock=time.monotonic,
     ):
         self.arena = arena
-        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes)
+        # Only the arena's prepared prefix is handed out; the daemon marks the rest ready
+        # as its ArenaPreparer reserves it.
+        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes,
+                                   ready_bytes=arena.reserved_bytes)
         self.index = BlockIndex()
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s

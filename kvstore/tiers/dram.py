@@ -8,6 +8,11 @@ different block sizes never share a chunk, so there is no fragmentation inside a
 When a class has no free slot, the caller evicts inside that class (``slot_owner`` maps each slot
 back to its block). A class that owns nothing yet takes a free run of chunks, or reclaims a run
 that another class has emptied.
+
+While the daemon is still preparing the arena (kvstore.arena.ArenaPreparer), only the chunks
+below the prepared prefix exist for the allocator: the others are neither free nor owned until
+:meth:`SlabAllocator.mark_ready` says their memory is reserved, so no slot is ever handed out in
+unprepared memory. ``capacity_bytes`` stays the configured size, ``ready_bytes`` grows to it.
 """
 from __future__ import annotations
 
@@ -44,17 +49,37 @@ class SizeClass:
 
 
 class SlabAllocator:
-    def __init__(self, arena_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, arena_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 ready_bytes: int | None = None):
+        """``ready_bytes``: arena offset up to which memory is prepared (None: all of it)."""
         data_bytes = arena_bytes - HEADER_BYTES
         self.chunk_bytes = max(4096, min(chunk_bytes, data_bytes) // 4096 * 4096)
         self.n_chunks = data_bytes // self.chunk_bytes
-        self.chunk_free = np.ones(self.n_chunks, dtype=bool)
+        self.chunk_free = np.zeros(self.n_chunks, dtype=bool)
+        self.ready_chunks = 0
         self.classes: dict[int, SizeClass] = {}
         self._slot_index: dict[int, tuple[SizeClass, int]] = {}  # offset -> (class, slot no.)
+        self.mark_ready(arena_bytes if ready_bytes is None else ready_bytes)
 
     @property
     def capacity_bytes(self) -> int:
+        """The configured capacity (all chunks, prepared or not)."""
         return self.n_chunks * self.chunk_bytes
+
+    @property
+    def ready_bytes(self) -> int:
+        """Capacity whose memory is prepared: what the allocator can hand out today."""
+        return self.ready_chunks * self.chunk_bytes
+
+    def mark_ready(self, reserved_end: int) -> int:
+        """Memory below arena offset ``reserved_end`` is prepared: its whole chunks join the
+        free pool. Returns the number of chunks that became ready (0 if none)."""
+        n = max(0, min(self.n_chunks, (reserved_end - HEADER_BYTES) // self.chunk_bytes))
+        if n <= self.ready_chunks:
+            return 0
+        self.chunk_free[self.ready_chunks:n] = True
+        new, self.ready_chunks = n - self.ready_chunks, n
+        return new
 
     def used_bytes(self) -> int:
         return sum(c.slot_bytes * (c.n_slots - len(c.free)) for c in self.classes.values())

@@ -1,0 +1,236 @@
+"""`kvstore bench startup`: how soon a new daemon answers, and how soon its whole DRAM arena is
+usable, against `fallocate` of the same size in the same directory (measured in the same run).
+
+For each size: the baseline reserves a file of that size with posix_fallocate (what the arena's
+memory costs the kernel, and the floor for "full capacity"), then a real `kvstore serve` starts
+with that --dram-bytes and is polled over its socket:
+
+- ready_s: spawn → the first GetStats answered (the daemon serves from here on);
+- full_s: spawn → DRAM ready_bytes == capacity_bytes (every chunk reserved and allocatable);
+- populated_s: spawn → the daemon's log says every page is populated (fast first copies);
+- reserve_s: the daemon's own figure for reserving the whole arena in the background, from the
+  start of its preparation (full_s less the process's start-up).
+
+full_vs_fallocate = full_s / fallocate_s (goal ≤ 1.2; at small sizes the process start-up alone
+exceeds it), reserve_vs_fallocate = reserve_s / fallocate_s (what background preparation costs
+over the bare system call); max_ready_s is the slowest ready_s over the sizes (goal ≤ 1.5 s).
+ready_vs_tiny = ready_s / the ready_s of a daemon with a tiny arena (--tiny-size, started just
+before, after the baseline): the part of the start-up that grows with the arena (1.0: none), which a loaded
+machine's slow Python start-up does not blur. A size that does not fit in the directory's free
+space or in the host's available memory is skipped with that reason, not measured half-way.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvstore.arena import HEADER_BYTES, default_shm_dir
+from kvstore.bench.harness import emit
+from kvstore.units import format_bytes, parse_size
+
+POLL_S = 0.01
+_POPULATED = re.compile(r"DRAM arena prepared: .* pages populated by ([0-9.]+)s")
+_RESERVED = re.compile(r"DRAM arena: full capacity \([^)]*\) reserved in ([0-9.]+)s")
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fits(size_bytes: int, directory: Path) -> str:
+    """Empty when ``size_bytes`` (plus headroom) fits in the directory and in memory, else why."""
+    need = size_bytes + HEADER_BYTES + (256 << 20)
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return f"{directory} has {format_bytes(free)} free, needs {format_bytes(need)}"
+    mem = available_memory_bytes()
+    if mem is not None and mem < need:
+        return f"the host has {format_bytes(mem)} of memory available, needs {format_bytes(need)}"
+    return ""
+
+
+def time_fallocate(size_bytes: int, directory: Path) -> float:
+    fd, path = tempfile.mkstemp(prefix="kvstore-bench-fallocate-", dir=directory)
+    try:
+        t0 = time.perf_counter()
+        os.posix_fallocate(fd, 0, size_bytes + HEADER_BYTES)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _stats(stub, pb):
+    import grpc
+    try:
+        return stub.GetStats(pb.GetStatsRequest(), timeout=1)
+    except grpc.RpcError:
+        return None
+
+
+def time_daemon(size_bytes: int, chunk_bytes: int, directory: Path, timeout_s: float,
+                wait_populated: bool) -> dict:
+    """Start a daemon with this arena size; time readiness, full capacity, populated pages."""
+    import grpc
+    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+    work = Path(tempfile.mkdtemp(prefix="kvstore-bench-startup-"))
+    shm = Path(tempfile.mkdtemp(prefix="kvstore-bench-startup-", dir=directory))
+    sock, log_path = work / "kv.sock", work / "daemon.log"
+    row: dict = {}
+    with open(log_path, "w") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstore", "serve", "--socket", str(sock), "--shm-dir",
+             str(shm), "--dram-bytes", str(size_bytes), "--chunk-bytes", str(chunk_bytes)],
+            stdout=log, stderr=subprocess.STDOUT)
+    channel = None
+    try:
+        deadline = t0 + timeout_s
+        st = None
+        while st is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kvstore serve exited with {proc.returncode}:\n"
+                                   f"{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvstore serve did not answer in {timeout_s:g}s")
+            if sock.exists():
+                if channel is None:
+                    channel = grpc.insecure_channel(f"unix:{sock}")
+                st = _stats(pb_grpc.KVStoreStub(channel), pb)
+            if st is None:
+                time.sleep(POLL_S)
+        row["ready_s"] = time.monotonic() - t0
+        dram = next(t for t in st.tiers if t.tier == pb.TIER_DRAM)
+        row["capacity_bytes"] = dram.capacity_bytes
+        row["ready_bytes_at_ready"] = dram.ready_bytes
+        stub = pb_grpc.KVStoreStub(channel)
+        while dram.ready_bytes < dram.capacity_bytes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"DRAM capacity not ready in {timeout_s:g}s "
+                                   f"({dram.ready_bytes} of {dram.capacity_bytes} bytes)")
+            time.sleep(POLL_S)
+            st = _stats(stub, pb)
+            if st is not None:
+                dram = next(t for t in st.tiers if t.tier == pb.TIER_DRAM)
+        row["full_s"] = time.monotonic() - t0
+        row["populated_s"] = row["reserve_s"] = None
+        while time.monotonic() < deadline:
+            text = log_path.read_text()
+            m = _RESERVED.search(text)
+            if m and row["reserve_s"] is None:
+                row["reserve_s"] = float(m.group(1))
+            if not wait_populated and m:
+                break
+            if _POPULATED.search(text):
+                row["populated_s"] = time.monotonic() - t0
+                break
+            time.sleep(0.05)
+    finally:
+        if channel is not None:
+            channel.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvstore bench startup", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1GiB,8GiB,64GiB",
+                    help="arena sizes to try, comma-separated (default 1GiB,8GiB,64GiB; sizes "
+                         "that do not fit are skipped and said so)")
+    ap.add_argument("--chunk-bytes", default="64MiB", help="the daemon's --chunk-bytes")
+    ap.add_argument("--shm-dir", type=Path, default=None,
+                    help="tmpfs for the arena and the baseline (default /dev/shm); mount one "
+                         "sized for the test to try sizes beyond /dev/shm")
+    ap.add_argument("--timeout-s", type=float, default=600.0, help="per daemon")
+    ap.add_argument("--no-populated", action="store_true",
+                    help="do not wait for the daemon to populate every page")
+    ap.add_argument("--tiny-size", default="64MiB",
+                    help="arena of the reference daemon for ready_vs_tiny (default 64MiB)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        chunk = parse_size(args.chunk_bytes)
+        tiny = parse_size(args.tiny_size)
+    except ValueError as exc:
+        print(f"kvstore bench startup: {exc}", file=sys.stderr)
+        return 2
+    directory = args.shm_dir or default_shm_dir()
+    if not sizes or not directory.is_dir():
+        print(f"kvstore bench startup: no sizes, or {directory} is not a directory",
+              file=sys.stderr)
+        return 2
+    rows, skipped = [], []
+    for size in sizes:
+        why = fits(size, directory)
+        if why:
+            skipped.append({"size_bytes": size, "reason": why})
+            continue
+        fallocate_s = time_fallocate(size, directory)
+        try:
+            # Right after the baseline, like the measured daemon: on a host with little memory
+            # to spare the baseline evicts page cache, and Python then starts slower.
+            tiny_ready_s = time_daemon(tiny, min(chunk, tiny), directory, args.timeout_s,
+                                       False)["ready_s"]
+            row = time_daemon(size, chunk, directory, args.timeout_s, not args.no_populated)
+        except RuntimeError as exc:
+            print(f"kvstore bench startup: {format_bytes(size)}: {exc}", file=sys.stderr)
+            return 1
+        row.update(size_bytes=size, fallocate_s=fallocate_s, tiny_ready_s=tiny_ready_s,
+                   ready_vs_tiny=row["ready_s"] / tiny_ready_s,
+                   full_vs_fallocate=row["full_s"] / fallocate_s,
+                   reserve_vs_fallocate=(row["reserve_s"] / fallocate_s
+                                         if row["reserve_s"] is not None else None))
+        rows.append(row)
+    if not rows:
+        print("kvstore bench startup: no size fits here: "
+              + "; ".join(f"{format_bytes(s['size_bytes'])}: {s['reason']}" for s in skipped),
+              file=sys.stderr)
+        return 1
+    result = {"directory": str(directory), "chunk_bytes": chunk, "tiny_size_bytes": tiny,
+              "sizes": rows,
+              "skipped": skipped, "max_ready_s": max(r["ready_s"] for r in rows)}
+    lines = [f"kvstore bench startup ({directory}; goals: ready <= 1.5 s, full capacity <= 1.2x "
+             "fallocate)",
+             f"vs tiny: ready s over that of a daemon with a {format_bytes(tiny)} arena started "
+             "just before it",
+             f"{'arena':>10} {'ready s':>8} {'vs tiny':>8} {'full s':>8} {'fallocate s':>12} "
+             f"{'full/falloc':>12} {'reserve s':>10} {'res/falloc':>11} {'populated s':>12}"]
+    def opt(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+    for r in rows:
+        lines.append(f"{format_bytes(r['size_bytes']):>10} {r['ready_s']:>8.2f} "
+                     f"{r['ready_vs_tiny']:>7.2f}x {r['full_s']:>8.2f} {r['fallocate_s']:>12.2f} "
+                     f"{r['full_vs_fallocate']:>11.2f}x {opt(r['reserve_s'], '.2f'):>10} "
+                     f"{opt(r['reserve_vs_fallocate'], '.2f'):>10}x "
+                     f"{opt(r['populated_s'], '.2f'):>12}")
+    for s in skipped:
+        lines.append(f"{format_bytes(s['size_bytes']):>10} skipped: {s['reason']}")
+    lines.append(f"max ready: {result['max_ready_s']:.2f} s")
+    emit(result, args.json, lines)
+    return 0
