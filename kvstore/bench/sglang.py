@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvstore bench sglang", description=(
         "Backup and prefetch throughput of SGLang's HiCacheController through the kvstore "
         "backend against SGLang's own file backend (same pages, same run)."))
-    p.add_argument("--pages", type=int, default=64, help="pages of 64 tokens (512 KiB each)")
+    p.add_argument("--pages", type=int, default=64, help="pages of 64 tokens (1 MiB each: 8 layers, 4 kv heads, 128 dims, bf16)")
     p.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
     p.add_argument("--layout", default="page_first",
                    choices=["layer_first", "page_first", "page_first_direct"])
