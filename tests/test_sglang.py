@@ -10,6 +10,8 @@ per check, which these tests assert on. Each child pays SGLang's import (~20-60 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -65,28 +67,39 @@ def test_layouts_backup_prefetch_share_and_refusals(daemon):
     assert "MLA" in refused["mla"]
 
 
-def test_daemon_killed_gives_misses_then_reconnects(daemon_factory, tmp_path):
-    """Daemon SIGKILLed under a live controller: prefetch finds nothing and backup stores
-    nothing, with no exception in SGLang's threads (they stay alive) and no long stall; after
-    a restart on the same socket the backend reconnects by itself, stores and serves again,
-    and reports its fallbacks to the daemon."""
+def test_daemon_stalled_killed_restarted_gives_misses_then_reconnects(daemon_factory, tmp_path):
+    """Under a live controller the daemon is stalled (SIGSTOP), resumed, SIGKILLed, restarted
+    on the same socket: while stalled or gone, prefetch finds nothing and backup stores
+    nothing, with no exception in SGLang's threads (they stay alive) and no long stall; each
+    time it is back the backend reconnects by itself and serves equal bytes again, and its
+    fallbacks reach the daemon."""
     wd = tmp_path / "d"
     wd.mkdir()
     d = daemon_factory("--dram-bytes", "64MiB", workdir=wd)
     proc = _child("scenario", "outage", "--socket", d.socket)
     lines: list[str] = []
+
+    def go() -> None:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     try:
+        _until(proc, "WAIT stop", lines)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        go()
+        _until(proc, "WAIT cont", lines)
+        os.kill(d.proc.pid, signal.SIGCONT)
+        go()
         _until(proc, "WAIT kill", lines)
         d.kill()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go()
         _until(proc, "WAIT restart", lines)
         d2 = daemon_factory("--dram-bytes", "64MiB", workdir=wd)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go()
         out, _ = proc.communicate(timeout=300)
         lines.append(out)
     finally:
+        if d.proc.poll() is None:
+            os.kill(d.proc.pid, signal.SIGCONT)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -94,12 +107,15 @@ def test_daemon_killed_gives_misses_then_reconnects(daemon_factory, tmp_path):
     res = {x["step"]: x for x in _results(text)}
     assert proc.returncode == 0, text[-4000:]
     assert res["stored"]["backed"] == 48
-    down = res["down"]
-    assert (down["hit"], down["done"], down["backed"]) == (0, 0, 0), down
-    assert down["threads_alive"] and down["seconds"] < 30, down
+    for step in ("stalled", "down"):
+        x = res[step]
+        assert (x["hit"], x["done"], x["backed"]) == (0, 0, 0), x
+        assert x["threads_alive"] and x["seconds"] < 30, x
+    resumed = res["resumed"]
+    assert (resumed["hit"], resumed["done"], resumed["same"]) == (48, 48, True), resumed
     back = res["back"]
     assert back["backed"] == 48 and (back["hit"], back["done"], back["same"]) == (48, 48, True)
-    assert back["counters"]["fallbacks"] >= 2, back
+    assert back["counters"]["fallbacks"] >= 3, back
     assert back["counters"]["daemon"]["recompute_fallbacks"] >= 1, back
     assert "Traceback" not in text, text[-4000:]
     d2.close()

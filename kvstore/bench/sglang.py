@@ -216,33 +216,52 @@ def scenario_layouts(socket: str) -> None:
 
 
 def scenario_outage(socket: str) -> None:
-    """The parent kills the daemon between steps (line protocol on stdin/stdout): backup and
-    prefetch then give misses without an exception; after the parent restarts the daemon the
-    backend reconnects on its own and serves again."""
+    """The parent stalls (SIGSTOP), resumes, kills and restarts the daemon between steps (line
+    protocol: "WAIT x" out, one line in): while it is stalled or gone, prefetch and backup give
+    misses without an exception in SGLang's threads; once it is back the backend reconnects on
+    its own and stores and serves again."""
     import torch
     toks = _tokens(3 * 16, 7)
     a = Rig("page_first", "dynamic", kvstore_extra(socket))
     idx = a.fill(len(toks), seed=7)
-    _emit(step="stored", backed=a.backup(idx, toks))
-    print("WAIT kill", flush=True)
-    sys.stdin.readline()
-    t0 = time.monotonic()
-    hit, done, _ = a.prefetch(toks)
-    backed = a.backup(idx, toks)
-    _emit(step="down", hit=hit, done=done, backed=backed, seconds=time.monotonic() - t0,
-          threads_alive=a.cc.prefetch_thread.is_alive() and a.cc.backup_thread.is_alive())
-    print("WAIT restart", flush=True)
-    sys.stdin.readline()
-    deadline = time.monotonic() + 30
-    backed = 0
-    while time.monotonic() < deadline and backed == 0:
+    want = a.pages(idx)
+
+    def wait(what: str) -> None:
+        print(f"WAIT {what}", flush=True)
+        sys.stdin.readline()
+
+    def unavailable(step: str) -> None:
+        t0 = time.monotonic()
+        hit, done, _ = a.prefetch(toks)
         backed = a.backup(idx, toks)
-        if backed == 0:
+        _emit(step=step, hit=hit, done=done, backed=backed, seconds=time.monotonic() - t0,
+              threads_alive=a.cc.prefetch_thread.is_alive() and a.cc.backup_thread.is_alive())
+
+    def served(step: str, must_store: bool) -> None:
+        deadline = time.monotonic() + 30
+        backed = hit = done = 0
+        got = None
+        while time.monotonic() < deadline:
+            backed = a.backup(idx, toks)
+            hit, done, got = a.prefetch(toks)
+            if hit and (backed or not must_store):
+                break
+            a.release(got)
             time.sleep(0.3)
-    hit, done, got = a.prefetch(toks)
-    same = got is not None and all(torch.equal(x, y) for x, y in zip(a.pages(idx), a.pages(got)))
-    _emit(step="back", backed=backed, hit=hit, done=done, same=same,
-          counters=a.backend.counters(daemon=True))
+        same = got is not None and all(torch.equal(x, y) for x, y in zip(want, a.pages(got)))
+        a.release(got)
+        _emit(step=step, backed=backed, hit=hit, done=done, same=same,
+              counters=a.backend.counters(daemon=True))
+
+    _emit(step="stored", backed=a.backup(idx, toks))
+    wait("stop")
+    unavailable("stalled")
+    wait("cont")
+    served("resumed", must_store=False)     # the pages are still in the daemon
+    wait("kill")
+    unavailable("down")
+    wait("restart")
+    served("back", must_store=True)         # a new daemon: stored anew, then served
     a.close()
 
 
