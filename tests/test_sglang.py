@@ -46,7 +46,8 @@ def test_layouts_backup_prefetch_share_and_refusals(daemon):
     """Per supported layout: backup then prefetch through the controller, bytes equal; a
     partial prefix hits only its shared pages; a second controller (own host pool, backend and
     daemon connection) prefetches the first one's pages with equal bytes. page_head and MLA
-    are refused at registration with a message naming them."""
+    are refused at registration with a message naming them. The older calls (interface_v1
+    off) and the v1 calls read each other's pages."""
     r = subprocess.run([SGLANG_PY, "-m", "kvstore.bench.sglang", "scenario", "layouts",
                         "--socket", daemon.socket], capture_output=True, text=True,
                        env=child_env(), cwd=str(REPO), timeout=600)
@@ -62,6 +63,10 @@ def test_layouts_backup_prefetch_share_and_refusals(daemon):
         c = x["counters"]
         assert c["set_pages"] == 4 and c["fallbacks"] == 0, c
         assert c["daemon"]["namespace"]["blocks"] == 4, c
+    generic = next(x for x in res if x.get("generic"))
+    assert (generic["hit"], generic["done"], generic["same_old"]) == (64, 64, True), generic
+    assert generic["backed2"] == 32, generic
+    assert (generic["hit2"], generic["done2"], generic["same_v1"]) == (32, 32, True), generic
     refused = {x["refused"]: x["error"] for x in res if "refused" in x}
     assert "layout 'page_head' is not supported" in refused["page_head"]
     assert "MLA" in refused["mla"]

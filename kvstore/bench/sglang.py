@@ -194,6 +194,24 @@ def scenario_layouts(socket: str) -> None:
               hit_b=hit_b, done_b=done_b, same_b=same_b, counters=a.backend.counters(daemon=True))
         a.close()
         b.close()
+    # The older calls (interface_v1 off: SGLang's generic path, batch_get/batch_set of flat
+    # pages) read what v1 stored, and v1 reads what they store.
+    toks = _tokens(4 * 16, len("page_first"))
+    v1 = Rig("page_first", "dynamic", kvstore_extra(socket))
+    old = Rig("page_first", "dynamic", kvstore_extra(socket, interface_v1=0))
+    want = v1.pages(v1.fill(len(toks), seed=len("page_first")))
+    hit, done, got = old.prefetch(toks)
+    same_old = got is not None and all(torch.equal(x, y) for x, y in zip(want, old.pages(got)))
+    toks2 = _tokens(2 * 16, 5)
+    idx2 = old.fill(len(toks2), seed=5)
+    want2 = old.pages(idx2)
+    backed2 = old.backup(idx2, toks2)
+    hit2, done2, got2 = v1.prefetch(toks2)
+    same_v1 = got2 is not None and all(torch.equal(x, y) for x, y in zip(want2, v1.pages(got2)))
+    _emit(generic=True, hit=hit, done=done, same_old=same_old, backed2=backed2, hit2=hit2,
+          done2=done2, same_v1=same_v1)
+    v1.close()
+    old.close()
     for layout in ("page_head",):
         try:
             Rig(layout, "dynamic", kvstore_extra(socket))
