@@ -45,7 +45,7 @@ from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorage
 
 from kvstore.client.errors import InvalidArgument, KVStoreError, ResourceExhausted, StaleRead
 from kvstore.client.link import DaemonLink
-from kvstore.keys import KEY_BYTES
+from kvstore.keys import KEY_BYTES, namespace_digest
 from kvstore.layout import KVLayout
 
 log = logging.getLogger("sglang.kvstore_hicache")
@@ -149,7 +149,6 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         name = f"sglang-tp{cfg.tp_rank}-pp{cfg.pp_rank}"
         self._link = DaemonLink(self.cfg, self.model_id, self.kv_layout, name, log,
                                 "kvstore HiCache backend")
-        from kvstore.keys import namespace_digest
         self._seed = namespace_digest(self.model_id, self.kv_layout, self.cfg["tenant"])
 
     # -- keys ----------------------------------------------------------------------------------
