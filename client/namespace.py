@@ -105,6 +105,51 @@ class BlockLease:
         self.release()
 
 
+class BlockAllocation:
+    """Arena slots allocated for a put, writable in place (zero copy) until commit/abort.
+
+    ``offsets[i]`` is -1 for a block the daemon already holds (nothing to write). ``views()``
+    gives one writable byte row per block to write (None for those already held), aliasing the
+    arena. :meth:`commit` publishes the written blocks; :meth:`abort` gives the slots back. A
+    block is visible to readers only after commit, so a half-written block is never served.
+    """
+
+    def __init__(self, ns: "Namespace", session_id: int, allocation_id: int, offsets: list[int]):
+        self.ns = ns
+        self.allocation_id = allocation_id
+        self.offsets = offsets
+        self._session_id = session_id
+        self._done = allocation_id == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def views(self, like: str = "torch"):
+        av = self.ns.client._arena_view
+        if av is None:
+            raise InvalidArgument("zero-copy views need the shared arena (same host)")
+        base = av.torch if like == "torch" else av.np
+        bb = self.ns.layout.block_bytes
+        return [base[o:o + bb] if o >= 0 else None for o in self.offsets]
+
+    def commit(self) -> None:
+        self._finish(abort=False)
+
+    def abort(self) -> None:
+        """Never raises: the slots come back with the session if the daemon is gone."""
+        try:
+            self._finish(abort=True)
+        except KVStoreError:
+            pass
+
+    def _finish(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.ns.client.call("Commit", pb.CommitRequest(
+            session_id=self._session_id, allocation_id=self.allocation_id, abort=abort))
+
+
 @dataclass(frozen=True)
 class PrefetchTicket:
     prefetch_id: int        # 0: nothing of the keys was cached
@@ -214,6 +259,16 @@ class Namespace:
             if i is not None:
                 run.append(i)
         return len(todo)
+
+    def allocate(self, keys: Sequence[bytes], parent_key: bytes | None = None) -> BlockAllocation:
+        """Allocate arena slots for ``keys`` (one chain, in order; ``parent_key``: the block
+        before them, for prefix-aware eviction) to write in place (see BlockAllocation)."""
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob,
+            parent_key=parent_key or b""))
+        return BlockAllocation(self, sid, alloc.allocation_id, list(alloc.offsets))
 
     def acquire(self, keys: Sequence[bytes]) -> BlockLease:
         """Lease the longest stored prefix of ``keys`` (zero-copy access; see BlockLease)."""

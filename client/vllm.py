@@ -54,6 +54,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client import KVClient, KVLayout, Namespace
 from kvstore.keys import chain_keys, namespace_digest
+from kvstore.client.link import DaemonLink
 from kvstore.client.vllm_pages import PageFormat, page_format_for
 
 if TYPE_CHECKING:
@@ -82,70 +83,6 @@ _DEFAULTS = {
     "quant": "",               # "int8" / "float8_e4m3fn": store blocks quantized (~half the
                                # bytes in every tier; values within kvstore.kernels.quant's bound)
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# The daemon link: lazily connected, dropped on error, retried after retry_s.
-# ---------------------------------------------------------------------------------------------
-class _DaemonLink:
-    """One KVClient + Namespace. Any error closes the client; a later use reconnects from
-    scratch (a fresh gRPC channel, so gRPC's own backoff never delays it). Consecutive failures
-    double the wait from retry_s up to MAX_RETRY_S: a stalled daemon costs the engine one
-    timeout per wait, not one per request."""
-
-    MAX_RETRY_S = 10.0
-
-    def __init__(self, cfg: dict, model_id: str, layout: KVLayout, name: str):
-        self.cfg = cfg
-        self.model_id = model_id
-        self.layout = layout
-        self.name = name
-        self.timeout_s = cfg["io_timeout_s"]
-        self._lock = threading.Lock()
-        self._client: KVClient | None = None
-        self._ns: Namespace | None = None
-        self._next_try = 0.0
-        self._failures = 0
-
-    def namespace(self, timeout_s: float | None = None) -> Namespace | None:
-        with self._lock:
-            if self._ns is not None:
-                return self._ns
-            if time.monotonic() < self._next_try:
-                return None
-            try:
-                self._client = KVClient(self.cfg["socket"], address=self.cfg["address"],
-                                        timeout_s=timeout_s or self.timeout_s,
-                                        client_name=self.name)
-                self._ns = self._client.namespace(self.model_id, self.layout, self.cfg["tenant"])
-                self._failures = 0
-                log.info("kvstore connector %s: connected to %s (%s)", self.name,
-                         self._client.target, self.layout.describe())
-            except Exception as exc:  # noqa: BLE001 - the cache never fails inference
-                self._drop(exc)
-            return self._ns
-
-    def failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self._drop(exc)
-
-    def _drop(self, exc: BaseException) -> None:
-        # (the exponent is capped: 2.0 ** n overflows a float after ~1000 failures)
-        wait_s = min(self.cfg["retry_s"] * 2.0 ** min(self._failures, 32), self.MAX_RETRY_S)
-        self._failures += 1
-        log.warning("kvstore connector %s: daemon unavailable (%s); recomputing for %.1fs",
-                    self.name, exc, wait_s)
-        client, self._client, self._ns = self._client, None, None
-        self._next_try = time.monotonic() + wait_s
-        if client is not None:
-            # close() waits for in-flight I/O: never on the engine's thread.
-            threading.Thread(target=client.close, daemon=True).start()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-            self._client, self._ns = None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,14 +203,14 @@ class KVStoreConnector(KVConnectorBase_V1):
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
                 log.info("KVStoreConnector: kv_load_failure_policy set to 'recompute'")
                 self._kv_transfer_config.kv_load_failure_policy = "recompute"
-            self.link = _DaemonLink(self.cfg, self.model_id, self.layout, "vllm-scheduler")
+            self.link = DaemonLink(self.cfg, self.model_id, self.layout, "vllm-scheduler", log)
             self._reqs: dict[str, _ReqState] = {}
             self._lookups: dict[str, tuple[int, int]] = {}  # req -> (computed, hit blocks)
             self._pending_loads: list[LoadSpec] = []
             self._seed = namespace_digest(self.model_id, self.layout, self.cfg["tenant"])
         else:
-            self.link = _DaemonLink(self.cfg, self.model_id, self.layout,
-                                    f"vllm-worker-tp{self.layout.tp_rank}")
+            self.link = DaemonLink(self.cfg, self.model_id, self.layout,
+                                   f"vllm-worker-tp{self.layout.tp_rank}", log)
             self.pages: PageFormat | None = None
             self._kv: list[torch.Tensor] = []
             self._loads: list[_Load] = []

@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "recompute": "kvstore.bench.recompute",  # TTFT: load-all, recompute-all, planned hybrid
     "ttft": "kvstore.bench.ttft",        # HF TTFT: full prefill vs reuse from DRAM / SSD
     "vllm": "kvstore.bench.vllm",        # vLLM TTFT with and without the kvstore connector
+    "sglang": "kvstore.bench.sglang",    # SGLang HiCache backup/prefetch: kvstore vs its file backend
     "peers": "kvstore.bench.peers",      # kvstore vs file-per-block and Redis block stores
     "startup": "kvstore.bench.startup",  # time to serve and to full capacity vs fallocate
     "scale": "kvstore.bench.scale",      # lookup/get cost at 10k, 1M, 10M indexed blocks
