@@ -253,7 +253,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                     for n in st.namespaces:
                         if n.namespace_id == ns.namespace_id:
                             out["daemon"]["namespace"] = {
-                                f.name: v for f, v in n.ListFields()
+                                k: v for k, v in vars(n).items()
                                 if isinstance(v, (int, float))}
                 except Exception as exc:  # noqa: BLE001
                     self._failed(exc, "stats", 0)
