@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import grpc
 
@@ -29,6 +31,7 @@ from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, fr
 from kvstore.client.namespace import Namespace
 from kvstore.config import _default_socket
 from kvstore.layout import KVLayout
+from kvstore.slotgen import SlotGenerations, SlotGenerationsError
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -128,6 +131,11 @@ class KVClient:
         self._session: _Session | None = None
         self.arena: Arena | None = None
         self._arena_view: transfer.ArenaView | None = None
+        self._generations: SlotGenerations | None = None
+        # Releases sent without waiting (their copies were proven): close() drains them
+        self._releases_lock = threading.Condition()
+        self._releases = 0
+        self._work: set[Future] = set()      # puts and gets not finished yet, likewise
         self._pin_arena = pin_arena
         self._pinned: cuda.PinnedArena | None = None
         self._use_hbm = use_hbm
@@ -161,6 +169,12 @@ class KVClient:
             except ArenaError as exc:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
             else:
+                if ev.arena.generations_path:
+                    try:
+                        self._generations = SlotGenerations.attach(ev.arena.path, ev.arena.uuid)
+                    except (SlotGenerationsError, OSError) as exc:
+                        # Still correct, one round trip slower: every get confirms its release.
+                        log.info("no slot generations (%s): gets confirm their releases", exc)
                 self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
                 if self._use_hbm is not False and ev.HasField("hbm"):
                     self._hbm = hbm.open_pool(ev.hbm)
@@ -242,15 +256,50 @@ class KVClient:
             log.debug("could not report %d fallbacks: %s", count, exc)
 
     def submit(self, fn, *args) -> Future:
-        return self._pool.submit(fn, *args)
+        fut = self._pool.submit(fn, *args)
+        with self._releases_lock:
+            self._work.add(fut)
+        fut.add_done_callback(self._work_done)
+        return fut
 
-    def close(self) -> None:
+    def _work_done(self, fut) -> None:
+        with self._releases_lock:
+            self._work.discard(fut)
+
+    def _release_async(self, request) -> None:
+        """Send a Release without waiting for its answer; close() waits for it."""
+        fut = self._stub.Release.future(request, timeout=self.timeout_s, metadata=self._metadata)
+        with self._releases_lock:
+            self._releases += 1
+        fut.add_done_callback(self._release_done)
+
+    def _release_done(self, fut) -> None:
+        with self._releases_lock:
+            self._releases -= 1
+            self._releases_lock.notify_all()
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.warning("asynchronous lease release failed: %s", exc)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish this client's puts and gets, wait for their releases (both bounded by
+        ``timeout_s``, default the client's timeout_s), then end the session and the channel.
+        Leases still open then end with the session."""
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self._releases_lock:
+            work = list(self._work)
+        futures_wait(work, timeout=max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False)
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=True)
+        with self._releases_lock:
+            self._releases_lock.wait_for(lambda: self._releases == 0,
+                                         max(0.0, deadline - time.monotonic()))
         if self._session is not None:
             self._session.close()
         self._channel.close()
@@ -258,6 +307,9 @@ class KVClient:
             self._unmap_arena()
 
     def _unmap_arena(self) -> None:
+        if self._generations is not None:
+            self._generations.close()
+            self._generations = None
         if self._hbm is not None:
             self._hbm.close()
             self._hbm = None

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore import __version__
+from kvstore import __version__, slotgen
 from kvstore.access import AccessPolicy, Limits
 from kvstore.arena import Arena, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
@@ -72,6 +72,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.arena: Arena | None = None
+        self.generations: slotgen.SlotGenerations | None = None
         self.store: BlockStore | None = None
 
     async def start(self) -> None:
@@ -84,9 +85,13 @@ class Daemon:
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
         self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None)
+        slotgen.remove_orphans(self.arena.path.parent)
+        self.generations = slotgen.SlotGenerations.create(self.arena.path, self.arena.uuid,
+                                                          self.arena.size_bytes)
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
+            generations=self.generations,
         )
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
@@ -229,6 +234,8 @@ class Daemon:
             self.hbm = None
         if self.arena is not None:
             self.arena.close()
+        if self.generations is not None:
+            self.generations.close()
         with contextlib.suppress(FileNotFoundError):
             Path(self.cfg.socket).unlink()
         log.info("stopped")

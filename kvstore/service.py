@@ -58,12 +58,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     async def OpenSession(self, request, context):
         s = self.store.open_session(request.client_name, request.pid)
-        arena = self.store.arena
+        arena, gens = self.store.arena, self.store.generations
         try:
             yield pb.SessionEvent(
                 session_id=s.session_id,
                 arena=pb.ArenaInfo(path=str(arena.path), size_bytes=arena.size_bytes,
-                                   uuid=arena.uuid),
+                                   uuid=arena.uuid, generations_path=str(gens.path) if gens else ""),
                 daemon_version=__version__,
                 max_batch_blocks=self.store.max_batch_blocks,
                 max_message_bytes=self.max_message_bytes,
@@ -126,18 +126,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             tiers = tiers[:len(offsets)]
         hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
         return pb.AcquireResponse(lease_id=lease.lease_id if lease else 0, offsets=offsets,
+                                  generations=self.store.slot_generations(offsets),
                                   tiers=[TIER_ENUM[t] for t in tiers],
                                   lease_timeout_s=self.store.lease_timeout_s,
                                   hbm_offsets=hbm_reads, hbm_fill=hbm_fill)
 
     async def ReadBlocks(self, request, context):
         try:
-            blocks = list(self.store.read_remote(request.session_id, request.lease_id))
+            blocks = self.store.read_remote(request.session_id, request.lease_id)
         except KVStoreError as exc:
             await context.abort(_status(exc.code), str(exc))
             return
-        for i, view in blocks:
-            yield pb.BlockData(index=i, data=bytes(view))
+        for i, data in blocks:   # copied block by block while the lease holds (store.py)
+            yield pb.BlockData(index=i, data=data)
 
     @unary
     def Release(self, request, context):

@@ -60,9 +60,12 @@ class BlockStore:
         lease_timeout_s: float = 30.0,
         allocation_timeout_s: float = 30.0,
         clock=time.monotonic,
+        generations=None,
     ):
         self.arena = arena
-        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes)
+        # kvstore.slotgen.SlotGenerations of the arena (None: readers confirm their releases)
+        self.generations = generations
+        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations)
         self.index = BlockIndex()
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s
@@ -340,16 +343,30 @@ class BlockStore:
             return None, []
         return lease, self.index.dram[np.asarray(lease.block_ids, dtype=np.int64)].tolist()
 
+    def slot_generations(self, offsets: list[int]) -> list[int]:
+        """The generation of each DRAM slot (0 for offset -1); [] without a table."""
+        return self.generations.read(offsets) if self.generations is not None else []
+
     def read_remote(self, session_id: int, lease_id: int):
-        """(index, bytes view) of each leased block, for a remote client's get."""
+        """An iterator of (index, bytes) of each leased block, for a remote client's get.
+
+        Raises FailedPrecondition now for an unknown lease. Each block is copied when the
+        iterator reaches it, and only while the lease still holds (the stream yields between
+        blocks, and a session that ended meanwhile may have let the slots be reused): once the
+        lease is gone the iterator stops, and the client gets a shorter prefix."""
         s = self._session(session_id)
         lease = s.leases.get(lease_id)
         if lease is None:
             raise FailedPrecondition(f"lease {lease_id} is unknown, released or expired")
-        for i, bid in enumerate(lease.block_ids):
+        return self._read_leased(s, lease)
+
+    def _read_leased(self, s: Session, lease: Lease):
+        for i, bid in enumerate(list(lease.block_ids)):
+            if self.sessions.get(s.session_id) is not s or s.leases.get(lease.lease_id) is not lease:
+                return
             layout = self._ns_by_index[int(self.index.ns[bid])].layout
             off = int(self.index.dram[bid])
-            yield i, self.arena.buffer[off:off + layout.block_bytes]
+            yield i, bytes(self.arena.buffer[off:off + layout.block_bytes])
 
     def release(self, session_id: int, lease_id: int, hbm_filled: bool = False) -> None:
         """End a lease. ``hbm_filled``: the client copied the blocks into the lease's HBM fill
