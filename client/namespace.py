@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Sequence
 import grpc
 
 from kvstore.client import cuda, quantized, transfer
-from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, StaleRead,
-                                   Unavailable, from_rpc_error)
+from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError,
+                                   NotFound, StaleRead, Unavailable, from_rpc_error)
 from kvstore.keys import chain_keys, namespace_digest, pack_keys
 from kvstore.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
@@ -347,11 +347,13 @@ class Namespace:
             raise
         # Fill slots are published only with bytes that passed the check.
         filled = bool(fills) and max(fills) < min(valid, unproven)
-        if unproven < valid:
+        if unproven < valid or valid < found:
+            # A proof is missing, or the lease ended under the copy (which then most likely
+            # fails "expired" and would only be logged): confirm, and keep the proven prefix.
             try:
                 lease.release(hbm_filled=filled)
             except StaleRead:
-                valid = unproven    # the lease ended under the copy: keep the proven prefix
+                valid = min(valid, unproven)
         else:
             lease.release(wait=False, hbm_filled=filled)
         return out[:valid]
@@ -412,7 +414,10 @@ class Namespace:
                 transfer.copy_rows(dst[got], np.frombuffer(msg.data, dtype=np.uint8))
                 got += 1
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            err = from_rpc_error(exc)
+            if isinstance(err, FailedPrecondition) and got == 0:
+                return 0      # the lease ended before the stream began: a miss
+            raise err from None
         return got
 
     # -- scheduler hints and the recompute planner ---------------------------------------------

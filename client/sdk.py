@@ -147,6 +147,7 @@ class KVClient:
             if copy_threads > 1 else None
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
+        self._closing = False
         self.reconnects = 0
         self._connect()
 
@@ -287,9 +288,9 @@ class KVClient:
         """Finish this client's puts and gets, wait for their releases (both bounded by
         ``timeout_s``, default the client's timeout_s), then end the session and the channel.
         Leases still open then end with the session."""
-        if self._closed:
+        if self._closed or self._closing:
             return
-        self._closed = True
+        self._closing = True      # queued puts and gets still run: _closed comes after them
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._releases_lock:
             work = list(self._work)
@@ -300,6 +301,7 @@ class KVClient:
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))
+        self._closed = True
         if self._session is not None:
             self._session.close()
         self._channel.close()

@@ -116,15 +116,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
                                                    request.keys, promote_out=promote,
                                                    want_hbm=want_hbm)
-        if lease is not None and self.store.prefetcher is not None:
-            self.store.prefetcher.on_acquire(lease.block_ids)
-        if lease is not None and tiering is not None:
-            tiering.on_hits(lease.block_ids)
-        if promote:
-            lease, offsets = await tiering.promote(request.session_id, lease, promote,
-                                                   to_hbm=want_hbm)
-            tiers = tiers[:len(offsets)]
-        hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
+        try:
+            if lease is not None and self.store.prefetcher is not None:
+                self.store.prefetcher.on_acquire(lease.block_ids)
+            if lease is not None and tiering is not None:
+                tiering.on_hits(lease.block_ids)
+            if promote:
+                lease, offsets = await tiering.promote(request.session_id, lease, promote,
+                                                       to_hbm=want_hbm)
+                tiers = tiers[:len(offsets)]
+            hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
+        except BaseException:   # failed or cancelled (client deadline): no lease is answered
+            self.store.abandon_lease(request.session_id, lease)
+            raise
         return pb.AcquireResponse(lease_id=lease.lease_id if lease else 0, offsets=offsets,
                                   generations=self.store.slot_generations(offsets),
                                   tiers=[TIER_ENUM[t] for t in tiers],

@@ -383,6 +383,17 @@ class BlockStore:
             self.hbm.finish(self, lease.hbm_fill, ok=hbm_filled)
         self._unlease(lease)
 
+    def abandon_lease(self, session_id: int, lease: Lease | None) -> None:
+        """End a lease that was never answered (its Acquire failed or was cancelled), so its
+        blocks are not pinned until expiry. A lease that already ended is left alone."""
+        s = self.sessions.get(session_id)
+        if lease is None or s is None or s.leases.get(lease.lease_id) is not lease:
+            return
+        del s.leases[lease.lease_id]
+        if lease.hbm_fill:
+            self.hbm.finish(self, lease.hbm_fill, ok=False)
+        self._unlease(lease)
+
     # -- delete and housekeeping --------------------------------------------------------------
     def delete(self, namespace_id: bytes, keys_blob: bytes) -> int:
         ns = self._namespace(namespace_id)
