@@ -345,8 +345,9 @@ class Namespace:
             except KVStoreError:
                 pass
             raise
-        # Fill slots are published only with bytes that passed the check.
-        filled = bool(fills) and max(fills) < min(valid, unproven)
+        # Fill slots are published only with proven bytes: generations passed here, and the
+        # daemon publishes them only if the lease still holds at the release.
+        filled = bool(fills) and max(fills) < valid
         if unproven < valid or valid < found:
             # A proof is missing, or the lease ended under the copy (which then most likely
             # fails "expired" and would only be logged): confirm, and keep the proven prefix.

@@ -71,7 +71,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             )
             await self._stopping.wait()
         finally:
-            self.store.close_session(s.session_id)
+            # Stopping: the daemon ends every session once in-flight calls drained (server.py),
+            # so the leases of a draining stream or copy hold until then.
+            if not self._stopping.is_set():
+                self.store.close_session(s.session_id)
 
     @unary
     def RegisterNamespace(self, request, context):

@@ -140,7 +140,9 @@ def _reuse_under_reader(daemon_factory, tmp_path, shm: bool):
     with KVClient(d.socket) as c:
         deadline = time.monotonic() + 90
         round_no = 0
-        while time.monotonic() < deadline and len(caught) < 3:
+        # until a get was caught with its slots reused (a shorter result), or wrong bytes
+        while (time.monotonic() < deadline and round_no < 8
+               and not any(r["n"] < N or r["bad"] for r in caught)):
             round_no += 1
             p, lines = _start_reader(proxy.path if shm else d.socket, shm)
             try:
@@ -267,3 +269,28 @@ def test_cancelled_acquire_leaves_no_lease(daemon_factory, tmp_path):
             ns.get(keys).result()
         assert _wait(lambda: c.stats().active_leases == 0, 8), c.stats().active_leases
         assert c.stats().leases_expired == 0
+
+
+def test_async_client_close_drains_releases(daemon, caplog):
+    import asyncio
+
+    from kvstore.client import AsyncKVClient
+
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16,
+                      dtype="float32")
+    kv = np.ones((2, *layout.block_shape), dtype=np.float32)
+    caplog.set_level(logging.INFO, logger="kvstore.client")
+
+    async def main():
+        for i in range(10):
+            c = await AsyncKVClient(daemon.socket)
+            ns = await c.namespace("aclose", layout)
+            keys = ns.block_keys([i] + list(range(31)))
+            await ns.put(keys, kv)
+            assert len(await ns.get(keys)) == 2
+            await c.close()
+    asyncio.run(main())
+    assert "release failed" not in caplog.text, caplog.text
+    with KVClient(daemon.socket) as c:
+        st = c.stats()
+        assert st.active_leases == 0 and st.sessions_reclaimed == 0
