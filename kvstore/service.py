@@ -63,7 +63,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             yield pb.SessionEvent(
                 session_id=s.session_id,
                 arena=pb.ArenaInfo(path=str(arena.path), size_bytes=arena.size_bytes,
-                                   uuid=arena.uuid, generations_path=str(gens.path) if gens else ""),
+                                   uuid=arena.uuid,
+                                   generations_path=str(gens.path) if gens else ""),
                 daemon_version=__version__,
                 max_batch_blocks=self.store.max_batch_blocks,
                 max_message_bytes=self.max_message_bytes,

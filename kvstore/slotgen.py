@@ -57,7 +57,8 @@ class SlotGenerations:
         self.table = np.frombuffer(mm, dtype=np.uint32, count=entries, offset=_DATA_OFFSET)
 
     @classmethod
-    def create(cls, arena_path: str | Path, arena_uuid: bytes, arena_bytes: int) -> "SlotGenerations":
+    def create(cls, arena_path: str | Path, arena_uuid: bytes,
+               arena_bytes: int) -> "SlotGenerations":
         path = path_for(arena_path)
         entries = -(-arena_bytes // PAGE_BYTES)
         total = _DATA_OFFSET + 4 * entries

@@ -362,7 +362,8 @@ class BlockStore:
 
     def _read_leased(self, s: Session, lease: Lease):
         for i, bid in enumerate(list(lease.block_ids)):
-            if self.sessions.get(s.session_id) is not s or s.leases.get(lease.lease_id) is not lease:
+            if (self.sessions.get(s.session_id) is not s
+                    or s.leases.get(lease.lease_id) is not lease):
                 return
             layout = self._ns_by_index[int(self.index.ns[bid])].layout
             off = int(self.index.dram[bid])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import random
 import signal
@@ -294,3 +293,50 @@ def test_async_client_close_drains_releases(daemon, caplog):
     with KVClient(daemon.socket) as c:
         st = c.stats()
         assert st.active_leases == 0 and st.sessions_reclaimed == 0
+
+
+def test_failed_rpcs_leave_nothing_behind(daemon):
+    """Every refused put/get step leaves no slot, block, allocation or lease behind."""
+    import grpc
+
+    from kvstore.keys import pack_keys
+    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16,
+                      dtype="float32")
+    with KVClient(daemon.socket) as c:
+        ns = c.namespace("leaks", layout)
+        sid, nsid = c.session_id, ns.namespace_id
+        keys = ns.block_keys(list(range(16 * 4)))
+        stub = pb_grpc.KVStoreStub(grpc.insecure_channel(f"unix:{daemon.socket}"))
+        bad = [
+            ("Allocate", pb.AllocateRequest(session_id=sid, namespace_id=nsid,
+                                            keys=pack_keys(keys[:2] * 2))),       # duplicates
+            ("Allocate", pb.AllocateRequest(session_id=sid, namespace_id=nsid,
+                                            keys=pack_keys(keys), parent_key=b"x")),
+            ("Allocate", pb.AllocateRequest(session_id=sid, namespace_id=nsid, keys=b"abc")),
+            ("Allocate", pb.AllocateRequest(session_id=sid + 999, namespace_id=nsid,
+                                            keys=pack_keys(keys))),
+            ("Commit", pb.CommitRequest(session_id=sid, allocation_id=12345)),
+            ("Acquire", pb.AcquireRequest(session_id=sid, namespace_id=b"nope",
+                                          keys=pack_keys(keys))),
+            ("Release", pb.ReleaseRequest(session_id=sid, lease_id=777)),
+        ]
+        for method, req in bad:
+            with pytest.raises(grpc.RpcError):
+                getattr(stub, method)(req, timeout=5)
+        # an allocation whose write is refused, then aborted
+        a = stub.Allocate(pb.AllocateRequest(session_id=sid, namespace_id=nsid,
+                                             keys=pack_keys(keys)), timeout=5)
+        with pytest.raises(grpc.RpcError):
+            stub.WriteBlocks(pb.WriteBlocksRequest(
+                session_id=sid, allocation_id=a.allocation_id, first_index=3,
+                data=b"\0" * layout.block_bytes * 2), timeout=5)
+        stub.Commit(pb.CommitRequest(session_id=sid, allocation_id=a.allocation_id, abort=True),
+                    timeout=5)
+        st = c.stats()
+        dram = [t for t in st.tiers if t.tier == pb.TIER_DRAM][0]
+        assert (dram.used_bytes, dram.blocks, st.active_leases) == (0, 0, 0)
+        assert ns.lookup(keys).num_cached == 0
+        assert ns.put(keys, np.zeros((4, *layout.block_shape), np.float32)).result() == 4
