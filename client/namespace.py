@@ -123,6 +123,36 @@ class BlockLease:
         self.release()
 
 
+class PendingPuts:
+    """Read-your-writes: block key -> the future of the client's latest put of it still in
+    flight. Reads (get, lookup, acquire, prefetch, plan) and deletes of a key wait for it. Keys
+    are namespace-seeded hashes, so one table serves all of a client's namespaces."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._puts: dict[bytes, Future] = {}
+
+    def track(self, keys: Sequence[bytes], fut: Future) -> None:
+        keys = [bytes(k) for k in keys]
+        with self._lock:
+            for k in keys:
+                self._puts[k] = fut
+
+        def done(f, keys=keys):
+            with self._lock:
+                for k in keys:
+                    if self._puts.get(k) is f:
+                        del self._puts[k]
+        fut.add_done_callback(done)
+
+    def of(self, keys: Sequence[bytes]) -> set[Future]:
+        """The puts still in flight that store any of ``keys``."""
+        with self._lock:
+            if not self._puts:
+                return set()
+            return {f for f in map(self._puts.get, map(bytes, keys)) if f is not None}
+
+
 @dataclass(frozen=True)
 class PrefetchTicket:
     prefetch_id: int        # 0: nothing of the keys was cached
@@ -140,10 +170,6 @@ class Namespace:
         self.tenant = tenant
         self.namespace_id = namespace_digest(model_id, layout, tenant)
         self._registered = False
-        # Read-your-writes: key -> the future of this client's latest put of it still in
-        # flight. Reads (get, lookup, acquire, prefetch, plan) and deletes of a key wait for it.
-        self._puts_lock = threading.Lock()
-        self._pending_puts: dict[bytes, Future] = {}
 
     def _register(self) -> None:
         self.client._ensure_session()
@@ -197,28 +223,11 @@ class Namespace:
             rows = transfer.block_rows(kv, self.layout, len(keys))
         ready = cuda.ready_event(rows)     # the copy waits for the caller's stream as of now
         fut = self.client.submit(self._put, blob, rows, parent_key or b"", ready)
-        self._track_put(keys, fut)
+        self.client._pending_puts.track(keys, fut)
         return fut
 
-    def _track_put(self, keys: Sequence[bytes], fut: Future) -> None:
-        keys = [bytes(k) for k in keys]
-        with self._puts_lock:
-            for k in keys:
-                self._pending_puts[k] = fut
-
-        def done(f, keys=keys):
-            with self._puts_lock:
-                for k in keys:
-                    if self._pending_puts.get(k) is f:
-                        del self._pending_puts[k]
-        fut.add_done_callback(done)
-
     def _puts_of(self, keys: Sequence[bytes]) -> set[Future]:
-        """This client's puts still in flight that store any of ``keys``."""
-        with self._puts_lock:
-            if not self._pending_puts:
-                return set()
-            return {f for f in map(self._pending_puts.get, map(bytes, keys)) if f is not None}
+        return self.client._pending_puts.of(keys)
 
     def _put(self, blob: bytes, rows, parent_key: bytes, ready=None) -> int:
         alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(

@@ -28,7 +28,7 @@ import grpc
 from kvstore.arena import Arena, ArenaError
 from kvstore.client import cuda, hbm, transfer
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
-from kvstore.client.namespace import Namespace
+from kvstore.client.namespace import Namespace, PendingPuts
 from kvstore.config import _default_socket
 from kvstore.layout import KVLayout
 from kvstore.slotgen import SlotGenerations, SlotGenerationsError
@@ -136,6 +136,7 @@ class KVClient:
         self._releases_lock = threading.Condition()
         self._releases = 0
         self._work: set[Future] = set()      # puts and gets not finished yet, likewise
+        self._pending_puts = PendingPuts()
         self._pin_arena = pin_arena
         self._pinned: cuda.PinnedArena | None = None
         self._use_hbm = use_hbm
