@@ -282,7 +282,14 @@ class KVClient:
         if fut.cancelled():
             return
         exc = fut.exception()
-        if exc is not None:
+        if exc is None:
+            return
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+            # the lease had ended (expiry, session lost): the copy was proven by its
+            # generations all the same, so nothing was lost
+            log.debug("asynchronous lease release: %s", exc.details())
+        else:
             log.warning("asynchronous lease release failed: %s", exc)
 
     def close(self, timeout_s: float | None = None) -> None:
