@@ -7,16 +7,18 @@ session, re-registering itself after a daemon restart.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
 from kvstore.client import cuda, quantized, transfer
-from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, Reason, StaleRead,
-                                   Unavailable, from_rpc_error)
+from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError,
+                                   NotFound, Reason, StaleRead, Unavailable, from_rpc_error)
 from kvstore.keys import chain_keys, namespace_digest, pack_keys
 from kvstore.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
@@ -42,19 +44,26 @@ class BlockLease:
 
     ``views(like)`` gives one byte row per block (torch tensors if like="torch", else numpy)
     that alias the arena. Reading them after release is undefined. ``release`` raises StaleRead
-    if the lease expired first: whatever was read must then be discarded.
+    if the lease expired (or its session ended) first: whatever was read must then be discarded.
+    :meth:`valid_prefix` proves a copy without a round trip where the daemon keeps slot
+    generations (kvstore/slotgen.py).
     """
 
     def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
-                 tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0):
+                 tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0,
+                 generations: list[int] | None = None):
         self.ns = ns
         # The daemon starts the lease clock after it receives the request, i.e. after
         # requested_at: until requested_at + timeout_s (minus a margin for clock granularity)
-        # the lease cannot have expired.
+        # the lease should not expire. An estimate only: a lease also ends with its session,
+        # so the clock never proves a copy (see valid_prefix).
         self._valid_until = requested_at + timeout_s - 1.0
         self.lease_id = lease_id
         self.offsets = offsets
         self.tiers = tiers
+        # Each DRAM slot's generation when the lease was granted ([]: the daemon keeps none)
+        self.generations = generations or []
+        self._table = ns.client._generations   # of the daemon that granted the lease
         self._session_id = session_id
         self._released = lease_id == 0
 
@@ -62,7 +71,19 @@ class BlockLease:
         return len(self.offsets)
 
     def surely_valid(self) -> bool:
+        """By the clock, the lease has not expired yet (an estimate; see valid_prefix)."""
         return time.monotonic() < self._valid_until
+
+    def valid_prefix(self) -> int | None:
+        """After copying out of the arena: how many leading blocks provably held the leased
+        bytes throughout (their slots' generations are unchanged since the lease was granted,
+        the seqlock check of kvstore/slotgen.py). None: no proof available (no generation
+        table); only a confirmed :meth:`release` proves the copy then. Blocks without a DRAM
+        slot (offset -1, read from HBM) pass here: the caller proves those otherwise."""
+        gens = self._table
+        if gens is None or gens.table is None or len(self.generations) != len(self.offsets):
+            return None
+        return gens.valid_prefix(self.offsets, self.generations)
 
     def views(self, like: str = "torch"):
         av = self.ns.client._arena_view
@@ -73,19 +94,18 @@ class BlockLease:
         return [base[o:o + bb] for o in self.offsets]
 
     def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
-        """Give the blocks back. ``wait=False`` sends the release without waiting for the answer
-        when the lease provably cannot have expired yet (see :meth:`surely_valid`).
-        ``hbm_filled``: the lease's HBM fill slots were written (see client/hbm.py)."""
+        """Give the blocks back. ``wait`` (default): confirm with the daemon that the lease
+        held until now — StaleRead if it had ended, and what was read must be discarded.
+        ``wait=False`` sends the release without waiting for the answer: only for a caller
+        that proved its copy otherwise (valid_prefix). ``hbm_filled``: the lease's HBM fill
+        slots were written with proven bytes (see client/hbm.py)."""
         if self._released:
             return
         self._released = True
         req = pb.ReleaseRequest(session_id=self._session_id, lease_id=self.lease_id,
                                 hbm_filled=hbm_filled)
-        if not wait and self.surely_valid():
-            fut = self.ns.client._stub.Release.future(
-                req,
-                timeout=self.ns.client.timeout_s, metadata=self.ns.client._metadata)
-            fut.add_done_callback(_log_release_failure)
+        if not wait:
+            self.ns.client._release_async(req)
             return
         try:
             self.ns.client.call("Release", req)
@@ -150,6 +170,36 @@ class BlockAllocation:
             session_id=self._session_id, allocation_id=self.allocation_id, abort=abort))
 
 
+class PendingPuts:
+    """Read-your-writes: block key -> the future of the client's latest put of it still in
+    flight. Reads (get, lookup, acquire, prefetch, plan) and deletes of a key wait for it. Keys
+    are namespace-seeded hashes, so one table serves all of a client's namespaces."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._puts: dict[bytes, Future] = {}
+
+    def track(self, keys: Sequence[bytes], fut: Future) -> None:
+        keys = [bytes(k) for k in keys]
+        with self._lock:
+            for k in keys:
+                self._puts[k] = fut
+
+        def done(f, keys=keys):
+            with self._lock:
+                for k in keys:
+                    if self._puts.get(k) is f:
+                        del self._puts[k]
+        fut.add_done_callback(done)
+
+    def of(self, keys: Sequence[bytes]) -> set[Future]:
+        """The puts still in flight that store any of ``keys``."""
+        with self._lock:
+            if not self._puts:
+                return set()
+            return {f for f in map(self._puts.get, map(bytes, keys)) if f is not None}
+
+
 @dataclass(frozen=True)
 class PrefetchTicket:
     prefetch_id: int        # 0: nothing of the keys was cached
@@ -201,6 +251,7 @@ class Namespace:
     # -- operations --------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         blob = pack_keys(keys)
+        _wait_for(self._puts_of(keys), self.client.timeout_s)
         r, _ = self._rpc("Lookup", lambda sid: pb.LookupRequest(
             namespace_id=self.namespace_id, keys=blob))
         return LookupResult(r.num_cached, [TIER_NAMES.get(t, "?") for t in r.tiers])
@@ -218,7 +269,12 @@ class Namespace:
         else:
             rows = transfer.block_rows(kv, self.layout, len(keys))
         ready = cuda.ready_event(rows)     # the copy waits for the caller's stream as of now
-        return self.client.submit(self._put, blob, rows, parent_key or b"", ready)
+        fut = self.client.submit(self._put, blob, rows, parent_key or b"", ready)
+        self.client._pending_puts.track(keys, fut)
+        return fut
+
+    def _puts_of(self, keys: Sequence[bytes]) -> set[Future]:
+        return self.client._pending_puts.of(keys)
 
     def _put(self, blob: bytes, rows, parent_key: bytes, ready=None) -> int:
         alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
@@ -274,11 +330,13 @@ class Namespace:
         """Lease the longest stored prefix of ``keys`` (zero-copy access; see BlockLease)."""
         blob = pack_keys(keys)
         self._check_batch(len(keys))
+        _wait_for(self._puts_of(keys), self.client.timeout_s)
         t0 = time.monotonic()
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob))
         return BlockLease(self, sid, r.lease_id, list(r.offsets),
-                          [TIER_NAMES.get(t, "?") for t in r.tiers], t0, r.lease_timeout_s)
+                          [TIER_NAMES.get(t, "?") for t in r.tiers], t0, r.lease_timeout_s,
+                          list(r.generations))
 
     def get(self, keys: Sequence[bytes], out=None) -> Future:
         """Future of the longest stored prefix of ``keys`` as [found, *layout.block_shape].
@@ -286,31 +344,43 @@ class Namespace:
         A block evicted since a lookup shortens the result; the caller recomputes the rest.
         ``out`` (a contiguous tensor/array of at least len(keys) blocks) avoids an allocation:
         the future then resolves to its first ``found`` blocks.
+
+        The read contract: every returned block holds exactly the bytes put under its key —
+        a block whose arena slot was reused during the copy (its lease ended: expiry, session
+        end) is discarded with every later one, never returned (see BlockLease.valid_prefix).
+        Read-your-writes: a put of any of these keys that this client started before the get
+        is waited for (bounded by the client's timeout_s) before the daemon is asked.
         """
         blob = pack_keys(keys)
         self._check_batch(len(keys))
+        pending = self._puts_of(keys)
         if self.layout.quant:
             staging = quantized.staging_for(out, self.layout, len(keys))  # validates out
             return self.client.submit(self._get_quantized, blob, len(keys), staging, out,
-                                      cuda.ready_event(out))
+                                      cuda.ready_event(out), pending)
         if out is not None:
             transfer.out_rows(out, self.layout, len(keys))  # validate before submitting
-        return self.client.submit(self._get, blob, len(keys), out, cuda.ready_event(out))
+        return self.client.submit(self._get, blob, len(keys), out, cuda.ready_event(out),
+                                  pending)
 
-    def _get_quantized(self, blob: bytes, n: int, staging, out, ready=None):
-        rows = self._get(blob, n, staging, ready)
+    def _get_quantized(self, blob: bytes, n: int, staging, out, ready=None, pending=()):
+        rows = self._get(blob, n, staging, ready, pending)
         with transfer.writing_into(out):
             return quantized.unpack(rows, self.layout, out)
 
-    def _get(self, blob: bytes, n: int, out, ready=None):
+    def _get(self, blob: bytes, n: int, out, ready=None, pending=()):
+        _wait_for(pending, self.client.timeout_s)   # read-your-writes (see get)
         t0 = time.monotonic()
         pool = self.client._hbm
         want_hbm = pool is not None and out is not None and pool.serves(out)
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob, want_hbm=want_hbm))
-        lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s)
+        lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s,
+                           list(r.generations))
         found = len(lease)
-        filled = False
+        valid = found
+        fills: list[int] = []
+        unproven = found    # first block whose copy only a confirmed release can prove
         try:
             if out is None:
                 out = transfer.new_output(self.layout, found,
@@ -318,22 +388,42 @@ class Namespace:
             dst = transfer.out_rows(out, self.layout, found)
             with transfer.writing_into(out):
                 if found and want_hbm and (r.hbm_offsets or r.hbm_fill):
-                    filled = self._copy_with_hbm(pool, dst, lease, list(r.hbm_offsets),
-                                                 list(r.hbm_fill), ready)
+                    reads = list(r.hbm_offsets)
+                    fills = self._copy_with_hbm(pool, dst, lease, reads, list(r.hbm_fill), ready)
+                    # HBM slots keep no generations: a block read from the pool is proven
+                    # only by a release the daemon confirms.
+                    unproven = next((i for i in range(found) if reads[i] >= 0), found)
                 elif found and self.client._arena_view is None:
-                    self._read_stream(lease, dst)
+                    # The daemon copies each row while the lease holds and stops the stream
+                    # when it ends: what arrived is proven (kvstore/store.py read_remote).
+                    valid = self._read_stream(lease, dst)
                 elif found:
                     self._copy_from_dram(dst, lease.offsets, list(range(found)), ready)
+                if found and self.client._arena_view is not None:
+                    proven = lease.valid_prefix()     # the seqlock check, after the copy
+                    if proven is None:
+                        unproven = 0
+                    else:
+                        valid = proven
         except BaseException:
             try:
                 lease.release()
             except KVStoreError:
                 pass
             raise
-        # Raises StaleRead if the lease expired before the copy finished: the copy is discarded.
-        # While the lease is provably valid the release goes out without a round trip.
-        lease.release(wait=False, hbm_filled=filled)
-        return out[:found]
+        # Fill slots are published only with proven bytes: generations passed here, and the
+        # daemon publishes them only if the lease still holds at the release.
+        filled = bool(fills) and max(fills) < valid
+        if unproven < valid or valid < found:
+            # A proof is missing, or the lease ended under the copy (which then most likely
+            # fails "expired" and would only be logged): confirm, and keep the proven prefix.
+            try:
+                lease.release(hbm_filled=filled)
+            except StaleRead:
+                valid = min(valid, unproven)
+        else:
+            lease.release(wait=False, hbm_filled=filled)
+        return out[:valid]
 
     def _copy_from_dram(self, dst, offsets: list[int], indices: list[int], ready=None) -> None:
         if not indices:
@@ -350,9 +440,10 @@ class Namespace:
             raise KVStoreError("HBM/DRAM copies need the shared arena")
 
     def _copy_with_hbm(self, pool, dst, lease: BlockLease, reads: list[int], fill: list[int],
-                       ready) -> bool:
+                       ready) -> list[int]:
         """Blocks with an HBM copy: pool → dst; the rest: arena → dst, then dst → their fill
-        slots. Returns True once the fills are complete (the release publishes them)."""
+        slots. Returns the indices of the blocks written into fill slots (the release
+        publishes them)."""
         found = len(lease)
         from_hbm = [i for i in range(found) if reads[i] >= 0]
         from_dram = [i for i in range(found) if reads[i] < 0]
@@ -368,18 +459,33 @@ class Namespace:
             fills = []
         if done is not None:
             done.synchronize()      # before the lease is released
-        return bool(fills)
+        return fills
 
-    def _read_stream(self, lease: BlockLease, dst) -> None:
+    def _read_stream(self, lease: BlockLease, dst) -> int:
+        """Stream the leased blocks into dst; returns how many leading rows arrived. The
+        daemon stops early when the lease ends (the rest is a miss); rows arrive in order, so
+        a gap, a repeat or a row of the wrong size is a protocol error, never a silent hole."""
         import numpy as np
+        bb = self.layout.block_bytes
+        got = 0
         try:
             stream = self.client._stub.ReadBlocks(
                 pb.ReadBlocksRequest(session_id=lease._session_id, lease_id=lease.lease_id),
                 timeout=self.client.timeout_s, metadata=self.client._metadata)
             for msg in stream:
-                transfer.copy_rows(dst[msg.index], np.frombuffer(msg.data, dtype=np.uint8))
+                if msg.index != got or len(msg.data) != bb:
+                    stream.cancel()
+                    raise KVStoreError(
+                        f"ReadBlocks sent row {msg.index} of {len(msg.data)} bytes, expected row "
+                        f"{got} of {bb} bytes (of {len(lease)})")
+                transfer.copy_rows(dst[got], np.frombuffer(msg.data, dtype=np.uint8))
+                got += 1
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            err = from_rpc_error(exc)
+            if isinstance(err, FailedPrecondition) and got == 0:
+                return 0      # the lease ended before the stream began: a miss
+            raise err from None
+        return got
 
     # -- scheduler hints and the recompute planner ---------------------------------------------
     def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
@@ -406,9 +512,12 @@ class Namespace:
         if to_hbm is None:
             to_hbm = self.client._hbm is not None
         blobs = []
+        pending: set[Future] = set()
         for keys, deadline_s in items:
             self._check_batch(len(keys))
             blobs.append(pb.PrefetchItem(keys=pack_keys(keys), deadline_s=deadline_s))
+            pending |= self._puts_of(keys)
+        _wait_for(pending, self.client.timeout_s)
         r, sid = self._rpc("Prefetch", lambda sid: pb.PrefetchRequest(
             session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s,
             to_hbm=to_hbm))
@@ -432,6 +541,7 @@ class Namespace:
 
         blob = pack_keys(keys)
         self._check_batch(len(keys))
+        _wait_for(self._puts_of(keys), self.client.timeout_s)
         r, _ = self._rpc("PlanRecompute", lambda sid: pb.PlanRecomputeRequest(
             namespace_id=self.namespace_id, keys=blob, latency_s=latency_s,
             profile=pb.PrefillProfile(c0=profile.c0, c1=profile.c1, c2=profile.c2)))
@@ -442,6 +552,7 @@ class Namespace:
 
     def delete(self, keys: Sequence[bytes]) -> int:
         blob = pack_keys(keys)
+        _wait_for(self._puts_of(keys), self.client.timeout_s)   # else the put would land after
         r, _ = self._rpc("Delete", lambda sid: pb.DeleteRequest(
             namespace_id=self.namespace_id, keys=blob))
         return r.deleted
@@ -452,10 +563,12 @@ class Namespace:
                                   f"{self.client.max_batch_blocks}; split it")
 
 
-def _log_release_failure(fut) -> None:
-    exc = fut.exception()
-    if exc is not None:
-        log.warning("asynchronous lease release failed: %s", exc)
+def _wait_for(futures, timeout_s: float) -> None:
+    """Wait for these puts to finish, successful or not, for at most timeout_s in all: a failed
+    or late put leaves its keys a miss, which the reader already handles."""
+    if not futures:
+        return
+    futures_wait(futures, timeout=timeout_s)
 
 
 def _row_bytes(row) -> bytes:

@@ -19,17 +19,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import grpc
 
 from kvstore.arena import Arena, ArenaError
 from kvstore.client import cuda, hbm, transfer
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
-from kvstore.client.namespace import Namespace
+from kvstore.client.namespace import Namespace, PendingPuts
 from kvstore.client.stats import Stats
 from kvstore.config import _default_socket
 from kvstore.layout import KVLayout
+from kvstore.slotgen import SlotGenerations, SlotGenerationsError
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -129,6 +132,12 @@ class KVClient:
         self._session: _Session | None = None
         self.arena: Arena | None = None
         self._arena_view: transfer.ArenaView | None = None
+        self._generations: SlotGenerations | None = None
+        # Releases sent without waiting (their copies were proven): close() drains them
+        self._releases_lock = threading.Condition()
+        self._releases = 0
+        self._work: set[Future] = set()      # puts and gets not finished yet, likewise
+        self._pending_puts = PendingPuts()
         self._pin_arena = pin_arena
         self._pinned: cuda.PinnedArena | None = None
         self._use_hbm = use_hbm
@@ -140,6 +149,7 @@ class KVClient:
             if copy_threads > 1 else None
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
+        self._closing = False
         self.reconnects = 0
         self._connect()
 
@@ -162,6 +172,12 @@ class KVClient:
             except ArenaError as exc:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
             else:
+                if ev.arena.generations_path:
+                    try:
+                        self._generations = SlotGenerations.attach(ev.arena.path, ev.arena.uuid)
+                    except (SlotGenerationsError, OSError) as exc:
+                        # Still correct, one round trip slower: every get confirms its release.
+                        log.info("no slot generations (%s): gets confirm their releases", exc)
                 self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
                 if self._use_hbm is not False and ev.HasField("hbm"):
                     self._hbm = hbm.open_pool(ev.hbm)
@@ -246,15 +262,58 @@ class KVClient:
             log.debug("could not report %d fallbacks: %s", count, exc)
 
     def submit(self, fn, *args) -> Future:
-        return self._pool.submit(fn, *args)
+        fut = self._pool.submit(fn, *args)
+        with self._releases_lock:
+            self._work.add(fut)
+        fut.add_done_callback(self._work_done)
+        return fut
 
-    def close(self) -> None:
-        if self._closed:
+    def _work_done(self, fut) -> None:
+        with self._releases_lock:
+            self._work.discard(fut)
+
+    def _release_async(self, request) -> None:
+        """Send a Release without waiting for its answer; close() waits for it."""
+        fut = self._stub.Release.future(request, timeout=self.timeout_s, metadata=self._metadata)
+        with self._releases_lock:
+            self._releases += 1
+        fut.add_done_callback(self._release_done)
+
+    def _release_done(self, fut) -> None:
+        with self._releases_lock:
+            self._releases -= 1
+            self._releases_lock.notify_all()
+        if fut.cancelled():
             return
-        self._closed = True
-        self._pool.shutdown(wait=True)
+        exc = fut.exception()
+        if exc is None:
+            return
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+            # the lease had ended (expiry, session lost): the copy was proven by its
+            # generations all the same, so nothing was lost
+            log.debug("asynchronous lease release: %s", exc.details())
+        else:
+            log.warning("asynchronous lease release failed: %s", exc)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish this client's puts and gets, wait for their releases (both bounded by
+        ``timeout_s``, default the client's timeout_s), then end the session and the channel.
+        Leases still open then end with the session."""
+        if self._closed or self._closing:
+            return
+        self._closing = True      # queued puts and gets still run: _closed comes after them
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self._releases_lock:
+            work = list(self._work)
+        futures_wait(work, timeout=max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False)
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=True)
+        with self._releases_lock:
+            self._releases_lock.wait_for(lambda: self._releases == 0,
+                                         max(0.0, deadline - time.monotonic()))
+        self._closed = True
         if self._session is not None:
             self._session.close()
         self._channel.close()
@@ -262,6 +321,9 @@ class KVClient:
             self._unmap_arena()
 
     def _unmap_arena(self) -> None:
+        if self._generations is not None:
+            self._generations.close()
+            self._generations = None
         if self._hbm is not None:
             self._hbm.close()
             self._hbm = None

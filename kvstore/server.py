@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore import __version__
+from kvstore import __version__, slotgen
 from kvstore.access import AccessPolicy, Limits
 from kvstore.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
@@ -122,6 +122,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.arena: Arena | None = None
+        self.generations: slotgen.SlotGenerations | None = None
         self.store: BlockStore | None = None
         self.access: AccessPolicy | None = None
         self._started = False                  # serving: stop() then logs the shutdown
@@ -151,9 +152,13 @@ class Daemon:
                               "lower --dram-bytes or give that filesystem more room") from None
         except OSError as exc:
             raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
+        slotgen.remove_orphans(self.arena.path.parent)
+        self.generations = slotgen.SlotGenerations.create(self.arena.path, self.arena.uuid,
+                                                          self.arena.size_bytes)
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
+            generations=self.generations,
         )
         loop = asyncio.get_running_loop()
         self.preparer = ArenaPreparer(
@@ -336,6 +341,8 @@ class Daemon:
             self.preparer.stop()     # before the mapping goes: it madvises into it
         if self.arena is not None:
             self.arena.close()
+        if self.generations is not None:
+            self.generations.close()
         self._remove_own_socket()
         if self._started:
             log.info("stopped")

@@ -58,12 +58,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     async def OpenSession(self, request, context):
         s = self.store.open_session(request.client_name, request.pid)
-        arena = self.store.arena
+        arena, gens = self.store.arena, self.store.generations
         try:
             yield pb.SessionEvent(
                 session_id=s.session_id,
                 arena=pb.ArenaInfo(path=str(arena.path), size_bytes=arena.size_bytes,
-                                   uuid=arena.uuid),
+                                   uuid=arena.uuid,
+                                   generations_path=str(gens.path) if gens else ""),
                 daemon_version=__version__,
                 max_batch_blocks=self.store.max_batch_blocks,
                 max_message_bytes=self.max_message_bytes,
@@ -71,7 +72,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             )
             await self._stopping.wait()
         finally:
-            self.store.close_session(s.session_id)
+            # Stopping: the daemon ends every session once in-flight calls drained (server.py),
+            # so the leases of a draining stream or copy hold until then.
+            if not self._stopping.is_set():
+                self.store.close_session(s.session_id)
 
     @unary
     def RegisterNamespace(self, request, context):
@@ -116,28 +120,33 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
                                                    request.keys, promote_out=promote,
                                                    want_hbm=want_hbm)
-        if lease is not None and self.store.prefetcher is not None:
-            self.store.prefetcher.on_acquire(lease.block_ids)
-        if lease is not None and tiering is not None:
-            tiering.on_hits(lease.block_ids)
-        if promote:
-            lease, offsets = await tiering.promote(request.session_id, lease, promote,
-                                                   to_hbm=want_hbm)
-            tiers = tiers[:len(offsets)]
-        hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
+        try:
+            if lease is not None and self.store.prefetcher is not None:
+                self.store.prefetcher.on_acquire(lease.block_ids)
+            if lease is not None and tiering is not None:
+                tiering.on_hits(lease.block_ids)
+            if promote:
+                lease, offsets = await tiering.promote(request.session_id, lease, promote,
+                                                       to_hbm=want_hbm)
+                tiers = tiers[:len(offsets)]
+            hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
+        except BaseException:   # failed or cancelled (client deadline): no lease is answered
+            self.store.abandon_lease(request.session_id, lease)
+            raise
         return pb.AcquireResponse(lease_id=lease.lease_id if lease else 0, offsets=offsets,
+                                  generations=self.store.slot_generations(offsets),
                                   tiers=[TIER_ENUM[t] for t in tiers],
                                   lease_timeout_s=self.store.lease_timeout_s,
                                   hbm_offsets=hbm_reads, hbm_fill=hbm_fill)
 
     async def ReadBlocks(self, request, context):
         try:
-            blocks = list(self.store.read_remote(request.session_id, request.lease_id))
+            blocks = self.store.read_remote(request.session_id, request.lease_id)
         except KVStoreError as exc:
             await abort(context, exc)
             return
-        for i, view in blocks:
-            yield pb.BlockData(index=i, data=bytes(view))
+        for i, data in blocks:   # copied block by block while the lease holds (store.py)
+            yield pb.BlockData(index=i, data=data)
 
     @unary
     def Release(self, request, context):

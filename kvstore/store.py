@@ -61,11 +61,14 @@ class BlockStore:
         lease_timeout_s: float = 30.0,
         allocation_timeout_s: float = 30.0,
         clock=time.monotonic,
+        generations=None,
     ):
         self.arena = arena
+        # kvstore.slotgen.SlotGenerations of the arena (None: readers confirm their releases)
+        self.generations = generations
         # Only the arena's prepared prefix is handed out; the daemon marks the rest ready
         # as its ArenaPreparer reserves it.
-        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes,
+        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
                                    ready_bytes=arena.reserved_bytes)
         self.index = BlockIndex()
         self.max_batch_blocks = max_batch_blocks
@@ -346,18 +349,33 @@ class BlockStore:
             return None, []
         return lease, self.index.dram[np.asarray(lease.block_ids, dtype=np.int64)].tolist()
 
+    def slot_generations(self, offsets: list[int]) -> list[int]:
+        """The generation of each DRAM slot (0 for offset -1); [] without a table."""
+        return self.generations.read(offsets) if self.generations is not None else []
+
     def read_remote(self, session_id: int, lease_id: int):
-        """(index, bytes view) of each leased block, for a remote client's get."""
+        """An iterator of (index, bytes) of each leased block, for a remote client's get.
+
+        Raises FailedPrecondition now for an unknown lease. Each block is copied when the
+        iterator reaches it, and only while the lease still holds (the stream yields between
+        blocks, and a session that ended meanwhile may have let the slots be reused): once the
+        lease is gone the iterator stops, and the client gets a shorter prefix."""
         s = self._session(session_id)
         lease = s.leases.get(lease_id)
         if lease is None:
             raise FailedPrecondition(f"lease {lease_id} is unknown, released or expired",
                                      Reason.EXPIRED_LEASE if lease_id in self._expired_leases
                                      else Reason.UNKNOWN_LEASE)
-        for i, bid in enumerate(lease.block_ids):
+        return self._read_leased(s, lease)
+
+    def _read_leased(self, s: Session, lease: Lease):
+        for i, bid in enumerate(list(lease.block_ids)):
+            if (self.sessions.get(s.session_id) is not s
+                    or s.leases.get(lease.lease_id) is not lease):
+                return
             layout = self._ns_by_index[int(self.index.ns[bid])].layout
             off = int(self.index.dram[bid])
-            yield i, self.arena.buffer[off:off + layout.block_bytes]
+            yield i, bytes(self.arena.buffer[off:off + layout.block_bytes])
 
     def release(self, session_id: int, lease_id: int, hbm_filled: bool = False) -> None:
         """End a lease. ``hbm_filled``: the client copied the blocks into the lease's HBM fill
@@ -374,6 +392,17 @@ class BlockStore:
                                      Reason.UNKNOWN_LEASE)
         if lease.hbm_fill:
             self.hbm.finish(self, lease.hbm_fill, ok=hbm_filled)
+        self._unlease(lease)
+
+    def abandon_lease(self, session_id: int, lease: Lease | None) -> None:
+        """End a lease that was never answered (its Acquire failed or was cancelled), so its
+        blocks are not pinned until expiry. A lease that already ended is left alone."""
+        s = self.sessions.get(session_id)
+        if lease is None or s is None or s.leases.get(lease.lease_id) is not lease:
+            return
+        del s.leases[lease.lease_id]
+        if lease.hbm_fill:
+            self.hbm.finish(self, lease.hbm_fill, ok=False)
         self._unlease(lease)
 
     # -- delete and housekeeping --------------------------------------------------------------

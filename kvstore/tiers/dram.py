@@ -50,8 +50,11 @@ class SizeClass:
 
 class SlabAllocator:
     def __init__(self, arena_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 ready_bytes: int | None = None):
-        """``ready_bytes``: arena offset up to which memory is prepared (None: all of it)."""
+                 generations=None, ready_bytes: int | None = None):
+        """``generations``: kvstore.slotgen.SlotGenerations (None: none kept), bumped whenever a
+        slot may get new bytes, so that readers can prove a copy was not torn by reuse.
+        ``ready_bytes``: arena offset up to which memory is prepared (None: all of it)."""
+        self.generations = generations
         data_bytes = arena_bytes - HEADER_BYTES
         self.chunk_bytes = max(4096, min(chunk_bytes, data_bytes) // 4096 * 4096)
         self.n_chunks = data_bytes // self.chunk_bytes
@@ -97,7 +100,10 @@ class SlabAllocator:
         cls = self.size_class(slot_bytes)
         if not cls.free and not self.grow(cls):
             return None
-        return cls.free.pop()
+        off = cls.free.pop()
+        if self.generations is not None:
+            self.generations.bump(off)
+        return off
 
     def set_owner(self, offset: int, block_id: int) -> None:
         cls, i = self._slot_index[offset]
@@ -128,6 +134,8 @@ class SlabAllocator:
                 if (cls.slot_owner[in_span] >= 0).any():
                     continue
                 keep_mask = ~in_span
+                if self.generations is not None:   # the chunks may be cut another way next
+                    self.generations.bump_many(cls.slot_offsets[in_span])
                 for off in cls.slot_offsets[in_span].tolist():
                     self._slot_index.pop(off, None)
                 cls.free = [f for f in cls.free if not lo <= f < hi]

@@ -39,14 +39,16 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class ArenaInfo(_message.Message):
-    __slots__ = ("path", "size_bytes", "uuid")
+    __slots__ = ("path", "size_bytes", "uuid", "generations_path")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     size_bytes: int
     uuid: bytes
-    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., uuid: _Optional[bytes] = ...) -> None: ...
+    generations_path: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., uuid: _Optional[bytes] = ..., generations_path: _Optional[str] = ...) -> None: ...
 
 class HBMPoolInfo(_message.Message):
     __slots__ = ("backend", "size_bytes", "device_uuid", "ipc_device", "ipc_handle", "ipc_storage_bytes", "ipc_storage_offset", "ipc_ref_counter_handle", "ipc_ref_counter_offset", "ipc_event_handle", "ipc_event_sync_required", "path", "uuid")
@@ -203,20 +205,22 @@ class AcquireRequest(_message.Message):
     def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., want_hbm: _Optional[bool] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
-    __slots__ = ("lease_id", "offsets", "tiers", "lease_timeout_s", "hbm_offsets", "hbm_fill")
+    __slots__ = ("lease_id", "offsets", "tiers", "lease_timeout_s", "hbm_offsets", "hbm_fill", "generations")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     HBM_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     HBM_FILL_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     lease_id: int
     offsets: _containers.RepeatedScalarFieldContainer[int]
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     lease_timeout_s: float
     hbm_offsets: _containers.RepeatedScalarFieldContainer[int]
     hbm_fill: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, lease_id: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., lease_timeout_s: _Optional[float] = ..., hbm_offsets: _Optional[_Iterable[int]] = ..., hbm_fill: _Optional[_Iterable[int]] = ...) -> None: ...
+    generations: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lease_id: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., lease_timeout_s: _Optional[float] = ..., hbm_offsets: _Optional[_Iterable[int]] = ..., hbm_fill: _Optional[_Iterable[int]] = ..., generations: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReadBlocksRequest(_message.Message):
     __slots__ = ("session_id", "lease_id")

@@ -1,0 +1,152 @@
+"""Slot generations: a seqlock per arena slot, in a small shared-memory segment of its own.
+
+The daemon bumps the generation of an arena slot every time the slot is handed to a new owner
+(SlabAllocator.allocate: a put, a promotion) and for every slot of a span given back to the chunk
+pool (the chunk may be cut into slots of another size). A slot's bytes change only after it was
+handed out again, so a reader that saw generation g when its lease was granted (the Acquire
+reply carries it) and still sees g after copying the bytes has copied exactly the block it was
+granted — whether or not its lease was still valid by then (expired, session ended). A changed
+generation proves nothing about the bytes: the copy of that block is discarded.
+
+The table is one uint32 per 4 KiB page of the arena (slot offsets are 4 KiB aligned), indexed by
+offset // 4096, so 1/1024 of the arena's size; it lives in its own file next to the arena
+(``<arena>.slotgen``) rather than in the arena's data layout, and its header holds the arena's
+UUID so that a client can tell that it belongs to the arena it mapped. Clients map it read-only.
+
+Memory order: the daemon's bump is a store that precedes (in program order, then through a
+socket) any write of the slot's next owner; the reader's check is a load after its copy's loads.
+On x86-64 (TSO: loads are not reordered with older loads, stores are seen in causal order) that
+is a correct seqlock without explicit fences; other architectures would need a load fence
+before the check and a store fence after the bump.
+
+Designed to serve lease-free same-host reads later (docs/decisions.md): a client that knows a
+block's offset and generation can read it without an Acquire/Release round trip.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+PAGE_BYTES = 4096
+_MAGIC = b"KVSGEN01"
+_HEADER = struct.Struct("<8s16sQ")    # magic, arena uuid, entries
+_DATA_OFFSET = 64
+
+
+class SlotGenerationsError(RuntimeError):
+    pass
+
+
+def path_for(arena_path: str | Path) -> Path:
+    return Path(str(arena_path) + ".slotgen")
+
+
+class SlotGenerations:
+    """The generation table of one arena. :meth:`create` (daemon, writable) or :meth:`attach`
+    (client, read-only)."""
+
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, entries: int, owner: bool):
+        self.path = path
+        self._fd = fd
+        self._mm = mm
+        self._owner = owner
+        self.table = np.frombuffer(mm, dtype=np.uint32, count=entries, offset=_DATA_OFFSET)
+
+    @classmethod
+    def create(cls, arena_path: str | Path, arena_uuid: bytes,
+               arena_bytes: int) -> "SlotGenerations":
+        path = path_for(arena_path)
+        entries = -(-arena_bytes // PAGE_BYTES)
+        total = _DATA_OFFSET + 4 * entries
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, total)
+            mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, entries)
+        return cls(path, fd, mm, entries, owner=True)
+
+    @classmethod
+    def attach(cls, arena_path: str | Path, arena_uuid: bytes) -> "SlotGenerations":
+        """Map the table of this arena read-only; SlotGenerationsError if it is not there or
+        belongs to another arena."""
+        path = path_for(arena_path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise SlotGenerationsError(f"cannot open slot generations {path}: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size < _DATA_OFFSET:
+                raise SlotGenerationsError(f"slot generations {path} is truncated")
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        magic, uid, entries = _HEADER.unpack(mm[:_HEADER.size])
+        if magic != _MAGIC or uid != arena_uuid or _DATA_OFFSET + 4 * entries > size:
+            mm.close()
+            os.close(fd)
+            raise SlotGenerationsError(f"slot generations {path} belong to another arena")
+        return cls(path, fd, mm, entries, owner=False)
+
+    # -- daemon -----------------------------------------------------------------------------
+    def bump(self, offset: int) -> None:
+        """The slot at ``offset`` gets a new owner: call before anyone may write it."""
+        i = offset // PAGE_BYTES
+        self.table[i] = (int(self.table[i]) + 1) & 0xFFFFFFFF
+
+    def bump_many(self, offsets) -> None:
+        idx = np.asarray(offsets, dtype=np.int64) // PAGE_BYTES
+        self.table[idx] += np.uint32(1)    # wraps modulo 2**32, like bump
+
+    # -- both -------------------------------------------------------------------------------
+    def read(self, offsets) -> list[int]:
+        """Generation of each slot; 0 for a negative offset (no DRAM slot)."""
+        t = self.table
+        return [int(t[o // PAGE_BYTES]) if o >= 0 else 0 for o in offsets]
+
+    def valid_prefix(self, offsets, expected) -> int:
+        """How many leading slots still have their expected generation (the seqlock check,
+        after the copy). A slot with offset < 0 is not a DRAM read and passes."""
+        t = self.table
+        for i, (o, g) in enumerate(zip(offsets, expected)):
+            if o >= 0 and int(t[o // PAGE_BYTES]) != g:
+                return i
+        return len(offsets)
+
+    def close(self) -> None:
+        if self._mm is None:
+            return
+        self.table = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+        os.close(self._fd)
+        self._mm = None
+        if self._owner:
+            self.path.unlink(missing_ok=True)
+
+
+def remove_orphans(directory: Path, prefix: str = "kvstore") -> list[Path]:
+    """Unlink tables whose arena file is gone (a SIGKILLed daemon's, once its arena was
+    removed by arena.remove_stale_arenas)."""
+    removed = []
+    for path in Path(directory).glob(f"{prefix}-*.arena.slotgen"):
+        if path.with_suffix("").exists():
+            continue
+        try:
+            if path.stat().st_uid == os.getuid():
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
