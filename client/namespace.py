@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvstore.client")
 
-TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD"}
+TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD",
+              pb.TIER_REMOTE: "REMOTE"}
 
 
 @dataclass(frozen=True)
