@@ -170,7 +170,9 @@ class RawClient:
             os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
             from mooncake.store import MooncakeDistributedStore, ReplicateConfig
             self.c = MooncakeDistributedStore()
-            rc = self.c.setup("127.0.0.1", "P2PHANDSHAKE", 64 << 20, 64 << 20, "tcp", "",
+            # no segment of its own: what it writes lives in the daemons' memory, not in a client
+            # that closes before they read
+            rc = self.c.setup("127.0.0.1", "P2PHANDSHAKE", 0, 64 << 20, "tcp", "",
                               f"{hosts[0][0]}:{hosts[0][1]}")
             assert rc == 0, f"mooncake setup failed: {rc}"
             self.cfg = ReplicateConfig()

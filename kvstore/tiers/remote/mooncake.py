@@ -11,8 +11,9 @@ joins when it comes up. This daemon contributes ``segment_bytes`` of its memory 
 pool (0: none, a pure client). Objects are written with ``replica_num`` replicas: with 1, a
 block placed in a host's own segment dies with that host — use 2 where hosts come and go.
 
-Mooncake answers per key with negative codes: -704 object not found (a miss), -600 buffer too
-small (a value of another size under our key: corrupt), -200 no space (a put not stored);
+Mooncake answers per key with negative codes: -704 object not found (a miss), -600 / -800 for
+a value longer / shorter than the block (another value under our key: corrupt), -200 no space
+(a put not stored);
 anything else is an error for that key, and an error on every key is a RemoteError.
 """
 from __future__ import annotations
@@ -30,7 +31,9 @@ from kvstore.tiers.remote.codec import HEADER_BYTES
 log = logging.getLogger("kvstore.remote.mooncake")
 
 NOT_FOUND = -704
-BUFFER_TOO_SMALL = -600
+BUFFER_TOO_SMALL = -600    # the value is longer than the buffers
+INVALID_SIZE = -800        # (seen for a value shorter than the buffers)
+WRONG_SIZE = (BUFFER_TOO_SMALL, INVALID_SIZE)
 MAX_BATCH = 1024          # keys per engine call (the tier splits larger batches)
 
 
@@ -144,13 +147,13 @@ class MooncakeBackend(RemoteBackend):
         ptrs = [[base + i * HEADER_BYTES, self._arena_addr + off] for i, off in enumerate(offsets)]
         lens = [[HEADER_BYTES, n] for n in sizes]
         codes = client.batch_get_into_multi_buffers(keys, ptrs, lens)
-        if self._all_failed(codes, lambda c: c >= 0 or c in (NOT_FOUND, BUFFER_TOO_SMALL)):
+        if self._all_failed(codes, lambda c: c >= 0 or c == NOT_FOUND or c in WRONG_SIZE):
             raise RemoteError(f"Mooncake batch_get failed (code {codes[0]})")
         out: list[bytes | None] = []
         for i, (c, n) in enumerate(zip(codes, sizes)):
             if c == HEADER_BYTES + n:
                 out.append(scratch[i * HEADER_BYTES:(i + 1) * HEADER_BYTES].tobytes())
-            elif c >= 0 or c == BUFFER_TOO_SMALL:
+            elif c >= 0 or c in WRONG_SIZE:
                 out.append(b"")        # a value of another length under this key
             else:
                 out.append(None)       # not found, or this key's transfer failed: a miss
