@@ -3,8 +3,12 @@ and SSD dirs) sharing one Mooncake master, and separately one 3-master Redis Clu
 block served is compared byte for byte with what was written on the other host."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -110,14 +114,30 @@ def test_blocks_put_on_a_are_served_byte_exact_by_b(engine, daemon_factory, tmp_
 
 
 def test_a_block_another_host_stored_is_not_sent_again(engine, daemon_factory, tmp_path):
+    """Content addressing, and the REMOTE row in `kvstore stats` and Prometheus."""
+    from remote_engines import free_port
     a = host(daemon_factory, tmp_path, "a", engine.url)
-    b = host(daemon_factory, tmp_path, "b", engine.url)
+    port = free_port()
+    b = host(daemon_factory, tmp_path, "b", engine.url, "--metrics-port", str(port))
     with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
         put_on(ca, 3, 8)
         wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="A's writes")
+        assert remote_row(ca).writes_deduplicated == 0
         put_on(cb, 3, 8)        # the same prefix computed again on B
         wait_for(lambda: remote_row(cb).writes_deduplicated == 8, what="B's existence check")
         assert remote_row(cb).bytes_in == 0
+    r = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", b.socket],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "REMOTE" in r.stdout and "circuit closed" in r.stdout and engine.url in r.stdout
+    r = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", b.socket, "--json"],
+                       capture_output=True, text=True, timeout=30)
+    row = {t["tier"]: t for t in json.loads(r.stdout)["tiers"]}["REMOTE"]
+    assert row["writes_deduplicated"] == 8 and row["circuit_state"] == "closed"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "kvstore_remote_writes_deduplicated_total 8.0" in text
+    assert 'kvstore_remote_circuit{state="closed"} 1.0' in text
+    assert 'kvstore_tier_hits_total{tier="REMOTE"}' in text
 
 
 @pytest.mark.parametrize("damage", ["flipped_byte", "other_block", "truncated"])

@@ -55,8 +55,8 @@ def verify(header, key: bytes, namespace_id: bytes, data) -> ReadStatus:
         return ReadStatus.MISSING
     if len(header) != HEADER_BYTES:
         return ReadStatus.CORRUPT
-    magic, version, _flags, length, hkey, hns, csum = _HEADER.unpack(bytes(header))
-    if (magic != MAGIC or version != FORMAT_VERSION or length != len(data) or hkey != key
+    magic, version, flags, length, hkey, hns, csum = _HEADER.unpack(bytes(header))
+    if (magic != MAGIC or version != FORMAT_VERSION or flags or length != len(data) or hkey != key
             or hns != namespace_id):
         return ReadStatus.CORRUPT
     return ReadStatus.OK if checksum(key, data) == csum else ReadStatus.CORRUPT
