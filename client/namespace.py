@@ -382,7 +382,8 @@ class Namespace:
         return Plan(r.recompute_tokens, r.load_blocks_from, r.predicted_s, r.load_all_s,
                     r.recompute_all_s, 0.0, 0.0, num_cached=r.num_cached,
                     tiers=tuple(TIER_NAMES.get(t, "?") for t in r.tiers),
-                    bandwidth_bps={"DRAM": r.dram_read_bps, "SSD": r.ssd_read_bps})
+                    bandwidth_bps={"DRAM": r.dram_read_bps, "SSD": r.ssd_read_bps,
+                                   "REMOTE": r.remote_read_bps})
 
     def delete(self, keys: Sequence[bytes]) -> int:
         blob = pack_keys(keys)

@@ -140,6 +140,27 @@ def test_a_block_another_host_stored_is_not_sent_again(engine, daemon_factory, t
     assert 'kvstore_tier_hits_total{tier="REMOTE"}' in text
 
 
+def test_prefetch_planner_and_selective_writes(engine, daemon_factory, tmp_path):
+    from kvstore.planner import PrefillProfile
+    a = host(daemon_factory, tmp_path, "a", engine.url, "--remote-write-policy",
+             "write_through_selective", "--remote-write-hits", "1")
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        ns, keys, data = put_on(ca, 5, 8)
+        time.sleep(0.5)
+        assert remote_row(ca).bytes_in == 0          # selective: nothing read yet, nothing sent
+        assert get_exact(ns, keys[:4], data[:4]) == 4
+        wait_for(lambda: remote_row(ca).bytes_in == 4 * LAYOUT.block_bytes, what="read blocks")
+        nsb = cb.namespace(MODEL, LAYOUT)
+        plan = nsb.plan_recompute(keys, PrefillProfile(0.0, 1e-3, 0.0))
+        assert plan.num_cached == 4 and set(plan.tiers) == {"REMOTE"}
+        assert plan.bandwidth_bps["REMOTE"] > 0
+        nsb.prefetch(keys, deadline_s=5.0)            # brings the remote blocks into B's DRAM
+        wait_for(lambda: nsb.lookup(keys).tiers == ["DRAM"] * 4, 10, "prefetched blocks")
+        assert remote_row(cb).hits == 4
+        assert get_exact(nsb, keys, data) == 4 and remote_row(cb).hits == 4
+
+
 @pytest.mark.parametrize("damage", ["flipped_byte", "other_block", "truncated"])
 def test_a_corrupted_remote_value_is_never_served(engine, daemon_factory, tmp_path, damage):
     a = host(daemon_factory, tmp_path, "a", engine.url)
