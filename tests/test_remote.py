@@ -17,7 +17,7 @@ from kvstore.client import KVClient
 from kvstore.layout import KVLayout
 from kvstore.tiers.remote.codec import encode_header, remote_key
 from kvstore.v1 import kvstore_pb2 as pb
-from remote_engines import RawClient, skip_reason, start_engine
+from kvstore.bench.cluster_engines import RawClient, skip_reason, start_engine
 
 # 2 layers x 4 heads x 64 dims x 16 tokens x uint8 x (k, v) = 16 KiB per block
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
@@ -115,7 +115,7 @@ def test_blocks_put_on_a_are_served_byte_exact_by_b(engine, daemon_factory, tmp_
 
 def test_a_block_another_host_stored_is_not_sent_again(engine, daemon_factory, tmp_path):
     """Content addressing, and the REMOTE row in `kvstore stats` and Prometheus."""
-    from remote_engines import free_port
+    from kvstore.bench.cluster_engines import free_port
     a = host(daemon_factory, tmp_path, "a", engine.url)
     port = free_port()
     b = host(daemon_factory, tmp_path, "b", engine.url, "--metrics-port", str(port))
@@ -263,7 +263,7 @@ def test_remote_down_costs_misses_never_failures(engine, daemon_factory, tmp_pat
 
 
 def test_daemon_starts_and_serves_with_the_remote_unreachable(daemon_factory, tmp_path):
-    from remote_engines import free_port
+    from kvstore.bench.cluster_engines import free_port
     d = host(daemon_factory, tmp_path, "a", f"redis://127.0.0.1:{free_port()}")
     with KVClient(d.socket) as c:
         ns, keys, data = put_on(c, 9, 4)

