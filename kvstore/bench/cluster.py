@@ -95,7 +95,7 @@ def run(args) -> dict:
             daemons.append(PrivateDaemon(dram_bytes=dram, extra_args=[
                 "--remote", engine.url, "--remote-segment-bytes", str(pool // 2),
                 "--remote-read-deadline-s", "30", "--remote-deadline-s", "5",
-                "--remote-queue-blocks", str(4 * n + 64),
+                "--remote-queue-blocks", str(max(4 * n + 64, 4096)),
                 "--max-inflight-bytes-per-client", str(dram)]).start())
         a, b = daemons
         raw = RawClient(engine.url)
