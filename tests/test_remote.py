@@ -24,7 +24,7 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dt
 MODEL = "remote-model"
 BACKENDS = ["mooncake", "redis"]
 DEADLINE_S = 0.3
-READ_DEADLINE_S = 1.0
+READ_DEADLINE_S = 2.0
 
 
 @pytest.fixture(params=BACKENDS)

@@ -39,7 +39,9 @@ def open_remote_tier(cfg, store) -> RemoteTier:
     backend = open_backend(cfg.remote, segment_bytes=cfg.remote_segment_bytes,
                            buffer_bytes=cfg.remote_buffer_bytes, replicas=cfg.remote_replicas,
                            local_host=cfg.remote_local_host,
-                           timeout_s=cfg.remote_read_deadline_s)
+                           # a socket timeout, not the tier's deadline: calls run in the
+                           # pool under their own deadlines; a busy server is not an error
+                           timeout_s=max(5.0, cfg.remote_read_deadline_s))
     return RemoteTier(store, backend, str(parse_remote_url(cfg.remote)),
                       policy=cfg.remote_write_policy, write_hits=cfg.remote_write_hits,
                       deadline_s=cfg.remote_deadline_s, read_deadline_s=cfg.remote_read_deadline_s,
