@@ -218,7 +218,7 @@ def _ttft(args, socket_a: str, socket_b: str) -> dict:
             out = kvb.generate(ids, attention_mask=mask, **gen)
             reuse_s = time.perf_counter() - t0
         last = kvb.last
-        if last.fallback or last.reused_tokens != size - kvb.block_tokens:
+        if last.fallback or last.reused_tokens != size - kvb.layout.block_tokens:
             raise RuntimeError(f"host B did not reuse the prefix: {last}")
         tiers = sorted(set(last.tiers))
     return {"model": {**shape, "params": param_count(model)}, "prompt_tokens": size,
