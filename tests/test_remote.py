@@ -272,3 +272,21 @@ def test_daemon_starts_and_serves_with_the_remote_unreachable(daemon_factory, tm
         assert ns.lookup(ns.block_keys(chain(10, 4)[0])).num_cached == 0
         assert time.monotonic() - t0 < DEADLINE_S + 1.0
         wait_for(lambda: remote_row(c).writes_skipped >= 4, 10, "skipped remote writes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_cluster_smoke(backend):
+    reason = skip_reason(backend)
+    if reason:
+        pytest.skip(reason)
+    r = subprocess.run([sys.executable, "-m", "kvstore", "bench", "cluster", "--backend", backend,
+                        "--blocks", "4", "--block-tokens", "16", "--reps", "1", "--shape", "demo",
+                        "--ttft-tokens", "256", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["get_vs_raw_client"] > 0 and out["put_vs_raw_client"] > 0
+    assert out["remote_hits_on_b"] == 4
+    assert out["ttft"]["tiers"] == ["REMOTE"] and out["ttft"]["same_first_token"]
+    assert out["ttft_speedup"] > 0
