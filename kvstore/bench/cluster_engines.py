@@ -153,8 +153,14 @@ class RedisCluster:
 
 
 def start_engine(backend: str, workdir: Path):
+    """A running engine; nothing is left running when starting it fails halfway."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return (MooncakeMaster(workdir) if backend == "mooncake" else RedisCluster(workdir)).start()
+    engine = MooncakeMaster(workdir) if backend == "mooncake" else RedisCluster(workdir)
+    try:
+        return engine.start()
+    except BaseException:
+        engine.stop()
+        raise
 
 
 class RawClient:
