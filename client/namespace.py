@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvstore.client")
 
-TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD"}
+TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD",
+              pb.TIER_REMOTE: "REMOTE"}
 # The daemon forgot the session or the namespace (it restarted): register again and retry once.
 _REREGISTER = (Reason.UNKNOWN_SESSION, Reason.UNKNOWN_NAMESPACE)
 
@@ -548,7 +549,8 @@ class Namespace:
         return Plan(r.recompute_tokens, r.load_blocks_from, r.predicted_s, r.load_all_s,
                     r.recompute_all_s, 0.0, 0.0, num_cached=r.num_cached,
                     tiers=tuple(TIER_NAMES.get(t, "?") for t in r.tiers),
-                    bandwidth_bps={"DRAM": r.dram_read_bps, "SSD": r.ssd_read_bps})
+                    bandwidth_bps={"DRAM": r.dram_read_bps, "SSD": r.ssd_read_bps,
+                                   "REMOTE": r.remote_read_bps})
 
     def delete(self, keys: Sequence[bytes]) -> int:
         blob = pack_keys(keys)

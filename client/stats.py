@@ -26,6 +26,7 @@ class Tier(enum.IntEnum):
     HBM = pb.TIER_HBM
     DRAM = pb.TIER_DRAM
     SSD = pb.TIER_SSD
+    REMOTE = pb.TIER_REMOTE
 
     def __str__(self) -> str:
         return self.name
@@ -77,6 +78,12 @@ class TierStats:
     checksum_failures: int = 0        # SSD: blocks that failed verification (served as misses)
     io_errors: int = 0
     recovered_blocks: int = 0         # SSD: blocks rebuilt at start-up
+    queue_depth: int = 0              # REMOTE: blocks waiting for the background writer
+    circuit_state: str = ""           # REMOTE: closed, open or half_open
+    writes_skipped: int = 0           # REMOTE: blocks not written (queue full, remote down)
+    writes_deduplicated: int = 0      # REMOTE: blocks another host had stored already
+    timeouts: int = 0                 # REMOTE: calls that missed their deadline
+    backend: str = ""                 # REMOTE: mooncake://... or redis://...
     get_latency: Latency = field(default_factory=Latency, metadata=_BUILT)
     put_latency: Latency = field(default_factory=Latency, metadata=_BUILT)
 

@@ -6,6 +6,10 @@ Switch it on with::
         "kv_connector_module_path":"kvstore.client.vllm","kv_role":"kv_both",
         "kv_connector_extra_config":{"socket":"/run/kvstore/kv.sock"}}'
 
+kv_role: kv_both loads and stores; kv_producer (a prefill engine) only stores, kv_consumer (a
+decode engine) only loads — with both daemons on one cluster tier (--remote), KV a prefill
+host computed reaches the decode host through it.
+
 Protocol, in vLLM's call order:
   scheduler  get_num_new_matched_tokens  Lookup of the prompt's key chain; a hit is loaded
                                           asynchronously (the request waits in
@@ -198,6 +202,14 @@ class KVStoreConnector(KVConnectorBase_V1):
             self.layout = dataclasses.replace(self.layout, quant=self.cfg["quant"])  # validated
         self.model_id = self.cfg["model_id"] or vllm_config.model_config.model
         self.counters = _Counters()
+        # Disaggregated prefill/decode (the cluster tier carries KV between hosts): a producer
+        # (prefill) only stores, a consumer (decode) only loads; kv_both does both.
+        kv_role = self._kv_transfer_config.kv_role or "kv_both"
+        if kv_role not in ("kv_both", "kv_producer", "kv_consumer"):
+            raise ValueError(f"KVStoreConnector: kv_role must be kv_both, kv_producer or "
+                             f"kv_consumer, got {kv_role!r}")
+        self.loads_enabled = kv_role != "kv_producer"
+        self.stores_enabled = kv_role != "kv_consumer"
         if role == KVConnectorRole.SCHEDULER:
             # kvstore is a cache: a failed load is a miss to recompute, never a failed request.
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
@@ -223,8 +235,8 @@ class KVStoreConnector(KVConnectorBase_V1):
     # =========================================================================================
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        st = self._state(request)
-        if st is None:
+        st = self._state(request)    # a producer needs it too: it names the blocks to store
+        if st is None or not self.loads_enabled:
             return 0, False
         # At least the prompt's last token is recomputed: vLLM needs its logits.
         usable = min(len(st.keys), (len(request.prompt_token_ids) - 1) // self.block_size)
@@ -280,6 +292,8 @@ class KVStoreConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        if not self.stores_enabled:
+            return meta
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)

@@ -113,6 +113,21 @@ def _write_policy(v: Any) -> str:
     return s
 
 
+def _remote_url(v: Any) -> str:
+    s = str(v).strip()
+    if s:
+        from kvstore.tiers.remote.base import parse_remote_url
+        parse_remote_url(s)
+    return s
+
+
+def _remote_policy(v: Any) -> str:
+    s = str(v).lower().replace("-", "_")
+    if s not in ("write_through", "write_through_selective"):
+        raise ValueError(f"must be write_through or write_through_selective, got {v!r}")
+    return s
+
+
 def _log_level(v: Any) -> str:
     s = str(v).upper()
     if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -192,6 +207,31 @@ FIELDS: list[Field] = [
     Field("max_prefetch_bytes_per_client", _size, 0, "bytes of blocks one client's pending "
           "prefetches may pin (0: half the DRAM tier)",
           lambda v: format_bytes(v) if v else "auto"),
+    # -- the remote (cluster) tier: kvstore/tiers/remote/ -------------------------------------
+    Field("remote", _remote_url, "", "cluster tier below SSD: mooncake://MASTER:PORT or "
+          "redis://HOST:PORT[,HOST:PORT...] (off when empty)"),
+    Field("remote_write_policy", _remote_policy, "write_through", "write_through (every "
+          "committed block, in the background) or write_through_selective (once read "
+          "remote_write_hits times)"),
+    Field("remote_write_hits", _pos_int, 1, "write_through_selective: gets before the remote "
+          "write"),
+    Field("remote_deadline_s", _pos_float, 0.2, "longest a lookup waits for the remote's "
+          "existence check (then: a miss)"),
+    Field("remote_read_deadline_s", _pos_float, 2.0, "longest a get waits for remote reads "
+          "(then: the local prefix)"),
+    Field("remote_threads", _pos_int, 4, "threads making remote calls (2x that in flight)"),
+    Field("remote_queue_blocks", _pos_int, 256, "blocks waiting for the background writer; "
+          "more are skipped and counted"),
+    Field("remote_retry_s", _pos_float, 1.0, "circuit breaker: first wait before probing a "
+          "failed remote again (doubles, up to 10 s)"),
+    Field("remote_segment_bytes", _size0, 256 << 20, "Mooncake: memory this daemon lends the "
+          "cluster's pool (0: none, a client only)", format_bytes),
+    Field("remote_buffer_bytes", _size, 64 << 20, "Mooncake: the client's local transfer "
+          "buffer", format_bytes),
+    Field("remote_replicas", _pos_int, 1, "Mooncake: replicas per block (2 keeps blocks when "
+          "one host leaves)"),
+    Field("remote_local_host", _str, "", "Mooncake: address this host advertises to peers "
+          "(default: the one that reaches the master)"),
     # -- operations: statistics, lifecycle, access control, limits ---------------------------
     Field("metrics_port", _port, 0, "serve /metrics (Prometheus) and the dashboard on this "
           "port (0: off)"),

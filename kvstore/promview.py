@@ -86,6 +86,7 @@ class _StatsCollector:
         for outcome in ("on_time", "late", "wasted"):
             p.add_metric([outcome], float(getattr(st, f"prefetch_{outcome}")))
         yield p
+        yield from _remote_metrics(st)
         for attr, doc in _DAEMON_COUNTERS:
             yield CounterMetricFamily(f"kvstore_{attr}", doc, value=float(getattr(st, attr)))
         yield GaugeMetricFamily("kvstore_sessions", "Open client sessions", value=st.sessions)
@@ -96,6 +97,32 @@ class _StatsCollector:
         info = GaugeMetricFamily("kvstore_build_info", "Daemon version", labels=["version"])
         info.add_metric([st.daemon_version], 1.0)
         yield info
+
+
+_REMOTE_COUNTERS = [
+    ("checksum_failures", "Remote values that were not the block asked for: removed, a miss"),
+    ("io_errors", "Remote calls that failed, and puts the engine refused"),
+    ("timeouts", "Remote calls that missed their deadline"),
+    ("writes_skipped", "Blocks not written to the remote: queue full or remote unavailable"),
+    ("writes_deduplicated", "Blocks another host had stored already: not sent again"),
+]
+
+
+def _remote_metrics(st: pb.Stats):
+    """The cluster tier's own figures (its hits, bytes, bandwidth are in kvstore_tier_*)."""
+    rows = [t for t in st.tiers if t.tier == pb.TIER_REMOTE]
+    if not rows:
+        return
+    (t,) = rows
+    for attr, doc in _REMOTE_COUNTERS:
+        yield CounterMetricFamily(f"kvstore_remote_{attr}", doc, value=float(getattr(t, attr)))
+    yield GaugeMetricFamily("kvstore_remote_queue_depth", "Blocks waiting for the remote writer",
+                            value=t.queue_depth)
+    g = GaugeMetricFamily("kvstore_remote_circuit", "1 for the circuit breaker's state "
+                          "(open: the remote is not called)", labels=["state"])
+    for state in ("closed", "open", "half_open"):
+        g.add_metric([state], float(t.circuit_state == state))
+    yield g
 
 
 def _le(upper: float) -> str:

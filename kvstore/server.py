@@ -127,6 +127,7 @@ class Daemon:
         self.access: AccessPolicy | None = None
         self._started = False                  # serving: stop() then logs the shutdown
         self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
+        self.remote = None     # kvstore.tiers.remote.RemoteTier when --remote is set
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -169,6 +170,7 @@ class Daemon:
             self.preparer.start()     # overlaps the SSD index's recovery
         self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
         self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
+        self.remote = open_remote(cfg, self.store) if cfg.remote else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
                                      max_session_bytes=cfg.prefetch_bytes_per_client)
@@ -177,13 +179,15 @@ class Daemon:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.metrics = Metrics(self.store, base=functools.partial(stats_message, self.store))
+        self.metrics = Metrics(self.store, base=functools.partial(stats_message, self.store,
+                                                                  self.remote))
         self.access = AccessPolicy(
             self.store, self.metrics, tokens,
             Limits(cfg.max_inflight_requests_per_client, cfg.inflight_bytes_per_client),
             socket_requires_token=cfg.socket_requires_token)
         self.server = grpc.aio.server(options=opts, interceptors=[self.access])
-        servicer = KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics)
+        servicer = KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics,
+                                   remote=self.remote)
         servicer.dram_read_bps = measure_memcpy_bps()
         pb_grpc.add_KVStoreServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -266,6 +270,12 @@ class Daemon:
                      h.pool.backend, h.pool.device, route)
         else:
             log.info("HBM tier: off (set --hbm-bytes on a CUDA host)")
+        if self.remote is not None:
+            r = self.remote
+            log.info("remote tier: %s (%s; lookups wait at most %gs, gets %gs; queue %d blocks)",
+                     r.url, r.policy, r.deadline_s, r.read_deadline_s, r.queue_blocks)
+        else:
+            log.info("remote tier: off (set --remote mooncake://MASTER:PORT or redis://H:P,...)")
 
     def reload_tokens(self) -> None:
         """SIGHUP: re-read the tokens file; the next call of every client is checked against it."""
@@ -325,6 +335,9 @@ class Daemon:
                     await task
         if getattr(self, "prefetcher", None) is not None:
             self.prefetcher.close()
+        if getattr(self, "remote", None) is not None:
+            await self.remote.close()   # before sessions end: engine calls write into slots
+            self.remote = None
         if self.store is not None:
             for sid in list(self.store.sessions):
                 self.store.close_session(sid)
@@ -412,6 +425,17 @@ def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
         else:
             log.info("kvikio not installed (the gds extra): SSD blocks reach HBM through DRAM")
     return hbm
+
+
+def open_remote(cfg: Config, store: BlockStore):
+    """The cluster tier; raises DaemonError when its engine client is missing. The engine
+    itself may be down: the tier connects on first use and degrades to local until then."""
+    from kvstore.tiers.remote import RemoteError, open_remote_tier
+
+    try:
+        return open_remote_tier(cfg, store)
+    except RemoteError as exc:
+        raise DaemonError(f"remote tier {cfg.remote}: {exc}") from None
 
 
 async def run_daemon(cfg: Config) -> None:

@@ -26,7 +26,8 @@ WATCH_MIN_INTERVAL_S = 0.05
 # request recomputed, so anything larger is a bug or an attack on the counters.
 MAX_REPORTED_FALLBACKS = 1 << 20
 MAX_REPORTED_BLOCKS = 1 << 40
-TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD}
+TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD,
+             "REMOTE": pb.TIER_REMOTE}
 
 
 def unary(fn):
@@ -49,8 +50,9 @@ def unary(fn):
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event,
-                 metrics=None):
+                 metrics=None, remote=None):
         self.store = store
+        self.remote = remote     # kvstore.tiers.remote.RemoteTier; None: no cluster tier
         self.max_message_bytes = max_message_bytes
         self._stopping = stopping
         self.metrics = metrics   # kvstore.metrics.Metrics; None: counters only
@@ -88,7 +90,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @unary
     def Lookup(self, request, context):
         n, tiers = self.store.lookup(request.namespace_id, request.keys)
+        if self.remote is not None and n < len(request.keys) // 16:
+            return self._lookup_remote(request, n, tiers)
         return pb.LookupResponse(num_cached=n, tiers=[TIER_ENUM[t] for t in tiers])
+
+    async def _lookup_remote(self, request, n: int, tiers: list[str]):
+        """The prefix walk continues in the cluster tier (one batched call, short deadline)."""
+        tiers = tiers + ["REMOTE"] * await self.remote.probe(request.namespace_id,
+                                                              request.keys, n)
+        return pb.LookupResponse(num_cached=len(tiers), tiers=[TIER_ENUM[t] for t in tiers])
 
     @unary
     def Allocate(self, request, context):
@@ -108,6 +118,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         committed: list[int] = []
         n = self.store.commit(request.session_id, request.allocation_id, request.abort,
                               committed_out=committed)
+        if self.remote is not None and committed:
+            self.remote.on_commit(committed)       # queued for the background writer
         if tiering is not None and committed:
             await tiering.persist(committed)   # write-through: answer once durable
         return pb.CommitResponse(committed=n)
@@ -117,6 +129,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         tiering = self.store.tiering
         want_hbm = request.want_hbm and self.store.hbm is not None
         promote: list[int] | None = [] if tiering is not None else None
+        # A local miss continues in the cluster tier: its blocks land in DRAM before the acquire.
+        n_local, n_remote = ((await self.remote.fill(request.namespace_id, request.keys))
+                             if self.remote is not None else (0, 0))
         lease, offsets, tiers = self.store.acquire(request.session_id, request.namespace_id,
                                                    request.keys, promote_out=promote,
                                                    want_hbm=want_hbm)
@@ -125,6 +140,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 self.store.prefetcher.on_acquire(lease.block_ids)
             if lease is not None and tiering is not None:
                 tiering.on_hits(lease.block_ids)
+            if lease is not None and self.remote is not None:
+                self.remote.on_hits(lease.block_ids)
+                tiers = [("REMOTE" if n_local <= i < n_local + n_remote and t == "DRAM" else t)
+                         for i, t in enumerate(tiers)]
             if promote:
                 lease, offsets = await tiering.promote(request.session_id, lease, promote,
                                                        to_hbm=want_hbm)
@@ -199,6 +218,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         pf = self.store.prefetcher
         if pf is None:
             raise FailedPrecondition("prefetch is not enabled in this daemon", Reason.NOT_ENABLED)
+        if self.remote is not None:
+            for it in request.items:
+                self.remote.prefetch(request.namespace_id, it.keys)
         out = pf.submit(request.session_id, request.namespace_id,
                         [(it.keys, it.deadline_s) for it in request.items], request.grace_s,
                         to_hbm=request.to_hbm and self.store.hbm is not None)
@@ -223,6 +245,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                   Reason.BAD_ARGUMENT)
         ns = self.store._namespace(request.namespace_id)
         n, tiers = self.store.lookup(request.namespace_id, request.keys)
+        if self.remote is not None:
+            tiers = tiers + ["REMOTE"] * await self.remote.probe(request.namespace_id,
+                                                                  request.keys, n)
+            n = len(tiers)
         tiering = self.store.tiering
         ssd_bps = tiering.read_bps() if tiering is not None else 0.0
         if tiering is not None and not ssd_bps and "SSD" in tiers:
@@ -231,7 +257,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             bids = [int(b) for b in idx.find_many(ns.index, keys).tolist() if b >= 0]
             ssd_bps = await probe_ssd_bps(tiering, bids)
         # HBM copies always have a DRAM or SSD copy too; a client that reads HBM only gains
-        bw = {"HBM": self.dram_read_bps, "DRAM": self.dram_read_bps, "SSD": ssd_bps}
+        bw = {"HBM": self.dram_read_bps, "DRAM": self.dram_read_bps, "SSD": ssd_bps,
+              "REMOTE": self.remote.read_bps() if self.remote is not None else 0.0}
         plan = plan_recompute(tiers, ns.layout.block_tokens, ns.layout.block_bytes, bw, profile,
                               request.latency_s)
         inf = float("inf")
@@ -240,10 +267,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             recompute_tokens=plan.recompute_tokens, load_blocks_from=plan.load_blocks_from,
             predicted_s=min(plan.predicted_s, 1e30), load_all_s=min(plan.load_all_s, 1e30),
             recompute_all_s=min(plan.recompute_all_s, 1e30) if plan.recompute_all_s < inf else 1e30,
-            dram_read_bps=bw["DRAM"], ssd_read_bps=bw["SSD"])
+            dram_read_bps=bw["DRAM"], ssd_read_bps=bw["SSD"], remote_read_bps=bw["REMOTE"])
 
 
-def stats_message(store: BlockStore) -> pb.Stats:
+def stats_message(store: BlockStore, remote=None) -> pb.Stats:
     tiers = [hbm_tier_stats(store.hbm)] if store.hbm is not None else []
     c = store.dram
     tiers += [pb.TierStats(
@@ -255,6 +282,8 @@ def stats_message(store: BlockStore) -> pb.Stats:
     )]
     if store.tiering is not None:
         tiers.append(ssd_tier_stats(store.tiering))
+    if remote is not None:
+        tiers.append(remote.stats_row())
     namespaces = [pb.NamespaceStats(namespace_id=ns.namespace_id, model_id=ns.model_id,
                                     tenant=ns.tenant, blocks=n, bytes=b)
                   for ns, n, b in store.namespace_usage()]

@@ -75,6 +75,13 @@ def render_table(st: pb.Stats) -> str:
                          f"{format_bytes(int(t.write_bps))}/s  promotions {t.promotions}  "
                          f"demotions {t.demotions}  checksum failures {t.checksum_failures}  "
                          f"I/O errors {t.io_errors}  recovered {t.recovered_blocks}")
+        if t.tier == pb.TIER_REMOTE:
+            lines.append(f"REMOTE {t.backend}: circuit {t.circuit_state}  queue {t.queue_depth}  "
+                         f"read {format_bytes(int(t.read_bps))}/s  write "
+                         f"{format_bytes(int(t.write_bps))}/s  deduplicated "
+                         f"{t.writes_deduplicated}  skipped {t.writes_skipped}  errors "
+                         f"{t.io_errors}  timeouts {t.timeouts}  checksum failures "
+                         f"{t.checksum_failures}")
     lines.append("")
     lines.append(f"prefetch issued {st.prefetch_issued}  pending {st.prefetch_pending}  on time "
                  f"{st.prefetch_on_time}  late {st.prefetch_late}  wasted {st.prefetch_wasted}  "

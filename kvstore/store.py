@@ -156,6 +156,19 @@ class BlockStore:
         self.counters.lookups += 1
         return len(tiers), tiers
 
+    def cached_prefix(self, namespace_id: bytes, keys_blob: bytes) -> tuple[Namespace, list[bytes], int]:
+        """(namespace, keys, n): the first n keys are committed in a local tier. Counts and
+        stamps nothing (the remote tier asks before a get); raises as lookup does."""
+        ns = self._namespace(namespace_id)
+        keys = self._keys(keys_blob)
+        n = 0
+        idx = self.index
+        for bid in idx.find_many(ns.index, keys).tolist():
+            if bid < 0 or idx.state[bid] != COMMITTED:
+                break
+            n += 1
+        return ns, keys, n
+
     # -- put ---------------------------------------------------------------------------------
     def allocate(self, session_id: int, namespace_id: bytes, keys_blob: bytes,
                  parent_key: bytes = b"") -> tuple[int, list[int]]:
@@ -476,6 +489,9 @@ class BlockStore:
         if self.hbm is not None and bid in self.hbm.slot:
             return "HBM"
         return "DRAM" if self.index.dram[bid] != NO_SLOT else "SSD"
+
+    def namespace_of(self, bid: int) -> Namespace:
+        return self._ns_by_index[int(self.index.ns[bid])]
 
     def slot_bytes_of(self, bid: int) -> int:
         return self._ns_by_index[int(self.index.ns[bid])].layout.slot_bytes

@@ -146,6 +146,28 @@ def test_sidecar_pod_wiring():
     assert int(ann["prometheus.io/port"]) == cfg.metrics_port and cfg.metrics_host == "0.0.0.0"
 
 
+def test_mooncake_master_service_reaches_its_pod():
+    """The cluster tier's master: the Service selects the Deployment's pods, and its port is the
+    one the master listens on and the one the sidecar's example remote URL names."""
+    docs = _docs()
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] ==
+               "mooncake-master")
+    svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] ==
+               "mooncake-master")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    rpc_port = int(next(a for a in c["args"] if a.startswith("--rpc_port=")).split("=")[1])
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    (rpc,) = [p for p in svc["spec"]["ports"] if p["name"] == "rpc"]
+    assert named[rpc["targetPort"]] == rpc_port == rpc["port"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    line = next(l for l in cm["data"]["kvstore.toml"].splitlines() if "remote = " in l)
+    url = line.split("=", 1)[1].strip().strip('"')
+    cfg = load_config(overrides={"remote": url}, env={})
+    assert cfg.remote == f"mooncake://{svc['metadata']['name']}:{rpc['port']}"
+
+
 def _write_tmp(text: str) -> Path:
     import tempfile
     f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)

@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "peers": "kvstore.bench.peers",      # kvstore vs file-per-block and Redis block stores
     "startup": "kvstore.bench.startup",  # time to serve and to full capacity vs fallocate
     "scale": "kvstore.bench.scale",      # lookup/get cost at 10k, 1M, 10M indexed blocks
+    "cluster": "kvstore.bench.cluster",  # cluster tier: host B reads host A's blocks vs raw client
 }
 
 

@@ -13,10 +13,12 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_HBM: _ClassVar[Tier]
     TIER_DRAM: _ClassVar[Tier]
     TIER_SSD: _ClassVar[Tier]
+    TIER_REMOTE: _ClassVar[Tier]
 TIER_UNSPECIFIED: Tier
 TIER_HBM: Tier
 TIER_DRAM: Tier
 TIER_SSD: Tier
+TIER_REMOTE: Tier
 
 class KVLayout(_message.Message):
     __slots__ = ("num_layers", "num_kv_heads", "head_dim", "block_tokens", "dtype", "tp_rank", "tp_size", "quant")
@@ -271,7 +273,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "ready_bytes", "checksum_failures", "recovered_blocks", "read_bps", "write_bps", "io_errors", "hit_rate", "get_latency", "put_latency")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "ready_bytes", "checksum_failures", "recovered_blocks", "read_bps", "write_bps", "io_errors", "hit_rate", "get_latency", "put_latency", "queue_depth", "circuit_state", "writes_skipped", "writes_deduplicated", "timeouts", "backend")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +294,12 @@ class TierStats(_message.Message):
     HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     GET_LATENCY_FIELD_NUMBER: _ClassVar[int]
     PUT_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_STATE_FIELD_NUMBER: _ClassVar[int]
+    WRITES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    WRITES_DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     capacity_bytes: int
     used_bytes: int
@@ -312,7 +320,13 @@ class TierStats(_message.Message):
     hit_rate: float
     get_latency: LatencySummary
     put_latency: LatencySummary
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., ready_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., io_errors: _Optional[int] = ..., hit_rate: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ...) -> None: ...
+    queue_depth: int
+    circuit_state: str
+    writes_skipped: int
+    writes_deduplicated: int
+    timeouts: int
+    backend: str
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., ready_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., io_errors: _Optional[int] = ..., hit_rate: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_depth: _Optional[int] = ..., circuit_state: _Optional[str] = ..., writes_skipped: _Optional[int] = ..., writes_deduplicated: _Optional[int] = ..., timeouts: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class LatencySummary(_message.Message):
     __slots__ = ("count", "sum_s", "p50_s", "p99_s", "bucket_upper_s", "bucket_counts")
@@ -483,7 +497,7 @@ class PlanRecomputeRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., profile: _Optional[_Union[PrefillProfile, _Mapping]] = ..., latency_s: _Optional[float] = ...) -> None: ...
 
 class PlanRecomputeResponse(_message.Message):
-    __slots__ = ("num_cached", "tiers", "recompute_tokens", "load_blocks_from", "predicted_s", "load_all_s", "recompute_all_s", "dram_read_bps", "ssd_read_bps")
+    __slots__ = ("num_cached", "tiers", "recompute_tokens", "load_blocks_from", "predicted_s", "load_all_s", "recompute_all_s", "dram_read_bps", "ssd_read_bps", "remote_read_bps")
     NUM_CACHED_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -493,6 +507,7 @@ class PlanRecomputeResponse(_message.Message):
     RECOMPUTE_ALL_S_FIELD_NUMBER: _ClassVar[int]
     DRAM_READ_BPS_FIELD_NUMBER: _ClassVar[int]
     SSD_READ_BPS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_READ_BPS_FIELD_NUMBER: _ClassVar[int]
     num_cached: int
     tiers: _containers.RepeatedScalarFieldContainer[Tier]
     recompute_tokens: int
@@ -502,4 +517,5 @@ class PlanRecomputeResponse(_message.Message):
     recompute_all_s: float
     dram_read_bps: float
     ssd_read_bps: float
-    def __init__(self, num_cached: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., recompute_tokens: _Optional[int] = ..., load_blocks_from: _Optional[int] = ..., predicted_s: _Optional[float] = ..., load_all_s: _Optional[float] = ..., recompute_all_s: _Optional[float] = ..., dram_read_bps: _Optional[float] = ..., ssd_read_bps: _Optional[float] = ...) -> None: ...
+    remote_read_bps: float
+    def __init__(self, num_cached: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., recompute_tokens: _Optional[int] = ..., load_blocks_from: _Optional[int] = ..., predicted_s: _Optional[float] = ..., load_all_s: _Optional[float] = ..., recompute_all_s: _Optional[float] = ..., dram_read_bps: _Optional[float] = ..., ssd_read_bps: _Optional[float] = ..., remote_read_bps: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,250 @@
+"""kvstore bench cluster — the cluster tier against the engine's own client, same run.
+
+Starts a real engine (a Mooncake master, or a 3-master Redis Cluster) on free loopback ports and
+two daemons, "host A" and "host B", both with ``--remote`` pointing at it, then measures:
+
+  get    host B's SDK get of blocks host A stored (B's local tiers hold none of them: each rep
+         deletes B's local copies first), through the remote tier — existence check, verified
+         read into B's arena, the client's copy out — against the engine's own client reading
+         the same values in one batch (Mooncake batch_get_into into registered memory, Redis a
+         pipeline of GETs): get_vs_raw_client = raw time / SDK time.
+  put    host A's SDK put until the background writer has stored the blocks remotely, against
+         the raw client storing as many values of the same size: put_vs_raw_client.
+  ttft   a random-weight Llama (default the ~1B shape) computes a --ttft-tokens prefix on host A
+         (full prefill, timed), stores it; host B, whose tiers are empty, generates from the same
+         prompt reusing it through the remote tier: ttft_speedup = full prefill / B's TTFT.
+
+Floors (issue 14): get_vs_raw_client >= 0.7 (goal 0.9), ttft_speedup >= 10.
+On a 2-core CPU the 1B 2048-token prefill takes tens of seconds; --shape demo or --no-ttft
+for a quick run.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvstore.bench.harness import emit
+
+FLOORS = {"get_vs_raw_client": 0.7, "ttft_speedup": 10.0}
+GOALS = {"get_vs_raw_client": 0.9}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvstore bench cluster", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--backend", choices=["mooncake", "redis"], default="mooncake")
+    ap.add_argument("--blocks", type=int, default=32, help="blocks per batch (default 32)")
+    ap.add_argument("--block-tokens", type=int, default=64,
+                    help="tokens per block of the get/put layout: 16 layers x 8 kv heads x 64 "
+                         "dims fp16, so 64 tokens = 2 MiB blocks (default)")
+    ap.add_argument("--reps", type=int, default=3, help="runs per point (median)")
+    ap.add_argument("--ttft-tokens", type=int, default=2048)
+    ap.add_argument("--shape", choices=["1b", "demo"], default="1b")
+    ap.add_argument("--no-ttft", action="store_true", help="skip the TTFT point")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kvstore.bench.cluster_engines import skip_reason
+    reason = skip_reason(args.backend)
+    if reason:
+        print(f"kvstore bench cluster: {reason}", file=sys.stderr)
+        return 2
+    result = run(args)
+    emit(result, args.json, render(result))
+    return 0
+
+
+def _median(xs) -> float:
+    return statistics.median(xs)
+
+
+def run(args) -> dict:
+    from kvstore.bench.cluster_engines import RawClient, start_engine
+    from kvstore.client import KVClient
+    from kvstore.layout import KVLayout
+    from kvstore.sidecar import PrivateDaemon
+    from kvstore.tiers.remote.codec import HEADER_BYTES, remote_key
+
+    layout = KVLayout(num_layers=16, num_kv_heads=8, head_dim=64,
+                      block_tokens=args.block_tokens, dtype="float16")
+    bb, n = layout.block_bytes, args.blocks
+    batch_bytes = n * bb
+    # A and B lend the pool room for every rep's blocks (SDK and raw), twice over.
+    pool = 2 * (2 * args.reps + 2) * batch_bytes + (256 << 20)
+    workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-cluster-"))
+    engine = start_engine(args.backend, workdir / "engine")
+    daemons: list[PrivateDaemon] = []
+    raw = None
+    result: dict = {"backend": args.backend, "block_bytes": bb, "blocks": n,
+                    "reps": args.reps, "floors": FLOORS, "goals": GOALS}
+    try:
+        dram = -(-(4 * batch_bytes + (256 << 20)) // (64 << 20)) * (64 << 20)
+        for _ in range(2):
+            daemons.append(PrivateDaemon(dram_bytes=dram, extra_args=[
+                "--remote", engine.url, "--remote-segment-bytes", str(pool // 2),
+                "--remote-read-deadline-s", "30", "--remote-deadline-s", "5",
+                "--remote-queue-blocks", str(max(4 * n + 64, 4096)),
+                "--max-inflight-bytes-per-client", str(dram)]).start())
+        a, b = daemons
+        raw = RawClient(engine.url)
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            nsa = ca.namespace("bench-cluster", layout)
+            nsb = cb.namespace("bench-cluster", layout)
+            rng = np.random.default_rng(0)
+            data = (rng.integers(0, 256, (n, bb), dtype=np.uint8).view(np.float16)
+                    .reshape(n, *layout.block_shape))
+
+            def remote_bytes_in(c) -> int:
+                return next(t.bytes_in for t in c.stats().tiers if t.tier == 4)
+
+            # -- put: SDK (until stored remotely) vs raw client ----------------------------------
+            sdk_put, raw_put, key_sets = [], [], []
+            rawbuf = np.zeros(n * (HEADER_BYTES + bb), dtype=np.uint8)
+            rawbuf.reshape(n, -1)[:, HEADER_BYTES:] = data.view(np.uint8).reshape(n, -1)
+            raw.register(rawbuf)
+            for rep in range(args.reps):
+                keys = nsa.block_keys(np.arange(n * layout.block_tokens) + rep * 10**6)
+                before = remote_bytes_in(ca)
+                t0 = time.perf_counter()
+                assert nsa.put(keys, data).result(timeout=120) == n
+                while remote_bytes_in(ca) < before + batch_bytes:
+                    if time.perf_counter() - t0 > 120:
+                        raise RuntimeError("host A's remote writes did not complete in 120 s")
+                    time.sleep(0.002)
+                sdk_put.append(time.perf_counter() - t0)
+                key_sets.append(keys)
+                rkeys = [f"bench-raw/{rep}/{i}" for i in range(n)]
+                t0 = time.perf_counter()
+                raw.put_many(rkeys, rawbuf, HEADER_BYTES + bb)
+                raw_put.append(time.perf_counter() - t0)
+
+            # -- get: host B's SDK get (empty local tiers) vs raw client, same values ------------
+            sdk_get, raw_get, local_get, lookup_s = [], [], [], []
+            out = np.empty_like(data)
+            hits0 = next(t.hits for t in cb.stats().tiers if t.tier == 4)
+            for rep in range(args.reps):
+                keys = key_sets[rep]
+                nsb.delete(keys)    # B's local copies (from an earlier rep) go; remote stays
+                t0 = time.perf_counter()
+                assert nsb.lookup(keys).num_cached == n
+                lookup_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                got = nsb.get(keys, out=out).result(timeout=120)
+                sdk_get.append(time.perf_counter() - t0)
+                if len(got) != n or not np.array_equal(out.view(np.uint8), data.view(np.uint8)):
+                    raise RuntimeError(f"host B got {len(got)}/{n} blocks or wrong bytes")
+                t0 = time.perf_counter()
+                nsb.get(keys, out=out).result(timeout=120)   # now local: the DRAM part of it
+                local_get.append(time.perf_counter() - t0)
+                rkeys = [remote_key(nsb.namespace_id, k) for k in keys]
+                t0 = time.perf_counter()
+                raw.get_many_into(rkeys, rawbuf, HEADER_BYTES + bb)
+                raw_get.append(time.perf_counter() - t0)
+            hits = next(t.hits for t in cb.stats().tiers if t.tier == 4) - hits0
+            result.update({
+                "sdk_get_s": _median(sdk_get), "raw_get_s": _median(raw_get),
+                "sdk_put_s": _median(sdk_put), "raw_put_s": _median(raw_put),
+                "sdk_get_bps": batch_bytes / _median(sdk_get),
+                "raw_get_bps": batch_bytes / _median(raw_get),
+                "sdk_put_bps": batch_bytes / _median(sdk_put),
+                "raw_put_bps": batch_bytes / _median(raw_put),
+                "remote_hits_on_b": hits, "sdk_get_local_s": _median(local_get),
+                "remote_lookup_s": _median(lookup_s),
+            })
+            result["get_vs_raw_client"] = _median(raw_get) / _median(sdk_get)
+            result["put_vs_raw_client"] = _median(raw_put) / _median(sdk_put)
+        if not args.no_ttft:
+            result["ttft"] = _ttft(args, a.socket, b.socket)
+            result["ttft_speedup"] = result["ttft"]["speedup"]
+    finally:
+        if raw is not None:
+            raw.close()
+        for d in daemons:
+            d.stop()
+        engine.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _ttft(args, socket_a: str, socket_b: str) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from kvstore.bench.llama import SHAPE_1B, SHAPE_DEMO, param_count, random_llama
+    from kvstore.client import KVClient
+    from kvstore.client.hf import HFPrefixCache
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = SHAPE_1B if args.shape == "1b" else SHAPE_DEMO
+    size = args.ttft_tokens
+    model = random_llama(**shape, max_positions=size + 64)
+    with torch.no_grad():
+        model(torch.zeros((1, 32), dtype=torch.long))
+    ids = torch.randint(0, model.config.vocab_size, (1, size),
+                        generator=torch.Generator().manual_seed(size))
+    mask = torch.ones_like(ids)
+    gen = dict(max_new_tokens=1, do_sample=False)
+    model_id = f"bench-cluster-ttft-{args.shape}"
+    with HFPrefixCache(model, model_id, socket=socket_a, deadline_s=120.0) as kva, \
+            KVClient(socket_a) as ca:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            full_out = model.generate(ids, attention_mask=mask, past_key_values=cache, **gen)
+            full_s = time.perf_counter() - t0
+        stored = kva.store(ids, cache).result()
+        want = stored * kva.layout.block_bytes
+        t0 = time.perf_counter()
+        while next(t.bytes_in for t in ca.stats().tiers if t.tier == 4) < want:
+            if time.perf_counter() - t0 > 120:
+                raise RuntimeError("host A's remote writes did not complete")
+            time.sleep(0.01)
+    with HFPrefixCache(model, model_id, socket=socket_b, deadline_s=120.0) as kvb:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = kvb.generate(ids, attention_mask=mask, **gen)
+            reuse_s = time.perf_counter() - t0
+        last = kvb.last
+        if last.fallback or last.reused_tokens != size - kvb.layout.block_tokens:
+            raise RuntimeError(f"host B did not reuse the prefix: {last}")
+        tiers = sorted(set(last.tiers))
+    return {"model": {**shape, "params": param_count(model)}, "prompt_tokens": size,
+            "reused_tokens": last.reused_tokens, "full_prefill_s": full_s,
+            "host_b_reuse_s": reuse_s, "tiers": tiers, "bytes": want,
+            "same_first_token": int(out[0, -1]) == int(full_out[0, -1]),
+            "speedup": full_s / reuse_s}
+
+
+def render(r: dict) -> list[str]:
+    mb = 1e6
+    lines = [f"kvstore bench cluster: {r['backend']}, {r['blocks']} blocks of "
+             f"{r['block_bytes'] >> 10} KiB per batch, median of {r['reps']}",
+             f"  get  host B SDK (remote -> arena -> client) {r['sdk_get_bps'] / mb:8.0f} MB/s   "
+             f"raw client {r['raw_get_bps'] / mb:8.0f} MB/s   get_vs_raw_client "
+             f"{r['get_vs_raw_client']:.2f} (floor {FLOORS['get_vs_raw_client']}; the same get "
+             f"from B's DRAM afterwards {r['sdk_get_local_s'] * 1e3:.0f} ms of "
+             f"{r['sdk_get_s'] * 1e3:.0f})",
+             f"  put  host A SDK (until stored remotely)     {r['sdk_put_bps'] / mb:8.0f} MB/s   "
+             f"raw client {r['raw_put_bps'] / mb:8.0f} MB/s   put_vs_raw_client "
+             f"{r['put_vs_raw_client']:.2f}"]
+    t = r.get("ttft")
+    if t:
+        lines.append(f"  ttft {t['prompt_tokens']} tokens ({t['model']['params'] / 1e9:.2f}B "
+                     f"params): full prefill on A {t['full_prefill_s']:.2f} s, reuse on B "
+                     f"{t['host_b_reuse_s']:.3f} s (tiers {','.join(t['tiers'])}, same first "
+                     f"token: {t['same_first_token']})   ttft_speedup {t['speedup']:.1f}x "
+                     f"(floor {FLOORS['ttft_speedup']:g})")
+    return lines

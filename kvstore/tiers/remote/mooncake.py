@@ -1,0 +1,172 @@
+"""Mooncake Store backend: blocks move between the engine and the daemon's arena zero-copy.
+
+The whole DRAM arena is registered with the transfer engine (``register_buffer``), so a put
+sends straight from the block's arena slot and a get lands straight in the slot the client will
+read (``batch_*_multi_buffers``: the 64-byte header travels as a second buffer, from/into a
+small registered per-thread scratch area) — no bounce buffer on either side.
+
+Connection: ``setup`` with P2PHANDSHAKE (no metadata server) and the TCP transport; done lazily
+on the first call and again after a failed one, so a daemon starts while its master is down and
+joins when it comes up. This daemon contributes ``segment_bytes`` of its memory to the cluster's
+pool (0: none, a pure client). Objects are written with ``replica_num`` replicas: with 1, a
+block placed in a host's own segment dies with that host — use 2 where hosts come and go.
+
+Mooncake answers per key with negative codes: -704 object not found (a miss), -600 / -800 for
+a value longer / shorter than the block (another value under our key: corrupt), -200 no space
+(a put not stored);
+anything else is an error for that key, and an error on every key is a RemoteError.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import numpy as np
+
+from kvstore.tiers.remote.base import RemoteBackend, RemoteError
+from kvstore.tiers.remote.codec import HEADER_BYTES
+
+log = logging.getLogger("kvstore.remote.mooncake")
+
+NOT_FOUND = -704
+BUFFER_TOO_SMALL = -600    # the value is longer than the buffers
+INVALID_SIZE = -800        # (seen for a value shorter than the buffers)
+WRONG_SIZE = (BUFFER_TOO_SMALL, INVALID_SIZE)
+MAX_BATCH = 1024          # keys per engine call (the tier splits larger batches)
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The address this host uses to reach ``host`` (the one to advertise to peers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class MooncakeBackend(RemoteBackend):
+    name = "mooncake"
+
+    def __init__(self, master: str, segment_bytes: int, buffer_bytes: int, replicas: int = 1,
+                 local_host: str = ""):
+        try:
+            from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+        except ImportError as exc:
+            raise RemoteError(f"the Mooncake client is not installed ({exc}): pip install "
+                              "'kvstore[mooncake]' (and apt-get install libibverbs1)") from None
+        self._store_cls = MooncakeDistributedStore
+        self.master = master
+        host, _, port = master.rpartition(":")
+        self.local_host = local_host or local_address_towards(host, int(port))
+        # Without it the transfer engine advertises the first interface (eth0), which peers on
+        # loopback or another network cannot reach.
+        os.environ.setdefault("MC_TCP_BIND_ADDRESS", self.local_host)
+        self.segment_bytes = segment_bytes
+        self.buffer_bytes = buffer_bytes
+        self.config = ReplicateConfig()
+        self.config.replica_num = replicas
+        self._lock = threading.Lock()
+        self._client = None
+        self._arena: memoryview | None = None
+        self._arena_addr = 0
+        self._tls = threading.local()
+
+    # -- connection ----------------------------------------------------------------------------
+    def attach(self, arena_buffer: memoryview) -> None:
+        self._arena = arena_buffer
+        self._arena_addr = np.frombuffer(arena_buffer, dtype=np.uint8).ctypes.data
+
+    def _connected(self):
+        c = self._client
+        if c is not None:
+            return c
+        with self._lock:
+            if self._client is None:
+                c = self._store_cls()
+                rc = c.setup(self.local_host, "P2PHANDSHAKE", self.segment_bytes,
+                             self.buffer_bytes, "tcp", "", self.master)
+                if rc != 0:
+                    raise RemoteError(f"Mooncake setup against master {self.master} failed "
+                                      f"(code {rc})")
+                if self._arena is not None:
+                    rc = c.register_buffer(self._arena_addr, len(self._arena))
+                    if rc != 0:
+                        c.close()
+                        raise RemoteError(f"Mooncake register_buffer of the arena failed "
+                                          f"(code {rc})")
+                self._client = c
+                log.info("Mooncake: joined master %s as %s (segment %d MiB)", self.master,
+                         self.local_host, self.segment_bytes >> 20)
+            return self._client
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """This thread's registered header area (n headers)."""
+        buf = getattr(self._tls, "buf", None)
+        client = self._connected()
+        if buf is None or getattr(self._tls, "client", None) is not client:
+            buf = np.zeros(MAX_BATCH * HEADER_BYTES, dtype=np.uint8)
+            rc = client.register_buffer(buf.ctypes.data, buf.nbytes)
+            if rc != 0:
+                raise RemoteError(f"Mooncake register_buffer of a header area failed ({rc})")
+            self._tls.buf, self._tls.client = buf, client
+        if n > MAX_BATCH:
+            raise ValueError(f"batch of {n} keys over {MAX_BATCH}")
+        return buf
+
+    @staticmethod
+    def _all_failed(codes: list[int], ok) -> bool:
+        return bool(codes) and not any(ok(c) for c in codes)
+
+    # -- data ----------------------------------------------------------------------------------
+    def exists(self, keys: list[str]) -> list[bool]:
+        codes = self._connected().batch_is_exist(keys)
+        if self._all_failed(codes, lambda c: c >= 0):
+            raise RemoteError(f"Mooncake batch_is_exist failed (code {codes[0]})")
+        return [c == 1 for c in codes]
+
+    def put(self, keys, headers, offsets, sizes) -> list[bool]:
+        client = self._connected()
+        scratch = self._scratch(len(keys))
+        base = scratch.ctypes.data
+        for i, h in enumerate(headers):
+            scratch[i * HEADER_BYTES:(i + 1) * HEADER_BYTES] = np.frombuffer(h, dtype=np.uint8)
+        ptrs = [[base + i * HEADER_BYTES, self._arena_addr + off] for i, off in enumerate(offsets)]
+        lens = [[HEADER_BYTES, n] for n in sizes]
+        codes = client.batch_put_from_multi_buffers(keys, ptrs, lens, self.config)
+        if self._all_failed(codes, lambda c: c == 0 or c == -200):
+            raise RemoteError(f"Mooncake batch_put failed (code {codes[0]})")
+        return [c == 0 for c in codes]
+
+    def get_into(self, keys, offsets, sizes) -> list[bytes | None]:
+        client = self._connected()
+        scratch = self._scratch(len(keys))
+        base = scratch.ctypes.data
+        ptrs = [[base + i * HEADER_BYTES, self._arena_addr + off] for i, off in enumerate(offsets)]
+        lens = [[HEADER_BYTES, n] for n in sizes]
+        codes = client.batch_get_into_multi_buffers(keys, ptrs, lens)
+        if self._all_failed(codes, lambda c: c >= 0 or c == NOT_FOUND or c in WRONG_SIZE):
+            raise RemoteError(f"Mooncake batch_get failed (code {codes[0]})")
+        out: list[bytes | None] = []
+        for i, (c, n) in enumerate(zip(codes, sizes)):
+            if c == HEADER_BYTES + n:
+                out.append(scratch[i * HEADER_BYTES:(i + 1) * HEADER_BYTES].tobytes())
+            elif c >= 0 or c in WRONG_SIZE:
+                out.append(b"")        # a value of another length under this key
+            else:
+                out.append(None)       # not found, or this key's transfer failed: a miss
+        return out
+
+    def remove(self, keys: list[str]) -> None:
+        self._connected().batch_remove(keys, True)
+
+    def ping(self) -> bool:
+        return self._connected().health_check() == 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None

@@ -1,0 +1,292 @@
+"""The cluster tier with real engines: two daemons ("host A", "host B": separate sockets, arenas
+and SSD dirs) sharing one Mooncake master, and separately one 3-master Redis Cluster. Every
+block served is compared byte for byte with what was written on the other host."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from kvstore.client import KVClient
+from kvstore.layout import KVLayout
+from kvstore.tiers.remote.codec import encode_header, remote_key
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.bench.cluster_engines import RawClient, skip_reason, start_engine
+
+# 2 layers x 4 heads x 64 dims x 16 tokens x uint8 x (k, v) = 16 KiB per block
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
+MODEL = "remote-model"
+BACKENDS = ["mooncake", "redis"]
+DEADLINE_S = 0.3
+READ_DEADLINE_S = 2.0
+
+
+@pytest.fixture(params=BACKENDS)
+def engine(request, tmp_path):
+    reason = skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    e = start_engine(request.param, tmp_path / "engine")
+    e.backend = request.param
+    yield e
+    e.stop()
+
+
+def host(daemon_factory, tmp_path, name: str, url: str, *extra: str):
+    """One "host": a daemon with its own socket, arena and SSD dir, on the shared engine."""
+    wd = tmp_path / name
+    wd.mkdir()
+    return daemon_factory(
+        "--dram-bytes", "8MiB", "--chunk-bytes", "1MiB", "--ssd-dir", str(wd / "ssd"),
+        "--ssd-bytes", "16MiB", "--ssd-segment-bytes", "4MiB", "--ssd-io-threads", "2",
+        "--remote", url, "--remote-deadline-s", str(DEADLINE_S),
+        "--remote-read-deadline-s", str(READ_DEADLINE_S), "--remote-retry-s", "0.5",
+        "--remote-segment-bytes", "64MiB", "--remote-buffer-bytes", "16MiB", *extra,
+        workdir=wd)
+
+
+def chain(seed: int, n_blocks: int):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 50000, n_blocks * LAYOUT.block_tokens)
+    data = rng.integers(0, 256, (n_blocks, *LAYOUT.block_shape), dtype=np.uint8)
+    return tokens, data
+
+
+def remote_row(client) -> pb.TierStats:
+    rows = [t for t in client.stats().tiers if t.tier == pb.TIER_REMOTE]
+    assert len(rows) == 1, "no REMOTE row in stats"
+    return rows[0]
+
+
+def wait_for(pred, timeout_s: float = 20.0, what: str = ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def put_on(client, seed: int, n: int):
+    ns = client.namespace(MODEL, LAYOUT)
+    tokens, data = chain(seed, n)
+    keys = ns.block_keys(tokens)
+    assert ns.put(keys, data).result(timeout=30) == n
+    return ns, keys, data
+
+
+def get_exact(ns, keys, data) -> int:
+    out = np.empty((len(keys), *LAYOUT.block_shape), dtype=np.uint8)
+    got = np.asarray(ns.get(keys, out=out).result(timeout=30))
+    assert np.array_equal(got, data[:len(got)]), "served bytes differ from what host A wrote"
+    return len(got)
+
+
+def test_blocks_put_on_a_are_served_byte_exact_by_b(engine, daemon_factory, tmp_path):
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        _, keys, data = put_on(ca, 1, 12)
+        wait_for(lambda: remote_row(ca).bytes_in >= 12 * LAYOUT.block_bytes, what="A's writes")
+        nsb = cb.namespace(MODEL, LAYOUT)
+        r = nsb.lookup(keys)
+        assert r.num_cached == 12 and set(r.tiers) == {"REMOTE"}, r
+        assert get_exact(nsb, keys, data) == 12
+        row = remote_row(cb)
+        assert row.hits == 12 and row.bytes_out == 12 * LAYOUT.block_bytes
+        assert row.circuit_state == "closed" and row.backend == engine.url
+        # now local on B: served from DRAM without the remote
+        assert set(nsb.lookup(keys).tiers) == {"DRAM"}
+        assert get_exact(nsb, keys, data) == 12 and remote_row(cb).hits == 12
+        # a partial prefix: local blocks first, the rest continues remotely
+        _, keys2, data2 = put_on(ca, 2, 6)
+        wait_for(lambda: remote_row(ca).bytes_in >= 18 * LAYOUT.block_bytes, what="A's writes")
+        assert get_exact(nsb, keys2[:2], data2[:2]) == 2
+        assert nsb.lookup(keys2).tiers == ["DRAM"] * 2 + ["REMOTE"] * 4
+        assert get_exact(nsb, keys2, data2) == 6
+
+
+def test_a_block_another_host_stored_is_not_sent_again(engine, daemon_factory, tmp_path):
+    """Content addressing, and the REMOTE row in `kvstore stats` and Prometheus."""
+    from kvstore.bench.cluster_engines import free_port
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    port = free_port()
+    b = host(daemon_factory, tmp_path, "b", engine.url, "--metrics-port", str(port))
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        put_on(ca, 3, 8)
+        wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="A's writes")
+        assert remote_row(ca).writes_deduplicated == 0
+        put_on(cb, 3, 8)        # the same prefix computed again on B
+        wait_for(lambda: remote_row(cb).writes_deduplicated == 8, what="B's existence check")
+        assert remote_row(cb).bytes_in == 0
+    r = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", b.socket],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "REMOTE" in r.stdout and "circuit closed" in r.stdout and engine.url in r.stdout
+    r = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", b.socket, "--json"],
+                       capture_output=True, text=True, timeout=30)
+    row = {t["tier"]: t for t in json.loads(r.stdout)["tiers"]}["REMOTE"]
+    assert row["writes_deduplicated"] == 8 and row["circuit_state"] == "closed"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "kvstore_remote_writes_deduplicated_total 8.0" in text
+    assert 'kvstore_remote_circuit{state="closed"} 1.0' in text
+    assert 'kvstore_tier_hits_total{tier="REMOTE"}' in text
+
+
+def test_prefetch_planner_and_selective_writes(engine, daemon_factory, tmp_path):
+    from kvstore.planner import PrefillProfile
+    a = host(daemon_factory, tmp_path, "a", engine.url, "--remote-write-policy",
+             "write_through_selective", "--remote-write-hits", "1")
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        ns, keys, data = put_on(ca, 5, 8)
+        time.sleep(0.5)
+        assert remote_row(ca).bytes_in == 0          # selective: nothing read yet, nothing sent
+        assert get_exact(ns, keys[:4], data[:4]) == 4
+        wait_for(lambda: remote_row(ca).bytes_in == 4 * LAYOUT.block_bytes, what="read blocks")
+        nsb = cb.namespace(MODEL, LAYOUT)
+        plan = nsb.plan_recompute(keys, PrefillProfile(0.0, 1e-3, 0.0))
+        assert plan.num_cached == 4 and set(plan.tiers) == {"REMOTE"}
+        assert plan.bandwidth_bps["REMOTE"] > 0
+        nsb.prefetch(keys, deadline_s=5.0)            # brings the remote blocks into B's DRAM
+        wait_for(lambda: nsb.lookup(keys).tiers == ["DRAM"] * 4, 10, "prefetched blocks")
+        assert remote_row(cb).hits == 4
+        assert get_exact(nsb, keys, data) == 4 and remote_row(cb).hits == 4
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "other_block", "truncated"])
+def test_a_corrupted_remote_value_is_never_served(engine, daemon_factory, tmp_path, damage):
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    raw = RawClient(engine.url)
+    try:
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            ns, keys, data = put_on(ca, 4, 6)
+            wait_for(lambda: remote_row(ca).bytes_in >= 6 * LAYOUT.block_bytes, what="writes")
+            victim = remote_key(ns.namespace_id, keys[3])
+            good = raw.get(victim)
+            assert len(good) == 64 + LAYOUT.block_bytes
+            if damage == "flipped_byte":
+                bad = bytearray(good)
+                bad[64 + 1000] ^= 0x01
+            elif damage == "other_block":   # a well-formed value of another block
+                bad = encode_header(keys[2], ns.namespace_id, data[2].tobytes()) + data[2].tobytes()
+            else:
+                bad = good[:-4096]
+            raw.replace(victim, bytes(bad))
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert get_exact(nsb, keys, data) == 3       # the prefix ends before the bad value
+            row = remote_row(cb)
+            # blocks 0-2 served; 4-5 were read in the same batch, verified and kept in DRAM
+            assert row.checksum_failures == 1 and row.hits == 5
+            wait_for(lambda: not raw.exists(victim), 10, "removal of the corrupt value")
+            assert nsb.lookup(keys).num_cached == 3
+    finally:
+        raw.close()
+
+
+def test_remote_down_costs_misses_never_failures(engine, daemon_factory, tmp_path):
+    """The engine (Mooncake master / one Redis master) dies under a read and write load: no SDK
+    call fails, no lookup waits past the deadline, and hits resume after a restart."""
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    errors: list[BaseException] = []
+    lookup_s: list[float] = []
+    stop = threading.Event()
+
+    def load(sock: str, seed0: int):
+        try:
+            with KVClient(sock) as c:
+                ns = c.namespace(MODEL, LAYOUT)
+                seed = seed0
+                while not stop.is_set():
+                    tokens, data = chain(seed, 4)
+                    keys = ns.block_keys(tokens)
+                    ns.put(keys, data).result(timeout=30)
+                    t0 = time.monotonic()
+                    ns.lookup(keys + ns.block_keys(chain(seed + 1, 4)[0]))
+                    lookup_s.append(time.monotonic() - t0)
+                    get_exact(ns, keys, data)
+                    seed += 2
+        except BaseException as exc:      # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(d.socket, s)) for d, s in ((a, 100), (b, 10**6))]
+    for t in threads:
+        t.start()
+    try:
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            time.sleep(1.0)
+            if engine.backend == "mooncake":
+                engine.kill()
+            else:
+                engine.kill_node(0)
+            # B keeps looking up a chain A stored before: misses, each within the deadline
+            nsb = cb.namespace(MODEL, LAYOUT)
+            for i in range(10):
+                tokens, _ = chain(7000 + i, 4)
+                t0 = time.monotonic()
+                r = nsb.lookup(nsb.block_keys(tokens))
+                lookup_s.append(time.monotonic() - t0)
+                assert r.num_cached == 0
+                time.sleep(0.2)
+            if engine.backend == "mooncake":
+                engine.start()
+            else:
+                engine.start_node(0)
+                engine.wait_ok()
+
+            def remote_hit_again():
+                seed = int(time.monotonic() * 1000) % 10**6 + 2 * 10**6
+                _, keys, data = put_on(ca, seed, 2)
+                time.sleep(0.3)
+                nsb2 = cb.namespace(MODEL, LAYOUT)
+                before = remote_row(cb).hits
+                get_exact(nsb2, keys, data)
+                return remote_row(cb).hits > before
+            wait_for(remote_hit_again, 40, "remote hits after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, f"SDK calls failed while the remote was down: {errors[:3]!r}"
+    # a lookup waits at most the remote deadline (plus a loaded box's gRPC round trip)
+    assert max(lookup_s) < DEADLINE_S + 1.0, f"slowest lookup {max(lookup_s):.2f}s"
+    assert len(lookup_s) > 10
+
+
+def test_daemon_starts_and_serves_with_the_remote_unreachable(daemon_factory, tmp_path):
+    from kvstore.bench.cluster_engines import free_port
+    d = host(daemon_factory, tmp_path, "a", f"redis://127.0.0.1:{free_port()}")
+    with KVClient(d.socket) as c:
+        ns, keys, data = put_on(c, 9, 4)
+        assert get_exact(ns, keys, data) == 4
+        t0 = time.monotonic()
+        assert ns.lookup(ns.block_keys(chain(10, 4)[0])).num_cached == 0
+        assert time.monotonic() - t0 < DEADLINE_S + 1.0
+        wait_for(lambda: remote_row(c).writes_skipped >= 4, 10, "skipped remote writes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_cluster_smoke(backend):
+    reason = skip_reason(backend)
+    if reason:
+        pytest.skip(reason)
+    r = subprocess.run([sys.executable, "-m", "kvstore", "bench", "cluster", "--backend", backend,
+                        "--blocks", "4", "--block-tokens", "16", "--reps", "1", "--shape", "demo",
+                        "--ttft-tokens", "256", "--json"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["get_vs_raw_client"] > 0 and out["put_vs_raw_client"] > 0
+    assert out["remote_hits_on_b"] == 4
+    assert out["ttft"]["tiers"] == ["REMOTE"] and out["ttft"]["same_first_token"]
+    assert out["ttft_speedup"] > 0
