@@ -388,11 +388,5 @@ def nearest_key(name: str, cutoff: float = 0.7) -> str | None:
     return near[0] if near else None
 
 
-def field_names() -> list[str]:
-    return [f.name for f in FIELDS]
-
-
-def field_help(name: str) -> str:
-    return _BY_NAME[name].help
 
 

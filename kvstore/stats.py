@@ -1,7 +1,7 @@
 """Counters the daemon keeps. One model; the CLI table, gRPC and metrics views read from it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 UINT64_MAX = (1 << 64) - 1   # every counter is a uint64 in kvstore.v1.Stats
 
@@ -21,9 +21,6 @@ class TierCounters:
     bytes_out: int = 0
     promotions: int = 0
     demotions: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass

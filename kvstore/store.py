@@ -39,7 +39,7 @@ log = logging.getLogger("kvstore.store")
 
 NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
 ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
-QUARANTINED = -2      # slot owner marker: held until the writer's session ends
+QUARANTINED = -3      # slot owner marker (a slot owner, not an allocate answer: own value): held until the writer's session ends
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,6 @@ class Journal:
         self._flush_task: asyncio.Future | None = None
         self._fd: int | None = None
         self.records_in_file = 0
-        self.fsyncs = 0
         # Serializes file writes (pool threads) with rewrite/close (loop thread): a compaction
         # must never interleave with, or have its fd reused under, an in-flight append.
         self._io_lock = threading.Lock()
@@ -310,7 +309,6 @@ class Journal:
         while view:
             view = view[os.write(self._fd, view):]
         os.fsync(self._fd)
-        self.fsyncs += 1
 
     def flush_blocking(self) -> None:
         """Write and fsync what is buffered (shutdown; not on the event loop's hot path)."""

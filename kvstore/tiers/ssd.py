@@ -203,7 +203,6 @@ class SSDCounters:
     read_errors: int = 0
     checksum_failures: int = 0
     recovered_blocks: int = 0
-    evictions: int = 0
     sync_demotions: int = 0     # write-back victims written while eviction waited
     cleaned: int = 0            # write-back blocks written ahead of eviction
     segments_reassigned: int = 0  # segments emptied and given to another block size
@@ -498,12 +497,6 @@ class SSDTier:
         capacity_bytes; cheap: stats sample it every second)."""
         return sum((s.slot_bytes + HEADER_BYTES) * (len(s.owner) - len(s.free))
                    for s in self.segments if s.slot_bytes)
-
-    def path_of(self, addr: int) -> tuple[Path, int]:
-        """(slab file, byte offset) of a slot — for tools and tests."""
-        seg = self.segments[addr >> SLOT_BITS]
-        return (self.directory / f"seg-{seg.number:05d}.slab",
-                slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes) + HEADER_BYTES)
 
     # -- I/O (run these in self.pool) --------------------------------------------------------
     def write_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int,
