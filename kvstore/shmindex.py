@@ -41,6 +41,9 @@ import numpy as np
 DEFAULT_ENTRIES = 1 << 20            # buckets: ~29 MiB of tmpfs, touched only as it fills
 EMPTY, DRAM, SSD, TOMB = 0, 1, 2, 255
 TIER_NAMES = {DRAM: "DRAM", SSD: "SSD"}
+_NAMES = ["?"] * 256
+for _t, _name in TIER_NAMES.items():
+    _NAMES[_t] = _name
 CLOSED, OVERFLOW, REMOTE = 1, 2, 4   # header flag bits
 
 _MAGIC = b"KVSIDX01"
@@ -189,7 +192,7 @@ class ShmIndex:
         self.live += 1
 
     def remove(self, tag: int, lo: int, hi: int) -> None:
-        """Hide one block (no-op if absent). Returns whether a rebuild is due (tombstones)."""
+        """Hide one block (no-op if absent); see needs_rebuild for the tombstones it leaves."""
         if self.flags & OVERFLOW:
             return
         pos = self._home(tag, lo)
@@ -206,8 +209,8 @@ class ShmIndex:
             pos = (pos + 1) & self._mask
 
     def needs_rebuild(self) -> bool:
-        return self.used > _MAX_USED * self.buckets or (
-            bool(self.flags & OVERFLOW))
+        """Too many tombstones (probes get long), or full and waiting to fit again."""
+        return self.used > _MAX_USED * self.buckets or bool(self.flags & OVERFLOW)
 
     def fits(self, n: int) -> bool:
         return n <= _MAX_LOAD * self.buckets
@@ -253,35 +256,45 @@ class ShmIndex:
         q = np.frombuffer(keys, dtype=np.uint64).reshape(-1, 2) if isinstance(
             keys, (bytes, bytearray, memoryview)) else keys
         n = len(q)
-        home = (q[:, 0] ^ np.uint64((tag * _MIX) & _U64)) & np.uint64(self._mask)
-        home = home.astype(np.int64)
-        words, mask = self._words, self._mask
+        qlo, qhi = np.ascontiguousarray(q[:, 0]), np.ascontiguousarray(q[:, 1])
+        mask = self._mask
+        home = ((qlo ^ np.uint64((tag * _MIX) & _U64)) & np.uint64(mask)).astype(np.int64)
+        words, tag_ = self._words, np.uint64(tag)
+        ver, tier_, tags, los, his = self.ver, self.tier, self.tag, self.lo, self.hi
         for _ in range(_MAX_TRIES):
             e1 = int(words[0])
-            if e1 & 1 or int(words[1]) & (CLOSED | OVERFLOW):
-                if int(words[1]) & (CLOSED | OVERFLOW):
-                    return None
-                continue
+            if int(words[1]) & (CLOSED | OVERFLOW):
+                return None
+            if e1 & 1:
+                continue      # a rebuild is running
             out = np.zeros(n, dtype=np.uint8)
-            active, pos = np.arange(n), home
+            active, pos, alo, ahi = None, home, qlo, qhi     # active None: every key
             steps = 0
-            while len(active) and steps < 4 * _MAX_TRIES + 64:
+            while len(pos) and steps < 4 * _MAX_TRIES + 64:
                 steps += 1
-                v1 = self.ver[pos]
-                t = self.tier[pos]
-                tg = self.tag[pos]
-                lo = self.lo[pos]
-                hi = self.hi[pos]
-                v2 = self.ver[pos]
+                # the seqlock order: version, then the fields, then the version again
+                v1 = ver[pos]
+                t = tier_[pos]
+                tg = tags[pos]
+                lo = los[pos]
+                hi = his[pos]
+                v2 = ver[pos]
                 ok = (v1 == v2) & ((v1 & 1) == 0)
-                live = ok & (t != EMPTY) & (t != TOMB)
-                hit = live & (tg == np.uint64(tag)) & (lo == q[active, 0]) & (hi == q[active, 1])
-                out[active[hit]] = t[hit]
+                hit = ok & (tg == tag_) & (lo == alo) & (hi == ahi) & (t != EMPTY) & (t != TOMB)
+                if active is None:
+                    out[hit] = t[hit]
+                    active = np.arange(n)
+                else:
+                    out[active[hit]] = t[hit]
                 # torn buckets are read again at the same position; the rest move on
                 step = ok & ~hit & (t != EMPTY)
                 keep = ~ok | step
-                active, pos = active[keep], np.where(step, (pos + 1) & mask, pos)[keep]
-            if len(active):
+                if not keep.any():
+                    pos = pos[:0]
+                    break
+                active, alo, ahi = active[keep], alo[keep], ahi[keep]
+                pos = (pos[keep] + step[keep]) & mask
+            if len(pos):
                 continue
             if int(words[0]) == e1:
                 return out
@@ -292,8 +305,10 @@ class ShmIndex:
             return
         if self._owner:
             self._set_flag(CLOSED, True)
-        for name in ("tag", "lo", "hi", "ver", "tier", "_words"):
-            setattr(self, name, None)
+            for name in ("tag", "lo", "hi", "ver", "tier", "_words"):
+                setattr(self, name, None)
+        # A reader keeps its arrays: a probe still running on another thread (a reconnect
+        # re-maps under it) reads the old mapping, which stays valid until they are dropped.
         try:
             self._mm.close()
         except BufferError:
@@ -308,7 +323,8 @@ def prefix(tiers: np.ndarray) -> tuple[int, list[str]]:
     """The longest-prefix walk over a probe's answer: (blocks cached, their tier names)."""
     miss = np.flatnonzero(tiers == EMPTY)
     n = int(miss[0]) if len(miss) else len(tiers)
-    return n, [TIER_NAMES[int(t)] for t in tiers[:n]]
+    names = _NAMES
+    return n, [names[t] for t in tiers[:n].tolist()]
 
 
 def remove_orphans(directory: Path, prefix_: str = "kvstore") -> list[Path]:

@@ -144,17 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                                 args.stored)
         snap.close()
         result["numpy_probe_1thread"] = numpy_pt
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "kvstore.bench", "control", "--worker", sock,
-             str(args.keys), str(args.stored)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")) for _ in range(max(counts))]
+        procs: list[subprocess.Popen] = []
         try:
-            for p in procs:
-                hello = p.stdout.readline()
-                if not hello or not json.loads(hello).get("snapshot"):
-                    print("kvstore bench control: a worker did not start or mapped no "
-                          "snapshot", file=sys.stderr)
-                    return 1
+            # Started a few at a time: 32 interpreters importing grpc at once on a small box
+            # starve the daemon until their connections time out.
+            while len(procs) < max(counts):
+                wave = [subprocess.Popen(
+                    [sys.executable, "-m", "kvstore.bench", "control", "--worker", sock,
+                     str(args.keys), str(args.stored)], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                    for _ in range(min(4, max(counts) - len(procs)))]
+                procs += wave
+                for p in wave:
+                    hello = p.stdout.readline()
+                    if not hello or not json.loads(hello).get("snapshot"):
+                        print("kvstore bench control: a worker did not start or mapped no "
+                              "snapshot", file=sys.stderr)
+                        return 1
             for n in counts:
                 g = _run(procs[:n], "grpc", args.seconds)
                 loc = _run(procs[:n], "local", args.seconds)
