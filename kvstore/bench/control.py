@@ -42,8 +42,17 @@ def _keys(ns, n_keys: int) -> list[bytes]:
 
 def worker(socket: str, n_keys: int, expected: int) -> int:
     """A client process: answers "run MODE SECONDS" lines on stdin with one JSON line."""
-    from kvstore.client import KVClient
-    with KVClient(socket=socket, timeout_s=30) as c:
+    from kvstore.client import KVClient, Unavailable
+    deadline = time.monotonic() + 120
+    while True:   # a loaded box can starve the first connection past gRPC's connect timeout
+        try:
+            c = KVClient(socket=socket, timeout_s=30)
+            break
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with c:
         ns = c.namespace("bench-control", _layout())
         keys = _keys(ns, n_keys)
         print(json.dumps({"ready": True, "snapshot": c.index_snapshot is not None}), flush=True)
