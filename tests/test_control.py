@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from kvstore import shmindex
 from kvstore.client import KVClient
@@ -188,7 +189,7 @@ def test_daemon_restart_remaps_the_new_snapshot(daemon_factory, tmp_path):
         keys = ns.block_keys(list(range(16 * 6)))
         ns.put(keys, _kv(6, 3)).result()
         assert ns.lookup(keys).num_cached == 6 and ns.local_lookups_answered == 1
-        old = c.index_snapshot.path
+        old_snapshot, old_uuid = c.index_snapshot, c.arena.uuid
         d.kill()
         d2 = daemon_factory(*SMALL_DRAM, workdir=tmp_path / "d")
         deadline = time.monotonic() + 20
@@ -202,13 +203,14 @@ def test_daemon_restart_remaps_the_new_snapshot(daemon_factory, tmp_path):
             assert time.monotonic() < deadline, "client did not reconnect"
             time.sleep(0.1)
         assert r.num_cached == 0          # the new daemon holds nothing yet
-        assert c.index_snapshot is not None and c.index_snapshot.path != old or \
-            c.index_snapshot.path.exists()
+        # mapped anew: another object, the new arena's (its uuid), a file that exists
+        assert c.index_snapshot is not None and c.index_snapshot is not old_snapshot
+        assert c.arena.uuid != old_uuid and c.index_snapshot.path.exists()
+        assert not old_snapshot.path.exists()   # the new daemon removed the killed one's
         ns.put(keys[:4], _kv(4, 5)).result()
         before = ns.local_lookups_answered
         assert ns.lookup(keys).num_cached == 4
         assert ns.local_lookups_answered == before + 1    # answered from the new snapshot
-        assert not old.exists() or old == c.index_snapshot.path
         d2.stop()
 
 
@@ -231,3 +233,32 @@ def test_bench_control_smoke():
     bad = subprocess.run([sys.executable, "-m", "kvstore", "bench", "control", "--clients", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--clients" in bad.stderr
+
+
+def test_remote_tier_full_local_hits_stay_local_short_prefixes_ask_the_daemon(daemon_factory,
+                                                                               tmp_path):
+    from kvstore.bench.cluster_engines import skip_reason, start_engine
+    from test_remote import LAYOUT as RL, MODEL, host, put_on, remote_row, wait_for
+    reason = skip_reason("redis")
+    if reason:
+        pytest.skip(reason)
+    engine = start_engine("redis", tmp_path / "engine")
+    try:
+        a = host(daemon_factory, tmp_path, "a", engine.url)
+        b = host(daemon_factory, tmp_path, "b", engine.url)
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            _, keys, _ = put_on(ca, 5, 8)
+            wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="writes")
+            nsb = cb.namespace(MODEL, RL)
+            assert cb.index_snapshot is not None and cb.index_snapshot.flags & shmindex.REMOTE
+            # nothing local on B: the snapshot's answer is short, so the daemon is asked
+            r = nsb.lookup(keys)
+            assert (r.num_cached, set(r.tiers)) == (8, {"REMOTE"})
+            assert nsb.local_lookups_answered == 0
+            nsb.get(keys[:3]).result(timeout=30)          # 3 blocks now local on B
+            assert nsb.lookup(keys[:3]).tiers == ["DRAM"] * 3   # a full local hit: no RPC
+            assert nsb.local_lookups_answered == 1
+            r = nsb.lookup(keys)                          # DRAM prefix, REMOTE rest: the RPC
+            assert r.tiers == ["DRAM"] * 3 + ["REMOTE"] * 5 and nsb.local_lookups_answered == 1
+    finally:
+        engine.stop()
