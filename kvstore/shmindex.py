@@ -97,6 +97,16 @@ class ShmIndex:
         self._words = np.frombuffer(mm, dtype=np.uint64, count=2, offset=_EPOCH_AT)
         self.live = 0     # writer only
         self.used = 0     # writer only: live + tombstones
+        # The writer's scalar accesses go through memoryviews: a Python int per element costs
+        # a tenth of a numpy scalar, and a put writes every block of a commit one by one.
+        self._views: list[memoryview] = []
+        if owner:
+            for name, (off, dtype) in fields.items():
+                size = np.dtype(dtype).itemsize
+                mv = memoryview(mm)[off:off + buckets * size].cast(
+                    {8: "Q", 4: "I", 1: "B"}[size])
+                self._views.append(mv)
+                setattr(self, "_w" + name, mv)
 
     @classmethod
     def create(cls, arena_path: str | Path, arena_uuid: bytes, buckets: int = DEFAULT_ENTRIES,
@@ -115,6 +125,10 @@ class ShmIndex:
             raise
         mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, buckets)
         idx = cls(path, fd, mm, buckets, owner=True)
+        # Touch every page now (tens of ms for the default size): first touches under the
+        # daemon's commits would otherwise cost a page fault per new block.
+        for name in ("tag", "lo", "hi", "ver", "tier"):
+            getattr(idx, name).fill(0)
         idx._words[1] = REMOTE if remote else 0
         return idx
 
@@ -155,32 +169,33 @@ class ShmIndex:
         return (lo ^ ((tag * _MIX) & _U64)) & self._mask
 
     def _write(self, b: int, tag: int, lo: int, hi: int, tier: int) -> None:
-        ver = self.ver
-        ver[b] += np.uint32(1)          # odd: readers of this bucket retry
-        self.tag[b] = tag
-        self.lo[b] = lo
-        self.hi[b] = hi
-        self.tier[b] = tier
-        ver[b] += np.uint32(1)          # even again: consistent
+        ver = self._wver
+        v = ver[b]
+        ver[b] = (v + 1) & 0xFFFFFFFF     # odd: readers of this bucket retry
+        self._wtag[b] = tag
+        self._wlo[b] = lo
+        self._whi[b] = hi
+        self._wtier[b] = tier
+        ver[b] = (v + 2) & 0xFFFFFFFF     # even again: consistent
 
     def put(self, tag: int, lo: int, hi: int, tier: int) -> None:
         """Publish (or re-tier) one visible block."""
         if self.flags & OVERFLOW:
             return
-        pos, tomb = self._home(tag, lo), -1
-        tags, los, his, tiers = self.tag, self.lo, self.hi, self.tier
+        pos, tomb, mask = self._home(tag, lo), -1, self._mask
+        tags, los, his, tiers = self._wtag, self._wlo, self._whi, self._wtier
         while True:
-            t = int(tiers[pos])
+            t = tiers[pos]
             if t == EMPTY:
                 break
             if t == TOMB:
                 if tomb < 0:
                     tomb = pos
-            elif int(tags[pos]) == tag and int(los[pos]) == lo and int(his[pos]) == hi:
+            elif los[pos] == lo and his[pos] == hi and tags[pos] == tag:
                 if t != tier:
                     self._write(pos, tag, lo, hi, tier)
                 return
-            pos = (pos + 1) & self._mask
+            pos = (pos + 1) & mask
         if self.live + 1 > _MAX_LOAD * self.buckets:
             self._set_flag(OVERFLOW, True)     # readers fall back until a rebuild fits
             return
@@ -195,18 +210,17 @@ class ShmIndex:
         """Hide one block (no-op if absent); see needs_rebuild for the tombstones it leaves."""
         if self.flags & OVERFLOW:
             return
-        pos = self._home(tag, lo)
-        tags, los, his, tiers = self.tag, self.lo, self.hi, self.tier
+        pos, mask = self._home(tag, lo), self._mask
+        tags, los, his, tiers = self._wtag, self._wlo, self._whi, self._wtier
         while True:
-            t = int(tiers[pos])
+            t = tiers[pos]
             if t == EMPTY:
                 return
-            if t != TOMB and int(tags[pos]) == tag and int(los[pos]) == lo \
-                    and int(his[pos]) == hi:
+            if t != TOMB and los[pos] == lo and his[pos] == hi and tags[pos] == tag:
                 self._write(pos, 0, 0, 0, TOMB)
                 self.live -= 1
                 return
-            pos = (pos + 1) & self._mask
+            pos = (pos + 1) & mask
 
     def needs_rebuild(self) -> bool:
         """Too many tombstones (probes get long), or full and waiting to fit again."""
@@ -307,6 +321,10 @@ class ShmIndex:
             self._set_flag(CLOSED, True)
             for name in ("tag", "lo", "hi", "ver", "tier", "_words"):
                 setattr(self, name, None)
+                setattr(self, "_w" + name.lstrip("_"), None)
+            for mv in self._views:
+                mv.release()
+            self._views = []
         # A reader keeps its arrays: a probe still running on another thread (a reconnect
         # re-maps under it) reads the old mapping, which stays valid until they are dropped.
         try:
