@@ -160,6 +160,11 @@ class ShmIndex:
     def flags(self) -> int:
         return int(self._words[1])
 
+    @property
+    def epoch(self) -> int:
+        """Twice the rebuilds so far (odd while one runs)."""
+        return int(self._words[0])
+
     def _set_flag(self, bit: int, on: bool) -> None:
         f = int(self._words[1])
         self._words[1] = (f | bit) if on else (f & ~bit)

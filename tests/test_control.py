@@ -262,3 +262,47 @@ def test_remote_tier_full_local_hits_stay_local_short_prefixes_ask_the_daemon(da
             assert r.tiers == ["DRAM"] * 3 + ["REMOTE"] * 5 and nsb.local_lookups_answered == 1
     finally:
         engine.stop()
+
+
+def test_index_mirror_through_tombstones_overflow_and_rebuilds(tmp_path):
+    """In process, a 64-bucket snapshot: puts and deletes fill it past 60% (overflow: readers
+    fall back), leave tombstones (rebuilds), and shrink back (it answers again) — whenever it
+    answers, it answers what the store's own lookup does."""
+    from kvstore.arena import Arena
+    from kvstore.store import BlockStore
+    arena = Arena.create(8 << 20, tmp_path)
+    snap = shmindex.ShmIndex.create(arena.path, arena.uuid, buckets=64)
+    reader = shmindex.ShmIndex.attach(snap.path, arena.uuid)
+    try:
+        store = BlockStore(arena, chunk_bytes=1 << 20, snapshot=snap)
+        sid = store.open_session().session_id
+        ns = store.register_namespace("mirror", LAYOUT)
+        tag = shmindex.ns_tag(ns.namespace_id)
+        rng = random.Random(24)
+        pool = [bytes(rng.getrandbits(8) for _ in range(16)) for _ in range(80)]
+        answered = fell_back = 0
+        for step in range(400):
+            batch = rng.sample(pool, rng.randrange(1, 12))
+            if rng.random() < 0.55:
+                aid, _ = store.allocate(sid, ns.namespace_id, b"".join(batch))
+                store.commit(sid, aid)
+            else:
+                store.delete(ns.namespace_id, b"".join(batch))
+            probe = rng.sample(pool, 16)
+            t = reader.probe(tag, b"".join(probe))
+            if t is None:
+                fell_back += 1
+                assert reader.flags & shmindex.OVERFLOW
+                continue
+            answered += 1
+            for k, tier in zip(probe, t.tolist()):
+                n, tiers = store.lookup(ns.namespace_id, k)
+                assert (tier != shmindex.EMPTY) == (n == 1), f"step {step}"
+                if n:
+                    assert shmindex.TIER_NAMES[tier] == tiers[0]
+        assert answered > 50 and fell_back > 10, (answered, fell_back)
+        assert reader.epoch >= 4, reader.epoch     # rebuilt (tombstones, back from full)
+    finally:
+        reader.close()
+        snap.close()
+        arena.close()
