@@ -159,8 +159,15 @@ class Daemon:
                                                           self.arena.size_bytes)
         shmindex.remove_orphans(self.arena.path.parent)
         if not cfg.hbm_bytes:     # HBM copies change lookup answers outside the index's view
-            self.snapshot = shmindex.ShmIndex.create(self.arena.path, self.arena.uuid,
-                                                     remote=bool(cfg.remote))
+            self.snapshot = shmindex.ShmIndex.create(
+                self.arena.path, self.arena.uuid,
+                shmindex.buckets_for(cfg.dram_bytes + (cfg.ssd_bytes or 0)),
+                remote=bool(cfg.remote))
+            log.info("index snapshot for same-host lookups: %s (%d buckets, %d blocks before "
+                     "lookups fall back to gRPC)", self.snapshot.path, self.snapshot.buckets,
+                     self.snapshot.capacity_blocks)
+        else:
+            log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,

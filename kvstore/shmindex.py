@@ -38,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_ENTRIES = 1 << 20            # buckets: ~29 MiB of tmpfs, touched only as it fills
+DEFAULT_ENTRIES = 1 << 20            # buckets (29 bytes each), when nothing better is known
+MIN_ENTRIES, MAX_ENTRIES = 1 << 16, 1 << 22
+TYPICAL_BLOCK_BYTES = 64 << 10       # sizing guess: a 16-token block of a small model
 EMPTY, DRAM, SSD, TOMB = 0, 1, 2, 255
 TIER_NAMES = {DRAM: "DRAM", SSD: "SSD"}
 _NAMES = ["?"] * 256
@@ -59,6 +61,14 @@ _MAX_TRIES = 16                      # probe attempts before a reader gives up (
 
 class ShmIndexError(RuntimeError):
     pass
+
+
+def buckets_for(capacity_bytes: int) -> int:
+    """Buckets for a daemon holding ``capacity_bytes`` in DRAM and SSD: room for every block
+    of TYPICAL_BLOCK_BYTES under the 60% load limit, a power of two in [MIN_ENTRIES,
+    MAX_ENTRIES] (2 MiB to 116 MiB of tmpfs). Past the limit lookups fall back to the RPC."""
+    want = int(capacity_bytes // TYPICAL_BLOCK_BYTES / _MAX_LOAD) + 1
+    return min(MAX_ENTRIES, max(MIN_ENTRIES, 1 << (want - 1).bit_length()))
 
 
 def path_for(arena_path: str | Path) -> Path:
@@ -159,6 +169,11 @@ class ShmIndex:
     @property
     def flags(self) -> int:
         return int(self._words[1])
+
+    @property
+    def capacity_blocks(self) -> int:
+        """Live blocks it holds before it overflows (readers then fall back)."""
+        return int(self.buckets * _MAX_LOAD)
 
     @property
     def epoch(self) -> int:
