@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kvstore import shmindex
-from kvstore.client import KVClient
+from kvstore.client import KVClient, Unavailable
 from kvstore.layout import KVLayout
 from ops_helpers import tcp_port
 
@@ -212,6 +212,12 @@ def test_daemon_restart_remaps_the_new_snapshot(daemon_factory, tmp_path):
         assert ns.lookup(keys).num_cached == 4
         assert ns.local_lookups_answered == before + 1    # answered from the new snapshot
         d2.stop()
+        assert not c.index_snapshot.path.exists()   # a clean stop removes its snapshot
+        assert c.index_snapshot.flags & shmindex.CLOSED   # what mapped clients see
+        before = ns.local_lookups_answered
+        with pytest.raises(Unavailable):                    # no stale answer from it
+            ns.lookup(keys)
+        assert ns.local_lookups_answered == before
 
 
 # -- bench ------------------------------------------------------------------------------------
