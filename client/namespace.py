@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
+from kvstore import shmindex
 from kvstore.client import cuda, quantized, transfer
 from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError,
                                    NotFound, Reason, StaleRead, Unavailable, from_rpc_error)
@@ -218,6 +219,11 @@ class Namespace:
         self.tenant = tenant
         self.namespace_id = namespace_digest(model_id, layout, tenant)
         self._registered = False
+        self._tag = shmindex.ns_tag(self.namespace_id)
+        # Answer lookups from the daemon's shared-memory index snapshot when it offers one
+        # (same host, trusted with the arena); False: always ask over gRPC.
+        self.local_lookups = True
+        self.local_lookups_answered = 0   # lookups answered without an RPC
 
     def _register(self) -> None:
         self.client._ensure_session()
@@ -253,6 +259,15 @@ class Namespace:
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         blob = pack_keys(keys)
         _wait_for(self._puts_of(keys), self.client.timeout_s)
+        snap = self.client.local_index() if self.local_lookups else None
+        if snap is not None and self._registered and len(keys) <= self.client.max_batch_blocks:
+            tiers = snap.probe(self._tag, blob)
+            if tiers is not None:
+                n, names = shmindex.prefix(tiers)
+                # The remote tier continues a short prefix: only the daemon can ask it.
+                if n == len(keys) or not snap.flags & shmindex.REMOTE:
+                    self.local_lookups_answered += 1
+                    return LookupResult(n, names)
         r, _ = self._rpc("Lookup", lambda sid: pb.LookupRequest(
             namespace_id=self.namespace_id, keys=blob))
         return LookupResult(r.num_cached, [TIER_NAMES.get(t, "?") for t in r.tiers])

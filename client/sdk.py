@@ -25,6 +25,7 @@ from concurrent.futures import wait as futures_wait
 
 import grpc
 
+from kvstore import shmindex
 from kvstore.arena import Arena, ArenaError
 from kvstore.client import cuda, hbm, transfer
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
@@ -133,6 +134,8 @@ class KVClient:
         self.arena: Arena | None = None
         self._arena_view: transfer.ArenaView | None = None
         self._generations: SlotGenerations | None = None
+        # The daemon's index snapshot (kvstore/shmindex.py): lookups without an RPC
+        self.index_snapshot: shmindex.ShmIndex | None = None
         # Releases sent without waiting (their copies were proven): close() drains them
         self._releases_lock = threading.Condition()
         self._releases = 0
@@ -178,6 +181,12 @@ class KVClient:
                     except (SlotGenerationsError, OSError) as exc:
                         # Still correct, one round trip slower: every get confirms its release.
                         log.info("no slot generations (%s): gets confirm their releases", exc)
+                if ev.arena.index_path:
+                    try:
+                        self.index_snapshot = shmindex.ShmIndex.attach(ev.arena.index_path,
+                                                                       ev.arena.uuid)
+                    except (shmindex.ShmIndexError, OSError) as exc:
+                        log.info("no index snapshot (%s): lookups go over gRPC", exc)
                 self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
                 if self._use_hbm is not False and ev.HasField("hbm"):
                     self._hbm = hbm.open_pool(ev.hbm)
@@ -214,6 +223,14 @@ class KVClient:
     @property
     def session_id(self) -> int:
         return self._ensure_session().event.session_id
+
+    def local_index(self) -> "shmindex.ShmIndex | None":
+        """The index snapshot to answer lookups from, or None (no snapshot, or the session
+        ended: the daemon may have restarted, so the next RPC reconnects and re-maps)."""
+        s = self._session
+        if s is None or not s.alive:
+            return None
+        return self.index_snapshot
 
     @property
     def shared_memory(self) -> bool:
@@ -321,6 +338,9 @@ class KVClient:
             self._unmap_arena()
 
     def _unmap_arena(self) -> None:
+        if self.index_snapshot is not None:
+            self.index_snapshot.close()
+            self.index_snapshot = None
         if self._generations is not None:
             self._generations.close()
             self._generations = None

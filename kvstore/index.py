@@ -9,12 +9,19 @@ their first 8 bytes are already a uniform hash.
 
 Block states: WRITING (allocated, invisible to readers) → COMMITTED (visible) → DELETED
 (removed from the key table; its slot is freed once the last lease on it is released).
+
+What lookups see is mirrored into an optional kvstore.shmindex.ShmIndex (same-host clients probe
+it without an RPC). The mirror is kept here, in the index's state-change methods — publish
+(→ COMMITTED), set_dram (a committed block's tier changes) and unlink (no longer visible) — so
+writing ``state`` or ``dram`` of a committed block directly would leave the mirror stale.
 """
 from __future__ import annotations
 
 import struct
 
 import numpy as np
+
+from kvstore.shmindex import DRAM, SSD, ns_tag
 
 FREE, WRITING, COMMITTED, DELETED = 0, 1, 2, 3
 NO_SLOT = -1
@@ -46,8 +53,13 @@ def keys_array(keys) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.uint64).reshape(-1, 2)
 
 
+_REBUILD_BATCH = 4096     # publishing more blocks at once rewrites the mirror (vectorized)
+
+
 class BlockIndex:
-    def __init__(self, initial_capacity: int = 1024):
+    def __init__(self, initial_capacity: int = 1024, mirror=None):
+        self._mirror = mirror          # kvstore.shmindex.ShmIndex or None
+        self._ns_tags: list[int] = []  # mirror tag of each namespace index
         self._cap = 0
         self.keys = np.empty((0, 2), dtype=np.uint64)   # 16 key bytes as two words
         for name, dtype in _COLUMNS.items():
@@ -125,6 +137,46 @@ class BlockIndex:
 
     def key_of(self, bid: int) -> bytes:
         return self.keys[bid].tobytes()
+
+    # -- visibility (mirrored) ---------------------------------------------------------------
+    def name_namespace(self, ns: int, namespace_id: bytes) -> None:
+        """Tell the mirror which namespace id index ``ns`` stands for (before its blocks)."""
+        if self._mirror is None:
+            return
+        while len(self._ns_tags) <= ns:
+            self._ns_tags.append(0)
+        self._ns_tags[ns] = ns_tag(namespace_id)
+
+    def publish(self, bids) -> None:
+        """Make WRITING blocks COMMITTED (visible to lookups)."""
+        bids = np.asarray(bids, dtype=np.int64)
+        self.state[bids] = COMMITTED
+        m = self._mirror
+        if m is None or not len(bids):
+            return
+        if len(bids) > _REBUILD_BATCH:
+            self.resync_mirror()
+            return
+        for bid in bids.tolist():
+            self._mirror_put(bid)
+
+    def set_dram(self, bid: int, offset: int) -> None:
+        """Set (or clear, NO_SLOT) a block's DRAM slot: a promotion or a demotion."""
+        self.dram[bid] = offset
+        if self._mirror is not None and self.state[bid] == COMMITTED:
+            self._mirror_put(bid)
+
+    def _mirror_put(self, bid: int) -> None:
+        self._mirror.put(self._ns_tags[int(self.ns[bid])], int(self.keys[bid, 0]),
+                         int(self.keys[bid, 1]), DRAM if self.dram[bid] != NO_SLOT else SSD)
+
+    def resync_mirror(self) -> None:
+        """Rewrite the mirror from the columns: every linked COMMITTED block."""
+        linked = self._table[self._table >= 0].astype(np.int64)
+        bids = linked[self.state[linked] == COMMITTED]
+        tags = np.asarray(self._ns_tags + [0], dtype=np.uint64)[self.ns[bids].astype(np.int64)]
+        tiers = np.where(self.dram[bids] != NO_SLOT, DRAM, SSD).astype(np.uint8)
+        self._mirror.rebuild(tags, self.keys[bids], tiers)
 
     # -- mutation ---------------------------------------------------------------------------
     def add(self, ns: int, key: bytes, parent: int, stamp: int) -> int:
@@ -236,6 +288,11 @@ class BlockIndex:
                 self._table[pos] = _TOMB
                 ns = int(self.ns[bid])
                 self._ns_count[ns] -= 1
+                if self._mirror is not None and self.state[bid] == COMMITTED:
+                    self._mirror.remove(self._ns_tags[ns], int(self.keys[bid, 0]),
+                                        int(self.keys[bid, 1]))
+                    if self._mirror.needs_rebuild() and self._mirror.fits(self.count()):
+                        self.resync_mirror()
                 break
             if b == _EMPTY:
                 break       # not linked (already unlinked)

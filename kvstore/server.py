@@ -37,7 +37,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore import __version__, slotgen
+from kvstore import __version__, shmindex, slotgen
 from kvstore.access import AccessPolicy, Limits
 from kvstore.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer, remove_stale_arenas
 from kvstore.auth import TokenTable, socket_mode, tls_credentials
@@ -123,6 +123,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.arena: Arena | None = None
         self.generations: slotgen.SlotGenerations | None = None
+        self.snapshot: shmindex.ShmIndex | None = None
         self.store: BlockStore | None = None
         self.access: AccessPolicy | None = None
         self._started = False                  # serving: stop() then logs the shutdown
@@ -156,10 +157,21 @@ class Daemon:
         slotgen.remove_orphans(self.arena.path.parent)
         self.generations = slotgen.SlotGenerations.create(self.arena.path, self.arena.uuid,
                                                           self.arena.size_bytes)
+        shmindex.remove_orphans(self.arena.path.parent)
+        if not cfg.hbm_bytes:     # HBM copies change lookup answers outside the index's view
+            self.snapshot = shmindex.ShmIndex.create(
+                self.arena.path, self.arena.uuid,
+                shmindex.buckets_for(cfg.dram_bytes + (cfg.ssd_bytes or 0)),
+                remote=bool(cfg.remote))
+            log.info("index snapshot for same-host lookups: %s (%d buckets, %d blocks before "
+                     "lookups fall back to gRPC)", self.snapshot.path, self.snapshot.buckets,
+                     self.snapshot.capacity_blocks)
+        else:
+            log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
         self.store = BlockStore(
             self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
-            generations=self.generations,
+            generations=self.generations, snapshot=self.snapshot,
         )
         loop = asyncio.get_running_loop()
         self.preparer = ArenaPreparer(
@@ -187,7 +199,8 @@ class Daemon:
             socket_requires_token=cfg.socket_requires_token)
         self.server = grpc.aio.server(options=opts, interceptors=[self.access])
         servicer = KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics,
-                                   remote=self.remote)
+                                   remote=self.remote,
+                                   index_path=str(self.snapshot.path) if self.snapshot else "")
         servicer.dram_read_bps = measure_memcpy_bps()
         pb_grpc.add_KVStoreServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -356,6 +369,8 @@ class Daemon:
             self.arena.close()
         if self.generations is not None:
             self.generations.close()
+        if self.snapshot is not None:
+            self.snapshot.close()     # sets its closed flag first: mapped clients fall back
         self._remove_own_socket()
         if self._started:
             log.info("stopped")

@@ -50,13 +50,14 @@ def unary(fn):
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event,
-                 metrics=None, remote=None):
+                 metrics=None, remote=None, index_path: str = ""):
         self.store = store
         self.remote = remote     # kvstore.tiers.remote.RemoteTier; None: no cluster tier
         self.max_message_bytes = max_message_bytes
         self._stopping = stopping
         self.metrics = metrics   # kvstore.metrics.Metrics; None: counters only
         self.dram_read_bps = 0.0  # memcpy-scale figure for the planner (set by the daemon)
+        self.index_path = index_path   # shared-memory index snapshot offered ("" for none)
 
     async def OpenSession(self, request, context):
         s = self.store.open_session(request.client_name, request.pid)
@@ -66,7 +67,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 session_id=s.session_id,
                 arena=pb.ArenaInfo(path=str(arena.path), size_bytes=arena.size_bytes,
                                    uuid=arena.uuid,
-                                   generations_path=str(gens.path) if gens else ""),
+                                   generations_path=str(gens.path) if gens else "",
+                                   index_path=self.index_path),
                 daemon_version=__version__,
                 max_batch_blocks=self.store.max_batch_blocks,
                 max_message_bytes=self.max_message_bytes,

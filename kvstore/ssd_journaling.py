@@ -208,7 +208,7 @@ class SSDJournaling:
             return
         ssd.set_seq(addrs[sel], recs["seq"][sel])
         bids = idx.add_many(ns.index, keys[sel].tobytes(), np.full(len(sel), -1), 0)
-        idx.state[bids] = COMMITTED
+        idx.publish(bids)
         idx.ssd[bids] = addrs[sel]
         idx.csum[bids] = recs["csum"][sel]
         idx.depth[bids] = recs["depth"][sel]

@@ -62,6 +62,7 @@ class BlockStore:
         allocation_timeout_s: float = 30.0,
         clock=time.monotonic,
         generations=None,
+        snapshot=None,
     ):
         self.arena = arena
         # kvstore.slotgen.SlotGenerations of the arena (None: readers confirm their releases)
@@ -70,7 +71,8 @@ class BlockStore:
         # as its ArenaPreparer reserves it.
         self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
                                    ready_bytes=arena.reserved_bytes)
-        self.index = BlockIndex()
+        # snapshot: kvstore.shmindex.ShmIndex that the index mirrors what lookups see into
+        self.index = BlockIndex(mirror=snapshot)
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s
         self.allocation_timeout_s = allocation_timeout_s
@@ -133,6 +135,7 @@ class BlockStore:
                     f"this client declares [{layout.describe()}]", Reason.LAYOUT_MISMATCH
                 )
         ns = Namespace(len(self._ns_by_index), digest, model_id, tenant, layout)
+        self.index.name_namespace(ns.index, digest)
         self.namespaces[digest] = ns
         self._ns_by_index.append(ns)
         if self.tiering is not None:
@@ -271,13 +274,11 @@ class BlockStore:
             return 0
         idx = self.index
         bb = self._ns_by_index[alloc.ns].layout.block_bytes
-        n = 0
-        for bid in alloc.block_ids:
-            if bid >= 0:
-                idx.state[bid] = COMMITTED
-                n += 1
-                if committed_out is not None:
-                    committed_out.append(bid)
+        published = [bid for bid in alloc.block_ids if bid >= 0]
+        idx.publish(published)
+        n = len(published)
+        if committed_out is not None:
+            committed_out.extend(published)
         self.dram.bytes_in += n * bb
         return n
 
@@ -577,7 +578,7 @@ class BlockStore:
         for bid in victims:
             if self.tiering is not None and self.tiering.can_demote(bid):
                 self.slabs.free(int(idx.dram[bid]))
-                idx.dram[bid] = NO_SLOT
+                idx.set_dram(bid, NO_SLOT)
                 self.dram.demotions += 1
             else:
                 self._drop(bid)

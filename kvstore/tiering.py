@@ -363,7 +363,7 @@ class Tiering(SSDJournaling, SSDSpace):
                         hbm.adopt(b, off)
                         hbm.counters.bytes_in += store.block_bytes_of(b)
                     else:
-                        idx.dram[b] = off
+                        idx.set_dram(b, off)
                         store.dram.promotions += 1
                     self.counters.promotions += 1
                     self.counters.hits += 1

@@ -41,16 +41,18 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_tokens: _Optional[int] = ..., dtype: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class ArenaInfo(_message.Message):
-    __slots__ = ("path", "size_bytes", "uuid", "generations_path")
+    __slots__ = ("path", "size_bytes", "uuid", "generations_path", "index_path")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     GENERATIONS_PATH_FIELD_NUMBER: _ClassVar[int]
+    INDEX_PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     size_bytes: int
     uuid: bytes
     generations_path: str
-    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., uuid: _Optional[bytes] = ..., generations_path: _Optional[str] = ...) -> None: ...
+    index_path: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., uuid: _Optional[bytes] = ..., generations_path: _Optional[str] = ..., index_path: _Optional[str] = ...) -> None: ...
 
 class HBMPoolInfo(_message.Message):
     __slots__ = ("backend", "size_bytes", "device_uuid", "ipc_device", "ipc_handle", "ipc_storage_bytes", "ipc_storage_offset", "ipc_ref_counter_handle", "ipc_ref_counter_offset", "ipc_event_handle", "ipc_event_sync_required", "path", "uuid")

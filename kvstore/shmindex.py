@@ -1,0 +1,380 @@
+"""A read-only snapshot of the block index in shared memory: same-host lookups without an RPC.
+
+The daemon (the only writer) mirrors every committed block into an open-addressing table in a
+shared-memory file next to the arena (``<arena>.index``); trusted same-host clients map it
+read-only and answer ``Namespace.lookup`` themselves (client/namespace.py). What a bucket holds:
+(namespace tag, 16-byte key) → tier (DRAM or SSD). The namespace tag is the first 8 bytes of the
+namespace id with its low bit set (0 marks an empty bucket), so a client needs nothing but the
+namespace id it already has.
+
+Writer (daemon, through BlockIndex's state-change methods):
+    put(ns_tag, lo, hi, tier)   a block became visible or changed tier (commit, demote, promote)
+    remove(ns_tag, lo, hi)      a block stopped being visible (delete, evict, discard)
+    rebuild(...)                rewrite the whole table (too many tombstones, or back from full)
+
+Consistency (a seqlock per bucket, one for the table):
+- Every bucket has a version word: odd while the daemon writes the bucket, bumped to the next
+  even value after. A reader reads the version, the bucket's fields, then the version again; a
+  bucket whose two reads differ or are odd is torn and is read again, never used.
+- A rebuild moves keys between buckets, so it makes the table's ``epoch`` odd first and even
+  after; a probe that saw the epoch change (or odd) is thrown away and retried.
+- A key never moves between buckets except in a rebuild (deletion leaves a tombstone), so a
+  probe that read each bucket consistently saw the key where it was at some instant between
+  its first and last read: its answer is one the daemon's own lookup could have given.
+- Full (more live blocks than 60% of the buckets): the ``overflow`` flag is set and readers fall
+  back to the Lookup RPC until a rebuild fits again. ``closed`` is set when the daemon stops.
+- Memory order as in kvstore/slotgen.py: x86-64 TSO orders the reader's loads and the writer's
+  stores in program order; other architectures would need fences.
+
+What it does not hold: HBM copies (a daemon with an HBM tier publishes no snapshot) and the
+remote tier (the ``remote`` flag tells clients to ask the daemon when the local prefix is short).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_ENTRIES = 1 << 20            # buckets (29 bytes each), when nothing better is known
+MIN_ENTRIES, MAX_ENTRIES = 1 << 16, 1 << 22
+TYPICAL_BLOCK_BYTES = 64 << 10       # sizing guess: a 16-token block of a small model
+EMPTY, DRAM, SSD, TOMB = 0, 1, 2, 255
+TIER_NAMES = {DRAM: "DRAM", SSD: "SSD"}
+_NAMES = ["?"] * 256
+for _t, _name in TIER_NAMES.items():
+    _NAMES[_t] = _name
+CLOSED, OVERFLOW, REMOTE = 1, 2, 4   # header flag bits
+
+_MAGIC = b"KVSIDX01"
+_HEADER = struct.Struct("<8s16sQ")   # magic, arena uuid, buckets
+_EPOCH_AT, _FLAGS_AT = 32, 40        # uint64 words after the header
+_DATA_OFFSET = 4096
+_MIX = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+_MAX_LOAD = 0.6                      # live buckets above this fraction: overflow
+_MAX_USED = 0.8                      # live + tombstones above this: rebuild
+_MAX_TRIES = 16                      # probe attempts before a reader gives up (falls back)
+
+
+class ShmIndexError(RuntimeError):
+    pass
+
+
+def buckets_for(capacity_bytes: int) -> int:
+    """Buckets for a daemon holding ``capacity_bytes`` in DRAM and SSD: room for every block
+    of TYPICAL_BLOCK_BYTES under the 60% load limit, a power of two in [MIN_ENTRIES,
+    MAX_ENTRIES] (2 MiB to 116 MiB of tmpfs). Past the limit lookups fall back to the RPC."""
+    want = int(capacity_bytes // TYPICAL_BLOCK_BYTES / _MAX_LOAD) + 1
+    return min(MAX_ENTRIES, max(MIN_ENTRIES, 1 << (want - 1).bit_length()))
+
+
+def path_for(arena_path: str | Path) -> Path:
+    return Path(str(arena_path) + ".index")
+
+
+def ns_tag(namespace_id: bytes) -> int:
+    """The 64-bit tag a namespace's buckets carry (never 0: 0 marks an empty bucket)."""
+    return int.from_bytes(bytes(namespace_id)[:8].ljust(8, b"\0"), "little") | 1
+
+
+def _layout(buckets: int) -> tuple[dict[str, tuple[int, type]], int]:
+    fields, off = {}, _DATA_OFFSET
+    for name, dtype in (("tag", np.uint64), ("lo", np.uint64), ("hi", np.uint64),
+                        ("ver", np.uint32), ("tier", np.uint8)):
+        fields[name] = (off, dtype)
+        off += buckets * np.dtype(dtype).itemsize
+        off = -(-off // 64) * 64
+    return fields, off
+
+
+class ShmIndex:
+    """The snapshot of one arena. :meth:`create` (daemon, the only writer) or :meth:`attach`
+    (client, read-only)."""
+
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, buckets: int, owner: bool):
+        self.path = path
+        self._fd = fd
+        self._mm = mm
+        self._owner = owner
+        self.buckets = buckets
+        self._mask = buckets - 1
+        fields, _ = _layout(buckets)
+        for name, (off, dtype) in fields.items():
+            setattr(self, name, np.frombuffer(mm, dtype=dtype, count=buckets, offset=off))
+        self._words = np.frombuffer(mm, dtype=np.uint64, count=2, offset=_EPOCH_AT)
+        self.live = 0     # writer only
+        self.used = 0     # writer only: live + tombstones
+        # The writer's scalar accesses go through memoryviews: a Python int per element costs
+        # a tenth of a numpy scalar, and a put writes every block of a commit one by one.
+        self._views: list[memoryview] = []
+        if owner:
+            for name, (off, dtype) in fields.items():
+                size = np.dtype(dtype).itemsize
+                mv = memoryview(mm)[off:off + buckets * size].cast(
+                    {8: "Q", 4: "I", 1: "B"}[size])
+                self._views.append(mv)
+                setattr(self, "_w" + name, mv)
+
+    @classmethod
+    def create(cls, arena_path: str | Path, arena_uuid: bytes, buckets: int = DEFAULT_ENTRIES,
+               remote: bool = False) -> "ShmIndex":
+        if buckets < 16 or buckets & (buckets - 1):
+            raise ValueError(f"buckets must be a power of two >= 16, got {buckets}")
+        path = path_for(arena_path)
+        _, total = _layout(buckets)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, total)
+            mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, buckets)
+        idx = cls(path, fd, mm, buckets, owner=True)
+        # Touch every page now (tens of ms for the default size): first touches under the
+        # daemon's commits would otherwise cost a page fault per new block.
+        for name in ("tag", "lo", "hi", "ver", "tier"):
+            getattr(idx, name).fill(0)
+        idx._words[1] = REMOTE if remote else 0
+        return idx
+
+    @classmethod
+    def attach(cls, path: str | Path, arena_uuid: bytes) -> "ShmIndex":
+        """Map a snapshot read-only; ShmIndexError if it is absent or not this arena's."""
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShmIndexError(f"cannot open index snapshot {path}: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size < _DATA_OFFSET:
+                raise ShmIndexError(f"index snapshot {path} is truncated")
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        magic, uid, buckets = _HEADER.unpack(mm[:_HEADER.size])
+        if magic != _MAGIC or uid != arena_uuid or _layout(buckets)[1] > size:
+            mm.close()
+            os.close(fd)
+            raise ShmIndexError(f"index snapshot {path} belongs to another arena")
+        return cls(path, fd, mm, buckets, owner=False)
+
+    # -- header ------------------------------------------------------------------------------
+    @property
+    def flags(self) -> int:
+        return int(self._words[1])
+
+    @property
+    def capacity_blocks(self) -> int:
+        """Live blocks it holds before it overflows (readers then fall back)."""
+        return int(self.buckets * _MAX_LOAD)
+
+    @property
+    def epoch(self) -> int:
+        """Twice the rebuilds so far (odd while one runs)."""
+        return int(self._words[0])
+
+    def _set_flag(self, bit: int, on: bool) -> None:
+        f = int(self._words[1])
+        self._words[1] = (f | bit) if on else (f & ~bit)
+
+    # -- writer (daemon) --------------------------------------------------------------------
+    def _home(self, tag: int, lo: int) -> int:
+        return (lo ^ ((tag * _MIX) & _U64)) & self._mask
+
+    def _write(self, b: int, tag: int, lo: int, hi: int, tier: int) -> None:
+        ver = self._wver
+        v = ver[b]
+        ver[b] = (v + 1) & 0xFFFFFFFF     # odd: readers of this bucket retry
+        self._wtag[b] = tag
+        self._wlo[b] = lo
+        self._whi[b] = hi
+        self._wtier[b] = tier
+        ver[b] = (v + 2) & 0xFFFFFFFF     # even again: consistent
+
+    def put(self, tag: int, lo: int, hi: int, tier: int) -> None:
+        """Publish (or re-tier) one visible block."""
+        if self.flags & OVERFLOW:
+            return
+        pos, tomb, mask = self._home(tag, lo), -1, self._mask
+        tags, los, his, tiers = self._wtag, self._wlo, self._whi, self._wtier
+        while True:
+            t = tiers[pos]
+            if t == EMPTY:
+                break
+            if t == TOMB:
+                if tomb < 0:
+                    tomb = pos
+            elif los[pos] == lo and his[pos] == hi and tags[pos] == tag:
+                if t != tier:
+                    self._write(pos, tag, lo, hi, tier)
+                return
+            pos = (pos + 1) & mask
+        if self.live + 1 > _MAX_LOAD * self.buckets:
+            self._set_flag(OVERFLOW, True)     # readers fall back until a rebuild fits
+            return
+        if tomb >= 0:
+            pos = tomb
+        else:
+            self.used += 1
+        self._write(pos, tag, lo, hi, tier)
+        self.live += 1
+
+    def remove(self, tag: int, lo: int, hi: int) -> None:
+        """Hide one block (no-op if absent); see needs_rebuild for the tombstones it leaves."""
+        if self.flags & OVERFLOW:
+            return
+        pos, mask = self._home(tag, lo), self._mask
+        tags, los, his, tiers = self._wtag, self._wlo, self._whi, self._wtier
+        while True:
+            t = tiers[pos]
+            if t == EMPTY:
+                return
+            if t != TOMB and los[pos] == lo and his[pos] == hi and tags[pos] == tag:
+                self._write(pos, 0, 0, 0, TOMB)
+                self.live -= 1
+                return
+            pos = (pos + 1) & mask
+
+    def needs_rebuild(self) -> bool:
+        """Too many tombstones (probes get long), or full and waiting to fit again."""
+        return self.used > _MAX_USED * self.buckets or bool(self.flags & OVERFLOW)
+
+    def fits(self, n: int) -> bool:
+        return n <= _MAX_LOAD * self.buckets
+
+    def rebuild(self, tags: np.ndarray, keys: np.ndarray, tiers: np.ndarray) -> bool:
+        """Rewrite the table with exactly these blocks (uint64 tags, [n, 2] uint64 keys, uint8
+        tiers). Returns False (and leaves the overflow flag set) if they do not fit."""
+        n = len(tags)
+        if not self.fits(n):
+            self._set_flag(OVERFLOW, True)
+            return False
+        self._words[0] += np.uint64(1)       # odd: every probe running now is retried
+        self.ver += np.uint32(2)             # a reader mid-bucket sees its version change too
+        self.tier[:] = EMPTY
+        tags = np.asarray(tags, dtype=np.uint64)
+        lo = np.ascontiguousarray(keys[:, 0], dtype=np.uint64)
+        pos = ((lo ^ (tags * np.uint64(_MIX))) & np.uint64(self._mask)).astype(np.int64)
+        pending = np.arange(n)
+        while len(pending):
+            open_ = np.flatnonzero(self.tier[pos] == EMPTY)
+            if len(open_):
+                slots, first = np.unique(pos[open_], return_index=True)
+                won = open_[first]
+                i = pending[won]
+                self.tag[slots] = tags[i]
+                self.lo[slots] = keys[i, 0]
+                self.hi[slots] = keys[i, 1]
+                self.tier[slots] = tiers[i]
+                keep = np.ones(len(pending), dtype=bool)
+                keep[won] = False
+                pending, pos = pending[keep], pos[keep]
+            pos = (pos + 1) & self._mask
+        self.live = self.used = n
+        self._set_flag(OVERFLOW, False)
+        self._words[0] += np.uint64(1)       # even: consistent
+        return True
+
+    # -- reader (client) ---------------------------------------------------------------------
+    def probe(self, tag: int, keys) -> np.ndarray | None:
+        """Tier of each key (uint8: DRAM, SSD, or EMPTY for a miss), all keys probed at once;
+        None when the snapshot cannot answer (closed, full, or still torn after retries):
+        ask the daemon instead."""
+        q = np.frombuffer(keys, dtype=np.uint64).reshape(-1, 2) if isinstance(
+            keys, (bytes, bytearray, memoryview)) else keys
+        n = len(q)
+        qlo, qhi = np.ascontiguousarray(q[:, 0]), np.ascontiguousarray(q[:, 1])
+        mask = self._mask
+        home = ((qlo ^ np.uint64((tag * _MIX) & _U64)) & np.uint64(mask)).astype(np.int64)
+        words, tag_ = self._words, np.uint64(tag)
+        ver, tier_, tags, los, his = self.ver, self.tier, self.tag, self.lo, self.hi
+        for _ in range(_MAX_TRIES):
+            e1 = int(words[0])
+            if int(words[1]) & (CLOSED | OVERFLOW):
+                return None
+            if e1 & 1:
+                continue      # a rebuild is running
+            out = np.zeros(n, dtype=np.uint8)
+            active, pos, alo, ahi = None, home, qlo, qhi     # active None: every key
+            steps = 0
+            while len(pos) and steps < 4 * _MAX_TRIES + 64:
+                steps += 1
+                # the seqlock order: version, then the fields, then the version again
+                v1 = ver[pos]
+                t = tier_[pos]
+                tg = tags[pos]
+                lo = los[pos]
+                hi = his[pos]
+                v2 = ver[pos]
+                ok = (v1 == v2) & ((v1 & 1) == 0)
+                hit = ok & (tg == tag_) & (lo == alo) & (hi == ahi) & (t != EMPTY) & (t != TOMB)
+                if active is None:
+                    out[hit] = t[hit]
+                    active = np.arange(n)
+                else:
+                    out[active[hit]] = t[hit]
+                # torn buckets are read again at the same position; the rest move on
+                step = ok & ~hit & (t != EMPTY)
+                keep = ~ok | step
+                if not keep.any():
+                    pos = pos[:0]
+                    break
+                active, alo, ahi = active[keep], alo[keep], ahi[keep]
+                pos = (pos[keep] + step[keep]) & mask
+            if len(pos):
+                continue
+            if int(words[0]) == e1:
+                return out
+        return None
+
+    def close(self) -> None:
+        if self._mm is None:
+            return
+        if self._owner:
+            self._set_flag(CLOSED, True)
+            for name in ("tag", "lo", "hi", "ver", "tier", "_words"):
+                setattr(self, name, None)
+                setattr(self, "_w" + name.lstrip("_"), None)
+            for mv in self._views:
+                mv.release()
+            self._views = []
+        # A reader keeps its arrays: a probe still running on another thread (a reconnect
+        # re-maps under it) reads the old mapping, which stays valid until they are dropped.
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+        os.close(self._fd)
+        self._mm = None
+        if self._owner:
+            self.path.unlink(missing_ok=True)
+
+
+def prefix(tiers: np.ndarray) -> tuple[int, list[str]]:
+    """The longest-prefix walk over a probe's answer: (blocks cached, their tier names)."""
+    miss = np.flatnonzero(tiers == EMPTY)
+    n = int(miss[0]) if len(miss) else len(tiers)
+    names = _NAMES
+    return n, [names[t] for t in tiers[:n].tolist()]
+
+
+def remove_orphans(directory: Path, prefix_: str = "kvstore") -> list[Path]:
+    """Unlink snapshots whose arena file is gone (a SIGKILLed daemon's)."""
+    removed = []
+    for path in Path(directory).glob(f"{prefix_}-*.arena.index"):
+        if path.with_suffix("").exists():
+            continue
+        try:
+            if path.stat().st_uid == os.getuid():
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
