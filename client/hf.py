@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.client.errors import FailedPrecondition, KVStoreError, Reason
+from kvstore.client.link import FallbackReports
 from kvstore.client.hf_cache import (LayerLoader, LoadTimeline, PrefixCache, PrefixLoadFailed,
                                      check_supported, pack_blocks)
 from kvstore.layout import KVLayout
@@ -143,6 +144,8 @@ class HFPrefixCache:
         self._pending = threading.BoundedSemaphore(max_pending_stores)
         self._stats_lock = threading.Lock()
         self.stats: Counter = Counter()
+        # fallbacks not yet told to the daemon: sent once it answers (after an outage too)
+        self._reports = FallbackReports()
         self.last: RequestReport | None = None
         try:
             self._namespace()
@@ -251,6 +254,7 @@ class HFPrefixCache:
             report.blocks_found = hrep.cached_blocks
             report.tiers = list(hrep.plan.tiers) if hrep.plan is not None else []
             report.reused_tokens = hrep.loaded_blocks * self.layout.block_tokens
+            self._report_fallbacks(ns)
         except Exception as exc:  # noqa: BLE001 - the cache never fails inference
             self._fallback(report, "cooldown" if isinstance(exc, _Cooldown) else _reason(exc),
                            exc, quiet=isinstance(exc, _Cooldown))
@@ -289,6 +293,7 @@ class HFPrefixCache:
                 lease = _FetchedPrefix(ns.get(keys[:min(ns.client.max_batch_blocks,
                                                         (n - 1) // B)]).result())
             report.lookup_s = time.perf_counter() - t
+            self._report_fallbacks(ns)        # the daemon answered: what it missed meanwhile
         except LayoutMismatch as exc:
             self._fallback(report, "layout", exc)
             return self._fresh_cache(ids, keys, report, 0)
@@ -340,8 +345,15 @@ class HFPrefixCache:
         report.reused_tokens = 0
         self._count("fallbacks")
         self._count(f"fallback_{reason}")
+        self._reports.record(report.prompt_tokens // self.layout.block_tokens)
+        if reason not in ("deadline", "unavailable", "cooldown") and self._ns is not None:
+            self._report_fallbacks(self._ns)  # the daemon is answering: tell it now
         (log.debug if quiet else log.warning)(
             "kvstore: recomputing the whole prompt (%s): %s", reason, exc)
+
+    def _report_fallbacks(self, ns) -> None:
+        if self._reports.pending()[0]:
+            self._reports.flush(ns.client, ns.namespace_id)
 
     # -- storing -----------------------------------------------------------------------------
     def _store_hook(self, keys: list[bytes], blocks_found: int, report: RequestReport):

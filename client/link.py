@@ -1,4 +1,5 @@
-"""The daemon link the runtime adapters share (vLLM connector, SGLang HiCache backend).
+"""The daemon link the runtime adapters share (vLLM connector, SGLang HiCache backend), and
+the recompute-fallback reports the adapters owe the daemon (FallbackReports).
 
 One KVClient + Namespace, connected lazily. Any error closes the client; a later use reconnects
 from scratch (a fresh gRPC channel, so gRPC's own backoff never delays it). Consecutive failures
@@ -14,6 +15,54 @@ import time
 from kvstore.client.namespace import Namespace
 from kvstore.client.sdk import KVClient
 from kvstore.layout import KVLayout
+
+
+class FallbackReports:
+    """Recompute fallbacks not yet told to the daemon (its ``recompute_fallbacks`` counters).
+
+    ``record`` only counts (it runs on the engine's thread, often while the daemon is away);
+    ``flush`` is called by its owner right after the daemon answered (a reconnect, a served
+    request) and sends everything pending in one ReportFallbacks, on a thread of its own so
+    the engine never waits on it. A report that fails stays pending for the next flush, so
+    fallbacks made while the daemon was down reach the daemon once it is back."""
+
+    def __init__(self, reason: str = "unavailable"):
+        self.reason = reason
+        self._lock = threading.Lock()
+        self._count = 0
+        self._blocks = 0
+        self._sending = False
+
+    def record(self, blocks: int) -> None:
+        with self._lock:
+            self._count += 1
+            self._blocks += max(0, int(blocks))
+
+    def pending(self) -> tuple[int, int]:
+        with self._lock:
+            return self._count, self._blocks
+
+    def flush(self, client: KVClient, namespace_id: bytes) -> None:
+        with self._lock:
+            if self._sending or not self._count:
+                return
+            # (one report may claim at most 2**20 fallbacks: the daemon refuses more)
+            count, blocks = min(self._count, 1 << 20), min(self._blocks, 1 << 40)
+            self._count = self._blocks = 0
+            self._sending = True
+        threading.Thread(target=self._send, args=(client, namespace_id, count, blocks),
+                         name="kvstore-fallback-report", daemon=True).start()
+
+    def _send(self, client: KVClient, namespace_id: bytes, count: int, blocks: int) -> None:
+        ok = False
+        try:
+            ok = client.report_fallbacks(count, blocks, self.reason, namespace_id)
+        finally:
+            with self._lock:
+                self._sending = False
+                if not ok:
+                    self._count += count
+                    self._blocks += blocks
 
 
 class DaemonLink:
@@ -36,8 +85,20 @@ class DaemonLink:
         self._ns: Namespace | None = None
         self._next_try = 0.0
         self._failures = 0
+        self.fallbacks = FallbackReports()
+
+    def fallback(self, blocks: int) -> None:
+        """The adapter recomputed ``blocks`` instead of loading them: reported to the daemon
+        with the next namespace() that finds it answering."""
+        self.fallbacks.record(blocks)
 
     def namespace(self, timeout_s: float | None = None) -> Namespace | None:
+        ns = self._namespace(timeout_s)
+        if ns is not None and self.fallbacks.pending()[0]:
+            self.fallbacks.flush(ns.client, ns.namespace_id)
+        return ns
+
+    def _namespace(self, timeout_s: float | None) -> Namespace | None:
         with self._lock:
             if self._ns is not None:
                 return self._ns

@@ -269,14 +269,17 @@ class KVClient:
             raise from_rpc_error(exc) from None
 
     def report_fallbacks(self, count: int = 1, blocks: int = 0, reason: str = "",
-                         namespace_id: bytes = b"") -> None:
+                         namespace_id: bytes = b"") -> bool:
         """Tell the daemon this client recomputed instead of loading; never raises (the cache
-        is already failing this client, and reporting must not make that worse)."""
+        is already failing this client, and reporting must not make that worse). Returns
+        whether the daemon took the report (False: the caller may report it again later)."""
         try:
             self.call("ReportFallbacks", pb.ReportFallbacksRequest(
                 namespace_id=namespace_id, count=count, blocks=blocks, reason=reason[:200]))
+            return True
         except KVStoreError as exc:
             log.debug("could not report %d fallbacks: %s", count, exc)
+            return False
 
     def submit(self, fn, *args) -> Future:
         fut = self._pool.submit(fn, *args)

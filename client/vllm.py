@@ -266,12 +266,14 @@ class KVStoreConnector(KVConnectorBase_V1):
         ns = self.link.namespace(self.cfg["lookup_timeout_s"])
         if ns is None:
             self.counters.add(lookups=1, miss_blocks=len(keys), fallbacks=1)
+            self.link.fallback(len(keys))    # told to the daemon once it answers again
             return 0
         try:
             hit = ns.lookup(keys).num_cached
         except Exception as exc:  # noqa: BLE001
             self.link.failed(exc)
             self.counters.add(lookups=1, miss_blocks=len(keys), fallbacks=1)
+            self.link.fallback(len(keys))
             return 0
         self.counters.add(lookups=1, hit_blocks=hit, miss_blocks=len(keys) - hit)
         return hit
@@ -457,6 +459,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         if found < len(ids):
             self._load_errors.update(ids[found:])
             self.counters.add(load_failed_blocks=len(ids) - found, fallbacks=1)
+            self.link.fallback(len(ids) - found)
         self.counters.add(loaded_blocks=found, loaded_bytes=found * self.layout.block_bytes)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -83,6 +83,32 @@ def test_daemon_restarted_between_requests(daemon_factory, tmp_path, model, ids,
     client.close()
 
 
+def test_fallbacks_while_the_daemon_was_down_are_reported_once_it_is_back(
+        daemon_factory, tmp_path, model, ids, expected):
+    """The daemon's recompute_fallbacks counts what its clients recomputed, the requests made
+    while it was away included: the adapter keeps them and reports them when it answers."""
+    wd = tmp_path / "d"
+    wd.mkdir()
+    d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB", workdir=wd)
+    with HFPrefixCache(model, "tiny", socket=d.socket, block_tokens=8, deadline_s=1.0) as kv:
+        assert torch.equal(_gen(kv, ids), expected)
+        d.stop()
+        for _ in range(2):
+            assert torch.equal(_gen(kv, ids), expected)
+            assert kv.last.fallback == "unavailable"
+        d2 = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB", workdir=wd)
+        assert torch.equal(_gen(kv, ids), expected)
+        assert kv.last.fallback == ""                    # a new, empty daemon: a plain miss
+        with KVClient(d2.socket, shared_memory=False) as c:
+            deadline = time.monotonic() + 10
+            while c.stats().recompute_fallbacks < 2:     # sent on a thread of its own
+                assert time.monotonic() < deadline, "the fallbacks were never reported"
+                time.sleep(0.05)
+            st = c.stats()
+            assert st.recompute_fallbacks == 2
+            assert st.recompute_fallback_blocks == 2 * (ids.shape[-1] // 8)
+
+
 def test_paused_daemon_hits_the_deadline(daemon, model, ids, expected):
     with HFPrefixCache(model, "tiny", socket=daemon.socket, block_tokens=8,
                        deadline_s=0.5, cooldown_s=0) as kv:

@@ -192,6 +192,28 @@ def test_a_corrupted_remote_value_is_never_served(engine, daemon_factory, tmp_pa
         raw.close()
 
 
+def test_a_value_removed_after_the_lookup_is_a_miss(engine, daemon_factory, tmp_path):
+    """The get after a lookup reuses the lookup's existence answers (no second existence
+    call): a value gone meanwhile must end the served prefix there, never fail the get."""
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    raw = RawClient(engine.url)
+    try:
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            ns, keys, data = put_on(ca, 6, 6)
+            wait_for(lambda: remote_row(ca).bytes_in >= 6 * LAYOUT.block_bytes, what="writes")
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert nsb.lookup(keys).num_cached == 6
+            raw.remove(remote_key(ns.namespace_id, keys[2]))
+            misses0 = remote_row(cb).misses
+            assert get_exact(nsb, keys, data) == 2
+            row = remote_row(cb)
+            assert row.hits == 5 and row.misses - misses0 == 1 and row.checksum_failures == 0
+            assert nsb.lookup(keys).num_cached == 2      # asked the engine again: gone
+    finally:
+        raw.close()
+
+
 def test_remote_down_costs_misses_never_failures(engine, daemon_factory, tmp_path):
     """The engine (Mooncake master / one Redis master) dies under a read and write load: no SDK
     call fails, no lookup waits past the deadline, and hits resume after a restart."""

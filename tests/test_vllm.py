@@ -214,6 +214,12 @@ def test_daemon_killed_then_back(engine, daemon, baseline):
         assert time.monotonic() < deadline, "no hits 30 s after the daemon came back"
         time.sleep(0.5)
     assert cached == 3 * BLOCK and _dram_hits(daemon) == 3
+    # The lookups that fell back while it was down were reported to the restarted daemon.
+    deadline = time.monotonic() + 10
+    with KVClient(daemon.socket, shared_memory=False) as c:
+        while c.stats().recompute_fallbacks < 2:
+            assert time.monotonic() < deadline, f"reported: {c.stats().recompute_fallbacks}"
+            time.sleep(0.1)
 
 
 def test_daemon_stalled_requests_still_complete(engine, daemon, baseline):

@@ -202,6 +202,12 @@ class RawClient:
         else:
             assert self.c.set(key, value)
 
+    def remove(self, key: str) -> None:
+        if self.scheme == "mooncake":
+            assert self.c.remove(key, True) == 0     # force: past the lease of a fresh put
+        else:
+            assert self.c.delete(key) == 1
+
     def close(self) -> None:
         self.c.close()
 

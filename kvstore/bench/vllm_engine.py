@@ -80,13 +80,14 @@ class EngineProcess:
     def __init__(self, py: str, model_dir: str, socket: str | None = None, *,
                  max_model_len: int = 1024, extra_config: dict | None = None,
                  prefix_caching: bool = False, log_path: str | None = None,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 600.0, kv_role: str = "kv_both"):
         args = [py, "-m", "kvstore.bench.vllm_engine", "serve", model_dir,
                 "--max-model-len", str(max_model_len)]
         if prefix_caching:
             args.append("--prefix-caching")
         if socket is not None:
-            args += ["--kv-config", json.dumps({"socket": socket, **(extra_config or {})})]
+            args += ["--kv-config", json.dumps({"socket": socket, **(extra_config or {})}),
+                     "--kv-role", kv_role]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false")
@@ -182,7 +183,7 @@ def _connector_counters(llm) -> dict:
 
 
 def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
-           prefix_caching: bool) -> None:
+           prefix_caching: bool, kv_role: str = "kv_both") -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -191,7 +192,7 @@ def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
     if kv_config:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.client.vllm",
-            kv_role="kv_both", kv_connector_extra_config=json.loads(kv_config))
+            kv_role=kv_role, kv_connector_extra_config=json.loads(kv_config))
     try:
         # vLLM's own prefix cache is off by default here, so reuse is the connector's alone.
         llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16",
@@ -238,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-config", help="JSON kv_connector_extra_config; absent: no connector")
     p.add_argument("--prefix-caching", action="store_true", help="vLLM's own prefix cache on")
+    p.add_argument("--kv-role", default="kv_both",
+                   choices=["kv_both", "kv_producer", "kv_consumer"])
     args = ap.parse_args(argv)
     if args.cmd == "make-model":
         _make_model(args.out_dir, args.shape, args.seed)
     else:
-        _serve(args.model_dir, args.max_model_len, args.kv_config, args.prefix_caching)
+        _serve(args.model_dir, args.max_model_len, args.kv_config, args.prefix_caching,
+               args.kv_role)
     return 0
 
 
