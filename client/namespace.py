@@ -302,6 +302,7 @@ class Namespace:
             pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
             return len(todo)
         if av is not None:
+            av.prefault(offsets, todo, bb)
             transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True,
                                pool=self.client._copy_pool)
             return len(todo)
@@ -435,6 +436,7 @@ class Namespace:
             # before the lease is released: the slot must not be reused mid-DMA
             pinned.from_arena(dst, offsets, ready, indices).synchronize()
         elif av is not None:
+            av.prefault(offsets, indices, self.layout.block_bytes)
             transfer.copy_runs(dst, av.rows_for(dst), offsets, indices, self.layout.block_bytes,
                                to_arena=False, pool=self.client._copy_pool)
         else:

@@ -168,7 +168,8 @@ class KVClient:
         if self._want_shm and ev.arena.path:
             try:
                 self.arena = Arena.attach(ev.arena.path, ev.arena.uuid, ev.arena.size_bytes)
-                self._arena_view = transfer.ArenaView(self.arena.buffer)
+                self._arena_view = transfer.ArenaView(self.arena.buffer, self.arena.populate,
+                                                          self.arena.mapped_bytes)
             except ArenaError as exc:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
             else:

@@ -88,12 +88,46 @@ def writing_into(t):
     return contextlib.nullcontext()
 
 
-class ArenaView:
-    """The mapped arena as a flat uint8 torch tensor and numpy array (same memory)."""
+_PAGE = 4096
 
-    def __init__(self, buffer: memoryview):
+
+class ArenaView:
+    """The mapped arena as a flat uint8 torch tensor and numpy array (same memory).
+
+    ``populate(offset, nbytes) -> bool`` (Arena.populate: MADV_POPULATE_WRITE) and
+    ``mapped_bytes`` (the prefix already populated at map time) let :meth:`prefault` build this
+    mapping's page tables in bulk before the first copy through a slot: a client that
+    attached while the daemon was still preparing the arena would otherwise take one page
+    fault per 4 KiB on its first copy through each slot (see docs/decisions.md). One byte per
+    4 KiB page records what this mapping populated (0.025% of the arena's size)."""
+
+    def __init__(self, buffer: memoryview, populate=None, mapped_bytes: int = 0):
         self.np = np.frombuffer(buffer, dtype=np.uint8)
         self._torch = None
+        self._populate = populate
+        self._mapped = None
+        if populate is not None and mapped_bytes < len(self.np):
+            self._mapped = np.zeros(-(-len(self.np) // _PAGE), dtype=bool)
+            self._mapped[:mapped_bytes // _PAGE] = True
+
+    def prefault(self, offsets: list[int], indices: list[int], row_bytes: int) -> None:
+        """Populate the pages of these slots (one populate per adjacent run) that this
+        mapping has not populated yet. Only for slots the daemon handed out: those are
+        reserved memory, so populating never allocates a hole. Racing callers may populate a
+        run twice: harmless. Where the kernel cannot populate, pages fault in as before."""
+        mapped = self._mapped
+        if mapped is None or not indices:
+            return
+        for _, count, start in runs(offsets, [i for i in indices if offsets[i] >= 0],
+                                    row_bytes):
+            p0 = start // _PAGE
+            p1 = -(-(start + count * row_bytes) // _PAGE)
+            if mapped[p0:p1].all():
+                continue
+            if not self._populate(p0 * _PAGE, (p1 - p0) * _PAGE):
+                self._mapped = None
+                return
+            mapped[p0:p1] = True
 
     @property
     def torch(self):
