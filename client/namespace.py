@@ -92,6 +92,7 @@ class BlockLease:
             raise InvalidArgument("zero-copy views need the shared arena (same host)")
         base = av.torch if like == "torch" else av.np
         bb = self.ns.layout.block_bytes
+        av.prefault(self.offsets, range(len(self.offsets)), bb)   # before the caller reads
         return [base[o:o + bb] for o in self.offsets]
 
     def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
@@ -151,6 +152,7 @@ class BlockAllocation:
             raise InvalidArgument("zero-copy views need the shared arena (same host)")
         base = av.torch if like == "torch" else av.np
         bb = self.ns.layout.block_bytes
+        av.prefault(self.offsets, range(len(self.offsets)), bb)   # before the caller writes
         return [base[o:o + bb] if o >= 0 else None for o in self.offsets]
 
     def commit(self) -> None:
