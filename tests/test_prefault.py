@@ -3,6 +3,8 @@
 already populated is not populated again, and copies through prefaulted slots are byte-exact."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -87,4 +89,37 @@ def test_a_fully_populated_mapping_is_not_prefaulted(attached):
     view = transfer.ArenaView(client.buffer, lambda o, n: calls.append(o) or True,
                               client.size_bytes)
     view.prefault([HEADER_BYTES], [0], SLOT)
+    assert calls == []
+
+
+def test_follow_populates_what_the_daemon_populated_and_stops(attached):
+    daemon, client = attached
+    half = HEADER_BYTES + (4 << 20)
+    daemon.populate(0, half)
+    daemon.mark_populated(half)
+    view = transfer.ArenaView(client.buffer, client.populate, client.mapped_bytes)
+    before = _rss_kib(client.path)
+    view.follow(client.populated_bytes, piece_bytes=1 << 20, poll_s=0.01)
+    try:
+        deadline = time.monotonic() + 10
+        while _rss_kib(client.path) - before < (half >> 10) - 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        grown = _rss_kib(client.path) - before
+        assert grown >= (half >> 10) - 4          # up to the daemon's mark, nothing copied
+        time.sleep(0.1)
+        assert _rss_kib(client.path) - before <= (half >> 10) + 4   # and not beyond it
+        daemon.populate(half, daemon.size_bytes - half)
+        daemon.mark_populated(daemon.size_bytes)
+        while _rss_kib(client.path) - before < (daemon.size_bytes >> 10) - 8 and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _rss_kib(client.path) - before >= (daemon.size_bytes >> 10) - 8
+    finally:
+        view.close()
+    assert view._follower is None
+    # the bytes were not touched by populating
+    assert not np.frombuffer(client.buffer, np.uint8)[HEADER_BYTES:].any()
+    calls = []
+    view._populate = lambda o, n: calls.append(o) or True
+    view.prefault([HEADER_BYTES], [0], SLOT)      # already mapped by the follower
     assert calls == []
