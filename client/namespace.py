@@ -93,6 +93,7 @@ class BlockLease:
             raise InvalidArgument("zero-copy views need the shared arena (same host)")
         base = av.torch if like == "torch" else av.np
         bb = self.ns.layout.block_bytes
+        av.prefault(self.offsets, range(len(self.offsets)), bb)   # before the caller reads
         return [base[o:o + bb] for o in self.offsets]
 
     def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
@@ -152,6 +153,7 @@ class BlockAllocation:
             raise InvalidArgument("zero-copy views need the shared arena (same host)")
         base = av.torch if like == "torch" else av.np
         bb = self.ns.layout.block_bytes
+        av.prefault(self.offsets, range(len(self.offsets)), bb)   # before the caller writes
         return [base[o:o + bb] if o >= 0 else None for o in self.offsets]
 
     def commit(self) -> None:
@@ -317,6 +319,7 @@ class Namespace:
             pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
             return len(todo)
         if av is not None:
+            av.prefault(offsets, todo, bb)
             transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True,
                                pool=self.client._copy_pool)
             return len(todo)
@@ -450,6 +453,7 @@ class Namespace:
             # before the lease is released: the slot must not be reused mid-DMA
             pinned.from_arena(dst, offsets, ready, indices).synchronize()
         elif av is not None:
+            av.prefault(offsets, indices, self.layout.block_bytes)
             transfer.copy_runs(dst, av.rows_for(dst), offsets, indices, self.layout.block_bytes,
                                to_arena=False, pool=self.client._copy_pool)
         else:

@@ -171,7 +171,9 @@ class KVClient:
         if self._want_shm and ev.arena.path:
             try:
                 self.arena = Arena.attach(ev.arena.path, ev.arena.uuid, ev.arena.size_bytes)
-                self._arena_view = transfer.ArenaView(self.arena.buffer)
+                self._arena_view = transfer.ArenaView(self.arena.buffer, self.arena.populate,
+                                                      self.arena.mapped_bytes)
+                self._arena_view.follow(self.arena.populated_bytes)
             except ArenaError as exc:
                 log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
             else:
@@ -353,6 +355,8 @@ class KVClient:
         if self._pinned is not None:
             self._pinned.close()          # unregister before the mapping goes
             self._pinned = None
+        if self._arena_view is not None:
+            self._arena_view.close()      # its background populate, before the unmap
         self._arena_view = None
         self.arena.close()
 

@@ -6,8 +6,8 @@ only when the caller passes a tensor, so the SDK installs without it.
 from __future__ import annotations
 
 import contextlib
-
 import sys
+import threading
 
 import numpy as np
 
@@ -88,12 +88,95 @@ def writing_into(t):
     return contextlib.nullcontext()
 
 
-class ArenaView:
-    """The mapped arena as a flat uint8 torch tensor and numpy array (same memory)."""
+_PAGE = 4096
 
-    def __init__(self, buffer: memoryview):
+
+class ArenaView:
+    """The mapped arena as a flat uint8 torch tensor and numpy array (same memory).
+
+    ``populate(offset, nbytes) -> bool`` (Arena.populate: MADV_POPULATE_WRITE) and
+    ``mapped_bytes`` (the prefix already populated at map time) let :meth:`prefault` build this
+    mapping's page tables in bulk before the first copy through a slot: a client that
+    attached while the daemon was still preparing the arena would otherwise take one page
+    fault per 4 KiB on its first copy through each slot (see docs/decisions.md). One byte per
+    4 KiB page records what this mapping populated (0.025% of the arena's size)."""
+
+    def __init__(self, buffer: memoryview, populate=None, mapped_bytes: int = 0):
         self.np = np.frombuffer(buffer, dtype=np.uint8)
         self._torch = None
+        self._populate = populate
+        self._mapped = None
+        self._follower: threading.Thread | None = None
+        if populate is not None and mapped_bytes < len(self.np):
+            self._mapped = np.zeros(-(-len(self.np) // _PAGE), dtype=bool)
+            self._mapped[:mapped_bytes // _PAGE] = True
+
+    def follow(self, daemon_populated, piece_bytes: int = 64 << 20,
+               poll_s: float = 0.05) -> None:
+        """Populate this mapping in the background, in address order, up to what the daemon
+        reports populated (``daemon_populated() -> bytes``, the arena header): a client that
+        attached while the daemon was preparing the arena then finds its slots mapped by the
+        time it copies. Populating only what the daemon populated keeps to reserved memory
+        and leaves the slow first touch of memory to the daemon's preparer. One daemon
+        thread; :meth:`close` stops it (within one piece) and must precede unmapping."""
+        if self._mapped is None or self._follower is not None:
+            return
+        self._stop = threading.Event()
+        self._follower = threading.Thread(target=self._follow, name="kvstore-prefault",
+                                          args=(daemon_populated, piece_bytes, poll_s),
+                                          daemon=True)
+        self._follower.start()
+
+    def _follow(self, daemon_populated, piece_bytes: int, poll_s: float) -> None:
+        try:
+            self._follow_until_done(daemon_populated, piece_bytes, poll_s)
+        except Exception:   # noqa: BLE001 -- an optimisation only: pages then fault in
+            pass
+
+    def _follow_until_done(self, daemon_populated, piece_bytes: int, poll_s: float) -> None:
+        size, page = len(self.np), _PAGE
+        cursor = 0
+        while not self._stop.is_set() and cursor < size:
+            mapped = self._mapped
+            if mapped is None:
+                return
+            end = min(daemon_populated(), size) // page * page
+            if cursor >= end:
+                self._stop.wait(poll_s)
+                continue
+            stop = min(end, cursor + piece_bytes)
+            p0, p1 = cursor // page, stop // page
+            if not mapped[p0:p1].all():
+                if not self._populate(cursor, stop - cursor):
+                    return                  # the kernel cannot: pages fault in on first use
+                mapped[p0:p1] = True
+            cursor = stop
+
+    def close(self) -> None:
+        """Stop the background populate (see follow); call before the mapping goes."""
+        if self._follower is not None:
+            self._stop.set()
+            self._follower.join()
+            self._follower = None
+
+    def prefault(self, offsets: list[int], indices: list[int], row_bytes: int) -> None:
+        """Populate the pages of these slots (one populate per adjacent run) that this
+        mapping has not populated yet. Only for slots the daemon handed out: those are
+        reserved memory, so populating never allocates a hole. Racing callers may populate a
+        run twice: harmless. Where the kernel cannot populate, pages fault in as before."""
+        mapped = self._mapped
+        if mapped is None or not indices:
+            return
+        for _, count, start in runs(offsets, [i for i in indices if offsets[i] >= 0],
+                                    row_bytes):
+            p0 = start // _PAGE
+            p1 = -(-(start + count * row_bytes) // _PAGE)
+            if mapped[p0:p1].all():
+                continue
+            if not self._populate(p0 * _PAGE, (p1 - p0) * _PAGE):
+                self._mapped = None
+                return
+            mapped[p0:p1] = True
 
     @property
     def torch(self):

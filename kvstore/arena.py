@@ -92,6 +92,10 @@ class Arena:
         self._addr = ctypes.addressof(probe)
         del probe
         self._reserved = reserved_bytes
+        # Bytes from the start of this mapping whose page tables were built at map time
+        # (MAP_POPULATE or populate): a client prefaults the rest before copying (see
+        # client/transfer.py ArenaView.prefault).
+        self.mapped_bytes = 0
 
     @classmethod
     def create(cls, size_bytes: int, directory: Path | None = None, prefix: str = "kvstore",
@@ -192,8 +196,10 @@ class Arena:
             os.close(fd)
             raise
         arena = cls(path, fd, mm, uid, owner=False, reserved_bytes=size)
-        if not whole and populated > HEADER_BYTES:
-            arena.populate(0, populated)
+        if whole and _populate_flags():
+            arena.mapped_bytes = size
+        elif populated > HEADER_BYTES and arena.populate(0, populated):
+            arena.mapped_bytes = populated
         return arena
 
     def view(self, offset: int, nbytes: int) -> memoryview:

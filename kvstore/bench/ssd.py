@@ -227,6 +227,10 @@ def main(argv: list[str]) -> int:
         with private_daemon("--dram-bytes", a.dram, "--chunk-bytes", "4MiB",
                             "--ssd-dir", str(work / "ssd"), "--ssd-bytes", str(ssd_bytes),
                             "--ssd-segment-bytes", str(seg), "--ssd-io-threads", str(a.qd),
+                            # One client with --client-threads gets in flight: the default
+                            # per-client limit (half of DRAM) refused a window of 8 x 8 MiB
+                            # now and then (RESOURCE_EXHAUSTED, OVER_LIMIT)
+                            "--max-inflight-bytes-per-client", a.dram,
                             "--log-level", "warning") as sock:
             sdk = SDKRun(a, sock, layout, n_blocks)
             try:
