@@ -251,6 +251,8 @@ class Daemon:
         self._started = True
         self._expirer = asyncio.create_task(self._expire_loop())
         self._sampler = asyncio.create_task(self._sample_loop())
+        self._beater = (asyncio.create_task(self._beat_loop())
+                        if self.snapshot is not None else None)
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
                  f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
         log.info("access: %d bearer tokens; socket %s a token; shared arena for the socket's "
@@ -327,6 +329,12 @@ class Daemon:
                 log.exception("metrics sampling failed")
             await asyncio.sleep(METRICS_SAMPLE_S)
 
+    async def _beat_loop(self) -> None:
+        """Keep the index snapshot's heartbeat fresh: readers trust it only while we answer."""
+        while self.snapshot is not None:
+            self.snapshot.beat()
+            await asyncio.sleep(shmindex.HEARTBEAT_S)
+
     async def wait(self) -> None:
         await self.stopping.wait()
 
@@ -341,7 +349,8 @@ class Daemon:
             await self.server.stop(grace_s)
         if getattr(self, "metrics_server", None):
             await self.metrics_server.stop()
-        for task in (getattr(self, "_expirer", None), getattr(self, "_sampler", None)):
+        for task in (getattr(self, "_expirer", None), getattr(self, "_sampler", None),
+                     getattr(self, "_beater", None)):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -23,6 +23,10 @@ Consistency (a seqlock per bucket, one for the table):
   its first and last read: its answer is one the daemon's own lookup could have given.
 - Full (more live blocks than 60% of the buckets): the ``overflow`` flag is set and readers fall
   back to the Lookup RPC until a rebuild fits again. ``closed`` is set when the daemon stops.
+- Heartbeat: the daemon writes CLOCK_MONOTONIC (system-wide on Linux) into the header every
+  HEARTBEAT_S; a reader that finds it older than STALE_S falls back to the RPC. A daemon that is
+  alive but not answering (stopped, wedged) would fail the acquire that follows a lookup anyway:
+  its snapshot is not trusted, so the caller's timeout and fallback accounting see the stall.
 - Memory order as in kvstore/slotgen.py: x86-64 TSO orders the reader's loads and the writer's
   stores in program order; other architectures would need fences.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +55,10 @@ CLOSED, OVERFLOW, REMOTE = 1, 2, 4   # header flag bits
 
 _MAGIC = b"KVSIDX01"
 _HEADER = struct.Struct("<8s16sQ")   # magic, arena uuid, buckets
-_EPOCH_AT, _FLAGS_AT = 32, 40        # uint64 words after the header
+_EPOCH_AT, _FLAGS_AT, _BEAT_AT = 32, 40, 48   # uint64 words after the header
+HEARTBEAT_S = 0.1                    # how often the daemon stamps the header
+STALE_S = 1.0                        # a stamp older than this: readers ask the daemon instead
+_STALE_NS = int(STALE_S * 1e9)
 _DATA_OFFSET = 4096
 _MIX = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
@@ -104,7 +112,7 @@ class ShmIndex:
         fields, _ = _layout(buckets)
         for name, (off, dtype) in fields.items():
             setattr(self, name, np.frombuffer(mm, dtype=dtype, count=buckets, offset=off))
-        self._words = np.frombuffer(mm, dtype=np.uint64, count=2, offset=_EPOCH_AT)
+        self._words = np.frombuffer(mm, dtype=np.uint64, count=3, offset=_EPOCH_AT)
         self.live = 0     # writer only
         self.used = 0     # writer only: live + tombstones
         # The writer's scalar accesses go through memoryviews: a Python int per element costs
@@ -140,6 +148,7 @@ class ShmIndex:
         for name in ("tag", "lo", "hi", "ver", "tier"):
             getattr(idx, name).fill(0)
         idx._words[1] = REMOTE if remote else 0
+        idx.beat()
         return idx
 
     @classmethod
@@ -179,6 +188,15 @@ class ShmIndex:
     def epoch(self) -> int:
         """Twice the rebuilds so far (odd while one runs)."""
         return int(self._words[0])
+
+    def beat(self) -> None:
+        """Stamp the header with the daemon's clock (the daemon calls this every HEARTBEAT_S)."""
+        self._words[2] = time.monotonic_ns()
+
+    @property
+    def fresh(self) -> bool:
+        """The daemon stamped the header within STALE_S."""
+        return time.monotonic_ns() - int(self._words[2]) <= _STALE_NS
 
     def _set_flag(self, bit: int, on: bool) -> None:
         f = int(self._words[1])
@@ -297,7 +315,7 @@ class ShmIndex:
         ver, tier_, tags, los, his = self.ver, self.tier, self.tag, self.lo, self.hi
         for _ in range(_MAX_TRIES):
             e1 = int(words[0])
-            if int(words[1]) & (CLOSED | OVERFLOW):
+            if int(words[1]) & (CLOSED | OVERFLOW) or not self.fresh:
                 return None
             if e1 & 1:
                 continue      # a rebuild is running

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from kvstore import shmindex
-from kvstore.client import KVClient, Unavailable
+from kvstore.client import KVClient, KVStoreError, Unavailable
 from kvstore.layout import KVLayout
 from ops_helpers import tcp_port
 
@@ -86,6 +87,7 @@ def _flipper(path_q, stop, arena_uuid: bytes, tmpdir: str):
     i = 0
     while not stop.is_set():
         i += 1
+        snap.beat()                 # as the daemon does: readers trust a fresh snapshot only
         for lo, hi in b[rng.permutation(len(b))[:16]]:
             r = rng.random()
             if r < 0.4:
@@ -156,6 +158,56 @@ def test_snapshot_full_falls_back_and_recovers(tmp_path):
     finally:
         snap.close()
     assert not snap.path.exists()
+
+
+def test_a_stale_heartbeat_makes_readers_ask_the_daemon(tmp_path, monkeypatch):
+    """A daemon alive but not answering (stopped, wedged) stops stamping the header: its
+    snapshot is not used (the caller's RPC then times out and counts the fallback)."""
+    snap = shmindex.ShmIndex.create(tmp_path / "x.arena", b"u" * 16, buckets=64)
+    reader = shmindex.ShmIndex.attach(snap.path, b"u" * 16)
+    tag = shmindex.ns_tag(b"n" * 16)
+    keys = np.arange(1, 9, dtype=np.uint64).reshape(-1, 2)
+    try:
+        for lo, hi in keys.tolist():
+            snap.put(tag, lo, hi, shmindex.DRAM)
+        assert reader.fresh and (reader.probe(tag, keys) == shmindex.DRAM).all()
+        now = time.monotonic_ns()
+        monkeypatch.setattr(shmindex.time, "monotonic_ns",
+                            lambda: now + int(2 * shmindex.STALE_S * 1e9))
+        assert not reader.fresh and reader.probe(tag, keys) is None
+        snap.beat()                 # the daemon answers again
+        assert reader.fresh and (reader.probe(tag, keys) == shmindex.DRAM).all()
+    finally:
+        reader.close()
+        snap.close()
+
+
+def test_a_stopped_daemons_snapshot_is_not_used(daemon_factory):
+    """SIGSTOP the daemon: a same-host lookup does not answer from its snapshot (it asks the
+    daemon, which times out: the SDK raises Unavailable, which the adapters count as a
+    fallback); after SIGCONT local answers resume."""
+    d = daemon_factory("--dram-bytes", str(64 << 20))
+    with KVClient(d.socket, timeout_s=1.5) as c:
+        ns = c.namespace("stale", LAYOUT)
+        keys = ns.block_keys(list(range(4 * LAYOUT.block_tokens)))
+        ns.put(keys, _kv(len(keys), 7)).result()
+        assert ns.lookup(keys).num_cached == len(keys)
+        local0 = ns.local_lookups_answered
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(2 * shmindex.STALE_S)
+            with pytest.raises(KVStoreError):
+                ns.lookup(keys)
+            assert ns.local_lookups_answered == local0
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while ns.local_lookups_answered == local0:
+            assert time.monotonic() < deadline, "local lookups did not resume"
+            try:
+                assert ns.lookup(keys).num_cached == len(keys)
+            except KVStoreError:
+                time.sleep(0.2)
 
 
 # -- trust, restart ---------------------------------------------------------------------------
@@ -288,6 +340,7 @@ def test_index_mirror_through_tombstones_overflow_and_rebuilds(tmp_path):
         pool = [bytes(rng.getrandbits(8) for _ in range(16)) for _ in range(80)]
         answered = fell_back = 0
         for step in range(400):
+            snap.beat()             # as the daemon does: readers trust a fresh snapshot only
             batch = rng.sample(pool, rng.randrange(1, 12))
             if rng.random() < 0.55:
                 aid, _ = store.allocate(sid, ns.namespace_id, b"".join(batch))

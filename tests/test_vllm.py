@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess
+from kvstore import shmindex
 from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient
 
@@ -226,6 +227,9 @@ def test_daemon_stalled_requests_still_complete(engine, daemon, baseline):
     fallbacks0 = engine.stats()["scheduler"]["fallbacks"]
     daemon.proc.send_signal(signal.SIGSTOP)              # alive but answering nothing
     try:
+        # Same-host lookups trust the index snapshot until its heartbeat is stale
+        # (kvstore.shmindex.STALE_S); past that the scheduler asks the stalled daemon.
+        time.sleep(2 * shmindex.STALE_S)
         t0 = time.monotonic()
         out, cached = _gen(engine, "SLOW")
         assert out == baseline["SLOW"] and cached == 0
