@@ -16,6 +16,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 
+
 def _patch_base(mod) -> None:
     mod.HICACHE_HOST_MEMORY_RESERVE_BYTES = 256 * 1024 * 1024
     init = mod.HostKVCache.__init__
