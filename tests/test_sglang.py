@@ -6,6 +6,8 @@ SGLang side runs as a child process (kvstore/bench/sglang.py: the rig and the sc
 the test-only torchvision stand-in of tests/sglang_shims on its PYTHONPATH; it loads the backend
 the way a server does (``dynamic`` + extra_config, ``interface_v1``) and prints one RESULT line
 per check, which these tests assert on. Each child pays SGLang's import (~20-60 s here).
+The server smoke test also needs tests/requirements-sglang-server.txt in that environment
+(skipped, naming what is missing, without it) and the CPU-only shims of tests/sglang_shims/server.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -138,3 +141,144 @@ def test_bench_sglang_smoke():
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["prefetch_vs_file_backend"] > 0 and res["kvstore"]["prefetch_s"] > 0
     assert res["file"]["backup_s"] > 0 and res["pages"] == 8
+
+
+SERVER_SHIMS = REPO / "tests" / "sglang_shims" / "server"
+# Modules the server imports beyond the HiCache path (tests/requirements-sglang-server.txt).
+SERVER_MODULES = ("uvicorn", "fastapi", "uvloop", "multipart", "setproctitle", "xgrammar",
+                  "openai", "partial_json_parser")
+
+
+def _server_deps_missing(py: str) -> list[str]:
+    code = ("import importlib.util as u, sys\n"
+            f"print(' '.join(m for m in {SERVER_MODULES!r} if u.find_spec(m) is None))")
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join((str(SERVER_SHIMS), env["PYTHONPATH"]))
+    r = subprocess.run([py, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                       check=False)
+    return r.stdout.split() if r.returncode == 0 else ["(interpreter failed)"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _generate(base: str, ids: list[int], max_new: int) -> tuple[list[int], float]:
+    """Greedy ``max_new`` tokens for ``ids`` from SGLang's /generate (streamed), and the time
+    to the first streamed chunk (TTFT, seconds)."""
+    import urllib.request
+    body = json.dumps({"input_ids": ids, "stream": True,
+                       "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new,
+                                           "ignore_eos": True}}).encode()
+    req = urllib.request.Request(base + "/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    ttft = None
+    last: dict = {}
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.monotonic() - t0
+            last = json.loads(line[5:])
+    return last["output_ids"], ttft
+
+
+def _dram_stats(socket_path: str) -> dict:
+    import grpc
+
+    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(f"unix:{socket_path}") as ch:
+        st = pb_grpc.KVStoreStub(ch).GetStats(pb.GetStatsRequest(), timeout=5)
+    dram = next(t for t in st.tiers if t.tier == pb.TIER_DRAM)
+    return {"blocks": dram.blocks, "bytes_in": dram.bytes_in, "bytes_out": dram.bytes_out,
+            "hits": dram.hits, "lookups": st.lookups}
+
+
+@pytest.mark.slow
+def test_sglang_server_serves_a_repeated_prompt_from_kvstore(daemon_factory, tmp_path):
+    """A real ``sglang.launch_server`` (CPU engine, tiny random-weight Llama, HiCache with the
+    kvstore dynamic backend as the README launches it, plus the test-only shims of
+    tests/sglang_shims/server): a 320-token prompt (over the 256-token prefetch threshold) is
+    answered greedily, its pages are backed up into the daemon; after /flush_cache (device and
+    host caches emptied) the same prompt is answered from kvstore (the daemon serves its pages)
+    with the same tokens."""
+    missing = _server_deps_missing(SGLANG_PY)
+    if missing:
+        pytest.skip(f"the SGLang interpreter lacks the server's dependencies ({', '.join(missing)});"
+                    " install tests/requirements-sglang-server.txt with --no-deps")
+    import random
+    import urllib.request
+
+    from kvstore.bench.vllm_engine import make_model
+    model = tmp_path / "model"
+    make_model(SGLANG_PY, str(model), "tiny", seed=0)
+    d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "4MiB")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    extra = json.dumps({"backend_name": "kvstore", "module_path": "kvstore.client.sglang",
+                        "class_name": "KVStoreHiCacheStorage", "interface_v1": 1,
+                        "socket": d.socket})
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join((str(SERVER_SHIMS), env["PYTHONPATH"]))
+    env.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [SGLANG_PY, "-m", "sglang.launch_server", "--model-path", str(model),
+             "--skip-tokenizer-init", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+             "--attention-backend", "torch_native", "--disable-cuda-graph", "--page-size", "16",
+             "--max-total-tokens", "1024", "--enable-hierarchical-cache", "--hicache-size", "1",
+             "--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first",
+             "--hicache-write-policy", "write_through",
+             "--hicache-storage-backend", "dynamic",
+             "--hicache-storage-backend-extra-config", extra],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path),
+            start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            while True:
+                assert server.poll() is None, f"server exited {server.returncode}:\n" + \
+                    log_path.read_text()[-6000:]
+                assert time.monotonic() < deadline, "server not up:\n" + log_path.read_text()[-6000:]
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                time.sleep(1)
+            rng = random.Random(7)
+            prompt = [rng.randrange(10, 2000) for _ in range(320)]
+            first, ttft_cold = _generate(base, prompt, 8)
+            # write_through backs pages up to the host pool, then to kvstore, asynchronously
+            deadline = time.monotonic() + 60
+            while _dram_stats(d.socket)["blocks"] < 320 // 16 - 1 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            stored = _dram_stats(d.socket)
+            assert stored["blocks"] >= 320 // 16 - 1, stored
+            with urllib.request.urlopen(urllib.request.Request(base + "/flush_cache", data=b""),
+                                        timeout=60) as r:
+                assert r.status == 200
+            second, ttft_l3 = _generate(base, prompt, 8)
+            after = _dram_stats(d.socket)
+            print(f"TTFT cold {ttft_cold * 1000:.0f} ms, from kvstore {ttft_l3 * 1000:.0f} ms; "
+                  f"daemon {stored} -> {after}")
+            assert len(first) == 8 and second == first, (first, second)
+            page_bytes = stored["bytes_in"] // stored["blocks"]
+            assert after["bytes_out"] - stored["bytes_out"] >= (320 // 16 - 1) * page_bytes, \
+                (stored, after)
+            assert after["hits"] > stored["hits"], (stored, after)
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
