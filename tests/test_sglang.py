@@ -11,6 +11,7 @@ The server smoke test also needs tests/requirements-sglang-server.txt in that en
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -202,6 +203,17 @@ def _dram_stats(socket_path: str) -> dict:
 
 
 @pytest.mark.slow
+def _remove_server_shm(before: set[str]) -> None:
+    """The server's processes leave shared memory behind when they are killed (SGLang's
+    ``sglang_loads_*`` segments, multiprocessing's ``sem.mp-*`` semaphores): remove what
+    appeared while it ran."""
+    time.sleep(0.5)     # its children exit after the group signal
+    for name in set(os.listdir("/dev/shm")) - before:
+        if name.startswith(("sglang_", "sem.mp-")):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
+
+
 def test_sglang_server_serves_a_repeated_prompt_from_kvstore(daemon_factory, tmp_path):
     """A real ``sglang.launch_server`` (CPU engine, tiny random-weight Llama, HiCache with the
     kvstore dynamic backend as the README launches it, plus the test-only shims of
@@ -229,6 +241,7 @@ def test_sglang_server_serves_a_repeated_prompt_from_kvstore(daemon_factory, tmp
     env["PYTHONPATH"] = os.pathsep.join((str(SERVER_SHIMS), env["PYTHONPATH"]))
     env.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
     log_path = tmp_path / "server.log"
+    shm_before = set(os.listdir("/dev/shm"))
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [SGLANG_PY, "-m", "sglang.launch_server", "--model-path", str(model),
@@ -282,3 +295,4 @@ def test_sglang_server_serves_a_repeated_prompt_from_kvstore(daemon_factory, tmp
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
+            _remove_server_shm(shm_before)
