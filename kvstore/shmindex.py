@@ -27,6 +27,10 @@ Consistency (a seqlock per bucket, one for the table):
   HEARTBEAT_S; a reader that finds it older than STALE_S falls back to the RPC. A daemon that is
   alive but not answering (stopped, wedged) would fail the acquire that follows a lookup anyway:
   its snapshot is not trusted, so the caller's timeout and fallback accounting see the stall.
+- Liveness: the daemon holds an exclusive flock on the file for its whole life; a reader whose
+  non-blocking shared flock succeeds knows the daemon is gone (SIGKILL releases the lock at once)
+  and asks for a reconnect through the RPC instead. A lock on the file, unlike a pid, works
+  across pid namespaces (containers sharing the shm directory).
 - Memory order as in kvstore/slotgen.py: x86-64 TSO orders the reader's loads and the writer's
   stores in program order; other architectures would need fences.
 
@@ -35,6 +39,7 @@ remote tier (the ``remote`` flag tells clients to ask the daemon when the local 
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -142,6 +147,7 @@ class ShmIndex:
             path.unlink(missing_ok=True)
             raise
         mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, buckets)
+        fcntl.flock(fd, fcntl.LOCK_EX)     # held until this process exits: readers' liveness test
         idx = cls(path, fd, mm, buckets, owner=True)
         # Touch every page now (tens of ms for the default size): first touches under the
         # daemon's commits would otherwise cost a page fault per new block.
@@ -197,6 +203,20 @@ class ShmIndex:
     def fresh(self) -> bool:
         """The daemon stamped the header within STALE_S."""
         return time.monotonic_ns() - int(self._words[2]) <= _STALE_NS
+
+    @property
+    def daemon_alive(self) -> bool:
+        """The writer still holds its lock on the file (it has not exited or been killed)."""
+        if self._owner:
+            return True      # a lock call on our own descriptor would convert our lock
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
 
     def _set_flag(self, bit: int, on: bool) -> None:
         f = int(self._words[1])
@@ -315,7 +335,8 @@ class ShmIndex:
         ver, tier_, tags, los, his = self.ver, self.tier, self.tag, self.lo, self.hi
         for _ in range(_MAX_TRIES):
             e1 = int(words[0])
-            if int(words[1]) & (CLOSED | OVERFLOW) or not self.fresh:
+            if (int(words[1]) & (CLOSED | OVERFLOW) or not self.fresh
+                    or not self.daemon_alive):
                 return None
             if e1 & 1:
                 continue      # a rebuild is running

@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+from kvstore import shmindex
+
 from kvstore.bench.sglang import REPO, child_env, find_sglang_python
 
 SGLANG_PY = find_sglang_python()
@@ -94,6 +96,9 @@ def test_daemon_stalled_killed_restarted_gives_misses_then_reconnects(daemon_fac
     try:
         _until(proc, "WAIT stop", lines)
         os.kill(d.proc.pid, signal.SIGSTOP)
+        # Same-host lookups trust the index snapshot until its heartbeat is stale
+        # (kvstore.shmindex.STALE_S); past that they ask the stalled daemon.
+        time.sleep(2 * shmindex.STALE_S)
         go()
         _until(proc, "WAIT cont", lines)
         os.kill(d.proc.pid, signal.SIGCONT)
