@@ -5,7 +5,7 @@ from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreE
 from kvstore.client.aio import AsyncKVClient, AsyncNamespace
 from kvstore.client.namespace import BlockLease, LookupResult, Namespace, PrefetchTicket
 from kvstore.client.sdk import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 __all__ = ["KVClient", "AsyncKVClient", "AsyncNamespace", "KVLayout", "Namespace", "BlockLease",
            "LookupResult", "PrefetchTicket", "KVStoreError", "InvalidArgument", "NotFound",

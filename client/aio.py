@@ -16,7 +16,7 @@ from typing import Sequence
 
 from kvstore.client.namespace import LookupResult, Namespace
 from kvstore.client.sdk import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 
 async def _in_thread(fn, *args):

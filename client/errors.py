@@ -1,6 +1,6 @@
 """Errors the SDK raises. Every daemon status becomes one of these, with the daemon's message.
 
-Each carries ``.reason`` (kvstore.errors.Reason), the daemon's machine-readable why, and
+Each carries ``.reason`` (kvstore.core.errors.Reason), the daemon's machine-readable why, and
 ``.status_code`` (the grpc.StatusCode, None for errors the SDK raised itself). Branch on
 ``.reason``; the message text is for people and may change in any release.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.errors import (REASON_METADATA_KEY, FailedPrecondition, InvalidArgument,
+from kvstore.core.errors import (REASON_METADATA_KEY, FailedPrecondition, InvalidArgument,
                             KVStoreError, NotFound, PermissionDenied, Reason, ResourceExhausted,
                             Unauthenticated, Unavailable)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from kvstore.arena import Arena
+from kvstore.core.arena import Arena
 from kvstore.client import cuda, transfer
 
 log = logging.getLogger("kvstore.client.hbm")

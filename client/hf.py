@@ -45,7 +45,7 @@ from kvstore.client.errors import FailedPrecondition, KVStoreError, Reason
 from kvstore.client.link import FallbackReports
 from kvstore.client.hf_cache import (LayerLoader, LoadTimeline, PrefixCache, PrefixLoadFailed,
                                      check_supported, pack_blocks)
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 log = logging.getLogger("kvstore.client.hf")
 
@@ -235,7 +235,7 @@ class HFPrefixCache:
     def generate_hybrid(self, input_ids: torch.Tensor, profile, **kwargs):
         """``generate`` with partial recomputation (client/hybrid.py): the daemon's planner
         picks k from the blocks' tiers and bandwidths and ``profile`` (this model's
-        kvstore.planner.PrefillProfile); tokens [0, k) are recomputed while blocks [k, N) load,
+        kvstore.planner.recompute.PrefillProfile); tokens [0, k) are recomputed while blocks [k, N) load,
         meeting earlier or later if the load runs faster or slower than planned. Any cache
         failure degrades to a full recompute (counted); new full blocks are stored afterwards."""
         from kvstore.client.hybrid import HybridPrefill

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 
 class PrefixLoadFailed(RuntimeError):

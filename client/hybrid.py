@@ -3,7 +3,7 @@ back loads, then run the uncached suffix (Cake, ICML 2025: compute from the fron
 the back, meet in the middle).
 
     from kvstore.client.hybrid import HybridPrefill
-    hp = HybridPrefill(model, ns, profile)            # profile: kvstore.planner.PrefillProfile
+    hp = HybridPrefill(model, ns, profile)            # profile: kvstore.planner.recompute.PrefillProfile
     cache, report = hp.prefix_cache(input_ids)        # a DynamicCache holding the cached prefix
     out = model.generate(input_ids, past_key_values=cache, ...)   # computes only the rest
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvstore.planner import PrefillProfile
+from kvstore.planner.recompute import PrefillProfile
 
 log = logging.getLogger("kvstore.client.hybrid")
 

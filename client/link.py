@@ -14,7 +14,7 @@ import time
 
 from kvstore.client.namespace import Namespace
 from kvstore.client.sdk import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 
 class FallbackReports:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
-from kvstore import shmindex
+from kvstore.core import shmindex
 from kvstore.client import cuda, quantized, transfer
 from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError,
                                    NotFound, Reason, StaleRead, Unavailable, from_rpc_error)
-from kvstore.keys import chain_keys, namespace_digest, pack_keys
-from kvstore.layout import KVLayout
+from kvstore.core.keys import chain_keys, namespace_digest, pack_keys
+from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class BlockLease:
     that alias the arena. Reading them after release is undefined. ``release`` raises StaleRead
     if the lease expired (or its session ended) first: whatever was read must then be discarded.
     :meth:`valid_prefix` proves a copy without a round trip where the daemon keeps slot
-    generations (kvstore/slotgen.py).
+    generations (kvstore/core/slotgen.py).
     """
 
     def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
@@ -79,7 +79,7 @@ class BlockLease:
     def valid_prefix(self) -> int | None:
         """After copying out of the arena: how many leading blocks provably held the leased
         bytes throughout (their slots' generations are unchanged since the lease was granted,
-        the seqlock check of kvstore/slotgen.py). None: no proof available (no generation
+        the seqlock check of kvstore/core/slotgen.py). None: no proof available (no generation
         table); only a confirmed :meth:`release` proves the copy then. Blocks without a DRAM
         slot (offset -1, read from HBM) pass here: the caller proves those otherwise."""
         gens = self._table
@@ -414,7 +414,7 @@ class Namespace:
                     unproven = next((i for i in range(found) if reads[i] >= 0), found)
                 elif found and self.client._arena_view is None:
                     # The daemon copies each row while the lease holds and stops the stream
-                    # when it ends: what arrived is proven (kvstore/store.py read_remote).
+                    # when it ends: what arrived is proven (kvstore/store/blockstore.py read_remote).
                     valid = self._read_stream(lease, dst)
                 elif found:
                     self._copy_from_dram(dst, lease.offsets, list(range(found)), ready)
@@ -554,10 +554,10 @@ class Namespace:
     def plan_recompute(self, keys: Sequence[bytes], profile, latency_s: float = 0.0):
         """Ask the daemon's planner how much of the cached prefix of ``keys`` to recompute.
 
-        ``profile`` is this client's kvstore.planner.PrefillProfile (seconds to prefill k
-        tokens). Returns kvstore.planner.Plan built from the daemon's answer (its tiers and
+        ``profile`` is this client's kvstore.planner.recompute.PrefillProfile (seconds to prefill k
+        tokens). Returns kvstore.planner.recompute.Plan built from the daemon's answer (its tiers and
         measured bandwidths); recompute tokens [0, k), load blocks [k / block_tokens, N)."""
-        from kvstore.planner import Plan
+        from kvstore.planner.recompute import Plan
 
         blob = pack_keys(keys)
         self._check_batch(len(keys))

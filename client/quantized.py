@@ -1,7 +1,7 @@
 """Quantized namespaces: the SDK quantizes blocks on put and dequantizes them on get.
 
 A layout with ``quant`` ("int8" or "float8_e4m3fn") stores each block as a one-byte payload of
-the block's shape followed by one float32 scale per (layer, k|v) (kvstore.layout): about half
+the block's shape followed by one float32 scale per (layer, k|v) (kvstore.core.layout): about half
 the bytes of bf16 in DRAM, on SSD and on the wire. Callers keep putting and getting tensors of
 the layout's ``dtype`` and ``block_shape``; the values come back within the bound documented in
 kvstore/kernels/quant.py (int8: amax/254 per (block, layer, k|v) slab). The kernels are torch
@@ -11,7 +11,7 @@ PCIe.
 from __future__ import annotations
 
 from kvstore.client.errors import InvalidArgument
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 
 def _torch():

@@ -25,15 +25,15 @@ from concurrent.futures import wait as futures_wait
 
 import grpc
 
-from kvstore import shmindex
-from kvstore.arena import Arena, ArenaError
+from kvstore.core import shmindex
+from kvstore.core.arena import Arena, ArenaError
 from kvstore.client import cuda, hbm, transfer
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
 from kvstore.client.stats import Stats
-from kvstore.config import _default_socket
-from kvstore.layout import KVLayout
-from kvstore.slotgen import SlotGenerations, SlotGenerationsError
+from kvstore.daemon.config import _default_socket
+from kvstore.core.layout import KVLayout
+from kvstore.core.slotgen import SlotGenerations, SlotGenerationsError
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -134,7 +134,7 @@ class KVClient:
         self.arena: Arena | None = None
         self._arena_view: transfer.ArenaView | None = None
         self._generations: SlotGenerations | None = None
-        # The daemon's index snapshot (kvstore/shmindex.py): lookups without an RPC
+        # The daemon's index snapshot (kvstore/core/shmindex.py): lookups without an RPC
         self.index_snapshot: shmindex.ShmIndex | None = None
         # Releases sent without waiting (their copies were proven): close() drains them
         self._releases_lock = threading.Condition()

@@ -45,8 +45,8 @@ from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorage
 
 from kvstore.client.errors import InvalidArgument, KVStoreError, ResourceExhausted, StaleRead
 from kvstore.client.link import DaemonLink
-from kvstore.keys import KEY_BYTES, namespace_digest
-from kvstore.layout import KVLayout
+from kvstore.core.keys import KEY_BYTES, namespace_digest
+from kvstore.core.layout import KVLayout
 
 log = logging.getLogger("sglang.kvstore_hicache")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, fields
 
-from kvstore.units import format_bytes
+from kvstore.core.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 
 

@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from kvstore.errors import InvalidArgument
-from kvstore.layout import KVLayout
+from kvstore.core.errors import InvalidArgument
+from kvstore.core.layout import KVLayout
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
 

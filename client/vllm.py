@@ -57,7 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client import KVClient, KVLayout, Namespace
-from kvstore.keys import chain_keys, namespace_digest
+from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
 from kvstore.client.vllm_pages import PageFormat, page_format_for
 

@@ -12,7 +12,7 @@ K and which are V is the backend's choice:
 A backend not in this table is refused: guessing would store garbage that later loads would
 serve as KV (LMCache's server mode broke this way when vLLM changed its KV format).
 
-kvstore's block layout is [layers, 2, N, H, D] (kvstore.layout); ``canonical`` gives each
+kvstore's block layout is [layers, 2, N, H, D] (kvstore.core.layout); ``canonical`` gives each
 layer's cache as a strided [B, 2, N, H, D] view of the same memory, so gather/scatter are
 plain tensor indexing.
 """
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 
 @dataclass(frozen=True)

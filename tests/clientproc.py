@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from kvstore.client import KVClient, KVLayout
-from kvstore.keys import pack_keys
+from kvstore.core.keys import pack_keys
 from kvstore.v1 import kvstore_pb2 as pb
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, block_tokens=16, dtype="float32")

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from kvstore.config import ConfigError, load_config
-from kvstore.units import format_bytes, parse_rate, parse_size
+from kvstore.daemon.config import ConfigError, load_config
+from kvstore.core.units import format_bytes, parse_rate, parse_size
 
 
 def test_sizes_and_rates():

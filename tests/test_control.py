@@ -1,4 +1,4 @@
-"""Same-host lookups from the daemon's shared-memory index snapshot (kvstore/shmindex.py):
+"""Same-host lookups from the daemon's shared-memory index snapshot (kvstore/core/shmindex.py):
 equal to the Lookup RPC's answers through puts, deletes, evictions and SSD demotions; never a
 wrong answer under a concurrent writer; none for untrusted tenants; re-mapped after a restart;
 and the `kvstore bench control` smoke run."""
@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from kvstore import shmindex
+from kvstore.core import shmindex
 from kvstore.client import KVClient, KVStoreError, Unavailable
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 from ops_helpers import tcp_port
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
@@ -326,8 +326,8 @@ def test_index_mirror_through_tombstones_overflow_and_rebuilds(tmp_path):
     """In process, a 64-bucket snapshot: puts and deletes fill it past 60% (overflow: readers
     fall back), leave tombstones (rebuilds), and shrink back (it answers again) — whenever it
     answers, it answers what the store's own lookup does."""
-    from kvstore.arena import Arena
-    from kvstore.store import BlockStore
+    from kvstore.core.arena import Arena
+    from kvstore.store.blockstore import BlockStore
     arena = Arena.create(8 << 20, tmp_path)
     snap = shmindex.ShmIndex.create(arena.path, arena.uuid, buckets=64)
     reader = shmindex.ShmIndex.attach(snap.path, arena.uuid)

@@ -12,7 +12,7 @@ import torch
 
 from kvstore.client import (AsyncKVClient, FailedPrecondition, InvalidArgument, KVClient,
                             KVLayout, ResourceExhausted)
-from kvstore.keys import pack_keys
+from kvstore.core.keys import pack_keys
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

@@ -23,7 +23,7 @@ import pytest
 
 from ops_helpers import free_port, read_png
 from kvstore.client import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 _BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

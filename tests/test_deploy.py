@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvstore.config import load_config
-from kvstore.units import parse_size
+from kvstore.daemon.config import load_config
+from kvstore.core.units import parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvstore.client import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 
 # 2 layers x 4 heads x 64 dims x 16 tokens x uint8 x (k, v) = 16 KiB per block
@@ -158,7 +158,7 @@ def test_delete_removes_the_hbm_copy(daemon_factory):
 _HOLDER = textwrap.dedent("""
     import sys, time
     from kvstore.client import KVClient
-    from kvstore.layout import KVLayout
+    from kvstore.core.layout import KVLayout
     from kvstore.v1 import kvstore_pb2 as pb
     layout = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
     c = KVClient(sys.argv[1])
@@ -288,7 +288,7 @@ def test_cuda_pool_by_ipc_fill_then_device_to_device_hit(daemon_factory):
 def test_cuda_pool_ssd_blocks_reach_hbm(daemon_factory, tmp_path):
     """SSD-only blocks read by a GPU client land in HBM: straight from the slab file with
     kvikio (the gds extra), through DRAM without it. Same bytes either way."""
-    from kvstore.tiers import gds
+    from kvstore.tiers.ssd import gds
     ssd = ("--ssd-dir", str(tmp_path / "ssd"), "--ssd-bytes", "32MiB",
            "--ssd-segment-bytes", "8MiB", "--ssd-io-threads", "4")
     d = daemon_factory(*SMALL_DRAM, "--hbm-bytes", "64MiB", "--hbm-device", "cuda:0", *ssd)

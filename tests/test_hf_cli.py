@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from kvstore.cli import main
+from kvstore.daemon.cli import main
 
 
 def test_demo_reuses_the_document_and_matches_plain_generation(daemon, capsys):

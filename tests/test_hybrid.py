@@ -12,7 +12,7 @@ from kvstore.client import KVClient
 from kvstore.client.hf import layout_for
 from kvstore.client.hf_cache import pack_blocks
 from kvstore.client.hybrid import HybridPrefill
-from kvstore.planner import Plan, PrefillProfile
+from kvstore.planner.recompute import Plan, PrefillProfile
 
 from hf_models import prompt, tiny_llama
 

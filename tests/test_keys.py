@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.keys import (KEY_BYTES, MalformedKeyError, chain_keys, namespace_digest, pack_keys,
+from kvstore.core.keys import (KEY_BYTES, MalformedKeyError, chain_keys, namespace_digest, pack_keys,
                           unpack_keys)
-from kvstore.layout import KVLayout, LayoutError
+from kvstore.core.layout import KVLayout, LayoutError
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_tokens=4)
 SEED = namespace_digest("m", LAYOUT)
@@ -58,7 +58,7 @@ def test_layout_tenant_or_model_change_changes_every_key(field):
 
 
 def test_keys_are_identical_across_processes():
-    code = ("from kvstore.keys import chain_keys, namespace_digest; from kvstore.layout import "
+    code = ("from kvstore.core.keys import chain_keys, namespace_digest; from kvstore.core.layout import "
             "KVLayout; l = KVLayout(2, 2, 8, block_tokens=4); "
             "print(b''.join(chain_keys(namespace_digest('m', l), list(range(40)), 4)).hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

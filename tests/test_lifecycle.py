@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
     ProtoReflectionDescriptorDatabase
 
 from kvstore.client import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 
 
@@ -224,7 +224,7 @@ def test_each_command_shows_only_its_own_flags_each_with_help():
     assert all(flag in r.stdout for flag in serve_only)
     assert "--json" not in r.stdout and "--watch" not in r.stdout
     # Every option of every command says what it does.
-    from kvstore.cli import build_parser
+    from kvstore.daemon.cli import build_parser
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for name, sub in commands.choices.items():

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from kvstore.auth import TokenEntry, bearer_token, parse_tokens_file
-from kvstore.config import ConfigError
-from kvstore.metrics import LatencyHistogram, RateMeter
+from kvstore.access.auth import TokenEntry, bearer_token, parse_tokens_file
+from kvstore.daemon.config import ConfigError
+from kvstore.metrics.model import LatencyHistogram, RateMeter
 
 
 def test_histogram_quantiles_within_bucket_width():

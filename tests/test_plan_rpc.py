@@ -6,7 +6,7 @@ import pytest
 
 from kvstore.client import KVClient
 from kvstore.client.errors import InvalidArgument
-from kvstore.planner import PrefillProfile
+from kvstore.planner.recompute import PrefillProfile
 
 from test_prefetch import _on_ssd
 from test_ssd import LAYOUT, put_chain, ssd_args

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvstore.planner import PrefillProfile, plan_recompute
+from kvstore.planner.recompute import PrefillProfile, plan_recompute
 
 MB = 1e6
 BB = 4 * 1024 * 1024  # 4 MiB blocks

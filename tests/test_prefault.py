@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from kvstore.arena import HEADER_BYTES, Arena, _madvise
+from kvstore.core.arena import HEADER_BYTES, Arena, _madvise
 from kvstore.client import transfer
 
 pytestmark = pytest.mark.skipif(_madvise is None, reason="no libc madvise")

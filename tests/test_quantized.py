@@ -7,7 +7,7 @@ import torch
 
 from kvstore.client import FailedPrecondition, InvalidArgument, KVClient
 from kvstore.kernels import error_bound
-from kvstore.layout import KVLayout, LayoutError
+from kvstore.core.layout import KVLayout, LayoutError
 
 from test_ssd import ssd_args, ssd_stats, tier
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.config import ConfigError, load_config
-from kvstore.tiers.ratelimit import TokenBucket
+from kvstore.daemon.config import ConfigError, load_config
+from kvstore.tiers.ssd.ratelimit import TokenBucket
 
 
 class FakeTime:

@@ -299,7 +299,7 @@ def test_failed_rpcs_leave_nothing_behind(daemon):
     """Every refused put/get step leaves no slot, block, allocation or lease behind."""
     import grpc
 
-    from kvstore.keys import pack_keys
+    from kvstore.core.keys import pack_keys
     from kvstore.v1 import kvstore_pb2 as pb
     from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

@@ -20,9 +20,9 @@ import pytest
 from kvstore.client import KVClient
 from kvstore.client.errors import (FailedPrecondition, InvalidArgument, NotFound,
                                    ResourceExhausted, StaleRead)
-from kvstore.errors import REASON_METADATA_KEY, Reason
-from kvstore.keys import namespace_digest, pack_keys
-from kvstore.layout import KVLayout
+from kvstore.core.errors import REASON_METADATA_KEY, Reason
+from kvstore.core.keys import namespace_digest, pack_keys
+from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 from kvstore.tiers.remote.codec import encode_header, remote_key
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.bench.cluster_engines import RawClient, skip_reason, start_engine
@@ -141,7 +141,7 @@ def test_a_block_another_host_stored_is_not_sent_again(engine, daemon_factory, t
 
 
 def test_prefetch_planner_and_selective_writes(engine, daemon_factory, tmp_path):
-    from kvstore.planner import PrefillProfile
+    from kvstore.planner.recompute import PrefillProfile
     a = host(daemon_factory, tmp_path, "a", engine.url, "--remote-write-policy",
              "write_through_selective", "--remote-write-hits", "1")
     b = host(daemon_factory, tmp_path, "b", engine.url)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvstore.config import ConfigError, load_config
+from kvstore.daemon.config import ConfigError, load_config
 from kvstore.tiers.remote.base import parse_remote_url
 from kvstore.tiers.remote.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from kvstore.tiers.remote.codec import (HEADER_BYTES, KEY_PREFIX, ReadStatus, encode_header,

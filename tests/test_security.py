@@ -22,8 +22,8 @@ from conftest import DaemonProcess
 from ops_helpers import tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import (NotFound, PermissionDenied, ResourceExhausted)
-from kvstore.keys import pack_keys
-from kvstore.layout import KVLayout
+from kvstore.core.keys import pack_keys
+from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from kvstore import shmindex
+from kvstore.core import shmindex
 
 from kvstore.bench.sglang import REPO, child_env, find_sglang_python
 
@@ -97,7 +97,7 @@ def test_daemon_stalled_killed_restarted_gives_misses_then_reconnects(daemon_fac
         _until(proc, "WAIT stop", lines)
         os.kill(d.proc.pid, signal.SIGSTOP)
         # Same-host lookups trust the index snapshot until its heartbeat is stale
-        # (kvstore.shmindex.STALE_S); past that they ask the stalled daemon.
+        # (kvstore.core.shmindex.STALE_S); past that they ask the stalled daemon.
         time.sleep(2 * shmindex.STALE_S)
         go()
         _until(proc, "WAIT cont", lines)

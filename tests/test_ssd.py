@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 # 2 layers x 4 heads x 64 dims x 16 tokens x uint8 x (k, v) = 16 KiB per block
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
@@ -27,7 +27,7 @@ def ssd_args(ssd_dir: Path, size: str = "32MiB", *extra: str) -> list[str]:
 
 def payload_offset(slot: int) -> int:
     """Where slot ``slot``'s block bytes start in a segment file (behind the slot header)."""
-    from kvstore.tiers.ssd import HEADER_BYTES, slot_offset
+    from kvstore.tiers.ssd.files import HEADER_BYTES, slot_offset
     return slot_offset(slot, LAYOUT.slot_bytes) + HEADER_BYTES
 
 
@@ -356,7 +356,7 @@ def test_a_new_block_size_takes_segments_from_a_full_tier(daemon_factory, tmp_pa
         a = c.namespace("a", LAYOUT)
         old = [put_chain(a, seed, 64) for seed in range(32)]          # 2048 blocks: all slots
         # every slot but an eviction batch is taken (4 x 409 slots: each has a 4 KiB header)
-        from kvstore.tiers.ssd import slots_per_segment
+        from kvstore.tiers.ssd.files import slots_per_segment
         assert tier(ssd_stats(c), "SSD").blocks >= 4 * slots_per_segment(8 << 20, BB) - 64
         b = c.namespace("b", LAYOUT_32K)
         new = [put_chain_of(b, LAYOUT_32K, 500 + seed, 32) for seed in range(12)]  # 12 MiB

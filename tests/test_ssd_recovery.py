@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
-from kvstore.tiers import journal as jr
+from kvstore.tiers.ssd import journal as jr
 from test_ssd import LAYOUT, chain, get_exact, payload_offset, put_chain, ssd_args, ssd_stats, tier
 
 CHAINS, BLOCKS = 25, 16          # 400 blocks: all of them on SSD, most only there
@@ -266,7 +266,7 @@ def test_scan_finds_verified_slot_headers_only(tmp_path):
     import mmap
     import os
 
-    from kvstore.tiers.ssd import SSDTier
+    from kvstore.tiers.ssd.files import SSDTier
     ssd = SSDTier(tmp_path, 1 << 20, 1 << 20, io_threads=2)
     ssd.open()
     keys = [os.urandom(16) for _ in range(3)]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.index import BlockIndex
-from kvstore.tiers import journal as jr
-from kvstore.tiers.ssd import SSDFormatError, SSDTier
+from kvstore.store.index import BlockIndex
+from kvstore.tiers.ssd import journal as jr
+from kvstore.tiers.ssd.files import SSDFormatError, SSDTier
 
 
 def _puts(addrs, key_base=0):
@@ -76,7 +76,7 @@ def test_slot_write_read_checksum(tmp_path):
 
 
 def test_auto_segment_size_keeps_file_count_small():
-    from kvstore.tiers.ssd import auto_segment_bytes
+    from kvstore.tiers.ssd.files import auto_segment_bytes
     assert auto_segment_bytes(8 << 20) == 8 << 20            # tiny: one segment
     assert auto_segment_bytes(1 << 30) == 64 << 20
     assert auto_segment_bytes(1 << 40) == 16 << 30            # 1 TiB: 64 files
@@ -106,7 +106,7 @@ def test_index_matches_a_dict(ops):
 @pytest.mark.gpu
 def test_gds_path_matches_host_path(tmp_path):
     """kvikio (GDS) and the host O_DIRECT path read each other's slots, checksums included."""
-    from kvstore.tiers import gds
+    from kvstore.tiers.ssd import gds
     if not gds.available():
         pytest.skip("needs CUDA and kvikio (the gds extra)")
     import torch
@@ -138,13 +138,13 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     puts and deletes go on, and a fresh store recovers exactly the live blocks."""
     import asyncio
 
-    from kvstore import ssd_journaling
-    from kvstore.arena import Arena
-    from kvstore.index import NO_SLOT
-    from kvstore.layout import KVLayout
-    from kvstore.store import BlockStore
-    from kvstore.tiering import Tiering
-    from kvstore.tiers.journal import Journal
+    from kvstore.tiers.ssd import catalog as ssd_journaling
+    from kvstore.core.arena import Arena
+    from kvstore.store.index import NO_SLOT
+    from kvstore.core.layout import KVLayout
+    from kvstore.store.blockstore import BlockStore
+    from kvstore.tiers.ssd.tier import Tiering
+    from kvstore.tiers.ssd.journal import Journal
 
     monkeypatch.setattr(ssd_journaling, "COMPACT_MIN_RECORDS", 8)
     layout = KVLayout(1, 1, 64, 16, "uint8")          # 2 KiB blocks in 4 KiB slots

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer
+from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer
 from kvstore.client import KVClient, KVLayout
-from kvstore.errors import ResourceExhausted
-from kvstore.keys import chain_keys, pack_keys
-from kvstore.store import NO_ROOM, BlockStore
+from kvstore.core.errors import ResourceExhausted
+from kvstore.core.keys import chain_keys, pack_keys
+from kvstore.store.blockstore import NO_ROOM, BlockStore
 from kvstore.tiers.dram import SlabAllocator
 from kvstore.v1 import kvstore_pb2 as pb
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops_helpers import free_port
 from kvstore.client import KVClient
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 

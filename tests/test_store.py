@@ -1,11 +1,11 @@
 """BlockStore domain logic, without a server: allocation, eviction, leases, expiry."""
 import pytest
 
-from kvstore.arena import Arena
-from kvstore.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from kvstore.keys import chain_keys, pack_keys
-from kvstore.layout import KVLayout
-from kvstore.store import ALREADY_STORED, BlockStore
+from kvstore.core.arena import Arena
+from kvstore.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from kvstore.core.keys import chain_keys, pack_keys
+from kvstore.core.layout import KVLayout
+from kvstore.store.blockstore import ALREADY_STORED, BlockStore
 
 L = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=16, dtype="float32")  # 8 KiB
 assert L.slot_bytes == 8192

@@ -21,10 +21,10 @@ import pytest
 from ops_helpers import free_port, tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import InvalidArgument, PermissionDenied
-from kvstore.errors import REASON_METADATA_KEY, Reason
-from kvstore.layout import KVLayout
-from kvstore.metrics import Metrics
-from kvstore.stats import UINT64_MAX
+from kvstore.core.errors import REASON_METADATA_KEY, Reason
+from kvstore.core.layout import KVLayout
+from kvstore.metrics.model import Metrics
+from kvstore.metrics.counters import UINT64_MAX
 from kvstore.v1 import kvstore_pb2 as pb
 
 LAYOUT = KVLayout(2, 2, 64, block_tokens=16, dtype="float16")   # 16 KiB blocks
@@ -135,7 +135,7 @@ _PROC = textwrap.dedent("""
     import numpy as np
     from kvstore.client import KVClient, KVLayout
     from kvstore.client.errors import KVStoreError
-    from kvstore.keys import pack_keys
+    from kvstore.core.keys import pack_keys
     from kvstore.v1 import kvstore_pb2 as pb
     address, token, tenant, mode = sys.argv[1:5]
     layout = KVLayout(2, 2, 64, block_tokens=16, dtype="float16")
@@ -283,7 +283,7 @@ def test_sighup_reloads_the_tokens_file(daemon_factory, tmp_path):
 
 
 def test_arena_tenants_config_key(tmp_path):
-    from kvstore.config import ConfigError, load_config
+    from kvstore.daemon.config import ConfigError, load_config
 
     toml = tmp_path / "kv.toml"
     toml.write_text('arena_tenants = ["team-a", "team-b"]\n')

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess
-from kvstore import shmindex
+from kvstore.core import shmindex
 from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient
 
@@ -228,7 +228,7 @@ def test_daemon_stalled_requests_still_complete(engine, daemon, baseline):
     daemon.proc.send_signal(signal.SIGSTOP)              # alive but answering nothing
     try:
         # Same-host lookups trust the index snapshot until its heartbeat is stale
-        # (kvstore.shmindex.STALE_S); past that the scheduler asks the stalled daemon.
+        # (kvstore.core.shmindex.STALE_S); past that the scheduler asks the stalled daemon.
         time.sleep(2 * shmindex.STALE_S)
         t0 = time.monotonic()
         out, cached = _gen(engine, "SLOW")

@@ -73,8 +73,8 @@ def _median(xs) -> float:
 def run(args) -> dict:
     from kvstore.bench.cluster_engines import RawClient, start_engine
     from kvstore.client import KVClient
-    from kvstore.layout import KVLayout
-    from kvstore.sidecar import PrivateDaemon
+    from kvstore.core.layout import KVLayout
+    from kvstore.testing.daemon import PrivateDaemon
     from kvstore.tiers.remote.codec import HEADER_BYTES, remote_key
 
     layout = KVLayout(num_layers=16, num_kv_heads=8, head_dim=64,

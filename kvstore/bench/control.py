@@ -1,5 +1,5 @@
 """`kvstore bench control`: lookups per second of N same-host client processes against one
-daemon, answered from the shared-memory index snapshot (kvstore/shmindex.py) vs over gRPC.
+daemon, answered from the shared-memory index snapshot (kvstore/core/shmindex.py) vs over gRPC.
 
 One private daemon holds one chain of ``--stored`` blocks; every client process looks up the
 same ``--keys``-block chain (its first ``--stored`` blocks cached, so each lookup walks a real
@@ -32,7 +32,7 @@ LAYOUT_ARGS = (2, 2, 64)      # layers, kv heads, head dim: 16 KiB blocks of 16 
 
 
 def _layout():
-    from kvstore.layout import KVLayout
+    from kvstore.core.layout import KVLayout
     return KVLayout(*LAYOUT_ARGS, block_tokens=16, dtype="float16")
 
 
@@ -79,7 +79,7 @@ def worker(socket: str, n_keys: int, expected: int) -> int:
 
 
 def _numpy_probe(snapshot, tag: int, keys: list[bytes], seconds: float, expected: int) -> dict:
-    from kvstore.shmindex import prefix
+    from kvstore.core.shmindex import prefix
     blob = b"".join(keys)
     lat, wrong = [], 0
     end = time.perf_counter() + seconds
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from kvstore.client import KVClient
-    from kvstore.shmindex import ShmIndex, ns_tag
+    from kvstore.core.shmindex import ShmIndex, ns_tag
     result: dict = {"keys": args.keys, "stored": args.stored, "seconds": args.seconds,
                     "points": {}}
     with private_daemon("--dram-bytes", "64MiB", "--chunk-bytes", "4MiB") as sock, \

@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from kvstore.sidecar import PrivateDaemon
+from kvstore.testing.daemon import PrivateDaemon
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,7 +169,7 @@ def measure_gds(nbytes: int, torch, directory: str | None = None, repeat: int = 
     import os
     import tempfile
 
-    from kvstore.tiers import gds
+    from kvstore.tiers.ssd import gds
     if not gds.available():
         return "not measured: kvikio is not installed (pip install 'kvstore[gds]')"
     import kvikio

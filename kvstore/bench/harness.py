@@ -5,7 +5,7 @@ import contextlib
 import json
 import time
 
-from kvstore.sidecar import PrivateDaemon
+from kvstore.testing.daemon import PrivateDaemon
 
 
 @contextlib.contextmanager

@@ -43,8 +43,8 @@ import numpy as np
 
 from kvstore.bench import peer_stores
 from kvstore.bench.harness import private_daemon
-from kvstore.layout import KVLayout
-from kvstore.units import format_bytes
+from kvstore.core.layout import KVLayout
+from kvstore.core.units import format_bytes
 
 PROG = "kvstore bench peers"
 SEGMENT_BYTES = 64 << 20     # the kvstore-ssd store's slab files

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.bench.harness import emit, private_daemon
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 
 def _args(argv):

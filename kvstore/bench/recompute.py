@@ -3,7 +3,7 @@ read bandwidths, in one run (Cake-style partial recomputation, client/hybrid.py)
 
 Setup: a Llama-shape model with seeded random weights (``--shape 1b``: hidden 2048, 16 layers,
 32 heads, 8 kv heads, bf16) prefills a ``--prefix-tokens`` prompt in 256-token chunks; the chunk
-times give the client's PrefillProfile (kvstore.planner.PrefillProfile.fit) and the KV is stored
+times give the client's PrefillProfile (kvstore.planner.recompute.PrefillProfile.fit) and the KV is stored
 through a real daemon with an SSD tier. The crossover bandwidth — where loading the prefix takes
 as long as recomputing it — follows from that: prefix bytes / recompute time.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.bench.harness import emit, private_daemon
-from kvstore.units import parse_rate
+from kvstore.core.units import parse_rate
 
 
 def _args(argv):
@@ -60,7 +60,7 @@ def _prefill_profile(model, ids, chunk: int):
     import torch
     from transformers.cache_utils import DynamicCache
 
-    from kvstore.planner import PrefillProfile
+    from kvstore.planner.recompute import PrefillProfile
 
     cache = DynamicCache(config=model.config)
     samples, total = [], 0.0

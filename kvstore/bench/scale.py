@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.arena import Arena, default_shm_dir
+from kvstore.core.arena import Arena, default_shm_dir
 from kvstore.bench.harness import emit
-from kvstore.index import COMMITTED
-from kvstore.keys import pack_keys
-from kvstore.layout import KVLayout
-from kvstore.store import BlockStore
+from kvstore.store.index import COMMITTED
+from kvstore.core.keys import pack_keys
+from kvstore.core.layout import KVLayout
+from kvstore.store.blockstore import BlockStore
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=16, dtype="float16")
 FILL_STEP = 1 << 20

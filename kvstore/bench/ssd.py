@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.bench.harness import private_daemon
-from kvstore.layout import KVLayout
-from kvstore.units import format_bytes, parse_size
+from kvstore.core.layout import KVLayout
+from kvstore.core.units import format_bytes, parse_size
 
 
 def _args(argv):
@@ -174,7 +174,7 @@ class SDKRun:
 
 
 def index_bytes_per_block(n: int) -> dict:
-    from kvstore.index import COMMITTED, BlockIndex
+    from kvstore.store.index import COMMITTED, BlockIndex
 
     def rss() -> int:
         with open("/proc/self/statm") as f:

@@ -32,9 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstore.arena import HEADER_BYTES, default_shm_dir
+from kvstore.core.arena import HEADER_BYTES, default_shm_dir
 from kvstore.bench.harness import emit
-from kvstore.units import format_bytes, parse_size
+from kvstore.core.units import format_bytes, parse_size
 
 POLL_S = 0.01
 _POPULATED = re.compile(r"DRAM arena prepared: .* pages populated by ([0-9.]+)s")

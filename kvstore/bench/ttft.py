@@ -86,7 +86,7 @@ def run(args, sizes: list[int], shape: dict) -> dict:
     import torch
 
     from kvstore.client.hf import HFPrefixCache, layout_for
-    from kvstore.sidecar import PrivateDaemon
+    from kvstore.testing.daemon import PrivateDaemon
 
     if args.threads:
         torch.set_num_threads(args.threads)

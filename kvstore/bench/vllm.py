@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstore.sidecar import PrivateDaemon
+from kvstore.testing.daemon import PrivateDaemon
 from kvstore.bench.vllm_engine import MODEL_SHAPES, EngineProcess, find_vllm_python, make_model
 
 

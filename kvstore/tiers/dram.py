@@ -9,7 +9,7 @@ When a class has no free slot, the caller evicts inside that class (``slot_owner
 back to its block). A class that owns nothing yet takes a free run of chunks, or reclaims a run
 that another class has emptied.
 
-While the daemon is still preparing the arena (kvstore.arena.ArenaPreparer), only the chunks
+While the daemon is still preparing the arena (kvstore.core.arena.ArenaPreparer), only the chunks
 below the prepared prefix exist for the allocator: the others are neither free nor owned until
 :meth:`SlabAllocator.mark_ready` says their memory is reserved, so no slot is ever handed out in
 unprepared memory. ``capacity_bytes`` stays the configured size, ``ready_bytes`` grows to it.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvstore.arena import HEADER_BYTES
+from kvstore.core.arena import HEADER_BYTES
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -51,7 +51,7 @@ class SizeClass:
 class SlabAllocator:
     def __init__(self, arena_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  generations=None, ready_bytes: int | None = None):
-        """``generations``: kvstore.slotgen.SlotGenerations (None: none kept), bumped whenever a
+        """``generations``: kvstore.core.slotgen.SlotGenerations (None: none kept), bumped whenever a
         slot may get new bytes, so that readers can prove a copy was not torn by reuse.
         ``ready_bytes``: arena offset up to which memory is prepared (None: all of it)."""
         self.generations = generations

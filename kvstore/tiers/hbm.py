@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.arena import Arena, remove_stale_arenas
-from kvstore.index import COMMITTED
-from kvstore.stats import TierCounters
+from kvstore.core.arena import Arena, remove_stale_arenas
+from kvstore.store.index import COMMITTED
+from kvstore.metrics.counters import TierCounters
 from kvstore.tiers.dram import SlabAllocator, make_room
 from kvstore.v1 import kvstore_pb2 as pb
 

@@ -8,7 +8,7 @@ engine — Mooncake Store (``mooncake://MASTER:PORT``) or Redis / Valkey (``redi
     redis_cluster.py  Redis Cluster / single Redis backend
     tier.py           RemoteTier: placement, lookup, verified reads into the arena, faults
 
-``open_remote_tier`` is what the daemon's composition root (kvstore/server.py) calls.
+``open_remote_tier`` is what the daemon's composition root (kvstore/daemon/server.py) calls.
 """
 from __future__ import annotations
 

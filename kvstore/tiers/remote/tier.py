@@ -37,9 +37,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
-from kvstore.errors import KVStoreError, ResourceExhausted
-from kvstore.index import COMMITTED, NO_SLOT
-from kvstore.keys import pack_keys
+from kvstore.core.errors import KVStoreError, ResourceExhausted
+from kvstore.store.index import COMMITTED, NO_SLOT
+from kvstore.core.keys import pack_keys
 from kvstore.tiers.remote.base import RemoteBackend, RemoteError
 from kvstore.tiers.remote.breaker import CircuitBreaker
 from kvstore.tiers.remote.codec import ReadStatus, encode_header, remote_key, verify

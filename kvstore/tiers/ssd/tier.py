@@ -1,6 +1,6 @@
 """Tiering between the DRAM arena and the SSD tier.
 
-The store (kvstore/store.py) stays synchronous on the event loop; this module adds the SSD side:
+The store (kvstore/store/blockstore.py) stays synchronous on the event loop; this module adds the SSD side:
 
     persist(bids)        write-through: after a commit, write the blocks to SSD and wait until
                          their journal records are fsync'd (the commit answers after that).
@@ -13,7 +13,7 @@ The store (kvstore/store.py) stays synchronous on the event loop; this module ad
     recover()            rebuild the SSD part of the index from the journal at startup.
 
 The journal (recovery, compaction) and SSD space management (slots, eviction, segments) live in
-kvstore/ssd_journaling.py and kvstore/ssd_space.py, mixins of Tiering; this module moves data.
+kvstore/tiers/ssd/catalog.py and kvstore/tiers/ssd/space.py, mixins of Tiering; this module moves data.
 
 Protection across awaits: every block being written or read is pinned (its lease count raised)
 before the first await and unpinned after its result is applied, so eviction, deletion and slot
@@ -28,14 +28,14 @@ import time
 
 import numpy as np
 
-from kvstore.index import COMMITTED, NO_SLOT
-from kvstore.ssd_journaling import SSDJournaling
-from kvstore.ssd_space import SSDSpace
-from kvstore.stats import TierCounters
-from kvstore.tiers import journal as jr
-from kvstore.tiers.ssd import SSDTier
+from kvstore.store.index import COMMITTED, NO_SLOT
+from kvstore.tiers.ssd.catalog import SSDJournaling
+from kvstore.tiers.ssd.space import SSDSpace
+from kvstore.metrics.counters import TierCounters
+from kvstore.tiers.ssd import journal as jr
+from kvstore.tiers.ssd.files import SSDTier
 
-log = logging.getLogger("kvstore.tiering")
+log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
 CLEAN_BATCH = 64
@@ -65,7 +65,7 @@ class Tiering(SSDJournaling, SSDSpace):
         self._closed = False
         self._cleaner: asyncio.Task | None = None
         self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
-        self.gds = None              # kvstore.tiers.gds.KvikioSlotIO: SSD -> HBM pool reads
+        self.gds = None              # kvstore.tiers.ssd.gds.KvikioSlotIO: SSD -> HBM pool reads
         store.tiering = self
 
     # -- writes --------------------------------------------------------------------------------

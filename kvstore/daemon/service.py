@@ -1,6 +1,6 @@
 """The gRPC servicer: a thin translation between kvstore.v1 messages and BlockStore calls.
 
-Domain errors become status codes with the store's message and their reason (kvstore.errors:
+Domain errors become status codes with the store's message and their reason (kvstore.core.errors:
 trailing metadata ``kvstore-reason``); anything else becomes INTERNAL with a log line, and the
 daemon keeps serving everyone else.
 """
@@ -13,13 +13,13 @@ import logging
 
 
 from kvstore import __version__
-from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason, abort
-from kvstore.layout import KVLayout, LayoutError
-from kvstore.store import BlockStore
+from kvstore.core.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason, abort
+from kvstore.core.layout import KVLayout, LayoutError
+from kvstore.store.blockstore import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-log = logging.getLogger("kvstore.service")
+log = logging.getLogger("kvstore.daemon.service")
 
 WATCH_MIN_INTERVAL_S = 0.05
 # One ReportFallbacks may claim at most this many fallbacks and blocks: a client reports what one
@@ -55,7 +55,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.remote = remote     # kvstore.tiers.remote.RemoteTier; None: no cluster tier
         self.max_message_bytes = max_message_bytes
         self._stopping = stopping
-        self.metrics = metrics   # kvstore.metrics.Metrics; None: counters only
+        self.metrics = metrics   # kvstore.metrics.model.Metrics; None: counters only
         self.dram_read_bps = 0.0  # memcpy-scale figure for the planner (set by the daemon)
         self.index_path = index_path   # shared-memory index snapshot offered ("" for none)
 
@@ -214,7 +214,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.ReportFallbacksResponse()
 
 
-    # -- prefetch and the recompute planner (kvstore/prefetch.py, kvstore/planner.py) ----------
+    # -- prefetch and the recompute planner (kvstore/prefetch/prefetcher.py, kvstore/planner/recompute.py) ----------
     @unary
     def Prefetch(self, request, context):
         pf = self.store.prefetcher
@@ -237,8 +237,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     async def PlanRecompute(self, request, context):
-        from kvstore.bandwidth import probe_ssd_bps
-        from kvstore.planner import PrefillProfile, plan_recompute
+        from kvstore.planner.bandwidth import probe_ssd_bps
+        from kvstore.planner.recompute import PrefillProfile, plan_recompute
 
         pr = request.profile
         profile = PrefillProfile(pr.c0, pr.c1, pr.c2)

@@ -10,7 +10,7 @@ their first 8 bytes are already a uniform hash.
 Block states: WRITING (allocated, invisible to readers) → COMMITTED (visible) → DELETED
 (removed from the key table; its slot is freed once the last lease on it is released).
 
-What lookups see is mirrored into an optional kvstore.shmindex.ShmIndex (same-host clients probe
+What lookups see is mirrored into an optional kvstore.core.shmindex.ShmIndex (same-host clients probe
 it without an RPC). The mirror is kept here, in the index's state-change methods — publish
 (→ COMMITTED), set_dram (a committed block's tier changes) and unlink (no longer visible) — so
 writing ``state`` or ``dram`` of a committed block directly would leave the mirror stale.
@@ -21,7 +21,7 @@ import struct
 
 import numpy as np
 
-from kvstore.shmindex import DRAM, SSD, ns_tag
+from kvstore.core.shmindex import DRAM, SSD, ns_tag
 
 FREE, WRITING, COMMITTED, DELETED = 0, 1, 2, 3
 NO_SLOT = -1
@@ -58,7 +58,7 @@ _REBUILD_BATCH = 4096     # publishing more blocks at once rewrites the mirror (
 
 class BlockIndex:
     def __init__(self, initial_capacity: int = 1024, mirror=None):
-        self._mirror = mirror          # kvstore.shmindex.ShmIndex or None
+        self._mirror = mirror          # kvstore.core.shmindex.ShmIndex or None
         self._ns_tags: list[int] = []  # mirror tag of each namespace index
         self._cap = 0
         self.keys = np.empty((0, 2), dtype=np.uint64)   # 16 key bytes as two words

@@ -1,6 +1,6 @@
 """GPUDirect Storage for the SSD tier through kvikio (optional: the ``gds`` extra, CUDA only).
 
-``KvikioSlotIO`` has the slot I/O interface of :class:`kvstore.tiers.ssd.SSDTier`
+``KvikioSlotIO`` has the slot I/O interface of :class:`kvstore.tiers.ssd.files.SSDTier`
 (``write_slot`` / ``read_slot``: whole slots, same addresses, same key-seeded xxh3-64
 checksums), but moves bytes between the slab files and CUDA device buffers (torch CUDA tensors,
 or anything kvikio accepts) with ``kvikio.CuFile``: true GDS DMA where the driver supports it,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd import SSDTier, block_checksum, each_slot
+from kvstore.tiers.ssd.files import SSDTier, block_checksum, each_slot
 
 log = logging.getLogger("kvstore.gds")
 

@@ -4,7 +4,7 @@ Layout of ``--ssd-dir``::
 
     superblock        magic, format version, segment size (refused if incompatible)
     seg-00000.slab    one preallocated file per segment (``segment_bytes`` each)
-    journal           the index journal (see kvstore/tiers/journal.py)
+    journal           the index journal (see kvstore/tiers/ssd/journal.py)
 
 Format 2 makes the slab files self-describing, so the index can be rebuilt from them alone when
 the journal is lost or damaged (``scan``)::
@@ -15,7 +15,7 @@ the journal is lost or damaged (``scan``)::
     slot           [slot header, 4 KiB][payload, slot_bytes]
     slot header    magic, format version, address, key, payload length, payload checksum,
                    sequence number, slot size, an opaque tag (the namespace record, parent key,
-                   depth: see kvstore/ssd_journaling.py), xxh3-64 over the whole 4 KiB seeded
+                   depth: see kvstore/tiers/ssd/catalog.py), xxh3-64 over the whole 4 KiB seeded
                    with the key
 
 The header is one O_DIRECT block (4 KiB) written in the same pwritev as the payload. Sequence
@@ -227,7 +227,7 @@ class SSDTier:
         self.counters = SSDCounters()
         self.read_meter = RateMeter()
         self.write_meter = RateMeter()
-        self.read_limiter = None   # kvstore.tiers.ratelimit.TokenBucket (ssd_read_limit)
+        self.read_limiter = None   # kvstore.tiers.ssd.ratelimit.TokenBucket (ssd_read_limit)
         self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from kvstore.index import COMMITTED, NO_SLOT
+from kvstore.store.index import COMMITTED, NO_SLOT
 
 PROBE_BLOCKS = 4
 

@@ -25,17 +25,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvstore.arena import Arena
-from kvstore.errors import (FailedPrecondition, InvalidArgument, NotFound, Reason,
+from kvstore.core.arena import Arena
+from kvstore.core.errors import (FailedPrecondition, InvalidArgument, NotFound, Reason,
                             ResourceExhausted)
-from kvstore.index import COMMITTED, DELETED, NO_SLOT, BlockIndex
-from kvstore.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
-from kvstore.layout import KVLayout
-from kvstore.sessions import Allocation, IdSource, Lease, Session
-from kvstore.stats import DaemonCounters, TierCounters
+from kvstore.store.index import COMMITTED, DELETED, NO_SLOT, BlockIndex
+from kvstore.core.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
+from kvstore.core.layout import KVLayout
+from kvstore.store.sessions import Allocation, IdSource, Lease, Session
+from kvstore.metrics.counters import DaemonCounters, TierCounters
 from kvstore.tiers.dram import SlabAllocator, make_room
 
-log = logging.getLogger("kvstore.store")
+log = logging.getLogger("kvstore.store.blockstore")
 
 NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
 ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
@@ -65,13 +65,13 @@ class BlockStore:
         snapshot=None,
     ):
         self.arena = arena
-        # kvstore.slotgen.SlotGenerations of the arena (None: readers confirm their releases)
+        # kvstore.core.slotgen.SlotGenerations of the arena (None: readers confirm their releases)
         self.generations = generations
         # Only the arena's prepared prefix is handed out; the daemon marks the rest ready
         # as its ArenaPreparer reserves it.
         self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
                                    ready_bytes=arena.reserved_bytes)
-        # snapshot: kvstore.shmindex.ShmIndex that the index mirrors what lookups see into
+        # snapshot: kvstore.core.shmindex.ShmIndex that the index mirrors what lookups see into
         self.index = BlockIndex(mirror=snapshot)
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s
@@ -85,9 +85,9 @@ class BlockStore:
         self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.dram = TierCounters()
         self.counters = DaemonCounters()
-        self.tiering = None   # kvstore.tiering.Tiering when an SSD tier is configured
+        self.tiering = None   # kvstore.tiers.ssd.tier.Tiering when an SSD tier is configured
         self.hbm = None       # kvstore.tiers.hbm.HBMTier when an HBM tier is configured
-        self.prefetcher = None   # kvstore.prefetch.Prefetcher (set by the daemon)
+        self.prefetcher = None   # kvstore.prefetch.prefetcher.Prefetcher (set by the daemon)
 
     # -- sessions and namespaces -----------------------------------------------------------
     def open_session(self, client_name: str = "", pid: int = 0) -> Session:

@@ -31,7 +31,7 @@ Consistency (a seqlock per bucket, one for the table):
   non-blocking shared flock succeeds knows the daemon is gone (SIGKILL releases the lock at once)
   and asks for a reconnect through the RPC instead. A lock on the file, unlike a pid, works
   across pid namespaces (containers sharing the shm directory).
-- Memory order as in kvstore/slotgen.py: x86-64 TSO orders the reader's loads and the writer's
+- Memory order as in kvstore/core/slotgen.py: x86-64 TSO orders the reader's loads and the writer's
   stores in program order; other architectures would need fences.
 
 What it does not hold: HBM copies (a daemon with an HBM tier publishes no snapshot) and the

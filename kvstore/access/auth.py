@@ -10,7 +10,7 @@ the only way tenants share anything, and only when configured. Words starting wi
 options: ``+admin`` lets that token see the daemon-wide statistics (every other token sees its
 own tenant's figures only). ``auth_token`` (usually from ``$KVSTORE_AUTH_TOKEN``) is a single
 token for the default tenant "": the operator's own, an admin trusted with the arena. The
-daemon re-reads the file on SIGHUP (kvstore.server).
+daemon re-reads the file on SIGHUP (kvstore.daemon.server).
 
 A caller on the Unix socket without a token is a trusted local client (the socket's file mode
 is its access control): it may use any tenant, sees every statistic and maps the shared arena.
@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.config import ConfigError
+from kvstore.daemon.config import ConfigError
 
 MIN_TOKEN_CHARS = 16
 

@@ -16,11 +16,11 @@ import logging
 from importlib import resources
 from typing import Callable
 
-from kvstore.promview import CONTENT_TYPE, prometheus_text
-from kvstore.statsview import stats_to_dict
+from kvstore.metrics.prometheus import CONTENT_TYPE, prometheus_text
+from kvstore.metrics.table import stats_to_dict
 from kvstore.v1 import kvstore_pb2 as pb
 
-log = logging.getLogger("kvstore.metrics")
+log = logging.getLogger("kvstore.metrics.model")
 
 _READ_TIMEOUT_S = 5.0
 _MAX_HEADER_BYTES = 16 << 10
@@ -34,7 +34,7 @@ class MetricsServer:
         self.port = port
         self._server: asyncio.base_events.Server | None = None
         self._open = 0
-        self._page = resources.files("kvstore.web").joinpath("dashboard.html").read_bytes()
+        self._page = resources.files("kvstore.metrics.web").joinpath("dashboard.html").read_bytes()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)

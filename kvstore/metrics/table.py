@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from google.protobuf.json_format import MessageToDict
 
-from kvstore.units import format_bytes
+from kvstore.core.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 
 

@@ -32,9 +32,9 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Callable
 
-from kvstore.units import format_bytes
+from kvstore.core.units import format_bytes
 
-log = logging.getLogger("kvstore.arena")
+log = logging.getLogger("kvstore.core.arena")
 
 HEADER_BYTES = 4096
 _MAGIC = b"KVSTARN1"

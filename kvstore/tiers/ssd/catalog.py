@@ -11,7 +11,7 @@
                        the background once dead records outnumber live ones).
     sync_journal()     wait until every appended record is durable.
 
-A mixin of kvstore.tiering.Tiering: it uses the store, ssd, journal and counters Tiering holds.
+A mixin of kvstore.tiers.ssd.tier.Tiering: it uses the store, ssd, journal and counters Tiering holds.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import struct
 
 import numpy as np
 
-from kvstore.errors import KVStoreError
-from kvstore.index import COMMITTED, FREE, NO_SLOT
-from kvstore.layout import KVLayout, LayoutError
-from kvstore.tiers import journal as jr
-from kvstore.tiers.ssd import MAX_TAG_BYTES
+from kvstore.core.errors import KVStoreError
+from kvstore.store.index import COMMITTED, FREE, NO_SLOT
+from kvstore.core.layout import KVLayout, LayoutError
+from kvstore.tiers.ssd import journal as jr
+from kvstore.tiers.ssd.files import MAX_TAG_BYTES
 
 # A slot tag: namespace digest, parent key (zeros: a chain root), depth, then the namespace
 # record as JSON (model id, tenant, layout) — every slot carries enough to re-register its
@@ -34,7 +34,7 @@ from kvstore.tiers.ssd import MAX_TAG_BYTES
 # namespace is then recovered from the journal only.
 _TAG = struct.Struct("<16s16sI")
 
-log = logging.getLogger("kvstore.tiering")
+log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
 

@@ -6,17 +6,17 @@ block sizes.
                           or emptying a colder segment of another size and re-cutting it.
     forget_ssd(bid)       free a block's SSD slot and journal that.
 
-A mixin of kvstore.tiering.Tiering: it uses the store, ssd, journal and counters Tiering holds.
+A mixin of kvstore.tiers.ssd.tier.Tiering: it uses the store, ssd, journal and counters Tiering holds.
 """
 from __future__ import annotations
 
 import logging
 
-from kvstore.index import COMMITTED, NO_SLOT
-from kvstore.tiers import journal as jr
-from kvstore.tiers.ssd import slots_per_segment
+from kvstore.store.index import COMMITTED, NO_SLOT
+from kvstore.tiers.ssd import journal as jr
+from kvstore.tiers.ssd.files import slots_per_segment
 
-log = logging.getLogger("kvstore.tiering")
+log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 _SSD_EVICT_BATCH = 64
 

@@ -73,8 +73,8 @@ def _conversation(generate, turns: int, doc, questions, answer_tokens: int):
 def _daemon(socket: str | None):
     """(socket, PrivateDaemon or None, description)."""
     from kvstore.client import KVClient, KVStoreError
-    from kvstore.config import _default_socket
-    from kvstore.sidecar import PrivateDaemon
+    from kvstore.daemon.config import _default_socket
+    from kvstore.testing.daemon import PrivateDaemon
 
     if socket:
         return socket, None, f"kvstore daemon at {socket}"

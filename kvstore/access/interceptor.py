@@ -18,7 +18,7 @@ For every call, before the servicer sees it:
 
 After the call it times puts (allocate → commit) and gets (acquire → release) into the metrics,
 and cuts statistics down to the caller's own tenant unless it is an admin (see _visible_stats).
-Every refusal carries a reason (kvstore.errors).
+Every refusal carries a reason (kvstore.core.errors).
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvstore.auth import LOCAL, Principal, TokenTable, bearer_token
-from kvstore.errors import (InvalidArgument, NotFound, PermissionDenied, Reason,
+from kvstore.access.auth import LOCAL, Principal, TokenTable, bearer_token
+from kvstore.core.errors import (InvalidArgument, NotFound, PermissionDenied, Reason,
                             ResourceExhausted, Unauthenticated, abort)
-from kvstore.metrics import Metrics
+from kvstore.metrics.model import Metrics
 from kvstore.v1 import kvstore_pb2 as pb
 
-log = logging.getLogger("kvstore.access")
+log = logging.getLogger("kvstore.access.interceptor")
 
 _SERVICE = "/kvstore.v1.KVStore/"
 _EXEMPT = ("/grpc.health.v1.Health/",)

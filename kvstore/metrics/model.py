@@ -20,7 +20,7 @@ import math
 import time
 from typing import Callable
 
-from kvstore.stats import saturating_add
+from kvstore.metrics.counters import saturating_add
 from kvstore.v1 import kvstore_pb2 as pb
 
 # Log-spaced latency buckets, 1 µs .. ~100 s, each 20% wider than the last: a quantile read off

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 runtime failure (daemon unreachable, another daemon on the socket, a
 port in use); 2 bad usage or configuration, including a configured path or size the daemon finds
-unusable at start-up (kvstore.server raises ConfigError for those). A reader closing the pipe
+unusable at start-up (kvstore.daemon.server raises ConfigError for those). A reader closing the pipe
 (`kvstore stats --watch 1 | head`) ends a command quietly with 0.
 
 serve and config take every configuration key as a flag; the client commands (stats, health)
@@ -19,7 +19,7 @@ import signal
 import sys
 
 from kvstore import __version__
-from kvstore.config import FIELDS, ConfigError, load_config
+from kvstore.daemon.config import FIELDS, ConfigError, load_config
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -41,8 +41,8 @@ def _overrides(args) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from kvstore.server import DaemonError, run_daemon
-    from kvstore.arena import ArenaError
+    from kvstore.daemon.server import DaemonError, run_daemon
+    from kvstore.core.arena import ArenaError
 
     cfg = load_config(args.config, overrides=_overrides(args))
     logging.basicConfig(level=cfg.log_level.upper(),
@@ -65,7 +65,7 @@ def cmd_config(args) -> int:
     rows = cfg.describe()
     print("# the configuration `kvstore serve` would start with here (defaults <- file <- "
           "$KVSTORE_* <- flags);\n# a running daemon keeps the one it started with")
-    from kvstore.server import socket_answers
+    from kvstore.daemon.server import socket_answers
     if socket_answers(cfg.socket):
         print(f"# a daemon is listening on {cfg.socket}: `kvstore stats` shows what it holds")
     w = max(len(k) for k, _, _ in rows)
@@ -76,7 +76,7 @@ def cmd_config(args) -> int:
 
 def cmd_stats(args) -> int:
     from kvstore.client import KVClient, KVStoreError
-    from kvstore.statsview import render_table, stats_to_dict
+    from kvstore.metrics.table import render_table, stats_to_dict
 
     cfg = load_config(args.config, overrides=_overrides(args))
     if args.watch is not None and not args.watch >= 0.05:
@@ -157,7 +157,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kvstore.demo import main as demo_main
+    from kvstore.bench.demo import main as demo_main
     return demo_main(args.demo_args)
 
 

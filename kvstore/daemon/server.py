@@ -16,7 +16,7 @@ format, a port in use) raises DaemonError (exit 1). A start-up that failed relea
 opened without logging a shutdown.
 
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
-and may use TLS. Every call passes the access layer (kvstore.access) before the servicer.
+and may use TLS. Every call passes the access layer (kvstore.access.interceptor) before the servicer.
 SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
 """
 from __future__ import annotations
@@ -37,22 +37,24 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore import __version__, shmindex, slotgen
-from kvstore.access import AccessPolicy, Limits
-from kvstore.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer, remove_stale_arenas
-from kvstore.auth import TokenTable, socket_mode, tls_credentials
-from kvstore.config import Config, ConfigError
-from kvstore.bandwidth import measure_memcpy_bps
-from kvstore.metrics import Metrics
-from kvstore.prefetch import Prefetcher
-from kvstore.metrics_http import MetricsServer
-from kvstore.service import KVStoreServicer, stats_message
-from kvstore.store import BlockStore
-from kvstore.units import format_bytes
+from kvstore import __version__
+from kvstore.core import shmindex
+from kvstore.core import slotgen
+from kvstore.access.interceptor import AccessPolicy, Limits
+from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer, remove_stale_arenas
+from kvstore.access.auth import TokenTable, socket_mode, tls_credentials
+from kvstore.daemon.config import Config, ConfigError
+from kvstore.planner.bandwidth import measure_memcpy_bps
+from kvstore.metrics.model import Metrics
+from kvstore.prefetch.prefetcher import Prefetcher
+from kvstore.metrics.http import MetricsServer
+from kvstore.daemon.service import KVStoreServicer, stats_message
+from kvstore.store.blockstore import BlockStore
+from kvstore.core.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
-log = logging.getLogger("kvstore.server")
+log = logging.getLogger("kvstore.daemon.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 SHUTDOWN_GRACE_S = 5.0
@@ -140,7 +142,7 @@ class Daemon:
         for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed stale arena %s of a daemon that is gone", p)
         # Serve at once: the arena's memory is reserved and populated in the background, and
-        # the allocator takes each chunk as it is reserved (kvstore.arena, "Preparation").
+        # the allocator takes each chunk as it is reserved (kvstore.core.arena, "Preparation").
         # The first chunk is reserved here, so the first put never finds nothing ready.
         try:
             self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
@@ -398,9 +400,9 @@ class Daemon:
 
 def open_ssd_tier(cfg: Config, store: BlockStore):
     """Open (and recover) the SSD tier; raises DaemonError with a clear message."""
-    from kvstore.tiering import Tiering
-    from kvstore.tiers.journal import Journal
-    from kvstore.tiers.ssd import SSDFormatError, SSDTier
+    from kvstore.tiers.ssd.tier import Tiering
+    from kvstore.tiers.ssd.journal import Journal
+    from kvstore.tiers.ssd.files import SSDFormatError, SSDTier
 
     ssd = SSDTier(Path(cfg.ssd_dir).expanduser(), cfg.ssd_bytes, cfg.ssd_segment_bytes,
                   io_threads=cfg.ssd_io_threads)
@@ -413,7 +415,7 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
         ssd.close()
         raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
     if cfg.ssd_read_limit:
-        from kvstore.tiers.ratelimit import TokenBucket
+        from kvstore.tiers.ssd.ratelimit import TokenBucket
         ssd.read_limiter = TokenBucket(cfg.ssd_read_limit)
         log.info("SSD reads capped at %s/s (ssd_read_limit: a testing/QoS knob)",
                  format_bytes(cfg.ssd_read_limit))
@@ -425,7 +427,7 @@ def open_ssd_tier(cfg: Config, store: BlockStore):
 
 def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
     """Create the HBM pool and its tier; raises DaemonError with a clear message."""
-    from kvstore.tiers import gds
+    from kvstore.tiers.ssd import gds
     from kvstore.tiers.hbm import HBMTier, HBMUnavailable, open_pool
 
     try:

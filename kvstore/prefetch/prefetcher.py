@@ -24,10 +24,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from kvstore.errors import InvalidArgument, Reason, ResourceExhausted
-from kvstore.index import COMMITTED, NO_SLOT
+from kvstore.core.errors import InvalidArgument, Reason, ResourceExhausted
+from kvstore.store.index import COMMITTED, NO_SLOT
 
-log = logging.getLogger("kvstore.prefetch")
+log = logging.getLogger("kvstore.prefetch.prefetcher")
 
 QUEUED, RUNNING, READY, ENDED = range(4)
 

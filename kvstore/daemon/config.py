@@ -18,7 +18,7 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable
 
-from kvstore.units import format_bytes, parse_rate, parse_size
+from kvstore.core.units import format_bytes, parse_rate, parse_size
 
 
 class ConfigError(ValueError):

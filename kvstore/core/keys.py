@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kvstore.layout import KVLayout
+from kvstore.core.layout import KVLayout
 
 KEY_BYTES = 16
 _KEY_DOMAIN = b"kvstore.v1"

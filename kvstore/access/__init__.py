@@ -1,0 +1,1 @@
+"""The access layer: authentication, tenant isolation and per-client limits in front of the service."""

@@ -1,0 +1,1 @@
+"""Partial recomputation: which prefix to recompute while the rest loads."""
