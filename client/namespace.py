@@ -2,7 +2,8 @@
 
 A Namespace belongs to a KVClient (client.namespace(...)); it derives keys, and runs lookup,
 put, get, acquire (zero-copy leases), prefetch, planning and delete through the client's
-session, re-registering itself after a daemon restart.
+session, re-registering itself after a daemon restart. Block bytes move through the client's
+data path (client/datapath/), whichever medium the session was granted.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-import grpc
-
 from kvstore.core import shmindex
 from kvstore.client import cuda, quantized, transfer
-from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError,
-                                   NotFound, Reason, StaleRead, Unavailable, from_rpc_error)
+from kvstore.client.datapath import Read
+from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, Reason, StaleRead,
+                                   Unavailable)
+from kvstore.client.lease import BlockAllocation, BlockLease
 from kvstore.core.keys import chain_keys, namespace_digest, pack_keys
 from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
@@ -39,139 +40,6 @@ _REREGISTER = (Reason.UNKNOWN_SESSION, Reason.UNKNOWN_NAMESPACE)
 class LookupResult:
     num_cached: int          # blocks in the longest cached prefix
     tiers: list[str]         # tier of each of those blocks
-
-
-class BlockLease:
-    """Leased blocks, readable in place (zero copy) until :meth:`release`.
-
-    ``views(like)`` gives one byte row per block (torch tensors if like="torch", else numpy)
-    that alias the arena. Reading them after release is undefined. ``release`` raises StaleRead
-    if the lease expired (or its session ended) first: whatever was read must then be discarded.
-    :meth:`valid_prefix` proves a copy without a round trip where the daemon keeps slot
-    generations (kvstore/core/slotgen.py).
-    """
-
-    def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
-                 tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0,
-                 generations: list[int] | None = None):
-        self.ns = ns
-        # The daemon starts the lease clock after it receives the request, i.e. after
-        # requested_at: until requested_at + timeout_s (minus a margin for clock granularity)
-        # the lease should not expire. An estimate only: a lease also ends with its session,
-        # so the clock never proves a copy (see valid_prefix).
-        self._valid_until = requested_at + timeout_s - 1.0
-        self.lease_id = lease_id
-        self.offsets = offsets
-        self.tiers = tiers
-        # Each DRAM slot's generation when the lease was granted ([]: the daemon keeps none)
-        self.generations = generations or []
-        self._table = ns.client._generations   # of the daemon that granted the lease
-        self._session_id = session_id
-        self._released = lease_id == 0
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def surely_valid(self) -> bool:
-        """By the clock, the lease has not expired yet (an estimate; see valid_prefix)."""
-        return time.monotonic() < self._valid_until
-
-    def valid_prefix(self) -> int | None:
-        """After copying out of the arena: how many leading blocks provably held the leased
-        bytes throughout (their slots' generations are unchanged since the lease was granted,
-        the seqlock check of kvstore/core/slotgen.py). None: no proof available (no generation
-        table); only a confirmed :meth:`release` proves the copy then. Blocks without a DRAM
-        slot (offset -1, read from HBM) pass here: the caller proves those otherwise."""
-        gens = self._table
-        if gens is None or gens.table is None or len(self.generations) != len(self.offsets):
-            return None
-        return gens.valid_prefix(self.offsets, self.generations)
-
-    def views(self, like: str = "torch"):
-        av = self.ns.client._arena_view
-        if av is None:
-            raise InvalidArgument("zero-copy views need the shared arena (same host)")
-        base = av.torch if like == "torch" else av.np
-        bb = self.ns.layout.block_bytes
-        av.prefault(self.offsets, range(len(self.offsets)), bb)   # before the caller reads
-        return [base[o:o + bb] for o in self.offsets]
-
-    def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
-        """Give the blocks back. ``wait`` (default): confirm with the daemon that the lease
-        held until now — StaleRead if it had ended, and what was read must be discarded.
-        ``wait=False`` sends the release without waiting for the answer: only for a caller
-        that proved its copy otherwise (valid_prefix). ``hbm_filled``: the lease's HBM fill
-        slots were written with proven bytes (see client/hbm.py)."""
-        if self._released:
-            return
-        self._released = True
-        req = pb.ReleaseRequest(session_id=self._session_id, lease_id=self.lease_id,
-                                hbm_filled=hbm_filled)
-        if not wait:
-            self.ns.client._release_async(req)
-            return
-        try:
-            self.ns.client.call("Release", req)
-        except KVStoreError as exc:
-            if exc.reason == Reason.EXPIRED_LEASE:
-                raise StaleRead(str(exc)) from None
-            if isinstance(exc, (NotFound, Unavailable)):
-                # The session is gone (daemon restarted): the lease went with it and the bytes
-                # may be gone too.
-                raise StaleRead(f"lease lost with its session: {exc}", exc.reason) from None
-            raise
-
-    def __enter__(self) -> "BlockLease":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class BlockAllocation:
-    """Arena slots allocated for a put, writable in place (zero copy) until commit/abort.
-
-    ``offsets[i]`` is -1 for a block the daemon already holds (nothing to write). ``views()``
-    gives one writable byte row per block to write (None for those already held), aliasing the
-    arena. :meth:`commit` publishes the written blocks; :meth:`abort` gives the slots back. A
-    block is visible to readers only after commit, so a half-written block is never served.
-    """
-
-    def __init__(self, ns: "Namespace", session_id: int, allocation_id: int, offsets: list[int]):
-        self.ns = ns
-        self.allocation_id = allocation_id
-        self.offsets = offsets
-        self._session_id = session_id
-        self._done = allocation_id == 0
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def views(self, like: str = "torch"):
-        av = self.ns.client._arena_view
-        if av is None:
-            raise InvalidArgument("zero-copy views need the shared arena (same host)")
-        base = av.torch if like == "torch" else av.np
-        bb = self.ns.layout.block_bytes
-        av.prefault(self.offsets, range(len(self.offsets)), bb)   # before the caller writes
-        return [base[o:o + bb] if o >= 0 else None for o in self.offsets]
-
-    def commit(self) -> None:
-        self._finish(abort=False)
-
-    def abort(self) -> None:
-        """Never raises: the slots come back with the session if the daemon is gone."""
-        try:
-            self._finish(abort=True)
-        except KVStoreError:
-            pass
-
-    def _finish(self, abort: bool) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.ns.client.call("Commit", pb.CommitRequest(
-            session_id=self._session_id, allocation_id=self.allocation_id, abort=abort))
 
 
 class PendingPuts:
@@ -311,29 +179,7 @@ class Namespace:
         return written
 
     def _write(self, sid: int, allocation_id: int, offsets: list[int], rows, ready=None) -> int:
-        bb = self.layout.block_bytes
-        todo = [i for i, o in enumerate(offsets) if o >= 0]
-        av = self.client._arena_view
-        pinned = self.client._pinned
-        if av is not None and pinned is not None and cuda.is_cuda_tensor(rows):
-            pinned.to_arena(rows, offsets, todo, ready).synchronize()   # before Commit
-            return len(todo)
-        if av is not None:
-            av.prefault(offsets, todo, bb)
-            transfer.copy_runs(rows, av.rows_for(rows), offsets, todo, bb, to_arena=True,
-                               pool=self.client._copy_pool)
-            return len(todo)
-        per_msg = max(1, (self.client.max_message_bytes - (64 << 10)) // bb)
-        run: list[int] = []
-        for i in todo + [None]:
-            if run and (i is None or i != run[-1] + 1 or len(run) == per_msg):
-                data = b"".join(_row_bytes(rows[j]) for j in run)
-                self.client.call("WriteBlocks", pb.WriteBlocksRequest(
-                    session_id=sid, allocation_id=allocation_id, first_index=run[0], data=data))
-                run = []
-            if i is not None:
-                run.append(i)
-        return len(todo)
+        return self.client.datapath.write(sid, allocation_id, offsets, rows, ready)
 
     def allocate(self, keys: Sequence[bytes], parent_key: bytes | None = None) -> BlockAllocation:
         """Allocate arena slots for ``keys`` (one chain, in order; ``parent_key``: the block
@@ -389,50 +235,32 @@ class Namespace:
 
     def _get(self, blob: bytes, n: int, out, ready=None, pending=()):
         _wait_for(pending, self.client.timeout_s)   # read-your-writes (see get)
+        path = self.client.datapath
         t0 = time.monotonic()
-        pool = self.client._hbm
-        want_hbm = pool is not None and out is not None and pool.serves(out)
+        want_hbm = path.wants_hbm(out)
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob, want_hbm=want_hbm))
         lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s,
-                           list(r.generations))
+                           list(r.generations), list(r.hbm_offsets) if want_hbm else None,
+                           list(r.hbm_fill) if want_hbm else None)
         found = len(lease)
-        valid = found
-        fills: list[int] = []
-        unproven = found    # first block whose copy only a confirmed release can prove
         try:
             if out is None:
                 out = transfer.new_output(self.layout, found,
                                           like="numpy" if _torch_missing() else "torch")
             dst = transfer.out_rows(out, self.layout, found)
             with transfer.writing_into(out):
-                if found and want_hbm and (r.hbm_offsets or r.hbm_fill):
-                    reads = list(r.hbm_offsets)
-                    fills = self._copy_with_hbm(pool, dst, lease, reads, list(r.hbm_fill), ready)
-                    # HBM slots keep no generations: a block read from the pool is proven
-                    # only by a release the daemon confirms.
-                    unproven = next((i for i in range(found) if reads[i] >= 0), found)
-                elif found and self.client._arena_view is None:
-                    # The daemon copies each row while the lease holds and stops the stream
-                    # when it ends: what arrived is proven (kvstore/store/blockstore.py read_remote).
-                    valid = self._read_stream(lease, dst)
-                elif found:
-                    self._copy_from_dram(dst, lease.offsets, list(range(found)), ready)
-                if found and self.client._arena_view is not None:
-                    proven = lease.valid_prefix()     # the seqlock check, after the copy
-                    if proven is None:
-                        unproven = 0
-                    else:
-                        valid = proven
+                read = path.read(lease, dst, ready) if found else Read(0, 0)
         except BaseException:
             try:
                 lease.release()
             except KVStoreError:
                 pass
             raise
+        valid, unproven = read.valid, read.unproven
         # Fill slots are published only with proven bytes: generations passed here, and the
         # daemon publishes them only if the lease still holds at the release.
-        filled = bool(fills) and max(fills) < valid
+        filled = bool(read.fills) and max(read.fills) < valid
         if unproven < valid or valid < found:
             # A proof is missing, or the lease ended under the copy (which then most likely
             # fails "expired" and would only be logged): confirm, and keep the proven prefix.
@@ -443,69 +271,6 @@ class Namespace:
         else:
             lease.release(wait=False, hbm_filled=filled)
         return out[:valid]
-
-    def _copy_from_dram(self, dst, offsets: list[int], indices: list[int], ready=None) -> None:
-        if not indices:
-            return
-        av = self.client._arena_view
-        pinned = self.client._pinned
-        if av is not None and pinned is not None and cuda.is_cuda_tensor(dst):
-            # before the lease is released: the slot must not be reused mid-DMA
-            pinned.from_arena(dst, offsets, ready, indices).synchronize()
-        elif av is not None:
-            av.prefault(offsets, indices, self.layout.block_bytes)
-            transfer.copy_runs(dst, av.rows_for(dst), offsets, indices, self.layout.block_bytes,
-                               to_arena=False, pool=self.client._copy_pool)
-        else:
-            raise KVStoreError("HBM/DRAM copies need the shared arena")
-
-    def _copy_with_hbm(self, pool, dst, lease: BlockLease, reads: list[int], fill: list[int],
-                       ready) -> list[int]:
-        """Blocks with an HBM copy: pool → dst; the rest: arena → dst, then dst → their fill
-        slots. Returns the indices of the blocks written into fill slots (the release
-        publishes them)."""
-        found = len(lease)
-        from_hbm = [i for i in range(found) if reads[i] >= 0]
-        from_dram = [i for i in range(found) if reads[i] < 0]
-        done = pool.copy(dst, reads, from_hbm, to_pool=False, ready=ready)
-        self._copy_from_dram(dst, lease.offsets, from_dram, ready)
-        fills = [i for i in from_dram if fill[i] >= 0]
-        try:
-            fill_done = pool.copy(dst, fill, fills, to_pool=True)
-            if fill_done is not None:
-                fill_done.synchronize()
-        except Exception as exc:   # a failed fill costs only the next get's speed
-            log.warning("copying %d blocks into the HBM pool failed: %s", len(fills), exc)
-            fills = []
-        if done is not None:
-            done.synchronize()      # before the lease is released
-        return fills
-
-    def _read_stream(self, lease: BlockLease, dst) -> int:
-        """Stream the leased blocks into dst; returns how many leading rows arrived. The
-        daemon stops early when the lease ends (the rest is a miss); rows arrive in order, so
-        a gap, a repeat or a row of the wrong size is a protocol error, never a silent hole."""
-        import numpy as np
-        bb = self.layout.block_bytes
-        got = 0
-        try:
-            stream = self.client._stub.ReadBlocks(
-                pb.ReadBlocksRequest(session_id=lease._session_id, lease_id=lease.lease_id),
-                timeout=self.client.timeout_s, metadata=self.client._metadata)
-            for msg in stream:
-                if msg.index != got or len(msg.data) != bb:
-                    stream.cancel()
-                    raise KVStoreError(
-                        f"ReadBlocks sent row {msg.index} of {len(msg.data)} bytes, expected row "
-                        f"{got} of {bb} bytes (of {len(lease)})")
-                transfer.copy_rows(dst[got], np.frombuffer(msg.data, dtype=np.uint8))
-                got += 1
-        except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-            if isinstance(err, FailedPrecondition) and got == 0:
-                return 0      # the lease ended before the stream began: a miss
-            raise err from None
-        return got
 
     # -- scheduler hints and the recompute planner ---------------------------------------------
     def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
@@ -530,7 +295,7 @@ class Namespace:
                       to_hbm: bool | None = None) -> "list[PrefetchTicket]":
         """Prefetch (keys, deadline_s) pairs in one call."""
         if to_hbm is None:
-            to_hbm = self.client._hbm is not None
+            to_hbm = self.client.datapath.pool is not None
         blobs = []
         pending: set[Future] = set()
         for keys, deadline_s in items:
@@ -590,12 +355,6 @@ def _wait_for(futures, timeout_s: float) -> None:
     if not futures:
         return
     futures_wait(futures, timeout=timeout_s)
-
-
-def _row_bytes(row) -> bytes:
-    if transfer._is_torch(row):
-        return row.cpu().numpy().tobytes()
-    return row.tobytes()
 
 
 def _torch_missing() -> bool:

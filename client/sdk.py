@@ -26,14 +26,12 @@ from concurrent.futures import wait as futures_wait
 import grpc
 
 from kvstore.core import shmindex
-from kvstore.core.arena import Arena, ArenaError
-from kvstore.client import cuda, hbm, transfer
+from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
 from kvstore.client.stats import Stats
 from kvstore.daemon.config import _default_socket
 from kvstore.core.layout import KVLayout
-from kvstore.core.slotgen import SlotGenerations, SlotGenerationsError
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -131,9 +129,8 @@ class KVClient:
         self._new_channel()
         self._lock = threading.Lock()
         self._session: _Session | None = None
-        self.arena: Arena | None = None
-        self._arena_view: transfer.ArenaView | None = None
-        self._generations: SlotGenerations | None = None
+        # How block bytes move (client/datapath/): chosen per session from the daemon's grant
+        self.datapath: DataPath | None = None
         # The daemon's index snapshot (kvstore/core/shmindex.py): lookups without an RPC
         self.index_snapshot: shmindex.ShmIndex | None = None
         # Releases sent without waiting (their copies were proven): close() drains them
@@ -142,9 +139,7 @@ class KVClient:
         self._work: set[Future] = set()      # puts and gets not finished yet, likewise
         self._pending_puts = PendingPuts()
         self._pin_arena = pin_arena
-        self._pinned: cuda.PinnedArena | None = None
         self._use_hbm = use_hbm
-        self._hbm: hbm.PoolView | None = None
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
         # Host copies of large batches are split across these threads (see transfer.copy_runs);
         # a separate pool, so an I/O thread waiting on its pieces can never starve them.
@@ -165,36 +160,19 @@ class KVClient:
         sess = _Session(self._stub, self._client_name, self.timeout_s) if not self._metadata \
             else self._open_with_metadata()
         ev = sess.event
-        if self.arena is not None:
-            self._unmap_arena()
-            self.arena = None
-        if self._want_shm and ev.arena.path:
-            try:
-                self.arena = Arena.attach(ev.arena.path, ev.arena.uuid, ev.arena.size_bytes)
-                self._arena_view = transfer.ArenaView(self.arena.buffer, self.arena.populate,
-                                                      self.arena.mapped_bytes)
-                self._arena_view.follow(self.arena.populated_bytes)
-            except ArenaError as exc:
-                log.info("not mapping the daemon's arena (%s): streaming bytes over gRPC", exc)
-            else:
-                if ev.arena.generations_path:
-                    try:
-                        self._generations = SlotGenerations.attach(ev.arena.path, ev.arena.uuid)
-                    except (SlotGenerationsError, OSError) as exc:
-                        # Still correct, one round trip slower: every get confirms its release.
-                        log.info("no slot generations (%s): gets confirm their releases", exc)
-                if ev.arena.index_path:
-                    try:
-                        self.index_snapshot = shmindex.ShmIndex.attach(ev.arena.index_path,
-                                                                       ev.arena.uuid)
-                    except (shmindex.ShmIndexError, OSError) as exc:
-                        log.info("no index snapshot (%s): lookups go over gRPC", exc)
-                self._pinned = cuda.attach(self.arena, self._arena_view, self._pin_arena)
-                if self._use_hbm is not False and ev.HasField("hbm"):
-                    self._hbm = hbm.open_pool(ev.hbm)
-        self._session = sess
+        self._close_datapath()
         self.max_batch_blocks = ev.max_batch_blocks or 4096
         self.max_message_bytes = min(ev.max_message_bytes or (4 << 20), _MSG_LIMIT)
+        self.datapath = open_datapath(self, ev, shared_memory=self._want_shm,
+                                      pin_arena=self._pin_arena, use_hbm=self._use_hbm,
+                                      copy_pool=self._copy_pool)
+        if self.datapath.shared_memory and ev.arena.index_path:
+            try:
+                self.index_snapshot = shmindex.ShmIndex.attach(ev.arena.index_path,
+                                                               ev.arena.uuid)
+            except (shmindex.ShmIndexError, OSError) as exc:
+                log.info("no index snapshot (%s): lookups go over gRPC", exc)
+        self._session = sess
 
     def _open_with_metadata(self) -> _Session:
         stub = self._stub
@@ -235,9 +213,14 @@ class KVClient:
         return self.index_snapshot
 
     @property
+    def arena(self):
+        """The daemon's arena mapped in this process (kvstore.core.arena.Arena), or None."""
+        return self.datapath.arena if self.datapath is not None else None
+
+    @property
     def shared_memory(self) -> bool:
         """True when block bytes move through the mapped arena (same host)."""
-        return self.arena is not None
+        return self.datapath is not None and self.datapath.shared_memory
 
     def call(self, method: str, request):
         """One unary RPC with the client's deadline; gRPC errors become KVStoreError classes."""
@@ -246,6 +229,12 @@ class KVClient:
                                                metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def stream(self, method: str, request):
+        """Start one server-streaming RPC with the client's deadline: the gRPC call (iterate
+        it; it raises grpc.RpcError, cancel() ends it)."""
+        return getattr(self._stub, method)(request, timeout=self.timeout_s,
+                                           metadata=self._metadata)
 
     # -- API ---------------------------------------------------------------------------------
     def namespace(self, model_id: str, layout: KVLayout, tenant: str = "") -> "Namespace":
@@ -339,26 +328,15 @@ class KVClient:
         if self._session is not None:
             self._session.close()
         self._channel.close()
-        if self.arena is not None:
-            self._unmap_arena()
+        self._close_datapath()
 
-    def _unmap_arena(self) -> None:
+    def _close_datapath(self) -> None:
         if self.index_snapshot is not None:
             self.index_snapshot.close()
             self.index_snapshot = None
-        if self._generations is not None:
-            self._generations.close()
-            self._generations = None
-        if self._hbm is not None:
-            self._hbm.close()
-            self._hbm = None
-        if self._pinned is not None:
-            self._pinned.close()          # unregister before the mapping goes
-            self._pinned = None
-        if self._arena_view is not None:
-            self._arena_view.close()      # its background populate, before the unmap
-        self._arena_view = None
-        self.arena.close()
+        if self.datapath is not None:
+            self.datapath.close()
+            self.datapath = None
 
     def __enter__(self) -> "KVClient":
         return self

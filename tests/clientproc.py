@@ -67,7 +67,7 @@ def put_and_die(sock: str, n: int) -> None:
     ns._register()
     r = c.call("Allocate", pb.AllocateRequest(session_id=c.session_id,
                                               namespace_id=ns.namespace_id, keys=pack_keys(keys)))
-    arena = c._arena_view.np
+    arena = c.datapath.arena_view.np
     for off in list(r.offsets)[: n // 2]:
         arena[off:off + LAYOUT.block_bytes] = 0xAB
     print(json.dumps({"allocated": len(r.offsets)}), flush=True)

@@ -23,7 +23,7 @@ def test_ready_event_is_none_for_cpu_tensors_and_numpy():
 def test_pinning_is_a_logged_no_op_without_cuda_and_the_cpu_path_is_unchanged(daemon, caplog):
     caplog.set_level(logging.INFO, logger="kvstore.client.cuda")
     with KVClient(daemon.socket, pin_arena=True) as client:
-        assert client.shared_memory and client._pinned is None
+        assert client.shared_memory and client.datapath.pinned is None
         msgs = [r.getMessage() for r in caplog.records if r.name == "kvstore.client.cuda"]
         assert len(msgs) == 1 and "not pinning the kvstore arena" in msgs[0]
         assert ("CPU-only build" in msgs[0] or "no CUDA device" in msgs[0])
@@ -35,7 +35,7 @@ def test_pinning_is_a_logged_no_op_without_cuda_and_the_cpu_path_is_unchanged(da
         assert torch.equal(ns.get(keys).result(timeout=10), kv)
     caplog.clear()
     with KVClient(daemon.socket, pin_arena=False) as client:
-        assert client._pinned is None
+        assert client.datapath.pinned is None
     assert not [r for r in caplog.records if r.name == "kvstore.client.cuda"]
 
 
@@ -43,8 +43,8 @@ def test_pinning_is_a_logged_no_op_without_cuda_and_the_cpu_path_is_unchanged(da
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_put_and_get_dma_through_the_pinned_arena(daemon):
     with KVClient(daemon.socket) as client:                # auto: this process uses CUDA
-        assert client._pinned is not None
-        assert client._arena_view.torch.is_pinned()
+        assert client.datapath.pinned is not None
+        assert client.datapath.arena_view.torch.is_pinned()
         ns = client.namespace("m", LAYOUT)
         keys = ns.block_keys(list(range(16 * 8)))
         kv = torch.randn(8, *LAYOUT.block_shape, device="cuda").half()

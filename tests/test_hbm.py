@@ -68,7 +68,7 @@ def get_into(ns, keys, n: int):
 def test_a_dram_hit_fills_hbm_and_the_next_get_reads_hbm(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket) as c:
-        assert c._hbm is not None and c._hbm.backend == "host"
+        assert c.datapath.pool is not None and c.datapath.pool.backend == "host"
         ns = c.namespace("m", LAYOUT)
         keys, data = put_chain(ns, 1, 8)
         assert ns.lookup(keys).tiers == ["DRAM"] * 8
@@ -92,7 +92,7 @@ def test_a_dram_hit_fills_hbm_and_the_next_get_reads_hbm(daemon_factory):
         assert tier(c, "DRAM").hits == dram_hits + 8 and tier(c, "HBM").hits == 8
 
         # The bytes in the pool are the block's bytes (what the next D2D hit copies).
-        pool = c._hbm.tensor
+        pool = c.datapath.pool.tensor
         lease_resp = c.call("Acquire", pb.AcquireRequest(
             session_id=c.session_id, namespace_id=ns.namespace_id,
             keys=b"".join(keys), want_hbm=True))
@@ -242,14 +242,14 @@ def test_ssd_blocks_are_read_straight_into_hbm(daemon_factory, tmp_path):
 def test_remote_clients_never_see_the_pool(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket, shared_memory=False) as c:
-        assert c._hbm is None
+        assert c.datapath.pool is None
         ns = c.namespace("m", LAYOUT)
         keys, data = put_chain(ns, 11, 4)
         for _ in range(2):
             assert torch.equal(get_into(ns, keys, 4), data)
         assert tier(c, "HBM").promotions == 0
     with KVClient(d.socket, use_hbm=False) as c:
-        assert c._hbm is None
+        assert c.datapath.pool is None
 
 
 def test_hbm_tier_without_cuda_is_a_clear_startup_error(tmp_path, shm_dir):
@@ -270,7 +270,7 @@ def test_hbm_tier_without_cuda_is_a_clear_startup_error(tmp_path, shm_dir):
 def test_cuda_pool_by_ipc_fill_then_device_to_device_hit(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, "--hbm-bytes", "64MiB", "--hbm-device", "cuda:0")
     with KVClient(d.socket) as c:
-        assert c._hbm is not None and c._hbm.backend == "cuda"
+        assert c.datapath.pool is not None and c.datapath.pool.backend == "cuda"
         ns = c.namespace("m", LAYOUT)
         tokens, data = chain(21, 8)
         keys = ns.block_keys(tokens)
@@ -312,7 +312,7 @@ def test_after_a_daemon_restart_the_client_opens_the_new_pool(daemon_factory):
         keys, data = put_chain(ns, 31, 4)
         get_into(ns, keys, 4)
         wait_for(lambda: tier(c, "HBM").blocks == 4)
-        old_pool = c._hbm._keep.path              # the host pool's shared-memory file
+        old_pool = c.datapath.pool._keep.path              # the host pool's shared-memory file
         d.kill()                                   # the pool's file is the dead daemon's
         d.start()
 
@@ -322,10 +322,10 @@ def test_after_a_daemon_restart_the_client_opens_the_new_pool(daemon_factory):
             except Exception:
                 return False
         wait_for(back, timeout_s=20)
-        assert c.reconnects >= 1 and c._hbm is not None
-        assert c._hbm._keep.path != old_pool and c._hbm._keep.path.exists()
+        assert c.reconnects >= 1 and c.datapath.pool is not None
+        assert c.datapath.pool._keep.path != old_pool and c.datapath.pool._keep.path.exists()
         # the new daemon removed the killed one's pool file
-        assert list(d.shm_dir.glob("kvstorehbm-*.arena")) == [c._hbm._keep.path]
+        assert list(d.shm_dir.glob("kvstorehbm-*.arena")) == [c.datapath.pool._keep.path]
         assert torch.equal(get_into(ns, keys, 4), data)      # fill the new pool ...
         wait_for(lambda: tier(c, "HBM").blocks == 4)         # (published at the release)
         assert torch.equal(get_into(ns, keys, 4), data)      # ... then hit it

@@ -106,7 +106,7 @@ def test_sigterm_drains_in_flight_stream_then_exits(daemon_factory):
     assert len(lease) == len(keys)
     watch = c.watch_stats(0.05)
     next(watch)
-    stream = c._stub.ReadBlocks(pb.ReadBlocksRequest(session_id=lease._session_id,
+    stream = c._stub.ReadBlocks(pb.ReadBlocksRequest(session_id=lease.session_id,
                                                      lease_id=lease.lease_id), timeout=30)
     got = [next(stream)]
     d.proc.send_signal(signal.SIGTERM)
@@ -135,7 +135,7 @@ def test_sigterm_exits_within_grace_despite_a_stuck_client(daemon_factory):
     for i in range(0, len(keys), 50):
         ns.put(keys[i:i + 50], np.zeros((50, *layout.block_shape), np.float16)).result()
     lease = ns.acquire(keys)
-    stream = c._stub.ReadBlocks(pb.ReadBlocksRequest(session_id=lease._session_id,
+    stream = c._stub.ReadBlocks(pb.ReadBlocksRequest(session_id=lease.session_id,
                                                      lease_id=lease.lease_id), timeout=60)
     next(stream)                         # ... and never read the other 199 blocks
     d.proc.send_signal(signal.SIGTERM)

@@ -203,9 +203,9 @@ def test_tenants_cannot_probe_read_or_delete_each_other(tenant_daemon):
         # B cannot ride on A's session (lease and allocation ids are per session).
         lease = ns_a.acquire(keys_a)
         with pytest.raises(NotFound, match="unknown session"):
-            b.call("Release", pb.ReleaseRequest(session_id=lease._session_id,
+            b.call("Release", pb.ReleaseRequest(session_id=lease.session_id,
                                                 lease_id=lease.lease_id))
-        stream = b._stub.ReadBlocks(pb.ReadBlocksRequest(session_id=lease._session_id,
+        stream = b._stub.ReadBlocks(pb.ReadBlocksRequest(session_id=lease.session_id,
                                                          lease_id=lease.lease_id),
                                     metadata=b._metadata, timeout=5)
         with pytest.raises(grpc.RpcError) as exc:

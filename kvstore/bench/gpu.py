@@ -100,7 +100,7 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
 
         put(args.repeat)                                  # warm-up
         drop(args.repeat)
-        if cuda and client._pinned is None:
+        if cuda and client.datapath.pinned is None:
             print("kvstore bench gpu: warning: the arena is not pinned (see the client log); "
                   "SDK figures are for pageable copies", file=sys.stderr)
         t_put = _wall(sync, put, args.repeat, before=drop)
@@ -119,7 +119,7 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
         t_d2h = _wall(sync, lambda i: host.copy_(kv_bytes, non_blocking=True), args.repeat)
         t_h2d = _wall(sync, lambda i: dev.copy_(host, non_blocking=True), args.repeat)
         hbm = {}
-        if hbm_client._hbm is not None:
+        if hbm_client.datapath.pool is not None:
             hns = hbm_client.namespace("kvstore-bench-gpu", layout)
             out2 = torch.empty_like(kv)
 
@@ -133,12 +133,12 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
                 raise RuntimeError("SDK get from HBM returned other bytes than were put")
             t_hbm = _wall(sync, hbm_get, args.repeat)
             t_d2d = _wall(sync, lambda i: dev.copy_(kv_bytes, non_blocking=True), args.repeat)
-            hbm = {"hbm_backend": hbm_client._hbm.backend,
+            hbm = {"hbm_backend": hbm_client.datapath.pool.backend,
                    "raw_d2d_gbps": nbytes / t_d2d / 1e9, "sdk_hbm_get_gbps": nbytes / t_hbm / 1e9,
                    "hbm_get_vs_d2d": t_d2d / t_hbm, "hbm_get_vs_sdk_dram_get": t_get / t_hbm}
         return {**hbm,
             "bytes": nbytes, "blocks": n, "block_bytes": layout.block_bytes,
-            "arena_pinned": client._pinned is not None,
+            "arena_pinned": client.datapath.pinned is not None,
             "raw_d2h_gbps": nbytes / t_d2h / 1e9, "sdk_put_gbps": nbytes / t_put / 1e9,
             "put_vs_raw": t_d2h / t_put,
             "raw_h2d_gbps": nbytes / t_h2d / 1e9, "sdk_get_gbps": nbytes / t_get / 1e9,

@@ -1,0 +1,146 @@
+"""Zero-copy access to arena slots: leases of stored blocks (gets), allocations for puts.
+
+Both belong to a Namespace and alias the daemon's shared arena through the client's data path
+(client/datapath/); a client without the arena can still lease (its gets stream the bytes),
+but ``views`` then raises InvalidArgument.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from kvstore.client.errors import KVStoreError, NotFound, Reason, StaleRead, Unavailable
+from kvstore.v1 import kvstore_pb2 as pb
+
+if TYPE_CHECKING:
+    from kvstore.client.namespace import Namespace
+
+
+class BlockLease:
+    """Leased blocks, readable in place (zero copy) until :meth:`release`.
+
+    ``views(like)`` gives one byte row per block (torch tensors if like="torch", else numpy)
+    that alias the arena. Reading them after release is undefined. ``release`` raises StaleRead
+    if the lease expired (or its session ended) first: whatever was read must then be discarded.
+    :meth:`valid_prefix` proves a copy without a round trip where the daemon keeps slot
+    generations (kvstore/core/slotgen.py).
+    """
+
+    def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
+                 tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0,
+                 generations: list[int] | None = None, hbm_reads: list[int] | None = None,
+                 hbm_fills: list[int] | None = None):
+        self.ns = ns
+        # The daemon starts the lease clock after it receives the request, i.e. after
+        # requested_at: until requested_at + timeout_s (minus a margin for clock granularity)
+        # the lease should not expire. An estimate only: a lease also ends with its session,
+        # so the clock never proves a copy (see valid_prefix).
+        self._valid_until = requested_at + timeout_s - 1.0
+        self.lease_id = lease_id
+        self.offsets = offsets
+        self.tiers = tiers
+        # Each DRAM slot's generation when the lease was granted ([]: the daemon keeps none)
+        self.generations = generations or []
+        # HBM pool slots per block (-1: none): to read from, to fill (client/datapath/hbm.py)
+        self.hbm_reads = hbm_reads or []
+        self.hbm_fills = hbm_fills or []
+        self._table = ns.client.datapath.generations   # of the daemon that granted the lease
+        self.session_id = session_id
+        self._released = lease_id == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def surely_valid(self) -> bool:
+        """By the clock, the lease has not expired yet (an estimate; see valid_prefix)."""
+        return time.monotonic() < self._valid_until
+
+    def valid_prefix(self) -> int | None:
+        """After copying out of the arena: how many leading blocks provably held the leased
+        bytes throughout (their slots' generations are unchanged since the lease was granted,
+        the seqlock check of kvstore/core/slotgen.py). None: no proof available (no generation
+        table); only a confirmed :meth:`release` proves the copy then. Blocks without a DRAM
+        slot (offset -1, read from HBM) pass here: the caller proves those otherwise."""
+        gens = self._table
+        if gens is None or gens.table is None or len(self.generations) != len(self.offsets):
+            return None
+        return gens.valid_prefix(self.offsets, self.generations)
+
+    def views(self, like: str = "torch"):
+        """One byte row per block aliasing its slot (InvalidArgument without the arena)."""
+        return self.ns.client.datapath.views(self.offsets, self.ns.layout.block_bytes, like)
+
+    def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
+        """Give the blocks back. ``wait`` (default): confirm with the daemon that the lease
+        held until now — StaleRead if it had ended, and what was read must be discarded.
+        ``wait=False`` sends the release without waiting for the answer: only for a caller
+        that proved its copy otherwise (valid_prefix). ``hbm_filled``: the lease's HBM fill
+        slots were written with proven bytes (see client/hbm.py)."""
+        if self._released:
+            return
+        self._released = True
+        req = pb.ReleaseRequest(session_id=self.session_id, lease_id=self.lease_id,
+                                hbm_filled=hbm_filled)
+        if not wait:
+            self.ns.client._release_async(req)
+            return
+        try:
+            self.ns.client.call("Release", req)
+        except KVStoreError as exc:
+            if exc.reason == Reason.EXPIRED_LEASE:
+                raise StaleRead(str(exc)) from None
+            if isinstance(exc, (NotFound, Unavailable)):
+                # The session is gone (daemon restarted): the lease went with it and the bytes
+                # may be gone too.
+                raise StaleRead(f"lease lost with its session: {exc}", exc.reason) from None
+            raise
+
+    def __enter__(self) -> "BlockLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class BlockAllocation:
+    """Arena slots allocated for a put, writable in place (zero copy) until commit/abort.
+
+    ``offsets[i]`` is -1 for a block the daemon already holds (nothing to write). ``views()``
+    gives one writable byte row per block to write (None for those already held), aliasing the
+    arena. :meth:`commit` publishes the written blocks; :meth:`abort` gives the slots back. A
+    block is visible to readers only after commit, so a half-written block is never served.
+    """
+
+    def __init__(self, ns: "Namespace", session_id: int, allocation_id: int, offsets: list[int]):
+        self.ns = ns
+        self.allocation_id = allocation_id
+        self.offsets = offsets
+        self.session_id = session_id
+        self._done = allocation_id == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def views(self, like: str = "torch"):
+        """One writable byte row per block to write, None for those already held
+        (InvalidArgument without the arena)."""
+        return self.ns.client.datapath.views(self.offsets, self.ns.layout.block_bytes, like)
+
+    def commit(self) -> None:
+        self._finish(abort=False)
+
+    def abort(self) -> None:
+        """Never raises: the slots come back with the session if the daemon is gone."""
+        try:
+            self._finish(abort=True)
+        except KVStoreError:
+            pass
+
+    def _finish(self, abort: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.ns.client.call("Commit", pb.CommitRequest(
+            session_id=self.session_id, allocation_id=self.allocation_id, abort=abort))
+
+
