@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvstore.client import KVClient, KVLayout
-from kvstore.client.hf_cache import LayerLoader, LoadTimeline, _runs, pack_blocks
+from kvstore.client.hf.cache import LayerLoader, LoadTimeline, _runs, pack_blocks
 
 
 @pytest.mark.parametrize("offsets,expect", [

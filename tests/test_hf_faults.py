@@ -12,7 +12,7 @@ import torch
 from hf_models import prompt, tiny_llama
 from kvstore.client import KVClient
 from kvstore.client.hf import HFPrefixCache, layout_for
-from kvstore.client.hf_cache import LayerLoader, LoadTimeline, PrefixLoadFailed
+from kvstore.client.hf.cache import LayerLoader, LoadTimeline, PrefixLoadFailed
 
 GEN = dict(max_new_tokens=4, do_sample=False)
 

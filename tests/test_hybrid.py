@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from kvstore.client import KVClient
 from kvstore.client.hf import layout_for
-from kvstore.client.hf_cache import pack_blocks
+from kvstore.client.hf.cache import pack_blocks
 from kvstore.client.hybrid import HybridPrefill
 from kvstore.planner.recompute import Plan, PrefillProfile
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.client.vllm_pages import page_format_for
+from kvstore.kernels.pages import page_format_for
 from kvstore.core.layout import KVLayout
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=32, block_tokens=32, dtype="bfloat16")

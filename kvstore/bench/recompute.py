@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from kvstore.bench.llama import SHAPE_1B, SHAPE_DEMO, SHAPE_TINY, random_llama
     from kvstore.client import KVClient
     from kvstore.client.hf import layout_for
-    from kvstore.client.hf_cache import pack_blocks
+    from kvstore.client.hf.cache import pack_blocks
     from kvstore.client.hybrid import HybridPrefill
 
     if a.threads:

@@ -1,4 +1,4 @@
-"""What is inside a vLLM KV page, per attention backend, and kvstore's canonical view of it.
+"""What is inside a vLLM KV page, per attention backend, and the kernels' view of it.
 
 vLLM (0.32) hands connectors one ``[B, H, N, C]`` tensor per layer: B blocks, H kv heads, N
 tokens per block, C = 2 * head_dim. That shape is only a container — which of C's elements are
@@ -12,9 +12,10 @@ K and which are V is the backend's choice:
 A backend not in this table is refused: guessing would store garbage that later loads would
 serve as KV (LMCache's server mode broke this way when vLLM changed its KV format).
 
-kvstore's block layout is [layers, 2, N, H, D] (kvstore.core.layout); ``canonical`` gives each
-layer's cache as a strided [B, 2, N, H, D] view of the same memory, so gather/scatter are
-plain tensor indexing.
+``canonical`` gives each layer's cache as a strided ``[2, B, N, H, D]`` view of the same memory
+— the per-layer layout of kvstore.kernels (paged.py) with one page per kvstore block — so the
+connector moves blocks with the kernels' gather/scatter (Triton on CUDA, the torch reference
+elsewhere) into and out of kvstore's block layout [layers, 2, N, H, D] (kvstore.core.layout).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Callable
 import torch
 
 from kvstore.core.layout import KVLayout
+from kvstore.kernels.ops import gather, scatter
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class PageFormat:
     _strides: Callable[[torch.Tensor, KVLayout], tuple[int, ...]]
 
     def canonical(self, kv: torch.Tensor) -> torch.Tensor:
-        """[B, 2, N, H, D] view (no copy) of one layer's ``[B, H, N, 2D]`` cache tensor."""
+        """[2, B, N, H, D] view (no copy) of one layer's ``[B, H, N, 2D]`` cache tensor."""
         L = self.layout
         want = (L.num_kv_heads, L.block_tokens, 2 * L.head_dim)
         if kv.dim() != 4 or tuple(kv.shape[1:]) != want:
@@ -45,25 +47,23 @@ class PageFormat:
         if kv.stride(3) != 1:
             raise ValueError(f"KVStoreConnector: {self.backend} KV tensor's channels are not "
                              f"contiguous (strides {kv.stride()}); refusing to guess its layout")
-        return torch.as_strided(kv, size=(kv.shape[0], 2, L.block_tokens, L.num_kv_heads,
+        return torch.as_strided(kv, size=(2, kv.shape[0], L.block_tokens, L.num_kv_heads,
                                           L.head_dim),
                                 stride=self._strides(kv, L), storage_offset=kv.storage_offset())
 
     def gather(self, layers: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
-        """Copy of blocks ``block_ids`` as [n, layers, 2, N, H, D] on the CPU."""
-        L = self.layout
-        idx = torch.as_tensor(block_ids, dtype=torch.long, device=layers[0].device)
-        out = torch.empty((len(block_ids), len(layers), 2, L.block_tokens, L.num_kv_heads,
-                           L.head_dim), dtype=layers[0].dtype)
-        for i, kv in enumerate(layers):
-            out[:, i].copy_(kv.index_select(0, idx))
-        return out
+        """Copy of blocks ``block_ids`` as [n, layers, 2, N, H, D], on the cache's device."""
+        return gather(layers, _page_table(block_ids))
 
     def scatter(self, layers: list[torch.Tensor], block_ids: list[int], data: torch.Tensor) -> None:
-        """Write [n, layers, 2, N, H, D] ``data`` into blocks ``block_ids``."""
-        idx = torch.as_tensor(block_ids, dtype=torch.long, device=layers[0].device)
-        for i, kv in enumerate(layers):
-            kv[idx] = data[:, i].to(kv.device)
+        """Write [n, layers, 2, N, H, D] ``data`` (any device) into blocks ``block_ids``."""
+        dev = layers[0].device
+        scatter(layers, _page_table(block_ids), data.to(dev).contiguous())
+
+
+def _page_table(block_ids: list[int]) -> torch.Tensor:
+    # one vLLM block is one kvstore block: a page table of one page per block
+    return torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1, 1)
 
 
 def _cpu_attn(kv: torch.Tensor, L: KVLayout) -> tuple[int, ...]:
@@ -71,12 +71,12 @@ def _cpu_attn(kv: torch.Tensor, L: KVLayout) -> tuple[int, ...]:
         raise ValueError(f"KVStoreConnector: a CPU_ATTN page's [N, C] interior is not "
                          f"contiguous (strides {kv.stride()}); refusing to guess its layout")
     s_b, s_h = kv.stride(0), kv.stride(1)
-    return (s_b, L.block_tokens * L.head_dim, L.head_dim, s_h, 1)
+    return (L.block_tokens * L.head_dim, s_b, L.head_dim, s_h, 1)
 
 
 def _flash_attn(kv: torch.Tensor, L: KVLayout) -> tuple[int, ...]:
     s_b, s_h, s_n = kv.stride(0), kv.stride(1), kv.stride(2)
-    return (s_b, L.head_dim, s_n, s_h, 1)
+    return (L.head_dim, s_b, s_n, s_h, 1)
 
 
 _FORMATS = {"CPU_ATTN": _cpu_attn, "FLASH_ATTN": _flash_attn}

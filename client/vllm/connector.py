@@ -1,48 +1,9 @@
-"""A vLLM KV connector backed by the kvstore daemon (vLLM v1 ``KVConnectorBase_V1``).
-
-Switch it on with::
-
-    vllm serve MODEL --kv-transfer-config '{"kv_connector":"KVStoreConnector",
-        "kv_connector_module_path":"kvstore.client.vllm","kv_role":"kv_both",
-        "kv_connector_extra_config":{"socket":"/run/kvstore/kv.sock"}}'
-
-kv_role: kv_both loads and stores; kv_producer (a prefill engine) only stores, kv_consumer (a
-decode engine) only loads — with both daemons on one cluster tier (--remote), KV a prefill
-host computed reaches the decode host through it.
-
-Protocol, in vLLM's call order:
-  scheduler  get_num_new_matched_tokens  Lookup of the prompt's key chain; a hit is loaded
-                                          asynchronously (the request waits in
-                                          WAITING_FOR_REMOTE_KVS, the engine keeps stepping).
-             update_state_after_alloc    records which vLLM blocks receive the hit.
-             build_connector_meta        per step: the loads to start, and the blocks this
-                                          step completes, to store (prompt blocks, and with
-                                          store_generated those of generated tokens).
-             request_finished            forgets the request; never holds its blocks (the
-                                          store was issued when the blocks were computed).
-  worker     register_kv_caches          checks the engine's KV page format (refuses unknown).
-             wait_for_save               end of the forward: copies the completed blocks out of
-                                          the paged cache and hands them to an SDK put (async).
-             start_load_kv               starts SDK gets into staging tensors on the KV cache's
-                                          device (I/O threads).
-             get_finished                copies finished gets into the paged cache and reports
-                                          the request done; missing or failed blocks go to
-                                          get_block_ids_with_load_errors, vLLM recomputes them.
-  wait_for_layer_load / save_kv_layer are no-ops: a load completes before its request is
-  scheduled, and a store is taken after the whole forward.
-
-Blocks: kvstore's block_tokens is vLLM's block_size, so one vLLM block is one kvstore block
-and keys chain over the prompt's token ids (only full blocks; the tail of a prompt that ends
-mid-block is recomputed). Bytes are kvstore's canonical layout [layers, 2, block, heads,
-head_dim], converted from the backend's page format, so any runtime declaring the same layout
-reads them. Failure rule: every daemon error, timeout or restart is a miss (counted as a
-fallback) and vLLM recomputes; nothing here raises into the engine.
-"""
+"""The vLLM connector: scheduler and worker halves of KVConnectorBase_V1 (see the package
+docstring for the protocol, in vLLM's call order)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -56,10 +17,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvstore.client import KVClient, KVLayout, Namespace
+from kvstore.client import KVLayout
 from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
-from kvstore.client.vllm_pages import PageFormat, page_format_for
+from kvstore.client.vllm.stats import Counters, KVStoreConnectorStats
+from kvstore.kernels.pages import PageFormat, page_format_for
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -90,7 +52,7 @@ _DEFAULTS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Metadata (scheduler -> worker) and statistics
+# Metadata (scheduler -> worker)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class LoadSpec:
@@ -111,55 +73,6 @@ class KVStoreConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
 
-
-_COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "loaded_blocks",
-             "loaded_bytes", "load_failed_blocks", "stored_blocks", "stored_bytes",
-             "store_failed_blocks", "store_skipped_blocks", "fallbacks")
-
-
-@dataclass
-class KVStoreConnectorStats(KVConnectorStats):
-    """Counters over one logging interval; aggregate() sums workers and the scheduler."""
-
-    def __post_init__(self):
-        for k in _COUNTERS:
-            self.data.setdefault(k, 0)
-
-    def reset(self):
-        self.data = {k: 0 for k in _COUNTERS}
-
-    def aggregate(self, other: KVConnectorStats) -> "KVStoreConnectorStats":
-        for k, v in other.data.items():
-            self.data[k] = self.data.get(k, 0) + v
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        return dict(self.data)
-
-    def is_empty(self) -> bool:
-        return not any(self.data.values())
-
-
-class _Counters:
-    """Cumulative counters plus the interval ones vLLM's stats logger takes."""
-
-    def __init__(self):
-        self.total = dict.fromkeys(_COUNTERS, 0)
-        self._interval = dict.fromkeys(_COUNTERS, 0)
-        self._lock = threading.Lock()
-
-    def add(self, **kv: int) -> None:
-        with self._lock:
-            for k, v in kv.items():
-                self.total[k] += v
-                self._interval[k] += v
-
-    def take(self) -> KVStoreConnectorStats | None:
-        with self._lock:
-            if not any(self._interval.values()):
-                return None
-            out, self._interval = self._interval, dict.fromkeys(_COUNTERS, 0)
-        return KVStoreConnectorStats(data=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +114,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         if self.cfg["quant"]:
             self.layout = dataclasses.replace(self.layout, quant=self.cfg["quant"])  # validated
         self.model_id = self.cfg["model_id"] or vllm_config.model_config.model
-        self.counters = _Counters()
+        self.counters = Counters()
         # Disaggregated prefill/decode (the cluster tier carries KV between hosts): a producer
         # (prefill) only stores, a consumer (decode) only loads; kv_both does both.
         kv_role = self._kv_transfer_config.kv_role or "kv_both"

@@ -1,0 +1,56 @@
+"""The vLLM connector's counters: cumulative totals, and the per-interval stats vLLM logs."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+_COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "loaded_blocks",
+             "loaded_bytes", "load_failed_blocks", "stored_blocks", "stored_bytes",
+             "store_failed_blocks", "store_skipped_blocks", "fallbacks")
+
+
+@dataclass
+class KVStoreConnectorStats(KVConnectorStats):
+    """Counters over one logging interval; aggregate() sums workers and the scheduler."""
+
+    def __post_init__(self):
+        for k in _COUNTERS:
+            self.data.setdefault(k, 0)
+
+    def reset(self):
+        self.data = {k: 0 for k in _COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> "KVStoreConnectorStats":
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class Counters:
+    """Cumulative counters plus the interval ones vLLM's stats logger takes."""
+
+    def __init__(self):
+        self.total = dict.fromkeys(_COUNTERS, 0)
+        self._interval = dict.fromkeys(_COUNTERS, 0)
+        self._lock = threading.Lock()
+
+    def add(self, **kv: int) -> None:
+        with self._lock:
+            for k, v in kv.items():
+                self.total[k] += v
+                self._interval[k] += v
+
+    def take(self) -> KVStoreConnectorStats | None:
+        with self._lock:
+            if not any(self._interval.values()):
+                return None
+            out, self._interval = self._interval, dict.fromkeys(_COUNTERS, 0)
+        return KVStoreConnectorStats(data=out)
