@@ -1,10 +1,14 @@
-"""The daemon link the runtime adapters share (vLLM connector, SGLang HiCache backend), and
-the recompute-fallback reports the adapters owe the daemon (FallbackReports).
+"""What every runtime adapter (vLLM connector, SGLang HiCache backend, HF prefix cache) shares:
 
-One KVClient + Namespace, connected lazily. Any error closes the client; a later use reconnects
-from scratch (a fresh gRPC channel, so gRPC's own backoff never delays it). Consecutive failures
-double the wait from retry_s up to MAX_RETRY_S: a stalled daemon costs the engine one timeout
-per wait, not one per request. Nothing here raises: the adapters turn "no namespace" into a miss.
+* :class:`Backoff` — the one policy for staying off a failing daemon: the first wait, doubled
+  per consecutive failure up to a cap, reset by a success. A stalled daemon then costs the
+  engine one timeout per wait, not one per request.
+* :class:`FallbackReports` — the recompute fallbacks the adapter owes the daemon (its
+  ``recompute_fallbacks`` counters), kept while the daemon is away and sent once it answers.
+* :class:`DaemonLink` — one KVClient + Namespace, connected lazily (vLLM, SGLang). Any error
+  closes the client; a later use reconnects from scratch (a fresh gRPC channel, so gRPC's own
+  backoff never delays it) once the Backoff allows. Nothing here raises: the adapters turn "no
+  namespace" into a miss.
 """
 from __future__ import annotations
 
@@ -15,6 +19,36 @@ import time
 from kvstore.client.namespace import Namespace
 from kvstore.client.sdk import KVClient
 from kvstore.core.layout import KVLayout
+
+
+class Backoff:
+    """Consecutive failures keep callers off the daemon for first_s, 2 * first_s, ... up to
+    max_s; :meth:`succeeded` resets. Not thread-safe by itself: its owner holds a lock or calls
+    it from one thread."""
+
+    MAX_S = 10.0
+
+    def __init__(self, first_s: float, max_s: float = MAX_S):
+        self.first_s = first_s
+        self.max_s = max(max_s, first_s)
+        self._failures = 0
+        self._until = 0.0
+
+    def failed(self) -> float:
+        """Record a failure; returns the wait it starts."""
+        # (the exponent is capped: 2.0 ** n overflows a float after ~1000 failures)
+        wait_s = min(self.first_s * 2.0 ** min(self._failures, 32), self.max_s)
+        self._failures += 1
+        self._until = time.monotonic() + wait_s
+        return wait_s
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self._until = 0.0
+
+    def waiting(self) -> bool:
+        """True while the wait the last failure started runs."""
+        return time.monotonic() < self._until
 
 
 class FallbackReports:
@@ -69,8 +103,6 @@ class DaemonLink:
     """cfg keys: socket, address, tenant, io_timeout_s, retry_s. ``what`` names the adapter in
     its log lines; ``log`` is the adapter's logger (so the engine's handlers show them)."""
 
-    MAX_RETRY_S = 10.0
-
     def __init__(self, cfg: dict, model_id: str, layout: KVLayout, name: str,
                  log: logging.Logger | None = None, what: str = "kvstore connector"):
         self.cfg = cfg
@@ -83,8 +115,7 @@ class DaemonLink:
         self._lock = threading.Lock()
         self._client: KVClient | None = None
         self._ns: Namespace | None = None
-        self._next_try = 0.0
-        self._failures = 0
+        self.backoff = Backoff(cfg["retry_s"])
         self.fallbacks = FallbackReports()
 
     def fallback(self, blocks: int) -> None:
@@ -102,14 +133,14 @@ class DaemonLink:
         with self._lock:
             if self._ns is not None:
                 return self._ns
-            if time.monotonic() < self._next_try:
+            if self.backoff.waiting():
                 return None
             try:
                 self._client = KVClient(self.cfg["socket"], address=self.cfg["address"],
                                         timeout_s=timeout_s or self.timeout_s,
                                         client_name=self.name)
                 self._ns = self._client.namespace(self.model_id, self.layout, self.cfg["tenant"])
-                self._failures = 0
+                self.backoff.succeeded()
                 self._log.info("%s %s: connected to %s (%s)", self._what, self.name,
                                self._client.target, self.layout.describe())
             except Exception as exc:  # noqa: BLE001 - the cache never fails inference
@@ -121,13 +152,10 @@ class DaemonLink:
             self._drop(exc)
 
     def _drop(self, exc: BaseException) -> None:
-        # (the exponent is capped: 2.0 ** n overflows a float after ~1000 failures)
-        wait_s = min(self.cfg["retry_s"] * 2.0 ** min(self._failures, 32), self.MAX_RETRY_S)
-        self._failures += 1
+        wait_s = self.backoff.failed()
         self._log.warning("%s %s: daemon unavailable (%s); recomputing for %.1fs", self._what,
                           self.name, exc, wait_s)
         client, self._client, self._ns = self._client, None, None
-        self._next_try = time.monotonic() + wait_s
         if client is not None:
             # close() waits for in-flight I/O: never on the engine's thread.
             threading.Thread(target=client.close, daemon=True).start()

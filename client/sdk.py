@@ -30,7 +30,7 @@ from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
 from kvstore.client.stats import Stats
-from kvstore.daemon.config import _default_socket
+from kvstore.core.paths import default_socket
 from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -106,7 +106,7 @@ class KVClient:
                  shared_memory: bool = True, client_name: str = "", tls: bool = False,
                  tls_ca_file: str | None = None, tls_server_name: str | None = None,
                  pin_arena: bool | None = None, use_hbm: bool | None = None):
-        self.target = address if address else f"unix:{socket or _default_socket()}"
+        self.target = address if address else f"unix:{socket or default_socket()}"
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._want_shm = shared_memory

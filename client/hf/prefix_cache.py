@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.client.errors import FailedPrecondition, KVStoreError, Reason
-from kvstore.client.link import FallbackReports
+from kvstore.client.link import Backoff, FallbackReports
 from kvstore.client.hf.cache import (LayerLoader, LoadTimeline, PrefixCache, PrefixLoadFailed,
                                      check_supported, pack_blocks)
 from kvstore.core.layout import KVLayout
@@ -76,8 +76,9 @@ class HFPrefixCache:
                   its per-call deadline, lazily again after any failure.
     namespace:    alternatively an existing Namespace; it must match the model's layout.
     layerwise:    overlap the prefix copy with compute (False: copy everything first).
-    cooldown_s:   after the daemon missed a deadline, skip it for this long (a hung daemon
-                  must not add ``deadline_s`` to every request).
+    cooldown_s:   after the daemon missed a deadline, skip it for this long, doubled per
+                  consecutive miss up to max(10 s, cooldown_s) (client/link.py Backoff): a
+                  hung daemon must not add ``deadline_s`` to every request.
 
     Concurrent ``generate`` calls from several threads are safe; ``last`` is the latest one's.
     """
@@ -105,7 +106,8 @@ class HFPrefixCache:
         self.layerwise = layerwise
         self.deadline_s = deadline_s
         self.cooldown_s = cooldown_s
-        self._skip_until = 0.0
+        self._backoff = Backoff(cooldown_s)      # after deadline misses
+        self._backoff_lock = threading.Lock()
         self._socket = socket
         self._client = client
         self._own_client = client is None
@@ -216,7 +218,7 @@ class HFPrefixCache:
             return self.model.generate(ids, **kwargs)
         cache = keys = None
         try:
-            if time.monotonic() < self._skip_until:
+            if self._cooling():
                 raise _Cooldown("the daemon missed a deadline recently")
             ns = self._namespace()
             keys = ns.block_keys(ids[0].tolist())
@@ -225,12 +227,12 @@ class HFPrefixCache:
             report.blocks_found = hrep.cached_blocks
             report.tiers = list(hrep.plan.tiers) if hrep.plan is not None else []
             report.reused_tokens = hrep.loaded_blocks * self.layout.block_tokens
+            self._daemon_answered()
             self._report_fallbacks(ns)
         except Exception as exc:  # noqa: BLE001 - the cache never fails inference
             self._fallback(report, "cooldown" if isinstance(exc, _Cooldown) else _reason(exc),
                            exc, quiet=isinstance(exc, _Cooldown))
-            if report.fallback == "deadline":
-                self._skip_until = time.monotonic() + self.cooldown_s
+            self._daemon_missed(report)
             return self.model.generate(ids, **kwargs)
         out = self.model.generate(ids, past_key_values=cache, **kwargs)
         self._count("hits" if report.blocks_found else "misses")
@@ -248,7 +250,7 @@ class HFPrefixCache:
         B = self.layout.block_tokens
         n = ids.shape[1]
         keys: list[bytes] = []
-        if time.monotonic() < self._skip_until:
+        if self._cooling():
             self._fallback(report, "cooldown", "the daemon missed a deadline recently",
                            quiet=True)
             return self._fresh_cache(ids, keys, report, 0)
@@ -264,14 +266,14 @@ class HFPrefixCache:
                 lease = _FetchedPrefix(ns.get(keys[:min(ns.client.max_batch_blocks,
                                                         (n - 1) // B)]).result())
             report.lookup_s = time.perf_counter() - t
+            self._daemon_answered()
             self._report_fallbacks(ns)        # the daemon answered: what it missed meanwhile
         except LayoutMismatch as exc:
             self._fallback(report, "layout", exc)
             return self._fresh_cache(ids, keys, report, 0)
         except Exception as exc:  # noqa: BLE001 - the cache never fails inference
             self._fallback(report, _reason(exc), exc)
-            if report.fallback == "deadline":
-                self._skip_until = time.monotonic() + self.cooldown_s
+            self._daemon_missed(report)
             return self._fresh_cache(ids, keys, report, 0)
         report.blocks_found = len(lease)
         report.tiers = list(lease.tiers)
@@ -310,6 +312,20 @@ class HFPrefixCache:
             self._count("misses")
         return PrefixCache(self.model.config, None, 0, LoadTimeline(),
                            self._store_hook(keys, blocks_found, report)), keys
+
+    def _cooling(self) -> bool:
+        with self._backoff_lock:
+            return self._backoff.waiting()
+
+    def _daemon_missed(self, report: RequestReport) -> None:
+        """After a fallback: a missed deadline starts (or doubles) the cooldown."""
+        if report.fallback == "deadline":
+            with self._backoff_lock:
+                self._backoff.failed()
+
+    def _daemon_answered(self) -> None:
+        with self._backoff_lock:
+            self._backoff.succeeded()
 
     def _fallback(self, report: RequestReport, reason: str, exc, quiet: bool = False) -> None:
         report.fallback = reason

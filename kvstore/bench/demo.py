@@ -73,14 +73,14 @@ def _conversation(generate, turns: int, doc, questions, answer_tokens: int):
 def _daemon(socket: str | None):
     """(socket, PrivateDaemon or None, description)."""
     from kvstore.client import KVClient, KVStoreError
-    from kvstore.daemon.config import _default_socket
+    from kvstore.core.paths import default_socket
     from kvstore.testing.daemon import PrivateDaemon
 
     if socket:
         return socket, None, f"kvstore daemon at {socket}"
     try:
-        KVClient(_default_socket(), timeout_s=1.0, shared_memory=False).close()
-        return _default_socket(), None, f"running kvstore daemon at {_default_socket()}"
+        KVClient(default_socket(), timeout_s=1.0, shared_memory=False).close()
+        return default_socket(), None, f"running kvstore daemon at {default_socket()}"
     except KVStoreError:
         d = PrivateDaemon(dram_bytes=256 << 20, chunk_bytes=16 << 20).start()
         return d.socket, d, "private kvstore daemon (started for this demo, 256 MiB DRAM tier)"

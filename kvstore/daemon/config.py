@@ -18,17 +18,12 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable
 
+from kvstore.core.paths import default_socket
 from kvstore.core.units import format_bytes, parse_rate, parse_size
 
 
 class ConfigError(ValueError):
     pass
-
-
-def _default_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "kvstore" if runtime else Path(f"/tmp/kvstore-{os.getuid()}")
-    return str(base / "kvstore.sock")
 
 
 def _default_dram_bytes() -> int:
@@ -169,7 +164,7 @@ class Field:
 
 
 FIELDS: list[Field] = [
-    Field("socket", _str, _default_socket, "Unix socket the daemon listens on (mode 0600)"),
+    Field("socket", _str, default_socket, "Unix socket the daemon listens on (mode 0600)"),
     Field("listen", _str, "", "also listen on TCP host:port (off when empty)"),
     Field("dram_bytes", _size, _default_dram_bytes, "DRAM tier size (shared-memory arena)",
           format_bytes),
