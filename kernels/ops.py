@@ -21,6 +21,11 @@ _IMPLS = ("auto", "torch", "triton")
 def _use_triton(pkv: PagedKV, impl: str) -> bool:
     if impl not in _IMPLS:
         raise KernelInputError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if pkv.split:      # K and V in separate tensors: the kernels index one tensor per layer
+        if impl == "triton":
+            raise KernelInputError("impl='triton' needs one tensor per layer; a split K/V "
+                               "cache is moved by the torch reference")
+        return False
     if impl == "triton" and pkv.device.type != "cuda" \
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise KernelInputError(f"impl='triton' needs CUDA tensors (the cache is on {pkv.device}); "

@@ -31,6 +31,8 @@ def _rows(pkv: PagedKV, page_table: torch.Tensor, all_layers: bool) -> torch.Ten
 
 
 def _row_path(pkv: PagedKV) -> str:
+    if pkv.split:
+        return "split"
     if pkv.layer_first is not None and pkv.layer_first.is_contiguous():
         return "layer_first"
     return "per_layer" if all(t.is_contiguous() for t in pkv.layers) else "strided"
@@ -57,9 +59,23 @@ def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.T
         return out
     B = ppb * pkv.page_tokens
     idx = page_table.reshape(-1).to(pkv.device)
+    if path == "split":
+        for l, kv in enumerate(pkv.split):
+            for c, half in enumerate(kv):                  # [n*ppb, P, H, D] -> [n, B, H, D]
+                out[:, l, c].copy_(half.index_select(0, idx).view(
+                    n, B, pkv.num_kv_heads, pkv.head_dim))
+        return out
+    P, H, D = pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim
     for l, layer in enumerate(pkv.layers):
-        pages = layer.index_select(1, idx)                 # [2, n*ppb, P, H, D], contiguous
-        out[:, l].copy_(pages.view(2, n, B, pkv.num_kv_heads, pkv.head_dim).transpose(0, 1))
+        # pages first (an engine's strided pages, e.g. vLLM's, keep a page's K and V close):
+        # [n*ppb, 2, P, H, D], contiguous; measured ~3x faster on CPU than selecting along
+        # dim 1 and copying through a transpose
+        pages = layer.transpose(0, 1).index_select(0, idx)
+        if ppb == 1:
+            out[:, l].copy_(pages)
+        else:
+            out[:, l].view(n, 2, ppb, P, H, D).copy_(
+                pages.view(n, ppb, 2, P, H, D).transpose(1, 2))
     return out
 
 
@@ -69,7 +85,7 @@ def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> Non
     if n == 0:
         return
     path = _row_path(pkv)
-    row = pkv.layers[0][0, 0].numel()
+    row = pkv.page_tokens * pkv.num_kv_heads * pkv.head_dim
     if path == "layer_first":
         pkv.layer_first.view(-1, row).index_copy_(0, _rows(pkv, page_table, True),
                                                   blocks.view(-1, row))
@@ -83,10 +99,17 @@ def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> Non
             layer.view(2 * pkv.num_pages, -1).index_copy_(0, rows, tmp.view(rows.numel(), -1))
         return
     idx = page_table.reshape(-1).to(pkv.device)
+    if path == "split":
+        shape = (n * ppb, pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim)
+        for l, kv in enumerate(pkv.split):
+            for c, half in enumerate(kv):
+                half.index_copy_(0, idx, blocks[:, l, c].reshape(shape))
+        return
+    P, H, D = pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim
     for l, layer in enumerate(pkv.layers):
-        src = blocks[:, l].transpose(0, 1).reshape(2, n * ppb, pkv.page_tokens,
-                                                   pkv.num_kv_heads, pkv.head_dim)
-        layer.index_copy_(1, idx, src)
+        # pages first, as in gather: [n*ppb, 2, P, H, D] (a view when a block is one page)
+        src = blocks[:, l].reshape(n, 2, ppb, P, H, D).transpose(1, 2).reshape(n * ppb, 2, P, H, D)
+        layer.transpose(0, 1).index_copy_(0, idx, src)
 
 
 def quantize(blocks: torch.Tensor, name: str) -> QuantizedBlocks:

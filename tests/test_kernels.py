@@ -23,11 +23,19 @@ def make_cache(kind: str, L: int, N: int, P: int, H: int, D: int, dtype, seed: i
         return [torch.randn(2, N, P, H, D, generator=g).to(dtype) for _ in range(L)]
     if kind == "layer_first":
         return torch.randn(L, 2, N, P, H, D, generator=g).to(dtype)
+    if kind == "split":
+        # (K, V) per layer, each a transformers-style [1, H, seq, D] seen as [N, P, H, D] pages
+        def pages(t):
+            return t.as_strided((N, P, H, D), (P * D, D, N * P * D, 1))
+        return [(pages(torch.randn(1, H, N * P, D, generator=g).to(dtype)),
+                 pages(torch.randn(1, H, N * P, D, generator=g).to(dtype))) for _ in range(L)]
     # "hnd": heads stored before tokens (non-dense token rows); same logical shape
     return torch.randn(L, 2, N, H, P, D, generator=g).to(dtype).transpose(3, 4)
 
 
 def layers_of(cache):
+    if isinstance(cache, list) and isinstance(cache[0], tuple):     # split: as [2, N, P, H, D]
+        return [torch.stack(pair) for pair in cache]
     return list(cache) if isinstance(cache, list) else list(cache.unbind(0))
 
 
@@ -45,7 +53,7 @@ def expected_gather(cache, page_table):
 
 
 cache_params = st.fixed_dictionaries({
-    "kind": st.sampled_from(["per_layer", "layer_first", "hnd"]),
+    "kind": st.sampled_from(["per_layer", "layer_first", "hnd", "split"]),
     "L": st.integers(1, 3), "P": st.sampled_from([1, 2, 4]), "H": st.integers(1, 3),
     "D": st.sampled_from([1, 4, 8]), "dtype": st.sampled_from(DTYPES),
     "ppb": st.integers(1, 3), "n": st.integers(0, 4), "seed": st.integers(0, 2 ** 16),
@@ -138,6 +146,13 @@ def test_mismatched_inputs_are_refused(monkeypatch):
         gather([t.transpose(3, 4) for t in make_cache("per_layer", 2, 6, 2, 3, 3, torch.float32)], pt)
     with pytest.raises(KernelInputError, match="impl"):
         gather(cache, pt, impl="cuda")
+    split = make_cache("split", 2, 6, 2, 1, 4, torch.float32)
+    with pytest.raises(KernelInputError, match="split K/V"):
+        gather(split, pt, impl="triton")
+    with pytest.raises(KernelInputError, match="layer 1 V"):
+        gather([split[0], (split[1][0], split[1][1].half())], pt)
+    with pytest.raises(KernelInputError, match="pairs"):
+        gather([split[0], (split[1][0],)], pt)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
         with pytest.raises(KernelInputError, match="TRITON_INTERPRET=1"):

@@ -14,6 +14,10 @@ cache layer holds ``[batch=1, kv_heads, seq, head_dim]`` per K and V. Three piec
   forward is over (the next forward begins, i.e. the first token has been sampled), which is when
   the new blocks are handed to the store: storing never delays the first token.
 - :func:`pack_blocks` turns cache layers back into block layout for ``Namespace.put``.
+
+Both directions move bytes with kvstore.kernels' gather/scatter: a cache layer's K and V,
+``[1, kv_heads, seq, head_dim]``, are seen as pages of one block's tokens each (``sequence_pages``,
+a strided view, no copy), a split K/V cache in the kernels' terms.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvstore.core.layout import KVLayout
+from kvstore.kernels.ops import gather, scatter
 
 
 class PrefixLoadFailed(RuntimeError):
@@ -123,12 +128,12 @@ class LayerLoader:
                 # so publishing the event after it is safe for any stream that reads them.
                 k = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype, device=self.device)
                 v = torch.empty((1, H, T + self.extra_tokens, D), dtype=dtype, device=self.device)
-                kb = k[0, :, :T].view(H, self.n_blocks, B, D)
-                vb = v[0, :, :T].view(H, self.n_blocks, B, D)
+                pages = [sequence_pages(k, v, B, 0, self.n_blocks)]
                 for first, n, src in sources:
-                    # src[:, i, 0] is [n, B, H, D]; the cache wants [H, n, B, D]
-                    kb[:, first:first + n].copy_(src[:, i, 0].permute(2, 0, 1, 3))
-                    vb[:, first:first + n].copy_(src[:, i, 1].permute(2, 0, 1, 3))
+                    # src[:, i:i + 1] is the run's layer i, [n, 1, 2, B, H, D]: into pages
+                    # [first, first + n) of this layer
+                    ids = torch.arange(first, first + n).view(-1, 1)
+                    scatter(pages, ids, src[:, i:i + 1].to(self.device))
                 self._kv[i] = (k, v)
                 if i == L - 1:
                     self._views = []
@@ -260,15 +265,25 @@ def check_supported(config) -> None:
             "hybrid caches are not supported)")
 
 
+def sequence_pages(k: torch.Tensor, v: torch.Tensor, block_tokens: int, first_token: int,
+                   n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cache layer's K and V ([1, H, seq, D]) as ``n_blocks`` pages of ``block_tokens``
+    tokens from ``first_token`` on: [n_blocks, block_tokens, H, D] strided views (no copy)."""
+    def pages(t: torch.Tensor) -> torch.Tensor:
+        _, H, T, D = t.shape
+        if first_token + n_blocks * block_tokens > T:
+            raise ValueError(f"cache layer holds {T} tokens, fewer than the "
+                             f"{first_token + n_blocks * block_tokens} to pack")
+        _, s_h, s_t, s_d = t.stride()
+        return t.as_strided((n_blocks, block_tokens, H, D), (block_tokens * s_t, s_t, s_h, s_d),
+                            t.storage_offset() + first_token * s_t)
+    return pages(k), pages(v)
+
+
 def pack_blocks(layers: list[tuple[torch.Tensor, torch.Tensor]], layout: KVLayout,
                 first_token: int, n_blocks: int) -> torch.Tensor:
-    """[n_blocks, L, 2, B, H, D] from per-layer K/V [1, H, seq, D], tokens from first_token."""
-    L, B, H, D = layout.num_layers, layout.block_tokens, layout.num_kv_heads, layout.head_dim
-    k0 = layers[0][0]
-    out = torch.empty((n_blocks, L, 2, B, H, D), dtype=k0.dtype)
-    end = first_token + n_blocks * B
-    for i, (k, v) in enumerate(layers):
-        # [H, n*B, D] -> [H, n, B, D] -> [n, B, H, D]
-        out[:, i, 0].copy_(k[0, :, first_token:end].reshape(H, n_blocks, B, D).permute(1, 2, 0, 3))
-        out[:, i, 1].copy_(v[0, :, first_token:end].reshape(H, n_blocks, B, D).permute(1, 2, 0, 3))
-    return out
+    """[n_blocks, L, 2, B, H, D] from per-layer K/V [1, H, seq, D], tokens from first_token,
+    on the cache's device."""
+    B = layout.block_tokens
+    pages = [sequence_pages(k, v, B, first_token, n_blocks) for k, v in layers]
+    return gather(pages, torch.arange(n_blocks).view(-1, 1))
