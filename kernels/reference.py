@@ -30,6 +30,18 @@ def _rows(pkv: PagedKV, page_table: torch.Tensor, all_layers: bool) -> torch.Ten
     return ids.reshape(-1)
 
 
+def _consecutive(idx: torch.Tensor) -> slice | None:
+    """The pages as a slice when they are one ascending run (a transformers cache's pages of
+    consecutive tokens): one strided copy then moves them, no index gather/scatter."""
+    if idx.numel() == 0 or idx.device.type != "cpu":
+        return None
+    a = int(idx[0])
+    if int(idx[-1]) - a != idx.numel() - 1 or not torch.equal(
+            idx, torch.arange(a, a + idx.numel(), dtype=idx.dtype)):
+        return None
+    return slice(a, a + idx.numel())
+
+
 def _row_path(pkv: PagedKV) -> str:
     if pkv.split:
         return "split"
@@ -60,10 +72,13 @@ def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.T
     B = ppb * pkv.page_tokens
     idx = page_table.reshape(-1).to(pkv.device)
     if path == "split":
+        run = _consecutive(page_table.reshape(-1))
         for l, kv in enumerate(pkv.split):
             for c, half in enumerate(kv):                  # [n*ppb, P, H, D] -> [n, B, H, D]
-                out[:, l, c].copy_(half.index_select(0, idx).view(
-                    n, B, pkv.num_kv_heads, pkv.head_dim))
+                dst = out[:, l, c].view(n, ppb, pkv.page_tokens, pkv.num_kv_heads,
+                                        pkv.head_dim)
+                src = half[run] if run is not None else half.index_select(0, idx)
+                dst.copy_(src.view(dst.shape) if run is None else src.reshape(dst.shape))
         return out
     P, H, D = pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim
     for l, layer in enumerate(pkv.layers):
@@ -100,10 +115,15 @@ def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> Non
         return
     idx = page_table.reshape(-1).to(pkv.device)
     if path == "split":
+        run = _consecutive(page_table.reshape(-1))
         shape = (n * ppb, pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim)
         for l, kv in enumerate(pkv.split):
             for c, half in enumerate(kv):
-                half.index_copy_(0, idx, blocks[:, l, c].reshape(shape))
+                if run is not None:
+                    half[run].view(n, ppb, *shape[1:]).copy_(
+                        blocks[:, l, c].view(n, ppb, *shape[1:]))
+                else:
+                    half.index_copy_(0, idx, blocks[:, l, c].reshape(shape))
         return
     P, H, D = pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim
     for l, layer in enumerate(pkv.layers):
