@@ -314,6 +314,11 @@ class KVStoreConnector(KVConnectorBase_V1):
                 # The copy out of the paged cache happens now: these blocks may be reused as
                 # soon as the step ends. The put itself runs on the SDK's I/O threads.
                 staging = self.pages.gather(self._kv, spec.block_ids)
+                if staging.is_cuda:
+                    # Unfinished puts hold their staging; on a GPU engine that must not be
+                    # device memory vLLM budgeted for itself (gpu_memory_utilization): move it
+                    # to the host now, as one copy (the blocks may be reused after this step).
+                    staging = staging.cpu()
                 fut = ns.put(spec.keys, staging, parent_key=spec.parent_key or None)
             except Exception as exc:  # noqa: BLE001
                 self.link.failed(exc)
