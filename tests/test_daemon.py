@@ -19,7 +19,7 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import clientproc  # noqa: E402
-from conftest import DaemonProcess  # noqa: E402
+from kvstore.testing.daemon import DaemonProcess  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16, dtype="bfloat16")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import DaemonProcess
+from kvstore.testing.daemon import DaemonProcess
 from ops_helpers import tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import (NotFound, PermissionDenied, ResourceExhausted)

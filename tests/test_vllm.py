@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess
+from kvstore.testing.daemon import DaemonProcess
 from kvstore.core import shmindex
 from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess
+from kvstore.testing.daemon import DaemonProcess
 from kvstore.bench.cluster_engines import skip_reason, start_engine
 from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient
