@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_models import prompt, tiny_llama
+from support.hf_models import prompt, tiny_llama
 from kvstore.client import KVClient
 from kvstore.client.hf import HFPrefixCache, LayoutMismatch, layout_for
 

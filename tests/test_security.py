@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore.testing.daemon import DaemonProcess
-from ops_helpers import tcp_port
+from support.net import tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import (NotFound, PermissionDenied, ResourceExhausted)
 from kvstore.core.keys import pack_keys

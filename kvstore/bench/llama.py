@@ -2,7 +2,7 @@
 
 The weights are tiles of one seeded normal pool (std 0.02, shifted per tensor), norms are 1:
 numerically a plausible network (finite activations), and every run gets the same model. Values
-do not matter for timing; for exactness tests use tests/hf_models.py instead.
+do not matter for timing; for exactness tests use tests/support/hf_models.py instead.
 """
 from __future__ import annotations
 
