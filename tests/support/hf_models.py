@@ -1,22 +1,19 @@
-"""Tiny Llama-architecture models with seeded random weights (no downloads), for HF tests."""
+"""Tiny Llama-architecture models with seeded random weights (no downloads), for HF tests: the
+benchmarks' builder (kvstore.bench.llama.random_llama) at test sizes."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvstore.bench.llama import random_llama
 
 
 def tiny_llama(seed: int = 0, *, layers: int = 3, heads: int = 4, kv_heads: int = 2,
-               hidden: int = 64, vocab: int = 512, dtype=torch.float32) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, max_position_embeddings=1024)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
-    # Random init gives near-uniform logits, where greedy ties would make token comparisons
+               hidden: int = 64, vocab: int = 512, dtype=torch.float32):
+    # Random weights give near-uniform logits, where greedy ties would make token comparisons
     # meaningless; a sharper head makes each argmax a clear decision.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model
+    return random_llama(hidden=hidden, intermediate=2 * hidden, layers=layers, heads=heads,
+                        kv_heads=kv_heads, vocab=vocab, dtype=dtype, seed=seed,
+                        max_positions=1024, tie_embeddings=False, head_scale=8.0)
 
 
 def prompt(n: int, seed: int = 1, vocab: int = 512) -> torch.Tensor:
