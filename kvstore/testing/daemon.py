@@ -70,7 +70,10 @@ class DaemonProcess:
         return cls(workdir, shm_dir, args, env, owned_dirs=(shm_dir, workdir))
 
     def start(self, timeout_s: float = 30.0) -> "DaemonProcess":
+        """Start (or, after stop() or kill(), restart: same socket, same shm dir) the daemon."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        if self._log is not None:
+            self._log.close()
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvstore", "serve", "--socket", self.socket,
