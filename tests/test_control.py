@@ -18,7 +18,7 @@ import pytest
 from kvstore.core import shmindex
 from kvstore.client import KVClient, KVStoreError, Unavailable
 from kvstore.core.layout import KVLayout
-from ops_helpers import tcp_port
+from support.net import tcp_port
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
 SMALL_DRAM = ("--dram-bytes", "4MiB", "--chunk-bytes", "1MiB")   # 256 blocks of 16 KiB

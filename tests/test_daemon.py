@@ -13,19 +13,16 @@ import torch
 from kvstore.client import (AsyncKVClient, FailedPrecondition, InvalidArgument, KVClient,
                             KVLayout, ResourceExhausted)
 from kvstore.core.keys import pack_keys
+from kvstore.testing.daemon import DaemonProcess
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import clientproc  # noqa: E402
-from conftest import DaemonProcess  # noqa: E402
+from support import SUPPORT, clientproc
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, block_tokens=16, dtype="bfloat16")
 
 
 def run_client(*args, timeout=120):
-    return subprocess.run([sys.executable, str(HERE / "clientproc.py"), *args],
+    return subprocess.run([sys.executable, str(SUPPORT / "clientproc.py"), *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,7 +87,7 @@ def test_remote_client_streams_bytes_with_same_semantics(daemon):
 
 
 def test_four_client_processes_on_overlapping_prefixes(daemon):
-    procs = [subprocess.Popen([sys.executable, str(HERE / "clientproc.py"), "churn",
+    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "clientproc.py"), "churn",
                                daemon.socket, str(seed), "40"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in range(4)]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ops_helpers import free_port, read_png
+from support.net import free_port, read_png
 from kvstore.client import KVClient
 from kvstore.core.layout import KVLayout
 

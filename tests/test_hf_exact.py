@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_models import prompt, tiny_llama
+from support.hf_models import prompt, tiny_llama
 from kvstore.client import KVClient
 from kvstore.client.hf import HFPrefixCache, LayoutMismatch, layout_for
 
@@ -26,7 +26,7 @@ from kvstore.client.hf import HFPrefixCache, LayoutMismatch, layout_for
 def daemon(tmp_path_factory):
     """One real daemon for the whole module (each test uses its own model ids): on a busy
     2-core machine, daemon start-up would otherwise dominate these tests."""
-    from conftest import DaemonProcess
+    from kvstore.testing.daemon import DaemonProcess
     shm = Path("/dev/shm") / f"kvstore-test-{uuid.uuid4().hex[:10]}"
     shm.mkdir()
     d = DaemonProcess(tmp_path_factory.mktemp("hf-exact"), shm,

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from hf_models import prompt, tiny_llama
+from support.hf_models import prompt, tiny_llama
 from kvstore.client import KVClient
 from kvstore.client.hf import HFPrefixCache, layout_for
 from kvstore.client.hf.cache import LayerLoader, LoadTimeline, PrefixLoadFailed

@@ -14,7 +14,7 @@ from kvstore.client.hf.cache import pack_blocks
 from kvstore.client.hybrid import HybridPrefill
 from kvstore.planner.recompute import Plan, PrefillProfile
 
-from hf_models import prompt, tiny_llama
+from support.hf_models import prompt, tiny_llama
 
 N_BLOCKS, EXTRA = 8, 5
 

@@ -8,8 +8,7 @@ from kvstore.client import KVClient
 from kvstore.client.errors import InvalidArgument
 from kvstore.planner.recompute import PrefillProfile
 
-from test_prefetch import _on_ssd
-from test_ssd import LAYOUT, put_chain, ssd_args
+from support.ssd import LAYOUT, on_ssd, put_chain, ssd_args
 
 # ~1 ms per token, mildly quadratic: 256 tokens (16 blocks) cost ~0.26 s to recompute.
 PROFILE = PrefillProfile(c0=0.001, c1=1e-3, c2=1e-8)
@@ -36,7 +35,7 @@ def test_everything_in_dram_loads_everything(daemon_factory, tmp_path):
 
 def test_slow_ssd_recomputes_all_fast_ssd_loads(daemon_factory, tmp_path):
     # 16 KiB blocks capped at 20 kB/s: loading 16 blocks takes ~13 s, recomputing 0.26 s.
-    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "20kB/s"))
+    d, [(keys, _)] = on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "20kB/s"))
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         plan = ns.plan_recompute(keys, PROFILE)          # unmeasured: the daemon probes
@@ -47,7 +46,7 @@ def test_slow_ssd_recomputes_all_fast_ssd_loads(daemon_factory, tmp_path):
 
 
 def test_crossover_plans_a_split_never_worse_than_either(daemon_factory, tmp_path):
-    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "1MB/s"))
+    d, [(keys, _)] = on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "1MB/s"))
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         plan = ns.plan_recompute(keys, PROFILE)
@@ -56,7 +55,7 @@ def test_crossover_plans_a_split_never_worse_than_either(daemon_factory, tmp_pat
 
 
 def test_unmeasured_profile_loads_everything(daemon_factory, tmp_path):
-    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path)
+    d, [(keys, _)] = on_ssd(daemon_factory, tmp_path)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         plan = ns.plan_recompute(keys, PrefillProfile())

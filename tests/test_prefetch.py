@@ -10,19 +10,7 @@ import pytest
 from kvstore.client import KVClient
 from kvstore.client.errors import InvalidArgument, NotFound
 
-from test_ssd import BB, LAYOUT, get_exact, put_chain, ssd_args, ssd_stats, tier
-
-
-def _on_ssd(daemon_factory, tmp_path, n_chains=1, n_blocks=16, extra=()):
-    """Put chains, restart the daemon: every block is then on SSD only (recovered)."""
-    ssd_dir = tmp_path / "ssd"
-    d = daemon_factory(*ssd_args(ssd_dir, "32MiB"))
-    with KVClient(d.socket) as c:
-        ns = c.namespace("m", LAYOUT)
-        chains = [put_chain(ns, seed, n_blocks) for seed in range(n_chains)]
-    d.stop()
-    d2 = daemon_factory(*ssd_args(ssd_dir, "32MiB", *extra), workdir=tmp_path / "after")
-    return d2, chains
+from support.ssd import BB, LAYOUT, get_exact, on_ssd, put_chain, ssd_stats, tier
 
 
 def _wait(pred, timeout_s=10.0):
@@ -33,7 +21,7 @@ def _wait(pred, timeout_s=10.0):
 
 
 def test_prefetch_promotes_then_get_is_on_time(daemon_factory, tmp_path):
-    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path)
+    d, [(keys, data)] = on_ssd(daemon_factory, tmp_path)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         assert ns.lookup(keys).tiers == ["SSD"] * 16
@@ -48,7 +36,7 @@ def test_prefetch_promotes_then_get_is_on_time(daemon_factory, tmp_path):
 
 def test_late_get_shares_the_transfer_in_flight(daemon_factory, tmp_path):
     # 16 blocks of 16 KiB at 1 MB/s: the transfer takes ~0.25 s, the get arrives at once.
-    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "1MB/s"))
+    d, [(keys, data)] = on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "1MB/s"))
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         ns.prefetch(keys, deadline_s=5.0)
@@ -62,7 +50,7 @@ def test_late_get_shares_the_transfer_in_flight(daemon_factory, tmp_path):
 
 def test_ten_thousand_prefetches_all_end_and_nothing_stays_pinned(daemon_factory, tmp_path):
     # 200 distinct blocks pinned at once (of 256 in DRAM): above the default per-client share
-    d, chains = _on_ssd(daemon_factory, tmp_path, n_chains=4, n_blocks=50,
+    d, chains = on_ssd(daemon_factory, tmp_path, n_chains=4, n_blocks=50,
                         extra=("--max-prefetch-bytes-per-client", "4MiB"))
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
@@ -89,7 +77,7 @@ def test_ten_thousand_prefetches_all_end_and_nothing_stays_pinned(daemon_factory
 
 
 def test_cancel_and_session_end_end_prefetches(daemon_factory, tmp_path):
-    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path)
+    d, [(keys, _)] = on_ssd(daemon_factory, tmp_path)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         t = ns.prefetch(keys, deadline_s=60)
@@ -102,7 +90,7 @@ def test_cancel_and_session_end_end_prefetches(daemon_factory, tmp_path):
 
 
 def test_prefetch_bad_input_is_a_clear_error(daemon_factory, tmp_path):
-    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path)
+    d, [(keys, _)] = on_ssd(daemon_factory, tmp_path)
     with KVClient(d.socket) as c:
         ns = c.namespace("m", LAYOUT)
         with pytest.raises(InvalidArgument, match="deadline_s"):
@@ -120,7 +108,7 @@ def test_prefetch_bad_input_is_a_clear_error(daemon_factory, tmp_path):
 
 def test_one_client_cannot_pin_more_than_its_prefetch_share(daemon_factory, tmp_path):
     # 4 chains of 16 blocks of 16 KiB; a client may pin 40 blocks' worth (640 KiB) by prefetch.
-    d, chains = _on_ssd(daemon_factory, tmp_path, n_chains=4,
+    d, chains = on_ssd(daemon_factory, tmp_path, n_chains=4,
                         extra=("--max-prefetch-bytes-per-client", str(40 * BB)))
     from kvstore.client.errors import ResourceExhausted
     with KVClient(d.socket) as c, KVClient(d.socket) as other:
@@ -144,7 +132,7 @@ def test_async_clients_prefetch_too(daemon_factory, tmp_path):
     import asyncio
 
     from kvstore.client import AsyncKVClient
-    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path)
+    d, [(keys, data)] = on_ssd(daemon_factory, tmp_path)
 
     async def main():
         async with AsyncKVClient(d.socket) as c:

@@ -9,7 +9,7 @@ from kvstore.client import FailedPrecondition, InvalidArgument, KVClient
 from kvstore.kernels import error_bound
 from kvstore.core.layout import KVLayout, LayoutError
 
-from test_ssd import ssd_args, ssd_stats, tier
+from support.ssd import ssd_args, ssd_stats, tier
 
 BASE = dict(num_layers=4, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="bfloat16")
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from support import REPO
 
 
 def _python_block(section: str) -> str:

@@ -12,16 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvstore.client import KVClient, KVLayout, StaleRead
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from readerproc import LAYOUT, block_for  # noqa: E402
+from support import SUPPORT
+from support.readerproc import LAYOUT, block_for
 
 N = 48                      # reader's blocks: 24 MiB per get
 DAEMON_ARGS = ("--dram-bytes", "36MiB", "--chunk-bytes", "4MiB",   # 8 chunks = 64 slots
@@ -83,7 +80,7 @@ class UnixProxy:
 
 
 def _start_reader(sock: str, shm: bool):
-    p = subprocess.Popen([sys.executable, str(HERE / "readerproc.py"), sock, str(N),
+    p = subprocess.Popen([sys.executable, str(SUPPORT / "readerproc.py"), sock, str(N),
                           "1" if shm else "0"], stdout=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(l) for l in p.stdout], daemon=True).start()
@@ -259,11 +256,11 @@ def test_cancelled_acquire_leaves_no_lease(daemon_factory, tmp_path):
     in the servicer: its lease, never answered, must end then, not pin the blocks until the
     lease timeout (30 s)."""
     from kvstore.client import KVStoreError
-    from test_prefetch import _on_ssd
+    from support.ssd import LAYOUT as SSD_LAYOUT, on_ssd
 
-    d, [(keys, _)] = _on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "100kB/s"))
+    d, [(keys, _)] = on_ssd(daemon_factory, tmp_path, extra=("--ssd-read-limit", "100kB/s"))
     with KVClient(d.socket, timeout_s=0.5) as c:
-        ns = c.namespace("m", __import__("test_ssd").LAYOUT)
+        ns = c.namespace("m", SSD_LAYOUT)
         with pytest.raises(KVStoreError):
             ns.get(keys).result()
         assert _wait(lambda: c.stats().active_leases == 0, 8), c.stats().active_leases

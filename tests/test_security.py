@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import DaemonProcess
-from ops_helpers import tcp_port
+from kvstore.testing.daemon import DaemonProcess
+from support.net import tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import (NotFound, PermissionDenied, ResourceExhausted)
 from kvstore.core.keys import pack_keys

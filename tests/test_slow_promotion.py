@@ -3,14 +3,12 @@ starts when the lease is answered, not when the read began."""
 from __future__ import annotations
 
 from kvstore.client import KVClient
-
-from test_prefetch import _on_ssd
-from test_ssd import get_exact
+from support.ssd import LAYOUT, get_exact, on_ssd
 
 
 def test_promotion_longer_than_lease_timeout(daemon_factory, tmp_path):
     # 16 blocks of 16 KiB at 100 kB/s: ~2.6 s of reading; leases time out after 1 s.
-    d, [(keys, data)] = _on_ssd(daemon_factory, tmp_path, extra=(
+    d, [(keys, data)] = on_ssd(daemon_factory, tmp_path, extra=(
         "--ssd-read-limit", "100kB/s", "--lease-timeout-s", "1"))
     with KVClient(d.socket, timeout_s=30) as c:
-        assert get_exact(c.namespace("m", __import__("test_ssd").LAYOUT), keys, data) == 16
+        assert get_exact(c.namespace("m", LAYOUT), keys, data) == 16

@@ -6,62 +6,15 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvstore.client import KVClient
 from kvstore.core.layout import KVLayout
-
-# 2 layers x 4 heads x 64 dims x 16 tokens x uint8 x (k, v) = 16 KiB per block
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_tokens=16, dtype="uint8")
-BB = LAYOUT.block_bytes
-SMALL_DRAM = ("--dram-bytes", "4MiB", "--chunk-bytes", "1MiB")   # 256 blocks of 16 KiB
-
-
-def ssd_args(ssd_dir: Path, size: str = "32MiB", *extra: str) -> list[str]:
-    return [*SMALL_DRAM, "--ssd-dir", str(ssd_dir), "--ssd-bytes", size,
-            "--ssd-segment-bytes", "8MiB", "--ssd-io-threads", "4", *extra]
-
-
-def payload_offset(slot: int) -> int:
-    """Where slot ``slot``'s block bytes start in a segment file (behind the slot header)."""
-    from kvstore.tiers.ssd.files import HEADER_BYTES, slot_offset
-    return slot_offset(slot, LAYOUT.slot_bytes) + HEADER_BYTES
-
-
-def chain(seed: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and block bytes for one chain, both derived from ``seed``."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, 50000, n_blocks * LAYOUT.block_tokens)
-    data = rng.integers(0, 256, (n_blocks, *LAYOUT.block_shape), dtype=np.uint8)
-    return tokens, data
-
-
-def put_chain(ns, seed: int, n_blocks: int) -> tuple[list[bytes], np.ndarray]:
-    tokens, data = chain(seed, n_blocks)
-    keys = ns.block_keys(tokens)
-    ns.put(keys, data).result(timeout=60)
-    return keys, data
-
-
-def get_exact(ns, keys, data) -> int:
-    """Blocks found; asserts every found block equals what was written."""
-    out = np.empty((len(keys), *LAYOUT.block_shape), dtype=np.uint8)
-    got = ns.get(keys, out=out).result(timeout=60)
-    assert np.array_equal(np.asarray(got), data[:len(got)]), "served bytes differ from written"
-    return len(got)
-
-
-def ssd_stats(client) -> dict:
-    st = client.stats()
-    return {t.tier: t for t in st.tiers}
-
-
-def tier(stats, name):
-    from kvstore.v1 import kvstore_pb2 as pb
-    return stats[getattr(pb, f"TIER_{name}")]
+from support import SUPPORT
+from support.ssd import (BB, LAYOUT, SMALL_DRAM, chain, get_exact, payload_offset, put_chain,
+                         ssd_args, ssd_stats, tier)
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_back"])
@@ -110,7 +63,7 @@ def test_lookup_reports_ssd_tier(daemon_factory, tmp_path):
 _WRITER = r"""
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
-from test_ssd import LAYOUT, put_chain
+from support.ssd import LAYOUT, put_chain
 from kvstore.client import KVClient
 c = KVClient({sock!r})
 ns = c.namespace("m", LAYOUT)
@@ -126,7 +79,7 @@ def test_sigkill_during_writes_then_restart_serves_every_committed_block(daemon_
     ssd_dir = tmp_path / "ssd"
     d = daemon_factory(*ssd_args(ssd_dir, "64MiB"))
     writer = subprocess.Popen(
-        [sys.executable, "-c", _WRITER.format(tests=str(Path(__file__).parent), sock=d.socket)],
+        [sys.executable, "-c", _WRITER.format(tests=str(SUPPORT.parent), sock=d.socket)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     committed = []
     try:

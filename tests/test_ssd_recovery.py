@@ -15,7 +15,7 @@ import pytest
 
 from kvstore.client import KVClient
 from kvstore.tiers.ssd import journal as jr
-from test_ssd import LAYOUT, chain, get_exact, payload_offset, put_chain, ssd_args, ssd_stats, tier
+from support.ssd import LAYOUT, chain, get_exact, payload_offset, put_chain, ssd_args, ssd_stats, tier
 
 CHAINS, BLOCKS = 25, 16          # 400 blocks: all of them on SSD, most only there
 

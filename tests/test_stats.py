@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops_helpers import free_port
+from support.net import free_port
 from kvstore.client import KVClient
 from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb

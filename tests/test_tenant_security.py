@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from ops_helpers import free_port, tcp_port
+from support.net import free_port, tcp_port
 from kvstore.client import KVClient
 from kvstore.client.errors import InvalidArgument, PermissionDenied
 from kvstore.core.errors import REASON_METADATA_KEY, Reason

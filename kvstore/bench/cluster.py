@@ -74,7 +74,7 @@ def run(args) -> dict:
     from kvstore.bench.cluster_engines import RawClient, start_engine
     from kvstore.client import KVClient
     from kvstore.core.layout import KVLayout
-    from kvstore.testing.daemon import PrivateDaemon
+    from kvstore.testing.daemon import DaemonProcess
     from kvstore.tiers.remote.codec import HEADER_BYTES, remote_key
 
     layout = KVLayout(num_layers=16, num_kv_heads=8, head_dim=64,
@@ -85,14 +85,14 @@ def run(args) -> dict:
     pool = 2 * (2 * args.reps + 2) * batch_bytes + (256 << 20)
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-cluster-"))
     engine = start_engine(args.backend, workdir / "engine")
-    daemons: list[PrivateDaemon] = []
+    daemons: list[DaemonProcess] = []
     raw = None
     result: dict = {"backend": args.backend, "block_bytes": bb, "blocks": n,
                     "reps": args.reps, "floors": FLOORS, "goals": GOALS}
     try:
         dram = -(-(4 * batch_bytes + (256 << 20)) // (64 << 20)) * (64 << 20)
         for _ in range(2):
-            daemons.append(PrivateDaemon(dram_bytes=dram, extra_args=[
+            daemons.append(DaemonProcess.private(dram_bytes=dram, extra_args=[
                 "--remote", engine.url, "--remote-segment-bytes", str(pool // 2),
                 "--remote-read-deadline-s", "30", "--remote-deadline-s", "5",
                 "--remote-queue-blocks", str(max(4 * n + 64, 4096)),
@@ -180,7 +180,7 @@ def run(args) -> dict:
         if raw is not None:
             raw.close()
         for d in daemons:
-            d.stop()
+            d.close()
         engine.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return result

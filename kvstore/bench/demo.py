@@ -71,10 +71,10 @@ def _conversation(generate, turns: int, doc, questions, answer_tokens: int):
 
 
 def _daemon(socket: str | None):
-    """(socket, PrivateDaemon or None, description)."""
+    """(socket, the private DaemonProcess or None, description)."""
     from kvstore.client import KVClient, KVStoreError
     from kvstore.core.paths import default_socket
-    from kvstore.testing.daemon import PrivateDaemon
+    from kvstore.testing.daemon import DaemonProcess
 
     if socket:
         return socket, None, f"kvstore daemon at {socket}"
@@ -82,7 +82,7 @@ def _daemon(socket: str | None):
         KVClient(default_socket(), timeout_s=1.0, shared_memory=False).close()
         return default_socket(), None, f"running kvstore daemon at {default_socket()}"
     except KVStoreError:
-        d = PrivateDaemon(dram_bytes=256 << 20, chunk_bytes=16 << 20).start()
+        d = DaemonProcess.private(dram_bytes=256 << 20, chunk_bytes=16 << 20).start()
         return d.socket, d, "private kvstore daemon (started for this demo, 256 MiB DRAM tier)"
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             hit_rate = kv.hit_rate
     finally:
         if private is not None:
-            private.stop()
+            private.close()
     turns = [{"turn": i + 1, "prompt_tokens": p[0], "cached_tokens": r.reused_tokens,
               "ttft_without_s": p[1], "ttft_with_s": c[1],
               "same_tokens": bool(torch.equal(p[2], c[2])), "fallback": r.fallback}

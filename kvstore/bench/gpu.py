@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 
-from kvstore.testing.daemon import PrivateDaemon
+from kvstore.testing.daemon import DaemonProcess
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,8 +75,8 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
         chunk = max(64 << 20, -(-layout.slot_bytes // (1 << 20)) * (1 << 20))
         hbm = ["--hbm-bytes", str(2 * n * layout.slot_bytes + 2 * chunk),
                "--hbm-device", "cuda" if cuda else "host"]
-        daemon = PrivateDaemon(max(256 << 20, 3 * n * layout.slot_bytes + 2 * chunk), chunk,
-                               ["--log-level", "warning", *hbm]).start()
+        daemon = DaemonProcess.private(max(256 << 20, 3 * n * layout.slot_bytes + 2 * chunk),
+                                       chunk, ["--log-level", "warning", *hbm]).start()
         target = daemon.socket
     clients = []
     try:
@@ -148,7 +148,7 @@ def measure_transfers(args, torch, device: str = "cuda") -> dict:
         for c in clients:
             c.close()
         if daemon:
-            daemon.stop()
+            daemon.close()
 
 
 def _wait_hbm_blocks(client, n: int, timeout_s: float = 10.0) -> None:

@@ -1,21 +1,23 @@
-"""Shared pieces of the benchmarks: a private daemon process, timing, and output."""
+"""Shared pieces of the benchmarks: a private daemon process (kvstore.testing.daemon), timing,
+and output."""
 from __future__ import annotations
 
 import contextlib
 import json
 import time
 
-from kvstore.testing.daemon import PrivateDaemon
+from kvstore.testing.daemon import DaemonProcess
 
 
 @contextlib.contextmanager
 def private_daemon(*args: str, startup_timeout_s: float = 60.0):
-    """Run `kvstore serve` on a private socket and shm dir; yields the socket path."""
-    d = PrivateDaemon(extra_args=list(args)).start(startup_timeout_s)
+    """Run `kvstore serve` on a private socket and shm dir (``args`` may override its 512 MiB
+    DRAM tier in 64 MiB chunks); yields the socket path, closes the daemon after."""
+    d = DaemonProcess.private(extra_args=args).start(startup_timeout_s)
     try:
         yield d.socket
     finally:
-        d.stop()
+        d.close()
 
 
 def best_of(fn, repeats: int) -> float:

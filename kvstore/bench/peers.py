@@ -43,6 +43,7 @@ import numpy as np
 
 from kvstore.bench import peer_stores
 from kvstore.bench.harness import private_daemon
+from kvstore.core.directio import directory_supports_direct_io
 from kvstore.core.layout import KVLayout
 from kvstore.core.units import format_bytes
 
@@ -91,7 +92,7 @@ def _check(a) -> str | None:
     if not os.path.isdir(a.dir) or not os.access(a.dir, os.W_OK):
         return f"--dir {a.dir}: not a writable directory"
     fs = filesystem_type(a.dir)
-    if fs in ("tmpfs", "ramfs") or not _o_direct_ok(a.dir):
+    if fs in ("tmpfs", "ramfs") or not directory_supports_direct_io(a.dir):
         return (f"--dir {a.dir}: on {fs or 'a filesystem that refuses O_DIRECT'}, not a disk; "
                 "the disk stores need a directory on a disk")
     need = 2 * a.blocks * a.block_kib * 1024 + _ssd_bytes(a.blocks * a.block_kib * 1024)
@@ -116,15 +117,6 @@ def filesystem_type(directory: str) -> str:
     except OSError:
         pass
     return fs
-
-
-def _o_direct_ok(directory: str) -> bool:
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory) as f:
-            os.close(os.open(f.name, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
 
 
 def _ssd_bytes(working_set: int) -> int:

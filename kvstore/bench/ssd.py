@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.bench.harness import private_daemon
+from kvstore.core.directio import O_DIRECT, directory_supports_direct_io
 from kvstore.core.layout import KVLayout
 from kvstore.core.units import format_bytes, parse_size
 
@@ -56,17 +57,11 @@ def _aligned(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes)   # page aligned: what O_DIRECT needs
 
 
-def _open_direct(path: Path, create: bool) -> tuple[int, bool]:
-    flags = os.O_RDWR | (os.O_CREAT if create else 0)
-    try:
-        return os.open(path, flags | os.O_DIRECT, 0o600), True
-    except OSError:
-        return os.open(path, flags, 0o600), False
-
-
-def raw_io(path: Path, slot: int, n: int, qd: int, write: bool) -> float:
-    """Seconds to write (sequential slots) or read (random order) n slots, qd threads."""
-    fd, _ = _open_direct(path, create=write)
+def raw_io(path: Path, slot: int, n: int, qd: int, write: bool, direct: bool) -> float:
+    """Seconds to write (sequential slots) or read (random order) n slots, qd threads, with
+    O_DIRECT when ``direct``."""
+    flags = os.O_RDWR | (os.O_CREAT if write else 0) | (O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o600)
     if write:
         os.posix_fallocate(fd, 0, slot * n)
     order = list(range(n))
@@ -216,12 +211,10 @@ def main(argv: list[str]) -> int:
                  "queue_depth": a.qd, "working_set_bytes": n_blocks * layout.slot_bytes,
                  "dram_bytes": dram, "dir": str(work)}
     try:
-        _, direct = _open_direct(work / "probe", create=True)
-        os.unlink(work / "probe")
-        res["o_direct"] = direct
+        res["o_direct"] = direct = directory_supports_direct_io(work)
         raw = work / "raw.bin"
         slot = layout.slot_bytes
-        raw_w = raw_io(raw, slot, n_blocks, a.qd, write=True)
+        raw_w = raw_io(raw, slot, n_blocks, a.qd, write=True, direct=direct)
         seg = 64 << 20
         ssd_bytes = -(-int(n_blocks * slot * 1.25) // seg) * seg
         with private_daemon("--dram-bytes", a.dram, "--chunk-bytes", "4MiB",
@@ -237,7 +230,7 @@ def main(argv: list[str]) -> int:
                 put_s = sdk.put_all()
                 pairs = []
                 for _ in range(a.repeat):   # alternate baseline and SDK: load noise hits both
-                    raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False)
+                    raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False, direct=direct)
                     get_s, got = sdk.get_all()
                     acq_s, acq = sdk.acquire_all()
                     pairs.append((n_blocks * slot / raw_r, got * layout.block_bytes / get_s,

@@ -86,7 +86,7 @@ def run(args, sizes: list[int], shape: dict) -> dict:
     import torch
 
     from kvstore.client.hf import HFPrefixCache, layout_for
-    from kvstore.testing.daemon import PrivateDaemon
+    from kvstore.testing.daemon import DaemonProcess
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,7 +119,7 @@ def run(args, sizes: list[int], shape: dict) -> dict:
         # DRAM holds the largest prefix with room to spare but is small enough to demote from
         dram = -(-(2 * largest_kv + (128 << 20)) // (64 << 20)) * (64 << 20)
         try:
-            daemon = PrivateDaemon(dram_bytes=dram, extra_args=extra).start()
+            daemon = DaemonProcess.private(dram_bytes=dram, extra_args=extra).start()
         except BaseException:
             if made_ssd_dir:
                 shutil.rmtree(made_ssd_dir, ignore_errors=True)
@@ -143,7 +143,7 @@ def run(args, sizes: list[int], shape: dict) -> dict:
     finally:
         prog.done()
         if daemon is not None:
-            daemon.stop()
+            daemon.close()
         if made_ssd_dir:
             shutil.rmtree(made_ssd_dir, ignore_errors=True)
     return result

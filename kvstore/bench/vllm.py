@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstore.testing.daemon import PrivateDaemon
+from kvstore.testing.daemon import DaemonProcess
 from kvstore.bench.vllm_engine import MODEL_SHAPES, EngineProcess, find_vllm_python, make_model
 
 
@@ -47,7 +47,7 @@ def run(args) -> dict:
     try:
         model = str(workdir / "model")
         make_model(py, model, args.shape)
-        daemon = PrivateDaemon(2 << 30, extra_args=shlex.split(args.daemon_args)).start()
+        daemon = DaemonProcess.private(2 << 30, extra_args=shlex.split(args.daemon_args)).start()
         sock = daemon.socket
         # Both engines live side by side and take turns, so machine noise hits both alike.
         with EngineProcess(py, model, max_model_len=max_len,
@@ -67,7 +67,7 @@ def run(args) -> dict:
             counters = conn_eng.stats()
     finally:
         if daemon is not None:
-            daemon.stop()
+            daemon.close()
         shutil.rmtree(workdir, ignore_errors=True)
     b, w = statistics.median(base), statistics.median(warm)
     return {

@@ -17,13 +17,13 @@ The header records how much is populated, so a client that attaches meanwhile po
 mapping of that much only (the rest faults in on first use) instead of doing the daemon's work.
 
 Offsets handed out by the daemon are relative to the start of the file; the data region starts
-after a 4 KiB header page.
+after a 4 KiB header page. The file itself (creation, mode, mapping, removal, orphans of
+killed daemons) is kvstore.core.shmfile's.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -32,6 +32,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Callable
 
+from kvstore.core.shmfile import ShmFile, arena_path, default_shm_dir, free_bytes, populate_flag
 from kvstore.core.units import format_bytes
 
 log = logging.getLogger("kvstore.core.arena")
@@ -64,27 +65,17 @@ class ArenaError(RuntimeError):
     pass
 
 
-def default_shm_dir() -> Path:
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
-
-
-def _populate_flags() -> int:
-    return getattr(mmap, "MAP_POPULATE", 0)
-
-
 class Arena:
     """A mapped arena file. Create it with :meth:`create` (daemon) or :meth:`attach` (client)."""
 
-    def __init__(self, path: Path, fd: int, mm: mmap.mmap, uuid: bytes, owner: bool,
-                 reserved_bytes: int):
-        self.path = path
+    def __init__(self, file: ShmFile, uuid: bytes, reserved_bytes: int):
+        self.path = file.path
         self.uuid = uuid
+        mm = file.mm
         self.size_bytes = len(mm)
-        self.directory = path.parent
-        self._fd = fd
+        self.directory = file.path.parent
+        self._file = file
         self._mm = mm
-        self._owner = owner
         self.buffer = memoryview(mm)
         # The mapping's address, for madvise; taken through a temporary export so that close()
         # is not blocked by a lingering one.
@@ -108,31 +99,21 @@ class Arena:
         ArenaError when the directory cannot hold the arena (checked up front either way)."""
         directory = Path(directory) if directory else default_shm_dir()
         uid = uuidlib.uuid4().bytes
-        path = directory / f"{prefix}-{os.getpid()}-{uid.hex()[:8]}.arena"
+        path = arena_path(directory, prefix, uid.hex()[:8])
         total = HEADER_BYTES + size_bytes
         too_big = (f"cannot reserve {total} bytes for the DRAM arena in {directory}: {{}}. "
                    "Lower --dram-bytes or enlarge /dev/shm.")
-        free = _free_bytes(directory)
+        free = free_bytes(directory)
         if free is not None and free < total:
             raise ArenaError(too_big.format(f"only {free} bytes free there"))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                os.posix_fallocate(fd, 0, HEADER_BYTES if prepare_later else total)
-                os.ftruncate(fd, total)
-            except OSError as exc:
-                raise ArenaError(too_big.format(exc)) from exc
-            flags = mmap.MAP_SHARED | (0 if prepare_later else _populate_flags())
-            mm = mmap.mmap(fd, total, flags=flags)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
+        file = ShmFile.create(path, total, reserve_bytes=HEADER_BYTES if prepare_later else total,
+                              populate=not prepare_later,
+                              size_error=lambda exc: ArenaError(too_big.format(exc)))
+        mm = file.mm
         mm[:_HEADER.size] = _HEADER.pack(_MAGIC, uid, total, os.getpid())
         populated = HEADER_BYTES if prepare_later else total
         mm[_HEADER.size:_HEADER.size + _POPULATED.size] = _POPULATED.pack(populated)
-        return cls(path, fd, mm, uid, owner=True,
-                   reserved_bytes=HEADER_BYTES if prepare_later else total)
+        return cls(file, uid, reserved_bytes=HEADER_BYTES if prepare_later else total)
 
     @property
     def reserved_bytes(self) -> int:
@@ -150,7 +131,7 @@ class Arena:
         if offset != self._reserved:
             raise ArenaError(f"reserve at {offset}: the reserved prefix ends at {self._reserved}")
         try:
-            os.posix_fallocate(self._fd, offset, nbytes)
+            os.posix_fallocate(self._file.fd, offset, nbytes)
         except OSError as exc:
             raise ArenaError(f"cannot reserve {nbytes} bytes at {offset} of the DRAM arena in "
                              f"{self.directory}: {exc}") from exc
@@ -173,16 +154,13 @@ class Arena:
     @classmethod
     def attach(cls, path: str | Path, expected_uuid: bytes, expected_size: int) -> "Arena":
         """Map an existing arena; raises ArenaError if it is not the one the daemon described."""
-        path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise ArenaError(f"cannot open arena {path}: {exc}") from exc
-        try:
-            size = os.fstat(fd).st_size
+        file = ShmFile.open(path, ArenaError, "arena", writable=True)
+        path = file.path
+        with file.closing_on_error():
+            size = file.size_bytes
             if size != expected_size or size < HEADER_BYTES:
                 raise ArenaError(f"arena {path} is {size} bytes, daemon said {expected_size}")
-            head = os.pread(fd, _HEADER.size + _POPULATED.size, 0)
+            head = file.pread(_HEADER.size + _POPULATED.size, 0)
             magic, uid, total, _pid = _HEADER.unpack_from(head)
             if magic != _MAGIC or uid != expected_uuid or total != size:
                 raise ArenaError(f"arena {path} does not belong to this daemon (uuid mismatch)")
@@ -191,12 +169,9 @@ class Arena:
             # client. The first copy into the rest pays its page faults instead.
             populated = min(_POPULATED.unpack_from(head, _HEADER.size)[0], size)
             whole = populated == size
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (_populate_flags() if whole else 0))
-        except BaseException:
-            os.close(fd)
-            raise
-        arena = cls(path, fd, mm, uid, owner=False, reserved_bytes=size)
-        if whole and _populate_flags():
+            file.map(size, writable=True, populate=whole)
+        arena = cls(file, uid, reserved_bytes=size)
+        if whole and populate_flag():
             arena.mapped_bytes = size
         elif populated > HEADER_BYTES and arena.populate(0, populated):
             arena.mapped_bytes = populated
@@ -211,16 +186,10 @@ class Arena:
         if self._mm is None:
             return
         self.buffer.release()
-        try:
-            self._mm.close()
-        except BufferError:
-            # A caller still holds a view (e.g. a tensor over the mapping); the mapping lives on
-            # until that view is gone, the file is unlinked below all the same.
-            pass
-        os.close(self._fd)
+        # A caller may still hold a view (e.g. a tensor over the mapping); the mapping then
+        # lives on until that view is gone, the daemon's file is unlinked all the same.
+        self._file.close()
         self._mm = None
-        if self._owner:
-            self.path.unlink(missing_ok=True)
 
 
 class ArenaPreparer:
@@ -319,42 +288,3 @@ class ArenaPreparer:
         self.populated_s = self._clock() - t0
         log.info("DRAM arena prepared: %s reserved in %.2fs, pages populated by %.2fs",
                  format_bytes(arena.size_bytes - HEADER_BYTES), self.reserved_s, self.populated_s)
-
-
-def _free_bytes(directory: Path) -> int | None:
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def remove_stale_arenas(directory: Path | None = None, prefix: str = "kvstore") -> list[Path]:
-    """Unlink arena files whose owning daemon is gone (a SIGKILLed daemon leaves its file)."""
-    directory = Path(directory) if directory else default_shm_dir()
-    removed = []
-    for path in directory.glob(f"{prefix}-*.arena"):
-        try:
-            pid = int(path.name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid == os.getpid() or _alive(pid):
-            continue
-        try:
-            if path.stat().st_uid != os.getuid():
-                continue
-            path.unlink()
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

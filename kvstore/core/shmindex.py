@@ -36,17 +36,18 @@ Consistency (a seqlock per bucket, one for the table):
 
 What it does not hold: HBM copies (a daemon with an HBM tier publishes no snapshot) and the
 remote tier (the ``remote`` flag tells clients to ask the daemon when the local prefix is short).
+The file itself is kvstore.core.shmfile's (0600, removed with its arena, orphans cleaned up).
 """
 from __future__ import annotations
 
 import fcntl
-import mmap
-import os
 import struct
 import time
 from pathlib import Path
 
 import numpy as np
+
+from kvstore.core.shmfile import ShmFile, companion_path
 
 DEFAULT_ENTRIES = 1 << 20            # buckets (29 bytes each), when nothing better is known
 MIN_ENTRIES, MAX_ENTRIES = 1 << 16, 1 << 22
@@ -85,7 +86,7 @@ def buckets_for(capacity_bytes: int) -> int:
 
 
 def path_for(arena_path: str | Path) -> Path:
-    return Path(str(arena_path) + ".index")
+    return companion_path(arena_path, ".index")
 
 
 def ns_tag(namespace_id: bytes) -> int:
@@ -107,11 +108,11 @@ class ShmIndex:
     """The snapshot of one arena. :meth:`create` (daemon, the only writer) or :meth:`attach`
     (client, read-only)."""
 
-    def __init__(self, path: Path, fd: int, mm: mmap.mmap, buckets: int, owner: bool):
-        self.path = path
-        self._fd = fd
-        self._mm = mm
-        self._owner = owner
+    def __init__(self, file: ShmFile, buckets: int):
+        self.path = file.path
+        self._file = file
+        mm = file.mm
+        self._owner = owner = file.owner
         self.buckets = buckets
         self._mask = buckets - 1
         fields, _ = _layout(buckets)
@@ -136,19 +137,10 @@ class ShmIndex:
                remote: bool = False) -> "ShmIndex":
         if buckets < 16 or buckets & (buckets - 1):
             raise ValueError(f"buckets must be a power of two >= 16, got {buckets}")
-        path = path_for(arena_path)
-        _, total = _layout(buckets)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, total)
-            mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, buckets)
-        fcntl.flock(fd, fcntl.LOCK_EX)     # held until this process exits: readers' liveness test
-        idx = cls(path, fd, mm, buckets, owner=True)
+        file = ShmFile.create(path_for(arena_path), _layout(buckets)[1])
+        file.mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, buckets)
+        fcntl.flock(file.fd, fcntl.LOCK_EX)   # held until this process exits: readers' liveness
+        idx = cls(file, buckets)
         # Touch every page now (tens of ms for the default size): first touches under the
         # daemon's commits would otherwise cost a page fault per new block.
         for name in ("tag", "lo", "hi", "ver", "tier"):
@@ -160,25 +152,17 @@ class ShmIndex:
     @classmethod
     def attach(cls, path: str | Path, arena_uuid: bytes) -> "ShmIndex":
         """Map a snapshot read-only; ShmIndexError if it is absent or not this arena's."""
-        path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise ShmIndexError(f"cannot open index snapshot {path}: {exc}") from exc
-        try:
-            size = os.fstat(fd).st_size
+        file = ShmFile.open(path, ShmIndexError, "index snapshot")
+        path = file.path
+        with file.closing_on_error():
+            size = file.size_bytes
             if size < _DATA_OFFSET:
                 raise ShmIndexError(f"index snapshot {path} is truncated")
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        magic, uid, buckets = _HEADER.unpack(mm[:_HEADER.size])
-        if magic != _MAGIC or uid != arena_uuid or _layout(buckets)[1] > size:
-            mm.close()
-            os.close(fd)
-            raise ShmIndexError(f"index snapshot {path} belongs to another arena")
-        return cls(path, fd, mm, buckets, owner=False)
+            mm = file.map(size, writable=False)
+            magic, uid, buckets = _HEADER.unpack(mm[:_HEADER.size])
+            if magic != _MAGIC or uid != arena_uuid or _layout(buckets)[1] > size:
+                raise ShmIndexError(f"index snapshot {path} belongs to another arena")
+        return cls(file, buckets)
 
     # -- header ------------------------------------------------------------------------------
     @property
@@ -210,12 +194,12 @@ class ShmIndex:
         if self._owner:
             return True      # a lock call on our own descriptor would convert our lock
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(self._file.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
         except OSError:
             return False
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fcntl.flock(self._file.fd, fcntl.LOCK_UN)
         return False
 
     def _set_flag(self, bit: int, on: bool) -> None:
@@ -374,7 +358,7 @@ class ShmIndex:
         return None
 
     def close(self) -> None:
-        if self._mm is None:
+        if self._file.closed:
             return
         if self._owner:
             self._set_flag(CLOSED, True)
@@ -386,14 +370,7 @@ class ShmIndex:
             self._views = []
         # A reader keeps its arrays: a probe still running on another thread (a reconnect
         # re-maps under it) reads the old mapping, which stays valid until they are dropped.
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
-        os.close(self._fd)
-        self._mm = None
-        if self._owner:
-            self.path.unlink(missing_ok=True)
+        self._file.close()
 
 
 def prefix(tiers: np.ndarray) -> tuple[int, list[str]]:
@@ -402,18 +379,3 @@ def prefix(tiers: np.ndarray) -> tuple[int, list[str]]:
     n = int(miss[0]) if len(miss) else len(tiers)
     names = _NAMES
     return n, [names[t] for t in tiers[:n].tolist()]
-
-
-def remove_orphans(directory: Path, prefix_: str = "kvstore") -> list[Path]:
-    """Unlink snapshots whose arena file is gone (a SIGKILLed daemon's)."""
-    removed = []
-    for path in Path(directory).glob(f"{prefix_}-*.arena.index"):
-        if path.with_suffix("").exists():
-            continue
-        try:
-            if path.stat().st_uid == os.getuid():
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            pass
-    return removed

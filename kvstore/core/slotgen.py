@@ -12,6 +12,7 @@ The table is one uint32 per 4 KiB page of the arena (slot offsets are 4 KiB alig
 offset // 4096, so 1/1024 of the arena's size; it lives in its own file next to the arena
 (``<arena>.slotgen``) rather than in the arena's data layout, and its header holds the arena's
 UUID so that a client can tell that it belongs to the arena it mapped. Clients map it read-only.
+The file itself is kvstore.core.shmfile's (0600, removed with its arena, orphans cleaned up).
 
 Memory order: the daemon's bump is a store that precedes (in program order, then through a
 socket) any write of the slot's next owner; the reader's check is a load after its copy's loads.
@@ -24,12 +25,12 @@ block's offset and generation can read it without an Acquire/Release round trip.
 """
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from kvstore.core.shmfile import ShmFile, companion_path
 
 PAGE_BYTES = 4096
 _MAGIC = b"KVSGEN01"
@@ -42,60 +43,41 @@ class SlotGenerationsError(RuntimeError):
 
 
 def path_for(arena_path: str | Path) -> Path:
-    return Path(str(arena_path) + ".slotgen")
+    return companion_path(arena_path, ".slotgen")
 
 
 class SlotGenerations:
     """The generation table of one arena. :meth:`create` (daemon, writable) or :meth:`attach`
     (client, read-only)."""
 
-    def __init__(self, path: Path, fd: int, mm: mmap.mmap, entries: int, owner: bool):
-        self.path = path
-        self._fd = fd
-        self._mm = mm
-        self._owner = owner
-        self.table = np.frombuffer(mm, dtype=np.uint32, count=entries, offset=_DATA_OFFSET)
+    def __init__(self, file: ShmFile, entries: int):
+        self.path = file.path
+        self._file = file
+        self.table = np.frombuffer(file.mm, dtype=np.uint32, count=entries, offset=_DATA_OFFSET)
 
     @classmethod
     def create(cls, arena_path: str | Path, arena_uuid: bytes,
                arena_bytes: int) -> "SlotGenerations":
-        path = path_for(arena_path)
         entries = -(-arena_bytes // PAGE_BYTES)
-        total = _DATA_OFFSET + 4 * entries
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, total)
-            mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, entries)
-        return cls(path, fd, mm, entries, owner=True)
+        file = ShmFile.create(path_for(arena_path), _DATA_OFFSET + 4 * entries)
+        file.mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, entries)
+        return cls(file, entries)
 
     @classmethod
     def attach(cls, arena_path: str | Path, arena_uuid: bytes) -> "SlotGenerations":
         """Map the table of this arena read-only; SlotGenerationsError if it is not there or
         belongs to another arena."""
-        path = path_for(arena_path)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise SlotGenerationsError(f"cannot open slot generations {path}: {exc}") from exc
-        try:
-            size = os.fstat(fd).st_size
+        file = ShmFile.open(path_for(arena_path), SlotGenerationsError, "slot generations")
+        path = file.path
+        with file.closing_on_error():
+            size = file.size_bytes
             if size < _DATA_OFFSET:
                 raise SlotGenerationsError(f"slot generations {path} is truncated")
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        magic, uid, entries = _HEADER.unpack(mm[:_HEADER.size])
-        if magic != _MAGIC or uid != arena_uuid or _DATA_OFFSET + 4 * entries > size:
-            mm.close()
-            os.close(fd)
-            raise SlotGenerationsError(f"slot generations {path} belong to another arena")
-        return cls(path, fd, mm, entries, owner=False)
+            mm = file.map(size, writable=False)
+            magic, uid, entries = _HEADER.unpack(mm[:_HEADER.size])
+            if magic != _MAGIC or uid != arena_uuid or _DATA_OFFSET + 4 * entries > size:
+                raise SlotGenerationsError(f"slot generations {path} belong to another arena")
+        return cls(file, entries)
 
     # -- daemon -----------------------------------------------------------------------------
     def bump(self, offset: int) -> None:
@@ -123,30 +105,5 @@ class SlotGenerations:
         return len(offsets)
 
     def close(self) -> None:
-        if self._mm is None:
-            return
         self.table = None
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
-        os.close(self._fd)
-        self._mm = None
-        if self._owner:
-            self.path.unlink(missing_ok=True)
-
-
-def remove_orphans(directory: Path, prefix: str = "kvstore") -> list[Path]:
-    """Unlink tables whose arena file is gone (a SIGKILLed daemon's, once its arena was
-    removed by arena.remove_stale_arenas)."""
-    removed = []
-    for path in Path(directory).glob(f"{prefix}-*.arena.slotgen"):
-        if path.with_suffix("").exists():
-            continue
-        try:
-            if path.stat().st_uid == os.getuid():
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            pass
-    return removed
+        self._file.close()

@@ -41,7 +41,8 @@ from kvstore import __version__
 from kvstore.core import shmindex
 from kvstore.core import slotgen
 from kvstore.access.interceptor import AccessPolicy, Limits
-from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer, remove_stale_arenas
+from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer
+from kvstore.core.shmfile import remove_orphans
 from kvstore.access.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.daemon.config import Config, ConfigError
 from kvstore.planner.bandwidth import measure_memcpy_bps
@@ -139,8 +140,8 @@ class Daemon:
         tokens = TokenTable.from_config(cfg.tokens_file, cfg.auth_token, cfg.arena_tenants)
         tls = tls_credentials(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
         _prepare_socket(sock)
-        for p in remove_stale_arenas(Path(cfg.shm_dir) if cfg.shm_dir else None):
-            log.info("removed stale arena %s of a daemon that is gone", p)
+        for p in remove_orphans(Path(cfg.shm_dir) if cfg.shm_dir else None):
+            log.info("removed %s, left by a daemon that is gone", p)
         # Serve at once: the arena's memory is reserved and populated in the background, and
         # the allocator takes each chunk as it is reserved (kvstore.core.arena, "Preparation").
         # The first chunk is reserved here, so the first put never finds nothing ready.
@@ -156,10 +157,8 @@ class Daemon:
                               "lower --dram-bytes or give that filesystem more room") from None
         except OSError as exc:
             raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
-        slotgen.remove_orphans(self.arena.path.parent)
         self.generations = slotgen.SlotGenerations.create(self.arena.path, self.arena.uuid,
                                                           self.arena.size_bytes)
-        shmindex.remove_orphans(self.arena.path.parent)
         if not cfg.hbm_bytes:     # HBM copies change lookup answers outside the index's view
             self.snapshot = shmindex.ShmIndex.create(
                 self.arena.path, self.arena.uuid,

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.core.arena import Arena, remove_stale_arenas
+from kvstore.core.arena import Arena
+from kvstore.core.shmfile import remove_orphans
 from kvstore.store.index import COMMITTED
 from kvstore.metrics.counters import TierCounters
 from kvstore.tiers.dram import SlabAllocator, make_room
@@ -52,7 +53,7 @@ class HostPool:
     backend = "host"
 
     def __init__(self, size_bytes: int, directory: Path | None = None):
-        for p in remove_stale_arenas(directory, prefix=HOST_POOL_PREFIX):
+        for p in remove_orphans(directory, prefix=HOST_POOL_PREFIX):
             log.info("removed stale HBM host pool %s of a daemon that is gone", p)
         self.arena = Arena.create(size_bytes, directory, prefix=HOST_POOL_PREFIX)
         self.size_bytes = self.arena.size_bytes

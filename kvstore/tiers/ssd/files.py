@@ -58,6 +58,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from kvstore.core.directio import direct_io_works
+
 log = logging.getLogger("kvstore.ssd")
 
 FORMAT_VERSION = 2
@@ -310,7 +312,7 @@ class SSDTier:
                 os.close(fd)
                 raise OSError(exc.errno, f"cannot preallocate {self.segment_bytes} bytes for "
                               f"{path}: {exc.strerror}. Lower --ssd-bytes or free disk space") from None
-            if self.direct and not _direct_io_works(fd):
+            if self.direct and not direct_io_works(fd):
                 # Some filesystems accept O_DIRECT at open and refuse it on I/O.
                 os.close(fd)
                 fd = os.open(path, flags, 0o600)
@@ -640,19 +642,6 @@ def _raise_fd_limit(needed: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-def _direct_io_works(fd: int) -> bool:
-    buf = mmap.mmap(-1, ALIGN)
-    try:
-        os.preadv(fd, [memoryview(buf)], 0)
-        return True
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    finally:
-        buf.close()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the operations tests (not fixtures: plain functions)."""
+"""Small helpers shared by the operations tests: ports, the port a daemon bound, PNG reading."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""A client process for integration tests: `python tests/clientproc.py MODE SOCKET [args]`.
+"""A client process for integration tests: `python tests/support/clientproc.py MODE SOCKET ...`.
 
 Block bytes are a pure function of the block key, so any process can check any block it reads.
 Modes:
