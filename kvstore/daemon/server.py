@@ -52,6 +52,7 @@ from kvstore.access.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.daemon.config import Config, ConfigError
 from kvstore.planner.bandwidth import measure_memcpy_bps
 from kvstore.metrics.model import Metrics
+from kvstore.policies.eviction import DEFAULT_EVICTION, eviction_policy
 from kvstore.prefetch.prefetcher import Prefetcher
 from kvstore.metrics.http import MetricsServer
 from kvstore.daemon.service import KVStoreServicer, stats_message
@@ -184,7 +185,8 @@ class Daemon:
         # The composition root: each part gets its collaborators through its constructor.
         copies = TierSet()    # every tier a block's copy can be in: the table frees through it
         table = BlockTable(mirror=self.snapshot, on_free=copies.forget)
-        dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations)
+        evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
+        dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
         copies.add(dram)
         loop = asyncio.get_running_loop()
         self.preparer = ArenaPreparer(
@@ -194,16 +196,21 @@ class Daemon:
         if cfg.ssd_bytes:
             self.preparer.start()     # overlaps the SSD index's recovery
         if cfg.hbm_bytes:
-            self.hbm = open_hbm_tier(cfg, table, dram)
+            self.hbm = open_hbm_tier(cfg, table, dram, evict)
             copies.add(self.hbm)
-        if cfg.ssd_bytes:
-            self.ssd = open_ssd_tier(cfg, table, dram, self.hbm)
-            copies.add(self.ssd)
+        ssd = open_ssd_tier(cfg, table, dram, self.hbm, evict) if cfg.ssd_bytes else None
+        if ssd is not None:
+            copies.add(ssd)
         self.store = BlockStore(
-            table, dram, ssd=self.ssd, hbm=self.hbm, max_batch_blocks=cfg.max_batch_blocks,
+            table, dram, ssd=ssd, hbm=self.hbm, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s)
-        if self.ssd is not None:
-            self.ssd.recover(self.store.register_namespace)
+        if ssd is not None:
+            try:
+                ssd.recover(self.store.register_namespace)
+            except BaseException:
+                ssd.abandon()     # never compact a half-recovered journal at stop()
+                raise
+            self.ssd = ssd
         self.remote = open_remote(cfg, self.store) if cfg.remote else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
@@ -418,7 +425,7 @@ class Daemon:
                 log.warning("%s is no longer the socket this daemon bound: leaving it", path)
 
 
-def open_ssd_tier(cfg: Config, table, dram, hbm=None):
+def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     """Open the SSD tier's files and build it (recovery is the caller's, once the store that
     registers recovered namespaces exists); raises DaemonError or ConfigError with a clear
     message."""
@@ -446,7 +453,7 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None):
         files.close()
         raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
     catalog = SSDCatalog(table, files, Journal(files.directory / "journal", files.pool))
-    space = SSDSpace(table, files, catalog)
+    space = SSDSpace(table, files, catalog, eviction=eviction)
     return SSDTier(table, dram, files, catalog, space,
                    write_policy(cfg.ssd_write_policy, cfg.ssd_write_hits),
                    hbm=hbm, gds=open_gds(files, hbm))
@@ -469,7 +476,7 @@ def open_gds(files, hbm):
         return None
 
 
-def open_hbm_tier(cfg: Config, table, dram):
+def open_hbm_tier(cfg: Config, table, dram, eviction=None):
     """Create the HBM pool and its tier; raises ConfigError or DaemonError with a clear
     message."""
     from kvstore.tiers.hbm import HBMTier, HBMUnavailable, open_pool
@@ -483,7 +490,7 @@ def open_hbm_tier(cfg: Config, table, dram):
         raise DaemonError(f"HBM tier: {exc}") from None
     if pool.backend == "cuda":
         pool.pin_host(dram.arena)    # DRAM -> HBM prefetch copies as DMA
-    return HBMTier(pool, table, dram, cfg.chunk_bytes)
+    return HBMTier(pool, table, dram, cfg.chunk_bytes, eviction)
 
 
 def open_remote(cfg: Config, store: BlockStore):

@@ -13,7 +13,8 @@ import logging
 
 
 from kvstore import __version__
-from kvstore.core.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason, abort
+from kvstore.access.status import abort
+from kvstore.core.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason
 from kvstore.core.layout import KVLayout, LayoutError
 from kvstore.store.blockstore import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb

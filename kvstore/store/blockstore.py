@@ -581,8 +581,8 @@ class BlockStore:
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
         """Evict least valuable unleased blocks until n_needed slots of this size exist."""
-        make_room(self.dram.slabs, self.table, slot_bytes, n_needed, self.dram.evictable,
-                  self._evict)
+        make_room(self.dram.slabs, self.dram.eviction_order, slot_bytes, n_needed,
+                  self.dram.evictable, self._evict)
 
     # -- statistics --------------------------------------------------------------------------
     def namespace_usage(self) -> list[tuple[Namespace, int, int]]:

@@ -233,9 +233,6 @@ class BlockTable:
         for bid in np.unique(gone).tolist():
             self.free(bid)
 
-    def pinned(self, bid: int) -> bool:
-        return bool(self.leases[bid])
-
     # -- removal ---------------------------------------------------------------------------------
     def discard(self, bid: int) -> bool:
         """Make a COMMITTED block invisible now (delete, checksum failure, SSD eviction); it is
@@ -450,19 +447,3 @@ class BlockTable:
         """Memory held by the index's arrays."""
         return (self.keys.nbytes + self._free.nbytes + self._table.nbytes +
                 sum(getattr(self, name).nbytes for name in _COLUMNS))
-
-    def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
-        """Candidates sorted most-evictable first.
-
-        Least recently touched first; among blocks touched at the same time (one request's
-        chain), leaves before the blocks they hang from, and deeper blocks before shallower:
-        roots shared by many prefixes are worth the most.
-        """
-        if len(candidates) == 0:
-            return candidates
-        order = np.lexsort((
-            -self.depth[candidates].astype(np.int64),
-            self.children[candidates] > 0,
-            self.stamp[candidates],
-        ))
-        return candidates[order]

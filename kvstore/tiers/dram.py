@@ -26,6 +26,7 @@ import numpy as np
 
 from kvstore.core.arena import HEADER_BYTES
 from kvstore.metrics.counters import TierCounters
+from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED, NO_SLOT
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -181,24 +182,24 @@ class SlabAllocator:
         return None
 
 
-def make_room(slabs: SlabAllocator, index, slot_bytes: int, n_needed: int, evictable,
+def make_room(slabs: SlabAllocator, order, slot_bytes: int, n_needed: int, evictable,
               evict) -> None:
     """Make ``n_needed`` slots of this size free: grow into free chunks first, then evict the
     class's least valuable blocks, then other classes' coldest blocks until whole chunks come
     free for this class. ``evictable(slot_bytes)`` names the candidates (block ids) of a class,
-    ordered here by ``index.eviction_order``; ``evict(block_ids)`` frees their slots. Used by
-    the DRAM tier (store) and the HBM tier alike."""
+    ``order(candidates)`` sorts them most-evictable first (an eviction policy's), and
+    ``evict(block_ids)`` frees their slots. Used by the DRAM tier (store) and the HBM tier."""
     cls = slabs.size_class(slot_bytes)
     while len(cls.free) < n_needed and slabs.grow(cls):
         pass
     short = n_needed - len(cls.free)
     if short <= 0:
         return
-    evict(index.eviction_order(evictable(slot_bytes))[:short].tolist())
+    evict(order(evictable(slot_bytes))[:short].tolist())
     if len(cls.free) >= n_needed:
         return
     for other in [c for c in slabs.classes.values() if c is not cls]:
-        for bid in index.eviction_order(evictable(other.slot_bytes)).tolist():
+        for bid in order(evictable(other.slot_bytes)).tolist():
             evict([bid])
             if slabs.release_empty_spans(keep=cls):
                 while len(cls.free) < n_needed and slabs.grow(cls):
@@ -215,12 +216,15 @@ class DRAMTier:
 
     name = "DRAM"
 
-    def __init__(self, arena, table, chunk_bytes: int = DEFAULT_CHUNK_BYTES, generations=None):
+    def __init__(self, arena, table, chunk_bytes: int = DEFAULT_CHUNK_BYTES, generations=None,
+                 eviction: EvictionPolicy | None = None):
         """``generations``: kvstore.core.slotgen.SlotGenerations of the arena (None: readers
         confirm their releases). Only the arena's prepared prefix is handed out; the daemon
-        marks the rest ready as its ArenaPreparer reserves it (``slabs.mark_ready``)."""
+        marks the rest ready as its ArenaPreparer reserves it (``slabs.mark_ready``).
+        ``eviction``: the order DRAM gives blocks up in (kvstore.policies.eviction)."""
         self.arena = arena
         self.table = table
+        self.eviction = eviction or PrefixAwareLRU()
         self.generations = generations
         self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
                                    ready_bytes=arena.reserved_bytes)
@@ -251,6 +255,9 @@ class DRAMTier:
         mask = (t.state[owners] == COMMITTED) & (t.leases[owners] == 0) & \
             (t.dram[owners] != NO_SLOT)
         return owners[mask]
+
+    def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
+        return self.eviction.order(self.table, candidates)
 
     def headroom(self):
         """(slot bytes, slots free or growable now, evictable block ids) per size class: what

@@ -33,6 +33,7 @@ import numpy as np
 
 from kvstore.core.arena import Arena, remove_stale_arenas
 from kvstore.metrics.counters import TierCounters
+from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED
 from kvstore.tiers.dram import SlabAllocator, make_room
 from kvstore.v1 import kvstore_pb2 as pb
@@ -192,10 +193,12 @@ class HBMTier:
 
     name = "HBM"
 
-    def __init__(self, pool, table, dram, chunk_bytes: int):
+    def __init__(self, pool, table, dram, chunk_bytes: int,
+                 eviction: EvictionPolicy | None = None):
         self.pool = pool
         self.table = table
         self.dram = dram
+        self.eviction = eviction or PrefixAwareLRU()
         self.slabs = SlabAllocator(pool.size_bytes, min(chunk_bytes, max(4096, pool.size_bytes // 4)))
         self._slot: dict[int, int] = {}
         self._filling: dict[int, int] = {}
@@ -334,7 +337,8 @@ class HBMTier:
         self.counters.demotions += len(victims)
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
-        make_room(self.slabs, self.table, slot_bytes, n_needed, self._evictable, self._evict)
+        make_room(self.slabs, lambda c: self.eviction.order(self.table, c), slot_bytes,
+                  n_needed, self._evictable, self._evict)
 
     # -- kvstore.tiers.base.Tier -----------------------------------------------------------
     def capacity_bytes(self) -> int:

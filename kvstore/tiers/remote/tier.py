@@ -35,18 +35,18 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from kvstore.core.errors import KVStoreError, ResourceExhausted
 from kvstore.tiers.base import COMMITTED, NO_SLOT
 from kvstore.core.keys import pack_keys
+from kvstore.policies.write import REMOTE_WRITE_POLICIES, write_policy
 from kvstore.tiers.remote.base import RemoteBackend, RemoteError
 from kvstore.tiers.remote.breaker import CircuitBreaker
 from kvstore.tiers.remote.codec import ReadStatus, encode_header, remote_key, verify
 
 log = logging.getLogger("kvstore.remote")
 
-POLICIES = ("write_through", "write_through_selective")
 WRITE_BATCH = 32             # blocks per background write (one existence call + one put)
 MAX_BACKGROUND_FILLS = 8     # prefetch fills in flight at once; more are dropped (hints)
 KNOWN_KEYS = 1 << 20         # remote keys remembered as stored (skip re-queueing them)
@@ -80,9 +80,6 @@ class RemoteCounters:
     timeouts: int = 0             # waits that missed their deadline
     refused: int = 0              # calls not made: circuit open or thread pool busy
 
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 class RemoteTier:
     """The cluster tier (kvstore.tiers.base.Tier). ``store``: the daemon's BlockStore, handed in
@@ -94,8 +91,10 @@ class RemoteTier:
                  policy: str = "write_through", write_hits: int = 1, deadline_s: float = 0.2,
                  read_deadline_s: float = 2.0, threads: int = 4, queue_blocks: int = 256,
                  breaker: CircuitBreaker | None = None):
-        if policy not in POLICIES:
-            raise ValueError(f"remote policy must be one of {POLICIES}, got {policy!r}")
+        try:   # kvstore.policies.write: the same policies as the SSD tier's, but write_back
+            self._write_policy = write_policy(policy, write_hits, REMOTE_WRITE_POLICIES)
+        except ValueError as exc:
+            raise ValueError(f"remote policy {exc}") from None
         self.store = store
         self.backend = backend
         self.url = url
@@ -347,16 +346,17 @@ class RemoteTier:
 
     # -- write path -----------------------------------------------------------------------------
     def on_commit(self, bids: list[int]) -> None:
-        if self.policy == "write_through":
+        if self._write_policy.on_commit:
             self._enqueue(bids)
 
     def on_hits(self, bids: list[int]) -> None:
-        if self.policy != "write_through_selective":
-            return
         idx = self.store.table
+        hits = idx.hits[bids]
+        if not self._write_policy.due(hits).any():
+            return
         due = []
-        for b in bids:
-            if idx.hits[b] >= self.write_hits and b not in self._queued:
+        for b, is_due in zip(bids, self._write_policy.due(hits).tolist()):
+            if is_due and b not in self._queued:
                 ns = self.store.table.namespace_of(b)
                 if remote_key(ns.namespace_id, idx.key_of(b)) not in self._known:
                     due.append(b)

@@ -41,7 +41,6 @@ I/O contract:
 """
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import json
@@ -167,32 +166,6 @@ def decode_segment_header(raw, number: int) -> tuple[int, int] | None:
     return slot_bytes, seq
 
 
-class RateMeter:
-    """Bytes per second over the last ``window_s`` seconds (recent bandwidth for stats), in
-    one-second buckets: constant memory whatever the I/O rate. Thread-safe."""
-
-    def __init__(self, window_s: int = 10):
-        self.window_s = window_s
-        self._buckets: collections.deque[list] = collections.deque()   # [second, bytes]
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int) -> None:
-        sec = int(time.monotonic())
-        with self._lock:
-            if self._buckets and self._buckets[-1][0] == sec:
-                self._buckets[-1][1] += nbytes
-            else:
-                self._buckets.append([sec, nbytes])
-                while self._buckets[0][0] <= sec - self.window_s:
-                    self._buckets.popleft()
-
-    def rate_bps(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            total = sum(n for sec, n in self._buckets if sec > now - self.window_s)
-        return total / self.window_s
-
-
 @dataclass
 class SSDCounters:
     bytes_read: int = 0
@@ -225,8 +198,6 @@ class SlabFiles:
         self.segments: list[Segment] = []
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-ssd")
         self.counters = SSDCounters()
-        self.read_meter = RateMeter()
-        self.write_meter = RateMeter()
         self.read_limiter = read_limiter   # kvstore.tiers.ssd.ratelimit.TokenBucket, or None
         self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
@@ -548,18 +519,17 @@ class SlabFiles:
             raise OSError(errno.EIO, "short slot header write")
 
     def count_write(self, nbytes: int) -> None:
-        """One slot written (from any I/O thread, or kvstore.tiers.ssd.gds)."""
+        """One slot written (from any I/O thread, or kvstore.tiers.ssd.gds). Bandwidth is the
+        slope of these byte counters (kvstore.metrics.model.RateMeter), as for every tier."""
         with self._stat_lock:
             self.counters.bytes_written += nbytes
             self.counters.writes += 1
-        self.write_meter.add(nbytes)
 
     def count_read(self, nbytes: int) -> None:
         """One slot read (from any I/O thread, or kvstore.tiers.ssd.gds)."""
         with self._stat_lock:
             self.counters.bytes_read += nbytes
             self.counters.reads += 1
-        self.read_meter.add(nbytes)
 
     def payload_offset(self, addr: int) -> tuple[Segment, int]:
         seg = self.segments[addr >> SLOT_BITS]

@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 
+from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED, NO_SLOT
 from kvstore.tiers.ssd.files import slots_per_segment
 
@@ -25,8 +26,12 @@ _SSD_EVICT_BATCH = 64
 
 
 class SSDSpace:
-    def __init__(self, table, files, catalog, rng: np.random.Generator | None = None):
+    def __init__(self, table, files, catalog, rng: np.random.Generator | None = None,
+                 eviction: EvictionPolicy | None = None):
+        """``eviction``: the order SSD gives blocks up in (kvstore.policies.eviction), applied
+        to a random sample of a size class's slots."""
         self.table = table
+        self.eviction = eviction or PrefixAwareLRU()
         self.ssd = files
         self.catalog = catalog
         self._rng = rng if rng is not None else np.random.default_rng()
@@ -61,7 +66,7 @@ class SSDSpace:
         # the most evictable 1/32 of the sample approximates LRU (with prefix-aware ties).
         owners = self.ssd.sample_owners(slot_bytes, 32 * batch, self._rng)
         owners = owners[(idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)]
-        victims = idx.eviction_order(owners)[:batch]
+        victims = self.eviction.order(idx, owners)[:batch]
         cold = self._coldest_foreign_segment(slot_bytes)
         if cold is not None and (not len(victims) or cold[1] < int(idx.stamp[victims].max())):
             freed = self._reassign_segment(cold[0], slot_bytes)

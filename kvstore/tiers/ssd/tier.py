@@ -235,7 +235,7 @@ class SSDTier:
                 if headroom >= max(1, capacity // slot_bytes // 8):
                     continue
                 dirty = ev[idx.ssd[ev] == NO_SLOT]
-                todo += idx.eviction_order(dirty)[:CLEAN_BATCH].tolist()
+                todo += self.dram.eviction_order(dirty)[:CLEAN_BATCH].tolist()
             if not todo:
                 return
             idx.pin(todo)
@@ -430,6 +430,14 @@ class SSDTier:
             self.journal.close()
             self.ssd.close()
 
+    def abandon(self) -> None:
+        """Close the files without flushing or compacting: a start-up whose recovery failed
+        leaves the journal as it found it."""
+        self._closed = True
+        self.catalog.close()
+        self.journal.close()
+        self.ssd.close()
+
     # -- kvstore.tiers.base.Tier -----------------------------------------------------------------
     def capacity_bytes(self) -> int:
         return self.ssd.capacity_bytes
@@ -453,5 +461,4 @@ class SSDTier:
             evictions=self.space.evictions, bytes_in=io.bytes_written, bytes_out=io.bytes_read,
             promotions=c.promotions, demotions=c.demotions,
             checksum_failures=io.checksum_failures, recovered_blocks=io.recovered_blocks,
-            read_bps=ssd.read_meter.rate_bps(), write_bps=ssd.write_meter.rate_bps(),
-            io_errors=io.write_errors + io.read_errors)
+            io_errors=io.write_errors + io.read_errors)   # bandwidth: kvstore.metrics.model
