@@ -329,7 +329,7 @@ class BlockStore:
         n = len(published)
         if committed_out is not None:
             committed_out.extend(published)
-        self.dram.counters.bytes_in += n * bb
+        self.dram.counters.bytes_in += n * bb    # the store fills DRAM: its counter too
         return n
 
     # -- get ---------------------------------------------------------------------------------
@@ -365,19 +365,15 @@ class BlockStore:
                 break
             bids.append(bid)
         n_dram, n_hbm = tiers.count("DRAM"), tiers.count("HBM")
-        dc = self.dram.counters
-        dc.hits += n_dram
-        dc.misses += len(keys) - n_dram - n_hbm
+        bb = ns.layout.block_bytes
+        self.dram.counters.count_get(n_dram, len(keys) - n_dram - n_hbm,
+                                     (len(bids) - n_hbm) * bb)
         if hbm is not None:
-            hbm.counters.hits += n_hbm
-            hbm.counters.misses += len(keys) - n_hbm
+            hbm.counters.count_get(n_hbm, len(keys) - n_hbm, n_hbm * bb)
         if not bids:
             return None, [], []
         ids = np.asarray(bids, dtype=np.int64)
         table.lease(ids, stamp)
-        dc.bytes_out += (len(bids) - n_hbm) * ns.layout.block_bytes
-        if hbm is not None:
-            hbm.counters.bytes_out += n_hbm * ns.layout.block_bytes
         lease = Lease(self._new_id(), s.session_id, bids, self.clock() + self.lease_timeout_s)
         s.leases[lease.lease_id] = lease
         return lease, table.dram[ids].tolist(), tiers
