@@ -252,6 +252,7 @@ class BlockStore:
         n_new = int(np.count_nonzero(found < 0))
         # The batch's already-stored blocks must survive the eviction that makes room for it.
         kept = found[found >= 0]
+        table.touch(kept[table.state[kept] == COMMITTED], stamp)
         table.pin(kept)
         try:
             self._make_room(slot_bytes, n_new)
@@ -264,11 +265,8 @@ class BlockStore:
         fresh.sort(reverse=True)
         block_ids: list[int] = []
         offsets: list[int] = []
-        state = table.state
         for key, bid in zip(keys, present):
             if bid >= 0:
-                if state[bid] == COMMITTED:
-                    table.touch(bid, stamp)
                 block_ids.append(-1)
                 offsets.append(ALREADY_STORED)
                 parent = bid

@@ -169,6 +169,13 @@ class BlockTable:
         """Block ids (int64) of the longest prefix of ``keys`` whose blocks are COMMITTED: the
         one walk behind lookup, acquire, prefetch, the planner and the remote tier."""
         bids = self.find_many(ns, keys)
+        if len(bids) <= _SCALAR_FIND_MAX:     # a Python walk beats numpy's call overhead
+            state, n = self.state, 0
+            for b in bids.tolist():
+                if b < 0 or state[b] != COMMITTED:
+                    break
+                n += 1
+            return bids[:n]
         ok = bids >= 0
         ok[ok] = self.state[bids[ok]] == COMMITTED
         n = len(ok) if ok.all() else int(np.argmin(ok))
@@ -214,7 +221,7 @@ class BlockTable:
         """A get leased these (distinct) blocks: touched, pinned, their hit counts raised
         (saturating: selective SSD and remote writes read it)."""
         self.stamp[bids] = stamp
-        self.leases[bids] += 1
+        np.add.at(self.leases, bids, 1)      # a batch may name one block twice: pin it twice
         self.hits[bids] = np.minimum(self.hits[bids], 254) + 1
 
     def pin(self, bids) -> None:
@@ -230,8 +237,9 @@ class BlockTable:
         ids = np.asarray(bids, dtype=np.int64)
         np.subtract.at(self.leases, ids, 1)
         gone = ids[(self.leases[ids] == 0) & (self.state[ids] == DELETED)]
-        for bid in np.unique(gone).tolist():
-            self.free(bid)
+        if len(gone):
+            for bid in np.unique(gone).tolist():
+                self.free(bid)
 
     # -- removal ---------------------------------------------------------------------------------
     def discard(self, bid: int) -> bool:
