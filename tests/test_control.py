@@ -327,12 +327,12 @@ def test_index_mirror_through_tombstones_overflow_and_rebuilds(tmp_path):
     fall back), leave tombstones (rebuilds), and shrink back (it answers again) — whenever it
     answers, it answers what the store's own lookup does."""
     from kvstore.core.arena import Arena
-    from kvstore.store.blockstore import BlockStore
+    from kvstore.store.blockstore import dram_store
     arena = Arena.create(8 << 20, tmp_path)
     snap = shmindex.ShmIndex.create(arena.path, arena.uuid, buckets=64)
     reader = shmindex.ShmIndex.attach(snap.path, arena.uuid)
     try:
-        store = BlockStore(arena, chunk_bytes=1 << 20, snapshot=snap)
+        store = dram_store(arena, chunk_bytes=1 << 20, snapshot=snap)
         sid = store.open_session().session_id
         ns = store.register_namespace("mirror", LAYOUT)
         tag = shmindex.ns_tag(ns.namespace_id)

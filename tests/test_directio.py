@@ -14,11 +14,11 @@ pytestmark = pytest.mark.skipif(not O_DIRECT, reason="no O_DIRECT on this platfo
 def test_the_benches_probe_and_the_ssd_tier_agree(where, request):
     """The benches' directory probe and the SSD tier's own decision for its slab files (an
     O_DIRECT open, then the same real read) come out the same on each filesystem."""
-    from kvstore.tiers.ssd.files import SSDTier
+    from kvstore.tiers.ssd.files import SlabFiles
     directory = request.getfixturevalue(where)
     probed = directory_supports_direct_io(directory)
     assert sorted(p.name for p in directory.iterdir()) == []     # the probe's file is gone
-    tier = SSDTier(directory / "ssd", 1 << 20, 1 << 20, io_threads=1)
+    tier = SlabFiles(directory / "ssd", 1 << 20, 1 << 20, io_threads=1)
     tier.open()
     try:
         assert tier.direct == probed

@@ -266,8 +266,8 @@ def test_scan_finds_verified_slot_headers_only(tmp_path):
     import mmap
     import os
 
-    from kvstore.tiers.ssd.files import SSDTier
-    ssd = SSDTier(tmp_path, 1 << 20, 1 << 20, io_threads=2)
+    from kvstore.tiers.ssd.files import SlabFiles
+    ssd = SlabFiles(tmp_path, 1 << 20, 1 << 20, io_threads=2)
     ssd.open()
     keys = [os.urandom(16) for _ in range(3)]
     try:
@@ -284,7 +284,7 @@ def test_scan_finds_verified_slot_headers_only(tmp_path):
         b = f.read(1)
         f.seek(4096 + (8192 + 4096) + 100)
         f.write(bytes([b[0] ^ 1]))
-    again = SSDTier(tmp_path, 1 << 20)
+    again = SlabFiles(tmp_path, 1 << 20)
     again.open()
     try:
         found, fig = again.scan()

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.store.index import BlockIndex
+from kvstore.store.table import BlockTable
 from kvstore.tiers.ssd import journal as jr
-from kvstore.tiers.ssd.files import SSDFormatError, SSDTier
+from kvstore.tiers.ssd.files import SSDFormatError, SlabFiles
 
 
 def _puts(addrs, key_base=0):
@@ -52,7 +52,7 @@ def test_journal_last_event_per_slot_wins_and_torn_tail_is_cut(tmp_path):
 
 
 def test_slot_write_read_checksum(tmp_path):
-    ssd = SSDTier(tmp_path, 1 << 20, 1 << 20, io_threads=2)
+    ssd = SlabFiles(tmp_path, 1 << 20, 1 << 20, io_threads=2)
     ssd.open()
     try:
         ssd.assign_segment(0, 8192)
@@ -68,8 +68,8 @@ def test_slot_write_read_checksum(tmp_path):
     finally:
         ssd.close()
     with pytest.raises(SSDFormatError, match="segments of"):
-        SSDTier(tmp_path, 1 << 20, 512 << 10).open()
-    again = SSDTier(tmp_path, 4 << 20)          # segment size 0: adopt the directory's own
+        SlabFiles(tmp_path, 1 << 20, 512 << 10).open()
+    again = SlabFiles(tmp_path, 4 << 20)          # segment size 0: adopt the directory's own
     again.open()
     assert (again.segment_bytes, again.n_segments) == (1 << 20, 4)
     again.close()
@@ -86,7 +86,7 @@ def test_auto_segment_size_keeps_file_count_small():
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(0, 60)), max_size=300))
 def test_index_matches_a_dict(ops):
     """Adds and removals against a dict model: every key resolves to its block, per namespace."""
-    idx = BlockIndex(16)
+    idx = BlockTable(16)
     model: dict[tuple[int, bytes], int] = {}
     for add, ns, k in ops:
         key = k.to_bytes(16, "little")
@@ -94,8 +94,7 @@ def test_index_matches_a_dict(ops):
             model[(ns, key)] = idx.add(ns, key, -1, 1)
         elif not add and (ns, key) in model:
             bid = model.pop((ns, key))
-            idx.unlink(bid)
-            idx.release_id(bid)
+            idx.drop_writing(bid)
     for ns in range(3):
         keys = [k.to_bytes(16, "little") for k in range(61)]
         got = idx.find_many(ns, keys).tolist()
@@ -110,7 +109,7 @@ def test_gds_path_matches_host_path(tmp_path):
     if not gds.available():
         pytest.skip("needs CUDA and kvikio (the gds extra)")
     import torch
-    ssd = SSDTier(tmp_path, 1 << 20, 1 << 20, io_threads=2)
+    ssd = SlabFiles(tmp_path, 1 << 20, 1 << 20, io_threads=2)
     ssd.open()
     io = gds.KvikioSlotIO(ssd)
     try:
@@ -140,10 +139,13 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
 
     from kvstore.tiers.ssd import catalog as ssd_journaling
     from kvstore.core.arena import Arena
-    from kvstore.store.index import NO_SLOT
+    from kvstore.store.table import NO_SLOT, BlockTable
     from kvstore.core.layout import KVLayout
-    from kvstore.store.blockstore import BlockStore
-    from kvstore.tiers.ssd.tier import Tiering
+    from kvstore.store.blockstore import BlockStore, TierSet
+    from kvstore.tiers.dram import DRAMTier
+    from kvstore.tiers.ssd.catalog import SSDCatalog
+    from kvstore.tiers.ssd.space import SSDSpace
+    from kvstore.tiers.ssd.tier import SSDTier
     from kvstore.tiers.ssd.journal import Journal
 
     monkeypatch.setattr(ssd_journaling, "COMPACT_MIN_RECORDS", 8)
@@ -152,11 +154,17 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
 
     def open_tier():
         arena = Arena.create(8 << 20, shm_dir)
-        store = BlockStore(arena, chunk_bytes=1 << 20)
-        ssd = SSDTier(tmp_path / "ssd", 4 << 20, 4 << 20, io_threads=2)
+        copies = TierSet()                             # wired as the daemon's server.py does
+        table = BlockTable(on_free=copies.forget)
+        dram = DRAMTier(arena, table, 1 << 20)
+        ssd = SlabFiles(tmp_path / "ssd", 4 << 20, 4 << 20, io_threads=2)
         ssd.open()
-        t = Tiering(store, ssd, Journal(ssd.directory / "journal", ssd.pool))
-        t.recover()
+        catalog = SSDCatalog(table, ssd, Journal(ssd.directory / "journal", ssd.pool))
+        t = SSDTier(table, dram, ssd, catalog, SSDSpace(table, ssd, catalog))
+        copies.add(dram)
+        copies.add(t)
+        store = BlockStore(table, dram, ssd=t)
+        t.recover(store.register_namespace)
         return arena, store, t
 
     async def run() -> dict[bytes, bytes]:
@@ -177,8 +185,7 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
                 store.delete(ns.namespace_id, key)
                 await t.sync_journal()
                 del kept[key]
-        while t.journal._flush_task is not None:
-            await t.journal._flush_task
+        await t.journal.idle()
         assert t.journal.records_in_file < 60          # compacted at least once
         await t.close()
         arena.close()
@@ -190,11 +197,11 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
         ns = store.register_namespace("m", layout)
         assert t.ssd.counters.recovered_blocks == len(kept) == 20
         for key, data in kept.items():
-            bid = store.index.find(ns.index, key)
-            assert bid >= 0 and store.index.ssd[bid] != NO_SLOT
+            bid = store.table.find(ns.index, key)
+            assert bid >= 0 and store.table.ssd[bid] != NO_SLOT
             buf = mmap.mmap(-1, layout.slot_bytes)
-            assert t.ssd.read_slot(int(store.index.ssd[bid]), memoryview(buf), key, bb,
-                                   int(store.index.csum[bid]))
+            assert t.ssd.read_slot(int(store.table.ssd[bid]), memoryview(buf), key, bb,
+                                   int(store.table.csum[bid]))
             assert buf[:bb] == data
     finally:
         asyncio.run(t.close())

@@ -17,7 +17,7 @@ from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer
 from kvstore.client import KVClient, KVLayout
 from kvstore.core.errors import ResourceExhausted
 from kvstore.core.keys import chain_keys, pack_keys
-from kvstore.store.blockstore import NO_ROOM, BlockStore
+from kvstore.store.blockstore import NO_ROOM, dram_store
 from kvstore.tiers.dram import SlabAllocator
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -65,13 +65,13 @@ def test_store_never_places_a_block_in_unprepared_memory(shm_dir):
     try:
         assert arena.reserved_bytes == HEADER_BYTES
         assert os.stat(arena.path).st_blocks * 512 < 2 * MiB        # not reserved up front
-        store = BlockStore(arena, chunk_bytes=MiB)
+        store = dram_store(arena, chunk_bytes=MiB)
         ns = store.register_namespace("m", L)
         s = store.open_session("t", 1)
         with pytest.raises(ResourceExhausted):                    # nothing ready: refused
             store.allocate(s.session_id, ns.namespace_id, pack_keys(_keys(b"a", 1)))
         arena.reserve(HEADER_BYTES, MiB)
-        store.slabs.mark_ready(arena.reserved_bytes)
+        store.dram.slabs.mark_ready(arena.reserved_bytes)
         keys = _keys(b"b", 200)                              # 128 slots are ready
         aid, offs = store.allocate(s.session_id, ns.namespace_id, pack_keys(keys))
         placed = [o for o in offs if o >= 0]

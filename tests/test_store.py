@@ -5,7 +5,7 @@ from kvstore.core.arena import Arena
 from kvstore.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from kvstore.core.keys import chain_keys, pack_keys
 from kvstore.core.layout import KVLayout
-from kvstore.store.blockstore import ALREADY_STORED, BlockStore
+from kvstore.store.blockstore import ALREADY_STORED, dram_store
 
 L = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=16, dtype="float32")  # 8 KiB
 assert L.slot_bytes == 8192
@@ -23,7 +23,7 @@ class Clock:
 def env(shm_dir):
     arena = Arena.create(1 << 20, shm_dir)  # 1 MiB + header: 4 chunks of 256 KiB = 128 slots
     clock = Clock()
-    store = BlockStore(arena, chunk_bytes=256 << 10, lease_timeout_s=10,
+    store = dram_store(arena, chunk_bytes=256 << 10, lease_timeout_s=10,
                        allocation_timeout_s=10, clock=clock)
     ns = store.register_namespace("m", L)
     s = store.open_session("t", 1)
@@ -35,7 +35,7 @@ def put(store, s, ns, keys, fill=None):
     aid, offs = store.allocate(s.session_id, ns.namespace_id, pack_keys(keys))
     for i, o in enumerate(offs):
         if o >= 0:
-            store.arena.buffer[o:o + L.block_bytes] = bytes([(fill or i) % 256]) * L.block_bytes
+            store.dram.arena.buffer[o:o + L.block_bytes] = bytes([(fill or i) % 256]) * L.block_bytes
     store.commit(s.session_id, aid)
     return offs
 
@@ -51,7 +51,7 @@ def test_put_then_lookup_acquire_release(env):
     assert store.lookup(ns.namespace_id, pack_keys(keys))[0] == 5
     lease, offs, tiers = store.acquire(s.session_id, ns.namespace_id, pack_keys(keys + chain(1, 999)))
     assert len(offs) == 5 and tiers == ["DRAM"] * 5
-    assert store.arena.buffer[offs[3]] == 3
+    assert store.dram.arena.buffer[offs[3]] == 3
     store.release(s.session_id, lease.lease_id)
     with pytest.raises(FailedPrecondition, match="already released"):
         store.release(s.session_id, lease.lease_id)
@@ -63,9 +63,9 @@ def test_uncommitted_blocks_are_invisible_and_abort_frees(env):
     aid, offs = store.allocate(s.session_id, ns.namespace_id, pack_keys(keys))
     assert store.lookup(ns.namespace_id, pack_keys(keys))[0] == 0
     assert store.acquire(s.session_id, ns.namespace_id, pack_keys(keys))[0] is None
-    used = store.slabs.used_bytes()
+    used = store.dram.slabs.used_bytes()
     store.commit(s.session_id, aid, abort=True)
-    assert store.slabs.used_bytes() == used - 3 * L.slot_bytes
+    assert store.dram.slabs.used_bytes() == used - 3 * L.slot_bytes
     assert store.lookup(ns.namespace_id, pack_keys(keys))[0] == 0
     with pytest.raises(FailedPrecondition):
         store.commit(s.session_id, aid)
@@ -99,7 +99,7 @@ def test_bad_inputs(env):
 
 def test_full_arena_evicts_lru_leaves_first_and_never_leased(env):
     store, ns, s, _ = env
-    slots = store.slabs.n_chunks * (store.slabs.chunk_bytes // L.slot_bytes)
+    slots = store.dram.slabs.n_chunks * (store.dram.slabs.chunk_bytes // L.slot_bytes)
     old = chain(slots // 2, start=0)
     new = chain(slots // 2, start=10**6)
     put(store, s, ns, old)
@@ -107,7 +107,7 @@ def test_full_arena_evicts_lru_leaves_first_and_never_leased(env):
     lease, _, _ = store.acquire(s.session_id, ns.namespace_id, pack_keys(old[:4]))
     more = chain(8, start=2 * 10**6)
     put(store, s, ns, more)
-    assert store.dram.evictions == 8
+    assert store.dram.counters.evictions == 8
     # the leased roots survive; the leaves of the oldest chain went first
     assert store.lookup(ns.namespace_id, pack_keys(old))[0] == len(old) - 8
     assert store.lookup(ns.namespace_id, pack_keys(new))[0] == len(new)
@@ -116,7 +116,7 @@ def test_full_arena_evicts_lru_leaves_first_and_never_leased(env):
 
 def test_everything_leased_is_resource_exhausted(env):
     store, ns, s, _ = env
-    slots = store.slabs.n_chunks * (store.slabs.chunk_bytes // L.slot_bytes)
+    slots = store.dram.slabs.n_chunks * (store.dram.slabs.chunk_bytes // L.slot_bytes)
     keys = chain(slots)
     put(store, s, ns, keys)
     store.acquire(s.session_id, ns.namespace_id, pack_keys(keys))
@@ -127,7 +127,7 @@ def test_everything_leased_is_resource_exhausted(env):
 
 def test_partial_room_stores_a_prefix(env):
     store, ns, s, _ = env
-    slots = store.slabs.n_chunks * (store.slabs.chunk_bytes // L.slot_bytes)
+    slots = store.dram.slabs.n_chunks * (store.dram.slabs.chunk_bytes // L.slot_bytes)
     keys = chain(slots - 2)
     put(store, s, ns, keys)
     store.acquire(s.session_id, ns.namespace_id, pack_keys(keys))
@@ -145,7 +145,7 @@ def test_expired_lease_release_says_discard(env):
     assert store.counters.leases_expired == 1
     with pytest.raises(FailedPrecondition, match="expired"):
         store.release(s.session_id, lease.lease_id)
-    assert int(store.index.leases[store.index.find(ns.index, keys[0])]) == 0
+    assert int(store.table.leases[store.table.find(ns.index, keys[0])]) == 0
 
 
 def test_expired_allocation_quarantines_slots_until_session_ends(env):
@@ -153,12 +153,12 @@ def test_expired_allocation_quarantines_slots_until_session_ends(env):
     aid, offs = store.allocate(s.session_id, ns.namespace_id, pack_keys(chain(2)))
     clock.t += 11
     store.expire()
-    used = store.slabs.used_bytes()
+    used = store.dram.slabs.used_bytes()
     assert used == 2 * L.slot_bytes  # still held: the writer may still be writing
     with pytest.raises(FailedPrecondition):
         store.commit(s.session_id, aid)
     store.close_session(s.session_id)
-    assert store.slabs.used_bytes() == 0
+    assert store.dram.slabs.used_bytes() == 0
 
 
 def test_session_close_reclaims_leases_and_allocations(env):
@@ -168,10 +168,10 @@ def test_session_close_reclaims_leases_and_allocations(env):
     store.acquire(s.session_id, ns.namespace_id, pack_keys(keys))
     store.allocate(s.session_id, ns.namespace_id, pack_keys(chain(2, 5000)))
     store.close_session(s.session_id)
-    idx = store.index
+    idx = store.table
     assert all(int(idx.leases[idx.find(ns.index, k)]) == 0 for k in keys)
     assert store.lookup(ns.namespace_id, pack_keys(chain(2, 5000)))[0] == 0
-    assert store.slabs.used_bytes() == 3 * L.slot_bytes
+    assert store.dram.slabs.used_bytes() == 3 * L.slot_bytes
 
 
 def test_delete_of_leased_block_waits_for_release(env):
@@ -181,9 +181,9 @@ def test_delete_of_leased_block_waits_for_release(env):
     lease, offs, _ = store.acquire(s.session_id, ns.namespace_id, pack_keys(keys))
     assert store.delete(ns.namespace_id, pack_keys(keys)) == 2
     assert store.lookup(ns.namespace_id, pack_keys(keys))[0] == 0
-    assert store.slabs.used_bytes() == 2 * L.slot_bytes  # slots still leased
+    assert store.dram.slabs.used_bytes() == 2 * L.slot_bytes  # slots still leased
     store.release(s.session_id, lease.lease_id)
-    assert store.slabs.used_bytes() == 0
+    assert store.dram.slabs.used_bytes() == 0
 
 
 def test_two_block_sizes_share_the_arena_and_steal_chunks(env):
@@ -191,15 +191,15 @@ def test_two_block_sizes_share_the_arena_and_steal_chunks(env):
     big = store.register_namespace("big", KVLayout(1, 1, 64, block_tokens=64, dtype="float32"))
     small_keys = chain(128)  # fills all 4 chunks with 8 KiB slots
     put(store, s, ns, small_keys)
-    assert store.slabs.used_bytes() == 128 * 8192
+    assert store.dram.slabs.used_bytes() == 128 * 8192
     keys = chain_keys(b"b" * 16, list(range(64 * 3)), 64)
     aid, offs = store.allocate(s.session_id, big.namespace_id, pack_keys(keys))
     assert all(o >= 0 for o in offs)
     store.commit(s.session_id, aid)
     assert store.lookup(big.namespace_id, pack_keys(keys))[0] == 3
     # blocks of two sizes never share a chunk
-    cls_small = store.slabs.classes[8192]
-    cls_big = store.slabs.classes[32768]
+    cls_small = store.dram.slabs.classes[8192]
+    cls_big = store.dram.slabs.classes[32768]
     chunks = lambda c: {sp.first_chunk for sp in c.spans}
     assert not chunks(cls_small) & chunks(cls_big)
     assert store.lookup(ns.namespace_id, pack_keys(small_keys))[0] < 128

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.daemon.config import ConfigError
+from kvstore.core.errors import ConfigError
 
 MIN_TOKEN_CHARS = 16
 

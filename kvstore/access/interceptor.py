@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import grpc
 
 from kvstore.access.auth import LOCAL, Principal, TokenTable, bearer_token
+from kvstore.access.status import abort
 from kvstore.core.errors import (InvalidArgument, NotFound, PermissionDenied, Reason,
-                            ResourceExhausted, Unauthenticated, abort)
+                            ResourceExhausted, Unauthenticated)
 from kvstore.metrics.model import Metrics
 from kvstore.v1 import kvstore_pb2 as pb
 

@@ -24,10 +24,10 @@ import numpy as np
 
 from kvstore.core.arena import Arena, default_shm_dir
 from kvstore.bench.harness import emit
-from kvstore.store.index import COMMITTED
+from kvstore.store.table import COMMITTED
 from kvstore.core.keys import pack_keys
 from kvstore.core.layout import KVLayout
-from kvstore.store.blockstore import BlockStore
+from kvstore.store.blockstore import dram_store
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=16, dtype="float16")
 FILL_STEP = 1 << 20
@@ -48,22 +48,23 @@ def measure(sizes: list[int], batch: int, rounds: int, directory: Path) -> list[
     arena = Arena.create(max(16 << 20, 4 * batch * LAYOUT.slot_bytes), shm)
     rows = []
     try:
-        store = BlockStore(arena, chunk_bytes=4 << 20, max_batch_blocks=max(4096, batch))
+        store = dram_store(arena, chunk_bytes=4 << 20, max_batch_blocks=max(4096, batch))
         ns = store.register_namespace("bench-scale", LAYOUT)
         s = store.open_session("bench", os.getpid())
         hot = pack_keys([k.tobytes() for k in _random_keys(rng, batch)])
         aid, offs = store.allocate(s.session_id, ns.namespace_id, hot)
         assert all(o >= 0 for o in offs)
         store.commit(s.session_id, aid)
-        idx = store.index
+        idx = store.table
         filled = batch
         for size in sorted(sizes):
             while filled < size:
                 n = min(FILL_STEP, size - filled)
                 keys = _random_keys(rng, n)
-                bids = idx.add_many(ns.index, keys.tobytes(), np.full(n, -1), idx.tick())
-                idx.state[bids] = COMMITTED
-                idx.ssd[bids] = np.arange(n, dtype=np.int64)   # an address, never read
+                # as recovered SSD blocks: committed, an SSD address (never read)
+                idx.restore_many(ns.index, keys.tobytes(), np.arange(n, dtype=np.int64),
+                                 np.zeros(n, np.uint64), np.zeros(n, np.uint32),
+                                 np.zeros((n, 2), np.uint64))
                 filled += n
             # Batches of keys drawn from the whole index, so probes land all over the table.
             cold = np.flatnonzero((idx.state == COMMITTED) & (idx.dram < 0))

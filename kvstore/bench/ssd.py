@@ -169,7 +169,7 @@ class SDKRun:
 
 
 def index_bytes_per_block(n: int) -> dict:
-    from kvstore.store.index import COMMITTED, BlockIndex
+    from kvstore.store.table import BlockTable
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -177,7 +177,7 @@ def index_bytes_per_block(n: int) -> dict:
 
     rng = np.random.default_rng(0)
     base = rss()
-    idx = BlockIndex()
+    idx = BlockTable()
     t = time.perf_counter()
     step = 100_000
     for i in range(0, n, step):
@@ -185,7 +185,7 @@ def index_bytes_per_block(n: int) -> dict:
         keys = rng.integers(0, 2**63, (m, 2), dtype=np.uint64)
         # chains of 64 blocks: each block's parent is the previous one of its chain
         bids = idx.add_many(i // step % 8, keys.tobytes(), np.full(m, -1), 1)
-        idx.state[bids] = COMMITTED
+        idx.publish(bids)
     fill_s = time.perf_counter() - t
     probe = keys[:4096].tobytes()
     t = time.perf_counter()

@@ -106,9 +106,6 @@ def reason_metadata(reason: Reason) -> tuple[tuple[str, str], ...]:
     return ((REASON_METADATA_KEY, Reason(reason).value),)
 
 
-async def abort(context, err: KVStoreError):
-    """End the call (grpc.aio servicer context) with ``err``'s status, message and reason."""
-    import grpc
-
-    await context.abort(getattr(grpc.StatusCode, err.code), str(err),
-                        trailing_metadata=reason_metadata(err.reason))
+class ConfigError(ValueError):
+    """A configuration value that cannot be used (the CLI answers exit code 2 and the
+    message, which says what to change)."""

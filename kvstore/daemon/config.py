@@ -18,12 +18,9 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable
 
+from kvstore.core.errors import ConfigError
 from kvstore.core.paths import default_socket
 from kvstore.core.units import format_bytes, parse_rate, parse_size
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _default_dram_bytes() -> int:
@@ -101,11 +98,8 @@ def _hbm_device(v: Any) -> str:
 
 
 def _write_policy(v: Any) -> str:
-    s = str(v).lower().replace("-", "_")
-    if s not in ("write_through", "write_back", "write_through_selective"):
-        raise ValueError(f"must be write_through, write_back or write_through_selective, "
-                         f"got {v!r}")
-    return s
+    from kvstore.policies.write import SSD_WRITE_POLICIES, normalize
+    return normalize(v, SSD_WRITE_POLICIES)
 
 
 def _remote_url(v: Any) -> str:
@@ -117,10 +111,8 @@ def _remote_url(v: Any) -> str:
 
 
 def _remote_policy(v: Any) -> str:
-    s = str(v).lower().replace("-", "_")
-    if s not in ("write_through", "write_through_selective"):
-        raise ValueError(f"must be write_through or write_through_selective, got {v!r}")
-    return s
+    from kvstore.policies.write import REMOTE_WRITE_POLICIES, normalize
+    return normalize(v, REMOTE_WRITE_POLICIES)
 
 
 def _log_level(v: Any) -> str:

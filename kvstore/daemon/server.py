@@ -18,6 +18,12 @@ opened without logging a shutdown.
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access.interceptor) before the servicer.
 SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
+
+Composition root: ``Daemon.start`` builds every part and hands each its collaborators through
+its constructor, in dependency order — block table, DRAM tier, HBM tier, SSD tier (files, catalog,
+space manager, write policy, GPUDirect reader), the store over them, then the SSD recovery, the
+cluster tier, the prefetcher, metrics, access policy and servicer. No part attaches itself to
+another; the table frees a block's copies through the TierSet the tiers are added to here.
 """
 from __future__ import annotations
 
@@ -47,10 +53,13 @@ from kvstore.access.auth import TokenTable, socket_mode, tls_credentials
 from kvstore.daemon.config import Config, ConfigError
 from kvstore.planner.bandwidth import measure_memcpy_bps
 from kvstore.metrics.model import Metrics
+from kvstore.policies.eviction import DEFAULT_EVICTION, eviction_policy
 from kvstore.prefetch.prefetcher import Prefetcher
 from kvstore.metrics.http import MetricsServer
 from kvstore.daemon.service import KVStoreServicer, stats_message
-from kvstore.store.blockstore import BlockStore
+from kvstore.store.blockstore import BlockStore, TierSet
+from kvstore.store.table import BlockTable
+from kvstore.tiers.dram import DRAMTier
 from kvstore.core.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -128,6 +137,9 @@ class Daemon:
         self.generations: slotgen.SlotGenerations | None = None
         self.snapshot: shmindex.ShmIndex | None = None
         self.store: BlockStore | None = None
+        self.ssd = None        # kvstore.tiers.ssd.tier.SSDTier when --ssd-bytes is set
+        self.hbm = None        # kvstore.tiers.hbm.HBMTier when --hbm-bytes is set
+        self.prefetcher: Prefetcher | None = None
         self.access: AccessPolicy | None = None
         self._started = False                  # serving: stop() then logs the shutdown
         self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
@@ -169,20 +181,35 @@ class Daemon:
                      self.snapshot.capacity_blocks)
         else:
             log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
-        self.store = BlockStore(
-            self.arena, chunk_bytes=cfg.chunk_bytes, max_batch_blocks=cfg.max_batch_blocks,
-            lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
-            generations=self.generations, snapshot=self.snapshot,
-        )
+        # The composition root: each part gets its collaborators through its constructor.
+        copies = TierSet()    # every tier a block's copy can be in: the table frees through it
+        table = BlockTable(mirror=self.snapshot, on_free=copies.forget)
+        evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
+        dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
+        copies.add(dram)
         loop = asyncio.get_running_loop()
         self.preparer = ArenaPreparer(
-            self.arena, self.store.slabs.chunk_bytes,
-            lambda end: loop.call_soon_threadsafe(self.store.slabs.mark_ready, end),
+            self.arena, dram.slabs.chunk_bytes,
+            lambda end: loop.call_soon_threadsafe(dram.slabs.mark_ready, end),
             limit_bps=cfg.dram_prepare_limit)
         if cfg.ssd_bytes:
             self.preparer.start()     # overlaps the SSD index's recovery
-        self.tiering = open_ssd_tier(cfg, self.store) if cfg.ssd_bytes else None
-        self.hbm = open_hbm_tier(cfg, self.store, self.tiering) if cfg.hbm_bytes else None
+        if cfg.hbm_bytes:
+            self.hbm = open_hbm_tier(cfg, table, dram, evict)
+            copies.add(self.hbm)
+        ssd = open_ssd_tier(cfg, table, dram, self.hbm, evict) if cfg.ssd_bytes else None
+        if ssd is not None:
+            copies.add(ssd)
+        self.store = BlockStore(
+            table, dram, ssd=ssd, hbm=self.hbm, max_batch_blocks=cfg.max_batch_blocks,
+            lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s)
+        if ssd is not None:
+            try:
+                ssd.recover(self.store.register_namespace)
+            except BaseException:
+                ssd.abandon()     # never compact a half-recovered journal at stop()
+                raise
+            self.ssd = ssd
         self.remote = open_remote(cfg, self.store) if cfg.remote else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
@@ -192,17 +219,17 @@ class Daemon:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.metrics = Metrics(self.store, base=functools.partial(stats_message, self.store,
-                                                                  self.remote))
+        self.metrics = Metrics(self.store, base=functools.partial(
+            stats_message, self.store, self.prefetcher, self.remote))
         self.access = AccessPolicy(
             self.store, self.metrics, tokens,
             Limits(cfg.max_inflight_requests_per_client, cfg.inflight_bytes_per_client),
             socket_requires_token=cfg.socket_requires_token)
         self.server = grpc.aio.server(options=opts, interceptors=[self.access])
         servicer = KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics,
-                                   remote=self.remote,
-                                   index_path=str(self.snapshot.path) if self.snapshot else "")
-        servicer.dram_read_bps = measure_memcpy_bps()
+                                   remote=self.remote, prefetcher=self.prefetcher,
+                                   index_path=str(self.snapshot.path) if self.snapshot else "",
+                                   dram_read_bps=measure_memcpy_bps())
         pb_grpc.add_KVStoreServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -264,23 +291,23 @@ class Daemon:
                  format_bytes(cfg.inflight_bytes_per_client))
         log.info("DRAM tier: %s shared arena at %s (chunks of %s; %s ready, the rest is "
                  "prepared in the background)",
-                 format_bytes(self.store.slabs.capacity_bytes), self.arena.path,
-                 format_bytes(self.store.slabs.chunk_bytes),
-                 format_bytes(self.store.slabs.ready_bytes))
-        if self.tiering is not None:
-            t = self.tiering
+                 format_bytes(self.store.dram.capacity_bytes()), self.arena.path,
+                 format_bytes(self.store.dram.slabs.chunk_bytes),
+                 format_bytes(self.store.dram.slabs.ready_bytes))
+        if self.ssd is not None:
+            t = self.ssd
             log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s, "
                      "%d blocks recovered)", format_bytes(t.ssd.capacity_bytes), t.ssd.directory,
                      t.ssd.n_segments, format_bytes(t.ssd.segment_bytes),
-                     "O_DIRECT" if t.ssd.direct else "buffered", t.ssd.io_threads, t.policy,
-                     t.ssd.counters.recovered_blocks)
+                     "O_DIRECT" if t.ssd.direct else "buffered", t.ssd.io_threads,
+                     t.policy.name, t.ssd.counters.recovered_blocks)
         else:
             log.info("SSD tier: off (set --ssd-bytes)")
         if self.hbm is not None:
             h = self.hbm
             route = ""
-            if self.tiering is not None:
-                route = ("; SSD blocks are read straight into HBM" if self.tiering.direct_to_hbm()
+            if self.ssd is not None:
+                route = ("; SSD blocks are read straight into HBM" if self.ssd.direct_to_hbm()
                          else "; SSD blocks reach HBM through DRAM")
             log.info("HBM tier: %s %s pool on %s%s", format_bytes(h.slabs.capacity_bytes),
                      h.pool.backend, h.pool.device, route)
@@ -356,7 +383,7 @@ class Daemon:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if getattr(self, "prefetcher", None) is not None:
+        if self.prefetcher is not None:
             self.prefetcher.close()
         if getattr(self, "remote", None) is not None:
             await self.remote.close()   # before sessions end: engine calls write into slots
@@ -364,13 +391,13 @@ class Daemon:
         if self.store is not None:
             for sid in list(self.store.sessions):
                 self.store.close_session(sid)
-        if getattr(self, "tiering", None) is not None:
+        if self.ssd is not None:
             try:
-                await self.tiering.close()
+                await self.ssd.close()
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
-            self.tiering = None
-        if getattr(self, "hbm", None) is not None:
+            self.ssd = None
+        if self.hbm is not None:
             self.hbm.close()
             self.hbm = None
         if getattr(self, "preparer", None) is not None:
@@ -397,36 +424,60 @@ class Daemon:
                 log.warning("%s is no longer the socket this daemon bound: leaving it", path)
 
 
-def open_ssd_tier(cfg: Config, store: BlockStore):
-    """Open (and recover) the SSD tier; raises DaemonError with a clear message."""
-    from kvstore.tiers.ssd.tier import Tiering
+def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
+    """Open the SSD tier's files and build it (recovery is the caller's, once the store that
+    registers recovered namespaces exists); raises DaemonError or ConfigError with a clear
+    message."""
+    from kvstore.policies.write import write_policy
+    from kvstore.tiers.ssd.catalog import SSDCatalog
+    from kvstore.tiers.ssd.files import SSDFormatError, SlabFiles
     from kvstore.tiers.ssd.journal import Journal
-    from kvstore.tiers.ssd.files import SSDFormatError, SSDTier
+    from kvstore.tiers.ssd.space import SSDSpace
+    from kvstore.tiers.ssd.tier import SSDTier
 
-    ssd = SSDTier(Path(cfg.ssd_dir).expanduser(), cfg.ssd_bytes, cfg.ssd_segment_bytes,
-                  io_threads=cfg.ssd_io_threads)
-    try:
-        ssd.open()
-    except SSDFormatError as exc:     # data in the way (another format, another daemon's): 1
-        ssd.close()
-        raise DaemonError(f"SSD tier: {exc}") from None
-    except OSError as exc:
-        ssd.close()
-        raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
+    limiter = None
     if cfg.ssd_read_limit:
         from kvstore.tiers.ssd.ratelimit import TokenBucket
-        ssd.read_limiter = TokenBucket(cfg.ssd_read_limit)
+        limiter = TokenBucket(cfg.ssd_read_limit)
         log.info("SSD reads capped at %s/s (ssd_read_limit: a testing/QoS knob)",
                  format_bytes(cfg.ssd_read_limit))
-    tiering = Tiering(store, ssd, Journal(ssd.directory / "journal", ssd.pool),
-                      cfg.ssd_write_policy, cfg.ssd_write_hits)
-    tiering.recover()
-    return tiering
+    files = SlabFiles(Path(cfg.ssd_dir).expanduser(), cfg.ssd_bytes, cfg.ssd_segment_bytes,
+                      io_threads=cfg.ssd_io_threads, read_limiter=limiter)
+    try:
+        files.open()
+    except SSDFormatError as exc:     # data in the way (another format, another daemon's): 1
+        files.close()
+        raise DaemonError(f"SSD tier: {exc}") from None
+    except OSError as exc:
+        files.close()
+        raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None
+    catalog = SSDCatalog(table, files, Journal(files.directory / "journal", files.pool))
+    space = SSDSpace(table, files, catalog, eviction=eviction)
+    return SSDTier(table, dram, files, catalog, space,
+                   write_policy(cfg.ssd_write_policy, cfg.ssd_write_hits),
+                   hbm=hbm, gds=open_gds(files, hbm))
 
 
-def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
-    """Create the HBM pool and its tier; raises DaemonError with a clear message."""
+def open_gds(files, hbm):
+    """A GPUDirect Storage reader over the SSD files for a CUDA HBM pool (None otherwise, or
+    when kvikio is missing or unusable: then SSD blocks reach HBM through DRAM)."""
+    if hbm is None or hbm.pool.backend != "cuda":
+        return None
     from kvstore.tiers.ssd import gds
+    if not gds.available():
+        log.info("kvikio not installed (the gds extra): SSD blocks reach HBM through DRAM")
+        return None
+    try:
+        return gds.KvikioSlotIO(files)
+    except Exception as exc:     # kvikio present but unusable: the bounce path works
+        log.warning("GPUDirect Storage unavailable (%s): SSD blocks reach HBM through "
+                    "DRAM", exc)
+        return None
+
+
+def open_hbm_tier(cfg: Config, table, dram, eviction=None):
+    """Create the HBM pool and its tier; raises ConfigError or DaemonError with a clear
+    message."""
     from kvstore.tiers.hbm import HBMTier, HBMUnavailable, open_pool
 
     try:
@@ -436,20 +487,9 @@ def open_hbm_tier(cfg: Config, store: BlockStore, tiering):
         raise ConfigError(f"HBM tier: {exc}") from None
     except OSError as exc:
         raise DaemonError(f"HBM tier: {exc}") from None
-    hbm = HBMTier(pool, cfg.chunk_bytes)
-    store.hbm = hbm
     if pool.backend == "cuda":
-        pool.pin_host(store.arena)    # DRAM -> HBM prefetch copies as DMA
-    if tiering is not None and pool.backend == "cuda":
-        if gds.available():
-            try:
-                tiering.gds = gds.KvikioSlotIO(tiering.ssd)
-            except Exception as exc:     # kvikio present but unusable: the bounce path works
-                log.warning("GPUDirect Storage unavailable (%s): SSD blocks reach HBM through "
-                            "DRAM", exc)
-        else:
-            log.info("kvikio not installed (the gds extra): SSD blocks reach HBM through DRAM")
-    return hbm
+        pool.pin_host(dram.arena)    # DRAM -> HBM prefetch copies as DMA
+    return HBMTier(pool, table, dram, cfg.chunk_bytes, eviction)
 
 
 def open_remote(cfg: Config, store: BlockStore):

@@ -13,7 +13,8 @@ import logging
 
 
 from kvstore import __version__
-from kvstore.core.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason, abort
+from kvstore.access.status import abort
+from kvstore.core.errors import FailedPrecondition, InvalidArgument, KVStoreError, Reason
 from kvstore.core.layout import KVLayout, LayoutError
 from kvstore.store.blockstore import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -50,18 +51,20 @@ def unary(fn):
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, store: BlockStore, max_message_bytes: int, stopping: asyncio.Event,
-                 metrics=None, remote=None, index_path: str = ""):
+                 metrics=None, remote=None, prefetcher=None, index_path: str = "",
+                 dram_read_bps: float = 0.0):
         self.store = store
         self.remote = remote     # kvstore.tiers.remote.RemoteTier; None: no cluster tier
+        self.prefetcher = prefetcher   # kvstore.prefetch.prefetcher.Prefetcher; None: off
         self.max_message_bytes = max_message_bytes
         self._stopping = stopping
         self.metrics = metrics   # kvstore.metrics.model.Metrics; None: counters only
-        self.dram_read_bps = 0.0  # memcpy-scale figure for the planner (set by the daemon)
+        self.dram_read_bps = dram_read_bps  # memcpy-scale figure for the planner
         self.index_path = index_path   # shared-memory index snapshot offered ("" for none)
 
     async def OpenSession(self, request, context):
         s = self.store.open_session(request.client_name, request.pid)
-        arena, gens = self.store.arena, self.store.generations
+        arena, gens = self.store.dram.arena, self.store.dram.generations
         try:
             yield pb.SessionEvent(
                 session_id=s.session_id,
@@ -116,21 +119,21 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     async def Commit(self, request, context):
-        tiering = self.store.tiering
+        ssd = self.store.ssd
         committed: list[int] = []
         n = self.store.commit(request.session_id, request.allocation_id, request.abort,
                               committed_out=committed)
         if self.remote is not None and committed:
             self.remote.on_commit(committed)       # queued for the background writer
-        if tiering is not None and committed:
-            await tiering.persist(committed)   # write-through: answer once durable
+        if ssd is not None and committed:
+            await ssd.persist(committed)   # write-through: answer once durable
         return pb.CommitResponse(committed=n)
 
     @unary
     async def Acquire(self, request, context):
-        tiering = self.store.tiering
+        ssd = self.store.ssd
         want_hbm = request.want_hbm and self.store.hbm is not None
-        promote: list[int] | None = [] if tiering is not None else None
+        promote: list[int] | None = [] if ssd is not None else None
         # A local miss continues in the cluster tier: its blocks land in DRAM before the acquire.
         n_local, n_remote = ((await self.remote.fill(request.namespace_id, request.keys))
                              if self.remote is not None else (0, 0))
@@ -138,17 +141,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                                    request.keys, promote_out=promote,
                                                    want_hbm=want_hbm)
         try:
-            if lease is not None and self.store.prefetcher is not None:
-                self.store.prefetcher.on_acquire(lease.block_ids)
-            if lease is not None and tiering is not None:
-                tiering.on_hits(lease.block_ids)
+            if lease is not None and self.prefetcher is not None:
+                self.prefetcher.on_acquire(lease.block_ids)
+            if lease is not None and ssd is not None:
+                ssd.on_hits(lease.block_ids)
             if lease is not None and self.remote is not None:
                 self.remote.on_hits(lease.block_ids)
                 tiers = [("REMOTE" if n_local <= i < n_local + n_remote and t == "DRAM" else t)
                          for i, t in enumerate(tiers)]
             if promote:
-                lease, offsets = await tiering.promote(request.session_id, lease, promote,
-                                                       to_hbm=want_hbm)
+                lease, offsets = await self.store.promote(request.session_id, lease, promote,
+                                                          to_hbm=want_hbm)
                 tiers = tiers[:len(offsets)]
             hbm_reads, hbm_fill = self.store.hbm_answer(lease) if want_hbm else ([], [])
         except BaseException:   # failed or cancelled (client deadline): no lease is answered
@@ -177,13 +180,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @unary
     async def Delete(self, request, context):
         n = self.store.delete(request.namespace_id, request.keys)
-        if self.store.tiering is not None:
-            await self.store.tiering.sync_journal()   # a delete that answered stays deleted
+        if self.store.ssd is not None:
+            await self.store.ssd.sync_journal()   # a delete that answered stays deleted
         return pb.DeleteResponse(deleted=n)
 
     @unary
     def GetStats(self, request, context):
-        return self.metrics.snapshot() if self.metrics else stats_message(self.store)
+        return self.metrics.snapshot() if self.metrics else self._stats()
+
+    def _stats(self) -> pb.Stats:
+        return stats_message(self.store, self.prefetcher, self.remote)
 
     async def WatchStats(self, request, context):
         interval_s = request.interval_s or 1.0
@@ -192,7 +198,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 f"interval_s must be >= {WATCH_MIN_INTERVAL_S}, got {interval_s}",
                 Reason.BAD_ARGUMENT))
         while not self._stopping.is_set():
-            yield self.metrics.snapshot() if self.metrics else stats_message(self.store)
+            yield self.metrics.snapshot() if self.metrics else self._stats()
             # Wake at the interval, or at once when the daemon stops: the stream then ends OK.
             try:
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
@@ -217,7 +223,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     # -- prefetch and the recompute planner (kvstore/prefetch/prefetcher.py, kvstore/planner/recompute.py) ----------
     @unary
     def Prefetch(self, request, context):
-        pf = self.store.prefetcher
+        pf = self.prefetcher
         if pf is None:
             raise FailedPrecondition("prefetch is not enabled in this daemon", Reason.NOT_ENABLED)
         if self.remote is not None:
@@ -231,13 +237,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     def CancelPrefetch(self, request, context):
-        pf = self.store.prefetcher
+        pf = self.prefetcher
         n = pf.cancel(request.session_id, list(request.prefetch_ids)) if pf else 0
         return pb.CancelPrefetchResponse(cancelled=n)
 
     @unary
     async def PlanRecompute(self, request, context):
-        from kvstore.planner.bandwidth import probe_ssd_bps
         from kvstore.planner.recompute import PrefillProfile, plan_recompute
 
         pr = request.profile
@@ -245,19 +250,18 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if not all(x >= 0 and x < float("inf") for x in (pr.c0, pr.c1, pr.c2, request.latency_s)):
             raise InvalidArgument("profile coefficients and latency_s must be finite and >= 0",
                                   Reason.BAD_ARGUMENT)
-        ns = self.store._namespace(request.namespace_id)
+        ns = self.store.namespace(request.namespace_id)
         n, tiers = self.store.lookup(request.namespace_id, request.keys)
         if self.remote is not None:
             tiers = tiers + ["REMOTE"] * await self.remote.probe(request.namespace_id,
                                                                   request.keys, n)
             n = len(tiers)
-        tiering = self.store.tiering
-        ssd_bps = tiering.read_bps() if tiering is not None else 0.0
-        if tiering is not None and not ssd_bps and "SSD" in tiers:
-            idx = self.store.index
-            keys = self.store._keys(request.keys)[:n]
-            bids = [int(b) for b in idx.find_many(ns.index, keys).tolist() if b >= 0]
-            ssd_bps = await probe_ssd_bps(tiering, bids)
+        ssd = self.store.ssd
+        ssd_bps = ssd.read_bps() if ssd is not None else 0.0
+        if ssd is not None and not ssd_bps and "SSD" in tiers:
+            # a cold daemon must not guess: measure on a few of the request's own SSD blocks
+            _, _, bids = self.store.committed_prefix(request.namespace_id, request.keys)
+            ssd_bps = await ssd.measure_read_bps(bids.tolist())
         # HBM copies always have a DRAM or SSD copy too; a client that reads HBM only gains
         bw = {"HBM": self.dram_read_bps, "DRAM": self.dram_read_bps, "SSD": ssd_bps,
               "REMOTE": self.remote.read_bps() if self.remote is not None else 0.0}
@@ -272,18 +276,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             dram_read_bps=bw["DRAM"], ssd_read_bps=bw["SSD"], remote_read_bps=bw["REMOTE"])
 
 
-def stats_message(store: BlockStore, remote=None) -> pb.Stats:
-    tiers = [hbm_tier_stats(store.hbm)] if store.hbm is not None else []
-    c = store.dram
-    tiers += [pb.TierStats(
-        tier=pb.TIER_DRAM, capacity_bytes=store.slabs.capacity_bytes,
-        ready_bytes=store.slabs.ready_bytes,
-        used_bytes=store.slabs.used_bytes(), blocks=store.tier_blocks(), hits=c.hits,
-        misses=c.misses, evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
-        promotions=c.promotions, demotions=c.demotions,
-    )]
-    if store.tiering is not None:
-        tiers.append(ssd_tier_stats(store.tiering))
+def stats_message(store: BlockStore, prefetcher=None, remote=None) -> pb.Stats:
+    """The counters-only Stats message: one row per tier (kvstore.tiers.base.Tier.stats_row,
+    fastest first, then the cluster tier), namespaces, sessions, prefetch outcomes."""
+    tiers = [t.stats_row() for t in store.tiers()]
     if remote is not None:
         tiers.append(remote.stats_row())
     namespaces = [pb.NamespaceStats(namespace_id=ns.namespace_id, model_id=ns.model_id,
@@ -295,33 +291,10 @@ def stats_message(store: BlockStore, remote=None) -> pb.Stats:
                   daemon_version=__version__, lookups=k.lookups,
                   puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
                   sessions_reclaimed=k.sessions_reclaimed)
-    pf = store.prefetcher
+    pf = prefetcher
     if pf is not None:
         c = pf.counters
         st.prefetch_issued, st.prefetch_cancelled = c.issued, c.cancelled
         st.prefetch_on_time, st.prefetch_late, st.prefetch_wasted = c.on_time, c.late, c.wasted
         st.prefetch_bytes_promoted, st.prefetch_pending = c.bytes_promoted, pf.pending
     return st
-
-
-def hbm_tier_stats(hbm) -> pb.TierStats:
-    c = hbm.counters
-    return pb.TierStats(
-        tier=pb.TIER_HBM, capacity_bytes=hbm.slabs.capacity_bytes,
-        ready_bytes=hbm.slabs.ready_bytes,
-        used_bytes=hbm.slabs.used_bytes(), blocks=hbm.blocks(), hits=c.hits, misses=c.misses,
-        evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
-        promotions=c.promotions, demotions=c.demotions)
-
-
-def ssd_tier_stats(tiering) -> pb.TierStats:
-    ssd, c, io = tiering.ssd, tiering.counters, tiering.ssd.counters
-    return pb.TierStats(
-        tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes, ready_bytes=ssd.capacity_bytes,
-        used_bytes=ssd.used_bytes(),
-        blocks=tiering.tier_blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
-        bytes_in=io.bytes_written, bytes_out=io.bytes_read, promotions=c.promotions,
-        demotions=c.demotions, checksum_failures=io.checksum_failures,
-        recovered_blocks=io.recovered_blocks, read_bps=ssd.read_meter.rate_bps(),
-        write_bps=ssd.write_meter.rate_bps(), io_errors=io.write_errors + io.read_errors,
-    )

@@ -22,6 +22,12 @@ class TierCounters:
     promotions: int = 0
     demotions: int = 0
 
+    def count_get(self, hits: int, misses: int, bytes_out: int) -> None:
+        """One get: blocks served from this tier, blocks asked for and not served, bytes."""
+        self.hits += hits
+        self.misses += misses
+        self.bytes_out += bytes_out
+
 
 @dataclass
 class DaemonCounters:

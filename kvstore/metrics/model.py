@@ -145,7 +145,7 @@ class Metrics:
         for t in st.tiers:
             total = t.hits + t.misses
             t.hit_rate = t.hits / total if total else 0.0
-            # A tier that measures its own bandwidth (SSD: per I/O) keeps its figure.
+            # A tier that measures its own bandwidth (the remote tier's fills) keeps it.
             if not t.read_bps and t.tier in self._read:
                 t.read_bps = self._read[t.tier].rate()
             if not t.write_bps and t.tier in self._write:

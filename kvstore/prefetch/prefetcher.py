@@ -5,7 +5,7 @@
                       and its SSD-only blocks are queued for promotion in deadline order.
     on_acquire(bids)  a get touched these blocks: each prefetch holding one of them ends,
                       counted on time (its transfer had finished) or late (the get came first;
-                      the get then shares the transfer still in flight — Tiering._promoting).
+                      the get then shares the transfer still in flight — SSDTier.fetch).
     cancel(session, ids), expire()
                       every prefetch ends exactly once: done (read by a get), expired (its
                       lease of deadline + grace ran out unread: wasted), or cancelled (by the
@@ -13,8 +13,10 @@
                       every trace of it; nothing grows without bound (max_pending).
 
 At most ``concurrency`` prefetches have reads in flight; the rest wait in a deadline heap. Each
-runs through Tiering.fetch, the same shared, pinned, checksum-verified reads that a get uses.
-Everything runs on the daemon's event loop; ``expire`` is called by the daemon's expiry loop.
+runs through BlockStore.fetch (the SSD tier's shared, pinned, checksum-verified reads that a get
+uses); with ``to_hbm`` the HBM tier then copies the DRAM blocks in. Built by the daemon's
+composition root over the store; everything runs on the daemon's event loop; ``expire`` is
+called by the daemon's expiry loop.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from kvstore.core.errors import InvalidArgument, Reason, ResourceExhausted
-from kvstore.store.index import COMMITTED, NO_SLOT
+from kvstore.store.table import COMMITTED, NO_SLOT
 
 log = logging.getLogger("kvstore.prefetch.prefetcher")
 
@@ -61,6 +63,8 @@ class Prefetcher:
         """max_session_bytes: bytes of blocks one session's pending prefetches may pin (0: no
         limit) — so no client can pin the DRAM tier and starve everyone else's puts."""
         self.store = store
+        self.table = store.table
+        self.hbm = store.hbm
         self.max_session_bytes = max_session_bytes
         self._session_blocks: dict[int, dict[int, int]] = {}   # session -> block -> prefetches
         self._session_bytes: dict[int, int] = {}               # session -> bytes of those blocks
@@ -77,16 +81,15 @@ class Prefetcher:
         self._running = 0
         self._tasks: set[asyncio.Task] = set()
         self._next_id = 1
-        store.prefetcher = self
 
     # -- the protocol --------------------------------------------------------------------------
     def submit(self, session_id: int, namespace_id: bytes, items: list[tuple[bytes, float]],
                grace_s: float = 0.0, to_hbm: bool = False) -> list[tuple[int, int, int]]:
         """Queue prefetches; (prefetch id or 0 when nothing is cached, blocks, SSD-only blocks).
         ``to_hbm`` (the daemon has an HBM tier): stage every block in HBM."""
-        store, idx = self.store, self.store.index
-        store._session(session_id)
-        ns = store._namespace(namespace_id)
+        store, idx = self.store, self.table
+        store.session(session_id)
+        ns = store.namespace(namespace_id)
         if not grace_s >= 0:
             raise InvalidArgument(f"grace_s must be >= 0, got {grace_s}", Reason.BAD_ARGUMENT)
         if len(self.live) + len(items) > self.max_pending:
@@ -99,15 +102,9 @@ class Prefetcher:
             if not deadline_s >= 0 or deadline_s > 86400:
                 raise InvalidArgument(f"deadline_s must be in [0, 86400], got {deadline_s}",
                                       Reason.BAD_ARGUMENT)
-            parsed.append((store._keys(keys_blob), deadline_s))   # validate all before any
-        resolved = []
-        for keys, deadline_s in parsed:
-            bids = []
-            for bid in idx.find_many(ns.index, keys).tolist():
-                if bid < 0 or idx.state[bid] != COMMITTED:
-                    break
-                bids.append(bid)
-            resolved.append((bids, deadline_s))
+            parsed.append((store.parse_keys(keys_blob), deadline_s))   # validate all before any
+        resolved = [(idx.committed_prefix(ns.index, keys).tolist(), deadline_s)
+                    for keys, deadline_s in parsed]
         held = self._session_blocks.get(session_id, {})
         if self.max_session_bytes:
             # Bytes this session's prefetches pin: distinct blocks (overlapping prefixes of one
@@ -129,14 +126,14 @@ class Prefetcher:
                 out.append((0, 0, 0))
                 continue
             if to_hbm:
-                to_read = [b for b in bids if b not in store.hbm.slot]
+                to_read = [b for b in bids if not self.hbm.has(b)]
             else:
                 to_read = [b for b in bids if idx.dram[b] == NO_SLOT]
             p = Prefetch(self._next_id, session_id, bids, to_read, now + deadline_s,
                          now + deadline_s + grace, block_bytes=ns.layout.block_bytes,
                          to_hbm=to_hbm)
             self._next_id += 1
-            store.pin(bids)
+            idx.pin(bids)
             held = self._session_blocks.setdefault(session_id, held)
             for b in bids:
                 if b not in held:
@@ -149,7 +146,7 @@ class Prefetcher:
                 self._by_block.setdefault(b, set()).add(p.prefetch_id)
             self._by_session.setdefault(session_id, set()).add(p.prefetch_id)
             heapq.heappush(self._expiry, (p.expires, p.prefetch_id))
-            if to_read and (store.tiering is not None or to_hbm):
+            if to_read and (store.ssd is not None or to_hbm):
                 heapq.heappush(self._queue, (p.deadline, p.prefetch_id))
             else:
                 p.state = READY
@@ -169,7 +166,7 @@ class Prefetcher:
                     self._end(p, "on_time" if p.state == READY else "late")
 
     def cancel(self, session_id: int, prefetch_ids: list[int]) -> int:
-        self.store._session(session_id)
+        self.store.session(session_id)
         n = 0
         for pid in prefetch_ids:
             p = self.live.get(pid)
@@ -225,7 +222,7 @@ class Prefetcher:
             s.discard(p.prefetch_id)
             if not s:
                 del self._by_session[p.session_id]
-        self.store.unpin(p.block_ids)
+        self.table.unpin(p.block_ids)
         held = self._session_blocks.get(p.session_id, {})
         for b in p.block_ids:
             held[b] -= 1
@@ -251,21 +248,21 @@ class Prefetcher:
             t.add_done_callback(self._tasks.discard)
 
     async def _run(self, p: Prefetch) -> None:
-        idx = self.store.index
+        idx = self.table
         try:
             # Blocks are pinned by the prefetch; skip what a get already brought in or a
             # delete took (a pinned deleted block waits for its unpin to be freed).
             need = [b for b in p.to_read if idx.dram[b] == NO_SLOT and idx.state[b] == COMMITTED]
             if p.to_hbm:
-                need = [b for b in need if b not in self.store.hbm.slot]
-            if need and p.state != ENDED and self.store.tiering is not None:
-                n = await self.store.tiering.fetch(need, to_hbm=p.to_hbm)
+                need = [b for b in need if not self.hbm.has(b)]
+            if need and p.state != ENDED and self.store.ssd is not None:
+                n = await self.store.fetch(need, to_hbm=p.to_hbm)
                 self.counters.bytes_promoted += n * p.block_bytes
             if p.to_hbm and p.state != ENDED:
                 # DRAM blocks (and SSD blocks read into DRAM): copied into HBM by the daemon
                 stage = [b for b in p.to_read if idx.state[b] == COMMITTED and
-                         idx.dram[b] != NO_SLOT and b not in self.store.hbm.slot]
-                n = await self.store.hbm.copy_in(self.store, stage)
+                         idx.dram[b] != NO_SLOT and not self.hbm.has(b)]
+                n = await self.hbm.copy_in(stage)
                 self.counters.bytes_promoted += n * p.block_bytes
         except Exception:
             log.exception("prefetch %d failed; the get will read from SSD itself", p.prefetch_id)

@@ -1,1 +1,2 @@
-"""The daemon's block state: the index, sessions, namespaces and the put/get protocol."""
+"""The daemon's domain: the block table (the one owner of block state), sessions, namespaces and
+the put/get protocol over the tiers."""

@@ -4,7 +4,8 @@ Primitives, in call order (the servicer is a thin translation of these):
 
     open_session → register_namespace → lookup
     put:  allocate → (client copies into the arena slots) → commit(abort=False|True)
-    get:  acquire  → (client copies out of the arena slots) → release
+    get:  acquire  → [promote: SSD-only blocks read into DRAM] → (client copies out of the arena
+          slots) → release
     delete, expire (called periodically), close_session (the client's stream broke)
 
 Guarantees:
@@ -14,7 +15,13 @@ Guarantees:
   expires. A release after expiry raises FailedPrecondition so the reader discards its copy.
 - Slots of an allocation that expired while its writer lives stay quarantined until that
   writer's session ends, so a late write can never land in another block.
-- Everything runs on the daemon's event loop thread: no locks, no awaits inside an operation.
+- Everything runs on the daemon's event loop thread: no locks, no awaits inside an operation
+  (promote and fetch await SSD reads; every block they touch is pinned across the await).
+
+Ownership: the store owns sessions, leases, allocations and the namespace registry's
+validation; block state is the block table's (kvstore.store.table), changed only through its
+methods; each tier owns its slots. The store coordinates the tiers it is built with (DRAM
+always, SSD and HBM when configured): DRAM eviction demotes to SSD, a get promotes from it.
 """
 from __future__ import annotations
 
@@ -25,15 +32,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvstore.core.arena import Arena
 from kvstore.core.errors import (FailedPrecondition, InvalidArgument, NotFound, Reason,
-                            ResourceExhausted)
-from kvstore.store.index import COMMITTED, DELETED, NO_SLOT, BlockIndex
+                                 ResourceExhausted)
 from kvstore.core.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
 from kvstore.core.layout import KVLayout
+from kvstore.metrics.counters import DaemonCounters
 from kvstore.store.sessions import Allocation, IdSource, Lease, Session
-from kvstore.metrics.counters import DaemonCounters, TierCounters
-from kvstore.tiers.dram import SlabAllocator, make_room
+from kvstore.store.table import COMMITTED, NO_SLOT, BlockTable
+from kvstore.tiers.dram import DEFAULT_CHUNK_BYTES, DRAMTier, make_room
 
 log = logging.getLogger("kvstore.store.blockstore")
 
@@ -51,43 +57,67 @@ class Namespace:
     layout: KVLayout
 
 
+class TierSet:
+    """The tiers a block can have copies in; ``forget(bid)`` frees its copy in each. The
+    composition root creates it before the table (whose ``on_free`` it is) and adds each tier
+    as it is built."""
+
+    def __init__(self):
+        self._tiers: list = []
+
+    def add(self, tier) -> None:
+        self._tiers.append(tier)
+
+    def forget(self, bid: int) -> None:
+        for t in self._tiers:
+            t.forget(bid)
+
+
+def dram_store(arena, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, generations=None,
+               snapshot=None, **kw) -> "BlockStore":
+    """A store with the DRAM tier only, wired as the daemon's composition root wires it
+    (in-process tests and benchmarks). ``kw``: BlockStore's options."""
+    copies = TierSet()
+    table = BlockTable(mirror=snapshot, on_free=copies.forget)
+    dram = DRAMTier(arena, table, chunk_bytes, generations)
+    copies.add(dram)
+    return BlockStore(table, dram, **kw)
+
+
 class BlockStore:
     def __init__(
         self,
-        arena: Arena,
+        table: BlockTable,
+        dram: DRAMTier,
         *,
-        chunk_bytes: int = 64 << 20,
+        ssd=None,
+        hbm=None,
         max_batch_blocks: int = 4096,
         lease_timeout_s: float = 30.0,
         allocation_timeout_s: float = 30.0,
         clock=time.monotonic,
-        generations=None,
-        snapshot=None,
     ):
-        self.arena = arena
-        # kvstore.core.slotgen.SlotGenerations of the arena (None: readers confirm their releases)
-        self.generations = generations
-        # Only the arena's prepared prefix is handed out; the daemon marks the rest ready
-        # as its ArenaPreparer reserves it.
-        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
-                                   ready_bytes=arena.reserved_bytes)
-        # snapshot: kvstore.core.shmindex.ShmIndex that the index mirrors what lookups see into
-        self.index = BlockIndex(mirror=snapshot)
+        """``table``: the block table (its ``on_free`` must forget a block in every tier given
+        here); ``dram``: the DRAM tier over the shared arena; ``ssd``:
+        kvstore.tiers.ssd.tier.SSDTier and ``hbm``: kvstore.tiers.hbm.HBMTier, when configured."""
+        self.table = table
+        self.dram = dram
+        self.ssd = ssd
+        self.hbm = hbm
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s
         self.allocation_timeout_s = allocation_timeout_s
         self.clock = clock
         self.started_at = clock()
         self.namespaces: dict[bytes, Namespace] = {}
-        self._ns_by_index: list[Namespace] = []
         self.sessions: dict[int, Session] = {}
         self._new_id = IdSource()
         self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.dram = TierCounters()
         self.counters = DaemonCounters()
-        self.tiering = None   # kvstore.tiers.ssd.tier.Tiering when an SSD tier is configured
-        self.hbm = None       # kvstore.tiers.hbm.HBMTier when an HBM tier is configured
-        self.prefetcher = None   # kvstore.prefetch.prefetcher.Prefetcher (set by the daemon)
+
+    def tiers(self) -> list:
+        """The local tiers, fastest first (kvstore.tiers.base.Tier each)."""
+        return [t for t in (self.hbm, self.dram, self.ssd) if t is not None]
 
     # -- sessions and namespaces -----------------------------------------------------------
     def open_session(self, client_name: str = "", pid: int = 0) -> Session:
@@ -101,12 +131,12 @@ class BlockStore:
             return
         for lease in s.leases.values():
             if lease.hbm_fill:
-                self.hbm.finish(self, lease.hbm_fill, ok=False)
+                self.hbm.finish(lease.hbm_fill, ok=False)
             self._unlease(lease)
         for alloc in s.allocations.values():
             self._abort(alloc)
         for off in s.quarantined_slots:
-            self.slabs.free(off)
+            self.dram.slabs.free(off)
         if self.hbm is not None:
             self.hbm.free_quarantined(s.quarantined_hbm)
         if s.leases or s.allocations:
@@ -118,7 +148,7 @@ class BlockStore:
         if not model_id:
             raise InvalidArgument("model_id must not be empty", Reason.BAD_ARGUMENT)
         try:
-            self.slabs.size_class(layout.slot_bytes)
+            self.dram.slabs.size_class(layout.slot_bytes)
         except ValueError as exc:
             raise InvalidArgument(f"layout {layout.describe()}: {exc}", Reason.BAD_LAYOUT) from None
         digest = namespace_digest(model_id, layout, tenant)
@@ -134,43 +164,68 @@ class BlockStore:
                     f"{layout.tp_rank}): registered as [{other.layout.describe()}], "
                     f"this client declares [{layout.describe()}]", Reason.LAYOUT_MISMATCH
                 )
-        ns = Namespace(len(self._ns_by_index), digest, model_id, tenant, layout)
-        self.index.name_namespace(ns.index, digest)
+        ns = Namespace(len(self.namespaces), digest, model_id, tenant, layout)
+        self.table.add_namespace(ns)
         self.namespaces[digest] = ns
-        self._ns_by_index.append(ns)
-        if self.tiering is not None:
-            self.tiering.on_namespace(ns)
+        if self.ssd is not None:
+            self.ssd.on_namespace(ns)
         log.info("namespace %s: model %r tenant %r, %s (%d bytes/block)",
                  digest.hex()[:12], model_id, tenant, layout.describe(), layout.block_bytes)
         return ns
 
+    # -- validation (also for the prefetcher and the servicer) --------------------------------
+    def session(self, session_id: int) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise NotFound(f"unknown session {session_id}: open a session first (or reconnect)",
+                           Reason.UNKNOWN_SESSION)
+        return s
+
+    def namespace(self, namespace_id: bytes) -> Namespace:
+        ns = self.namespaces.get(bytes(namespace_id))
+        if ns is None:
+            raise NotFound(f"unknown namespace {bytes(namespace_id).hex() or '(empty)'}: "
+                           "register it first", Reason.UNKNOWN_NAMESPACE)
+        return ns
+
+    def parse_keys(self, blob: bytes) -> list[bytes]:
+        try:
+            keys = unpack_keys(bytes(blob))
+        except MalformedKeyError as exc:
+            raise InvalidArgument(str(exc), Reason.BAD_KEYS) from None
+        if len(keys) > self.max_batch_blocks:
+            raise InvalidArgument(f"batch of {len(keys)} blocks exceeds max_batch_blocks="
+                                  f"{self.max_batch_blocks}; split it", Reason.BATCH_TOO_LARGE)
+        return keys
+
     # -- lookup ------------------------------------------------------------------------------
     def lookup(self, namespace_id: bytes, keys_blob: bytes) -> tuple[int, list[str]]:
-        ns = self._namespace(namespace_id)
-        keys = self._keys(keys_blob)
-        stamp = self.index.tick()
-        idx = self.index
-        tiers: list[str] = []
-        for bid in idx.find_many(ns.index, keys).tolist():
-            if bid < 0 or idx.state[bid] != COMMITTED:
-                break
-            idx.stamp[bid] = stamp
-            tiers.append(self._tier_of(bid))
+        ns = self.namespace(namespace_id)
+        keys = self.parse_keys(keys_blob)
+        stamp = self.table.tick()
+        bids = self.table.committed_prefix(ns.index, keys)
+        self.table.touch(bids, stamp)
         self.counters.lookups += 1
-        return len(tiers), tiers
+        return len(bids), self._tiers_of(bids)
+
+    def committed_prefix(self, namespace_id: bytes, keys_blob: bytes) -> tuple[Namespace, list[bytes], np.ndarray]:
+        """(namespace, keys, block ids of the committed prefix in a local tier). Counts and
+        stamps nothing (the remote tier and the planner ask before a get); raises as lookup."""
+        ns = self.namespace(namespace_id)
+        keys = self.parse_keys(keys_blob)
+        return ns, keys, self.table.committed_prefix(ns.index, keys)
 
     def cached_prefix(self, namespace_id: bytes, keys_blob: bytes) -> tuple[Namespace, list[bytes], int]:
-        """(namespace, keys, n): the first n keys are committed in a local tier. Counts and
-        stamps nothing (the remote tier asks before a get); raises as lookup does."""
-        ns = self._namespace(namespace_id)
-        keys = self._keys(keys_blob)
-        n = 0
-        idx = self.index
-        for bid in idx.find_many(ns.index, keys).tolist():
-            if bid < 0 or idx.state[bid] != COMMITTED:
-                break
-            n += 1
-        return ns, keys, n
+        """(namespace, keys, n): the first n keys are committed in a local tier."""
+        ns, keys, bids = self.committed_prefix(namespace_id, keys_blob)
+        return ns, keys, len(bids)
+
+    def _tiers_of(self, bids: np.ndarray) -> list[str]:
+        tiers = np.where(self.table.dram[bids] != NO_SLOT, "DRAM", "SSD").tolist()
+        hbm = self.hbm
+        if hbm is not None:
+            tiers = ["HBM" if hbm.has(b) else t for b, t in zip(bids.tolist(), tiers)]
+        return tiers
 
     # -- put ---------------------------------------------------------------------------------
     def allocate(self, session_id: int, namespace_id: bytes, keys_blob: bytes,
@@ -181,42 +236,37 @@ class BlockStore:
         be made free for it (every slot of its size is leased) — then neither it nor any later
         block of the batch is stored, so what is stored stays a prefix.
         """
-        s = self._session(session_id)
-        ns = self._namespace(namespace_id)
-        keys = self._keys(keys_blob)
+        s = self.session(session_id)
+        ns = self.namespace(namespace_id)
+        keys = self.parse_keys(keys_blob)
         if len(set(keys)) != len(keys):
             raise InvalidArgument("duplicate keys in one batch", Reason.BAD_KEYS)
         if parent_key and len(parent_key) != KEY_BYTES:
             raise InvalidArgument(f"parent_key must be {KEY_BYTES} bytes, got {len(parent_key)}",
                                   Reason.BAD_KEYS)
-        idx = self.index
-        stamp = idx.tick()
-        parent = idx.find(ns.index, parent_key) if parent_key else -1
-        present = idx.find_many(ns.index, keys).tolist()
-        n_new = sum(1 for b in present if b < 0)
+        table, slot_bytes = self.table, ns.layout.slot_bytes
+        stamp = table.tick()
+        parent = table.find(ns.index, parent_key) if parent_key else -1
+        found = table.find_many(ns.index, keys)
+        present = found.tolist()
+        n_new = int(np.count_nonzero(found < 0))
         # The batch's already-stored blocks must survive the eviction that makes room for it.
-        kept = np.asarray([b for b in present if b >= 0], dtype=np.int64)
-        idx.leases[kept] += 1
+        kept = found[found >= 0]
+        table.touch(kept[table.state[kept] == COMMITTED], stamp)
+        table.pin(kept)
         try:
-            self._make_room(ns.layout.slot_bytes, n_new)
+            self._make_room(slot_bytes, n_new)
         finally:
-            idx.leases[kept] -= 1
+            table.unpin(kept)
 
         # Take the batch's slots up front and hand them out in address order: adjacent slots
         # for consecutive blocks let clients copy a whole run at once.
-        fresh: list[int] = []
-        while len(fresh) < n_new:
-            off = self.slabs.allocate(ns.layout.slot_bytes)
-            if off is None:
-                break
-            fresh.append(off)
+        fresh = self.dram.take_slots(slot_bytes, n_new)
         fresh.sort(reverse=True)
         block_ids: list[int] = []
         offsets: list[int] = []
         for key, bid in zip(keys, present):
             if bid >= 0:
-                if idx.state[bid] == COMMITTED:
-                    idx.stamp[bid] = stamp
                 block_ids.append(-1)
                 offsets.append(ALREADY_STORED)
                 parent = bid
@@ -226,17 +276,16 @@ class BlockStore:
                 block_ids.append(-1)
                 offsets.append(NO_ROOM)
                 continue
-            bid = idx.add(ns.index, key, parent, stamp)
-            idx.dram[bid] = off
-            self.slabs.set_owner(off, bid)
+            bid = table.add(ns.index, key, parent, stamp, dram=off)
+            self.dram.slabs.set_owner(off, bid)
             block_ids.append(bid)
             offsets.append(off)
             parent = bid
         if n_new and all(o == NO_ROOM for o, b in zip(offsets, present) if b < 0):
             self.counters.puts_rejected += 1
             raise ResourceExhausted(
-                f"DRAM tier full: no unleased block of {ns.layout.slot_bytes} bytes to evict "
-                f"({self.slabs.capacity_bytes} bytes, {self._active_leases()} active leases)",
+                f"DRAM tier full: no unleased block of {slot_bytes} bytes to evict "
+                f"({self.dram.capacity_bytes()} bytes, {self.active_leases()} active leases)",
                 Reason.NO_ROOM)
         alloc = Allocation(self._new_id(), s.session_id, ns.index, block_ids,
                            self.clock() + self.allocation_timeout_s)
@@ -246,8 +295,7 @@ class BlockStore:
     def write_remote(self, session_id: int, allocation_id: int, first_index: int, data) -> None:
         """Copy streamed block bytes (a remote client's put) into the allocation's slots."""
         alloc = self._allocation(session_id, allocation_id)
-        layout = self._ns_by_index[alloc.ns].layout
-        bb = layout.block_bytes
+        bb = self.table.namespaces()[alloc.ns].layout.block_bytes
         if len(data) % bb:
             raise InvalidArgument(f"data is {len(data)} bytes, not a multiple of the "
                                   f"{bb}-byte block of this namespace", Reason.BAD_ARGUMENT)
@@ -257,29 +305,29 @@ class BlockStore:
                                   f"allocation of {len(alloc.block_ids)} blocks",
                                   Reason.BAD_ARGUMENT)
         mv = memoryview(data)
+        buf, dram = self.dram.buffer, self.table.dram
         for i in range(n):
             bid = alloc.block_ids[first_index + i]
             if bid >= 0:
-                off = int(self.index.dram[bid])
-                self.arena.buffer[off:off + bb] = mv[i * bb:(i + 1) * bb]
+                off = int(dram[bid])
+                buf[off:off + bb] = mv[i * bb:(i + 1) * bb]
 
     def commit(self, session_id: int, allocation_id: int, abort: bool = False,
                committed_out: list[int] | None = None) -> int:
         """Publish (or abort) an allocation; returns blocks published. Their ids are appended
-        to ``committed_out`` (the SSD tier writes them through)."""
+        to ``committed_out`` (the SSD and remote tiers write them through)."""
         alloc = self._allocation(session_id, allocation_id)
         del self.sessions[session_id].allocations[allocation_id]
         if abort:
             self._abort(alloc)
             return 0
-        idx = self.index
-        bb = self._ns_by_index[alloc.ns].layout.block_bytes
+        bb = self.table.namespaces()[alloc.ns].layout.block_bytes
         published = [bid for bid in alloc.block_ids if bid >= 0]
-        idx.publish(published)
+        self.table.publish(published)
         n = len(published)
         if committed_out is not None:
             committed_out.extend(published)
-        self.dram.bytes_in += n * bb
+        self.dram.counters.bytes_in += n * bb    # the store fills DRAM: its counter too
         return n
 
     # -- get ---------------------------------------------------------------------------------
@@ -290,47 +338,72 @@ class BlockStore:
 
         Without ``promote_out`` only DRAM blocks count. With it, SSD-only blocks join the
         prefix (offset -1) and their positions are appended to ``promote_out``: the caller
-        must promote them (Tiering.promote) before answering. With ``want_hbm`` a block with
-        an HBM copy counts too (DRAM offset -1 if it has none): see :meth:`hbm_answer`."""
-        s = self._session(session_id)
-        ns = self._namespace(namespace_id)
-        keys = self._keys(keys_blob)
-        idx = self.index
+        must :meth:`promote` them before answering. With ``want_hbm`` a block with an HBM copy
+        counts too (DRAM offset -1 if it has none): see :meth:`hbm_answer`."""
+        s = self.session(session_id)
+        ns = self.namespace(namespace_id)
+        keys = self.parse_keys(keys_blob)
+        table = self.table
         hbm = self.hbm if want_hbm else None
-        stamp = idx.tick()
+        stamp = table.tick()
+        prefix = table.committed_prefix(ns.index, keys)
+        in_dram = (table.dram[prefix] != NO_SLOT).tolist()
+        on_ssd = (table.ssd[prefix] != NO_SLOT).tolist() if promote_out is not None else None
         bids: list[int] = []
         tiers: list[str] = []
-        for bid in idx.find_many(ns.index, keys).tolist():
-            if bid < 0 or idx.state[bid] != COMMITTED:
-                break
-            if hbm is not None and bid in hbm.slot:
+        for i, bid in enumerate(prefix.tolist()):
+            if hbm is not None and hbm.has(bid):
                 tiers.append("HBM")
-            elif idx.dram[bid] != NO_SLOT:
+            elif in_dram[i]:
                 tiers.append("DRAM")
-            elif promote_out is not None and idx.ssd[bid] != NO_SLOT:
+            elif on_ssd is not None and on_ssd[i]:
                 promote_out.append(len(bids))
                 tiers.append("SSD")
             else:
                 break
             bids.append(bid)
-        in_dram = tiers.count("DRAM")
-        self.dram.hits += in_dram
-        self.dram.misses += len(keys) - in_dram - tiers.count("HBM")
+        n_dram, n_hbm = tiers.count("DRAM"), tiers.count("HBM")
+        bb = ns.layout.block_bytes
+        self.dram.counters.count_get(n_dram, len(keys) - n_dram - n_hbm,
+                                     (len(bids) - n_hbm) * bb)
         if hbm is not None:
-            hbm.counters.hits += tiers.count("HBM")
-            hbm.counters.misses += len(keys) - tiers.count("HBM")
+            hbm.counters.count_get(n_hbm, len(keys) - n_hbm, n_hbm * bb)
         if not bids:
             return None, [], []
         ids = np.asarray(bids, dtype=np.int64)
-        idx.stamp[ids] = stamp
-        idx.leases[ids] += 1
-        idx.hits[ids] = np.minimum(idx.hits[ids], 254) + 1
-        self.dram.bytes_out += (len(bids) - tiers.count("HBM")) * ns.layout.block_bytes
-        if hbm is not None:
-            hbm.counters.bytes_out += tiers.count("HBM") * ns.layout.block_bytes
+        table.lease(ids, stamp)
         lease = Lease(self._new_id(), s.session_id, bids, self.clock() + self.lease_timeout_s)
         s.leases[lease.lease_id] = lease
-        return lease, idx.dram[ids].tolist(), tiers
+        return lease, table.dram[ids].tolist(), tiers
+
+    async def promote(self, session_id: int, lease: Lease, positions: list[int],
+                      to_hbm: bool = False) -> tuple[Lease | None, list[int]]:
+        """Bring the lease's SSD-only blocks (at ``positions``, as acquire reported them) into
+        DRAM — or HBM for a client that reads it, when the SSD tier reads straight into the
+        pool; answer the readable prefix as (lease or None, offsets). Blocks after the first
+        failure are unleased."""
+        bids = lease.block_ids
+        # The lease's clock starts when it is answered: a slow read (a capped or busy disk)
+        # must not expire it before the client has even seen it.
+        lease.deadline = float("inf")
+        try:
+            await self.fetch([bids[pos] for pos in positions], to_hbm=to_hbm)
+        finally:
+            lease.deadline = self.clock() + self.lease_timeout_s
+        hbm = self.hbm if to_hbm else None
+        dram = self.table.dram
+        n = 0
+        while n < len(bids) and (dram[bids[n]] != NO_SLOT or (hbm is not None and hbm.has(bids[n]))):
+            n += 1
+        self.ssd.counters.misses += len(positions) - sum(1 for p in positions if p < n)
+        return self.truncate_lease(session_id, lease, n)
+
+    async def fetch(self, bids: list[int], to_hbm: bool = False) -> int:
+        """Read these pinned SSD-only blocks into DRAM (or HBM, see promote), making DRAM room
+        by eviction as a put would; returns blocks read (kvstore.tiers.ssd.tier.SSDTier.fetch)."""
+        if self.ssd is None:
+            return 0
+        return await self.ssd.fetch(bids, self.promotion_slots, to_hbm=to_hbm)
 
     def hbm_answer(self, lease: Lease | None) -> tuple[list[int], list[int]]:
         """For a want_hbm get: (HBM offset to read each leased block from, HBM slot to fill
@@ -338,11 +411,11 @@ class BlockStore:
         the lease owns them until its release (see release(hbm_filled))."""
         if lease is None or self.hbm is None:
             return [], []
-        hbm = self.hbm
+        hbm, dram = self.hbm, self.table.dram
         reads = [hbm.offset(b) for b in lease.block_ids]
         need = [b for b, o in zip(lease.block_ids, reads)
-                if o < 0 and b not in hbm.filling and self.index.dram[b] != NO_SLOT]
-        fill = dict(zip(need, hbm.reserve(self, need))) if need else {}
+                if o < 0 and not hbm.is_filling(b) and dram[b] != NO_SLOT]
+        fill = dict(zip(need, hbm.reserve(need))) if need else {}
         lease.hbm_fill = {b: o for b, o in fill.items() if o >= 0}
         return reads, [lease.hbm_fill.get(b, -1) for b in lease.block_ids]
 
@@ -353,19 +426,21 @@ class BlockStore:
         if s is None or s.leases.get(lease.lease_id) is not lease:
             return None, []
         if n < len(lease.block_ids):
-            bb = self._ns_by_index[int(self.index.ns[lease.block_ids[0]])].layout.block_bytes
-            in_hbm = self.hbm.slot if self.hbm is not None else {}
-            self.dram.bytes_out -= sum(b not in in_hbm for b in lease.block_ids[n:]) * bb
+            bb = self.table.namespace_of(lease.block_ids[0]).layout.block_bytes
+            hbm = self.hbm
+            self.dram.counters.bytes_out -= sum(
+                not (hbm is not None and hbm.has(b)) for b in lease.block_ids[n:]) * bb
         dropped, lease.block_ids = lease.block_ids[n:], lease.block_ids[:n]
-        self.unpin(dropped)
+        self.table.unpin(dropped)
         if n == 0:
             del s.leases[lease.lease_id]
             return None, []
-        return lease, self.index.dram[np.asarray(lease.block_ids, dtype=np.int64)].tolist()
+        return lease, self.table.dram[np.asarray(lease.block_ids, dtype=np.int64)].tolist()
 
     def slot_generations(self, offsets: list[int]) -> list[int]:
         """The generation of each DRAM slot (0 for offset -1); [] without a table."""
-        return self.generations.read(offsets) if self.generations is not None else []
+        gens = self.dram.generations
+        return gens.read(offsets) if gens is not None else []
 
     def read_remote(self, session_id: int, lease_id: int):
         """An iterator of (index, bytes) of each leased block, for a remote client's get.
@@ -374,7 +449,7 @@ class BlockStore:
         iterator reaches it, and only while the lease still holds (the stream yields between
         blocks, and a session that ended meanwhile may have let the slots be reused): once the
         lease is gone the iterator stops, and the client gets a shorter prefix."""
-        s = self._session(session_id)
+        s = self.session(session_id)
         lease = s.leases.get(lease_id)
         if lease is None:
             raise FailedPrecondition(f"lease {lease_id} is unknown, released or expired",
@@ -387,14 +462,14 @@ class BlockStore:
             if (self.sessions.get(s.session_id) is not s
                     or s.leases.get(lease.lease_id) is not lease):
                 return
-            layout = self._ns_by_index[int(self.index.ns[bid])].layout
-            off = int(self.index.dram[bid])
-            yield i, bytes(self.arena.buffer[off:off + layout.block_bytes])
+            layout = self.table.namespace_of(bid).layout
+            off = int(self.table.dram[bid])
+            yield i, bytes(self.dram.view(off, layout.block_bytes))
 
     def release(self, session_id: int, lease_id: int, hbm_filled: bool = False) -> None:
         """End a lease. ``hbm_filled``: the client copied the blocks into the lease's HBM fill
         slots, which become the blocks' HBM copies (otherwise the slots are freed)."""
-        s = self._session(session_id)
+        s = self.session(session_id)
         lease = s.leases.pop(lease_id, None)
         if lease is None:
             if lease_id in self._expired_leases:
@@ -405,7 +480,7 @@ class BlockStore:
             raise FailedPrecondition(f"lease {lease_id} is unknown or already released",
                                      Reason.UNKNOWN_LEASE)
         if lease.hbm_fill:
-            self.hbm.finish(self, lease.hbm_fill, ok=hbm_filled)
+            self.hbm.finish(lease.hbm_fill, ok=hbm_filled)
         self._unlease(lease)
 
     def abandon_lease(self, session_id: int, lease: Lease | None) -> None:
@@ -416,25 +491,15 @@ class BlockStore:
             return
         del s.leases[lease.lease_id]
         if lease.hbm_fill:
-            self.hbm.finish(self, lease.hbm_fill, ok=False)
+            self.hbm.finish(lease.hbm_fill, ok=False)
         self._unlease(lease)
 
     # -- delete and housekeeping --------------------------------------------------------------
     def delete(self, namespace_id: bytes, keys_blob: bytes) -> int:
-        ns = self._namespace(namespace_id)
-        keys = self._keys(keys_blob)
-        idx = self.index
-        n = 0
-        for bid in idx.find_many(ns.index, keys).tolist():
-            if bid < 0 or idx.state[bid] != COMMITTED:
-                continue
-            idx.unlink(bid)
-            if idx.leases[bid]:
-                idx.state[bid] = DELETED
-            else:
-                self._drop(bid)
-            n += 1
-        return n
+        ns = self.namespace(namespace_id)
+        keys = self.parse_keys(keys_blob)
+        found = self.table.find_many(ns.index, keys)
+        return sum(self.table.discard(bid) for bid in found[found >= 0].tolist())
 
     def expire(self) -> None:
         now = self.clock()
@@ -442,7 +507,7 @@ class BlockStore:
             for lease in [l for l in s.leases.values() if l.deadline < now]:
                 del s.leases[lease.lease_id]
                 if lease.hbm_fill:   # the client may still be copying into them
-                    self.hbm.finish(self, lease.hbm_fill, ok=False, quarantine=s.quarantined_hbm)
+                    self.hbm.finish(lease.hbm_fill, ok=False, quarantine=s.quarantined_hbm)
                 self._unlease(lease)
                 self._expired_leases[lease.lease_id] = None
                 if len(self._expired_leases) > 65536:
@@ -454,164 +519,75 @@ class BlockStore:
                 self.counters.allocations_expired += 1
 
     # -- internals ---------------------------------------------------------------------------
-    def _session(self, session_id: int) -> Session:
-        s = self.sessions.get(session_id)
-        if s is None:
-            raise NotFound(f"unknown session {session_id}: open a session first (or reconnect)",
-                           Reason.UNKNOWN_SESSION)
-        return s
-
-    def _namespace(self, namespace_id: bytes) -> Namespace:
-        ns = self.namespaces.get(bytes(namespace_id))
-        if ns is None:
-            raise NotFound(f"unknown namespace {bytes(namespace_id).hex() or '(empty)'}: "
-                           "register it first", Reason.UNKNOWN_NAMESPACE)
-        return ns
-
-    def _keys(self, blob: bytes) -> list[bytes]:
-        try:
-            keys = unpack_keys(bytes(blob))
-        except MalformedKeyError as exc:
-            raise InvalidArgument(str(exc), Reason.BAD_KEYS) from None
-        if len(keys) > self.max_batch_blocks:
-            raise InvalidArgument(f"batch of {len(keys)} blocks exceeds max_batch_blocks="
-                                  f"{self.max_batch_blocks}; split it", Reason.BATCH_TOO_LARGE)
-        return keys
-
     def _allocation(self, session_id: int, allocation_id: int) -> Allocation:
-        s = self._session(session_id)
+        s = self.session(session_id)
         alloc = s.allocations.get(allocation_id)
         if alloc is None:
             raise FailedPrecondition(f"allocation {allocation_id} is unknown, already committed, "
                                      "or expired", Reason.UNKNOWN_ALLOCATION)
         return alloc
 
-    def _tier_of(self, bid: int) -> str:
-        if self.hbm is not None and bid in self.hbm.slot:
-            return "HBM"
-        return "DRAM" if self.index.dram[bid] != NO_SLOT else "SSD"
-
-    def namespace_of(self, bid: int) -> Namespace:
-        return self._ns_by_index[int(self.index.ns[bid])]
-
-    def slot_bytes_of(self, bid: int) -> int:
-        return self._ns_by_index[int(self.index.ns[bid])].layout.slot_bytes
-
-    def block_bytes_of(self, bid: int) -> int:
-        return self._ns_by_index[int(self.index.ns[bid])].layout.block_bytes
-
     def _unlease(self, lease: Lease) -> None:
-        self.unpin(lease.block_ids)
-
-    def pin(self, bids: list[int]) -> None:
-        """Protect blocks from eviction, deletion and slot reuse (I/O in flight on them)."""
-        for bid in bids:
-            self.index.leases[bid] += 1
-
-    def unpin(self, bids: list[int]) -> None:
-        idx = self.index
-        for bid in bids:
-            idx.leases[bid] -= 1
-            if idx.leases[bid] == 0 and idx.state[bid] == DELETED:
-                self._drop(bid)
-
-    def discard(self, bid: int) -> None:
-        """Forget one block now (checksum failure, SSD eviction); freed once unpinned."""
-        idx = self.index
-        if idx.state[bid] != COMMITTED:
-            return
-        idx.unlink(bid)
-        if idx.leases[bid]:
-            idx.state[bid] = DELETED
-        else:
-            self._drop(bid)
+        self.table.unpin(lease.block_ids)
 
     def promotion_slots(self, bids: list[int]) -> list[int | None]:
         """A DRAM slot for each (pinned, SSD-only) block, owned by it; None where no room."""
-        idx = self.index
+        sizes = [self.table.namespace_of(bid).layout.slot_bytes for bid in bids]
         by_class: dict[int, int] = {}
-        for bid in bids:
-            sb = self._ns_by_index[int(idx.ns[bid])].layout.slot_bytes
+        for sb in sizes:
             by_class[sb] = by_class.get(sb, 0) + 1
         for sb, n in by_class.items():
             self._make_room(sb, n)
+        slabs = self.dram.slabs
         out: list[int | None] = []
-        for bid in bids:
-            off = self.slabs.allocate(self._ns_by_index[int(idx.ns[bid])].layout.slot_bytes)
+        for bid, sb in zip(bids, sizes):
+            off = slabs.allocate(sb)
             if off is not None:
-                self.slabs.set_owner(off, bid)
+                slabs.set_owner(off, bid)
             out.append(off)
         return out
 
     def _abort(self, alloc: Allocation, quarantine: Session | None = None) -> None:
+        slabs = self.dram.slabs
         for bid in alloc.block_ids:
             if bid < 0:
                 continue
-            off = int(self.index.dram[bid])
-            self.index.unlink(bid)
-            self.index.release_id(bid)
+            off = self.table.drop_writing(bid)
             if quarantine is not None:
-                self.slabs.set_owner(off, QUARANTINED)
+                slabs.set_owner(off, QUARANTINED)
                 quarantine.quarantined_slots.append(off)
             else:
-                self.slabs.free(off)
-
-    def _drop(self, bid: int) -> None:
-        """Forget a block that is unlinked (or about to be) and unleased; free its slot."""
-        idx = self.index
-        if idx.state[bid] != DELETED:
-            idx.unlink(bid)
-        off = int(idx.dram[bid])
-        if off != NO_SLOT:
-            self.slabs.free(off)
-        if self.tiering is not None:
-            self.tiering.forget_ssd(bid)
-        if self.hbm is not None:
-            self.hbm.drop(bid)
-        idx.release_id(bid)
+                slabs.free(off)
 
     def _evict(self, victims: list[int]) -> None:
         """Make DRAM room: demote victims that have (or get) an SSD copy, drop the rest."""
-        idx = self.index
-        if self.tiering is not None:
-            self.tiering.prepare_demotion(victims)
+        table, ssd, dram = self.table, self.ssd, self.dram
+        if ssd is not None:
+            ssd.prepare_demotion(victims)
         for bid in victims:
-            if self.tiering is not None and self.tiering.can_demote(bid):
-                self.slabs.free(int(idx.dram[bid]))
-                idx.set_dram(bid, NO_SLOT)
-                self.dram.demotions += 1
+            if ssd is not None and ssd.can_demote(bid):
+                dram.slabs.free(int(table.dram[bid]))
+                table.set_dram(bid, NO_SLOT)
+                dram.counters.demotions += 1
             else:
-                self._drop(bid)
-        self.dram.evictions += len(victims)
-
-    def _evictable(self, slot_bytes: int) -> np.ndarray:
-        idx = self.index
-        owners = self.slabs.owners(slot_bytes)
-        # dram == NO_SLOT: a slot being filled by a promotion (its block is pinned anyway)
-        mask = (idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0) & (idx.dram[owners] != NO_SLOT)
-        return owners[mask]
+                table.free(bid)
+        dram.counters.evictions += len(victims)
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
         """Evict least valuable unleased blocks until n_needed slots of this size exist."""
-        make_room(self.slabs, self.index, slot_bytes, n_needed, self._evictable, self._evict)
-
-    def _active_leases(self) -> int:
-        return sum(len(s.leases) for s in self.sessions.values())
+        make_room(self.dram.slabs, self.dram.eviction_order, slot_bytes, n_needed,
+                  self.dram.evictable, self._evict)
 
     # -- statistics --------------------------------------------------------------------------
-    def tier_blocks(self) -> int:
-        idx = self.index
-        return int(np.count_nonzero((idx.state == COMMITTED) & (idx.dram != NO_SLOT)))
-
     def namespace_usage(self) -> list[tuple[Namespace, int, int]]:
         out = []
-        for ns in self._ns_by_index:
-            n = self.index.count(ns.index)
+        for ns in self.table.namespaces():
+            n = self.table.count(ns.index)
             out.append((ns, n, n * ns.layout.block_bytes))
         return out
 
     def active_leases(self) -> int:
-        return self._active_leases()
+        return sum(len(s.leases) for s in self.sessions.values())
 
     def uptime_s(self) -> float:
         return self.clock() - self.started_at

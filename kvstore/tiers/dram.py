@@ -13,6 +13,10 @@ While the daemon is still preparing the arena (kvstore.core.arena.ArenaPreparer)
 below the prepared prefix exist for the allocator: the others are neither free nor owned until
 :meth:`SlabAllocator.mark_ready` says their memory is reserved, so no slot is ever handed out in
 unprepared memory. ``capacity_bytes`` stays the configured size, ``ready_bytes`` grows to it.
+
+:class:`DRAMTier` is the tier (kvstore.tiers.base.Tier) around the arena and its allocator: slot
+views, the eviction candidates of a size class, stats. Evicting DRAM means demoting to the tiers
+below, so *when* to evict is the store's (kvstore.store.blockstore), which coordinates the tiers.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvstore.core.arena import HEADER_BYTES
+from kvstore.metrics.counters import TierCounters
+from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
+from kvstore.tiers.base import COMMITTED, NO_SLOT
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -175,27 +182,118 @@ class SlabAllocator:
         return None
 
 
-def make_room(slabs: SlabAllocator, index, slot_bytes: int, n_needed: int, evictable,
+def make_room(slabs: SlabAllocator, order, slot_bytes: int, n_needed: int, evictable,
               evict) -> None:
     """Make ``n_needed`` slots of this size free: grow into free chunks first, then evict the
     class's least valuable blocks, then other classes' coldest blocks until whole chunks come
     free for this class. ``evictable(slot_bytes)`` names the candidates (block ids) of a class,
-    ordered here by ``index.eviction_order``; ``evict(block_ids)`` frees their slots. Used by
-    the DRAM tier (store) and the HBM tier alike."""
+    ``order(candidates)`` sorts them most-evictable first (an eviction policy's), and
+    ``evict(block_ids)`` frees their slots. Used by the DRAM tier (store) and the HBM tier."""
     cls = slabs.size_class(slot_bytes)
     while len(cls.free) < n_needed and slabs.grow(cls):
         pass
     short = n_needed - len(cls.free)
     if short <= 0:
         return
-    evict(index.eviction_order(evictable(slot_bytes))[:short].tolist())
+    evict(order(evictable(slot_bytes))[:short].tolist())
     if len(cls.free) >= n_needed:
         return
     for other in [c for c in slabs.classes.values() if c is not cls]:
-        for bid in index.eviction_order(evictable(other.slot_bytes)).tolist():
+        for bid in order(evictable(other.slot_bytes)).tolist():
             evict([bid])
             if slabs.release_empty_spans(keep=cls):
                 while len(cls.free) < n_needed and slabs.grow(cls):
                     pass
                 if len(cls.free) >= n_needed:
                     return
+
+
+class DRAMTier:
+    """The shared arena as a tier: its allocator (``slabs``), its counters, slot views.
+
+    Owns which arena slot holds which block (``slabs``); the block's ``dram`` column in the
+    table is set through the table. Runs on the daemon's event loop (no locks)."""
+
+    name = "DRAM"
+
+    def __init__(self, arena, table, chunk_bytes: int = DEFAULT_CHUNK_BYTES, generations=None,
+                 eviction: EvictionPolicy | None = None):
+        """``generations``: kvstore.core.slotgen.SlotGenerations of the arena (None: readers
+        confirm their releases). Only the arena's prepared prefix is handed out; the daemon
+        marks the rest ready as its ArenaPreparer reserves it (``slabs.mark_ready``).
+        ``eviction``: the order DRAM gives blocks up in (kvstore.policies.eviction)."""
+        self.arena = arena
+        self.table = table
+        self.eviction = eviction or PrefixAwareLRU()
+        self.generations = generations
+        self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
+                                   ready_bytes=arena.reserved_bytes)
+        self.counters = TierCounters()
+
+    @property
+    def buffer(self):
+        return self.arena.buffer
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self.arena.buffer[offset:offset + nbytes]
+
+    def take_slots(self, slot_bytes: int, n: int) -> list[int]:
+        """Up to n free slots of this size (no eviction: the store makes room first)."""
+        out: list[int] = []
+        while len(out) < n:
+            off = self.slabs.allocate(slot_bytes)
+            if off is None:
+                break
+            out.append(off)
+        return out
+
+    def evictable(self, slot_bytes: int) -> np.ndarray:
+        """Block ids of this size class that DRAM eviction may take: committed, unpinned, and
+        with their DRAM copy in place (dram == NO_SLOT: a slot a promotion is filling)."""
+        t = self.table
+        owners = self.slabs.owners(slot_bytes)
+        mask = (t.state[owners] == COMMITTED) & (t.leases[owners] == 0) & \
+            (t.dram[owners] != NO_SLOT)
+        return owners[mask]
+
+    def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
+        return self.eviction.order(self.table, candidates)
+
+    def headroom(self):
+        """(slot bytes, slots free or growable now, evictable block ids) per size class: what
+        the write-back cleaner keeps clean ahead of eviction."""
+        free_chunk_bytes = int(self.slabs.chunk_free.sum()) * self.slabs.chunk_bytes
+        for cls in list(self.slabs.classes.values()):
+            yield (cls.slot_bytes, len(cls.free) + free_chunk_bytes // cls.slot_bytes,
+                   self.evictable(cls.slot_bytes))
+
+    def promoted(self, bid: int, offset: int) -> None:
+        """A promotion filled slot ``offset`` with the block's bytes: it is the DRAM copy now."""
+        self.table.set_dram(bid, offset)
+        self.counters.promotions += 1
+
+    # -- kvstore.tiers.base.Tier ------------------------------------------------------------------
+    def capacity_bytes(self) -> int:
+        return self.slabs.capacity_bytes
+
+    def used_bytes(self) -> int:
+        return self.slabs.used_bytes()
+
+    def blocks(self) -> int:
+        t = self.table
+        return int(np.count_nonzero((t.state == COMMITTED) & (t.dram != NO_SLOT)))
+
+    def forget(self, bid: int) -> None:
+        off = int(self.table.dram[bid])
+        if off != NO_SLOT:
+            self.slabs.free(off)
+
+    def stats_row(self):
+        from kvstore.v1 import kvstore_pb2 as pb
+        c = self.counters
+        return pb.TierStats(
+            tier=pb.TIER_DRAM, capacity_bytes=self.slabs.capacity_bytes,
+            ready_bytes=self.slabs.ready_bytes, used_bytes=self.slabs.used_bytes(),
+            blocks=self.blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
+            bytes_in=c.bytes_in, bytes_out=c.bytes_out, promotions=c.promotions,
+            demotions=c.demotions)

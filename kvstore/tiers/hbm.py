@@ -14,7 +14,8 @@ they write DRAM slots for a put):
   ``hbm_filled``; only then is the copy visible. An expired lease's fill slots stay quarantined
   until the client's session ends, like an expired allocation's DRAM slots.
 * with GPUDirect Storage (kvikio on a CUDA host) SSD-only blocks are read straight from the slab
-  files into HBM slots by the daemon (tiering.fetch), skipping the host bounce.
+  files into HBM slots by the daemon (kvstore.tiers.ssd.tier.SSDTier.fetch), skipping the host
+  bounce.
 
 Backends: ``cuda`` (torch allocates the pool on one device and exports it with
 ``UntypedStorage._share_cuda_``; clients open it with ``_new_shared_cuda``) and ``host``, a
@@ -32,8 +33,9 @@ import numpy as np
 
 from kvstore.core.arena import Arena
 from kvstore.core.shmfile import remove_orphans
-from kvstore.store.index import COMMITTED
 from kvstore.metrics.counters import TierCounters
+from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
+from kvstore.tiers.base import COMMITTED
 from kvstore.tiers.dram import SlabAllocator, make_room
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -185,55 +187,87 @@ def open_pool(size_bytes: int, device: str, shm_dir: Path | None = None):
 class HBMTier:
     """Slot bookkeeping of the pool: which blocks have an HBM copy, which slots are being filled.
 
-    Runs on the daemon's event loop like the store (no locks). ``slot`` maps block id → offset of
-    a ready copy; ``filling`` block id → offset a client is copying into under a lease.
+    Runs on the daemon's event loop like the store (no locks). Owns ``slot`` (block id → offset
+    of a ready copy) and ``filling`` (block id → offset a client or the SSD tier is copying into);
+    reads block state from the table it is given, DRAM bytes from the DRAM tier.
     """
 
-    def __init__(self, pool, chunk_bytes: int):
+    name = "HBM"
+
+    def __init__(self, pool, table, dram, chunk_bytes: int,
+                 eviction: EvictionPolicy | None = None):
         self.pool = pool
+        self.table = table
+        self.dram = dram
+        self.eviction = eviction or PrefixAwareLRU()
         self.slabs = SlabAllocator(pool.size_bytes, min(chunk_bytes, max(4096, pool.size_bytes // 4)))
-        self.slot: dict[int, int] = {}
-        self.filling: dict[int, int] = {}
+        self._slot: dict[int, int] = {}
+        self._filling: dict[int, int] = {}
         self.counters = TierCounters()
 
     # -- reading ---------------------------------------------------------------------------
+    def has(self, bid: int) -> bool:
+        """The block has a ready HBM copy."""
+        return bid in self._slot
+
     def offset(self, bid: int) -> int:
-        return self.slot.get(bid, -1)
+        return self._slot.get(bid, -1)
+
+    def is_filling(self, bid: int) -> bool:
+        return bid in self._filling
+
+    def dest(self, offset: int, nbytes: int):
+        """Where the daemon itself writes one slot: a host view (host pool) or a device tensor
+        (CUDA pool, for kvikio)."""
+        if self.pool.backend == "host":
+            return self.pool.host_slot(offset, nbytes)
+        return self.pool.slot_tensor(offset, nbytes)
 
     # -- filling ---------------------------------------------------------------------------
-    def reserve(self, store, bids: list[int]) -> list[int]:
+    def _bytes_of(self, bid: int, slot: bool = True) -> int:
+        layout = self.table.namespace_of(bid).layout
+        return layout.slot_bytes if slot else layout.block_bytes
+
+    def reserve(self, bids: list[int]) -> list[int]:
         """An HBM slot for each block (-1 where none could be freed); the slots become the
-        blocks' copies at :meth:`finish` with ok=True. The blocks must be leased."""
+        blocks' copies at :meth:`finish` with ok=True (or :meth:`adopt`). The blocks must be
+        pinned."""
         out = []
         by_class: dict[int, int] = {}
         for bid in bids:
-            sb = store.slot_bytes_of(bid)
+            sb = self._bytes_of(bid)
             by_class[sb] = by_class.get(sb, 0) + 1
         for sb, n in by_class.items():
-            self._make_room(store, sb, n)
+            self._make_room(sb, n)
         for bid in bids:
-            off = self.slabs.allocate(store.slot_bytes_of(bid)) if bid not in self.filling else None
+            off = self.slabs.allocate(self._bytes_of(bid)) if bid not in self._filling else None
             if off is None:
                 out.append(-1)
                 continue
             self.slabs.set_owner(off, bid)
-            self.filling[bid] = off
+            self._filling[bid] = off
             out.append(off)
         return out
 
-    def finish(self, store, fills: dict[int, int], ok: bool, quarantine: list | None = None) -> int:
+    def cancel_fill(self, bid: int, off: int) -> None:
+        """A reserved slot that will not be filled: freed."""
+        if self._filling.get(bid) == off:
+            del self._filling[bid]
+        self.slabs.free(off)
+
+    def finish(self, fills: dict[int, int], ok: bool, quarantine: list | None = None) -> int:
         """End a lease's fills: publish them (ok) or free their slots; returns copies made.
         With ``quarantine`` (an expired lease whose client lives) the slots are parked there
         instead: the client may still be writing into them."""
-        idx = store.index
+        state = self.table.state
         made = 0
         for bid, off in fills.items():
-            if self.filling.get(bid) == off:
-                del self.filling[bid]
-            if ok and idx.state[bid] == COMMITTED and bid not in self.slot:
-                self.slot[bid] = off
+            if self._filling.get(bid) == off:
+                del self._filling[bid]
+            if ok and state[bid] == COMMITTED and bid not in self._slot:
+                self._slot[bid] = off
                 self.counters.promotions += 1
-                self.counters.bytes_in += store.block_bytes_of(bid)
+                self.counters.bytes_in += self._bytes_of(bid, slot=False)
                 made += 1
             elif quarantine is not None:
                 self.slabs.set_owner(off, -2)
@@ -243,22 +277,24 @@ class HBMTier:
         return made
 
     def adopt(self, bid: int, off: int) -> None:
-        """A slot the daemon filled itself (GPUDirect read) becomes the block's copy."""
-        if self.filling.get(bid) == off:
-            del self.filling[bid]
-        self.slot[bid] = off
+        """A slot the daemon filled itself (an SSD read, a prefetch copy) becomes the block's
+        copy."""
+        if self._filling.get(bid) == off:
+            del self._filling[bid]
+        self._slot[bid] = off
         self.counters.promotions += 1
+        self.counters.bytes_in += self._bytes_of(bid, slot=False)
 
-    async def copy_in(self, store, bids: list[int]) -> int:
+    async def copy_in(self, bids: list[int]) -> int:
         """Copy these DRAM blocks into HBM (a prefetch with to_hbm); returns the copies made.
         The blocks must be pinned (a prefetch pins its blocks) so their DRAM slots stay put."""
-        bids = [b for b in bids if b not in self.slot and b not in self.filling]
+        bids = [b for b in bids if b not in self._slot and b not in self._filling]
         if not bids:
             return 0
-        offs = self.reserve(store, bids)
+        offs = self.reserve(bids)
         todo = [(b, o) for b, o in zip(bids, offs) if o >= 0]
-        copies = [(o, store.arena.buffer[int(store.index.dram[b]):
-                                         int(store.index.dram[b]) + store.block_bytes_of(b)])
+        dram = self.table.dram
+        copies = [(o, self.dram.view(int(dram[b]), self._bytes_of(b, slot=False)))
                   for b, o in todo]
         ok = False
         try:
@@ -267,14 +303,13 @@ class HBMTier:
         except Exception as exc:     # a failed staging costs only speed: the get reads DRAM
             log.warning("copying %d blocks into HBM failed: %s", len(todo), exc)
         made = 0
+        state = self.table.state
         for b, o in todo:
-            if ok and store.index.state[b] == COMMITTED:
+            if ok and state[b] == COMMITTED:
                 self.adopt(b, o)
-                self.counters.bytes_in += store.block_bytes_of(b)
                 made += 1
             else:
-                self.filling.pop(b, None)
-                self.slabs.free(o)
+                self.cancel_fill(b, o)
         return made
 
     def free_quarantined(self, offsets: list[int]) -> None:
@@ -282,34 +317,48 @@ class HBMTier:
             self.slabs.free(off)
 
     # -- dropping and eviction -------------------------------------------------------------
-    def drop(self, bid: int) -> None:
+    def forget(self, bid: int) -> None:
         """Forget a block's HBM copy (the block is gone from the store)."""
-        off = self.slot.pop(bid, None)
+        off = self._slot.pop(bid, None)
         if off is not None:
             self.slabs.free(off)
 
-    def _evictable(self, store, slot_bytes: int) -> np.ndarray:
+    def _evictable(self, slot_bytes: int) -> np.ndarray:
         owners = self.slabs.owners(slot_bytes)
         if not len(owners):
             return owners
-        idx = store.index
-        ready = np.fromiter((self.slot.get(int(b), -1) >= 0 for b in owners), dtype=bool,
+        ready = np.fromiter((self._slot.get(int(b), -1) >= 0 for b in owners), dtype=bool,
                             count=len(owners))
-        return owners[ready & (idx.leases[owners] == 0)]
+        return owners[ready & (self.table.leases[owners] == 0)]
 
     def _evict(self, victims) -> None:
         for bid in victims:
-            self.slabs.free(self.slot.pop(int(bid)))
+            self.slabs.free(self._slot.pop(int(bid)))
         self.counters.evictions += len(victims)
         self.counters.demotions += len(victims)
 
-    def _make_room(self, store, slot_bytes: int, n_needed: int) -> None:
-        make_room(self.slabs, store.index, slot_bytes, n_needed,
-                  lambda sb: self._evictable(store, sb), self._evict)
+    def _make_room(self, slot_bytes: int, n_needed: int) -> None:
+        make_room(self.slabs, lambda c: self.eviction.order(self.table, c), slot_bytes,
+                  n_needed, self._evictable, self._evict)
 
-    # -- statistics ------------------------------------------------------------------------
+    # -- kvstore.tiers.base.Tier -----------------------------------------------------------
+    def capacity_bytes(self) -> int:
+        return self.slabs.capacity_bytes
+
+    def used_bytes(self) -> int:
+        return self.slabs.used_bytes()
+
     def blocks(self) -> int:
-        return len(self.slot)
+        return len(self._slot)
+
+    def stats_row(self):
+        c = self.counters
+        return pb.TierStats(
+            tier=pb.TIER_HBM, capacity_bytes=self.slabs.capacity_bytes,
+            ready_bytes=self.slabs.ready_bytes, used_bytes=self.slabs.used_bytes(),
+            blocks=self.blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
+            bytes_in=c.bytes_in, bytes_out=c.bytes_out, promotions=c.promotions,
+            demotions=c.demotions)
 
     def close(self) -> None:
         self.pool.close()

@@ -35,18 +35,18 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from kvstore.core.errors import KVStoreError, ResourceExhausted
-from kvstore.store.index import COMMITTED, NO_SLOT
+from kvstore.tiers.base import COMMITTED, NO_SLOT
 from kvstore.core.keys import pack_keys
+from kvstore.policies.write import REMOTE_WRITE_POLICIES, write_policy
 from kvstore.tiers.remote.base import RemoteBackend, RemoteError
 from kvstore.tiers.remote.breaker import CircuitBreaker
 from kvstore.tiers.remote.codec import ReadStatus, encode_header, remote_key, verify
 
 log = logging.getLogger("kvstore.remote")
 
-POLICIES = ("write_through", "write_through_selective")
 WRITE_BATCH = 32             # blocks per background write (one existence call + one put)
 MAX_BACKGROUND_FILLS = 8     # prefetch fills in flight at once; more are dropped (hints)
 KNOWN_KEYS = 1 << 20         # remote keys remembered as stored (skip re-queueing them)
@@ -80,17 +80,21 @@ class RemoteCounters:
     timeouts: int = 0             # waits that missed their deadline
     refused: int = 0              # calls not made: circuit open or thread pool busy
 
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 class RemoteTier:
+    """The cluster tier (kvstore.tiers.base.Tier). ``store``: the daemon's BlockStore, handed in
+    by the composition root — the tier fills DRAM through the store's own put protocol."""
+
+    name = "REMOTE"
+
     def __init__(self, store, backend: RemoteBackend, url: str, *,
                  policy: str = "write_through", write_hits: int = 1, deadline_s: float = 0.2,
                  read_deadline_s: float = 2.0, threads: int = 4, queue_blocks: int = 256,
                  breaker: CircuitBreaker | None = None):
-        if policy not in POLICIES:
-            raise ValueError(f"remote policy must be one of {POLICIES}, got {policy!r}")
+        try:   # kvstore.policies.write: the same policies as the SSD tier's, but write_back
+            self._write_policy = write_policy(policy, write_hits, REMOTE_WRITE_POLICIES)
+        except ValueError as exc:
+            raise ValueError(f"remote policy {exc}") from None
         self.store = store
         self.backend = backend
         self.url = url
@@ -101,7 +105,7 @@ class RemoteTier:
         self.queue_blocks = queue_blocks
         self.breaker = breaker or CircuitBreaker()
         self.counters = RemoteCounters()
-        backend.attach(store.arena.buffer)
+        backend.attach(store.dram.buffer)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-remote")
         self._max_inflight = threads * 2
         self._inflight = 0
@@ -287,7 +291,7 @@ class RemoteTier:
         t0 = time.perf_counter()
         headers = self.backend.get_into(rkeys, offsets, [bb] * len(rkeys))
         t1 = time.perf_counter()
-        buf = self.store.arena.buffer
+        buf = self.store.dram.buffer
         out = [verify(h, k, namespace_id, buf[off:off + bb])
                for h, k, off in zip(headers, keys, offsets)]
         log.debug("remote read of %d blocks: engine %.1f ms, verify %.1f ms", len(keys),
@@ -342,17 +346,18 @@ class RemoteTier:
 
     # -- write path -----------------------------------------------------------------------------
     def on_commit(self, bids: list[int]) -> None:
-        if self.policy == "write_through":
+        if self._write_policy.on_commit:
             self._enqueue(bids)
 
     def on_hits(self, bids: list[int]) -> None:
-        if self.policy != "write_through_selective":
+        idx = self.store.table
+        hits = idx.hits[bids]
+        if not self._write_policy.due(hits).any():
             return
-        idx = self.store.index
         due = []
-        for b in bids:
-            if idx.hits[b] >= self.write_hits and b not in self._queued:
-                ns = self.store.namespace_of(b)
+        for b, is_due in zip(bids, self._write_policy.due(hits).tolist()):
+            if is_due and b not in self._queued:
+                ns = self.store.table.namespace_of(b)
                 if remote_key(ns.namespace_id, idx.key_of(b)) not in self._known:
                     due.append(b)
         if due:
@@ -361,7 +366,7 @@ class RemoteTier:
     def _enqueue(self, bids: list[int]) -> None:
         if self._closed:
             return
-        idx = self.store.index
+        idx = self.store.table
         take = []
         for b in bids:
             if b in self._queued or idx.dram[b] == NO_SLOT:
@@ -372,21 +377,21 @@ class RemoteTier:
             take.append(b)
         if not take:
             return
-        self.store.pin(take)    # the slot must hold these bytes until the writer sent them
+        self.store.table.pin(take)    # the slot must hold these bytes until the writer sent them
         self._queue.extend(take)
         self._queued.update(take)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
-        store, idx = self.store, self.store.index
+        store, idx = self.store, self.store.table
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(WRITE_BATCH, len(self._queue)))]
             try:
                 live = [b for b in batch if idx.state[b] == COMMITTED and idx.dram[b] != NO_SLOT]
                 items = []
                 for b in live:
-                    ns = store.namespace_of(b)
+                    ns = store.table.namespace_of(b)
                     key = idx.key_of(b)
                     items.append((remote_key(ns.namespace_id, key), key, ns.namespace_id,
                                   int(idx.dram[b]), ns.layout.block_bytes))
@@ -411,7 +416,7 @@ class RemoteTier:
                         self._remember(it[0])
             finally:
                 self._queued.difference_update(batch)
-                store.unpin(batch)
+                store.table.unpin(batch)
 
     def _write_batch(self, items) -> tuple[list[bool], list[bool], list[bool]]:
         """(pool thread) Existence check, then put what the remote lacks, straight from the
@@ -422,7 +427,7 @@ class RemoteTier:
         sent = [False] * len(items)
         failed = [False] * len(items)
         if todo:
-            buf = self.store.arena.buffer
+            buf = self.store.dram.buffer
             headers = [encode_header(items[i][1], items[i][2],
                                      buf[items[i][3]:items[i][3] + items[i][4]]) for i in todo]
             ok = self.backend.put([rkeys[i] for i in todo], headers,
@@ -451,6 +456,19 @@ class RemoteTier:
 
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    # -- kvstore.tiers.base.Tier: the engine's capacity is not this daemon's to report ------------
+    def capacity_bytes(self) -> int:
+        return 0
+
+    def used_bytes(self) -> int:
+        return 0
+
+    def blocks(self) -> int:
+        return 0
+
+    def forget(self, bid: int) -> None:
+        """Remote values are content-addressed and shared by every daemon: nothing to free."""
 
     def stats_row(self):
         from kvstore.v1 import kvstore_pb2 as pb

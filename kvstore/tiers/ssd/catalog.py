@@ -1,7 +1,11 @@
-"""The SSD tier's journal side of Tiering: namespace records, recovery at startup, compaction.
+"""The SSD tier's catalog: what is on SSD, as the journal records it — namespace records,
+recovery at startup, compaction. The one owner of the journal.
 
     on_namespace(ns)   journal a namespace the first time it is seen (a restart restores it).
-    recover()          rebuild namespaces and the SSD part of the index from the journal
+    log_puts(bids), log_segment(seg, size), log_delete(addr)
+                       journal what the SSD tier and its space manager changed; ``live`` counts
+                       the SSD slots holding a block (compaction threshold, tier stats).
+    recover(register)  rebuild namespaces and the SSD part of the block table from the journal
                        (vectorized: millions of blocks per restart), then compact it. When the
                        journal is missing, empty or damaged, also scan the slab files' slot
                        headers and merge (newest sequence number wins per slot and per key).
@@ -11,7 +15,9 @@
                        the background once dead records outnumber live ones).
     sync_journal()     wait until every appended record is durable.
 
-A mixin of kvstore.tiers.ssd.tier.Tiering: it uses the store, ssd, journal and counters Tiering holds.
+Built by the daemon's composition root with the block table, the slab files and the journal;
+namespaces are registered through the ``register`` callable recover() is given (the store's
+register_namespace), so the catalog never needs the store.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ import struct
 import numpy as np
 
 from kvstore.core.errors import KVStoreError
-from kvstore.store.index import COMMITTED, FREE, NO_SLOT
 from kvstore.core.layout import KVLayout, LayoutError
+from kvstore.tiers.base import COMMITTED, FREE, NO_SLOT
 from kvstore.tiers.ssd import journal as jr
 from kvstore.tiers.ssd.files import MAX_TAG_BYTES
 
@@ -39,18 +45,50 @@ log = logging.getLogger("kvstore.tiers.ssd.tier")
 COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
 
 
-class SSDJournaling:
+class SSDCatalog:
+    def __init__(self, table, files, journal: jr.Journal):
+        """``table``: the block table (kvstore.store.table.BlockTable); ``files``: the open
+        slab files (kvstore.tiers.ssd.files.SlabFiles); ``journal``: owned from here on."""
+        self.table = table
+        self.ssd = files
+        self.journal = journal
+        self._ns_ord: dict[bytes, int] = {}
+        self._ns_tags: dict[bytes, bytes] = {}   # namespace -> its record in slot headers
+        self._replaying = False
+        self._sync_task: asyncio.Task | None = None
+        self._closed = False
+        self._register_fn = None   # recover()'s namespace registration
+        self.live = 0     # SSD slots holding a block (deleted-but-pinned ones too)
+
+    # -- journaling what changed -----------------------------------------------------------------
+    def log_puts(self, bids: list[int]) -> None:
+        """Blocks now on SSD (their ``ssd`` and ``csum`` set in the table): one PUTS frame."""
+        self.live += len(bids)
+        self.journal.append(jr.encode_puts(self._put_entries(np.asarray(bids))))
+
+    def log_segment(self, segment: int, slot_bytes: int, sync: bool = False) -> None:
+        """A segment was given to a block size."""
+        self.journal.append(jr.encode_seg(segment, slot_bytes))
+        if sync:
+            self.schedule_sync()
+
+    def log_delete(self, addr: int) -> None:
+        """The block in SSD slot ``addr`` is gone."""
+        self.live -= 1
+        self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
+        self.schedule_sync()
+
     # -- namespaces ----------------------------------------------------------------------------
     def on_namespace(self, ns) -> None:
         if self._replaying or ns.namespace_id in self._ns_ord:
             return
         self._ns_ord[ns.namespace_id] = len(self._ns_ord)
         self.journal.append(jr.encode_ns(self._ns_record(ns)))
-        self._schedule_sync()
+        self.schedule_sync()
 
     def slot_tag(self, bid: int) -> bytes:
-        idx = self.store.index
-        ns = self.store._ns_by_index[int(idx.ns[bid])]
+        idx = self.table
+        ns = idx.namespace_of(bid)
         meta = self._ns_tags.get(ns.namespace_id)
         if meta is None:
             rec = self._ns_record(ns)
@@ -72,12 +110,14 @@ class SSDJournaling:
             "tp_size": l.tp_size, **({"quant": l.quant} if l.quant else {})})
 
     # -- recovery and compaction ---------------------------------------------------------------
-    def recover(self) -> int:
+    def recover(self, register) -> int:
         """Rebuild namespaces and SSD blocks from the journal — and, when the journal is
         missing, empty or damaged in an existing directory, from the slab files' slot headers
-        too — then compact the journal. Returns blocks recovered."""
+        too — then compact the journal. Returns blocks recovered. ``register(model_id,
+        layout, tenant)`` registers a namespace (the store's register_namespace)."""
         st = self.journal.replay()
-        store, ssd = self.store, self.ssd
+        ssd = self.ssd
+        self._register_fn = register
         by_ns = [self._register(rec, "journal") for rec in st.namespaces]
         scanned, figures = [], None
         if st.damaged and not ssd.created:
@@ -107,7 +147,7 @@ class SSDJournaling:
                 self._restore(ns, puts[puts["ns"] == ns_ord])
         ssd.rebuild_free_lists()
         self.compact()                  # also counts the live blocks
-        n = self.ssd.counters.recovered_blocks = self._live
+        n = self.ssd.counters.recovered_blocks = self.live
         if figures is not None:
             log.warning("SSD tier: recovered %d blocks, %d namespaces: %d journal frames "
                         "replayed (%d live block entries), %d damaged regions skipped; slab "
@@ -125,7 +165,7 @@ class SSDJournaling:
         slot header must have the digest its blocks were written under."""
         self._replaying = True
         try:
-            ns = self.store.register_namespace(rec.model_id, KVLayout(**rec.layout), rec.tenant)
+            ns = self._register_fn(rec.model_id, KVLayout(**rec.layout), rec.tenant)
         except (KVStoreError, LayoutError, TypeError) as exc:
             log.warning("%s: namespace %r not restored: %s", source, rec.model_id, exc)
             return None
@@ -191,7 +231,7 @@ class SSDJournaling:
 
     def _restore(self, ns, recs: np.ndarray) -> None:
         """Index one namespace's journaled blocks at once (vectorized: millions per restart)."""
-        idx, ssd = self.store.index, self.ssd
+        idx, ssd = self.table, self.ssd
         addrs = recs["addr"]
         seg_no = np.minimum(addrs >> 32, len(ssd.segments))
         slot = addrs & 0xFFFFFFFF
@@ -207,33 +247,20 @@ class SSDJournaling:
         if not len(sel):
             return
         ssd.set_seq(addrs[sel], recs["seq"][sel])
-        bids = idx.add_many(ns.index, keys[sel].tobytes(), np.full(len(sel), -1), 0)
-        idx.publish(bids)
-        idx.ssd[bids] = addrs[sel]
-        idx.csum[bids] = recs["csum"][sel]
-        idx.depth[bids] = recs["depth"][sel]
-        for n in np.unique(seg_no[sel]).tolist():
-            in_seg = seg_no[sel] == n
-            ssd.segments[n].owner[slot[sel][in_seg]] = bids[in_seg]
-        parent_keys = np.ascontiguousarray(recs["parent"][sel])
-        parents = idx.find_many(ns.index, parent_keys.tobytes())
-        has = (parents >= 0) & parent_keys.any(axis=1)
-        idx.parent[bids[has]] = parents[has]
-        np.add.at(idx.children, parents[has], 1)
+        bids = idx.restore_many(ns.index, keys[sel].tobytes(), addrs[sel], recs["csum"][sel],
+                                recs["depth"][sel], recs["parent"][sel])
+        ssd.set_owners(addrs[sel], bids)
 
     def compact(self) -> None:
         """Rewrite the journal as the live records only, blocking (startup and shutdown)."""
-        records = self._snapshot()
-        self.journal._buf.clear()
-        self.journal._durable = self.journal._appended
-        self.journal.rewrite(records)
+        self.journal.replace_blocking(self._snapshot())
 
     def _snapshot(self) -> list:
         """The live journal: namespaces (renumbered), segments, and every SSD block."""
-        store, idx = self.store, self.store.index
+        idx = self.table
         records = []
         self._ns_ord = {}
-        for ns in store._ns_by_index:
+        for ns in idx.namespaces():
             self._ns_ord[ns.namespace_id] = len(self._ns_ord)
             records.append(jr.encode_ns(self._ns_record(ns)))
         for seg in self.ssd.segments:
@@ -242,21 +269,21 @@ class SSDJournaling:
         live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
         records.append(self._put_entries(live))    # encoded by the writer, off the loop
         # SSD slots holding a block (deleted-but-leased ones too: forget_ssd counts them down
-        # when they go); kept current by _finish_writes and forget_ssd.
-        self._live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
+        # when they go); kept current by log_puts and log_delete.
+        self.live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
         return records
 
-    def _maybe_compact(self) -> None:
+    def maybe_compact(self) -> None:
         """While running: compact in the background once dead records outnumber live ones."""
         j = self.journal
-        if not self._closed and j.records_in_file > 2 * self._live + COMPACT_MIN_RECORDS and \
-                j._flush_task is None:
+        if not self._closed and j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS and \
+                not j.busy():
             j.start_rewrite(self._snapshot())
 
     def _put_entries(self, bids: np.ndarray) -> np.ndarray:
-        idx = self.store.index
+        idx = self.table
         bids = np.asarray(bids, dtype=np.int64)
-        ords = np.array([self._ns_ord[ns.namespace_id] for ns in self.store._ns_by_index] or [0],
+        ords = np.array([self._ns_ord[ns.namespace_id] for ns in idx.namespaces()] or [0],
                         dtype=np.uint32)
         e = np.zeros(len(bids), dtype=jr.PUT_DTYPE)
         e["ns"] = ords[idx.ns[bids]]
@@ -276,9 +303,13 @@ class SSDJournaling:
                 await self.journal.sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
-        self._maybe_compact()
+        self.maybe_compact()
 
-    def _schedule_sync(self) -> None:
+    def close(self) -> None:
+        """No more background compaction (shutdown: the tier compacts once more itself)."""
+        self._closed = True
+
+    def schedule_sync(self) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

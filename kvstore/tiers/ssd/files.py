@@ -25,7 +25,7 @@ segment's assignment is a leftover of another slot size (free).
 
 Capacity is cut into segments; a segment is handed to one size class (one slot size: a block size
 rounded up to 4 KiB) the first time that class needs room, and cut into slots; an emptied segment
-can be re-cut for another class (``reassign_segment``; the policy is Tiering._make_ssd_room). A
+can be re-cut for another class (``reassign_segment``; the policy is kvstore.tiers.ssd.space.SSDSpace). A
 slot address is ``segment << 32 | slot``. Millions of blocks live in a handful of files: no file per block.
 
 I/O contract:
@@ -41,7 +41,6 @@ I/O contract:
 """
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import json
@@ -105,7 +104,7 @@ class Segment:
 
 @dataclass
 class ScannedSlot:
-    """A slot whose header verified during ``SSDTier.scan``."""
+    """A slot whose header verified during ``SlabFiles.scan``."""
     addr: int
     key: bytes
     nbytes: int
@@ -169,32 +168,6 @@ def decode_segment_header(raw, number: int) -> tuple[int, int] | None:
     return slot_bytes, seq
 
 
-class RateMeter:
-    """Bytes per second over the last ``window_s`` seconds (recent bandwidth for stats), in
-    one-second buckets: constant memory whatever the I/O rate. Thread-safe."""
-
-    def __init__(self, window_s: int = 10):
-        self.window_s = window_s
-        self._buckets: collections.deque[list] = collections.deque()   # [second, bytes]
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int) -> None:
-        sec = int(time.monotonic())
-        with self._lock:
-            if self._buckets and self._buckets[-1][0] == sec:
-                self._buckets[-1][1] += nbytes
-            else:
-                self._buckets.append([sec, nbytes])
-                while self._buckets[0][0] <= sec - self.window_s:
-                    self._buckets.popleft()
-
-    def rate_bps(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            total = sum(n for sec, n in self._buckets if sec > now - self.window_s)
-        return total / self.window_s
-
-
 @dataclass
 class SSDCounters:
     bytes_read: int = 0
@@ -210,11 +183,11 @@ class SSDCounters:
     segments_reassigned: int = 0  # segments emptied and given to another block size
 
 
-class SSDTier:
+class SlabFiles:
     """Slab files under ``directory``. Create with :meth:`open` (recovers an existing directory)."""
 
     def __init__(self, directory: Path, capacity_bytes: int, segment_bytes: int = 0,
-                 io_threads: int = 8, direct: bool = True):
+                 io_threads: int = 8, direct: bool = True, read_limiter=None):
         """segment_bytes 0: the directory's own segment size, or for a new directory about
         1/64 of the capacity (64 MiB .. 16 GiB): few files even at many TiB."""
         self.directory = Path(directory)
@@ -227,9 +200,7 @@ class SSDTier:
         self.segments: list[Segment] = []
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-ssd")
         self.counters = SSDCounters()
-        self.read_meter = RateMeter()
-        self.write_meter = RateMeter()
-        self.read_limiter = None   # kvstore.tiers.ssd.ratelimit.TokenBucket (ssd_read_limit)
+        self.read_limiter = read_limiter   # kvstore.tiers.ssd.ratelimit.TokenBucket, or None
         self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0
@@ -444,6 +415,15 @@ class SSDTier:
     def set_owner(self, addr: int, block_id: int) -> None:
         self.segments[addr >> SLOT_BITS].owner[addr & ((1 << SLOT_BITS) - 1)] = block_id
 
+    def set_owners(self, addrs: np.ndarray, block_ids: np.ndarray) -> None:
+        """set_owner for many slots at once (recovery)."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        seg_no = addrs >> SLOT_BITS
+        slot = addrs & ((1 << SLOT_BITS) - 1)
+        for n in np.unique(seg_no).tolist():
+            mine = seg_no == n
+            self.segments[n].owner[slot[mine]] = block_ids[mine]
+
     def seq_of(self, addrs: np.ndarray) -> np.ndarray:
         """Sequence numbers of the blocks in these slots (as their headers say)."""
         addrs = np.asarray(addrs, dtype=np.int64)
@@ -520,10 +500,7 @@ class SSDTier:
         if n != len(view) + HEADER_BYTES:
             raise OSError(errno.EIO, f"short write of {n}/{len(view) + HEADER_BYTES} bytes")
         n = len(view)         # the counters are block bytes, as every tier's (headers aside)
-        with self._stat_lock:
-            self.counters.bytes_written += n
-            self.counters.writes += 1
-        self.write_meter.add(n)
+        self.count_write(n)
         return csum
 
     def _fill_header(self, addr: int, key: bytes, nbytes: int, csum: int, seg: Segment,
@@ -542,6 +519,19 @@ class SSDTier:
         off = slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes)
         if os.pwritev(seg.fd, [hdr], off) != HEADER_BYTES:
             raise OSError(errno.EIO, "short slot header write")
+
+    def count_write(self, nbytes: int) -> None:
+        """One slot written (from any I/O thread, or kvstore.tiers.ssd.gds). Bandwidth is the
+        slope of these byte counters (kvstore.metrics.model.RateMeter), as for every tier."""
+        with self._stat_lock:
+            self.counters.bytes_written += nbytes
+            self.counters.writes += 1
+
+    def count_read(self, nbytes: int) -> None:
+        """One slot read (from any I/O thread, or kvstore.tiers.ssd.gds)."""
+        with self._stat_lock:
+            self.counters.bytes_read += nbytes
+            self.counters.reads += 1
 
     def payload_offset(self, addr: int) -> tuple[Segment, int]:
         seg = self.segments[addr >> SLOT_BITS]
@@ -564,10 +554,7 @@ class SSDTier:
         if self.read_limiter is not None:
             self.read_limiter.take(len(view))
         n = os.preadv(seg.fd, [view], off)
-        with self._stat_lock:
-            self.counters.bytes_read += n
-            self.counters.reads += 1
-        self.read_meter.add(n)
+        self.count_read(n)
         if n != len(view):
             return False
         return block_checksum(view[:nbytes], key) == csum

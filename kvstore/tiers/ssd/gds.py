@@ -1,6 +1,6 @@
 """GPUDirect Storage for the SSD tier through kvikio (optional: the ``gds`` extra, CUDA only).
 
-``KvikioSlotIO`` has the slot I/O interface of :class:`kvstore.tiers.ssd.files.SSDTier`
+``KvikioSlotIO`` has the slot I/O interface of :class:`kvstore.tiers.ssd.files.SlabFiles`
 (``write_slot`` / ``read_slot``: whole slots, same addresses, same key-seeded xxh3-64
 checksums), but moves bytes between the slab files and CUDA device buffers (torch CUDA tensors,
 or anything kvikio accepts) with ``kvikio.CuFile``: true GDS DMA where the driver supports it,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd.files import SSDTier, block_checksum, each_slot
+from kvstore.tiers.ssd.files import SlabFiles, block_checksum, each_slot
 
 log = logging.getLogger("kvstore.gds")
 
@@ -45,9 +45,9 @@ def _host_bytes(buf, nbytes: int):
 
 
 class KvikioSlotIO:
-    """Slot reads/writes of an open SSDTier's files straight to/from GPU memory."""
+    """Slot reads/writes of an open SlabFiles's files straight to/from GPU memory."""
 
-    def __init__(self, ssd: SSDTier):
+    def __init__(self, ssd: SlabFiles):
         import kvikio
         self.ssd = ssd
         self.compat_mode = bool(kvikio.defaults.is_compat_mode_preferred()) \
@@ -64,30 +64,26 @@ class KvikioSlotIO:
 
     def write_slot(self, addr: int, dev_buf, key: bytes, nbytes: int, tag: bytes = b"") -> int:
         """Write one slot from a device buffer of slot_bytes (the payload by DMA, then its
-        header from the host, as SSDTier.write_slot lays it out); returns the checksum."""
+        header from the host, as SlabFiles.write_slot lays it out); returns the checksum."""
         f, off, slot_bytes = self._where(addr)
         csum = block_checksum(_host_bytes(dev_buf, nbytes), key)
         n = f.pwrite(dev_buf, slot_bytes, off).get()
         if n != slot_bytes:
             raise OSError(errno.EIO, f"short GDS write of {n}/{slot_bytes} bytes")
         self.ssd.write_header(addr, key, nbytes, csum, tag)
-        with self.ssd._stat_lock:
-            self.ssd.counters.bytes_written += n
-        self.ssd.write_meter.add(n)
+        self.ssd.count_write(n)
         return csum
 
     def read_slot(self, addr: int, dev_buf, key: bytes, nbytes: int, csum: int) -> bool:
         """Read one slot into a device buffer; True iff it verifies against ``csum``."""
         f, off, slot_bytes = self._where(addr)
         n = f.pread(dev_buf, slot_bytes, off).get()
-        with self.ssd._stat_lock:
-            self.ssd.counters.bytes_read += n
-        self.ssd.read_meter.add(n)
+        self.ssd.count_read(n)
         return n == slot_bytes and block_checksum(_host_bytes(dev_buf, nbytes), key) == csum
 
     def read_slots(self, reads) -> list:
         """read_slot for each (addr, device view, key, nbytes, csum), sequentially in this
-        thread; results as SSDTier.read_slots (True/False, or the OSError raised)."""
+        thread; results as SlabFiles.read_slots (True/False, or the OSError raised)."""
         return each_slot(self.read_slot, reads)
 
     def close(self) -> None:

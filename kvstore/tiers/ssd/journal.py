@@ -298,6 +298,22 @@ class Journal:
         self._flush_task = asyncio.ensure_future(run())
         return self._flush_task
 
+    def replace_blocking(self, records: list) -> None:
+        """Replace the journal with ``records``, which the caller guarantees reflect every
+        record appended so far (the buffer is dropped), blocking: startup and shutdown."""
+        self._buf.clear()
+        self._durable = self._appended
+        self.rewrite(records)
+
+    def busy(self) -> bool:
+        """A flush or a background rewrite is in flight."""
+        return self._flush_task is not None
+
+    async def idle(self) -> None:
+        """Wait until no flush or background rewrite is in flight."""
+        while self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+
     def _write(self, data: bytes) -> None:
         with self._io_lock:
             self._write_locked(data)

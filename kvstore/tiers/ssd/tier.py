@@ -1,24 +1,29 @@
-"""Tiering between the DRAM arena and the SSD tier.
+"""The SSD tier: blocks move between the DRAM arena and slab files on SSD.
 
-The store (kvstore/store/blockstore.py) stays synchronous on the event loop; this module adds the SSD side:
+The store (kvstore/store/blockstore.py) stays synchronous on the event loop; this module adds the
+SSD side, asked by the store and the servicer:
 
-    persist(bids)        write-through: after a commit, write the blocks to SSD and wait until
-                         their journal records are fsync'd (the commit answers after that).
+    persist(bids)        after a commit: with a policy that writes on commit, write the blocks to
+                         SSD and wait until their journal records are fsync'd (the commit
+                         answers after that); write-back only wakes its cleaner.
     prepare_demotion()   called by DRAM eviction: with write-back, dirty victims are written to
-                         SSD first (in parallel, the eviction waits); with either policy a victim
+                         SSD first (in parallel, the eviction waits); with any policy a victim
                          that has an SSD copy is demoted (DRAM copy dropped), one without is dropped.
-    promote(lease, ...)  an Acquire found SSD-only blocks: read them in parallel straight into
-                         fresh arena slots, verify checksums, then answer with the prefix that
-                         made it to DRAM. A checksum failure is a miss: counted, block dropped.
-    recover()            rebuild the SSD part of the index from the journal at startup.
+    fetch(bids, slots)   bring SSD-only blocks into DRAM slots ``slots(bids)`` hands out (or the
+                         HBM pool's): parallel reads, checksums verified; a checksum failure is
+                         a miss — counted, block dropped. Used by gets (BlockStore.promote) and
+                         the prefetcher.
+    recover(register)    rebuild the SSD part of the block table from the journal at startup.
 
-The journal (recovery, compaction) and SSD space management (slots, eviction, segments) live in
-kvstore/tiers/ssd/catalog.py and kvstore/tiers/ssd/space.py, mixins of Tiering; this module moves data.
+Composed of (each built by the daemon's composition root and handed in): the block table, the
+DRAM tier (arena bytes, eviction candidates), the slab files (kvstore/tiers/ssd/files.py), the
+catalog (journal, recovery, compaction: catalog.py), the space manager (slots, eviction,
+segments: space.py), the write policy (kvstore/policies/write.py), and optionally the HBM tier
+and a GPUDirect reader (gds.py) for reads straight into the HBM pool.
 
-Protection across awaits: every block being written or read is pinned (its lease count raised)
-before the first await and unpinned after its result is applied, so eviction, deletion and slot
-reuse never touch a slot with I/O in flight. Concurrent Acquires of one SSD block share a single
-read (``_promoting``).
+Protection across awaits: every block being written or read is pinned before the first await and
+unpinned after its result is applied, so eviction, deletion and slot reuse never touch a slot
+with I/O in flight. Concurrent fetches of one SSD block share a single read (``_promoting``).
 """
 from __future__ import annotations
 
@@ -28,67 +33,76 @@ import time
 
 import numpy as np
 
-from kvstore.store.index import COMMITTED, NO_SLOT
-from kvstore.tiers.ssd.catalog import SSDJournaling
-from kvstore.tiers.ssd.space import SSDSpace
 from kvstore.metrics.counters import TierCounters
-from kvstore.tiers.ssd import journal as jr
-from kvstore.tiers.ssd.files import SSDTier
+from kvstore.policies.write import WritePolicy, WriteThrough
+from kvstore.tiers.base import COMMITTED, NO_SLOT
 
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
-WRITE_POLICIES = ("write_through", "write_back", "write_through_selective")
 CLEAN_BATCH = 64
 
 
-class Tiering(SSDJournaling, SSDSpace):
-    def __init__(self, store, ssd: SSDTier, journal: jr.Journal, write_policy: str = "write_through",
-                 write_hits: int = 1):
-        if write_policy not in WRITE_POLICIES:
-            raise ValueError(f"ssd write policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
-        self.store = store
-        self.ssd = ssd
-        self.journal = journal
-        self.policy = write_policy
-        self.write_hits = write_hits      # write_through_selective: gets before the SSD write
+class SSDTier:
+    name = "SSD"
+
+    def __init__(self, table, dram, files, catalog, space, policy: WritePolicy | None = None,
+                 *, hbm=None, gds=None):
+        """``table``: the block table; ``dram``: the DRAM tier (kvstore.tiers.dram.DRAMTier);
+        ``files``: open slab files; ``catalog``/``space``: their SSDCatalog and SSDSpace;
+        ``hbm``: the HBM tier, if any; ``gds``: a kvstore.tiers.ssd.gds.KvikioSlotIO over the
+        same files (SSD → CUDA pool reads), if any."""
+        self.table = table
+        self.dram = dram
+        self.ssd = files
+        self.catalog = catalog
+        self.space = space
+        self.policy = policy or WriteThrough()
+        self.hbm = hbm
+        self.gds = gds
+        self.counters = TierCounters()
         self._selected: set[int] = set()  # selective writes in flight
         self._write_tasks: set[asyncio.Task] = set()
-        self.counters = TierCounters()
-        self._ns_ord: dict[bytes, int] = {}
-        self._ns_tags: dict[bytes, bytes] = {}   # namespace -> its record in slot headers
         self._promoting: dict[int, asyncio.Future] = {}
-        self._sync_task: asyncio.Task | None = None
-        self._replaying = False
-        self._live = 0
         self._last_error_log = 0.0
-        self._rng = np.random.default_rng()
         self._closed = False
         self._cleaner: asyncio.Task | None = None
         self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
-        self.gds = None              # kvstore.tiers.ssd.gds.KvikioSlotIO: SSD -> HBM pool reads
-        store.tiering = self
 
-    # -- writes --------------------------------------------------------------------------------
-    def _start_writes(self, bids: list[int]) -> tuple[list[tuple[int, int]], list]:
-        """Allocate SSD slots and submit the writes, one pool task per group (as many groups
-        as I/O threads). Returns ((bid, addr) per write, futures of the groups' results)."""
-        store, idx = self.store, self.store.index
-        started, writes = [], []
-        for bid in bids:
-            layout = store._ns_by_index[int(idx.ns[bid])].layout
-            addrs = self._ssd_slots(layout.slot_bytes, 1)
-            if not addrs:
-                break
-            addr = addrs[0]
-            self.ssd.set_owner(addr, bid)
-            off = int(idx.dram[bid])
-            writes.append((addr, store.arena.buffer[off:off + layout.slot_bytes],
-                           idx.key_of(bid), layout.block_bytes, self.slot_tag(bid)))
-            started.append((bid, addr))
-        n_groups = min(len(writes), self.ssd.io_threads)
-        futs = [self.ssd.pool.submit(self.ssd.write_slots, writes[g::n_groups])
-                for g in range(n_groups)]
-        return started, futs
+    @property
+    def journal(self):
+        return self.catalog.journal
+
+    # -- the catalog's side, as the store and the servicer ask it -------------------------------
+    def on_namespace(self, ns) -> None:
+        self.catalog.on_namespace(ns)
+
+    def recover(self, register) -> int:
+        """Rebuild the SSD blocks from the journal (kvstore.tiers.ssd.catalog.SSDCatalog.recover)."""
+        return self.catalog.recover(register)
+
+    async def sync_journal(self) -> None:
+        await self.catalog.sync_journal()
+
+    # -- slot I/O items and grouped submission ---------------------------------------------------
+    def _write_item(self, bid: int, addr: int) -> tuple:
+        """(addr, DRAM view, key, block bytes, slot tag): what SlabFiles.write_slot takes."""
+        layout = self.table.namespace_of(bid).layout
+        off = int(self.table.dram[bid])
+        return (addr, self.dram.view(off, layout.slot_bytes), self.table.key_of(bid),
+                layout.block_bytes, self.catalog.slot_tag(bid))
+
+    def _read_item(self, bid: int, dest) -> tuple:
+        """(addr, destination, key, block bytes, checksum): what read_slot takes."""
+        layout = self.table.namespace_of(bid).layout
+        return (int(self.table.ssd[bid]), dest, self.table.key_of(bid), layout.block_bytes,
+                int(self.table.csum[bid]))
+
+    def _grouped(self, fn, items: list) -> list:
+        """Submit ``fn`` over ``items`` as one pool task per group, as many groups as I/O
+        threads: the same parallelism, with fewer loop wake-ups than one task per block.
+        Returns concurrent futures of the groups' results (see _ungroup)."""
+        n_groups = min(len(items), self.ssd.io_threads)
+        return [self.ssd.pool.submit(fn, items[g::n_groups]) for g in range(n_groups)]
 
     @staticmethod
     def _ungroup(group_results: list[list], n: int) -> list:
@@ -97,9 +111,24 @@ class Tiering(SSDJournaling, SSDSpace):
             out[g::len(group_results)] = res
         return out
 
+    # -- writes --------------------------------------------------------------------------------
+    def _start_writes(self, bids: list[int]) -> tuple[list[tuple[int, int]], list]:
+        """Allocate SSD slots and submit the writes. Returns ((bid, addr) per write, futures
+        of the groups' results)."""
+        started, writes = [], []
+        for bid in bids:
+            addrs = self.space.take_slots(self.table.namespace_of(bid).layout.slot_bytes, 1)
+            if not addrs:
+                break
+            addr = addrs[0]
+            self.ssd.set_owner(addr, bid)
+            writes.append(self._write_item(bid, addr))
+            started.append((bid, addr))
+        return started, self._grouped(self.ssd.write_slots, writes)
+
     def _finish_writes(self, started, results) -> None:
-        """Apply finished writes: index the written blocks and journal them in one frame."""
-        idx = self.store.index
+        """Apply finished writes: record them in the table and journal them in one frame."""
+        idx = self.table
         done = []
         for (bid, addr), result in zip(started, results):
             if isinstance(result, BaseException):
@@ -114,26 +143,24 @@ class Tiering(SSDJournaling, SSDSpace):
             if idx.state[bid] != COMMITTED or idx.ssd[bid] != NO_SLOT:
                 self.ssd.free(addr)    # deleted while writing
                 continue
-            idx.ssd[bid] = addr
-            idx.csum[bid] = result
+            idx.set_ssd(bid, addr, result)
             done.append(bid)
         if done:
-            self._live += len(done)
-            self.journal.append(jr.encode_puts(self._put_entries(np.asarray(done))))
+            self.catalog.log_puts(done)
 
     async def persist(self, bids: list[int]) -> None:
-        """Write-through: write freshly committed blocks to SSD and wait for durability.
-
-        Write failures are counted and logged; the blocks stay in DRAM. Never raises for I/O."""
-        if self.policy == "write_back":
+        """After a commit: write the freshly committed blocks to SSD and wait for durability
+        when the policy writes on commit. Write failures are counted and logged; the blocks
+        stay in DRAM. Never raises for I/O."""
+        if self.policy.on_eviction:
             self._kick_cleaner()
-        if self.policy != "write_through":
+        if not self.policy.on_commit:
             return
-        idx = self.store.index
+        idx = self.table
         bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT]
         if not bids:
             return
-        self.store.pin(bids)
+        idx.pin(bids)
         # Shielded: a cancelled Commit must not leave pins or half-applied writes behind.
         await asyncio.shield(self._persist_pinned(bids))
 
@@ -146,23 +173,26 @@ class Tiering(SSDJournaling, SSDSpace):
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
         finally:
-            self.store.unpin(bids)
-        self._maybe_compact()
+            self.table.unpin(bids)
+        self.catalog.maybe_compact()
 
     def on_hits(self, bids: list[int]) -> None:
-        """write_through_selective (SGLang HiCache's policy of that name): a block is written to
-        SSD once gets have read it ``write_hits`` times; a block nobody reads never costs an SSD
-        write, and is dropped (not demoted) when DRAM evicts it. Written in the background: the
-        get that crossed the threshold does not wait."""
-        if self.policy != "write_through_selective" or self._closed:
+        """After a get: blocks its policy says are due (write_through_selective: read
+        ``write_hits`` times) are written in the background — the get does not wait; a block
+        nobody reads never costs an SSD write, and is dropped (not demoted) when DRAM evicts it."""
+        if self._closed or not bids:
             return
-        idx = self.store.index
-        due = [b for b in bids if idx.hits[b] >= self.write_hits and idx.ssd[b] == NO_SLOT
+        idx = self.table
+        ids = np.asarray(bids, dtype=np.int64)
+        due = self.policy.due(idx.hits[ids])
+        if not due.any():
+            return
+        due = [b for b in ids[due].tolist() if idx.ssd[b] == NO_SLOT
                and idx.dram[b] != NO_SLOT and b not in self._selected]
         if not due:
             return
         self._selected.update(due)
-        self.store.pin(due)
+        idx.pin(due)
         task = asyncio.get_running_loop().create_task(self._write_selected(due))
         self._write_tasks.add(task)
         task.add_done_callback(self._write_tasks.discard)
@@ -176,13 +206,13 @@ class Tiering(SSDJournaling, SSDSpace):
     def write_blocking(self, bids: list[int]) -> None:
         """Write these DRAM blocks to SSD now, in parallel, blocking the caller (write-back
         demotion and shutdown flush)."""
-        self.store.pin(bids)
+        self.table.pin(bids)
         try:
             started, futs = self._start_writes(bids)
             self._finish_writes(started, self._ungroup([f.result() for f in futs], len(started)))
         finally:
-            self.store.unpin(bids)
-        self._schedule_sync()
+            self.table.unpin(bids)
+        self.catalog.schedule_sync()
 
     # -- write-back cleaner ------------------------------------------------------------------------
     def _kick_cleaner(self) -> None:
@@ -196,22 +226,19 @@ class Tiering(SSDJournaling, SSDSpace):
         the coldest dirty ones (in eviction order, CLEAN_BATCH at a time). Eviction then finds
         clean victims and demotes them without waiting; it writes synchronously only when the
         cleaner fell behind. Blocks that die young in DRAM are never written."""
-        store, idx = self.store, self.store.index
-        slabs = store.slabs
+        idx = self.table
+        capacity = self.dram.capacity_bytes()
         while not self._closed:
             todo = []
-            free_chunk_bytes = int(slabs.chunk_free.sum()) * slabs.chunk_bytes
-            for cls in list(slabs.classes.values()):
-                ev = store._evictable(cls.slot_bytes)
-                headroom = (len(cls.free) + free_chunk_bytes // cls.slot_bytes +
-                            int((idx.ssd[ev] != NO_SLOT).sum()))
-                if headroom >= max(1, slabs.capacity_bytes // cls.slot_bytes // 8):
+            for slot_bytes, free_slots, ev in self.dram.headroom():
+                headroom = free_slots + int((idx.ssd[ev] != NO_SLOT).sum())
+                if headroom >= max(1, capacity // slot_bytes // 8):
                     continue
                 dirty = ev[idx.ssd[ev] == NO_SLOT]
-                todo += idx.eviction_order(dirty)[:CLEAN_BATCH].tolist()
+                todo += self.dram.eviction_order(dirty)[:CLEAN_BATCH].tolist()
             if not todo:
                 return
-            store.pin(todo)
+            idx.pin(todo)
             await asyncio.shield(self._persist_pinned(todo))
             self.ssd.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
             if all(idx.ssd[b] == NO_SLOT for b in todo):
@@ -219,56 +246,37 @@ class Tiering(SSDJournaling, SSDSpace):
 
     # -- demotion (called by DRAM eviction) ------------------------------------------------------
     def prepare_demotion(self, victims: list[int]) -> None:
-        if self.policy == "write_back":
-            idx = self.store.index
+        if self.policy.on_eviction:
+            idx = self.table
             dirty = [b for b in victims if idx.ssd[b] == NO_SLOT]
             if dirty:
                 self.ssd.counters.sync_demotions += len(dirty)
                 self.write_blocking(dirty)
 
     def can_demote(self, bid: int) -> bool:
-        ok = self.store.index.ssd[bid] != NO_SLOT
+        ok = self.table.ssd[bid] != NO_SLOT
         if ok:
             self.counters.demotions += 1
         return ok
 
-    # -- promotion -------------------------------------------------------------------------------
-    async def promote(self, session_id: int, lease, positions: list[int], to_hbm: bool = False):
-        """Bring the lease's SSD-only blocks (at ``positions``) into DRAM — or, for a client that
-        reads HBM when the daemon can read SSD straight into the pool (``direct_to_hbm``), into
-        HBM; answer the readable prefix as (lease or None, offsets). Blocks after the first
-        failure are unleased."""
-        store, idx = self.store, self.store.index
-        bids = lease.block_ids
-        # The lease's clock starts when it is answered: a slow read (a capped or busy disk)
-        # must not expire it before the client has even seen it.
-        lease.deadline = float("inf")
-        try:
-            await self.fetch([bids[pos] for pos in positions], to_hbm=to_hbm)
-        finally:
-            lease.deadline = store.clock() + store.lease_timeout_s
-        hbm = store.hbm.slot if to_hbm and store.hbm is not None else {}
-        n = 0
-        while n < len(bids) and (idx.dram[bids[n]] != NO_SLOT or bids[n] in hbm):
-            n += 1
-        self.counters.misses += len(positions) - sum(1 for p in positions if p < n)
-        return store.truncate_lease(session_id, lease, n)
-
+    # -- reads -----------------------------------------------------------------------------------
     def direct_to_hbm(self) -> bool:
         """True when SSD blocks can be read straight into HBM slots (no DRAM bounce): a host
         pool (plain reads into its mapping) or a CUDA pool with kvikio (GPUDirect Storage)."""
-        hbm = self.store.hbm
+        hbm = self.hbm
         return hbm is not None and (hbm.pool.backend == "host" or self.gds is not None)
 
     def _placed(self, b: int, to_hbm: bool) -> bool:
-        if self.store.index.dram[b] != NO_SLOT:
+        if self.table.dram[b] != NO_SLOT:
             return True
-        return to_hbm and self.store.hbm is not None and b in self.store.hbm.slot
+        return to_hbm and self.hbm is not None and self.hbm.has(b)
 
-    async def fetch(self, block_ids: list[int], to_hbm: bool = False) -> int:
-        """Bring these pinned blocks into DRAM (or HBM: see promote), sharing reads already in
-        flight; returns the blocks this call read. Where there is no room the rest stay on SSD
-        (a get then misses them). Used by promote (a get) and by the prefetcher."""
+    async def fetch(self, block_ids: list[int], dram_slots, to_hbm: bool = False) -> int:
+        """Bring these pinned blocks into DRAM — or, for a client that reads HBM when the daemon
+        can read SSD straight into the pool (direct_to_hbm), into HBM — sharing reads already in
+        flight; returns the blocks this call read. ``dram_slots(bids)`` gives a DRAM slot for
+        each block (None where there is no room: the store's promotion_slots, which evicts).
+        Where there is no room the rest stay on SSD (a get then misses them)."""
         direct = to_hbm and self.direct_to_hbm()
         read = 0
         for _ in range(2):     # a shared read may have gone to the other tier: then read again
@@ -277,10 +285,10 @@ class Tiering(SSDJournaling, SSDSpace):
                 fut = self._promoting.get(b)
                 if fut is not None:
                     waits.append(fut)
-                elif not self._placed(b, to_hbm) and self.store.index.ssd[b] != NO_SLOT:
+                elif not self._placed(b, to_hbm) and self.table.ssd[b] != NO_SLOT:
                     need.append(b)
             if need:
-                read += await self._read_into(need, direct)
+                read += await self._read_into(need, direct, dram_slots)
             if not waits:
                 break
             await asyncio.gather(*waits)
@@ -288,14 +296,11 @@ class Tiering(SSDJournaling, SSDSpace):
                 break
         return read
 
-    async def _read_into(self, need: list[int], direct: bool) -> int:
-        store = self.store
+    async def _read_into(self, need: list[int], direct: bool, dram_slots) -> int:
         if direct:
-            offs = [o if o >= 0 else None for o in store.hbm.reserve(store, need)]
-            free = store.hbm.slabs.free
+            offs = [o if o >= 0 else None for o in self.hbm.reserve(need)]
         else:
-            offs = store.promotion_slots(need)
-            free = store.slabs.free
+            offs = dram_slots(need)
         loop = asyncio.get_running_loop()
         mine = []
         full = False
@@ -303,18 +308,22 @@ class Tiering(SSDJournaling, SSDSpace):
             full = full or off is None   # no room: the answer's prefix ends before this block
             if full:
                 if off is not None:
-                    free(off)
-                    if direct:
-                        store.hbm.filling.pop(b, None)
+                    self._unreserve(b, off, direct)
                 continue
             fut = loop.create_future()
             self._promoting[b] = fut
             mine.append((b, off, fut))
         if not mine:
             return 0
-        store.pin([b for b, _, _ in mine])
+        self.table.pin([b for b, _, _ in mine])
         await asyncio.shield(loop.create_task(self._read_pinned(mine, direct)))
         return sum(1 for b, _, _ in mine if self._placed(b, direct))
+
+    def _unreserve(self, bid: int, off: int, into_hbm: bool) -> None:
+        if into_hbm:
+            self.hbm.cancel_fill(bid, off)
+        else:
+            self.dram.slabs.free(off)
 
     def read_bps(self) -> float:
         """Measured SSD read throughput of recent promotions (bytes / wall time per batch,
@@ -331,48 +340,52 @@ class Tiering(SSDJournaling, SSDSpace):
         w = min(1.0, nbytes / (64 << 20))
         self._read_bw = bw if not self._read_bw else (1 - w) * self._read_bw + w * bw
 
+    async def measure_read_bps(self, block_ids: list[int], max_blocks: int = 4) -> float:
+        """For the planner of a daemon that has read nothing yet: read up to ``max_blocks`` of
+        these SSD blocks in parallel into scratch buffers (pinned meanwhile, bytes discarded)
+        and return read_bps (0 if none is on SSD)."""
+        idx = self.table
+        bids = [b for b in block_ids
+                if idx.ssd[b] != NO_SLOT and idx.state[b] == COMMITTED][:max_blocks]
+        if not bids:
+            return 0.0
+        idx.pin(bids)
+        try:
+            reads = [self._read_item(b, memoryview(bytearray(
+                idx.namespace_of(b).layout.slot_bytes))) for b in bids]
+            loop = asyncio.get_running_loop()
+            t0 = time.monotonic()
+            await asyncio.gather(*(loop.run_in_executor(self.ssd.pool, self.ssd.read_slots, [r])
+                                   for r in reads))
+            self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
+        finally:
+            idx.unpin(bids)
+        return self.read_bps()
+
     async def _read_pinned(self, mine, into_hbm: bool = False) -> None:
-        store, idx, ssd = self.store, self.store.index, self.ssd
-        hbm = store.hbm
-        loop = asyncio.get_running_loop()
+        idx, ssd, hbm = self.table, self.ssd, self.hbm
         try:
             reads = []
             for b, off, _ in mine:
-                layout = store._ns_by_index[int(idx.ns[b])].layout
-                if not into_hbm:
-                    dest = store.arena.buffer[off:off + layout.slot_bytes]
-                elif hbm.pool.backend == "host":
-                    dest = hbm.pool.host_slot(off, layout.slot_bytes)
-                else:
-                    dest = hbm.pool.slot_tensor(off, layout.slot_bytes)
-                reads.append((int(idx.ssd[b]), dest, idx.key_of(b), layout.block_bytes,
-                              int(idx.csum[b])))
+                slot_bytes = idx.namespace_of(b).layout.slot_bytes
+                dest = hbm.dest(off, slot_bytes) if into_hbm else self.dram.view(off, slot_bytes)
+                reads.append(self._read_item(b, dest))
             reader = self.gds if into_hbm and hbm.pool.backend == "cuda" else ssd
-            # One pool task per group of reads, as many groups as I/O threads: the same
-            # parallelism, with fewer loop wake-ups per batch than one task per block.
-            n_groups = min(len(reads), ssd.io_threads)
-            groups = [reads[g::n_groups] for g in range(n_groups)]
             t0 = time.monotonic()
-            done = await asyncio.gather(*(loop.run_in_executor(ssd.pool, reader.read_slots, g)
-                                          for g in groups))
+            done = await asyncio.gather(*(asyncio.wrap_future(f)
+                                          for f in self._grouped(reader.read_slots, reads)))
             self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
             results = self._ungroup(done, len(reads))
             for (b, off, fut), r in zip(mine, results):
                 if r is True:
                     if into_hbm:
                         hbm.adopt(b, off)
-                        hbm.counters.bytes_in += store.block_bytes_of(b)
                     else:
-                        idx.set_dram(b, off)
-                        store.dram.promotions += 1
+                        self.dram.promoted(b, off)
                     self.counters.promotions += 1
                     self.counters.hits += 1
                 else:
-                    if into_hbm:
-                        hbm.filling.pop(b, None)
-                        hbm.slabs.free(off)
-                    else:
-                        store.slabs.free(off)
+                    self._unreserve(b, off, into_hbm)
                     if isinstance(r, BaseException):
                         ssd.counters.read_errors += 1
                         log.warning("SSD read of block %s failed (%s): treated as a miss",
@@ -381,26 +394,26 @@ class Tiering(SSDJournaling, SSDSpace):
                         ssd.counters.checksum_failures += 1
                         log.warning("SSD block %s failed its checksum: dropped, never served",
                                     idx.key_of(b).hex()[:12])
-                    store.discard(b)
+                    idx.discard(b)
         finally:
             for b, _, fut in mine:
                 self._promoting.pop(b, None)
                 if not fut.done():
                     fut.set_result(None)
-            store.unpin([b for b, _, _ in mine])
+            idx.unpin([b for b, _, _ in mine])
 
-    # -- shutdown and stats ----------------------------------------------------------------------
+    # -- shutdown --------------------------------------------------------------------------------
     async def close(self) -> None:
         """Flush write-back blocks, sync and compact the journal, close the files."""
         self._closed = True
+        self.catalog.close()
         if self._cleaner is not None:
             await asyncio.gather(self._cleaner, return_exceptions=True)
         if self._write_tasks:
             await asyncio.gather(*self._write_tasks, return_exceptions=True)
-        while self.journal._flush_task is not None:   # a flush or background compaction
-            await asyncio.shield(self.journal._flush_task)
-        idx = self.store.index
-        if self.policy == "write_back":
+        await self.journal.idle()      # a flush or background compaction
+        idx = self.table
+        if self.policy.on_eviction:
             log.info("write-back: %d blocks written ahead of eviction by the cleaner, %d while "
                      "an eviction waited", self.ssd.counters.cleaned,
                      self.ssd.counters.sync_demotions)
@@ -412,11 +425,40 @@ class Tiering(SSDJournaling, SSDSpace):
                     self.write_blocking(dirty[i:i + 1024])
         try:
             self.journal.flush_blocking()
-            self.compact()
+            self.catalog.compact()
         finally:
             self.journal.close()
             self.ssd.close()
 
-    def tier_blocks(self) -> int:
+    def abandon(self) -> None:
+        """Close the files without flushing or compacting: a start-up whose recovery failed
+        leaves the journal as it found it."""
+        self._closed = True
+        self.catalog.close()
+        self.journal.close()
+        self.ssd.close()
+
+    # -- kvstore.tiers.base.Tier -----------------------------------------------------------------
+    def capacity_bytes(self) -> int:
+        return self.ssd.capacity_bytes
+
+    def used_bytes(self) -> int:
+        return self.ssd.used_bytes()
+
+    def blocks(self) -> int:
         """Blocks holding an SSD slot (kept as a running count: stats sample it every second)."""
-        return self._live
+        return self.catalog.live
+
+    def forget(self, bid: int) -> None:
+        self.space.forget(bid)
+
+    def stats_row(self):
+        from kvstore.v1 import kvstore_pb2 as pb
+        ssd, c, io = self.ssd, self.counters, self.ssd.counters
+        return pb.TierStats(
+            tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes, ready_bytes=ssd.capacity_bytes,
+            used_bytes=ssd.used_bytes(), blocks=self.blocks(), hits=c.hits, misses=c.misses,
+            evictions=self.space.evictions, bytes_in=io.bytes_written, bytes_out=io.bytes_read,
+            promotions=c.promotions, demotions=c.demotions,
+            checksum_failures=io.checksum_failures, recovered_blocks=io.recovered_blocks,
+            io_errors=io.write_errors + io.read_errors)   # bandwidth: kvstore.metrics.model

@@ -1,4 +1,4 @@
-"""The block index: every block the daemon holds, in any tier.
+"""The block table: the one owner of block state, every block the daemon holds in any tier.
 
 Blocks get a small integer id; their fields live in numpy columns indexed by that id, and keys
 are found through one open-addressing hash table (numpy int32 ids, linear probing) keyed by
@@ -7,13 +7,22 @@ each (see ``kvstore bench ssd``). A key of one namespace never resolves to a blo
 a probe matches only if namespace and all 16 key bytes are equal. Keys are BLAKE2b digests, so
 their first 8 bytes are already a uniform hash.
 
-Block states: WRITING (allocated, invisible to readers) → COMMITTED (visible) → DELETED
-(removed from the key table; its slot is freed once the last lease on it is released).
+Ownership: the columns (``state``, ``dram``, ``ssd``, ``leases``, ``stamp``, ``hits``,
+``parent``/``children``/``depth``, ``csum``) are *written only by this class's methods* — add,
+publish, set_dram, set_ssd/clear_ssd, pin/unpin (leases and in-flight I/O), touch/count_hits,
+discard, free, restore_many. Other modules read them directly (``table.state[bids]``) where a hot
+path needs numpy speed: treat the columns as read-only views outside this module. The table also
+holds the namespace registry by index (``namespace_of(bid)``), so a tier can learn a block's
+layout without the store.
+
+Block states (kvstore.tiers.base): WRITING (allocated, invisible to readers) → COMMITTED
+(visible) → DELETED (removed from the key table; freed once the last pin on it is released).
+Freeing a block frees its copy in every tier: the table calls ``on_free(bid)`` (given at
+construction by the composition root: every tier's ``forget``) and then recycles the id.
 
 What lookups see is mirrored into an optional kvstore.core.shmindex.ShmIndex (same-host clients probe
-it without an RPC). The mirror is kept here, in the index's state-change methods — publish
-(→ COMMITTED), set_dram (a committed block's tier changes) and unlink (no longer visible) — so
-writing ``state`` or ``dram`` of a committed block directly would leave the mirror stale.
+it without an RPC). The mirror is kept here, in the table's state-change methods — publish
+(→ COMMITTED), set_dram (a committed block's tier changes) and unlink (no longer visible).
 """
 from __future__ import annotations
 
@@ -22,9 +31,9 @@ import struct
 import numpy as np
 
 from kvstore.core.shmindex import DRAM, SSD, ns_tag
+from kvstore.tiers.base import COMMITTED, DELETED, FREE, NO_SLOT, WRITING
 
-FREE, WRITING, COMMITTED, DELETED = 0, 1, 2, 3
-NO_SLOT = -1
+__all__ = ["BlockTable", "COMMITTED", "DELETED", "FREE", "NO_SLOT", "WRITING", "keys_array"]
 _EMPTY, _TOMB = -1, -2
 _NS_MIX_INT = 0x9E3779B97F4A7C15
 _NS_MIX = np.uint64(_NS_MIX_INT)
@@ -56,9 +65,13 @@ def keys_array(keys) -> np.ndarray:
 _REBUILD_BATCH = 4096     # publishing more blocks at once rewrites the mirror (vectorized)
 
 
-class BlockIndex:
-    def __init__(self, initial_capacity: int = 1024, mirror=None):
+class BlockTable:
+    def __init__(self, initial_capacity: int = 1024, mirror=None, on_free=None):
+        """``on_free(bid)``: frees the block's copies in every tier when it is freed (None: no
+        tier keeps per-block state, as in a bare table)."""
         self._mirror = mirror          # kvstore.core.shmindex.ShmIndex or None
+        self._on_free = on_free
+        self._namespaces: list = []    # namespace objects by index (kvstore.store.Namespace)
         self._ns_tags: list[int] = []  # mirror tag of each namespace index
         self._cap = 0
         self.keys = np.empty((0, 2), dtype=np.uint64)   # 16 key bytes as two words
@@ -131,22 +144,44 @@ class BlockIndex:
             return sum(self._ns_count.values())
         return self._ns_count.get(ns, 0)
 
-    def ids(self, ns: int) -> list[int]:
-        return np.flatnonzero((self.ns == ns) & ((self.state == WRITING) |
-                                                 (self.state == COMMITTED))).tolist()
-
     def key_of(self, bid: int) -> bytes:
         return self.keys[bid].tobytes()
 
-    # -- visibility (mirrored) ---------------------------------------------------------------
-    def name_namespace(self, ns: int, namespace_id: bytes) -> None:
-        """Tell the mirror which namespace id index ``ns`` stands for (before its blocks)."""
-        if self._mirror is None:
-            return
-        while len(self._ns_tags) <= ns:
-            self._ns_tags.append(0)
-        self._ns_tags[ns] = ns_tag(namespace_id)
+    # -- namespaces ---------------------------------------------------------------------------
+    def add_namespace(self, ns) -> None:
+        """Register a namespace (a kvstore.store.blockstore.Namespace whose ``index`` is the
+        next free one), before any of its blocks; the mirror learns its tag."""
+        if ns.index != len(self._namespaces):
+            raise ValueError(f"namespace index {ns.index}, expected {len(self._namespaces)}")
+        self._namespaces.append(ns)
+        if self._mirror is not None:
+            self._ns_tags.append(ns_tag(ns.namespace_id))
 
+    def namespace_of(self, bid: int):
+        return self._namespaces[int(self.ns[bid])]
+
+    def namespaces(self) -> tuple:
+        """Every registered namespace, by index."""
+        return tuple(self._namespaces)
+
+    # -- the prefix walk ------------------------------------------------------------------------
+    def committed_prefix(self, ns: int, keys) -> np.ndarray:
+        """Block ids (int64) of the longest prefix of ``keys`` whose blocks are COMMITTED: the
+        one walk behind lookup, acquire, prefetch, the planner and the remote tier."""
+        bids = self.find_many(ns, keys)
+        if len(bids) <= _SCALAR_FIND_MAX:     # a Python walk beats numpy's call overhead
+            state, n = self.state, 0
+            for b in bids.tolist():
+                if b < 0 or state[b] != COMMITTED:
+                    break
+                n += 1
+            return bids[:n]
+        ok = bids >= 0
+        ok[ok] = self.state[bids[ok]] == COMMITTED
+        n = len(ok) if ok.all() else int(np.argmin(ok))
+        return bids[:n]
+
+    # -- visibility (mirrored) ---------------------------------------------------------------
     def publish(self, bids) -> None:
         """Make WRITING blocks COMMITTED (visible to lookups)."""
         bids = np.asarray(bids, dtype=np.int64)
@@ -166,6 +201,76 @@ class BlockIndex:
         if self._mirror is not None and self.state[bid] == COMMITTED:
             self._mirror_put(bid)
 
+    def set_ssd(self, bid: int, addr: int, csum: int) -> None:
+        """A block's bytes are now on SSD at ``addr`` with this checksum."""
+        self.ssd[bid] = addr
+        self.csum[bid] = csum
+
+    def clear_ssd(self, bid: int) -> int:
+        """Forget a block's SSD copy; returns the address it had (NO_SLOT if none)."""
+        addr = int(self.ssd[bid])
+        self.ssd[bid] = NO_SLOT
+        return addr
+
+    # -- touches, leases and pins --------------------------------------------------------------
+    def touch(self, bids, stamp: int) -> None:
+        """Mark blocks used at logical time ``stamp`` (eviction order)."""
+        self.stamp[bids] = stamp
+
+    def lease(self, bids: np.ndarray, stamp: int) -> None:
+        """A get leased these (distinct) blocks: touched, pinned, their hit counts raised
+        (saturating: selective SSD and remote writes read it)."""
+        self.stamp[bids] = stamp
+        np.add.at(self.leases, bids, 1)      # a batch may name one block twice: pin it twice
+        self.hits[bids] = np.minimum(self.hits[bids], 254) + 1
+
+    def pin(self, bids) -> None:
+        """Protect blocks from eviction, deletion and slot reuse (a lease, I/O in flight, a
+        pending prefetch). Every pin is undone by exactly one :meth:`unpin`."""
+        if len(bids):
+            np.add.at(self.leases, np.asarray(bids, dtype=np.int64), 1)
+
+    def unpin(self, bids) -> None:
+        """Undo pins; a DELETED block whose last pin goes is freed (every tier's copy)."""
+        if not len(bids):
+            return
+        ids = np.asarray(bids, dtype=np.int64)
+        np.subtract.at(self.leases, ids, 1)
+        gone = ids[(self.leases[ids] == 0) & (self.state[ids] == DELETED)]
+        if len(gone):
+            for bid in np.unique(gone).tolist():
+                self.free(bid)
+
+    # -- removal ---------------------------------------------------------------------------------
+    def discard(self, bid: int) -> bool:
+        """Make a COMMITTED block invisible now (delete, checksum failure, SSD eviction); it is
+        freed at once, or when its last pin goes. False if it was not COMMITTED."""
+        if self.state[bid] != COMMITTED:
+            return False
+        self.unlink(bid)
+        if self.leases[bid]:
+            self.state[bid] = DELETED
+        else:
+            self.free(bid)
+        return True
+
+    def free(self, bid: int) -> None:
+        """Forget an unpinned block: unlink it (if still linked), free its copy in every tier
+        (``on_free``), recycle its id."""
+        if self.state[bid] != DELETED:
+            self.unlink(bid)
+        if self._on_free is not None:
+            self._on_free(bid)
+        self.release_id(bid)
+
+    def drop_writing(self, bid: int) -> int:
+        """Forget a WRITING block (an aborted or expired allocation); returns its DRAM offset,
+        whose slot the caller frees or quarantines."""
+        off = int(self.dram[bid])
+        self.unlink(bid)
+        self.release_id(bid)
+        return off
+
     def _mirror_put(self, bid: int) -> None:
         self._mirror.put(self._ns_tags[int(self.ns[bid])], int(self.keys[bid, 0]),
                          int(self.keys[bid, 1]), DRAM if self.dram[bid] != NO_SLOT else SSD)
@@ -179,8 +284,9 @@ class BlockIndex:
         self._mirror.rebuild(tags, self.keys[bids], tiers)
 
     # -- mutation ---------------------------------------------------------------------------
-    def add(self, ns: int, key: bytes, parent: int, stamp: int) -> int:
-        """A new WRITING block for a key that is not in the table (callers check first).
+    def add(self, ns: int, key: bytes, parent: int, stamp: int, dram: int = NO_SLOT) -> int:
+        """A new WRITING block for a key that is not in the table (callers check first), its
+        bytes to be written at DRAM offset ``dram``.
         Scalar twin of add_many (a put adds its blocks one by one; numpy calls cost more)."""
         if self._n_free == 0:
             self._grow(max(self._cap // 2, 1024))
@@ -193,7 +299,7 @@ class BlockIndex:
         self.keys[bid, 1] = hi
         self.ns[bid] = ns
         self.state[bid] = WRITING
-        self.dram[bid] = NO_SLOT
+        self.dram[bid] = dram
         self.ssd[bid] = NO_SLOT
         self.stamp[bid] = stamp
         self.leases[bid] = 0
@@ -240,6 +346,22 @@ class BlockIndex:
         np.add.at(self.children, parents[has], 1)
         self._insert(bids)
         self._ns_count[ns] = self._ns_count.get(ns, 0) + n
+        return bids
+
+    def restore_many(self, ns: int, keys, addrs: np.ndarray, csums: np.ndarray,
+                     depths: np.ndarray, parent_keys: np.ndarray) -> np.ndarray:
+        """Index recovered SSD blocks at once (COMMITTED, SSD only; millions per restart):
+        ``keys`` absent from the table, ``parent_keys`` [n, 2] (zeros: a chain root). Their ids."""
+        bids = self.add_many(ns, keys, np.full(len(addrs), -1), 0)
+        self.publish(bids)
+        self.ssd[bids] = addrs
+        self.csum[bids] = csums
+        self.depth[bids] = depths
+        parent_keys = np.ascontiguousarray(parent_keys)
+        parents = self.find_many(ns, parent_keys.tobytes())
+        has = (parents >= 0) & parent_keys.any(axis=1)
+        self.parent[bids[has]] = parents[has]
+        np.add.at(self.children, parents[has], 1)
         return bids
 
     def _insert(self, bids: np.ndarray) -> None:
@@ -333,19 +455,3 @@ class BlockIndex:
         """Memory held by the index's arrays."""
         return (self.keys.nbytes + self._free.nbytes + self._table.nbytes +
                 sum(getattr(self, name).nbytes for name in _COLUMNS))
-
-    def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
-        """Candidates sorted most-evictable first.
-
-        Least recently touched first; among blocks touched at the same time (one request's
-        chain), leaves before the blocks they hang from, and deeper blocks before shallower:
-        roots shared by many prefixes are worth the most.
-        """
-        if len(candidates) == 0:
-            return candidates
-        order = np.lexsort((
-            -self.depth[candidates].astype(np.int64),
-            self.children[candidates] > 0,
-            self.stamp[candidates],
-        ))
-        return candidates[order]

@@ -1,0 +1,189 @@
+"""The import graph keeps the architecture's layering (docs/architecture.md), checked from the
+source with ``ast`` (nothing is imported): every ``import`` counts, at module level or inside a
+function, since a lazy import is a dependency all the same.
+
+Rules:
+- no import cycle between kvstore's packages (kvstore.core, kvstore.store, kvstore.tiers, ...);
+- kvstore.tiers never imports kvstore.store or kvstore.daemon (tiers are handed the block table
+  and their collaborators by the composition root, kvstore.daemon.server);
+- kvstore.store never imports kvstore.daemon;
+- kvstore.core imports only the standard library, numpy, kvstore.v1 and kvstore.core;
+- the SDK (kvstore.client, kvstore.kernels) imports from the daemon side only kvstore.core,
+  kvstore.v1 and kvstore.planner.recompute.
+
+The command line (kvstore.daemon.cli, kvstore.__main__) is the top of the graph: it imports the
+daemon, the SDK and the benchmarks, and nothing imports it, so it is left out of the package
+cycle check (it counts as its own entry-point node).
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# source folder -> the package name it is installed as (pyproject's package-dir)
+SOURCES = {"kvstore": "kvstore", "client": "kvstore.client", "kernels": "kvstore.kernels"}
+SDK = ("kvstore.client", "kvstore.kernels")
+SDK_MAY_IMPORT = ("kvstore.core", "kvstore.v1", "kvstore.planner.recompute")
+ENTRY_POINTS = {"kvstore.daemon.cli", "kvstore.__main__"}
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    """Module name -> (file, is a package's __init__)."""
+    out = {}
+    for folder, pkg in SOURCES.items():
+        base = ROOT / folder
+        for path in sorted(base.rglob("*.py")):
+            rel = path.relative_to(base).with_suffix("").parts
+            if any(p.startswith(".") or p in ("tests",) for p in rel):
+                continue
+            is_init = rel[-1] == "__init__"
+            parts = rel[:-1] if is_init else rel
+            name = ".".join((pkg, *parts))
+            if folder == "kvstore" and parts[:1] in (("client",), ("kernels",)):
+                continue    # not there: the SDK lives in client/ and kernels/
+            out[name] = (path, is_init)
+    return out
+
+
+def _imports(name: str, path: Path, is_init: bool) -> set[str]:
+    """Absolute names of the kvstore modules (or packages) this module imports."""
+    tree = ast.parse(path.read_text(), str(path))
+    here = name if is_init else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            # "from kvstore.core import keys" imports the module kvstore.core.keys
+            found.update(f"{mod}.{a.name}" for a in node.names)
+    return found
+
+
+def _graph():
+    mods = _modules()
+    return mods, {m: _imports(m, p, i) for m, (p, i) in mods.items()}
+
+
+def _package(mod: str) -> str:
+    """The kvstore package a module belongs to: kvstore.<first part> (kvstore for top level);
+    an entry point is a node of its own."""
+    if mod in ENTRY_POINTS:
+        return mod
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else parts[0]
+
+
+def _is_kvstore(name: str) -> bool:
+    return name == "kvstore" or name.startswith("kvstore.")
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def violations(mods, graph) -> list[str]:
+    known = set(mods)
+    out = []
+    for mod, imports in sorted(graph.items()):
+        # only names that are modules or packages of ours (not "from x import some_function")
+        deps = {i for i in imports if _is_kvstore(i) and i in known}
+        third_party = {i.split(".")[0] for i in imports if not _is_kvstore(i) and i}
+        if _under(mod, "kvstore.tiers"):
+            out += [f"{mod} imports {d} (tiers never import the store or the daemon)"
+                    for d in deps if _under(d, "kvstore.store") or _under(d, "kvstore.daemon")]
+        if _under(mod, "kvstore.store"):
+            out += [f"{mod} imports {d} (the store never imports the daemon)"
+                    for d in deps if _under(d, "kvstore.daemon")]
+        out += [f"{mod} imports the entry point {d} (nothing does)"
+                for d in deps if d in ENTRY_POINTS and mod not in ENTRY_POINTS]
+        if _under(mod, "kvstore.core"):
+            out += [f"{mod} imports {d} (kvstore.core imports only itself and kvstore.v1)"
+                    for d in deps if not (_under(d, "kvstore.core") or _under(d, "kvstore.v1"))
+                    and d != "kvstore"]
+            out += [f"{mod} imports {t} (kvstore.core: only the standard library and numpy)"
+                    for t in third_party
+                    if t not in sys.stdlib_module_names and t not in ("numpy", "__future__")]
+        if any(_under(mod, s) for s in SDK):
+            out += [f"{mod} imports {d} (the SDK may import from the daemon side only "
+                    f"{', '.join(SDK_MAY_IMPORT)})"
+                    for d in deps if d != "kvstore" and not any(_under(d, s) for s in SDK)
+                    and not any(_under(d, a) for a in SDK_MAY_IMPORT)]
+    # cycles between packages
+    edges: dict[str, set[str]] = {}
+    for mod, imports in graph.items():
+        src = _package(mod)
+        for d in imports:
+            if _is_kvstore(d) and d in known and _package(d) != src and _package(d) != "kvstore":
+                edges.setdefault(src, set()).add(_package(d))
+    out += [f"import cycle between packages: {' -> '.join(c)}" for c in _cycles(edges)]
+    return out
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component with more than one package (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    comps = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return [c + [c[0]] for c in comps]
+
+
+def test_the_import_graph_keeps_the_layering():
+    mods, graph = _graph()
+    assert "kvstore.store.blockstore" in mods and "kvstore.client" in mods   # the walk works
+    assert violations(mods, graph) == []
+
+
+def test_the_checker_catches_each_kind_of_violation():
+    """The rules can fail: each injected edge is reported."""
+    mods, graph = _graph()
+    bad = {k: set(v) for k, v in graph.items()}
+    bad["kvstore.tiers.dram"].add("kvstore.store.blockstore")        # a tier imports the store
+    bad["kvstore.store.table"].add("kvstore.daemon.server")          # the store imports the daemon
+    bad["kvstore.core.keys"].add("kvstore.metrics.counters")         # core imports a daemon part
+    bad["kvstore.core.keys"].add("grpc")                             # core imports grpc
+    bad["kvstore.client"].add("kvstore.store.table")                 # the SDK imports the store
+    bad["kvstore.metrics.counters"].add("kvstore.access.interceptor")   # access <-> metrics
+    found = "\n".join(violations(mods, bad))
+    for expect in ("kvstore.tiers.dram imports kvstore.store.blockstore",
+                   "kvstore.store.table imports kvstore.daemon.server",
+                   "kvstore.core.keys imports kvstore.metrics.counters",
+                   "kvstore.core.keys imports grpc",
+                   "kvstore.client imports kvstore.store.table",
+                   "import cycle between packages"):
+        assert expect in found, found
