@@ -106,6 +106,12 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
             engines["lmcache"] = stack.enter_context(EngineProcess(
                 py, model, max_model_len=max_len, peer_transfer=server.connector_config(),
                 env=QUIET_ENV, log_path=str(workdir / "lmcache-engine.log")))
+        if args.floor:
+            # vLLM's own prefix cache: the prefix stays in the engine's KV pages, nothing moves.
+            # Its hit TTFT is the floor any external cache can reach (the suffix's compute).
+            engines["vllm-apc"] = stack.enter_context(EngineProcess(
+                py, model, max_model_len=max_len, prefix_caching=True,
+                log_path=str(workdir / "apc.log")))
         names = list(engines)
         for w in warmup:
             for n in names:
@@ -145,6 +151,14 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
         "first_tokens": first_tokens, "continuations": continuation,
         "peer": args.peer,
     }
+    if args.floor:
+        r.update({
+            "ttft_floor_warm_s": med["vllm-apc"], "ttft_floor_warm_all_s": ttft["vllm-apc"],
+            "cached_tokens_floor_warm": cached["vllm-apc"],
+            "connector_overhead_over_floor_s": med["kvstore"] - med["vllm-apc"],
+        })
+        if args.peer:
+            r["peer_overhead_over_floor_s"] = med[args.peer] - med["vllm-apc"]
     if args.peer:
         r.update({
             "ttft_peer_cold_s": first[args.peer][0], "ttft_peer_warm_s": med[args.peer],
@@ -174,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lmcache-python", metavar="PATH",
                     help="python of a vLLM environment with lmcache and kvstore "
                          "(default: $KVSTORE_LMCACHE_PYTHON, then .venv-lmcache)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run vLLM with its own prefix cache (no transfer at all): the "
+                         "hit TTFT floor, and each cache's overhead above it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.requests < 2:
@@ -210,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
               f"(goal <= {GOAL_VS_PEER}x: {met})")
         print(f"  prompt tokens served from cache per warm request: kvstore "
               f"{r['cached_tokens_connector_warm']}, {peer} {r['cached_tokens_peer_warm']}")
+    if args.floor:
+        print(f"  TTFT with vLLM's prefix cache {r['ttft_floor_warm_s'] * 1e3:7.1f} ms (the floor: "
+              f"nothing moves); above it: kvstore "
+              f"{r['connector_overhead_over_floor_s'] * 1e3:.1f} ms"
+              + (f", {PEER_NAMES[args.peer]} {r['peer_overhead_over_floor_s'] * 1e3:.1f} ms"
+                 if args.peer else ""))
     engines = "no cache, kvstore" + (f", {PEER_NAMES[args.peer]}" if args.peer else "")
+    engines += ", vLLM's prefix cache" if args.floor else ""
     if r["tokens_identical"]:
         print(f"  greedy tokens identical across {engines} (every first token and a "
               f"{args.check_tokens}-token continuation)")
