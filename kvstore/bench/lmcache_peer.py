@@ -26,9 +26,10 @@ NO_ENV_HELP = (
     f"environment with lmcache and kvstore installed (looked in {DEFAULT_ENV} too). To make one "
     f"from the vLLM environment: cp -a ~/.cache/kvstore-ci/vllm-{VLLM_VERSION} .venv-lmcache && "
     f".venv-lmcache/bin/python -m pip install lmcache=={LMCACHE_VERSION} && "
-    f".venv-lmcache/bin/python -m pip install --no-deps protobuf==7.36.2 grpcio==1.85.3 && "
-    f".venv-lmcache/bin/python -m pip install --no-deps -e .   (lmcache downgrades protobuf "
-    f"below what kvstore's generated code needs; the second step puts it back)")
+    f".venv-lmcache/bin/python -m pip install --no-deps protobuf==7.36.2 grpcio==1.85.3 "
+    f"numpy==2.3.5 && .venv-lmcache/bin/python -m pip install --no-deps -e .   (lmcache "
+    f"downgrades protobuf below what kvstore's generated code needs; the second step puts the "
+    f"vLLM environment's versions back)")
 
 # Telemetry off: a benchmark must not phone home, and the box may have no network.
 QUIET_ENV = {"LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1"}
