@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+
 import pytest
 
 from kvstore.bench.lmcache_peer import ENV_VAR, find_lmcache_python

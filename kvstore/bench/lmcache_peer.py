@@ -53,8 +53,8 @@ def find_lmcache_python(explicit: str | None = None) -> tuple[str | None, str]:
         if not os.path.exists(py):
             why = f"{py} does not exist"
         else:
-            r = subprocess.run([py, "-c", _PROBE], capture_output=True, text=True, timeout=120,
-                               cwd="/")
+            r = subprocess.run([py, "-c", _PROBE], check=False, capture_output=True, text=True,
+                               timeout=120, cwd="/")
             if r.returncode == 0:
                 return py, ""
             why = f"{py} cannot run the comparison: {(r.stderr.strip().splitlines() or ['?'])[-1]}"

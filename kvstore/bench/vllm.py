@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstore.testing.daemon import PrivateDaemon
 from kvstore.bench.lmcache_peer import QUIET_ENV, LMCacheServer, find_lmcache_python
 from kvstore.bench.vllm_engine import MODEL_SHAPES, EngineProcess, find_vllm_python, make_model
+from kvstore.testing.daemon import PrivateDaemon
 
 GOAL_VS_PEER = 0.7   # kvstore's hit TTFT at most this fraction of the peer's
 PEER_NAMES = {"lmcache": "LMCache"}
