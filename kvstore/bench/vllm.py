@@ -7,10 +7,19 @@ prefix cache off: the baseline recomputes the prefix every time, the connector e
 it once (the "cold" request, which also stores it) and then loads it from the daemon. Printed:
 median TTFT of each, and baseline / warm as the speedup. Tiers: DRAM (extra daemon flags, e.g.
 an SSD tier, go through --daemon-args).
+
+``--peer lmcache`` adds a third engine, the same vLLM with LMCache's connector and its
+multi-process cache server (kvstore.bench.lmcache_peer), run in the same environment on the same
+model and prompts. The engines take turns request by request (the order rotates every round),
+so machine noise hits all alike; printed besides: LMCache's hit TTFT, kvstore / LMCache (goal
+<= 0.7) and each cache's speedup over no cache, all medians of the same rounds. Every engine's
+greedy tokens are compared: the first token of every timed request, and a longer greedy
+continuation of one more prompt sharing the prefix.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shlex
@@ -22,64 +31,144 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstore.testing.daemon import DaemonProcess
+from kvstore.bench.lmcache_peer import QUIET_ENV, LMCacheServer, find_lmcache_python
 from kvstore.bench.vllm_engine import MODEL_SHAPES, EngineProcess, find_vllm_python, make_model
+from kvstore.testing.daemon import DaemonProcess
+
+GOAL_VS_PEER = 0.7   # kvstore's hit TTFT at most this fraction of the peer's
+PEER_NAMES = {"lmcache": "LMCache"}
 
 
-def _ttfts(eng: EngineProcess, prompts: list[list[int]]) -> list[float]:
-    return [eng.generate([p], max_tokens=1)["elapsed_s"] for p in prompts]
+class PeerUnavailable(RuntimeError):
+    """The peer asked for cannot run here (no environment): exit code 2, with how to fix it."""
 
 
-def run(args) -> dict:
+def _timed(eng: EngineProcess, prompt: list[int]) -> tuple[float, int, int]:
+    """(TTFT s, first token, cached prompt tokens) of one request generating one token."""
+    r = eng.generate([prompt], max_tokens=1)
+    return r["elapsed_s"], r["outputs"][0][0], r["num_cached_tokens"][0]
+
+
+def _environment(args) -> str:
+    if args.peer == "lmcache":
+        py, why = find_lmcache_python(args.lmcache_python)
+        if py is None:
+            raise PeerUnavailable(why)
+        return py
     py = find_vllm_python()
     if py is None:
         raise RuntimeError("no vLLM environment found (set KVSTORE_VLLM_PYTHON; see README)")
+    return py
+
+
+def run(args) -> dict:
+    py = _environment(args)
     vocab = MODEL_SHAPES[args.shape][5]
     rng = random.Random(0)
     toks = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
     prefix = toks(args.prefix_tokens)
     prompts = [prefix + toks(args.suffix_tokens) for _ in range(args.requests)]
-    warmup = [toks(args.prefix_tokens + args.suffix_tokens) for _ in range(2)]
-    max_len = args.prefix_tokens + args.suffix_tokens + 64
+    check_prompt = prefix + toks(args.suffix_tokens)
+    # Warm-up: a prompt of another prefix, then that prefix again with another suffix, so each
+    # cache's hit path (lazy set-up, first transfer) is warm before anything is timed.
+    other = toks(args.prefix_tokens)
+    warmup = [other + toks(args.suffix_tokens) for _ in range(2)]
+    max_len = args.prefix_tokens + args.suffix_tokens + max(64, args.check_tokens + 8)
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-vllm-"))
-    daemon = None
     try:
+        r = _measure(args, py, workdir, prompts, check_prompt, warmup, max_len)
+    except BaseException as exc:
+        # The engines' and servers' logs say why: keep them (the model is rebuilt each run).
+        shutil.rmtree(workdir / "model", ignore_errors=True)
+        if isinstance(exc, (RuntimeError, TimeoutError)):
+            raise RuntimeError(f"{exc} (logs kept in {workdir})") from exc
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    return r
+
+
+def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_prompt: list[int],
+             warmup: list[list[int]], max_len: int) -> dict:
+    with contextlib.ExitStack() as stack:
         model = str(workdir / "model")
         make_model(py, model, args.shape)
         daemon = DaemonProcess.private(2 << 30, extra_args=shlex.split(args.daemon_args)).start()
-        sock = daemon.socket
-        # Both engines live side by side and take turns, so machine noise hits both alike.
-        with EngineProcess(py, model, max_model_len=max_len,
-                           log_path=str(workdir / "baseline.log")) as base_eng, \
-             EngineProcess(py, model, sock, max_model_len=max_len,
-                           log_path=str(workdir / "connector.log")) as conn_eng:
-            for i in range(2):
-                _ttfts(base_eng, [warmup[i]])
-                _ttfts(conn_eng, [warmup[i]])
-            base, warm = [], []
-            cold = _ttfts(conn_eng, prompts[:1])[0]
-            base += _ttfts(base_eng, prompts[:1])
-            time.sleep(0.5)  # the cold request's put completes in the background
-            for p in prompts[1:]:
-                base += _ttfts(base_eng, [p])
-                warm += _ttfts(conn_eng, [p])
-            counters = conn_eng.stats()
-    finally:
-        if daemon is not None:
-            daemon.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    b, w = statistics.median(base), statistics.median(warm)
-    return {
+        stack.callback(daemon.close)
+        # name -> engine; "none" recomputes everything, the others load the shared prefix.
+        engines = {"none": stack.enter_context(EngineProcess(
+                       py, model, max_model_len=max_len, log_path=str(workdir / "baseline.log"))),
+                   "kvstore": stack.enter_context(EngineProcess(
+                       py, model, daemon.socket, max_model_len=max_len,
+                       log_path=str(workdir / "connector.log")))}
+        if args.peer == "lmcache":
+            server = stack.enter_context(LMCacheServer(py, str(workdir / "lmcache-server.log")))
+            engines["lmcache"] = stack.enter_context(EngineProcess(
+                py, model, max_model_len=max_len, peer_transfer=server.connector_config(),
+                env=QUIET_ENV, log_path=str(workdir / "lmcache-engine.log")))
+        if args.floor:
+            # vLLM's own prefix cache: the prefix stays in the engine's KV pages, nothing moves.
+            # Its hit TTFT is the floor any external cache can reach (the suffix's compute).
+            engines["vllm-apc"] = stack.enter_context(EngineProcess(
+                py, model, max_model_len=max_len, prefix_caching=True,
+                log_path=str(workdir / "apc.log")))
+        names = list(engines)
+        for w in warmup:
+            for n in names:
+                _timed(engines[n], w)
+            time.sleep(0.5)  # the stores of the first complete in the background
+        # The first request sharing the prefix: computed (and stored by each cache).
+        first = {n: _timed(engines[n], prompts[0]) for n in names}
+        time.sleep(0.5)  # the cold requests' stores complete in the background
+        ttft: dict[str, list[float]] = {n: [] for n in names}
+        cached: dict[str, list[int]] = {n: [] for n in names}
+        first_tokens: dict[str, list[int]] = {n: [first[n][1]] for n in names}
+        for i, p in enumerate(prompts[1:]):
+            for n in names[i % len(names):] + names[:i % len(names)]:   # rotate who goes first
+                t, tok, c = _timed(engines[n], p)
+                ttft[n].append(t)
+                first_tokens[n].append(tok)
+                cached[n].append(c)
+        continuation = {n: engines[n].generate([check_prompt], max_tokens=args.check_tokens)
+                        ["outputs"][0] for n in names}
+        counters = engines["kvstore"].stats()
+    med = {n: statistics.median(v) for n, v in ttft.items()}
+    same_tokens = all(first_tokens[n] == first_tokens["none"] and continuation[n] ==
+                      continuation["none"] for n in names)
+    r = {
         "model_shape": args.shape, "prefix_tokens": args.prefix_tokens,
         "suffix_tokens": args.suffix_tokens, "requests": args.requests,
-        "ttft_baseline_s": b, "ttft_connector_cold_s": cold, "ttft_connector_warm_s": w,
-        "speedup_warm_vs_baseline": b / w, "cold_overhead_vs_baseline": cold / b,
+        "ttft_baseline_s": med["none"], "ttft_connector_cold_s": first["kvstore"][0],
+        "ttft_connector_warm_s": med["kvstore"],
+        "speedup_warm_vs_baseline": med["none"] / med["kvstore"],
+        "cold_overhead_vs_baseline": first["kvstore"][0] / first["none"][0],
         "loaded_blocks": counters.get("worker", {}).get("loaded_blocks"),
         "loaded_bytes": counters.get("worker", {}).get("loaded_bytes"),
         "stored_bytes": counters.get("worker", {}).get("stored_bytes"),
-        "ttft_baseline_all_s": base, "ttft_connector_warm_all_s": warm,
+        "ttft_baseline_all_s": ttft["none"], "ttft_connector_warm_all_s": ttft["kvstore"],
+        "cached_tokens_connector_warm": cached["kvstore"],
+        "tokens_identical": same_tokens, "check_tokens": args.check_tokens,
+        "first_tokens": first_tokens, "continuations": continuation,
+        "peer": args.peer,
     }
+    if args.floor:
+        r.update({
+            "ttft_floor_warm_s": med["vllm-apc"], "ttft_floor_warm_all_s": ttft["vllm-apc"],
+            "cached_tokens_floor_warm": cached["vllm-apc"],
+            "connector_overhead_over_floor_s": med["kvstore"] - med["vllm-apc"],
+        })
+        if args.peer:
+            r["peer_overhead_over_floor_s"] = med[args.peer] - med["vllm-apc"]
+    if args.peer:
+        r.update({
+            "ttft_peer_cold_s": first[args.peer][0], "ttft_peer_warm_s": med[args.peer],
+            "ttft_peer_warm_all_s": ttft[args.peer],
+            "cached_tokens_peer_warm": cached[args.peer],
+            "speedup_peer_warm_vs_baseline": med["none"] / med[args.peer],
+            "kvstore_vs_peer_warm": med["kvstore"] / med[args.peer],
+            "goal_kvstore_vs_peer_warm": GOAL_VS_PEER,
+        })
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,25 +177,68 @@ def main(argv: list[str] | None = None) -> int:
                     help="random-weight Llama shape (1b: the Llama-3.2-1B shape; slow on CPU)")
     ap.add_argument("--prefix-tokens", type=int, default=2048)
     ap.add_argument("--suffix-tokens", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=4, help="requests sharing the prefix (>= 2)")
+    ap.add_argument("--requests", type=int, default=4,
+                    help="requests sharing the prefix (>= 2): one cold, the rest timed rounds")
+    ap.add_argument("--check-tokens", type=int, default=8,
+                    help="greedy tokens of the continuation compared across engines")
     ap.add_argument("--daemon-args", default="", help="extra `kvstore serve` flags")
+    ap.add_argument("--peer", choices=sorted(PEER_NAMES),
+                    help="also run vLLM with this cache (lmcache: LMCache's MP server), "
+                         "interleaved, and print kvstore / peer")
+    ap.add_argument("--lmcache-python", metavar="PATH",
+                    help="python of a vLLM environment with lmcache and kvstore "
+                         "(default: $KVSTORE_LMCACHE_PYTHON, then .venv-lmcache)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run vLLM with its own prefix cache (no transfer at all): the "
+                         "hit TTFT floor, and each cache's overhead above it")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.requests < 2:
         ap.error("--requests must be at least 2")
+    if args.check_tokens < 1:
+        ap.error("--check-tokens must be at least 1")
+    if args.lmcache_python and args.peer != "lmcache":
+        ap.error("--lmcache-python needs --peer lmcache")
     try:
         r = run(args)
+    except PeerUnavailable as exc:
+        print(f"kvstore bench vllm: {exc}", file=sys.stderr)
+        return 2
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
         print(f"kvstore bench vllm: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(r, indent=2))
+        return 0
+    print(f"vLLM CPU, {args.shape} Llama shape, {args.prefix_tokens}-token shared prefix + "
+          f"{args.suffix_tokens}-token suffix, median of {args.requests - 1} warm requests")
+    print(f"  TTFT without connector      {r['ttft_baseline_s'] * 1e3:9.1f} ms")
+    print(f"  TTFT with connector, cold   {r['ttft_connector_cold_s'] * 1e3:9.1f} ms "
+          f"({r['cold_overhead_vs_baseline']:.2f}x baseline: computes and stores)")
+    print(f"  TTFT with connector, warm   {r['ttft_connector_warm_s'] * 1e3:9.1f} ms "
+          f"({r['speedup_warm_vs_baseline']:.2f}x faster than baseline)")
+    if args.peer:
+        peer = PEER_NAMES[args.peer]
+        print(f"  TTFT with {peer}, cold{' ' * (13 - len(peer))}{r['ttft_peer_cold_s'] * 1e3:9.1f} ms")
+        print(f"  TTFT with {peer}, warm{' ' * (13 - len(peer))}{r['ttft_peer_warm_s'] * 1e3:9.1f} ms "
+              f"({r['speedup_peer_warm_vs_baseline']:.2f}x faster than baseline)")
+        met = "met" if r["kvstore_vs_peer_warm"] <= GOAL_VS_PEER else "NOT met"
+        print(f"  kvstore / {peer} hit TTFT   {r['kvstore_vs_peer_warm']:9.2f}x "
+              f"(goal <= {GOAL_VS_PEER}x: {met})")
+        print(f"  prompt tokens served from cache per warm request: kvstore "
+              f"{r['cached_tokens_connector_warm']}, {peer} {r['cached_tokens_peer_warm']}")
+    if args.floor:
+        print(f"  TTFT with vLLM's prefix cache {r['ttft_floor_warm_s'] * 1e3:7.1f} ms (the floor: "
+              f"nothing moves); above it: kvstore "
+              f"{r['connector_overhead_over_floor_s'] * 1e3:.1f} ms"
+              + (f", {PEER_NAMES[args.peer]} {r['peer_overhead_over_floor_s'] * 1e3:.1f} ms"
+                 if args.peer else ""))
+    engines = "no cache, kvstore" + (f", {PEER_NAMES[args.peer]}" if args.peer else "")
+    engines += ", vLLM's prefix cache" if args.floor else ""
+    if r["tokens_identical"]:
+        print(f"  greedy tokens identical across {engines} (every first token and a "
+              f"{args.check_tokens}-token continuation)")
     else:
-        print(f"vLLM CPU, {args.shape} Llama shape, {args.prefix_tokens}-token shared prefix + "
-              f"{args.suffix_tokens}-token suffix, median of {args.requests - 1} warm requests")
-        print(f"  TTFT without connector      {r['ttft_baseline_s'] * 1e3:9.1f} ms")
-        print(f"  TTFT with connector, cold   {r['ttft_connector_cold_s'] * 1e3:9.1f} ms "
-              f"({r['cold_overhead_vs_baseline']:.2f}x baseline: computes and stores)")
-        print(f"  TTFT with connector, warm   {r['ttft_connector_warm_s'] * 1e3:9.1f} ms "
-              f"({r['speedup_warm_vs_baseline']:.2f}x faster than baseline)")
+        print(f"  greedy tokens DIFFER across {engines}: first tokens {r['first_tokens']}, "
+              f"continuations {r['continuations']}")
     return 0

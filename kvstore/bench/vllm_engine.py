@@ -75,12 +75,21 @@ def make_model(py: str, out_dir: str, shape: str = "tiny", seed: int = 0) -> Non
 
 
 class EngineProcess:
-    """A vLLM ``LLM`` in a child process; ``socket=None`` runs it without the connector."""
+    """A vLLM ``LLM`` in a child process; ``socket=None`` runs it without the connector.
+
+    ``peer_transfer`` runs it with another connector instead (a peer cache in a benchmark):
+    the keyword arguments of vLLM's ``KVTransferConfig``, e.g. ``{"kv_connector":
+    "LMCacheMPConnector", "kv_role": "kv_both", "kv_connector_extra_config": {...}}``;
+    ``socket`` must then be None. ``env`` is added to the child's environment.
+    """
 
     def __init__(self, py: str, model_dir: str, socket: str | None = None, *,
                  max_model_len: int = 1024, extra_config: dict | None = None,
                  prefix_caching: bool = False, log_path: str | None = None,
-                 start_timeout_s: float = 600.0, kv_role: str = "kv_both"):
+                 start_timeout_s: float = 600.0, kv_role: str = "kv_both",
+                 peer_transfer: dict | None = None, env: dict | None = None):
+        if peer_transfer is not None and socket is not None:
+            raise ValueError("EngineProcess: give socket (kvstore) or peer_transfer, not both")
         args = [py, "-m", "kvstore.bench.vllm_engine", "serve", model_dir,
                 "--max-model-len", str(max_model_len)]
         if prefix_caching:
@@ -88,9 +97,11 @@ class EngineProcess:
         if socket is not None:
             args += ["--kv-config", json.dumps({"socket": socket, **(extra_config or {})}),
                      "--kv-role", kv_role]
+        if peer_transfer is not None:
+            args += ["--peer-transfer", json.dumps(peer_transfer)]
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
-                   TOKENIZERS_PARALLELISM="false")
+                   TOKENIZERS_PARALLELISM="false", **(env or {}))
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, cwd=REPO, env=env)
@@ -182,8 +193,33 @@ def _connector_counters(llm) -> dict:
     return out
 
 
+def _tolerate_non_dict_vars() -> None:
+    """Let vLLM's triton kernel dispatcher scan modules holding numba objects.
+
+    On vLLM-CPU, importing LMCache's connector loads numba, whose objects have a ``__dict__``
+    attribute that is not a dict (``vars()`` returns it, and the dispatcher's ``.get`` on it
+    raises); the dispatcher's module scan calls ``vars(x).get("kernel")`` on every module
+    attribute. Such an object holds no triton kernel, so an empty namespace is the right answer
+    for it. The name is shadowed in that module only.
+    """
+    import builtins
+    from collections.abc import Mapping
+
+    from vllm.triton_utils import dispatcher
+
+    def tolerant_vars(obj):
+        try:
+            ns = builtins.vars(obj)
+        except TypeError:
+            return {}
+        return ns if isinstance(ns, Mapping) else {}
+
+    dispatcher.vars = tolerant_vars
+
+
 def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
-           prefix_caching: bool, kv_role: str = "kv_both") -> None:
+           prefix_caching: bool, kv_role: str = "kv_both",
+           peer_transfer: str | None = None) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -193,6 +229,11 @@ def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.client.vllm",
             kv_role=kv_role, kv_connector_extra_config=json.loads(kv_config))
+    elif peer_transfer:
+        cfg = json.loads(peer_transfer)
+        if cfg.get("kv_connector") == "LMCacheMPConnector":
+            _tolerate_non_dict_vars()
+        kw["kv_transfer_config"] = KVTransferConfig(**cfg)
     try:
         # vLLM's own prefix cache is off by default here, so reuse is the connector's alone.
         llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="bfloat16",
@@ -241,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-caching", action="store_true", help="vLLM's own prefix cache on")
     p.add_argument("--kv-role", default="kv_both",
                    choices=["kv_both", "kv_producer", "kv_consumer"])
+    p.add_argument("--peer-transfer", help="JSON KVTransferConfig kwargs of another connector")
     args = ap.parse_args(argv)
     if args.cmd == "make-model":
         _make_model(args.out_dir, args.shape, args.seed)
     else:
         _serve(args.model_dir, args.max_model_len, args.kv_config, args.prefix_caching,
-               args.kv_role)
+               args.kv_role, args.peer_transfer)
     return 0
 
 
