@@ -26,7 +26,7 @@ Protocol of one request:
 Exactness: loaded KV is the bytes an earlier prefill of the same model and tokens produced;
 recomputed KV is computed from the same tokens at the same positions. Outputs equal a full
 recompute up to float reassociation from different chunk shapes (the adapter's tolerance, see
-tests/test_hf_exact.py; greedy tokens equal).
+tests/client/test_hf_exact.py; greedy tokens equal).
 """
 from __future__ import annotations
 

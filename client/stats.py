@@ -7,7 +7,7 @@
     st.proto                         # the kvstore.v1.Stats message as received
 
 Every field of the Stats, TierStats, NamespaceStats and LatencySummary messages has an attribute
-of the same name here (tests/test_stats.py checks it), so code written against the message reads
+of the same name here (tests/metrics/test_stats.py checks it), so code written against the message reads
 the same; `tier` is a ``Tier`` (an IntEnum equal to the proto's ``TIER_*`` numbers) that prints as
 its name. The objects are frozen snapshots: they do not change when the daemon's figures do.
 """

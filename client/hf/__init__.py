@@ -27,7 +27,7 @@ daemon refuses at construction, raises (:class:`LayoutMismatch`, ValueError).
 
 Exactness: reused KV is the bytes an earlier prefill of the same model produced, so greedy
 tokens equal a full recompute's; logits are equal up to the float reassociation that a
-different query length brings to matmul/attention kernels (see tests/test_hf_exact.py).
+different query length brings to matmul/attention kernels (see tests/client/test_hf_exact.py).
 
 Modules: prefix_cache.py (HFPrefixCache, layout_for), cache.py (the layer-wise loader, the
 DynamicCache that waits for it, pack_blocks); partial recomputation is client/hybrid.py.

@@ -167,7 +167,7 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scenarios for tests/test_sglang.py (SGLang interpreter); each prints one JSON line per result
+# Scenarios for tests/client/test_sglang.py (SGLang interpreter); each prints one JSON line per result
 # ---------------------------------------------------------------------------------------------
 def _emit(**kv) -> None:
     print("RESULT " + json.dumps(kv), flush=True)

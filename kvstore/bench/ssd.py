@@ -114,7 +114,7 @@ class SDKRun:
         """Get every chain oldest first (each is on SSD only by then: 4x DRAM, LRU), with
         ``client_threads`` gets in flight. Returns (seconds, blocks). The first and last block
         of each get are compared inside the timed loop (a full compare would time numpy, not
-        kvstore); tests/test_ssd.py compares every byte."""
+        kvstore); tests/tiers/test_ssd.py compares every byte."""
         a, data = self.a, self.data
         outs = [np.empty((a.batch, *self.layout.block_shape), dtype=np.uint8)
                 for _ in range(a.client_threads)]

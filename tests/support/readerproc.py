@@ -1,4 +1,4 @@
-"""A reader process for tests/test_reads.py: `python tests/support/readerproc.py SOCKET N SHM`.
+"""A reader process for tests/store/test_reads.py: `python tests/support/readerproc.py SOCKET N SHM`.
 
 Puts N blocks whose bytes are a function of their key (tag 0), prints "ready", then gets them
 in a loop and prints one JSON line per get: {"n": blocks returned, "bad": blocks whose bytes are

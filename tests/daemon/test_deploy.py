@@ -18,7 +18,7 @@ import yaml
 from kvstore.daemon.config import load_config
 from kvstore.core.units import parse_size
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 k8s = pytest.importorskip("kubernetes.client", reason="the kubernetes package (test extra)")
 
