@@ -7,7 +7,7 @@ read-only and answer ``Namespace.lookup`` themselves (client/namespace.py). What
 namespace id with its low bit set (0 marks an empty bucket), so a client needs nothing but the
 namespace id it already has.
 
-Writer (daemon, through BlockIndex's state-change methods):
+Writer (daemon, through BlockTable's state-change methods):
     put(ns_tag, lo, hi, tier)   a block became visible or changed tier (commit, demote, promote)
     remove(ns_tag, lo, hi)      a block stopped being visible (delete, evict, discard)
     rebuild(...)                rewrite the whole table (too many tombstones, or back from full)
