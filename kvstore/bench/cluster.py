@@ -77,7 +77,7 @@ def _median(xs) -> float:
 
 def run(args) -> dict:
     from kvstore.bench.cluster_engines import RawClient, start_engine
-    from kvstore.client import KVClient, KVStoreError
+    from kvstore.client import KVClient
     from kvstore.core.layout import KVLayout
     from kvstore.testing.daemon import PrivateDaemon
     from kvstore.tiers.remote.codec import HEADER_BYTES, remote_key
@@ -110,23 +110,6 @@ def run(args) -> dict:
             rng = np.random.default_rng(0)
             data = (rng.integers(0, 256, (n, bb), dtype=np.uint8).view(np.float16)
                     .reshape(n, *layout.block_shape))
-
-            # B's client maps the arena lazily, populating the pages of a slot on its first use:
-            # populate all of them first, as a long-running engine's mapping is (the raw
-            # client's buffer is the same every rep, so it is warm from the first). Allocated
-            # and aborted: nothing is stored, nothing goes to the remote.
-            held = []
-            try:
-                for i in range(dram // batch_bytes):
-                    alloc = nsb.allocate(nsb.block_keys(np.arange(n * layout.block_tokens)
-                                                        + (1 << 31) + i * n * layout.block_tokens))
-                    held.append(alloc)
-                    alloc.views(like="numpy")
-            except KVStoreError:
-                pass                 # the arena is full: every slot was handed out once
-            finally:
-                for alloc in held:
-                    alloc.abort()
 
             def remote_bytes_in(c) -> int:
                 return next(t.bytes_in for t in c.stats().tiers if t.tier == 4)
