@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -66,9 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"kvstore bench cluster: {reason}", file=sys.stderr)
         return 2
+    # `timeout` and CI runners stop a long run with SIGTERM: unwind through run()'s cleanup so
+    # the engine and both daemons do not outlive it (orphans holding GBs of arena and segment).
+    signal.signal(signal.SIGTERM, _terminated)
     result = run(args)
     emit(result, args.json, render(result))
     return 0
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _median(xs) -> float:
