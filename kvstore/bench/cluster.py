@@ -8,6 +8,10 @@ two daemons, "host A" and "host B", both with ``--remote`` pointing at it, then 
          read into B's arena, the client's copy out — against the engine's own client reading
          the same values in one batch (Mooncake batch_get_into into registered memory, Redis a
          pipeline of GETs): get_vs_raw_client = raw time / SDK time.
+  acquire the same read through the SDK's zero-copy path (acquire: the values land verified in
+         B's arena slots, read in place, then released): what the raw client does, reading
+         into its registered memory, plus verification: acquire_vs_raw_client. The get is
+         that plus the client's copy out of the arena.
   put    host A's SDK put until the background writer has stored the blocks remotely, against
          the raw client storing as many values of the same size: put_vs_raw_client.
   ttft   a random-weight Llama (default the ~1B shape) computes a --ttft-tokens prefix on host A
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -45,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-tokens", type=int, default=64,
                     help="tokens per block of the get/put layout: 16 layers x 8 kv heads x 64 "
                          "dims fp16, so 64 tokens = 2 MiB blocks (default)")
-    ap.add_argument("--reps", type=int, default=5, help="runs per point (median)")
+    ap.add_argument("--reps", type=int, default=6,
+                    help="runs per point (median; 6 = each reader first twice)")
     ap.add_argument("--ttft-tokens", type=int, default=2048)
     ap.add_argument("--shape", choices=["1b", "demo"], default="1b")
     ap.add_argument("--no-ttft", action="store_true", help="skip the TTFT point")
@@ -61,13 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"kvstore bench cluster: {reason}", file=sys.stderr)
         return 2
+    # `timeout` and CI runners stop a long run with SIGTERM: unwind through run()'s cleanup so
+    # the engine and both daemons do not outlive it (orphans holding GBs of arena and segment).
+    signal.signal(signal.SIGTERM, _terminated)
     result = run(args)
     emit(result, args.json, render(result))
     return 0
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _median(xs) -> float:
-    return statistics.median(xs)
+    return statistics.median(list(xs))
 
 
 def run(args) -> dict:
@@ -82,7 +95,7 @@ def run(args) -> dict:
     bb, n = layout.block_bytes, args.blocks
     batch_bytes = n * bb
     # A and B lend the pool room for every rep's blocks (SDK and raw), twice over.
-    pool = 2 * (2 * args.reps + 2) * batch_bytes + (256 << 20)
+    pool = 2 * (2 * args.reps + 4) * batch_bytes + (256 << 20)
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-cluster-"))
     engine = start_engine(args.backend, workdir / "engine")
     daemons: list[DaemonProcess] = []
@@ -114,7 +127,7 @@ def run(args) -> dict:
             rawbuf = np.zeros(n * (HEADER_BYTES + bb), dtype=np.uint8)
             rawbuf.reshape(n, -1)[:, HEADER_BYTES:] = data.view(np.uint8).reshape(n, -1)
             raw.register(rawbuf)
-            for rep in range(args.reps):
+            for rep in range(args.reps + 1):
                 keys = nsa.block_keys(np.arange(n * layout.block_tokens) + rep * 10**6)
                 before = remote_bytes_in(ca)
                 t0 = time.perf_counter()
@@ -129,51 +142,88 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 raw.put_many(rkeys, rawbuf, HEADER_BYTES + bb)
                 raw_put.append(time.perf_counter() - t0)
+            del sdk_put[0], raw_put[0]      # the warm-up (first connections to the segments)
 
             # -- get: host B's SDK get (empty local tiers) vs raw client, same values ------------
-            sdk_get, raw_get, local_get, lookup_s = [], [], [], []
+            # Three readers of the same values per rep: the raw client (batch_get_into its
+            # registered buffer), the SDK's zero-copy read (acquire: the daemon reads the values
+            # into arena slots, verifies them, leases them; the caller reads the slots in place,
+            # then releases), and the SDK get (the same, plus the copy into the caller's array).
+            sdk_get, sdk_acq, raw_get, local_get, lookup_s = [], [], [], [], []
             out = np.empty_like(data)
             hits0 = next(t.hits for t in cb.stats().tiers if t.tier == 4)
-            for rep in range(args.reps):
-                keys = key_sets[rep]
-                nsb.delete(keys)    # B's local copies (from an earlier rep) go; remote stays
+
+            def raw_read(rkeys):
+                t0 = time.perf_counter()
+                raw.get_many_into(rkeys, rawbuf, HEADER_BYTES + bb)
+                raw_get.append(time.perf_counter() - t0)
+
+            def sdk_get_once(keys):
+                nsb.delete(keys)    # B's local copies (from an earlier read) go; remote stays
                 t0 = time.perf_counter()
                 assert nsb.lookup(keys).num_cached == n
                 lookup_s.append(time.perf_counter() - t0)
-                rkeys = [remote_key(nsb.namespace_id, k) for k in keys]
-
-                def raw_read():
-                    t0 = time.perf_counter()
-                    raw.get_many_into(rkeys, rawbuf, HEADER_BYTES + bb)
-                    raw_get.append(time.perf_counter() - t0)
-                # The box's load drifts: alternate which side goes first, so neither always
-                # meets the same moment (and the same warm caches).
-                if rep % 2:
-                    raw_read()
                 t0 = time.perf_counter()
                 got = nsb.get(keys, out=out).result(timeout=120)
                 sdk_get.append(time.perf_counter() - t0)
                 if len(got) != n or not np.array_equal(out.view(np.uint8), data.view(np.uint8)):
                     raise RuntimeError(f"host B got {len(got)}/{n} blocks or wrong bytes")
-                if not rep % 2:
-                    raw_read()
                 t0 = time.perf_counter()
                 nsb.get(keys, out=out).result(timeout=120)   # now local: the DRAM part of it
                 local_get.append(time.perf_counter() - t0)
+
+            def sdk_acquire_once(keys):
+                nsb.delete(keys)
+                assert nsb.lookup(keys).num_cached == n
+                t0 = time.perf_counter()
+                lease = nsb.acquire(keys)
+                views = lease.views(like="numpy") if len(lease) == n else []
+                t1 = time.perf_counter()
+                ok = len(views) == n and all(
+                    np.array_equal(v, data[i].view(np.uint8).reshape(-1))
+                    for i, v in enumerate(views))
+                t2 = time.perf_counter()
+                lease.release()
+                sdk_acq.append(t1 - t0 + time.perf_counter() - t2)
+                if not ok:
+                    raise RuntimeError(f"host B acquired {len(lease)}/{n} blocks or wrong bytes")
+
+            # Rep 0 warms up both readers (B's transfer engine opens its connections to the
+            # segments holding the values on its first read; the raw client did on its puts)
+            # and is not counted.
+            for rep in range(args.reps + 1):
+                keys = key_sets[rep]
+                rkeys = [remote_key(nsb.namespace_id, k) for k in keys]
+                steps = [lambda: raw_read(rkeys), lambda: sdk_get_once(keys),
+                         lambda: sdk_acquire_once(keys)]
+                # The box's load drifts: rotate which reader goes first, so none always meets
+                # the same moment (and the same warm caches).
+                for step in steps[rep % 3:] + steps[:rep % 3]:
+                    step()
+                if rep == 0:
+                    for times in (raw_get, sdk_get, sdk_acq, local_get, lookup_s):
+                        times.clear()
             hits = next(t.hits for t in cb.stats().tiers if t.tier == 4) - hits0
             result.update({
                 "sdk_get_s": _median(sdk_get), "raw_get_s": _median(raw_get),
+                "sdk_acquire_s": _median(sdk_acq),
                 "sdk_put_s": _median(sdk_put), "raw_put_s": _median(raw_put),
                 "sdk_get_bps": batch_bytes / _median(sdk_get),
+                "sdk_acquire_bps": batch_bytes / _median(sdk_acq),
                 "raw_get_bps": batch_bytes / _median(raw_get),
                 "sdk_put_bps": batch_bytes / _median(sdk_put),
                 "raw_put_bps": batch_bytes / _median(raw_put),
                 "remote_hits_on_b": hits, "sdk_get_local_s": _median(local_get),
                 "remote_lookup_s": _median(lookup_s),
             })
-            result["get_vs_raw_client"] = _median(raw_get) / _median(sdk_get)
+            # Ratios of the same rep's readers (back to back, so under the same load), then the
+            # median over reps: the box's load drifts more between reps than within one.
+            result["acquire_vs_raw_client"] = _median(r / s for r, s in zip(raw_get, sdk_acq))
+            result["get_vs_raw_client"] = _median(r / s for r, s in zip(raw_get, sdk_get))
             result["put_vs_raw_client"] = _median(raw_put) / _median(sdk_put)
+        # progress on stderr: a TTFT point on a slow box can take many minutes
         if not args.no_ttft:
+            print("\n".join(render(result)), file=sys.stderr, flush=True)
             result["ttft"] = _ttft(args, a.socket, b.socket)
             result["ttft_speedup"] = result["ttft"]["speedup"]
     finally:
@@ -213,6 +263,8 @@ def _ttft(args, socket_a: str, socket_b: str) -> dict:
             t0 = time.perf_counter()
             full_out = model.generate(ids, attention_mask=mask, past_key_values=cache, **gen)
             full_s = time.perf_counter() - t0
+        print(f"  ttft: full prefill of {size} tokens on A {full_s:.2f} s", file=sys.stderr,
+              flush=True)
         stored = kva.store(ids, cache).result()
         want = stored * kva.layout.block_bytes
         t0 = time.perf_counter()
@@ -245,6 +297,9 @@ def render(r: dict) -> list[str]:
              f"{r['get_vs_raw_client']:.2f} (floor {FLOORS['get_vs_raw_client']}; the same get "
              f"from B's DRAM afterwards {r['sdk_get_local_s'] * 1e3:.0f} ms of "
              f"{r['sdk_get_s'] * 1e3:.0f})",
+             f"  acq  host B SDK zero-copy (remote -> arena)  {r['sdk_acquire_bps'] / mb:8.0f} MB/s   "
+             f"raw client {r['raw_get_bps'] / mb:8.0f} MB/s   acquire_vs_raw_client "
+             f"{r['acquire_vs_raw_client']:.2f}",
              f"  put  host A SDK (until stored remotely)     {r['sdk_put_bps'] / mb:8.0f} MB/s   "
              f"raw client {r['raw_put_bps'] / mb:8.0f} MB/s   put_vs_raw_client "
              f"{r['put_vs_raw_client']:.2f}"]

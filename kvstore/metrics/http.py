@@ -2,7 +2,9 @@
 
     GET /metrics     Prometheus exposition (kvstore_* metrics)
     GET /api/stats   the same snapshot as JSON (what `kvstore stats --json` prints)
-    GET /            a dashboard: live charts of occupancy, hit rate and bandwidth per tier
+    GET /            a dashboard: live charts of occupancy, hit rate and bandwidth per tier;
+                     with --remote, a REMOTE panel (the cluster tier's stats row: hits, misses,
+                     bytes, queue depth, circuit state, errors; hit rate, bandwidth, queue)
 
 Every answer is rendered from one Metrics.snapshot(); nothing here can change the daemon. Bind
 it to localhost (the default) unless a scraper on another host needs it: it shows model ids and

@@ -1,12 +1,14 @@
 """The cluster tier's pieces without an engine: value framing, the circuit breaker, URLs."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kvstore.daemon.config import ConfigError, load_config
-from kvstore.tiers.remote.base import parse_remote_url
+from kvstore.tiers.remote.base import LazyClient, RemoteError, import_engine, parse_remote_url
 from kvstore.tiers.remote.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from kvstore.tiers.remote.codec import (HEADER_BYTES, KEY_PREFIX, ReadStatus, encode_header,
                                         remote_key, verify)
@@ -89,3 +91,52 @@ def test_remote_config_keys(tmp_path):
         load_config(env={"KVSTORE_REMOTE": "mooncake://nohost"})
     with pytest.raises(ConfigError, match="remote_write_policy"):
         load_config(overrides={"remote_write_policy": "write_back"}, env={})
+
+
+def test_lazy_client_connects_once_for_all_threads_and_again_after_reset():
+    made, closed = [], []
+    gate = threading.Event()
+
+    def connect():
+        gate.wait(5)               # every thread is inside get() before the first connect ends
+        made.append(object())
+        return made[-1]
+    lazy = LazyClient(connect, closed.append)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(lazy.get())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(made) == 1 and got == made * 8
+    lazy.reset()
+    assert closed == made
+    second = lazy.get()
+    assert second is made[1] and lazy.get() is second
+    lazy.close()
+    assert closed == made
+
+
+def test_lazy_client_retries_a_failed_connect_and_swallows_close_errors():
+    attempts = []
+
+    def connect():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RemoteError("engine down")
+        return "client"
+
+    def disconnect(c):
+        raise OSError("socket already gone")
+    lazy = LazyClient(connect, disconnect)
+    with pytest.raises(RemoteError, match="engine down"):
+        lazy.get()
+    assert lazy.get() == "client" and len(attempts) == 2
+    lazy.reset()                   # the close error is logged, not raised
+    assert lazy.get() == "client" and len(attempts) == 3
+
+
+def test_a_missing_engine_client_says_how_to_install_it():
+    with pytest.raises(RemoteError, match=r"pip install 'kvstore\[nosuch\]' \(and more\)"):
+        import_engine("kvstore_no_such_engine_module", "nosuch", " (and more)")

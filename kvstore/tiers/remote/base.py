@@ -21,7 +21,14 @@ error for the whole call; per-key outcomes are in the results. Backends are thre
 from __future__ import annotations
 
 import abc
+import importlib
+import logging
+import threading
 from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("kvstore.remote")
 
 
 class RemoteError(RuntimeError):
@@ -53,6 +60,52 @@ def parse_remote_url(url: str) -> RemoteURL:
     if scheme == "mooncake" and len(hosts) != 1:
         raise ValueError(f"{url!r}: a Mooncake URL names one master, HOST:PORT")
     return RemoteURL(scheme, tuple(hosts))
+
+
+def import_engine(module: str, extra: str, hint: str = ""):
+    """The engine's client module, or RemoteError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RemoteError(f"the {extra} client is not installed ({exc}): pip install "
+                          f"'kvstore[{extra}]'{hint}") from None
+
+
+class LazyClient(Generic[T]):
+    """The one engine client a backend holds, made on first use and made again after
+    :meth:`reset`: a daemon starts while its engine is down and joins when it comes up, and a
+    call that found the engine gone makes the next one connect afresh. Thread-safe: the
+    remote tier's pool threads share it; one of them connects, the others wait for it.
+
+    ``connect()`` returns a ready client or raises RemoteError; ``disconnect(client)`` closes
+    one (its errors are logged, never raised: the client is being dropped)."""
+
+    def __init__(self, connect: Callable[[], T], disconnect: Callable[[T], None]):
+        self._connect = connect
+        self._disconnect = disconnect
+        self._lock = threading.Lock()
+        self._client: T | None = None
+
+    def get(self) -> T:
+        c = self._client
+        if c is not None:
+            return c
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def reset(self) -> None:
+        """Drop the client (if any); the next :meth:`get` connects again."""
+        with self._lock:
+            c, self._client = self._client, None
+        if c is not None:
+            try:
+                self._disconnect(c)
+            except Exception as exc:
+                log.debug("closing a dropped engine client: %r", exc)
+
+    close = reset
 
 
 class RemoteBackend(abc.ABC):

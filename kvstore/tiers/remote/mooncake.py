@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from kvstore.tiers.remote.base import RemoteBackend, RemoteError
+from kvstore.tiers.remote.base import LazyClient, RemoteBackend, RemoteError, import_engine
 from kvstore.tiers.remote.codec import HEADER_BYTES
 
 log = logging.getLogger("kvstore.remote.mooncake")
@@ -52,12 +52,8 @@ class MooncakeBackend(RemoteBackend):
 
     def __init__(self, master: str, segment_bytes: int, buffer_bytes: int, replicas: int = 1,
                  local_host: str = ""):
-        try:
-            from mooncake.store import MooncakeDistributedStore, ReplicateConfig
-        except ImportError as exc:
-            raise RemoteError(f"the Mooncake client is not installed ({exc}): pip install "
-                              "'kvstore[mooncake]' (and apt-get install libibverbs1)") from None
-        self._store_cls = MooncakeDistributedStore
+        store = import_engine("mooncake.store", "mooncake", " (and apt-get install libibverbs1)")
+        self._store_cls = store.MooncakeDistributedStore
         self.master = master
         host, _, port = master.rpartition(":")
         self.local_host = local_host or local_address_towards(host, int(port))
@@ -66,10 +62,11 @@ class MooncakeBackend(RemoteBackend):
         os.environ.setdefault("MC_TCP_BIND_ADDRESS", self.local_host)
         self.segment_bytes = segment_bytes
         self.buffer_bytes = buffer_bytes
-        self.config = ReplicateConfig()
+        self.config = store.ReplicateConfig()
         self.config.replica_num = replicas
-        self._lock = threading.Lock()
-        self._client = None
+        # Never reset after a failed call: Mooncake clients re-register with a restarted
+        # master on their own, and a new client would need a new segment name.
+        self._client = LazyClient(self._connect, lambda c: c.close())
         self._arena: memoryview | None = None
         self._arena_addr = 0
         self._tls = threading.local()
@@ -79,28 +76,23 @@ class MooncakeBackend(RemoteBackend):
         self._arena = arena_buffer
         self._arena_addr = np.frombuffer(arena_buffer, dtype=np.uint8).ctypes.data
 
+    def _connect(self):
+        c = self._store_cls()
+        rc = c.setup(self.local_host, "P2PHANDSHAKE", self.segment_bytes, self.buffer_bytes,
+                     "tcp", "", self.master)
+        if rc != 0:
+            raise RemoteError(f"Mooncake setup against master {self.master} failed (code {rc})")
+        if self._arena is not None:
+            rc = c.register_buffer(self._arena_addr, len(self._arena))
+            if rc != 0:
+                c.close()
+                raise RemoteError(f"Mooncake register_buffer of the arena failed (code {rc})")
+        log.info("Mooncake: joined master %s as %s (segment %d MiB)", self.master,
+                 self.local_host, self.segment_bytes >> 20)
+        return c
+
     def _connected(self):
-        c = self._client
-        if c is not None:
-            return c
-        with self._lock:
-            if self._client is None:
-                c = self._store_cls()
-                rc = c.setup(self.local_host, "P2PHANDSHAKE", self.segment_bytes,
-                             self.buffer_bytes, "tcp", "", self.master)
-                if rc != 0:
-                    raise RemoteError(f"Mooncake setup against master {self.master} failed "
-                                      f"(code {rc})")
-                if self._arena is not None:
-                    rc = c.register_buffer(self._arena_addr, len(self._arena))
-                    if rc != 0:
-                        c.close()
-                        raise RemoteError(f"Mooncake register_buffer of the arena failed "
-                                          f"(code {rc})")
-                self._client = c
-                log.info("Mooncake: joined master %s as %s (segment %d MiB)", self.master,
-                         self.local_host, self.segment_bytes >> 20)
-            return self._client
+        return self._client.get()
 
     def _scratch(self, n: int) -> np.ndarray:
         """This thread's registered header area (n headers)."""
@@ -166,7 +158,4 @@ class MooncakeBackend(RemoteBackend):
         return self._connected().health_check() == 0
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        self._client.close()

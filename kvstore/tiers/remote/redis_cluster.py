@@ -22,7 +22,7 @@ import logging
 import socket
 import threading
 
-from kvstore.tiers.remote.base import RemoteBackend, RemoteError
+from kvstore.tiers.remote.base import LazyClient, RemoteBackend, RemoteError, import_engine
 from kvstore.tiers.remote.codec import HEADER_BYTES
 
 log = logging.getLogger("kvstore.remote.redis")
@@ -32,16 +32,11 @@ class RedisBackend(RemoteBackend):
     name = "redis"
 
     def __init__(self, hosts: tuple[tuple[str, int], ...], timeout_s: float = 2.0):
-        try:
-            import redis
-        except ImportError as exc:
-            raise RemoteError(f"the Redis client is not installed ({exc}): pip install "
-                              "'kvstore[redis]'") from None
-        self._redis = redis
+        self._redis = import_engine("redis", "redis")
         self.hosts = hosts
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._client = None
+        self._lock = threading.Lock()     # guards _raw_all
+        self._client = LazyClient(self._connect, lambda c: c.close())
         self._arena: memoryview | None = None
         self._tls = threading.local()     # this thread's raw read connections, by node
         self._raw_all: set[_RawConn] = set()   # every thread's, closed by close()
@@ -50,36 +45,33 @@ class RedisBackend(RemoteBackend):
     def attach(self, arena_buffer: memoryview) -> None:
         self._arena = arena_buffer
 
-    def _connected(self):
-        c = self._client
-        if c is not None:
-            return c
-        with self._lock:
-            if self._client is None:
-                r = self._redis
-                kw = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
+    def _connect(self):
+        r = self._redis
+        kw = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
+        try:
+            cluster = len(self.hosts) > 1
+            if not cluster:
+                probe = r.Redis(host=self.hosts[0][0], port=self.hosts[0][1], **kw)
                 try:
-                    cluster = len(self.hosts) > 1
-                    if not cluster:
-                        probe = r.Redis(host=self.hosts[0][0], port=self.hosts[0][1], **kw)
-                        try:
-                            cluster = bool(probe.info("cluster").get("cluster_enabled"))
-                        finally:
-                            probe.close()
-                    if cluster:
-                        from redis.cluster import ClusterNode, RedisCluster
-                        c = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.hosts],
-                                         require_full_coverage=False, **kw)
-                    else:
-                        c = r.Redis(host=self.hosts[0][0], port=self.hosts[0][1], **kw)
-                        c.ping()
-                except r.RedisError as exc:
-                    raise RemoteError(f"Redis {self._where()}: {exc}") from None
-                self.cluster = cluster
-                self._client = c
-                log.info("Redis: connected to %s (%s)", self._where(),
-                         "cluster" if cluster else "single node")
-            return self._client
+                    cluster = bool(probe.info("cluster").get("cluster_enabled"))
+                finally:
+                    probe.close()
+            if cluster:
+                from redis.cluster import ClusterNode, RedisCluster
+                c = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.hosts],
+                                 require_full_coverage=False, **kw)
+            else:
+                c = r.Redis(host=self.hosts[0][0], port=self.hosts[0][1], **kw)
+                c.ping()
+        except r.RedisError as exc:
+            raise RemoteError(f"Redis {self._where()}: {exc}") from None
+        self.cluster = cluster
+        log.info("Redis: connected to %s (%s)", self._where(),
+                 "cluster" if cluster else "single node")
+        return c
+
+    def _connected(self):
+        return self._client.get()
 
     def _where(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.hosts)
@@ -98,13 +90,7 @@ class RedisBackend(RemoteBackend):
     def _reset(self) -> None:
         # A dead node or a restarted cluster: connect afresh on the next call (the cluster client
         # also rediscovers the topology then).
-        with self._lock:
-            c, self._client = self._client, None
-        if c is not None:
-            try:
-                c.close()
-            except Exception:
-                pass
+        self._client.reset()
 
     def exists(self, keys: list[str]) -> list[bool]:
         res = self._pipeline(lambda p: [p.exists(k) for k in keys])
