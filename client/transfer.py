@@ -232,6 +232,24 @@ def runs(offsets: list[int], indices: list[int], row_bytes: int) -> list[tuple[i
     return out
 
 
+def strided_runs(offsets: list[int]) -> list[tuple[int, int, int]]:
+    """Split slot offsets into arithmetic runs: (first block index, length, byte stride).
+
+    Unlike ``runs`` (slots adjacent on both sides, so one flat copy moves a run), a run here may
+    have any stride: the HF layer loader reads it as one strided view of the arena.
+    """
+    runs: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(offsets):
+        j = i + 1
+        stride = offsets[j] - offsets[i] if j < len(offsets) else 0
+        while j < len(offsets) and offsets[j] - offsets[j - 1] == stride and stride > 0:
+            j += 1
+        runs.append((i, j - i, stride if j - i > 1 else 0))
+        i = j
+    return runs
+
+
 _PIECE_BYTES = 8 << 20   # parallel host copies move pieces of this size
 
 

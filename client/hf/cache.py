@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from kvstore.client.transfer import strided_runs
 from kvstore.core.layout import KVLayout
 from kvstore.kernels.ops import gather, scatter
 
@@ -46,20 +47,6 @@ class LoadTimeline:
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
-
-
-def _runs(offsets: list[int]) -> list[tuple[int, int, int]]:
-    """Split slot offsets into arithmetic runs: (first block index, length, byte stride)."""
-    runs: list[tuple[int, int, int]] = []
-    i = 0
-    while i < len(offsets):
-        j = i + 1
-        stride = offsets[j] - offsets[i] if j < len(offsets) else 0
-        while j < len(offsets) and offsets[j] - offsets[j - 1] == stride and stride > 0:
-            j += 1
-        runs.append((i, j - i, stride if j - i > 1 else 0))
-        i = j
-    return runs
 
 
 class LayerLoader:
@@ -109,7 +96,7 @@ class LayerLoader:
             inner.insert(0, acc)
             acc *= dim
         out = []
-        for first, n, stride in _runs(self._offsets):
+        for first, n, stride in strided_runs(self._offsets):
             start = base0 + self._offsets[first]
             src = torch.empty(0, dtype=dtype).set_(
                 storage, start // esize, (n, *shape), (stride // esize or acc, *inner))
