@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kvstore.client import KVClient, KVLayout
-from kvstore.client.hf.cache import LayerLoader, LoadTimeline, _runs, pack_blocks
+from kvstore.client.hf.cache import LayerLoader, LoadTimeline, pack_blocks
+from kvstore.client.transfer import strided_runs
 
 
 @pytest.mark.parametrize("offsets,expect", [
@@ -16,7 +17,7 @@ from kvstore.client.hf.cache import LayerLoader, LoadTimeline, _runs, pack_block
     ([16384, 0, 8192], [(0, 1, 0), (1, 2, 8192)]),
 ])
 def test_runs(offsets, expect):
-    assert _runs(offsets) == expect
+    assert strided_runs(offsets) == expect
 
 
 def test_loader_reads_scattered_slots_exactly(daemon):
@@ -40,7 +41,7 @@ def test_loader_reads_scattered_slots_exactly(daemon):
             a.put([keys[j]], kv[j:j + 1], parent_key=keys[j - 1] if j else None).result()
         with a.acquire(keys) as lease:
             assert len(lease) == n
-            assert len(_runs(lease.offsets)) > 1            # really scattered
+            assert len(strided_runs(lease.offsets)) > 1            # really scattered
             loader = LayerLoader(lease.views(), lease.offsets, layout, n, lambda: None,
                                  LoadTimeline(), extra_tokens=3).start()
             for i, (k, v) in enumerate(layers):
