@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -150,6 +151,36 @@ class ShmFile:
         self.fd = -1
         if self.owner:
             self.path.unlink(missing_ok=True)
+
+
+# An arena's companion files (slot generations, index snapshot) start with this header.
+COMPANION_HEADER = struct.Struct("<8s16sQ")   # magic, arena uuid, entry count
+
+
+def create_companion(path: str | Path, magic: bytes, arena_uuid: bytes, count: int,
+                     size_bytes: int) -> ShmFile:
+    """Create (0600, O_EXCL) and map a companion file of arena ``arena_uuid``, header written."""
+    file = ShmFile.create(path, size_bytes)
+    file.mm[:COMPANION_HEADER.size] = COMPANION_HEADER.pack(magic, arena_uuid, count)
+    return file
+
+
+def attach_companion(path: str | Path, error: Callable[[str], Exception], what: str,
+                     magic: bytes, arena_uuid: bytes, min_bytes: int,
+                     needs_bytes: Callable[[int], int]) -> tuple[ShmFile, int]:
+    """Map a companion file of arena ``arena_uuid`` read-only; returns (file, entry count).
+    Raises ``error`` when it cannot be opened, is shorter than ``min_bytes``, or is not this
+    arena's (magic, uuid, or shorter than ``needs_bytes(count)``)."""
+    file = ShmFile.open(path, error, what)
+    with file.closing_on_error():
+        size = file.size_bytes
+        if size < min_bytes:
+            raise error(f"{what} {file.path} is truncated")
+        mm = file.map(size, writable=False)
+        got, uid, count = COMPANION_HEADER.unpack(mm[:COMPANION_HEADER.size])
+        if got != magic or uid != arena_uuid or needs_bytes(count) > size:
+            raise error(f"{what} {file.path} belongs to another arena")
+    return file, count
 
 
 def remove_orphans(directory: str | Path | None = None, prefix: str = "kvstore") -> list[Path]:

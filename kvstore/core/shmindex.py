@@ -41,13 +41,12 @@ The file itself is kvstore.core.shmfile's (0600, removed with its arena, orphans
 from __future__ import annotations
 
 import fcntl
-import struct
 import time
 from pathlib import Path
 
 import numpy as np
 
-from kvstore.core.shmfile import ShmFile, companion_path
+from kvstore.core.shmfile import ShmFile, attach_companion, companion_path, create_companion
 
 DEFAULT_ENTRIES = 1 << 20            # buckets (29 bytes each), when nothing better is known
 MIN_ENTRIES, MAX_ENTRIES = 1 << 16, 1 << 22
@@ -60,7 +59,6 @@ for _t, _name in TIER_NAMES.items():
 CLOSED, OVERFLOW, REMOTE = 1, 2, 4   # header flag bits
 
 _MAGIC = b"KVSIDX01"
-_HEADER = struct.Struct("<8s16sQ")   # magic, arena uuid, buckets
 _EPOCH_AT, _FLAGS_AT, _BEAT_AT = 32, 40, 48   # uint64 words after the header
 HEARTBEAT_S = 0.1                    # how often the daemon stamps the header
 STALE_S = 1.0                        # a stamp older than this: readers ask the daemon instead
@@ -137,8 +135,8 @@ class ShmIndex:
                remote: bool = False) -> "ShmIndex":
         if buckets < 16 or buckets & (buckets - 1):
             raise ValueError(f"buckets must be a power of two >= 16, got {buckets}")
-        file = ShmFile.create(path_for(arena_path), _layout(buckets)[1])
-        file.mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, buckets)
+        file = create_companion(path_for(arena_path), _MAGIC, arena_uuid, buckets,
+                                _layout(buckets)[1])
         fcntl.flock(file.fd, fcntl.LOCK_EX)   # held until this process exits: readers' liveness
         idx = cls(file, buckets)
         # Touch every page now (tens of ms for the default size): first touches under the
@@ -152,16 +150,8 @@ class ShmIndex:
     @classmethod
     def attach(cls, path: str | Path, arena_uuid: bytes) -> "ShmIndex":
         """Map a snapshot read-only; ShmIndexError if it is absent or not this arena's."""
-        file = ShmFile.open(path, ShmIndexError, "index snapshot")
-        path = file.path
-        with file.closing_on_error():
-            size = file.size_bytes
-            if size < _DATA_OFFSET:
-                raise ShmIndexError(f"index snapshot {path} is truncated")
-            mm = file.map(size, writable=False)
-            magic, uid, buckets = _HEADER.unpack(mm[:_HEADER.size])
-            if magic != _MAGIC or uid != arena_uuid or _layout(buckets)[1] > size:
-                raise ShmIndexError(f"index snapshot {path} belongs to another arena")
+        file, buckets = attach_companion(path, ShmIndexError, "index snapshot", _MAGIC,
+                                         arena_uuid, _DATA_OFFSET, lambda n: _layout(n)[1])
         return cls(file, buckets)
 
     # -- header ------------------------------------------------------------------------------

@@ -25,16 +25,14 @@ block's offset and generation can read it without an Acquire/Release round trip.
 """
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 
-from kvstore.core.shmfile import ShmFile, companion_path
+from kvstore.core.shmfile import ShmFile, attach_companion, companion_path, create_companion
 
 PAGE_BYTES = 4096
 _MAGIC = b"KVSGEN01"
-_HEADER = struct.Struct("<8s16sQ")    # magic, arena uuid, entries
 _DATA_OFFSET = 64
 
 
@@ -59,24 +57,17 @@ class SlotGenerations:
     def create(cls, arena_path: str | Path, arena_uuid: bytes,
                arena_bytes: int) -> "SlotGenerations":
         entries = -(-arena_bytes // PAGE_BYTES)
-        file = ShmFile.create(path_for(arena_path), _DATA_OFFSET + 4 * entries)
-        file.mm[:_HEADER.size] = _HEADER.pack(_MAGIC, arena_uuid, entries)
+        file = create_companion(path_for(arena_path), _MAGIC, arena_uuid, entries,
+                                _DATA_OFFSET + 4 * entries)
         return cls(file, entries)
 
     @classmethod
     def attach(cls, arena_path: str | Path, arena_uuid: bytes) -> "SlotGenerations":
         """Map the table of this arena read-only; SlotGenerationsError if it is not there or
         belongs to another arena."""
-        file = ShmFile.open(path_for(arena_path), SlotGenerationsError, "slot generations")
-        path = file.path
-        with file.closing_on_error():
-            size = file.size_bytes
-            if size < _DATA_OFFSET:
-                raise SlotGenerationsError(f"slot generations {path} is truncated")
-            mm = file.map(size, writable=False)
-            magic, uid, entries = _HEADER.unpack(mm[:_HEADER.size])
-            if magic != _MAGIC or uid != arena_uuid or _DATA_OFFSET + 4 * entries > size:
-                raise SlotGenerationsError(f"slot generations {path} belong to another arena")
+        file, entries = attach_companion(
+            path_for(arena_path), SlotGenerationsError, "slot generations", _MAGIC, arena_uuid,
+            _DATA_OFFSET, lambda n: _DATA_OFFSET + 4 * n)
         return cls(file, entries)
 
     # -- daemon -----------------------------------------------------------------------------

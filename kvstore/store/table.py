@@ -218,7 +218,7 @@ class BlockTable:
         self.stamp[bids] = stamp
 
     def lease(self, bids: np.ndarray, stamp: int) -> None:
-        """A get leased these (distinct) blocks: touched, pinned, their hit counts raised
+        """A get leased these blocks: touched, pinned, their hit counts raised
         (saturating: selective SSD and remote writes read it)."""
         self.stamp[bids] = stamp
         np.add.at(self.leases, bids, 1)      # a batch may name one block twice: pin it twice

@@ -290,10 +290,14 @@ class DRAMTier:
 
     def stats_row(self):
         from kvstore.v1 import kvstore_pb2 as pb
-        c = self.counters
-        return pb.TierStats(
-            tier=pb.TIER_DRAM, capacity_bytes=self.slabs.capacity_bytes,
-            ready_bytes=self.slabs.ready_bytes, used_bytes=self.slabs.used_bytes(),
-            blocks=self.blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
-            bytes_in=c.bytes_in, bytes_out=c.bytes_out, promotions=c.promotions,
-            demotions=c.demotions)
+        return slab_stats_row(pb.TIER_DRAM, self.slabs, self.blocks(), self.counters)
+
+
+def slab_stats_row(tier: int, slabs: SlabAllocator, blocks: int, c: TierCounters):
+    """The stats row of a tier whose slots are slabs (DRAM, HBM)."""
+    from kvstore.v1 import kvstore_pb2 as pb
+    return pb.TierStats(
+        tier=tier, capacity_bytes=slabs.capacity_bytes, ready_bytes=slabs.ready_bytes,
+        used_bytes=slabs.used_bytes(), blocks=blocks, hits=c.hits, misses=c.misses,
+        evictions=c.evictions, bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+        promotions=c.promotions, demotions=c.demotions)

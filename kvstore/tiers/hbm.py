@@ -36,7 +36,7 @@ from kvstore.core.shmfile import remove_orphans
 from kvstore.metrics.counters import TierCounters
 from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED
-from kvstore.tiers.dram import SlabAllocator, make_room
+from kvstore.tiers.dram import SlabAllocator, make_room, slab_stats_row
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger("kvstore.hbm")
@@ -352,13 +352,7 @@ class HBMTier:
         return len(self._slot)
 
     def stats_row(self):
-        c = self.counters
-        return pb.TierStats(
-            tier=pb.TIER_HBM, capacity_bytes=self.slabs.capacity_bytes,
-            ready_bytes=self.slabs.ready_bytes, used_bytes=self.slabs.used_bytes(),
-            blocks=self.blocks(), hits=c.hits, misses=c.misses, evictions=c.evictions,
-            bytes_in=c.bytes_in, bytes_out=c.bytes_out, promotions=c.promotions,
-            demotions=c.demotions)
+        return slab_stats_row(pb.TIER_HBM, self.slabs, self.blocks(), self.counters)
 
     def close(self) -> None:
         self.pool.close()

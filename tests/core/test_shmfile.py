@@ -59,7 +59,7 @@ def test_open_and_attach_errors_keep_their_classes_and_messages(tmp_path):
         assert snap.path == companion_path(arena.path, ".index")
         with pytest.raises(ArenaError, match="uuid mismatch"):
             Arena.attach(arena.path, b"x" * 16, arena.size_bytes)
-        with pytest.raises(slotgen.SlotGenerationsError, match="belong to another arena"):
+        with pytest.raises(slotgen.SlotGenerationsError, match="belongs to another arena"):
             slotgen.SlotGenerations.attach(arena.path, b"x" * 16)
         with pytest.raises(shmindex.ShmIndexError, match="belongs to another arena"):
             shmindex.ShmIndex.attach(snap.path, b"x" * 16)

@@ -296,7 +296,7 @@ def test_bench_control_smoke():
 def test_remote_tier_full_local_hits_stay_local_short_prefixes_ask_the_daemon(daemon_factory,
                                                                                tmp_path):
     from kvstore.bench.cluster_engines import skip_reason, start_engine
-    from test_remote import LAYOUT as RL, MODEL, host, put_on, remote_row, wait_for
+    from support.remote import LAYOUT as RL, MODEL, host, put_on, remote_row, wait_for
     reason = skip_reason("redis")
     if reason:
         pytest.skip(reason)
