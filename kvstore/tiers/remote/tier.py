@@ -309,8 +309,8 @@ class RemoteTier:
         try:
             t0 = time.monotonic()
             try:
-                verifying, exc = await self._call(self._read_chunks, rkeys, keys,
-                                                  ns.namespace_id, offsets, bb)
+                verifying, n_read, exc = await self._call(self._read_chunks, rkeys, keys,
+                                                          ns.namespace_id, offsets, bb)
             except RemoteUnavailable:
                 return missing
         finally:
@@ -319,7 +319,7 @@ class RemoteTier:
             self.counters.errors += 1
             self.breaker.failure()
             log.warning("remote %s: read failed after %d of %d blocks: %s", self.url,
-                        sum(len(c) for c in verifying), len(keys), exc)
+                        n_read, len(keys), exc)
         statuses: list[ReadStatus] = []
         try:
             for chunk in verifying:
@@ -335,9 +335,9 @@ class RemoteTier:
     def _read_chunks(self, rkeys, keys, namespace_id, offsets, bb):
         """(pool thread) Read the blocks into their slots, read_chunk_bytes per engine call,
         handing each chunk to the verifier threads while the next one transfers (the engine
-        call releases the GIL, as does xxh3 on a block: measured). Returns (a future of each
-        chunk's statuses, the exception that stopped the reads or None); raises if the first
-        chunk failed."""
+        call releases the GIL, as does xxh3 on a block: measured). Returns (futures of the
+        statuses of consecutive pieces, blocks read, the exception that stopped the reads or
+        None); raises if the first chunk failed."""
         step = max(1, self.read_chunk_bytes // bb)
         chunks: list = []
         for lo in range(0, len(rkeys), step):
@@ -346,14 +346,18 @@ class RemoteTier:
             try:
                 headers = self.backend.get_into(rkeys[lo:hi], offsets[lo:hi], [bb] * (hi - lo))
             except Exception as exc:
-                if not chunks:
+                if not lo:
                     raise
-                return chunks, exc
+                return chunks, lo, exc
             log.debug("remote read of %d blocks: engine %.1f ms", hi - lo,
                       (time.perf_counter() - t0) * 1e3)
-            chunks.append(self._verifier.submit(self._verify_chunk, headers, keys[lo:hi],
-                                                namespace_id, offsets[lo:hi], bb))
-        return chunks, None
+            # verified in VERIFY_THREADS pieces at once: the box's other core hashes too
+            piece = -(-(hi - lo) // VERIFY_THREADS)
+            for p in range(lo, hi, piece):
+                q = min(p + piece, hi)
+                chunks.append(self._verifier.submit(self._verify_chunk, headers[p - lo:q - lo],
+                                                    keys[p:q], namespace_id, offsets[p:q], bb))
+        return chunks, len(rkeys), None
 
     def _verify_chunk(self, headers, keys, namespace_id, offsets, bb) -> list[ReadStatus]:
         """(verifier thread) Check every block of a chunk against its header."""
