@@ -34,12 +34,6 @@ TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD",
               pb.TIER_REMOTE: "REMOTE"}
 # The daemon forgot the session or the namespace (it restarted): register again and retry once.
 _REREGISTER = (Reason.UNKNOWN_SESSION, Reason.UNKNOWN_NAMESPACE)
-# A get whose blocks come from the remote tier is split into up to MAX_REMOTE_PARTS concurrent
-# sub-batches of at least REMOTE_PART_BYTES (Namespace._get_in_parts): more parts hide more of
-# the copy out, but each is one more Acquire, and the daemon's remote tier runs 4 engine calls
-# at once by default (threads), refusing more than twice that.
-REMOTE_PART_BYTES = 8 << 20
-MAX_REMOTE_PARTS = 4
 
 
 @dataclass(frozen=True)
@@ -242,13 +236,8 @@ class Namespace:
     def _get(self, blob: bytes, n: int, out, ready=None, pending=()):
         _wait_for(pending, self.client.timeout_s)   # read-your-writes (see get)
         path = self.client.datapath
-        want_hbm = path.wants_hbm(out)
-        parts = None if want_hbm else self._remote_parts(blob, n)
-        if parts:
-            got = self._get_in_parts(blob, n, out, ready, parts)
-            if got is not None:
-                return got
         t0 = time.monotonic()
+        want_hbm = path.wants_hbm(out)
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob, want_hbm=want_hbm))
         lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s,
@@ -281,103 +270,6 @@ class Namespace:
                 valid = min(valid, unproven)
         else:
             lease.release(wait=False, hbm_filled=filled)
-        return out[:valid]
-
-    def _remote_parts(self, blob: bytes, n: int) -> list[tuple[int, int]] | None:
-        """How to split a get that reads from the remote tier (the local index snapshot says
-        the local prefix ends early and the daemon has a remote tier) into sub-batches:
-        [(start, end)] block ranges, each after the first starting one block early (see
-        _get_in_parts); None: one Acquire (all local, small, or no snapshot to tell)."""
-        snap = self.client.local_index() if self.local_lookups else None
-        if snap is None or not self._registered or not snap.flags & shmindex.REMOTE:
-            return None
-        tiers = snap.probe(self._tag, blob)
-        if tiers is None:
-            return None
-        n_local, _ = shmindex.prefix(tiers)
-        rest = n - n_local
-        k = min(MAX_REMOTE_PARTS, rest * self.layout.block_bytes // REMOTE_PART_BYTES)
-        if k < 2:
-            return None
-        ends = [n_local + (rest * j) // k for j in range(1, k + 1)]
-        return [(0, ends[0])] + [(ends[j - 1] - 1, ends[j]) for j in range(1, k)]
-
-    def _get_in_parts(self, blob: bytes, n: int, out, ready, parts):
-        """A get whose blocks mostly come from the remote tier, as concurrent Acquires of
-        consecutive sub-batches: the daemon reads them from the engine one after another
-        (its read lane), so the copy out of sub-batch j overlaps the transfer of the later
-        ones, and only the last sub-batch's copy is left after the transfer (docs/decisions.md
-        31). Each sub-batch after the first also names the block before it, so the daemon
-        links the blocks it fills to their parent (prefix-aware eviction) exactly as one
-        Acquire would; that block is leased again but not copied again.
-
-        Same contract as one Acquire: the result is the longest prefix found and proven; a
-        short sub-batch ends it (the later ones are released unread). None: the first
-        sub-batch failed (e.g. the daemon restarted): the caller does the plain get, with its
-        retry."""
-        sess = self.client._ensure_session()
-        if not self._registered:
-            return None
-        sid = sess.event.session_id
-        path = self.client.datapath
-        t0 = time.monotonic()
-        kb = len(blob) // n
-        waits = [self.client.call_future("Acquire", pb.AcquireRequest(
-            session_id=sid, namespace_id=self.namespace_id, keys=blob[a * kb:b * kb]))
-            for a, b in parts]
-        valid, j = 0, 0
-        try:
-            if out is None:
-                out = transfer.new_output(self.layout, n,
-                                          like="numpy" if _torch_missing() else "torch")
-            dst = transfer.out_rows(out, self.layout, n)
-            for j, (a, b) in enumerate(parts):
-                try:
-                    r = waits[j]()
-                except KVStoreError:
-                    if j == 0:
-                        return None
-                    break
-                skip = 1 if j else 0          # the block before the sub-batch: copied already
-                offsets, gens = list(r.offsets), list(r.generations)
-                lease = BlockLease(self, sid, r.lease_id, offsets[skip:], [], t0,
-                                   r.lease_timeout_s, gens[skip:])
-                got = max(len(offsets) - skip, 0)
-                start = a + skip
-                if not got:
-                    lease.release(wait=False)
-                    break
-                try:
-                    with transfer.writing_into(out):
-                        read = path.read(lease, dst[start:start + got], ready)
-                except BaseException:
-                    try:
-                        lease.release()
-                    except KVStoreError:
-                        pass
-                    raise
-                v = read.valid
-                if read.unproven < v or v < got:
-                    try:
-                        lease.release()
-                    except StaleRead:
-                        v = min(v, read.unproven)
-                else:
-                    lease.release(wait=False)
-                valid = start + v
-                if v < got or len(offsets) < b - a:
-                    break
-            else:
-                j = len(parts)
-        finally:
-            for wait in waits[j + 1:]:      # unread sub-batches: their leases go back
-                try:
-                    r = wait()
-                except KVStoreError:
-                    continue
-                if r.lease_id:
-                    self.client._release_async(pb.ReleaseRequest(session_id=sid,
-                                                                 lease_id=r.lease_id))
         return out[:valid]
 
     # -- scheduler hints and the recompute planner ---------------------------------------------

@@ -230,19 +230,6 @@ class KVClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def call_future(self, method: str, request):
-        """Start one unary RPC without waiting: a function that waits for its answer (errors
-        as :meth:`call` raises them). For requests the SDK keeps in flight together."""
-        fut = getattr(self._stub, method).future(request, timeout=self.timeout_s,
-                                                 metadata=self._metadata)
-
-        def result():
-            try:
-                return fut.result()
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from None
-        return result
-
     def stream(self, method: str, request):
         """Start one server-streaming RPC with the client's deadline: the gRPC call (iterate
         it; it raises grpc.RpcError, cancel() ends it)."""
