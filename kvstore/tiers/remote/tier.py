@@ -8,6 +8,7 @@ run in a bounded thread pool and every wait has a deadline):
     on_hits(bids)           write_through_selective: queue blocks read ``write_hits`` times.
     probe(ns, keys, n)      -> m: after n local blocks, how many more the remote holds (one
                             batched existence call under ``deadline_s``; 0 on any failure).
+    on_lookup_found(ns, keys)  a lookup found some: fill in the background (fill_on_lookup).
     fill(ns, keys)          before a get: read the remote continuation of the local prefix
                             straight into fresh DRAM arena slots, verify, publish it as DRAM
                             blocks; waits at most ``read_deadline_s`` (a late read still lands).
@@ -56,8 +57,10 @@ KNOWN_KEYS = 1 << 20         # remote keys remembered as stored (skip re-queuein
 # missing); a stale "absent" only a recompute the lookup already told the caller to expect.
 PROBE_TTL_S = 1.0
 # Bytes per engine read call within one fill (remote_read_chunk_bytes): each chunk is verified
-# while the next transfers (one call for a whole 64 MiB batch left its ~6 ms of xxh3 after it).
-READ_CHUNK_BYTES = 16 << 20
+# while the next transfers. Large, because a call has a fixed cost (Mooncake over TCP: ~4 ms,
+# the transfer of ~5 MB here) that the overlap must repay: xxh3 runs at ~13 GB/s against the
+# transfer's ~1.2 GB/s, so only a chunk of well over 50 MB hides more than a call costs.
+READ_CHUNK_BYTES = 256 << 20
 VERIFY_THREADS = 2
 PROBED_KEYS = 1 << 16
 # The planner's figure before the first remote read was measured: conservative for a TCP
@@ -94,7 +97,7 @@ class RemoteTier:
     def __init__(self, store, backend: RemoteBackend, url: str, *,
                  policy: str = "write_through", write_hits: int = 1, deadline_s: float = 0.2,
                  read_deadline_s: float = 2.0, threads: int = 4, queue_blocks: int = 256,
-                 read_chunk_bytes: int = READ_CHUNK_BYTES,
+                 read_chunk_bytes: int = READ_CHUNK_BYTES, fill_on_lookup: bool = True,
                  breaker: CircuitBreaker | None = None):
         try:   # kvstore.policies.write: the same policies as the SSD tier's, but write_back
             self._write_policy = write_policy(policy, write_hits, REMOTE_WRITE_POLICIES)
@@ -109,6 +112,7 @@ class RemoteTier:
         self.read_deadline_s = read_deadline_s
         self.queue_blocks = queue_blocks
         self.read_chunk_bytes = read_chunk_bytes
+        self.fill_on_lookup = fill_on_lookup
         self.breaker = breaker or CircuitBreaker()
         self.counters = RemoteCounters()
         backend.attach(store.dram.buffer)
@@ -404,6 +408,18 @@ class RemoteTier:
         for rk in rkeys:
             self._known.pop(rk, None)
             self._probed.pop(rk, None)
+
+    def on_lookup_found(self, namespace_id: bytes, keys_blob: bytes) -> None:
+        """A lookup found blocks here (probe > 0). With ``fill_on_lookup``, start reading
+        them into DRAM now, in the background (the lookup answers without waiting): a lookup
+        is how an engine decides to load a prefix, so the get usually follows, and finds the
+        blocks arrived or arriving (it waits for a fill in flight rather than reading again)
+        instead of starting the transfer itself. The cost when no get follows: the transfer,
+        and DRAM room the fill takes from colder blocks (like a prefetch; bounded, as
+        prefetches are, by MAX_BACKGROUND_FILLS). A lookup that finds them local again
+        reads nothing."""
+        if self.fill_on_lookup:
+            self.prefetch(namespace_id, keys_blob)
 
     def prefetch(self, namespace_id: bytes, keys_blob: bytes) -> None:
         """A hint: fill in the background (dropped when too many fills are in flight)."""
