@@ -296,10 +296,10 @@ class RemoteTier:
     async def _read_in_lane(self, ns, keys, rkeys, offsets, bb) -> list[ReadStatus]:
         """The engine reads of one fill, in the read lane; then their verification.
 
-        The lane (FIFO) lets one fill's engine reads run at a time: concurrent fills (an SDK
-        get split into sub-batches, docs/decisions.md 31) then finish one after another
-        instead of all at the end, and the engine's bandwidth is not split between them
-        (measured: 4 parallel calls of a quarter of a batch were slower than one call). The
+        The lane (FIFO) lets one fill's engine reads run at a time: concurrent fills (gets of
+        several clients, a lookup's fill and a prefetch) then finish one after another instead
+        of all at the end, and the engine's bandwidth is not split between them (measured: 4
+        parallel calls of a quarter of a batch were slower than one call; decisions.md 27). The
         lane is left as soon as the reads are done, so the next fill's transfer overlaps this
         fill's verification; the wait for it is bounded (a stuck engine call must not make
         fills pile up holding DRAM slots), and no engine call is ever abandoned while it may
