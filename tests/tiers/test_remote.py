@@ -174,14 +174,18 @@ def test_a_lookup_that_finds_remote_blocks_starts_reading_them(engine, daemon_fa
                                                                fill_on_lookup):
     """remote_fill_on_lookup (default on): the lookup answers at once, and the blocks it found
     come into B's DRAM in the background, so the get that follows reads nothing itself; off,
-    they stay remote until the get. Either way each block is read once."""
+    they stay remote until the get. Either way each block is read once, and the two blocks
+    past the stored prefix count as misses once (for the get, not for the lookup's fill)."""
     a = host(daemon_factory, tmp_path, "a", engine.url)
     extra = ["--remote-fill-on-lookup", fill_on_lookup] if fill_on_lookup else []
     b = host(daemon_factory, tmp_path, "b", engine.url, *extra)
     with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
-        _, keys, data = put_on(ca, 9, 8)
+        _, _, data = put_on(ca, 9, 8)
         wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="A's writes")
         nsb = cb.namespace(MODEL, LAYOUT)
+        tokens, _ = chain(9, 8)
+        more = np.random.default_rng(99).integers(0, 50000, 2 * LAYOUT.block_tokens)
+        keys = nsb.block_keys(np.concatenate([tokens, more]))     # A's 8 blocks, then 2 more
         r = nsb.lookup(keys)
         assert r.num_cached == 8 and set(r.tiers) == {"REMOTE"}, r
         if fill_on_lookup is None:
@@ -191,9 +195,10 @@ def test_a_lookup_that_finds_remote_blocks_starts_reading_them(engine, daemon_fa
             time.sleep(0.5)
             assert remote_row(cb).hits == 0
             assert set(nsb.lookup(keys).tiers) == {"REMOTE"}
+        assert remote_row(cb).misses == 0
         assert get_exact(nsb, keys, data) == 8
         row = remote_row(cb)
-        assert row.hits == 8 and row.bytes_out == 8 * LAYOUT.block_bytes
+        assert row.hits == 8 and row.bytes_out == 8 * LAYOUT.block_bytes and row.misses == 2
 
 
 def test_a_value_removed_after_the_lookup_is_a_miss(engine, daemon_factory, tmp_path):

@@ -223,11 +223,13 @@ class RemoteTier:
         return len(rkeys)
 
     # -- read path ------------------------------------------------------------------------------
-    async def fill(self, namespace_id: bytes, keys_blob: bytes) -> tuple[int, int]:
+    async def fill(self, namespace_id: bytes, keys_blob: bytes,
+                   for_get: bool = True) -> tuple[int, int]:
         """Bring the remote continuation of the local prefix into DRAM, waiting at most
         ``read_deadline_s``. Returns (n, m): n blocks were local, the next m were found
         remotely (those that passed verification are now DRAM blocks). Never raises for the
-        remote; bad input is left for the get itself to report."""
+        remote; bad input is left for the get itself to report. ``for_get`` False: a
+        background fill (lookup, prefetch), whose misses are left for the get to count."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
@@ -244,10 +246,12 @@ class RemoteTier:
                 present = await self._call(self.backend.exists, rkeys,
                                            deadline_s=self.deadline_s)
             except RemoteUnavailable:
-                self.counters.misses += len(rest)
+                self.counters.misses += len(rest) * for_get
                 return n, 0
             m = _leading(present)
-        self.counters.misses += len(rest) - m
+        # Misses are counted for gets only: a background fill (lookup, prefetch) is usually
+        # followed by a get that counts the same blocks missing again.
+        self.counters.misses += (len(rest) - m) * for_get
         if not m:
             return n, 0
         rest, rkeys = rest[:m], rkeys[:m]
@@ -256,7 +260,7 @@ class RemoteTier:
             alloc_id, offsets = store.allocate(self._session, ns.namespace_id, pack_keys(rest),
                                                parent_key=keys[n - 1] if n else b"")
         except (ResourceExhausted, KVStoreError):
-            self.counters.misses += m    # no DRAM room (everything leased): served locally later
+            self.counters.misses += m * for_get    # no DRAM room (everything leased): served locally later
             return n, m
         waits = [self._filling[(ns.index, k)] for k, off in zip(rest, offsets)
                  if off < 0 and (ns.index, k) in self._filling]
@@ -267,7 +271,7 @@ class RemoteTier:
             for k in mine:
                 self._filling[(ns.index, k)] = done
             task = loop.create_task(self._read(ns, alloc_id, mine, [rkeys[i] for i in take],
-                                               [offsets[i] for i in take], done))
+                                               [offsets[i] for i in take], done, for_get))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             waits.append(done)
@@ -282,11 +286,11 @@ class RemoteTier:
         return n, m
 
     async def _read(self, ns, alloc_id: int, keys: list[bytes], rkeys: list[str],
-                    offsets: list[int], done: asyncio.Future) -> None:
+                    offsets: list[int], done: asyncio.Future, for_get: bool = True) -> None:
         bb = ns.layout.block_bytes
         try:
             statuses = await self._read_in_lane(ns, keys, rkeys, offsets, bb)
-            self._publish(ns, alloc_id, keys, rkeys, statuses)
+            self._publish(ns, alloc_id, keys, rkeys, statuses, for_get)
         finally:
             for k in keys:
                 self._filling.pop((ns.index, k), None)
@@ -372,7 +376,7 @@ class RemoteTier:
         return [verify(h, k, namespace_id, buf[off:off + bb])
                 for h, k, off in zip(headers, keys, offsets)]
 
-    def _publish(self, ns, alloc_id, keys, rkeys, statuses) -> None:
+    def _publish(self, ns, alloc_id, keys, rkeys, statuses, for_get: bool = True) -> None:
         """Commit the fill's blocks and delete the failed ones in the same step (never seen)."""
         store = self.store
         ok = [s == ReadStatus.OK for s in statuses]
@@ -389,7 +393,7 @@ class RemoteTier:
         n_ok = sum(ok)
         c = self.counters
         c.hits += n_ok
-        c.misses += len(keys) - n_ok
+        c.misses += (len(keys) - n_ok) * for_get
         c.bytes_out += n_ok * ns.layout.block_bytes
         for rk, good in zip(rkeys, ok):
             if good:
@@ -428,7 +432,7 @@ class RemoteTier:
         """A hint: fill in the background (dropped when too many fills are in flight)."""
         if self._closed or len(self._background) >= MAX_BACKGROUND_FILLS:
             return
-        self._spawn(self.fill(namespace_id, keys_blob))
+        self._spawn(self.fill(namespace_id, keys_blob, for_get=False))
 
     # -- write path -----------------------------------------------------------------------------
     def on_commit(self, bids: list[int]) -> None:
