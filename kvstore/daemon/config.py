@@ -206,6 +206,10 @@ FIELDS: list[Field] = [
           "existence check (then: a miss)"),
     Field("remote_read_deadline_s", _pos_float, 2.0, "longest a get waits for remote reads "
           "(then: the local prefix)"),
+    Field("remote_read_chunk_bytes", _size, 256 << 20, "bytes per remote read call within one "
+          "fill: each chunk is verified while the next transfers", format_bytes),
+    Field("remote_fill_on_lookup", _bool, True, "a lookup that finds blocks in the remote "
+          "starts reading them into DRAM (in the background: it answers without waiting)"),
     Field("remote_threads", _pos_int, 4, "threads making remote calls (2x that in flight)"),
     Field("remote_queue_blocks", _pos_int, 256, "blocks waiting for the background writer; "
           "more are skipped and counted"),

@@ -100,9 +100,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.LookupResponse(num_cached=n, tiers=[TIER_ENUM[t] for t in tiers])
 
     async def _lookup_remote(self, request, n: int, tiers: list[str]):
-        """The prefix walk continues in the cluster tier (one batched call, short deadline)."""
-        tiers = tiers + ["REMOTE"] * await self.remote.probe(request.namespace_id,
-                                                              request.keys, n)
+        """The prefix walk continues in the cluster tier (one batched call, short deadline).
+        Blocks found there may start coming into DRAM at once (RemoteTier.on_lookup_found)."""
+        m = await self.remote.probe(request.namespace_id, request.keys, n)
+        if m:
+            self.remote.on_lookup_found(request.namespace_id, request.keys)
+        tiers = tiers + ["REMOTE"] * m
         return pb.LookupResponse(num_cached=len(tiers), tiers=[TIER_ENUM[t] for t in tiers])
 
     @unary

@@ -303,7 +303,8 @@ def test_remote_tier_full_local_hits_stay_local_short_prefixes_ask_the_daemon(da
     engine = start_engine("redis", tmp_path / "engine")
     try:
         a = host(daemon_factory, tmp_path, "a", engine.url)
-        b = host(daemon_factory, tmp_path, "b", engine.url)
+        # B does not fill on lookup: the remote blocks stay remote until a get reads them
+        b = host(daemon_factory, tmp_path, "b", engine.url, "--remote-fill-on-lookup", "false")
         with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
             _, keys, _ = put_on(ca, 5, 8)
             wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="writes")

@@ -142,11 +142,71 @@ def test_a_corrupted_remote_value_is_never_served(engine, daemon_factory, tmp_pa
         raw.close()
 
 
+def test_a_fill_read_in_chunks_is_verified_block_by_block(engine, daemon_factory, tmp_path):
+    """remote_read_chunk_bytes: one fill is read in chunks (here 4 blocks), each verified while
+    the next transfers; a bad value in a later chunk still ends the served prefix exactly
+    there, and every other block of every chunk is checked and kept."""
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url, "--remote-read-chunk-bytes",
+             str(4 * LAYOUT.block_bytes))
+    raw = RawClient(engine.url)
+    try:
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            ns, keys, data = put_on(ca, 8, 14)
+            wait_for(lambda: remote_row(ca).bytes_in >= 14 * LAYOUT.block_bytes, what="writes")
+            victim = remote_key(ns.namespace_id, keys[9])       # in the third chunk (8-11)
+            bad = bytearray(raw.get(victim))
+            bad[64 + 5] ^= 0x10
+            raw.replace(victim, bytes(bad))
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert get_exact(nsb, keys, data) == 9
+            row = remote_row(cb)
+            assert row.checksum_failures == 1 and row.hits == 13
+            wait_for(lambda: not raw.exists(victim), 10, "removal of the corrupt value")
+            assert nsb.lookup(keys).num_cached == 9
+            assert get_exact(nsb, keys, data) == 9
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("fill_on_lookup", [None, "false"])
+def test_a_lookup_that_finds_remote_blocks_starts_reading_them(engine, daemon_factory, tmp_path,
+                                                               fill_on_lookup):
+    """remote_fill_on_lookup (default on): the lookup answers at once, and the blocks it found
+    come into B's DRAM in the background, so the get that follows reads nothing itself; off,
+    they stay remote until the get. Either way each block is read once, and the two blocks
+    past the stored prefix count as misses once (for the get, not for the lookup's fill)."""
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    extra = ["--remote-fill-on-lookup", fill_on_lookup] if fill_on_lookup else []
+    b = host(daemon_factory, tmp_path, "b", engine.url, *extra)
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        _, _, data = put_on(ca, 9, 8)
+        wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="A's writes")
+        nsb = cb.namespace(MODEL, LAYOUT)
+        tokens, _ = chain(9, 8)
+        more = np.random.default_rng(99).integers(0, 50000, 2 * LAYOUT.block_tokens)
+        keys = nsb.block_keys(np.concatenate([tokens, more]))     # A's 8 blocks, then 2 more
+        r = nsb.lookup(keys)
+        assert r.num_cached == 8 and set(r.tiers) == {"REMOTE"}, r
+        if fill_on_lookup is None:
+            wait_for(lambda: remote_row(cb).hits == 8, 10, "the fill the lookup started")
+            assert nsb.lookup(keys).tiers == ["DRAM"] * 8
+        else:
+            time.sleep(0.5)
+            assert remote_row(cb).hits == 0
+            assert set(nsb.lookup(keys).tiers) == {"REMOTE"}
+        assert remote_row(cb).misses == 0
+        assert get_exact(nsb, keys, data) == 8
+        row = remote_row(cb)
+        assert row.hits == 8 and row.bytes_out == 8 * LAYOUT.block_bytes and row.misses == 2
+
+
 def test_a_value_removed_after_the_lookup_is_a_miss(engine, daemon_factory, tmp_path):
     """The get after a lookup reuses the lookup's existence answers (no second existence
-    call): a value gone meanwhile must end the served prefix there, never fail the get."""
+    call): a value gone meanwhile must end the served prefix there, never fail the get.
+    (B does not fill on lookup, which would read the value before it goes.)"""
     a = host(daemon_factory, tmp_path, "a", engine.url)
-    b = host(daemon_factory, tmp_path, "b", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url, "--remote-fill-on-lookup", "false")
     raw = RawClient(engine.url)
     try:
         with KVClient(a.socket) as ca, KVClient(b.socket) as cb:

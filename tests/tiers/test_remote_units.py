@@ -91,6 +91,12 @@ def test_remote_config_keys(tmp_path):
         load_config(env={"KVSTORE_REMOTE": "mooncake://nohost"})
     with pytest.raises(ConfigError, match="remote_write_policy"):
         load_config(overrides={"remote_write_policy": "write_back"}, env={})
+    assert (cfg.remote_read_chunk_bytes, cfg.remote_fill_on_lookup) == (256 << 20, True)
+    cfg = load_config(env={"KVSTORE_REMOTE_READ_CHUNK_BYTES": "16MiB",
+                           "KVSTORE_REMOTE_FILL_ON_LOOKUP": "false"})
+    assert (cfg.remote_read_chunk_bytes, cfg.remote_fill_on_lookup) == (16 << 20, False)
+    with pytest.raises(ConfigError, match="remote_read_chunk_bytes"):
+        load_config(overrides={"remote_read_chunk_bytes": "lots"}, env={})
 
 
 def test_lazy_client_connects_once_for_all_threads_and_again_after_reset():

@@ -46,4 +46,6 @@ def open_remote_tier(cfg, store) -> RemoteTier:
                       policy=cfg.remote_write_policy, write_hits=cfg.remote_write_hits,
                       deadline_s=cfg.remote_deadline_s, read_deadline_s=cfg.remote_read_deadline_s,
                       threads=cfg.remote_threads, queue_blocks=cfg.remote_queue_blocks,
+                      read_chunk_bytes=cfg.remote_read_chunk_bytes,
+                      fill_on_lookup=cfg.remote_fill_on_lookup,
                       breaker=CircuitBreaker(cooldown_s=cfg.remote_retry_s))

@@ -8,6 +8,7 @@ run in a bounded thread pool and every wait has a deadline):
     on_hits(bids)           write_through_selective: queue blocks read ``write_hits`` times.
     probe(ns, keys, n)      -> m: after n local blocks, how many more the remote holds (one
                             batched existence call under ``deadline_s``; 0 on any failure).
+    on_lookup_found(ns, keys)  a lookup found some: fill in the background (fill_on_lookup).
     fill(ns, keys)          before a get: read the remote continuation of the local prefix
                             straight into fresh DRAM arena slots, verify, publish it as DRAM
                             blocks; waits at most ``read_deadline_s`` (a late read still lands).
@@ -55,6 +56,12 @@ KNOWN_KEYS = 1 << 20         # remote keys remembered as stored (skip re-queuein
 # on Redis). A stale "present" costs nothing but a miss (the batched read reports the key
 # missing); a stale "absent" only a recompute the lookup already told the caller to expect.
 PROBE_TTL_S = 1.0
+# Bytes per engine read call within one fill (remote_read_chunk_bytes): each chunk is verified
+# while the next transfers. Large, because a call has a fixed cost (Mooncake over TCP: ~4 ms,
+# the transfer of ~5 MB here) that the overlap must repay: xxh3 runs at ~13 GB/s against the
+# transfer's ~1.2 GB/s, so only a chunk of well over 50 MB hides more than a call costs.
+READ_CHUNK_BYTES = 256 << 20
+VERIFY_THREADS = 2
 PROBED_KEYS = 1 << 16
 # The planner's figure before the first remote read was measured: conservative for a TCP
 # transport (Mooncake measured ~0.7 GB/s, Redis ~0.6 GB/s on a loaded 2-core box).
@@ -90,6 +97,7 @@ class RemoteTier:
     def __init__(self, store, backend: RemoteBackend, url: str, *,
                  policy: str = "write_through", write_hits: int = 1, deadline_s: float = 0.2,
                  read_deadline_s: float = 2.0, threads: int = 4, queue_blocks: int = 256,
+                 read_chunk_bytes: int = READ_CHUNK_BYTES, fill_on_lookup: bool = True,
                  breaker: CircuitBreaker | None = None):
         try:   # kvstore.policies.write: the same policies as the SSD tier's, but write_back
             self._write_policy = write_policy(policy, write_hits, REMOTE_WRITE_POLICIES)
@@ -103,10 +111,15 @@ class RemoteTier:
         self.deadline_s = deadline_s
         self.read_deadline_s = read_deadline_s
         self.queue_blocks = queue_blocks
+        self.read_chunk_bytes = read_chunk_bytes
+        self.fill_on_lookup = fill_on_lookup
         self.breaker = breaker or CircuitBreaker()
         self.counters = RemoteCounters()
         backend.attach(store.dram.buffer)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-remote")
+        self._verifier = ThreadPoolExecutor(VERIFY_THREADS,
+                                            thread_name_prefix="kvstore-remote-verify")
+        self._read_lane = asyncio.Lock()
         self._max_inflight = threads * 2
         self._inflight = 0
         self._queue: collections.deque[int] = collections.deque()   # pinned block ids
@@ -146,6 +159,10 @@ class RemoteTier:
             raise
         except Exception as exc:      # a bug or an engine surprise: still only a miss
             raise RemoteUnavailable(repr(exc)) from None
+
+    def _shutdown_pools(self) -> None:
+        self._pool.shutdown(True)
+        self._verifier.shutdown(True)
 
     def _finished(self, fut: asyncio.Future) -> None:
         self._inflight -= 1
@@ -206,11 +223,13 @@ class RemoteTier:
         return len(rkeys)
 
     # -- read path ------------------------------------------------------------------------------
-    async def fill(self, namespace_id: bytes, keys_blob: bytes) -> tuple[int, int]:
+    async def fill(self, namespace_id: bytes, keys_blob: bytes,
+                   for_get: bool = True) -> tuple[int, int]:
         """Bring the remote continuation of the local prefix into DRAM, waiting at most
         ``read_deadline_s``. Returns (n, m): n blocks were local, the next m were found
         remotely (those that passed verification are now DRAM blocks). Never raises for the
-        remote; bad input is left for the get itself to report."""
+        remote; bad input is left for the get itself to report. ``for_get`` False: a
+        background fill (lookup, prefetch), whose misses are left for the get to count."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
@@ -227,10 +246,12 @@ class RemoteTier:
                 present = await self._call(self.backend.exists, rkeys,
                                            deadline_s=self.deadline_s)
             except RemoteUnavailable:
-                self.counters.misses += len(rest)
+                self.counters.misses += len(rest) * for_get
                 return n, 0
             m = _leading(present)
-        self.counters.misses += len(rest) - m
+        # Misses are counted for gets only: a background fill (lookup, prefetch) is usually
+        # followed by a get that counts the same blocks missing again.
+        self.counters.misses += (len(rest) - m) * for_get
         if not m:
             return n, 0
         rest, rkeys = rest[:m], rkeys[:m]
@@ -239,7 +260,7 @@ class RemoteTier:
             alloc_id, offsets = store.allocate(self._session, ns.namespace_id, pack_keys(rest),
                                                parent_key=keys[n - 1] if n else b"")
         except (ResourceExhausted, KVStoreError):
-            self.counters.misses += m    # no DRAM room (everything leased): served locally later
+            self.counters.misses += m * for_get    # no DRAM room (everything leased): served locally later
             return n, m
         waits = [self._filling[(ns.index, k)] for k, off in zip(rest, offsets)
                  if off < 0 and (ns.index, k) in self._filling]
@@ -250,7 +271,7 @@ class RemoteTier:
             for k in mine:
                 self._filling[(ns.index, k)] = done
             task = loop.create_task(self._read(ns, alloc_id, mine, [rkeys[i] for i in take],
-                                               [offsets[i] for i in take], done))
+                                               [offsets[i] for i in take], done, for_get))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             waits.append(done)
@@ -265,40 +286,97 @@ class RemoteTier:
         return n, m
 
     async def _read(self, ns, alloc_id: int, keys: list[bytes], rkeys: list[str],
-                    offsets: list[int], done: asyncio.Future) -> None:
+                    offsets: list[int], done: asyncio.Future, for_get: bool = True) -> None:
         bb = ns.layout.block_bytes
-        t0 = time.monotonic()
         try:
-            # One engine call for the whole batch: measured here, 4 parallel calls of a quarter
-            # each were slower (92-101 ms against 76-82 ms for 32 x 2 MiB over TCP).
-            try:
-                statuses = await self._call(self._read_verified, rkeys, keys, ns.namespace_id,
-                                            offsets, bb)
-            except RemoteUnavailable:
-                statuses = [ReadStatus.MISSING] * len(keys)
-            n_ok = sum(s == ReadStatus.OK for s in statuses)
-            if n_ok:
-                self._read_bw = _ewma(self._read_bw, n_ok * bb, time.monotonic() - t0)
-            self._publish(ns, alloc_id, keys, rkeys, statuses)
+            statuses = await self._read_in_lane(ns, keys, rkeys, offsets, bb)
+            self._publish(ns, alloc_id, keys, rkeys, statuses, for_get)
         finally:
             for k in keys:
                 self._filling.pop((ns.index, k), None)
             if not done.done():
                 done.set_result(None)
 
-    def _read_verified(self, rkeys, keys, namespace_id, offsets, bb) -> list[ReadStatus]:
-        """(pool thread) Read into the slots, then check every block against its header."""
-        t0 = time.perf_counter()
-        headers = self.backend.get_into(rkeys, offsets, [bb] * len(rkeys))
-        t1 = time.perf_counter()
-        buf = self.store.dram.buffer
-        out = [verify(h, k, namespace_id, buf[off:off + bb])
-               for h, k, off in zip(headers, keys, offsets)]
-        log.debug("remote read of %d blocks: engine %.1f ms, verify %.1f ms", len(keys),
-                  (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
-        return out
+    async def _read_in_lane(self, ns, keys, rkeys, offsets, bb) -> list[ReadStatus]:
+        """The engine reads of one fill, in the read lane; then their verification.
 
-    def _publish(self, ns, alloc_id, keys, rkeys, statuses) -> None:
+        The lane (FIFO) lets one fill's engine reads run at a time: concurrent fills (gets of
+        several clients, a lookup's fill and a prefetch) then finish one after another instead
+        of all at the end, and the engine's bandwidth is not split between them (measured: 4
+        parallel calls of a quarter of a batch were slower than one call; decisions.md 27). The
+        lane is left as soon as the reads are done, so the next fill's transfer overlaps this
+        fill's verification; the wait for it is bounded (a stuck engine call must not make
+        fills pile up holding DRAM slots), and no engine call is ever abandoned while it may
+        still write into the slots."""
+        missing = [ReadStatus.MISSING] * len(keys)
+        try:
+            await asyncio.wait_for(self._read_lane.acquire(), self.read_deadline_s)
+        except asyncio.TimeoutError:
+            self.counters.timeouts += 1
+            return missing
+        try:
+            t0 = time.monotonic()
+            try:
+                verifying, n_read, exc = await self._call(self._read_chunks, rkeys, keys,
+                                                          ns.namespace_id, offsets, bb)
+            except RemoteUnavailable:
+                return missing
+        finally:
+            self._read_lane.release()
+        if exc is not None:      # a later chunk failed: the chunks before it still count
+            self.counters.errors += 1
+            self.breaker.failure()
+            log.warning("remote %s: read failed after %d of %d blocks: %s", self.url,
+                        n_read, len(keys), exc)
+        statuses: list[ReadStatus] = []
+        t1 = time.monotonic()
+        try:
+            for chunk in verifying:
+                statuses.extend(await asyncio.wrap_future(chunk))
+        except Exception as exc:     # a bug in verification: nothing after it is served
+            log.error("remote %s: verification failed: %r", self.url, exc)
+        log.debug("remote fill of %d blocks: reads %.1f ms, then verification %.1f ms",
+                  len(keys), (t1 - t0) * 1e3, (time.monotonic() - t1) * 1e3)
+        statuses.extend(missing[len(statuses):])
+        n_ok = sum(s == ReadStatus.OK for s in statuses)
+        if n_ok:
+            self._read_bw = _ewma(self._read_bw, n_ok * bb, time.monotonic() - t0)
+        return statuses
+
+    def _read_chunks(self, rkeys, keys, namespace_id, offsets, bb):
+        """(pool thread) Read the blocks into their slots, read_chunk_bytes per engine call,
+        handing each chunk to the verifier threads while the next one transfers (the engine
+        call releases the GIL, as does xxh3 on a block: measured). Returns (futures of the
+        statuses of consecutive pieces, blocks read, the exception that stopped the reads or
+        None); raises if the first chunk failed."""
+        step = max(1, self.read_chunk_bytes // bb)
+        chunks: list = []
+        for lo in range(0, len(rkeys), step):
+            hi = min(lo + step, len(rkeys))
+            t0 = time.perf_counter()
+            try:
+                headers = self.backend.get_into(rkeys[lo:hi], offsets[lo:hi], [bb] * (hi - lo))
+            except Exception as exc:
+                if not lo:
+                    raise
+                return chunks, lo, exc
+            log.debug("remote read of %d blocks: engine %.1f ms", hi - lo,
+                      (time.perf_counter() - t0) * 1e3)
+            # verified in VERIFY_THREADS pieces at once: the box's other core hashes too
+            piece = -(-(hi - lo) // VERIFY_THREADS)
+            for p in range(lo, hi, piece):
+                q = min(p + piece, hi)
+                chunks.append(self._verifier.submit(self._verify_chunk, headers[p - lo:q - lo],
+                                                    keys[p:q], namespace_id, offsets[p:q], bb))
+        return chunks, len(rkeys), None
+
+    def _verify_chunk(self, headers, keys, namespace_id, offsets, bb) -> list[ReadStatus]:
+        """(verifier thread) Check every block of a chunk against its header."""
+        buf = self.store.dram.buffer
+        return [verify(h, k, namespace_id, buf[off:off + bb])
+                for h, k, off in zip(headers, keys, offsets)]
+
+    def _publish(self, ns, alloc_id, keys, rkeys, statuses, for_get: bool = True) -> None:
         """Commit the fill's blocks and delete the failed ones in the same step (never seen)."""
         store = self.store
         ok = [s == ReadStatus.OK for s in statuses]
@@ -315,7 +393,7 @@ class RemoteTier:
         n_ok = sum(ok)
         c = self.counters
         c.hits += n_ok
-        c.misses += len(keys) - n_ok
+        c.misses += (len(keys) - n_ok) * for_get
         c.bytes_out += n_ok * ns.layout.block_bytes
         for rk, good in zip(rkeys, ok):
             if good:
@@ -338,11 +416,23 @@ class RemoteTier:
             self._known.pop(rk, None)
             self._probed.pop(rk, None)
 
+    def on_lookup_found(self, namespace_id: bytes, keys_blob: bytes) -> None:
+        """A lookup found blocks here (probe > 0). With ``fill_on_lookup``, start reading
+        them into DRAM now, in the background (the lookup answers without waiting): a lookup
+        is how an engine decides to load a prefix, so the get usually follows, and finds the
+        blocks arrived or arriving (it waits for a fill in flight rather than reading again)
+        instead of starting the transfer itself. The cost when no get follows: the transfer,
+        and DRAM room the fill takes from colder blocks (like a prefetch; bounded, as
+        prefetches are, by MAX_BACKGROUND_FILLS). A lookup that finds them local again
+        reads nothing."""
+        if self.fill_on_lookup:
+            self.prefetch(namespace_id, keys_blob)
+
     def prefetch(self, namespace_id: bytes, keys_blob: bytes) -> None:
         """A hint: fill in the background (dropped when too many fills are in flight)."""
         if self._closed or len(self._background) >= MAX_BACKGROUND_FILLS:
             return
-        self._spawn(self.fill(namespace_id, keys_blob))
+        self._spawn(self.fill(namespace_id, keys_blob, for_get=False))
 
     # -- write path -----------------------------------------------------------------------------
     def on_commit(self, bids: list[int]) -> None:
@@ -495,7 +585,7 @@ class RemoteTier:
             await asyncio.wait(list(self._background), timeout=timeout_s / 2)
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, self._pool.shutdown, True),
+            await asyncio.wait_for(loop.run_in_executor(None, self._shutdown_pools),
                                    timeout_s)
         except asyncio.TimeoutError:
             log.warning("remote %s: engine calls still running at shutdown", self.url)
