@@ -29,6 +29,7 @@ from kvstore.core import shmindex
 from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
+from kvstore.client.readreports import ReadReports
 from kvstore.client.stats import Stats
 from kvstore.core.paths import default_socket
 from kvstore.core.layout import KVLayout
@@ -138,6 +139,9 @@ class KVClient:
         self._releases = 0
         self._work: set[Future] = set()      # puts and gets not finished yet, likewise
         self._pending_puts = PendingPuts()
+        # Lease-free gets' reads, reported to the daemon off their critical path
+        self.read_reports = ReadReports(self._send_read_report,
+                                        lambda: getattr(self, "max_batch_blocks", 4096))
         self._pin_arena = pin_arena
         self._use_hbm = use_hbm
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
@@ -245,8 +249,10 @@ class KVClient:
 
     def stats(self) -> Stats:
         """The daemon's statistics (client/stats.py): print() shows a short table; .proto is
-        the kvstore.v1.Stats message."""
+        the kvstore.v1.Stats message. This client's lease-free reads reported so far are
+        counted in it (their reports are waited for, at most timeout_s)."""
         self._ensure_session()
+        self.read_reports.flush(self.timeout_s)
         return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0):
@@ -290,6 +296,11 @@ class KVClient:
             self._releases += 1
         fut.add_done_callback(self._release_done)
 
+    def _send_read_report(self, request):
+        """Start one ReportReads call (client/readreports.py); its future."""
+        return self._stub.ReportReads.future(request, timeout=self.timeout_s,
+                                             metadata=self._metadata)
+
     def _release_done(self, fut) -> None:
         with self._releases_lock:
             self._releases -= 1
@@ -308,8 +319,9 @@ class KVClient:
             log.warning("asynchronous lease release failed: %s", exc)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Finish this client's puts and gets, wait for their releases (both bounded by
-        ``timeout_s``, default the client's timeout_s), then end the session and the channel.
+        """Finish this client's puts and gets, wait for their releases and read reports (all
+        bounded by ``timeout_s``, default the client's timeout_s), then end the session and
+        the channel.
         Leases still open then end with the session."""
         if self._closed or self._closing:
             return
@@ -324,6 +336,7 @@ class KVClient:
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))
+        self.read_reports.flush(max(0.0, deadline - time.monotonic()))
         self._closed = True
         if self._session is not None:
             self._session.close()
