@@ -323,16 +323,16 @@ class BlockStore:
         publishing it even for an instant would show it to same-host readers of the index
         snapshot)."""
         alloc = self._allocation(session_id, allocation_id)
+        published = [bid for bid in alloc.block_ids if bid >= 0]
+        if keep is not None and not abort and len(keep) != len(published):
+            raise InvalidArgument(f"keep has {len(keep)} flags for {len(published)} written "
+                                  "blocks", Reason.BAD_ARGUMENT)
         del self.sessions[session_id].allocations[allocation_id]
         if abort:
             self._abort(alloc)
             return 0
         bb = self.table.namespaces()[alloc.ns].layout.block_bytes
-        published = [bid for bid in alloc.block_ids if bid >= 0]
         if keep is not None:
-            if len(keep) != len(published):
-                raise InvalidArgument(f"keep has {len(keep)} flags for {len(published)} "
-                                      "written blocks", Reason.BAD_ARGUMENT)
             self._drop_writing([b for b, k in zip(published, keep) if not k])
             published = [b for b, k in zip(published, keep) if k]
         self.table.publish(published)
