@@ -4,9 +4,9 @@ A same-host get that read DRAM blocks straight from the arena (Namespace.get, pr
 generations) made no Acquire, so the daemon did not see it: not the blocks' LRU stamps, not
 their hit counts (the selective SSD and remote write policies read them), not the DRAM tier's
 get counters and latency. :class:`ReadReports` tells it afterwards with ReportReads calls that
-nobody waits for: reads are queued per namespace, and while one call is in flight the next
-reads pile up and go in the call after it (one call in flight per client; a burst of gets
-costs a few calls, not one each).
+no get waits for, made by a thread of their own: reads are queued per namespace, and while one
+call is in flight the next reads pile up and go in the call after it (one call in flight per
+client; a burst of gets costs a few calls, not one each).
 
 Ordering: the daemon learns of a read a little after it happened. Calls of this client whose
 answer depends on what it read — a put's Allocate (its eviction picks by LRU stamps) and
@@ -35,17 +35,21 @@ class _Queued:
 
 
 class ReadReports:
-    """The client's queue of lease-free reads; ``send(request)`` starts one ReportReads call
-    and returns its future (a grpc.Future); ``max_keys()``: keys one call may carry."""
+    """The client's queue of lease-free reads and the thread that reports them:
+    ``call(request)`` makes one ReportReads call (blocking; raises on failure);
+    ``max_keys()``: keys one call may carry. The get's own thread only queues (a dict
+    update under a lock): starting a gRPC call costs more than a small get's copy."""
 
-    def __init__(self, send: Callable, max_keys: Callable[[], int]):
-        self._send = send
+    def __init__(self, call: Callable, max_keys: Callable[[], int]):
+        self._call = call
         self._max_keys = max_keys
         self._cond = threading.Condition()
         self._queued: dict[bytes, _Queued] = {}
-        self._busy = False          # a call is in flight (or being started)
+        self._busy = False          # a call is in flight
         self._sent = 0              # calls started so far, for flush
         self._done = 0              # calls finished so far
+        self._closed = False
+        self._thread: threading.Thread | None = None
         self.reported = 0           # blocks the daemon counted (its answers)
 
     def add(self, namespace_id: bytes, keys_blob: bytes, misses: int, get_s: float) -> None:
@@ -53,6 +57,8 @@ class ReadReports:
         if not keys_blob and not misses:
             return
         with self._cond:
+            if self._closed:
+                return
             q = self._queued.get(namespace_id)
             if q is None:
                 q = self._queued[namespace_id] = _Queued()
@@ -60,10 +66,11 @@ class ReadReports:
                 q.keys.append(keys_blob)
                 q.get_s.append(get_s)
             q.misses += misses
-            if self._busy:
-                return
-            self._busy = True
-        self._pump()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvstore-reports",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait (at most timeout_s) until every read queued before this call was sent and
@@ -78,58 +85,54 @@ class ReadReports:
                 lambda: self._done >= target or (not self._busy and not self._queued),
                 timeout_s)
 
+    def close(self, timeout_s: float) -> None:
+        """Report what is queued (at most timeout_s), then stop the thread."""
+        self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._queued.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
     def _extra_calls(self, q: _Queued) -> int:
         """Calls beyond the first a queued entry needs (split by max_keys)."""
         n = sum(len(b) for b in q.keys) // 16
         return max(0, -(-n // max(1, self._max_keys())) - 1)
 
-    def _take(self) -> pb.ReportReadsRequest | None:
-        """The next call's request (under the lock), or None with nothing queued."""
-        if not self._queued:
-            return None
+    def _take(self) -> pb.ReportReadsRequest:
+        """The next call's request (under the lock, something queued)."""
         ns_id, q = next(iter(self._queued.items()))
-        limit = max(1, self._max_keys()) * 16
+        most = max(1, self._max_keys())
         blob = b"".join(q.keys)
-        get_s = q.get_s
-        if len(blob) > limit:       # the rest waits for the next call
-            q.keys, blob = [blob[limit:]], blob[:limit]
-            q.get_s, get_s = [], get_s[:self._max_keys()]
+        get_s = q.get_s[:most]
+        if len(blob) > 16 * most:   # the rest waits for the next call
+            q.keys, blob = [blob[16 * most:]], blob[:16 * most]
+            q.get_s = []
             misses = 0
         else:
             del self._queued[ns_id]
             misses = q.misses
         return pb.ReportReadsRequest(namespace_id=ns_id, keys=blob, misses=misses,
-                                     get_s=get_s[:self._max_keys()])
+                                     get_s=get_s)
 
-    def _pump(self) -> None:
-        """Start the next call, or go idle (called with _busy set, without the lock)."""
+    def _run(self) -> None:
         while True:
             with self._cond:
-                req = self._take()
-                if req is None:
-                    self._busy = False
-                    self._cond.notify_all()
+                while not self._queued and not self._closed:
+                    self._cond.wait()
+                if self._closed:
                     return
+                req = self._take()
                 self._sent += 1
+                self._busy = True
+            counted = 0
             try:
-                fut = self._send(req)
-            except Exception as exc:     # channel closed under us: the report is lost
-                log.debug("could not report %d lease-free reads: %s", len(req.keys) // 16, exc)
-                with self._cond:
-                    self._done += 1
-                    self._cond.notify_all()
-                continue
-            fut.add_done_callback(self._finished)
-            return
-
-    def _finished(self, fut) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        with self._cond:
-            self._done += 1
-            if exc is None and not fut.cancelled():
-                self.reported += fut.result().counted
-            self._cond.notify_all()
-        if exc is not None:
-            details = exc.details() if hasattr(exc, "details") else exc
-            log.debug("lease-free reads not reported: %s", details)
-        self._pump()
+                counted = self._call(req).counted
+            except Exception as exc:    # noqa: BLE001 - a lost report: stats and order only
+                log.debug("%d lease-free reads not reported: %s", len(req.keys) // 16, exc)
+            with self._cond:
+                self._done += 1
+                self._busy = False
+                self.reported += counted
+                self._cond.notify_all()

@@ -140,7 +140,7 @@ class KVClient:
         self._work: set[Future] = set()      # puts and gets not finished yet, likewise
         self._pending_puts = PendingPuts()
         # Lease-free gets' reads, reported to the daemon off their critical path
-        self.read_reports = ReadReports(self._send_read_report,
+        self.read_reports = ReadReports(lambda req: self.call("ReportReads", req),
                                         lambda: getattr(self, "max_batch_blocks", 4096))
         self._pin_arena = pin_arena
         self._use_hbm = use_hbm
@@ -296,11 +296,6 @@ class KVClient:
             self._releases += 1
         fut.add_done_callback(self._release_done)
 
-    def _send_read_report(self, request):
-        """Start one ReportReads call (client/readreports.py); its future."""
-        return self._stub.ReportReads.future(request, timeout=self.timeout_s,
-                                             metadata=self._metadata)
-
     def _release_done(self, fut) -> None:
         with self._releases_lock:
             self._releases -= 1
@@ -336,7 +331,7 @@ class KVClient:
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))
-        self.read_reports.flush(max(0.0, deadline - time.monotonic()))
+        self.read_reports.close(max(0.0, deadline - time.monotonic()))
         self._closed = True
         if self._session is not None:
             self._session.close()
