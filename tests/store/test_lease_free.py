@@ -385,3 +385,33 @@ def test_report_reads_bad_input_is_a_clear_error(daemon_factory):
                     exc.value.details()
         assert _dram(c).hits == 2                    # and the daemon serves on
         assert ns.lookup(keys).num_cached == 2
+
+
+def test_report_reads_only_from_clients_trusted_with_the_arena(daemon_factory, tmp_path):
+    """A tenant not in arena_tenants reads nothing lease-free: its ReportReads is refused
+    (PERMISSION_DENIED, ARENA_NOT_TRUSTED), so it cannot move eviction order or write
+    policies; a trusted tenant's is taken."""
+    from support.net import tcp_port
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tenant-a-token-0123456789abcdef tenant-a\n"
+                      "tenant-b-token-0123456789abcdef tenant-b\n")
+    tokens.chmod(0o600)
+    d = daemon_factory(*SMALL_DRAM, "--listen", "127.0.0.1:0", "--tokens-file", str(tokens),
+                       "--arena-tenants", "tenant-a")
+    address = f"127.0.0.1:{tcp_port(d)}"
+    for who, trusted in (("a", True), ("b", False)):
+        token = f"tenant-{who}-token-0123456789abcdef"
+        with KVClient(address=address, token=token, shared_memory=False) as c:
+            ns = c.namespace("trust", LAYOUT, tenant=f"tenant-{who}")
+            keys, _ = put_chain(ns, 50, 2)
+            with grpc.insecure_channel(address) as ch:
+                call = pb_grpc.KVStoreStub(ch).ReportReads
+                req = pb.ReportReadsRequest(namespace_id=ns.namespace_id, keys=b"".join(keys))
+                md = (("authorization", f"Bearer {token}"),)
+                if trusted:
+                    assert call(req, metadata=md, timeout=10).counted == 2
+                else:
+                    with pytest.raises(grpc.RpcError) as exc:
+                        call(req, metadata=md, timeout=10)
+                    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    assert "not trusted with the shared arena" in exc.value.details()
