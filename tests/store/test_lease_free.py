@@ -415,3 +415,28 @@ def test_report_reads_only_from_clients_trusted_with_the_arena(daemon_factory, t
                         call(req, metadata=md, timeout=10)
                     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
                     assert "not trusted with the shared arena" in exc.value.details()
+
+
+def test_quantized_namespace_reads_lease_free_through_its_staging(daemon_factory):
+    """A quantized namespace's get reads its packed rows lease-free into the staging buffer
+    and dequantizes them: the same values as the leased path, into out or a new tensor."""
+    torch = pytest.importorskip("torch")
+    from kvstore.core.layout import KVLayout
+    layout = KVLayout(2, 2, 64, block_tokens=16, dtype="bfloat16", quant="int8")
+    d = daemon_factory(*SMALL_DRAM)
+    with KVClient(d.socket) as c:
+        ns = c.namespace("quant-lf", layout)
+        keys = ns.block_keys(list(range(16 * 6)))
+        kv = torch.randn((6, *layout.block_shape), generator=torch.Generator().manual_seed(3))
+        assert ns.put(keys, kv.to(torch.bfloat16)).result(timeout=30) == 6
+        n0 = ns.local_gets_answered
+        lease_free = ns.get(keys).result(timeout=30)
+        out = torch.empty((6, *layout.block_shape), dtype=torch.bfloat16)
+        into_out = ns.get(keys, out=out).result(timeout=30)
+        assert ns.local_gets_answered == n0 + 2
+        ns.local_gets = False
+        leased = ns.get(keys).result(timeout=30)
+        assert ns.local_gets_answered == n0 + 2
+        assert lease_free.shape == leased.shape == (6, *layout.block_shape)
+        assert torch.equal(lease_free, leased) and torch.equal(into_out, leased)
+        assert float((leased.float() - kv).abs().max()) < 0.1     # dequantized, not garbage
