@@ -278,11 +278,11 @@ class Namespace:
         a leased read whose lease ended. The daemon learns of the reads afterwards
         (client/readreports.py: stamps, hit counts, counters), off this path."""
         client = self.client
-        snap = client.local_index()
-        path = client.datapath
-        gens = path.generations if path is not None else None
-        if (snap is None or gens is None or gens.table is None or not self._registered
-                or n > client.max_batch_blocks):
+        pair = client.local_reads() if self._registered else None
+        if pair is None or n > client.max_batch_blocks:
+            return None
+        snap, path = pair
+        if path.generations is None or path.generations.table is None:
             return None
         t0 = time.monotonic()
         probed = snap.probe_slots(self._tag, blob)
@@ -299,7 +299,11 @@ class Namespace:
                                       like="numpy" if _torch_missing() else "torch")
         valid = 0
         if k:
-            lease = BlockLease(self, 0, 0, offs[:k].tolist(), [], generations=expected[:k].tolist())
+            # a lease in all but name (id 0: nothing to release): the data path copies it, and
+            # its valid_prefix is the generation check, against this path's table
+            lease = BlockLease(self, 0, 0, offs[:k].tolist(), [],
+                               generations=expected[:k].tolist(),
+                               generation_table=path.generations)
             dst = transfer.out_rows(out, self.layout, k)
             with transfer.writing_into(out):
                 read = path.read(lease, dst, ready)

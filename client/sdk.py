@@ -134,6 +134,8 @@ class KVClient:
         self.datapath: DataPath | None = None
         # The daemon's index snapshot (kvstore/core/shmindex.py): lookups without an RPC
         self.index_snapshot: shmindex.ShmIndex | None = None
+        # (snapshot, data path) of one session, replaced as one: lease-free gets
+        self._local_pair: tuple | None = None
         # Releases sent without waiting (their copies were proven): close() drains them
         self._releases_lock = threading.Condition()
         self._releases = 0
@@ -176,6 +178,8 @@ class KVClient:
                                                                ev.arena.uuid)
             except (shmindex.ShmIndexError, OSError) as exc:
                 log.info("no index snapshot (%s): lookups go over gRPC", exc)
+        if self.index_snapshot is not None and self.datapath.generations is not None:
+            self._local_pair = (self.index_snapshot, self.datapath)
         self._session = sess
 
     def _open_with_metadata(self) -> _Session:
@@ -215,6 +219,16 @@ class KVClient:
         if s is None or not s.alive:
             return None
         return self.index_snapshot
+
+    def local_reads(self) -> "tuple[shmindex.ShmIndex, DataPath] | None":
+        """(index snapshot, data path) of the current session, for a lease-free get: the
+        snapshot's offsets and generations name slots of that path's arena only (another
+        daemon's arena may hold other bytes at the same offset and generation). None: no
+        snapshot or no slot generations, or the session ended."""
+        s = self._session
+        if s is None or not s.alive:
+            return None
+        return self._local_pair
 
     @property
     def arena(self):
@@ -339,6 +353,7 @@ class KVClient:
         self._close_datapath()
 
     def _close_datapath(self) -> None:
+        self._local_pair = None
         if self.index_snapshot is not None:
             self.index_snapshot.close()
             self.index_snapshot = None
