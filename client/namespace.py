@@ -393,6 +393,9 @@ class Namespace:
             blobs.append(pb.PrefetchItem(keys=pack_keys(keys), deadline_s=deadline_s))
             pending |= self._puts_of(keys)
         _wait_for(pending, self.client.timeout_s)
+        # a get that read a prefetched block ended that prefetch (and gave back its share):
+        # the daemon must know of this client's lease-free reads first
+        self.client.read_reports.flush(self.client.timeout_s)
         r, sid = self._rpc("Prefetch", lambda sid: pb.PrefetchRequest(
             session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s,
             to_hbm=to_hbm))
@@ -402,6 +405,7 @@ class Namespace:
         """End these prefetches now (their blocks become evictable again); returns how many
         were still pending."""
         ids = [t.prefetch_id if isinstance(t, PrefetchTicket) else int(t) for t in tickets]
+        self.client.read_reports.flush(self.client.timeout_s)    # as in prefetch_many
         r, _ = self._rpc("CancelPrefetch", lambda sid: pb.CancelPrefetchRequest(
             session_id=sid, prefetch_ids=[i for i in ids if i]))
         return r.cancelled

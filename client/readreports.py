@@ -9,9 +9,10 @@ call is in flight the next reads pile up and go in the call after it (one call i
 client; a burst of gets costs a few calls, not one each).
 
 Ordering: the daemon learns of a read a little after it happened. Calls of this client whose
-answer depends on what it read — a put's Allocate (its eviction picks by LRU stamps) and
-``stats()`` — first wait for the reports queued before them (``flush``), so a client sees its
-own reads accounted as if they had been Acquires. A lost report (daemon restarted, namespace
+answer depends on what it read — a put's Allocate (its eviction picks by LRU stamps), Prefetch
+and CancelPrefetch (a read ends the prefetches waiting for it) and ``stats()`` — first wait for
+the reports queued before them (``flush``), so a client sees its own reads accounted as if
+they had been Acquires. A lost report (daemon restarted, namespace
 unknown) is dropped with a debug line: it only ever affected eviction order and statistics.
 """
 from __future__ import annotations
