@@ -29,7 +29,9 @@ class BlockLease:
     def __init__(self, ns: "Namespace", session_id: int, lease_id: int, offsets: list[int],
                  tiers: list[str], requested_at: float = 0.0, timeout_s: float = 0.0,
                  generations: list[int] | None = None, hbm_reads: list[int] | None = None,
-                 hbm_fills: list[int] | None = None):
+                 hbm_fills: list[int] | None = None, generation_table=None):
+        """``generation_table``: the slot generations to check against (default: those of
+        the client's data path now, i.e. of the daemon that granted the lease)."""
         self.ns = ns
         # The daemon starts the lease clock after it receives the request, i.e. after
         # requested_at: until requested_at + timeout_s (minus a margin for clock granularity)
@@ -44,7 +46,8 @@ class BlockLease:
         # HBM pool slots per block (-1: none): to read from, to fill (client/datapath/hbm.py)
         self.hbm_reads = hbm_reads or []
         self.hbm_fills = hbm_fills or []
-        self._table = ns.client.datapath.generations   # of the daemon that granted the lease
+        self._table = generation_table if generation_table is not None \
+            else ns.client.datapath.generations   # of the daemon that granted the lease
         self.session_id = session_id
         self._released = lease_id == 0
 

@@ -94,6 +94,10 @@ class Namespace:
         # (same host, trusted with the arena); False: always ask over gRPC.
         self.local_lookups = True
         self.local_lookups_answered = 0   # lookups answered without an RPC
+        # Read DRAM blocks straight from the arena when the snapshot publishes their slots
+        # (see _get_local); False: every get takes a lease over gRPC.
+        self.local_gets = True
+        self.local_gets_answered = 0      # gets answered without an RPC on their path
 
     def _register(self) -> None:
         self.client._ensure_session()
@@ -163,6 +167,9 @@ class Namespace:
         return self.client._pending_puts.of(keys)
 
     def _put(self, blob: bytes, rows, parent_key: bytes, ready=None) -> int:
+        # The eviction this Allocate may run orders blocks by their last read: this client's
+        # lease-free reads must be known to the daemon first (client/readreports.py).
+        self.client.read_reports.flush(self.client.timeout_s)
         alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob, parent_key=parent_key))
         try:
@@ -186,6 +193,7 @@ class Namespace:
         before them, for prefix-aware eviction) to write in place (see BlockAllocation)."""
         blob = pack_keys(keys)
         self._check_batch(len(keys))
+        self.client.read_reports.flush(self.client.timeout_s)    # as in _put
         alloc, sid = self._rpc("Allocate", lambda sid: pb.AllocateRequest(
             session_id=sid, namespace_id=self.namespace_id, keys=blob,
             parent_key=parent_key or b""))
@@ -215,6 +223,9 @@ class Namespace:
         end) is discarded with every later one, never returned (see BlockLease.valid_prefix).
         Read-your-writes: a put of any of these keys that this client started before the get
         is waited for (bounded by the client's timeout_s) before the daemon is asked.
+
+        Same host: the DRAM prefix is read straight from the arena without any RPC when the
+        daemon's index snapshot publishes its slots (see _get_local; ``local_gets``).
         """
         blob = pack_keys(keys)
         self._check_batch(len(keys))
@@ -235,20 +246,99 @@ class Namespace:
 
     def _get(self, blob: bytes, n: int, out, ready=None, pending=()):
         _wait_for(pending, self.client.timeout_s)   # read-your-writes (see get)
+        want_hbm = self.client.datapath.wants_hbm(out)
+        first, grow = 0, False
+        if self.local_gets and not want_hbm:
+            local = self._get_local(blob, n, out, ready)
+            if local is not None:
+                got, rows, complete = local
+                if complete:
+                    self.local_gets_answered += 1
+                    return rows[:got]
+                # The rest of the keys as before, into the rest of out (or a bigger output)
+                first, grow, out = got, out is None, rows
+        return self._get_leased(blob, n, out, ready, want_hbm, first, grow)
+
+    def _get_local(self, blob: bytes, n: int, out, ready=None):
+        """The lease-free read: the longest prefix of DRAM blocks whose slots the index
+        snapshot publishes, copied straight out of the arena. Returns None when it cannot
+        answer (no snapshot or generation table, snapshot not answering, no DRAM prefix);
+        else (k, out, complete): rows [0, k) of ``out`` (a new output of k blocks when the
+        caller gave none) hold exactly the blocks of keys [0, k), and ``complete`` says that
+        is the whole answer (else keys [k, n) go through Acquire).
+
+        Why the bytes are right without a lease: the snapshot publishes a block's slot with
+        the slot's generation when the slot's bytes were already complete (commit, a finished
+        promotion). A slot's generation changes whenever the slot gets a new owner, and a new
+        owner writes only after that change; so a generation read AFTER the copy that still
+        equals the published one proves the slot had no other owner during the copy: the
+        bytes copied are the key's (x86-64 TSO orders the copy's loads before the check's,
+        as kvstore/core/slotgen.py explains). A block evicted or overwritten under the copy
+        fails the check: it and every later block are left to the Acquire path, exactly as
+        a leased read whose lease ended. The daemon learns of the reads afterwards
+        (client/readreports.py: stamps, hit counts, counters), off this path."""
+        client = self.client
+        pair = client.local_reads() if self._registered else None
+        if pair is None or n > client.max_batch_blocks:
+            return None
+        snap, path = pair
+        if path.generations is None or path.generations.table is None:
+            return None
+        t0 = time.monotonic()
+        probed = snap.probe_slots(self._tag, blob)
+        if probed is None:
+            return None
+        tiers, offs, expected = probed
+        k = shmindex.dram_prefix(tiers, offs)
+        # The snapshot's miss ends the answer unless the remote tier could continue it.
+        ends = k == n or (tiers[k] == shmindex.EMPTY and not snap.flags & shmindex.REMOTE)
+        if k == 0 and not ends:
+            return None
+        if out is None:
+            out = transfer.new_output(self.layout, k,
+                                      like="numpy" if _torch_missing() else "torch")
+        valid = 0
+        if k:
+            # a lease in all but name (id 0: nothing to release): the data path copies it, and
+            # its valid_prefix is the generation check, against this path's table
+            lease = BlockLease(self, 0, 0, offs[:k].tolist(), [],
+                               generations=expected[:k].tolist(),
+                               generation_table=path.generations)
+            dst = transfer.out_rows(out, self.layout, k)
+            with transfer.writing_into(out):
+                read = path.read(lease, dst, ready)
+            # an arena path proves by generations: valid == unproven == proven prefix
+            valid = min(read.valid, read.unproven)
+        complete = ends and valid == k
+        misses = n - k if complete else 0
+        client.read_reports.add(self.namespace_id, blob[:16 * valid], misses,
+                                time.monotonic() - t0)
+        return valid, out, complete
+
+    def _get_leased(self, blob: bytes, n: int, out, ready, want_hbm: bool, first: int = 0,
+                    grow: bool = False):
+        """The leased read of keys [first, n) into rows [first, ...) of ``out`` (rows before
+        ``first`` already hold proven blocks); ``grow``: ``out`` holds only those rows (a
+        lease-free read's own output), and a bigger one is made if the lease brings more.
+        Returns the first valid rows of out."""
         path = self.client.datapath
         t0 = time.monotonic()
-        want_hbm = path.wants_hbm(out)
+        rest = blob[16 * first:] if first else blob
         r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
-            session_id=sid, namespace_id=self.namespace_id, keys=blob, want_hbm=want_hbm))
+            session_id=sid, namespace_id=self.namespace_id, keys=rest, want_hbm=want_hbm))
         lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s,
                            list(r.generations), list(r.hbm_offsets) if want_hbm else None,
                            list(r.hbm_fill) if want_hbm else None)
         found = len(lease)
         try:
-            if out is None:
-                out = transfer.new_output(self.layout, found,
+            if out is None or (grow and found):
+                new = transfer.new_output(self.layout, first + found,
                                           like="numpy" if _torch_missing() else "torch")
-            dst = transfer.out_rows(out, self.layout, found)
+                if first:
+                    transfer.out_rows(new, self.layout, first)[:] = \
+                        transfer.out_rows(out, self.layout, first)
+                out = new
+            dst = transfer.out_rows(out, self.layout, first + found)[first:]
             with transfer.writing_into(out):
                 read = path.read(lease, dst, ready) if found else Read(0, 0)
         except BaseException:
@@ -270,7 +360,7 @@ class Namespace:
                 valid = min(valid, unproven)
         else:
             lease.release(wait=False, hbm_filled=filled)
-        return out[:valid]
+        return out[:first + valid]
 
     # -- scheduler hints and the recompute planner ---------------------------------------------
     def prefetch(self, keys: Sequence[bytes], deadline_s: float = 1.0,
@@ -303,6 +393,9 @@ class Namespace:
             blobs.append(pb.PrefetchItem(keys=pack_keys(keys), deadline_s=deadline_s))
             pending |= self._puts_of(keys)
         _wait_for(pending, self.client.timeout_s)
+        # a get that read a prefetched block ended that prefetch (and gave back its share):
+        # the daemon must know of this client's lease-free reads first
+        self.client.read_reports.flush(self.client.timeout_s)
         r, sid = self._rpc("Prefetch", lambda sid: pb.PrefetchRequest(
             session_id=sid, namespace_id=self.namespace_id, items=blobs, grace_s=grace_s,
             to_hbm=to_hbm))
@@ -312,6 +405,7 @@ class Namespace:
         """End these prefetches now (their blocks become evictable again); returns how many
         were still pending."""
         ids = [t.prefetch_id if isinstance(t, PrefetchTicket) else int(t) for t in tickets]
+        self.client.read_reports.flush(self.client.timeout_s)    # as in prefetch_many
         r, _ = self._rpc("CancelPrefetch", lambda sid: pb.CancelPrefetchRequest(
             session_id=sid, prefetch_ids=[i for i in ids if i]))
         return r.cancelled

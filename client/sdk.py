@@ -29,6 +29,7 @@ from kvstore.core import shmindex
 from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
+from kvstore.client.readreports import ReadReports
 from kvstore.client.stats import Stats
 from kvstore.core.paths import default_socket
 from kvstore.core.layout import KVLayout
@@ -133,11 +134,16 @@ class KVClient:
         self.datapath: DataPath | None = None
         # The daemon's index snapshot (kvstore/core/shmindex.py): lookups without an RPC
         self.index_snapshot: shmindex.ShmIndex | None = None
+        # (snapshot, data path) of one session, replaced as one: lease-free gets
+        self._local_pair: tuple | None = None
         # Releases sent without waiting (their copies were proven): close() drains them
         self._releases_lock = threading.Condition()
         self._releases = 0
         self._work: set[Future] = set()      # puts and gets not finished yet, likewise
         self._pending_puts = PendingPuts()
+        # Lease-free gets' reads, reported to the daemon off their critical path
+        self.read_reports = ReadReports(lambda req: self.call("ReportReads", req),
+                                        lambda: getattr(self, "max_batch_blocks", 4096))
         self._pin_arena = pin_arena
         self._use_hbm = use_hbm
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-io")
@@ -172,6 +178,8 @@ class KVClient:
                                                                ev.arena.uuid)
             except (shmindex.ShmIndexError, OSError) as exc:
                 log.info("no index snapshot (%s): lookups go over gRPC", exc)
+        if self.index_snapshot is not None and self.datapath.generations is not None:
+            self._local_pair = (self.index_snapshot, self.datapath)
         self._session = sess
 
     def _open_with_metadata(self) -> _Session:
@@ -212,6 +220,16 @@ class KVClient:
             return None
         return self.index_snapshot
 
+    def local_reads(self) -> "tuple[shmindex.ShmIndex, DataPath] | None":
+        """(index snapshot, data path) of the current session, for a lease-free get: the
+        snapshot's offsets and generations name slots of that path's arena only (another
+        daemon's arena may hold other bytes at the same offset and generation). None: no
+        snapshot or no slot generations, or the session ended."""
+        s = self._session
+        if s is None or not s.alive:
+            return None
+        return self._local_pair
+
     @property
     def arena(self):
         """The daemon's arena mapped in this process (kvstore.core.arena.Arena), or None."""
@@ -245,8 +263,10 @@ class KVClient:
 
     def stats(self) -> Stats:
         """The daemon's statistics (client/stats.py): print() shows a short table; .proto is
-        the kvstore.v1.Stats message."""
+        the kvstore.v1.Stats message. This client's lease-free reads reported so far are
+        counted in it (their reports are waited for, at most timeout_s)."""
         self._ensure_session()
+        self.read_reports.flush(self.timeout_s)
         return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0):
@@ -308,8 +328,9 @@ class KVClient:
             log.warning("asynchronous lease release failed: %s", exc)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Finish this client's puts and gets, wait for their releases (both bounded by
-        ``timeout_s``, default the client's timeout_s), then end the session and the channel.
+        """Finish this client's puts and gets, wait for their releases and read reports (all
+        bounded by ``timeout_s``, default the client's timeout_s), then end the session and
+        the channel.
         Leases still open then end with the session."""
         if self._closed or self._closing:
             return
@@ -324,6 +345,7 @@ class KVClient:
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))
+        self.read_reports.close(max(0.0, deadline - time.monotonic()))
         self._closed = True
         if self._session is not None:
             self._session.close()
@@ -331,6 +353,7 @@ class KVClient:
         self._close_datapath()
 
     def _close_datapath(self) -> None:
+        self._local_pair = None
         if self.index_snapshot is not None:
             self.index_snapshot.close()
             self.index_snapshot = None

@@ -116,6 +116,7 @@ class Stats:
     sessions: int = 0
     active_leases: int = 0
     lookups: int = 0
+    reads_reported: int = 0           # DRAM blocks read lease-free by same-host clients
     tiers: tuple[TierStats, ...] = field(default=(), metadata=_BUILT)
     namespaces: tuple[NamespaceStats, ...] = field(default=(), metadata=_BUILT)
     puts_rejected: int = 0            # RESOURCE_EXHAUSTED answers to puts

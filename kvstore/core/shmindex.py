@@ -2,13 +2,18 @@
 
 The daemon (the only writer) mirrors every committed block into an open-addressing table in a
 shared-memory file next to the arena (``<arena>.index``); trusted same-host clients map it
-read-only and answer ``Namespace.lookup`` themselves (client/namespace.py). What a bucket holds:
-(namespace tag, 16-byte key) → tier (DRAM or SSD). The namespace tag is the first 8 bytes of the
-namespace id with its low bit set (0 marks an empty bucket), so a client needs nothing but the
-namespace id it already has.
+read-only and answer ``Namespace.lookup`` themselves (client/namespace.py), and read DRAM
+blocks without an Acquire (``Namespace.get``, docs/decisions.md). What a bucket holds:
+(namespace tag, 16-byte key) → tier (DRAM or SSD), the block's DRAM slot offset (NO_OFFSET if
+it has none) and that slot's generation (kvstore/core/slotgen.py) when the block became
+visible there. The namespace tag is the first 8 bytes of the namespace id with its low bit set
+(0 marks an empty bucket), so a client needs nothing but the namespace id it already has.
 
 Writer (daemon, through BlockTable's state-change methods):
-    put(ns_tag, lo, hi, tier)   a block became visible or changed tier (commit, demote, promote)
+    put(ns_tag, lo, hi, tier, offset, gen)
+                                a block became visible or changed tier or slot (commit,
+                                demote, promote); published only once the slot's bytes are
+                                complete, so (offset, gen) always names a whole block
     remove(ns_tag, lo, hi)      a block stopped being visible (delete, evict, discard)
     rebuild(...)                rewrite the whole table (too many tombstones, or back from full)
 
@@ -48,10 +53,11 @@ import numpy as np
 
 from kvstore.core.shmfile import ShmFile, attach_companion, companion_path, create_companion
 
-DEFAULT_ENTRIES = 1 << 20            # buckets (29 bytes each), when nothing better is known
+DEFAULT_ENTRIES = 1 << 20            # buckets (41 bytes each), when nothing better is known
 MIN_ENTRIES, MAX_ENTRIES = 1 << 16, 1 << 22
 TYPICAL_BLOCK_BYTES = 64 << 10       # sizing guess: a 16-token block of a small model
 EMPTY, DRAM, SSD, TOMB = 0, 1, 2, 255
+NO_OFFSET = -1                       # a bucket's offset when the block has no DRAM slot
 TIER_NAMES = {DRAM: "DRAM", SSD: "SSD"}
 _NAMES = ["?"] * 256
 for _t, _name in TIER_NAMES.items():
@@ -78,7 +84,7 @@ class ShmIndexError(RuntimeError):
 def buckets_for(capacity_bytes: int) -> int:
     """Buckets for a daemon holding ``capacity_bytes`` in DRAM and SSD: room for every block
     of TYPICAL_BLOCK_BYTES under the 60% load limit, a power of two in [MIN_ENTRIES,
-    MAX_ENTRIES] (2 MiB to 116 MiB of tmpfs). Past the limit lookups fall back to the RPC."""
+    MAX_ENTRIES] (3 MiB to 164 MiB of tmpfs). Past the limit lookups fall back to the RPC."""
     want = int(capacity_bytes // TYPICAL_BLOCK_BYTES / _MAX_LOAD) + 1
     return min(MAX_ENTRIES, max(MIN_ENTRIES, 1 << (want - 1).bit_length()))
 
@@ -92,10 +98,14 @@ def ns_tag(namespace_id: bytes) -> int:
     return int.from_bytes(bytes(namespace_id)[:8].ljust(8, b"\0"), "little") | 1
 
 
+_FIELDS = (("tag", np.uint64), ("lo", np.uint64), ("hi", np.uint64), ("off", np.int64),
+           ("ver", np.uint32), ("gen", np.uint32), ("tier", np.uint8))
+_NAMES_ = tuple(name for name, _ in _FIELDS)
+
+
 def _layout(buckets: int) -> tuple[dict[str, tuple[int, type]], int]:
     fields, off = {}, _DATA_OFFSET
-    for name, dtype in (("tag", np.uint64), ("lo", np.uint64), ("hi", np.uint64),
-                        ("ver", np.uint32), ("tier", np.uint8)):
+    for name, dtype in _FIELDS:
         fields[name] = (off, dtype)
         off += buckets * np.dtype(dtype).itemsize
         off = -(-off // 64) * 64
@@ -125,8 +135,8 @@ class ShmIndex:
         if owner:
             for name, (off, dtype) in fields.items():
                 size = np.dtype(dtype).itemsize
-                mv = memoryview(mm)[off:off + buckets * size].cast(
-                    {8: "Q", 4: "I", 1: "B"}[size])
+                code = "q" if dtype is np.int64 else {8: "Q", 4: "I", 1: "B"}[size]
+                mv = memoryview(mm)[off:off + buckets * size].cast(code)
                 self._views.append(mv)
                 setattr(self, "_w" + name, mv)
 
@@ -141,8 +151,9 @@ class ShmIndex:
         idx = cls(file, buckets)
         # Touch every page now (tens of ms for the default size): first touches under the
         # daemon's commits would otherwise cost a page fault per new block.
-        for name in ("tag", "lo", "hi", "ver", "tier"):
+        for name in _NAMES_:
             getattr(idx, name).fill(0)
+        idx.off.fill(NO_OFFSET)
         idx._words[1] = REMOTE if remote else 0
         idx.beat()
         return idx
@@ -200,18 +211,22 @@ class ShmIndex:
     def _home(self, tag: int, lo: int) -> int:
         return (lo ^ ((tag * _MIX) & _U64)) & self._mask
 
-    def _write(self, b: int, tag: int, lo: int, hi: int, tier: int) -> None:
+    def _write(self, b: int, tag: int, lo: int, hi: int, tier: int, off: int, gen: int) -> None:
         ver = self._wver
         v = ver[b]
         ver[b] = (v + 1) & 0xFFFFFFFF     # odd: readers of this bucket retry
         self._wtag[b] = tag
         self._wlo[b] = lo
         self._whi[b] = hi
+        self._woff[b] = off
+        self._wgen[b] = gen
         self._wtier[b] = tier
         ver[b] = (v + 2) & 0xFFFFFFFF     # even again: consistent
 
-    def put(self, tag: int, lo: int, hi: int, tier: int) -> None:
-        """Publish (or re-tier) one visible block."""
+    def put(self, tag: int, lo: int, hi: int, tier: int, off: int = NO_OFFSET,
+            gen: int = 0) -> None:
+        """Publish (or re-tier, or move) one visible block: its DRAM slot ``off`` (NO_OFFSET:
+        none) holds its whole bytes, and had generation ``gen`` when they were complete."""
         if self.flags & OVERFLOW:
             return
         pos, tomb, mask = self._home(tag, lo), -1, self._mask
@@ -224,8 +239,8 @@ class ShmIndex:
                 if tomb < 0:
                     tomb = pos
             elif los[pos] == lo and his[pos] == hi and tags[pos] == tag:
-                if t != tier:
-                    self._write(pos, tag, lo, hi, tier)
+                if t != tier or self._woff[pos] != off or self._wgen[pos] != gen:
+                    self._write(pos, tag, lo, hi, tier, off, gen)
                 return
             pos = (pos + 1) & mask
         if self.live + 1 > _MAX_LOAD * self.buckets:
@@ -235,7 +250,7 @@ class ShmIndex:
             pos = tomb
         else:
             self.used += 1
-        self._write(pos, tag, lo, hi, tier)
+        self._write(pos, tag, lo, hi, tier, off, gen)
         self.live += 1
 
     def remove(self, tag: int, lo: int, hi: int) -> None:
@@ -249,7 +264,7 @@ class ShmIndex:
             if t == EMPTY:
                 return
             if t != TOMB and los[pos] == lo and his[pos] == hi and tags[pos] == tag:
-                self._write(pos, 0, 0, 0, TOMB)
+                self._write(pos, 0, 0, 0, TOMB, NO_OFFSET, 0)
                 self.live -= 1
                 return
             pos = (pos + 1) & mask
@@ -261,9 +276,11 @@ class ShmIndex:
     def fits(self, n: int) -> bool:
         return n <= _MAX_LOAD * self.buckets
 
-    def rebuild(self, tags: np.ndarray, keys: np.ndarray, tiers: np.ndarray) -> bool:
+    def rebuild(self, tags: np.ndarray, keys: np.ndarray, tiers: np.ndarray,
+                offs: np.ndarray | None = None, gens: np.ndarray | None = None) -> bool:
         """Rewrite the table with exactly these blocks (uint64 tags, [n, 2] uint64 keys, uint8
-        tiers). Returns False (and leaves the overflow flag set) if they do not fit."""
+        tiers, int64 DRAM offsets and uint32 generations as :meth:`put` takes them; None:
+        no slots). Returns False (and leaves the overflow flag set) if they do not fit."""
         n = len(tags)
         if not self.fits(n):
             self._set_flag(OVERFLOW, True)
@@ -272,6 +289,8 @@ class ShmIndex:
         self.ver += np.uint32(2)             # a reader mid-bucket sees its version change too
         self.tier[:] = EMPTY
         tags = np.asarray(tags, dtype=np.uint64)
+        offs = np.full(n, NO_OFFSET, dtype=np.int64) if offs is None else np.asarray(offs)
+        gens = np.zeros(n, dtype=np.uint32) if gens is None else np.asarray(gens)
         lo = np.ascontiguousarray(keys[:, 0], dtype=np.uint64)
         pos = ((lo ^ (tags * np.uint64(_MIX))) & np.uint64(self._mask)).astype(np.int64)
         pending = np.arange(n)
@@ -284,6 +303,8 @@ class ShmIndex:
                 self.tag[slots] = tags[i]
                 self.lo[slots] = keys[i, 0]
                 self.hi[slots] = keys[i, 1]
+                self.off[slots] = offs[i]
+                self.gen[slots] = gens[i]
                 self.tier[slots] = tiers[i]
                 keep = np.ones(len(pending), dtype=bool)
                 keep[won] = False
@@ -299,6 +320,16 @@ class ShmIndex:
         """Tier of each key (uint8: DRAM, SSD, or EMPTY for a miss), all keys probed at once;
         None when the snapshot cannot answer (closed, full, or still torn after retries):
         ask the daemon instead."""
+        got = self._probe(tag, keys, False)
+        return None if got is None else got[0]
+
+    def probe_slots(self, tag: int, keys) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """As :meth:`probe`, with each key's DRAM slot: (tiers uint8, offsets int64 (NO_OFFSET
+        where none or a miss), generations uint32), each bucket's three read under one seqlock
+        read; None when the snapshot cannot answer. The lease-free get's probe."""
+        return self._probe(tag, keys, True)
+
+    def _probe(self, tag: int, keys, slots: bool):
         q = np.frombuffer(keys, dtype=np.uint64).reshape(-1, 2) if isinstance(
             keys, (bytes, bytearray, memoryview)) else keys
         n = len(q)
@@ -307,6 +338,7 @@ class ShmIndex:
         home = ((qlo ^ np.uint64((tag * _MIX) & _U64)) & np.uint64(mask)).astype(np.int64)
         words, tag_ = self._words, np.uint64(tag)
         ver, tier_, tags, los, his = self.ver, self.tier, self.tag, self.lo, self.hi
+        offs_, gens_ = self.off, self.gen
         for _ in range(_MAX_TRIES):
             e1 = int(words[0])
             if (int(words[1]) & (CLOSED | OVERFLOW) or not self.fresh
@@ -315,6 +347,9 @@ class ShmIndex:
             if e1 & 1:
                 continue      # a rebuild is running
             out = np.zeros(n, dtype=np.uint8)
+            if slots:
+                out_off = np.full(n, NO_OFFSET, dtype=np.int64)
+                out_gen = np.zeros(n, dtype=np.uint32)
             active, pos, alo, ahi = None, home, qlo, qhi     # active None: every key
             steps = 0
             while len(pos) and steps < 4 * _MAX_TRIES + 64:
@@ -325,14 +360,19 @@ class ShmIndex:
                 tg = tags[pos]
                 lo = los[pos]
                 hi = his[pos]
+                if slots:
+                    of = offs_[pos]
+                    ge = gens_[pos]
                 v2 = ver[pos]
                 ok = (v1 == v2) & ((v1 & 1) == 0)
                 hit = ok & (tg == tag_) & (lo == alo) & (hi == ahi) & (t != EMPTY) & (t != TOMB)
+                where = np.flatnonzero(hit) if active is None else active[hit]
+                out[where] = t[hit]
+                if slots:
+                    out_off[where] = of[hit]
+                    out_gen[where] = ge[hit]
                 if active is None:
-                    out[hit] = t[hit]
                     active = np.arange(n)
-                else:
-                    out[active[hit]] = t[hit]
                 # torn buckets are read again at the same position; the rest move on
                 step = ok & ~hit & (t != EMPTY)
                 keep = ~ok | step
@@ -344,7 +384,7 @@ class ShmIndex:
             if len(pos):
                 continue
             if int(words[0]) == e1:
-                return out
+                return (out, out_off, out_gen) if slots else (out,)
         return None
 
     def close(self) -> None:
@@ -352,7 +392,7 @@ class ShmIndex:
             return
         if self._owner:
             self._set_flag(CLOSED, True)
-            for name in ("tag", "lo", "hi", "ver", "tier", "_words"):
+            for name in _NAMES_ + ("_words",):
                 setattr(self, name, None)
                 setattr(self, "_w" + name.lstrip("_"), None)
             for mv in self._views:
@@ -369,3 +409,10 @@ def prefix(tiers: np.ndarray) -> tuple[int, list[str]]:
     n = int(miss[0]) if len(miss) else len(tiers)
     names = _NAMES
     return n, [names[t] for t in tiers[:n].tolist()]
+
+
+def dram_prefix(tiers: np.ndarray, offsets: np.ndarray) -> int:
+    """How many leading keys of a probe_slots answer are DRAM blocks with a published slot
+    (what a lease-free get may copy)."""
+    bad = np.flatnonzero((tiers != DRAM) | (offsets < 0))
+    return int(bad[0]) if len(bad) else len(tiers)

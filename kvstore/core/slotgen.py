@@ -20,8 +20,10 @@ On x86-64 (TSO: loads are not reordered with older loads, stores are seen in cau
 is a correct seqlock without explicit fences; other architectures would need a load fence
 before the check and a store fence after the bump.
 
-Designed to serve lease-free same-host reads later (docs/decisions.md): a client that knows a
-block's offset and generation can read it without an Acquire/Release round trip.
+It also serves lease-free same-host reads (docs/decisions.md): the daemon publishes a block's
+offset with its slot's generation in the index snapshot (kvstore/core/shmindex.py), and a client
+that knows both reads the block without an Acquire/Release round trip, checking the generation
+after its copy exactly as a leased read does.
 """
 from __future__ import annotations
 
@@ -85,6 +87,14 @@ class SlotGenerations:
         """Generation of each slot; 0 for a negative offset (no DRAM slot)."""
         t = self.table
         return [int(t[o // PAGE_BYTES]) if o >= 0 else 0 for o in offsets]
+
+    def at(self, offset: int) -> int:
+        """Generation of the slot at ``offset`` (>= 0)."""
+        return int(self.table[offset // PAGE_BYTES])
+
+    def of(self, offsets: np.ndarray) -> np.ndarray:
+        """Generation of each slot (uint32 array) of non-negative ``offsets`` (int64 array)."""
+        return self.table[np.asarray(offsets, dtype=np.int64) // PAGE_BYTES]
 
     def valid_prefix(self, offsets, expected) -> int:
         """How many leading slots still have their expected generation (the seqlock check,

@@ -183,7 +183,8 @@ class Daemon:
             log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
         # The composition root: each part gets its collaborators through its constructor.
         copies = TierSet()    # every tier a block's copy can be in: the table frees through it
-        table = BlockTable(mirror=self.snapshot, on_free=copies.forget)
+        table = BlockTable(mirror=self.snapshot, on_free=copies.forget,
+                           generations=self.generations)
         evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
         dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
         copies.add(dram)

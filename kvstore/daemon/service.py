@@ -27,6 +27,9 @@ WATCH_MIN_INTERVAL_S = 0.05
 # request recomputed, so anything larger is a bug or an attack on the counters.
 MAX_REPORTED_FALLBACKS = 1 << 20
 MAX_REPORTED_BLOCKS = 1 << 40
+# One ReportReads covers at most max_batch_blocks keys read; misses likewise come from a few gets.
+MAX_REPORTED_MISSES = 1 << 24
+MAX_REPORTED_GET_S = 3600.0
 TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD,
              "REMOTE": pb.TIER_REMOTE}
 
@@ -222,6 +225,28 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                      request.blocks, f": {request.reason[:200]}" if request.reason else "")
         return pb.ReportFallbacksResponse()
 
+    @unary
+    def ReportReads(self, request, context):
+        """Lease-free DRAM reads, after the fact: accounted as an acquire's DRAM hits are
+        (BlockStore.report_reads), then the same after-get hooks as Acquire runs."""
+        if request.misses > MAX_REPORTED_MISSES:
+            raise InvalidArgument(f"ReportReads(misses={request.misses}): one report may claim "
+                                  f"at most {MAX_REPORTED_MISSES} misses", Reason.BAD_ARGUMENT)
+        if len(request.get_s) > self.store.max_batch_blocks or not all(
+                0 <= s <= MAX_REPORTED_GET_S for s in request.get_s):
+            raise InvalidArgument(f"ReportReads: get_s must hold at most max_batch_blocks="
+                                  f"{self.store.max_batch_blocks} times, each in [0, "
+                                  f"{MAX_REPORTED_GET_S:g}] s", Reason.BAD_ARGUMENT)
+        bids = self.store.report_reads(request.namespace_id, request.keys, request.misses)
+        if bids:
+            if self.prefetcher is not None:
+                self.prefetcher.on_acquire(bids)
+            if self.store.ssd is not None:
+                self.store.ssd.on_hits(bids)
+            if self.remote is not None:
+                self.remote.on_hits(bids)
+        return pb.ReportReadsResponse(counted=len(bids))
+
 
     # -- prefetch and the recompute planner (kvstore/prefetch/prefetcher.py, kvstore/planner/recompute.py) ----------
     @unary
@@ -293,7 +318,7 @@ def stats_message(store: BlockStore, prefetcher=None, remote=None) -> pb.Stats:
                   active_leases=store.active_leases(), uptime_s=store.uptime_s(),
                   daemon_version=__version__, lookups=k.lookups,
                   puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
-                  sessions_reclaimed=k.sessions_reclaimed)
+                  sessions_reclaimed=k.sessions_reclaimed, reads_reported=k.reads_reported)
     pf = prefetcher
     if pf is not None:
         c = pf.counters

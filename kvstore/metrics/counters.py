@@ -32,6 +32,7 @@ class TierCounters:
 @dataclass
 class DaemonCounters:
     lookups: int = 0
+    reads_reported: int = 0      # blocks same-host clients read without a lease (report_reads)
     puts_rejected: int = 0
     leases_expired: int = 0
     allocations_expired: int = 0

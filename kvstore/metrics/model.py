@@ -128,6 +128,12 @@ class Metrics:
             t0, tier = started
             self.get_latency[tier].observe(self.clock() - t0)
 
+    def gets_reported(self, seconds) -> None:
+        """Lease-free DRAM gets a client timed itself (ReportReads): no Acquire to time."""
+        hist = self.get_latency[pb.TIER_DRAM]
+        for s in seconds:
+            hist.observe(s)
+
     def fallbacks_reported(self, count: int, blocks: int) -> None:
         self.recompute_fallbacks = saturating_add(self.recompute_fallbacks, count)
         self.recompute_fallback_blocks = saturating_add(self.recompute_fallback_blocks, blocks)

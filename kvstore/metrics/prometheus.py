@@ -34,6 +34,7 @@ _TIER_COUNTERS = [
 ]
 _DAEMON_COUNTERS = [
     ("lookups", "Lookup calls"),
+    ("reads_reported", "DRAM blocks same-host clients read without a lease (ReportReads)"),
     ("puts_rejected", "Puts refused because the tier was full of leased blocks"),
     ("leases_expired", "Leases that expired before release"),
     ("sessions_reclaimed", "Sessions whose client died with leases or allocations open"),

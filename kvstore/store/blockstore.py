@@ -6,6 +6,8 @@ Primitives, in call order (the servicer is a thin translation of these):
     put:  allocate → (client copies into the arena slots) → commit(abort=False|True)
     get:  acquire  → [promote: SSD-only blocks read into DRAM] → (client copies out of the arena
           slots) → release
+          or, same-host and lease-free: (client reads the index snapshot and the slots) →
+          report_reads, after the fact and off the client's critical path
     delete, expire (called periodically), close_session (the client's stream broke)
 
 Guarantees:
@@ -78,7 +80,7 @@ def dram_store(arena, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, generations=Non
     """A store with the DRAM tier only, wired as the daemon's composition root wires it
     (in-process tests and benchmarks). ``kw``: BlockStore's options."""
     copies = TierSet()
-    table = BlockTable(mirror=snapshot, on_free=copies.forget)
+    table = BlockTable(mirror=snapshot, on_free=copies.forget, generations=generations)
     dram = DRAMTier(arena, table, chunk_bytes, generations)
     copies.add(dram)
     return BlockStore(table, dram, **kw)
@@ -313,16 +315,26 @@ class BlockStore:
                 buf[off:off + bb] = mv[i * bb:(i + 1) * bb]
 
     def commit(self, session_id: int, allocation_id: int, abort: bool = False,
-               committed_out: list[int] | None = None) -> int:
+               committed_out: list[int] | None = None, keep: list[bool] | None = None) -> int:
         """Publish (or abort) an allocation; returns blocks published. Their ids are appended
-        to ``committed_out`` (the SSD and remote tiers write them through)."""
+        to ``committed_out`` (the SSD and remote tiers write them through). ``keep``: one
+        flag per block the allocation writes (offset >= 0, in order); a False one is dropped
+        as an abort drops it, never published (a remote fill whose value failed its check:
+        publishing it even for an instant would show it to same-host readers of the index
+        snapshot)."""
         alloc = self._allocation(session_id, allocation_id)
+        published = [bid for bid in alloc.block_ids if bid >= 0]
+        if keep is not None and not abort and len(keep) != len(published):
+            raise InvalidArgument(f"keep has {len(keep)} flags for {len(published)} written "
+                                  "blocks", Reason.BAD_ARGUMENT)
         del self.sessions[session_id].allocations[allocation_id]
         if abort:
             self._abort(alloc)
             return 0
         bb = self.table.namespaces()[alloc.ns].layout.block_bytes
-        published = [bid for bid in alloc.block_ids if bid >= 0]
+        if keep is not None:
+            self._drop_writing([b for b, k in zip(published, keep) if not k])
+            published = [b for b, k in zip(published, keep) if k]
         self.table.publish(published)
         n = len(published)
         if committed_out is not None:
@@ -375,6 +387,26 @@ class BlockStore:
         lease = Lease(self._new_id(), s.session_id, bids, self.clock() + self.lease_timeout_s)
         s.leases[lease.lease_id] = lease
         return lease, table.dram[ids].tolist(), tiers
+
+    def report_reads(self, namespace_id: bytes, keys_blob: bytes, misses: int = 0) -> list[int]:
+        """Account DRAM reads a same-host client made without a lease (the index snapshot's
+        offsets, proven by slot generations): stamped for eviction order, hit counts raised,
+        counted as DRAM gets — what acquire does for DRAM hits, without the pin. Keys no
+        longer stored are skipped (evicted or deleted since the read: nothing to count).
+        ``misses``: keys those gets asked for and found nowhere (a get answered with a short
+        prefix and no Acquire), counted as DRAM misses as acquire counts them.
+        Returns the block ids counted (for the SSD and remote write policies and the
+        prefetcher, as after an acquire). Raises for bad input as lookup does."""
+        ns = self.namespace(namespace_id)
+        keys = self.parse_keys(keys_blob)
+        table = self.table
+        bids = table.find_many(ns.index, keys)
+        bids = bids[bids >= 0]
+        bids = bids[table.state[bids] == COMMITTED]
+        table.count_reads(bids, table.tick())
+        self.dram.counters.count_get(len(bids), misses, len(bids) * ns.layout.block_bytes)
+        self.counters.reads_reported += len(keys)
+        return bids.tolist()
 
     async def promote(self, session_id: int, lease: Lease, positions: list[int],
                       to_hbm: bool = False) -> tuple[Lease | None, list[int]]:
@@ -548,8 +580,13 @@ class BlockStore:
         return out
 
     def _abort(self, alloc: Allocation, quarantine: Session | None = None) -> None:
+        self._drop_writing(alloc.block_ids, quarantine)
+
+    def _drop_writing(self, block_ids: list[int], quarantine: Session | None = None) -> None:
+        """Forget these WRITING blocks (-1 entries skipped); their slots are freed, or held
+        until ``quarantine``'s session ends (a writer may still be copying into them)."""
         slabs = self.dram.slabs
-        for bid in alloc.block_ids:
+        for bid in block_ids:
             if bid < 0:
                 continue
             off = self.table.drop_writing(bid)

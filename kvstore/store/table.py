@@ -22,7 +22,13 @@ construction by the composition root: every tier's ``forget``) and then recycles
 
 What lookups see is mirrored into an optional kvstore.core.shmindex.ShmIndex (same-host clients probe
 it without an RPC). The mirror is kept here, in the table's state-change methods — publish
-(→ COMMITTED), set_dram (a committed block's tier changes) and unlink (no longer visible).
+(→ COMMITTED), set_dram (a committed block's tier or slot changes) and unlink (no longer
+visible). With the arena's slot generations (kvstore.core.slotgen.SlotGenerations, given at
+construction) each mirrored DRAM block also carries its slot offset and the slot's generation
+as of the mirror write, which lets same-host clients read it without a lease. Both methods are
+called only once the slot holds the block's whole bytes (commit after the writer's copy, a
+promotion after its read and checksum), so a published (offset, generation) always names a
+complete block; the generation changes only when the slot gets a new owner.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import struct
 
 import numpy as np
 
-from kvstore.core.shmindex import DRAM, SSD, ns_tag
+from kvstore.core.shmindex import DRAM, NO_OFFSET, SSD, ns_tag
 from kvstore.tiers.base import COMMITTED, DELETED, FREE, NO_SLOT, WRITING
 
 __all__ = ["BlockTable", "COMMITTED", "DELETED", "FREE", "NO_SLOT", "WRITING", "keys_array"]
@@ -66,10 +72,14 @@ _REBUILD_BATCH = 4096     # publishing more blocks at once rewrites the mirror (
 
 
 class BlockTable:
-    def __init__(self, initial_capacity: int = 1024, mirror=None, on_free=None):
+    def __init__(self, initial_capacity: int = 1024, mirror=None, on_free=None,
+                 generations=None):
         """``on_free(bid)``: frees the block's copies in every tier when it is freed (None: no
-        tier keeps per-block state, as in a bare table)."""
+        tier keeps per-block state, as in a bare table). ``generations``: the arena's
+        kvstore.core.slotgen.SlotGenerations (read only here), so the mirror publishes DRAM
+        slots for lease-free reads (None: it publishes tiers only)."""
         self._mirror = mirror          # kvstore.core.shmindex.ShmIndex or None
+        self._generations = generations
         self._on_free = on_free
         self._namespaces: list = []    # namespace objects by index (kvstore.store.Namespace)
         self._ns_tags: list[int] = []  # mirror tag of each namespace index
@@ -217,12 +227,16 @@ class BlockTable:
         """Mark blocks used at logical time ``stamp`` (eviction order)."""
         self.stamp[bids] = stamp
 
-    def lease(self, bids: np.ndarray, stamp: int) -> None:
-        """A get leased these blocks: touched, pinned, their hit counts raised
-        (saturating: selective SSD and remote writes read it)."""
+    def count_reads(self, bids: np.ndarray, stamp: int) -> None:
+        """A get read these blocks: touched, their hit counts raised (saturating: selective
+        SSD and remote writes read it). What a lease-free read reports; a lease adds a pin."""
         self.stamp[bids] = stamp
-        np.add.at(self.leases, bids, 1)      # a batch may name one block twice: pin it twice
         self.hits[bids] = np.minimum(self.hits[bids], 254) + 1
+
+    def lease(self, bids: np.ndarray, stamp: int) -> None:
+        """A get leased these blocks: counted as read (count_reads) and pinned."""
+        self.count_reads(bids, stamp)
+        np.add.at(self.leases, bids, 1)      # a batch may name one block twice: pin it twice
 
     def pin(self, bids) -> None:
         """Protect blocks from eviction, deletion and slot reuse (a lease, I/O in flight, a
@@ -272,16 +286,32 @@ class BlockTable:
         return off
 
     def _mirror_put(self, bid: int) -> None:
+        """Publish the block as it is now: call only when its DRAM slot (if any) holds its
+        whole bytes. The generation is read here, after the slot's last owner change."""
+        off = int(self.dram[bid])
+        if off == NO_SLOT:
+            tier, off, gen = SSD, NO_OFFSET, 0
+        elif self._generations is None:
+            tier, off, gen = DRAM, NO_OFFSET, 0
+        else:
+            tier, gen = DRAM, self._generations.at(off)
         self._mirror.put(self._ns_tags[int(self.ns[bid])], int(self.keys[bid, 0]),
-                         int(self.keys[bid, 1]), DRAM if self.dram[bid] != NO_SLOT else SSD)
+                         int(self.keys[bid, 1]), tier, off, gen)
 
     def resync_mirror(self) -> None:
         """Rewrite the mirror from the columns: every linked COMMITTED block."""
         linked = self._table[self._table >= 0].astype(np.int64)
         bids = linked[self.state[linked] == COMMITTED]
         tags = np.asarray(self._ns_tags + [0], dtype=np.uint64)[self.ns[bids].astype(np.int64)]
-        tiers = np.where(self.dram[bids] != NO_SLOT, DRAM, SSD).astype(np.uint8)
-        self._mirror.rebuild(tags, self.keys[bids], tiers)
+        dram = self.dram[bids]
+        in_dram = dram != NO_SLOT
+        tiers = np.where(in_dram, DRAM, SSD).astype(np.uint8)
+        offs = np.full(len(bids), NO_OFFSET, dtype=np.int64)
+        gens = np.zeros(len(bids), dtype=np.uint32)
+        if self._generations is not None and in_dram.any():
+            offs[in_dram] = dram[in_dram]
+            gens[in_dram] = self._generations.of(dram[in_dram])
+        self._mirror.rebuild(tags, self.keys[bids], tiers, offs, gens)
 
     # -- mutation ---------------------------------------------------------------------------
     def add(self, ns: int, key: bytes, parent: int, stamp: int, dram: int = NO_SLOT) -> int:

@@ -361,7 +361,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending")
+    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "reads_reported", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -372,6 +372,7 @@ class Stats(_message.Message):
     PUTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    READS_REPORTED_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_ON_TIME_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_LATE_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_WASTED_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +395,7 @@ class Stats(_message.Message):
     puts_rejected: int
     leases_expired: int
     sessions_reclaimed: int
+    reads_reported: int
     prefetch_on_time: int
     prefetch_late: int
     prefetch_wasted: int
@@ -406,7 +408,7 @@ class Stats(_message.Message):
     prefetch_cancelled: int
     prefetch_bytes_promoted: int
     prefetch_pending: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ...) -> None: ...
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., reads_reported: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ...) -> None: ...
 
 class WatchStatsRequest(_message.Message):
     __slots__ = ("interval_s",)
@@ -429,6 +431,24 @@ class ReportFallbacksRequest(_message.Message):
 class ReportFallbacksResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReportReadsRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "misses", "get_s")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    GET_S_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: bytes
+    misses: int
+    get_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., misses: _Optional[int] = ..., get_s: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ReportReadsResponse(_message.Message):
+    __slots__ = ("counted",)
+    COUNTED_FIELD_NUMBER: _ClassVar[int]
+    counted: int
+    def __init__(self, counted: _Optional[int] = ...) -> None: ...
 
 class PrefetchItem(_message.Message):
     __slots__ = ("keys", "deadline_s")

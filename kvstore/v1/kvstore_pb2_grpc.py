@@ -99,6 +99,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.FromString,
                 _registered_method=True)
+        self.ReportReads = channel.unary_unary(
+                '/kvstore.v1.KVStore/ReportReads',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportReadsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportReadsResponse.FromString,
+                _registered_method=True)
         self.Prefetch = channel.unary_unary(
                 '/kvstore.v1.KVStore/Prefetch',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
@@ -197,6 +202,12 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportReads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Prefetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -282,6 +293,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.ReportFallbacks,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.SerializeToString,
+            ),
+            'ReportReads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportReads,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReportReadsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReportReadsResponse.SerializeToString,
             ),
             'Prefetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefetch,
@@ -650,6 +666,33 @@ class KVStore:
             '/kvstore.v1.KVStore/ReportFallbacks',
             kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.ReportFallbacksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportReads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/ReportReads',
+            kvstore_dot_v1_dot_kvstore__pb2.ReportReadsRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.ReportReadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -377,15 +377,15 @@ class RemoteTier:
                 for h, k, off in zip(headers, keys, offsets)]
 
     def _publish(self, ns, alloc_id, keys, rkeys, statuses, for_get: bool = True) -> None:
-        """Commit the fill's blocks and delete the failed ones in the same step (never seen)."""
+        """Commit the fill's verified blocks only, once every read finished: the failed ones
+        are dropped unpublished. (Committing all and deleting the failed ones in the same step
+        hid them from the daemon's own readers, not from the index snapshot, which same-host
+        clients read while the daemon writes it.)"""
         store = self.store
         ok = [s == ReadStatus.OK for s in statuses]
         try:
             if any(ok):
-                store.commit(self._session, alloc_id)
-                failed = [k for k, good in zip(keys, ok) if not good]
-                if failed:
-                    store.delete(ns.namespace_id, pack_keys(failed))
+                store.commit(self._session, alloc_id, keep=ok)
             else:
                 store.commit(self._session, alloc_id, abort=True)
         except KVStoreError:
