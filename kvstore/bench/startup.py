@@ -75,6 +75,66 @@ def time_fallocate(size_bytes: int, directory: Path) -> float:
         os.unlink(path)
 
 
+# The restart case: a synthetic SSD directory of n blocks of 4 KiB (one namespace, chains of
+# RESTART_CHAIN), built in process with the tier's own file and journal code. Only a sample of
+# the slots holds real bytes (written and checksummed like a daemon's); the rest are journaled
+# only (their reads would fail the checksum: a miss, never served), which is all recovery reads.
+RESTART_LAYOUT = dict(num_layers=1, num_kv_heads=1, head_dim=128, block_tokens=16, dtype="uint8")
+RESTART_MODEL = "bench-restart"
+RESTART_CHAIN = 64
+RESTART_SEGMENT_BYTES = 256 << 20
+
+
+def make_ssd_dir(ssd_dir: Path, n_blocks: int, sample: int = 64, seed: int = 0):
+    """Build an SSD directory holding ``n_blocks`` journaled blocks; returns (ssd_bytes, keys,
+    data) of ``sample`` blocks whose bytes are really in their slots (keys: 16-byte each)."""
+    import numpy as np
+
+    from kvstore.core.keys import namespace_digest
+    from kvstore.core.layout import KVLayout
+    from kvstore.tiers.ssd import journal as jr
+    from kvstore.tiers.ssd.files import SLOT_BITS, SlabFiles, slots_per_segment
+
+    layout = KVLayout(**RESTART_LAYOUT)
+    per_seg = slots_per_segment(RESTART_SEGMENT_BYTES, layout.slot_bytes)
+    n_seg = -(-n_blocks // per_seg)
+    ssd_bytes = n_seg * RESTART_SEGMENT_BYTES
+    files = SlabFiles(ssd_dir, ssd_bytes, RESTART_SEGMENT_BYTES, io_threads=2, direct=False)
+    files.open()
+    try:
+        for _ in range(n_seg):
+            files.take_segment(layout.slot_bytes)
+        rng = np.random.default_rng(seed)
+        e = np.zeros(n_blocks, dtype=jr.PUT_DTYPE)
+        keys = rng.integers(0, 1 << 63, (n_blocks, 2), dtype=np.uint64)
+        e["key"] = keys
+        i = np.arange(n_blocks)
+        pos = i % RESTART_CHAIN
+        e["parent"][pos > 0] = keys[i[pos > 0] - 1]
+        e["depth"] = pos
+        e["addr"] = ((i // per_seg) << SLOT_BITS) | (i % per_seg)
+        base = files.next_seq()
+        e["seq"] = base + i.astype(np.uint64)
+        picks = rng.choice(n_blocks, size=min(sample, n_blocks), replace=False)
+        data = rng.integers(0, 256, (len(picks), layout.slot_bytes), dtype=np.uint8)
+        data[:, layout.block_bytes:] = 0
+        for j, b in enumerate(picks.tolist()):
+            key = keys[b].tobytes()
+            e["csum"][b] = files.write_slot(int(e["addr"][b]), memoryview(data[j]), key,
+                                            layout.block_bytes)
+            e["seq"][b] = files.seq_of(np.array([e["addr"][b]]))[0]
+        ld = dict(RESTART_LAYOUT, tp_rank=0, tp_size=1)
+        records = [jr.encode_ns(jr.NamespaceRecord(
+            namespace_digest(RESTART_MODEL, layout), RESTART_MODEL, "", ld))]
+        records += [jr.encode_seg(s, layout.slot_bytes) for s in range(n_seg)]
+        records.append(e)
+        jr.Journal(files.directory / "journal", files.pool).rewrite(records)
+    finally:
+        files.close()
+    return ssd_bytes, [keys[b].tobytes() for b in picks.tolist()], \
+        data[:, :layout.block_bytes].copy()
+
+
 def _stats(stub, pb):
     import grpc
     try:
