@@ -206,3 +206,40 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     finally:
         asyncio.run(t.close())
         arena.close()
+
+
+def test_order_restore_keeps_the_newest_entry_per_key_parents_first():
+    """The load's plan (SSDCatalog.order_restore, run off the event loop): per (namespace, key)
+    the entry with the highest sequence number, even when it is invalid (it shadows older ones);
+    only slots of the namespace's block size; sorted by (namespace, depth)."""
+    from kvstore.tiers.ssd import journal as jr
+    from kvstore.tiers.ssd.catalog import SSDCatalog
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    e = np.zeros(n, dtype=jr.PUT_DTYPE)
+    e["ns"] = rng.integers(0, 3, n)                   # namespace 2 was refused (slot bytes 0)
+    e["key"][:, 0] = rng.integers(0, 300, n)          # many first words shared
+    e["key"][:, 1] = rng.integers(0, 4, n)
+    e["depth"] = rng.integers(0, 20, n)
+    e["seq"] = rng.permutation(n) + 1
+    e["addr"] = (rng.integers(0, 3, n) << 32) | rng.integers(0, 120, n)   # segment 2: 8 KiB
+    valid = (np.array([4096, 4096, 0, 0]), np.array([4096, 4096, 8192, 0]),
+             np.array([100, 100, 50, 0]))
+    newest: dict = {}
+    for r in e:
+        k = (int(r["ns"]), int(r["key"][0]), int(r["key"][1]))
+        if k not in newest or r["seq"] > newest[k]["seq"]:
+            newest[k] = r
+
+    def ok(r) -> bool:
+        seg, slot = int(r["addr"]) >> 32, int(r["addr"]) & 0xFFFFFFFF
+        return r["ns"] < 2 and seg < 2 and slot < 100
+
+    want = sorted((k, int(r["seq"])) for k, r in newest.items() if ok(r))
+    plan = SSDCatalog.order_restore(e, valid)
+    got = sorted(((int(r["ns"]), int(r["key"][0]), int(r["key"][1])), int(r["seq"]))
+                 for r in plan)
+    assert got == want
+    order = list(zip(plan["ns"].tolist(), plan["depth"].tolist()))
+    assert order == sorted(order)

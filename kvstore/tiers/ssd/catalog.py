@@ -196,21 +196,35 @@ class SSDCatalog:
         ns_slot, seg_slot_bytes, seg_slots = valid
         if not len(puts):
             return puts
-        puts = puts[np.argsort(puts["seq"], kind="stable")[::-1]]     # newest first
-        k = puts["key"]
-        o = np.lexsort((k[:, 1], k[:, 0], puts["ns"]))    # stable: newest first among equals
-        s = puts[o]
-        first = np.ones(len(s), dtype=bool)
-        first[1:] = ((s["ns"][1:] != s["ns"][:-1]) | (s["key"][1:, 0] != s["key"][:-1, 0]) |
-                     (s["key"][1:, 1] != s["key"][:-1, 1]))
-        s = s[first]
-        addrs = s["addr"]
+        # Plain columns, one index permutation, one gather of the records at the end: fancy
+        # indexing of the structured array itself costs seconds per million entries.
+        ns = np.ascontiguousarray(puts["ns"]).astype(np.int64)
+        k0 = np.ascontiguousarray(puts["key"][:, 0])
+        k1 = np.ascontiguousarray(puts["key"][:, 1])
+        # Keys are BLAKE2b digests: equal first words mean (almost always) one key journaled
+        # twice. Sort by that word alone; only such runs get the full (namespace, key, newest
+        # first) order, of which the first entry per key is kept.
+        o = np.argsort(k0, kind="stable")
+        s0 = k0[o]
+        same = np.zeros(len(o), dtype=bool)
+        same[1:] = s0[1:] == s0[:-1]
+        same[:-1] |= same[1:]
+        if same.any():
+            sub = o[same]
+            sub = sub[np.lexsort((~np.ascontiguousarray(puts["seq"])[sub], k1[sub], k0[sub],
+                                  ns[sub]))]
+            first = np.ones(len(sub), dtype=bool)
+            first[1:] = ((ns[sub][1:] != ns[sub][:-1]) | (k0[sub][1:] != k0[sub][:-1]) |
+                         (k1[sub][1:] != k1[sub][:-1]))
+            o = np.concatenate([o[~same], sub[first]])
+        addrs = np.ascontiguousarray(puts["addr"])[o]
         seg_no = np.minimum(addrs >> 32, len(seg_slots) - 1)
-        ns_ord = np.minimum(s["ns"].astype(np.int64), len(ns_slot) - 1)
+        ns_ord = np.minimum(ns[o], len(ns_slot) - 1)
         ok = ((ns_slot[ns_ord] > 0) & (seg_slot_bytes[seg_no] == ns_slot[ns_ord]) &
               ((addrs & 0xFFFFFFFF) < seg_slots[seg_no]) & (addrs >= 0))
-        s = s[ok]
-        return s[np.lexsort((s["depth"], s["ns"]))]
+        o = o[ok]
+        depth = np.ascontiguousarray(puts["depth"])[o].astype(np.int64)
+        return puts[o[np.argsort((ns[o] << 32) | depth, kind="stable")]]
 
     @staticmethod
     def batches(by_ns: list, plan: np.ndarray, batch_blocks: int):
