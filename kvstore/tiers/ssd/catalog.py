@@ -60,6 +60,7 @@ class SSDCatalog:
         self._closed = False
         self._register_fn = None   # recover()'s namespace registration
         self.loading = False       # a recovery is applying the journal (nothing journaled)
+        self._freed_while_compacting: list[int] | None = None   # see compact_in_steps
         self.live = 0     # SSD slots holding a block (deleted-but-pinned ones too)
 
     # -- journaling what changed -----------------------------------------------------------------
@@ -78,6 +79,8 @@ class SSDCatalog:
         """The block in SSD slot ``addr`` is gone."""
         self.live -= 1
         if self.loading:    # the compaction that ends the load leaves this block out
+            if self._freed_while_compacting is not None:
+                self._freed_while_compacting.append(addr)   # ... or journals its DEL then
             return
         self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
         self.schedule_sync()
@@ -137,6 +140,7 @@ class SSDCatalog:
         for ns, recs in self.batches(by_ns, plan, len(plan) or 1):
             self.restore_batch(ns, recs)
         self.finish_restore(read[0], read[2], by_ns, time.monotonic() - t0)
+        self.loading = False
         self.compact()
         return self.live
 
@@ -263,7 +267,7 @@ class SSDCatalog:
 
     def finish_restore(self, st, figures, by_ns, seconds: float) -> None:
         """On the loop, after the last batch: free lists, the lookup mirror, the log line; the
-        caller then compacts (compact(), or start_compaction() while serving)."""
+        caller then compacts (compact(), or compact_in_steps() while serving)."""
         ssd = self.ssd
         ssd.rebuild_free_lists()
         if self.table.has_mirror():
@@ -279,12 +283,35 @@ class SSDCatalog:
         elif n or st.records:
             log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records "
                      "in %.2fs", n, len(st.namespaces), st.records, seconds)
-        self.loading = False
 
-    def start_compaction(self):
-        """Compact in the pool while serving (the end of a background load): the snapshot is
-        taken now; appends made meanwhile are flushed into the new file after it."""
-        return self.journal.start_rewrite(self._snapshot())
+    async def compact_in_steps(self, chunk_blocks: int) -> None:
+        """The compaction that ends a background load, without stalling the event loop: the
+        snapshot's block entries are built ``chunk_blocks`` at a time, a loop turn apart, while
+        still ``loading`` (nothing journaled, no SSD writes: blocks can only go). A slot freed
+        meanwhile is remembered and journaled as a DEL right behind the new file's snapshot,
+        so a block deleted after its chunk was taken stays deleted. Returns once the new
+        journal is durable; ``loading`` is off from when its snapshot is complete."""
+        idx = self.table
+        self._freed_while_compacting = []
+        live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
+        parts = []
+        try:
+            for i in range(0, len(live), max(1, chunk_blocks)):
+                ids = live[i:i + chunk_blocks]
+                ids = ids[(idx.ssd[ids] != NO_SLOT) & (idx.state[ids] == COMMITTED)]
+                self._number_namespaces()
+                parts.append(self._put_entries(ids))
+                await asyncio.sleep(0)
+            records = self._head_records() + parts
+            self.live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
+            freed = self._freed_while_compacting
+        finally:
+            self._freed_while_compacting = None
+        self.loading = False
+        done = self.journal.start_rewrite(records)
+        for addr in freed:
+            self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
+        await done
 
     def _register(self, rec: jr.NamespaceRecord, source: str):
         """Register a recovered namespace (not journaled again); None if refused. One from a
@@ -359,17 +386,23 @@ class SSDCatalog:
         """Rewrite the journal as the live records only, blocking (startup and shutdown)."""
         self.journal.replace_blocking(self._snapshot())
 
+    def _number_namespaces(self) -> None:
+        """Journal ordinals of the namespaces: their table order (append-only, so ordinals
+        taken earlier stay valid)."""
+        self._ns_ord = {ns.namespace_id: i for i, ns in enumerate(self.table.namespaces())}
+
+    def _head_records(self) -> list:
+        """A compacted journal's first records: every namespace (renumbered), every segment."""
+        self._number_namespaces()
+        records = [jr.encode_ns(self._ns_record(ns)) for ns in self.table.namespaces()]
+        records += [jr.encode_seg(seg.number, seg.slot_bytes) for seg in self.ssd.segments
+                    if seg.slot_bytes]
+        return records
+
     def _snapshot(self) -> list:
         """The live journal: namespaces (renumbered), segments, and every SSD block."""
         idx = self.table
-        records = []
-        self._ns_ord = {}
-        for ns in idx.namespaces():
-            self._ns_ord[ns.namespace_id] = len(self._ns_ord)
-            records.append(jr.encode_ns(self._ns_record(ns)))
-        for seg in self.ssd.segments:
-            if seg.slot_bytes:
-                records.append(jr.encode_seg(seg.number, seg.slot_bytes))
+        records = self._head_records()
         live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
         records.append(self._put_entries(live))    # encoded by the writer, off the loop
         # SSD slots holding a block (deleted-but-leased ones too: forget_ssd counts them down

@@ -145,7 +145,7 @@ class SSDTier:
                 await asyncio.sleep(max(0.0, wait))     # let requests in between batches
             cat.finish_restore(read[0], read[2], by_ns, time.monotonic() - t0)
             self._tombstones.clear()
-            await cat.start_compaction()
+            await cat.compact_in_steps(4 * batch_blocks)
         except Exception:
             self._failed = True
             log.exception("SSD tier: loading the index failed; serving the %d blocks restored, "
