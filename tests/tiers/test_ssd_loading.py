@@ -6,6 +6,8 @@ copy, and a SIGKILL mid-load loses nothing. The load is slowed with the document
 ``ssd_recovery_batch`` / ``ssd_recovery_limit`` settings (400 blocks at 100 blocks/s: ~4 s)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -130,6 +132,10 @@ def test_stopped_while_loading_shuts_down_cleanly_and_recovers_everything(
     keys = _populate(daemon_factory, ssd_dir)
     d = _slow_restart(tmp_path, shm_dir, ssd_dir, "stopped")
     try:
+        out = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", d.socket],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "loading index:" in out.stdout, out.stdout      # the SSD row says so
         with KVClient(d.socket) as c:
             assert _loading(c)
         assert d.stop() == 0
