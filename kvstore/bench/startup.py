@@ -15,7 +15,7 @@ full_vs_fallocate = full_s / fallocate_s (goal ≤ 1.2; at small sizes the proce
 exceeds it), reserve_vs_fallocate = reserve_s / fallocate_s (what background preparation costs
 over the bare system call); max_ready_s is the slowest ready_s over the sizes (goal ≤ 1.5 s).
 
-The restart case (--ssd-blocks, default 1,000,000; 0 skips it): a daemon with a small arena
+The restart case (--ssd-blocks N, e.g. 1000000; off by default): a daemon with a small arena
 restarted on a synthetic SSD directory of that many journaled 4 KiB blocks (make_ssd_dir; a
 sample of them holds real bytes): restart_ready_s = spawn → first GetStats answered,
 restart_ssd_loaded_s = spawn → SSD ready_bytes == capacity (the index loaded); two rounds of DRAM
@@ -344,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not wait for the daemon to populate every page")
     ap.add_argument("--tiny-size", default="64MiB",
                     help="arena of the reference daemon for ready_vs_tiny (default 64MiB)")
-    ap.add_argument("--ssd-blocks", type=int, default=1_000_000,
-                    help="the restart case: a daemon restarted on an SSD index of this many "
-                         "4 KiB blocks (default 1000000; 0: skip it)")
+    ap.add_argument("--ssd-blocks", type=int, default=0,
+                    help="also the restart case: a daemon restarted on an SSD index of this "
+                         "many 4 KiB blocks, e.g. 1000000 (default 0: skip it)")
     ap.add_argument("--ssd-dir", type=Path, default=None,
                     help="where the restart case builds its SSD directory (default: the "
                          "temporary directory; needs ~8 KiB of disk per block)")

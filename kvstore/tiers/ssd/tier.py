@@ -146,6 +146,8 @@ class SSDTier:
             cat.finish_restore(read[0], read[2], by_ns, time.monotonic() - t0)
             self._tombstones.clear()
             await cat.compact_in_steps(4 * batch_blocks)
+            if not self.journal.is_open():     # the compaction failed (logged): no appends
+                raise OSError("the journal could not be rewritten")
         except Exception:
             self._failed = True
             log.exception("SSD tier: loading the index failed; serving the %d blocks restored, "
@@ -174,9 +176,6 @@ class SSDTier:
         """The store deleted these keys: while loading, their journaled entries must not land."""
         if self.loading:
             self._tombstones.update((ns_index, bytes(k)) for k in keys)
-
-    async def wait_loaded(self) -> None:
-        await self._loaded.wait()
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
