@@ -386,6 +386,10 @@ class SSDCatalog:
         """Rewrite the journal as the live records only, blocking (startup and shutdown)."""
         self.journal.replace_blocking(self._snapshot())
 
+    def compacting(self) -> bool:
+        """compact_in_steps is building its snapshot."""
+        return self._freed_while_compacting is not None
+
     def _number_namespaces(self) -> None:
         """Journal ordinals of the namespaces: their table order (append-only, so ordinals
         taken earlier stay valid)."""
