@@ -192,7 +192,7 @@ FIELDS: list[Field] = [
           "is written to SSD"),
     Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none); a "
           "testing/QoS knob", lambda v: f"{format_bytes(v)}/s" if v else "none"),
-    Field("ssd_recovery_batch", _pos_int, 16384, "SSD index entries restored per event-loop "
+    Field("ssd_recovery_batch", _pos_int, 4096, "SSD index entries restored per event-loop "
           "turn while the index loads in the background (requests are answered in between)"),
     Field("ssd_recovery_limit", _int0, 0, "cap on how fast the SSD index loads, in blocks/s "
           "(0: none); a testing/QoS knob", lambda v: f"{v} blocks/s" if v else "none"),

@@ -41,7 +41,7 @@ from kvstore.tiers.base import COMMITTED, NO_SLOT
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 CLEAN_BATCH = 64
-RECOVERY_BATCH = 16384     # index entries applied per event-loop turn while loading
+RECOVERY_BATCH = 4096      # index entries applied per event-loop turn while loading
 
 
 class SSDTier:
