@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['tiny_ready_s']:.2f} s), index loaded after {r['ssd_loaded_s']:.2f} s "
             f"({r['recovered_blocks']:,} blocks); DRAM put+get+lookup of 8 blocks "
             f"{r['dram_ops_s'] * 1e3:.0f} ms (second round), "
-            f"{'answered while the index loaded' if r['dram_during_load'] else 'not done before the load ended'}"
+            + ("answered while the index loaded" if r["dram_during_load"]
+               else "not done before the load ended") +
             f"{'' if r['dram_ok'] else ' (WRONG BYTES)'}; {r['ssd_sample_exact']}/"
             f"{r['ssd_sample']} sampled SSD blocks byte-exact after the load")
     emit(result, args.json, lines)
