@@ -83,6 +83,15 @@ def _size0(v: Any) -> int:
     return 0 if str(v).strip() in ("0", "") else parse_size(v)
 
 
+def _int0(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"not an integer: {v!r}")
+    i = int(v)
+    if i < 0:
+        raise ValueError(f"must be >= 0, got {v!r}")
+    return i
+
+
 def _rate0(v: Any) -> int:
     try:
         return parse_rate(v)
@@ -183,6 +192,10 @@ FIELDS: list[Field] = [
           "is written to SSD"),
     Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none); a "
           "testing/QoS knob", lambda v: f"{format_bytes(v)}/s" if v else "none"),
+    Field("ssd_recovery_batch", _pos_int, 4096, "SSD index entries restored per event-loop "
+          "turn while the index loads in the background (requests are answered in between)"),
+    Field("ssd_recovery_limit", _int0, 0, "cap on how fast the SSD index loads, in blocks/s "
+          "(0: none); a testing/QoS knob", lambda v: f"{v} blocks/s" if v else "none"),
     Field("hbm_bytes", _size0, 0, "HBM tier size: a GPU memory pool shared with clients by "
           "CUDA IPC (0: no HBM tier)", format_bytes),
     Field("hbm_device", _hbm_device, "cuda", "GPU of the HBM pool (cuda, cuda:N), or host: "

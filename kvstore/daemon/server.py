@@ -19,11 +19,15 @@ Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP 
 and may use TLS. Every call passes the access layer (kvstore.access.interceptor) before the servicer.
 SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
 
+SSD index: loaded in the background once the socket answers (SSDTier.start_recovery): DRAM
+serves at once, SSD blocks appear as their batches land, SSD writes wait for the end of the load;
+the health probe says SERVING from the first answer on.
+
 Composition root: ``Daemon.start`` builds every part and hands each its collaborators through
 its constructor, in dependency order — block table, DRAM tier, HBM tier, SSD tier (files, catalog,
-space manager, write policy, GPUDirect reader), the store over them, then the SSD recovery, the
-cluster tier, the prefetcher, metrics, access policy and servicer. No part attaches itself to
-another; the table frees a block's copies through the TierSet the tiers are added to here.
+space manager, write policy, GPUDirect reader), the store over them, the cluster tier, the
+prefetcher, metrics, access policy and servicer. No part attaches itself to another; the table
+frees a block's copies through the TierSet the tiers are added to here.
 """
 from __future__ import annotations
 
@@ -193,8 +197,6 @@ class Daemon:
             self.arena, dram.slabs.chunk_bytes,
             lambda end: loop.call_soon_threadsafe(dram.slabs.mark_ready, end),
             limit_bps=cfg.dram_prepare_limit)
-        if cfg.ssd_bytes:
-            self.preparer.start()     # overlaps the SSD index's recovery
         if cfg.hbm_bytes:
             self.hbm = open_hbm_tier(cfg, table, dram, evict)
             copies.add(self.hbm)
@@ -204,13 +206,7 @@ class Daemon:
         self.store = BlockStore(
             table, dram, ssd=ssd, hbm=self.hbm, max_batch_blocks=cfg.max_batch_blocks,
             lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s)
-        if ssd is not None:
-            try:
-                ssd.recover(self.store.register_namespace)
-            except BaseException:
-                ssd.abandon()     # never compact a half-recovered journal at stop()
-                raise
-            self.ssd = ssd
+        self.ssd = ssd     # its index loads in the background once the socket answers
         self.remote = open_remote(cfg, self.store) if cfg.remote else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
@@ -276,8 +272,13 @@ class Daemon:
             except OSError as exc:
                 raise DaemonError(f"metrics_port {cfg.metrics_host}:{cfg.metrics_port}: "
                                   f"{exc.strerror or exc}") from None
+        # SERVING as soon as the socket answers: DRAM is usable while the SSD index loads
+        # (SSD capacity reads 0 ready until then; the log says when it is loaded).
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._started = True
+        if self.ssd is not None:
+            self.ssd.start_recovery(self.store.register_namespace, cfg.ssd_recovery_batch,
+                                    cfg.ssd_recovery_limit)
         self._expirer = asyncio.create_task(self._expire_loop())
         self._sampler = asyncio.create_task(self._sample_loop())
         self._beater = (asyncio.create_task(self._beat_loop())
@@ -297,11 +298,11 @@ class Daemon:
                  format_bytes(self.store.dram.slabs.ready_bytes))
         if self.ssd is not None:
             t = self.ssd
-            log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s, "
-                     "%d blocks recovered)", format_bytes(t.ssd.capacity_bytes), t.ssd.directory,
-                     t.ssd.n_segments, format_bytes(t.ssd.segment_bytes),
+            log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s; "
+                     "loading the index in the background)", format_bytes(t.ssd.capacity_bytes),
+                     t.ssd.directory, t.ssd.n_segments, format_bytes(t.ssd.segment_bytes),
                      "O_DIRECT" if t.ssd.direct else "buffered", t.ssd.io_threads,
-                     t.policy.name, t.ssd.counters.recovered_blocks)
+                     t.policy.name)
         else:
             log.info("SSD tier: off (set --ssd-bytes)")
         if self.hbm is not None:

@@ -16,7 +16,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TIER_GAUGES = [
     ("capacity_bytes", "capacity_bytes", "Tier capacity in bytes"),
     ("ready_bytes", "ready_bytes", "Capacity usable now (DRAM: below capacity while the arena "
-     "is still prepared after start-up)"),
+     "is still prepared after start-up; SSD: 0 while its index loads after a restart)"),
     ("used_bytes", "used_bytes", "Bytes of the tier in use"),
     ("blocks", "blocks", "Blocks stored in the tier"),
     ("hit_ratio", "hit_rate", "hits / (hits + misses) since start"),

@@ -44,6 +44,16 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.2f}" if s else "-"
 
 
+def _readiness(t) -> str:
+    """What a capacity column adds while a tier is not fully usable: DRAM's arena still being
+    prepared, or an SSD tier whose index is still loading after a restart (nothing ready)."""
+    if t.ready_bytes >= t.capacity_bytes:
+        return ""
+    if t.tier == pb.TIER_SSD:
+        return f" (loading index: {t.recovered_blocks} blocks so far)"
+    return f" ({format_bytes(t.ready_bytes)} ready)"
+
+
 def render_table(st: pb.Stats) -> str:
     cols = ["tier", "capacity", "used", "blocks", "hits", "misses", "hit rate", "evictions",
             "promo", "demo", "bytes in", "bytes out", "read", "write",
@@ -53,8 +63,7 @@ def render_table(st: pb.Stats) -> str:
         total = t.hits + t.misses
         rows.append([
             pb.Tier.Name(t.tier).removeprefix("TIER_"),
-            format_bytes(t.capacity_bytes) + (f" ({format_bytes(t.ready_bytes)} ready)"
-                                              if t.ready_bytes < t.capacity_bytes else ""),
+            format_bytes(t.capacity_bytes) + _readiness(t),
             format_bytes(t.used_bytes), str(t.blocks), str(t.hits), str(t.misses),
             f"{100 * t.hits / total:.1f}%" if total else "-", str(t.evictions),
             str(t.promotions), str(t.demotions),

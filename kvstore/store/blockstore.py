@@ -531,6 +531,8 @@ class BlockStore:
         ns = self.namespace(namespace_id)
         keys = self.parse_keys(keys_blob)
         found = self.table.find_many(ns.index, keys)
+        if self.ssd is not None:
+            self.ssd.on_delete(ns.index, keys)   # loading its index: entries yet to land
         return sum(self.table.discard(bid) for bid in found[found >= 0].tolist())
 
     def expire(self) -> None:

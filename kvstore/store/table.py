@@ -379,11 +379,17 @@ class BlockTable:
         return bids
 
     def restore_many(self, ns: int, keys, addrs: np.ndarray, csums: np.ndarray,
-                     depths: np.ndarray, parent_keys: np.ndarray) -> np.ndarray:
+                     depths: np.ndarray, parent_keys: np.ndarray,
+                     mirror: bool = True) -> np.ndarray:
         """Index recovered SSD blocks at once (COMMITTED, SSD only; millions per restart):
-        ``keys`` absent from the table, ``parent_keys`` [n, 2] (zeros: a chain root). Their ids."""
+        ``keys`` absent from the table, ``parent_keys`` [n, 2] (zeros: a chain root). Their ids.
+        ``mirror=False``: leave the lookup mirror alone (a load in batches resyncs it once at
+        the end: until then same-host clients see these blocks as misses, never wrongly)."""
         bids = self.add_many(ns, keys, np.full(len(addrs), -1), 0)
-        self.publish(bids)
+        if mirror:
+            self.publish(bids)
+        else:
+            self.state[bids] = COMMITTED
         self.ssd[bids] = addrs
         self.csum[bids] = csums
         self.depth[bids] = depths
@@ -393,6 +399,17 @@ class BlockTable:
         self.parent[bids[has]] = parents[has]
         np.add.at(self.children, parents[has], 1)
         return bids
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more blocks now (ids and key table), so that adding them in
+        batches later never grows or rehashes a large table in one go (a load in batches)."""
+        if self._n_free < n:
+            self._grow(max(n - self._n_free, 1024))
+        if (self._table_used + n) * 3 > 2 * len(self._table):
+            self._rehash(extra=n)
+
+    def has_mirror(self) -> bool:
+        return self._mirror is not None
 
     def _insert(self, bids: np.ndarray) -> None:
         if (self._table_used + len(bids)) * 3 > 2 * len(self._table):   # load <= 2/3

@@ -14,8 +14,9 @@ Contract:
 - The daemon listens on ``<workdir>/kv.sock`` and keeps its arena in ``shm_dir``; its stdout
   and stderr go to :attr:`log_path` (read with :meth:`log`).
 - :meth:`start` returns once the daemon answers GetStats on its socket (override
-  :meth:`_healthy` for a daemon that needs a token). If it exits or does not come up within
-  ``timeout_s`` it is stopped, its temporary directories removed (:meth:`close`), and
+  :meth:`_healthy` for a daemon that needs a token) and, by default, once its SSD index is
+  loaded (:meth:`ssd_loaded`: a daemon serves DRAM while it loads; tests of that pass
+  ``wait_ssd_loaded=False``). If it exits or does not come up within ``timeout_s`` it is stopped, its temporary directories removed (:meth:`close`), and
   RuntimeError raised with its log.
 - Every daemon is given its DRAM size explicitly: tests pass ``--dram-bytes``; :meth:`private`
   takes ``dram_bytes``.
@@ -38,6 +39,9 @@ def temp_shm_dir(prefix: str, fallback: Path | None = None) -> Path:
     (default: the temporary directory) where /dev/shm is not writable."""
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else fallback
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+SSD_LOADED = "SSD tier: index loaded"     # the daemon's log line once its SSD index is loaded
 
 
 class DaemonProcess:
@@ -69,7 +73,7 @@ class DaemonProcess:
         args = ["--dram-bytes", str(dram_bytes), "--chunk-bytes", str(chunk_bytes), *extra_args]
         return cls(workdir, shm_dir, args, env, owned_dirs=(shm_dir, workdir))
 
-    def start(self, timeout_s: float = 30.0) -> "DaemonProcess":
+    def start(self, timeout_s: float = 30.0, wait_ssd_loaded: bool = True) -> "DaemonProcess":
         """Start (or, after stop() or kill(), restart: same socket, same shm dir) the daemon."""
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         if self._log is not None:
@@ -83,7 +87,8 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail(f"daemon exited with {self.proc.returncode}")
-            if os.path.exists(self.socket) and self._healthy():
+            if os.path.exists(self.socket) and self._healthy() and (
+                    not wait_ssd_loaded or self.ssd_loaded()):
                 return self
             time.sleep(0.05)
         self._fail(f"daemon did not come up in {timeout_s:g}s")
@@ -105,6 +110,23 @@ class DaemonProcess:
             return True
         except grpc.RpcError:
             return False
+
+    def ssd_loaded(self) -> bool:
+        """The daemon's SSD index is loaded: GetStats shows its SSD capacity ready (or no SSD
+        tier); for a daemon that refuses GetStats without a token, its log says so."""
+        import grpc
+
+        from kvstore.v1 import kvstore_pb2 as pb
+        from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+        try:
+            with grpc.insecure_channel(f"unix:{self.socket}") as ch:
+                st = pb_grpc.KVStoreStub(ch).GetStats(pb.GetStatsRequest(), timeout=1)
+            return all(t.ready_bytes >= t.capacity_bytes for t in st.tiers
+                       if t.tier == pb.TIER_SSD)
+        except grpc.RpcError:
+            text = self.log()
+            return "SSD tier: off" in text or SSD_LOADED in text or \
+                "loading the index failed" in text
 
     def log(self) -> str:
         """Everything the daemon wrote so far ("" once its directory is gone)."""

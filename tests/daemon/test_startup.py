@@ -199,6 +199,25 @@ def test_bench_startup_small_run(shm_dir):
     assert list(shm_dir.iterdir()) == []                          # cleaned up
 
 
+def test_bench_startup_restart_case(shm_dir, tmp_path):
+    """--ssd-blocks: a daemon restarted on a synthetic SSD index answers, serves DRAM, loads
+    the index and then serves the sampled SSD blocks byte-exact; its directories are removed."""
+    r = _bench("--json", "--sizes", "32MiB", "--chunk-bytes", "8MiB", "--tiny-size", "16MiB",
+               "--shm-dir", str(shm_dir), "--no-populated", "--ssd-blocks", "20000",
+               "--ssd-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    rs = res["restart"]
+    assert rs["blocks"] == rs["recovered_blocks"] == 20000
+    assert 0 < rs["ready_s"] <= rs["ssd_loaded_s"]
+    assert res["restart_ready_s"] == rs["ready_s"]
+    assert res["restart_ssd_loaded_s"] == rs["ssd_loaded_s"]
+    assert rs["dram_ok"] is True
+    assert rs["ssd_sample"] == rs["ssd_sample_exact"] == 64
+    assert rs["ready_vs_tiny"] == pytest.approx(rs["ready_s"] / rs["tiny_ready_s"])
+    assert list(shm_dir.iterdir()) == [] and list(tmp_path.iterdir()) == []
+
+
 def test_bench_startup_skips_what_does_not_fit_and_refuses_bad_sizes(shm_dir):
     r = _bench("--sizes", "64TiB", "--shm-dir", str(shm_dir))
     assert r.returncode == 1 and "no size fits here" in r.stderr and "64.0 TiB" in r.stderr

@@ -206,3 +206,116 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     finally:
         asyncio.run(t.close())
         arena.close()
+
+
+def test_order_restore_keeps_the_newest_entry_per_key_parents_first():
+    """The load's plan (SSDCatalog.order_restore, run off the event loop): per (namespace, key)
+    the entry with the highest sequence number, even when it is invalid (it shadows older ones);
+    only slots of the namespace's block size; sorted by (namespace, depth)."""
+    from kvstore.tiers.ssd import journal as jr
+    from kvstore.tiers.ssd.catalog import SSDCatalog
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    e = np.zeros(n, dtype=jr.PUT_DTYPE)
+    e["ns"] = rng.integers(0, 3, n)                   # namespace 2 was refused (slot bytes 0)
+    e["key"][:, 0] = rng.integers(0, 300, n)          # many first words shared
+    e["key"][:, 1] = rng.integers(0, 4, n)
+    e["depth"] = rng.integers(0, 20, n)
+    e["seq"] = rng.permutation(n) + 1
+    e["addr"] = (rng.integers(0, 3, n) << 32) | rng.integers(0, 120, n)   # segment 2: 8 KiB
+    valid = (np.array([4096, 4096, 0, 0]), np.array([4096, 4096, 8192, 0]),
+             np.array([100, 100, 50, 0]))
+    newest: dict = {}
+    for r in e:
+        k = (int(r["ns"]), int(r["key"][0]), int(r["key"][1]))
+        if k not in newest or r["seq"] > newest[k]["seq"]:
+            newest[k] = r
+
+    def ok(r) -> bool:
+        seg, slot = int(r["addr"]) >> 32, int(r["addr"]) & 0xFFFFFFFF
+        return r["ns"] < 2 and seg < 2 and slot < 100
+
+    want = sorted((k, int(r["seq"])) for k, r in newest.items() if ok(r))
+    plan = SSDCatalog.order_restore(e, valid)
+    got = sorted(((int(r["ns"]), int(r["key"][0]), int(r["key"][1])), int(r["seq"]))
+                 for r in plan)
+    assert got == want
+    order = list(zip(plan["ns"].tolist(), plan["depth"].tolist()))
+    assert order == sorted(order)
+
+
+def test_delete_while_the_load_compacts_stays_deleted(tmp_path, shm_dir):
+    """The real store + SSD tier in one event loop: a block deleted while the background load
+    builds its compaction snapshot (after its chunk was taken) is journaled as deleted once the
+    delete answered, so after a crash a fresh store recovers every block but that one."""
+    import asyncio
+
+    from kvstore.core.arena import Arena
+    from kvstore.core.layout import KVLayout
+    from kvstore.store.blockstore import BlockStore, TierSet
+    from kvstore.store.table import BlockTable
+    from kvstore.tiers.dram import DRAMTier
+    from kvstore.tiers.ssd.catalog import SSDCatalog
+    from kvstore.tiers.ssd.journal import Journal
+    from kvstore.tiers.ssd.space import SSDSpace
+    from kvstore.tiers.ssd.tier import SSDTier
+
+    layout = KVLayout(1, 1, 64, 16, "uint8")          # 2 KiB blocks in 4 KiB slots
+    bb = layout.block_bytes
+    keys = [i.to_bytes(16, "little") for i in range(1, 121)]
+
+    def open_tier():
+        arena = Arena.create(8 << 20, shm_dir)
+        copies = TierSet()
+        table = BlockTable(on_free=copies.forget)
+        dram = DRAMTier(arena, table, 1 << 20)
+        ssd = SlabFiles(tmp_path / "ssd", 4 << 20, 4 << 20, io_threads=2)
+        ssd.open()
+        catalog = SSDCatalog(table, ssd, Journal(ssd.directory / "journal", ssd.pool))
+        t = SSDTier(table, dram, ssd, catalog, SSDSpace(table, ssd, catalog))
+        copies.add(dram)
+        copies.add(t)
+        return arena, BlockStore(table, dram, ssd=t), t, catalog
+
+    async def fill() -> None:
+        arena, store, t, _ = open_tier()
+        t.recover(store.register_namespace)
+        s = store.open_session()
+        ns = store.register_namespace("m", layout)
+        for key in keys:
+            aid, offs = store.allocate(s.session_id, ns.namespace_id, key)
+            arena.buffer[offs[0]:offs[0] + bb] = key * (bb // 16)
+            done: list[int] = []
+            store.commit(s.session_id, aid, committed_out=done)
+            await t.persist(done)
+        await t.close()
+        arena.close()
+
+    async def load_and_delete() -> int:
+        arena, store, t, catalog = open_tier()
+        task = t.start_recovery(store.register_namespace, batch_blocks=4)
+        while not (catalog.loading and catalog.compacting()):   # the snapshot is being built
+            assert not task.done(), "the load ended before its compaction was seen"
+            await asyncio.sleep(0)
+        for _ in range(6):
+            await asyncio.sleep(0)              # a few chunks later: keys[0]'s chunk is taken
+        ns = store.namespaces[next(iter(store.namespaces))]
+        n = store.delete(ns.namespace_id, keys[0])
+        await t.sync_journal()                  # answers once durable, as the Delete RPC
+        await task
+        t.abandon()            # then a crash: no shutdown compaction rewrites the journal
+        arena.close()
+        return n
+
+    asyncio.run(fill())
+    assert asyncio.run(load_and_delete()) == 1
+    arena, store, t, _ = open_tier()
+    try:
+        assert t.recover(store.register_namespace) == len(keys) - 1
+        ns = store.register_namespace("m", layout)
+        assert store.table.find(ns.index, keys[0]) < 0
+        assert all(store.table.find(ns.index, k) >= 0 for k in keys[1:])
+    finally:
+        asyncio.run(t.close())
+        arena.close()

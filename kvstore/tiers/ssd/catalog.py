@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import struct
+import time
 
 import numpy as np
 
@@ -58,6 +59,8 @@ class SSDCatalog:
         self._sync_task: asyncio.Task | None = None
         self._closed = False
         self._register_fn = None   # recover()'s namespace registration
+        self.loading = False       # a recovery is applying the journal (nothing journaled)
+        self._freed_while_compacting: list[int] | None = None   # see compact_in_steps
         self.live = 0     # SSD slots holding a block (deleted-but-pinned ones too)
 
     # -- journaling what changed -----------------------------------------------------------------
@@ -75,13 +78,17 @@ class SSDCatalog:
     def log_delete(self, addr: int) -> None:
         """The block in SSD slot ``addr`` is gone."""
         self.live -= 1
+        if self.loading:    # the compaction that ends the load leaves this block out
+            if self._freed_while_compacting is not None:
+                self._freed_while_compacting.append(addr)   # ... or journals its DEL then
+            return
         self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
         self.schedule_sync()
 
     # -- namespaces ----------------------------------------------------------------------------
     def on_namespace(self, ns) -> None:
-        if self._replaying or ns.namespace_id in self._ns_ord:
-            return
+        if self._replaying or self.loading or ns.namespace_id in self._ns_ord:
+            return      # while loading: the compaction that ends the load records it
         self._ns_ord[ns.namespace_id] = len(self._ns_ord)
         self.journal.append(jr.encode_ns(self._ns_record(ns)))
         self.schedule_sync()
@@ -110,55 +117,201 @@ class SSDCatalog:
             "tp_size": l.tp_size, **({"quant": l.quant} if l.quant else {})})
 
     # -- recovery and compaction ---------------------------------------------------------------
+    # Recovery runs in four steps so that a daemon can serve while it loads (the tier drives
+    # them, kvstore.tiers.ssd.tier.SSDTier.recover_in_background); recover() runs them blocking.
+    #   read_journal()      off the loop: replay the journal (and scan the slab files when it is
+    #                       damaged); touches no block state
+    #   begin_restore()     on the loop: register namespaces, assign segments, merge a scan
+    #   order_restore()     off the loop: newest entry per key, sorted (namespace, depth) so
+    #                       parents land before their children; pure numpy
+    #   restore_batch()     on the loop, a bounded batch at a time; then finish_restore()
+    # While ``loading`` nothing is journaled (no SSD writes happen; deletes are covered by the
+    # compaction that ends the load, which writes only what the table then holds).
     def recover(self, register) -> int:
         """Rebuild namespaces and SSD blocks from the journal — and, when the journal is
         missing, empty or damaged in an existing directory, from the slab files' slot headers
-        too — then compact the journal. Returns blocks recovered. ``register(model_id,
+        too — then compact the journal, blocking. Returns blocks recovered. ``register(model_id,
         layout, tenant)`` registers a namespace (the store's register_namespace)."""
+        t0 = time.monotonic()
+        read = self.read_journal()
+        by_ns, puts = self.begin_restore(*read, register)
+        plan = self.order_restore(puts, self.valid_slot_bytes(by_ns))
+        self.table.reserve(len(plan))
+        for ns, recs in self.batches(by_ns, plan, len(plan) or 1):
+            self.restore_batch(ns, recs)
+        self.finish_restore(read[0], read[2], by_ns, time.monotonic() - t0)
+        self.loading = False
+        self.compact()
+        return self.live
+
+    def read_journal(self):
+        """Replay the journal and, when it cannot be trusted in an existing directory, scan the
+        slab files' slot headers (which assigns the segments it finds). No block state is
+        touched: safe off the event loop. Returns (journal state, scanned slots, scan figures
+        or None)."""
         st = self.journal.replay()
-        ssd = self.ssd
-        self._register_fn = register
-        by_ns = [self._register(rec, "journal") for rec in st.namespaces]
         scanned, figures = [], None
-        if st.damaged and not ssd.created:
+        if st.damaged and not self.ssd.created:
             why = ("missing" if not st.exists else "empty" if not st.records and not
                    st.truncated_bytes else f"damaged: {st.truncated_bytes} bytes in "
                    f"{st.damaged_regions} region(s) skipped" if st.truncated_bytes else
                    "without its header frame")
             log.warning("SSD journal %s is %s: rebuilding the index from the slab files' slot "
                         "headers too", self.journal.path, why)
-            scanned, figures = ssd.scan(st.segments)
+            scanned, figures = self.ssd.scan(st.segments)
+        return st, scanned, figures
+
+    def begin_restore(self, st, scanned, figures, register) -> tuple[list, np.ndarray]:
+        """On the loop: register the recovered namespaces and assign the segments; returns
+        (namespace per journal ordinal, None where refused; the live PUT entries)."""
+        ssd = self.ssd
+        self.loading = True
+        self._register_fn = register
+        by_ns = [self._register(rec, "journal") for rec in st.namespaces]
         for seg, slot_bytes in st.segments.items():
             if not ssd.assign_segment(seg, slot_bytes):
                 log.warning("journal: segment %d is outside the configured capacity or was "
                             "re-cut; its journaled blocks are dropped", seg)
         puts = st.puts
-        from_journal = len(puts)
         if figures is not None:
             puts = self._merge(st, self._scanned_entries(scanned, by_ns))
-        # Newest first: where two slots claim one key, _restore keeps the first.
-        puts = puts[np.argsort(puts["seq"], kind="stable")[::-1]]
         if len(puts):
             ssd.observe_seq(int(puts["seq"].max()))
         if st.deleted:
             ssd.observe_seq(max(st.deleted.values()))
-        for ns_ord, ns in enumerate(by_ns):
-            if ns is not None:
-                self._restore(ns, puts[puts["ns"] == ns_ord])
+        ssd.counters.recovered_blocks = 0
+        return by_ns, puts
+
+    def valid_slot_bytes(self, by_ns: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What order_restore checks addresses against: slot bytes per namespace ordinal (0:
+        refused), and per segment its slot bytes and slot count (one past the end: 0)."""
+        segs = self.ssd.segments
+        return (np.array([ns.layout.slot_bytes if ns is not None else 0 for ns in by_ns] + [0],
+                         dtype=np.int64),
+                np.array([s.slot_bytes for s in segs] + [0], dtype=np.int64),
+                np.array([len(s.owner) for s in segs] + [0], dtype=np.int64))
+
+    @staticmethod
+    def order_restore(puts: np.ndarray, valid) -> np.ndarray:
+        """The entries to restore: per (namespace, key) the newest (highest sequence number;
+        an invalid newest one still shadows older ones, as before), those whose slot fits
+        their namespace's block size, sorted by (namespace, depth). Pure numpy: safe off the
+        event loop, and the sorts release the GIL."""
+        ns_slot, seg_slot_bytes, seg_slots = valid
+        if not len(puts):
+            return puts
+        # Plain columns, one index permutation, one gather of the records at the end: fancy
+        # indexing of the structured array itself costs seconds per million entries.
+        ns = np.ascontiguousarray(puts["ns"]).astype(np.int64)
+        k0 = np.ascontiguousarray(puts["key"][:, 0])
+        k1 = np.ascontiguousarray(puts["key"][:, 1])
+        # Keys are BLAKE2b digests: equal first words mean (almost always) one key journaled
+        # twice. Sort by that word alone; only such runs get the full (namespace, key, newest
+        # first) order, of which the first entry per key is kept.
+        o = np.argsort(k0, kind="stable")
+        s0 = k0[o]
+        same = np.zeros(len(o), dtype=bool)
+        same[1:] = s0[1:] == s0[:-1]
+        same[:-1] |= same[1:]
+        if same.any():
+            sub = o[same]
+            sub = sub[np.lexsort((~np.ascontiguousarray(puts["seq"])[sub], k1[sub], k0[sub],
+                                  ns[sub]))]
+            first = np.ones(len(sub), dtype=bool)
+            first[1:] = ((ns[sub][1:] != ns[sub][:-1]) | (k0[sub][1:] != k0[sub][:-1]) |
+                         (k1[sub][1:] != k1[sub][:-1]))
+            o = np.concatenate([o[~same], sub[first]])
+        addrs = np.ascontiguousarray(puts["addr"])[o]
+        seg_no = np.minimum(addrs >> 32, len(seg_slots) - 1)
+        ns_ord = np.minimum(ns[o], len(ns_slot) - 1)
+        ok = ((ns_slot[ns_ord] > 0) & (seg_slot_bytes[seg_no] == ns_slot[ns_ord]) &
+              ((addrs & 0xFFFFFFFF) < seg_slots[seg_no]) & (addrs >= 0))
+        o = o[ok]
+        depth = np.ascontiguousarray(puts["depth"])[o].astype(np.int64)
+        return puts[o[np.argsort((ns[o] << 32) | depth, kind="stable")]]
+
+    @staticmethod
+    def batches(by_ns: list, plan: np.ndarray, batch_blocks: int):
+        """(namespace, entries) of at most ``batch_blocks`` entries each, in plan order."""
+        if not len(plan):
+            return
+        cuts = np.flatnonzero(plan["ns"][1:] != plan["ns"][:-1]) + 1
+        for part in np.split(plan, cuts):
+            ns = by_ns[int(part["ns"][0])]
+            for i in range(0, len(part), batch_blocks):
+                yield ns, part[i:i + batch_blocks]
+
+    def restore_batch(self, ns, recs: np.ndarray, skip=None) -> int:
+        """Index a batch of one namespace's entries (on the loop). A key the table already
+        holds is skipped — a put during the load (newer than any journaled copy) or a block
+        restored already; so is one for which ``skip(ns, keys)`` (a bool mask, or None: none) says so: deleted
+        while loading. A skipped entry's slot stays ownerless (free once finished). Returns
+        blocks restored."""
+        idx, ssd = self.table, self.ssd
+        keys = np.ascontiguousarray(recs["key"])
+        ok = idx.find_many(ns.index, keys.tobytes()) < 0
+        gone = skip(ns, keys) if skip is not None else None
+        if gone is not None:
+            ok &= ~gone
+        sel = np.flatnonzero(ok)
+        if not len(sel):
+            return 0
+        addrs = recs["addr"][sel]
+        ssd.set_seq(addrs, recs["seq"][sel])
+        bids = idx.restore_many(ns.index, keys[sel].tobytes(), addrs, recs["csum"][sel],
+                                recs["depth"][sel], recs["parent"][sel], mirror=False)
+        ssd.set_owners(addrs, bids)
+        self.live += len(sel)
+        self.ssd.counters.recovered_blocks += len(sel)
+        return len(sel)
+
+    def finish_restore(self, st, figures, by_ns, seconds: float) -> None:
+        """On the loop, after the last batch: free lists, the lookup mirror, the log line; the
+        caller then compacts (compact(), or compact_in_steps() while serving)."""
+        ssd = self.ssd
         ssd.rebuild_free_lists()
-        self.compact()                  # also counts the live blocks
-        n = self.ssd.counters.recovered_blocks = self.live
+        if self.table.has_mirror():
+            self.table.resync_mirror()
+        n = ssd.counters.recovered_blocks
         if figures is not None:
             log.warning("SSD tier: recovered %d blocks, %d namespaces: %d journal frames "
                         "replayed (%d live block entries), %d damaged regions skipped; slab "
                         "scan read %d slot headers in %d segments in %.2fs, found %d intact "
                         "slots", n, sum(1 for x in by_ns if x is not None), st.records,
-                        from_journal, st.damaged_regions, figures["headers_read"],
+                        len(st.puts), st.damaged_regions, figures["headers_read"],
                         figures["segments"], figures["seconds"], figures["slots_found"])
         elif n or st.records:
-            log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records",
-                     n, len(st.namespaces), st.records)
-        return n
+            log.info("SSD tier: recovered %d blocks, %d namespaces from %d journal records "
+                     "in %.2fs", n, len(st.namespaces), st.records, seconds)
+
+    async def compact_in_steps(self, chunk_blocks: int) -> None:
+        """The compaction that ends a background load, without stalling the event loop: the
+        snapshot's block entries are built ``chunk_blocks`` at a time, a loop turn apart, while
+        still ``loading`` (nothing journaled, no SSD writes: blocks can only go). A slot freed
+        meanwhile is remembered and journaled as a DEL right behind the new file's snapshot,
+        so a block deleted after its chunk was taken stays deleted. Returns once the new
+        journal is durable; ``loading`` is off from when its snapshot is complete."""
+        idx = self.table
+        self._freed_while_compacting = []
+        live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
+        parts = []
+        try:
+            for i in range(0, len(live), max(1, chunk_blocks)):
+                ids = live[i:i + chunk_blocks]
+                ids = ids[(idx.ssd[ids] != NO_SLOT) & (idx.state[ids] == COMMITTED)]
+                self._number_namespaces()
+                parts.append(self._put_entries(ids))
+                await asyncio.sleep(0)
+            records = self._head_records() + parts
+            self.live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
+            freed = self._freed_while_compacting
+        finally:
+            self._freed_while_compacting = None
+        self.loading = False
+        done = self.journal.start_rewrite(records)
+        for addr in freed:
+            self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
+        await done
 
     def _register(self, rec: jr.NamespaceRecord, source: str):
         """Register a recovered namespace (not journaled again); None if refused. One from a
@@ -229,43 +382,31 @@ class SSDCatalog:
         win = which[order][last]
         return cand[win[win >= 0]]
 
-    def _restore(self, ns, recs: np.ndarray) -> None:
-        """Index one namespace's journaled blocks at once (vectorized: millions per restart)."""
-        idx, ssd = self.table, self.ssd
-        addrs = recs["addr"]
-        seg_no = np.minimum(addrs >> 32, len(ssd.segments))
-        slot = addrs & 0xFFFFFFFF
-        seg_slot_bytes = np.array([s.slot_bytes for s in ssd.segments] + [0], dtype=np.int64)
-        seg_slots = np.array([len(s.owner) for s in ssd.segments] + [0], dtype=np.int64)
-        ok = (seg_slot_bytes[seg_no] == ns.layout.slot_bytes) & (slot < seg_slots[seg_no])
-        keys = np.ascontiguousarray(recs["key"])
-        _, first = np.unique(keys, axis=0, return_index=True)
-        uniq = np.zeros(len(recs), dtype=bool)
-        uniq[first] = True
-        ok &= uniq & (idx.find_many(ns.index, keys.tobytes()) < 0)
-        sel = np.flatnonzero(ok)
-        if not len(sel):
-            return
-        ssd.set_seq(addrs[sel], recs["seq"][sel])
-        bids = idx.restore_many(ns.index, keys[sel].tobytes(), addrs[sel], recs["csum"][sel],
-                                recs["depth"][sel], recs["parent"][sel])
-        ssd.set_owners(addrs[sel], bids)
-
     def compact(self) -> None:
         """Rewrite the journal as the live records only, blocking (startup and shutdown)."""
         self.journal.replace_blocking(self._snapshot())
 
+    def compacting(self) -> bool:
+        """compact_in_steps is building its snapshot."""
+        return self._freed_while_compacting is not None
+
+    def _number_namespaces(self) -> None:
+        """Journal ordinals of the namespaces: their table order (append-only, so ordinals
+        taken earlier stay valid)."""
+        self._ns_ord = {ns.namespace_id: i for i, ns in enumerate(self.table.namespaces())}
+
+    def _head_records(self) -> list:
+        """A compacted journal's first records: every namespace (renumbered), every segment."""
+        self._number_namespaces()
+        records = [jr.encode_ns(self._ns_record(ns)) for ns in self.table.namespaces()]
+        records += [jr.encode_seg(seg.number, seg.slot_bytes) for seg in self.ssd.segments
+                    if seg.slot_bytes]
+        return records
+
     def _snapshot(self) -> list:
         """The live journal: namespaces (renumbered), segments, and every SSD block."""
         idx = self.table
-        records = []
-        self._ns_ord = {}
-        for ns in idx.namespaces():
-            self._ns_ord[ns.namespace_id] = len(self._ns_ord)
-            records.append(jr.encode_ns(self._ns_record(ns)))
-        for seg in self.ssd.segments:
-            if seg.slot_bytes:
-                records.append(jr.encode_seg(seg.number, seg.slot_bytes))
+        records = self._head_records()
         live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
         records.append(self._put_entries(live))    # encoded by the writer, off the loop
         # SSD slots holding a block (deleted-but-leased ones too: forget_ssd counts them down

@@ -429,8 +429,11 @@ class SlabFiles:
         addrs = np.asarray(addrs, dtype=np.int64)
         out = np.zeros(len(addrs), dtype=np.uint64)
         seg_no = addrs >> SLOT_BITS
-        for n in np.unique(seg_no).tolist():
-            sel = seg_no == n
+        # One sort by segment instead of a mask over every address per segment.
+        order = np.argsort(seg_no, kind="stable")
+        segs, starts = np.unique(seg_no[order], return_index=True)
+        for n, a, b in zip(segs.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)]):
+            sel = order[a:b]
             out[sel] = self.segments[n].seq[addrs[sel] & ((1 << SLOT_BITS) - 1)]
         return out
 

@@ -335,6 +335,10 @@ class Journal:
         self._write(data)
         self._durable = self._appended
 
+    def is_open(self) -> bool:
+        """Open for appending (a rewrite opens it: the first one at startup)."""
+        return self._fd is not None
+
     def pending(self) -> int:
         return self._appended - self._durable
 

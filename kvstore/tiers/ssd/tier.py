@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from kvstore.tiers.base import COMMITTED, NO_SLOT
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 CLEAN_BATCH = 64
+RECOVERY_BATCH = 4096      # index entries applied per event-loop turn while loading
 
 
 class SSDTier:
@@ -67,6 +69,12 @@ class SSDTier:
         self._closed = False
         self._cleaner: asyncio.Task | None = None
         self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
+        self._loaded = asyncio.Event()   # set once the index is loaded (see start_recovery)
+        self._failed = False             # the load failed: no SSD writes, journal untouched
+        self._recovery: asyncio.Task | None = None
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-ssd-load")
+        self._deferred: list[int] = []   # committed while loading: written once loaded
+        self._tombstones: set[tuple[int, bytes]] = set()   # (namespace index, key) deleted while loading
 
     @property
     def journal(self):
@@ -77,10 +85,113 @@ class SSDTier:
         self.catalog.on_namespace(ns)
 
     def recover(self, register) -> int:
-        """Rebuild the SSD blocks from the journal (kvstore.tiers.ssd.catalog.SSDCatalog.recover)."""
-        return self.catalog.recover(register)
+        """Rebuild the SSD blocks from the journal, blocking
+        (kvstore.tiers.ssd.catalog.SSDCatalog.recover); the tier is loaded after it."""
+        n = self.catalog.recover(register)
+        self._loaded.set()
+        return n
+
+    # -- loading the index while the daemon serves -------------------------------------------------
+    @property
+    def loading(self) -> bool:
+        """The index is still being loaded: SSD writes are held back, capacity reads 0 ready."""
+        return not self._loaded.is_set()
+
+    def start_recovery(self, register, batch_blocks: int = RECOVERY_BATCH,
+                       limit_bps: float = 0.0) -> asyncio.Task:
+        """Load the SSD index in the background while the daemon serves (the daemon calls this
+        once it listens). The journal is parsed and ordered off the event loop (a thread; the
+        numpy work releases the GIL); the table is filled on the loop, ``batch_blocks`` entries
+        at a time with a yield between batches, so requests keep being answered; at most
+        ``limit_bps`` blocks/s when set (a testing/QoS knob). Until it is done:
+
+        - blocks restored so far are visible (lookups say SSD, gets promote them);
+        - no SSD write happens: commits answer from DRAM (write-through resumes for them once
+          loaded), write-back victims are dropped instead of demoted, nothing is journaled;
+        - a key put meanwhile wins over its journaled copy (that one is dropped);
+        - a key deleted meanwhile stays deleted (its journaled entry is skipped), and the
+          delete answers once the load's compaction made that durable (sync_journal waits).
+
+        A failure is logged and leaves the tier serving what it restored, writing nothing and
+        leaving the journal as it found it (the next start recovers again)."""
+        self._recovery = asyncio.get_running_loop().create_task(
+            self._recover(register, max(1, batch_blocks), limit_bps))
+        return self._recovery
+
+    async def _recover(self, register, batch_blocks: int, limit_bps: float) -> None:
+        cat, loop = self.catalog, asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            cat.loading = True
+            read = await loop.run_in_executor(self._loader, cat.read_journal)
+            by_ns, puts = cat.begin_restore(*read, register)
+            plan = await loop.run_in_executor(self._loader, cat.order_restore, puts,
+                                              cat.valid_slot_bytes(by_ns))
+            del puts
+            self.table.reserve(len(plan))
+            n_batches, paced_from = 0, time.monotonic()
+            for ns, recs in cat.batches(by_ns, plan, batch_blocks):
+                if self._closed:
+                    log.info("SSD tier: stopped while loading the index (%d blocks restored); "
+                             "the journal is left as found", self.ssd.counters.recovered_blocks)
+                    self._failed = True     # nothing may be journaled over a partial table
+                    return
+                cat.restore_batch(ns, recs, self._deleted_while_loading)
+                n_batches += 1
+                wait = 0.0
+                if limit_bps:
+                    wait = paced_from + self.ssd.counters.recovered_blocks / limit_bps - \
+                        time.monotonic()
+                await asyncio.sleep(max(0.0, wait))     # let requests in between batches
+            cat.finish_restore(read[0], read[2], by_ns, time.monotonic() - t0)
+            self._tombstones.clear()
+            await cat.compact_in_steps(4 * batch_blocks)
+            if not self.journal.is_open():     # the compaction failed (logged): no appends
+                raise OSError("the journal could not be rewritten")
+        except Exception:
+            self._failed = True
+            log.exception("SSD tier: loading the index failed; serving the %d blocks restored, "
+                          "writing nothing to SSD, journal left as found (a restart recovers "
+                          "again)", self.ssd.counters.recovered_blocks)
+            return
+        finally:
+            self._loaded.set()
+        log.info("SSD tier: index loaded in %.2fs (%d blocks in %d batches; %d blocks committed "
+                 "meanwhile are written to SSD now)", time.monotonic() - t0,
+                 self.ssd.counters.recovered_blocks, n_batches, len(self._deferred))
+        deferred, self._deferred = list(dict.fromkeys(self._deferred)), []
+        if deferred:
+            self._spawn(self.persist(deferred))
+        if self.policy.on_eviction:
+            self._kick_cleaner()
+
+    def _deleted_while_loading(self, ns, keys: np.ndarray):
+        """restore_batch's skip mask: entries whose key was deleted during the load."""
+        if not self._tombstones:
+            return None
+        return np.fromiter(((ns.index, k) in self._tombstones
+                            for k in map(bytes, keys)), dtype=bool, count=len(keys))
+
+    def on_delete(self, ns_index: int, keys) -> None:
+        """The store deleted these keys: while loading, their journaled entries must not land."""
+        if self.loading:
+            self._tombstones.update((ns_index, bytes(k)) for k in keys)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._write_tasks.add(task)
+        task.add_done_callback(self._write_tasks.discard)
+
+    def _writable(self) -> bool:
+        return not self._closed and not self._failed and not self.loading
 
     async def sync_journal(self) -> None:
+        """Wait until what was journaled is durable; while loading, first until the load's
+        compaction (a delete answered then stays deleted)."""
+        if self.loading:
+            await self._loaded.wait()
+        if self._failed:
+            return
         await self.catalog.sync_journal()
 
     # -- slot I/O items and grouped submission ---------------------------------------------------
@@ -152,12 +263,17 @@ class SSDTier:
         """After a commit: write the freshly committed blocks to SSD and wait for durability
         when the policy writes on commit. Write failures are counted and logged; the blocks
         stay in DRAM. Never raises for I/O."""
+        if not self._writable():
+            if self.loading and not self._closed and self.policy.on_commit:
+                self._deferred.extend(bids)   # written once the index is loaded
+            return
         if self.policy.on_eviction:
             self._kick_cleaner()
         if not self.policy.on_commit:
             return
         idx = self.table
-        bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT]
+        bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT
+                and idx.state[b] == COMMITTED]
         if not bids:
             return
         idx.pin(bids)
@@ -180,7 +296,7 @@ class SSDTier:
         """After a get: blocks its policy says are due (write_through_selective: read
         ``write_hits`` times) are written in the background — the get does not wait; a block
         nobody reads never costs an SSD write, and is dropped (not demoted) when DRAM evicts it."""
-        if self._closed or not bids:
+        if not self._writable() or not bids:
             return
         idx = self.table
         ids = np.asarray(bids, dtype=np.int64)
@@ -216,7 +332,7 @@ class SSDTier:
 
     # -- write-back cleaner ------------------------------------------------------------------------
     def _kick_cleaner(self) -> None:
-        if not self._closed and (self._cleaner is None or self._cleaner.done()):
+        if self._writable() and (self._cleaner is None or self._cleaner.done()):
             self._cleaner = asyncio.get_running_loop().create_task(self._clean())
 
     async def _clean(self) -> None:
@@ -246,7 +362,7 @@ class SSDTier:
 
     # -- demotion (called by DRAM eviction) ------------------------------------------------------
     def prepare_demotion(self, victims: list[int]) -> None:
-        if self.policy.on_eviction:
+        if self.policy.on_eviction and self._writable():
             idx = self.table
             dirty = [b for b in victims if idx.ssd[b] == NO_SLOT]
             if dirty:
@@ -404,9 +520,18 @@ class SSDTier:
 
     # -- shutdown --------------------------------------------------------------------------------
     async def close(self) -> None:
-        """Flush write-back blocks, sync and compact the journal, close the files."""
+        """Flush write-back blocks, sync and compact the journal, close the files. Stopped
+        while loading (or after a failed load): close the files, leaving the journal as found
+        (the next start recovers everything)."""
         self._closed = True
         self.catalog.close()
+        if self._recovery is not None and not self._recovery.done():
+            await asyncio.gather(self._recovery, return_exceptions=True)  # stops at a batch
+        if self.loading or self._failed or self.catalog.loading:
+            await asyncio.get_running_loop().run_in_executor(None, self._loader.shutdown)
+            self.abandon()
+            return
+        self._loader.shutdown(wait=False)
         if self._cleaner is not None:
             await asyncio.gather(self._cleaner, return_exceptions=True)
         if self._write_tasks:
@@ -434,6 +559,7 @@ class SSDTier:
         """Close the files without flushing or compacting: a start-up whose recovery failed
         leaves the journal as it found it."""
         self._closed = True
+        self._loader.shutdown(wait=True)
         self.catalog.close()
         self.journal.close()
         self.ssd.close()
@@ -455,8 +581,11 @@ class SSDTier:
     def stats_row(self):
         from kvstore.v1 import kvstore_pb2 as pb
         ssd, c, io = self.ssd, self.counters, self.ssd.counters
+        # Loading the index: nothing can be written yet, so no capacity is ready (the table
+        # shows "loading"); blocks and recovered_blocks count what is restored so far.
         return pb.TierStats(
-            tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes, ready_bytes=ssd.capacity_bytes,
+            tier=pb.TIER_SSD, capacity_bytes=ssd.capacity_bytes,
+            ready_bytes=0 if self.loading else ssd.capacity_bytes,
             used_bytes=ssd.used_bytes(), blocks=self.blocks(), hits=c.hits, misses=c.misses,
             evictions=self.space.evictions, bytes_in=io.bytes_written, bytes_out=io.bytes_read,
             promotions=c.promotions, demotions=c.demotions,
