@@ -85,6 +85,11 @@ class FileBlockStore:
     def put(self, keys: list[bytes], rows: np.ndarray) -> None:
         list(self.pool.map(self._write, keys, rows))
 
+    def put_async(self, keys: list[bytes], rows: np.ndarray):
+        """Queue the batch's files on the I/O threads; returns the call that waits for them."""
+        futs = [self.pool.submit(self._write, k, row) for k, row in zip(keys, rows)]
+        return lambda: [f.result() for f in futs]
+
     def get(self, keys: list[bytes], rows: np.ndarray) -> int:
         found = list(self.pool.map(self._read, keys, rows))
         return found.index(False) if False in found else len(found)

@@ -3,7 +3,8 @@
 One run, one workload: ``--blocks`` blocks of ``--block-kib`` (default 512 x 1 MiB: 16 tokens of
 a Llama-3-8B shard at TP=2), the same keys and the same bytes in every store, put then read back
 in batches of ``--batch`` (one put or get call per batch, one batch at a time, as an engine
-issues them). Every store is filled first, then ``--repeat`` rounds read the whole set back from
+issues them; ``--inflight N`` lets N puts run at once in every store that can, as an engine that
+offloads asynchronously does, timed from the first call to the last completion). Every store is filled first, then ``--repeat`` rounds read the whole set back from
 every store in turn (load noise hits them all alike); get figures are the median round.
 Every byte read back is compared with the bytes written (outside the timed calls).
 
@@ -71,6 +72,9 @@ def _args(argv):
                          "file-per-block stores)")
     ap.add_argument("--file-threads", type=int, default=4,
                     help="I/O threads of the file-per-block stores (LMCache's disk worker: 4)")
+    ap.add_argument("--inflight", type=int, default=1,
+                    help="put batches in flight at once in every store that can (an engine "
+                         "offloading asynchronously; 1: each put waited for before the next)")
     ap.add_argument("--fsync", action="store_true",
                     help="fsync every file the file-per-block stores write (LMCache does not)")
     ap.add_argument("--redis-url", help="use this Redis server (redis://, rediss://, unix://) "
@@ -89,7 +93,7 @@ def _check(a) -> str | None:
     """The first problem with the options, as one line, or None."""
     if a.block_kib <= 0 or a.block_kib % 32:
         return "--block-kib must be a positive multiple of 32"
-    for name in ("blocks", "batch", "repeat", "file_threads"):
+    for name in ("blocks", "batch", "repeat", "file_threads", "inflight"):
         if getattr(a, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive"
     if a.blocks % a.batch:
@@ -97,6 +101,10 @@ def _check(a) -> str | None:
     if a.blocks < 8 * a.batch:
         return ("--blocks must be at least 8 x --batch (the kvstore-ssd store's DRAM tier holds "
                 "a quarter of the set, and at least 4 batches)")
+    if a.blocks < 2 * _dram_batches(a) * a.batch:
+        return (f"--blocks must be at least {2 * _dram_batches(a)} x --batch with --inflight "
+                f"{a.inflight} (the kvstore-ssd store's DRAM tier holds {_dram_batches(a)} "
+                "batches, and must stay under half the set)")
     if not os.path.isdir(a.dir) or not os.access(a.dir, os.W_OK):
         return f"--dir {a.dir}: not a writable directory"
     fs = filesystem_type(a.dir)
@@ -125,6 +133,12 @@ def filesystem_type(directory: str) -> str:
     except OSError:
         pass
     return fs
+
+
+def _dram_batches(a) -> int:
+    """Batches the kvstore-ssd store's DRAM tier holds at least: 4, plus the puts in flight
+    (their slots stay allocated until written through)."""
+    return 4 + (a.inflight if a.inflight > 1 else 0)
 
 
 def _ssd_bytes(working_set: int) -> int:
@@ -181,12 +195,32 @@ class Result:
         return self.mismatched == 0 and self.blocks_read == self.blocks_asked > 0
 
 
-def put_all(store, w: Workload, r: Result) -> None:
+def put_all(store, w: Workload, r: Result, inflight: int = 1) -> None:
+    """Put every batch. ``inflight`` 1: one call at a time, each timed alone. More: every batch
+    is prepared up front (outside the timing), then up to ``inflight`` puts run at once — an
+    engine offloading asynchronously — timed from the first call to the last completion; a
+    store without ``put_async`` (Redis: one pipelined round trip) runs its calls one by one."""
+    if inflight <= 1:
+        for b in range(w.n_batches):
+            src = w.fill(b, w.src)
+            t = time.perf_counter()
+            store.put(w.batch_keys(b), src)
+            r.put_s += time.perf_counter() - t
+        return
+    srcs = [w.fill(b, _page_aligned((w.batch, w.block_bytes))) for b in range(w.n_batches)]
+    put_async = getattr(store, "put_async", None)
+    window: list = []
+    t = time.perf_counter()
     for b in range(w.n_batches):
-        src = w.fill(b, w.src)
-        t = time.perf_counter()
-        store.put(w.batch_keys(b), src)
-        r.put_s += time.perf_counter() - t
+        if put_async is None:
+            store.put(w.batch_keys(b), srcs[b])
+            continue
+        if len(window) == inflight:
+            window.pop(0)()
+        window.append(put_async(w.batch_keys(b), srcs[b]))
+    for wait in window:
+        wait()
+    r.put_s += time.perf_counter() - t
 
 
 def get_all(store, w: Workload, r: Result) -> None:
@@ -223,9 +257,17 @@ class KVStoreStore:
         return self.ns.block_keys(range(b * batch * 16, (b + 1) * batch * 16))
 
     def put(self, keys: list[bytes], rows: np.ndarray) -> None:
-        written = self.ns.put(keys, rows.reshape(len(keys), *self.layout.block_shape)).result()
-        if written != len(keys):
-            raise RuntimeError(f"kvstore stored {written} of {len(keys)} blocks")
+        self.put_async(keys, rows)()
+
+    def put_async(self, keys: list[bytes], rows: np.ndarray):
+        """Start the put; returns the call that waits for it (durable for the SSD store)."""
+        fut = self.ns.put(keys, rows.reshape(len(keys), *self.layout.block_shape))
+
+        def wait():
+            written = fut.result()
+            if written != len(keys):
+                raise RuntimeError(f"kvstore stored {written} of {len(keys)} blocks")
+        return wait
 
     def get(self, keys: list[bytes], rows: np.ndarray) -> int:
         out = rows.reshape(len(keys), *self.layout.block_shape)
@@ -272,7 +314,7 @@ def run(a) -> dict:
     res: dict = {"workload": {"blocks": a.blocks, "block_bytes": bb, "batch": a.batch,
                               "working_set_bytes": a.blocks * bb, "repeat": a.repeat,
                               "dir": a.dir, "file_threads": a.file_threads,
-                              "file_fsync": a.fsync}}
+                              "file_fsync": a.fsync, "put_inflight": a.inflight}}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         stores: dict[str, object] = {}
@@ -285,7 +327,7 @@ def run(a) -> dict:
             stores["kvstore-dram-leased"] = KVStoreStore(sock, layout, "dram-leased",
                                                          "bench-peers-leased", local_gets=False)
             stack.callback(stores["kvstore-dram-leased"].close)
-        dram = max(ws // 4, 4 * a.batch * slot)
+        dram = max(ws // 4, _dram_batches(a) * a.batch * slot)
         sock = stack.enter_context(private_daemon(
             "--dram-bytes", str(dram), "--chunk-bytes", str(min(4 << 20, dram // 2 // 4096 * 4096)),
             "--ssd-dir", str(work / "kvstore-ssd"),
@@ -308,7 +350,7 @@ def run(a) -> dict:
         w = Workload(a.blocks, bb, a.batch, keys)
         results = {name: Result(name) for name in stores}
         for name, store in stores.items():
-            put_all(store, w, results[name])
+            put_all(store, w, results[name], a.inflight)
         os.sync()   # the buffered store's dirty pages must not be written back during others' reads
         hits0 = stores["kvstore-ssd"].ssd_hits()
         for _ in range(a.repeat):
@@ -352,7 +394,9 @@ def _lines(res: dict) -> list[str]:
     width = max(14, *(len(n) for n in res["stores"]))
     lines = [(f"peers bench: {wl['blocks']} blocks x {format_bytes(wl['block_bytes'])} "
               f"({format_bytes(wl['working_set_bytes'])}), batches of {wl['batch']}, same keys "
-              f"and bytes in every store; get = median of {wl['repeat']} rounds"),
+              f"and bytes in every store; get = median of {wl['repeat']} rounds"
+              + (f"; puts {wl['put_inflight']} batches in flight" if wl["put_inflight"] > 1
+                 else "")),
              (f"  {'store':<{width}} {'served from':<20} {'put GB/s':>9} {'get GB/s':>9}   "
               f"{'vs':<13} {'kvstore/peer put':>16} {'get':>7}")]
     for name, s in res["stores"].items():

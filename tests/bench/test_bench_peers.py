@@ -74,11 +74,28 @@ def test_peers_human_table_and_no_redis(disk_dir):
     assert "every byte read back equals the bytes written" in r.stdout
 
 
+def test_peers_puts_in_flight_verify_every_byte(disk_dir):
+    # 48 blocks of 4: the SSD store's DRAM holds 4 + 2 batches, under half the set
+    r = _bench("--json", "--no-redis", "--inflight", "2", "--dir", str(disk_dir),
+               "--blocks", "48", "--block-kib", "64", "--batch", "4", "--repeat", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["workload"]["put_inflight"] == 2 and out["bytes_verified"] is True
+    for name in ("kvstore-dram", "kvstore-ssd", "files", "files-odirect"):
+        s = out["stores"][name]
+        assert s["verified"] and s["blocks_read"] == s["blocks_asked"] == 48
+        assert s["put_gbps"] > 0
+    assert out["stores"]["kvstore-ssd"]["ssd_hits"] >= 0.9 * 48
+
+
 @pytest.mark.parametrize("args, message", [
     (["--block-kib", "48"], "--block-kib must be a positive multiple of 32"),
     (["--blocks", "30", "--batch", "4"], "--blocks must be a multiple of --batch"),
     (["--blocks", "16", "--batch", "4"], "--blocks must be at least 8 x --batch"),
     (["--repeat", "0"], "--repeat must be positive"),
+    (["--inflight", "0"], "--inflight must be positive"),
+    (["--inflight", "4", "--blocks", "32", "--batch", "4"],
+     "--blocks must be at least 16 x --batch with --inflight 4"),
     (["--dir", "/nonexistent/x"], "--dir /nonexistent/x: not a writable directory"),
     (["--dir", "/dev/shm"], "--dir /dev/shm: on tmpfs, not a disk"),
     (["--redis-url", "http://localhost:6379"], "--redis-url must start with redis://"),

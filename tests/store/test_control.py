@@ -276,7 +276,8 @@ def test_daemon_restart_remaps_the_new_snapshot(daemon_factory, tmp_path):
 
 def test_bench_control_smoke():
     r = subprocess.run([sys.executable, "-m", "kvstore", "bench", "control", "--clients", "1,2",
-                        "--seconds", "0.5", "--keys", "16", "--stored", "12", "--json"],
+                        "--seconds", "0.5", "--keys", "16", "--stored", "12", "--get-blocks", "8",
+                        "--json"],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr + r.stdout
     out = json.loads(r.stdout)
@@ -288,9 +289,21 @@ def test_bench_control_smoke():
         assert p["local"]["p99_ms"] > 0 and p["speedup"] > 0
     assert out["numpy_probe_1thread"]["lookups_per_s"] > 0
     assert "lookup_speedup_vs_grpc_16" not in out     # no 16-client point asked for
+    # DRAM gets (default --ops lookup,get): every block compared with what was put
+    assert out["get_blocks"] == 8
+    for n in ("1", "2"):
+        p = out["get_points"][n]
+        for path in ("grpc", "local"):
+            assert p[path]["gets"] > 0 and p[path]["wrong"] == 0
+            assert p[path]["gb_per_s"] > 0
+    assert "get_speedup_vs_grpc_16" not in out
     bad = subprocess.run([sys.executable, "-m", "kvstore", "bench", "control", "--clients", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--clients" in bad.stderr
+    for args in (["--ops", "scan"], ["--get-blocks", "13", "--stored", "12", "--keys", "16"]):
+        bad = subprocess.run([sys.executable, "-m", "kvstore", "bench", "control", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and args[0] in bad.stderr, bad.stderr
 
 
 def test_remote_tier_full_local_hits_stay_local_short_prefixes_ask_the_daemon(daemon_factory,
