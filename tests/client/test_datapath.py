@@ -89,3 +89,20 @@ def test_backoff_doubles_to_its_cap_and_a_success_resets_it():
     for _ in range(2000):                    # 2.0 ** 2000 would overflow a float
         many.failed()
     assert many.failed() == Backoff.MAX_S
+
+
+@pytest.mark.parametrize("size", [8, 4096 + 3, 64 << 10, 256 << 10, (4 << 20) + 8])
+def test_host_copies_are_exact_at_every_relative_alignment(size):
+    # transfer._host_copy takes another loop where memcpy crawls ((dst - src) % 64 in 1..31,
+    # e.g. a numpy output 16 bytes into its pages, read from a page-aligned arena slot): the
+    # bytes must be the same whichever loop copies them, aligned or not, any length.
+    from kvstore.client.transfer import copy_rows
+    rng = np.random.default_rng(size)
+    src_buf = rng.integers(0, 256, size + 128, dtype=np.uint8)
+    for s_off in (0, 8, 16):
+        for d_off in range(0, 64, 4):
+            dst_buf = np.zeros(size + 128, dtype=np.uint8)
+            src = src_buf[s_off:s_off + size]
+            copy_rows(dst_buf[d_off:d_off + size], src)
+            assert np.array_equal(dst_buf[d_off:d_off + size], src), (s_off, d_off)
+            assert not dst_buf[:d_off].any() and not dst_buf[d_off + size:].any()
