@@ -6,7 +6,10 @@ their hit counts (the selective SSD and remote write policies read them), not th
 get counters and latency. :class:`ReadReports` tells it afterwards with ReportReads calls that
 no get waits for, made by a thread of their own: reads are queued per namespace, and while one
 call is in flight the next reads pile up and go in the call after it (one call in flight per
-client; a burst of gets costs a few calls, not one each).
+client; a burst of gets costs a few calls, not one each). Between calls the thread lingers
+LINGER_S for more reads unless someone waits for them (``flush``): a client looping on small
+gets otherwise kept one ReportReads in flight all the time, whose CPU (its own thread and the
+daemon's) its gets then paid for on a small host.
 
 Ordering: the daemon learns of a read a little after it happened. Calls of this client whose
 answer depends on what it read — a put's Allocate (its eviction picks by LRU stamps), Prefetch
@@ -19,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger("kvstore.client")
+
+LINGER_S = 0.005     # how long reads may wait for company before they are reported
 
 
 class _Queued:
@@ -50,6 +56,7 @@ class ReadReports:
         self._sent = 0              # calls started so far, for flush
         self._done = 0              # calls finished so far
         self._closed = False
+        self._flushing = 0          # callers waiting in flush: report at once, no linger
         self._thread: threading.Thread | None = None
         self.reported = 0           # blocks the daemon counted (its answers)
 
@@ -82,9 +89,14 @@ class ReadReports:
             # Calls run one at a time, in order: what is queued now goes in the next ones.
             target = self._sent + len(self._queued) + \
                 sum(self._extra_calls(q) for q in self._queued.values())
-            return self._cond.wait_for(
-                lambda: self._done >= target or (not self._busy and not self._queued),
-                timeout_s)
+            self._flushing += 1
+            self._cond.notify_all()     # a lingering reporter sends now
+            try:
+                return self._cond.wait_for(
+                    lambda: self._done >= target or (not self._busy and not self._queued),
+                    timeout_s)
+            finally:
+                self._flushing -= 1
 
     def close(self, timeout_s: float) -> None:
         """Report what is queued (at most timeout_s), then stop the thread."""
@@ -122,6 +134,13 @@ class ReadReports:
             with self._cond:
                 while not self._queued and not self._closed:
                     self._cond.wait()
+                # let more reads join this call, unless a caller is waiting for them
+                until = time.monotonic() + LINGER_S
+                while not self._closed and not self._flushing:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if self._closed:
                     return
                 req = self._take()

@@ -263,10 +263,13 @@ class KVClient:
 
     def stats(self) -> Stats:
         """The daemon's statistics (client/stats.py): print() shows a short table; .proto is
-        the kvstore.v1.Stats message. This client's lease-free reads reported so far are
-        counted in it (their reports are waited for, at most timeout_s)."""
+        the kvstore.v1.Stats message. This client's own gets so far are counted in it: its
+        lease-free reads' reports and its releases sent without waiting (which end a leased
+        get's latency sample) are waited for first, at most timeout_s."""
         self._ensure_session()
         self.read_reports.flush(self.timeout_s)
+        with self._releases_lock:
+            self._releases_lock.wait_for(lambda: self._releases == 0, self.timeout_s)
         return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0):

@@ -227,11 +227,17 @@ class BlockTable:
         """Mark blocks used at logical time ``stamp`` (eviction order)."""
         self.stamp[bids] = stamp
 
-    def count_reads(self, bids: np.ndarray, stamp: int) -> None:
+    def count_reads(self, bids: np.ndarray, stamp: int, repeats: bool = False) -> None:
         """A get read these blocks: touched, their hit counts raised (saturating: selective
-        SSD and remote writes read it). What a lease-free read reports; a lease adds a pin."""
+        SSD and remote writes read it). What a lease-free read reports; a lease adds a pin.
+        ``repeats``: a block named n times was read n times (reports of several gets
+        coalesced into one call), not once as within one get's batch."""
         self.stamp[bids] = stamp
-        self.hits[bids] = np.minimum(self.hits[bids], 254) + 1
+        if repeats and len(bids) > 1:
+            ids, n = np.unique(bids, return_counts=True)
+            self.hits[ids] = np.minimum(self.hits[ids].astype(np.int64) + n, 255)
+        else:
+            self.hits[bids] = np.minimum(self.hits[bids], 254) + 1
 
     def lease(self, bids: np.ndarray, stamp: int) -> None:
         """A get leased these blocks: counted as read (count_reads) and pinned."""
