@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -89,21 +88,9 @@ class _ReqState:
 
 @dataclass
 class _Load:
-    """One asynchronous load: the get, then the scatter of its blocks into vLLM's pages, both
-    off the engine thread (the get's completion runs the scatter on the SDK thread that
-    finished it). The engine thread only collects finished loads in get_finished.
-
-    The pages belong to vLLM again once a load is reported, so a scatter must never run after
-    that: a load past its deadline is ``abandoned`` only while its scatter has not started
-    (then it never will); one already scattering is waited for (a copy, milliseconds)."""
     spec: LoadSpec
     future: Future
     deadline: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    done: threading.Event = field(default_factory=threading.Event)
-    state: str = "pending"           # pending -> scattering -> done, or pending -> abandoned
-    found: int = 0                   # blocks written into their pages
-    error: BaseException | None = None
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -302,33 +289,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                     self.link.failed(exc)
                     fut = Future()
                     fut.set_exception(exc)
-            ld = _Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"])
-            self._loads.append(ld)
-            fut.add_done_callback(lambda f, ld=ld: self._scatter(ld))
-
-    def _scatter(self, ld: _Load) -> None:
-        """The get finished (on an SDK thread, or here at once): write its blocks into their
-        pages unless the engine gave up on the load first. Never raises."""
-        with ld.lock:
-            if ld.state != "pending":
-                return           # abandoned: the pages may be someone else's already
-            ld.state = "scattering"
-        try:
-            if ld.future.cancelled():
-                raise TimeoutError("load cancelled")
-            kv = ld.future.result()
-            found = int(kv.shape[0])
-            if found:
-                self.pages.scatter(self._kv, ld.spec.block_ids[:found], kv)
-                if self._kv[0].is_cuda:    # complete on the device before it is reported
-                    torch.cuda.current_stream(self._kv[0].device).synchronize()
-            ld.found = found
-        except BaseException as exc:  # noqa: BLE001 -- reported by the engine thread
-            ld.error = exc
-        finally:
-            with ld.lock:
-                ld.state = "done"
-            ld.done.set()
+            self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"]))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish before their request is scheduled (asynchronous loading)
@@ -388,7 +349,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         keep = []
         now = time.monotonic()
         for ld in self._loads:
-            if not ld.done.is_set() and now < ld.deadline:
+            if not ld.future.done() and now < ld.deadline:
                 keep.append(ld)
                 continue
             done.add(ld.spec.req_id)
@@ -398,23 +359,20 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def _finish_load(self, ld: _Load) -> None:
         ids = ld.spec.block_ids
-        with ld.lock:
-            abandoned = ld.state == "pending"
-            if abandoned:
-                ld.state = "abandoned"     # its scatter will never start
         found = 0
-        if abandoned:
+        if not ld.future.done():
             ld.future.cancel()
             self.link.failed(TimeoutError(f"load not done in {self.cfg['load_timeout_s']}s"))
+        elif ld.future.exception() is not None:
+            self.link.failed(ld.future.exception())
         else:
-            ld.done.wait()                 # a scatter under way: a copy, then it is done
-            found = ld.found
-            if ld.error is not None:
-                if ld.future.done() and not ld.future.cancelled() and \
-                        ld.future.exception() is not None:
-                    self.link.failed(ld.future.exception())
-                else:
-                    log.warning("KVStoreConnector: writing loaded blocks failed: %s", ld.error)
+            try:
+                kv = ld.future.result()
+                found = int(kv.shape[0])
+                if found:
+                    self.pages.scatter(self._kv, ids[:found], kv)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("KVStoreConnector: writing loaded blocks failed: %s", exc)
                 found = 0
         if found < len(ids):
             self._load_errors.update(ids[found:])
