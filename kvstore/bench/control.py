@@ -55,9 +55,7 @@ def _blocks(layout, n: int) -> np.ndarray:
 
 def _set_path(ns, mode: str) -> None:
     """Both answers of the SDK: from shared memory (local) or from the daemon over gRPC."""
-    ns.local_lookups = mode == "local"
-    if hasattr(ns, "local_gets"):
-        ns.local_gets = mode == "local"
+    ns.local_lookups = ns.local_gets = mode == "local"
 
 
 def _timed(fn, seconds: float) -> list[float]:
@@ -104,7 +102,7 @@ def worker(socket: str, n_keys: int, expected: int, get_blocks: int) -> int:
                     nonlocal wrong
                     wrong += ns.lookup(keys).num_cached != expected
             else:
-                before = getattr(ns, "local_gets_answered", 0)
+                before = ns.local_gets_answered
 
                 def one():
                     nonlocal wrong
@@ -113,7 +111,7 @@ def worker(socket: str, n_keys: int, expected: int, get_blocks: int) -> int:
                     wrong += n != get_blocks or not np.array_equal(out, want)
             lat = _timed(one, seconds)
             answered = (ns.local_lookups_answered if op == "lookup"
-                        else getattr(ns, "local_gets_answered", 0)) - before
+                        else ns.local_gets_answered) - before
             print(json.dumps({"n": len(lat), "seconds": seconds, "wrong": wrong,
                               "local": answered,
                               "lat_us": [round(x * 1e6, 1) for x in lat]}), flush=True)

@@ -151,10 +151,48 @@ def _stats(stub, pb):
         return None
 
 
+def _first_answer(proc, sock: Path, log_path: Path, deadline: float, timeout_s: float):
+    """Poll a starting daemon until GetStats answers: (channel, stats). RuntimeError if it
+    exits first or the deadline passes."""
+    import grpc
+    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+    channel = None
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kvstore serve exited with {proc.returncode}:\n"
+                                   f"{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvstore serve did not answer in {timeout_s:g}s")
+            if sock.exists():
+                if channel is None:
+                    channel = grpc.insecure_channel(f"unix:{sock}")
+                st = _stats(pb_grpc.KVStoreStub(channel), pb)
+                if st is not None:
+                    return channel, st
+            time.sleep(POLL_S)
+    except BaseException:
+        if channel is not None:
+            channel.close()
+        raise
+
+
+def _terminate(proc, wait_s: float) -> None:
+    """SIGTERM a daemon still running, SIGKILL it if it does not exit within wait_s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def time_daemon(size_bytes: int, chunk_bytes: int, directory: Path, timeout_s: float,
                 wait_populated: bool) -> dict:
     """Start a daemon with this arena size; time readiness, full capacity, populated pages."""
-    import grpc
     from kvstore.v1 import kvstore_pb2 as pb
     from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -171,19 +209,7 @@ def time_daemon(size_bytes: int, chunk_bytes: int, directory: Path, timeout_s: f
     channel = None
     try:
         deadline = t0 + timeout_s
-        st = None
-        while st is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kvstore serve exited with {proc.returncode}:\n"
-                                   f"{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvstore serve did not answer in {timeout_s:g}s")
-            if sock.exists():
-                if channel is None:
-                    channel = grpc.insecure_channel(f"unix:{sock}")
-                st = _stats(pb_grpc.KVStoreStub(channel), pb)
-            if st is None:
-                time.sleep(POLL_S)
+        channel, st = _first_answer(proc, sock, log_path, deadline, timeout_s)
         row["ready_s"] = time.monotonic() - t0
         dram = next(t for t in st.tiers if t.tier == pb.TIER_DRAM)
         row["capacity_bytes"] = dram.capacity_bytes
@@ -213,13 +239,7 @@ def time_daemon(size_bytes: int, chunk_bytes: int, directory: Path, timeout_s: f
     finally:
         if channel is not None:
             channel.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _terminate(proc, 30)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     return row
@@ -230,7 +250,6 @@ def time_restart(n_blocks: int, dram_bytes: int, chunk_bytes: int, directory: Pa
     """Restart on an SSD index of ``n_blocks`` (make_ssd_dir): time the first answer, a DRAM
     put + get + lookup answered while the index loads, the index loaded (SSD ready_bytes ==
     capacity), and check the sampled SSD blocks are then served byte for byte."""
-    import grpc
     import numpy as np
 
     from kvstore.client import KVClient
@@ -258,26 +277,14 @@ def time_restart(n_blocks: int, dram_bytes: int, chunk_bytes: int, directory: Pa
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = t0 + timeout_s
 
-        def ssd_row():
-            try:
-                st = pb_grpc.KVStoreStub(channel).GetStats(pb.GetStatsRequest(), timeout=1)
-            except grpc.RpcError:
-                return None
-            return next(x for x in st.tiers if x.tier == pb.TIER_SSD)
+        channel, st = _first_answer(proc, sock, log_path, deadline, timeout_s)
+        stub = pb_grpc.KVStoreStub(channel)
 
-        ssd = None
-        while ssd is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kvstore serve exited with {proc.returncode}:\n"
-                                   f"{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvstore serve did not answer in {timeout_s:g}s")
-            if sock.exists():
-                if channel is None:
-                    channel = grpc.insecure_channel(f"unix:{sock}")
-                ssd = ssd_row()
-            if ssd is None:
-                time.sleep(POLL_S)
+        def ssd_row(st=None):
+            st = st or _stats(stub, pb)
+            return None if st is None else next(x for x in st.tiers if x.tier == pb.TIER_SSD)
+
+        ssd = ssd_row(st)
         row["ready_s"] = time.monotonic() - t0
         row["loading_at_ready"] = ssd.ready_bytes < ssd.capacity_bytes
         layout = KVLayout(**RESTART_LAYOUT)
@@ -317,13 +324,7 @@ def time_restart(n_blocks: int, dram_bytes: int, chunk_bytes: int, directory: Pa
     finally:
         if channel is not None:
             channel.close()
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _terminate(proc, 60)
         shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(ssd_dir.parent, ignore_errors=True)

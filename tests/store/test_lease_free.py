@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import grpc
@@ -25,41 +21,13 @@ from kvstore.store.blockstore import dram_store
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from support.ssd import LAYOUT, SMALL_DRAM, chain, get_exact, put_chain, ssd_args, ssd_stats, tier
-from support import SUPPORT
 from support.readerproc import LAYOUT as RL, block_for
+from support.readers import churn, drain, start_reader
 
 # as tests/store/test_reads.py: 48 reader blocks of 512 KiB in a 64-slot DRAM tier
 N = 48
 DAEMON_ARGS = ("--dram-bytes", "36MiB", "--chunk-bytes", "4MiB",
                "--max-inflight-bytes-per-client", "256MiB")
-
-
-def _start_reader(sock: str):
-    """tests/support/readerproc.py with lease-free gets on; (process, queue of its lines)."""
-    p = subprocess.Popen([sys.executable, str(SUPPORT / "readerproc.py"), sock, str(N), "1",
-                          "1"], stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
-    assert lines.get(timeout=60).strip() == "ready"
-    return p, lines
-
-
-def _drain(lines: queue.Queue) -> list[dict]:
-    out = []
-    while True:
-        try:
-            out.append(json.loads(lines.get_nowait()))
-        except queue.Empty:
-            return out
-
-
-def _churn(c: KVClient, round_no: int) -> list[bytes]:
-    """Other keys' bytes into (nearly) every DRAM slot: the reader's blocks are evicted and
-    their slots written over."""
-    ns = c.namespace("reads", RL)
-    keys = ns.block_keys([round_no] + list(range(100_000, 100_000 + 16 * 64 - 1)))[:60]
-    ns.put(keys, np.stack([block_for(k, 1) for k in keys])).result(timeout=60)
-    return keys
 
 
 def _dram(c: KVClient):
@@ -207,15 +175,15 @@ def test_lease_free_get_racing_slot_reuse_never_returns_other_bytes(daemon_facto
     every: list[dict] = []
     with KVClient(d.socket) as c:
         ns = c.namespace("reads", RL)
-        p, lines = _start_reader(d.socket)
+        p, lines = start_reader(d.socket, N, lease_free=True)
         keys = ns.block_keys(list(range(16 * N)))
         want = np.stack([block_for(k, 0) for k in keys])
         try:
             for round_no in range(1, 7):
                 time.sleep(float(rng.uniform(0.0, 0.05)))
                 p.send_signal(signal.SIGSTOP)
-                every += _drain(lines)
-                churned = _churn(c, round_no)        # evicts and overwrites the reader's slots
+                every += drain(lines)
+                churned = churn(c, round_no)        # evicts and overwrites the reader's slots
                 p.send_signal(signal.SIGCONT)
                 every.append(json.loads(lines.get(timeout=60)))
                 ns.delete(churned)

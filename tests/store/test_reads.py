@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,8 +14,8 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient, KVLayout, StaleRead
-from support import SUPPORT
 from support.readerproc import LAYOUT, block_for
+from support.readers import churn, drain, start_reader
 
 N = 48                      # reader's blocks: 24 MiB per get
 DAEMON_ARGS = ("--dram-bytes", "36MiB", "--chunk-bytes", "4MiB",   # 8 chunks = 64 slots
@@ -79,33 +76,6 @@ class UnixProxy:
         self.cut()
 
 
-def _start_reader(sock: str, shm: bool):
-    p = subprocess.Popen([sys.executable, str(SUPPORT / "readerproc.py"), sock, str(N),
-                          "1" if shm else "0"], stdout=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in p.stdout], daemon=True).start()
-    assert lines.get(timeout=60).strip() == "ready"
-    return p, lines
-
-
-def _drain(lines: queue.Queue) -> list[dict]:
-    out = []
-    while True:
-        try:
-            out.append(json.loads(lines.get_nowait()))
-        except queue.Empty:
-            return out
-
-
-def _churn(c: KVClient, round_no: int) -> list[bytes]:
-    """Put other bytes into (nearly) every slot of the DRAM tier: the reader's slots are
-    evicted and written over."""
-    ns = c.namespace("reads", LAYOUT)
-    keys = ns.block_keys([round_no] + list(range(100_000, 100_000 + 16 * 64 - 1)))[:60]
-    ns.put(keys, np.stack([block_for(k, 1) for k in keys])).result()
-    return keys
-
-
 def _wait(cond, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -140,7 +110,7 @@ def _reuse_under_reader(daemon_factory, tmp_path, shm: bool):
         while (time.monotonic() < deadline and round_no < 8
                and not any(r["n"] < N or r["bad"] for r in caught)):
             round_no += 1
-            p, lines = _start_reader(proxy.path if shm else d.socket, shm)
+            p, lines = start_reader(proxy.path if shm else d.socket, N, shm)
             try:
                 while time.monotonic() < deadline and not _stop_mid_get(p, c):
                     pass
@@ -150,12 +120,12 @@ def _reuse_under_reader(daemon_factory, tmp_path, shm: bool):
                     assert _wait(lambda: c.stats().active_leases == 0, 10)
                 else:                 # the stream stalls; its lease expires
                     assert _wait(lambda: c.stats().leases_expired > expired, 10)
-                seen += _drain(lines)
-                churned = _churn(c, round_no)
+                seen += drain(lines)
+                churned = churn(c, round_no)
                 p.send_signal(signal.SIGCONT)
                 caught.append(json.loads(lines.get(timeout=60)))
                 time.sleep(0.2)
-                seen += _drain(lines)
+                seen += drain(lines)
                 ns = c.namespace("reads", LAYOUT)
                 ns.delete(churned)
             finally:
@@ -196,7 +166,7 @@ def test_lease_valid_prefix_sees_slot_reuse_after_expiry(daemon_factory):
         assert len(lease) == N and lease.valid_prefix() == N
         assert _wait(lambda: c.stats().leases_expired == 1, 10)
         assert lease.valid_prefix() == N          # expired, but nothing reused yet
-        _churn(c, 1)
+        churn(c, 1)
         views = lease.views("numpy")
         changed = [i for i in range(N) if not np.array_equal(
             views[i].view(np.float32).reshape(LAYOUT.block_shape), block_for(keys[i], 0))]
