@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         from kvstore.client.hf import HFPrefixCache
     except ImportError as exc:
         print(f"kvstore demo: needs torch and transformers ({exc}); "
-              "pip install 'kvstore[hf]'", file=sys.stderr)
+              "pip install 'kvstore-offload[hf]' (in a source checkout: pip install -e '.[hf]')",
+              file=sys.stderr)
         return 1
     # A demo should be quick on a busy laptop too: use the cores that are idle now.
     idle = round((os.cpu_count() or 1) - os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0

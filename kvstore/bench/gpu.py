@@ -171,7 +171,7 @@ def measure_gds(nbytes: int, torch, directory: str | None = None, repeat: int = 
 
     from kvstore.tiers.ssd import gds
     if not gds.available():
-        return "not measured: kvikio is not installed (pip install 'kvstore[gds]')"
+        return "not measured: kvikio is not installed (pip install 'kvstore-offload[gds]')"
     import kvikio
     align = 1 << 20
     nbytes = -(-nbytes // align) * align

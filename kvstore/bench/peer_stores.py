@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 NO_SERVER = "no redis-server available (install one and pass --redis-url)"
-NO_CLIENT = "the redis Python client is not installed (pip install 'kvstore[peers]')"
+NO_CLIENT = "the redis Python client is not installed (pip install 'kvstore-offload[peers]')"
 
 
 class FileBlockStore:

@@ -219,7 +219,7 @@ def _plot(points, crossover_bps, a, path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "(matplotlib not installed: pip install 'kvstore[plot]')"
+        return "(matplotlib not installed: pip install 'kvstore-offload[plot]')"
     x = [r["ssd_read_limit_bps"] / 1e6 for r in points]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(x, [r["load_all_s"] for r in points], "o-", label="load all")

@@ -88,7 +88,7 @@ class CudaPool:
             import torch
         except ImportError:
             raise HBMUnavailable("the HBM tier needs torch with CUDA in the daemon "
-                                 "(pip install 'kvstore[hbm]')") from None
+                                 "(pip install 'kvstore-offload[hbm]')") from None
         if not torch.cuda.is_available():
             raise HBMUnavailable(
                 f"hbm_bytes is set but CUDA is not available (torch {torch.__version__}, "

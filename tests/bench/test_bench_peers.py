@@ -108,7 +108,8 @@ def test_peers_bad_options_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("kvstore bench peers: ") and message in lines[0]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("redis") is None, reason="needs kvstore[peers]")
+@pytest.mark.skipif(importlib.util.find_spec("redis") is None,
+                    reason="needs kvstore-offload[peers]")
 def test_peers_unreachable_redis_url_fails_in_one_line(disk_dir):
     r = _bench("--dir", str(disk_dir), "--redis-url", f"unix://{disk_dir}/none.sock", *SMALL)
     assert r.returncode == 1

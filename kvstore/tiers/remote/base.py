@@ -68,7 +68,7 @@ def import_engine(module: str, extra: str, hint: str = ""):
         return importlib.import_module(module)
     except ImportError as exc:
         raise RemoteError(f"the {extra} client is not installed ({exc}): pip install "
-                          f"'kvstore[{extra}]'{hint}") from None
+                          f"'kvstore-offload[{extra}]'{hint}") from None
 
 
 class LazyClient(Generic[T]):
