@@ -32,25 +32,18 @@ def _python_block(section: str) -> str:
     return _block(section, "python")
 
 
-@pytest.mark.parametrize("torch", ["with torch", "without torch"])
-def test_sdk_example_runs_as_written(daemon_factory, tmp_path, torch):
-    """Run it installs no torch: the example must run on numpy alone (torch made unimportable
-    here), and the same with torch installed (then get returns tensors)."""
+def _run_example(daemon_factory, tmp_path, code: str, env_extra: dict | None = None):
+    """Run `code` as a script whose KVClient() finds a test daemon on the default socket."""
     d = daemon_factory("--dram-bytes", "256MiB", "--chunk-bytes", "32MiB")
-    # The example uses KVClient() with no arguments: the default socket under XDG_RUNTIME_DIR,
+    # The examples use KVClient() with no arguments: the default socket under XDG_RUNTIME_DIR,
     # which here leads to the test's daemon.
     runtime = tmp_path / "runtime"
     (runtime / "kvstore").mkdir(parents=True)
     os.symlink(d.socket, runtime / "kvstore" / "kvstore.sock")
     script = tmp_path / "example.py"
-    script.write_text(_python_block("Use the SDK"))
+    script.write_text(code)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
-    if torch == "without torch":
-        blocker = tmp_path / "no-torch" / "torch"
-        blocker.mkdir(parents=True)
-        (blocker / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
-        env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), env.get("PYTHONPATH", "")])
-        script.write_text(script.read_text() + "\nimport sys; assert 'torch' not in sys.modules\n")
+    env.update(env_extra or {})
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                        timeout=120, env={**env, "XDG_RUNTIME_DIR": str(runtime)}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -62,6 +55,28 @@ def test_sdk_example_runs_as_written(daemon_factory, tmp_path, torch):
     assert table[0].startswith("kvstore ") and "hit rate" in table[1]
     assert re.search(r"^\s*DRAM\s.*\s6\s", table[2]), table
     assert len(table) <= 8, r.stdout
+
+
+@pytest.mark.parametrize("torch", ["with torch", "without torch"])
+def test_sdk_example_runs_as_written(daemon_factory, tmp_path, torch):
+    """Run it installs no torch: the example must run on numpy alone (torch made unimportable
+    here), and the same with torch installed (then get returns tensors)."""
+    code, env = _python_block("Use the SDK"), {}
+    if torch == "without torch":
+        blocker = tmp_path / "no-torch" / "torch"
+        blocker.mkdir(parents=True)
+        (blocker / "__init__.py").write_text("raise ImportError('torch is not installed')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])
+        code += "\nimport sys; assert 'torch' not in sys.modules\n"
+    _run_example(daemon_factory, tmp_path, code, env)
+
+
+def test_sdk_page_torch_example_runs_as_written(daemon_factory, tmp_path):
+    """docs/sdk.md opens with the same example on bfloat16 torch tensors."""
+    page = (REPO / "docs" / "sdk.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    assert "import torch" in code
+    _run_example(daemon_factory, tmp_path, code)
 
 
 def _commands(section: str) -> list[str]:
