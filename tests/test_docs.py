@@ -35,8 +35,8 @@ def _prose(text: str) -> str:
 # What a development log says and a product page does not.
 LOG_PATTERNS = {
     "an issue number": re.compile(r"\bissues? #?[0-9]+", re.I),
-    "a wave of work": re.compile(r"\b(this|that|the|a|next|last|previous) wave\b|\bmerged[- ]wave\b",
-                                 re.I),
+    "a wave of work": re.compile(r"\b(this|that|the|a|next|last|previous) wave\b"
+                                 r"|\bmerged[- ]wave\b", re.I),
     "a work session": re.compile(r"\b(this|same|a later|an earlier|later|earlier|previous)"
                                  r" session\b|\bin one session\b", re.I),
     "a before/after comparison": re.compile(r"\bbefore = |\bafter = this\b|\bthis branch\b", re.I),

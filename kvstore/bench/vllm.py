@@ -57,7 +57,8 @@ def _environment(args) -> str:
         return py
     py = find_vllm_python()
     if py is None:
-        raise RuntimeError("no vLLM environment found (set KVSTORE_VLLM_PYTHON; see README)")
+        raise RuntimeError("no vLLM environment found (set KVSTORE_VLLM_PYTHON; see "
+                           "docs/integrations/vllm.md)")
     return py
 
 

@@ -1,4 +1,4 @@
-"""The read contract (README "Use the SDK"): a get returns exactly the bytes put under each key,
+"""The read contract (docs/guarantees.md): a get returns exactly the bytes put under each key,
 or a miss. Real daemon processes, real reader processes, slots really reused under a reader."""
 from __future__ import annotations
 
