@@ -1,7 +1,8 @@
 """The distribution builds, and what it installs runs outside this checkout.
 
-`python -m build` makes the wheel and the sdist (in build isolation, as a release would); the
-wheel goes into a fresh venv of its own, without this checkout on the path; its `kvstore`
+`python -m build` makes the sdist and then the wheel from the unpacked sdist (in build
+isolation, as a release would), so a wheel proves the sdist builds too; the wheel goes into a
+fresh venv of its own, without this checkout on the path; its `kvstore`
 command answers --help, serves on a socket and passes its own health check, and
 `kvstore.client` imports. The runtime dependencies come from the test's environment through a
 .pth file (the wheel is installed with --no-deps): the test checks the package, not PyPI.
