@@ -47,6 +47,11 @@ def _default_dram_bytes() -> int:
     return max(64 << 20, min(avail // 4, 64 << 30)) // (1 << 20) * (1 << 20)
 
 
+def _default_socket() -> str:
+    """Per user: $XDG_RUNTIME_DIR/kvstore/kvstore.sock, else /tmp/kvstore-<uid>/kvstore.sock."""
+    return default_socket()
+
+
 def _default_ssd_dir() -> str:
     """kvstore/ssd under the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -90,7 +95,7 @@ def _redacted(v: Any) -> str:
 
 
 FIELDS: list[Field] = [
-    Field("socket", _str, default_socket, "Unix socket the daemon listens on (mode 0600)"),
+    Field("socket", _str, _default_socket, "Unix socket the daemon listens on (mode 0600)"),
     Field("listen", _str, "", "also listen on TCP host:port (off when empty)"),
     Field("dram_bytes", _size, _default_dram_bytes, "DRAM tier size (shared-memory arena)",
           format_bytes),
@@ -305,16 +310,16 @@ class Config:
                 else getattr(self, f.name) for f in user_fields()}
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """(key, value, source) rows for `kvstore config --print`. An auto default is shown as
-        what it is, with the value it has here and now: a daemon computes its own when it
-        starts."""
+        """(key, value, source) rows for `kvstore config --print`; source is a file, $VARIABLE,
+        --flag or "default". An auto default's value says what it is and what it comes to here
+        and now ("auto: a quarter of ..., now 5.6 GiB"): a daemon computes its own when it
+        starts, so the number alone would claim what no daemon may have."""
         rows = []
         for f in user_fields():
             shown = f.show(getattr(self, f.name))
             if f.name not in self.sources and f.is_auto:
-                rows.append((f.name, f"auto, now {shown}", f"auto: {f.auto_text()}"))
-            else:
-                rows.append((f.name, shown, self.sources.get(f.name, "default")))
+                shown = f"auto: {f.auto_text()}, now {shown}"
+            rows.append((f.name, shown, self.sources.get(f.name, "default")))
         return rows
 
     def validate(self) -> None:
