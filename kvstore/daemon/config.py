@@ -103,9 +103,9 @@ FIELDS: list[Field] = [
           format_bytes),
     Field("shm_dir", _str, "/dev/shm", "directory of the shared-memory arena file"),
     Field("dram_prepare_limit", _rate0, 0, "cap on how fast the arena is prepared in the "
-          "background after start-up, e.g. 1GB/s (0: none); slows a start-up down so tests can "
-          "watch the daemon serve before full capacity",
-          lambda v: f"{format_bytes(v)}/s" if v else "none", internal=True),
+          "background after start-up, e.g. 1GB/s (0: none): a daemon restarted beside a running "
+          "engine then leaves it memory bandwidth while it prefaults a large arena",
+          lambda v: f"{format_bytes(v)}/s" if v else "none"),
     Field("max_batch_blocks", _pos_int, 4096, "most blocks one request may name"),
     Field("max_message_bytes", _size, 64 << 20, "largest gRPC message accepted", format_bytes),
     Field("lease_timeout_s", _pos_float, 30.0, "a get's lease expires after this long"),

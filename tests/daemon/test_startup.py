@@ -128,7 +128,7 @@ def test_preparer_stops_promptly_when_paced(shm_dir):
 def test_daemon_serves_while_preparing_and_reaches_full_capacity(daemon_factory):
     # 256 MiB paced at 40 MiB/s: ~6 s to reserve, so the daemon answers long before.
     d = daemon_factory("--dram-bytes", "256MiB", "--chunk-bytes", "8MiB",
-                       env={"KVSTORE_INTERNAL_DRAM_PREPARE_LIMIT": "40MiB/s"})
+                       "--dram-prepare-limit", "40MiB/s")
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_tokens=32,
                       dtype="float16")                             # 32 KiB blocks
     arena_path = None
