@@ -184,8 +184,10 @@ class KVClient:
                 if not self._metadata else self._open_with_metadata()
         except Unavailable as exc:
             log.debug("connecting to %s: %s", self.target, exc)
-            raise Unavailable(unreachable_message(self.target, self.timeout_s),
-                              exc.reason) from exc
+            # Same class (Timeout stays Timeout: callers classify by it), plainer words.
+            err = type(exc)(unreachable_message(self.target, self.timeout_s), exc.reason)
+            err.status_code = getattr(exc, "status_code", None)
+            raise err from exc
         ev = sess.event
         self._close_datapath()
         self.max_batch_blocks = ev.max_batch_blocks or 4096
