@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.client.adapter_config import SGLANG_FIELDS, SGLANG_OWN_KEYS, VLLM_FIELDS
+from kvstore.core.errors import ConfigError
 from kvstore.core.settings import Field
 from kvstore.daemon.config import FIELDS, GROUPS, env_name, flag_name, group_of, user_fields
 
@@ -136,7 +137,11 @@ def stale(root: Path = ROOT) -> list[str]:
 
 
 def write(root: Path = ROOT) -> list[str]:
-    """Rewrite the generated files under ``root``; returns the paths it changed."""
+    """Rewrite the generated files under ``root``; returns the paths it changed. Raises
+    ConfigError when ``root`` is not a source checkout (an installed package has no docs/)."""
+    if not (root / DOC_PATH).parent.is_dir() or not (root / CONFIG_PATH).is_file():
+        raise ConfigError(f"--write rewrites {DOC_PATH} and {CONFIG_PATH} of a source checkout; "
+                          f"{root} is not one (print the page with --reference alone)")
     changed = stale(root) if (root / DOC_PATH).exists() else [str(DOC_PATH)]
     (root / DOC_PATH).write_text(render_markdown())
     src = (root / CONFIG_PATH).read_text()

@@ -54,6 +54,8 @@ def test_stale_names_the_file_that_diverged(tmp_path):
     reference.write(tmp_path)
     assert reference.stale(tmp_path) == []
     assert (tmp_path / "kvstore" / "daemon" / "config.py").read_text() == src
+    with pytest.raises(ConfigError, match="is not one"):    # an installed package: no docs/
+        reference.write(tmp_path / "kvstore")
 
 
 def test_config_attributes_have_real_types():
