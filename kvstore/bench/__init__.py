@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one benchmark: its exit code; 2 (with the list) for no or an unknown name."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage(), file=sys.stdout if argv else sys.stderr)
+        print(usage())             # no name: the same list, exit 2
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:

@@ -86,7 +86,7 @@ def test_bench_help_describes_each_benchmark_in_words():
         assert len(line.split()) >= 5, line                  # a phrase, not a name
     assert "SDK against memcpy" in lines["dram"] and "O_DIRECT" in lines["ssd"]
     r = _kvstore("bench")
-    assert r.returncode == 2 and "benchmarks:" in r.stderr
+    assert r.returncode == 2 and "benchmarks:" in r.stdout
     r = _kvstore("bench", "ssdd")
     assert r.returncode == 2 and "unknown benchmark 'ssdd' (did you mean ssd?)" in r.stderr
 
