@@ -58,7 +58,9 @@ def _table(fields: list[Field], daemon: bool) -> list[str]:
         head = ["key", "type", "default", "unit", "meaning"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in fields:
-        row = [_code(f.name), _code(f.type_name), _default(f), f.unit_name]
+        # "str or None": a pipe inside a code span is read differently by different Markdown
+        # table parsers (GitHub's, MkDocs').
+        row = [_code(f.name), _code(f.type_name.replace(" | ", " or ")), _default(f), f.unit_name]
         if daemon:
             row += [_code("$" + env_name(f)), _code(flag_name(f) or "")]
         row.append(f.help)
