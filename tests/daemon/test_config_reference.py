@@ -152,3 +152,18 @@ def test_adapter_keys_parse_to_typed_values_with_defaults():
                              SGLANG_OWN_KEYS)
     assert cfg == {"socket": "/run/kv.sock", "address": None, "tenant": "", "model_id": None,
                    "io_timeout_s": 5.0, "retry_s": 1.0}
+
+
+@pytest.mark.parametrize("path, table", [("client/vllm/connector.py", "VLLM_FIELDS"),
+                                         ("client/sglang.py", "SGLANG_FIELDS")])
+def test_adapters_parse_through_the_declared_tables(path, table):
+    # vLLM and SGLang are not installed here: check from the source that each adapter reads its
+    # keys through parse_extra_config with its table, and keeps no private key dict of its own.
+    import ast
+    tree = ast.parse((ROOT / path).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", None) == "parse_extra_config"]
+    assert [getattr(c.args[0], "id", None) for c in calls] == [table]
+    assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                for t in n.targets if isinstance(t, ast.Name)}
+    assert not assigned & {"_DEFAULTS", "_SGLANG_KEYS"}
