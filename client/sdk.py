@@ -41,6 +41,19 @@ log = logging.getLogger("kvstore.client")
 _MSG_LIMIT = 256 << 20
 
 
+def unreachable_message(target: str, timeout_s: float) -> str:
+    """What a client that found no daemon at ``target`` (a gRPC target: unix:PATH or
+    host:port) says, in an operator's words rather than gRPC's."""
+    if target.startswith("unix:"):
+        path = target.removeprefix("unix:")
+        why = "no such file" if not os.path.exists(path) else \
+            f"no daemon answered within {timeout_s:g}s"
+        where = f"socket {path}: {why}"
+    else:
+        where = f"address {target}: no daemon answered within {timeout_s:g}s"
+    return f"cannot reach the daemon: is the daemon running? ({where})"
+
+
 class _Session:
     """The OpenSession stream, kept open by a background thread for the client's lifetime."""
 
@@ -163,8 +176,18 @@ class KVClient:
         self._stub = pb_grpc.KVStoreStub(self._channel)
 
     def _connect(self) -> None:
-        sess = _Session(self._stub, self._client_name, self.timeout_s) if not self._metadata \
-            else self._open_with_metadata()
+        """Open a session. Raises Unavailable "cannot reach the daemon: is the daemon running?
+        (socket PATH: why)" when nothing answers (the raw gRPC text only in the debug
+        log), or the daemon's own error (e.g. Unauthenticated) when one does."""
+        try:
+            sess = _Session(self._stub, self._client_name, self.timeout_s) \
+                if not self._metadata else self._open_with_metadata()
+        except Unavailable as exc:
+            log.debug("connecting to %s: %s", self.target, exc)
+            # Same class (Timeout stays Timeout: callers classify by it), plainer words.
+            err = type(exc)(unreachable_message(self.target, self.timeout_s), exc.reason)
+            err.status_code = getattr(exc, "status_code", None)
+            raise err from exc
         ev = sess.event
         self._close_datapath()
         self.max_batch_blocks = ev.max_batch_blocks or 4096

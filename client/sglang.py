@@ -29,7 +29,8 @@ Failure rule (as the other adapters): a daemon that is down, slow or restarted g
 ``False`` entries, never an exception into SGLang's threads; the link reconnects on its own
 after a backoff (client/link.py) and every fallback is reported to the daemon.
 
-extra_config keys (besides backend_name/module_path/class_name/interface_v1): see _DEFAULTS.
+extra_config keys (besides SGLang's own backend_name/module_path/class_name/interface_v1):
+kvstore.client.adapter_config.SGLANG_FIELDS, listed in docs/configuration.md.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig,
                                                   HiCacheStorageExtraInfo)
 
+from kvstore.client.adapter_config import SGLANG_FIELDS, SGLANG_OWN_KEYS, parse_extra_config
 from kvstore.client.errors import InvalidArgument, KVStoreError, ResourceExhausted, StaleRead
 from kvstore.client.link import DaemonLink
 from kvstore.core.keys import KEY_BYTES, namespace_digest
@@ -51,18 +53,6 @@ from kvstore.core.layout import KVLayout
 log = logging.getLogger("sglang.kvstore_hicache")
 
 SUPPORTED_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
-
-_DEFAULTS = {
-    "socket": None,          # daemon socket (default: the daemon's default socket)
-    "address": None,         # or host:port (bytes then stream over gRPC)
-    "tenant": "",
-    "model_id": None,        # namespace model id (default: SGLang's model name)
-    "io_timeout_s": 5.0,     # deadline of each RPC; a slower daemon is a miss
-    "retry_s": 1.0,          # after a daemon error, stay off the daemon this long (doubling)
-}
-# Keys SGLang itself reads from the same dict: not ours, accepted silently.
-_SGLANG_KEYS = {"backend_name", "module_path", "class_name", "interface_v1", "tp_lcm_size"}
-
 
 class _PagePool:
     """Views of one SGLang host pool's pages: ``page(i)`` is the page starting at token index
@@ -98,12 +88,9 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     prefetch and backup threads at once)."""
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None):
-        extra = dict(storage_config.extra_config or {})
-        unknown = set(extra) - set(_DEFAULTS) - _SGLANG_KEYS
-        if unknown:
-            raise ValueError(f"kvstore HiCache backend: unknown extra_config keys "
-                             f"{sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-        self.cfg = {**_DEFAULTS, **{k: v for k, v in extra.items() if k in _DEFAULTS}}
+        # The keys, their types and defaults: kvstore.client.adapter_config.SGLANG_FIELDS.
+        self.cfg = parse_extra_config(SGLANG_FIELDS, storage_config.extra_config,
+                                      "kvstore HiCache backend extra_config", SGLANG_OWN_KEYS)
         self.storage_config = storage_config
         self.pages: _PagePool | None = None
         self.kv_layout: KVLayout | None = None

@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client import KVLayout
+from kvstore.client.adapter_config import VLLM_FIELDS, parse_extra_config
 from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
 from kvstore.client.vllm.stats import Counters, KVStoreConnectorStats
@@ -33,23 +34,6 @@ if TYPE_CHECKING:
 
 # Under "vllm." so that vLLM's log handlers show the connector's messages.
 log = logging.getLogger("vllm.kvstore_connector")
-
-_DEFAULTS = {
-    "socket": None,            # daemon socket (default: the daemon's default socket)
-    "address": None,           # or host:port (bytes then stream over gRPC)
-    "model_id": None,          # namespace model id (default: vLLM's model path/name)
-    "tenant": "",
-    "lookup_timeout_s": 0.5,   # scheduler: a slower lookup is a miss
-    "io_timeout_s": 5.0,       # worker: deadline of each put/get RPC
-    "load_timeout_s": 10.0,    # worker: a load not done by then is a failed load
-    "retry_s": 1.0,            # after a daemon error, stay off the daemon this long
-    "max_pending_store_bytes": 1 << 30,  # staging held by unfinished puts; beyond: skip
-    "store_generated": True,   # also store blocks of generated tokens (the next chat turn's
-                               # prompt holds this turn's answer)
-    "quant": "",               # "int8" / "float8_e4m3fn": store blocks quantized (~half the
-                               # bytes in every tier; values within kvstore.kernels.quant's bound)
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Metadata (scheduler -> worker)
@@ -103,12 +87,10 @@ class KVStoreConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        unknown = set(extra) - set(_DEFAULTS)
-        if unknown:
-            raise ValueError(f"KVStoreConnector: unknown kv_connector_extra_config keys "
-                             f"{sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-        self.cfg = {**_DEFAULTS, **extra}
+        # The keys, their types and defaults: kvstore.client.adapter_config.VLLM_FIELDS.
+        self.cfg = parse_extra_config(VLLM_FIELDS,
+                                      self._kv_transfer_config.kv_connector_extra_config,
+                                      "KVStoreConnector kv_connector_extra_config")
         self.block_size = vllm_config.cache_config.block_size
         self.layer_names, self.layout = _layout_from(vllm_config, kv_cache_config, role)
         if self.cfg["quant"]:

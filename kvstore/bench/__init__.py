@@ -7,8 +7,14 @@ so one benchmark's heavy dependencies never burden another.
 """
 from __future__ import annotations
 
+import ast
+import difflib
 import importlib
+import importlib.util
+import re
 import sys
+import textwrap
+from pathlib import Path
 
 BENCHMARKS: dict[str, str] = {
     "dram": "kvstore.bench.dram",        # SDK put/get through the shared arena vs memcpy
@@ -28,16 +34,42 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+def summary(name: str) -> str:
+    """What a benchmark measures, in words: the first sentence of its module's docstring, read
+    from the source (importing would pull in its heavy dependencies just to print help)."""
+    spec = importlib.util.find_spec(BENCHMARKS[name])
+    try:
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    except (OSError, SyntaxError, AttributeError, TypeError):
+        doc = ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    # The docstrings open with their own command line: "`kvstore bench ssd`: ..." (or "—").
+    first = re.sub(r"^`?`?(python -m )?kvstore[ .]bench[ .]\w+`?`?\s*[:—-]\s*", "", first)
+    return first if first.startswith("kvstore") else first[:1].upper() + first[1:]
+
+
+def usage() -> str:
+    width = max(len(n) for n in BENCHMARKS)
+    lines = ["usage: kvstore bench NAME [options]   (kvstore bench NAME --help for its options)",
+             "", "Each benchmark prints its figures beside a baseline measured in the same run.",
+             "", "benchmarks:"]
+    for name in BENCHMARKS:
+        text = textwrap.wrap(summary(name), 96 - width - 4) or [""]
+        lines.append(f"  {name:<{width}}  {text[0]}")
+        lines += [" " * (width + 4) + t for t in text[1:]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one benchmark: its exit code; 2 (with the list) for no or an unknown name."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: kvstore bench NAME [options]   (kvstore bench NAME --help)\n\nbenchmarks:")
-        for name, mod in BENCHMARKS.items():
-            print(f"  {name:<10} {mod}")
+        print(usage())             # no name: the same list, exit 2
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
-        print(f"kvstore bench: unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})",
-              file=sys.stderr)
+        near = difflib.get_close_matches(name, list(BENCHMARKS), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}?" if near else f"known: {', '.join(BENCHMARKS)}"
+        print(f"kvstore bench: unknown benchmark {name!r} ({hint})", file=sys.stderr)
         return 2
     return importlib.import_module(BENCHMARKS[name]).main(rest)

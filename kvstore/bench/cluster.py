@@ -44,7 +44,7 @@ GOALS = {"get_vs_raw_client": 0.9}
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvstore bench cluster", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+                                 epilog="\n".join(__doc__.splitlines()[2:]), allow_abbrev=False)
     ap.add_argument("--backend", choices=["mooncake", "redis"], default="mooncake")
     ap.add_argument("--blocks", type=int, default=32, help="blocks per batch (default 32)")
     ap.add_argument("--block-tokens", type=int, default=64,

@@ -152,7 +152,7 @@ def _run(procs, mode: str, seconds: float, op: str = "lookup", block_bytes: int 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvstore bench control",
-                                 description=__doc__.splitlines()[0])
+                                 description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--clients", default="1,4,16,32", help="client process counts")
     ap.add_argument("--keys", type=int, default=64, help="keys per lookup")
     ap.add_argument("--stored", type=int, default=48, help="leading keys stored")

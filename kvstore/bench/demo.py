@@ -21,7 +21,8 @@ import time
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvstore demo", description=__doc__.splitlines()[0],
                                  epilog="\n".join(__doc__.splitlines()[2:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--socket", help="daemon socket (default: a running daemon, else a private one)")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--doc-tokens", type=int, default=1024, help="length of the shared document")
@@ -161,10 +162,14 @@ def _render(r: dict) -> str:
         f"{'speedup':>8}  same tokens",
     ]
     for t in r["turns"]:
+        # A turn that reused nothing (the first: there was no cache yet) has no speedup to show;
+        # its ratio would only be noise.
+        speedup = (f"{t['ttft_without_s'] / t['ttft_with_s']:>7.1f}x" if t["cached_tokens"]
+                   else f"{'-':>8}")
         lines.append(
             f"{t['turn']:>4} {t['prompt_tokens']:>7} {t['cached_tokens']:>7} "
             f"{t['ttft_without_s'] * 1e3:>10.0f} ms {t['ttft_with_s'] * 1e3:>7.0f} ms "
-            f"{t['ttft_without_s'] / t['ttft_with_s']:>7.1f}x  "
+            f"{speedup}  "
             f"{'yes' if t['same_tokens'] else 'NO'}{'  (' + t['fallback'] + ')' if t['fallback'] else ''}")
     hits = sum(1 for t in r["turns"] if t["cached_tokens"])
     lines += ["", f"hit rate: {r['hit_rate'] * 100:.0f}% of prompt tokens came from kvstore "

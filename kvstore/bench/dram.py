@@ -82,7 +82,8 @@ def run(socket: str, n_blocks: int, batch: int, repeats: int, block_layers: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvstore bench dram", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench dram", description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)
     ap.add_argument("--blocks", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--layers", type=int, default=32, help="layers per block (32 -> 2 MiB)")

@@ -25,7 +25,8 @@ from kvstore.testing.daemon import DaemonProcess
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvstore bench gpu", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench gpu", description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)

@@ -62,7 +62,7 @@ SOURCE = {"kvstore-dram": "DRAM (shared arena)", "kvstore-dram-leased": "DRAM, l
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--blocks", type=int, default=512, help="blocks in the working set")
     ap.add_argument("--block-kib", type=int, default=1024, help="block size (multiple of 32)")
     ap.add_argument("--batch", type=int, default=32, help="blocks per put/get call")

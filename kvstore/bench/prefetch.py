@@ -29,7 +29,8 @@ from kvstore.core.layout import KVLayout
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog="kvstore bench prefetch", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench prefetch", description=__doc__.split("\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--blocks", type=int, default=16, help="prefix blocks per request")
     ap.add_argument("--block-kib", type=int, default=256, help="block size (multiple of 32)")

@@ -17,7 +17,7 @@ SSD only), then a request of prefix + ``--suffix-tokens`` is timed to its first 
 Each daemon first answers one untimed PlanRecompute, as a serving daemon would have measured
 its SSD bandwidth from recent traffic (a cold one probes a few blocks).
 Goal: hybrid <= 1.05 x min(load-all, recompute-all) at every point, and at the crossover
->= 1.3 x better than both. Prints a table (or --json) and writes a PNG (--plot).
+>= 1.3 x better than both. Prints a table (or --json); --plot PATH also writes a PNG.
 
 On a 2-core CPU a 2048-token prefill of the 1b shape takes 11-30 s (shared machines vary) and
 the default sweep (3 points: 0.3x, 1x, 3x the crossover) about 10 prefill times, 2-6 minutes; ``--shape demo`` runs in seconds (used by the tests).
@@ -38,7 +38,7 @@ from kvstore.core.units import parse_rate
 
 def _args(argv):
     ap = argparse.ArgumentParser(prog="kvstore bench recompute",
-                                 description=__doc__.split("\n")[0])
+                                 description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--shape", default="1b", choices=("1b", "demo", "tiny"))
     ap.add_argument("--prefix-tokens", type=int, default=2048)
     ap.add_argument("--suffix-tokens", type=int, default=16)
@@ -50,7 +50,8 @@ def _args(argv):
     ap.add_argument("--load-chunk-blocks", type=int, default=16, help="hybrid load step")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--dir", default=None, help="where the SSD files go (default: a temp dir)")
-    ap.add_argument("--plot", default="recompute.png", help="PNG path ('' for none)")
+    ap.add_argument("--plot", default="", metavar="PATH",
+                    help="also write the figure as a PNG to PATH (default: no file)")
     ap.add_argument("--json", action="store_true")
     return ap.parse_args(argv)
 

@@ -96,7 +96,8 @@ def measure(sizes: list[int], batch: int, rounds: int, directory: Path) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvstore bench scale", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench scale", description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)
     ap.add_argument("--sizes", default="10000,1000000,10000000",
                     help="indexed blocks, comma-separated (default 10k, 1M, 10M)")
     ap.add_argument("--batch", type=int, default=64, help="keys per lookup / blocks per get")

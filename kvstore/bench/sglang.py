@@ -1,4 +1,5 @@
-"""SGLang HiCache through kvstore: the test rig and ``kvstore bench sglang``.
+"""SGLang HiCache backup and prefetch through kvstore against SGLang's own file backend, in
+one run: the test rig and ``kvstore bench sglang``.
 
 SGLang lives in its own environment (tests/requirements-sglang.txt; .ci/run builds it and
 exports KVSTORE_SGLANG_PYTHON). Everything that imports SGLang runs in that interpreter as
@@ -324,7 +325,7 @@ def run_bench(socket: str, pages: int, rounds: int, layout: str, file_dir: str) 
 def _child_main(argv: list[str]) -> int:
     import logging
     logging.basicConfig(level=logging.WARNING)
-    p = argparse.ArgumentParser(prog="python -m kvstore.bench.sglang")
+    p = argparse.ArgumentParser(prog="python -m kvstore.bench.sglang", allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scenario")
     s.add_argument("name", choices=["layouts", "outage"])
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
     p = argparse.ArgumentParser(prog="kvstore bench sglang", description=(
         "Backup and prefetch throughput of SGLang's HiCacheController through the kvstore "
-        "backend against SGLang's own file backend (same pages, same run)."))
+        "backend against SGLang's own file backend (same pages, same run)."), allow_abbrev=False)
     p.add_argument("--pages", type=int, default=64, help="pages of 64 tokens (1 MiB each: 8 layers, 4 kv heads, 128 dims, bf16)")
     p.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
     p.add_argument("--layout", default="page_first",

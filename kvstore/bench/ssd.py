@@ -36,7 +36,8 @@ from kvstore.core.units import format_bytes, parse_size
 
 
 def _args(argv):
-    ap = argparse.ArgumentParser(prog="kvstore bench ssd", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench ssd", description=__doc__.split("\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--dir", default="/var/tmp", help="where the SSD files go (a real disk)")
     ap.add_argument("--dram", default="128MiB", help="DRAM tier size")
     ap.add_argument("--factor", type=float, default=4.0, help="working set / DRAM tier")

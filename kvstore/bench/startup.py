@@ -332,7 +332,8 @@ def time_restart(n_blocks: int, dram_bytes: int, chunk_bytes: int, directory: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvstore bench startup", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench startup", description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)
     ap.add_argument("--sizes", default="1GiB,8GiB,64GiB",
                     help="arena sizes to try, comma-separated (default 1GiB,8GiB,64GiB; sizes "
                          "that do not fit are skipped and said so)")

@@ -36,7 +36,7 @@ GOALS = {"dram_speedup": 20.0, "dram_overhead": 1.15, "ssd_speedup": 10.0, "ssd_
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvstore bench ttft", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+                                 epilog="\n".join(__doc__.splitlines()[2:]), allow_abbrev=False)
     ap.add_argument("--sizes", default="512,2048",
                     help="prompt lengths in tokens, comma-separated (default 512,2048)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")

@@ -173,7 +173,8 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kvstore bench vllm", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="kvstore bench vllm", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--shape", choices=sorted(MODEL_SHAPES), default="small",
                     help="random-weight Llama shape (1b: the Llama-3.2-1B shape; slow on CPU)")
     ap.add_argument("--prefix-tokens", type=int, default=2048)

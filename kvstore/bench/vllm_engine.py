@@ -269,7 +269,7 @@ def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m kvstore.bench.vllm_engine")
+    ap = argparse.ArgumentParser(prog="python -m kvstore.bench.vllm_engine", allow_abbrev=False)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("make-model")
     p.add_argument("out_dir")

@@ -101,11 +101,11 @@ class Arena:
         uid = uuidlib.uuid4().bytes
         path = arena_path(directory, prefix, uid.hex()[:8])
         total = HEADER_BYTES + size_bytes
-        too_big = (f"cannot reserve {total} bytes for the DRAM arena in {directory}: {{}}. "
-                   "Lower --dram-bytes or enlarge /dev/shm.")
+        # The reason only: the caller knows which setting sized the arena and says what to change.
+        too_big = f"cannot reserve {format_bytes(total)} for the arena in {directory}: {{}}"
         free = free_bytes(directory)
         if free is not None and free < total:
-            raise ArenaError(too_big.format(f"only {free} bytes free there"))
+            raise ArenaError(too_big.format(f"only {format_bytes(free)} free there"))
         file = ShmFile.create(path, total, reserve_bytes=HEADER_BYTES if prepare_later else total,
                               populate=not prepare_later,
                               size_error=lambda exc: ArenaError(too_big.format(exc)))

@@ -7,11 +7,16 @@ unusable at start-up (kvstore.daemon.server raises ConfigError for those). A rea
 
 serve and config take every configuration key as a flag; the client commands (stats, health)
 take only what they use to find and talk to the daemon.
+
+Usage errors exit 2 with the (sub)command's usage: bare ``kvstore`` prints the help; an unknown
+command or option names the nearest known one; no parser here or in the benchmarks accepts a
+prefix of an option (``allow_abbrev=False``; tests/daemon/test_cli.py checks every parser).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import logging
 import os
@@ -19,15 +24,44 @@ import signal
 import sys
 
 from kvstore import __version__
-from kvstore.daemon.config import FIELDS, ConfigError, load_config
+from kvstore.daemon.config import FIELDS, ConfigError, flag_name, load_config, user_fields
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse as the CLI wants it everywhere: prefix abbreviations off (``--dram-byte`` is an
+    error, never a silent ``--dram-bytes``: a later flag could make the prefix ambiguous), and
+    an unknown option answered by this (sub)command's usage with the nearest known option."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        self.option_names: list[str] = []          # set before argparse adds --help
+        self.commands: dict[str, _Parser] = {}     # subcommand -> its parser (build_parser)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        self.option_names += [a for a in args if a.startswith("--")]
+        return super().add_argument(*args, **kwargs)
+
+    def unknown_options(self, extras: list[str]) -> None:
+        """Exit 2 with this parser's usage, naming the first unknown argument and, for an
+        option, the known one it most likely meant."""
+        bad = extras[0]
+        hint = ""
+        if bad.startswith("-"):
+            near = difflib.get_close_matches(bad.split("=", 1)[0], self.option_names, n=1,
+                                             cutoff=0.6)
+            if near:
+                hint = f" (did you mean {near[0]}?)"
+        self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Every configuration key as a flag: for the commands that build a daemon's configuration
-    (serve, config). The client commands take only --config and --socket."""
+    (serve, config). The client commands take only --config and --socket. Internal keys have
+    no flag (kvstore.daemon.config.Field.internal)."""
     p.add_argument("--config", help="TOML configuration file")
-    for f in FIELDS:
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.help)
+    for f in user_fields():
+        p.add_argument(flag_name(f), dest=f.name, default=None, help=f.help)
 
 
 def _add_socket_flags(p: argparse.ArgumentParser) -> None:
@@ -37,7 +71,7 @@ def _add_socket_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args) -> dict:
-    return {f.name: getattr(args, f.name, None) for f in FIELDS}
+    return {f.name: getattr(args, f.name, None) for f in FIELDS if not f.internal}
 
 
 def cmd_serve(args) -> int:
@@ -57,7 +91,20 @@ def cmd_serve(args) -> int:
 
 def cmd_config(args) -> int:
     """The configuration a new daemon would start with here (defaults, file, environment,
-    flags). Not a running daemon's: that one keeps what it started with."""
+    flags). Not a running daemon's: that one keeps what it started with. --reference: the
+    generated reference page (kvstore.daemon.reference) instead."""
+    if args.reference:
+        from kvstore.daemon import reference
+        if not args.write:
+            sys.stdout.write(reference.render_markdown())
+            return 0
+        changed = reference.write()
+        print("rewrote " + ", ".join(changed) if changed else "up to date: "
+              f"{reference.DOC_PATH}, {reference.CONFIG_PATH}")
+        return 0
+    if args.write:
+        print("kvstore config: --write goes with --reference", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, overrides=_overrides(args))
     if args.json:
         print(json.dumps(cfg.as_dict(), indent=2))
@@ -94,9 +141,8 @@ def cmd_stats(args) -> int:
         client = KVClient(cfg.socket, address=args.address, timeout_s=args.timeout,
                           shared_memory=False, client_name="kvstore-stats", token=token,
                           tls_ca_file=args.tls_ca, tls_server_name=args.tls_server_name)
-    except KVStoreError as exc:
-        print(f"kvstore stats: cannot reach the daemon at {args.address or cfg.socket}: {exc}",
-              file=sys.stderr)
+    except KVStoreError as exc:     # unreachable: the SDK's message names the socket or address
+        print(f"kvstore stats: {exc}", file=sys.stderr)
         return 1
     tty = sys.stdout.isatty() and bool(args.watch) and not args.json
     if tty:
@@ -144,7 +190,14 @@ def cmd_health(args) -> int:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
     except grpc.RpcError as exc:
-        print(f"kvstore health: {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            from kvstore.client.sdk import unreachable_message
+            # The status name stays, in brackets: probes and scripts match on it.
+            print(f"kvstore health: {unreachable_message(target, args.timeout)} "
+                  f"[{exc.code().name}]", file=sys.stderr)
+        else:
+            print(f"kvstore health: {target}: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)
         return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
     print(status)
@@ -162,10 +215,11 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache daemon for LLM inference")
+    ap = _Parser(prog="kvstore", description="Tiered KV-cache daemon for LLM inference")
     ap.add_argument("--version", action="version", version=f"kvstore {__version__}",
                     help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.commands = sub.choices
 
     p = sub.add_parser("serve", help="run the daemon")
     _add_config_flags(p)
@@ -199,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print", action="store_true", default=True,
                    help="a table of each key, its value and where it came from (the default)")
     p.add_argument("--json", action="store_true", help="the values as JSON, numbers as numbers")
+    p.add_argument("--reference", action="store_true", help="the configuration reference "
+                   "(Markdown, every key of the daemon and the adapters), generated from the code")
+    p.add_argument("--write", action="store_true", help="with --reference: rewrite "
+                   "docs/configuration.md and Config's typed block in this checkout")
     p.set_defaults(fn=cmd_config)
 
     p = sub.add_parser("bench", help="benchmarks (kvstore bench --help)", add_help=False,
@@ -219,7 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the benchmarks parse their own options, --help included
         from kvstore.bench import main as bench_main
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    if not argv:               # bare `kvstore`: what it can do, rather than "cmd is required"
+        ap.print_help(sys.stderr)
+        return 2
+    commands = ap.commands
+    if not argv[0].startswith("-") and argv[0] not in commands:
+        near = difflib.get_close_matches(argv[0], list(commands), n=1, cutoff=0.6)
+        ap.error(f"unknown command {argv[0]!r}"
+                 + (f" (did you mean {near[0]}?)" if near else f"; commands: "
+                    f"{', '.join(commands)}"))
+    args, extras = ap.parse_known_args(argv)
+    if extras:                 # the subcommand's own usage and suggestion, not the top level's
+        commands[args.cmd].unknown_options(extras)
     try:
         return args.fn(args)
     except ConfigError as exc:

@@ -2,29 +2,37 @@
 
     defaults  ←  TOML file (--config)  ←  KVSTORE_* environment  ←  command-line flags
 
-and validated once. Every key is defined in one table (``FIELDS``) with its type, default and
-help; the TOML key, the environment variable (KVSTORE_<KEY>) and the flag (--<key-with-dashes>)
-all derive from its name. Errors name the key and where the bad value came from; an unknown key
-in the TOML file, or a KVSTORE_* variable that is a near miss of a key, is an error that suggests
-the nearest known key (other KVSTORE_* variables belong to other tools and are left alone).
+and validated once. Every key is declared once, in ``FIELDS``, with its parser, default and help
+(its type and unit derive from the parser: kvstore.core.settings); the TOML key, the environment
+variable (KVSTORE_<KEY>) and the flag (--<key-with-dashes>) all derive from its name, and the
+reference (docs/configuration.md, ``kvstore config --reference``) and the typed ``Config`` class
+below are generated from the table. Errors name the key and where the bad value came from; an
+unknown key in the TOML file, or a KVSTORE_* variable that is a near miss of a key, is an error
+that suggests the nearest known key (other KVSTORE_* variables belong to other tools and are left
+alone).
 """
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, make_dataclass
-from dataclasses import field as dc_field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kvstore.core.errors import ConfigError
 from kvstore.core.paths import default_socket
-from kvstore.core.units import format_bytes, parse_rate, parse_size
+from kvstore.core.settings import (Field, _bool, _int0, _names, _port, _pos_float, _pos_int,
+                                   _rate0, _size, _size0, _str, nearest, parse_value,
+                                   unknown_key_error)
+from kvstore.core.units import format_bytes
+
+__all__ = ["FIELDS", "Config", "ConfigError", "Field", "load_config", "nearest_key", "group_of"]
 
 
 def _default_dram_bytes() -> int:
-    """A quarter of the memory available now, at most 64 GiB, at least 64 MiB."""
+    """A quarter of the memory available when the daemon starts (at most 64 GiB, at least
+    64 MiB)."""
     avail = 0
     try:
         with open("/proc/meminfo") as f:
@@ -39,64 +47,15 @@ def _default_dram_bytes() -> int:
     return max(64 << 20, min(avail // 4, 64 << 30)) // (1 << 20) * (1 << 20)
 
 
-def _size(v: Any) -> int:
-    return parse_size(v)
-
-
-def _pos_float(v: Any) -> float:
-    f = float(v)
-    if not f > 0:
-        raise ValueError(f"must be > 0, got {v!r}")
-    return f
-
-
-def _pos_int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError(f"not an integer: {v!r}")
-    i = int(v)
-    if i <= 0:
-        raise ValueError(f"must be > 0, got {v!r}")
-    return i
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"must be a string, got {v!r}")
-    return v
-
-
-def _names(v: Any) -> tuple[str, ...]:
-    """A list of names: a TOML array of strings, or one comma-separated string (env, flag)."""
-    items = v.split(",") if isinstance(v, str) else v
-    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
-        raise ValueError(f"must be a list of names, got {v!r}")
-    return tuple(x.strip() for x in items if x.strip())
+def _default_socket() -> str:
+    """Per user: $XDG_RUNTIME_DIR/kvstore/kvstore.sock, else /tmp/kvstore-<uid>/kvstore.sock."""
+    return default_socket()
 
 
 def _default_ssd_dir() -> str:
+    """kvstore/ssd under the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(cache) / "kvstore" / "ssd")
-
-
-def _size0(v: Any) -> int:
-    """A size where 0 means off."""
-    return 0 if str(v).strip() in ("0", "") else parse_size(v)
-
-
-def _int0(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError(f"not an integer: {v!r}")
-    i = int(v)
-    if i < 0:
-        raise ValueError(f"must be >= 0, got {v!r}")
-    return i
-
-
-def _rate0(v: Any) -> int:
-    try:
-        return parse_rate(v)
-    except ValueError as exc:
-        raise ValueError(f"{exc} (expected e.g. 200MB/s, 1GiB/s, 0 for none)") from None
 
 
 def _hbm_device(v: Any) -> str:
@@ -131,41 +90,12 @@ def _log_level(v: Any) -> str:
     return s.lower()
 
 
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"must be true or false, got {v!r}")
-
-
-def _port(v: Any) -> int:
-    if isinstance(v, bool):
-        raise ValueError(f"not a port number: {v!r}")
-    i = int(v)
-    if not 0 <= i <= 65535:
-        raise ValueError(f"must be a port in 0..65535 (0: off), got {v!r}")
-    return i
-
-
 def _redacted(v: Any) -> str:
     return "(set)" if v else ""
 
 
-@dataclass
-class Field:
-    name: str
-    parse: Callable[[Any], Any]
-    default: Any
-    help: str
-    show: Callable[[Any], str] = str
-
-
 FIELDS: list[Field] = [
-    Field("socket", _str, default_socket, "Unix socket the daemon listens on (mode 0600)"),
+    Field("socket", _str, _default_socket, "Unix socket the daemon listens on (mode 0600)"),
     Field("listen", _str, "", "also listen on TCP host:port (off when empty)"),
     Field("dram_bytes", _size, _default_dram_bytes, "DRAM tier size (shared-memory arena)",
           format_bytes),
@@ -173,7 +103,8 @@ FIELDS: list[Field] = [
           format_bytes),
     Field("shm_dir", _str, "/dev/shm", "directory of the shared-memory arena file"),
     Field("dram_prepare_limit", _rate0, 0, "cap on how fast the arena is prepared in the "
-          "background after start-up, e.g. 1GB/s (0: none); a testing/QoS knob",
+          "background after start-up, e.g. 1GB/s (0: none): a daemon restarted beside a running "
+          "engine then leaves it memory bandwidth while it prefaults a large arena",
           lambda v: f"{format_bytes(v)}/s" if v else "none"),
     Field("max_batch_blocks", _pos_int, 4096, "most blocks one request may name"),
     Field("max_message_bytes", _size, 64 << 20, "largest gRPC message accepted", format_bytes),
@@ -190,12 +121,15 @@ FIELDS: list[Field] = [
           "write_through_selective (written once read ssd_write_hits times; others never)"),
     Field("ssd_write_hits", _pos_int, 1, "write_through_selective: gets of a block before it "
           "is written to SSD"),
-    Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none); a "
-          "testing/QoS knob", lambda v: f"{format_bytes(v)}/s" if v else "none"),
+    Field("ssd_read_limit", _rate0, 0, "cap on SSD read bandwidth, e.g. 200MB/s (0: none): "
+          "leaves the rest of a disk shared with model loading, logs or other tenants to them; "
+          "also how benchmarks emulate a slower disk",
+          lambda v: f"{format_bytes(v)}/s" if v else "none"),
     Field("ssd_recovery_batch", _pos_int, 4096, "SSD index entries restored per event-loop "
           "turn while the index loads in the background (requests are answered in between)"),
     Field("ssd_recovery_limit", _int0, 0, "cap on how fast the SSD index loads, in blocks/s "
-          "(0: none); a testing/QoS knob", lambda v: f"{v} blocks/s" if v else "none"),
+          "(0: none); slows recovery down so tests can watch the daemon serve while it loads",
+          lambda v: f"{v} blocks/s" if v else "none", unit="blocks/s", internal=True),
     Field("hbm_bytes", _size0, 0, "HBM tier size: a GPU memory pool shared with clients by "
           "CUDA IPC (0: no HBM tier)", format_bytes),
     Field("hbm_device", _hbm_device, "cuda", "GPU of the HBM pool (cuda, cuda:N), or host: "
@@ -258,23 +192,138 @@ FIELDS: list[Field] = [
 ]
 _BY_NAME = {f.name: f for f in FIELDS}
 
+# The reference's sections: a key belongs to the first group with a prefix it starts with
+# (prefixes rather than a column in FIELDS, so a new row needs no group to be placed).
+GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("Socket, TCP and access control", ("socket", "listen", "tokens_file", "arena_tenants",
+                                        "auth_token", "tls_")),
+    ("DRAM tier", ("dram_", "chunk_bytes", "shm_dir")),
+    ("SSD tier", ("ssd_",)),
+    ("HBM tier", ("hbm_",)),
+    ("Prefetch", ("prefetch_", "max_pending_prefetches", "max_prefetch_")),
+    ("Cluster tier", ("remote",)),
+    ("KV events", ("kv_events",)),
+    ("Requests and per-client limits", ("max_", "lease_timeout_s", "allocation_timeout_s")),
+    ("Operations", ("log_level", "metrics_", "shutdown_")),
+]
 
-class _ConfigMethods:
-    """Behaviour of Config; its fields come from FIELDS (below), so each key is declared once."""
 
-    sources: dict[str, str]
+def group_of(name: str) -> str:
+    """The reference section a key is listed in ("Other" when no prefix matches)."""
+    for title, prefixes in GROUPS:
+        if any(name == p or name.startswith(p) for p in prefixes):
+            return title
+    return "Other"
+
+
+def user_fields() -> list[Field]:
+    """The keys an operator sets (flags, TOML, $KVSTORE_*): FIELDS less the internal ones."""
+    return [f for f in FIELDS if not f.internal]
+
+
+def env_name(f: Field) -> str:
+    """The environment variable of a key: KVSTORE_<KEY>, KVSTORE_INTERNAL_<KEY> if internal."""
+    return f"KVSTORE_{'INTERNAL_' if f.internal else ''}{f.name.upper()}"
+
+
+def flag_name(f: Field) -> str | None:
+    """The command-line flag of a key (None for an internal key: it has none)."""
+    return None if f.internal else "--" + f.name.replace("_", "-")
+
+
+def _from_fields(cls):
+    """Give ``cls`` an annotation for every FIELDS key its generated block does not list yet (a
+    row merged without regenerating), typed from the table, so Config never lacks a key at run
+    time; tests/daemon/test_config_reference.py fails until the block is regenerated."""
+    ann = cls.__dict__["__annotations__"]
+    for f in FIELDS:
+        ann.setdefault(f.name, f.type_name)
+    return cls
+
+
+@dataclass(kw_only=True)
+@_from_fields
+class Config:
+    """The effective configuration: one typed attribute per FIELDS key, plus ``sources`` (key ->
+    where its value came from: a file, $VARIABLE or --flag; absent: the default). Built only by
+    :func:`load_config`, which validates it."""
+
+    # BEGIN generated from FIELDS (`kvstore config --reference --write`); do not edit by hand
+    socket: str
+    listen: str
+    dram_bytes: int
+    chunk_bytes: int
+    shm_dir: str
+    dram_prepare_limit: int
+    max_batch_blocks: int
+    max_message_bytes: int
+    lease_timeout_s: float
+    allocation_timeout_s: float
+    log_level: str
+    ssd_dir: str
+    ssd_bytes: int
+    ssd_segment_bytes: int
+    ssd_io_threads: int
+    ssd_write_policy: str
+    ssd_write_hits: int
+    ssd_read_limit: int
+    ssd_recovery_batch: int
+    ssd_recovery_limit: int
+    hbm_bytes: int
+    hbm_device: str
+    prefetch_concurrency: int
+    prefetch_grace_s: float
+    max_pending_prefetches: int
+    max_prefetch_bytes_per_client: int
+    remote: str
+    remote_write_policy: str
+    remote_write_hits: int
+    remote_deadline_s: float
+    remote_read_deadline_s: float
+    remote_read_chunk_bytes: int
+    remote_fill_on_lookup: bool
+    remote_threads: int
+    remote_queue_blocks: int
+    remote_retry_s: float
+    remote_segment_bytes: int
+    remote_buffer_bytes: int
+    remote_replicas: int
+    remote_local_host: str
+    metrics_port: int
+    metrics_host: str
+    shutdown_grace_s: float
+    socket_group: str
+    socket_requires_token: bool
+    tokens_file: str
+    arena_tenants: tuple[str, ...]
+    auth_token: str
+    tls_cert_file: str
+    tls_key_file: str
+    max_inflight_requests_per_client: int
+    max_inflight_bytes_per_client: int
+    # END generated
+    sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        """Every key's typed value (numbers as numbers), secrets redacted: `config --json`."""
+        """Every user key's typed value (numbers as numbers), secrets redacted: `config --json`."""
         return {f.name: f.show(getattr(self, f.name)) if f.show is _redacted
-                else getattr(self, f.name) for f in FIELDS}
+                else getattr(self, f.name) for f in user_fields()}
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """(key, value, source) rows for `kvstore config --print`."""
-        return [(f.name, f.show(getattr(self, f.name)), self.sources.get(f.name, "default"))
-                for f in FIELDS]
+        """(key, value, source) rows for `kvstore config --print`; source is a file, $VARIABLE,
+        --flag or "default". An auto default's value says what it is and what it comes to here
+        and now ("auto: a quarter of ..., now 5.6 GiB"): a daemon computes its own when it
+        starts, so the number alone would claim what no daemon may have."""
+        rows = []
+        for f in user_fields():
+            shown = f.show(getattr(self, f.name))
+            if f.name not in self.sources and f.is_auto:
+                shown = f"auto: {f.auto_text()}, now {shown}"
+            rows.append((f.name, shown, self.sources.get(f.name, "default")))
+        return rows
 
     def validate(self) -> None:
+        """Raise ConfigError naming the key(s) when values are inconsistent together."""
         if self.dram_bytes < 2 * self.chunk_bytes and self.dram_bytes < (64 << 20):
             raise ConfigError(f"dram_bytes: {format_bytes(self.dram_bytes)} is too small "
                               f"(at least 64 MiB)")
@@ -285,6 +334,12 @@ class _ConfigMethods:
                               f"segment (ssd_segment_bytes={format_bytes(self.ssd_segment_bytes)})")
         if self.ssd_segment_bytes % 4096:
             raise ConfigError("ssd_segment_bytes: must be a multiple of 4 KiB")
+        # An SSD directory given without a size was meant to be used: refusing it beats both a
+        # silent "off" and a size picked for the operator's disk without asking.
+        if "ssd_dir" in self.sources and not self.ssd_bytes:
+            raise ConfigError(f"ssd_dir is set (from {self.sources['ssd_dir']}) but ssd_bytes is "
+                              "0, so there would be no SSD tier: set ssd_bytes too (e.g. "
+                              "--ssd-bytes 10GiB), or leave ssd_dir unset")
         if self.hbm_bytes and self.hbm_bytes < (1 << 20):
             raise ConfigError(f"hbm_bytes: {format_bytes(self.hbm_bytes)} is too small "
                               "(at least 1 MiB, or 0 for no HBM tier)")
@@ -310,35 +365,29 @@ class _ConfigMethods:
         return self.max_inflight_bytes_per_client or self.dram_bytes // 2
 
 
-Config = make_dataclass(
-    "Config",
-    [(f.name, Any, dc_field(default=None)) for f in FIELDS]
-    + [("sources", dict, dc_field(default_factory=dict, repr=False, compare=False))],
-    bases=(_ConfigMethods,),
-)
-Config.__doc__ = "The effective configuration: one attribute per FIELDS entry, plus sources."
+_LISTING = "`kvstore config --print` lists the keys"
 
 
 def load_config(config_file: str | Path | None = None, env: dict[str, str] | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
-    """Build and validate the effective configuration. Raises ConfigError naming the key."""
-    env = os.environ if env is None else env
-    cfg = Config()
-    for f in FIELDS:
-        setattr(cfg, f.name, f.default() if callable(f.default) else f.default)
+    """Build and validate the effective configuration. Raises ConfigError naming the key.
 
-    def apply(key: str, raw: Any, source: str) -> None:
+    ``overrides`` are the flags (key -> raw value; None: not given); in-process callers may
+    also set internal keys there."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    user_keys = [f.name for f in user_fields()]
+
+    def apply(key: str, raw: Any, source: str, internal_ok: bool = False) -> None:
         f = _BY_NAME.get(key)
         if f is None:
-            near = nearest_key(key)
-            hint = (f"did you mean {near}?" if near
-                    else "`kvstore config --print` lists the keys")
-            raise ConfigError(f"{source}: unknown key {key!r} ({hint})")
-        try:
-            setattr(cfg, key, f.parse(raw))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{key} (from {source}): {exc}") from None
-        cfg.sources[key] = source
+            raise unknown_key_error(source, key, user_keys, _LISTING)
+        if f.internal and not internal_ok:
+            raise ConfigError(f"{source}: {key!r} is an internal setting for tests, not a "
+                              f"configuration key (${env_name(f)} sets it)")
+        values[key] = parse_value(f, raw, source)
+        sources[key] = source
 
     if config_file:
         path = Path(config_file)
@@ -350,20 +399,36 @@ def load_config(config_file: str | Path | None = None, env: dict[str, str] | Non
             raise ConfigError(f"config file {path}: {exc}") from None
         for key, raw in _flatten(data).items():
             apply(key, raw, str(path))
-    for key in _BY_NAME:
-        name = f"KVSTORE_{key.upper()}"
-        if name in env:
-            apply(key, env[name], f"${name}")
+    for f in FIELDS:
+        if env_name(f) in env:
+            apply(f.name, env[env_name(f)], f"${env_name(f)}", internal_ok=True)
+    internal_keys = [f.name for f in FIELDS if f.internal]
     for name in sorted(env):
+        if not name.startswith("KVSTORE_"):
+            continue
+        if name.startswith("KVSTORE_INTERNAL_"):
+            key = name.removeprefix("KVSTORE_INTERNAL_").lower()
+            if key not in internal_keys:
+                near = nearest(key, internal_keys)
+                raise ConfigError(f"${name}: unknown internal key {key!r}"
+                                  + (f" (did you mean $KVSTORE_INTERNAL_{near.upper()}?)"
+                                     if near else ""))
+            continue
         key = name.removeprefix("KVSTORE_").lower()
-        if name.startswith("KVSTORE_") and key not in _BY_NAME:
-            near = nearest_key(key, cutoff=_ENV_TYPO_CUTOFF)
+        if key in internal_keys:
+            apply(key, env[name], f"${name}")      # raises: says the variable it needs
+        if key not in _BY_NAME:
+            near = nearest(key, user_keys, cutoff=_ENV_TYPO_CUTOFF)
             if near:
                 raise ConfigError(f"${name}: unknown key {key!r} (did you mean "
                                   f"$KVSTORE_{near.upper()}?)")
     for key, raw in (overrides or {}).items():
         if raw is not None:
-            apply(key, raw, "--" + key.replace("_", "-"))
+            apply(key, raw, "--" + key.replace("_", "-"), internal_ok=True)
+    for f in FIELDS:
+        if f.name not in values:
+            values[f.name] = f.default_value()
+    cfg = Config(**values, sources=sources)
     cfg.validate()
     return cfg
 
@@ -386,11 +451,5 @@ _ENV_TYPO_CUTOFF = 0.8
 
 
 def nearest_key(name: str, cutoff: float = 0.7) -> str | None:
-    """The known key most like name (a typo's suggestion), or None when none is close."""
-    near = difflib.get_close_matches(name.lower().replace("-", "_"), list(_BY_NAME), n=1,
-                                     cutoff=cutoff)
-    return near[0] if near else None
-
-
-
-
+    """The user key most like name (a typo's suggestion), or None when none is close."""
+    return nearest(name, [f.name for f in user_fields()], cutoff)

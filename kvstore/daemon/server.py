@@ -166,11 +166,9 @@ class Daemon:
                                       prepare_later=True)
             self.arena.reserve(HEADER_BYTES, min(cfg.chunk_bytes, cfg.dram_bytes) // 4096 * 4096)
         except ArenaError as exc:     # the arena does not fit where it was asked to live
-            cause = exc.__cause__
-            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
-            raise ConfigError(f"dram_bytes: cannot reserve {format_bytes(cfg.dram_bytes)} for "
-                              f"the DRAM arena in {cfg.shm_dir or '/dev/shm'} ({why}); "
-                              "lower --dram-bytes or give that filesystem more room") from None
+            # The arena's message says what failed; this adds, once, what to change.
+            raise ConfigError(f"dram_bytes: {exc}; lower --dram-bytes, or enlarge /dev/shm "
+                              "(or the filesystem --shm-dir names)") from None
         except OSError as exc:
             raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
         self.generations = slotgen.SlotGenerations.create(self.arena.path, self.arena.uuid,
@@ -441,7 +439,7 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     if cfg.ssd_read_limit:
         from kvstore.tiers.ssd.ratelimit import TokenBucket
         limiter = TokenBucket(cfg.ssd_read_limit)
-        log.info("SSD reads capped at %s/s (ssd_read_limit: a testing/QoS knob)",
+        log.info("SSD reads capped at %s/s (ssd_read_limit)",
                  format_bytes(cfg.ssd_read_limit))
     files = SlabFiles(Path(cfg.ssd_dir).expanduser(), cfg.ssd_bytes, cfg.ssd_segment_bytes,
                       io_threads=cfg.ssd_io_threads, read_limiter=limiter)

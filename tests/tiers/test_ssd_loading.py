@@ -3,8 +3,9 @@ through real daemon processes and real files: DRAM puts, gets and lookups are an
 the load is done, every recovered block is then served byte for byte, a delete during the load
 sticks (across a restart too), a put of a key still in the loading index wins over the journaled
 copy, and a SIGKILL mid-load loses nothing. The load is slowed with the documented
-``ssd_recovery_batch`` / ``ssd_recovery_limit`` settings (400 blocks at 60 blocks/s: ~7 s;
-entries land by depth, so a chain's last block comes with the last 25)."""
+``ssd_recovery_batch`` setting and the internal ``$KVSTORE_INTERNAL_SSD_RECOVERY_LIMIT`` (400
+blocks at 60 blocks/s: ~7 s; entries land by depth, so a chain's last block comes with the last
+25)."""
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +20,8 @@ from kvstore.testing.daemon import DaemonProcess
 from support.ssd import LAYOUT, chain, get_exact, put_chain, ssd_args, ssd_stats, tier
 
 CHAINS, BLOCKS = 25, 16          # 400 blocks, all on SSD after the restart
-SLOW = ("--ssd-recovery-batch", "8", "--ssd-recovery-limit", "60")
+SLOW = ("--ssd-recovery-batch", "8")
+SLOW_ENV = {"KVSTORE_INTERNAL_SSD_RECOVERY_LIMIT": "60"}   # blocks/s
 
 
 def _populate(daemon_factory, ssd_dir) -> dict[int, list[bytes]]:
@@ -35,7 +37,7 @@ def _populate(daemon_factory, ssd_dir) -> dict[int, list[bytes]]:
 def _slow_restart(tmp_path, shm_dir, ssd_dir, name: str) -> DaemonProcess:
     wd = tmp_path / name
     wd.mkdir()
-    return DaemonProcess(wd, shm_dir, ssd_args(ssd_dir, "32MiB", *SLOW)).start(
+    return DaemonProcess(wd, shm_dir, ssd_args(ssd_dir, "32MiB", *SLOW), SLOW_ENV).start(
         wait_ssd_loaded=False)
 
 

@@ -1,0 +1,90 @@
+"""The runtime adapters' own keys, declared like the daemon's (kvstore.core.settings.Field):
+vLLM's ``kv_connector_extra_config`` (kvstore.client.vllm) and SGLang's HiCache ``extra_config``
+(kvstore.client.sglang). Parsed by :func:`parse_extra_config`: typed values, defaults for what is
+not given, and the daemon configuration's error style — a typo gets "unknown key 'sockt' (did you
+mean socket?)", a bad value "io_timeout_s (from kv_connector_extra_config): must be > 0".
+
+This module imports neither vLLM nor SGLang nor torch, so the keys can be checked, listed and
+documented (docs/configuration.md) anywhere.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from kvstore.core.errors import ConfigError
+from kvstore.core.layout import QUANT_FORMATS
+from kvstore.core.settings import (Field, _bool, _opt_str, _pos_float, _size, _str, parse_value,
+                                   unknown_key_error)
+from kvstore.core.units import format_bytes
+
+
+def _quant(v: Any) -> str:
+    s = _str(v)
+    if s and s not in QUANT_FORMATS:
+        raise ValueError(f"must be one of {', '.join(QUANT_FORMATS)} or empty (not quantized), "
+                         f"got {v!r}")
+    return s
+
+
+_SOCKET = Field("socket", _opt_str, None, "the daemon's Unix socket (unset: the daemon's "
+                "default socket)")
+_ADDRESS = Field("address", _opt_str, None, "the daemon's TCP host:port instead of the socket "
+                 "(block bytes then stream over gRPC)")
+_TENANT = Field("tenant", _str, "", "tenant salt of the namespace (tenants never see each "
+                "other's blocks)")
+_IO_TIMEOUT = Field("io_timeout_s", _pos_float, 5.0, "deadline of each put/get RPC; a slower "
+                    "daemon is a miss")
+_RETRY = Field("retry_s", _pos_float, 1.0, "after a daemon error, stay off the daemon this long "
+               "(doubling while it stays down)")
+
+VLLM_FIELDS: list[Field] = [
+    _SOCKET,
+    _ADDRESS,
+    Field("model_id", _opt_str, None, "namespace model id (unset: vLLM's model path or name)"),
+    _TENANT,
+    Field("lookup_timeout_s", _pos_float, 0.5, "scheduler: a slower lookup is a miss"),
+    _IO_TIMEOUT,
+    Field("load_timeout_s", _pos_float, 10.0, "worker: a load not done by then is a failed load "
+          "(recomputed)"),
+    _RETRY,
+    Field("max_pending_store_bytes", _size, 1 << 30, "staging memory held by unfinished puts; "
+          "stores beyond it are skipped", format_bytes),
+    Field("store_generated", _bool, True, "also store blocks of generated tokens (the next chat "
+          "turn's prompt holds this turn's answer)"),
+    Field("quant", _quant, "", "int8 or float8_e4m3fn: store blocks quantized (about half the "
+          "bytes in every tier); empty: as the engine holds them"),
+]
+
+SGLANG_FIELDS: list[Field] = [
+    _SOCKET,
+    _ADDRESS,
+    _TENANT,
+    Field("model_id", _opt_str, None, "namespace model id (unset: SGLang's model name)"),
+    _IO_TIMEOUT,
+    _RETRY,
+]
+# Keys SGLang itself reads from the same extra_config: not ours, accepted as they are.
+SGLANG_OWN_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1",
+                             "tp_lcm_size"})
+
+
+def parse_extra_config(fields: list[Field], raw: Mapping[str, Any] | None, source: str,
+                       foreign: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every key of ``fields`` -> its typed value (the default when ``raw`` lacks it); keys in
+    ``foreign`` belong to the engine and are skipped. Raises ConfigError (a ValueError) on an
+    unknown key, with the nearest known one, or on a bad value, naming the key and ``source``."""
+    known = [f.name for f in fields]
+    by_name = {f.name: f for f in fields}
+    out = {f.name: f.default_value() for f in fields}
+    for key, value in (raw or {}).items():
+        if key in foreign:
+            continue
+        f = by_name.get(key)
+        if f is None:
+            raise unknown_key_error(source, key, known, f"known: {', '.join(known)}")
+        out[key] = parse_value(f, value, source)
+    return out
+
+
+__all__ = ["VLLM_FIELDS", "SGLANG_FIELDS", "SGLANG_OWN_KEYS", "parse_extra_config",
+           "ConfigError"]
