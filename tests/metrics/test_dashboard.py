@@ -141,7 +141,7 @@ def test_history_endpoint_serves_samples_recorded_before_it_is_asked(daemon_fact
 
 
 # Canvas geometry in dashboard.html (W, H, PAD): the plot area and the margins holding the axes.
-_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 420, 180, 62, 10, 10, 34
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 420, 180, 74, 10, 10, 34
 
 
 def _pixels(png: Path) -> np.ndarray:
