@@ -8,8 +8,9 @@ counters (hits, misses, bytes in/out, ...); this module adds what needs time: re
 per tier (a sliding window over the byte counters, sampled by the daemon once a second) and
 latency histograms of gets (acquire → release), puts (allocate → commit) and lookups (the Lookup
 call), measured by the access layer around the servicer; and the history the built-in page
-charts (kvstore.metrics.history, one sample per ``sample()``). Prefetch, checksum and fallback counts are read from the store's
-counters by name when the store keeps them, and are 0 otherwise.
+charts (kvstore.metrics.history, one sample per ``sample()``). Prefetch, checksum and fallback
+counts are read from the store's counters by name when the store keeps them, and are 0
+otherwise.
 
 Everything runs on the daemon's event loop thread.
 """

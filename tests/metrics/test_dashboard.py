@@ -184,7 +184,8 @@ def test_page_draws_the_history_from_before_it_opened_with_axes(daemon_factory, 
         units = b.js("Object.fromEntries([...document.querySelectorAll('canvas')]"
                      ".map(c => [c.id, c.dataset.unit]))")
         assert units["c-DRAM-bandwidth"] == "bytes/s" and units["c-DRAM-get_latency"] == "ms"
-        assert units["c-DRAM-occupancy"] == "% used" and units["c-daemon-prefetch"] == "prefetches/s"
+        assert units["c-DRAM-occupancy"] == "% used"
+        assert units["c-daemon-prefetch"] == "prefetches/s"
         # The figures `kvstore stats` prints, from /api/stats.
         row = b.js("[...document.querySelectorAll('#row-DRAM td')].map(td => td.textContent)")
         heads = b.js("[...document.querySelectorAll('#tier-table th')].map(th => th.textContent)")

@@ -167,7 +167,8 @@ class Prometheus:
     def wait(self, what: str, ok, timeout_s: float = 60.0):
         deadline = time.monotonic() + timeout_s
         while True:
-            assert self.proc.poll() is None, f"prometheus exited:\n{self.logfile.read_text()[-3000:]}"
+            assert self.proc.poll() is None, \
+                f"prometheus exited:\n{self.logfile.read_text()[-3000:]}"
             try:
                 v = ok()
                 if v:

@@ -89,7 +89,8 @@ class Browser:
                     raise TimeoutError(f"chromium did not answer {method} in {self.timeout_s}s")
                 chunk = os.read(self._in, 1 << 20)
                 if not chunk:
-                    raise ConnectionError(f"chromium exited (rc {self.proc.poll()}) during {method}")
+                    raise ConnectionError(
+                        f"chromium exited (rc {self.proc.poll()}) during {method}")
                 self._buf += chunk
             raw, self._buf = self._buf.split(b"\0", 1)
             reply = json.loads(raw)
