@@ -164,7 +164,8 @@ class Metrics:
         """Record the byte counters now and append a sample to the history (the daemon calls
         this about once a second)."""
         now = self.clock()
-        for t in self._base().tiers:
+        st = self._base()
+        for t in st.tiers:
             self._read[t.tier].sample(now, t.bytes_out)
             self._write[t.tier].sample(now, t.bytes_in)
         hists = {f"get:{pb.Tier.Name(tier).removeprefix('TIER_')}": h
@@ -178,10 +179,13 @@ class Metrics:
             window = [a - b for a, b in zip(h.counts, prev)] if prev else h.counts
             self._sampled_counts[key] = list(h.counts)
             quantiles[key] = (bucket_quantile(window, 0.5), bucket_quantile(window, 0.99))
-        self.history.record(self._wall_clock(), now, self.snapshot(), quantiles)
+        self.history.record(self._wall_clock(), now, self._complete(st), quantiles)
 
     def snapshot(self) -> pb.Stats:
-        st = self._base()
+        return self._complete(self._base())
+
+    def _complete(self, st: pb.Stats) -> pb.Stats:
+        """The counters-only ``st`` with this module's figures added (in place)."""
         for t in st.tiers:
             total = t.hits + t.misses
             t.hit_rate = t.hits / total if total else 0.0

@@ -59,6 +59,10 @@ def test_promtool_checks_the_rules_and_the_example_config():
     assert r.returncode == 0, r.stdout + r.stderr
     assert {"KVStoreDown", "KVStoreTierThrashing", "KVStoreChecksumFailures",
             "KVStoreRemoteCircuitOpen", "KVStoreAuthFailures"} <= set(_alert_names())
+    # The example's job is the one the rules select, and it loads the rules beside it.
+    example = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    assert [j["job_name"] for j in example["scrape_configs"]] == ["kvstore"]
+    assert 'up{job="kvstore"}' in RULES.read_text() and example["rule_files"] == [RULES.name]
 
 
 def test_alert_rules_unit_tests(tmp_path):
