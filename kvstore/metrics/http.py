@@ -10,9 +10,9 @@
                      --remote, a REMOTE panel (the cluster tier's stats row: hits, misses,
                      bytes, queue depth, circuit state, errors; hit rate, bandwidth, queue)
 
-Every answer is rendered from one Metrics.snapshot(); nothing here can change the daemon. Bind
-it to localhost (the default) unless a scraper on another host needs it: it shows model ids and
-tenant names.
+Every answer is rendered from one Metrics.snapshot() or from its history; nothing here can
+change the daemon. Bind it to localhost (the default) unless a scraper on another host needs it:
+it shows model ids and tenant names.
 """
 from __future__ import annotations
 
