@@ -57,6 +57,10 @@ def test_dashboard_charts_render_live_data(daemon_factory, tmp_path):
         with Browser() as b:
             b.open(f"http://127.0.0.1:{port}/")
             b.wait_for("Number(document.body.dataset.samples) >= 4")
+            # Lease-free reads reach the daemon's counters when the client reports them (in
+            # batches): wait for a second whose hit rate the daemon could tell.
+            b.wait_for("history.some(s => s.tiers.DRAM && s.tiers.DRAM.hit_ratio !== null) &&"
+                       " Number(document.body.dataset.samples) >= 6")
             b.screenshot(tmp_path / "dashboard.png")     # for a human, when the test fails
             for chart in ("occupancy", "hit_rate", "bandwidth"):
                 shot = b.screenshot(tmp_path / f"{chart}.png", f"#c-DRAM-{chart}")
