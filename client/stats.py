@@ -134,6 +134,7 @@ class Stats:
     prefetch_wasted: int = 0
     prefetch_cancelled: int = 0
     prefetch_bytes_promoted: int = 0
+    lookup_latency: Latency = field(default_factory=Latency, metadata=_BUILT)  # gRPC Lookup calls
     proto: pb.Stats = field(default_factory=pb.Stats, repr=False, compare=False,
                             metadata=_BUILT)
 
@@ -142,7 +143,7 @@ class Stats:
         return cls(**_scalars(cls, msg),
                    tiers=tuple(TierStats.from_proto(t) for t in msg.tiers),
                    namespaces=tuple(NamespaceStats.from_proto(n) for n in msg.namespaces),
-                   proto=msg)
+                   lookup_latency=Latency.from_proto(msg.lookup_latency), proto=msg)
 
     def tier(self, name: str | Tier) -> TierStats | None:
         """The named tier's row ("DRAM", "ssd", Tier.HBM), or None when the daemon has none;

@@ -281,6 +281,8 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             self.metrics.get_started(response.lease_id, response.tiers[0], t0)
             if not principal.arena:
                 _hide_offsets(response.offsets)
+        elif name == "Lookup":
+            self.metrics.lookup_finished(t0)
         elif name == "Release":
             self.metrics.get_finished(request.lease_id)
         elif name == "ReportReads":

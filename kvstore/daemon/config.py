@@ -174,6 +174,8 @@ FIELDS: list[Field] = [
     Field("metrics_port", _port, 0, "serve /metrics (Prometheus) and the dashboard on this "
           "port (0: off)"),
     Field("metrics_host", _str, "127.0.0.1", "address the metrics port binds"),
+    Field("metrics_history_s", _pos_int, 600, "seconds of once-a-second samples the daemon "
+          "keeps for the dashboard (/api/history)"),
     Field("shutdown_grace_s", _pos_float, 5.0, "SIGTERM: in-flight calls get this long to finish"),
     Field("socket_group", _str, "", "make the Unix socket 0660 owned by this group (else 0600)"),
     Field("socket_requires_token", _bool, False, "require a bearer token on the Unix socket too"),

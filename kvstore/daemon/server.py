@@ -215,7 +215,8 @@ class Daemon:
             ("grpc.so_reuseport", 0),
         ]
         self.metrics = Metrics(self.store, base=functools.partial(
-            stats_message, self.store, self.prefetcher, self.remote))
+            stats_message, self.store, self.prefetcher, self.remote),
+            history_samples=max(1, round(cfg.metrics_history_s / METRICS_SAMPLE_S)))
         self.access = AccessPolicy(
             self.store, self.metrics, tokens,
             Limits(cfg.max_inflight_requests_per_client, cfg.inflight_bytes_per_client),
@@ -264,7 +265,7 @@ class Daemon:
         self.metrics_server = None
         if cfg.metrics_port:
             self.metrics_server = MetricsServer(self.metrics.snapshot, cfg.metrics_host,
-                                                cfg.metrics_port)
+                                                cfg.metrics_port, self.metrics.history.since)
             try:
                 await self.metrics_server.start()
             except OSError as exc:

@@ -2,13 +2,17 @@
 
     GET /metrics     Prometheus exposition (kvstore_* metrics)
     GET /api/stats   the same snapshot as JSON (what `kvstore stats --json` prints)
-    GET /            a dashboard: live charts of occupancy, hit rate and bandwidth per tier;
-                     with --remote, a REMOTE panel (the cluster tier's stats row: hits, misses,
+    GET /api/history the daemon's recent samples (kvstore.metrics.history), oldest first;
+                     ?after=T: only those taken after Unix time T
+    GET /            a dashboard: charts with time and unit axes of the history (per tier:
+                     occupancy, hit rate, bandwidth, get latency, evictions/promotions/
+                     demotions; daemon-wide: lookup latency, prefetch outcomes, errors); with
+                     --remote, a REMOTE panel (the cluster tier's stats row: hits, misses,
                      bytes, queue depth, circuit state, errors; hit rate, bandwidth, queue)
 
-Every answer is rendered from one Metrics.snapshot(); nothing here can change the daemon. Bind
-it to localhost (the default) unless a scraper on another host needs it: it shows model ids and
-tenant names.
+Every answer is rendered from one Metrics.snapshot() or from its history; nothing here can
+change the daemon. Bind it to localhost (the default) unless a scraper on another host needs it:
+it shows model ids and tenant names.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import logging
 from importlib import resources
 from typing import Callable
+from urllib.parse import parse_qs
 
 from kvstore.metrics.prometheus import CONTENT_TYPE, prometheus_text
 from kvstore.metrics.table import stats_to_dict
@@ -30,8 +35,10 @@ _MAX_CONNECTIONS = 64      # slow or idle clients cannot pile up: more are close
 
 
 class MetricsServer:
-    def __init__(self, snapshot: Callable[[], pb.Stats], host: str, port: int):
+    def __init__(self, snapshot: Callable[[], pb.Stats], host: str, port: int,
+                 history: Callable[[float], dict] | None = None):
         self.snapshot = snapshot
+        self.history = history      # after_wall_s -> {"capacity", "samples"}; None: no history
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
@@ -88,7 +95,7 @@ class MetricsServer:
         parts = head.split(b"\r\n", 1)[0].split(b" ")
         if len(parts) != 3:
             return "400 Bad Request", "text/plain", b"bad request line\n"
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        method, (target, _, query) = parts[0], parts[1].partition(b"?")
         if method not in (b"GET", b"HEAD"):
             return "405 Method Not Allowed", "text/plain", b"read-only: GET or HEAD\n"
         if target == b"/metrics":
@@ -96,6 +103,14 @@ class MetricsServer:
         if target == b"/api/stats":
             return ("200 OK", "application/json",
                     json.dumps(stats_to_dict(self.snapshot())).encode())
+        if target == b"/api/history":
+            try:
+                after = float(parse_qs(query.decode("ascii", "replace")).get("after", ["0"])[0])
+            except ValueError:
+                return "400 Bad Request", "text/plain", b"after: a Unix time in seconds\n"
+            body = self.history(after) if self.history else {"capacity": 0, "samples": []}
+            return "200 OK", "application/json", json.dumps(body).encode()
         if target in (b"/", b"/index.html"):
             return "200 OK", "text/html; charset=utf-8", self._page
-        return "404 Not Found", "text/plain", b"not found: try /, /metrics or /api/stats\n"
+        return "404 Not Found", "text/plain", (b"not found: try /, /metrics, /api/stats "
+                                                 b"or /api/history\n")

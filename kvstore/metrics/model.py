@@ -6,9 +6,11 @@
 all render that one message, so the three views can never disagree. The store keeps the plain
 counters (hits, misses, bytes in/out, ...); this module adds what needs time: recent bandwidth
 per tier (a sliding window over the byte counters, sampled by the daemon once a second) and
-latency histograms of gets (acquire → release) and puts (allocate → commit), measured by the
-access layer around the servicer. Prefetch, checksum and fallback counts are read from the store's
-counters by name when the store keeps them, and are 0 otherwise.
+latency histograms of gets (acquire → release), puts (allocate → commit) and lookups (the Lookup
+call), measured by the access layer around the servicer; and the history the built-in page
+charts (kvstore.metrics.history, one sample per ``sample()``). Prefetch, checksum and fallback
+counts are read from the store's counters by name when the store keeps them, and are 0
+otherwise.
 
 Everything runs on the daemon's event loop thread.
 """
@@ -21,6 +23,7 @@ import time
 from typing import Callable
 
 from kvstore.metrics.counters import saturating_add
+from kvstore.metrics.history import StatsHistory
 from kvstore.v1 import kvstore_pb2 as pb
 
 # Log-spaced latency buckets, 1 µs .. ~100 s, each 20% wider than the last: a quantile read off
@@ -47,15 +50,7 @@ class LatencyHistogram:
         self.sum_s += seconds
 
     def quantile(self, q: float) -> float:
-        if not self.count:
-            return 0.0
-        rank = q * self.count
-        seen = 0
-        for i, c in enumerate(self.counts):
-            seen += c
-            if seen >= rank and c:
-                return _BOUNDS[i] if i < len(_BOUNDS) else _BOUNDS[-1]
-        return _BOUNDS[-1]
+        return bucket_quantile(self.counts, q) if self.count else 0.0
 
     def summary(self) -> pb.LatencySummary:
         upper, cumulative = [], []
@@ -68,6 +63,21 @@ class LatencyHistogram:
         return pb.LatencySummary(count=self.count, sum_s=self.sum_s, p50_s=self.quantile(0.5),
                                  p99_s=self.quantile(0.99), bucket_upper_s=upper,
                                  bucket_counts=cumulative)
+
+
+def bucket_quantile(counts, q: float) -> float | None:
+    """The q-quantile of per-bucket counts (LatencyHistogram.counts, or the difference of two
+    of its snapshots: a window's observations), as the bucket's upper bound; None if empty."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for i, c in enumerate(counts):
+        seen += c
+        if seen >= rank and c:
+            return _BOUNDS[i] if i < len(_BOUNDS) else _BOUNDS[-1]
+    return _BOUNDS[-1]
 
 
 class RateMeter:
@@ -93,14 +103,21 @@ class Metrics:
     """Time-based metrics around the store's counters; ``snapshot()`` is the one Stats model.
 
     base: builds the counters-only Stats message from the store (service.stats_message).
+    history_samples: how many ``sample()`` calls the history keeps (the daemon samples once a
+    second: 600 is ten minutes).
     """
 
-    def __init__(self, store, base: Callable[[], pb.Stats], clock=time.monotonic):
+    def __init__(self, store, base: Callable[[], pb.Stats], clock=time.monotonic,
+                 history_samples: int = 600, wall_clock=time.time):
         self.store = store
         self._base = base
         self.clock = clock
         self.get_latency: dict[int, LatencyHistogram] = collections.defaultdict(LatencyHistogram)
         self.put_latency: dict[int, LatencyHistogram] = collections.defaultdict(LatencyHistogram)
+        self.lookup_latency = LatencyHistogram()
+        self.history = StatsHistory(history_samples)
+        self._sampled_counts: dict[str, list[int]] = {}
+        self._wall_clock = wall_clock
         self._read: dict[int, RateMeter] = collections.defaultdict(RateMeter)
         self._write: dict[int, RateMeter] = collections.defaultdict(RateMeter)
         self._puts: collections.OrderedDict[int, float] = collections.OrderedDict()
@@ -128,6 +145,10 @@ class Metrics:
             t0, tier = started
             self.get_latency[tier].observe(self.clock() - t0)
 
+    def lookup_finished(self, t0: float) -> None:
+        """A Lookup call that began at ``t0`` (this clock) has answered."""
+        self.lookup_latency.observe(self.clock() - t0)
+
     def gets_reported(self, seconds) -> None:
         """Lease-free DRAM gets a client timed itself (ReportReads): no Acquire to time."""
         hist = self.get_latency[pb.TIER_DRAM]
@@ -140,14 +161,31 @@ class Metrics:
 
     # -- sampling and the snapshot -----------------------------------------------------------
     def sample(self) -> None:
-        """Record the byte counters now (the daemon calls this about once a second)."""
+        """Record the byte counters now and append a sample to the history (the daemon calls
+        this about once a second)."""
         now = self.clock()
-        for t in self._base().tiers:
+        st = self._base()
+        for t in st.tiers:
             self._read[t.tier].sample(now, t.bytes_out)
             self._write[t.tier].sample(now, t.bytes_in)
+        hists = {f"get:{pb.Tier.Name(tier).removeprefix('TIER_')}": h
+                 for tier, h in self.get_latency.items()}
+        hists["lookup"] = self.lookup_latency
+        quantiles = {}
+        for key, h in hists.items():
+            # The page wants latency of the last interval, not since start: the difference
+            # of the bucket counts since the previous sample.
+            prev = self._sampled_counts.get(key)
+            window = [a - b for a, b in zip(h.counts, prev)] if prev else h.counts
+            self._sampled_counts[key] = list(h.counts)
+            quantiles[key] = (bucket_quantile(window, 0.5), bucket_quantile(window, 0.99))
+        self.history.record(self._wall_clock(), now, self._complete(st), quantiles)
 
     def snapshot(self) -> pb.Stats:
-        st = self._base()
+        return self._complete(self._base())
+
+    def _complete(self, st: pb.Stats) -> pb.Stats:
+        """The counters-only ``st`` with this module's figures added (in place)."""
         for t in st.tiers:
             total = t.hits + t.misses
             t.hit_rate = t.hits / total if total else 0.0
@@ -166,6 +204,7 @@ class Metrics:
         st.recompute_fallback_blocks = self.recompute_fallback_blocks
         st.requests_throttled = self.requests_throttled
         st.auth_failures = self.auth_failures
+        st.lookup_latency.CopyFrom(self.lookup_latency.summary())
         return st
 
 

@@ -31,6 +31,10 @@ _TIER_COUNTERS = [
     ("demotions", "demotions", "Blocks demoted out of the tier"),
     ("bytes_in", "bytes_in", "Bytes written into the tier"),
     ("bytes_out", "bytes_out", "Bytes read out of the tier"),
+    ("io_errors", "io_errors", "Failed tier I/O (SSD reads/writes, remote calls): the block "
+     "is dropped from the tier or missed, never served"),
+    ("checksum_failures", "checksum_failures", "Blocks of the tier that failed their checksum "
+     "(served as misses)"),
 ]
 _DAEMON_COUNTERS = [
     ("lookups", "Lookup calls"),
@@ -69,12 +73,13 @@ class _StatsCollector:
                                       f"({'acquire to release' if op == 'get' else 'allocate to commit'})",
                                       labels=["tier"])
             for label, t in tiers:
-                s = getattr(t, f"{op}_latency")
-                buckets = [(_le(u), float(c)) for u, c in zip(s.bucket_upper_s, s.bucket_counts)]
-                if not buckets:
-                    buckets = [("+Inf", 0.0)]
-                h.add_metric([label], buckets, sum_value=s.sum_s)
+                h.add_metric([label], *_buckets(getattr(t, f"{op}_latency")))
             yield h
+        h = HistogramMetricFamily("kvstore_lookup_latency_seconds", "Lookup calls over gRPC, "
+                                  "as the daemon sees them (same-host clients that read the "
+                                  "shared-memory index make no call)")
+        h.add_metric([], *_buckets(st.lookup_latency))
+        yield h
         for suffix, attr, doc in (("blocks", "blocks", "Blocks stored per namespace"),
                                   ("bytes", "bytes", "Bytes stored per namespace")):
             g = GaugeMetricFamily(f"kvstore_namespace_{suffix}", doc,
@@ -124,6 +129,12 @@ def _remote_metrics(st: pb.Stats):
     for state in ("closed", "open", "half_open"):
         g.add_metric([state], float(t.circuit_state == state))
     yield g
+
+
+def _buckets(s: pb.LatencySummary) -> tuple[list[tuple[str, float]], float]:
+    """(buckets, sum) of a LatencySummary, as HistogramMetricFamily.add_metric takes them."""
+    buckets = [(_le(u), float(c)) for u, c in zip(s.bucket_upper_s, s.bucket_counts)]
+    return buckets or [("+Inf", 0.0)], s.sum_s
 
 
 def _le(upper: float) -> str:

@@ -31,6 +31,9 @@ def stats_to_dict(st: pb.Stats, *, buckets: bool = False) -> dict:
             for op in ("get_latency", "put_latency"):
                 for k in ("bucket_upper_s", "bucket_counts"):
                     t.get(op, {}).pop(k, None)
+    if not buckets:
+        for k in ("bucket_upper_s", "bucket_counts"):
+            d.get("lookup_latency", {}).pop(k, None)
     for ns, msg in zip(d.get("namespaces", []), st.namespaces):
         ns["namespace_id"] = msg.namespace_id.hex()
     return d
@@ -98,7 +101,8 @@ def render_table(st: pb.Stats) -> str:
                  f"cancelled {st.prefetch_cancelled}  promoted "
                  f"{format_bytes(st.prefetch_bytes_promoted)}")
     lines.append(f"checksum failures {st.checksum_failures}   recompute fallbacks "
-                 f"{st.recompute_fallbacks} ({st.recompute_fallback_blocks} blocks)")
+                 f"{st.recompute_fallbacks} ({st.recompute_fallback_blocks} blocks)   lookup "
+                 f"p50/p99 ms {_ms(st.lookup_latency.p50_s)}/{_ms(st.lookup_latency.p99_s)}")
     lines.append(f"puts rejected {st.puts_rejected}  throttled {st.requests_throttled}  "
                  f"auth failures {st.auth_failures}  leases expired {st.leases_expired}  "
                  f"sessions reclaimed {st.sessions_reclaimed}")

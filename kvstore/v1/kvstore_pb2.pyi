@@ -361,7 +361,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "reads_reported", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending")
+    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "reads_reported", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "lookup_latency", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +381,7 @@ class Stats(_message.Message):
     RECOMPUTE_FALLBACK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_THROTTLED_FIELD_NUMBER: _ClassVar[int]
     AUTH_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_LATENCY_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_ISSUED_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_BYTES_PROMOTED_FIELD_NUMBER: _ClassVar[int]
@@ -404,11 +405,12 @@ class Stats(_message.Message):
     recompute_fallback_blocks: int
     requests_throttled: int
     auth_failures: int
+    lookup_latency: LatencySummary
     prefetch_issued: int
     prefetch_cancelled: int
     prefetch_bytes_promoted: int
     prefetch_pending: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., reads_reported: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ...) -> None: ...
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., reads_reported: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., lookup_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ...) -> None: ...
 
 class WatchStatsRequest(_message.Message):
     __slots__ = ("interval_s",)

@@ -1,4 +1,5 @@
-"""deploy/: the Kubernetes manifest against the Kubernetes API models, the systemd unit with
+"""deploy/: the Kubernetes manifests against the Kubernetes API models and, with
+kubernetes-validate, the Kubernetes JSON schemas it ships (offline, strict), the systemd unit with
 `systemd-analyze verify`, the Dockerfile's references, and every example config through
 kvstore's own config loader."""
 from __future__ import annotations
@@ -106,6 +107,50 @@ def test_the_validator_catches_mistakes():
         _validate(bad)
 
 
+# The sidecar is a native sidecar (an init container with restartPolicy: Always): Kubernetes
+# 1.29 is the oldest release the manifests are written for.
+_OLDEST_K8S = "1.29.0"
+
+
+def _schema_errors(doc: dict, version: str) -> list[str]:
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra)")
+    try:
+        kv.validate(doc, version, strict=True)
+    except kv.ValidationError as e:
+        return [f"{doc['kind']} {doc['metadata']['name']}: {'.'.join(map(str, e.path))}: "
+                f"{e.message}"]
+    return []
+
+
+def test_manifests_match_the_kubernetes_schemas():
+    """Every document of deploy/kubernetes/ (the sidecar's and the Mooncake master's) against
+    the strict JSON schemas (unknown fields are errors) of the oldest Kubernetes they need and
+    of the newest kubernetes-validate knows."""
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra)")
+    docs = _docs()
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} >= {
+        ("Deployment", "llm-inference"), ("ConfigMap", "kvstore-config"),
+        ("Secret", "kvstore-tokens"), ("Deployment", "mooncake-master"),
+        ("Service", "mooncake-master")}
+    for version in (_OLDEST_K8S, kv.latest_version()):
+        errors = [e for d in docs for e in _schema_errors(d, version)]
+        assert not errors, f"Kubernetes {version}:\n" + "\n".join(errors)
+
+
+def test_the_schema_check_catches_mistakes():
+    dep = next(d for d in _docs() if d["metadata"]["name"] == "mooncake-master")
+    bad = json.loads(json.dumps(dep))
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["prot"] = 1
+    assert any("prot" in e for e in _schema_errors(bad, _OLDEST_K8S))
+    bad = json.loads(json.dumps(dep))
+    bad["spec"]["replicas"] = "1"
+    assert _schema_errors(bad, _OLDEST_K8S)
+    # Before 1.28 an init container had no restartPolicy: the sidecar needs a newer cluster.
+    sidecar = next(d for d in _docs() if d["kind"] == "Deployment" and
+                   d["metadata"]["name"] == "llm-inference")
+    assert any("restartPolicy" in e for e in _schema_errors(sidecar, "1.27.0"))
+
+
 def test_sidecar_pod_wiring():
     docs = _docs()
     dep = next(d for d in docs if d["kind"] == "Deployment")
@@ -138,9 +183,10 @@ def test_sidecar_pod_wiring():
     # Limits on both; the SSD tier on a hostPath or a PVC.
     for c in (kv, engine):
         assert {"cpu", "memory"} <= set(c["resources"]["limits"]), c["name"]
-    ssd = [volumes[n] for n in mounts(kv).values()
-           if "hostPath" in volumes[n] or "persistentVolumeClaim" in volumes[n]]
-    assert ssd, "no SSD volume (hostPath or PVC) mounted in the kvstore container"
+    # The SSD tier is on, in a hostPath or PVC volume mounted where the config puts it.
+    assert cfg.ssd_bytes > 0, "the SSD volume is mounted but the SSD tier is off"
+    ssd = volumes[mounts(kv)[cfg.ssd_dir]]
+    assert "hostPath" in ssd or "persistentVolumeClaim" in ssd, ssd
     # Prometheus scrapes the metrics port.
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert int(ann["prometheus.io/port"]) == cfg.metrics_port and cfg.metrics_host == "0.0.0.0"

@@ -67,3 +67,48 @@ def test_bearer_token_header():
     assert bearer_token([("authorization", "bearer  abc ")]) == "abc"
     assert bearer_token([("authorization", "Basic abc")]) == ""
     assert bearer_token([("x", "y")]) is None
+
+
+def _stats(t: float, dram_hits: int, dram_misses: int, evictions: int, on_time: int):
+    from kvstore.v1 import kvstore_pb2 as pb
+    return pb.Stats(uptime_s=t, prefetch_on_time=on_time, tiers=[pb.TierStats(
+        tier=pb.TIER_DRAM, capacity_bytes=100, used_bytes=40, hits=dram_hits,
+        misses=dram_misses, evictions=evictions)])
+
+
+def test_history_samples_are_interval_rates_in_a_bounded_ring():
+    from kvstore.metrics.history import StatsHistory
+    h = StatsHistory(3)
+    h.record(1000.0, 0.0, _stats(0, 0, 0, 0, 0), {})
+    h.record(1001.0, 2.0, _stats(2, 6, 2, 10, 4), {"get:DRAM": (1e-3, 4e-3)})
+    h.record(1002.0, 3.0, _stats(3, 6, 2, 10, 4), {})
+    first, second, idle = h.since()["samples"]
+    assert first["tiers"]["DRAM"]["evictions_ps"] == 0.0      # no previous sample: no rate
+    assert first["tiers"]["DRAM"]["hit_ratio"] is None
+    d = second["tiers"]["DRAM"]
+    assert d["evictions_ps"] == 5.0 and second["prefetch_on_time_ps"] == 2.0   # over 2 s
+    assert d["hit_ratio"] == 0.75 and (d["get_p50_s"], d["get_p99_s"]) == (1e-3, 4e-3)
+    assert d["used_bytes"] == 40 and d["capacity_bytes"] == 100
+    assert idle["tiers"]["DRAM"]["hit_ratio"] is None and idle["tiers"]["DRAM"]["get_p99_s"] is None
+    h.record(1003.0, 4.0, _stats(4, 6, 2, 10, 4), {})
+    assert [s["t"] for s in h.since()["samples"]] == [1001.0, 1002.0, 1003.0]   # oldest dropped
+    assert [s["t"] for s in h.since(1001.5)["samples"]] == [1002.0, 1003.0]
+    assert h.since()["capacity"] == 3
+
+
+def test_metrics_history_latency_is_the_intervals_not_since_start():
+    from kvstore.metrics.model import Metrics
+    from kvstore.v1 import kvstore_pb2 as pb
+    now = [0.0]
+    m = Metrics(None, base=lambda: pb.Stats(tiers=[pb.TierStats(tier=pb.TIER_DRAM)]),
+                clock=lambda: now[0], history_samples=10, wall_clock=lambda: 1e9 + now[0])
+    for _ in range(100):
+        m.lookup_finished(now[0] - 0.5)           # 100 slow lookups, then a quiet second
+    m.sample()
+    now[0] = 1.0
+    m.lookup_finished(now[0] - 1e-4)
+    m.sample()
+    slow, fast = m.history.since()["samples"]
+    assert 0.5 <= slow["lookup_p99_s"] <= 0.5 * 1.2
+    assert 1e-4 <= fast["lookup_p99_s"] <= 1.2e-4     # the slow ones are an earlier interval's
+    assert m.snapshot().lookup_latency.count == 101
