@@ -293,6 +293,7 @@ class Config:
     remote_local_host: str
     metrics_port: int
     metrics_host: str
+    metrics_history_s: int
     shutdown_grace_s: float
     socket_group: str
     socket_requires_token: bool
