@@ -154,7 +154,13 @@ class EventPublisher:
                 events = []
                 self._send_snapshot(enc, rec)
             else:
-                events.extend(self._to_events(rec))
+                for ev in self._to_events(rec):
+                    last = events[-1] if events else None
+                    if type(ev) is wire.BlockRemoved and type(last) is wire.BlockRemoved \
+                            and last.medium == ev.medium:
+                        last.block_hashes.extend(ev.block_hashes)   # one block at a time: merge
+                    else:
+                        events.append(ev)
         self._send(enc, events)
 
     def _send(self, enc, events: list) -> None:
