@@ -203,7 +203,7 @@ def _replay_one(args, trace, size, hosts: int, route: str, remote_url, workdir: 
         before_pick = None
         if kv_aware:
             from kvstore.bench.trace.index import EventIndex
-            index = EventIndex([h.events_endpoint for h in fleet.hosts], trace.namespace_id)
+            index = EventIndex([(h.events_endpoint, h.replay_endpoint) for h in fleet.hosts])
             router = KVAwareRouter(hosts, index, args.load_bound, args.load_window)
             before_pick = index.poll
         else:
@@ -215,7 +215,9 @@ def _replay_one(args, trace, size, hosts: int, route: str, remote_url, workdir: 
                      lambda i: _say(args, f"  {route}: {i}/{n} requests"))
         out = res.to_json()
         if index is not None:
-            out["events_applied"] = index.events_applied
+            index.poll()
+            out["event_batches_applied"] = index.batches_applied
+            out["event_gaps"] = index.gaps()
             out["routed_overlap_blocks"] = router.overlap_blocks
         _say(args, f"  {route}: hit ratio {out['hit_ratio']:.3f}, "
                    f"{out['requests_per_s']:.0f} requests/s")

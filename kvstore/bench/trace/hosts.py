@@ -84,6 +84,7 @@ class Host:
     client: object = None        # kvstore.client.KVClient
     ns: object = None            # its Namespace of the trace's layout
     events_endpoint: str = ""    # tcp://127.0.0.1:PORT when the daemon publishes KV events
+    replay_endpoint: str = ""    # and its replay/snapshot socket
     requests: int = 0
 
 
@@ -104,14 +105,16 @@ class Fleet:
                 wd.mkdir(parents=True)
                 shm = temp_shm_dir("kvstore-trace-", fallback=wd)
                 args = size.daemon_args(wd / "ssd")
-                endpoint = ""
+                endpoint = replay = ""
                 if events:
                     endpoint = f"tcp://127.0.0.1:{free_port()}"
-                    args += ["--kv-events-endpoint", endpoint]
+                    replay = f"tcp://127.0.0.1:{free_port()}"
+                    args += ["--kv-events-endpoint", endpoint,
+                             "--kv-events-replay-endpoint", replay]
                 if remote_url:
                     args += ["--remote", remote_url, *remote_args]
                 d = DaemonProcess(wd, shm, args, owned_dirs=(shm, wd))
-                fleet.hosts.append(Host(i, d, events_endpoint=endpoint))
+                fleet.hosts.append(Host(i, d, events_endpoint=endpoint, replay_endpoint=replay))
                 d.start(startup_timeout_s)
             for h in fleet.hosts:
                 h.client = KVClient(h.daemon.socket, timeout_s=60.0)
