@@ -179,3 +179,48 @@ def test_replay_of_the_real_trace_slice_on_one_host():
     assert 0 < res["hit_ratio"] <= res["infinite_hit_ratio"]
     assert res["served_fraction"]["DRAM"] == pytest.approx(res["hit_ratio"])
     assert res["recomputed_fraction"] == pytest.approx(1 - res["hit_ratio"])
+
+
+@needs_trace
+def test_replay_on_two_hosts_routes_both_ways_and_against_one_shared_cache():
+    pytest.importorskip("dynamo.llm", reason="ai-dynamo-runtime (Dynamo's KV router index)")
+    pytest.importorskip("zmq", reason="pyzmq (the daemons' KV events)")
+    # the trace's first 600 requests: enough returning conversations for routing to matter
+    r = _bench("--trace", str(TRACE), "--limit", "600", "--hosts", "2",
+               "--dram-tokens", str(1024 * 512))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert set(res["routes"]) == {"round-robin", "kv-aware"}
+    assert res["wrong_bytes"] == 0 and res["errors"] == 0
+    rr, kv = res["routes"]["round-robin"], res["routes"]["kv-aware"]
+    assert rr["requests_per_host"] == [300, 300]
+    assert sum(kv["requests_per_host"]) == 600 and res["load_max_over_mean"] <= 1.3
+    assert kv["event_batches_applied"] > 0 and kv["routed_overlap_blocks"] > 0
+    assert res["hit_ratio"] == kv["hit_ratio"]
+    assert res["routing_gain"] == pytest.approx(kv["hit_ratio"] / rr["hit_ratio"])
+    assert res["shared"]["requests_per_host"] == [600]
+    assert res["shared_cache_hit_ratio"] == res["shared"]["hit_ratio"]
+    # one cache of 2048 blocks: the ideal caches are computed at that capacity
+    assert res["capacity_blocks"] == 2048
+    for run in (rr, kv, res["shared"]):
+        assert 0 < run["hit_ratio"] <= res["infinite_hit_ratio"]
+    # the router routes on what the hosts hold: it must beat blind routing here
+    assert kv["hit_ratio"] > rr["hit_ratio"]
+
+
+@needs_trace
+@pytest.mark.slow
+def test_replay_with_a_cluster_tier_serves_from_remote():
+    from kvstore.bench.cluster_engines import skip_reason
+    reason = skip_reason("redis")
+    if reason:
+        pytest.skip(reason)
+    r = _bench("--trace", str(TRACE), "--limit", "200", "--hosts", "2", "--route",
+               "round-robin", "--no-shared", "--dram-tokens", str(256 * 512), "--remote", "redis")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["wrong_bytes"] == 0
+    # round robin sends a conversation's next turn to the other host: its prefix comes from
+    # the cluster tier
+    assert res["served_fraction"]["REMOTE"] > 0
+    assert res["hit_ratio"] <= res["infinite_hit_ratio"]

@@ -144,19 +144,12 @@ def run(args) -> dict:
         "capacity_blocks": capacity, "remote": args.remote or "", **ideal, "goals": GOALS}
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-trace-"))
-    engine = None
     try:
-        remote_url = None
-        if args.remote:
-            from kvstore.bench.cluster_engines import start_engine
-            engine = start_engine(args.remote, workdir / "engine")
-            remote_url = engine.url
         routes = ["single"] if args.hosts == 1 else (
             ["round-robin", "kv-aware"] if args.route in (None, "both") else [args.route])
         runs = {}
         for route in routes:
-            runs[route] = _replay_one(args, trace, size, args.hosts, route, remote_url,
-                                      workdir / route)
+            runs[route] = _replay_one(args, trace, size, args.hosts, route, workdir / route)
         primary = runs["kv-aware" if "kv-aware" in runs else routes[0]]
         result.update({k: primary[k] for k in (
             "hit_ratio", "served_fraction", "recomputed_fraction", "requests_per_s",
@@ -170,8 +163,7 @@ def run(args) -> dict:
         if args.hosts > 1 and not args.no_shared:
             shared_size = HostSize(args.hosts * size.dram_blocks,
                                    args.hosts * size.ssd_capacity_blocks, layout)
-            shared = _replay_one(args, trace, shared_size, 1, "shared", remote_url,
-                                 workdir / "shared")
+            shared = _replay_one(args, trace, shared_size, 1, "shared", workdir / "shared")
             result["shared"] = shared
             result["shared_cache_hit_ratio"] = shared["hit_ratio"]
             result["kv_vs_shared"] = (result["hit_ratio"] / shared["hit_ratio"]
@@ -179,14 +171,13 @@ def run(args) -> dict:
             result["wrong_bytes"] += shared["wrong_bytes"]
             result["errors"] += shared["errors"]
     finally:
-        if engine is not None:
-            engine.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
-def _replay_one(args, trace, size, hosts: int, route: str, remote_url, workdir: Path) -> dict:
-    """One replay on a fresh fleet; its ReplayResult as a dict (plus router figures)."""
+def _replay_one(args, trace, size, hosts: int, route: str, workdir: Path) -> dict:
+    """One replay on a fresh fleet (and, with --remote, a fresh engine: no replay starts with
+    another's blocks); its ReplayResult as a dict (plus router figures)."""
     from kvstore.bench.trace.hosts import Fleet
     from kvstore.bench.trace.replay import replay
     from kvstore.bench.trace.routing import KVAwareRouter, RoundRobin
@@ -196,10 +187,15 @@ def _replay_one(args, trace, size, hosts: int, route: str, remote_url, workdir: 
     _say(args, f"{route}: starting {hosts} daemon(s) of {size.dram_blocks} DRAM + "
                f"{size.ssd_capacity_blocks} SSD blocks ...")
     remote_args = ("--remote-deadline-s", "1", "--remote-read-deadline-s", "5")
-    fleet = Fleet.start(hosts, size, workdir, MODEL_ID, remote_url, remote_args,
-                        events=kv_aware)
-    index = None
+    engine = fleet = index = None
     try:
+        remote_url = None
+        if args.remote:
+            from kvstore.bench.cluster_engines import start_engine
+            engine = start_engine(args.remote, workdir / "engine")
+            remote_url = engine.url
+        fleet = Fleet.start(hosts, size, workdir / "hosts", MODEL_ID, remote_url, remote_args,
+                            events=kv_aware)
         before_pick = None
         if kv_aware:
             from kvstore.bench.trace.index import EventIndex
@@ -225,7 +221,10 @@ def _replay_one(args, trace, size, hosts: int, route: str, remote_url, workdir: 
     finally:
         if index is not None:
             index.close()
-        fleet.close()
+        if fleet is not None:
+            fleet.close()
+        if engine is not None:
+            engine.stop()
 
 
 def render(r: dict) -> list[str]:
