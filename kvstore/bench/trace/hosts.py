@@ -117,7 +117,7 @@ class Fleet:
                 fleet.hosts.append(Host(i, d, events_endpoint=endpoint, replay_endpoint=replay))
                 d.start(startup_timeout_s)
             for h in fleet.hosts:
-                h.client = KVClient(h.daemon.socket, timeout_s=60.0)
+                h.client = _connect(KVClient, h.daemon.socket)
                 h.ns = h.client.namespace(model_id, size.layout)
                 _wait_dram_ready(h.client, startup_timeout_s)
         except BaseException:
@@ -134,6 +134,19 @@ class Fleet:
                     pass
             h.daemon.close()
             shutil.rmtree(h.daemon.workdir, ignore_errors=True)
+
+
+def _connect(client_cls, socket: str, attempts: int = 3):
+    """A client of a daemon that already answers: on a loaded machine (the replay's hosts
+    share its cores) a first connection can time out; try again before giving up."""
+    from kvstore.client.errors import Unavailable
+    for attempt in range(attempts):
+        try:
+            return client_cls(socket, timeout_s=60.0)
+        except Unavailable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
 
 
 def _wait_dram_ready(client, timeout_s: float) -> None:

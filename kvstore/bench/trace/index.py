@@ -36,6 +36,16 @@ class EventIndex:
         found = self._index.find_matches(hashes_of_keys(keys))
         return [found.get(h, 0) for h in range(self.hosts)]
 
+    @property
+    def orphans(self) -> int:
+        """Stored blocks the index left out: it did not hold their parent."""
+        return self._index.orphans
+
+    @property
+    def rejected(self) -> int:
+        """Events Dynamo's tree refused."""
+        return self._index.rejected
+
     def gaps(self) -> int:
         return sum(self._index.subscriber(h).gaps for h in range(self.hosts))
 
