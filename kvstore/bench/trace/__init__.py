@@ -240,7 +240,8 @@ def render(r: dict) -> list[str]:
              f"{r['dram_blocks_per_host']} DRAM + {r['ssd_blocks_per_host']} SSD blocks "
              f"({r['block_bytes']} B each){', remote ' + r['remote'] if r['remote'] else ''}",
              f"  ideal, one cache of {cap} blocks:  infinite {r['infinite_hit_ratio']:.3f}   "
-             f"Belady {r['belady_hit_ratio']:.3f}   LRU {r['lru_hit_ratio']:.3f}"]
+             f"Belady {r['belady_hit_ratio']:.3f}   LRU {r['lru_hit_ratio']:.3f}"
+             + ("   (the cluster tier is beyond this capacity)" if r["remote"] else "")]
     for name, run in list(r["routes"].items()) + (
             [("shared", r["shared"])] if "shared" in r else []):
         tiers = "  ".join(f"{t} {f:.3f}" for t, f in run["served_fraction"].items())

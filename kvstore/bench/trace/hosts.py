@@ -85,7 +85,6 @@ class Host:
     ns: object = None            # its Namespace of the trace's layout
     events_endpoint: str = ""    # tcp://127.0.0.1:PORT when the daemon publishes KV events
     replay_endpoint: str = ""    # and its replay/snapshot socket
-    requests: int = 0
 
 
 @dataclass
