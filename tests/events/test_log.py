@@ -66,7 +66,8 @@ def test_each_tier_change_of_a_visible_block_is_reported_once():
     t.unpin([a])                                    # freed now: nothing more to report
     t.set_ssd(b, 9, 1)
     t.free(b)             # evicted: its tiers forget it (clear_ssd) after it was reported
-    assert _changes(log) == [(STORED, "STORAGE", [2], [1]), (REMOVED, "CPU", [2], None),
+    # its parent is gone (freed): announced as a root rather than under a recycled id
+    assert _changes(log) == [(STORED, "STORAGE", [2], [None]), (REMOVED, "CPU", [2], None),
                              (REMOVED, "STORAGE", [2], None)]
 
 
