@@ -134,6 +134,8 @@ class Stats:
     prefetch_wasted: int = 0
     prefetch_cancelled: int = 0
     prefetch_bytes_promoted: int = 0
+    kv_events_published: int = 0      # KV events sent to routers (block tier changes)
+    kv_events_dropped: int = 0        # KV events dropped: the publisher fell behind (a gap)
     proto: pb.Stats = field(default_factory=pb.Stats, repr=False, compare=False,
                             metadata=_BUILT)
 

@@ -3,8 +3,10 @@
 Sockets (both bound by the daemon):
 
 - PUB ``endpoint``: every batch as ``(topic, seq, payload)`` (kvstore.events.wire). Sequence
-  numbers start at 0 when the daemon starts (the first batch is ``AllBlocksCleared``: the daemon
-  starts empty, then publishes what it recovers from SSD) and grow by one per batch. A number that
+  numbers grow by one per batch from the daemon's start time in microseconds (above any number
+  an earlier run of the daemon used); the first batch is ``AllBlocksCleared`` (the daemon starts
+  empty, then publishes what it recovers from SSD). An idle daemon publishes an empty batch
+  every ``heartbeat_s``, so a subscriber notices a lost batch (or a restart) within that time. A number that
   never arrives is a lost batch: either the daemon dropped it (its event log was full: counted in
   ``kv_events_dropped``) or ZMQ dropped it for a subscriber over its high-water mark.
 - ROUTER ``replay_endpoint`` (optional), vLLM's replay protocol: a DEALER/REQ client sends
@@ -53,7 +55,7 @@ class EventPublisher:
 
     def __init__(self, events: EventLog, endpoint: str, replay_endpoint: str = "",
                  topic: str = "", buffer_batches: int = 10_000, hwm: int = 100_000,
-                 max_batch_events: int = 1024, snapshot=None):
+                 max_batch_events: int = 1024, snapshot=None, heartbeat_s: float = 1.0):
         self._events = events
         self._endpoint = endpoint
         self._replay_endpoint = replay_endpoint
@@ -61,6 +63,8 @@ class EventPublisher:
         self._hwm = hwm
         self._max_batch = max_batch_events
         self._snapshot = snapshot
+        self._heartbeat_s = heartbeat_s
+        self._last_send = 0.0
         self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(
             maxlen=buffer_batches)
         self._ctx = zmq.Context()
@@ -70,7 +74,10 @@ class EventPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._snapshots_in_flight = 0       # changed on the loop and the thread: under the GIL
         self._lock = threading.Lock()
-        self.seq = -1                       # the last sequence number used
+        # Sequence numbers start at the start time in microseconds since the epoch, so a
+        # restarted daemon continues above every number its predecessor used: a subscriber
+        # sees a restart as a gap that no replay can fill, and takes a snapshot.
+        self.seq = time.time_ns() // 1000 - 1     # the last sequence number used
         self.batches_published = 0
         self.events_published = 0
 
@@ -125,7 +132,7 @@ class EventPublisher:
         seen_drops = 0
         while True:
             running = self._running
-            self._events.wake.wait(0.05)
+            self._events.wake.wait(min(0.05, self._heartbeat_s))
             self._events.wake.clear()
             try:
                 if self._replay is not None:
@@ -140,6 +147,8 @@ class EventPublisher:
                         seen_drops = drops
                         self.seq += 1
                     self._publish(enc, recs)
+                if time.monotonic() - self._last_send >= self._heartbeat_s:
+                    self._send(enc, [], heartbeat=True)
             except Exception:       # the publisher must outlive any one bad batch
                 log.exception("KV events: publishing failed")
                 time.sleep(0.05)
@@ -163,9 +172,12 @@ class EventPublisher:
                         events.append(ev)
         self._send(enc, events)
 
-    def _send(self, enc, events: list) -> None:
-        if not events:
+    def _send(self, enc, events: list, heartbeat: bool = False) -> None:
+        """One batch on PUB and into the replay buffer. A heartbeat is an empty batch: it
+        lets an idle daemon's subscribers notice a gap (or a restart) within heartbeat_s."""
+        if not events and not heartbeat:
             return
+        self._last_send = time.monotonic()
         self.seq += 1
         payload = enc.encode(wire.KVEventBatch(ts=time.time(), events=events))
         seq = wire.seq_bytes(self.seq)
@@ -256,7 +268,7 @@ class EventPublisher:
         if rec.blocks is None:
             self._end(rec.client, b"snapshot failed")
             return
-        seq = wire.seq_bytes(max(self.seq, 0))
+        seq = wire.seq_bytes(self.seq)
         events: list = [wire.AllBlocksCleared()]
         for part in rec.blocks:
             events.extend(self._to_events(part))
