@@ -224,3 +224,12 @@ def test_replay_with_a_cluster_tier_serves_from_remote():
     # the cluster tier
     assert res["served_fraction"]["REMOTE"] > 0
     assert res["hit_ratio"] <= res["infinite_hit_ratio"]
+
+
+def test_an_ssd_tier_larger_than_the_free_disk_is_refused_before_any_daemon(tmp_path):
+    path = tmp_path / "hand.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records(HAND)))
+    r = _bench("--trace", str(path), "--dir", str(tmp_path), "--ssd-tokens", str(10**15),
+               timeout=60)
+    assert r.returncode != 0 and "GB free" in r.stderr
+    assert not list(tmp_path.glob("kvstore-bench-trace-*"))

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--remote", choices=["redis", "mooncake"],
                     help="add a cluster tier: a real Redis Cluster or Mooncake master every "
                          "host uses")
+    ap.add_argument("--dir", type=Path,
+                    help="where the hosts' directories (SSD slab files) go (default: the "
+                         "temporary directory); must be a disk, not a tmpfs, for an SSD tier")
     ap.add_argument("--speed", type=float, default=0.0,
                     help="replay at this multiple of the trace's arrival times (default 0: as "
                          "fast as possible)")
@@ -147,7 +150,9 @@ def run(args) -> dict:
         "dram_blocks_per_host": size.dram_blocks, "ssd_blocks_per_host": size.ssd_capacity_blocks,
         "capacity_blocks": capacity, "remote": args.remote or "", **ideal, "goals": GOALS}
 
-    workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-trace-"))
+    base = args.dir or Path(tempfile.gettempdir())
+    _check_disk(base, args.hosts * size.ssd_bytes)
+    workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-trace-", dir=base))
     try:
         routes = ["single"] if args.hosts == 1 else (
             ["round-robin", "kv-aware"] if args.route in (None, "both") else [args.route])
@@ -177,6 +182,20 @@ def run(args) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+def _check_disk(base: Path, ssd_bytes: int) -> None:
+    """The SSD tiers' slab files are preallocated: refuse a run whose fleet (one at a time:
+    each replay's fleet is gone before the next starts) would take more than 90% of the free
+    space, rather than fill the disk."""
+    if not ssd_bytes:
+        return
+    st = os.statvfs(base)
+    free = st.f_bavail * st.f_frsize
+    if ssd_bytes > 0.9 * free:
+        raise SystemExit(f"kvstore bench trace: the SSD tiers need {ssd_bytes / 1e9:.1f} GB of "
+                         f"preallocated slab files and {base} has {free / 1e9:.1f} GB free: "
+                         "use fewer --ssd-tokens or --hosts, or --dir on a larger disk")
 
 
 def _replay_one(args, trace, size, hosts: int, route: str, workdir: Path) -> dict:
