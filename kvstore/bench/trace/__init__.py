@@ -89,6 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvstore bench trace: no trace at {args.trace} (--trace PATH; the Mooncake "
               "repository's FAST25-release/traces/conversation_trace.jsonl)", file=sys.stderr)
         return 2
+    if args.hosts > 1 and args.route != "round-robin":
+        try:
+            import dynamo.llm  # noqa: F401
+            import msgspec  # noqa: F401
+            import zmq  # noqa: F401
+        except ImportError as exc:
+            print(f"kvstore bench trace: kv-aware routing needs the daemons' KV events and "
+                  f"Dynamo's index ({exc}): pip install 'kvstore[trace]', or --route "
+                  "round-robin", file=sys.stderr)
+            return 2
     if args.remote:
         from kvstore.bench.cluster_engines import skip_reason
         reason = skip_reason(args.remote)
