@@ -6,9 +6,10 @@ Sockets (both bound by the daemon):
   numbers grow by one per batch from the daemon's start time in microseconds (above any number
   an earlier run of the daemon used); the first batch is ``AllBlocksCleared`` (the daemon starts
   empty, then publishes what it recovers from SSD). An idle daemon publishes an empty batch
-  every ``heartbeat_s``, so a subscriber notices a lost batch (or a restart) within that time. A number that
-  never arrives is a lost batch: either the daemon dropped it (its event log was full: counted in
-  ``kv_events_dropped``) or ZMQ dropped it for a subscriber over its high-water mark.
+  every ``heartbeat_s``, so a subscriber notices a lost batch (or a restart) within that time.
+  A number that never arrives is a lost batch: either the daemon dropped it (its event log was
+  full: counted in ``kv_events_dropped``) or ZMQ dropped it for a subscriber over its
+  high-water mark.
 - ROUTER ``replay_endpoint`` (optional), vLLM's replay protocol: a DEALER/REQ client sends
   ``[b"", start_seq (8 bytes, big-endian)]`` and gets every buffered batch with ``seq >=
   start_seq`` as ``[b"", topic, seq, payload]``, then ``[b"", b"", END_SEQ, b""]``. The buffer

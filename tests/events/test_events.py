@@ -46,7 +46,7 @@ def test_stream_matches_every_tier_across_eviction_delete_and_restart(daemon_fac
         assert get_exact(ns, b, b_data) == 100
         seq_before = sub.next_seq
 
-        d.stop()
+        assert d.stop() == 0                    # the publisher thread ends with the daemon
         d.start()
         # The restarted daemon numbers above its predecessor: the subscriber sees a gap no
         # replay can fill and rebuilds from a snapshot (the recovered SSD blocks).
@@ -219,3 +219,10 @@ def test_the_subscriber_example_of_the_docs_runs(daemon_factory, tmp_path):
                            timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["{'CPU': 3} 3", "{'CPU': 3} 3"]
+
+
+def test_an_endpoint_in_use_stops_the_start_with_a_clear_error(daemon_factory):
+    pub, replay = endpoints()
+    daemon_factory(*SMALL_DRAM, *event_args(pub, replay))
+    with pytest.raises(RuntimeError, match=r"kv_events: cannot bind tcp://127\.0\.0\.1:\d+"):
+        daemon_factory(*SMALL_DRAM, *event_args(pub))
