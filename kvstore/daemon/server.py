@@ -458,9 +458,9 @@ def start_publisher(cfg: Config, events, snapshot, loop):
     try:
         pub.start(loop)
     except zmq.ZMQError as exc:
-        raise DaemonError(f"kv_events: cannot bind {cfg.kv_events_endpoint}"
-                          f"{' / ' + cfg.kv_events_replay_endpoint if cfg.kv_events_replay_endpoint else ''}"
-                          f" ({exc})") from None
+        where = " / ".join(e for e in (cfg.kv_events_endpoint, cfg.kv_events_replay_endpoint)
+                           if e)
+        raise DaemonError(f"kv_events: cannot bind {where} ({exc})") from None
     log.info("KV events: publishing on %s%s%s", cfg.kv_events_endpoint,
              f", replay and snapshots on {cfg.kv_events_replay_endpoint}"
              if cfg.kv_events_replay_endpoint else "",

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 STORED, REMOVED, CLEARED, SNAPSHOT = "stored", "removed", "cleared", "snapshot"
+# One block's change, recorded as a plain tuple (cheaper than a Record on the per-block paths):
+# (STORED_ONE, medium, ns index, key bytes, parent key bytes or None) or
+# (REMOVED_ONE, medium, ns index, key bytes, None).
+STORED_ONE, REMOVED_ONE = "stored1", "removed1"
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Record:
 
 class EventLog:
     def __init__(self, max_pending: int = 65536, tenants: tuple[str, ...] = ()):
-        self._pending: collections.deque[Record] = collections.deque()
+        self._pending: collections.deque = collections.deque()   # Records and tuples
         self._max = max_pending
         self._tenants = frozenset(tenants)
         self._allowed = np.zeros(0, dtype=bool)     # by namespace index (replaced, not mutated)
@@ -64,6 +68,12 @@ class EventLog:
     def removed(self, medium: str, ns, keys) -> None:
         self._put(Record(REMOVED, medium, ns, keys), len(keys))
 
+    def stored_one(self, medium: str, ns: int, key: bytes, parent: bytes | None) -> None:
+        self._put((STORED_ONE, medium, ns, key, parent), 1)
+
+    def removed_one(self, medium: str, ns: int, key: bytes) -> None:
+        self._put((REMOVED_ONE, medium, ns, key, None), 1)
+
     def cleared(self) -> None:
         self._put(Record(CLEARED), 1)
 
@@ -73,7 +83,7 @@ class EventLog:
         self._pending.append(Record(SNAPSHOT, client=client, blocks=blocks))
         self.wake.set()
 
-    def _put(self, rec: Record, n_events: int) -> None:
+    def _put(self, rec, n_events: int) -> None:
         if len(self._pending) >= self._max:
             self.dropped_events += n_events
             self.drops += 1
@@ -83,8 +93,9 @@ class EventLog:
             self.wake.set()
 
     # -- the publisher thread's side --------------------------------------------------------------
-    def take(self, limit: int) -> list[Record]:
-        """Up to ``limit`` records, oldest first."""
+    def take(self, limit: int) -> list:
+        """Up to ``limit`` records (Records, or STORED_ONE / REMOVED_ONE tuples), oldest
+        first."""
         out = []
         pending = self._pending
         while pending and len(out) < limit:

@@ -6,9 +6,10 @@ Sockets (both bound by the daemon):
   numbers grow by one per batch from the daemon's start time in microseconds (above any number
   an earlier run of the daemon used); the first batch is ``AllBlocksCleared`` (the daemon starts
   empty, then publishes what it recovers from SSD). An idle daemon publishes an empty batch
-  every ``heartbeat_s``, so a subscriber notices a lost batch (or a restart) within that time. A number that
-  never arrives is a lost batch: either the daemon dropped it (its event log was full: counted in
-  ``kv_events_dropped``) or ZMQ dropped it for a subscriber over its high-water mark.
+  every ``heartbeat_s``, so a subscriber notices a lost batch (or a restart) within that time.
+  A number that never arrives is a lost batch: either the daemon dropped it (its event log was
+  full: counted in ``kv_events_dropped``) or ZMQ dropped it for a subscriber over its
+  high-water mark.
 - ROUTER ``replay_endpoint`` (optional), vLLM's replay protocol: a DEALER/REQ client sends
   ``[b"", start_seq (8 bytes, big-endian)]`` and gets every buffered batch with ``seq >=
   start_seq`` as ``[b"", topic, seq, payload]``, then ``[b"", b"", END_SEQ, b""]``. The buffer
@@ -39,7 +40,7 @@ import numpy as np
 import zmq
 
 from kvstore.events import wire
-from kvstore.events.log import CLEARED, REMOVED, SNAPSHOT, STORED, EventLog, Record
+from kvstore.events.log import CLEARED, REMOVED, REMOVED_ONE, SNAPSHOT, EventLog, Record
 
 log = logging.getLogger("kvstore.events")
 
@@ -155,10 +156,15 @@ class EventPublisher:
             if not running and not self._events.pending():
                 return
 
-    def _publish(self, enc, recs: list[Record]) -> None:
+    def _publish(self, enc, recs: list) -> None:
         events: list = []
+        allowed = self._events.allowed_mask()
         for rec in recs:
-            if rec.kind == SNAPSHOT:
+            if type(rec) is tuple:                       # one block (STORED_ONE, REMOVED_ONE)
+                kind, medium, ns, key, parent = rec
+                if allowed[ns]:
+                    self._add_one(events, kind, medium, ns, key, parent)
+            elif rec.kind == SNAPSHOT:
                 self._send(enc, events)
                 events = []
                 self._send_snapshot(enc, rec)
@@ -167,10 +173,31 @@ class EventPublisher:
                     last = events[-1] if events else None
                     if type(ev) is wire.BlockRemoved and type(last) is wire.BlockRemoved \
                             and last.medium == ev.medium:
-                        last.block_hashes.extend(ev.block_hashes)   # one block at a time: merge
+                        last.block_hashes.extend(ev.block_hashes)
                     else:
                         events.append(ev)
         self._send(enc, events)
+
+    def _add_one(self, events: list, kind: str, medium: str, ns: int, key: bytes,
+                 parent: bytes | None) -> None:
+        """Append one block's change, extending the last event where it continues it: removals
+        from the same medium, or a block whose parent ends the last stored chain."""
+        last = events[-1] if events else None
+        if kind == REMOVED_ONE:
+            if type(last) is wire.BlockRemoved and last.medium == medium:
+                last.block_hashes.append(key)
+            else:
+                events.append(wire.BlockRemoved(block_hashes=[key], medium=medium))
+            return
+        size = self._events.block_tokens(ns)
+        if type(last) is wire.BlockStored and last.medium == medium \
+                and parent is not None and last.block_hashes[-1] == parent \
+                and last.block_size == size:
+            last.block_hashes.append(key)
+        else:
+            events.append(wire.BlockStored(
+                block_hashes=[key], parent_block_hash=parent, token_ids=[], block_size=size,
+                lora_id=None, medium=medium, lora_name=None))
 
     def _send(self, enc, events: list, heartbeat: bool = False) -> None:
         """One batch on PUB and into the replay buffer. A heartbeat is an empty batch: it

@@ -322,12 +322,17 @@ class BlockTable:
 
     # -- events ---------------------------------------------------------------------------------
     def _report(self, stored: bool, medium: str, bid: int) -> None:
-        """One block's change in one tier, with its key (and parent key) copied now."""
-        b = np.array([bid], dtype=np.int64)
-        if stored:
-            self._report_stored_in(medium, b)
-        else:
-            self._events.removed(medium, self.ns[b], self.keys[b])
+        """One block's change in one tier, with its key (and parent key) copied now. Scalar
+        code: this runs once per block on the put, demotion and eviction paths."""
+        ns = int(self.ns[bid])
+        key = self.keys[bid].tobytes()
+        if not stored:
+            self._events.removed_one(medium, ns, key)
+            return
+        p = int(self.parent[bid])
+        parent = self.keys[p].tobytes() if p >= 0 and self.state[p] != FREE \
+            and int(self.ns[p]) == ns else None
+        self._events.stored_one(medium, ns, key, parent)
 
     def _report_stored(self, bids: np.ndarray, dram: bool = True) -> None:
         """Newly visible blocks: stored in each tier that holds them."""

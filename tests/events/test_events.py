@@ -46,7 +46,7 @@ def test_stream_matches_every_tier_across_eviction_delete_and_restart(daemon_fac
         assert get_exact(ns, b, b_data) == 100
         seq_before = sub.next_seq
 
-        d.stop()
+        assert d.stop() == 0                    # the publisher thread ends with the daemon
         d.start()
         # The restarted daemon numbers above its predecessor: the subscriber sees a gap no
         # replay can fill and rebuilds from a snapshot (the recovered SSD blocks).
@@ -193,3 +193,36 @@ def test_stalled_subscriber_blocks_nothing_and_drops_are_counted(daemon_factory)
     finally:
         stalled.close(linger=0)
         ctx.term()
+
+
+def test_the_subscriber_example_of_the_docs_runs(daemon_factory, tmp_path):
+    """docs/notes/events.md's first example, on free ports and for 2 polls instead of 10."""
+    import re
+    import subprocess
+    import sys
+
+    from kvstore.core.layout import KVLayout
+    from support import REPO
+
+    pub, replay = endpoints()
+    d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "8MiB", *event_args(pub, replay))
+    text = (REPO / "docs" / "notes" / "events.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = (code.replace("tcp://127.0.0.1:5557", pub).replace("tcp://127.0.0.1:5558", replay)
+            .replace("range(10)", "range(2)"))
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_tokens=16)
+    with KVClient(d.socket) as client:
+        ns = client.namespace("meta-llama/Llama-3.1-8B", layout)
+        keys = ns.block_keys(list(range(48)))                  # 3 of the example's 4 blocks
+        ns.put(keys, np.zeros(3 * layout.block_bytes, dtype=np.uint8)).result(timeout=60)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["{'CPU': 3} 3", "{'CPU': 3} 3"]
+
+
+def test_an_endpoint_in_use_stops_the_start_with_a_clear_error(daemon_factory):
+    pub, replay = endpoints()
+    daemon_factory(*SMALL_DRAM, *event_args(pub, replay))
+    with pytest.raises(RuntimeError, match=r"kv_events: cannot bind tcp://127\.0\.0\.1:\d+"):
+        daemon_factory(*SMALL_DRAM, *event_args(pub))

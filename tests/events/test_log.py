@@ -10,7 +10,7 @@ import pytest
 
 from kvstore.core.layout import KVLayout
 from kvstore.daemon.config import ConfigError, load_config
-from kvstore.events.log import CLEARED, REMOVED, STORED, EventLog
+from kvstore.events.log import CLEARED, REMOVED, STORED, STORED_ONE, EventLog
 from kvstore.store.table import NO_SLOT, BlockTable
 
 L = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, block_tokens=32)
@@ -25,15 +25,22 @@ def _key(i: int) -> bytes:
 
 
 def _changes(log: EventLog) -> list[tuple]:
-    """(kind, medium, [key ints], [parent key int or None]) of every record taken."""
+    """(kind, medium, [key ints], [parent key int or None]) of every record taken; one block's
+    records (tuples) read as one-block records."""
+    def num(b):
+        return int.from_bytes(b, "little")
     out = []
     for r in log.take(1000):
-        keys = [int.from_bytes(k.tobytes(), "little") for k in (r.keys if r.keys is not None
-                                                               else [])]
+        if type(r) is tuple:
+            kind, medium, _ns, key, parent = r
+            kind = STORED if kind == STORED_ONE else REMOVED
+            out.append((kind, medium, [num(key)],
+                        [None if parent is None else num(parent)] if kind == STORED else None))
+            continue
+        keys = [num(k.tobytes()) for k in (r.keys if r.keys is not None else [])]
         parents = None
         if r.kind == STORED:
-            parents = [int.from_bytes(p.tobytes(), "little") if h else None
-                       for p, h in zip(r.parents, r.has_parent)]
+            parents = [num(p.tobytes()) if h else None for p, h in zip(r.parents, r.has_parent)]
         out.append((r.kind, r.medium, keys, parents))
     return out
 
