@@ -135,6 +135,8 @@ class Stats:
     prefetch_cancelled: int = 0
     prefetch_bytes_promoted: int = 0
     lookup_latency: Latency = field(default_factory=Latency, metadata=_BUILT)  # gRPC Lookup calls
+    kv_events_published: int = 0      # KV events sent to routers (block tier changes)
+    kv_events_dropped: int = 0        # KV events dropped: the publisher fell behind (a gap)
     proto: pb.Stats = field(default_factory=pb.Stats, repr=False, compare=False,
                             metadata=_BUILT)
 

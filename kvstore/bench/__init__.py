@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "kvstore.bench.scale",      # lookup/get cost at 10k, 1M, 10M indexed blocks
     "cluster": "kvstore.bench.cluster",  # cluster tier: host B reads host A's blocks vs raw client
     "control": "kvstore.bench.control",  # same-host lookups: shared-memory index vs gRPC
+    "trace": "kvstore.bench.trace",      # a production trace replayed: hit ratio vs ideal caches
 }
 
 

@@ -171,6 +171,16 @@ FIELDS: list[Field] = [
     Field("remote_local_host", _str, "", "Mooncake: address this host advertises to peers "
           "(default: the one that reaches the master)"),
     # -- operations: statistics, lifecycle, access control, limits ---------------------------
+    Field("kv_events_endpoint", _str, "", "publish every tier change as vLLM KV events on a "
+          "ZMQ PUB socket bound here, e.g. tcp://127.0.0.1:5557 (off when empty)"),
+    Field("kv_events_replay_endpoint", _str, "", "ZMQ ROUTER bound here answers replay (from a "
+          "sequence number) and snapshot requests (off when empty)"),
+    Field("kv_events_topic", _str, "", "topic frame of every published batch"),
+    Field("kv_events_tenants", _names, (), "publish only blocks of these tenants' namespaces "
+          "(empty: every tenant)", lambda v: ",".join(v) or "all"),
+    Field("kv_events_buffer_batches", _pos_int, 10_000, "batches kept for replay"),
+    Field("kv_events_queue", _pos_int, 65_536, "tier changes waiting for the publisher thread; "
+          "past that they are dropped, counted (kv_events_dropped) and seen as a sequence gap"),
     Field("metrics_port", _port, 0, "serve /metrics (Prometheus) and the dashboard on this "
           "port (0: off)"),
     Field("metrics_host", _str, "127.0.0.1", "address the metrics port binds"),
@@ -291,6 +301,12 @@ class Config:
     remote_buffer_bytes: int
     remote_replicas: int
     remote_local_host: str
+    kv_events_endpoint: str
+    kv_events_replay_endpoint: str
+    kv_events_topic: str
+    kv_events_tenants: tuple[str, ...]
+    kv_events_buffer_batches: int
+    kv_events_queue: int
     metrics_port: int
     metrics_host: str
     metrics_history_s: int
@@ -354,6 +370,13 @@ class Config:
         if self.socket_requires_token and not (self.tokens_file or self.auth_token):
             raise ConfigError("socket_requires_token: no tokens configured (tokens_file or "
                               "auth_token)")
+        for key in ("kv_events_endpoint", "kv_events_replay_endpoint"):
+            value = getattr(self, key)
+            if value and not value.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"{key}: expected tcp://HOST:PORT or ipc://PATH, got {value!r}")
+        if self.kv_events_replay_endpoint and not self.kv_events_endpoint:
+            raise ConfigError("kv_events_replay_endpoint: needs kv_events_endpoint (the replay "
+                              "socket serves the stream published there)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file/tls_key_file: set both or neither")
         if self.tls_cert_file and not self.listen:

@@ -148,6 +148,7 @@ class Daemon:
         self._started = False                  # serving: stop() then logs the shutdown
         self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
         self.remote = None     # kvstore.tiers.remote.RemoteTier when --remote is set
+        self.events = None     # kvstore.events.publisher.EventPublisher when kv_events_endpoint
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -185,8 +186,12 @@ class Daemon:
             log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
         # The composition root: each part gets its collaborators through its constructor.
         copies = TierSet()    # every tier a block's copy can be in: the table frees through it
+        events = open_event_log(cfg) if cfg.kv_events_endpoint else None
         table = BlockTable(mirror=self.snapshot, on_free=copies.forget,
-                           generations=self.generations)
+                           generations=self.generations, events=events)
+        if events is not None:     # first, so AllBlocksCleared precedes every stored block
+            self.events = start_publisher(cfg, events, table.snapshot,
+                                          asyncio.get_running_loop())
         evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
         dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
         copies.add(dram)
@@ -215,7 +220,7 @@ class Daemon:
             ("grpc.so_reuseport", 0),
         ]
         self.metrics = Metrics(self.store, base=functools.partial(
-            stats_message, self.store, self.prefetcher, self.remote),
+            stats_message, self.store, self.prefetcher, self.remote, self.events),
             history_samples=max(1, round(cfg.metrics_history_s / METRICS_SAMPLE_S)))
         self.access = AccessPolicy(
             self.store, self.metrics, tokens,
@@ -401,6 +406,9 @@ class Daemon:
         if self.hbm is not None:
             self.hbm.close()
             self.hbm = None
+        if self.events is not None:
+            self.events.stop()     # after the tiers: their last changes are published
+            self.events = None
         if getattr(self, "preparer", None) is not None:
             self.preparer.stop()     # before the mapping goes: it madvises into it
         if self.arena is not None:
@@ -423,6 +431,40 @@ class Daemon:
                 path.unlink()
             else:
                 log.warning("%s is no longer the socket this daemon bound: leaving it", path)
+
+
+def open_event_log(cfg: Config):
+    """The event log the block table reports tier changes to; ConfigError without the
+    ``events`` extra (pyzmq, msgspec)."""
+    try:
+        import msgspec  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"kv_events_endpoint: publishing KV events needs pyzmq and msgspec "
+                          f"({exc.name} is missing): pip install 'kvstore[events]'") from None
+    from kvstore.events.log import EventLog
+    return EventLog(cfg.kv_events_queue, cfg.kv_events_tenants)
+
+
+def start_publisher(cfg: Config, events, snapshot, loop):
+    """Bind the KV-event sockets and start the publisher thread; DaemonError if a socket
+    cannot be bound."""
+    import zmq
+    from kvstore.events.publisher import EventPublisher
+    pub = EventPublisher(events, cfg.kv_events_endpoint, cfg.kv_events_replay_endpoint,
+                         topic=cfg.kv_events_topic, buffer_batches=cfg.kv_events_buffer_batches,
+                         snapshot=snapshot)
+    try:
+        pub.start(loop)
+    except zmq.ZMQError as exc:
+        where = " / ".join(e for e in (cfg.kv_events_endpoint, cfg.kv_events_replay_endpoint)
+                           if e)
+        raise DaemonError(f"kv_events: cannot bind {where} ({exc})") from None
+    log.info("KV events: publishing on %s%s%s", cfg.kv_events_endpoint,
+             f", replay and snapshots on {cfg.kv_events_replay_endpoint}"
+             if cfg.kv_events_replay_endpoint else "",
+             f" (tenants {', '.join(cfg.kv_events_tenants)})" if cfg.kv_events_tenants else "")
+    return pub
 
 
 def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):

@@ -304,7 +304,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             dram_read_bps=bw["DRAM"], ssd_read_bps=bw["SSD"], remote_read_bps=bw["REMOTE"])
 
 
-def stats_message(store: BlockStore, prefetcher=None, remote=None) -> pb.Stats:
+def stats_message(store: BlockStore, prefetcher=None, remote=None, events=None) -> pb.Stats:
     """The counters-only Stats message: one row per tier (kvstore.tiers.base.Tier.stats_row,
     fastest first, then the cluster tier), namespaces, sessions, prefetch outcomes."""
     tiers = [t.stats_row() for t in store.tiers()]
@@ -325,4 +325,6 @@ def stats_message(store: BlockStore, prefetcher=None, remote=None) -> pb.Stats:
         st.prefetch_issued, st.prefetch_cancelled = c.issued, c.cancelled
         st.prefetch_on_time, st.prefetch_late, st.prefetch_wasted = c.on_time, c.late, c.wasted
         st.prefetch_bytes_promoted, st.prefetch_pending = c.bytes_promoted, pf.pending
+    if events is not None:
+        st.kv_events_published, st.kv_events_dropped = events.published(), events.dropped()
     return st

@@ -47,6 +47,8 @@ _DAEMON_COUNTERS = [
     ("recompute_fallback_blocks", "Blocks clients recomputed instead of loading (reported)"),
     ("requests_throttled", "Calls refused with RESOURCE_EXHAUSTED for a client over its limits"),
     ("auth_failures", "Calls refused for a missing or invalid token"),
+    ("kv_events_published", "KV events published to routers (block tier changes)"),
+    ("kv_events_dropped", "KV events dropped because the publisher fell behind (a sequence gap)"),
 ]
 
 

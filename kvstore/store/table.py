@@ -29,6 +29,13 @@ as of the mirror write, which lets same-host clients read it without a lease. Bo
 called only once the slot holds the block's whole bytes (commit after the writer's copy, a
 promotion after its read and checksum), so a published (offset, generation) always names a
 complete block; the generation changes only when the slot gets a new owner.
+
+Tier changes of visible blocks are reported to an optional kvstore.events.log.EventLog (given at
+construction), from the same methods: a block becomes readable in DRAM (publish, set_dram) or on
+SSD (publish, set_ssd, restore_many), or stops being readable there (set_dram(NO_SLOT),
+clear_ssd, unlink of a COMMITTED block: every tier it was in). Only COMMITTED blocks are
+reported, each change once: a block being freed reports its removal when it is unlinked, not
+again when its tiers forget it.
 """
 from __future__ import annotations
 
@@ -37,6 +44,8 @@ import struct
 import numpy as np
 
 from kvstore.core.shmindex import DRAM, NO_OFFSET, SSD, ns_tag
+from kvstore.events.log import STORED, Record
+from kvstore.events.media import MEDIUM_CPU, MEDIUM_STORAGE
 from kvstore.tiers.base import COMMITTED, DELETED, FREE, NO_SLOT, WRITING
 
 __all__ = ["BlockTable", "COMMITTED", "DELETED", "FREE", "NO_SLOT", "WRITING", "keys_array"]
@@ -73,14 +82,17 @@ _REBUILD_BATCH = 4096     # publishing more blocks at once rewrites the mirror (
 
 class BlockTable:
     def __init__(self, initial_capacity: int = 1024, mirror=None, on_free=None,
-                 generations=None):
-        """``on_free(bid)``: frees the block's copies in every tier when it is freed (None: no
+                 generations=None, events=None):
+        """``events``: a kvstore.events.log.EventLog told of every tier change (None: none).
+        ``on_free(bid)``: frees the block's copies in every tier when it is freed (None: no
         tier keeps per-block state, as in a bare table). ``generations``: the arena's
         kvstore.core.slotgen.SlotGenerations (read only here), so the mirror publishes DRAM
         slots for lease-free reads (None: it publishes tiers only)."""
         self._mirror = mirror          # kvstore.core.shmindex.ShmIndex or None
         self._generations = generations
         self._on_free = on_free
+        self._events = events
+        self._freeing = -1            # the block whose tiers are forgetting it (free)
         self._namespaces: list = []    # namespace objects by index (kvstore.store.Namespace)
         self._ns_tags: list[int] = []  # mirror tag of each namespace index
         self._cap = 0
@@ -164,6 +176,8 @@ class BlockTable:
         if ns.index != len(self._namespaces):
             raise ValueError(f"namespace index {ns.index}, expected {len(self._namespaces)}")
         self._namespaces.append(ns)
+        if self._events is not None:
+            self._events.on_namespace(ns)
         if self._mirror is not None:
             self._ns_tags.append(ns_tag(ns.namespace_id))
 
@@ -196,6 +210,8 @@ class BlockTable:
         """Make WRITING blocks COMMITTED (visible to lookups)."""
         bids = np.asarray(bids, dtype=np.int64)
         self.state[bids] = COMMITTED
+        if self._events is not None and len(bids):
+            self._report_stored(bids)
         m = self._mirror
         if m is None or not len(bids):
             return
@@ -207,18 +223,27 @@ class BlockTable:
 
     def set_dram(self, bid: int, offset: int) -> None:
         """Set (or clear, NO_SLOT) a block's DRAM slot: a promotion or a demotion."""
+        if self._events is not None and self.state[bid] == COMMITTED and bid != self._freeing \
+                and (offset == NO_SLOT) != (self.dram[bid] == NO_SLOT):
+            self._report(offset != NO_SLOT, MEDIUM_CPU, bid)
         self.dram[bid] = offset
         if self._mirror is not None and self.state[bid] == COMMITTED:
             self._mirror_put(bid)
 
     def set_ssd(self, bid: int, addr: int, csum: int) -> None:
         """A block's bytes are now on SSD at ``addr`` with this checksum."""
+        if self._events is not None and self.state[bid] == COMMITTED \
+                and self.ssd[bid] == NO_SLOT:
+            self._report(True, MEDIUM_STORAGE, bid)
         self.ssd[bid] = addr
         self.csum[bid] = csum
 
     def clear_ssd(self, bid: int) -> int:
         """Forget a block's SSD copy; returns the address it had (NO_SLOT if none)."""
         addr = int(self.ssd[bid])
+        if self._events is not None and addr != NO_SLOT and self.state[bid] == COMMITTED \
+                and bid != self._freeing:
+            self._report(False, MEDIUM_STORAGE, bid)
         self.ssd[bid] = NO_SLOT
         return addr
 
@@ -280,7 +305,11 @@ class BlockTable:
         if self.state[bid] != DELETED:
             self.unlink(bid)
         if self._on_free is not None:
-            self._on_free(bid)
+            self._freeing = bid       # its removal was reported when it was unlinked
+            try:
+                self._on_free(bid)
+            finally:
+                self._freeing = -1
         self.release_id(bid)
 
     def drop_writing(self, bid: int) -> int:
@@ -290,6 +319,55 @@ class BlockTable:
         self.unlink(bid)
         self.release_id(bid)
         return off
+
+    # -- events ---------------------------------------------------------------------------------
+    def _report(self, stored: bool, medium: str, bid: int) -> None:
+        """One block's change in one tier, with its key (and parent key) copied now. Scalar
+        code: this runs once per block on the put, demotion and eviction paths."""
+        ns = int(self.ns[bid])
+        key = self.keys[bid].tobytes()
+        if not stored:
+            self._events.removed_one(medium, ns, key)
+            return
+        p = int(self.parent[bid])
+        parent = self.keys[p].tobytes() if p >= 0 and self.state[p] != FREE \
+            and int(self.ns[p]) == ns else None
+        self._events.stored_one(medium, ns, key, parent)
+
+    def _report_stored(self, bids: np.ndarray, dram: bool = True) -> None:
+        """Newly visible blocks: stored in each tier that holds them."""
+        if dram:
+            in_dram = bids[self.dram[bids] != NO_SLOT]
+            if len(in_dram):
+                self._report_stored_in(MEDIUM_CPU, in_dram)
+        on_ssd = bids[self.ssd[bids] != NO_SLOT]
+        if len(on_ssd):
+            self._report_stored_in(MEDIUM_STORAGE, on_ssd)
+
+    def _report_stored_in(self, medium: str, bids: np.ndarray) -> None:
+        ns = self.ns[bids]
+        parent = self.parent[bids].astype(np.int64)
+        has = parent >= 0
+        p = np.where(has, parent, 0)
+        has &= (self.state[p] != FREE) & (self.ns[p] == ns)
+        self._events.stored(medium, ns, self.keys[bids], self.keys[p], has)
+
+    def snapshot(self) -> tuple:
+        """Every visible block as stored records per tier (DRAM, then SSD), parents before
+        children (by chain depth): what a router needs to rebuild its index."""
+        linked = self._table[self._table >= 0].astype(np.int64)
+        bids = linked[self.state[linked] == COMMITTED]
+        bids = bids[np.argsort(self.depth[bids], kind="stable")]
+        out = []
+        for medium, col in ((MEDIUM_CPU, self.dram), (MEDIUM_STORAGE, self.ssd)):
+            b = bids[col[bids] != NO_SLOT]
+            ns = self.ns[b]
+            parent = self.parent[b].astype(np.int64)
+            has = parent >= 0
+            p = np.where(has, parent, 0)
+            has &= (self.state[p] != FREE) & (self.ns[p] == ns)
+            out.append(Record(STORED, medium, ns, self.keys[b], self.keys[p], has))
+        return tuple(out)
 
     def _mirror_put(self, bid: int) -> None:
         """Publish the block as it is now: call only when its DRAM slot (if any) holds its
@@ -404,6 +482,8 @@ class BlockTable:
         has = (parents >= 0) & parent_keys.any(axis=1)
         self.parent[bids[has]] = parents[has]
         np.add.at(self.children, parents[has], 1)
+        if self._events is not None and len(bids):
+            self._report_stored(bids, dram=False)
         return bids
 
     def reserve(self, n: int) -> None:
@@ -463,6 +543,11 @@ class BlockTable:
                 self._table[pos] = _TOMB
                 ns = int(self.ns[bid])
                 self._ns_count[ns] -= 1
+                if self._events is not None and self.state[bid] == COMMITTED:
+                    if self.dram[bid] != NO_SLOT:
+                        self._report(False, MEDIUM_CPU, bid)
+                    if self.ssd[bid] != NO_SLOT:
+                        self._report(False, MEDIUM_STORAGE, bid)
                 if self._mirror is not None and self.state[bid] == COMMITTED:
                     self._mirror.remove(self._ns_tags[ns], int(self.keys[bid, 0]),
                                         int(self.keys[bid, 1]))
