@@ -5,5 +5,5 @@ the media names, the frames); ``log`` records tier changes on the daemon's event
 block table calls it); ``publisher`` owns the ZMQ sockets and the thread that encodes, sends,
 keeps the replay buffer and answers replay and snapshot requests; ``subscriber`` is the router
 side (live stream, gap detection, replay, snapshot); ``dynamo`` feeds NVIDIA Dynamo's
-``RadixTree`` from one or more daemons. See docs/notes/events.md.
+``RadixTree`` from one or more daemons. See docs/routing.md.
 """

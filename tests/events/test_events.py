@@ -196,7 +196,7 @@ def test_stalled_subscriber_blocks_nothing_and_drops_are_counted(daemon_factory)
 
 
 def test_the_subscriber_example_of_the_docs_runs(daemon_factory, tmp_path):
-    """docs/notes/events.md's first example, on free ports and for 2 polls instead of 10."""
+    """docs/routing.md's first example, on free ports and for 2 polls instead of 10."""
     import re
     import subprocess
     import sys
@@ -206,7 +206,7 @@ def test_the_subscriber_example_of_the_docs_runs(daemon_factory, tmp_path):
 
     pub, replay = endpoints()
     d = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "8MiB", *event_args(pub, replay))
-    text = (REPO / "docs" / "notes" / "events.md").read_text()
+    text = (REPO / "docs" / "routing.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     code = (code.replace("tcp://127.0.0.1:5557", pub).replace("tcp://127.0.0.1:5558", replay)
             .replace("range(10)", "range(2)"))
