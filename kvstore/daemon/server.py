@@ -48,7 +48,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
-from kvstore.core import shmindex
+from kvstore.core import lockfile, shmindex
 from kvstore.core import slotgen
 from kvstore.access.interceptor import AccessPolicy, Limits
 from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer
@@ -118,11 +118,32 @@ def socket_answers(path: str | Path) -> bool:
     return True
 
 
-def _prepare_socket(path: Path) -> None:
+def lock_path(sock: Path) -> Path:
+    """The lock file beside a socket: held (flock) by the daemon serving that socket."""
+    return sock.with_name(sock.name + ".lock")
+
+
+def _prepare_socket(path: Path) -> int:
+    """Lock the socket's lock file, then clear a stale socket; returns the lock descriptor.
+    The lock covers both the liveness probe and the rename of the bound socket into place:
+    without it two daemons started together both find the path free and one is orphaned."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = lockfile.take(lock_path(path))
+    except lockfile.LockHeld as exc:
+        raise DaemonError(f"another daemon is listening on {path} (pid {exc.pid} holds "
+                          f"{exc.path}); stop it or set --socket to another path") from None
     except OSError as exc:
         raise _unusable_path("socket", path, exc, "path in a writable directory") from None
+    try:
+        _clear_stale_socket(path)
+    except BaseException:
+        lockfile.release(lock_fd, lock_path(path))
+        raise
+    return lock_fd
+
+
+def _clear_stale_socket(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"socket {path}: exists and is not a socket; refusing to replace "
@@ -148,6 +169,7 @@ class Daemon:
         self._started = False                  # serving: stop() then logs the shutdown
         self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
         self.remote = None     # kvstore.tiers.remote.RemoteTier when --remote is set
+        self._lock_fd: int | None = None   # flock on the socket's lock file (take_lock)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -155,7 +177,7 @@ class Daemon:
         sock_mode, sock_gid = socket_mode(cfg.socket_group)
         tokens = TokenTable.from_config(cfg.tokens_file, cfg.auth_token, cfg.arena_tenants)
         tls = tls_credentials(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
-        _prepare_socket(sock)
+        self._lock_fd = _prepare_socket(sock)
         for p in remove_orphans(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed %s, left by a daemon that is gone", p)
         # Serve at once: the arena's memory is reserved and populated in the background, and
@@ -411,8 +433,16 @@ class Daemon:
         if self.snapshot is not None:
             self.snapshot.close()     # sets its closed flag first: mapped clients fall back
         self._remove_own_socket()
+        self._release_lock()
         if self._started:
             log.info("stopped")
+
+    def _release_lock(self) -> None:
+        """Unlink the socket's lock file and release it (kvstore.core.lockfile)."""
+        if self._lock_fd is None:
+            return
+        lockfile.release(self._lock_fd, lock_path(Path(self.cfg.socket)))
+        self._lock_fd = None
 
     def _remove_own_socket(self) -> None:
         """Unlink the socket only if the file there is still the one this daemon bound."""

@@ -42,7 +42,6 @@ I/O contract:
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import mmap
@@ -57,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from kvstore.core import lockfile
 from kvstore.core.directio import direct_io_works
 
 log = logging.getLogger("kvstore.ssd")
@@ -245,13 +245,12 @@ class SlabFiles:
         Raises SSDFormatError for a directory of another format or segment size, OSError when
         the files cannot be created (no space for the preallocation, no permission)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon") from None
+            self._lock_fd = lockfile.take(self.directory / "lock")
+        except lockfile.LockHeld as exc:
+            raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon (pid "
+                                 f"{exc.pid}); stop it or set --ssd-dir to another "
+                                 "directory") from None
         try:
             self._open_locked()
         except BaseException:
