@@ -420,6 +420,8 @@ class Daemon:
                 await self.ssd.close()
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
+            if not self._started:     # a failed start removes the SSD files it created
+                self.ssd.ssd.discard_created()
             self.ssd = None
         if self.hbm is not None:
             self.hbm.close()
@@ -462,7 +464,7 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     message."""
     from kvstore.policies.write import write_policy
     from kvstore.tiers.ssd.catalog import SSDCatalog
-    from kvstore.tiers.ssd.files import SSDFormatError, SlabFiles
+    from kvstore.tiers.ssd.files import SSDFormatError, SSDSpaceError, SlabFiles
     from kvstore.tiers.ssd.journal import Journal
     from kvstore.tiers.ssd.space import SSDSpace
     from kvstore.tiers.ssd.tier import SSDTier
@@ -480,6 +482,10 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     except SSDFormatError as exc:     # data in the way (another format, another daemon's): 1
         files.close()
         raise DaemonError(f"SSD tier: {exc}") from None
+    except SSDSpaceError as exc:      # the size asked for does not fit there: 2
+        files.close()
+        raise ConfigError(f"ssd_bytes: cannot preallocate {format_bytes(files.capacity_bytes)} "
+                          f"for the SSD tier: {exc.strerror}") from None
     except OSError as exc:
         files.close()
         raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None

@@ -58,6 +58,7 @@ import xxhash
 
 from kvstore.core import lockfile
 from kvstore.core.directio import direct_io_works
+from kvstore.core.units import format_bytes
 
 log = logging.getLogger("kvstore.ssd")
 
@@ -83,6 +84,16 @@ _FAULT_AFTER_ENV = "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER"
 
 class SSDFormatError(RuntimeError):
     """The SSD directory was written by an incompatible format, or is not a kvstore directory."""
+
+
+class SSDSpaceError(OSError):
+    """The filesystem has less free space than the slab files still need (checked before any
+    is preallocated); ``need_bytes`` and ``free_bytes`` say by how much."""
+
+    def __init__(self, message: str, need_bytes: int, free_bytes: int):
+        super().__init__(errno.ENOSPC, message)
+        self.need_bytes = need_bytes
+        self.free_bytes = free_bytes
 
 
 def block_checksum(data, key: bytes) -> int:
@@ -210,6 +221,8 @@ class SlabFiles:
         self._seq_lock = threading.Lock()
         self._tls = threading.local()        # one aligned header buffer per I/O thread
         self.created = False                 # open() made a new directory (nothing to recover)
+        self._made: list[Path] = []          # files this open() created (discard_created)
+        self._made_dirs: list[Path] = []     # directories it created, outermost first
 
     def _set_geometry(self, segment_bytes: int) -> None:
         self.segment_bytes = max(ALIGN, segment_bytes)
@@ -244,10 +257,16 @@ class SlabFiles:
 
         Raises SSDFormatError for a directory of another format or segment size, OSError when
         the files cannot be created (no space for the preallocation, no permission)."""
+        missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._made_dirs = missing[::-1]
+        if not (self.directory / "lock").exists():
+            self._made.append(self.directory / "lock")
         try:
             self._lock_fd = lockfile.take(self.directory / "lock")
         except lockfile.LockHeld as exc:
+            self._made = []        # the holder's lock file, not ours
+            self._made_dirs = []
             raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon (pid "
                                  f"{exc.pid}); stop it or set --ssd-dir to another "
                                  "directory") from None
@@ -255,16 +274,39 @@ class SlabFiles:
             self._open_locked()
         except BaseException:
             self._release_files()
+            self.discard_created()
             raise
+
+    def discard_created(self) -> None:
+        """Remove what open() created — slab files, superblock, lock file, directories — so a
+        start-up that failed leaves nothing a restart could misread (a superblock and slab
+        files without a journal read as a lost journal). Call with the files closed; what
+        existed before open() is left alone."""
+        for p in reversed(self._made):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("SSD tier: cannot remove %s after a failed start: %s", p, exc)
+        for d in reversed(self._made_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                break        # something else was put there meanwhile: leave it
+        self._made, self._made_dirs = [], []
 
     def _open_locked(self) -> None:
         self._check_superblock()
+        self._check_free_space()
         _raise_fd_limit(self.n_segments + 1024)
         flags = os.O_RDWR | os.O_CREAT
         direct_flag = getattr(os, "O_DIRECT", 0)
         for n in range(self.n_segments):
             path = self.directory / f"seg-{n:05d}.slab"
             fd = None
+            if not path.exists():
+                self._made.append(path)
             if self.want_direct and direct_flag:
                 try:
                     fd = os.open(path, flags | direct_flag, 0o600)
@@ -292,6 +334,37 @@ class SlabFiles:
             log.warning("SSD tier: %s refuses O_DIRECT (tmpfs?): using buffered I/O",
                         self.directory)
         # Any segment files beyond the configured capacity are left alone but unused.
+
+    def _check_free_space(self) -> None:
+        """Refuse up front when the filesystem cannot hold the slab files still to be
+        preallocated (SSDSpaceError): filling the disk one segment at a time until ENOSPC
+        would starve everything else on it."""
+        need = 0
+        for n in range(self.n_segments):
+            try:
+                st = os.stat(self.directory / f"seg-{n:05d}.slab")
+                have = min(st.st_size, st.st_blocks * 512)
+            except FileNotFoundError:
+                have = 0
+            need += max(0, self.segment_bytes - have)
+        vfs = os.statvfs(self.directory)
+        free = vfs.f_bavail * vfs.f_frsize
+        if need > free:
+            fits = (free + self._allocated_bytes()) // self.segment_bytes * self.segment_bytes
+            raise SSDSpaceError(
+                f"{self.directory} has {format_bytes(free)} free, and {format_bytes(self.capacity_bytes)} of "
+                f"slab files need {format_bytes(need)} more; lower --ssd-bytes (at most about "
+                f"{format_bytes(fits)} fits there) or free disk space", need, free)
+
+    def _allocated_bytes(self) -> int:
+        total = 0
+        for n in range(self.n_segments):
+            try:
+                st = os.stat(self.directory / f"seg-{n:05d}.slab")
+            except FileNotFoundError:
+                continue
+            total += min(st.st_size, st.st_blocks * 512, self.segment_bytes)
+        return total
 
     def _check_superblock(self) -> None:
         sb = self.directory / "superblock"
@@ -329,6 +402,7 @@ class SlabFiles:
             raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
                                  "refusing to guess its format")
         tmp = sb.with_suffix(".tmp")
+        self._made.append(sb)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, _MAGIC + json.dumps(want).encode())

@@ -1,0 +1,101 @@
+"""The SSD tier at the edges of its start-up, through real daemon processes and real
+filesystems: an --ssd-bytes larger than the free disk is refused before anything is
+preallocated, a failed start removes what it created, and a restart never misreads what a
+failed start left."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvstore.client import KVClient
+from support.ssd import LAYOUT, get_exact, put_chain, ssd_args, ssd_stats, tier
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 24 MiB tmpfs of our own (never the shared disk): a disk too small for the test."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _serve(tmp_path, shm_dir, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvstore", "serve", "--socket",
+                           str(tmp_path / "refused.sock"), "--shm-dir", str(shm_dir), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ssd_bytes_larger_than_the_free_disk_is_refused_up_front(small_fs, tmp_path, shm_dir,
+                                                                 daemon_factory):
+    free_before = _free(small_fs)
+    r = _serve(tmp_path, shm_dir, *ssd_args(small_fs / "ssd", "64MiB"))
+    assert r.returncode == 2, r.stderr
+    assert "ssd_bytes" in r.stderr and "free" in r.stderr and "lower --ssd-bytes" in r.stderr
+    # Nothing was preallocated and nothing is left behind: not the slab files, not the
+    # superblock, not the directory this start created.
+    assert _free(small_fs) == free_before
+    assert list(small_fs.iterdir()) == []
+    # A restart with a size that fits starts clean: no journal is reported missing.
+    d = daemon_factory(*ssd_args(small_fs / "ssd", "16MiB"))
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        keys, data = put_chain(ns, 1, 8)
+        assert get_exact(ns, keys, data) == 8
+        assert tier(ssd_stats(c), "SSD").capacity_bytes == 16 << 20
+    assert d.stop() == 0
+    assert "journal" not in d.log(), d.log()
+
+
+def test_a_start_that_fails_after_opening_the_ssd_tier_removes_what_it_created(
+        tmp_path, shm_dir, daemon_factory):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        r = _serve(tmp_path, shm_dir, *ssd_args(tmp_path / "fresh" / "ssd", "16MiB"),
+                   "--metrics-port", str(port))
+    finally:
+        busy.close()
+    assert r.returncode == 1, r.stderr
+    assert "metrics_port" in r.stderr
+    assert not (tmp_path / "fresh").exists()
+    # An existing directory keeps everything it had when a later start fails.
+    ssd_dir = tmp_path / "kept"
+    d = daemon_factory(*ssd_args(ssd_dir, "16MiB"))
+    with KVClient(d.socket) as c:
+        keys, data = put_chain(c.namespace("m", LAYOUT), 2, 8)
+    assert d.stop() == 0
+    before = sorted(p.name for p in ssd_dir.iterdir())
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        r = _serve(tmp_path, shm_dir, *ssd_args(ssd_dir, "16MiB"),
+                   "--metrics-port", str(busy.getsockname()[1]))
+    finally:
+        busy.close()
+    assert r.returncode == 1, r.stderr
+    assert sorted(p.name for p in ssd_dir.iterdir()) == before
+    d = daemon_factory(*ssd_args(ssd_dir, "16MiB"), workdir=tmp_path / "again")
+    with KVClient(d.socket) as c:
+        assert get_exact(c.namespace("m", LAYOUT), keys, data) == 8
+    assert "journal" not in d.log().replace("journal records", ""), d.log()
