@@ -59,13 +59,20 @@ class SSDCatalog:
         self._sync_task: asyncio.Task | None = None
         self._closed = False
         self._register_fn = None   # recover()'s namespace registration
-        self.loading = False       # a recovery is applying the journal (nothing journaled)
+        self.loading = False       # a recovery is applying the journal
+        # While loading: the journal as found is open for appending the puts written meanwhile
+        # (open_load_writes); off again before the compaction that ends the load.
+        self.load_writes = False
+        self._next_ord = 0         # ordinal the next NS record appended while loading takes
         self._freed_while_compacting: list[int] | None = None   # see compact_in_steps
         self.live = 0     # SSD slots holding a block (deleted-but-pinned ones too)
 
     # -- journaling what changed -----------------------------------------------------------------
     def log_puts(self, bids: list[int]) -> None:
-        """Blocks now on SSD (their ``ssd`` and ``csum`` set in the table): one PUTS frame."""
+        """Blocks now on SSD (their ``ssd`` and ``csum`` set in the table): one PUTS frame.
+        While loading, behind an NS record for each namespace the journal as found lacks."""
+        if self.loading:
+            self._journal_new_namespaces()
         self.live += len(bids)
         self.journal.append(jr.encode_puts(self._put_entries(np.asarray(bids))))
 
@@ -84,6 +91,21 @@ class SSDCatalog:
             return
         self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
         self.schedule_sync()
+
+    def open_load_writes(self) -> None:
+        """While loading, after begin_restore: open the journal as found for appending, so a
+        block written during the load is durable when its commit answers. Its records name
+        namespaces by the file's own ordinals (those begin_restore took from it; others get
+        NS records as their blocks are journaled). Raises OSError."""
+        self.journal.open_append(header=self.ssd.created)
+        self.load_writes = True
+
+    def _journal_new_namespaces(self) -> None:
+        for ns in self.table.namespaces():
+            if ns.namespace_id not in self._ns_ord:
+                self._ns_ord[ns.namespace_id] = self._next_ord
+                self._next_ord += 1
+                self.journal.append(jr.encode_ns(self._ns_record(ns)))
 
     # -- namespaces ----------------------------------------------------------------------------
     def on_namespace(self, ns) -> None:
@@ -125,8 +147,9 @@ class SSDCatalog:
     #   order_restore()     off the loop: newest entry per key, sorted (namespace, depth) so
     #                       parents land before their children; pure numpy
     #   restore_batch()     on the loop, a bounded batch at a time; then finish_restore()
-    # While ``loading`` nothing is journaled (no SSD writes happen; deletes are covered by the
-    # compaction that ends the load, which writes only what the table then holds).
+    # While ``loading`` only the blocks written meanwhile are journaled, appended to the file as
+    # found (open_load_writes: a write-through commit is durable when it answers); deletes are
+    # covered by the compaction that ends the load, which writes only what the table holds.
     def recover(self, register) -> int:
         """Rebuild namespaces and SSD blocks from the journal — and, when the journal is
         missing, empty or damaged in an existing directory, from the slab files' slot headers
@@ -168,6 +191,11 @@ class SSDCatalog:
         self.loading = True
         self._register_fn = register
         by_ns = [self._register(rec, "journal") for rec in st.namespaces]
+        # The file's ordinals, for what is appended to it while loading (open_load_writes).
+        self._ns_ord = {}
+        for i, rec in enumerate(st.namespaces):
+            self._ns_ord.setdefault(rec.namespace_id, i)
+        self._next_ord = len(st.namespaces)
         for seg, slot_bytes in st.segments.items():
             if not ssd.assign_segment(seg, slot_bytes):
                 log.warning("journal: segment %d is outside the configured capacity or was "
@@ -308,6 +336,7 @@ class SSDCatalog:
         finally:
             self._freed_while_compacting = None
         self.loading = False
+        self.load_writes = False
         done = self.journal.start_rewrite(records)
         for addr in freed:
             self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
@@ -417,8 +446,8 @@ class SSDCatalog:
     def maybe_compact(self) -> None:
         """While running: compact in the background once dead records outnumber live ones."""
         j = self.journal
-        if not self._closed and j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS and \
-                not j.busy():
+        if not self._closed and not self.loading and \
+                j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS and not j.busy():
             j.start_rewrite(self._snapshot())
 
     def _put_entries(self, bids: np.ndarray) -> np.ndarray:

@@ -76,6 +76,7 @@ _SLOT_HDR = struct.Struct("<8sQHHIQ16sQQQ")
 _SEG_HDR = struct.Struct("<8sQHxxxxxxQQQ")
 MAX_TAG_BYTES = HEADER_BYTES - _SLOT_HDR.size
 SLOT_BITS = 32
+RESERVED = -2        # Segment.owner of a slot the loading index will restore (reserve_slots)
 # Test hook (fault injection at the OS boundary): after N successful slot writes, every write
 # fails with this errno. Both must be set; unset in production.
 _FAULT_ERRNO_ENV = "KVSTORE_TEST_SSD_WRITE_ERRNO"
@@ -480,10 +481,24 @@ class SlabFiles:
         return None
 
     def rebuild_free_lists(self) -> None:
-        """After recovery set owners directly: free slots are those without one (lowest first)."""
+        """After recovery set owners directly: free slots are those without one (lowest first);
+        slots reserved for the load (reserve_slots) and never restored become free."""
         for seg in self.segments:
             if seg.slot_bytes:
+                seg.owner[seg.owner < 0] = -1
                 seg.free = np.flatnonzero(seg.owner < 0)[::-1].tolist()
+
+    def reserve_slots(self, addrs: np.ndarray) -> None:
+        """While the index loads: keep these slots (the ones it will restore) off the free
+        lists, so a block written meanwhile never lands in a slot a journaled block still
+        claims. rebuild_free_lists ends the reservation."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        seg_no = addrs >> SLOT_BITS
+        for n in np.unique(seg_no).tolist():
+            self.segments[n].owner[addrs[seg_no == n] & ((1 << SLOT_BITS) - 1)] = RESERVED
+        for seg in self.segments:
+            if seg.slot_bytes:
+                seg.free = np.flatnonzero(seg.owner == -1)[::-1].tolist()
 
     def set_owner(self, addr: int, block_id: int) -> None:
         self.segments[addr >> SLOT_BITS].owner[addr & ((1 << SLOT_BITS) - 1)] = block_id
