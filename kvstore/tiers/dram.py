@@ -259,6 +259,20 @@ class DRAMTier:
     def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
         return self.eviction.order(self.table, candidates)
 
+    def planned_victims(self, slot_bytes: int, n_needed: int) -> np.ndarray:
+        """The blocks of this size class make_room would evict first to free ``n_needed``
+        slots now (free slots and free chunks count first), without evicting anything. It does
+        not foresee evictions from other size classes (make_room's last resort)."""
+        chunk_slots = self.slabs.chunk_bytes // slot_bytes if slot_bytes <= \
+            self.slabs.chunk_bytes else 0
+        cls = self.slabs.classes.get(slot_bytes)
+        free = (len(cls.free) if cls is not None else 0) + \
+            int(self.slabs.chunk_free.sum()) * chunk_slots
+        short = n_needed - free
+        if short <= 0:
+            return np.empty(0, dtype=np.int64)
+        return self.eviction_order(self.evictable(slot_bytes))[:short]
+
     def headroom(self):
         """(slot bytes, slots free or growable now, evictable block ids) per size class: what
         the write-back cleaner keeps clean ahead of eviction."""

@@ -99,3 +99,58 @@ def test_a_start_that_fails_after_opening_the_ssd_tier_removes_what_it_created(
     with KVClient(d.socket) as c:
         assert get_exact(c.namespace("m", LAYOUT), keys, data) == 8
     assert "journal" not in d.log().replace("journal records", ""), d.log()
+
+
+def _max_lookup_latency_s(sock: str, namespace_id: bytes, keys: bytes, stop) -> list[float]:
+    """Lookup RPCs back to back until ``stop`` is set; their latencies."""
+    import time
+
+    import grpc
+
+    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+    out = []
+    with grpc.insecure_channel(f"unix:{sock}") as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        while not stop.is_set():
+            t0 = time.monotonic()
+            stub.Lookup(pb.LookupRequest(namespace_id=namespace_id, keys=keys), timeout=30)
+            out.append(time.monotonic() - t0)
+            time.sleep(0.002)
+    return out
+
+
+def test_write_back_eviction_does_not_stall_other_clients(daemon_factory, tmp_path):
+    # A put that evicts dirty write-back blocks waits for their SSD writes (40 ms each on this
+    # slowed disk, 4 I/O threads); another client's lookups must not wait with it. With the
+    # writes on the event loop, a lookup waited for the whole batch (about 1 s here). The
+    # bound is generous for a shared machine: undisturbed, the worst lookup takes ~10 ms.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = daemon_factory(*ssd_args(tmp_path / "ssd", "32MiB", "--ssd-write-policy", "write_back"),
+                       env={"KVSTORE_TEST_SSD_WRITE_DELAY_S": "0.04"})
+    with KVClient(d.socket) as writer, KVClient(d.socket) as reader:
+        ns = writer.namespace("m", LAYOUT)
+        chains = [put_chain(ns, seed, 16) for seed in range(16)]     # DRAM full: 256 blocks
+        probe = reader.namespace("m", LAYOUT)
+        from kvstore.core.keys import pack_keys
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            lat = pool.submit(_max_lookup_latency_s, d.socket, probe.namespace_id,
+                              pack_keys(chains[-1][0]), stop)
+            try:
+                more = [put_chain(ns, 100 + seed, 16) for seed in range(8)]   # evicts 128
+            finally:
+                stop.set()
+            latencies = lat.result(timeout=60)
+        assert len(latencies) > 10
+        worst = max(latencies)
+        for keys, data in chains + more:
+            assert get_exact(ns, keys, data) == 16
+        st = ssd_stats(writer)
+        assert tier(st, "SSD").checksum_failures == 0
+        assert tier(st, "DRAM").demotions >= 128
+    print(f"worst lookup during write-back evictions: {worst * 1e3:.1f} ms "
+          f"({len(latencies)} lookups)")
+    assert worst < 0.15, f"a lookup waited {worst * 1e3:.0f} ms behind a write-back eviction"

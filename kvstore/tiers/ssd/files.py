@@ -81,6 +81,8 @@ RESERVED = -2        # Segment.owner of a slot the loading index will restore (r
 # fails with this errno. Both must be set; unset in production.
 _FAULT_ERRNO_ENV = "KVSTORE_TEST_SSD_WRITE_ERRNO"
 _FAULT_AFTER_ENV = "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER"
+# Test hook (a slow disk): every slot write sleeps this many seconds first, in its I/O thread.
+_WRITE_DELAY_ENV = "KVSTORE_TEST_SSD_WRITE_DELAY_S"
 
 
 class SSDFormatError(RuntimeError):
@@ -216,6 +218,7 @@ class SlabFiles:
         self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0
+        self._write_delay_s = float(os.environ.get(_WRITE_DELAY_ENV, "0") or 0)
         self._fault_lock = threading.Lock()
         self._stat_lock = threading.Lock()   # counters are bumped from the I/O threads
         self._seq = 0
@@ -579,6 +582,8 @@ class SlabFiles:
         the checksum of its first ``nbytes``. Raises OSError on failure (ENOSPC, EIO, short
         write)."""
         csum = block_checksum(view[:nbytes], key)
+        if self._write_delay_s:
+            time.sleep(self._write_delay_s)
         if self._fault_errno and self._fault_after >= 0:
             with self._fault_lock:
                 if self._writes_ok >= self._fault_after:

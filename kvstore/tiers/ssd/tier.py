@@ -316,12 +316,18 @@ class SSDTier:
             if self._writable():
                 await self.persist(bids)
 
-    async def _persist_pinned(self, bids: list[int], make_room: bool = True) -> None:
+    async def _persist_pinned(self, bids: list[int], make_room: bool = True,
+                              sync: bool = True) -> None:
+        """Write pinned blocks, journal them and (``sync``) wait for the journal's fsync, else
+        schedule it; unpins."""
         try:
             started, futs = self._start_writes(bids, make_room)
             groups = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
             self._finish_writes(started, self._ungroup(groups, len(started)))
-            await self.journal.sync()
+            if sync:
+                await self.journal.sync()
+            else:
+                self.catalog.schedule_sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
         finally:
@@ -395,6 +401,23 @@ class SSDTier:
             self.ssd.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
             if all(idx.ssd[b] == NO_SLOT for b in todo):
                 return   # nothing could be written (disk full, I/O errors): stop, retry later
+
+    def writes_on_eviction(self) -> bool:
+        """Dirty DRAM victims are written to SSD before they are demoted (write-back), now."""
+        return bool(self.policy.on_eviction) and self._writable()
+
+    async def clean(self, bids: list[int]) -> None:
+        """Write these dirty DRAM blocks to SSD, awaiting the I/O pool (the event loop serves
+        meanwhile): what an eviction about to take them needs (BlockStore.clean_room). The
+        journal is synced in the background, as for write_blocking."""
+        if not self.writes_on_eviction():
+            return
+        bids = self._unwritten(bids)
+        if not bids:
+            return
+        self.ssd.counters.sync_demotions += len(bids)
+        self.table.pin(bids)
+        await asyncio.shield(self._persist_pinned(bids, sync=False))
 
     # -- demotion (called by DRAM eviction) ------------------------------------------------------
     def prepare_demotion(self, victims: list[int]) -> None:
