@@ -154,3 +154,41 @@ def test_write_back_eviction_does_not_stall_other_clients(daemon_factory, tmp_pa
     print(f"worst lookup during write-back evictions: {worst * 1e3:.1f} ms "
           f"({len(latencies)} lookups)")
     assert worst < 0.15, f"a lookup waited {worst * 1e3:.0f} ms behind a write-back eviction"
+
+
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damaged", [("superblock",), ("superblock", "superblock.copy")])
+def test_a_flipped_byte_in_the_superblock_is_repaired(daemon_factory, tmp_path, damaged):
+    # One flipped bit in the superblock made the whole directory unusable ("written by SSD
+    # format version None"); every slot still describes itself. With its copy intact the copy
+    # restores it; with both damaged the slab files' segment headers rebuild it.
+    ssd_dir = tmp_path / "ssd"
+    d = daemon_factory(*ssd_args(ssd_dir, "32MiB"))
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        chains = [put_chain(ns, seed, 16) for seed in range(4)]
+    assert d.stop() == 0
+    for name in damaged:
+        _flip(ssd_dir / name, 10)            # inside the "format_version" field name
+    d = daemon_factory(*ssd_args(ssd_dir, "32MiB"), workdir=tmp_path / "after")
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        for keys, data in chains:
+            assert get_exact(ns, keys, data) == 16
+        st = tier(ssd_stats(c), "SSD")
+        assert st.recovered_blocks == 64 and st.checksum_failures == 0
+    log = d.log()
+    if len(damaged) == 1:
+        assert "superblock is damaged (checksum mismatch): restored from its copy" in log, log
+    else:
+        assert "rebuilt from the slab files' segment headers" in log, log
+    assert d.stop() == 0
+    # Both copies are intact again: a third start says nothing about them.
+    d = daemon_factory(*ssd_args(ssd_dir, "32MiB"), workdir=tmp_path / "third")
+    assert "superblock" not in d.log()
+    assert (ssd_dir / "superblock").read_bytes() == (ssd_dir / "superblock.copy").read_bytes()

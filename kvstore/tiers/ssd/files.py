@@ -2,7 +2,9 @@
 
 Layout of ``--ssd-dir``::
 
-    superblock        magic, format version, segment size (refused if incompatible)
+    superblock        magic, format version, segment size (refused if incompatible), checksum
+    superblock.copy   the same again: either restores the other; with both damaged the
+                      superblock is rebuilt from the segment files (their size, their headers)
     seg-00000.slab    one preallocated file per segment (``segment_bytes`` each)
     journal           the index journal (see kvstore/tiers/ssd/journal.py)
 
@@ -371,51 +373,96 @@ class SlabFiles:
         return total
 
     def _check_superblock(self) -> None:
+        """Read the superblock (or, when it is damaged, its copy, or failing both, rebuild it
+        from the slab files' segment headers, saying so in the log), check it against the
+        configuration, and keep both copies intact; a new directory gets both."""
         sb = self.directory / "superblock"
-        want = {"format_version": FORMAT_VERSION, "segment_bytes": self.segment_bytes}
-        if sb.exists():
-            raw = sb.read_bytes()
-            if not raw.startswith(_MAGIC):
-                raise SSDFormatError(f"{self.directory} is not a kvstore SSD directory "
-                                     "(bad superblock magic); choose another --ssd-dir")
-            try:
-                meta = json.loads(raw[len(_MAGIC):])
-            except ValueError:
-                raise SSDFormatError(f"{sb}: unreadable superblock") from None
-            if meta.get("format_version") == 1:
-                raise SSDFormatError(
-                    f"{self.directory} was written by SSD format version 1 (slots without "
-                    f"headers); this daemon reads version {FORMAT_VERSION} and will not misread "
-                    "it. Its blocks are a cache: remove the directory (they are recomputed on "
-                    "demand) or point --ssd-dir elsewhere")
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise SSDFormatError(
-                    f"{self.directory} was written by SSD format version "
-                    f"{meta.get('format_version')}, this daemon reads version {FORMAT_VERSION}: "
-                    "refusing to misread it; use another --ssd-dir or remove this one")
-            seg = meta.get("segment_bytes")
-            if not isinstance(seg, int) or seg <= 0 or seg % ALIGN:
-                raise SSDFormatError(f"{sb}: bad segment size {seg!r}")
-            if self._requested_segment and seg != self._requested_segment:
-                raise SSDFormatError(
-                    f"{self.directory} uses segments of {seg} bytes, the configuration asks "
-                    f"for {self._requested_segment}: keep ssd_segment_bytes as it was (or 0)")
-            self._set_geometry(seg)
+        copy = self.directory / SUPERBLOCK_COPY
+        meta, why = _read_superblock(sb)
+        repair: list[Path] = []          # rewritten once the fields are known to be usable
+        if meta is not None:
+            kept, copy_why = _read_superblock(copy)
+            if kept != meta:
+                if copy_why not in ("missing", None):
+                    log.warning("SSD tier: %s is damaged (%s): rewritten from the superblock",
+                                copy, copy_why)
+                repair = [copy]
+        elif why != "missing" or copy.exists():
+            meta, copy_why = _read_superblock(copy)
+            if meta is not None:
+                log.warning("SSD tier: %s is damaged (%s): restored from its copy %s", sb, why,
+                            copy)
+                repair = [sb]
+            else:
+                meta = self._superblock_from_slabs()
+                if meta is None:
+                    if why == "bad magic":
+                        raise SSDFormatError(f"{self.directory} is not a kvstore SSD directory "
+                                             "(bad superblock magic); choose another --ssd-dir")
+                    raise SSDFormatError(f"{sb}: unreadable superblock ({why}; its copy: "
+                                         f"{copy_why}) and no slab file says its format")
+                log.warning("SSD tier: %s is damaged (%s) and so is its copy (%s): rebuilt "
+                            "from the slab files' segment headers (format %d, segments of %d "
+                            "bytes)", sb, why, copy_why, meta["format_version"],
+                            meta["segment_bytes"])
+                repair = [sb, copy]
+        if meta is not None:
+            self._check_meta(sb, meta)
+            for path in repair:
+                _write_superblock(path, meta)
             return
         if any(self.directory.glob("seg-*.slab")) or (self.directory / "journal").exists():
             raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
                                  "refusing to guess its format")
-        tmp = sb.with_suffix(".tmp")
-        self._made.append(sb)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, _MAGIC + json.dumps(want).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, sb)
-        _fsync_dir(self.directory)
+        want = {"format_version": FORMAT_VERSION, "segment_bytes": self.segment_bytes}
+        self._made += [sb, copy]
+        _write_superblock(sb, want)
+        _write_superblock(copy, want)
         self.created = True
+
+    def _check_meta(self, sb: Path, meta: dict) -> None:
+        if meta.get("format_version") == 1:
+            raise SSDFormatError(
+                f"{self.directory} was written by SSD format version 1 (slots without "
+                f"headers); this daemon reads version {FORMAT_VERSION} and will not misread "
+                "it. Its blocks are a cache: remove the directory (they are recomputed on "
+                "demand) or point --ssd-dir elsewhere")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise SSDFormatError(
+                f"{self.directory} was written by SSD format version "
+                f"{meta.get('format_version')}, this daemon reads version {FORMAT_VERSION}: "
+                "refusing to misread it; use another --ssd-dir or remove this one")
+        seg = meta.get("segment_bytes")
+        if not isinstance(seg, int) or seg <= 0 or seg % ALIGN:
+            raise SSDFormatError(f"{sb}: bad segment size {seg!r}")
+        if self._requested_segment and seg != self._requested_segment:
+            raise SSDFormatError(
+                f"{self.directory} uses segments of {seg} bytes, the configuration asks "
+                f"for {self._requested_segment}: keep ssd_segment_bytes as it was (or 0)")
+        self._set_geometry(seg)
+
+    def _superblock_from_slabs(self) -> dict | None:
+        """The superblock the slab files imply: every segment file is ``segment_bytes`` long,
+        and at least one carries a segment header of this format. None when they do not
+        agree (or nothing was ever written: then there is nothing to misread either, but
+        nothing proves the format)."""
+        files = sorted(self.directory.glob("seg-*.slab"))
+        sizes = {p.stat().st_size for p in files}
+        if len(sizes) != 1:
+            return None
+        seg_bytes = sizes.pop()
+        if seg_bytes <= 0 or seg_bytes % ALIGN:
+            return None
+        for p in files:
+            try:
+                number = int(p.stem.split("-")[1])
+                with open(p, "rb") as f:
+                    raw = f.read(HEADER_BYTES)
+            except (OSError, ValueError, IndexError):
+                continue
+            if decode_segment_header(raw, number) is not None:
+                return {"format_version": FORMAT_VERSION, "segment_bytes": seg_bytes}
+        return None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -711,6 +758,51 @@ def each_slot(op, items) -> list:
         except OSError as exc:
             out.append(exc)
     return out
+
+
+SUPERBLOCK_COPY = "superblock.copy"
+
+
+def _superblock_check(meta: dict) -> str:
+    body = json.dumps({k: v for k, v in meta.items() if k != "check"}, sort_keys=True)
+    return f"{xxhash.xxh3_64_intdigest(body.encode()):016x}"
+
+
+def _read_superblock(path: Path) -> tuple[dict | None, str | None]:
+    """(its fields, None) for an intact superblock, else (None, why): "missing", "bad magic",
+    "unreadable", "checksum mismatch". One without a checksum (written before superblocks
+    carried one) is taken as it reads."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    if not raw.startswith(_MAGIC):
+        return None, "bad magic"
+    try:
+        meta = json.loads(raw[len(_MAGIC):])
+    except ValueError:
+        return None, "unreadable"
+    if not isinstance(meta, dict):
+        return None, "unreadable"
+    if "check" in meta:
+        if meta["check"] != _superblock_check(meta):
+            return None, "checksum mismatch"
+        del meta["check"]
+    return meta, None
+
+
+def _write_superblock(path: Path, meta: dict) -> None:
+    """Write a superblock with its checksum atomically (temp file, fsync, rename, fsync dir)."""
+    body = dict(meta, check=_superblock_check(meta))
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, _MAGIC + json.dumps(body).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def auto_segment_bytes(capacity_bytes: int) -> int:
