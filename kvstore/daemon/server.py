@@ -63,7 +63,7 @@ from kvstore.metrics.http import MetricsServer
 from kvstore.daemon.service import KVStoreServicer, stats_message
 from kvstore.store.blockstore import BlockStore, TierSet
 from kvstore.store.table import BlockTable
-from kvstore.tiers.dram import DRAMTier
+from kvstore.tiers.dram import DRAMTier, arena_geometry
 from kvstore.core.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -183,14 +183,22 @@ class Daemon:
         # Serve at once: the arena's memory is reserved and populated in the background, and
         # the allocator takes each chunk as it is reserved (kvstore.core.arena, "Preparation").
         # The first chunk is reserved here, so the first put never finds nothing ready.
+        # Only whole chunks hold slots: reserve exactly those (no memory held that no slot uses).
+        chunk_bytes, arena_bytes = arena_geometry(cfg.dram_bytes, cfg.chunk_bytes)
+        if arena_bytes < cfg.dram_bytes:
+            log.warning("dram_bytes %s is not a whole number of %s chunks: the DRAM tier uses "
+                        "and reserves %s (%d chunks); set --dram-bytes to a multiple of "
+                        "--chunk-bytes (or a smaller --chunk-bytes) to use all of it",
+                        format_bytes(cfg.dram_bytes), format_bytes(chunk_bytes),
+                        format_bytes(arena_bytes), arena_bytes // chunk_bytes)
         try:
-            self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
+            self.arena = Arena.create(arena_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
                                       prepare_later=True)
-            self.arena.reserve(HEADER_BYTES, min(cfg.chunk_bytes, cfg.dram_bytes) // 4096 * 4096)
+            self.arena.reserve(HEADER_BYTES, chunk_bytes)
         except ArenaError as exc:     # the arena does not fit where it was asked to live
             cause = exc.__cause__
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
-            raise ConfigError(f"dram_bytes: cannot reserve {format_bytes(cfg.dram_bytes)} for "
+            raise ConfigError(f"dram_bytes: cannot reserve {format_bytes(arena_bytes)} for "
                               f"the DRAM arena in {cfg.shm_dir or '/dev/shm'} ({why}); "
                               "lower --dram-bytes or give that filesystem more room") from None
         except OSError as exc:
