@@ -44,6 +44,7 @@ _TAG = struct.Struct("<16s16sI")
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
+COMPACT_CHUNK_BLOCKS = 65536  # block entries a background compaction builds per loop turn
 
 
 class SSDCatalog:
@@ -66,6 +67,10 @@ class SSDCatalog:
         self._next_ord = 0         # ordinal the next NS record appended while loading takes
         self._freed_while_compacting: list[int] | None = None   # see compact_in_steps
         self.live = 0     # SSD slots holding a block (deleted-but-pinned ones too)
+        self._compaction: asyncio.Task | None = None   # a background compaction (maybe_compact)
+        # While it builds its snapshot: the PUTS, DEL and SEG records appended meanwhile, to be
+        # appended again behind the snapshot in the new file (None: not recording).
+        self._appended_while_compacting: list[bytes] | None = None
 
     # -- journaling what changed -----------------------------------------------------------------
     def log_puts(self, bids: list[int]) -> None:
@@ -74,11 +79,11 @@ class SSDCatalog:
         if self.loading:
             self._journal_new_namespaces()
         self.live += len(bids)
-        self.journal.append(jr.encode_puts(self._put_entries(np.asarray(bids))))
+        self._append(jr.encode_puts(self._put_entries(np.asarray(bids))))
 
     def log_segment(self, segment: int, slot_bytes: int, sync: bool = False) -> None:
         """A segment was given to a block size."""
-        self.journal.append(jr.encode_seg(segment, slot_bytes))
+        self._append(jr.encode_seg(segment, slot_bytes))
         if sync:
             self.schedule_sync()
 
@@ -89,8 +94,13 @@ class SSDCatalog:
             if self._freed_while_compacting is not None:
                 self._freed_while_compacting.append(addr)   # ... or journals its DEL then
             return
-        self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
+        self._append(jr.encode_del(addr, self.ssd.next_seq()))
         self.schedule_sync()
+
+    def _append(self, record: bytes) -> None:
+        self.journal.append(record)
+        if self._appended_while_compacting is not None:
+            self._appended_while_compacting.append(record)
 
     def open_load_writes(self) -> None:
         """While loading, after begin_restore: open the journal as found for appending, so a
@@ -444,11 +454,55 @@ class SSDCatalog:
         return records
 
     def maybe_compact(self) -> None:
-        """While running: compact in the background once dead records outnumber live ones."""
+        """While running: compact in the background once dead records outnumber live ones
+        (_compact_in_background: nothing of it blocks the event loop for long)."""
         j = self.journal
-        if not self._closed and not self.loading and \
-                j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS and not j.busy():
-            j.start_rewrite(self._snapshot())
+        if not self._closed and not self.loading and self._compaction is None and \
+                j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS:
+            self._compaction = asyncio.get_running_loop().create_task(
+                self._compact_in_background(COMPACT_CHUNK_BLOCKS))
+
+    async def _compact_in_background(self, chunk_blocks: int) -> None:
+        """Rewrite the journal as the live records while the daemon serves: the snapshot's
+        block entries are built ``chunk_blocks`` at a time, a loop turn apart, while writes
+        and deletes go on and are journaled (and synced) in the old file as usual. Every PUTS,
+        DEL and SEG record appended meanwhile is written again behind the snapshot in the new
+        file, in its order, so a block written or deleted after its chunk was taken is
+        journaled right (a slot's last record wins on replay). The new file is swapped in by the journal's
+        writer (off the loop); failures are logged and leave the old journal."""
+        idx = self.table
+        self._appended_while_compacting = []
+        try:
+            live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
+            parts = []
+            for i in range(0, len(live), max(1, chunk_blocks)):
+                ids = live[i:i + chunk_blocks]
+                ids = ids[(idx.ssd[ids] != NO_SLOT) & (idx.state[ids] == COMMITTED)]
+                parts.append(self._put_entries(ids))
+                await asyncio.sleep(0)
+            # Everything appended so far durable in the old file, no flush in flight: what
+            # start_rewrite needs, and no waiter is told "durable" by the rewrite for a record
+            # the new file lacks.
+            while self.journal.busy() or self.journal.pending():
+                await self.journal.sync()
+            if self._closed:
+                return                       # shutdown compacts once more itself
+            # From here to start_rewrite nothing awaits. The records kept meanwhile are written
+            # inside the new file (not appended after it), so the rename never drops one.
+            again, self._appended_while_compacting = self._appended_while_compacting, None
+            records = self._head_records() + parts + again
+            self.live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
+            await self.journal.start_rewrite(records)
+        except Exception:
+            log.exception("SSD journal: background compaction failed; the old journal stays")
+        finally:
+            self._appended_while_compacting = None
+            self._compaction = None
+
+    async def idle(self) -> None:
+        """Wait for a background compaction to finish (shutdown)."""
+        if self._compaction is not None:
+            await asyncio.gather(self._compaction, return_exceptions=True)
 
     def _put_entries(self, bids: np.ndarray) -> np.ndarray:
         idx = self.table

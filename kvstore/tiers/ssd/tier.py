@@ -597,7 +597,8 @@ class SSDTier:
             await asyncio.gather(self._cleaner, return_exceptions=True)
         if self._write_tasks:
             await asyncio.gather(*self._write_tasks, return_exceptions=True)
-        await self.journal.idle()      # a flush or background compaction
+        await self.catalog.idle()      # a background compaction building its snapshot
+        await self.journal.idle()      # a flush or background rewrite
         idx = self.table
         if self.policy.on_eviction:
             log.info("write-back: %d blocks written ahead of eviction by the cleaner, %d while "
