@@ -636,12 +636,14 @@ class BlockStore:
                 return
             await ssd.clean(dirty)
 
-    async def clean_room_for(self, namespace_id: bytes, keys_blob: bytes) -> None:
-        """clean_room for what allocate(namespace_id, keys_blob) will need; bad arguments are
-        left for allocate to refuse."""
+    async def clean_room_for(self, session_id: int, namespace_id: bytes,
+                             keys_blob: bytes) -> None:
+        """clean_room for what allocate(session_id, namespace_id, keys_blob) will need; bad
+        arguments are left for allocate to refuse."""
         if self.ssd is None or not self.ssd.writes_on_eviction():
             return
         try:
+            self.session(session_id)
             ns = self.namespace(namespace_id)
             keys = self.parse_keys(keys_blob)
         except KVStoreError:
