@@ -435,7 +435,7 @@ class BlockStore:
         by eviction as a put would; returns blocks read (kvstore.tiers.ssd.tier.SSDTier.fetch)."""
         if self.ssd is None:
             return 0
-        if not to_hbm:
+        if not to_hbm and self.ssd.writes_on_eviction():
             sizes: dict[int, int] = {}
             for b in bids:
                 sb = self.table.namespace_of(b).layout.slot_bytes
