@@ -468,8 +468,8 @@ class SSDCatalog:
         and deletes go on and are journaled (and synced) in the old file as usual. Every PUTS,
         DEL and SEG record appended meanwhile is written again behind the snapshot in the new
         file, in its order, so a block written or deleted after its chunk was taken is
-        journaled right (a slot's last record wins on replay). The new file is swapped in by the journal's
-        writer (off the loop); failures are logged and leave the old journal."""
+        journaled right (a slot's last record wins on replay). The new file is swapped in by
+        the journal's writer (off the loop); failures are logged and leave the old journal."""
         idx = self.table
         self._appended_while_compacting = []
         try:

@@ -358,9 +358,10 @@ class SlabFiles:
         if need > free:
             fits = (free + self._allocated_bytes()) // self.segment_bytes * self.segment_bytes
             raise SSDSpaceError(
-                f"{self.directory} has {format_bytes(free)} free, and {format_bytes(self.capacity_bytes)} of "
-                f"slab files need {format_bytes(need)} more; lower --ssd-bytes (at most about "
-                f"{format_bytes(fits)} fits there) or free disk space", need, free)
+                f"{self.directory} has {format_bytes(free)} free, and "
+                f"{format_bytes(self.capacity_bytes)} of slab files need {format_bytes(need)} "
+                f"more; lower --ssd-bytes (at most about {format_bytes(fits)} fits there) or "
+                "free disk space", need, free)
 
     def _allocated_bytes(self) -> int:
         total = 0
