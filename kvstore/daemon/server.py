@@ -8,19 +8,28 @@ file at that path is still the one this daemon bound (same device, inode and cti
 daemon refused because the socket is taken, or one whose path was since taken over, leaves it
 alone; the arena file is this process's own (its name carries the pid).
 
+Start-up: before anything is bound the daemon holds an exclusive flock on ``<socket>.lock``
+(kvstore.core.lockfile; and SlabFiles one on the SSD directory's ``lock``), so of two daemons
+started together on one socket exactly one serves; the other exits 1 naming the holder's pid.
+
 Start-up failures: a value in the configuration that cannot be used on this host (an SSD
-directory that is a file or not writable, hbm_bytes without CUDA, a missing shm_dir, ...) raises
-ConfigError, which the CLI answers with exit code 2 and a message saying what to change; anything
-else in the way (another daemon on the socket or the SSD directory, a directory of another
-format, a port in use) raises DaemonError (exit 1). A start-up that failed releases what it had
-opened without logging a shutdown.
+directory that is a file or not writable, an ssd_bytes larger than the free disk, hbm_bytes
+without CUDA, a missing shm_dir, ...) raises ConfigError, which the CLI answers with exit code 2
+and a message saying what to change; anything else in the way (another daemon on the socket or
+the SSD directory, a directory of another format, a port in use) raises DaemonError (exit 1). A
+start-up that failed releases what it had opened without logging a shutdown, and removes the
+SSD files it created (a restart must not misread a half-made directory).
+
+DRAM sizing: the arena holds whole chunks only; a dram_bytes that is not a multiple of the chunk
+size is rounded down to one, logged, and only that is reserved (kvstore.tiers.dram.arena_geometry).
 
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access.interceptor) before the servicer.
 SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
 
 SSD index: loaded in the background once the socket answers (SSDTier.start_recovery): DRAM
-serves at once, SSD blocks appear as their batches land, SSD writes wait for the end of the load;
+serves at once, SSD blocks appear as their batches land, write-through commits are written into
+slots the load does not claim and journaled in the journal as found (durable when answered);
 the health probe says SERVING from the first answer on.
 
 Composition root: ``Daemon.start`` builds every part and hands each its collaborators through
