@@ -4,7 +4,9 @@ For every call, before the servicer sees it:
 1. authenticate (bearer token; required over TCP, optional on the Unix socket; the health
    service is exempt so Kubernetes gRPC probes work without credentials) — before the request
    bytes are even decoded, so an unauthenticated caller learns nothing from a malformed message:
-   UNAUTHENTICATED, counted in auth_failures, one log line. An authenticated request that does
+   UNAUTHENTICATED, counted in auth_failures (exactly), logged at most REFUSALS_LOGGED times per
+   peer host per REFUSAL_LOG_INTERVAL_S, then one line with the count left out (a client
+   hammering without a token must not fill the disk with log). An authenticated request that does
    not parse is INVALID_ARGUMENT (MALFORMED_REQUEST);
 2. tenant isolation: a namespace whose tenant salt the caller may not use, and a session another
    caller opened, answer exactly like unknown ones (NOT_FOUND, same message, same early exit) —
@@ -22,9 +24,11 @@ Every refusal carries a reason (kvstore.core.errors).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -40,8 +44,59 @@ log = logging.getLogger("kvstore.access.interceptor")
 
 _SERVICE = "/kvstore.v1.KVStore/"
 _EXEMPT = ("/grpc.health.v1.Health/",)
+REFUSAL_LOG_INTERVAL_S = 10.0
+REFUSALS_LOGGED = 16           # per peer host and interval, before the rest are only counted
+_MAX_REFUSING_PEERS = 4096     # bound on the peers tracked (expired windows are pruned first)
 _NS_CALLS = {"Lookup", "Allocate", "Acquire", "Delete", "Prefetch", "PlanRecompute",
              "ReportReads"}
+
+
+class _RefusalLog:
+    """Log refused calls, rate-limited per peer host: the first REFUSALS_LOGGED of a window of
+    REFUSAL_LOG_INTERVAL_S one by one, the rest as one line with their count when the window
+    ends. Runs on the event loop."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S,
+                 burst: int = REFUSALS_LOGGED):
+        self.interval_s = interval_s
+        self.burst = burst
+        self._windows: dict[str, list] = {}    # host -> [window start, logged, suppressed]
+
+    @staticmethod
+    def host(peer: str) -> str:
+        """The peer without its port ("ipv4:10.0.0.1:5555" -> "ipv4:10.0.0.1"): a client
+        reconnecting from new ports is one peer."""
+        if peer.startswith(("ipv4:", "ipv6:")):
+            return peer.rsplit(":", 1)[0]
+        return peer or "unknown peer"
+
+    def refused(self, peer: str, message: str) -> None:
+        now, host = time.monotonic(), self.host(peer)
+        w = self._windows.get(host)
+        if w is None or now - w[0] >= self.interval_s:
+            if len(self._windows) >= _MAX_REFUSING_PEERS:
+                self._prune(now)
+            w = self._windows[host] = [now, 0, 0]
+        if w[1] < self.burst:
+            w[1] += 1
+            log.warning("refused a call from %s: %s", peer, message)
+            return
+        if not w[2]:
+            asyncio.get_running_loop().call_later(
+                max(0.0, w[0] + self.interval_s - now), self._report, host, w)
+        w[2] += 1
+
+    def _report(self, host: str, w: list) -> None:
+        log.warning("refused %d more calls from %s in %gs without logging each (auth_failures "
+                    "counts every one)", w[2], host, self.interval_s)
+        w[2] = 0
+
+    def _prune(self, now: float) -> None:
+        for host, w in list(self._windows.items()):
+            if now - w[0] >= self.interval_s and not w[2]:
+                del self._windows[host]
+        while len(self._windows) >= _MAX_REFUSING_PEERS:      # all live: forget the oldest
+            del self._windows[next(iter(self._windows))]
 
 
 @dataclass
@@ -71,6 +126,7 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
         self._owner: dict[int, str] = {}                   # session -> client key
         self._principal_of: dict[int, Principal] = {}      # session -> principal
         self._clients: dict[str, _Client] = collections.defaultdict(_Client)
+        self._refusals = _RefusalLog()
 
     def replace_tokens(self, tokens: TokenTable) -> None:
         """Use ``tokens`` from the next call on (SIGHUP reload): a revoked token is refused at
@@ -188,7 +244,7 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
 
     async def _deny(self, context, message: str):
         self.metrics.auth_failures += 1
-        log.warning("refused a call from %s: %s", context.peer(), message)
+        self._refusals.refused(context.peer() or "", message)
         await abort(context, Unauthenticated(message, Reason.UNAUTHENTICATED))
 
     # -- tenant isolation and limits, before the servicer ------------------------------------

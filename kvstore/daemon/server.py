@@ -8,19 +8,28 @@ file at that path is still the one this daemon bound (same device, inode and cti
 daemon refused because the socket is taken, or one whose path was since taken over, leaves it
 alone; the arena file is this process's own (its name carries the pid).
 
+Start-up: before anything is bound the daemon holds an exclusive flock on ``<socket>.lock``
+(kvstore.core.lockfile; and SlabFiles one on the SSD directory's ``lock``), so of two daemons
+started together on one socket exactly one serves; the other exits 1 naming the holder's pid.
+
 Start-up failures: a value in the configuration that cannot be used on this host (an SSD
-directory that is a file or not writable, hbm_bytes without CUDA, a missing shm_dir, ...) raises
-ConfigError, which the CLI answers with exit code 2 and a message saying what to change; anything
-else in the way (another daemon on the socket or the SSD directory, a directory of another
-format, a port in use) raises DaemonError (exit 1). A start-up that failed releases what it had
-opened without logging a shutdown.
+directory that is a file or not writable, an ssd_bytes larger than the free disk, hbm_bytes
+without CUDA, a missing shm_dir, ...) raises ConfigError, which the CLI answers with exit code 2
+and a message saying what to change; anything else in the way (another daemon on the socket or
+the SSD directory, a directory of another format, a port in use) raises DaemonError (exit 1). A
+start-up that failed releases what it had opened without logging a shutdown, and removes the
+SSD files it created (a restart must not misread a half-made directory).
+
+DRAM sizing: the arena holds whole chunks only; a dram_bytes that is not a multiple of the chunk
+size is rounded down to one, logged, and only that is reserved (kvstore.tiers.dram.arena_geometry).
 
 Access: the Unix socket is born 0600 (or widened to 0660 for socket_group); TCP needs tokens
 and may use TLS. Every call passes the access layer (kvstore.access.interceptor) before the servicer.
 SIGHUP re-reads the tokens file (a bad file keeps the tokens in force and logs why).
 
 SSD index: loaded in the background once the socket answers (SSDTier.start_recovery): DRAM
-serves at once, SSD blocks appear as their batches land, SSD writes wait for the end of the load;
+serves at once, SSD blocks appear as their batches land, write-through commits are written into
+slots the load does not claim and journaled in the journal as found (durable when answered);
 the health probe says SERVING from the first answer on.
 
 Composition root: ``Daemon.start`` builds every part and hands each its collaborators through
@@ -48,7 +57,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
-from kvstore.core import shmindex
+from kvstore.core import lockfile, shmindex
 from kvstore.core import slotgen
 from kvstore.access.interceptor import AccessPolicy, Limits
 from kvstore.core.arena import HEADER_BYTES, Arena, ArenaError, ArenaPreparer
@@ -63,7 +72,7 @@ from kvstore.metrics.http import MetricsServer
 from kvstore.daemon.service import KVStoreServicer, stats_message
 from kvstore.store.blockstore import BlockStore, TierSet
 from kvstore.store.table import BlockTable
-from kvstore.tiers.dram import DRAMTier
+from kvstore.tiers.dram import DRAMTier, arena_geometry
 from kvstore.core.units import format_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -118,11 +127,32 @@ def socket_answers(path: str | Path) -> bool:
     return True
 
 
-def _prepare_socket(path: Path) -> None:
+def lock_path(sock: Path) -> Path:
+    """The lock file beside a socket: held (flock) by the daemon serving that socket."""
+    return sock.with_name(sock.name + ".lock")
+
+
+def _prepare_socket(path: Path) -> int:
+    """Lock the socket's lock file, then clear a stale socket; returns the lock descriptor.
+    The lock covers both the liveness probe and the rename of the bound socket into place:
+    without it two daemons started together both find the path free and one is orphaned."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_fd = lockfile.take(lock_path(path))
+    except lockfile.LockHeld as exc:
+        raise DaemonError(f"another daemon is listening on {path} (pid {exc.pid} holds "
+                          f"{exc.path}); stop it or set --socket to another path") from None
     except OSError as exc:
         raise _unusable_path("socket", path, exc, "path in a writable directory") from None
+    try:
+        _clear_stale_socket(path)
+    except BaseException:
+        lockfile.release(lock_fd, lock_path(path))
+        raise
+    return lock_fd
+
+
+def _clear_stale_socket(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"socket {path}: exists and is not a socket; refusing to replace "
@@ -149,6 +179,7 @@ class Daemon:
         self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
         self.remote = None     # kvstore.tiers.remote.RemoteTier when --remote is set
         self.events = None     # kvstore.events.publisher.EventPublisher when kv_events_endpoint
+        self._lock_fd: int | None = None   # flock on the socket's lock file (take_lock)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -156,16 +187,24 @@ class Daemon:
         sock_mode, sock_gid = socket_mode(cfg.socket_group)
         tokens = TokenTable.from_config(cfg.tokens_file, cfg.auth_token, cfg.arena_tenants)
         tls = tls_credentials(cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file else None
-        _prepare_socket(sock)
+        self._lock_fd = _prepare_socket(sock)
         for p in remove_orphans(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed %s, left by a daemon that is gone", p)
         # Serve at once: the arena's memory is reserved and populated in the background, and
         # the allocator takes each chunk as it is reserved (kvstore.core.arena, "Preparation").
         # The first chunk is reserved here, so the first put never finds nothing ready.
+        # Only whole chunks hold slots: reserve exactly those (no memory held that no slot uses).
+        chunk_bytes, arena_bytes = arena_geometry(cfg.dram_bytes, cfg.chunk_bytes)
+        if arena_bytes < cfg.dram_bytes:
+            log.warning("dram_bytes %s is not a whole number of %s chunks: the DRAM tier uses "
+                        "and reserves %s (%d chunks); set --dram-bytes to a multiple of "
+                        "--chunk-bytes (or a smaller --chunk-bytes) to use all of it",
+                        format_bytes(cfg.dram_bytes), format_bytes(chunk_bytes),
+                        format_bytes(arena_bytes), arena_bytes // chunk_bytes)
         try:
-            self.arena = Arena.create(cfg.dram_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
+            self.arena = Arena.create(arena_bytes, Path(cfg.shm_dir) if cfg.shm_dir else None,
                                       prepare_later=True)
-            self.arena.reserve(HEADER_BYTES, min(cfg.chunk_bytes, cfg.dram_bytes) // 4096 * 4096)
+            self.arena.reserve(HEADER_BYTES, chunk_bytes)
         except ArenaError as exc:     # the arena does not fit where it was asked to live
             # The arena's message says what failed; this adds, once, what to change.
             raise ConfigError(f"dram_bytes: {exc}; lower --dram-bytes, or enlarge /dev/shm "
@@ -402,6 +441,8 @@ class Daemon:
                 await self.ssd.close()
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
+            if not self._started:     # a failed start removes the SSD files it created
+                self.ssd.ssd.discard_created()
             self.ssd = None
         if self.hbm is not None:
             self.hbm.close()
@@ -418,8 +459,16 @@ class Daemon:
         if self.snapshot is not None:
             self.snapshot.close()     # sets its closed flag first: mapped clients fall back
         self._remove_own_socket()
+        self._release_lock()
         if self._started:
             log.info("stopped")
+
+    def _release_lock(self) -> None:
+        """Unlink the socket's lock file and release it (kvstore.core.lockfile)."""
+        if self._lock_fd is None:
+            return
+        lockfile.release(self._lock_fd, lock_path(Path(self.cfg.socket)))
+        self._lock_fd = None
 
     def _remove_own_socket(self) -> None:
         """Unlink the socket only if the file there is still the one this daemon bound."""
@@ -473,7 +522,7 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     message."""
     from kvstore.policies.write import write_policy
     from kvstore.tiers.ssd.catalog import SSDCatalog
-    from kvstore.tiers.ssd.files import SSDFormatError, SlabFiles
+    from kvstore.tiers.ssd.files import SSDFormatError, SSDSpaceError, SlabFiles
     from kvstore.tiers.ssd.journal import Journal
     from kvstore.tiers.ssd.space import SSDSpace
     from kvstore.tiers.ssd.tier import SSDTier
@@ -491,6 +540,10 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     except SSDFormatError as exc:     # data in the way (another format, another daemon's): 1
         files.close()
         raise DaemonError(f"SSD tier: {exc}") from None
+    except SSDSpaceError as exc:      # the size asked for does not fit there: 2
+        files.close()
+        raise ConfigError(f"ssd_bytes: cannot preallocate {format_bytes(files.capacity_bytes)} "
+                          f"for the SSD tier: {exc.strerror}") from None
     except OSError as exc:
         files.close()
         raise _unusable_path("ssd_dir", cfg.ssd_dir, exc) from None

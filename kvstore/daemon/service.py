@@ -112,7 +112,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.LookupResponse(num_cached=len(tiers), tiers=[TIER_ENUM[t] for t in tiers])
 
     @unary
-    def Allocate(self, request, context):
+    async def Allocate(self, request, context):
+        # Write-back: the victims' SSD writes are awaited here, off the event loop.
+        await self.store.clean_room_for(request.session_id, request.namespace_id, request.keys)
         alloc_id, offsets = self.store.allocate(request.session_id, request.namespace_id,
                                                 request.keys, request.parent_key)
         return pb.AllocateResponse(allocation_id=alloc_id, offsets=offsets)

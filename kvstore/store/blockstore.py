@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvstore.core.errors import (FailedPrecondition, InvalidArgument, NotFound, Reason,
-                                 ResourceExhausted)
+from kvstore.core.errors import (FailedPrecondition, InvalidArgument, KVStoreError, NotFound,
+                                 Reason, ResourceExhausted)
 from kvstore.core.keys import KEY_BYTES, MalformedKeyError, namespace_digest, unpack_keys
 from kvstore.core.layout import KVLayout
 from kvstore.metrics.counters import DaemonCounters
@@ -435,6 +435,13 @@ class BlockStore:
         by eviction as a put would; returns blocks read (kvstore.tiers.ssd.tier.SSDTier.fetch)."""
         if self.ssd is None:
             return 0
+        if not to_hbm and self.ssd.writes_on_eviction():
+            sizes: dict[int, int] = {}
+            for b in bids:
+                sb = self.table.namespace_of(b).layout.slot_bytes
+                sizes[sb] = sizes.get(sb, 0) + 1
+            for sb, n in sizes.items():
+                await self.clean_room(sb, n)
         return await self.ssd.fetch(bids, self.promotion_slots, to_hbm=to_hbm)
 
     def hbm_answer(self, lease: Lease | None) -> tuple[list[int], list[int]]:
@@ -611,6 +618,38 @@ class BlockStore:
             else:
                 table.free(bid)
         dram.counters.evictions += len(victims)
+
+    async def clean_room(self, slot_bytes: int, n_needed: int) -> None:
+        """Before an eviction for ``n_needed`` slots of this size (allocate, promotion_slots):
+        with a write-back SSD tier, write the dirty blocks it would evict to SSD now, awaiting
+        the I/O pool while the event loop serves others, so the synchronous eviction that
+        follows (no await in between) only demotes clean blocks. A few rounds at most (others
+        may dirty the order meanwhile); whatever is still dirty is written by the eviction."""
+        ssd = self.ssd
+        if ssd is None or not ssd.writes_on_eviction():
+            return
+        table = self.table
+        for _ in range(4):
+            victims = self.dram.planned_victims(slot_bytes, n_needed)
+            dirty = victims[table.ssd[victims] == NO_SLOT].tolist()
+            if not dirty:
+                return
+            await ssd.clean(dirty)
+
+    async def clean_room_for(self, session_id: int, namespace_id: bytes,
+                             keys_blob: bytes) -> None:
+        """clean_room for what allocate(session_id, namespace_id, keys_blob) will need; bad
+        arguments are left for allocate to refuse."""
+        if self.ssd is None or not self.ssd.writes_on_eviction():
+            return
+        try:
+            self.session(session_id)
+            ns = self.namespace(namespace_id)
+            keys = self.parse_keys(keys_blob)
+        except KVStoreError:
+            return
+        found = self.table.find_many(ns.index, keys)
+        await self.clean_room(ns.layout.slot_bytes, int(np.count_nonzero(found < 0)))
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
         """Evict least valuable unleased blocks until n_needed slots of this size exist."""

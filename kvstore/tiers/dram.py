@@ -32,6 +32,15 @@ from kvstore.tiers.base import COMMITTED, NO_SLOT
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 
+def arena_geometry(data_bytes: int, chunk_bytes: int) -> tuple[int, int]:
+    """(chunk bytes, usable data bytes) of an arena data region of ``data_bytes`` asked with
+    chunks of ``chunk_bytes``: chunks are whole pages, at most the region, and the tier uses
+    whole chunks only — so the daemon sizes the arena to the usable bytes (what it reserves is
+    what the tier can hold) and says so when that is less than asked."""
+    chunk = max(4096, min(chunk_bytes, data_bytes) // 4096 * 4096)
+    return chunk, data_bytes // chunk * chunk
+
+
 @dataclass
 class Span:
     first_chunk: int
@@ -62,9 +71,8 @@ class SlabAllocator:
         slot may get new bytes, so that readers can prove a copy was not torn by reuse.
         ``ready_bytes``: arena offset up to which memory is prepared (None: all of it)."""
         self.generations = generations
-        data_bytes = arena_bytes - HEADER_BYTES
-        self.chunk_bytes = max(4096, min(chunk_bytes, data_bytes) // 4096 * 4096)
-        self.n_chunks = data_bytes // self.chunk_bytes
+        self.chunk_bytes, usable = arena_geometry(arena_bytes - HEADER_BYTES, chunk_bytes)
+        self.n_chunks = usable // self.chunk_bytes
         self.chunk_free = np.zeros(self.n_chunks, dtype=bool)
         self.ready_chunks = 0
         self.classes: dict[int, SizeClass] = {}
@@ -258,6 +266,20 @@ class DRAMTier:
 
     def eviction_order(self, candidates: np.ndarray) -> np.ndarray:
         return self.eviction.order(self.table, candidates)
+
+    def planned_victims(self, slot_bytes: int, n_needed: int) -> np.ndarray:
+        """The blocks of this size class make_room would evict first to free ``n_needed``
+        slots now (free slots and free chunks count first), without evicting anything. It does
+        not foresee evictions from other size classes (make_room's last resort)."""
+        chunk_slots = self.slabs.chunk_bytes // slot_bytes if slot_bytes <= \
+            self.slabs.chunk_bytes else 0
+        cls = self.slabs.classes.get(slot_bytes)
+        free = (len(cls.free) if cls is not None else 0) + \
+            int(self.slabs.chunk_free.sum()) * chunk_slots
+        short = n_needed - free
+        if short <= 0:
+            return np.empty(0, dtype=np.int64)
+        return self.eviction_order(self.evictable(slot_bytes))[:short]
 
     def headroom(self):
         """(slot bytes, slots free or growable now, evictable block ids) per size class: what

@@ -352,3 +352,44 @@ def test_socket_can_require_a_token(tmp_path, shm_dir):
             assert c.shared_memory      # a token changes who you are, not how bytes move
     finally:
         d.close()
+
+
+def test_refused_calls_are_counted_exactly_and_logged_rate_limited(daemon_factory):
+    # 2,000 calls without a token from one host: auth_failures counts every one; the log gets
+    # the first few one by one and then one line with the count of the rest, instead of a
+    # ~160-byte line per call (about 320 KB here).
+    from kvstore.access.interceptor import REFUSAL_LOG_INTERVAL_S, REFUSALS_LOGGED
+    import re
+
+    d = _tcp_daemon(daemon_factory, env={"KVSTORE_AUTH_TOKEN": TOKEN})
+    addr = f"127.0.0.1:{tcp_port(d)}"
+    before = len(d.log().encode())
+    n = 2000
+    t0 = time.monotonic()
+    for _ in range(2):           # two connections: two ports, one peer host
+        with grpc.insecure_channel(addr) as ch:
+            stub = pb_grpc.KVStoreStub(ch)
+            for _ in range(n // 2):
+                with pytest.raises(grpc.RpcError) as exc:
+                    stub.GetStats(pb.GetStatsRequest(), timeout=5)
+                assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    sent_s = time.monotonic() - t0
+    with KVClient(address=addr, token=TOKEN, shared_memory=False) as c:
+        assert c.stats().auth_failures == n
+    # Every refusal is either a line of its own or in a summary's count, once its window ends.
+    deadline = time.monotonic() + REFUSAL_LOG_INTERVAL_S + 10
+    while True:
+        log = d.log()
+        one_by_one = log.count("refused a call from ipv4:127.0.0.1:")
+        summed = sum(int(m) for m in re.findall(
+            r"refused (\d+) more calls from ipv4:127\.0\.0\.1 in", log))
+        if one_by_one + summed == n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert one_by_one + summed == n, (one_by_one, summed)
+    windows = int(sent_s // REFUSAL_LOG_INTERVAL_S) + 2
+    assert one_by_one <= REFUSALS_LOGGED * windows
+    grown = len(log.encode()) - before
+    print(f"{n} refused calls in {sent_s:.1f}s: {grown} bytes of log ({one_by_one} lines one "
+          f"by one, {summed} summed)")
+    assert grown < 4000 * windows, grown

@@ -281,10 +281,57 @@ def test_second_daemon_on_same_socket_is_refused(daemon):
     assert daemon.stop() == 0 and not os.path.exists(daemon.socket)   # the owner removes it
 
 
+def test_daemons_started_together_on_one_socket_leave_exactly_one(tmp_path, shm_dir):
+    # Started at the same moment, every daemon but one must exit 1 naming the winner's pid;
+    # without the socket lock most trials left two up, one of them orphaned and unreachable.
+    import time
+
+    for trial in range(4):
+        wd = tmp_path / f"t{trial}"
+        wd.mkdir()
+        sock = wd / "kv.sock"
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "kvstore", "serve", "--socket", str(sock), "--shm-dir",
+             str(shm_dir), "--dram-bytes", "16MiB", "--chunk-bytes", "4MiB"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                done = [p for p in procs if p.poll() is not None]
+                if len(done) == len(procs) - 1:
+                    break
+                time.sleep(0.1)
+            time.sleep(1.0)      # a second survivor would still be coming up: let it
+            alive = [p for p in procs if p.poll() is None]
+            assert len(alive) == 1, f"trial {trial}: {len(alive)} daemons up"
+            winner = alive[0]
+            for p in procs:
+                if p is not winner:
+                    err = p.stderr.read()
+                    assert p.returncode == 1, err
+                    assert f"pid {winner.pid}" in err and "another daemon is listening" in err
+            with KVClient(str(sock)) as c:
+                assert c.stats().sessions == 1
+            assert (wd / "kv.sock.lock").read_text().strip() == str(winner.pid)
+            winner.terminate()
+            assert winner.wait(30) == 0
+            # The winner removed its socket and its lock file; the others never had them.
+            assert sorted(x.name for x in wd.iterdir()) == []
+            assert not list(shm_dir.glob("*.arena"))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                p.stderr.close()
+
+
 def test_daemon_leaves_a_socket_it_no_longer_owns(daemon_factory, tmp_path):
-    # A's socket file is removed by hand and B takes the path: stopping A must not unlink B's.
+    # A's socket file and its lock file are removed by hand and B takes the path: stopping A
+    # must unlink neither B's socket nor B's lock file.
     a = daemon_factory("--dram-bytes", "64MiB", "--chunk-bytes", "16MiB")
     os.unlink(a.socket)
+    os.unlink(a.socket + ".lock")
     b = DaemonProcess(Path(a.socket).parent, a.shm_dir, ["--dram-bytes", "64MiB",
                                                           "--chunk-bytes", "16MiB"])
     b.log_path = tmp_path / "b.log"
@@ -295,6 +342,7 @@ def test_daemon_leaves_a_socket_it_no_longer_owns(daemon_factory, tmp_path):
         with KVClient(b.socket) as c:
             assert c.stats().sessions == 1
         assert "no longer the socket this daemon bound" in a.log()
+        assert os.path.exists(b.socket + ".lock")
         assert b.stop() == 0 and not os.path.exists(b.socket)
     finally:
         b.close()

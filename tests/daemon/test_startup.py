@@ -166,6 +166,40 @@ def test_daemon_serves_while_preparing_and_reaches_full_capacity(daemon_factory)
     assert "full capacity (256.0 MiB) reserved" in d.log()
 
 
+def test_dram_bytes_not_a_whole_number_of_chunks_reserves_only_what_is_used(daemon_factory):
+    # 10 MiB in 4 MiB chunks: the tier can use 2 chunks. It reserved all 10 MiB while holding
+    # only 8; now it reserves 8, says so at start-up, and stats show the 8.
+    d = daemon_factory("--dram-bytes", "10MiB", "--chunk-bytes", "4MiB")
+    deadline = time.monotonic() + 30
+    while "full capacity" not in d.log():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+    log = d.log()
+    assert "dram_bytes 10.0 MiB is not a whole number of 4.0 MiB chunks: the DRAM tier uses " \
+        "and reserves 8.0 MiB (2 chunks)" in log, log
+    assert "full capacity (8.0 MiB) reserved" in log, log
+    (arena,) = d.shm_dir.glob("*.arena")
+    assert arena.stat().st_size == HEADER_BYTES + (8 << 20)
+    with KVClient(d.socket) as c:
+        (dram,) = [t for t in c.stats().tiers if t.tier == pb.TIER_DRAM]
+        assert dram.capacity_bytes == dram.ready_bytes == 8 << 20
+        # All of it holds blocks: 16 blocks of 512 KiB fill it, and read back exact.
+        layout = KVLayout(num_layers=1, num_kv_heads=8, head_dim=128, block_tokens=256,
+                          dtype="uint8")
+        ns = c.namespace("m", layout)
+        keys = ns.block_keys(list(range(16 * 256)))
+        data = torch.randint(0, 255, (16, *layout.block_shape), dtype=torch.uint8)
+        for half in (slice(0, 8), slice(8, 16)):     # 4 MiB a call: under the in-flight cap
+            assert ns.put(keys[half], data[half]).result() == 8
+        for half in (slice(0, 8), slice(8, 16)):
+            assert torch.equal(ns.get(keys[half]).result(), data[half])
+    out = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", d.socket,
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (row,) = [t for t in json.loads(out.stdout)["tiers"] if t["tier"] == "DRAM"]
+    assert row["capacity_bytes"] == 8 << 20
+
+
 def test_daemon_refuses_an_arena_that_cannot_fit(daemon_factory, shm_dir):
     free = os.statvfs(shm_dir).f_bavail * os.statvfs(shm_dir).f_frsize
     with pytest.raises(RuntimeError) as exc:

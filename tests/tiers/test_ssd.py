@@ -193,11 +193,12 @@ def test_bench_ssd_smoke(tmp_path):
 
 def test_one_daemon_per_ssd_dir(daemon_factory, tmp_path, shm_dir):
     ssd_dir = tmp_path / "ssd"
-    daemon_factory(*ssd_args(ssd_dir))
+    first = daemon_factory(*ssd_args(ssd_dir))
     r = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--socket",
                         str(tmp_path / "other.sock"), "--shm-dir", str(shm_dir),
                         *ssd_args(ssd_dir)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "in use by another kvstore daemon" in r.stderr
+    assert f"(pid {first.proc.pid})" in r.stderr, r.stderr
 
 
 def test_tmpfs_falls_back_to_buffered_io_and_says_so(daemon_factory, shm_dir):

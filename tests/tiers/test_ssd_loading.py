@@ -119,7 +119,9 @@ def test_sigkill_while_the_index_loads_loses_nothing(daemon_factory, tmp_path, s
             ns = c.namespace("m", LAYOUT)
             time.sleep(0.5)
             assert _loading(c) and tier(ssd_stats(c), "SSD").blocks > 0   # part-way through
-            put_chain(ns, 2000, 4)            # DRAM-only while loading: may be lost, is a cache
+            # Write-through: durable when acknowledged, during the load too.
+            late_keys, late_data = put_chain(ns, 2000, 4)
+            assert _loading(c)
         d.kill()
     finally:
         d.close()
@@ -128,7 +130,37 @@ def test_sigkill_while_the_index_loads_loses_nothing(daemon_factory, tmp_path, s
         ns = c.namespace("m", LAYOUT)
         for seed, ks in keys.items():
             assert get_exact(ns, ks, chain(seed, BLOCKS)[1]) == BLOCKS, seed
-        assert tier(ssd_stats(c), "SSD").recovered_blocks == CHAINS * BLOCKS
+        assert get_exact(ns, late_keys, late_data) == 4
+        assert tier(ssd_stats(c), "SSD").recovered_blocks == CHAINS * BLOCKS + 4
+
+
+def test_write_through_commits_during_the_load_survive_a_sigkill(daemon_factory, tmp_path,
+                                                                 shm_dir):
+    # 48 blocks acknowledged while the index loads (in the loading namespace and in one first
+    # seen during the load), then SIGKILL before the load ends: every one comes back exact,
+    # and so does every block the load was restoring.
+    ssd_dir = tmp_path / "ssd"
+    keys = _populate(daemon_factory, ssd_dir)
+    d = _slow_restart(tmp_path, shm_dir, ssd_dir, "killed")
+    late = []
+    try:
+        with KVClient(d.socket) as c:
+            spaces = [c.namespace("m", LAYOUT), c.namespace("new-model", LAYOUT)]
+            late = [put_chain(spaces[i % 2], 3000 + i, BLOCKS) for i in range(3)]
+            assert _loading(c), "the load ended before the kill: test too slow"
+        d.kill()
+    finally:
+        d.close()
+    d2 = daemon_factory(*ssd_args(ssd_dir, "32MiB"), workdir=tmp_path / "again")
+    with KVClient(d2.socket) as c:
+        spaces = [c.namespace("m", LAYOUT), c.namespace("new-model", LAYOUT)]
+        for i, (ks, data) in enumerate(late):
+            assert get_exact(spaces[i % 2], ks, data) == BLOCKS, i
+        for seed, ks in keys.items():
+            assert get_exact(spaces[0], ks, chain(seed, BLOCKS)[1]) == BLOCKS, seed
+        st = tier(ssd_stats(c), "SSD")
+        assert st.recovered_blocks == CHAINS * BLOCKS + 3 * BLOCKS
+        assert st.checksum_failures == 0
 
 
 def test_stopped_while_loading_shuts_down_cleanly_and_recovers_everything(
@@ -152,3 +184,33 @@ def test_stopped_while_loading_shuts_down_cleanly_and_recovers_everything(
         ns = c.namespace("m", LAYOUT)
         assert sum(get_exact(ns, ks, chain(seed, BLOCKS)[1]) for seed, ks in keys.items()) \
             == CHAINS * BLOCKS
+
+
+def test_write_through_during_a_load_from_the_slab_files_survives_a_sigkill(
+        daemon_factory, tmp_path, shm_dir):
+    # The journal is lost: the load rebuilds the index from the slot headers. Blocks committed
+    # meanwhile are journaled in a new, headerless journal (so the next start scans again) and
+    # survive a SIGKILL before the load ends, with every scanned block.
+    ssd_dir = tmp_path / "ssd"
+    keys = _populate(daemon_factory, ssd_dir)
+    (ssd_dir / "journal").unlink()
+    d = _slow_restart(tmp_path, shm_dir, ssd_dir, "killed")
+    try:
+        with KVClient(d.socket) as c:
+            ns = c.namespace("m", LAYOUT)
+            late = [put_chain(ns, 4000 + i, BLOCKS) for i in range(2)]
+            assert _loading(c), "the load ended before the kill: test too slow"
+        d.kill()
+    finally:
+        d.close()
+    d2 = daemon_factory(*ssd_args(ssd_dir, "32MiB"), workdir=tmp_path / "again")
+    with KVClient(d2.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        for ks, data in late:
+            assert get_exact(ns, ks, data) == BLOCKS
+        for seed, ks in keys.items():
+            assert get_exact(ns, ks, chain(seed, BLOCKS)[1]) == BLOCKS, seed
+        st = tier(ssd_stats(c), "SSD")
+        assert st.recovered_blocks == CHAINS * BLOCKS + 2 * BLOCKS
+        assert st.checksum_failures == 0
+    assert "rebuilding the index from the slab files" in d2.log()

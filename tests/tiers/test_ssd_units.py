@@ -132,9 +132,12 @@ def test_gds_path_matches_host_path(tmp_path):
         ssd.close()
 
 
-def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, monkeypatch):
+@pytest.mark.parametrize("chunk_blocks", [65536, 1])
+def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, monkeypatch,
+                                                           chunk_blocks):
     """The real store + SSD tier in one event loop: the journal compacts in the background while
-    puts and deletes go on, and a fresh store recovers exactly the live blocks."""
+    puts and deletes go on, and a fresh store recovers exactly the live blocks. With one block
+    entry per loop turn, puts and deletes land while the compaction builds its snapshot."""
     import asyncio
 
     from kvstore.tiers.ssd import catalog as ssd_journaling
@@ -149,6 +152,7 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     from kvstore.tiers.ssd.journal import Journal
 
     monkeypatch.setattr(ssd_journaling, "COMPACT_MIN_RECORDS", 8)
+    monkeypatch.setattr(ssd_journaling, "COMPACT_CHUNK_BLOCKS", chunk_blocks)
     layout = KVLayout(1, 1, 64, 16, "uint8")          # 2 KiB blocks in 4 KiB slots
     bb = layout.block_bytes
 

@@ -42,7 +42,7 @@ GOALS = {"kv_vs_shared": 0.9, "routing_gain": 2.0, "load_max_over_mean": 1.3,
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvstore bench trace", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+                                 epilog="\n".join(__doc__.splitlines()[2:]), allow_abbrev=False)
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
                     help=f"JSON-lines trace (default {DEFAULT_TRACE}, relative to the "
                          "working directory)")

@@ -44,6 +44,7 @@ _TAG = struct.Struct("<16s16sI")
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 COMPACT_MIN_RECORDS = 65536   # never compact a journal smaller than this many dead records
+COMPACT_CHUNK_BLOCKS = 65536  # block entries a background compaction builds per loop turn
 
 
 class SSDCatalog:
@@ -59,19 +60,30 @@ class SSDCatalog:
         self._sync_task: asyncio.Task | None = None
         self._closed = False
         self._register_fn = None   # recover()'s namespace registration
-        self.loading = False       # a recovery is applying the journal (nothing journaled)
+        self.loading = False       # a recovery is applying the journal
+        # While loading: the journal as found is open for appending the puts written meanwhile
+        # (open_load_writes); off again before the compaction that ends the load.
+        self.load_writes = False
+        self._next_ord = 0         # ordinal the next NS record appended while loading takes
         self._freed_while_compacting: list[int] | None = None   # see compact_in_steps
         self.live = 0     # SSD slots holding a block (deleted-but-pinned ones too)
+        self._compaction: asyncio.Task | None = None   # a background compaction (maybe_compact)
+        # While it builds its snapshot: the PUTS, DEL and SEG records appended meanwhile, to be
+        # appended again behind the snapshot in the new file (None: not recording).
+        self._appended_while_compacting: list[bytes] | None = None
 
     # -- journaling what changed -----------------------------------------------------------------
     def log_puts(self, bids: list[int]) -> None:
-        """Blocks now on SSD (their ``ssd`` and ``csum`` set in the table): one PUTS frame."""
+        """Blocks now on SSD (their ``ssd`` and ``csum`` set in the table): one PUTS frame.
+        While loading, behind an NS record for each namespace the journal as found lacks."""
+        if self.loading:
+            self._journal_new_namespaces()
         self.live += len(bids)
-        self.journal.append(jr.encode_puts(self._put_entries(np.asarray(bids))))
+        self._append(jr.encode_puts(self._put_entries(np.asarray(bids))))
 
     def log_segment(self, segment: int, slot_bytes: int, sync: bool = False) -> None:
         """A segment was given to a block size."""
-        self.journal.append(jr.encode_seg(segment, slot_bytes))
+        self._append(jr.encode_seg(segment, slot_bytes))
         if sync:
             self.schedule_sync()
 
@@ -82,8 +94,28 @@ class SSDCatalog:
             if self._freed_while_compacting is not None:
                 self._freed_while_compacting.append(addr)   # ... or journals its DEL then
             return
-        self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
+        self._append(jr.encode_del(addr, self.ssd.next_seq()))
         self.schedule_sync()
+
+    def _append(self, record: bytes) -> None:
+        self.journal.append(record)
+        if self._appended_while_compacting is not None:
+            self._appended_while_compacting.append(record)
+
+    def open_load_writes(self) -> None:
+        """While loading, after begin_restore: open the journal as found for appending, so a
+        block written during the load is durable when its commit answers. Its records name
+        namespaces by the file's own ordinals (those begin_restore took from it; others get
+        NS records as their blocks are journaled). Raises OSError."""
+        self.journal.open_append(header=self.ssd.created)
+        self.load_writes = True
+
+    def _journal_new_namespaces(self) -> None:
+        for ns in self.table.namespaces():
+            if ns.namespace_id not in self._ns_ord:
+                self._ns_ord[ns.namespace_id] = self._next_ord
+                self._next_ord += 1
+                self.journal.append(jr.encode_ns(self._ns_record(ns)))
 
     # -- namespaces ----------------------------------------------------------------------------
     def on_namespace(self, ns) -> None:
@@ -125,8 +157,9 @@ class SSDCatalog:
     #   order_restore()     off the loop: newest entry per key, sorted (namespace, depth) so
     #                       parents land before their children; pure numpy
     #   restore_batch()     on the loop, a bounded batch at a time; then finish_restore()
-    # While ``loading`` nothing is journaled (no SSD writes happen; deletes are covered by the
-    # compaction that ends the load, which writes only what the table then holds).
+    # While ``loading`` only the blocks written meanwhile are journaled, appended to the file as
+    # found (open_load_writes: a write-through commit is durable when it answers); deletes are
+    # covered by the compaction that ends the load, which writes only what the table holds.
     def recover(self, register) -> int:
         """Rebuild namespaces and SSD blocks from the journal — and, when the journal is
         missing, empty or damaged in an existing directory, from the slab files' slot headers
@@ -168,6 +201,11 @@ class SSDCatalog:
         self.loading = True
         self._register_fn = register
         by_ns = [self._register(rec, "journal") for rec in st.namespaces]
+        # The file's ordinals, for what is appended to it while loading (open_load_writes).
+        self._ns_ord = {}
+        for i, rec in enumerate(st.namespaces):
+            self._ns_ord.setdefault(rec.namespace_id, i)
+        self._next_ord = len(st.namespaces)
         for seg, slot_bytes in st.segments.items():
             if not ssd.assign_segment(seg, slot_bytes):
                 log.warning("journal: segment %d is outside the configured capacity or was "
@@ -308,6 +346,7 @@ class SSDCatalog:
         finally:
             self._freed_while_compacting = None
         self.loading = False
+        self.load_writes = False
         done = self.journal.start_rewrite(records)
         for addr in freed:
             self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
@@ -415,11 +454,55 @@ class SSDCatalog:
         return records
 
     def maybe_compact(self) -> None:
-        """While running: compact in the background once dead records outnumber live ones."""
+        """While running: compact in the background once dead records outnumber live ones
+        (_compact_in_background: nothing of it blocks the event loop for long)."""
         j = self.journal
-        if not self._closed and j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS and \
-                not j.busy():
-            j.start_rewrite(self._snapshot())
+        if not self._closed and not self.loading and self._compaction is None and \
+                j.records_in_file > 2 * self.live + COMPACT_MIN_RECORDS:
+            self._compaction = asyncio.get_running_loop().create_task(
+                self._compact_in_background(COMPACT_CHUNK_BLOCKS))
+
+    async def _compact_in_background(self, chunk_blocks: int) -> None:
+        """Rewrite the journal as the live records while the daemon serves: the snapshot's
+        block entries are built ``chunk_blocks`` at a time, a loop turn apart, while writes
+        and deletes go on and are journaled (and synced) in the old file as usual. Every PUTS,
+        DEL and SEG record appended meanwhile is written again behind the snapshot in the new
+        file, in its order, so a block written or deleted after its chunk was taken is
+        journaled right (a slot's last record wins on replay). The new file is swapped in by
+        the journal's writer (off the loop); failures are logged and leave the old journal."""
+        idx = self.table
+        self._appended_while_compacting = []
+        try:
+            live = np.flatnonzero((idx.ssd != NO_SLOT) & (idx.state == COMMITTED))
+            parts = []
+            for i in range(0, len(live), max(1, chunk_blocks)):
+                ids = live[i:i + chunk_blocks]
+                ids = ids[(idx.ssd[ids] != NO_SLOT) & (idx.state[ids] == COMMITTED)]
+                parts.append(self._put_entries(ids))
+                await asyncio.sleep(0)
+            # Everything appended so far durable in the old file, no flush in flight: what
+            # start_rewrite needs, and no waiter is told "durable" by the rewrite for a record
+            # the new file lacks.
+            while self.journal.busy() or self.journal.pending():
+                await self.journal.sync()
+            if self._closed:
+                return                       # shutdown compacts once more itself
+            # From here to start_rewrite nothing awaits. The records kept meanwhile are written
+            # inside the new file (not appended after it), so the rename never drops one.
+            again, self._appended_while_compacting = self._appended_while_compacting, None
+            records = self._head_records() + parts + again
+            self.live = int(np.count_nonzero((idx.ssd != NO_SLOT) & (idx.state != FREE)))
+            await self.journal.start_rewrite(records)
+        except Exception:
+            log.exception("SSD journal: background compaction failed; the old journal stays")
+        finally:
+            self._appended_while_compacting = None
+            self._compaction = None
+
+    async def idle(self) -> None:
+        """Wait for a background compaction to finish (shutdown)."""
+        if self._compaction is not None:
+            await asyncio.gather(self._compaction, return_exceptions=True)
 
     def _put_entries(self, bids: np.ndarray) -> np.ndarray:
         idx = self.table

@@ -2,7 +2,9 @@
 
 Layout of ``--ssd-dir``::
 
-    superblock        magic, format version, segment size (refused if incompatible)
+    superblock        magic, format version, segment size (refused if incompatible), checksum
+    superblock.copy   the same again: either restores the other; with both damaged the
+                      superblock is rebuilt from the segment files (their size, their headers)
     seg-00000.slab    one preallocated file per segment (``segment_bytes`` each)
     journal           the index journal (see kvstore/tiers/ssd/journal.py)
 
@@ -42,7 +44,6 @@ I/O contract:
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import mmap
@@ -57,7 +58,9 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from kvstore.core import lockfile
 from kvstore.core.directio import direct_io_works
+from kvstore.core.units import format_bytes
 
 log = logging.getLogger("kvstore.ssd")
 
@@ -75,14 +78,27 @@ _SLOT_HDR = struct.Struct("<8sQHHIQ16sQQQ")
 _SEG_HDR = struct.Struct("<8sQHxxxxxxQQQ")
 MAX_TAG_BYTES = HEADER_BYTES - _SLOT_HDR.size
 SLOT_BITS = 32
+RESERVED = -2        # Segment.owner of a slot the loading index will restore (reserve_slots)
 # Test hook (fault injection at the OS boundary): after N successful slot writes, every write
 # fails with this errno. Both must be set; unset in production.
 _FAULT_ERRNO_ENV = "KVSTORE_TEST_SSD_WRITE_ERRNO"
 _FAULT_AFTER_ENV = "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER"
+# Test hook (a slow disk): every slot write sleeps this many seconds first, in its I/O thread.
+_WRITE_DELAY_ENV = "KVSTORE_TEST_SSD_WRITE_DELAY_S"
 
 
 class SSDFormatError(RuntimeError):
     """The SSD directory was written by an incompatible format, or is not a kvstore directory."""
+
+
+class SSDSpaceError(OSError):
+    """The filesystem has less free space than the slab files still need (checked before any
+    is preallocated); ``need_bytes`` and ``free_bytes`` say by how much."""
+
+    def __init__(self, message: str, need_bytes: int, free_bytes: int):
+        super().__init__(errno.ENOSPC, message)
+        self.need_bytes = need_bytes
+        self.free_bytes = free_bytes
 
 
 def block_checksum(data, key: bytes) -> int:
@@ -204,12 +220,15 @@ class SlabFiles:
         self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
         self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
         self._writes_ok = 0
+        self._write_delay_s = float(os.environ.get(_WRITE_DELAY_ENV, "0") or 0)
         self._fault_lock = threading.Lock()
         self._stat_lock = threading.Lock()   # counters are bumped from the I/O threads
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._tls = threading.local()        # one aligned header buffer per I/O thread
         self.created = False                 # open() made a new directory (nothing to recover)
+        self._made: list[Path] = []          # files this open() created (discard_created)
+        self._made_dirs: list[Path] = []     # directories it created, outermost first
 
     def _set_geometry(self, segment_bytes: int) -> None:
         self.segment_bytes = max(ALIGN, segment_bytes)
@@ -244,28 +263,56 @@ class SlabFiles:
 
         Raises SSDFormatError for a directory of another format or segment size, OSError when
         the files cannot be created (no space for the preallocation, no permission)."""
+        missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._made_dirs = missing[::-1]
+        if not (self.directory / "lock").exists():
+            self._made.append(self.directory / "lock")
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-            raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon") from None
+            self._lock_fd = lockfile.take(self.directory / "lock")
+        except lockfile.LockHeld as exc:
+            self._made = []        # the holder's lock file, not ours
+            self._made_dirs = []
+            raise SSDFormatError(f"{self.directory} is in use by another kvstore daemon (pid "
+                                 f"{exc.pid}); stop it or set --ssd-dir to another "
+                                 "directory") from None
         try:
             self._open_locked()
         except BaseException:
             self._release_files()
+            self.discard_created()
             raise
+
+    def discard_created(self) -> None:
+        """Remove what open() created — slab files, superblock, lock file, directories — so a
+        start-up that failed leaves nothing a restart could misread (a superblock and slab
+        files without a journal read as a lost journal). Call with the files closed; what
+        existed before open() is left alone."""
+        for p in reversed(self._made):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("SSD tier: cannot remove %s after a failed start: %s", p, exc)
+        for d in reversed(self._made_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                break        # something else was put there meanwhile: leave it
+        self._made, self._made_dirs = [], []
 
     def _open_locked(self) -> None:
         self._check_superblock()
+        self._check_free_space()
         _raise_fd_limit(self.n_segments + 1024)
         flags = os.O_RDWR | os.O_CREAT
         direct_flag = getattr(os, "O_DIRECT", 0)
         for n in range(self.n_segments):
             path = self.directory / f"seg-{n:05d}.slab"
             fd = None
+            if not path.exists():
+                self._made.append(path)
             if self.want_direct and direct_flag:
                 try:
                     fd = os.open(path, flags | direct_flag, 0o600)
@@ -294,51 +341,129 @@ class SlabFiles:
                         self.directory)
         # Any segment files beyond the configured capacity are left alone but unused.
 
-    def _check_superblock(self) -> None:
-        sb = self.directory / "superblock"
-        want = {"format_version": FORMAT_VERSION, "segment_bytes": self.segment_bytes}
-        if sb.exists():
-            raw = sb.read_bytes()
-            if not raw.startswith(_MAGIC):
-                raise SSDFormatError(f"{self.directory} is not a kvstore SSD directory "
-                                     "(bad superblock magic); choose another --ssd-dir")
+    def _check_free_space(self) -> None:
+        """Refuse up front when the filesystem cannot hold the slab files still to be
+        preallocated (SSDSpaceError): filling the disk one segment at a time until ENOSPC
+        would starve everything else on it."""
+        need = 0
+        for n in range(self.n_segments):
             try:
-                meta = json.loads(raw[len(_MAGIC):])
-            except ValueError:
-                raise SSDFormatError(f"{sb}: unreadable superblock") from None
-            if meta.get("format_version") == 1:
-                raise SSDFormatError(
-                    f"{self.directory} was written by SSD format version 1 (slots without "
-                    f"headers); this daemon reads version {FORMAT_VERSION} and will not misread "
-                    "it. Its blocks are a cache: remove the directory (they are recomputed on "
-                    "demand) or point --ssd-dir elsewhere")
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise SSDFormatError(
-                    f"{self.directory} was written by SSD format version "
-                    f"{meta.get('format_version')}, this daemon reads version {FORMAT_VERSION}: "
-                    "refusing to misread it; use another --ssd-dir or remove this one")
-            seg = meta.get("segment_bytes")
-            if not isinstance(seg, int) or seg <= 0 or seg % ALIGN:
-                raise SSDFormatError(f"{sb}: bad segment size {seg!r}")
-            if self._requested_segment and seg != self._requested_segment:
-                raise SSDFormatError(
-                    f"{self.directory} uses segments of {seg} bytes, the configuration asks "
-                    f"for {self._requested_segment}: keep ssd_segment_bytes as it was (or 0)")
-            self._set_geometry(seg)
+                st = os.stat(self.directory / f"seg-{n:05d}.slab")
+                have = min(st.st_size, st.st_blocks * 512)
+            except FileNotFoundError:
+                have = 0
+            need += max(0, self.segment_bytes - have)
+        vfs = os.statvfs(self.directory)
+        free = vfs.f_bavail * vfs.f_frsize
+        if need > free:
+            fits = (free + self._allocated_bytes()) // self.segment_bytes * self.segment_bytes
+            raise SSDSpaceError(
+                f"{self.directory} has {format_bytes(free)} free, and "
+                f"{format_bytes(self.capacity_bytes)} of slab files need {format_bytes(need)} "
+                f"more; lower --ssd-bytes (at most about {format_bytes(fits)} fits there) or "
+                "free disk space", need, free)
+
+    def _allocated_bytes(self) -> int:
+        total = 0
+        for n in range(self.n_segments):
+            try:
+                st = os.stat(self.directory / f"seg-{n:05d}.slab")
+            except FileNotFoundError:
+                continue
+            total += min(st.st_size, st.st_blocks * 512, self.segment_bytes)
+        return total
+
+    def _check_superblock(self) -> None:
+        """Read the superblock (or, when it is damaged, its copy, or failing both, rebuild it
+        from the slab files' segment headers, saying so in the log), check it against the
+        configuration, and keep both copies intact; a new directory gets both."""
+        sb = self.directory / "superblock"
+        copy = self.directory / SUPERBLOCK_COPY
+        meta, why = _read_superblock(sb)
+        repair: list[Path] = []          # rewritten once the fields are known to be usable
+        if meta is not None:
+            kept, copy_why = _read_superblock(copy)
+            if kept != meta:
+                if copy_why not in ("missing", None):
+                    log.warning("SSD tier: %s is damaged (%s): rewritten from the superblock",
+                                copy, copy_why)
+                repair = [copy]
+        elif why != "missing" or copy.exists():
+            meta, copy_why = _read_superblock(copy)
+            if meta is not None:
+                log.warning("SSD tier: %s is damaged (%s): restored from its copy %s", sb, why,
+                            copy)
+                repair = [sb]
+            else:
+                meta = self._superblock_from_slabs()
+                if meta is None:
+                    if why == "bad magic":
+                        raise SSDFormatError(f"{self.directory} is not a kvstore SSD directory "
+                                             "(bad superblock magic); choose another --ssd-dir")
+                    raise SSDFormatError(f"{sb}: unreadable superblock ({why}; its copy: "
+                                         f"{copy_why}) and no slab file says its format")
+                log.warning("SSD tier: %s is damaged (%s) and so is its copy (%s): rebuilt "
+                            "from the slab files' segment headers (format %d, segments of %d "
+                            "bytes)", sb, why, copy_why, meta["format_version"],
+                            meta["segment_bytes"])
+                repair = [sb, copy]
+        if meta is not None:
+            self._check_meta(sb, meta)
+            for path in repair:
+                _write_superblock(path, meta)
             return
         if any(self.directory.glob("seg-*.slab")) or (self.directory / "journal").exists():
             raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
                                  "refusing to guess its format")
-        tmp = sb.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, _MAGIC + json.dumps(want).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, sb)
-        _fsync_dir(self.directory)
+        want = {"format_version": FORMAT_VERSION, "segment_bytes": self.segment_bytes}
+        self._made += [sb, copy]
+        _write_superblock(sb, want)
+        _write_superblock(copy, want)
         self.created = True
+
+    def _check_meta(self, sb: Path, meta: dict) -> None:
+        if meta.get("format_version") == 1:
+            raise SSDFormatError(
+                f"{self.directory} was written by SSD format version 1 (slots without "
+                f"headers); this daemon reads version {FORMAT_VERSION} and will not misread "
+                "it. Its blocks are a cache: remove the directory (they are recomputed on "
+                "demand) or point --ssd-dir elsewhere")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise SSDFormatError(
+                f"{self.directory} was written by SSD format version "
+                f"{meta.get('format_version')}, this daemon reads version {FORMAT_VERSION}: "
+                "refusing to misread it; use another --ssd-dir or remove this one")
+        seg = meta.get("segment_bytes")
+        if not isinstance(seg, int) or seg <= 0 or seg % ALIGN:
+            raise SSDFormatError(f"{sb}: bad segment size {seg!r}")
+        if self._requested_segment and seg != self._requested_segment:
+            raise SSDFormatError(
+                f"{self.directory} uses segments of {seg} bytes, the configuration asks "
+                f"for {self._requested_segment}: keep ssd_segment_bytes as it was (or 0)")
+        self._set_geometry(seg)
+
+    def _superblock_from_slabs(self) -> dict | None:
+        """The superblock the slab files imply: every segment file is ``segment_bytes`` long,
+        and at least one carries a segment header of this format. None when they do not
+        agree (or nothing was ever written: then there is nothing to misread either, but
+        nothing proves the format)."""
+        files = sorted(self.directory.glob("seg-*.slab"))
+        sizes = {p.stat().st_size for p in files}
+        if len(sizes) != 1:
+            return None
+        seg_bytes = sizes.pop()
+        if seg_bytes <= 0 or seg_bytes % ALIGN:
+            return None
+        for p in files:
+            try:
+                number = int(p.stem.split("-")[1])
+                with open(p, "rb") as f:
+                    raw = f.read(HEADER_BYTES)
+            except (OSError, ValueError, IndexError):
+                continue
+            if decode_segment_header(raw, number) is not None:
+                return {"format_version": FORMAT_VERSION, "segment_bytes": seg_bytes}
+        return None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -407,10 +532,24 @@ class SlabFiles:
         return None
 
     def rebuild_free_lists(self) -> None:
-        """After recovery set owners directly: free slots are those without one (lowest first)."""
+        """After recovery set owners directly: free slots are those without one (lowest first);
+        slots reserved for the load (reserve_slots) and never restored become free."""
         for seg in self.segments:
             if seg.slot_bytes:
+                seg.owner[seg.owner < 0] = -1
                 seg.free = np.flatnonzero(seg.owner < 0)[::-1].tolist()
+
+    def reserve_slots(self, addrs: np.ndarray) -> None:
+        """While the index loads: keep these slots (the ones it will restore) off the free
+        lists, so a block written meanwhile never lands in a slot a journaled block still
+        claims. rebuild_free_lists ends the reservation."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        seg_no = addrs >> SLOT_BITS
+        for n in np.unique(seg_no).tolist():
+            self.segments[n].owner[addrs[seg_no == n] & ((1 << SLOT_BITS) - 1)] = RESERVED
+        for seg in self.segments:
+            if seg.slot_bytes:
+                seg.free = np.flatnonzero(seg.owner == -1)[::-1].tolist()
 
     def set_owner(self, addr: int, block_id: int) -> None:
         self.segments[addr >> SLOT_BITS].owner[addr & ((1 << SLOT_BITS) - 1)] = block_id
@@ -491,6 +630,8 @@ class SlabFiles:
         the checksum of its first ``nbytes``. Raises OSError on failure (ENOSPC, EIO, short
         write)."""
         csum = block_checksum(view[:nbytes], key)
+        if self._write_delay_s:
+            time.sleep(self._write_delay_s)
         if self._fault_errno and self._fault_after >= 0:
             with self._fault_lock:
                 if self._writes_ok >= self._fault_after:
@@ -618,6 +759,51 @@ def each_slot(op, items) -> list:
         except OSError as exc:
             out.append(exc)
     return out
+
+
+SUPERBLOCK_COPY = "superblock.copy"
+
+
+def _superblock_check(meta: dict) -> str:
+    body = json.dumps({k: v for k, v in meta.items() if k != "check"}, sort_keys=True)
+    return f"{xxhash.xxh3_64_intdigest(body.encode()):016x}"
+
+
+def _read_superblock(path: Path) -> tuple[dict | None, str | None]:
+    """(its fields, None) for an intact superblock, else (None, why): "missing", "bad magic",
+    "unreadable", "checksum mismatch". One without a checksum (written before superblocks
+    carried one) is taken as it reads."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    if not raw.startswith(_MAGIC):
+        return None, "bad magic"
+    try:
+        meta = json.loads(raw[len(_MAGIC):])
+    except ValueError:
+        return None, "unreadable"
+    if not isinstance(meta, dict):
+        return None, "unreadable"
+    if "check" in meta:
+        if meta["check"] != _superblock_check(meta):
+            return None, "checksum mismatch"
+        del meta["check"]
+    return meta, None
+
+
+def _write_superblock(path: Path, meta: dict) -> None:
+    """Write a superblock with its checksum atomically (temp file, fsync, rename, fsync dir)."""
+    body = dict(meta, check=_superblock_check(meta))
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, _MAGIC + json.dumps(body).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def auto_segment_bytes(capacity_bytes: int) -> int:

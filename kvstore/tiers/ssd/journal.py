@@ -298,6 +298,19 @@ class Journal:
         self._flush_task = asyncio.ensure_future(run())
         return self._flush_task
 
+    def open_append(self, header: bool) -> None:
+        """Open the journal as found for appending (writes while the index loads, before the
+        compaction that ends the load rewrites it). ``header``: write the HDR frame first when
+        the file is new or empty (a directory just created); otherwise a missing file stays
+        headerless, so the next replay still calls it damaged and scans the slab files."""
+        with self._io_lock:
+            self._close()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.fchmod(fd, 0o600)
+            self._fd = fd
+            if header and os.fstat(fd).st_size == 0:
+                self._write_locked(encode_header())
+
     def replace_blocking(self, records: list) -> None:
         """Replace the journal with ``records``, which the caller guarantees reflect every
         record appended so far (the buffer is dropped), blocking: startup and shutdown."""

@@ -38,8 +38,10 @@ class SSDSpace:
         self.evictions = 0       # SSD blocks evicted (dropped, or kept in DRAM only)
 
     # -- SSD slots -----------------------------------------------------------------------------
-    def take_slots(self, slot_bytes: int, n: int) -> list[int]:
-        """Up to n free SSD slots of this size, evicting SSD blocks (prefix-aware) if needed."""
+    def take_slots(self, slot_bytes: int, n: int, make_room: bool = True) -> list[int]:
+        """Up to n free SSD slots of this size, evicting SSD blocks (prefix-aware) if needed;
+        ``make_room`` False: free slots and unassigned segments only (while the index loads,
+        when eviction cannot see the blocks not restored yet)."""
         out: list[int] = []
         while len(out) < n:
             addr = self.ssd.allocate(slot_bytes)
@@ -50,7 +52,7 @@ class SSDSpace:
             if seg is not None:
                 self.catalog.log_segment(seg, slot_bytes)
                 continue
-            if not self._make_room(slot_bytes, n - len(out)):
+            if not make_room or not self._make_room(slot_bytes, n - len(out)):
                 break
         return out
 

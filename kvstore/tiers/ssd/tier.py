@@ -73,7 +73,11 @@ class SSDTier:
         self._failed = False             # the load failed: no SSD writes, journal untouched
         self._recovery: asyncio.Task | None = None
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-ssd-load")
-        self._deferred: list[int] = []   # committed while loading: written once loaded
+        # Writes while loading: open once the slots the load will restore are reserved (set
+        # too when the load ends); the writes in flight, drained before its compaction.
+        self._load_gate = asyncio.Event()
+        self._load_writes: set[asyncio.Task] = set()
+        self._written_while_loading = 0
         self._tombstones: set[tuple[int, bytes]] = set()   # (namespace index, key) deleted while loading
 
     @property
@@ -106,8 +110,12 @@ class SSDTier:
         ``limit_bps`` blocks/s when set (a testing/QoS knob). Until it is done:
 
         - blocks restored so far are visible (lookups say SSD, gets promote them);
-        - no SSD write happens: commits answer from DRAM (write-through resumes for them once
-          loaded), write-back victims are dropped instead of demoted, nothing is journaled;
+        - write-through commits are written to SSD and answer once durable, as always: into
+          free slots the load will not restore (it reserves those it will, once the journal is
+          parsed; commits wait until then), journaled by appending to the journal as found, so
+          a crash before the load ends loses none of them. A commit that finds no such free
+          slot waits for the end of the load (SSD eviction needs the whole index). Write-back
+          victims are dropped instead of demoted; no cleaner, no selective writes;
         - a key put meanwhile wins over its journaled copy (that one is dropped);
         - a key deleted meanwhile stays deleted (its journaled entry is skipped), and the
           delete answers once the load's compaction made that durable (sync_journal waits).
@@ -128,6 +136,10 @@ class SSDTier:
             plan = await loop.run_in_executor(self._loader, cat.order_restore, puts,
                                               cat.valid_slot_bytes(by_ns))
             del puts
+            if not self._closed:
+                self.ssd.reserve_slots(plan["addr"])
+                cat.open_load_writes()
+            self._load_gate.set()
             self.table.reserve(len(plan))
             n_batches, paced_from = 0, time.monotonic()
             for ns, recs in cat.batches(by_ns, plan, batch_blocks):
@@ -143,6 +155,11 @@ class SSDTier:
                     wait = paced_from + self.ssd.counters.recovered_blocks / limit_bps - \
                         time.monotonic()
                 await asyncio.sleep(max(0.0, wait))     # let requests in between batches
+            # No more appends to the old file: the compaction's snapshot must hold them all.
+            cat.load_writes = False
+            while self._load_writes:
+                await asyncio.gather(*self._load_writes, return_exceptions=True)
+            await self.journal.idle()
             cat.finish_restore(read[0], read[2], by_ns, time.monotonic() - t0)
             self._tombstones.clear()
             await cat.compact_in_steps(4 * batch_blocks)
@@ -155,13 +172,12 @@ class SSDTier:
                           "again)", self.ssd.counters.recovered_blocks)
             return
         finally:
+            cat.load_writes = False
+            self._load_gate.set()
             self._loaded.set()
-        log.info("SSD tier: index loaded in %.2fs (%d blocks in %d batches; %d blocks committed "
-                 "meanwhile are written to SSD now)", time.monotonic() - t0,
-                 self.ssd.counters.recovered_blocks, n_batches, len(self._deferred))
-        deferred, self._deferred = list(dict.fromkeys(self._deferred)), []
-        if deferred:
-            self._spawn(self.persist(deferred))
+        log.info("SSD tier: index loaded in %.2fs (%d blocks in %d batches; %d blocks written "
+                 "to SSD meanwhile)", time.monotonic() - t0,
+                 self.ssd.counters.recovered_blocks, n_batches, self._written_while_loading)
         if self.policy.on_eviction:
             self._kick_cleaner()
 
@@ -176,11 +192,6 @@ class SSDTier:
         """The store deleted these keys: while loading, their journaled entries must not land."""
         if self.loading:
             self._tombstones.update((ns_index, bytes(k)) for k in keys)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._write_tasks.add(task)
-        task.add_done_callback(self._write_tasks.discard)
 
     def _writable(self) -> bool:
         return not self._closed and not self._failed and not self.loading
@@ -223,12 +234,14 @@ class SSDTier:
         return out
 
     # -- writes --------------------------------------------------------------------------------
-    def _start_writes(self, bids: list[int]) -> tuple[list[tuple[int, int]], list]:
-        """Allocate SSD slots and submit the writes. Returns ((bid, addr) per write, futures
-        of the groups' results)."""
+    def _start_writes(self, bids: list[int], make_room: bool = True
+                      ) -> tuple[list[tuple[int, int]], list]:
+        """Allocate SSD slots (evicting only if ``make_room``) and submit the writes. Returns
+        ((bid, addr) per write, futures of the groups' results)."""
         started, writes = [], []
         for bid in bids:
-            addrs = self.space.take_slots(self.table.namespace_of(bid).layout.slot_bytes, 1)
+            addrs = self.space.take_slots(self.table.namespace_of(bid).layout.slot_bytes, 1,
+                                          make_room)
             if not addrs:
                 break
             addr = addrs[0]
@@ -265,27 +278,56 @@ class SSDTier:
         stay in DRAM. Never raises for I/O."""
         if not self._writable():
             if self.loading and not self._closed and self.policy.on_commit:
-                self._deferred.extend(bids)   # written once the index is loaded
+                await self._persist_while_loading(bids)
             return
         if self.policy.on_eviction:
             self._kick_cleaner()
         if not self.policy.on_commit:
             return
-        idx = self.table
-        bids = [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT
-                and idx.state[b] == COMMITTED]
+        bids = self._unwritten(bids)
         if not bids:
             return
-        idx.pin(bids)
+        self.table.pin(bids)
         # Shielded: a cancelled Commit must not leave pins or half-applied writes behind.
         await asyncio.shield(self._persist_pinned(bids))
 
-    async def _persist_pinned(self, bids: list[int]) -> None:
+    def _unwritten(self, bids: list[int]) -> list[int]:
+        idx = self.table
+        return [b for b in bids if idx.ssd[b] == NO_SLOT and idx.dram[b] != NO_SLOT
+                and idx.state[b] == COMMITTED]
+
+    async def _persist_while_loading(self, bids: list[int]) -> None:
+        """persist() while the index loads (see start_recovery): into free slots the load does
+        not claim, journaled in the file as found; what finds none waits for the load."""
+        await self._load_gate.wait()
+        bids = self._unwritten(bids)
+        if bids and self.catalog.load_writes and not self._closed:
+            self.table.pin(bids)
+            task = asyncio.get_running_loop().create_task(
+                self._persist_pinned(bids, make_room=False))
+            self._load_writes.add(task)
+            task.add_done_callback(self._load_writes.discard)
+            await asyncio.shield(task)
+            written = len(bids)
+            bids = self._unwritten(bids)
+            self._written_while_loading += written - len(bids)
+        if bids:
+            await self._loaded.wait()
+            if self._writable():
+                await self.persist(bids)
+
+    async def _persist_pinned(self, bids: list[int], make_room: bool = True,
+                              sync: bool = True) -> None:
+        """Write pinned blocks, journal them and (``sync``) wait for the journal's fsync, else
+        schedule it; unpins."""
         try:
-            started, futs = self._start_writes(bids)
+            started, futs = self._start_writes(bids, make_room)
             groups = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
             self._finish_writes(started, self._ungroup(groups, len(started)))
-            await self.journal.sync()
+            if sync:
+                await self.journal.sync()
+            else:
+                self.catalog.schedule_sync()
         except OSError as exc:
             log.warning("SSD journal sync failed: %s", exc)
         finally:
@@ -359,6 +401,23 @@ class SSDTier:
             self.ssd.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
             if all(idx.ssd[b] == NO_SLOT for b in todo):
                 return   # nothing could be written (disk full, I/O errors): stop, retry later
+
+    def writes_on_eviction(self) -> bool:
+        """Dirty DRAM victims are written to SSD before they are demoted (write-back), now."""
+        return bool(self.policy.on_eviction) and self._writable()
+
+    async def clean(self, bids: list[int]) -> None:
+        """Write these dirty DRAM blocks to SSD, awaiting the I/O pool (the event loop serves
+        meanwhile): what an eviction about to take them needs (BlockStore.clean_room). The
+        journal is synced in the background, as for write_blocking."""
+        if not self.writes_on_eviction():
+            return
+        bids = self._unwritten(bids)
+        if not bids:
+            return
+        self.ssd.counters.sync_demotions += len(bids)
+        self.table.pin(bids)
+        await asyncio.shield(self._persist_pinned(bids, sync=False))
 
     # -- demotion (called by DRAM eviction) ------------------------------------------------------
     def prepare_demotion(self, victims: list[int]) -> None:
@@ -527,6 +586,8 @@ class SSDTier:
         self.catalog.close()
         if self._recovery is not None and not self._recovery.done():
             await asyncio.gather(self._recovery, return_exceptions=True)  # stops at a batch
+        while self._load_writes:      # journaled in the file as found before it is closed
+            await asyncio.gather(*self._load_writes, return_exceptions=True)
         if self.loading or self._failed or self.catalog.loading:
             await asyncio.get_running_loop().run_in_executor(None, self._loader.shutdown)
             self.abandon()
@@ -536,7 +597,8 @@ class SSDTier:
             await asyncio.gather(self._cleaner, return_exceptions=True)
         if self._write_tasks:
             await asyncio.gather(*self._write_tasks, return_exceptions=True)
-        await self.journal.idle()      # a flush or background compaction
+        await self.catalog.idle()      # a background compaction building its snapshot
+        await self.journal.idle()      # a flush or background rewrite
         idx = self.table
         if self.policy.on_eviction:
             log.info("write-back: %d blocks written ahead of eviction by the cleaner, %d while "
