@@ -83,7 +83,8 @@ class EventPublisher:
         self.events_published = 0
 
     def published(self) -> int:
-        """Block events published so far (stored, removed, cleared)."""
+        """Tier changes published so far: one per block stored or removed in a tier, one per
+        AllBlocksCleared (the unit of ``dropped``)."""
         return self.events_published
 
     def dropped(self) -> int:
@@ -214,7 +215,7 @@ class EventPublisher:
             pass        # PUB drops rather than blocks; subscribers see the gap and replay
         self._buffer.append((self.seq, payload))
         self.batches_published += 1
-        self.events_published += len(events)
+        self.events_published += sum(len(getattr(e, "block_hashes", ())) or 1 for e in events)
 
     def _to_events(self, rec: Record) -> list:
         if rec.kind == CLEARED:

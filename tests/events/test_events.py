@@ -137,6 +137,9 @@ def test_stream_restricted_to_named_tenants(daemon_factory, tmp_path):
             snap.apply_batch(b)
         assert snap.held("CPU") == set(ka) | set(ka2)
         assert not (set(kb) | set(kb2)) & (view.held("CPU") | snap.held("CPU"))
+        # counted per tier change: AllBlocksCleared and alice's 4 blocks; bob's never left
+        with KVClient(d.socket) as operator:       # a tenant sees only its own counters
+            assert operator.stats().kv_events_published == 1 + 4
 
 
 def test_stalled_subscriber_blocks_nothing_and_drops_are_counted(daemon_factory):
