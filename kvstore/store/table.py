@@ -35,7 +35,8 @@ construction), from the same methods: a block becomes readable in DRAM (publish,
 SSD (publish, set_ssd, restore_many), or stops being readable there (set_dram(NO_SLOT),
 clear_ssd, unlink of a COMMITTED block: every tier it was in). Only COMMITTED blocks are
 reported, each change once: a block being freed reports its removal when it is unlinked, not
-again when its tiers forget it.
+again when its tiers forget it. A tier that keeps its own copies (HBM) reports them through
+``report_copy``.
 """
 from __future__ import annotations
 
