@@ -71,6 +71,9 @@ def test_replay_fills_a_gap_and_snapshot_rebuilds_a_late_router(daemon_factory):
                 view.apply_batch(batch)
             assert view.held("CPU") == {k for c in chains for k in c}
             assert all(view.parents[c[i]] == c[i - 1] for c in chains for i in range(1, 4))
+            # one BlockStored per chain (depth-first order), after AllBlocksCleared
+            kinds = [type(e).__name__ for _, b in snap for e in b.events]
+            assert kinds == ["AllBlocksCleared"] + ["BlockStored"] * 3
             # vLLM's replay: every buffered batch from a sequence number, then END_SEQ
             first = snap[0][0]
             got = sub.replay(0)
