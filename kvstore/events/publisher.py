@@ -73,8 +73,7 @@ class EventPublisher:
         self._thread: threading.Thread | None = None
         self._running = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._snapshots_in_flight = 0       # changed on the loop and the thread: under the GIL
-        self._lock = threading.Lock()
+        self._snapshots_in_flight = 0       # the publisher thread's: asked, not yet answered
         # Sequence numbers start at the start time in microseconds since the epoch, so a
         # restarted daemon continues above every number its predecessor used: a subscriber
         # sees a restart as a gap that no replay can fill, and takes a snapshot.
@@ -88,7 +87,7 @@ class EventPublisher:
         return self.events_published
 
     def dropped(self) -> int:
-        """Block events dropped because the event log was full (each drop is a sequence gap)."""
+        """Tier changes dropped because the event log was full (each drop is a sequence gap)."""
         return self._events.dropped_events
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -105,6 +104,7 @@ class EventPublisher:
                 self._replay.bind(self._replay_endpoint)
         except zmq.ZMQError:
             self._close_sockets()
+            self._ctx.term()
             raise
         self._events.cleared()
         self._running = True
@@ -261,15 +261,10 @@ class EventPublisher:
             return
         client, _, body = frames
         if body == wire.SNAPSHOT_REQUEST:
-            with self._lock:
-                if self._snapshots_in_flight >= _MAX_SNAPSHOTS or self._snapshot is None:
-                    busy = True
-                else:
-                    busy = False
-                    self._snapshots_in_flight += 1
-            if busy:
+            if self._snapshots_in_flight >= _MAX_SNAPSHOTS or self._snapshot is None:
                 self._end(client, b"busy")
             else:
+                self._snapshots_in_flight += 1
                 self._loop.call_soon_threadsafe(self._take_snapshot, client)
             return
         if len(body) != 8:
@@ -291,8 +286,7 @@ class EventPublisher:
         self._events.snapshot(client, blocks)
 
     def _send_snapshot(self, enc, rec: Record) -> None:
-        with self._lock:
-            self._snapshots_in_flight -= 1
+        self._snapshots_in_flight -= 1
         if rec.blocks is None:
             self._end(rec.client, b"snapshot failed")
             return
