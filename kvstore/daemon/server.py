@@ -229,8 +229,9 @@ class Daemon:
         table = BlockTable(mirror=self.snapshot, on_free=copies.forget,
                            generations=self.generations, events=events)
         if events is not None:     # first, so AllBlocksCleared precedes every stored block
-            self.events = start_publisher(cfg, events, table.snapshot,
-                                          asyncio.get_running_loop())
+            self.events = start_publisher(
+                cfg, events, lambda: table.snapshot(self.hbm.copies() if self.hbm else ()),
+                asyncio.get_running_loop())
         evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
         dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
         copies.add(dram)

@@ -25,8 +25,10 @@ Tiers: the daemon reports each tier separately (a demotion is ``BlockRemoved`` C
 before — ``BlockStored`` STORAGE). Dynamo's tree holds one copy per worker, so this adapter keeps,
 per worker, which media hold each block, stores a block in the tree when its first medium gets
 it and removes it when its last medium drops it; :meth:`find_matches_by_tier` splits a worker's
-overlap by medium. A block whose parent the tree does not hold (its parent was dropped from
-every tier first) is not stored (counted in :attr:`orphans`): a prefix walk could not reach it.
+overlap by medium. A block whose parent the tree does not hold yet (a snapshot lists DRAM before
+SSD, so a DRAM block may come before its SSD-only parent) waits until the parent is stored
+(:attr:`orphans` counts the waiting blocks): Dynamo refuses a block under an unknown parent, and
+a prefix walk could not reach it anyway.
 
 Thread-safety: one thread calls :meth:`pump` / :meth:`apply_batch` and the queries.
 """
@@ -63,8 +65,8 @@ class DynamoIndex:
         self._ids = itertools.count()
         self._held: dict[int, dict[int, int]] = {}      # worker -> block -> media bits
         self._in_tree: dict[int, set[int]] = {}          # worker -> blocks stored in the tree
+        self._waiting: dict[int, dict[int, list[int]]] = {}   # worker -> parent -> children
         self._feeds: dict[int, EventSubscriber] = {}
-        self.orphans = 0          # blocks not stored: the tree lacked their parent
         self.rejected = 0         # events Dynamo refused (counted, never raised)
 
     # -- feeding ---------------------------------------------------------------------------------
@@ -108,6 +110,7 @@ class DynamoIndex:
         if kind == "AllBlocksCleared":
             held.clear()
             tree.clear()
+            self._waiting.pop(worker_id, None)
             self._send(worker_id, "cleared")
         elif kind == "BlockStored":
             self._stored(worker_id, held, tree, event)
@@ -137,7 +140,7 @@ class DynamoIndex:
             held[h] = held.get(h, 0) | bit
             if new:
                 if parent is not None and parent not in tree:
-                    self.orphans += 1
+                    self._waiting.setdefault(worker_id, {}).setdefault(parent, []).append(h)
                     parent = h
                     continue
                 if run and run[-1] != parent:
@@ -154,6 +157,25 @@ class DynamoIndex:
     def _store(self, worker_id: int, parent: int | None, blocks: list[int]) -> None:
         self._send(worker_id, {"stored": {"parent_hash": parent, "blocks": [
             {"block_hash": h, "tokens_hash": h} for h in blocks]}})
+        waiting = self._waiting.get(worker_id)
+        if not waiting:
+            return
+        held, tree = self._held[worker_id], self._in_tree[worker_id]
+        stack = [h for h in blocks if h in waiting]
+        while stack:                       # children that waited for these blocks, and theirs
+            p = stack.pop()
+            for c in waiting.pop(p, ()):
+                if held.get(c) and c not in tree:
+                    tree.add(c)
+                    self._send(worker_id, {"stored": {"parent_hash": p, "blocks": [
+                        {"block_hash": c, "tokens_hash": c}]}})
+                    if c in waiting:
+                        stack.append(c)
+
+    @property
+    def orphans(self) -> int:
+        """Blocks held but not in the tree: waiting for their parent to be stored."""
+        return sum(len(v) for w in self._waiting.values() for v in w.values())
 
     def _send(self, worker_id: int, data) -> None:
         body = json.dumps({"event_id": next(self._ids), "data": data}).encode()

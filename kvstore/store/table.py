@@ -35,7 +35,8 @@ construction), from the same methods: a block becomes readable in DRAM (publish,
 SSD (publish, set_ssd, restore_many), or stops being readable there (set_dram(NO_SLOT),
 clear_ssd, unlink of a COMMITTED block: every tier it was in). Only COMMITTED blocks are
 reported, each change once: a block being freed reports its removal when it is unlinked, not
-again when its tiers forget it.
+again when its tiers forget it. A tier that keeps its own copies (HBM) reports them through
+``report_copy``.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ import numpy as np
 
 from kvstore.core.shmindex import DRAM, NO_OFFSET, SSD, ns_tag
 from kvstore.events.log import STORED, Record
-from kvstore.events.media import MEDIUM_CPU, MEDIUM_STORAGE
+from kvstore.events.media import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_STORAGE
 from kvstore.tiers.base import COMMITTED, DELETED, FREE, NO_SLOT, WRITING
 
 __all__ = ["BlockTable", "COMMITTED", "DELETED", "FREE", "NO_SLOT", "WRITING", "keys_array"]
@@ -334,6 +335,12 @@ class BlockTable:
             and int(self.ns[p]) == ns else None
         self._events.stored_one(medium, ns, key, parent)
 
+    def report_copy(self, medium: str, bid: int, stored: bool) -> None:
+        """A tier that keeps its own copies (HBM) gained or lost a ready copy of a block. Its
+        owner reports both directions, once each, so the stream stays symmetric."""
+        if self._events is not None:
+            self._report(stored, medium, bid)
+
     def _report_stored(self, bids: np.ndarray, dram: bool = True) -> None:
         """Newly visible blocks: stored in each tier that holds them."""
         if dram:
@@ -352,15 +359,22 @@ class BlockTable:
         has &= (self.state[p] != FREE) & (self.ns[p] == ns)
         self._events.stored(medium, ns, self.keys[bids], self.keys[p], has)
 
-    def snapshot(self) -> tuple:
-        """Every visible block as stored records per tier (DRAM, then SSD), parents before
-        children (by chain depth): what a router needs to rebuild its index."""
+    def snapshot(self, gpu=()) -> tuple:
+        """Every visible block as stored records per tier (DRAM, SSD, then the HBM copies
+        ``gpu`` its tier names), parents before children (by chain depth): what a router needs
+        to rebuild its index."""
         linked = self._table[self._table >= 0].astype(np.int64)
         bids = linked[self.state[linked] == COMMITTED]
         bids = bids[np.argsort(self.depth[bids], kind="stable")]
+        in_gpu = np.zeros(len(self.state), dtype=bool)
+        in_gpu[np.asarray(list(gpu), dtype=np.int64)] = True
         out = []
-        for medium, col in ((MEDIUM_CPU, self.dram), (MEDIUM_STORAGE, self.ssd)):
-            b = bids[col[bids] != NO_SLOT]
+        for medium, has in ((MEDIUM_CPU, self.dram[bids] != NO_SLOT),
+                            (MEDIUM_STORAGE, self.ssd[bids] != NO_SLOT),
+                            (MEDIUM_GPU, in_gpu[bids])):
+            if medium == MEDIUM_GPU and not len(gpu):
+                continue
+            b = bids[has]
             ns = self.ns[b]
             parent = self.parent[b].astype(np.int64)
             has = parent >= 0

@@ -33,6 +33,7 @@ import numpy as np
 
 from kvstore.core.arena import Arena
 from kvstore.core.shmfile import remove_orphans
+from kvstore.events.media import MEDIUM_GPU
 from kvstore.metrics.counters import TierCounters
 from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED
@@ -210,6 +211,10 @@ class HBMTier:
         """The block has a ready HBM copy."""
         return bid in self._slot
 
+    def copies(self) -> list[int]:
+        """Blocks with a ready HBM copy (a KV-event snapshot's GPU part)."""
+        return list(self._slot)
+
     def offset(self, bid: int) -> int:
         return self._slot.get(bid, -1)
 
@@ -266,6 +271,7 @@ class HBMTier:
                 del self._filling[bid]
             if ok and state[bid] == COMMITTED and bid not in self._slot:
                 self._slot[bid] = off
+                self.table.report_copy(MEDIUM_GPU, bid, stored=True)
                 self.counters.promotions += 1
                 self.counters.bytes_in += self._bytes_of(bid, slot=False)
                 made += 1
@@ -282,6 +288,7 @@ class HBMTier:
         if self._filling.get(bid) == off:
             del self._filling[bid]
         self._slot[bid] = off
+        self.table.report_copy(MEDIUM_GPU, bid, stored=True)
         self.counters.promotions += 1
         self.counters.bytes_in += self._bytes_of(bid, slot=False)
 
@@ -321,6 +328,7 @@ class HBMTier:
         """Forget a block's HBM copy (the block is gone from the store)."""
         off = self._slot.pop(bid, None)
         if off is not None:
+            self.table.report_copy(MEDIUM_GPU, bid, stored=False)
             self.slabs.free(off)
 
     def _evictable(self, slot_bytes: int) -> np.ndarray:
@@ -334,6 +342,7 @@ class HBMTier:
     def _evict(self, victims) -> None:
         for bid in victims:
             self.slabs.free(self._slot.pop(int(bid)))
+            self.table.report_copy(MEDIUM_GPU, int(bid), stored=False)
         self.counters.evictions += len(victims)
         self.counters.demotions += len(victims)
 

@@ -71,6 +71,9 @@ def test_replay_fills_a_gap_and_snapshot_rebuilds_a_late_router(daemon_factory):
                 view.apply_batch(batch)
             assert view.held("CPU") == {k for c in chains for k in c}
             assert all(view.parents[c[i]] == c[i - 1] for c in chains for i in range(1, 4))
+            # one BlockStored per chain (depth-first order), after AllBlocksCleared
+            kinds = [type(e).__name__ for _, b in snap for e in b.events]
+            assert kinds == ["AllBlocksCleared"] + ["BlockStored"] * 3
             # vLLM's replay: every buffered batch from a sequence number, then END_SEQ
             first = snap[0][0]
             got = sub.replay(0)
@@ -137,6 +140,9 @@ def test_stream_restricted_to_named_tenants(daemon_factory, tmp_path):
             snap.apply_batch(b)
         assert snap.held("CPU") == set(ka) | set(ka2)
         assert not (set(kb) | set(kb2)) & (view.held("CPU") | snap.held("CPU"))
+        # counted per tier change: AllBlocksCleared and alice's 4 blocks; bob's never left
+        with KVClient(d.socket) as operator:       # a tenant sees only its own counters
+            assert operator.stats().kv_events_published == 1 + 4
 
 
 def test_stalled_subscriber_blocks_nothing_and_drops_are_counted(daemon_factory):
@@ -226,3 +232,29 @@ def test_an_endpoint_in_use_stops_the_start_with_a_clear_error(daemon_factory):
     daemon_factory(*SMALL_DRAM, *event_args(pub, replay))
     with pytest.raises(RuntimeError, match=r"kv_events: cannot bind tcp://127\.0\.0\.1:\d+"):
         daemon_factory(*SMALL_DRAM, *event_args(pub))
+
+
+def test_hbm_copies_are_published_as_gpu(daemon_factory):
+    """--hbm-device host: the HBM tier's protocol on shared memory. A get fills HBM copies
+    (BlockStored GPU); a delete drops every tier's copy; a snapshot includes HBM copies."""
+    import torch
+    pub, replay = endpoints()
+    d = daemon_factory("--dram-bytes", "4MiB", "--chunk-bytes", "256KiB",
+                       "--hbm-bytes", "1MiB", "--hbm-device", "host", *event_args(pub, replay))
+    with KVClient(d.socket) as client, EventSubscriber(pub, replay) as sub:
+        view = TierView()
+        for _, b in sub.sync():
+            view.apply_batch(b)
+        ns = client.namespace("m", LAYOUT)
+        keys, data = put_chain(ns, 4, 6)
+        out = torch.empty((6, *LAYOUT.block_shape), dtype=torch.uint8)
+        got = ns.get(keys, out=out).result(timeout=30)            # the client fills HBM
+        assert torch.equal(got, torch.from_numpy(data))
+        follow(sub, view, lambda: view.held("GPU") == set(keys) == view.held("CPU"))
+        assert ns.lookup(keys).tiers == ["HBM"] * 6
+        snap = TierView()
+        for b in sub.snapshot()[1]:
+            snap.apply_batch(b)
+        assert snap.held("GPU") == snap.held("CPU") == set(keys)
+        assert ns.delete(keys[3:]) == 3
+        follow(sub, view, lambda: view.held("GPU") == set(keys[:3]) == view.held("CPU"))
