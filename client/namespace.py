@@ -273,9 +273,10 @@ class Namespace:
         owner writes only after that change; so a generation read AFTER the copy that still
         equals the published one proves the slot had no other owner during the copy: the
         bytes copied are the key's (x86-64 TSO orders the copy's loads before the check's,
-        as kvstore/core/slotgen.py explains). A block evicted or overwritten under the copy
-        fails the check: it and every later block are left to the Acquire path, exactly as
-        a leased read whose lease ended. The daemon learns of the reads afterwards
+        as kvstore/core/slotgen.py explains; elsewhere the SDK maps no snapshot and no
+        generation table, kvstore/core/memorder.py, and every get goes through Acquire).
+        A block evicted or overwritten under the copy fails the check: it and every later
+        block are left to the Acquire path, exactly as a leased read whose lease ended. The daemon learns of the reads afterwards
         (client/readreports.py: stamps, hit counts, counters), off this path."""
         client = self.client
         pair = client.local_reads() if self._registered else None

@@ -25,7 +25,7 @@ from concurrent.futures import wait as futures_wait
 
 import grpc
 
-from kvstore.core import shmindex
+from kvstore.core import memorder, shmindex
 from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
@@ -172,7 +172,10 @@ class KVClient:
         self.datapath = open_datapath(self, ev, shared_memory=self._want_shm,
                                       pin_arena=self._pin_arena, use_hbm=self._use_hbm,
                                       copy_pool=self._copy_pool)
-        if self.datapath.shared_memory and ev.arena.index_path:
+        unsound = memorder.lock_free_reads_unsound()
+        if self.datapath.shared_memory and ev.arena.index_path and unsound:
+            log.info("no index snapshot (%s): lookups go over gRPC", unsound)
+        elif self.datapath.shared_memory and ev.arena.index_path:
             try:
                 self.index_snapshot = shmindex.ShmIndex.attach(ev.arena.index_path,
                                                                ev.arena.uuid)
