@@ -276,8 +276,10 @@ class KVClient:
         return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0):
-        """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats)."""
+        """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats).
+        The first one counts this client's gets and lookups so far, as stats() does."""
         self._ensure_session()
+        self.read_reports.flush(self.timeout_s)
         try:
             for msg in self._stub.WatchStats(pb.WatchStatsRequest(interval_s=interval_s),
                                              metadata=self._metadata):

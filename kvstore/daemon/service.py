@@ -237,7 +237,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             raise InvalidArgument(f"ReportReads: get_s must hold at most max_batch_blocks="
                                   f"{self.store.max_batch_blocks} times, each in [0, "
                                   f"{MAX_REPORTED_GET_S:g}] s", Reason.BAD_ARGUMENT)
-        bids = self.store.report_reads(request.namespace_id, request.keys, request.misses)
+        if request.lookups > MAX_REPORTED_MISSES:
+            raise InvalidArgument(f"ReportReads(lookups={request.lookups}): one report may "
+                                  f"claim at most {MAX_REPORTED_MISSES} lookups",
+                                  Reason.BAD_ARGUMENT)
+        bids = self.store.report_reads(request.namespace_id, request.keys, request.misses,
+                                       request.lookups)
         if bids:
             if self.prefetcher is not None:
                 self.prefetcher.on_acquire(bids)

@@ -47,6 +47,7 @@ log = logging.getLogger("kvstore.store.blockstore")
 
 NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
 ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
+RECENT_DELETES = 16384  # deleted keys remembered for late read reports (report_reads)
 QUARANTINED = -3      # slot owner marker (a slot owner, not an allocate answer: own value): held until the writer's session ends
 
 
@@ -115,6 +116,8 @@ class BlockStore:
         self.sessions: dict[int, Session] = {}
         self._new_id = IdSource()
         self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # keys (namespace-seeded, so unique across namespaces) of the last deleted blocks
+        self._recent_deletes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.counters = DaemonCounters()
 
     def tiers(self) -> list:
@@ -388,24 +391,35 @@ class BlockStore:
         s.leases[lease.lease_id] = lease
         return lease, table.dram[ids].tolist(), tiers
 
-    def report_reads(self, namespace_id: bytes, keys_blob: bytes, misses: int = 0) -> list[int]:
+    def report_reads(self, namespace_id: bytes, keys_blob: bytes, misses: int = 0,
+                     lookups: int = 0) -> list[int]:
         """Account DRAM reads a same-host client made without a lease (the index snapshot's
         offsets, proven by slot generations): stamped for eviction order, hit counts raised,
-        counted as DRAM gets — what acquire does for DRAM hits, without the pin. Keys no
-        longer stored are skipped (evicted or deleted since the read: nothing to count).
-        ``misses``: keys those gets asked for and found nowhere (a get answered with a short
-        prefix and no Acquire), counted as DRAM misses as acquire counts them.
-        Returns the block ids counted (for the SSD and remote write policies and the
-        prefetcher, as after an acquire). Raises for bad input as lookup does."""
+        counted as DRAM gets — what acquire does for DRAM hits, without the pin. A key
+        deleted since the read (one of the last RECENT_DELETES deletes) still counts as a
+        DRAM hit, as the Acquire it stands for would have; other keys no longer stored
+        (unknown, or evicted since the read) are skipped. ``misses``: keys those gets asked
+        for and found nowhere (a get answered with a short prefix and no Acquire), counted
+        as DRAM misses as acquire counts them. ``lookups``: lookups the client answered from
+        the index snapshot, counted as Lookup calls.
+        Returns the block ids counted that are still stored (for the SSD and remote write
+        policies and the prefetcher, as after an acquire). Raises for bad input as lookup
+        does."""
         ns = self.namespace(namespace_id)
         keys = self.parse_keys(keys_blob)
         table = self.table
-        bids = table.find_many(ns.index, keys)
-        bids = bids[bids >= 0]
-        bids = bids[table.state[bids] == COMMITTED]
+        found = table.find_many(ns.index, keys)
+        live = found >= 0
+        live[live] = table.state[found[live]] == COMMITTED
+        bids = found[live]
         table.count_reads(bids, table.tick(), repeats=True)   # one call carries many gets
-        self.dram.counters.count_get(len(bids), misses, len(bids) * ns.layout.block_bytes)
+        gone = self._recent_deletes
+        deleted = sum(1 for k, ok in zip(keys, live.tolist()) if not ok and k in gone) \
+            if gone and len(bids) < len(keys) else 0
+        hits = len(bids) + deleted
+        self.dram.counters.count_get(hits, misses, hits * ns.layout.block_bytes)
         self.counters.reads_reported += len(keys)
+        self.counters.lookups += lookups
         return bids.tolist()
 
     async def promote(self, session_id: int, lease: Lease, positions: list[int],
@@ -533,6 +547,13 @@ class BlockStore:
         found = self.table.find_many(ns.index, keys)
         if self.ssd is not None:
             self.ssd.on_delete(ns.index, keys)   # loading its index: entries yet to land
+        # Lease-free reads of these blocks may still be on their way (report_reads).
+        gone = self._recent_deletes
+        for key, bid in zip(keys, found.tolist()):
+            if bid >= 0:
+                gone[key] = None
+        while len(gone) > RECENT_DELETES:
+            gone.popitem(last=False)
         return sum(self.table.discard(bid) for bid in found[found >= 0].tolist())
 
     def expire(self) -> None:
