@@ -339,7 +339,12 @@ class KVClient:
         """Finish this client's puts and gets, wait for their releases and read reports (all
         bounded by ``timeout_s``, default the client's timeout_s), then end the session and
         the channel.
-        Leases still open then end with the session."""
+        Leases still open then end with the session. Puts and gets not started by the
+        deadline are cancelled; those running are always joined before the session ends
+        (each is bounded by the client's timeouts), so no copy of this client's threads
+        can land in an arena slot after the daemon took it back. Copies into views the
+        caller holds (BlockAllocation.views) are the caller's: the daemon keeps such slots
+        quarantined while this process maps the arena."""
         if self._closed or self._closing:
             return
         self._closing = True      # queued puts and gets still run: _closed comes after them
@@ -347,9 +352,13 @@ class KVClient:
         with self._releases_lock:
             work = list(self._work)
         futures_wait(work, timeout=max(0.0, deadline - time.monotonic()))
-        self._pool.shutdown(wait=False)
+        # Joining from one of the pool's own threads (a done callback that closes) would wait
+        # for itself: there, the other threads are left running, and the daemon's quarantine
+        # covers what they write.
+        own = threading.current_thread().name.startswith(("kvstore-io", "kvstore-copy"))
+        self._pool.shutdown(wait=not own, cancel_futures=True)
         if self._copy_pool is not None:
-            self._copy_pool.shutdown(wait=True)
+            self._copy_pool.shutdown(wait=not own)
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))

@@ -134,6 +134,7 @@ class Stats:
     prefetch_wasted: int = 0
     prefetch_cancelled: int = 0
     prefetch_bytes_promoted: int = 0
+    quarantined_bytes: int = 0        # slots held back from reuse: a writer may still copy in
     proto: pb.Stats = field(default_factory=pb.Stats, repr=False, compare=False,
                             metadata=_BUILT)
 

@@ -323,7 +323,8 @@ def stats_message(store: BlockStore, prefetcher=None, remote=None) -> pb.Stats:
                   active_leases=store.active_leases(), uptime_s=store.uptime_s(),
                   daemon_version=__version__, lookups=k.lookups,
                   puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
-                  sessions_reclaimed=k.sessions_reclaimed, reads_reported=k.reads_reported)
+                  sessions_reclaimed=k.sessions_reclaimed, reads_reported=k.reads_reported,
+                  quarantined_bytes=store.quarantined_bytes())
     pf = prefetcher
     if pf is not None:
         c = pf.counters

@@ -15,8 +15,12 @@ Guarantees:
   never visible.
 - A leased block is never evicted and its slot never reused until the lease is released or
   expires. A release after expiry raises FailedPrecondition so the reader discards its copy.
-- Slots of an allocation that expired while its writer lives stay quarantined until that
-  writer's session ends, so a late write can never land in another block.
+- A slot a writer may still copy into is never reused while it can: the slots of an
+  allocation that expired, or was still open when its session ended, and the HBM fill slots of
+  a lease that expired or ended with its session, are quarantined until the writer's process
+  exits or no longer maps the arena (kvstore.store.writers; a writer the daemon cannot watch:
+  ``quarantine_timeout_s`` after its session ended). A late write can never land in another
+  block. ``quarantined_bytes()`` says how much is held.
 - Everything runs on the daemon's event loop thread: no locks, no awaits inside an operation
   (promote and fetch await SSD reads; every block they touch is pinned across the await).
 
@@ -41,6 +45,8 @@ from kvstore.core.layout import KVLayout
 from kvstore.metrics.counters import DaemonCounters
 from kvstore.store.sessions import Allocation, IdSource, Lease, Session
 from kvstore.store.table import COMMITTED, NO_SLOT, BlockTable
+from kvstore.store.writers import HeldSlots, WriterProcess, file_id
+from kvstore.tiers.base import QUARANTINED
 from kvstore.tiers.dram import DEFAULT_CHUNK_BYTES, DRAMTier, make_room
 
 log = logging.getLogger("kvstore.store.blockstore")
@@ -48,7 +54,6 @@ log = logging.getLogger("kvstore.store.blockstore")
 NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
 ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
 RECENT_DELETES = 16384  # deleted keys remembered for late read reports (report_reads)
-QUARANTINED = -3      # slot owner marker (a slot owner, not an allocate answer: own value): held until the writer's session ends
 
 
 @dataclass(frozen=True)
@@ -98,11 +103,14 @@ class BlockStore:
         max_batch_blocks: int = 4096,
         lease_timeout_s: float = 30.0,
         allocation_timeout_s: float = 30.0,
+        quarantine_timeout_s: float = 300.0,
         clock=time.monotonic,
     ):
         """``table``: the block table (its ``on_free`` must forget a block in every tier given
         here); ``dram``: the DRAM tier over the shared arena; ``ssd``:
-        kvstore.tiers.ssd.tier.SSDTier and ``hbm``: kvstore.tiers.hbm.HBMTier, when configured."""
+        kvstore.tiers.ssd.tier.SSDTier and ``hbm``: kvstore.tiers.hbm.HBMTier, when configured.
+        ``quarantine_timeout_s``: how long the quarantined slots of a writer the daemon cannot
+        watch are held after its session ended (kvstore.store.writers)."""
         self.table = table
         self.dram = dram
         self.ssd = ssd
@@ -110,6 +118,7 @@ class BlockStore:
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s
         self.allocation_timeout_s = allocation_timeout_s
+        self.quarantine_timeout_s = quarantine_timeout_s
         self.clock = clock
         self.started_at = clock()
         self.namespaces: dict[bytes, Namespace] = {}
@@ -118,6 +127,13 @@ class BlockStore:
         self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
         # keys (namespace-seeded, so unique across namespaces) of the last deleted blocks
         self._recent_deletes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._held: list[HeldSlots] = []      # quarantined slots of ended sessions
+        self._quarantined_bytes = 0           # DRAM + HBM bytes quarantined (live sessions too)
+        # the files a writer's process maps while it can write our slots
+        self._shared_files = {f for f in (file_id(getattr(dram.arena, "path", "")),
+                                          file_id(getattr(getattr(getattr(hbm, "pool", None),
+                                                                  "arena", None), "path", "")))
+                              if f is not None}
         self.counters = DaemonCounters()
 
     def tiers(self) -> list:
@@ -131,23 +147,81 @@ class BlockStore:
         return s
 
     def close_session(self, session_id: int) -> None:
+        """End a session (its client closed it, or its stream broke): its leases end, its open
+        allocations are aborted. Slots its client may still be copying into (open
+        allocations, HBM fills, earlier expired allocations) stay quarantined until the
+        client provably cannot write them (see :meth:`release_quarantined`)."""
         s = self.sessions.pop(session_id, None)
         if s is None:
             return
         for lease in s.leases.values():
             if lease.hbm_fill:
-                self.hbm.finish(lease.hbm_fill, ok=False)
+                self._quarantine_hbm(s, lease.hbm_fill)
             self._unlease(lease)
         for alloc in s.allocations.values():
-            self._abort(alloc)
-        for off in s.quarantined_slots:
-            self.dram.slabs.free(off)
-        if self.hbm is not None:
-            self.hbm.free_quarantined(s.quarantined_hbm)
+            self._abort(alloc, quarantine=s)
+        if s.quarantined_slots or s.quarantined_hbm:
+            writer = s.writer
+            s.writer = None
+            self._held.append(HeldSlots(
+                s.session_id, s.pid, writer,
+                float("inf") if writer is not None else self.clock() + self.quarantine_timeout_s,
+                s.quarantined_slots, s.quarantined_hbm))
+            self.release_quarantined()
+        elif s.writer is not None:
+            s.writer.close()
         if s.leases or s.allocations:
             self.counters.sessions_reclaimed += 1
             log.info("session %d (%s pid %d) ended: reclaimed %d leases, %d allocations",
                      session_id, s.client_name, s.pid, len(s.leases), len(s.allocations))
+
+    def release_quarantined(self) -> int:
+        """Free the quarantined slots of ended sessions whose writer can no longer write them
+        (its process exited or maps none of the daemon's shared files; an unwatched writer's
+        after quarantine_timeout_s). Returns bytes freed. Called by expire and close_session."""
+        freed = 0
+        now = self.clock()
+        keep: list[HeldSlots] = []
+        cuda_hbm = self.hbm is not None and self.hbm.pool.backend != "host"
+        for h in self._held:
+            if h.writer is not None:
+                busy = h.writer.can_write(needs_exit=cuda_hbm and bool(h.hbm))
+            else:
+                busy = now < h.until
+            if busy:
+                keep.append(h)
+                continue
+            for off in h.dram:
+                freed += self.dram.slabs.slot_bytes(off)
+                self.dram.slabs.free(off)
+            if h.hbm:
+                freed += sum(self.hbm.slot_bytes(o) for o in h.hbm)
+                self.hbm.free_quarantined(h.hbm)
+            if h.writer is not None:
+                h.writer.close()
+            log.info("session %d (pid %d): %d quarantined slots freed (%s)", h.session_id,
+                     h.pid, len(h.dram) + len(h.hbm),
+                     "its writer cannot write them" if h.writer is not None
+                     else f"unwatched writer, {self.quarantine_timeout_s:g}s passed")
+        self._held = keep
+        self._quarantined_bytes -= freed
+        return freed
+
+    def quarantined_bytes(self) -> int:
+        """Bytes of DRAM and HBM slots held back from reuse because a writer may still copy
+        into them (live sessions' expired allocations and fills, ended sessions' leftovers)."""
+        return self._quarantined_bytes
+
+    def _watch_writer(self, s: Session) -> None:
+        """Watch the session's client process from its first write on (see writers.py)."""
+        if not s.watched:
+            s.watched = True
+            s.writer = WriterProcess.watch(s.pid, self._shared_files)
+
+    def _quarantine_hbm(self, s: Session, fills: dict[int, int]) -> None:
+        n = len(s.quarantined_hbm)
+        self.hbm.finish(fills, ok=False, quarantine=s.quarantined_hbm)
+        self._quarantined_bytes += sum(self.hbm.slot_bytes(o) for o in s.quarantined_hbm[n:])
 
     def register_namespace(self, model_id: str, layout: KVLayout, tenant: str = "") -> Namespace:
         if not model_id:
@@ -250,6 +324,7 @@ class BlockStore:
             raise InvalidArgument(f"parent_key must be {KEY_BYTES} bytes, got {len(parent_key)}",
                                   Reason.BAD_KEYS)
         table, slot_bytes = self.table, ns.layout.slot_bytes
+        self._watch_writer(s)
         stamp = table.tick()
         parent = table.find(ns.index, parent_key) if parent_key else -1
         found = table.find_many(ns.index, keys)
@@ -463,6 +538,9 @@ class BlockStore:
                 if o < 0 and not hbm.is_filling(b) and dram[b] != NO_SLOT]
         fill = dict(zip(need, hbm.reserve(need))) if need else {}
         lease.hbm_fill = {b: o for b, o in fill.items() if o >= 0}
+        s = self.sessions.get(lease.session_id)
+        if lease.hbm_fill and s is not None:
+            self._watch_writer(s)
         return reads, [lease.hbm_fill.get(b, -1) for b in lease.block_ids]
 
     def truncate_lease(self, session_id: int, lease: Lease, n: int) -> tuple[Lease | None, list[int]]:
@@ -562,7 +640,7 @@ class BlockStore:
             for lease in [l for l in s.leases.values() if l.deadline < now]:
                 del s.leases[lease.lease_id]
                 if lease.hbm_fill:   # the client may still be copying into them
-                    self.hbm.finish(lease.hbm_fill, ok=False, quarantine=s.quarantined_hbm)
+                    self._quarantine_hbm(s, lease.hbm_fill)
                 self._unlease(lease)
                 self._expired_leases[lease.lease_id] = None
                 if len(self._expired_leases) > 65536:
@@ -572,6 +650,8 @@ class BlockStore:
                 del s.allocations[alloc.allocation_id]
                 self._abort(alloc, quarantine=s)
                 self.counters.allocations_expired += 1
+        if self._held:
+            self.release_quarantined()
 
     # -- internals ---------------------------------------------------------------------------
     def _allocation(self, session_id: int, allocation_id: int) -> Allocation:
@@ -607,7 +687,7 @@ class BlockStore:
 
     def _drop_writing(self, block_ids: list[int], quarantine: Session | None = None) -> None:
         """Forget these WRITING blocks (-1 entries skipped); their slots are freed, or held
-        until ``quarantine``'s session ends (a writer may still be copying into them)."""
+        in ``quarantine``'s session (its writer may still be copying into them)."""
         slabs = self.dram.slabs
         for bid in block_ids:
             if bid < 0:
@@ -616,6 +696,7 @@ class BlockStore:
             if quarantine is not None:
                 slabs.set_owner(off, QUARANTINED)
                 quarantine.quarantined_slots.append(off)
+                self._quarantined_bytes += slabs.slot_bytes(off)
             else:
                 slabs.free(off)
 
