@@ -154,6 +154,7 @@ class KVClient:
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
         self._closing = False
+        self._draining = False    # close() is joining: work not started yet is refused
         self.reconnects = 0
         self._connect()
 
@@ -301,11 +302,18 @@ class KVClient:
             return False
 
     def submit(self, fn, *args) -> Future:
-        fut = self._pool.submit(fn, *args)
+        fut = self._pool.submit(self._run_work, fn, args)
         with self._releases_lock:
             self._work.add(fut)
         fut.add_done_callback(self._work_done)
         return fut
+
+    def _run_work(self, fn, args):
+        if self._draining:
+            # close() is joining the threads: what had not started fails as a closed client's
+            # call does (a KVStoreError: the caller recomputes), without any RPC
+            raise Unavailable("client closed before this operation started")
+        return fn(*args)
 
     def _work_done(self, fut) -> None:
         with self._releases_lock:
@@ -340,7 +348,7 @@ class KVClient:
         bounded by ``timeout_s``, default the client's timeout_s), then end the session and
         the channel.
         Leases still open then end with the session. Puts and gets not started by the
-        deadline are cancelled; those running are always joined before the session ends
+        deadline fail with Unavailable; those running are always joined before the session ends
         (each is bounded by the client's timeouts), so no copy of this client's threads
         can land in an arena slot after the daemon took it back. Copies into views the
         caller holds (BlockAllocation.views) are the caller's: the daemon keeps such slots
@@ -356,7 +364,8 @@ class KVClient:
         # for itself: there, the other threads are left running, and the daemon's quarantine
         # covers what they write.
         own = threading.current_thread().name.startswith(("kvstore-io", "kvstore-copy"))
-        self._pool.shutdown(wait=not own, cancel_futures=True)
+        self._draining = True
+        self._pool.shutdown(wait=not own)
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=not own)
         with self._releases_lock:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
+from kvstore.client.errors import Unavailable
 from support.ssd import LAYOUT, chain, get_exact, put_chain
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -30,6 +31,7 @@ WRITER = textwrap.dedent(f"""
     sys.path.insert(0, {str(TESTS)!r})
     import numpy as np
     from kvstore.client import KVClient
+from kvstore.client.errors import Unavailable
     from support.ssd import LAYOUT, chain
     c = KVClient(sys.argv[1])
     ns = c.namespace("late", LAYOUT)
@@ -139,13 +141,16 @@ def test_close_joins_its_own_copies_before_the_session_ends(daemon_factory):
     keys = ns.block_keys(tokens)
     futs = [ns.put(keys[i:i + 8], data[i:i + 8]) for i in range(0, 64, 8)]
     c.close(timeout_s=0.0)        # no wait for the puts' futures: only the join
-    assert all(f.done() for f in futs if not f.cancelled())
+    assert all(f.done() for f in futs)
+    # what had not started when close() began joining failed as a closed client's call does
+    refused = [f for f in futs if f.exception() is not None]
+    assert all(isinstance(f.exception(), Unavailable) for f in refused)
     st = _stats(d.socket)
     assert st["quarantined_bytes"] == 0
-    done = sum(f.result() for f in futs if not f.cancelled())
+    done = sum(f.result() for f in futs if f.exception() is None)
     assert st["tiers"][0]["blocks"] == done
     with KVClient(d.socket) as r:
         rns = r.namespace("join", LAYOUT)
         for i, f in enumerate(futs):
-            if not f.cancelled():
+            if f.exception() is None:
                 assert get_exact(rns, keys[8 * i:8 * i + 8], data[8 * i:8 * i + 8]) == 8
