@@ -154,3 +154,95 @@ def test_close_joins_its_own_copies_before_the_session_ends(daemon_factory):
         for i, f in enumerate(futs):
             if f.exception() is None:
                 assert get_exact(rns, keys[8 * i:8 * i + 8], data[8 * i:8 * i + 8]) == 8
+
+
+# A writer putting 16 blocks of 512 KiB (all 7.0) at a time through the SDK, in a loop; one
+# line per put that ended ("ok" or the error's class).
+PUTTER = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {str(TESTS)!r})
+    import numpy as np
+    from kvstore.client import KVClient
+    from support.readerproc import LAYOUT
+    c = KVClient(sys.argv[1], copy_threads=1, timeout_s=5)
+    ns = c.namespace("putter", LAYOUT)
+    data = np.full((16, *LAYOUT.block_shape), 7.0, dtype=np.float32)
+    print("ready", flush=True)
+    i = 0
+    while True:
+        i += 1
+        keys = ns.block_keys([i] + list(range(16 * 16 - 1)))
+        try:
+            ns.put(keys, data).result()
+            print("ok", flush=True)
+        except Exception as exc:
+            print(type(exc).__name__, flush=True)
+""")
+
+
+def test_a_writer_stopped_mid_copy_while_its_session_ends_corrupts_nothing(daemon_factory,
+                                                                          tmp_path):
+    """Rounds of: the putter SIGSTOPped (mid-copy when its session ends with an allocation
+    open: sessions_reclaimed says so) → its connection cut, the daemon ends its session →
+    another client fills the store → the putter resumes its copy. Every block the other
+    client reads back is exactly its own."""
+    import queue
+    import random
+    import signal
+    import threading
+
+    from support.net import UnixProxy
+    from support.readerproc import LAYOUT as BIG
+    from support.readerproc import block_for
+    from support.readers import churn
+
+    d = daemon_factory("--dram-bytes", "36MiB", "--chunk-bytes", "4MiB",   # 64 big slots
+                       "--max-inflight-bytes-per-client", "256MiB")
+    proxy = UnixProxy(str(tmp_path / "proxy.sock"), d.socket)
+    caught = 0
+    try:
+        with KVClient(d.socket) as c:
+            deadline = time.monotonic() + 150
+            round_no = 0
+            while caught < 2 and round_no < 12 and time.monotonic() < deadline:
+                round_no += 1
+                p = subprocess.Popen([sys.executable, "-c", PUTTER, proxy.path],
+                                     stdout=subprocess.PIPE, text=True)
+                lines: queue.Queue = queue.Queue()
+                threading.Thread(target=lambda: [lines.put(x.strip()) for x in p.stdout],
+                                 daemon=True).start()
+                try:
+                    assert lines.get(timeout=60) == "ready"
+                    lines.get(timeout=60)                        # one put done: in its loop
+                    reclaimed = c.stats().sessions_reclaimed
+                    time.sleep(random.uniform(0.0, 0.02))
+                    p.send_signal(signal.SIGSTOP)
+                    proxy.cut()               # the daemon ends the putter's session
+                    _wait(lambda: c.stats().sessions == 1)
+                    if c.stats().sessions_reclaimed == reclaimed:
+                        continue              # stopped between puts: nothing open, next round
+                    caught += 1
+                    keys = churn(c, round_no)          # 60 big blocks of other bytes
+                    while not lines.empty():
+                        lines.get_nowait()
+                    p.send_signal(signal.SIGCONT)      # the stopped copy goes on
+                    lines.get(timeout=60)              # ... and its put ended
+                    p.kill()
+                    p.wait(timeout=30)
+                    ns = c.namespace("reads", BIG)
+                    out = np.empty((len(keys), *BIG.block_shape), dtype=np.float32)
+                    got = ns.get(keys, out=out).result(timeout=60)
+                    assert len(got) > 0
+                    for i in range(len(got)):
+                        assert np.array_equal(got[i], block_for(keys[i], 1)), \
+                            f"round {round_no}: block {i} holds other bytes"
+                    _wait(lambda: c.stats().quarantined_bytes == 0)   # the writer is gone
+                    ns.delete(keys)
+                finally:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGCONT)
+                        p.kill()
+                        p.wait(timeout=30)
+        assert caught, "no round stopped the putter mid-copy"
+    finally:
+        proxy.close()
