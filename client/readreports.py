@@ -73,6 +73,7 @@ class ReadReports:
         with self._cond:
             if self._closed:
                 return
+            was_empty = not self._queued
             q = self._queued.get(namespace_id)
             if q is None:
                 q = self._queued[namespace_id] = _Queued()
@@ -85,7 +86,10 @@ class ReadReports:
                 self._thread = threading.Thread(target=self._run, name="kvstore-reports",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            # Only an empty queue has the reporter waiting for work: waking it on every read
+            # (it lingers, or is in a call) cost a snapshot lookup more than the lookup itself.
+            if was_empty:
+                self._cond.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait (at most timeout_s) until every read queued before this call was sent and
