@@ -4,7 +4,6 @@ write them — it exited or unmapped the arena (kvstore/store/writers.py). Real 
 writer process (paused between its allocation and its copy), real reader; bytes compared."""
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -31,7 +30,6 @@ WRITER = textwrap.dedent(f"""
     sys.path.insert(0, {str(TESTS)!r})
     import numpy as np
     from kvstore.client import KVClient
-from kvstore.client.errors import Unavailable
     from support.ssd import LAYOUT, chain
     c = KVClient(sys.argv[1])
     ns = c.namespace("late", LAYOUT)

@@ -16,7 +16,7 @@ from kvstore.core.layout import KVLayout
 from kvstore.core.slotgen import SlotGenerations
 from kvstore.core import shmindex
 from kvstore.store.blockstore import dram_store
-from support.ssd import BB, LAYOUT, SMALL_DRAM, put_chain
+from support.ssd import LAYOUT, SMALL_DRAM, put_chain
 
 
 def test_a_report_arriving_after_the_delete_still_counts(tmp_path):
