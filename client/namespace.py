@@ -141,6 +141,7 @@ class Namespace:
                 # The remote tier continues a short prefix: only the daemon can ask it.
                 if n == len(keys) or not snap.flags & shmindex.REMOTE:
                     self.local_lookups_answered += 1
+                    self.client.read_reports.add(self.namespace_id, b"", 0, 0.0, lookups=1)
                     return LookupResult(n, names)
         r, _ = self._rpc("Lookup", lambda sid: pb.LookupRequest(
             namespace_id=self.namespace_id, keys=blob))
@@ -273,10 +274,12 @@ class Namespace:
         owner writes only after that change; so a generation read AFTER the copy that still
         equals the published one proves the slot had no other owner during the copy: the
         bytes copied are the key's (x86-64 TSO orders the copy's loads before the check's,
-        as kvstore/core/slotgen.py explains). A block evicted or overwritten under the copy
-        fails the check: it and every later block are left to the Acquire path, exactly as
-        a leased read whose lease ended. The daemon learns of the reads afterwards
-        (client/readreports.py: stamps, hit counts, counters), off this path."""
+        as kvstore/core/slotgen.py explains; elsewhere the SDK maps no snapshot and no
+        generation table, kvstore/core/memorder.py, and every get goes through Acquire).
+        A block evicted or overwritten under the copy fails the check: it and every later
+        block are left to the Acquire path, exactly as a leased read whose lease ended.
+        The daemon learns of the reads afterwards (client/readreports.py: stamps, hit
+        counts, counters), off this path."""
         client = self.client
         pair = client.local_reads() if self._registered else None
         if pair is None or n > client.max_batch_blocks:
@@ -433,6 +436,9 @@ class Namespace:
     def delete(self, keys: Sequence[bytes]) -> int:
         blob = pack_keys(keys)
         _wait_for(self._puts_of(keys), self.client.timeout_s)   # else the put would land after
+        # this client's lease-free reads of these blocks are accounted before they go
+        # (client/readreports.py)
+        self.client.read_reports.flush(self.client.timeout_s)
         r, _ = self._rpc("Delete", lambda sid: pb.DeleteRequest(
             namespace_id=self.namespace_id, keys=blob))
         return r.deleted

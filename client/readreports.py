@@ -14,8 +14,10 @@ daemon's) its gets then paid for on a small host.
 Ordering: the daemon learns of a read a little after it happened. Calls of this client whose
 answer depends on what it read — a put's Allocate (its eviction picks by LRU stamps), Prefetch
 and CancelPrefetch (a read ends the prefetches waiting for it) and ``stats()`` — first wait for
-the reports queued before them (``flush``), so a client sees its own reads accounted as if
-they had been Acquires. A lost report (daemon restarted, namespace
+the reports queued before them (``flush``), and so does ``Delete`` (a report that reached
+the daemon after the delete of its blocks would find nothing left to account), so a client
+sees its own reads accounted as if they had been Acquires. Lookups answered from the index
+snapshot ride along as a count, so the daemon's lookup counter includes them. A lost report (daemon restarted, namespace
 unknown) is dropped with a debug line: it only ever affected eviction order and statistics.
 """
 from __future__ import annotations
@@ -33,12 +35,13 @@ LINGER_S = 0.005     # how long reads may wait for company before they are repor
 
 
 class _Queued:
-    __slots__ = ("keys", "misses", "get_s")
+    __slots__ = ("keys", "misses", "get_s", "lookups")
 
     def __init__(self):
         self.keys: list[bytes] = []      # key blobs, each a multiple of 16 bytes
         self.misses = 0
         self.get_s: list[float] = []
+        self.lookups = 0                 # lookups answered from the index snapshot
 
 
 class ReadReports:
@@ -60,13 +63,17 @@ class ReadReports:
         self._thread: threading.Thread | None = None
         self.reported = 0           # blocks the daemon counted (its answers)
 
-    def add(self, namespace_id: bytes, keys_blob: bytes, misses: int, get_s: float) -> None:
-        """Queue one get's lease-free reads (its proven blocks' keys, its misses, its time)."""
-        if not keys_blob and not misses:
+    def add(self, namespace_id: bytes, keys_blob: bytes, misses: int, get_s: float,
+            lookups: int = 0) -> None:
+        """Queue one get's lease-free reads (its proven blocks' keys, its misses, its time),
+        or ``lookups`` answered from the index snapshot (the daemon counts them as Lookup
+        calls: the operator's lookup count includes those that made no RPC)."""
+        if not keys_blob and not misses and not lookups:
             return
         with self._cond:
             if self._closed:
                 return
+            was_empty = not self._queued
             q = self._queued.get(namespace_id)
             if q is None:
                 q = self._queued[namespace_id] = _Queued()
@@ -74,11 +81,15 @@ class ReadReports:
                 q.keys.append(keys_blob)
                 q.get_s.append(get_s)
             q.misses += misses
+            q.lookups += lookups
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvstore-reports",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            # Only an empty queue has the reporter waiting for work: waking it on every read
+            # (it lingers, or is in a call) cost a snapshot lookup more than the lookup itself.
+            if was_empty:
+                self._cond.notify_all()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait (at most timeout_s) until every read queued before this call was sent and
@@ -122,12 +133,12 @@ class ReadReports:
         if len(blob) > 16 * most:   # the rest waits for the next call
             q.keys, blob = [blob[16 * most:]], blob[:16 * most]
             q.get_s = []
-            misses = 0
+            misses = lookups = 0
         else:
             del self._queued[ns_id]
-            misses = q.misses
+            misses, lookups = q.misses, q.lookups
         return pb.ReportReadsRequest(namespace_id=ns_id, keys=blob, misses=misses,
-                                     get_s=get_s)
+                                     get_s=get_s, lookups=lookups)
 
     def _run(self) -> None:
         while True:

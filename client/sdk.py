@@ -25,7 +25,7 @@ from concurrent.futures import wait as futures_wait
 
 import grpc
 
-from kvstore.core import shmindex
+from kvstore.core import memorder, shmindex
 from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
@@ -167,6 +167,7 @@ class KVClient:
         self._namespaces: dict[bytes, Namespace] = {}
         self._closed = False
         self._closing = False
+        self._draining = False    # close() is joining: work not started yet is refused
         self.reconnects = 0
         self._connect()
 
@@ -195,7 +196,10 @@ class KVClient:
         self.datapath = open_datapath(self, ev, shared_memory=self._want_shm,
                                       pin_arena=self._pin_arena, use_hbm=self._use_hbm,
                                       copy_pool=self._copy_pool)
-        if self.datapath.shared_memory and ev.arena.index_path:
+        unsound = memorder.lock_free_reads_unsound()
+        if self.datapath.shared_memory and ev.arena.index_path and unsound:
+            log.info("no index snapshot (%s): lookups go over gRPC", unsound)
+        elif self.datapath.shared_memory and ev.arena.index_path:
             try:
                 self.index_snapshot = shmindex.ShmIndex.attach(ev.arena.index_path,
                                                                ev.arena.uuid)
@@ -296,8 +300,10 @@ class KVClient:
         return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
 
     def watch_stats(self, interval_s: float = 1.0):
-        """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats)."""
+        """Iterate over Stats snapshots every interval_s until the daemon stops (WatchStats).
+        The first one counts this client's gets and lookups so far, as stats() does."""
         self._ensure_session()
+        self.read_reports.flush(self.timeout_s)
         try:
             for msg in self._stub.WatchStats(pb.WatchStatsRequest(interval_s=interval_s),
                                              metadata=self._metadata):
@@ -319,11 +325,18 @@ class KVClient:
             return False
 
     def submit(self, fn, *args) -> Future:
-        fut = self._pool.submit(fn, *args)
+        fut = self._pool.submit(self._run_work, fn, args)
         with self._releases_lock:
             self._work.add(fut)
         fut.add_done_callback(self._work_done)
         return fut
+
+    def _run_work(self, fn, args):
+        if self._draining:
+            # close() is joining the threads: what had not started fails as a closed client's
+            # call does (a KVStoreError: the caller recomputes), without any RPC
+            raise Unavailable("client closed before this operation started")
+        return fn(*args)
 
     def _work_done(self, fut) -> None:
         with self._releases_lock:
@@ -357,7 +370,12 @@ class KVClient:
         """Finish this client's puts and gets, wait for their releases and read reports (all
         bounded by ``timeout_s``, default the client's timeout_s), then end the session and
         the channel.
-        Leases still open then end with the session."""
+        Leases still open then end with the session. Puts and gets not started by the
+        deadline fail with Unavailable; those running are always joined before the session ends
+        (each is bounded by the client's timeouts), so no copy of this client's threads
+        can land in an arena slot after the daemon took it back. Copies into views the
+        caller holds (BlockAllocation.views) are the caller's: the daemon keeps such slots
+        quarantined while this process maps the arena."""
         if self._closed or self._closing:
             return
         self._closing = True      # queued puts and gets still run: _closed comes after them
@@ -365,9 +383,14 @@ class KVClient:
         with self._releases_lock:
             work = list(self._work)
         futures_wait(work, timeout=max(0.0, deadline - time.monotonic()))
-        self._pool.shutdown(wait=False)
+        # Joining from one of the pool's own threads (a done callback that closes) would wait
+        # for itself: there, the other threads are left running, and the daemon's quarantine
+        # covers what they write.
+        own = threading.current_thread().name.startswith(("kvstore-io", "kvstore-copy"))
+        self._draining = True
+        self._pool.shutdown(wait=not own)
         if self._copy_pool is not None:
-            self._copy_pool.shutdown(wait=True)
+            self._copy_pool.shutdown(wait=not own)
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))

@@ -134,6 +134,7 @@ class Stats:
     prefetch_wasted: int = 0
     prefetch_cancelled: int = 0
     prefetch_bytes_promoted: int = 0
+    quarantined_bytes: int = 0        # slots held back from reuse: a writer may still copy in
     lookup_latency: Latency = field(default_factory=Latency, metadata=_BUILT)  # gRPC Lookup calls
     kv_events_published: int = 0      # KV events sent to routers (block tier changes)
     kv_events_dropped: int = 0        # KV events dropped: the publisher fell behind (a gap)

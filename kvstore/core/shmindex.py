@@ -37,7 +37,8 @@ Consistency (a seqlock per bucket, one for the table):
   and asks for a reconnect through the RPC instead. A lock on the file, unlike a pid, works
   across pid namespaces (containers sharing the shm directory).
 - Memory order as in kvstore/core/slotgen.py: x86-64 TSO orders the reader's loads and the writer's
-  stores in program order; other architectures would need fences.
+  stores in program order; other architectures would need fences, so there the SDK does not map
+  the snapshot and asks the daemon (kvstore/core/memorder.py).
 
 What it does not hold: HBM copies (a daemon with an HBM tier publishes no snapshot) and the
 remote tier (the ``remote`` flag tells clients to ask the daemon when the local prefix is short).

@@ -18,7 +18,9 @@ Memory order: the daemon's bump is a store that precedes (in program order, then
 socket) any write of the slot's next owner; the reader's check is a load after its copy's loads.
 On x86-64 (TSO: loads are not reordered with older loads, stores are seen in causal order) that
 is a correct seqlock without explicit fences; other architectures would need a load fence
-before the check and a store fence after the bump.
+before the check and a store fence after the bump, which Python cannot issue: there the SDK
+does not use the table at all and confirms every read's release instead
+(kvstore/core/memorder.py).
 
 It also serves lease-free same-host reads (docs/decisions.md): the daemon publishes a block's
 offset with its slot's generation in the index snapshot (kvstore/core/shmindex.py), and a client

@@ -110,6 +110,9 @@ FIELDS: list[Field] = [
     Field("max_message_bytes", _size, 64 << 20, "largest gRPC message accepted", format_bytes),
     Field("lease_timeout_s", _pos_float, 30.0, "a get's lease expires after this long"),
     Field("allocation_timeout_s", _pos_float, 30.0, "an uncommitted put expires after this long"),
+    Field("quarantine_timeout_s", _pos_float, 300.0, "slots an aborted put's writer may still "
+          "copy into are reused once its process exits or unmaps the arena; for a writer the "
+          "daemon cannot watch (another pid namespace), this long after its session ended"),
     Field("log_level", _log_level, "info", "debug, info, warning or error"),
     Field("ssd_dir", _str, _default_ssd_dir, "directory of the SSD tier's slab files and journal"),
     Field("ssd_bytes", _size0, 0, "SSD tier capacity (0: no SSD tier)", format_bytes),
@@ -271,6 +274,7 @@ class Config:
     max_message_bytes: int
     lease_timeout_s: float
     allocation_timeout_s: float
+    quarantine_timeout_s: float
     log_level: str
     ssd_dir: str
     ssd_bytes: int

@@ -248,7 +248,8 @@ class Daemon:
             copies.add(ssd)
         self.store = BlockStore(
             table, dram, ssd=ssd, hbm=self.hbm, max_batch_blocks=cfg.max_batch_blocks,
-            lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s)
+            lease_timeout_s=cfg.lease_timeout_s, allocation_timeout_s=cfg.allocation_timeout_s,
+            quarantine_timeout_s=cfg.quarantine_timeout_s)
         self.ssd = ssd     # its index loads in the background once the socket answers
         self.remote = open_remote(cfg, self.store) if cfg.remote else None
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,

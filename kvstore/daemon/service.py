@@ -239,7 +239,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             raise InvalidArgument(f"ReportReads: get_s must hold at most max_batch_blocks="
                                   f"{self.store.max_batch_blocks} times, each in [0, "
                                   f"{MAX_REPORTED_GET_S:g}] s", Reason.BAD_ARGUMENT)
-        bids = self.store.report_reads(request.namespace_id, request.keys, request.misses)
+        if request.lookups > MAX_REPORTED_MISSES:
+            raise InvalidArgument(f"ReportReads(lookups={request.lookups}): one report may "
+                                  f"claim at most {MAX_REPORTED_MISSES} lookups",
+                                  Reason.BAD_ARGUMENT)
+        bids = self.store.report_reads(request.namespace_id, request.keys, request.misses,
+                                       request.lookups)
         if bids:
             if self.prefetcher is not None:
                 self.prefetcher.on_acquire(bids)
@@ -320,7 +325,8 @@ def stats_message(store: BlockStore, prefetcher=None, remote=None, events=None) 
                   active_leases=store.active_leases(), uptime_s=store.uptime_s(),
                   daemon_version=__version__, lookups=k.lookups,
                   puts_rejected=k.puts_rejected, leases_expired=k.leases_expired,
-                  sessions_reclaimed=k.sessions_reclaimed, reads_reported=k.reads_reported)
+                  sessions_reclaimed=k.sessions_reclaimed, reads_reported=k.reads_reported,
+                  quarantined_bytes=store.quarantined_bytes())
     pf = prefetcher
     if pf is not None:
         c = pf.counters

@@ -100,6 +100,9 @@ class _StatsCollector:
         yield GaugeMetricFamily("kvstore_sessions", "Open client sessions", value=st.sessions)
         yield GaugeMetricFamily("kvstore_active_leases", "Leases held now",
                                 value=st.active_leases)
+        yield GaugeMetricFamily("kvstore_quarantined_bytes",
+                                "Slots held back from reuse while a writer may still copy into them",
+                                value=st.quarantined_bytes)
         yield GaugeMetricFamily("kvstore_uptime_seconds", "Seconds since the daemon started",
                                 value=st.uptime_s)
         info = GaugeMetricFamily("kvstore_build_info", "Daemon version", labels=["version"])

@@ -78,7 +78,8 @@ def render_table(st: pb.Stats) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [f"kvstore {st.daemon_version}  up {st.uptime_s:.0f}s  sessions {st.sessions}  "
              f"active leases {st.active_leases}  lookups {st.lookups}  "
-             f"lease-free reads {st.reads_reported}"]
+             f"lease-free reads {st.reads_reported}  "
+             f"quarantined {format_bytes(st.quarantined_bytes)}"]
     lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for r in rows:
         lines.append("  ".join(v.rjust(w) for v, w in zip(r, widths)))

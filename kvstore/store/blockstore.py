@@ -15,8 +15,12 @@ Guarantees:
   never visible.
 - A leased block is never evicted and its slot never reused until the lease is released or
   expires. A release after expiry raises FailedPrecondition so the reader discards its copy.
-- Slots of an allocation that expired while its writer lives stay quarantined until that
-  writer's session ends, so a late write can never land in another block.
+- A slot a writer may still copy into is never reused while it can: the slots of an
+  allocation that expired, or was still open when its session ended, and the HBM fill slots of
+  a lease that expired or ended with its session, are quarantined until the writer's process
+  exits or no longer maps the arena (kvstore.store.writers; a writer the daemon cannot watch:
+  ``quarantine_timeout_s`` after its session ended). A late write can never land in another
+  block. ``quarantined_bytes()`` says how much is held.
 - Everything runs on the daemon's event loop thread: no locks, no awaits inside an operation
   (promote and fetch await SSD reads; every block they touch is pinned across the await).
 
@@ -41,13 +45,15 @@ from kvstore.core.layout import KVLayout
 from kvstore.metrics.counters import DaemonCounters
 from kvstore.store.sessions import Allocation, IdSource, Lease, Session
 from kvstore.store.table import COMMITTED, NO_SLOT, BlockTable
+from kvstore.store.writers import HeldSlots, WriterProcess, file_id
+from kvstore.tiers.base import QUARANTINED
 from kvstore.tiers.dram import DEFAULT_CHUNK_BYTES, DRAMTier, make_room
 
 log = logging.getLogger("kvstore.store.blockstore")
 
 NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
 ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
-QUARANTINED = -3      # slot owner marker (a slot owner, not an allocate answer: own value): held until the writer's session ends
+RECENT_DELETES = 16384  # deleted keys remembered for late read reports (report_reads)
 
 
 @dataclass(frozen=True)
@@ -97,11 +103,14 @@ class BlockStore:
         max_batch_blocks: int = 4096,
         lease_timeout_s: float = 30.0,
         allocation_timeout_s: float = 30.0,
+        quarantine_timeout_s: float = 300.0,
         clock=time.monotonic,
     ):
         """``table``: the block table (its ``on_free`` must forget a block in every tier given
         here); ``dram``: the DRAM tier over the shared arena; ``ssd``:
-        kvstore.tiers.ssd.tier.SSDTier and ``hbm``: kvstore.tiers.hbm.HBMTier, when configured."""
+        kvstore.tiers.ssd.tier.SSDTier and ``hbm``: kvstore.tiers.hbm.HBMTier, when configured.
+        ``quarantine_timeout_s``: how long the quarantined slots of a writer the daemon cannot
+        watch are held after its session ended (kvstore.store.writers)."""
         self.table = table
         self.dram = dram
         self.ssd = ssd
@@ -109,12 +118,22 @@ class BlockStore:
         self.max_batch_blocks = max_batch_blocks
         self.lease_timeout_s = lease_timeout_s
         self.allocation_timeout_s = allocation_timeout_s
+        self.quarantine_timeout_s = quarantine_timeout_s
         self.clock = clock
         self.started_at = clock()
         self.namespaces: dict[bytes, Namespace] = {}
         self.sessions: dict[int, Session] = {}
         self._new_id = IdSource()
         self._expired_leases: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # keys (namespace-seeded, so unique across namespaces) of the last deleted blocks
+        self._recent_deletes: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._held: list[HeldSlots] = []      # quarantined slots of ended sessions
+        self._quarantined_bytes = 0           # DRAM + HBM bytes quarantined (live sessions too)
+        # the files a writer's process maps while it can write our slots
+        self._shared_files = {f for f in (file_id(getattr(dram.arena, "path", "")),
+                                          file_id(getattr(getattr(getattr(hbm, "pool", None),
+                                                                  "arena", None), "path", "")))
+                              if f is not None}
         self.counters = DaemonCounters()
 
     def tiers(self) -> list:
@@ -128,23 +147,81 @@ class BlockStore:
         return s
 
     def close_session(self, session_id: int) -> None:
+        """End a session (its client closed it, or its stream broke): its leases end, its open
+        allocations are aborted. Slots its client may still be copying into (open
+        allocations, HBM fills, earlier expired allocations) stay quarantined until the
+        client provably cannot write them (see :meth:`release_quarantined`)."""
         s = self.sessions.pop(session_id, None)
         if s is None:
             return
         for lease in s.leases.values():
             if lease.hbm_fill:
-                self.hbm.finish(lease.hbm_fill, ok=False)
+                self._quarantine_hbm(s, lease.hbm_fill)
             self._unlease(lease)
         for alloc in s.allocations.values():
-            self._abort(alloc)
-        for off in s.quarantined_slots:
-            self.dram.slabs.free(off)
-        if self.hbm is not None:
-            self.hbm.free_quarantined(s.quarantined_hbm)
+            self._abort(alloc, quarantine=s)
+        if s.quarantined_slots or s.quarantined_hbm:
+            writer = s.writer
+            s.writer = None
+            self._held.append(HeldSlots(
+                s.session_id, s.pid, writer,
+                float("inf") if writer is not None else self.clock() + self.quarantine_timeout_s,
+                s.quarantined_slots, s.quarantined_hbm))
+            self.release_quarantined()
+        elif s.writer is not None:
+            s.writer.close()
         if s.leases or s.allocations:
             self.counters.sessions_reclaimed += 1
             log.info("session %d (%s pid %d) ended: reclaimed %d leases, %d allocations",
                      session_id, s.client_name, s.pid, len(s.leases), len(s.allocations))
+
+    def release_quarantined(self) -> int:
+        """Free the quarantined slots of ended sessions whose writer can no longer write them
+        (its process exited or maps none of the daemon's shared files; an unwatched writer's
+        after quarantine_timeout_s). Returns bytes freed. Called by expire and close_session."""
+        freed = 0
+        now = self.clock()
+        keep: list[HeldSlots] = []
+        cuda_hbm = self.hbm is not None and self.hbm.pool.backend != "host"
+        for h in self._held:
+            if h.writer is not None:
+                busy = h.writer.can_write(needs_exit=cuda_hbm and bool(h.hbm))
+            else:
+                busy = now < h.until
+            if busy:
+                keep.append(h)
+                continue
+            for off in h.dram:
+                freed += self.dram.slabs.slot_bytes(off)
+                self.dram.slabs.free(off)
+            if h.hbm:
+                freed += sum(self.hbm.slot_bytes(o) for o in h.hbm)
+                self.hbm.free_quarantined(h.hbm)
+            if h.writer is not None:
+                h.writer.close()
+            log.info("session %d (pid %d): %d quarantined slots freed (%s)", h.session_id,
+                     h.pid, len(h.dram) + len(h.hbm),
+                     "its writer cannot write them" if h.writer is not None
+                     else f"unwatched writer, {self.quarantine_timeout_s:g}s passed")
+        self._held = keep
+        self._quarantined_bytes -= freed
+        return freed
+
+    def quarantined_bytes(self) -> int:
+        """Bytes of DRAM and HBM slots held back from reuse because a writer may still copy
+        into them (live sessions' expired allocations and fills, ended sessions' leftovers)."""
+        return self._quarantined_bytes
+
+    def _watch_writer(self, s: Session) -> None:
+        """Watch the session's client process from its first write on (see writers.py)."""
+        if not s.watched:
+            s.watched = True
+            s.writer = WriterProcess.watch(s.pid, self._shared_files)
+
+    def _quarantine_hbm(self, s: Session, fills: dict[int, int]) -> None:
+        n = len(s.quarantined_hbm)
+        self.hbm.finish(fills, ok=False, quarantine=s.quarantined_hbm)
+        self._quarantined_bytes += sum(self.hbm.slot_bytes(o) for o in s.quarantined_hbm[n:])
 
     def register_namespace(self, model_id: str, layout: KVLayout, tenant: str = "") -> Namespace:
         if not model_id:
@@ -247,6 +324,7 @@ class BlockStore:
             raise InvalidArgument(f"parent_key must be {KEY_BYTES} bytes, got {len(parent_key)}",
                                   Reason.BAD_KEYS)
         table, slot_bytes = self.table, ns.layout.slot_bytes
+        self._watch_writer(s)
         stamp = table.tick()
         parent = table.find(ns.index, parent_key) if parent_key else -1
         found = table.find_many(ns.index, keys)
@@ -388,24 +466,35 @@ class BlockStore:
         s.leases[lease.lease_id] = lease
         return lease, table.dram[ids].tolist(), tiers
 
-    def report_reads(self, namespace_id: bytes, keys_blob: bytes, misses: int = 0) -> list[int]:
+    def report_reads(self, namespace_id: bytes, keys_blob: bytes, misses: int = 0,
+                     lookups: int = 0) -> list[int]:
         """Account DRAM reads a same-host client made without a lease (the index snapshot's
         offsets, proven by slot generations): stamped for eviction order, hit counts raised,
-        counted as DRAM gets — what acquire does for DRAM hits, without the pin. Keys no
-        longer stored are skipped (evicted or deleted since the read: nothing to count).
-        ``misses``: keys those gets asked for and found nowhere (a get answered with a short
-        prefix and no Acquire), counted as DRAM misses as acquire counts them.
-        Returns the block ids counted (for the SSD and remote write policies and the
-        prefetcher, as after an acquire). Raises for bad input as lookup does."""
+        counted as DRAM gets — what acquire does for DRAM hits, without the pin. A key
+        deleted since the read (one of the last RECENT_DELETES deletes) still counts as a
+        DRAM hit, as the Acquire it stands for would have; other keys no longer stored
+        (unknown, or evicted since the read) are skipped. ``misses``: keys those gets asked
+        for and found nowhere (a get answered with a short prefix and no Acquire), counted
+        as DRAM misses as acquire counts them. ``lookups``: lookups the client answered from
+        the index snapshot, counted as Lookup calls.
+        Returns the block ids counted that are still stored (for the SSD and remote write
+        policies and the prefetcher, as after an acquire). Raises for bad input as lookup
+        does."""
         ns = self.namespace(namespace_id)
         keys = self.parse_keys(keys_blob)
         table = self.table
-        bids = table.find_many(ns.index, keys)
-        bids = bids[bids >= 0]
-        bids = bids[table.state[bids] == COMMITTED]
+        found = table.find_many(ns.index, keys)
+        live = found >= 0
+        live[live] = table.state[found[live]] == COMMITTED
+        bids = found[live]
         table.count_reads(bids, table.tick(), repeats=True)   # one call carries many gets
-        self.dram.counters.count_get(len(bids), misses, len(bids) * ns.layout.block_bytes)
+        gone = self._recent_deletes
+        deleted = sum(1 for k, ok in zip(keys, live.tolist()) if not ok and k in gone) \
+            if gone and len(bids) < len(keys) else 0
+        hits = len(bids) + deleted
+        self.dram.counters.count_get(hits, misses, hits * ns.layout.block_bytes)
         self.counters.reads_reported += len(keys)
+        self.counters.lookups += lookups
         return bids.tolist()
 
     async def promote(self, session_id: int, lease: Lease, positions: list[int],
@@ -456,6 +545,9 @@ class BlockStore:
                 if o < 0 and not hbm.is_filling(b) and dram[b] != NO_SLOT]
         fill = dict(zip(need, hbm.reserve(need))) if need else {}
         lease.hbm_fill = {b: o for b, o in fill.items() if o >= 0}
+        s = self.sessions.get(lease.session_id)
+        if lease.hbm_fill and s is not None:
+            self._watch_writer(s)
         return reads, [lease.hbm_fill.get(b, -1) for b in lease.block_ids]
 
     def truncate_lease(self, session_id: int, lease: Lease, n: int) -> tuple[Lease | None, list[int]]:
@@ -540,6 +632,13 @@ class BlockStore:
         found = self.table.find_many(ns.index, keys)
         if self.ssd is not None:
             self.ssd.on_delete(ns.index, keys)   # loading its index: entries yet to land
+        # Lease-free reads of these blocks may still be on their way (report_reads).
+        gone = self._recent_deletes
+        for key, bid in zip(keys, found.tolist()):
+            if bid >= 0:
+                gone[key] = None
+        while len(gone) > RECENT_DELETES:
+            gone.popitem(last=False)
         return sum(self.table.discard(bid) for bid in found[found >= 0].tolist())
 
     def expire(self) -> None:
@@ -548,7 +647,7 @@ class BlockStore:
             for lease in [l for l in s.leases.values() if l.deadline < now]:
                 del s.leases[lease.lease_id]
                 if lease.hbm_fill:   # the client may still be copying into them
-                    self.hbm.finish(lease.hbm_fill, ok=False, quarantine=s.quarantined_hbm)
+                    self._quarantine_hbm(s, lease.hbm_fill)
                 self._unlease(lease)
                 self._expired_leases[lease.lease_id] = None
                 if len(self._expired_leases) > 65536:
@@ -558,6 +657,8 @@ class BlockStore:
                 del s.allocations[alloc.allocation_id]
                 self._abort(alloc, quarantine=s)
                 self.counters.allocations_expired += 1
+        if self._held:
+            self.release_quarantined()
 
     # -- internals ---------------------------------------------------------------------------
     def _allocation(self, session_id: int, allocation_id: int) -> Allocation:
@@ -593,7 +694,7 @@ class BlockStore:
 
     def _drop_writing(self, block_ids: list[int], quarantine: Session | None = None) -> None:
         """Forget these WRITING blocks (-1 entries skipped); their slots are freed, or held
-        until ``quarantine``'s session ends (a writer may still be copying into them)."""
+        in ``quarantine``'s session (its writer may still be copying into them)."""
         slabs = self.dram.slabs
         for bid in block_ids:
             if bid < 0:
@@ -602,6 +703,7 @@ class BlockStore:
             if quarantine is not None:
                 slabs.set_owner(off, QUARANTINED)
                 quarantine.quarantined_slots.append(off)
+                self._quarantined_bytes += slabs.slot_bytes(off)
             else:
                 slabs.free(off)
 

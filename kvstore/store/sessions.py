@@ -39,9 +39,13 @@ class Session:
     leases: dict[int, Lease] = field(default_factory=dict)
     allocations: dict[int, Allocation] = field(default_factory=dict)
     # Slots of allocations that expired while this client lived: it may still be writing into
-    # them, so they are reused only after the session ends.
+    # them, so they are reused only once it cannot write any more (kvstore.store.writers).
     quarantined_slots: list[int] = field(default_factory=list)
     quarantined_hbm: list[int] = field(default_factory=list)   # HBM fill slots, likewise
+    # The client's process, watched once it first wrote (allocate, an HBM fill); None: not
+    # watched yet, or not watchable (``watched`` says whether it was tried)
+    writer: object = None
+    watched: bool = False
 
 
 class IdSource:

@@ -26,6 +26,9 @@ from typing import Protocol, runtime_checkable
 
 FREE, WRITING, COMMITTED, DELETED = 0, 1, 2, 3
 NO_SLOT = -1
+# A slot owner (DRAM or HBM slab) that is no block: held back from reuse because a writer may
+# still copy into it (kvstore.store.writers). Never evicted, never handed out, not a free slot.
+QUARANTINED = -3
 
 
 @runtime_checkable

@@ -124,6 +124,10 @@ class SlabAllocator:
         cls, i = self._slot_index[offset]
         cls.slot_owner[i] = block_id
 
+    def slot_bytes(self, offset: int) -> int:
+        """The size of the slot at ``offset`` (a slot this allocator handed out)."""
+        return self._slot_index[offset][0].slot_bytes
+
     def free(self, offset: int) -> None:
         cls, i = self._slot_index[offset]
         cls.slot_owner[i] = -1

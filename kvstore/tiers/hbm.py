@@ -11,8 +11,9 @@ they write DRAM slots for a put):
 * a get by a client that opened the pool (``want_hbm``) of a block that is in DRAM but not HBM
   comes with an HBM slot to fill: after its host→device copy, the client copies the block from
   its own output buffer into that slot (device→device) and releases the lease with
-  ``hbm_filled``; only then is the copy visible. An expired lease's fill slots stay quarantined
-  until the client's session ends, like an expired allocation's DRAM slots.
+  ``hbm_filled``; only then is the copy visible. The fill slots of a lease that expired or
+  whose session ended stay quarantined until the client can no longer write them, like an
+  aborted allocation's DRAM slots (kvstore.store.writers).
 * with GPUDirect Storage (kvikio on a CUDA host) SSD-only blocks are read straight from the slab
   files into HBM slots by the daemon (kvstore.tiers.ssd.tier.SSDTier.fetch), skipping the host
   bounce.
@@ -36,7 +37,7 @@ from kvstore.core.shmfile import remove_orphans
 from kvstore.events.media import MEDIUM_GPU
 from kvstore.metrics.counters import TierCounters
 from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
-from kvstore.tiers.base import COMMITTED
+from kvstore.tiers.base import COMMITTED, QUARANTINED
 from kvstore.tiers.dram import SlabAllocator, make_room, slab_stats_row
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -276,7 +277,7 @@ class HBMTier:
                 self.counters.bytes_in += self._bytes_of(bid, slot=False)
                 made += 1
             elif quarantine is not None:
-                self.slabs.set_owner(off, -2)
+                self.slabs.set_owner(off, QUARANTINED)
                 quarantine.append(off)
             else:
                 self.slabs.free(off)
@@ -293,35 +294,49 @@ class HBMTier:
         self.counters.bytes_in += self._bytes_of(bid, slot=False)
 
     async def copy_in(self, bids: list[int]) -> int:
-        """Copy these DRAM blocks into HBM (a prefetch with to_hbm); returns the copies made.
-        The blocks must be pinned (a prefetch pins its blocks) so their DRAM slots stay put."""
-        bids = [b for b in bids if b not in self._slot and b not in self._filling]
+        """Copy these committed DRAM blocks into HBM (a prefetch with to_hbm); returns the
+        copies made. The copy pins its own sources for its whole duration: whoever asked
+        (a prefetch) may end meanwhile — a get reads the blocks, a cancel, an expiry — and
+        an unpinned block's DRAM slot could be evicted and reused under the copy, whose torn
+        bytes would then become the block's HBM copy. The destination slots are this copy's
+        (reserved, so no one else fills or evicts them) until it adopts or frees them."""
+        state, dram = self.table.state, self.table.dram
+        bids = [b for b in bids if b not in self._slot and b not in self._filling
+                and state[b] == COMMITTED and dram[b] >= 0]
         if not bids:
             return 0
-        offs = self.reserve(bids)
-        todo = [(b, o) for b, o in zip(bids, offs) if o >= 0]
-        dram = self.table.dram
-        copies = [(o, self.dram.view(int(dram[b]), self._bytes_of(b, slot=False)))
-                  for b, o in todo]
-        ok = False
+        self.table.pin(bids)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.pool.copy_from_host, copies)
-            ok = True
-        except Exception as exc:     # a failed staging costs only speed: the get reads DRAM
-            log.warning("copying %d blocks into HBM failed: %s", len(todo), exc)
-        made = 0
-        state = self.table.state
-        for b, o in todo:
-            if ok and state[b] == COMMITTED:
-                self.adopt(b, o)
-                made += 1
-            else:
-                self.cancel_fill(b, o)
-        return made
+            offs = self.reserve(bids)
+            todo = [(b, o) for b, o in zip(bids, offs) if o >= 0]
+            copies = [(o, self.dram.view(int(dram[b]), self._bytes_of(b, slot=False)))
+                      for b, o in todo]
+            ok = False
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.pool.copy_from_host,
+                                                                 copies)
+                ok = True
+            except Exception as exc:     # a failed staging costs only speed: the get reads DRAM
+                log.warning("copying %d blocks into HBM failed: %s", len(todo), exc)
+            made = 0
+            for b, o in todo:
+                # a block deleted meanwhile is not COMMITTED: its copy is dropped (the unpin
+                # below then frees the block in every tier)
+                if ok and state[b] == COMMITTED:
+                    self.adopt(b, o)
+                    made += 1
+                else:
+                    self.cancel_fill(b, o)
+            return made
+        finally:
+            self.table.unpin(bids)
 
     def free_quarantined(self, offsets: list[int]) -> None:
         for off in offsets:
             self.slabs.free(off)
+
+    def slot_bytes(self, offset: int) -> int:
+        return self.slabs.slot_bytes(offset)
 
     # -- dropping and eviction -------------------------------------------------------------
     def forget(self, bid: int) -> None:

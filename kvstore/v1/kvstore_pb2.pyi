@@ -361,7 +361,7 @@ class NamespaceStats(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., model_id: _Optional[str] = ..., tenant: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "reads_reported", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "lookup_latency", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending", "kv_events_published", "kv_events_dropped")
+    __slots__ = ("tiers", "namespaces", "sessions", "active_leases", "uptime_s", "daemon_version", "lookups", "puts_rejected", "leases_expired", "sessions_reclaimed", "reads_reported", "prefetch_on_time", "prefetch_late", "prefetch_wasted", "checksum_failures", "recompute_fallbacks", "recompute_fallback_blocks", "requests_throttled", "auth_failures", "lookup_latency", "prefetch_issued", "prefetch_cancelled", "prefetch_bytes_promoted", "prefetch_pending", "quarantined_bytes", "kv_events_published", "kv_events_dropped")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +386,7 @@ class Stats(_message.Message):
     PREFETCH_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_BYTES_PROMOTED_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_PENDING_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -412,9 +413,10 @@ class Stats(_message.Message):
     prefetch_cancelled: int
     prefetch_bytes_promoted: int
     prefetch_pending: int
+    quarantined_bytes: int
     kv_events_published: int
     kv_events_dropped: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., reads_reported: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., lookup_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ..., kv_events_published: _Optional[int] = ..., kv_events_dropped: _Optional[int] = ...) -> None: ...
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., active_leases: _Optional[int] = ..., uptime_s: _Optional[float] = ..., daemon_version: _Optional[str] = ..., lookups: _Optional[int] = ..., puts_rejected: _Optional[int] = ..., leases_expired: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ..., reads_reported: _Optional[int] = ..., prefetch_on_time: _Optional[int] = ..., prefetch_late: _Optional[int] = ..., prefetch_wasted: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recompute_fallbacks: _Optional[int] = ..., recompute_fallback_blocks: _Optional[int] = ..., requests_throttled: _Optional[int] = ..., auth_failures: _Optional[int] = ..., lookup_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., prefetch_issued: _Optional[int] = ..., prefetch_cancelled: _Optional[int] = ..., prefetch_bytes_promoted: _Optional[int] = ..., prefetch_pending: _Optional[int] = ..., quarantined_bytes: _Optional[int] = ..., kv_events_published: _Optional[int] = ..., kv_events_dropped: _Optional[int] = ...) -> None: ...
 
 class WatchStatsRequest(_message.Message):
     __slots__ = ("interval_s",)
@@ -439,16 +441,18 @@ class ReportFallbacksResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReportReadsRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "misses", "get_s")
+    __slots__ = ("namespace_id", "keys", "misses", "get_s", "lookups")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     GET_S_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     keys: bytes
     misses: int
     get_s: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., misses: _Optional[int] = ..., get_s: _Optional[_Iterable[float]] = ...) -> None: ...
+    lookups: int
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., misses: _Optional[int] = ..., get_s: _Optional[_Iterable[float]] = ..., lookups: _Optional[int] = ...) -> None: ...
 
 class ReportReadsResponse(_message.Message):
     __slots__ = ("counted",)

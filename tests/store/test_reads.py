@@ -6,74 +6,19 @@ import json
 import logging
 import random
 import signal
-import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from kvstore.client import KVClient, KVLayout, StaleRead
+from support.net import UnixProxy
 from support.readerproc import LAYOUT, block_for
 from support.readers import churn, drain, start_reader
 
 N = 48                      # reader's blocks: 24 MiB per get
 DAEMON_ARGS = ("--dram-bytes", "36MiB", "--chunk-bytes", "4MiB",   # 8 chunks = 64 slots
                "--max-inflight-bytes-per-client", "256MiB")
-
-
-class UnixProxy:
-    """Forwards a Unix socket to the daemon's; cut() breaks every connection (as a network
-    fault would), so the daemon ends the sessions that went through it."""
-
-    def __init__(self, path: str, target: str):
-        self.path, self.target = path, target
-        self._srv = socket.socket(socket.AF_UNIX)
-        self._srv.bind(path)
-        self._srv.listen(16)
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                a, _ = self._srv.accept()
-            except OSError:
-                return
-            b = socket.socket(socket.AF_UNIX)
-            b.connect(self.target)
-            with self._lock:
-                self._conns += [a, b]
-            for x, y in ((a, b), (b, a)):
-                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self):
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self):
-        self._srv.close()
-        self.cut()
 
 
 def _wait(cond, timeout_s: float) -> bool:

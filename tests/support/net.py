@@ -1,9 +1,11 @@
-"""Small helpers shared by the operations tests: ports, the port a daemon bound, PNG reading."""
+"""Small helpers shared by the tests: ports, the port a daemon bound, PNG reading, a Unix-socket
+proxy that can cut every connection."""
 from __future__ import annotations
 
 import re
 import socket
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -66,3 +68,57 @@ def read_png(path: Path) -> tuple[int, int, list[bytes]]:
             line = bytearray(b"".join(bytes(line[i:i + 3]) + b"\xff" for i in range(0, stride, 3)))
         rows.append(bytes(line))
     return w, h, rows
+
+
+class UnixProxy:
+    """Forwards a Unix socket to the daemon's; cut() breaks every connection (as a network
+    fault would), so the daemon ends the sessions that went through it."""
+
+    def __init__(self, path: str, target: str):
+        self.path, self.target = path, target
+        self._srv = socket.socket(socket.AF_UNIX)
+        self._srv.bind(path)
+        self._srv.listen(16)
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                a, _ = self._srv.accept()
+            except OSError:
+                return
+            b = socket.socket(socket.AF_UNIX)
+            b.connect(self.target)
+            with self._lock:
+                self._conns += [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self._srv.close()
+        self.cut()
