@@ -492,7 +492,7 @@ def open_event_log(cfg: Config):
         import zmq  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"kv_events_endpoint: publishing KV events needs pyzmq and msgspec "
-                          f"({exc.name} is missing): pip install 'kvstore[events]'") from None
+                          f"({exc.name} is missing): pip install 'kvstore-offload[events]'") from None
     from kvstore.events.log import EventLog
     return EventLog(cfg.kv_events_queue, cfg.kv_events_tenants)
 

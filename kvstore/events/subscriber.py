@@ -14,7 +14,7 @@ snapshot and returns its batches (first event ``AllBlocksCleared``, all tagged w
 sequence number S), then continues from S + 1. Without a replay endpoint a gap is only counted
 (:attr:`gaps`) and the stream continues. ``snapshots`` counts snapshots applied.
 
-Needs pyzmq and msgspec (``pip install 'kvstore[events]'``).
+Needs pyzmq and msgspec (``pip install 'kvstore-offload[events]'``).
 """
 from __future__ import annotations
 

@@ -144,5 +144,5 @@ def test_lazy_client_retries_a_failed_connect_and_swallows_close_errors():
 
 
 def test_a_missing_engine_client_says_how_to_install_it():
-    with pytest.raises(RemoteError, match=r"pip install 'kvstore\[nosuch\]' \(and more\)"):
+    with pytest.raises(RemoteError, match=r"pip install 'kvstore-offload\[nosuch\]' \(and more\)"):
         import_engine("kvstore_no_such_engine_module", "nosuch", " (and more)")

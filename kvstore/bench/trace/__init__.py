@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             import zmq  # noqa: F401
         except ImportError as exc:
             print(f"kvstore bench trace: kv-aware routing needs the daemons' KV events and "
-                  f"Dynamo's index ({exc}): pip install 'kvstore[trace]', or --route "
+                  f"Dynamo's index ({exc}): pip install 'kvstore-offload[trace]', or --route "
                   "round-robin", file=sys.stderr)
             return 2
     if args.remote:
