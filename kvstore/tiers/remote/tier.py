@@ -82,8 +82,8 @@ class RemoteCounters:
     writes_deduplicated: int = 0  # blocks the remote already had (another host stored them)
     writes_skipped: int = 0       # queue full, or remote unavailable
     writes_failed: int = 0        # the engine refused the put (pool full)
-    checksum_failures: int = 0    # remote values that were not this block: removed
-    errors: int = 0               # engine calls that failed
+    checksum_failures: int = 0    # remote values read whole that were not this block: removed
+    errors: int = 0               # engine calls, and block reads within one, that failed
     timeouts: int = 0             # waits that missed their deadline
     refused: int = 0              # calls not made: circuit open or thread pool busy
 
@@ -400,6 +400,8 @@ class RemoteTier:
                 self._remember(rk)
             else:
                 self._probed.pop(rk, None)    # the read did not find it: ask the engine next
+        # a failed read is a miss and an error, never a removal: the value is likely intact
+        c.errors += sum(s == ReadStatus.FAILED for s in statuses)
         bad = [rk for rk, s in zip(rkeys, statuses) if s == ReadStatus.CORRUPT]
         if bad:
             c.checksum_failures += len(bad)
