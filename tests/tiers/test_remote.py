@@ -324,3 +324,46 @@ def test_bench_cluster_smoke(backend):
     assert out["acquire_vs_raw_client"] > 0
     assert out["ttft"]["tiers"] == ["REMOTE"] and out["ttft"]["same_first_token"]
     assert out["ttft_speedup"] > 0
+
+
+def test_flush_remote_resolves_once_another_host_can_read_the_blocks(engine, daemon_factory,
+                                                                     tmp_path):
+    """A producer's flush_remote answers once its blocks are readable from the cluster tier:
+    the consumer reads all of them at once, with no polling — also under a write policy that
+    would not have sent them (write_through_selective queues only read blocks)."""
+    for i, policy in enumerate(("write_through", "write_through_selective")):
+        a = host(daemon_factory, tmp_path, f"a{i}", engine.url, "--remote-write-policy", policy)
+        b = host(daemon_factory, tmp_path, f"b{i}", engine.url)
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            ns, keys, data = put_on(ca, 40 + i, 48)
+            placed = ns.flush_remote(keys, deadline_s=20).result(timeout=60)
+            assert placed.complete and placed.num_placed == 48 and not placed.timed_out
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert get_exact(nsb, keys, data) == 48
+            assert remote_row(cb).hits == 48
+            # a second flush finds them placed (remembered, or asked of the engine)
+            again = ns.flush_remote(keys[:5]).result(timeout=60)
+            assert again.placed == [True] * 5
+            # blocks this host never held: placed only if the engine has them
+            other = ns.block_keys(chain(900 + i, 2)[0])
+            assert ns.flush_remote(other, 1.0).result(timeout=60).placed == [False, False]
+
+
+def test_flush_remote_is_bounded_and_answers_bad_input(daemon_factory, tmp_path):
+    from kvstore.bench.cluster_engines import free_port
+    from kvstore.client import FailedPrecondition, InvalidArgument, Reason
+    d = host(daemon_factory, tmp_path, "a", f"redis://127.0.0.1:{free_port()}")
+    plain = daemon_factory("--dram-bytes", "8MiB", "--chunk-bytes", "1MiB")
+    with KVClient(d.socket) as c, KVClient(plain.socket) as cp:
+        ns, keys, _ = put_on(c, 9, 4)
+        t0 = time.monotonic()
+        r = ns.flush_remote(keys, deadline_s=1.0).result(timeout=30)
+        assert r.placed == [False] * 4 and r.timed_out
+        assert time.monotonic() - t0 < 1.0 + DEADLINE_S + 2.0      # the deadline, one probe
+        with pytest.raises(InvalidArgument) as e:
+            ns.flush_remote(keys, deadline_s=-1).result(timeout=30)
+        assert e.value.reason == Reason.BAD_ARGUMENT and "deadline_s" in str(e.value)
+        with pytest.raises(FailedPrecondition) as e:
+            nsp = cp.namespace(MODEL, LAYOUT)
+            nsp.flush_remote(keys).result(timeout=30)
+        assert e.value.reason == Reason.NOT_ENABLED

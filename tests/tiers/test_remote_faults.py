@@ -73,3 +73,66 @@ def test_a_dead_replica_holder_costs_misses_never_good_values(daemon_factory, tm
         if raw is not None:
             raw.close()
         engine.stop()
+
+
+def test_a_dead_redis_master_costs_its_keys_only(daemon_factory, tmp_path):
+    """One of three Redis masters (no replicas, full coverage not required) is SIGKILLed: the
+    keys the live masters hold are still read and written, byte exact; the dead master's keys
+    are misses and writes not sent, counted; the tier's circuit stays closed. After the
+    master restarts (empty), its keys are written and read again."""
+    engine = _engine("redis", tmp_path)
+    raw = None
+    try:
+        a = host(daemon_factory, tmp_path, "a", engine.url)
+        b = host(daemon_factory, tmp_path, "b", engine.url)
+        raw = RawClient(engine.url)
+        dead_port = engine.ports[0]
+
+        def on_dead(ns, keys) -> list[bool]:
+            return [raw.c.get_node_from_key(remote_key(ns.namespace_id, k)).port == dead_port
+                    for k in keys]
+
+        n = 24                       # one-block chains: each key is one get, on one node
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            chains = [put_on(ca, 300 + i, 1) for i in range(n)]
+            wait_for(lambda: remote_row(ca).bytes_in >= n * LAYOUT.block_bytes, 30, "writes")
+            dead = [on_dead(ns, keys)[0] for ns, keys, _ in chains]
+            assert 0 < sum(dead) < n, "the chains should span the dead and the live masters"
+            engine.kill_node(0)
+            nsb = cb.namespace(MODEL, LAYOUT)
+            served = [get_prefix(nsb, keys, data) for _, keys, data in chains]
+            assert served == [0 if d else 1 for d in dead]
+            row = remote_row(cb)
+            assert row.hits == n - sum(dead) and row.checksum_failures == 0
+            assert row.circuit_state == "closed"
+            # new blocks: those of live masters are written, the dead master's skipped
+            fresh = [put_on(cb, 600 + i, 1) for i in range(n)]
+            fdead = [on_dead(ns, keys)[0] for ns, keys, _ in fresh]
+            live_keys = [remote_key(ns.namespace_id, keys[0])
+                         for (ns, keys, _), d in zip(fresh, fdead) if not d]
+            wait_for(lambda: all(raw.c.exists(k) for k in live_keys), 30, "live writes")
+            wait_for(lambda: remote_row(cb).writes_skipped >= sum(fdead), 30, "skipped writes")
+            nodes = {nd.node: nd for nd in row_nodes(cb)}
+            assert nodes[f"127.0.0.1:{dead_port}"].keys_unavailable >= sum(dead) + sum(fdead)
+            assert all(nd.keys_unavailable == 0 and nd.circuit_state == "closed"
+                       for name, nd in nodes.items() if name != f"127.0.0.1:{dead_port}")
+            engine.start_node(0)
+            engine.wait_ok()
+            # the restarted master is empty: A's blocks there are gone, the new ones land
+            again = [put_on(ca, 900 + i, 1) for i in range(n)]
+            adead = [on_dead(ns, keys)[0] for ns, keys, _ in again]
+            dead_keys = [remote_key(ns.namespace_id, keys[0])
+                         for (ns, keys, _), d in zip(again, adead) if d]
+            wait_for(lambda: all(raw.c.exists(k) for k in dead_keys), 30,
+                     "writes to the restarted master")
+            # B's breaker for that master lets a probe through within its cooldown (<= 10 s)
+            wait_for(lambda: [get_prefix(nsb, keys, data) for _, keys, data in again] == [1] * n,
+                     30, "reads from the restarted master")
+    finally:
+        if raw is not None:
+            raw.close()
+        engine.stop()
+
+
+def row_nodes(client):
+    return list(remote_row(client).remote_nodes)

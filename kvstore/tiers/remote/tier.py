@@ -13,6 +13,9 @@ run in a bounded thread pool and every wait has a deadline):
                             straight into fresh DRAM arena slots, verify, publish it as DRAM
                             blocks; waits at most ``read_deadline_s`` (a late read still lands).
     prefetch(ns, keys)      fill in the background.
+    flush(ns, keys, deadline_s)  -> (placed per key, timed out): wait until the blocks are
+                            readable from the engine (queued for the writer now, whatever the
+                            write policy, when this daemon holds them and the engine lacks them).
     read_bps(), stats_row(), close()
 
 Writes are content-addressed: the writer asks which keys the remote already has (another host
@@ -98,7 +101,7 @@ class RemoteTier:
                  policy: str = "write_through", write_hits: int = 1, deadline_s: float = 0.2,
                  read_deadline_s: float = 2.0, threads: int = 4, queue_blocks: int = 256,
                  read_chunk_bytes: int = READ_CHUNK_BYTES, fill_on_lookup: bool = True,
-                 breaker: CircuitBreaker | None = None):
+                 flush_deadline_s: float = 10.0, breaker: CircuitBreaker | None = None):
         try:   # kvstore.policies.write: the same policies as the SSD tier's, but write_back
             self._write_policy = write_policy(policy, write_hits, REMOTE_WRITE_POLICIES)
         except ValueError as exc:
@@ -113,6 +116,7 @@ class RemoteTier:
         self.queue_blocks = queue_blocks
         self.read_chunk_bytes = read_chunk_bytes
         self.fill_on_lookup = fill_on_lookup
+        self.flush_deadline_s = flush_deadline_s
         self.breaker = breaker or CircuitBreaker()
         self.counters = RemoteCounters()
         backend.attach(store.dram.buffer)
@@ -125,6 +129,8 @@ class RemoteTier:
         self._queue: collections.deque[int] = collections.deque()   # pinned block ids
         self._queued: set[int] = set()
         self._writer: asyncio.Task | None = None
+        # set (and replaced) after every batch the writer finished: flush() waits on it
+        self._wrote = asyncio.Event()
         self._filling: dict[tuple[int, bytes], asyncio.Future] = {}
         self._background: set[asyncio.Task] = set()
         self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -491,7 +497,7 @@ class RemoteTier:
                     continue
                 t0 = time.monotonic()
                 try:
-                    sent, present, failed = await self._call(self._write_batch, items)
+                    sent, present, failed, skipped = await self._call(self._write_batch, items)
                 except RemoteUnavailable:
                     self.counters.writes_skipped += len(items)
                     continue
@@ -500,6 +506,7 @@ class RemoteTier:
                 c.writes += sum(sent)
                 c.writes_deduplicated += sum(present)
                 c.writes_failed += sum(failed)
+                c.writes_skipped += sum(skipped)
                 c.bytes_in += nbytes
                 if nbytes:
                     self._write_bw = _ewma(self._write_bw, nbytes, time.monotonic() - t0)
@@ -509,15 +516,19 @@ class RemoteTier:
             finally:
                 self._queued.difference_update(batch)
                 store.table.unpin(batch)
+                wrote, self._wrote = self._wrote, asyncio.Event()
+                wrote.set()
 
-    def _write_batch(self, items) -> tuple[list[bool], list[bool], list[bool]]:
+    def _write_batch(self, items):
         """(pool thread) Existence check, then put what the remote lacks, straight from the
-        arena slots. Returns (sent, already there, refused) per item."""
+        arena slots. Returns (sent, already there, refused, not sent: node unavailable) per
+        item."""
         rkeys = [it[0] for it in items]
         present = self.backend.exists(rkeys)
         todo = [i for i, p in enumerate(present) if not p]
         sent = [False] * len(items)
         failed = [False] * len(items)
+        skipped = [False] * len(items)
         if todo:
             buf = self.store.dram.buffer
             headers = [encode_header(items[i][1], items[i][2],
@@ -525,8 +536,65 @@ class RemoteTier:
             ok = self.backend.put([rkeys[i] for i in todo], headers,
                                   [items[i][3] for i in todo], [items[i][4] for i in todo])
             for i, good in zip(todo, ok):
-                sent[i], failed[i] = good, not good
-        return sent, present, failed
+                if good is None:
+                    skipped[i] = True
+                else:
+                    sent[i], failed[i] = good, not good
+        return sent, present, failed, skipped
+
+    async def flush(self, namespace_id: bytes, keys_blob: bytes,
+                    deadline_s: float) -> tuple[list[bool], bool]:
+        """Wait until every block of ``keys`` is readable from the engine, at most
+        ``deadline_s``. Returns (placed, timed_out): placed[i] — the engine holds block i (this
+        daemon wrote it or found it there; another host may have stored it); timed_out — the
+        deadline passed while some were still queued or being written.
+
+        A block this daemon holds in DRAM that the engine lacks is queued for the writer now
+        (whatever the write policy) and queued again when a write of it was skipped (engine or
+        node unavailable, queue full) while the deadline allows. A block held only on SSD, or
+        not at all, is placed only if the engine already has it. Raises KVStoreError for an
+        unknown namespace or malformed keys."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        store, idx = self.store, self.store.table
+        ns = store.namespace(namespace_id)
+        keys = store.parse_keys(keys_blob)
+        rkeys = [remote_key(ns.namespace_id, k) for k in keys]
+        bids = idx.find_many(ns.index, keys).tolist() if keys else []
+        known = self._known
+        timed_out = False
+        while True:
+            todo = [b for b, rk in zip(bids, rkeys) if rk not in known and b >= 0
+                    and idx.state[b] == COMMITTED and idx.dram[b] != NO_SLOT]
+            self._enqueue([b for b in todo if b not in self._queued])
+            waiting = [b for b in todo if b in self._queued]
+            if not waiting or self._closed:
+                break
+            left = end - loop.time()
+            if left <= 0:
+                timed_out = True
+                break
+            try:
+                await asyncio.wait_for(self._wrote.wait(), left)
+            except asyncio.TimeoutError:
+                timed_out = True
+                break
+            if any(b not in self._queued and rk not in known
+                   for b, rk in zip(bids, rkeys) if b in waiting):
+                # a write was skipped (engine or node unavailable): retry, not in a hot loop
+                await asyncio.sleep(min(0.05, max(end - loop.time(), 0)))
+        rest = [i for i, rk in enumerate(rkeys) if rk not in known]
+        if rest:     # held elsewhere, or written by another host: ask the engine once
+            try:
+                present = await self._call(self.backend.exists, [rkeys[i] for i in rest],
+                                           deadline_s=max(min(self.deadline_s,
+                                                              end - loop.time()), 0.01))
+            except RemoteUnavailable:
+                present = [False] * len(rest)
+            for i, p in zip(rest, present):
+                if p:
+                    self._remember(rkeys[i])
+        return [rk in known for rk in rkeys], timed_out
 
     def _remember(self, rkey: str) -> None:
         known = self._known
@@ -571,7 +639,9 @@ class RemoteTier:
             io_errors=c.errors + c.writes_failed, read_bps=self._read_bw,
             write_bps=self._write_bw, queue_depth=len(self._queue),
             circuit_state=self.breaker.state, writes_skipped=c.writes_skipped,
-            writes_deduplicated=c.writes_deduplicated, timeouts=c.timeouts, backend=self.url)
+            writes_deduplicated=c.writes_deduplicated, timeouts=c.timeouts, backend=self.url,
+            remote_nodes=[pb.RemoteNode(node=n, circuit_state=st, errors=e, keys_unavailable=u)
+                          for n, st, e, u in self.backend.nodes()])
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop taking work, let queued writes finish (bounded), wait for engine calls in
