@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
+from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.tiers.remote.codec import encode_header, remote_key
 from kvstore.bench.cluster_engines import RawClient, skip_reason, start_engine
 from support.remote import DEADLINE_S, LAYOUT, MODEL, chain, host, put_on, remote_row, wait_for
@@ -367,3 +368,31 @@ def test_flush_remote_is_bounded_and_answers_bad_input(daemon_factory, tmp_path)
             nsp = cp.namespace(MODEL, LAYOUT)
             nsp.flush_remote(keys).result(timeout=30)
         assert e.value.reason == Reason.NOT_ENABLED
+
+
+def test_blocks_read_from_the_remote_are_written_to_the_local_ssd(engine, daemon_factory,
+                                                                  tmp_path):
+    """A verified remote fill is a committed block: under write_through it reaches B's SSD,
+    so after B restarts it serves them with the remote values gone."""
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    raw = RawClient(engine.url)
+    try:
+        with KVClient(a.socket) as ca:
+            ns, keys, data = put_on(ca, 12, 6)
+            assert ns.flush_remote(keys, 20).result(timeout=60).complete
+        with KVClient(b.socket) as cb:
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert get_exact(nsb, keys, data) == 6 and remote_row(cb).hits == 6
+            wait_for(lambda: next(t for t in cb.stats().tiers
+                                  if t.tier == pb.TIER_SSD).blocks >= 6, 10, "the SSD writes")
+        for k in keys:
+            raw.remove(remote_key(ns.namespace_id, k))
+        b.stop()
+        b.start()
+        with KVClient(b.socket) as cb:
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert nsb.lookup(keys).tiers == ["SSD"] * 6
+            assert get_exact(nsb, keys, data) == 6 and remote_row(cb).hits == 0
+    finally:
+        raw.close()

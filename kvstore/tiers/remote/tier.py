@@ -389,13 +389,18 @@ class RemoteTier:
         clients read while the daemon writes it.)"""
         store = self.store
         ok = [s == ReadStatus.OK for s in statuses]
+        committed: list[int] = []
         try:
             if any(ok):
-                store.commit(self._session, alloc_id, keep=ok)
+                store.commit(self._session, alloc_id, keep=ok, committed_out=committed)
             else:
                 store.commit(self._session, alloc_id, abort=True)
         except KVStoreError:
             return    # the allocation ended meanwhile (daemon stopping): nothing published
+        if committed and store.ssd is not None:
+            # Verified remote blocks are committed blocks like any other: the SSD write policy
+            # applies, so they survive a restart here (and the loss of their remote replica).
+            self._spawn(store.ssd.persist(committed))
         n_ok = sum(ok)
         c = self.counters
         c.hits += n_ok
