@@ -136,3 +136,27 @@ def test_a_dead_redis_master_costs_its_keys_only(daemon_factory, tmp_path):
 
 def row_nodes(client):
     return list(remote_row(client).remote_nodes)
+
+
+def test_shutdown_with_the_master_gone_keeps_to_the_grace(daemon_factory, tmp_path):
+    """SIGTERM with the Mooncake master dead: every engine call made at shutdown (the queued
+    writes, the client's unmount) is bounded by shutdown_grace_s, and the exit is clean."""
+    engine = _engine("mooncake", tmp_path)
+    try:
+        grace_s = 2.0
+        a = host(daemon_factory, tmp_path, "a", engine.url, "--shutdown-grace-s", str(grace_s))
+        with KVClient(a.socket) as ca:
+            ns, keys, _ = put_on(ca, 30, 8)
+            assert ns.flush_remote(keys, 20).result(timeout=60).complete   # joined the master
+            engine.kill()
+            put_on(ca, 31, 8)         # writes queued for a master that is gone
+            time.sleep(3.0)           # the client's heartbeats to the master fail meanwhile
+            ns.lookup(ns.block_keys(np.arange(64 * LAYOUT.block_tokens)))   # calls in flight
+        t0 = time.monotonic()
+        rc = a.stop(timeout_s=60)
+        took = time.monotonic() - t0
+        assert rc == 0, a.log()[-3000:]
+        assert took < grace_s + 2.0, f"shutdown took {took:.1f}s with a {grace_s}s grace"
+        assert not list(a.shm_dir.iterdir()), "the daemon left files in its shared-memory dir"
+    finally:
+        engine.stop()

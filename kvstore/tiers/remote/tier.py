@@ -37,6 +37,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -648,28 +649,43 @@ class RemoteTier:
             remote_nodes=[pb.RemoteNode(node=n, circuit_state=st, errors=e, keys_unavailable=u)
                           for n, st, e, u in self.backend.nodes()])
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop taking work, let queued writes finish (bounded), wait for engine calls in
-        flight (they write into arena slots, which must outlive them), close the engine."""
+    async def close(self, timeout_s: float = 10.0) -> bool:
+        """Stop taking work, let queued writes finish, wait for engine calls in flight (they
+        write into arena slots, which must outlive them) and close the engine client — all
+        within ``timeout_s`` together. Returns False when engine calls or the client's close
+        were still running at the deadline (an engine that is gone: Mooncake's client retries
+        its unmount for ~15 s): they are left to a daemon thread, and the caller must exit
+        the process without waiting for them (nor unmapping the arena under them)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
         if self._writer is not None and not self._writer.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout_s / 2)
+                await asyncio.wait_for(asyncio.shield(self._writer), (end - loop.time()) / 2)
             except asyncio.TimeoutError:
                 log.warning("remote %s: %d queued blocks not written at shutdown", self.url,
                             len(self._queue))
         self._closed = True
         if self._background:
-            await asyncio.wait(list(self._background), timeout=timeout_s / 2)
-        loop = asyncio.get_running_loop()
+            await asyncio.wait(list(self._background), timeout=max(end - loop.time(), 0) / 2)
+        done = loop.create_future()
+
+        def finish() -> None:      # a daemon thread: one stuck in the engine never holds exit
+            try:
+                self._shutdown_pools()
+                self.backend.close()
+            except Exception as exc:
+                log.warning("remote %s: close: %s", self.url, exc)
+            finally:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+        threading.Thread(target=finish, name="kvstore-remote-close", daemon=True).start()
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, self._shutdown_pools),
-                                   timeout_s)
+            await asyncio.wait_for(asyncio.shield(done), max(end - loop.time(), 0.01))
+            return True
         except asyncio.TimeoutError:
-            log.warning("remote %s: engine calls still running at shutdown", self.url)
-        try:
-            await loop.run_in_executor(None, self.backend.close)
-        except Exception as exc:
-            log.warning("remote %s: close: %s", self.url, exc)
+            log.warning("remote %s: engine calls or the client's close still running after "
+                        "%.1fs at shutdown (engine unreachable): exiting without them",
+                        self.url, timeout_s)
+            return False
 
 
 def _leading(flags) -> int:
