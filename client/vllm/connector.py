@@ -325,22 +325,30 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.counters.add(store_failed_blocks=n, fallbacks=1)
                 continue
             self._pending_store_bytes += nbytes
+            # Counted as each put completes, not when reaped on a later step: the last
+            # request's stores would otherwise never be counted (no step follows them).
+            fut.add_done_callback(lambda f, n=n: self._count_store(f, n))
             self._stores.append((fut, n))
 
+    def _count_store(self, fut: Future, n: int) -> None:
+        """(any thread: the SDK's, when the put completes) Count one put's outcome."""
+        if fut.cancelled() or fut.exception() is not None:
+            self.counters.add(store_failed_blocks=n, fallbacks=1)
+        else:
+            self.counters.add(stored_blocks=fut.result(),
+                              stored_bytes=fut.result() * self.layout.block_bytes)
+
     def _reap_stores(self) -> None:
+        """(engine thread) Give back finished puts' share of max_pending_store_bytes and
+        report their failures to the link (counting is _count_store's)."""
         keep = []
         for fut, n in self._stores:
             if not fut.done():
                 keep.append((fut, n))
                 continue
             self._pending_store_bytes -= n * self.layout.block_bytes
-            exc = fut.exception()
-            if exc is not None:
-                self.link.failed(exc)
-                self.counters.add(store_failed_blocks=n, fallbacks=1)
-            else:
-                self.counters.add(stored_blocks=fut.result(),
-                                  stored_bytes=fut.result() * self.layout.block_bytes)
+            if not fut.cancelled() and fut.exception() is not None:
+                self.link.failed(fut.exception())
         self._stores = keep
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -391,6 +399,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                     fut.result(timeout=self.cfg["io_timeout_s"])
                 except Exception:  # noqa: BLE001
                     pass
+            self._reap_stores()
         self.link.close()
 
     # =========================================================================================
