@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
+from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.tiers.remote.codec import remote_key
 from kvstore.bench.cluster_engines import RawClient, skip_reason, start_engine
 from support.remote import LAYOUT, MODEL, host, put_on, remote_row, wait_for
@@ -159,4 +160,45 @@ def test_shutdown_with_the_master_gone_keeps_to_the_grace(daemon_factory, tmp_pa
         assert took < grace_s + 2.0, f"shutdown took {took:.1f}s with a {grace_s}s grace"
         assert not list(a.shm_dir.iterdir()), "the daemon left files in its shared-memory dir"
     finally:
+        engine.stop()
+
+
+def test_a_stalled_engine_read_ends_as_misses_and_gives_its_slots_back(daemon_factory, tmp_path):
+    """Every Redis master is SIGSTOPped under a fill (a real stall: the sockets accept, nothing
+    answers): the get ends as misses within the read deadline, the fill's allocation expires
+    meanwhile, and once the engine answers again every slot the fill held is free — none left
+    quarantined for good."""
+    import signal
+    engine = _engine("redis", tmp_path)
+    stopped = []
+    try:
+        a = host(daemon_factory, tmp_path, "a", engine.url)
+        b = host(daemon_factory, tmp_path, "b", engine.url, "--remote-fill-on-lookup", "false",
+                 "--allocation-timeout-s", "1")
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            ns, keys, data = put_on(ca, 50, 16)
+            assert ns.flush_remote(keys, 20).result(timeout=60).complete
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert nsb.lookup(keys).num_cached == 16    # the get reuses this existence answer
+            for p in engine.procs.values():
+                p.send_signal(signal.SIGSTOP)
+                stopped.append(p)
+            t0 = time.monotonic()
+            assert get_prefix(nsb, keys, data) == 0
+            assert time.monotonic() - t0 < 2.0 + 2.0           # the read deadline, and a margin
+            time.sleep(2.5)                                   # the allocation expires meanwhile
+            for p in stopped:
+                p.send_signal(signal.SIGCONT)
+            stopped.clear()
+
+            def dram():
+                return next(t for t in cb.stats().tiers if t.tier == pb.TIER_DRAM)
+            # the stalled call returns (its replies arrive): the fill's slots come back
+            wait_for(lambda: dram().used_bytes == 0, 20, "the stalled fill's slots freed")
+            assert dram().blocks == 0
+            # and the blocks are read again by the next get
+            wait_for(lambda: get_prefix(nsb, keys, data) == 16, 20, "a later get served")
+    finally:
+        for p in stopped:
+            p.send_signal(signal.SIGCONT)
         engine.stop()

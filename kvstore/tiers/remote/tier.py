@@ -26,7 +26,9 @@ Faults degrade to local: any engine error, timeout, refusal (pool busy, circuit 
 for reads and a skipped write — never an error for the get or put that triggered it. The
 circuit breaker stops calling an engine that keeps failing and lets one probe through later.
 
-Fills use the store's own put protocol through a session of the tier's own: allocate (the keys
+Fills use the store's own put protocol through a session of the fill's own, which ends once
+the fill's engine call has returned (a call past its deadline keeps the fill's slots until
+then, and no longer: nothing leaks into a session that never ends): allocate (the keys
 become invisible placeholders, so concurrent puts and fills of them skip), the engine writes into
 the allocated slots, then commit — and blocks that failed are deleted in the same step of the
 event loop, so a failed block is never visible to anyone.
@@ -140,12 +142,13 @@ class RemoteTier:
         self._read_bw = 0.0
         self._write_bw = 0.0
         self._closed = False
-        self._session = store.open_session("remote-tier", os.getpid()).session_id
 
     # -- engine calls ---------------------------------------------------------------------------
-    async def _call(self, fn, *args, deadline_s: float | None = None):
+    async def _call(self, fn, *args, deadline_s: float | None = None,
+                    late: list | None = None):
         """Run ``fn`` in the pool; its result, or RemoteUnavailable (refused, failed, late).
-        A late call keeps running; its outcome still feeds the breaker."""
+        A late call keeps running; its outcome still feeds the breaker, and its future is
+        appended to ``late`` (the caller learns when it has returned)."""
         if self._closed or self._inflight >= self._max_inflight or not self.breaker.allow():
             self.counters.refused += 1
             raise RemoteUnavailable("remote not called")
@@ -159,6 +162,8 @@ class RemoteTier:
         except asyncio.TimeoutError:
             self.counters.timeouts += 1
             self.breaker.failure()
+            if late is not None:
+                late.append(fut)
             raise RemoteUnavailable(f"remote call missed its {deadline_s:g}s deadline") from None
         except RemoteError as exc:
             raise RemoteUnavailable(str(exc)) from None
@@ -263,10 +268,15 @@ class RemoteTier:
             return n, 0
         rest, rkeys = rest[:m], rkeys[:m]
         store = self.store
+        # A session per fill: it ends when the fill's engine call has returned, and with it
+        # anything of the fill's still held — slots of an allocation that expired while a
+        # stalled call could still write into them come back then, never leak.
+        sid = store.open_session("remote-fill", os.getpid()).session_id
         try:
-            alloc_id, offsets = store.allocate(self._session, ns.namespace_id, pack_keys(rest),
+            alloc_id, offsets = store.allocate(sid, ns.namespace_id, pack_keys(rest),
                                                parent_key=keys[n - 1] if n else b"")
         except (ResourceExhausted, KVStoreError):
+            store.close_session(sid)
             self.counters.misses += m * for_get    # no DRAM room (everything leased): served locally later
             return n, m
         waits = [self._filling[(ns.index, k)] for k, off in zip(rest, offsets)
@@ -277,13 +287,14 @@ class RemoteTier:
             mine = [rest[i] for i in take]
             for k in mine:
                 self._filling[(ns.index, k)] = done
-            task = loop.create_task(self._read(ns, alloc_id, mine, [rkeys[i] for i in take],
+            task = loop.create_task(self._read(ns, sid, alloc_id, mine,
+                                               [rkeys[i] for i in take],
                                                [offsets[i] for i in take], done, for_get))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             waits.append(done)
         else:
-            store.commit(self._session, alloc_id, abort=True)
+            store.close_session(sid)
         if waits:
             left = self.read_deadline_s - (loop.time() - t0)
             _, pending = await asyncio.wait(waits, timeout=max(left, 0.0))
@@ -292,19 +303,30 @@ class RemoteTier:
                 self.breaker.failure()
         return n, m
 
-    async def _read(self, ns, alloc_id: int, keys: list[bytes], rkeys: list[str],
+    async def _read(self, ns, sid: int, alloc_id: int, keys: list[bytes], rkeys: list[str],
                     offsets: list[int], done: asyncio.Future, for_get: bool = True) -> None:
         bb = ns.layout.block_bytes
+        late: list = []
         try:
-            statuses = await self._read_in_lane(ns, keys, rkeys, offsets, bb)
-            self._publish(ns, alloc_id, keys, rkeys, statuses, for_get)
+            statuses = await self._read_in_lane(ns, keys, rkeys, offsets, bb, late)
+            if late:
+                # past its deadline: misses now; the slots stay with the fill's session
+                # (the call may still write into them) until the call has returned
+                self.counters.misses += len(keys) * for_get
+            else:
+                self._publish(ns, sid, alloc_id, keys, rkeys, statuses, for_get)
         finally:
             for k in keys:
                 self._filling.pop((ns.index, k), None)
             if not done.done():
                 done.set_result(None)
+            if late:
+                late[0].add_done_callback(lambda _: self.store.close_session(sid))
+            else:
+                self.store.close_session(sid)
 
-    async def _read_in_lane(self, ns, keys, rkeys, offsets, bb) -> list[ReadStatus]:
+    async def _read_in_lane(self, ns, keys, rkeys, offsets, bb,
+                            late: list) -> list[ReadStatus]:
         """The engine reads of one fill, in the read lane; then their verification.
 
         The lane (FIFO) lets one fill's engine reads run at a time: concurrent fills (gets of
@@ -313,8 +335,9 @@ class RemoteTier:
         parallel calls of a quarter of a batch were slower than one call; decisions.md 27). The
         lane is left as soon as the reads are done, so the next fill's transfer overlaps this
         fill's verification; the wait for it is bounded (a stuck engine call must not make
-        fills pile up holding DRAM slots), and no engine call is ever abandoned while it may
-        still write into the slots."""
+        fills pile up holding DRAM slots). The engine reads have a deadline too
+        (``read_deadline_s``): past it the fill is misses, and the still-running call's future
+        is appended to ``late`` — the caller must keep the slots until it has returned."""
         missing = [ReadStatus.MISSING] * len(keys)
         try:
             await asyncio.wait_for(self._read_lane.acquire(), self.read_deadline_s)
@@ -324,8 +347,9 @@ class RemoteTier:
         try:
             t0 = time.monotonic()
             try:
-                verifying, n_read, exc = await self._call(self._read_chunks, rkeys, keys,
-                                                          ns.namespace_id, offsets, bb)
+                verifying, n_read, exc = await self._call(
+                    self._read_chunks, rkeys, keys, ns.namespace_id, offsets, bb,
+                    deadline_s=self.read_deadline_s, late=late)
             except RemoteUnavailable:
                 return missing
         finally:
@@ -383,7 +407,7 @@ class RemoteTier:
         return [verify(h, k, namespace_id, buf[off:off + bb])
                 for h, k, off in zip(headers, keys, offsets)]
 
-    def _publish(self, ns, alloc_id, keys, rkeys, statuses, for_get: bool = True) -> None:
+    def _publish(self, ns, sid, alloc_id, keys, rkeys, statuses, for_get: bool = True) -> None:
         """Commit the fill's verified blocks only, once every read finished: the failed ones
         are dropped unpublished. (Committing all and deleting the failed ones in the same step
         hid them from the daemon's own readers, not from the index snapshot, which same-host
@@ -393,9 +417,9 @@ class RemoteTier:
         committed: list[int] = []
         try:
             if any(ok):
-                store.commit(self._session, alloc_id, keep=ok, committed_out=committed)
+                store.commit(sid, alloc_id, keep=ok, committed_out=committed)
             else:
-                store.commit(self._session, alloc_id, abort=True)
+                store.commit(sid, alloc_id, abort=True)
         except KVStoreError:
             return    # the allocation ended meanwhile (daemon stopping): nothing published
         if committed and store.ssd is not None:
