@@ -266,12 +266,13 @@ def _ttft(args, socket_a: str, socket_b: str) -> dict:
         stored = kva.store(ids, cache).result()
         want = stored * kva.layout.block_bytes
         # B must find every block A computed: wait until they are readable from the cluster
-        nsa = ca.namespace(model_id, kva.layout)
+        nsa = ca.namespace(kva.model_id, kva.layout, kva.tenant)   # the cache's (fingerprinted)
         keys = nsa.block_keys(ids[0].tolist())
         placed = nsa.flush_remote(keys, 120.0).result(timeout=180)
         if not placed.complete:
+            row = next(t for t in ca.stats().tiers if t.tier == 4)
             raise RuntimeError(f"host A's blocks did not reach the cluster tier: "
-                               f"{placed.num_placed} of {len(keys)} in 120 s")
+                               f"{placed.num_placed} of {len(keys)} in 120 s ({row})")
     with HFPrefixCache(model, model_id, socket=socket_b, deadline_s=120.0) as kvb:
         with torch.no_grad():
             t0 = time.perf_counter()
