@@ -3,11 +3,13 @@ from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreE
                                    PermissionDenied, Reason, ResourceExhausted, StaleRead,
                                    Unauthenticated, Unavailable)
 from kvstore.client.aio import AsyncKVClient, AsyncNamespace
-from kvstore.client.namespace import BlockLease, LookupResult, Namespace, PrefetchTicket
+from kvstore.client.namespace import (BlockLease, LookupResult, Namespace, PrefetchTicket,
+                                      RemotePlacement)
 from kvstore.client.sdk import KVClient
 from kvstore.core.layout import KVLayout
 
 __all__ = ["KVClient", "AsyncKVClient", "AsyncNamespace", "KVLayout", "Namespace", "BlockLease",
-           "LookupResult", "PrefetchTicket", "KVStoreError", "InvalidArgument", "NotFound",
+           "LookupResult", "PrefetchTicket", "RemotePlacement", "KVStoreError",
+           "InvalidArgument", "NotFound",
            "FailedPrecondition", "ResourceExhausted", "Unavailable", "StaleRead",
            "PermissionDenied", "Unauthenticated", "Reason"]

@@ -53,6 +53,8 @@ VLLM_FIELDS: list[Field] = [
           "turn's prompt holds this turn's answer)"),
     Field("quant", _quant, "", "int8 or float8_e4m3fn: store blocks quantized (about half the "
           "bytes in every tier); empty: as the engine holds them"),
+    Field("remote_flush_timeout_s", _pos_float, 10.0, "kv_producer: a finished request is "
+          "reported done once its blocks are readable from the cluster tier, or after this long"),
 ]
 
 SGLANG_FIELDS: list[Field] = [

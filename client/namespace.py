@@ -34,6 +34,9 @@ TIER_NAMES = {pb.TIER_HBM: "HBM", pb.TIER_DRAM: "DRAM", pb.TIER_SSD: "SSD",
               pb.TIER_REMOTE: "REMOTE"}
 # The daemon forgot the session or the namespace (it restarted): register again and retry once.
 _REREGISTER = (Reason.UNKNOWN_SESSION, Reason.UNKNOWN_NAMESPACE)
+# flush_remote with no deadline of its own waits the daemon's remote_flush_deadline_s, which
+# the client does not know: its call deadline allows for this much (the config's default).
+FLUSH_DEADLINE_HINT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,22 @@ class PrefetchTicket:
     to_promote: int         # of which on SSD only (being read into DRAM)
 
 
+@dataclass(frozen=True)
+class RemotePlacement:
+    """What ``Namespace.flush_remote`` found: per key, whether the block is readable from the
+    cluster tier (by any host sharing it)."""
+    placed: list[bool]
+    timed_out: bool          # the deadline passed with blocks still on their way
+
+    @property
+    def num_placed(self) -> int:
+        return sum(self.placed)
+
+    @property
+    def complete(self) -> bool:
+        return all(self.placed)
+
+
 class Namespace:
     """One model shard's blocks in the daemon: (model id, layout, tenant)."""
 
@@ -108,8 +127,9 @@ class Namespace:
                                "versions disagree on key derivation")
         self._registered = True
 
-    def _rpc(self, method: str, make_request):
+    def _rpc(self, method: str, make_request, timeout_s: float | None = None):
         """Call with a fresh session id; after a daemon restart re-register and retry once.
+        ``timeout_s``: the call's deadline when not the client's (a call that waits).
 
         Returns (response, session id used)."""
         for attempt in (0, 1):
@@ -118,7 +138,7 @@ class Namespace:
                 self._register()
             sid = sess.event.session_id
             try:
-                return self.client.call(method, make_request(sid)), sid
+                return self.client.call(method, make_request(sid), timeout_s), sid
             except (NotFound, Unavailable) as exc:
                 if attempt or exc.reason not in _REREGISTER:
                     raise
@@ -412,6 +432,29 @@ class Namespace:
         r, _ = self._rpc("CancelPrefetch", lambda sid: pb.CancelPrefetchRequest(
             session_id=sid, prefetch_ids=[i for i in ids if i]))
         return r.cancelled
+
+    def flush_remote(self, keys: Sequence[bytes], deadline_s: float = 0.0) -> Future:
+        """Wait until the blocks of ``keys`` are readable from the daemon's cluster tier: a
+        producer handing its KV cache to consumers on other hosts calls this before it says
+        the blocks are there. The future resolves to a RemotePlacement once every block is
+        placed or ``deadline_s`` passed (0: the daemon's remote_flush_deadline_s); this
+        client's puts of the keys are waited for first. The daemon queues the blocks it holds
+        that the cluster tier lacks whatever its write policy. The future raises
+        FailedPrecondition (reason NOT_ENABLED) when the daemon has no cluster tier, and the
+        client's errors (Unavailable, ...) as any call does."""
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        puts = self._puts_of(keys)
+        return self.client.submit(self._flush_remote, blob, puts, deadline_s)
+
+    def _flush_remote(self, blob: bytes, puts, deadline_s: float) -> RemotePlacement:
+        _wait_for(puts, self.client.timeout_s)
+        # the call outlives the client's usual deadline by the flush's own
+        wait_s = (deadline_s or FLUSH_DEADLINE_HINT_S) + self.client.timeout_s
+        r, _ = self._rpc("FlushRemote", lambda sid: pb.FlushRemoteRequest(
+            session_id=sid, namespace_id=self.namespace_id, keys=blob,
+            deadline_s=deadline_s), timeout_s=wait_s)
+        return RemotePlacement(list(r.placed), r.timed_out)
 
     def plan_recompute(self, keys: Sequence[bytes], profile, latency_s: float = 0.0):
         """Ask the daemon's planner how much of the cached prefix of ``keys`` to recompute.

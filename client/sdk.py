@@ -267,10 +267,11 @@ class KVClient:
         """True when block bytes move through the mapped arena (same host)."""
         return self.datapath is not None and self.datapath.shared_memory
 
-    def call(self, method: str, request):
-        """One unary RPC with the client's deadline; gRPC errors become KVStoreError classes."""
+    def call(self, method: str, request, timeout_s: float | None = None):
+        """One unary RPC with the client's deadline (or ``timeout_s``); gRPC errors become
+        KVStoreError classes."""
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s,
+            return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s,
                                                metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

@@ -58,6 +58,19 @@ class Latency:
 
 
 @dataclass(frozen=True)
+class RemoteNodeStats:
+    """One node of the cluster tier's engine (Redis Cluster): a dead node costs its keys only."""
+    node: str = ""                    # HOST:PORT
+    circuit_state: str = ""           # closed, open (not called) or half_open (probing)
+    errors: int = 0                   # calls to this node that failed
+    keys_unavailable: int = 0         # keys not read or written: the node failed or was skipped
+
+    @classmethod
+    def from_proto(cls, msg: pb.RemoteNode) -> "RemoteNodeStats":
+        return cls(**_scalars(cls, msg))
+
+
+@dataclass(frozen=True)
 class TierStats:
     """One tier's occupancy, traffic and latency."""
     tier: Tier = field(metadata=_BUILT)
@@ -86,12 +99,14 @@ class TierStats:
     backend: str = ""                 # REMOTE: mooncake://... or redis://...
     get_latency: Latency = field(default_factory=Latency, metadata=_BUILT)
     put_latency: Latency = field(default_factory=Latency, metadata=_BUILT)
+    remote_nodes: tuple[RemoteNodeStats, ...] = field(default=(), metadata=_BUILT)  # REMOTE
 
     @classmethod
     def from_proto(cls, msg: pb.TierStats) -> "TierStats":
         return cls(**_scalars(cls, msg), tier=Tier(msg.tier),
                    get_latency=Latency.from_proto(msg.get_latency),
-                   put_latency=Latency.from_proto(msg.put_latency))
+                   put_latency=Latency.from_proto(msg.put_latency),
+                   remote_nodes=tuple(RemoteNodeStats.from_proto(n) for n in msg.remote_nodes))
 
 
 @dataclass(frozen=True)

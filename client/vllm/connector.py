@@ -17,7 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvstore.client import KVLayout
+from kvstore.client import KVLayout, Reason
 from kvstore.client.adapter_config import VLLM_FIELDS, parse_extra_config
 from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
@@ -50,6 +50,7 @@ class StoreSpec:
     keys: list[bytes]
     parent_key: bytes          # key before keys[0] (b"" at the chain root)
     block_ids: list[int]
+    req_id: str = ""
 
 
 @dataclass
@@ -68,6 +69,16 @@ class _ReqState:
     stored: int                # blocks [0, stored) are in kvstore or their put was issued
     block_ids: list[int] = field(default_factory=list)
     request: Any = None        # the scheduler's Request: its all_token_ids grow as it decodes
+    store_issued: bool = False  # a StoreSpec went to the workers (a producer then waits for it)
+    request_id: str = ""
+
+
+@dataclass
+class _Flush:
+    """A finished producer request's wait for its blocks to reach the cluster tier."""
+    future: Future | None      # of a RemotePlacement; None: nothing to wait for
+    deadline: float
+    blocks: int
 
 
 @dataclass
@@ -124,6 +135,11 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._load_errors: set[int] = set()
             self._stores: list[tuple[Future, int]] = []
             self._pending_store_bytes = 0
+            # kv_producer: keys each request stored (by request id), then the flushes of the
+            # finished ones; a request is reported finished (finished_sending) once its
+            # blocks are readable from the cluster tier, or its flush timed out
+            self._producer_keys: dict[str, list[bytes]] = {}
+            self._flushes: dict[str, _Flush] = {}
 
     # =========================================================================================
     # Scheduler side
@@ -153,7 +169,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 return None  # prompt embeddings / LoRA: the token ids do not name the KV
             # Keys derive from the namespace digest, computed locally: no daemon call.
             st = _ReqState(keys=chain_keys(self._seed, toks, self.block_size), stored=0,
-                           request=request if self.cfg["store_generated"] else None)
+                           request=request if self.cfg["store_generated"] else None,
+                           request_id=request.request_id)
             self._reqs[request.request_id] = st
         return st
 
@@ -226,14 +243,20 @@ class KVStoreConnector(KVConnectorBase_V1):
             return
         meta.stores.append(StoreSpec(st.keys[st.stored:end],
                                      st.keys[st.stored - 1] if st.stored else b"",
-                                     st.block_ids[st.stored:end]))
+                                     st.block_ids[st.stored:end], st.request_id))
         st.stored = end
+        st.store_issued = True
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._reqs.pop(request.request_id, None)
+        st = self._reqs.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
-        return False, None  # stores were issued as blocks completed: never hold the blocks
+        # Stores were issued (and their pages copied out) as blocks completed. A producer's
+        # request is reported finished only once the workers say its blocks reached the
+        # cluster tier (get_finished's finished_sending), so a consumer that waits for it
+        # finds them; vLLM holds the request (and its blocks) until then.
+        delay = not self.loads_enabled and st is not None and st.store_issued
+        return delay, None
 
     # =========================================================================================
     # Worker side
@@ -288,6 +311,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         for spec in meta.stores:
             n = len(spec.keys)
             nbytes = n * self.layout.block_bytes
+            if not self.loads_enabled:     # a producer flushes what each request stored
+                self._producer_keys.setdefault(spec.req_id, []).extend(spec.keys)
             ns = self.link.namespace()
             if ns is None or self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"]:
                 self.counters.add(store_skipped_blocks=n)
@@ -307,26 +332,35 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.counters.add(store_failed_blocks=n, fallbacks=1)
                 continue
             self._pending_store_bytes += nbytes
+            # Counted as each put completes, not when reaped on a later step: the last
+            # request's stores would otherwise never be counted (no step follows them).
+            fut.add_done_callback(lambda f, n=n: self._count_store(f, n))
             self._stores.append((fut, n))
 
+    def _count_store(self, fut: Future, n: int) -> None:
+        """(any thread: the SDK's, when the put completes) Count one put's outcome."""
+        if fut.cancelled() or fut.exception() is not None:
+            self.counters.add(store_failed_blocks=n, fallbacks=1)
+        else:
+            self.counters.add(stored_blocks=fut.result(),
+                              stored_bytes=fut.result() * self.layout.block_bytes)
+
     def _reap_stores(self) -> None:
+        """(engine thread) Give back finished puts' share of max_pending_store_bytes and
+        report their failures to the link (counting is _count_store's)."""
         keep = []
         for fut, n in self._stores:
             if not fut.done():
                 keep.append((fut, n))
                 continue
             self._pending_store_bytes -= n * self.layout.block_bytes
-            exc = fut.exception()
-            if exc is not None:
-                self.link.failed(exc)
-                self.counters.add(store_failed_blocks=n, fallbacks=1)
-            else:
-                self.counters.add(stored_blocks=fut.result(),
-                                  stored_bytes=fut.result() * self.layout.block_bytes)
+            if not fut.cancelled() and fut.exception() is not None:
+                self.link.failed(fut.exception())
         self._stores = keep
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._reap_stores()
+        sent = self._finished_sending(finished_req_ids) if not self.loads_enabled else set()
         done: set[str] = set()
         keep = []
         now = time.monotonic()
@@ -337,7 +371,43 @@ class KVStoreConnector(KVConnectorBase_V1):
             done.add(ld.spec.req_id)
             self._finish_load(ld)
         self._loads = keep
-        return None, (done or None)
+        return (sent or None), (done or None)
+
+    def _finished_sending(self, finished_req_ids: set[str]) -> set[str]:
+        """(kv_producer) Start the flush of each newly finished request that stored blocks
+        (the scheduler delayed exactly those: request_finished); answer those whose blocks
+        are readable from the cluster tier now, or whose flush failed or timed out (counted:
+        remote_flush_timeouts; the consumer may then recompute)."""
+        timeout_s = self.cfg["remote_flush_timeout_s"]
+        for req_id in finished_req_ids:
+            keys = self._producer_keys.pop(req_id, None)
+            if keys is None:
+                continue
+            ns = self.link.namespace()
+            fut = None
+            if ns is not None:
+                try:
+                    fut = ns.flush_remote(keys, deadline_s=timeout_s)
+                except Exception as exc:  # noqa: BLE001 - reported as a timed-out flush
+                    self.link.failed(exc)
+            self._flushes[req_id] = _Flush(fut, time.monotonic() + timeout_s + 5.0, len(keys))
+        sent: set[str] = set()
+        now = time.monotonic()
+        for req_id, fl in list(self._flushes.items()):
+            if fl.future is not None and not fl.future.done() and now < fl.deadline:
+                continue
+            del self._flushes[req_id]
+            sent.add(req_id)
+            placed = 0
+            if fl.future is not None and fl.future.done() and fl.future.exception() is None:
+                placed = fl.future.result().num_placed
+            elif fl.future is not None and fl.future.done() and getattr(
+                    fl.future.exception(), "reason", None) == Reason.NOT_ENABLED:
+                continue          # no cluster tier: nothing to wait for, nothing missed
+            self.counters.add(remote_placed_blocks=placed)
+            if placed < fl.blocks:
+                self.counters.add(remote_flush_timeouts=1)
+        return sent
 
     def _finish_load(self, ld: _Load) -> None:
         ids = ld.spec.block_ids
@@ -373,6 +443,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                     fut.result(timeout=self.cfg["io_timeout_s"])
                 except Exception:  # noqa: BLE001
                     pass
+            self._reap_stores()
         self.link.close()
 
     # =========================================================================================

@@ -119,9 +119,6 @@ def run(args) -> dict:
             data = (rng.integers(0, 256, (n, bb), dtype=np.uint8).view(np.float16)
                     .reshape(n, *layout.block_shape))
 
-            def remote_bytes_in(c) -> int:
-                return next(t.bytes_in for t in c.stats().tiers if t.tier == 4)
-
             # -- put: SDK (until stored remotely) vs raw client ----------------------------------
             sdk_put, raw_put, key_sets = [], [], []
             rawbuf = np.zeros(n * (HEADER_BYTES + bb), dtype=np.uint8)
@@ -129,13 +126,14 @@ def run(args) -> dict:
             raw.register(rawbuf)
             for rep in range(args.reps + 1):
                 keys = nsa.block_keys(np.arange(n * layout.block_tokens) + rep * 10**6)
-                before = remote_bytes_in(ca)
                 t0 = time.perf_counter()
                 assert nsa.put(keys, data).result(timeout=120) == n
-                while remote_bytes_in(ca) < before + batch_bytes:
-                    if time.perf_counter() - t0 > 120:
-                        raise RuntimeError("host A's remote writes did not complete in 120 s")
-                    time.sleep(0.002)
+                # until readable from the cluster tier: the writer's queue emptying is not that
+                # (a batch leaves the queue before it is sent)
+                placed = nsa.flush_remote(keys, 120.0).result(timeout=180)
+                if not placed.complete:
+                    raise RuntimeError(f"host A's blocks did not reach the cluster tier: "
+                                       f"{placed.num_placed} of {n} in 120 s")
                 sdk_put.append(time.perf_counter() - t0)
                 key_sets.append(keys)
                 rkeys = [f"bench-raw/{rep}/{i}" for i in range(n)]
@@ -267,11 +265,14 @@ def _ttft(args, socket_a: str, socket_b: str) -> dict:
               flush=True)
         stored = kva.store(ids, cache).result()
         want = stored * kva.layout.block_bytes
-        t0 = time.perf_counter()
-        while next(t.bytes_in for t in ca.stats().tiers if t.tier == 4) < want:
-            if time.perf_counter() - t0 > 120:
-                raise RuntimeError("host A's remote writes did not complete")
-            time.sleep(0.01)
+        # B must find every block A computed: wait until they are readable from the cluster
+        nsa = ca.namespace(kva.model_id, kva.layout, kva.tenant)   # the cache's (fingerprinted)
+        keys = nsa.block_keys(ids[0].tolist())
+        placed = nsa.flush_remote(keys, 120.0).result(timeout=180)
+        if not placed.complete:
+            row = next(t for t in ca.stats().tiers if t.tier == 4)
+            raise RuntimeError(f"host A's blocks did not reach the cluster tier: "
+                               f"{placed.num_placed} of {len(keys)} in 120 s ({row})")
     with HFPrefixCache(model, model_id, socket=socket_b, deadline_s=120.0) as kvb:
         with torch.no_grad():
             t0 = time.perf_counter()

@@ -35,8 +35,20 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen, log: Path) -
 
 
 def mooncake_master_binary() -> str | None:
+    """The master beside this interpreter, on PATH, or inside the mooncake package (a venv
+    that shares its packages with another has the binary only there)."""
     here = Path(sys.executable).parent / "mooncake_master"
-    return str(here) if here.exists() else shutil.which("mooncake_master")
+    if here.exists():
+        return str(here)
+    found = shutil.which("mooncake_master")
+    if found:
+        return found
+    try:
+        import mooncake
+    except ImportError:
+        return None
+    inside = Path(mooncake.__file__).parent / "mooncake_master"
+    return str(inside) if inside.exists() else None
 
 
 def skip_reason(backend: str) -> str | None:

@@ -193,6 +193,22 @@ def _connector_counters(llm) -> dict:
     return out
 
 
+def _drain(llm, timeout_s: float = 60.0) -> None:
+    """Step the engine while finished requests wait on the connector (a kv_producer holds
+    them until their blocks reach the cluster tier). This in-process engine steps only inside
+    generate(); a multiprocess engine core keeps stepping while it has such requests, and so
+    does this, bounded."""
+    try:
+        core = llm.llm_engine.engine_core.engine_core
+        sched = core.scheduler
+    except AttributeError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while sched.has_finished_requests() and time.monotonic() < deadline:
+        core.step_fn()
+        time.sleep(0.005)
+
+
 def _tolerate_non_dict_vars() -> None:
     """Let vLLM's triton kernel dispatcher scan modules holding numba objects.
 
@@ -259,6 +275,7 @@ def _serve(model_dir: str, max_model_len: int, kv_config: str | None,
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             elapsed = time.perf_counter() - t0
+            _drain(llm)
             _send({"outputs": [list(o.outputs[0].token_ids) for o in outs],
                    "num_cached_tokens": [o.num_cached_tokens for o in outs],
                    "elapsed_s": elapsed})

@@ -163,6 +163,8 @@ FIELDS: list[Field] = [
     Field("remote_threads", _pos_int, 4, "threads making remote calls (2x that in flight)"),
     Field("remote_queue_blocks", _pos_int, 256, "blocks waiting for the background writer; "
           "more are skipped and counted"),
+    Field("remote_flush_deadline_s", _pos_float, 10.0, "longest a FlushRemote (a producer "
+          "waiting for its blocks to reach the cluster tier) waits when it names no deadline"),
     Field("remote_retry_s", _pos_float, 1.0, "circuit breaker: first wait before probing a "
           "failed remote again (doubles, up to 10 s)"),
     Field("remote_segment_bytes", _size0, 256 << 20, "Mooncake: memory this daemon lends the "
@@ -300,6 +302,7 @@ class Config:
     remote_fill_on_lookup: bool
     remote_threads: int
     remote_queue_blocks: int
+    remote_flush_deadline_s: float
     remote_retry_s: float
     remote_segment_bytes: int
     remote_buffer_bytes: int

@@ -50,6 +50,7 @@ import os
 import signal
 import socket as socketlib
 import stat
+import time
 from pathlib import Path
 
 import grpc
@@ -180,6 +181,7 @@ class Daemon:
         self.remote = None     # kvstore.tiers.remote.RemoteTier when --remote is set
         self.events = None     # kvstore.events.publisher.EventPublisher when kv_events_endpoint
         self._lock_fd: int | None = None   # flock on the socket's lock file (take_lock)
+        self.engine_calls_abandoned = False   # the remote engine's client outlived shutdown
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -416,6 +418,7 @@ class Daemon:
     async def stop(self) -> None:
         """Shut down, or after a failed start() release what it had opened (quietly)."""
         grace_s = self.cfg.shutdown_grace_s or SHUTDOWN_GRACE_S
+        t_stop = time.monotonic()
         if self._started:
             log.info("shutting down: draining in-flight calls (up to %.1fs)", grace_s)
         self.stopping.set()
@@ -433,7 +436,17 @@ class Daemon:
         if self.prefetcher is not None:
             self.prefetcher.close()
         if getattr(self, "remote", None) is not None:
-            await self.remote.close()   # before sessions end: engine calls write into slots
+            # before sessions end: engine calls write into slots; bounded by what is left of
+            # the grace (a dead engine must not hold the exit)
+            left = max(grace_s - (time.monotonic() - t_stop), min(1.0, grace_s))
+            if not await self.remote.close(left):
+                self.engine_calls_abandoned = True
+                # The arena must outlive engine calls that may still write into it: it stays
+                # mapped (its file unlinked, so nothing is left in /dev/shm), and run_daemon
+                # ends the process without waiting for them.
+                if self.arena is not None:
+                    Path(self.arena.path).unlink(missing_ok=True)
+                    self.arena = None
             self.remote = None
         if self.store is not None:
             for sid in list(self.store.sessions):
@@ -612,6 +625,11 @@ async def run_daemon(cfg: Config) -> None:
         await daemon.wait()
     finally:
         await daemon.stop()
+        if daemon.engine_calls_abandoned:
+            # Everything of ours is closed; what is left is an engine client stuck in calls
+            # to an engine that is gone (its destructor would retry them again at exit).
+            logging.shutdown()
+            os._exit(0)
 
 
 def _is_loopback(listen: str) -> bool:

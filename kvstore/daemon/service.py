@@ -30,6 +30,7 @@ MAX_REPORTED_BLOCKS = 1 << 40
 # One ReportReads covers at most max_batch_blocks keys read; misses likewise come from a few gets.
 MAX_REPORTED_MISSES = 1 << 24
 MAX_REPORTED_GET_S = 3600.0
+MAX_FLUSH_DEADLINE_S = 600.0     # a FlushRemote holds a handler task: bounded like any wait
 TIER_ENUM = {"HBM": pb.TIER_HBM, "DRAM": pb.TIER_DRAM, "SSD": pb.TIER_SSD,
              "REMOTE": pb.TIER_REMOTE}
 
@@ -254,6 +255,23 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 self.remote.on_hits(bids)
         return pb.ReportReadsResponse(counted=len(bids))
 
+
+    @unary
+    async def FlushRemote(self, request, context):
+        """Answer once the blocks are readable from the cluster tier (RemoteTier.flush), or
+        its deadline passed."""
+        remote = self.remote
+        if remote is None:
+            raise FailedPrecondition("this daemon has no cluster tier (--remote): nothing is "
+                                     "placed remotely", Reason.NOT_ENABLED)
+        deadline_s = request.deadline_s or remote.flush_deadline_s
+        if not 0 <= deadline_s <= MAX_FLUSH_DEADLINE_S:
+            raise InvalidArgument(f"deadline_s must be in [0, {MAX_FLUSH_DEADLINE_S:g}] s, got "
+                                  f"{request.deadline_s}", Reason.BAD_ARGUMENT)
+        self.store.session(request.session_id)
+        placed, timed_out = await remote.flush(request.namespace_id, request.keys, deadline_s)
+        return pb.FlushRemoteResponse(placed=placed, num_placed=sum(placed),
+                                      timed_out=timed_out)
 
     # -- prefetch and the recompute planner (kvstore/prefetch/prefetcher.py, kvstore/planner/recompute.py) ----------
     @unary

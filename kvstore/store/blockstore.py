@@ -146,11 +146,15 @@ class BlockStore:
         self.sessions[s.session_id] = s
         return s
 
-    def close_session(self, session_id: int) -> None:
+    def close_session(self, session_id: int, writes_ended: bool = False) -> None:
         """End a session (its client closed it, or its stream broke): its leases end, its open
         allocations are aborted. Slots its client may still be copying into (open
         allocations, HBM fills, earlier expired allocations) stay quarantined until the
-        client provably cannot write them (see :meth:`release_quarantined`)."""
+        client provably cannot write them (see :meth:`release_quarantined`).
+
+        ``writes_ended``: the caller is the session's only writer, inside the daemon, and
+        none of its copies can run any more (a remote fill whose engine call has returned):
+        its slots are freed at once."""
         s = self.sessions.pop(session_id, None)
         if s is None:
             return
@@ -165,7 +169,9 @@ class BlockStore:
             s.writer = None
             self._held.append(HeldSlots(
                 s.session_id, s.pid, writer,
-                float("inf") if writer is not None else self.clock() + self.quarantine_timeout_s,
+                float("-inf") if writes_ended
+                else float("inf") if writer is not None
+                else self.clock() + self.quarantine_timeout_s,
                 s.quarantined_slots, s.quarantined_hbm))
             self.release_quarantined()
         elif s.writer is not None:
@@ -184,7 +190,9 @@ class BlockStore:
         keep: list[HeldSlots] = []
         cuda_hbm = self.hbm is not None and self.hbm.pool.backend != "host"
         for h in self._held:
-            if h.writer is not None:
+            if h.until == float("-inf"):
+                busy = False                 # its writer said its writes ended
+            elif h.writer is not None:
                 busy = h.writer.can_write(needs_exit=cuda_hbm and bool(h.hbm))
             else:
                 busy = now < h.until

@@ -275,7 +275,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "ready_bytes", "checksum_failures", "recovered_blocks", "read_bps", "write_bps", "io_errors", "hit_rate", "get_latency", "put_latency", "queue_depth", "circuit_state", "writes_skipped", "writes_deduplicated", "timeouts", "backend")
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "bytes_in", "bytes_out", "promotions", "demotions", "ready_bytes", "checksum_failures", "recovered_blocks", "read_bps", "write_bps", "io_errors", "hit_rate", "get_latency", "put_latency", "queue_depth", "circuit_state", "writes_skipped", "writes_deduplicated", "timeouts", "backend", "remote_nodes")
     TIER_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +302,7 @@ class TierStats(_message.Message):
     WRITES_DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
     TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_NODES_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     capacity_bytes: int
     used_bytes: int
@@ -328,7 +329,20 @@ class TierStats(_message.Message):
     writes_deduplicated: int
     timeouts: int
     backend: str
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., ready_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., io_errors: _Optional[int] = ..., hit_rate: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_depth: _Optional[int] = ..., circuit_state: _Optional[str] = ..., writes_skipped: _Optional[int] = ..., writes_deduplicated: _Optional[int] = ..., timeouts: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    remote_nodes: _containers.RepeatedCompositeFieldContainer[RemoteNode]
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ..., ready_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., recovered_blocks: _Optional[int] = ..., read_bps: _Optional[float] = ..., write_bps: _Optional[float] = ..., io_errors: _Optional[int] = ..., hit_rate: _Optional[float] = ..., get_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., put_latency: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_depth: _Optional[int] = ..., circuit_state: _Optional[str] = ..., writes_skipped: _Optional[int] = ..., writes_deduplicated: _Optional[int] = ..., timeouts: _Optional[int] = ..., backend: _Optional[str] = ..., remote_nodes: _Optional[_Iterable[_Union[RemoteNode, _Mapping]]] = ...) -> None: ...
+
+class RemoteNode(_message.Message):
+    __slots__ = ("node", "circuit_state", "errors", "keys_unavailable")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_STATE_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    circuit_state: str
+    errors: int
+    keys_unavailable: int
+    def __init__(self, node: _Optional[str] = ..., circuit_state: _Optional[str] = ..., errors: _Optional[int] = ..., keys_unavailable: _Optional[int] = ...) -> None: ...
 
 class LatencySummary(_message.Message):
     __slots__ = ("count", "sum_s", "p50_s", "p99_s", "bucket_upper_s", "bucket_counts")
@@ -467,6 +481,28 @@ class PrefetchItem(_message.Message):
     keys: bytes
     deadline_s: float
     def __init__(self, keys: _Optional[bytes] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class FlushRemoteRequest(_message.Message):
+    __slots__ = ("session_id", "namespace_id", "keys", "deadline_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    namespace_id: bytes
+    keys: bytes
+    deadline_s: float
+    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class FlushRemoteResponse(_message.Message):
+    __slots__ = ("placed", "num_placed", "timed_out")
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PLACED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+    placed: _containers.RepeatedScalarFieldContainer[bool]
+    num_placed: int
+    timed_out: bool
+    def __init__(self, placed: _Optional[_Iterable[bool]] = ..., num_placed: _Optional[int] = ..., timed_out: _Optional[bool] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
     __slots__ = ("session_id", "namespace_id", "items", "grace_s", "to_hbm")

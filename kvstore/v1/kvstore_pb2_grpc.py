@@ -119,6 +119,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeResponse.FromString,
                 _registered_method=True)
+        self.FlushRemote = channel.unary_unary(
+                '/kvstore.v1.KVStore/FlushRemote',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.FlushRemoteRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.FlushRemoteResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -226,6 +231,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlushRemote(self, request, context):
+        """FAILED_PRECONDITION (reason NOT_ENABLED) when the daemon has no cluster tier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -313,6 +325,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.PlanRecompute,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeResponse.SerializeToString,
+            ),
+            'FlushRemote': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushRemote,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.FlushRemoteRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.FlushRemoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -774,6 +791,33 @@ class KVStore:
             '/kvstore.v1.KVStore/PlanRecompute',
             kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.PlanRecomputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushRemote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/FlushRemote',
+            kvstore_dot_v1_dot_kvstore__pb2.FlushRemoteRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.FlushRemoteResponse.FromString,
             options,
             channel_credentials,
             insecure,

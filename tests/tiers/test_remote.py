@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import KVClient
+from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.tiers.remote.codec import encode_header, remote_key
 from kvstore.bench.cluster_engines import RawClient, skip_reason, start_engine
 from support.remote import DEADLINE_S, LAYOUT, MODEL, chain, host, put_on, remote_row, wait_for
@@ -324,3 +325,74 @@ def test_bench_cluster_smoke(backend):
     assert out["acquire_vs_raw_client"] > 0
     assert out["ttft"]["tiers"] == ["REMOTE"] and out["ttft"]["same_first_token"]
     assert out["ttft_speedup"] > 0
+
+
+def test_flush_remote_resolves_once_another_host_can_read_the_blocks(engine, daemon_factory,
+                                                                     tmp_path):
+    """A producer's flush_remote answers once its blocks are readable from the cluster tier:
+    the consumer reads all of them at once, with no polling — also under a write policy that
+    would not have sent them (write_through_selective queues only read blocks)."""
+    for i, policy in enumerate(("write_through", "write_through_selective")):
+        a = host(daemon_factory, tmp_path, f"a{i}", engine.url, "--remote-write-policy", policy)
+        b = host(daemon_factory, tmp_path, f"b{i}", engine.url)
+        with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+            ns, keys, data = put_on(ca, 40 + i, 48)
+            placed = ns.flush_remote(keys, deadline_s=20).result(timeout=60)
+            assert placed.complete and placed.num_placed == 48 and not placed.timed_out
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert get_exact(nsb, keys, data) == 48
+            assert remote_row(cb).hits == 48
+            # a second flush finds them placed (remembered, or asked of the engine)
+            again = ns.flush_remote(keys[:5]).result(timeout=60)
+            assert again.placed == [True] * 5
+            # blocks this host never held: placed only if the engine has them
+            other = ns.block_keys(chain(900 + i, 2)[0])
+            assert ns.flush_remote(other, 1.0).result(timeout=60).placed == [False, False]
+
+
+def test_flush_remote_is_bounded_and_answers_bad_input(daemon_factory, tmp_path):
+    from kvstore.bench.cluster_engines import free_port
+    from kvstore.client import FailedPrecondition, InvalidArgument, Reason
+    d = host(daemon_factory, tmp_path, "a", f"redis://127.0.0.1:{free_port()}")
+    plain = daemon_factory("--dram-bytes", "8MiB", "--chunk-bytes", "1MiB")
+    with KVClient(d.socket) as c, KVClient(plain.socket) as cp:
+        ns, keys, _ = put_on(c, 9, 4)
+        t0 = time.monotonic()
+        r = ns.flush_remote(keys, deadline_s=1.0).result(timeout=30)
+        assert r.placed == [False] * 4 and r.timed_out
+        assert time.monotonic() - t0 < 1.0 + DEADLINE_S + 2.0      # the deadline, one probe
+        with pytest.raises(InvalidArgument) as e:
+            ns.flush_remote(keys, deadline_s=-1).result(timeout=30)
+        assert e.value.reason == Reason.BAD_ARGUMENT and "deadline_s" in str(e.value)
+        with pytest.raises(FailedPrecondition) as e:
+            nsp = cp.namespace(MODEL, LAYOUT)
+            nsp.flush_remote(keys).result(timeout=30)
+        assert e.value.reason == Reason.NOT_ENABLED
+
+
+def test_blocks_read_from_the_remote_are_written_to_the_local_ssd(engine, daemon_factory,
+                                                                  tmp_path):
+    """A verified remote fill is a committed block: under write_through it reaches B's SSD,
+    so after B restarts it serves them with the remote values gone."""
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    raw = RawClient(engine.url)
+    try:
+        with KVClient(a.socket) as ca:
+            ns, keys, data = put_on(ca, 12, 6)
+            assert ns.flush_remote(keys, 20).result(timeout=60).complete
+        with KVClient(b.socket) as cb:
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert get_exact(nsb, keys, data) == 6 and remote_row(cb).hits == 6
+            wait_for(lambda: next(t for t in cb.stats().tiers
+                                  if t.tier == pb.TIER_SSD).blocks >= 6, 10, "the SSD writes")
+        for k in keys:
+            raw.remove(remote_key(ns.namespace_id, k))
+        b.stop()
+        b.start()
+        with KVClient(b.socket) as cb:
+            nsb = cb.namespace(MODEL, LAYOUT)
+            assert nsb.lookup(keys).tiers == ["SSD"] * 6
+            assert get_exact(nsb, keys, data) == 6 and remote_row(cb).hits == 0
+    finally:
+        raw.close()

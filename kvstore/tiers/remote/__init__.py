@@ -21,7 +21,8 @@ __all__ = ["RemoteBackend", "RemoteError", "RemoteTier", "open_backend", "open_r
 
 
 def open_backend(url: str, *, segment_bytes: int = 256 << 20, buffer_bytes: int = 64 << 20,
-                 replicas: int = 1, local_host: str = "", timeout_s: float = 2.0) -> RemoteBackend:
+                 replicas: int = 1, local_host: str = "", timeout_s: float = 2.0,
+                 node_retry_s: float = 1.0) -> RemoteBackend:
     """The engine client for ``url`` (not yet connected: backends connect on first use).
     Raises ValueError for a bad URL, RemoteError when the engine's client is not installed."""
     u = parse_remote_url(url)
@@ -31,7 +32,7 @@ def open_backend(url: str, *, segment_bytes: int = 256 << 20, buffer_bytes: int 
         return MooncakeBackend(f"{host}:{port}", segment_bytes, buffer_bytes, replicas,
                                local_host)
     from kvstore.tiers.remote.redis_cluster import RedisBackend
-    return RedisBackend(u.hosts, timeout_s)
+    return RedisBackend(u.hosts, timeout_s, node_retry_s)
 
 
 def open_remote_tier(cfg, store) -> RemoteTier:
@@ -41,11 +42,13 @@ def open_remote_tier(cfg, store) -> RemoteTier:
                            local_host=cfg.remote_local_host,
                            # a socket timeout, not the tier's deadline: calls run in the
                            # pool under their own deadlines; a busy server is not an error
-                           timeout_s=max(5.0, cfg.remote_read_deadline_s))
+                           timeout_s=max(5.0, cfg.remote_read_deadline_s),
+                           node_retry_s=cfg.remote_retry_s)
     return RemoteTier(store, backend, str(parse_remote_url(cfg.remote)),
                       policy=cfg.remote_write_policy, write_hits=cfg.remote_write_hits,
                       deadline_s=cfg.remote_deadline_s, read_deadline_s=cfg.remote_read_deadline_s,
                       threads=cfg.remote_threads, queue_blocks=cfg.remote_queue_blocks,
                       read_chunk_bytes=cfg.remote_read_chunk_bytes,
                       fill_on_lookup=cfg.remote_fill_on_lookup,
+                      flush_deadline_s=cfg.remote_flush_deadline_s,
                       breaker=CircuitBreaker(cooldown_s=cfg.remote_retry_s))

@@ -6,12 +6,19 @@ tier touches: a put reads the block from its arena slot, a get writes it into an
 
     attach(arena)                       once, before any other call (Mooncake registers it)
     exists(keys)      -> [bool]         one batched call
-    put(keys, headers, offsets, sizes)  -> [bool]: stored (or already there) / not (full, refused)
-    get_into(keys, offsets, sizes)      -> [header | None | b""]: the 64-byte header with the
-                                        block bytes written at arena[offset:offset+size]; None:
-                                        no such key; b"": a value of the wrong size (corrupt)
+    put(keys, headers, offsets, sizes)  -> [bool | None]: stored (or already there) / not (full,
+                                        refused) / None: not sent (the key's node is unavailable)
+    get_into(keys, offsets, sizes)      -> [header | None | b"" | ReadStatus.FAILED]: the
+                                        64-byte header with the block bytes written at
+                                        arena[offset:offset+size]; None: no such key; b"": the
+                                        complete value was read and is not size+64 bytes (corrupt);
+                                        FAILED: no complete value could be read (a transfer
+                                        error, a dead node) — a miss, never a verdict on the value
     remove(keys)                        best effort
     ping()            -> bool           cheap health probe (the circuit breaker's half-open call)
+    nodes()           -> [(node, circuit, failed calls, keys unavailable)]: engines whose nodes
+                                        fail one by one (Redis Cluster); [] where the engine
+                                        fails as a whole (Mooncake: its master)
     close()
 
 Every method blocks and is called from the remote tier's bounded thread pool, never from the
@@ -130,6 +137,9 @@ class RemoteBackend(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> bool: ...
+
+    def nodes(self) -> list[tuple[str, str, int, int]]:
+        return []
 
     @abc.abstractmethod
     def close(self) -> None: ...

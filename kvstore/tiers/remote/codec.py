@@ -12,6 +12,8 @@ key of this version still fails the header check. A shared store is the likelies
 a wrong value (another writer, a stale object, a corrupted transfer), so a read is served only
 when every header field equals what the reader expects and the checksum of the bytes it
 received matches: anything else is CORRUPT, and the caller treats it as a miss and removes it.
+Only a value whose complete bytes were read can be CORRUPT: a read the engine failed is FAILED,
+never evidence against the value.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ class ReadStatus(enum.IntEnum):
     OK = 0
     MISSING = 1      # the remote has no value under the key
     CORRUPT = 2      # a value is there but is not this block: never served, removed
+    # The engine could not deliver the value (a transfer failed, its node is down): a miss,
+    # counted as a remote error and read again later; the value is never removed for it (it
+    # is most likely intact: right after a replica holder dies, Mooncake fails such reads).
+    FAILED = 3
 
 
 def remote_key(namespace_id: bytes, key: bytes) -> str:
@@ -50,9 +56,14 @@ def encode_header(key: bytes, namespace_id: bytes, data) -> bytes:
 
 
 def verify(header, key: bytes, namespace_id: bytes, data) -> ReadStatus:
-    """OK only if ``header`` frames exactly ``data`` as this block of this namespace."""
+    """OK only if ``header`` frames exactly ``data`` as this block of this namespace.
+    ``header`` is what a backend's ``get_into`` answered for the key: None (no value) is
+    MISSING, ReadStatus.FAILED (no complete value read) is FAILED; anything else was read
+    completely and is judged here: OK or CORRUPT."""
     if header is None:
         return ReadStatus.MISSING
+    if header is ReadStatus.FAILED:
+        return ReadStatus.FAILED
     if len(header) != HEADER_BYTES:
         return ReadStatus.CORRUPT
     magic, version, flags, length, hkey, hns, csum = _HEADER.unpack(bytes(header))

@@ -11,10 +11,15 @@ joins when it comes up. This daemon contributes ``segment_bytes`` of its memory 
 pool (0: none, a pure client). Objects are written with ``replica_num`` replicas: with 1, a
 block placed in a host's own segment dies with that host — use 2 where hosts come and go.
 
-Mooncake answers per key with negative codes: -704 object not found (a miss), -600 / -800 for
-a value longer / shorter than the block (another value under our key: corrupt), -200 no space
-(a put not stored);
-anything else is an error for that key, and an error on every key is a RemoteError.
+Mooncake answers per key with negative codes: -704 object not found (a miss), -200 no space
+(a put not stored). A read answered with any other code, or with a length other than the
+block's, proves nothing about the value: -800 is TRANSFER_FAIL as well as "a value shorter than
+the buffers" (right after a replica holder dies, reads of intact objects whose chosen replica
+lived there fail with -800 for ~10 s), -600 a value longer than the buffers. Such a key is
+settled by the master's record of the object's size: the block's size means the transfer
+failed (FAILED: a miss, read again later); another size, and the complete value is read and
+answered as the wrong size (corrupt) only once it arrived whole. An error on every key of a
+call is a RemoteError.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import threading
 import numpy as np
 
 from kvstore.tiers.remote.base import LazyClient, RemoteBackend, RemoteError, import_engine
-from kvstore.tiers.remote.codec import HEADER_BYTES
+from kvstore.tiers.remote.codec import HEADER_BYTES, ReadStatus
 
 log = logging.getLogger("kvstore.remote.mooncake")
 
@@ -141,15 +146,32 @@ class MooncakeBackend(RemoteBackend):
         codes = client.batch_get_into_multi_buffers(keys, ptrs, lens)
         if self._all_failed(codes, lambda c: c >= 0 or c == NOT_FOUND or c in WRONG_SIZE):
             raise RemoteError(f"Mooncake batch_get failed (code {codes[0]})")
-        out: list[bytes | None] = []
+        out: list = []
         for i, (c, n) in enumerate(zip(codes, sizes)):
             if c == HEADER_BYTES + n:
                 out.append(scratch[i * HEADER_BYTES:(i + 1) * HEADER_BYTES].tobytes())
-            elif c >= 0 or c in WRONG_SIZE:
-                out.append(b"")        # a value of another length under this key
+            elif c == NOT_FOUND:
+                out.append(None)
             else:
-                out.append(None)       # not found, or this key's transfer failed: a miss
+                out.append(self._settle(client, keys[i], HEADER_BYTES + n, c))
         return out
+
+    @staticmethod
+    def _settle(client, key: str, want: int, code: int):
+        """A read that did not deliver ``want`` bytes: None (gone), b"" (the complete value
+        was read and has another length: corrupt) or FAILED (nothing proven: a miss)."""
+        size = client.get_size(key)
+        if size == NOT_FOUND:
+            return None
+        if size < 0 or size == want:
+            # the object has the block's size: the transfer failed, not the value
+            log.debug("Mooncake: read of %s failed (code %d); object size %d", key[:40], code,
+                      size)
+            return ReadStatus.FAILED
+        value = client.get(key)       # the whole value: judged only once it arrived whole
+        if len(value) != size:
+            return ReadStatus.FAILED
+        return b""
 
     def remove(self, keys: list[str]) -> None:
         self._connected().batch_remove(keys, True)

@@ -12,9 +12,15 @@ key and makes the next call rediscover the topology.
 Existence is a pipeline of EXISTS, one per key (keys of a batch hash to different slots, and a
 multi-key EXISTS must stay within one slot in a cluster).
 
+Every call is split by node, and each node's part runs (and fails) on its own: a dead master
+(no replica; ``cluster-require-full-coverage no``) costs the keys its slots hold — misses for
+reads and existence checks, writes not sent — while the keys on live nodes are read and written
+as usual. Each node has its own circuit breaker (a node that keeps failing is not called, so a
+dead one does not cost a connect per call; one probe goes through after the cooldown) and its
+own counters (``nodes()``). A call is a RemoteError only when the cluster client cannot be had.
+
 Connection is lazy and retried after failures, like the Mooncake backend, so the daemon starts
-while the cluster is down. Every Redis exception is a RemoteError for the whole call (a cluster
-pipeline fails as a whole when a node is down): the tier treats it as a miss.
+while the cluster is down.
 """
 from __future__ import annotations
 
@@ -22,20 +28,35 @@ import logging
 import socket
 import threading
 
+from dataclasses import dataclass, field
+
 from kvstore.tiers.remote.base import LazyClient, RemoteBackend, RemoteError, import_engine
-from kvstore.tiers.remote.codec import HEADER_BYTES
+from kvstore.tiers.remote.breaker import CircuitBreaker
+from kvstore.tiers.remote.codec import HEADER_BYTES, ReadStatus
 
 log = logging.getLogger("kvstore.remote.redis")
+
+
+@dataclass
+class NodeHealth:
+    """One node's breaker and counters (guarded by the backend's lock)."""
+    breaker: CircuitBreaker
+    errors: int = 0              # calls to this node that failed
+    keys_unavailable: int = 0    # keys not read or written because the node failed or was skipped
+    last_error: str = field(default="")
 
 
 class RedisBackend(RemoteBackend):
     name = "redis"
 
-    def __init__(self, hosts: tuple[tuple[str, int], ...], timeout_s: float = 2.0):
+    def __init__(self, hosts: tuple[tuple[str, int], ...], timeout_s: float = 2.0,
+                 node_retry_s: float = 1.0):
         self._redis = import_engine("redis", "redis")
         self.hosts = hosts
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()     # guards _raw_all
+        self.node_retry_s = node_retry_s
+        self._lock = threading.Lock()     # guards _raw_all and _health
+        self._health: dict[tuple[str, int], NodeHealth] = {}
         self._client = LazyClient(self._connect, lambda c: c.close())
         self._arena: memoryview | None = None
         self._tls = threading.local()     # this thread's raw read connections, by node
@@ -76,64 +97,135 @@ class RedisBackend(RemoteBackend):
     def _where(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in self.hosts)
 
-    def _pipeline(self, build) -> list:
+    # -- one call, split by node ---------------------------------------------------------------
+    def _route(self, c, keys: list[str]) -> dict[tuple[str, int], list[int]]:
+        by_node: dict[tuple[str, int], list[int]] = {}
+        for i, k in enumerate(keys):
+            if self.cluster:
+                node = c.get_node_from_key(k)
+                addr = (node.host, node.port)
+            else:
+                addr = self.hosts[0]
+            by_node.setdefault(addr, []).append(i)
+        return by_node
+
+    def _node_health(self, addr) -> NodeHealth:
+        h = self._health.get(addr)
+        if h is None:
+            h = self._health[addr] = NodeHealth(CircuitBreaker(cooldown_s=self.node_retry_s))
+        return h
+
+    def _allow(self, addr, n_keys: int) -> bool:
+        with self._lock:
+            h = self._node_health(addr)
+            if h.breaker.allow():
+                return True
+            h.keys_unavailable += n_keys
+            return False
+
+    def _node_done(self, addr, exc: BaseException | None, n_keys: int = 0) -> None:
+        with self._lock:
+            h = self._node_health(addr)
+            if exc is None:
+                h.breaker.success()
+                return
+            was = h.breaker.state
+            h.breaker.failure()
+            h.errors += 1
+            h.keys_unavailable += n_keys
+            h.last_error = str(exc)[:200]
+            if h.breaker.state != was:
+                log.warning("Redis node %s:%d: %s; circuit %s (its keys are misses)", addr[0],
+                            addr[1], exc, h.breaker.state)
+
+    def nodes(self) -> list[tuple[str, str, int, int]]:
+        """(node, circuit state, failed calls, keys not read or written) per node seen."""
+        with self._lock:
+            return [(f"{a[0]}:{a[1]}", h.breaker.state, h.errors, h.keys_unavailable)
+                    for a, h in sorted(self._health.items())]
+
+    def _per_node(self, keys: list[str], run, unavailable) -> list:
+        """``run(node_client, addr, idx)`` answers the keys ``idx`` of one node; a node that
+        fails (or whose circuit is open) answers ``unavailable`` for each of its keys — never
+        an error for the call: the tier's own breaker must not stop the live nodes' keys for
+        a dead one (each node has its breaker here). RemoteError only when the cluster client
+        cannot be had (no node reachable to learn the topology from)."""
         c = self._connected()
+        out = [unavailable] * len(keys)
         try:
-            pipe = c.pipeline(transaction=False)
-            build(pipe)
-            return pipe.execute()
+            by_node = self._route(c, keys)
         except self._redis.RedisError as exc:
-            if isinstance(exc, (self._redis.ConnectionError, self._redis.TimeoutError)):
-                self._reset()
+            self._reset()
             raise RemoteError(f"Redis {self._where()}: {exc}") from None
+        for addr, idx in by_node.items():
+            if not self._allow(addr, len(idx)):
+                continue
+            try:
+                node_client = (c.get_redis_connection(c.get_node(addr[0], addr[1]))
+                               if self.cluster else c)
+                res = run(node_client, addr, idx)
+            except (OSError, _ProtocolError, self._redis.RedisError) as exc:
+                self._node_done(addr, exc, len(idx))
+                continue
+            self._node_done(addr, None)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
 
     def _reset(self) -> None:
-        # A dead node or a restarted cluster: connect afresh on the next call (the cluster client
-        # also rediscovers the topology then).
+        # A restarted cluster or a stale slot map: connect afresh on the next call (the
+        # cluster client rediscovers the topology then).
         self._client.reset()
 
+    @staticmethod
+    def _pipe(node_client, build) -> list:
+        pipe = node_client.pipeline(transaction=False)
+        build(pipe)
+        res = pipe.execute(raise_on_error=False)
+        for r in res:
+            if isinstance(r, Exception):
+                raise r        # MOVED, a node answering an error: the node's part failed
+        return res
+
     def exists(self, keys: list[str]) -> list[bool]:
-        res = self._pipeline(lambda p: [p.exists(k) for k in keys])
-        return [bool(r) for r in res]
+        def run(node, addr, idx):
+            return [bool(r) for r in self._pipe(node, lambda p: [p.exists(keys[i])
+                                                                 for i in idx])]
+        return self._per_node(keys, run, False)
 
-    def put(self, keys, headers, offsets, sizes) -> list[bool]:
+    def put(self, keys, headers, offsets, sizes) -> list[bool | None]:
+        """As RemoteBackend.put; None for a key whose node was unavailable (not sent)."""
         arena = self._arena
 
-        def build(p):
-            for k, h, off, n in zip(keys, headers, offsets, sizes):
-                p.set(k, b"".join((h, arena[off:off + n])))
-        return [bool(r) for r in self._pipeline(build)]
+        def run(node, addr, idx):
+            def build(p):
+                for i in idx:
+                    off, n = offsets[i], sizes[i]
+                    p.set(keys[i], b"".join((headers[i], arena[off:off + n])))
+            return [bool(r) for r in self._pipe(node, build)]
+        return self._per_node(keys, run, None)
 
-    def get_into(self, keys, offsets, sizes) -> list[bytes | None]:
-        c = self._connected()
+    def get_into(self, keys, offsets, sizes) -> list:
         arena = self._arena
-        try:
-            # Route every key to its node, send each node its pipeline, then read the replies
-            # node by node (the others' wait in their sockets' buffers meanwhile).
-            by_node: dict[tuple[str, int], list[int]] = {}
-            for i, k in enumerate(keys):
-                if self.cluster:
-                    node = c.get_node_from_key(k)
-                    addr = (node.host, node.port)
-                else:
-                    addr = self.hosts[0]
-                by_node.setdefault(addr, []).append(i)
-            conns = {addr: self._raw_conn(addr) for addr in by_node}
-            for addr, idx in by_node.items():
-                conns[addr].send_gets([keys[i] for i in idx])
-            out: list[bytes | None] = [None] * len(keys)
-            moved = False
-            for addr, idx in by_node.items():
-                conn = conns[addr]
+        moved = False
+
+        def run(node, addr, idx):
+            # raw socket: the block bytes go straight into the arena slots (module docstring)
+            nonlocal moved
+            conn = self._raw_conn(addr)
+            try:
+                conn.send_gets([keys[i] for i in idx])
+                res = []
                 for i in idx:
                     n = sizes[i]
-                    out[i], was_moved = conn.read_get(arena[offsets[i]:offsets[i] + n], n)
+                    header, was_moved = conn.read_get(arena[offsets[i]:offsets[i] + n], n)
                     moved |= was_moved
-        except (OSError, _ProtocolError, self._redis.RedisError) as exc:
-            self._drop_raw_conns()
-            if isinstance(exc, (OSError, self._redis.ConnectionError)):
-                self._reset()
-            raise RemoteError(f"Redis {self._where()}: {exc}") from None
+                    res.append(ReadStatus.FAILED if was_moved else header)
+                return res
+            except BaseException:
+                self._drop_raw_conn(addr)
+                raise
+        out = self._per_node(keys, run, ReadStatus.FAILED)
         if moved:
             self._drop_raw_conns()
             self._reset()      # the slot map is stale: the cluster client rediscovers it
@@ -150,6 +242,14 @@ class RedisBackend(RemoteBackend):
                 self._raw_all.add(conn)
         return conn
 
+    def _drop_raw_conn(self, addr) -> None:
+        conns = getattr(self._tls, "conns", None) or {}
+        conn = conns.pop(addr, None)
+        if conn is not None:
+            with self._lock:
+                self._raw_all.discard(conn)
+            conn.close()
+
     def _drop_raw_conns(self) -> None:
         conns = getattr(self._tls, "conns", None) or {}
         with self._lock:
@@ -159,7 +259,8 @@ class RedisBackend(RemoteBackend):
         conns.clear()
 
     def remove(self, keys: list[str]) -> None:
-        self._pipeline(lambda p: [p.delete(k) for k in keys])
+        self._per_node(keys, lambda node, addr, idx: self._pipe(
+            node, lambda p: [p.delete(keys[i]) for i in idx]), None)
 
     def ping(self) -> bool:
         try:
@@ -200,12 +301,12 @@ class _RawConn:
 
     def read_get(self, slot: memoryview, n: int) -> tuple[bytes | None, bool]:
         """One GET reply: (the header, with the block bytes written into ``slot``) | (None:
-        no such key, or an error reply) | (b"": a value of another length, skipped); and
+        no such key) | (FAILED: an error reply) | (b"": a value of another length, skipped); and
         whether the reply was MOVED/ASK."""
         line = self._line()
         kind = line[:1]
-        if kind == b"-":
-            return None, line.startswith((b"-MOVED", b"-ASK"))
+        if kind == b"-":      # an error reply proves nothing about the value: not a miss
+            return ReadStatus.FAILED, line.startswith((b"-MOVED", b"-ASK"))
         if kind != b"$":
             raise _ProtocolError(f"unexpected reply to GET: {line[:40]!r}")
         length = int(line[1:])
