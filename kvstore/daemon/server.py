@@ -344,9 +344,9 @@ class Daemon:
         if self.ssd is not None:
             t = self.ssd
             log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s; "
-                     "loading the index in the background)", format_bytes(t.ssd.capacity_bytes),
-                     t.ssd.directory, t.ssd.n_segments, format_bytes(t.ssd.segment_bytes),
-                     "O_DIRECT" if t.ssd.direct else "buffered", t.ssd.io_threads,
+                     "loading the index in the background)", format_bytes(t.slabs.capacity_bytes),
+                     t.slabs.directory, t.slabs.n_segments, format_bytes(t.slabs.segment_bytes),
+                     "O_DIRECT" if t.slabs.direct else "buffered", t.slabs.io_threads,
                      t.policy.name)
         else:
             log.info("SSD tier: off (set --ssd-bytes)")
@@ -444,7 +444,7 @@ class Daemon:
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
             if not self._started:     # a failed start removes the SSD files it created
-                self.ssd.ssd.discard_created()
+                self.ssd.slabs.discard_created()
             self.ssd = None
         if self.hbm is not None:
             self.hbm.close()

@@ -199,12 +199,12 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     arena, store, t = open_tier()
     try:
         ns = store.register_namespace("m", layout)
-        assert t.ssd.counters.recovered_blocks == len(kept) == 20
+        assert t.slabs.counters.recovered_blocks == len(kept) == 20
         for key, data in kept.items():
             bid = store.table.find(ns.index, key)
             assert bid >= 0 and store.table.ssd[bid] != NO_SLOT
             buf = mmap.mmap(-1, layout.slot_bytes)
-            assert t.ssd.read_slot(int(store.table.ssd[bid]), memoryview(buf), key, bb,
+            assert t.slabs.read_slot(int(store.table.ssd[bid]), memoryview(buf), key, bb,
                                    int(store.table.csum[bid]))
             assert buf[:bb] == data
     finally:

@@ -60,6 +60,7 @@ import xxhash
 
 from kvstore.core import lockfile
 from kvstore.core.directio import direct_io_works
+from kvstore.core.keys import KEY_BYTES
 from kvstore.core.units import format_bytes
 
 log = logging.getLogger("kvstore.ssd")
@@ -142,7 +143,7 @@ def encode_slot_header(addr: int, key: bytes, nbytes: int, csum: int, seq: int,
                        slot_bytes: int, tag: bytes) -> bytes:
     if len(tag) > MAX_TAG_BYTES:
         raise ValueError(f"slot tag of {len(tag)} bytes (at most {MAX_TAG_BYTES})")
-    key = key.ljust(16, b"\0")[:16]
+    key = key.ljust(KEY_BYTES, b"\0")[:KEY_BYTES]
     body = (_SLOT_HDR.pack(_SLOT_MAGIC, 0, FORMAT_VERSION, len(tag), nbytes, addr, key, csum,
                            seq, slot_bytes)[16:] + tag).ljust(HEADER_BYTES - 16, b"\0")
     return _SLOT_MAGIC + struct.pack("<Q", _hdr_csum(body, key)) + body
