@@ -310,11 +310,12 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             "and gets, then retry", Reason.OVER_LIMIT))
 
     def _prune(self, client: _Client) -> None:
-        """Forget allocations and leases the store no longer has (committed, expired, ...)."""
-        sessions = self.store.sessions
-        for table, attr in ((client.allocations, "allocations"), (client.leases, "leases")):
-            for k in [k for k in table
-                      if k[0] not in sessions or k[1] not in getattr(sessions[k[0]], attr)]:
+        """Forget allocations and leases the store no longer has (committed, expired, ...).
+
+        The store owns them (``BlockStore.outstanding``); the client keeps only the bytes each
+        was admitted with, which its limits count."""
+        for table, which in ((client.allocations, 0), (client.leases, 1)):
+            for k in [k for k in table if k[1] not in self.store.outstanding(k[0])[which]]:
                 del table[k]
 
     # -- bookkeeping, after the servicer ---------------------------------------------------------
