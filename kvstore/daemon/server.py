@@ -524,7 +524,8 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     message."""
     from kvstore.policies.write import write_policy
     from kvstore.tiers.ssd.catalog import SSDCatalog
-    from kvstore.tiers.ssd.files import SSDFormatError, SSDSpaceError, SlabFiles
+    from kvstore.tiers.ssd.files import SSDSpaceError, SlabFiles
+    from kvstore.tiers.ssd.format import SSDFormatError
     from kvstore.tiers.ssd.journal import Journal
     from kvstore.tiers.ssd.space import SSDSpace
     from kvstore.tiers.ssd.tier import SSDTier

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from kvstore.store.table import BlockTable
 from kvstore.tiers.ssd import journal as jr
-from kvstore.tiers.ssd.files import SSDFormatError, SlabFiles
+from kvstore.tiers.ssd.files import SlabFiles
+from kvstore.tiers.ssd.format import SSDFormatError
 
 
 def _puts(addrs, key_base=0):
@@ -76,7 +77,7 @@ def test_slot_write_read_checksum(tmp_path):
 
 
 def test_auto_segment_size_keeps_file_count_small():
-    from kvstore.tiers.ssd.files import auto_segment_bytes
+    from kvstore.tiers.ssd.format import auto_segment_bytes
     assert auto_segment_bytes(8 << 20) == 8 << 20            # tiny: one segment
     assert auto_segment_bytes(1 << 30) == 64 << 20
     assert auto_segment_bytes(1 << 40) == 16 << 30            # 1 TiB: 64 files

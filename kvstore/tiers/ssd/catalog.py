@@ -34,7 +34,7 @@ from kvstore.core.keys import KEY_BYTES
 from kvstore.core.layout import KVLayout, LayoutError
 from kvstore.tiers.base import COMMITTED, FREE, NO_SLOT
 from kvstore.tiers.ssd import journal as jr
-from kvstore.tiers.ssd.files import MAX_TAG_BYTES
+from kvstore.tiers.ssd.format import MAX_TAG_BYTES
 
 # A slot tag: namespace digest, parent key (zeros: a chain root), depth, then the namespace
 # record as JSON (model id, tenant, layout) — every slot carries enough to re-register its

@@ -20,7 +20,8 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd.files import SlabFiles, block_checksum, each_slot
+from kvstore.tiers.ssd.files import SlabFiles, each_slot
+from kvstore.tiers.ssd.format import block_checksum
 
 log = logging.getLogger("kvstore.gds")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED, NO_SLOT
-from kvstore.tiers.ssd.files import slots_per_segment
+from kvstore.tiers.ssd.format import slots_per_segment
 
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
