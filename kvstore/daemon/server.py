@@ -182,6 +182,7 @@ class Daemon:
         self._lock_fd: int | None = None   # flock on the socket's lock file (take_lock)
 
     async def start(self) -> None:
+        """Build every part, bind, serve; on a failure :meth:`stop` releases what was opened."""
         cfg = self.cfg
         sock = Path(cfg.socket)
         sock_mode, sock_gid = socket_mode(cfg.socket_group)
@@ -190,6 +191,16 @@ class Daemon:
         self._lock_fd = _prepare_socket(sock)
         for p in remove_orphans(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed %s, left by a daemon that is gone", p)
+        self._open_shared_memory()
+        self._compose(asyncio.get_running_loop())
+        self._build_server(tokens)
+        tcp = self._bind(sock, tls)
+        await self._serve(sock, sock_mode, sock_gid)
+        self._log_started(sock, sock_mode, tcp, tls, tokens)
+
+    def _open_shared_memory(self) -> None:
+        """The arena (first chunk reserved), its slot generations and the index snapshot."""
+        cfg = self.cfg
         # Serve at once: the arena's memory is reserved and populated in the background, and
         # the allocator takes each chunk as it is reserved (kvstore.core.arena, "Preparation").
         # The first chunk is reserved here, so the first put never finds nothing ready.
@@ -223,7 +234,11 @@ class Daemon:
                      self.snapshot.capacity_blocks)
         else:
             log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
-        # The composition root: each part gets its collaborators through its constructor.
+
+    def _compose(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The composition root: each part gets its collaborators through its constructor, in
+        dependency order (docs/architecture.md, "Composition root")."""
+        cfg = self.cfg
         copies = TierSet()    # every tier a block's copy can be in: the table frees through it
         events = open_event_log(cfg) if cfg.kv_events_endpoint else None
         table = BlockTable(mirror=self.snapshot, on_free=copies.forget,
@@ -231,11 +246,10 @@ class Daemon:
         if events is not None:     # first, so AllBlocksCleared precedes every stored block
             self.events = start_publisher(
                 cfg, events, lambda: table.snapshot(self.hbm.copies() if self.hbm else ()),
-                asyncio.get_running_loop())
+                loop)
         evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
         dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
         copies.add(dram)
-        loop = asyncio.get_running_loop()
         self.preparer = ArenaPreparer(
             self.arena, dram.slabs.chunk_bytes,
             lambda end: loop.call_soon_threadsafe(dram.slabs.mark_ready, end),
@@ -255,6 +269,11 @@ class Daemon:
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
                                      max_session_bytes=cfg.prefetch_bytes_per_client)
+
+    def _build_server(self, tokens: TokenTable) -> None:
+        """Metrics, the access policy, and the gRPC server with the servicer, health checking
+        and reflection (not bound yet)."""
+        cfg = self.cfg
         opts = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -277,6 +296,11 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+
+    def _bind(self, sock: Path, tls) -> str:
+        """Bind the unix socket (owner-only until :meth:`_serve` sets its mode) and the TCP
+        listener if any; returns the TCP address bound, or ""."""
+        cfg = self.cfg
         # gRPC binds a private name that is renamed into place: gRPC unlinks the path it bound
         # when the server stops, and that must never be a socket another daemon has since put
         # at the configured path. _remove_own_socket removes ours.
@@ -300,6 +324,12 @@ class Daemon:
             if tls is None and not _is_loopback(cfg.listen):
                 log.warning("TCP listener %s has no TLS: bearer tokens cross the network in "
                             "clear text (set tls_cert_file and tls_key_file)", tcp)
+        return tcp
+
+    async def _serve(self, sock: Path, sock_mode: int, sock_gid: int | None) -> None:
+        """Start answering: the server, arena preparation, the socket's mode, the metrics
+        endpoint, SERVING, the SSD index load and the periodic loops."""
+        cfg = self.cfg
         await self.server.start()
         if not self.preparer.started_at:
             # Only now: under memory pressure preparing (page reclaim) would slow the start.
@@ -328,6 +358,10 @@ class Daemon:
         self._sampler = asyncio.create_task(self._sample_loop())
         self._beater = (asyncio.create_task(self._beat_loop())
                         if self.snapshot is not None else None)
+
+    def _log_started(self, sock: Path, sock_mode: int, tcp: str, tls, tokens: TokenTable) -> None:
+        """One line for the listener, the access rules and each tier."""
+        cfg = self.cfg
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
                  f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
         log.info("access: %d bearer tokens; socket %s a token; shared arena for the socket's "
