@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable
 
+from kvstore.core.keys import KEY_BYTES
 from kvstore.v1 import kvstore_pb2 as pb
 
 log = logging.getLogger("kvstore.client")
@@ -38,7 +39,7 @@ class _Queued:
     __slots__ = ("keys", "misses", "get_s", "lookups")
 
     def __init__(self):
-        self.keys: list[bytes] = []      # key blobs, each a multiple of 16 bytes
+        self.keys: list[bytes] = []      # key blobs, each a multiple of KEY_BYTES
         self.misses = 0
         self.get_s: list[float] = []
         self.lookups = 0                 # lookups answered from the index snapshot
@@ -121,7 +122,7 @@ class ReadReports:
 
     def _extra_calls(self, q: _Queued) -> int:
         """Calls beyond the first a queued entry needs (split by max_keys)."""
-        n = sum(len(b) for b in q.keys) // 16
+        n = sum(len(b) for b in q.keys) // KEY_BYTES
         return max(0, -(-n // max(1, self._max_keys())) - 1)
 
     def _take(self) -> pb.ReportReadsRequest:
@@ -130,8 +131,8 @@ class ReadReports:
         most = max(1, self._max_keys())
         blob = b"".join(q.keys)
         get_s = q.get_s[:most]
-        if len(blob) > 16 * most:   # the rest waits for the next call
-            q.keys, blob = [blob[16 * most:]], blob[:16 * most]
+        if len(blob) > KEY_BYTES * most:   # the rest waits for the next call
+            q.keys, blob = [blob[KEY_BYTES * most:]], blob[:KEY_BYTES * most]
             q.get_s = []
             misses = lookups = 0
         else:
@@ -161,7 +162,7 @@ class ReadReports:
             try:
                 counted = self._call(req).counted
             except Exception as exc:    # noqa: BLE001 - a lost report: stats and order only
-                log.debug("%d lease-free reads not reported: %s", len(req.keys) // 16, exc)
+                log.debug("%d lease-free reads not reported: %s", len(req.keys) // KEY_BYTES, exc)
             with self._cond:
                 self._done += 1
                 self._busy = False

@@ -7,6 +7,8 @@ Rules:
 - kvstore.tiers never imports kvstore.store or kvstore.daemon (tiers are handed the block table
   and their collaborators by the composition root, kvstore.daemon.server);
 - kvstore.store never imports kvstore.daemon;
+- the SSD tier's on-disk format (kvstore.tiers.ssd.format) imports only kvstore.core: the format
+  is read without the files, the allocator or the I/O;
 - kvstore.core imports only the standard library, numpy, kvstore.v1 and kvstore.core;
 - the SDK (kvstore.client, kvstore.kernels) imports from the daemon side only kvstore.core,
   kvstore.v1 and kvstore.planner.recompute.
@@ -103,6 +105,9 @@ def violations(mods, graph) -> list[str]:
         if _under(mod, "kvstore.store"):
             out += [f"{mod} imports {d} (the store never imports the daemon)"
                     for d in deps if _under(d, "kvstore.daemon")]
+        if mod == "kvstore.tiers.ssd.format":
+            out += [f"{mod} imports {d} (the on-disk format imports only kvstore.core)"
+                    for d in deps if d != "kvstore" and not _under(d, "kvstore.core")]
         out += [f"{mod} imports the entry point {d} (nothing does)"
                 for d in deps if d in ENTRY_POINTS and mod not in ENTRY_POINTS]
         if _under(mod, "kvstore.core"):
@@ -178,6 +183,7 @@ def test_the_checker_catches_each_kind_of_violation():
     bad["kvstore.core.keys"].add("kvstore.metrics.counters")         # core imports a daemon part
     bad["kvstore.core.keys"].add("grpc")                             # core imports grpc
     bad["kvstore.client"].add("kvstore.store.table")                 # the SDK imports the store
+    bad["kvstore.tiers.ssd.format"].add("kvstore.tiers.ssd.files")   # the format imports the I/O
     bad["kvstore.metrics.counters"].add("kvstore.access.interceptor")   # access <-> metrics
     found = "\n".join(violations(mods, bad))
     for expect in ("kvstore.tiers.dram imports kvstore.store.blockstore",
@@ -185,5 +191,6 @@ def test_the_checker_catches_each_kind_of_violation():
                    "kvstore.core.keys imports kvstore.metrics.counters",
                    "kvstore.core.keys imports grpc",
                    "kvstore.client imports kvstore.store.table",
+                   "kvstore.tiers.ssd.format imports kvstore.tiers.ssd.files",
                    "import cycle between packages"):
         assert expect in found, found

@@ -37,6 +37,7 @@ from kvstore.access.auth import LOCAL, Principal, TokenTable, bearer_token
 from kvstore.access.status import abort
 from kvstore.core.errors import (InvalidArgument, NotFound, PermissionDenied, Reason,
                             ResourceExhausted, Unauthenticated)
+from kvstore.core.keys import KEY_BYTES
 from kvstore.metrics.model import Metrics
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -282,7 +283,7 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                     f"unknown namespace {bytes(request.namespace_id).hex() or '(empty)'}: "
                     "register it first", Reason.UNKNOWN_NAMESPACE))
         if name in ("Allocate", "Acquire"):
-            n_keys, rest = divmod(len(request.keys), 16)
+            n_keys, rest = divmod(len(request.keys), KEY_BYTES)
             if rest or n_keys > self.store.max_batch_blocks:
                 return  # malformed or oversized: the store answers INVALID_ARGUMENT
             ns = self.store.namespaces.get(bytes(request.namespace_id))
@@ -309,11 +310,12 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             "and gets, then retry", Reason.OVER_LIMIT))
 
     def _prune(self, client: _Client) -> None:
-        """Forget allocations and leases the store no longer has (committed, expired, ...)."""
-        sessions = self.store.sessions
-        for table, attr in ((client.allocations, "allocations"), (client.leases, "leases")):
-            for k in [k for k in table
-                      if k[0] not in sessions or k[1] not in getattr(sessions[k[0]], attr)]:
+        """Forget allocations and leases the store no longer has (committed, expired, ...).
+
+        The store owns them (``BlockStore.outstanding``); the client keeps only the bytes each
+        was admitted with, which its limits count."""
+        for table, which in ((client.allocations, 0), (client.leases, 1)):
+            for k in [k for k in table if k[1] not in self.store.outstanding(k[0])[which]]:
                 del table[k]
 
     # -- bookkeeping, after the servicer ---------------------------------------------------------

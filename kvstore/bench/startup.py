@@ -101,7 +101,8 @@ def make_ssd_dir(ssd_dir: Path, n_blocks: int, sample: int = 64, seed: int = 0):
     from kvstore.core.keys import namespace_digest
     from kvstore.core.layout import KVLayout
     from kvstore.tiers.ssd import journal as jr
-    from kvstore.tiers.ssd.files import SLOT_BITS, SlabFiles, slots_per_segment
+    from kvstore.tiers.ssd.files import SlabFiles
+    from kvstore.tiers.ssd.format import SLOT_BITS, slots_per_segment
 
     layout = KVLayout(**RESTART_LAYOUT)
     per_seg = slots_per_segment(RESTART_SEGMENT_BYTES, layout.slot_bytes)

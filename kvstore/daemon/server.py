@@ -184,6 +184,7 @@ class Daemon:
         self.engine_calls_abandoned = False   # the remote engine's client outlived shutdown
 
     async def start(self) -> None:
+        """Build every part, bind, serve; on a failure :meth:`stop` releases what was opened."""
         cfg = self.cfg
         sock = Path(cfg.socket)
         sock_mode, sock_gid = socket_mode(cfg.socket_group)
@@ -192,6 +193,16 @@ class Daemon:
         self._lock_fd = _prepare_socket(sock)
         for p in remove_orphans(Path(cfg.shm_dir) if cfg.shm_dir else None):
             log.info("removed %s, left by a daemon that is gone", p)
+        self._open_shared_memory()
+        self._compose(asyncio.get_running_loop())
+        self._build_server(tokens)
+        tcp = self._bind(sock, tls)
+        await self._serve(sock, sock_mode, sock_gid)
+        self._log_started(sock, sock_mode, tcp, tls, tokens)
+
+    def _open_shared_memory(self) -> None:
+        """The arena (first chunk reserved), its slot generations and the index snapshot."""
+        cfg = self.cfg
         # Serve at once: the arena's memory is reserved and populated in the background, and
         # the allocator takes each chunk as it is reserved (kvstore.core.arena, "Preparation").
         # The first chunk is reserved here, so the first put never finds nothing ready.
@@ -225,7 +236,11 @@ class Daemon:
                      self.snapshot.capacity_blocks)
         else:
             log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
-        # The composition root: each part gets its collaborators through its constructor.
+
+    def _compose(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The composition root: each part gets its collaborators through its constructor, in
+        dependency order (docs/architecture.md, "Composition root")."""
+        cfg = self.cfg
         copies = TierSet()    # every tier a block's copy can be in: the table frees through it
         events = open_event_log(cfg) if cfg.kv_events_endpoint else None
         table = BlockTable(mirror=self.snapshot, on_free=copies.forget,
@@ -233,11 +248,10 @@ class Daemon:
         if events is not None:     # first, so AllBlocksCleared precedes every stored block
             self.events = start_publisher(
                 cfg, events, lambda: table.snapshot(self.hbm.copies() if self.hbm else ()),
-                asyncio.get_running_loop())
+                loop)
         evict = eviction_policy(DEFAULT_EVICTION)   # one order for every tier
         dram = DRAMTier(self.arena, table, cfg.chunk_bytes, self.generations, eviction=evict)
         copies.add(dram)
-        loop = asyncio.get_running_loop()
         self.preparer = ArenaPreparer(
             self.arena, dram.slabs.chunk_bytes,
             lambda end: loop.call_soon_threadsafe(dram.slabs.mark_ready, end),
@@ -257,6 +271,11 @@ class Daemon:
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
                                      max_session_bytes=cfg.prefetch_bytes_per_client)
+
+    def _build_server(self, tokens: TokenTable) -> None:
+        """Metrics, the access policy, and the gRPC server with the servicer, health checking
+        and reflection (not bound yet)."""
+        cfg = self.cfg
         opts = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -279,6 +298,11 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+
+    def _bind(self, sock: Path, tls) -> str:
+        """Bind the unix socket (owner-only until :meth:`_serve` sets its mode) and the TCP
+        listener if any; returns the TCP address bound, or ""."""
+        cfg = self.cfg
         # gRPC binds a private name that is renamed into place: gRPC unlinks the path it bound
         # when the server stops, and that must never be a socket another daemon has since put
         # at the configured path. _remove_own_socket removes ours.
@@ -302,6 +326,12 @@ class Daemon:
             if tls is None and not _is_loopback(cfg.listen):
                 log.warning("TCP listener %s has no TLS: bearer tokens cross the network in "
                             "clear text (set tls_cert_file and tls_key_file)", tcp)
+        return tcp
+
+    async def _serve(self, sock: Path, sock_mode: int, sock_gid: int | None) -> None:
+        """Start answering: the server, arena preparation, the socket's mode, the metrics
+        endpoint, SERVING, the SSD index load and the periodic loops."""
+        cfg = self.cfg
         await self.server.start()
         if not self.preparer.started_at:
             # Only now: under memory pressure preparing (page reclaim) would slow the start.
@@ -330,6 +360,10 @@ class Daemon:
         self._sampler = asyncio.create_task(self._sample_loop())
         self._beater = (asyncio.create_task(self._beat_loop())
                         if self.snapshot is not None else None)
+
+    def _log_started(self, sock: Path, sock_mode: int, tcp: str, tls, tokens: TokenTable) -> None:
+        """One line for the listener, the access rules and each tier."""
+        cfg = self.cfg
         log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
                  f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
         log.info("access: %d bearer tokens; socket %s a token; shared arena for the socket's "
@@ -346,9 +380,9 @@ class Daemon:
         if self.ssd is not None:
             t = self.ssd
             log.info("SSD tier: %s in %s (%d segments of %s, %s I/O, %d threads, %s; "
-                     "loading the index in the background)", format_bytes(t.ssd.capacity_bytes),
-                     t.ssd.directory, t.ssd.n_segments, format_bytes(t.ssd.segment_bytes),
-                     "O_DIRECT" if t.ssd.direct else "buffered", t.ssd.io_threads,
+                     "loading the index in the background)", format_bytes(t.slabs.capacity_bytes),
+                     t.slabs.directory, t.slabs.n_segments, format_bytes(t.slabs.segment_bytes),
+                     "O_DIRECT" if t.slabs.direct else "buffered", t.slabs.io_threads,
                      t.policy.name)
         else:
             log.info("SSD tier: off (set --ssd-bytes)")
@@ -457,7 +491,7 @@ class Daemon:
             except OSError:
                 log.exception("SSD tier: flushing at shutdown failed")
             if not self._started:     # a failed start removes the SSD files it created
-                self.ssd.ssd.discard_created()
+                self.ssd.slabs.discard_created()
             self.ssd = None
         if self.hbm is not None:
             self.hbm.close()
@@ -537,7 +571,8 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     message."""
     from kvstore.policies.write import write_policy
     from kvstore.tiers.ssd.catalog import SSDCatalog
-    from kvstore.tiers.ssd.files import SSDFormatError, SSDSpaceError, SlabFiles
+    from kvstore.tiers.ssd.files import SSDSpaceError, SlabFiles
+    from kvstore.tiers.ssd.format import SSDFormatError
     from kvstore.tiers.ssd.journal import Journal
     from kvstore.tiers.ssd.space import SSDSpace
     from kvstore.tiers.ssd.tier import SSDTier

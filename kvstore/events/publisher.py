@@ -39,6 +39,7 @@ import msgspec
 import numpy as np
 import zmq
 
+from kvstore.core.keys import KEY_BYTES
 from kvstore.events import wire
 from kvstore.events.log import CLEARED, REMOVED, REMOVED_ONE, SNAPSHOT, EventLog, Record
 
@@ -229,7 +230,7 @@ class EventPublisher:
                          None if rec.parents is None else rec.parents[keep],
                          None if rec.has_parent is None else rec.has_parent[keep])
         blob = np.ascontiguousarray(rec.keys).tobytes()
-        hashes = [blob[i:i + 16] for i in range(0, len(blob), 16)]
+        hashes = [blob[i:i + KEY_BYTES] for i in range(0, len(blob), KEY_BYTES)]
         if rec.kind == REMOVED:
             return [wire.BlockRemoved(block_hashes=hashes, medium=rec.medium)]
         return self._stored_events(rec, hashes)

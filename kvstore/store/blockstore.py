@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +146,15 @@ class BlockStore:
         s = Session(self._new_id(), client_name, pid)
         self.sessions[s.session_id] = s
         return s
+
+    def outstanding(self, session_id: int) -> tuple[Collection[int], Collection[int]]:
+        """The ids of the session's open allocations and of its leases, as live read-only views
+        (both empty once the session is gone): what a caller counting in-flight puts and gets
+        asks instead of keeping its own copy."""
+        s = self.sessions.get(session_id)
+        if s is None:
+            return (), ()
+        return s.allocations.keys(), s.leases.keys()
 
     def close_session(self, session_id: int, writes_ended: bool = False) -> None:
         """End a session (its client closed it, or its stream broke): its leases end, its open

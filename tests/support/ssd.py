@@ -22,7 +22,7 @@ def ssd_args(ssd_dir: Path, size: str = "32MiB", *extra: str) -> list[str]:
 
 def payload_offset(slot: int) -> int:
     """Where slot ``slot``'s block bytes start in a segment file (behind the slot header)."""
-    from kvstore.tiers.ssd.files import HEADER_BYTES, slot_offset
+    from kvstore.tiers.ssd.format import HEADER_BYTES, slot_offset
     return slot_offset(slot, LAYOUT.slot_bytes) + HEADER_BYTES
 
 

@@ -310,7 +310,7 @@ def test_a_new_block_size_takes_segments_from_a_full_tier(daemon_factory, tmp_pa
         a = c.namespace("a", LAYOUT)
         old = [put_chain(a, seed, 64) for seed in range(32)]          # 2048 blocks: all slots
         # every slot but an eviction batch is taken (4 x 409 slots: each has a 4 KiB header)
-        from kvstore.tiers.ssd.files import slots_per_segment
+        from kvstore.tiers.ssd.format import slots_per_segment
         assert tier(ssd_stats(c), "SSD").blocks >= 4 * slots_per_segment(8 << 20, BB) - 64
         b = c.namespace("b", LAYOUT_32K)
         new = [put_chain_of(b, LAYOUT_32K, 500 + seed, 32) for seed in range(12)]  # 12 MiB

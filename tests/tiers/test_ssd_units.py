@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from kvstore.store.table import BlockTable
 from kvstore.tiers.ssd import journal as jr
-from kvstore.tiers.ssd.files import SSDFormatError, SlabFiles
+from kvstore.tiers.ssd.files import SlabFiles
+from kvstore.tiers.ssd.format import SSDFormatError
 
 
 def _puts(addrs, key_base=0):
@@ -76,7 +77,7 @@ def test_slot_write_read_checksum(tmp_path):
 
 
 def test_auto_segment_size_keeps_file_count_small():
-    from kvstore.tiers.ssd.files import auto_segment_bytes
+    from kvstore.tiers.ssd.format import auto_segment_bytes
     assert auto_segment_bytes(8 << 20) == 8 << 20            # tiny: one segment
     assert auto_segment_bytes(1 << 30) == 64 << 20
     assert auto_segment_bytes(1 << 40) == 16 << 30            # 1 TiB: 64 files
@@ -199,12 +200,12 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     arena, store, t = open_tier()
     try:
         ns = store.register_namespace("m", layout)
-        assert t.ssd.counters.recovered_blocks == len(kept) == 20
+        assert t.slabs.counters.recovered_blocks == len(kept) == 20
         for key, data in kept.items():
             bid = store.table.find(ns.index, key)
             assert bid >= 0 and store.table.ssd[bid] != NO_SLOT
             buf = mmap.mmap(-1, layout.slot_bytes)
-            assert t.ssd.read_slot(int(store.table.ssd[bid]), memoryview(buf), key, bb,
+            assert t.slabs.read_slot(int(store.table.ssd[bid]), memoryview(buf), key, bb,
                                    int(store.table.csum[bid]))
             assert buf[:bb] == data
     finally:

@@ -21,7 +21,7 @@ from kvstore.bench.cluster_engines import free_port
 from kvstore.core.arena import HEADER_BYTES as ARENA_HEADER_BYTES
 from kvstore.core.layout import KVLayout
 from kvstore.testing.daemon import DaemonProcess, temp_shm_dir
-from kvstore.tiers.ssd.files import HEADER_BYTES as SSD_HEADER_BYTES
+from kvstore.tiers.ssd.format import HEADER_BYTES as SSD_HEADER_BYTES
 from kvstore.v1 import kvstore_pb2 as pb
 
 _MAX_CHUNK_SLOTS = 256      # DRAM slots per arena chunk at most (fewer chunks, faster growth)

@@ -30,10 +30,11 @@ import time
 import numpy as np
 
 from kvstore.core.errors import KVStoreError
+from kvstore.core.keys import KEY_BYTES
 from kvstore.core.layout import KVLayout, LayoutError
 from kvstore.tiers.base import COMMITTED, FREE, NO_SLOT
 from kvstore.tiers.ssd import journal as jr
-from kvstore.tiers.ssd.files import MAX_TAG_BYTES
+from kvstore.tiers.ssd.format import MAX_TAG_BYTES
 
 # A slot tag: namespace digest, parent key (zeros: a chain root), depth, then the namespace
 # record as JSON (model id, tenant, layout) — every slot carries enough to re-register its
@@ -52,7 +53,7 @@ class SSDCatalog:
         """``table``: the block table (kvstore.store.table.BlockTable); ``files``: the open
         slab files (kvstore.tiers.ssd.files.SlabFiles); ``journal``: owned from here on."""
         self.table = table
-        self.ssd = files
+        self.slabs = files
         self.journal = journal
         self._ns_ord: dict[bytes, int] = {}
         self._ns_tags: dict[bytes, bytes] = {}   # namespace -> its record in slot headers
@@ -94,7 +95,7 @@ class SSDCatalog:
             if self._freed_while_compacting is not None:
                 self._freed_while_compacting.append(addr)   # ... or journals its DEL then
             return
-        self._append(jr.encode_del(addr, self.ssd.next_seq()))
+        self._append(jr.encode_del(addr, self.slabs.next_seq()))
         self.schedule_sync()
 
     def _append(self, record: bytes) -> None:
@@ -107,7 +108,7 @@ class SSDCatalog:
         block written during the load is durable when its commit answers. Its records name
         namespaces by the file's own ordinals (those begin_restore took from it; others get
         NS records as their blocks are journaled). Raises OSError."""
-        self.journal.open_append(header=self.ssd.created)
+        self.journal.open_append(header=self.slabs.created)
         self.load_writes = True
 
     def _journal_new_namespaces(self) -> None:
@@ -137,7 +138,7 @@ class SSDCatalog:
                 meta = b""
             self._ns_tags[ns.namespace_id] = meta
         p = int(idx.parent[bid])
-        parent = idx.key_of(p) if p >= 0 else bytes(16)
+        parent = idx.key_of(p) if p >= 0 else bytes(KEY_BYTES)
         return _TAG.pack(ns.namespace_id, parent, int(idx.depth[bid])) + meta
 
     @staticmethod
@@ -184,20 +185,20 @@ class SSDCatalog:
         or None)."""
         st = self.journal.replay()
         scanned, figures = [], None
-        if st.damaged and not self.ssd.created:
+        if st.damaged and not self.slabs.created:
             why = ("missing" if not st.exists else "empty" if not st.records and not
                    st.truncated_bytes else f"damaged: {st.truncated_bytes} bytes in "
                    f"{st.damaged_regions} region(s) skipped" if st.truncated_bytes else
                    "without its header frame")
             log.warning("SSD journal %s is %s: rebuilding the index from the slab files' slot "
                         "headers too", self.journal.path, why)
-            scanned, figures = self.ssd.scan(st.segments)
+            scanned, figures = self.slabs.scan(st.segments)
         return st, scanned, figures
 
     def begin_restore(self, st, scanned, figures, register) -> tuple[list, np.ndarray]:
         """On the loop: register the recovered namespaces and assign the segments; returns
         (namespace per journal ordinal, None where refused; the live PUT entries)."""
-        ssd = self.ssd
+        ssd = self.slabs
         self.loading = True
         self._register_fn = register
         by_ns = [self._register(rec, "journal") for rec in st.namespaces]
@@ -223,7 +224,7 @@ class SSDCatalog:
     def valid_slot_bytes(self, by_ns: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What order_restore checks addresses against: slot bytes per namespace ordinal (0:
         refused), and per segment its slot bytes and slot count (one past the end: 0)."""
-        segs = self.ssd.segments
+        segs = self.slabs.segments
         return (np.array([ns.layout.slot_bytes if ns is not None else 0 for ns in by_ns] + [0],
                          dtype=np.int64),
                 np.array([s.slot_bytes for s in segs] + [0], dtype=np.int64),
@@ -285,7 +286,7 @@ class SSDCatalog:
         restored already; so is one for which ``skip(ns, keys)`` (a bool mask, or None: none) says so: deleted
         while loading. A skipped entry's slot stays ownerless (free once finished). Returns
         blocks restored."""
-        idx, ssd = self.table, self.ssd
+        idx, ssd = self.table, self.slabs
         keys = np.ascontiguousarray(recs["key"])
         ok = idx.find_many(ns.index, keys.tobytes()) < 0
         gone = skip(ns, keys) if skip is not None else None
@@ -300,13 +301,13 @@ class SSDCatalog:
                                 recs["depth"][sel], recs["parent"][sel], mirror=False)
         ssd.set_owners(addrs, bids)
         self.live += len(sel)
-        self.ssd.counters.recovered_blocks += len(sel)
+        self.slabs.counters.recovered_blocks += len(sel)
         return len(sel)
 
     def finish_restore(self, st, figures, by_ns, seconds: float) -> None:
         """On the loop, after the last batch: free lists, the lookup mirror, the log line; the
         caller then compacts (compact(), or compact_in_steps() while serving)."""
-        ssd = self.ssd
+        ssd = self.slabs
         ssd.rebuild_free_lists()
         if self.table.has_mirror():
             self.table.resync_mirror()
@@ -349,7 +350,7 @@ class SSDCatalog:
         self.load_writes = False
         done = self.journal.start_rewrite(records)
         for addr in freed:
-            self.journal.append(jr.encode_del(addr, self.ssd.next_seq()))
+            self.journal.append(jr.encode_del(addr, self.slabs.next_seq()))
         await done
 
     def _register(self, rec: jr.NamespaceRecord, source: str):
@@ -438,7 +439,7 @@ class SSDCatalog:
         """A compacted journal's first records: every namespace (renumbered), every segment."""
         self._number_namespaces()
         records = [jr.encode_ns(self._ns_record(ns)) for ns in self.table.namespaces()]
-        records += [jr.encode_seg(seg.number, seg.slot_bytes) for seg in self.ssd.segments
+        records += [jr.encode_seg(seg.number, seg.slot_bytes) for seg in self.slabs.segments
                     if seg.slot_bytes]
         return records
 
@@ -517,7 +518,7 @@ class SSDCatalog:
         e["depth"] = idx.depth[bids]
         e["addr"] = idx.ssd[bids]
         e["csum"] = idx.csum[bids]
-        e["seq"] = self.ssd.seq_of(e["addr"])
+        e["seq"] = self.slabs.seq_of(e["addr"])
         return e
 
     async def sync_journal(self) -> None:

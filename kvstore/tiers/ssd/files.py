@@ -1,29 +1,5 @@
-"""The SSD tier: preallocated slab files with fixed-size slots, O_DIRECT I/O in a thread pool.
-
-Layout of ``--ssd-dir``::
-
-    superblock        magic, format version, segment size (refused if incompatible), checksum
-    superblock.copy   the same again: either restores the other; with both damaged the
-                      superblock is rebuilt from the segment files (their size, their headers)
-    seg-00000.slab    one preallocated file per segment (``segment_bytes`` each)
-    journal           the index journal (see kvstore/tiers/ssd/journal.py)
-
-Format 2 makes the slab files self-describing, so the index can be rebuilt from them alone when
-the journal is lost or damaged (``scan``)::
-
-    segment file   [segment header, 4 KiB][slot 0][slot 1]...
-    segment header magic, format version, segment number, slot size, sequence number of the
-                   assignment, xxh3-64 over all of it
-    slot           [slot header, 4 KiB][payload, slot_bytes]
-    slot header    magic, format version, address, key, payload length, payload checksum,
-                   sequence number, slot size, an opaque tag (the namespace record, parent key,
-                   depth: see kvstore/tiers/ssd/catalog.py), xxh3-64 over the whole 4 KiB seeded
-                   with the key
-
-The header is one O_DIRECT block (4 KiB) written in the same pwritev as the payload. Sequence
-numbers are a hybrid clock (max of wall-clock ns and last + 1, floored at startup by everything
-recovered): when two slots claim one key the newer wins, and a slot header older than its
-segment's assignment is a leftover of another slot size (free).
+"""The SSD tier's slab files: preallocated files with fixed-size slots, O_DIRECT I/O in a thread
+pool. The on-disk format (layout, superblock, headers) is kvstore.tiers.ssd.format.
 
 Capacity is cut into segments; a segment is handed to one size class (one slot size: a block size
 rounded up to 4 KiB) the first time that class needs room, and cut into slots; an emptied segment
@@ -44,11 +20,9 @@ I/O contract:
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import mmap
 import os
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,28 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from kvstore.core import lockfile
 from kvstore.core.directio import direct_io_works
 from kvstore.core.units import format_bytes
+from kvstore.tiers.ssd.format import (ALIGN, FORMAT_VERSION, HEADER_BYTES, SLOT_BITS,
+                                      SUPERBLOCK_COPY, SSDFormatError, ScannedSlot,
+                                      auto_segment_bytes, block_checksum, decode_segment_header,
+                                      decode_slot_header, encode_segment_header,
+                                      encode_slot_header, read_superblock, slot_offset,
+                                      slots_per_segment, write_superblock)
 
 log = logging.getLogger("kvstore.ssd")
 
-FORMAT_VERSION = 2
-_MAGIC = b"KVSTSSD\x00"
-ALIGN = 4096
-HEADER_BYTES = ALIGN          # slot header and segment header: one O_DIRECT block each
-_SLOT_MAGIC = b"KVSLOT\x00\x02"
-_SEG_MAGIC = b"KVSSEG\x00\x02"
-# magic | header checksum | version | tag length | payload length | addr | key | payload
-# checksum | seq | slot bytes, then the tag, then zeros. The checksum covers every byte of the
-# 4 KiB header after itself.
-_SLOT_HDR = struct.Struct("<8sQHHIQ16sQQQ")
-# magic | header checksum | version | segment | slot bytes | seq
-_SEG_HDR = struct.Struct("<8sQHxxxxxxQQQ")
-MAX_TAG_BYTES = HEADER_BYTES - _SLOT_HDR.size
-SLOT_BITS = 32
 RESERVED = -2        # Segment.owner of a slot the loading index will restore (reserve_slots)
 # Test hook (fault injection at the OS boundary): after N successful slot writes, every write
 # fails with this errno. Both must be set; unset in production.
@@ -85,10 +50,6 @@ _FAULT_ERRNO_ENV = "KVSTORE_TEST_SSD_WRITE_ERRNO"
 _FAULT_AFTER_ENV = "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER"
 # Test hook (a slow disk): every slot write sleeps this many seconds first, in its I/O thread.
 _WRITE_DELAY_ENV = "KVSTORE_TEST_SSD_WRITE_DELAY_S"
-
-
-class SSDFormatError(RuntimeError):
-    """The SSD directory was written by an incompatible format, or is not a kvstore directory."""
 
 
 class SSDSpaceError(OSError):
@@ -101,12 +62,6 @@ class SSDSpaceError(OSError):
         self.free_bytes = free_bytes
 
 
-def block_checksum(data, key: bytes) -> int:
-    """xxh3-64 of the block bytes, seeded with the key: a slot holding another block's bytes
-    fails verification even if those bytes are intact."""
-    return xxhash.xxh3_64_intdigest(data, seed=int.from_bytes(key[:8], "little"))
-
-
 @dataclass
 class Segment:
     number: int
@@ -116,72 +71,6 @@ class Segment:
     free: list[int] = field(default_factory=list)
     # Sequence number of the block each slot holds (written in its header; journaled with it).
     seq: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
-
-
-@dataclass
-class ScannedSlot:
-    """A slot whose header verified during ``SlabFiles.scan``."""
-    addr: int
-    key: bytes
-    nbytes: int
-    csum: int
-    seq: int
-    tag: bytes
-
-
-def slots_per_segment(segment_bytes: int, slot_bytes: int) -> int:
-    return max(0, (segment_bytes - HEADER_BYTES) // (slot_bytes + HEADER_BYTES))
-
-
-def slot_offset(slot: int, slot_bytes: int) -> int:
-    """Byte offset of a slot's header in its segment file (its payload follows the header)."""
-    return HEADER_BYTES + slot * (slot_bytes + HEADER_BYTES)
-
-
-def encode_slot_header(addr: int, key: bytes, nbytes: int, csum: int, seq: int,
-                       slot_bytes: int, tag: bytes) -> bytes:
-    if len(tag) > MAX_TAG_BYTES:
-        raise ValueError(f"slot tag of {len(tag)} bytes (at most {MAX_TAG_BYTES})")
-    key = key.ljust(16, b"\0")[:16]
-    body = (_SLOT_HDR.pack(_SLOT_MAGIC, 0, FORMAT_VERSION, len(tag), nbytes, addr, key, csum,
-                           seq, slot_bytes)[16:] + tag).ljust(HEADER_BYTES - 16, b"\0")
-    return _SLOT_MAGIC + struct.pack("<Q", _hdr_csum(body, key)) + body
-
-
-def decode_slot_header(raw, addr: int, slot_bytes: int) -> ScannedSlot | None:
-    """The header at ``addr`` if it verifies and belongs there (its own address and slot size),
-    else None."""
-    if len(raw) < HEADER_BYTES or bytes(raw[:8]) != _SLOT_MAGIC:
-        return None
-    (_, hcsum, version, tag_len, nbytes, h_addr, key, csum, seq,
-     h_slot) = _SLOT_HDR.unpack_from(raw, 0)
-    if version != FORMAT_VERSION or tag_len > MAX_TAG_BYTES:
-        return None
-    if _hdr_csum(bytes(raw[16:HEADER_BYTES]), key) != hcsum or h_addr != addr or \
-            h_slot != slot_bytes or nbytes > slot_bytes:
-        return None
-    tag = bytes(raw[_SLOT_HDR.size:_SLOT_HDR.size + tag_len])
-    return ScannedSlot(addr, key, nbytes, csum, seq, tag)
-
-
-def _hdr_csum(body: bytes, key: bytes) -> int:
-    return xxhash.xxh3_64_intdigest(body, seed=int.from_bytes(key[:8], "little") ^ 0x5107)
-
-
-def encode_segment_header(number: int, slot_bytes: int, seq: int) -> bytes:
-    body = _SEG_HDR.pack(_SEG_MAGIC, 0, FORMAT_VERSION, number, slot_bytes, seq)[16:]
-    return _SEG_MAGIC + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)) + body
-
-
-def decode_segment_header(raw, number: int) -> tuple[int, int] | None:
-    """(slot bytes, seq) of a verified segment header for segment ``number``, else None."""
-    if len(raw) < _SEG_HDR.size or bytes(raw[:8]) != _SEG_MAGIC:
-        return None
-    _, hcsum, version, n, slot_bytes, seq = _SEG_HDR.unpack_from(raw, 0)
-    if version != FORMAT_VERSION or n != number or \
-            xxhash.xxh3_64_intdigest(bytes(raw[16:_SEG_HDR.size])) != hcsum:
-        return None
-    return slot_bytes, seq
 
 
 @dataclass
@@ -379,17 +268,17 @@ class SlabFiles:
         configuration, and keep both copies intact; a new directory gets both."""
         sb = self.directory / "superblock"
         copy = self.directory / SUPERBLOCK_COPY
-        meta, why = _read_superblock(sb)
+        meta, why = read_superblock(sb)
         repair: list[Path] = []          # rewritten once the fields are known to be usable
         if meta is not None:
-            kept, copy_why = _read_superblock(copy)
+            kept, copy_why = read_superblock(copy)
             if kept != meta:
                 if copy_why not in ("missing", None):
                     log.warning("SSD tier: %s is damaged (%s): rewritten from the superblock",
                                 copy, copy_why)
                 repair = [copy]
         elif why != "missing" or copy.exists():
-            meta, copy_why = _read_superblock(copy)
+            meta, copy_why = read_superblock(copy)
             if meta is not None:
                 log.warning("SSD tier: %s is damaged (%s): restored from its copy %s", sb, why,
                             copy)
@@ -410,15 +299,15 @@ class SlabFiles:
         if meta is not None:
             self._check_meta(sb, meta)
             for path in repair:
-                _write_superblock(path, meta)
+                write_superblock(path, meta)
             return
         if any(self.directory.glob("seg-*.slab")) or (self.directory / "journal").exists():
             raise SSDFormatError(f"{self.directory} holds slab files but no superblock; "
                                  "refusing to guess its format")
         want = {"format_version": FORMAT_VERSION, "segment_bytes": self.segment_bytes}
         self._made += [sb, copy]
-        _write_superblock(sb, want)
-        _write_superblock(copy, want)
+        write_superblock(sb, want)
+        write_superblock(copy, want)
         self.created = True
 
     def _check_meta(self, sb: Path, meta: dict) -> None:
@@ -761,56 +650,6 @@ def each_slot(op, items) -> list:
     return out
 
 
-SUPERBLOCK_COPY = "superblock.copy"
-
-
-def _superblock_check(meta: dict) -> str:
-    body = json.dumps({k: v for k, v in meta.items() if k != "check"}, sort_keys=True)
-    return f"{xxhash.xxh3_64_intdigest(body.encode()):016x}"
-
-
-def _read_superblock(path: Path) -> tuple[dict | None, str | None]:
-    """(its fields, None) for an intact superblock, else (None, why): "missing", "bad magic",
-    "unreadable", "checksum mismatch". One without a checksum (written before superblocks
-    carried one) is taken as it reads."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing"
-    if not raw.startswith(_MAGIC):
-        return None, "bad magic"
-    try:
-        meta = json.loads(raw[len(_MAGIC):])
-    except ValueError:
-        return None, "unreadable"
-    if not isinstance(meta, dict):
-        return None, "unreadable"
-    if "check" in meta:
-        if meta["check"] != _superblock_check(meta):
-            return None, "checksum mismatch"
-        del meta["check"]
-    return meta, None
-
-
-def _write_superblock(path: Path, meta: dict) -> None:
-    """Write a superblock with its checksum atomically (temp file, fsync, rename, fsync dir)."""
-    body = dict(meta, check=_superblock_check(meta))
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, _MAGIC + json.dumps(body).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def auto_segment_bytes(capacity_bytes: int) -> int:
-    seg = min(max(capacity_bytes // 64, 64 << 20), 16 << 30, max(capacity_bytes, ALIGN))
-    return max(ALIGN, seg // ALIGN * ALIGN)
-
-
 def _raise_fd_limit(needed: int) -> None:
     """One descriptor per segment file: lift the soft limit toward the hard one if needed."""
     import resource
@@ -818,11 +657,3 @@ def _raise_fd_limit(needed: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < needed:
         new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

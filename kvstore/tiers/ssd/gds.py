@@ -20,7 +20,8 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd.files import SlabFiles, block_checksum, each_slot
+from kvstore.tiers.ssd.files import SlabFiles, each_slot
+from kvstore.tiers.ssd.format import block_checksum
 
 log = logging.getLogger("kvstore.gds")
 
@@ -49,7 +50,7 @@ class KvikioSlotIO:
 
     def __init__(self, ssd: SlabFiles):
         import kvikio
-        self.ssd = ssd
+        self.slabs = ssd
         self.compat_mode = bool(kvikio.defaults.is_compat_mode_preferred()) \
             if hasattr(kvikio.defaults, "is_compat_mode_preferred") else None
         self._files = [kvikio.CuFile(ssd.directory / f"seg-{s.number:05d}.slab", "r+")
@@ -59,7 +60,7 @@ class KvikioSlotIO:
 
     def _where(self, addr: int):
         """(file, payload offset, slot bytes): the payload follows the slot header."""
-        seg, off = self.ssd.payload_offset(addr)
+        seg, off = self.slabs.payload_offset(addr)
         return self._files[seg.number], off, seg.slot_bytes
 
     def write_slot(self, addr: int, dev_buf, key: bytes, nbytes: int, tag: bytes = b"") -> int:
@@ -70,15 +71,15 @@ class KvikioSlotIO:
         n = f.pwrite(dev_buf, slot_bytes, off).get()
         if n != slot_bytes:
             raise OSError(errno.EIO, f"short GDS write of {n}/{slot_bytes} bytes")
-        self.ssd.write_header(addr, key, nbytes, csum, tag)
-        self.ssd.count_write(n)
+        self.slabs.write_header(addr, key, nbytes, csum, tag)
+        self.slabs.count_write(n)
         return csum
 
     def read_slot(self, addr: int, dev_buf, key: bytes, nbytes: int, csum: int) -> bool:
         """Read one slot into a device buffer; True iff it verifies against ``csum``."""
         f, off, slot_bytes = self._where(addr)
         n = f.pread(dev_buf, slot_bytes, off).get()
-        self.ssd.count_read(n)
+        self.slabs.count_read(n)
         return n == slot_bytes and block_checksum(_host_bytes(dev_buf, nbytes), key) == csum
 
     def read_slots(self, reads) -> list:

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from kvstore.core.keys import KEY_BYTES
+
 log = logging.getLogger("kvstore.journal")
 
 NS, SEG, PUTS, DEL, HDR = 1, 2, 6, 7, 8
@@ -210,8 +212,8 @@ class Journal:
 
     def _apply(self, st: JournalState, rtype: int, payload: bytes) -> None:
         if rtype == NS:
-            meta = json.loads(payload[16:])
-            st.namespaces.append(NamespaceRecord(payload[:16], meta["model_id"], meta["tenant"],
+            meta = json.loads(payload[KEY_BYTES:])
+            st.namespaces.append(NamespaceRecord(payload[:KEY_BYTES], meta["model_id"], meta["tenant"],
                                                  meta["layout"]))
         elif rtype == SEG:
             seg, slot_bytes = _SEG.unpack(payload)

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
 from kvstore.tiers.base import COMMITTED, NO_SLOT
-from kvstore.tiers.ssd.files import slots_per_segment
+from kvstore.tiers.ssd.format import slots_per_segment
 
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
@@ -32,7 +32,7 @@ class SSDSpace:
         to a random sample of a size class's slots."""
         self.table = table
         self.eviction = eviction or PrefixAwareLRU()
-        self.ssd = files
+        self.slabs = files
         self.catalog = catalog
         self._rng = rng if rng is not None else np.random.default_rng()
         self.evictions = 0       # SSD blocks evicted (dropped, or kept in DRAM only)
@@ -44,11 +44,11 @@ class SSDSpace:
         when eviction cannot see the blocks not restored yet)."""
         out: list[int] = []
         while len(out) < n:
-            addr = self.ssd.allocate(slot_bytes)
+            addr = self.slabs.allocate(slot_bytes)
             if addr is not None:
                 out.append(addr)
                 continue
-            seg = self.ssd.take_segment(slot_bytes)
+            seg = self.slabs.take_segment(slot_bytes)
             if seg is not None:
                 self.catalog.log_segment(seg, slot_bytes)
                 continue
@@ -66,7 +66,7 @@ class SSDSpace:
         # Candidates are a random sample of the class's slots, not all of them: with tens of
         # millions of slots a full sort per eviction would stall the daemon for seconds. Taking
         # the most evictable 1/32 of the sample approximates LRU (with prefix-aware ties).
-        owners = self.ssd.sample_owners(slot_bytes, 32 * batch, self._rng)
+        owners = self.slabs.sample_owners(slot_bytes, 32 * batch, self._rng)
         owners = owners[(idx.state[owners] == COMMITTED) & (idx.leases[owners] == 0)]
         victims = self.eviction.order(idx, owners)[:batch]
         cold = self._coldest_foreign_segment(slot_bytes)
@@ -88,11 +88,11 @@ class SSDSpace:
     def _coldest_foreign_segment(self, slot_bytes: int) -> tuple[int, int] | None:
         """(segment, newest stamp seen in a sample of it) of the coldest segment of another
         size class that could hold this one's slots; -1 for an empty one. None if none."""
-        if not slots_per_segment(self.ssd.segment_bytes, slot_bytes):
+        if not slots_per_segment(self.slabs.segment_bytes, slot_bytes):
             return None
         stamp = self.table.stamp
         best = None
-        for seg in self.ssd.segments:
+        for seg in self.slabs.segments:
             if seg.slot_bytes in (0, slot_bytes):
                 continue
             sample = seg.owner if len(seg.owner) <= 256 else \
@@ -107,7 +107,7 @@ class SSDSpace:
         """Empty segment ``number`` (its blocks evicted: dropped, or kept in DRAM) and give it
         to this size class; journaled, so a restart sees the new size. 0 if a block in it is
         pinned (I/O or a lease): then nothing is touched."""
-        idx, seg = self.table, self.ssd.segments[number]
+        idx, seg = self.table, self.slabs.segments[number]
         held = seg.owner[seg.owner >= 0]
         if len(held) and ((idx.leases[held] > 0).any() or (idx.state[held] != COMMITTED).any()):
             return 0
@@ -115,7 +115,7 @@ class SSDSpace:
             self._evict_block(bid)
         self.evictions += len(held)
         old = seg.slot_bytes
-        self.ssd.reassign_segment(number, slot_bytes)
+        self.slabs.reassign_segment(number, slot_bytes)
         self.catalog.log_segment(number, slot_bytes, sync=True)
         log.info("SSD segment %d: %d blocks of %d bytes evicted, segment given to %d-byte blocks",
                  number, len(held), old, slot_bytes)
@@ -126,5 +126,5 @@ class SSDSpace:
         addr = self.table.clear_ssd(bid)
         if addr == NO_SLOT:
             return
-        self.ssd.free(addr)
+        self.slabs.free(addr)
         self.catalog.log_delete(addr)

@@ -55,7 +55,7 @@ class SSDTier:
         same files (SSD → CUDA pool reads), if any."""
         self.table = table
         self.dram = dram
-        self.ssd = files
+        self.slabs = files
         self.catalog = catalog
         self.space = space
         self.policy = policy or WriteThrough()
@@ -137,7 +137,7 @@ class SSDTier:
                                               cat.valid_slot_bytes(by_ns))
             del puts
             if not self._closed:
-                self.ssd.reserve_slots(plan["addr"])
+                self.slabs.reserve_slots(plan["addr"])
                 cat.open_load_writes()
             self._load_gate.set()
             self.table.reserve(len(plan))
@@ -145,14 +145,14 @@ class SSDTier:
             for ns, recs in cat.batches(by_ns, plan, batch_blocks):
                 if self._closed:
                     log.info("SSD tier: stopped while loading the index (%d blocks restored); "
-                             "the journal is left as found", self.ssd.counters.recovered_blocks)
+                             "the journal is left as found", self.slabs.counters.recovered_blocks)
                     self._failed = True     # nothing may be journaled over a partial table
                     return
                 cat.restore_batch(ns, recs, self._deleted_while_loading)
                 n_batches += 1
                 wait = 0.0
                 if limit_bps:
-                    wait = paced_from + self.ssd.counters.recovered_blocks / limit_bps - \
+                    wait = paced_from + self.slabs.counters.recovered_blocks / limit_bps - \
                         time.monotonic()
                 await asyncio.sleep(max(0.0, wait))     # let requests in between batches
             # No more appends to the old file: the compaction's snapshot must hold them all.
@@ -169,7 +169,7 @@ class SSDTier:
             self._failed = True
             log.exception("SSD tier: loading the index failed; serving the %d blocks restored, "
                           "writing nothing to SSD, journal left as found (a restart recovers "
-                          "again)", self.ssd.counters.recovered_blocks)
+                          "again)", self.slabs.counters.recovered_blocks)
             return
         finally:
             cat.load_writes = False
@@ -177,7 +177,7 @@ class SSDTier:
             self._loaded.set()
         log.info("SSD tier: index loaded in %.2fs (%d blocks in %d batches; %d blocks written "
                  "to SSD meanwhile)", time.monotonic() - t0,
-                 self.ssd.counters.recovered_blocks, n_batches, self._written_while_loading)
+                 self.slabs.counters.recovered_blocks, n_batches, self._written_while_loading)
         if self.policy.on_eviction:
             self._kick_cleaner()
 
@@ -223,8 +223,8 @@ class SSDTier:
         """Submit ``fn`` over ``items`` as one pool task per group, as many groups as I/O
         threads: the same parallelism, with fewer loop wake-ups than one task per block.
         Returns concurrent futures of the groups' results (see _ungroup)."""
-        n_groups = min(len(items), self.ssd.io_threads)
-        return [self.ssd.pool.submit(fn, items[g::n_groups]) for g in range(n_groups)]
+        n_groups = min(len(items), self.slabs.io_threads)
+        return [self.slabs.pool.submit(fn, items[g::n_groups]) for g in range(n_groups)]
 
     @staticmethod
     def _ungroup(group_results: list[list], n: int) -> list:
@@ -245,10 +245,10 @@ class SSDTier:
             if not addrs:
                 break
             addr = addrs[0]
-            self.ssd.set_owner(addr, bid)
+            self.slabs.set_owner(addr, bid)
             writes.append(self._write_item(bid, addr))
             started.append((bid, addr))
-        return started, self._grouped(self.ssd.write_slots, writes)
+        return started, self._grouped(self.slabs.write_slots, writes)
 
     def _finish_writes(self, started, results) -> None:
         """Apply finished writes: record them in the table and journal them in one frame."""
@@ -256,8 +256,8 @@ class SSDTier:
         done = []
         for (bid, addr), result in zip(started, results):
             if isinstance(result, BaseException):
-                self.ssd.free(addr)
-                self.ssd.counters.write_errors += 1
+                self.slabs.free(addr)
+                self.slabs.counters.write_errors += 1
                 now = time.monotonic()
                 if now - self._last_error_log > 5.0:
                     self._last_error_log = now
@@ -265,7 +265,7 @@ class SSDTier:
                                 "further failures quietly for 5s", result)
                 continue
             if idx.state[bid] != COMMITTED or idx.ssd[bid] != NO_SLOT:
-                self.ssd.free(addr)    # deleted while writing
+                self.slabs.free(addr)    # deleted while writing
                 continue
             idx.set_ssd(bid, addr, result)
             done.append(bid)
@@ -398,7 +398,7 @@ class SSDTier:
                 return
             idx.pin(todo)
             await asyncio.shield(self._persist_pinned(todo))
-            self.ssd.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
+            self.slabs.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
             if all(idx.ssd[b] == NO_SLOT for b in todo):
                 return   # nothing could be written (disk full, I/O errors): stop, retry later
 
@@ -415,7 +415,7 @@ class SSDTier:
         bids = self._unwritten(bids)
         if not bids:
             return
-        self.ssd.counters.sync_demotions += len(bids)
+        self.slabs.counters.sync_demotions += len(bids)
         self.table.pin(bids)
         await asyncio.shield(self._persist_pinned(bids, sync=False))
 
@@ -425,7 +425,7 @@ class SSDTier:
             idx = self.table
             dirty = [b for b in victims if idx.ssd[b] == NO_SLOT]
             if dirty:
-                self.ssd.counters.sync_demotions += len(dirty)
+                self.slabs.counters.sync_demotions += len(dirty)
                 self.write_blocking(dirty)
 
     def can_demote(self, bid: int) -> bool:
@@ -504,7 +504,7 @@ class SSDTier:
         """Measured SSD read throughput of recent promotions (bytes / wall time per batch,
         averaged by bytes), capped by ssd_read_limit; 0 when nothing was read yet."""
         bw = self._read_bw
-        lim = self.ssd.read_limiter.rate_bps if self.ssd.read_limiter is not None else 0.0
+        lim = self.slabs.read_limiter.rate_bps if self.slabs.read_limiter is not None else 0.0
         return min(bw, lim) if bw and lim else (bw or 0.0)
 
     def _observe_read(self, nbytes: int, seconds: float) -> None:
@@ -530,7 +530,7 @@ class SSDTier:
                 idx.namespace_of(b).layout.slot_bytes))) for b in bids]
             loop = asyncio.get_running_loop()
             t0 = time.monotonic()
-            await asyncio.gather(*(loop.run_in_executor(self.ssd.pool, self.ssd.read_slots, [r])
+            await asyncio.gather(*(loop.run_in_executor(self.slabs.pool, self.slabs.read_slots, [r])
                                    for r in reads))
             self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
         finally:
@@ -538,7 +538,7 @@ class SSDTier:
         return self.read_bps()
 
     async def _read_pinned(self, mine, into_hbm: bool = False) -> None:
-        idx, ssd, hbm = self.table, self.ssd, self.hbm
+        idx, ssd, hbm = self.table, self.slabs, self.hbm
         try:
             reads = []
             for b, off, _ in mine:
@@ -602,8 +602,8 @@ class SSDTier:
         idx = self.table
         if self.policy.on_eviction:
             log.info("write-back: %d blocks written ahead of eviction by the cleaner, %d while "
-                     "an eviction waited", self.ssd.counters.cleaned,
-                     self.ssd.counters.sync_demotions)
+                     "an eviction waited", self.slabs.counters.cleaned,
+                     self.slabs.counters.sync_demotions)
             dirty = np.flatnonzero((idx.state == COMMITTED) & (idx.dram != NO_SLOT) &
                                    (idx.ssd == NO_SLOT)).tolist()
             if dirty:
@@ -615,7 +615,7 @@ class SSDTier:
             self.catalog.compact()
         finally:
             self.journal.close()
-            self.ssd.close()
+            self.slabs.close()
 
     def abandon(self) -> None:
         """Close the files without flushing or compacting: a start-up whose recovery failed
@@ -624,14 +624,14 @@ class SSDTier:
         self._loader.shutdown(wait=True)
         self.catalog.close()
         self.journal.close()
-        self.ssd.close()
+        self.slabs.close()
 
     # -- kvstore.tiers.base.Tier -----------------------------------------------------------------
     def capacity_bytes(self) -> int:
-        return self.ssd.capacity_bytes
+        return self.slabs.capacity_bytes
 
     def used_bytes(self) -> int:
-        return self.ssd.used_bytes()
+        return self.slabs.used_bytes()
 
     def blocks(self) -> int:
         """Blocks holding an SSD slot (kept as a running count: stats sample it every second)."""
@@ -642,7 +642,7 @@ class SSDTier:
 
     def stats_row(self):
         from kvstore.v1 import kvstore_pb2 as pb
-        ssd, c, io = self.ssd, self.counters, self.ssd.counters
+        ssd, c, io = self.slabs, self.counters, self.slabs.counters
         # Loading the index: nothing can be written yet, so no capacity is ready (the table
         # shows "loading"); blocks and recovered_blocks count what is restored so far.
         return pb.TierStats(
