@@ -126,6 +126,8 @@ class ArenaRead:
         self._proof = proof           # a lease in all but name (id 0): its generation check
         self._started_at = started_at
         self._valid: int | None = None
+        self._read_s = 0.0
+        self._reported = False
 
     @classmethod
     def empty(cls, ns: "Namespace") -> "ArenaRead":
@@ -134,17 +136,30 @@ class ArenaRead:
     def __len__(self) -> int:
         return len(self._blob) // 16
 
-    def verify(self) -> int:
-        """After reading the views: the proven prefix (0 <= n <= len(self)); the daemon is
-        told of the proven reads afterwards (client/readreports.py), as for a get. Idempotent."""
+    def verify(self, report: bool = True) -> int:
+        """After reading the views: the proven prefix (0 <= n <= len(self)). Idempotent.
+        ``report``: queue the proven reads for the daemon now (client/readreports.py, as for
+        a get); False: the caller calls :meth:`report` later, off its hot path (the report
+        is an RPC from the client's report thread, and work for the daemon, that would
+        otherwise run beside whatever the caller does next)."""
         if self._valid is None:
             self._valid = 0
             if self._proof is not None:
                 self._valid = self._proof.valid_prefix() or 0
-                self.ns.client.read_reports.add(self.ns.namespace_id,
-                                                self._blob[:16 * self._valid], 0,
-                                                time.monotonic() - self._started_at)
+            self._read_s = time.monotonic() - self._started_at
+        if report:
+            self.report()
         return self._valid
+
+    def report(self) -> None:
+        """Queue the reads :meth:`verify` proved for the daemon (once; nothing before
+        verify)."""
+        if self._valid is None or self._reported:
+            return
+        self._reported = True
+        if self._valid:
+            self.ns.client.read_reports.add(self.ns.namespace_id, self._blob[:16 * self._valid],
+                                            0, self._read_s)
 
 
 class BlockAllocation:

@@ -145,6 +145,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._kv: list[torch.Tensor] = []
             self._loads: list[_Load] = []
             self._load_errors: set[int] = set()
+            self._unreported: list = []    # synchronous loads' reads (kvstore ArenaRead)
             self._stores: list[tuple[Future, int]] = []
             self._pending_store_bytes = 0
 
@@ -359,7 +360,10 @@ class KVStoreConnector(KVConnectorBase_V1):
                                    self._blocks_of(rows, count))
                 done = first + count
         finally:
-            proven = read.verify()     # also tells the daemon of the reads
+            # The daemon hears of the reads after this step's forward (get_finished): on a
+            # small host its work, and the report thread's, would slow the forward.
+            proven = read.verify(report=False)
+            self._unreported.append(read)
         return min(proven, done)
 
     def _scatter_leased(self, ns, spec: LoadSpec, first: int) -> int:
@@ -431,6 +435,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._stores = keep
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        for read in self._unreported:      # this step's forward is over (see _scatter_local)
+            read.report()
+        self._unreported = []
         self._reap_stores()
         done: set[str] = set()
         keep = []

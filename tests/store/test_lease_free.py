@@ -223,6 +223,12 @@ def test_read_local_views_the_arena_and_proves_after_the_read(daemon_factory, tm
         assert np.array_equal(rows, data.reshape(8, -1))
         assert r.verify() == 8 and r.verify() == 8                  # idempotent
         assert c.stats().reads_reported - reported0 == 8
+        r = ns.read_local(keys)                                     # a report left for later
+        assert r.verify(report=False) == 8
+        assert c.stats().reads_reported - reported0 == 8
+        r.report()
+        r.report()
+        assert c.stats().reads_reported - reported0 == 16
         # every slot reused under a read (256 blocks through a 256-slot DRAM tier; the old
         # blocks are demoted to SSD): nothing of it is proven
         r = ns.read_local(keys)
