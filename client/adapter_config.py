@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 from kvstore.core.errors import ConfigError
 from kvstore.core.layout import QUANT_FORMATS
-from kvstore.core.settings import (Field, _bool, _opt_str, _pos_float, _size, _str, parse_value,
-                                   unknown_key_error)
+from kvstore.core.settings import (Field, _bool, _opt_str, _pos_float, _size, _size0, _str,
+                                   parse_value, unknown_key_error)
 from kvstore.core.units import format_bytes
 
 
@@ -55,6 +55,9 @@ VLLM_FIELDS: list[Field] = [
           "bytes in every tier); empty: as the engine holds them"),
     Field("remote_flush_timeout_s", _pos_float, 10.0, "kv_producer: a finished request is "
           "reported done once its blocks are readable from the cluster tier, or after this long"),
+    Field("sync_load_max_bytes", _size0, 256 << 20, "a hit wholly in this host's DRAM and at "
+          "most this big loads in the step that schedules it, on the engine's thread; bigger "
+          "or slower hits load asynchronously (0: always asynchronously)", format_bytes),
 ]
 
 SGLANG_FIELDS: list[Field] = [

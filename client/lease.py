@@ -105,6 +105,63 @@ class BlockLease:
         self.release()
 
 
+class ArenaRead:
+    """A lease-free zero-copy read (Namespace.read_local): the first ``len(self)`` blocks of
+    its keys, readable in place in this host's DRAM arena until :meth:`verify`.
+
+    ``runs``: (first block, count, rows) — rows a [count, block_bytes] uint8 view (torch;
+    numpy without torch) of the arena holding blocks [first, first + count); blocks in adjacent
+    slots share a run, so a caller moves each run with one copy. Nothing pins the slots: the
+    daemon may evict and reuse one under the read. :meth:`verify`, called once the reading is done, is the proof: how many
+    leading blocks held their keys' bytes throughout (their slots' generations are the
+    published ones, read after the reading: kvstore/core/slotgen.py). Whatever was derived
+    from later blocks must be discarded; reading the views after verify proves nothing.
+    """
+
+    def __init__(self, ns: "Namespace", blob: bytes, runs: list, proof: BlockLease | None,
+                 started_at: float):
+        self.ns = ns
+        self.runs = runs
+        self._blob = blob             # the packed keys of the blocks read
+        self._proof = proof           # a lease in all but name (id 0): its generation check
+        self._started_at = started_at
+        self._valid: int | None = None
+        self._read_s = 0.0
+        self._reported = False
+
+    @classmethod
+    def empty(cls, ns: "Namespace") -> "ArenaRead":
+        return cls(ns, b"", [], None, 0.0)
+
+    def __len__(self) -> int:
+        return len(self._blob) // 16
+
+    def verify(self, report: bool = True) -> int:
+        """After reading the views: the proven prefix (0 <= n <= len(self)). Idempotent.
+        ``report``: queue the proven reads for the daemon now (client/readreports.py, as for
+        a get); False: the caller calls :meth:`report` later, off its hot path (the report
+        is an RPC from the client's report thread, and work for the daemon, that would
+        otherwise run beside whatever the caller does next)."""
+        if self._valid is None:
+            self._valid = 0
+            if self._proof is not None:
+                self._valid = self._proof.valid_prefix() or 0
+            self._read_s = time.monotonic() - self._started_at
+        if report:
+            self.report()
+        return self._valid
+
+    def report(self) -> None:
+        """Queue the reads :meth:`verify` proved for the daemon (once; nothing before
+        verify)."""
+        if self._valid is None or self._reported:
+            return
+        self._reported = True
+        if self._valid:
+            self.ns.client.read_reports.add(self.ns.namespace_id, self._blob[:16 * self._valid],
+                                            0, self._read_s)
+
+
 class BlockAllocation:
     """Arena slots allocated for a put, writable in place (zero copy) until commit/abort.
 

@@ -20,7 +20,7 @@ from kvstore.client import cuda, quantized, transfer
 from kvstore.client.datapath import Read
 from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, Reason, StaleRead,
                                    Unavailable)
-from kvstore.client.lease import BlockAllocation, BlockLease
+from kvstore.client.lease import ArenaRead, BlockAllocation, BlockLease
 from kvstore.core.keys import chain_keys, namespace_digest, pack_keys
 from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
@@ -300,19 +300,12 @@ class Namespace:
         block are left to the Acquire path, exactly as a leased read whose lease ended.
         The daemon learns of the reads afterwards (client/readreports.py: stamps, hit
         counts, counters), off this path."""
-        client = self.client
-        pair = client.local_reads() if self._registered else None
-        if pair is None or n > client.max_batch_blocks:
-            return None
-        snap, path = pair
-        if path.generations is None or path.generations.table is None:
-            return None
         t0 = time.monotonic()
-        probed = snap.probe_slots(self._tag, blob)
+        probed = self._probe_local(blob, n)
         if probed is None:
             return None
-        tiers, offs, expected = probed
-        k = shmindex.dram_prefix(tiers, offs)
+        snap, path, tiers, offs, expected, k = probed
+        client = self.client
         # The snapshot's miss ends the answer unless the remote tier could continue it.
         ends = k == n or (tiers[k] == shmindex.EMPTY and not snap.flags & shmindex.REMOTE)
         if k == 0 and not ends:
@@ -337,6 +330,56 @@ class Namespace:
         client.read_reports.add(self.namespace_id, blob[:16 * valid], misses,
                                 time.monotonic() - t0)
         return valid, out, complete
+
+    def _probe_local(self, blob: bytes, n: int):
+        """The index snapshot's answer for a lease-free read: (snapshot, data path, tiers,
+        slot offsets, slot generations, k = how many leading keys are DRAM blocks with a
+        published slot), or None when no snapshot with slot generations can answer."""
+        client = self.client
+        pair = client.local_reads() if self._registered else None
+        if pair is None or n > client.max_batch_blocks:
+            return None
+        snap, path = pair
+        if path.generations is None or path.generations.table is None:
+            return None
+        probed = snap.probe_slots(self._tag, blob)
+        if probed is None:
+            return None
+        tiers, offs, expected = probed
+        return snap, path, tiers, offs, expected, shmindex.dram_prefix(tiers, offs)
+
+    def read_local(self, keys: Sequence[bytes]) -> ArenaRead:
+        """The lease-free read of _get_local without its copy, in the calling thread: the
+        longest prefix of ``keys`` held in this host's DRAM arena as views of their slots, for
+        a caller that moves the bytes itself (the vLLM connector scatters them straight into
+        the engine's pages). No RPC, no copy, no hand-off to the SDK's threads.
+
+        The contract (see ArenaRead): read the views, then call ``verify()``; it returns how
+        many leading blocks provably held their keys' bytes throughout the reading, and
+        whatever was derived from later blocks must be discarded. The read is empty (0
+        blocks) when the snapshot cannot answer (another host, no slot generations, a stale
+        snapshot) or the first key is not a DRAM block: ``get`` serves those. A quantized
+        namespace's views hold the packed payload (kvstore.client.quantized).
+        Read-your-writes as in get: this client's puts of these keys in flight are waited for.
+        """
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        _wait_for(self._puts_of(keys), self.client.timeout_s)
+        t0 = time.monotonic()
+        probed = self._probe_local(blob, len(keys))
+        if probed is None or not probed[5]:
+            return ArenaRead.empty(self)
+        _snap, path, _tiers, offs, expected, k = probed
+        offsets = offs[:k].tolist()
+        proof = BlockLease(self, 0, 0, offsets, [], generations=expected[:k].tolist(),
+                           generation_table=path.generations)
+        bb = self.layout.block_bytes
+        av = path.arena_view
+        av.prefault(offsets, range(k), bb)      # before the caller touches the slots
+        base = av.np if _torch_missing() else av.torch
+        runs = [(first, count, base[start:start + count * bb].reshape(count, bb))
+                for first, count, start in transfer.runs(offsets, list(range(k)), bb)]
+        return ArenaRead(self, blob[:16 * k], runs, proof, t0)
 
     def _get_leased(self, blob: bytes, n: int, out, ready, want_hbm: bool, first: int = 0,
                     grow: bool = False):

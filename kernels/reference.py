@@ -42,6 +42,17 @@ def _consecutive(idx: torch.Tensor) -> slice | None:
     return slice(a, a + idx.numel())
 
 
+def _page_runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first index, first page, count) of each run of consecutive pages in ``idx``."""
+    runs: list[tuple[int, int, int]] = []
+    for i, page in enumerate(idx.tolist()):
+        if runs and page == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, page, 1))
+    return runs
+
+
 def _row_path(pkv: PagedKV) -> str:
     if pkv.split:
         return "split"
@@ -126,10 +137,19 @@ def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> Non
                     half.index_copy_(0, idx, blocks[:, l, c].reshape(shape))
         return
     P, H, D = pkv.page_tokens, pkv.num_kv_heads, pkv.head_dim
+    runs = _page_runs(idx) if idx.device.type == "cpu" else None
     for l, layer in enumerate(pkv.layers):
         # pages first, as in gather: [n*ppb, 2, P, H, D] (a view when a block is one page)
         src = blocks[:, l].reshape(n, 2, ppb, P, H, D).transpose(1, 2).reshape(n * ppb, 2, P, H, D)
-        layer.transpose(0, 1).index_copy_(0, idx, src)
+        dst = layer.transpose(0, 1)
+        if runs is None:
+            dst.index_copy_(0, idx, src)
+            continue
+        # On CPU, index_copy_ into these strided pages copies element by element; a copy_ per
+        # run of consecutive pages moves head_dim-long rows at a time: measured ~7x faster for
+        # vLLM's CPU pages (16 blocks of the small shape: ~47 -> ~6 ms on one thread).
+        for i, page, count in runs:
+            dst[page:page + count].copy_(src[i:i + count])
 
 
 def quantize(blocks: torch.Tensor, name: str) -> QuantizedBlocks:

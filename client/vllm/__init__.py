@@ -11,9 +11,13 @@ decode engine) only loads — with both daemons on one cluster tier (--remote), 
 host computed reaches the decode host through it.
 
 Protocol, in vLLM's call order:
-  scheduler  get_num_new_matched_tokens  Lookup of the prompt's key chain; a hit is loaded
-                                          asynchronously (the request waits in
-                                          WAITING_FOR_REMOTE_KVS, the engine keeps stepping).
+  scheduler  get_num_new_matched_tokens  Lookup of the prompt's key chain. A hit all in this
+                                          host's DRAM, up to sync_load_max_bytes, loads
+                                          synchronously: in the step that schedules the request,
+                                          before its forward. Any other hit (SSD, cluster tier,
+                                          another host, bigger) loads asynchronously (the request
+                                          waits in WAITING_FOR_REMOTE_KVS, the engine keeps
+                                          stepping). See docs/integrations/vllm.md, "Load modes".
              update_state_after_alloc    records which vLLM blocks receive the hit.
              build_connector_meta        per step: the loads to start, and the blocks this
                                           step completes, to store (prompt blocks, and with
@@ -23,13 +27,18 @@ Protocol, in vLLM's call order:
   worker     register_kv_caches          checks the engine's KV page format (refuses unknown).
              wait_for_save               end of the forward: copies the completed blocks out of
                                           the paged cache and hands them to an SDK put (async).
-             start_load_kv               starts SDK gets into staging tensors on the KV cache's
-                                          device (I/O threads).
+             start_load_kv               synchronous loads: scatter straight from the arena's
+                                          slots into the paged cache (Namespace.read_local), on
+                                          this thread, then the slot-generation proof; the
+                                          asynchronous ones: SDK gets into staging tensors on the
+                                          KV cache's device (I/O threads).
              get_finished                copies finished gets into the paged cache and reports
-                                          the request done; missing or failed blocks go to
-                                          get_block_ids_with_load_errors, vLLM recomputes them.
-  wait_for_layer_load / save_kv_layer are no-ops: a load completes before its request is
-  scheduled, and a store is taken after the whole forward.
+                                          the request done.
+             get_block_ids_with_load_errors  blocks missing or failed in either mode: vLLM
+                                          recomputes them (a sync load's step then stores
+                                          nothing: its forward read them).
+  wait_for_layer_load / save_kv_layer are no-ops: a load completes before its request's
+  forward, and a store is taken after the whole forward.
 
 Blocks: kvstore's block_tokens is vLLM's block_size, so one vLLM block is one kvstore block
 and keys chain over the prompt's token ids (only full blocks; the tail of a prompt that ends

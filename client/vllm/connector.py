@@ -43,6 +43,7 @@ class LoadSpec:
     req_id: str
     keys: list[bytes]          # keys of the blocks to load, in chain order
     block_ids: list[int]       # vLLM block receiving each
+    sync: bool = False         # load before this step's forward (the request runs in it)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._kv: list[torch.Tensor] = []
             self._loads: list[_Load] = []
             self._load_errors: set[int] = set()
+            self._unreported: list = []    # synchronous loads' reads (kvstore ArenaRead)
             self._stores: list[tuple[Future, int]] = []
             self._pending_store_bytes = 0
             # kv_producer: keys each request stored (by request id), then the flushes of the
@@ -154,12 +156,29 @@ class KVStoreConnector(KVConnectorBase_V1):
         first = num_computed_tokens // self.block_size
         if usable <= first:
             return 0, False
-        hit = self._lookup(st.keys[:usable])
+        hit, tiers = self._lookup(st.keys[:usable])
         st.stored = max(st.stored, hit)
-        self._lookups[request.request_id] = (num_computed_tokens, hit)
         if hit <= first:
             return 0, False
-        return hit * self.block_size - num_computed_tokens, True
+        sync = self._loads_now(tiers[first:hit])
+        self._lookups[request.request_id] = (num_computed_tokens, hit, sync)
+        return hit * self.block_size - num_computed_tokens, not sync
+
+    def _loads_now(self, tiers: list[str]) -> bool:
+        """Load in the step that schedules the request (vLLM's synchronous load) rather than
+        while the engine steps on (asynchronous): when every block is in this host's DRAM
+        arena and the hit is small. Such a load is a lease-free read of the arena straight
+        into the engine's pages on the engine's own thread, shorter than an engine step; an
+        asynchronous one costs the request at least one extra step, and its copy on the SDK's
+        threads starves behind the engine's busy loop (docs/integrations/vllm.md, "Load
+        modes"). Slow bytes (SSD, the cluster tier, another host's stream) and big hits stay
+        asynchronous: the engine keeps serving other requests while they arrive."""
+        if self.layout.quant or not tiers or not all(t == "DRAM" for t in tiers):
+            return False       # quantized blocks are unpacked by the SDK: its threads' work
+        if len(tiers) * self.layout.block_bytes > self.cfg["sync_load_max_bytes"]:
+            return False
+        ns = self.link.namespace(self.cfg["lookup_timeout_s"])
+        return ns is not None and ns.client.datapath.shared_memory
 
     def _state(self, request: "Request") -> _ReqState | None:
         st = self._reqs.get(request.request_id)
@@ -174,34 +193,37 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._reqs[request.request_id] = st
         return st
 
-    def _lookup(self, keys: list[bytes]) -> int:
+    def _lookup(self, keys: list[bytes]) -> tuple[int, list[str]]:
+        """(cached prefix length, tier of each of those blocks); a daemon error is a miss."""
         ns = self.link.namespace(self.cfg["lookup_timeout_s"])
         if ns is None:
             self.counters.add(lookups=1, miss_blocks=len(keys), fallbacks=1)
             self.link.fallback(len(keys))    # told to the daemon once it answers again
-            return 0
+            return 0, []
         try:
-            hit = ns.lookup(keys).num_cached
+            r = ns.lookup(keys)
         except Exception as exc:  # noqa: BLE001
             self.link.failed(exc)
             self.counters.add(lookups=1, miss_blocks=len(keys), fallbacks=1)
             self.link.fallback(len(keys))
-            return 0
+            return 0, []
+        hit = r.num_cached
         self.counters.add(lookups=1, hit_blocks=hit, miss_blocks=len(keys) - hit)
-        return hit
+        return hit, r.tiers
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
                                  num_external_tokens: int):
         if num_external_tokens <= 0:
             return
-        computed, _hit = self._lookups.pop(request.request_id, (0, 0))
+        computed, _hit, sync = self._lookups.pop(request.request_id, (0, 0, False))
         st = self._reqs[request.request_id]
         first = computed // self.block_size
         last = (computed + num_external_tokens) // self.block_size
         block_ids = blocks.get_block_ids()[0]
         self._pending_loads.append(LoadSpec(request.request_id, st.keys[first:last],
-                                            list(block_ids[first:last])))
-        self.counters.add(hit_tokens=num_external_tokens)
+                                            list(block_ids[first:last]), sync))
+        self.counters.add(hit_tokens=num_external_tokens, sync_loads=int(sync),
+                          async_loads=int(not sync))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=self._pending_loads)
@@ -277,7 +299,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, KVStoreConnectorMetadata):
             return
+        failed_now = False
         for spec in meta.loads:
+            if spec.sync:
+                failed_now |= not self._load_now(spec)
+                continue
             ns = self.link.namespace()
             if ns is None:
                 fut: Future = Future()
@@ -295,9 +321,70 @@ class KVStoreConnector(KVConnectorBase_V1):
                     fut = Future()
                     fut.set_exception(exc)
             self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"]))
+        if failed_now and meta.stores:
+            # This step's forward reads the blocks that failed to load (their requests', and
+            # those of any request sharing them through vLLM's prefix cache): KV it computes
+            # on top of them is wrong and must not be stored. vLLM recomputes it next step.
+            self.counters.add(store_skipped_blocks=sum(len(s.keys) for s in meta.stores))
+            meta.stores = []
+
+    def _load_now(self, spec: LoadSpec) -> bool:
+        """A synchronous load (see _loads_now), on the engine's thread, before the forward:
+        the blocks in this host's DRAM arena go straight from their slots into the engine's
+        pages (one scatter per run of adjacent slots, then the slot-generation proof); the
+        rest, if the lookup's answer went stale (evicted, demoted), through an SDK get this
+        thread waits for. Blocks not loaded go to get_block_ids_with_load_errors: vLLM
+        recomputes them (and drops this step's output for their requests). Returns whether
+        every block loaded."""
+        ids = spec.block_ids
+        found = 0
+        ns = self.link.namespace()
+        try:
+            if ns is not None:
+                found = self._scatter_local(ns, spec)
+                if found < len(ids):
+                    found += self._scatter_leased(ns, spec, found)
+        except Exception as exc:  # noqa: BLE001
+            self.link.failed(exc)
+        self._account_load(ids, found)
+        return found == len(ids)
+
+    def _scatter_local(self, ns, spec: LoadSpec) -> int:
+        """Scatter the blocks the arena holds straight from their slots; returns how many
+        leading blocks are proven (later pages may hold torn bytes: reloaded or recomputed,
+        never used as they are)."""
+        read = ns.read_local(spec.keys)
+        done = 0
+        try:
+            for first, count, rows in read.runs:
+                self.pages.scatter(self._kv, spec.block_ids[first:first + count],
+                                   self._blocks_of(rows, count))
+                done = first + count
+        finally:
+            # The daemon hears of the reads after this step's forward (get_finished): on a
+            # small host its work, and the report thread's, would slow the forward.
+            proven = read.verify(report=False)
+            self._unreported.append(read)
+        return min(proven, done)
+
+    def _scatter_leased(self, ns, spec: LoadSpec, first: int) -> int:
+        """Blocks [first, ...) through an SDK get (leased), which this thread waits for: the
+        lookup's answer went stale (evicted, demoted, a slot reused). Returns how many."""
+        out = torch.empty((len(spec.keys) - first, *self.layout.block_shape),
+                          dtype=getattr(torch, self.layout.dtype), device=self._kv[0].device)
+        kv = ns.get(spec.keys[first:], out=out).result(self.cfg["load_timeout_s"])
+        n = int(kv.shape[0])
+        if n:
+            self.pages.scatter(self._kv, spec.block_ids[first:first + n], kv)
+        self.counters.add(sync_reread_blocks=n)
+        return n
+
+    def _blocks_of(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        """[count, block_bytes] uint8 arena rows as [count, *block_shape] blocks (a view)."""
+        return rows.view(getattr(torch, self.layout.dtype)).view(count, *self.layout.block_shape)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish before their request is scheduled (asynchronous loading)
+        return  # a load finishes before its request's forward (start_load_kv or get_finished)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata,
                       **kwargs: Any) -> None:
@@ -359,6 +446,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._stores = keep
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        for read in self._unreported:      # this step's forward is over (see _scatter_local)
+            read.report()
+        self._unreported = []
         self._reap_stores()
         sent = self._finished_sending(finished_req_ids) if not self.loads_enabled else set()
         done: set[str] = set()
@@ -426,6 +516,10 @@ class KVStoreConnector(KVConnectorBase_V1):
             except Exception as exc:  # noqa: BLE001
                 log.warning("KVStoreConnector: writing loaded blocks failed: %s", exc)
                 found = 0
+        self._account_load(ids, found)
+
+    def _account_load(self, ids: list[int], found: int) -> None:
+        """Blocks [found, ...) of a load failed: vLLM recomputes them (load errors)."""
         if found < len(ids):
             self._load_errors.update(ids[found:])
             self.counters.add(load_failed_blocks=len(ids) - found, fallbacks=1)

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-_COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "loaded_blocks",
-             "loaded_bytes", "load_failed_blocks", "stored_blocks", "stored_bytes",
-             "store_failed_blocks", "store_skipped_blocks", "fallbacks",
+_COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "sync_loads", "async_loads",
+             "loaded_blocks", "loaded_bytes", "load_failed_blocks", "sync_reread_blocks",
+             "stored_blocks", "stored_bytes", "store_failed_blocks", "store_skipped_blocks",
+             "fallbacks",
              # kv_producer: blocks of finished requests readable from the cluster tier when
              # the request was reported finished, and requests reported before all were
              "remote_placed_blocks", "remote_flush_timeouts")

@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvstore.client import KVClient
@@ -36,7 +37,11 @@ D = _toks(400)                          # used around the daemon outage
 E = _toks(290)
 SLOW = _toks(280)
 LONG = E + _toks(310)                   # E's 2 blocks, then 2 more full blocks and a tail
-PROMPTS = {"A": A, "A2": A2, "ALIGNED": ALIGNED, "D": D, "E": E, "SLOW": SLOW, "LONG": LONG}
+F = _toks(300)                          # the load-mode tests' prompt (2 full blocks)
+G = _toks(300)
+FILLS = [_toks(7 * BLOCK + 10) for _ in range(4)]   # 28 blocks: more than the small DRAM tier
+PROMPTS = {"A": A, "A2": A2, "ALIGNED": ALIGNED, "D": D, "E": E, "SLOW": SLOW, "LONG": LONG,
+           "F": F, "G": G}
 CHAT1 = _toks(200)                      # turn 1: 1 full prompt block; the answer completes block 2
 CHAT_ANSWER_TOKENS = 80                 # KV of 279 tokens: block 2 = 72 prompt + 56 generated
 CHAT_QUESTION = _toks(40)               # turn 2 = CHAT1 + answer + question (320 tokens)
@@ -121,6 +126,8 @@ def test_outputs_equal_and_shared_prefix_loads_from_kvstore(engine, baseline, da
     assert s["worker"]["loaded_bytes"] == 5 * s["worker"]["stored_bytes"] // 2
     assert s["worker"]["load_failed_blocks"] == 0 and s["scheduler"]["fallbacks"] == 0
     assert s["scheduler"]["hit_tokens"] == 5 * BLOCK
+    # DRAM hits of a few blocks load in the step that schedules them (docs/integrations/vllm.md, "Load modes")
+    assert s["scheduler"]["sync_loads"] == 3 and s["scheduler"]["async_loads"] == 0
     assert _dram_hits(daemon) - hits0 == 5               # the daemon served those 5 blocks
 
 
@@ -222,3 +229,105 @@ def test_daemon_stalled_requests_still_complete(engine, daemon, baseline):
     while _gen(engine, "SLOW") != (baseline["SLOW"], 2 * BLOCK):  # stored again, then a hit
         assert time.monotonic() < deadline, "no hits 30 s after the daemon resumed"
         time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load modes: a DRAM hit loads synchronously (straight from the arena, in the step that
+# schedules it), any other asynchronously; a synchronous load that fails is recomputed.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ssd_daemon(workdir):
+    """A daemon whose DRAM tier holds 16 of the tiny model's 256 KiB blocks, over an SSD tier
+    (write-through): older blocks are demoted to SSD as newer ones arrive. Its own shm
+    directory: _stale_generations finds its arena's generation table there."""
+    shm = temp_shm_dir("kvstore-test-")
+    home = workdir / "ssd-daemon"
+    home.mkdir()
+    d = DaemonProcess(home, shm, [
+        "--dram-bytes", "4MiB", "--chunk-bytes", "1MiB", "--ssd-dir", str(home / "ssd"),
+        "--ssd-bytes", "64MiB", "--ssd-segment-bytes", "8MiB",
+        "--ssd-write-policy", "write_through"])
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ssd_engine(model_dir, ssd_daemon, workdir, baseline):
+    with _engine(model_dir, ssd_daemon, workdir, "engine-ssd") as eng:
+        yield eng
+
+
+def _loads(eng) -> tuple[int, int]:
+    s = eng.stats()["scheduler"]
+    return s["sync_loads"], s["async_loads"]
+
+
+def test_ssd_hit_loads_asynchronously_dram_hit_synchronously(ssd_engine, baseline):
+    out, cached = _gen(ssd_engine, "F")                  # computed, stored (DRAM and SSD)
+    assert out == baseline["F"] and cached == 0
+    for p in FILLS:                                      # F's blocks are demoted to SSD
+        gen(ssd_engine, p)
+    sync0, async0 = _loads(ssd_engine)
+    out, cached = _gen(ssd_engine, "F")                  # an SSD hit: loaded asynchronously
+    assert out == baseline["F"] and cached == 2 * BLOCK
+    assert _loads(ssd_engine) == (sync0, async0 + 1)
+    out, cached = _gen(ssd_engine, "F")                  # promoted by that get: now DRAM
+    assert out == baseline["F"] and cached == 2 * BLOCK
+    assert _loads(ssd_engine) == (sync0 + 1, async0 + 1)
+    w = ssd_engine.stats()["worker"]
+    assert w["load_failed_blocks"] == 0 and w["sync_reread_blocks"] == 0
+
+
+def _stale_generations(shm_dir: Path) -> None:
+    """Bump every arena slot's generation, as if each slot had been handed to a new owner
+    (the bytes stay): the generations the index snapshot published no longer prove anything,
+    so every lease-free read fails its check; a leased read (Acquire: current generations)
+    still succeeds."""
+    from kvstore.core import slotgen
+    (path,) = Path(shm_dir).glob("*.slotgen")
+    table = np.memmap(path, dtype=np.uint32, mode="r+", offset=slotgen._DATA_OFFSET)
+    table += np.uint32(1)
+    table.flush()
+    del table
+
+
+def test_failed_generation_check_rereads_through_a_lease(ssd_engine, ssd_daemon, baseline):
+    out, cached = _gen(ssd_engine, "G")
+    assert out == baseline["G"] and cached == 0
+    _stale_generations(ssd_daemon.shm_dir)
+    sync0, async0 = _loads(ssd_engine)
+    reread0 = ssd_engine.stats()["worker"]["sync_reread_blocks"]
+    out, cached = _gen(ssd_engine, "G")                  # lookup: DRAM; the arena read fails
+    assert out == baseline["G"] and cached == 2 * BLOCK
+    assert _loads(ssd_engine) == (sync0 + 1, async0)
+    w = ssd_engine.stats()["worker"]
+    assert w["sync_reread_blocks"] - reread0 == 2 and w["load_failed_blocks"] == 0
+
+
+def test_sync_load_failing_midway_is_recomputed(ssd_engine, ssd_daemon, baseline):
+    """The scheduler finds the blocks in DRAM, then the daemon stops answering: the arena read
+    fails its check (stale generations) and the leased read times out. vLLM recomputes the
+    blocks (load errors) and the tokens are exactly its own."""
+    failed0 = ssd_engine.stats()["worker"]["load_failed_blocks"]
+    for _ in range(3):   # the lookup must come within STALE_S of the stop (heartbeat fresh)
+        out, _ = _gen(ssd_engine, "G")                   # G cached, in DRAM
+        assert out == baseline["G"]
+        _stale_generations(ssd_daemon.shm_dir)
+        sync0, _ = _loads(ssd_engine)
+        ssd_daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            out, _ = _gen(ssd_engine, "G")
+        finally:
+            ssd_daemon.proc.send_signal(signal.SIGCONT)
+        assert out == baseline["G"]
+        if _loads(ssd_engine)[0] == sync0 + 1:
+            break
+        time.sleep(2.0)   # the lookup saw a stale snapshot (a miss): the connector backs off
+    else:
+        pytest.fail("the lookup never answered from a fresh snapshot before the stall showed")
+    w = ssd_engine.stats()["worker"]
+    assert w["load_failed_blocks"] - failed0 == 2

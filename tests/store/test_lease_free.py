@@ -205,6 +205,43 @@ def test_lease_free_get_racing_slot_reuse_never_returns_other_bytes(daemon_facto
     assert any(r["n"] < N for r in every), "no get ever saw its blocks reused"
 
 
+def test_read_local_views_the_arena_and_proves_after_the_read(daemon_factory, tmp_path):
+    """Namespace.read_local (the vLLM connector's synchronous load): views of the DRAM prefix's
+    slots, no copy and no RPC; verify() proves the blocks after the caller read them (and
+    reports the reads), and proves none whose slot was reused meanwhile. Empty where the
+    first block is not in DRAM, or for a client not trusted with the arena."""
+    d = daemon_factory(*ssd_args(tmp_path / "ssd"))
+    with KVClient(d.socket, timeout_s=20) as c:
+        ns = c.namespace("views", LAYOUT)
+        keys, data = put_chain(ns, 3, 8)
+        extra = ns.block_keys(np.arange(16 * 16) + 11)[8:12]      # never stored
+        reported0 = c.stats().reads_reported
+        r = ns.read_local(keys + extra)
+        assert len(r) == 8
+        rows = np.concatenate([np.asarray(v) for _, _, v in r.runs])
+        assert [f for f, _, _ in r.runs] == np.cumsum([0] + [n for _, n, _ in r.runs])[:-1].tolist()
+        assert np.array_equal(rows, data.reshape(8, -1))
+        assert r.verify() == 8 and r.verify() == 8                  # idempotent
+        assert c.stats().reads_reported - reported0 == 8
+        r = ns.read_local(keys)                                     # a report left for later
+        assert r.verify(report=False) == 8
+        assert c.stats().reads_reported - reported0 == 8
+        r.report()
+        r.report()
+        assert c.stats().reads_reported - reported0 == 16
+        # every slot reused under a read (256 blocks through a 256-slot DRAM tier; the old
+        # blocks are demoted to SSD): nothing of it is proven
+        r = ns.read_local(keys)
+        for seed in range(4, 12):            # in puts of 32 blocks: the per-client I/O bound
+            put_chain(ns, seed, 32)
+        assert len(r) == 8 and r.verify() == 0
+        assert ns.lookup(keys[:1]).tiers == ["SSD"]
+        assert len(ns.read_local(keys)) == 0                        # first block not in DRAM
+    with KVClient(d.socket, shared_memory=False) as c:              # no arena mapped
+        ns = c.namespace("views", LAYOUT)
+        assert len(ns.read_local(keys)) == 0 and ns.read_local(keys).verify() == 0
+
+
 def _slot_flipper(path_q, stop, arena_uuid: bytes, tmpdir: str):
     """Writer process: keys whose bucket flips between (DRAM, offset o, generation g(o)) for
     ever-changing o and (SSD, no offset, 0), removals, and rebuilds that move every key."""
