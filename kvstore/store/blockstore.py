@@ -174,13 +174,16 @@ class BlockStore:
             self._unlease(lease)
         for alloc in s.allocations.values():
             self._abort(alloc, quarantine=s)
+        if writes_ended:
+            self._quarantined_bytes -= self._free_quarantined(s.quarantined_slots,
+                                                              s.quarantined_hbm)
+            s.quarantined_slots, s.quarantined_hbm = [], []
         if s.quarantined_slots or s.quarantined_hbm:
             writer = s.writer
             s.writer = None
             self._held.append(HeldSlots(
                 s.session_id, s.pid, writer,
-                float("-inf") if writes_ended
-                else float("inf") if writer is not None
+                float("inf") if writer is not None
                 else self.clock() + self.quarantine_timeout_s,
                 s.quarantined_slots, s.quarantined_hbm))
             self.release_quarantined()
@@ -200,21 +203,14 @@ class BlockStore:
         keep: list[HeldSlots] = []
         cuda_hbm = self.hbm is not None and self.hbm.pool.backend != "host"
         for h in self._held:
-            if h.until == float("-inf"):
-                busy = False                 # its writer said its writes ended
-            elif h.writer is not None:
+            if h.writer is not None:
                 busy = h.writer.can_write(needs_exit=cuda_hbm and bool(h.hbm))
             else:
                 busy = now < h.until
             if busy:
                 keep.append(h)
                 continue
-            for off in h.dram:
-                freed += self.dram.slabs.slot_bytes(off)
-                self.dram.slabs.free(off)
-            if h.hbm:
-                freed += sum(self.hbm.slot_bytes(o) for o in h.hbm)
-                self.hbm.free_quarantined(h.hbm)
+            freed += self._free_quarantined(h.dram, h.hbm)
             if h.writer is not None:
                 h.writer.close()
             log.info("session %d (pid %d): %d quarantined slots freed (%s)", h.session_id,
@@ -223,6 +219,17 @@ class BlockStore:
                      else f"unwatched writer, {self.quarantine_timeout_s:g}s passed")
         self._held = keep
         self._quarantined_bytes -= freed
+        return freed
+
+    def _free_quarantined(self, dram: list[int], hbm: list[int]) -> int:
+        """Free these quarantined DRAM and HBM slots; returns their bytes."""
+        freed = 0
+        for off in dram:
+            freed += self.dram.slabs.slot_bytes(off)
+            self.dram.slabs.free(off)
+        if hbm:
+            freed += sum(self.hbm.slot_bytes(o) for o in hbm)
+            self.hbm.free_quarantined(hbm)
         return freed
 
     def quarantined_bytes(self) -> int:
