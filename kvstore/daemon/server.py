@@ -35,7 +35,9 @@ the health probe says SERVING from the first answer on.
 Composition root: ``Daemon.start`` builds every part and hands each its collaborators through
 its constructor, in dependency order — block table, DRAM tier, HBM tier, SSD tier (files, catalog,
 space manager, write policy, GPUDirect reader), the store over them, the cluster tier, the
-prefetcher, metrics, access policy and servicer. No part attaches itself to another; the table
+prefetcher, the read and write paths (kvstore.store.reads, kvstore.store.writes: which parts
+hear of every get's hits and every commit's blocks is decided here), metrics, access policy and
+servicer. No part attaches itself to another; the table
 frees a block's copies through the TierSet the tiers are added to here.
 """
 from __future__ import annotations
@@ -72,6 +74,8 @@ from kvstore.prefetch.prefetcher import Prefetcher
 from kvstore.metrics.http import MetricsServer
 from kvstore.daemon.service import KVStoreServicer, stats_message
 from kvstore.store.blockstore import BlockStore, TierSet
+from kvstore.store.reads import ReadPath
+from kvstore.store.writes import WritePath
 from kvstore.store.table import BlockTable
 from kvstore.tiers.dram import DRAMTier, arena_geometry
 from kvstore.core.units import format_bytes
@@ -175,6 +179,8 @@ class Daemon:
         self.ssd = None        # kvstore.tiers.ssd.tier.SSDTier when --ssd-bytes is set
         self.hbm = None        # kvstore.tiers.hbm.HBMTier when --hbm-bytes is set
         self.prefetcher: Prefetcher | None = None
+        self.reads: ReadPath | None = None     # the get path (kvstore.store.reads)
+        self.writes: WritePath | None = None   # the put path (kvstore.store.writes)
         self.access: AccessPolicy | None = None
         self._started = False                  # serving: stop() then logs the shutdown
         self._socket_id: tuple[int, ...] | None = None   # _file_identity of the socket we bound
@@ -271,6 +277,15 @@ class Daemon:
         self.prefetcher = Prefetcher(self.store, cfg.prefetch_concurrency, cfg.prefetch_grace_s,
                                      cfg.max_pending_prefetches,
                                      max_session_bytes=cfg.prefetch_bytes_per_client)
+        # The get and put paths, and who hears of every get's hits and every commit's blocks
+        # (once each): the prefetcher ends the prefetches a get read; the SSD and remote write
+        # policies write what is read (write_through_selective) or committed.
+        hits = [o for o in (self.prefetcher, ssd, self.remote) if o is not None]
+        commits = [self.remote] if self.remote is not None else []
+        self.reads = ReadPath(self.store, ssd=ssd, remote=self.remote,
+                              prefetcher=self.prefetcher, observers=hits,
+                              dram_read_bps=measure_memcpy_bps())
+        self.writes = WritePath(self.store, ssd=ssd, remote=self.remote, observers=commits)
 
     def _build_server(self, tokens: TokenTable) -> None:
         """Metrics, the access policy, and the gRPC server with the servicer, health checking
@@ -281,18 +296,19 @@ class Daemon:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.metrics = Metrics(self.store, base=functools.partial(
-            stats_message, self.store, self.prefetcher, self.remote, self.events),
-            history_samples=max(1, round(cfg.metrics_history_s / METRICS_SAMPLE_S)))
+        stats = functools.partial(stats_message, self.store, self.prefetcher, self.remote,
+                                  self.events)
+        self.metrics = Metrics(self.store, base=stats,
+                               history_samples=max(1, round(cfg.metrics_history_s /
+                                                            METRICS_SAMPLE_S)))
         self.access = AccessPolicy(
             self.store, self.metrics, tokens,
             Limits(cfg.max_inflight_requests_per_client, cfg.inflight_bytes_per_client),
             socket_requires_token=cfg.socket_requires_token)
         self.server = grpc.aio.server(options=opts, interceptors=[self.access])
-        servicer = KVStoreServicer(self.store, cfg.max_message_bytes, self.stopping, self.metrics,
-                                   remote=self.remote, prefetcher=self.prefetcher,
-                                   index_path=str(self.snapshot.path) if self.snapshot else "",
-                                   dram_read_bps=measure_memcpy_bps())
+        servicer = KVStoreServicer(self.store, self.reads, self.writes, cfg.max_message_bytes,
+                                   self.stopping, self.metrics, stats=stats,
+                                   index_path=str(self.snapshot.path) if self.snapshot else "")
         pb_grpc.add_KVStoreServicer_to_server(servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

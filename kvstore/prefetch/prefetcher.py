@@ -3,7 +3,7 @@
     submit(session, namespace, [(keys, deadline_s), ...])   the cached prefix of each item is
                       pinned at once (so eviction never takes what a pending prefetch needs),
                       and its SSD-only blocks are queued for promotion in deadline order.
-    on_acquire(bids)  a get touched these blocks: each prefetch holding one of them ends,
+    on_hits(bids)     a get read these blocks: each prefetch holding one of them ends,
                       counted on time (its transfer had finished) or late (the get came first;
                       the get then shares the transfer still in flight — SSDTier.fetch).
     cancel(session, ids), expire()
@@ -155,8 +155,9 @@ class Prefetcher:
         self._kick()
         return out
 
-    def on_acquire(self, block_ids: list[int]) -> None:
-        """A get leased these blocks: end the prefetches that were waiting for it."""
+    def on_hits(self, block_ids: list[int]) -> None:
+        """A get read these blocks (kvstore.store.reads.HitObserver): end the prefetches that
+        were waiting for it."""
         if not self._by_block:
             return
         for b in block_ids:
