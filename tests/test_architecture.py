@@ -7,6 +7,10 @@ Rules:
 - kvstore.tiers never imports kvstore.store or kvstore.daemon (tiers are handed the block table
   and their collaborators by the composition root, kvstore.daemon.server);
 - kvstore.store never imports kvstore.daemon;
+- the servicer (kvstore.daemon.service) imports no tier (kvstore.tiers.*): it translates
+  messages and calls the read and write paths (kvstore.store.reads, kvstore.store.writes),
+  which orchestrate the tiers the composition root hands them; nor does it reach them through
+  an attribute (no ``.ssd``, ``.remote``, ``.prefetcher`` in its source);
 - the SSD tier's on-disk format (kvstore.tiers.ssd.format) imports only kvstore.core: the format
   is read without the files, the allocator or the I/O;
 - kvstore.core imports only the standard library, numpy, kvstore.v1 and kvstore.core;
@@ -29,6 +33,7 @@ SOURCES = {"kvstore": "kvstore", "client": "kvstore.client", "kernels": "kvstore
 SDK = ("kvstore.client", "kvstore.kernels")
 SDK_MAY_IMPORT = ("kvstore.core", "kvstore.v1", "kvstore.planner.recompute")
 ENTRY_POINTS = {"kvstore.daemon.cli", "kvstore.__main__"}
+SERVICER = "kvstore.daemon.service"
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -105,6 +110,9 @@ def violations(mods, graph) -> list[str]:
         if _under(mod, "kvstore.store"):
             out += [f"{mod} imports {d} (the store never imports the daemon)"
                     for d in deps if _under(d, "kvstore.daemon")]
+        if mod == SERVICER:
+            out += [f"{mod} imports {d} (the servicer imports no tier)"
+                    for d in deps if _under(d, "kvstore.tiers")]
         if mod == "kvstore.tiers.ssd.format":
             out += [f"{mod} imports {d} (the on-disk format imports only kvstore.core)"
                     for d in deps if d != "kvstore" and not _under(d, "kvstore.core")]
@@ -185,6 +193,7 @@ def test_the_checker_catches_each_kind_of_violation():
     bad["kvstore.client"].add("kvstore.store.table")                 # the SDK imports the store
     bad["kvstore.tiers.ssd.format"].add("kvstore.tiers.ssd.files")   # the format imports the I/O
     bad["kvstore.metrics.counters"].add("kvstore.access.interceptor")   # access <-> metrics
+    bad[SERVICER].add("kvstore.tiers.remote.tier")                   # the servicer drives a tier
     found = "\n".join(violations(mods, bad))
     for expect in ("kvstore.tiers.dram imports kvstore.store.blockstore",
                    "kvstore.store.table imports kvstore.daemon.server",
@@ -192,8 +201,29 @@ def test_the_checker_catches_each_kind_of_violation():
                    "kvstore.core.keys imports grpc",
                    "kvstore.client imports kvstore.store.table",
                    "kvstore.tiers.ssd.format imports kvstore.tiers.ssd.files",
+                   "kvstore.daemon.service imports kvstore.tiers.remote.tier",
                    "import cycle between packages"):
         assert expect in found, found
+
+
+# What the read and write paths orchestrate: a servicer that names one drives a tier itself.
+ORCHESTRATED = ("ssd", "remote", "prefetcher")
+
+
+def tier_attributes(source: str) -> list[str]:
+    """The attributes in ``source`` that name a tier or the prefetcher, as 'line:name'."""
+    return [f"{n.lineno}:{n.attr}" for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Attribute) and n.attr in ORCHESTRATED]
+
+
+def test_the_servicer_drives_no_tier():
+    """RPC handlers decode, call the read or write path, encode: the orchestration of the
+    tiers (remote probe and fill, promotion, after-get and after-commit observers) lives in
+    kvstore.store.reads and kvstore.store.writes."""
+    source = (ROOT / "kvstore" / "daemon" / "service.py").read_text()
+    assert tier_attributes(source) == []
+    # the check can fail: a handler that calls a tier is caught
+    assert tier_attributes(source + "\nself.store.ssd.on_hits(bids)\n") != []
 
 
 def test_every_package_is_in_the_distribution():
