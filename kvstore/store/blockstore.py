@@ -1,6 +1,7 @@
 """The block store: the daemon's domain logic, independent of gRPC.
 
-Primitives, in call order (the servicer is a thin translation of these):
+Primitives, in call order (the read and write paths, kvstore.store.reads and
+kvstore.store.writes, call them in this order and add the steps of the other tiers around them):
 
     open_session → register_namespace → lookup
     put:  allocate → (client copies into the arena slots) → commit(abort=False|True)
