@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
 import pytest
 
-from support.paths import BB, LEASE_S, MemoryEngine, block, build, chain
+from support.paths import LEASE_S, MemoryEngine, block, build, chain
 
 from kvstore.core.errors import FailedPrecondition, InvalidArgument, Reason
 from kvstore.core.keys import pack_keys
