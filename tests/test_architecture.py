@@ -17,8 +17,10 @@ Rules:
   set_owner/...``), names one of them (a bound method handed on is a write all the same), or
   assigns to or calls a method of ``<x>.counters`` — unless ``<x>`` is ``self`` itself (an
   object's own counters). An expression naming a tier (``dram``, ``ssd``, ``hbm``,
-  ``remote``) belongs to that tier's modules only: the SSD tier never frees a DRAM slot.
-  Everyone else asks the tier (kvstore.tiers.dram.DRAMTier's methods).
+  ``remote``) belongs to that tier's modules only. Everyone else asks the tier
+  (kvstore.tiers.dram.DRAMTier's methods);
+- the SSD tier never hands out, frees or evicts DRAM slots: it calls none of DRAMTier's
+  slot-changing methods (it reads into the kvstore.tiers.dram.PromotionSlots it is handed).
 
 The command line (kvstore.daemon.cli, kvstore.__main__) is the top of the graph: it imports the
 daemon, the SDK and the benchmarks, and nothing imports it, so it is left out of the package
@@ -221,6 +223,23 @@ def _state_writes(tree) -> list[tuple[int, list[str], str]]:
     return out
 
 
+# DRAMTier's methods that change which slot holds what (the store's to call, not the SSD tier's)
+DRAM_SLOT_METHODS = {"take_slots", "assign", "slots_for", "free_slot", "quarantine",
+                     "free_quarantined", "make_room", "evict", "mark_ready", "promoted",
+                     "promotion_slots"}
+
+
+def _dram_slot_calls(tree) -> list[tuple[int, str]]:
+    """(line, expression) for each use of ``<...>.dram.<slot-changing method>``."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in DRAM_SLOT_METHODS:
+            ch = _chain(node)
+            if ch and len(ch) >= 2 and ch[-2] == "dram":
+                out.append((node.lineno, ".".join(ch)))
+    return out
+
+
 def _may_write(mod: str, owner: list[str]) -> bool:
     named = [TIER_OWNERS[p] for p in owner if p in TIER_OWNERS]
     if named:      # a tier's state: its own modules only
@@ -241,6 +260,10 @@ def ownership_violations(mods, sources: dict[str, str] | None = None) -> list[st
             if not _may_write(mod, owner):
                 out.append(f"{mod}:{line} writes {what} (only the tier that owns it may; "
                            "ask the tier)")
+        if _under(mod, "kvstore.tiers.ssd"):
+            out += [f"{mod}:{line} calls {what} (the SSD tier changes no DRAM slot: it reads "
+                    "into the PromotionSlots it is handed)" for line, what in
+                    _dram_slot_calls(tree)]
     return out
 
 
@@ -256,7 +279,8 @@ def test_the_ownership_rule_can_fail():
         "kvstore.store.blockstore": "def f(self, off):\n    self.dram.slabs.free(off)\n"
                                     "    self.dram.counters.evictions += 1\n"
                                     "    self.ssd.counters.count_get(1, 0, 0)\n",
-        "kvstore.tiers.ssd.tier": "def f(self, off):\n    self.dram.slabs.free(off)\n",
+        "kvstore.tiers.ssd.tier": "def f(self, off):\n    self.dram.slabs.free(off)\n"
+                                  "    self.dram.free_slot(off)\n",
         "kvstore.daemon.server": "def f(dram, loop):\n"
                                  "    loop.call_soon(dram.slabs.mark_ready, 0)\n",
         "kvstore.prefetch.prefetcher": "def f(store):\n    store.counters.lookups = 0\n",
@@ -266,6 +290,7 @@ def test_the_ownership_rule_can_fail():
                    "kvstore.store.blockstore:3 writes self.dram.counters.evictions",
                    "kvstore.store.blockstore:4 writes self.ssd.counters.count_get",
                    "kvstore.tiers.ssd.tier:2 writes self.dram.slabs.free",
+                   "kvstore.tiers.ssd.tier:3 calls self.dram.free_slot",
                    "kvstore.daemon.server:2 writes dram.slabs.mark_ready",
                    "kvstore.prefetch.prefetcher:2 writes store.counters.lookups"):
         assert expect in found, found
