@@ -345,6 +345,10 @@ class BlockStore:
         offsets[i] >= 0: write block i there; ALREADY_STORED: skip it; NO_ROOM: no slot could
         be made free for it (every slot of its size is leased) — then neither it nor any later
         block of the batch is stored, so what is stored stays a prefix.
+
+        Room is made synchronously and without I/O: with a write-back SSD tier only victims
+        with an SSD copy are evicted here, so a caller awaits :meth:`clean_room_for` first
+        (the eviction plan: it writes the dirty victims off the event loop).
         """
         s = self.session(session_id)
         ns = self.namespace(namespace_id)
