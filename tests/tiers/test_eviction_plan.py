@@ -75,7 +75,8 @@ def test_a_write_back_eviction_writes_only_when_awaited_and_demotes(tmp_path, sh
         assert table.dram[bid] == NO_SLOT and table.ssd[bid] != NO_SLOT     # demoted
         assert dram.counters.demotions == ssd.counters.demotions == 1
         assert dram.counters.evictions == 1
-        store.commit(s.session_id, aid, abort=True)
+        arena.buffer[offs[0]:offs[0] + BB] = data.setdefault(n_slots, os.urandom(BB))
+        store.commit(s.session_id, aid)                # DRAM full again, every block dirty
 
         # Promoted back through the slots the DRAM tier lends: the bytes are the victim's.
         lease, _, tiers = store.acquire(s.session_id, ns.namespace_id, _key(victim),
@@ -86,6 +87,16 @@ def test_a_write_back_eviction_writes_only_when_awaited_and_demotes(tmp_path, sh
         assert bytes(arena.buffer[offsets[0]:offsets[0] + BB]) == data[victim]
         store.release(s.session_id, lease.lease_id)
         assert ssd.counters.promotions == 1 and ssd.counters.misses == 0
+        # The promotion's room came from the plan too: one more victim written, then demoted.
+        assert files.counters.writes == 2 and ssd.counters.demotions == 2
+        for i, want in data.items():                   # nothing lost, every byte its own
+            bid = table.find(ns.index, _key(i))
+            assert bid >= 0
+            if table.dram[bid] != NO_SLOT:
+                off = int(table.dram[bid])
+                assert bytes(arena.buffer[off:off + BB]) == want
+            else:
+                assert table.ssd[bid] != NO_SLOT
         await ssd.close()
 
     try:
