@@ -15,7 +15,16 @@ Rules:
   is read without the files, the allocator or the I/O;
 - kvstore.core imports only the standard library, numpy, kvstore.v1 and kvstore.core;
 - the SDK (kvstore.client, kvstore.kernels) imports from the daemon side only kvstore.core,
-  kvstore.v1 and kvstore.planner.recompute.
+  kvstore.v1 and kvstore.planner.recompute;
+- each tier is the only writer of its slot allocator and its counters: outside a tier's own
+  modules, no code calls a slot allocator's mutating methods (``<x>.slabs.allocate/free/
+  set_owner/...``), names one of them (a bound method handed on is a write all the same), or
+  assigns to or calls a method of ``<x>.counters`` — unless ``<x>`` is ``self`` itself (an
+  object's own counters). An expression naming a tier (``dram``, ``ssd``, ``hbm``,
+  ``remote``) belongs to that tier's modules only. Everyone else asks the tier
+  (kvstore.tiers.dram.DRAMTier's methods);
+- the SSD tier never hands out, frees or evicts DRAM slots: it calls none of DRAMTier's
+  slot-changing methods (it reads into the kvstore.tiers.dram.PromotionSlots it is handed).
 
 The command line (kvstore.daemon.cli, kvstore.__main__) is the top of the graph: it imports the
 daemon, the SDK and the benchmarks, and nothing imports it, so it is left out of the package
@@ -174,6 +183,129 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return [c + [c[0]] for c in comps]
+
+
+# -- who writes a tier's slots and counters -------------------------------------------------------
+# The slot allocators' mutating methods (kvstore.tiers.dram.SlabAllocator, the SSD tier's
+# SlabFiles, the HBM pool's slabs).
+SLAB_MUTATORS = {"allocate", "free", "set_owner", "grow", "release_empty_spans", "mark_ready",
+                 "size_class", "reserve_slots"}
+# An attribute or variable of one of these names is that tier (or a part of it); the value is
+# the package prefix of the modules that own it.
+TIER_OWNERS = {"dram": "kvstore.tiers.dram", "ssd": "kvstore.tiers.ssd",
+               "hbm": "kvstore.tiers.hbm", "remote": "kvstore.tiers.remote"}
+
+
+def _chain(node) -> list[str] | None:
+    """The names of an attribute chain, root first (``self.dram.slabs`` -> [self, dram,
+    slabs]); None when it is rooted in something else than a name (a call, a subscript)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(node.id)
+    return parts[::-1]
+
+
+def _state_writes(tree) -> list[tuple[int, list[str], str]]:
+    """(line, owner chain, what) for each write of a slot allocator or of counters: a call to
+    (or a reference of) ``<owner>.slabs.<mutator>``, an assignment or augmented assignment to
+    ``<owner>.counters.<field>``, a call of ``<owner>.counters.<method>``."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            ch = _chain(node)
+            if ch and len(ch) >= 2 and ch[-2] == "slabs" and ch[-1] in SLAB_MUTATORS:
+                out.append((node.lineno, ch[:-2] + ["slabs"], ".".join(ch)))
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        elif isinstance(node, ast.Call):
+            targets = [node.func]
+        for t in targets:
+            ch = _chain(t)
+            if ch and len(ch) >= 3 and ch[-2] == "counters":
+                out.append((t.lineno, ch[:-2], ".".join(ch)))
+    return out
+
+
+# DRAMTier's methods that change which slot holds what (the store's to call, not the SSD tier's)
+DRAM_SLOT_METHODS = {"take_slots", "assign", "slots_for", "free_slot", "quarantine",
+                     "free_quarantined", "make_room", "evict", "mark_ready", "promoted",
+                     "promotion_slots"}
+
+
+def _dram_slot_calls(tree) -> list[tuple[int, str]]:
+    """(line, expression) for each use of ``<...>.dram.<slot-changing method>``."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in DRAM_SLOT_METHODS:
+            ch = _chain(node)
+            if ch and len(ch) >= 2 and ch[-2] == "dram":
+                out.append((node.lineno, ".".join(ch)))
+    return out
+
+
+def _may_write(mod: str, owner: list[str]) -> bool:
+    named = [TIER_OWNERS[p] for p in owner if p in TIER_OWNERS]
+    if named:      # a tier's state: its own modules only
+        return all(_under(mod, t) for t in named)
+    # an object's own (``self.counters``); inside the tiers package also a tier's part held in a
+    # local (``slabs.grow`` in kvstore.tiers.dram.make_room)
+    return owner == ["self"] or _under(mod, "kvstore.tiers")
+
+
+def ownership_violations(mods, sources: dict[str, str] | None = None) -> list[str]:
+    """Writes of a tier's slot allocator or counters outside the tier's own modules.
+    ``sources``: module -> source text to check instead of the file (the test's injections)."""
+    out = []
+    for mod, (path, _) in sorted(mods.items()):
+        text = (sources or {}).get(mod)
+        tree = ast.parse(text if text is not None else path.read_text(), str(path))
+        for line, owner, what in _state_writes(tree):
+            if not _may_write(mod, owner):
+                out.append(f"{mod}:{line} writes {what} (only the tier that owns it may; "
+                           "ask the tier)")
+        if _under(mod, "kvstore.tiers.ssd"):
+            out += [f"{mod}:{line} calls {what} (the SSD tier changes no DRAM slot: it reads "
+                    "into the PromotionSlots it is handed)" for line, what in
+                    _dram_slot_calls(tree)]
+    return out
+
+
+def test_only_a_tier_writes_its_slots_and_counters():
+    mods = _modules()
+    assert ownership_violations(mods) == []
+
+
+def test_the_ownership_rule_can_fail():
+    """Each kind of write outside the owner is reported (and the tiers' own writes are not)."""
+    mods = _modules()
+    inject = {
+        "kvstore.store.blockstore": "def f(self, off):\n    self.dram.slabs.free(off)\n"
+                                    "    self.dram.counters.evictions += 1\n"
+                                    "    self.ssd.counters.count_get(1, 0, 0)\n",
+        "kvstore.tiers.ssd.tier": "def f(self, off):\n    self.dram.slabs.free(off)\n"
+                                  "    self.dram.free_slot(off)\n",
+        "kvstore.daemon.server": "def f(dram, loop):\n"
+                                 "    loop.call_soon(dram.slabs.mark_ready, 0)\n",
+        "kvstore.prefetch.prefetcher": "def f(store):\n    store.counters.lookups = 0\n",
+    }
+    found = "\n".join(ownership_violations(mods, inject))
+    for expect in ("kvstore.store.blockstore:2 writes self.dram.slabs.free",
+                   "kvstore.store.blockstore:3 writes self.dram.counters.evictions",
+                   "kvstore.store.blockstore:4 writes self.ssd.counters.count_get",
+                   "kvstore.tiers.ssd.tier:2 writes self.dram.slabs.free",
+                   "kvstore.tiers.ssd.tier:3 calls self.dram.free_slot",
+                   "kvstore.daemon.server:2 writes dram.slabs.mark_ready",
+                   "kvstore.prefetch.prefetcher:2 writes store.counters.lookups"):
+        assert expect in found, found
+    own = {"kvstore.tiers.dram": "def f(self, off):\n    self.slabs.free(off)\n"
+                                 "    self.counters.evictions += 1\n",
+           "kvstore.tiers.ssd.catalog": "def f(self, ssd):\n    ssd.counters.reads = 0\n"}
+    assert ownership_violations({m: mods[m] for m in own}, own) == []
 
 
 def test_the_import_graph_keeps_the_layering():

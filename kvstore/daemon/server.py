@@ -260,7 +260,7 @@ class Daemon:
         copies.add(dram)
         self.preparer = ArenaPreparer(
             self.arena, dram.slabs.chunk_bytes,
-            lambda end: loop.call_soon_threadsafe(dram.slabs.mark_ready, end),
+            lambda end: loop.call_soon_threadsafe(dram.mark_ready, end),
             limit_bps=cfg.dram_prepare_limit)
         if cfg.hbm_bytes:
             self.hbm = open_hbm_tier(cfg, table, dram, evict)

@@ -27,8 +27,17 @@ Guarantees:
 
 Ownership: the store owns sessions, leases, allocations and the namespace registry's
 validation; block state is the block table's (kvstore.store.table), changed only through its
-methods; each tier owns its slots. The store coordinates the tiers it is built with (DRAM
-always, SSD and HBM when configured): DRAM eviction demotes to SSD, a get promotes from it.
+methods; each tier owns its slots and counters, and the store asks it (DRAMTier.take_slots,
+assign, free_slot, quarantine, make_room, count_get, ...; tests/test_architecture.py keeps it
+so). The store coordinates the tiers it is built with (DRAM always, SSD and HBM when
+configured): DRAM eviction demotes to SSD, a get promotes from it.
+
+Eviction is a plan, not a nested call (:meth:`clean_room`): the path that needs DRAM slots
+asks the DRAM tier for its victims, awaits the SSD writes of the dirty ones (write-back; the
+I/O pool works while the event loop serves), then has the DRAM tier evict synchronously —
+demoting victims with an SSD copy, never writing. A victim whose write failed is dropped, as it
+always was. No call returns into the module it came from: store → DRAM tier, store → SSD tier,
+SSD tier → the DRAM slots it was handed (kvstore.tiers.dram.PromotionSlots).
 """
 from __future__ import annotations
 
@@ -48,14 +57,14 @@ from kvstore.metrics.counters import DaemonCounters
 from kvstore.store.sessions import Allocation, IdSource, Lease, Session
 from kvstore.store.table import COMMITTED, NO_SLOT, BlockTable
 from kvstore.store.writers import HeldSlots, WriterProcess, file_id
-from kvstore.tiers.base import QUARANTINED
-from kvstore.tiers.dram import DEFAULT_CHUNK_BYTES, DRAMTier, make_room
+from kvstore.tiers.dram import DEFAULT_CHUNK_BYTES, DRAMTier
 
 log = logging.getLogger("kvstore.store.blockstore")
 
 NO_ROOM = -2          # allocate: no slot could be freed for this block (everything leased)
 ALREADY_STORED = -1   # allocate: the key is stored (or being stored): nothing to write
 RECENT_DELETES = 16384  # deleted keys remembered for late read reports (report_reads)
+PLAN_ROUNDS = 8         # clean_room: write the plan's dirty victims, re-plan, at most this often
 
 
 @dataclass(frozen=True)
@@ -224,10 +233,7 @@ class BlockStore:
 
     def _free_quarantined(self, dram: list[int], hbm: list[int]) -> int:
         """Free these quarantined DRAM and HBM slots; returns their bytes."""
-        freed = 0
-        for off in dram:
-            freed += self.dram.slabs.slot_bytes(off)
-            self.dram.slabs.free(off)
+        freed = self.dram.free_quarantined(dram)
         if hbm:
             freed += sum(self.hbm.slot_bytes(o) for o in hbm)
             self.hbm.free_quarantined(hbm)
@@ -253,7 +259,7 @@ class BlockStore:
         if not model_id:
             raise InvalidArgument("model_id must not be empty", Reason.BAD_ARGUMENT)
         try:
-            self.dram.slabs.size_class(layout.slot_bytes)
+            self.dram.check_slot_bytes(layout.slot_bytes)
         except ValueError as exc:
             raise InvalidArgument(f"layout {layout.describe()}: {exc}", Reason.BAD_LAYOUT) from None
         digest = namespace_digest(model_id, layout, tenant)
@@ -340,6 +346,10 @@ class BlockStore:
         offsets[i] >= 0: write block i there; ALREADY_STORED: skip it; NO_ROOM: no slot could
         be made free for it (every slot of its size is leased) — then neither it nor any later
         block of the batch is stored, so what is stored stays a prefix.
+
+        Room is made synchronously and without I/O: with a write-back SSD tier only victims
+        with an SSD copy are evicted here, so a caller awaits :meth:`clean_room_for` first
+        (the eviction plan: it writes the dirty victims off the event loop).
         """
         s = self.session(session_id)
         ns = self.namespace(namespace_id)
@@ -383,7 +393,7 @@ class BlockStore:
                 offsets.append(NO_ROOM)
                 continue
             bid = table.add(ns.index, key, parent, stamp, dram=off)
-            self.dram.slabs.set_owner(off, bid)
+            self.dram.assign(off, bid)
             block_ids.append(bid)
             offsets.append(off)
             parent = bid
@@ -443,7 +453,7 @@ class BlockStore:
         n = len(published)
         if committed_out is not None:
             committed_out.extend(published)
-        self.dram.counters.bytes_in += n * bb    # the store fills DRAM: its counter too
+        self.dram.count_put(n * bb)    # the store fills DRAM for its clients
         return n
 
     # -- get ---------------------------------------------------------------------------------
@@ -480,10 +490,9 @@ class BlockStore:
             bids.append(bid)
         n_dram, n_hbm = tiers.count("DRAM"), tiers.count("HBM")
         bb = ns.layout.block_bytes
-        self.dram.counters.count_get(n_dram, len(keys) - n_dram - n_hbm,
-                                     (len(bids) - n_hbm) * bb)
+        self.dram.count_get(n_dram, len(keys) - n_dram - n_hbm, (len(bids) - n_hbm) * bb)
         if hbm is not None:
-            hbm.counters.count_get(n_hbm, len(keys) - n_hbm, n_hbm * bb)
+            hbm.count_get(n_hbm, len(keys) - n_hbm, n_hbm * bb)
         if not bids:
             return None, [], []
         ids = np.asarray(bids, dtype=np.int64)
@@ -518,7 +527,7 @@ class BlockStore:
         deleted = sum(1 for k, ok in zip(keys, live.tolist()) if not ok and k in gone) \
             if gone and len(bids) < len(keys) else 0
         hits = len(bids) + deleted
-        self.dram.counters.count_get(hits, misses, hits * ns.layout.block_bytes)
+        self.dram.count_get(hits, misses, hits * ns.layout.block_bytes)
         self.counters.reads_reported += len(keys)
         self.counters.lookups += lookups
         return bids.tolist()
@@ -542,22 +551,27 @@ class BlockStore:
         n = 0
         while n < len(bids) and (dram[bids[n]] != NO_SLOT or (hbm is not None and hbm.has(bids[n]))):
             n += 1
-        self.ssd.counters.misses += len(positions) - sum(1 for p in positions if p < n)
+        self.ssd.count_misses(len(positions) - sum(1 for p in positions if p < n))
         return self.truncate_lease(session_id, lease, n)
 
     async def fetch(self, bids: list[int], to_hbm: bool = False) -> int:
         """Read these pinned SSD-only blocks into DRAM (or HBM, see promote), making DRAM room
-        by eviction as a put would; returns blocks read (kvstore.tiers.ssd.tier.SSDTier.fetch)."""
-        if self.ssd is None:
+        by the eviction plan as a put does; returns blocks read
+        (kvstore.tiers.ssd.tier.SSDTier.fetch, handed free DRAM slots only)."""
+        ssd = self.ssd
+        if ssd is None:
             return 0
-        if not to_hbm and self.ssd.writes_on_eviction():
+        if not (to_hbm and ssd.direct_to_hbm()):
             sizes: dict[int, int] = {}
-            for b in bids:
+            for b in ssd.to_read(bids, to_hbm):
                 sb = self.table.namespace_of(b).layout.slot_bytes
                 sizes[sb] = sizes.get(sb, 0) + 1
             for sb, n in sizes.items():
                 await self.clean_room(sb, n)
-        return await self.ssd.fetch(bids, self.promotion_slots, to_hbm=to_hbm)
+            # No await from here to the SSD tier taking its slots: the room made is its own.
+            for sb, n in sizes.items():
+                self._make_room(sb, n)
+        return await ssd.fetch(bids, self.dram.promotion_slots(), to_hbm=to_hbm)
 
     def hbm_answer(self, lease: Lease | None) -> tuple[list[int], list[int]]:
         """For a want_hbm get: (HBM offset to read each leased block from, HBM slot to fill
@@ -585,8 +599,8 @@ class BlockStore:
         if n < len(lease.block_ids):
             bb = self.table.namespace_of(lease.block_ids[0]).layout.block_bytes
             hbm = self.hbm
-            self.dram.counters.bytes_out -= sum(
-                not (hbm is not None and hbm.has(b)) for b in lease.block_ids[n:]) * bb
+            self.dram.uncount_reads(sum(
+                not (hbm is not None and hbm.has(b)) for b in lease.block_ids[n:]) * bb)
         dropped, lease.block_ids = lease.block_ids[n:], lease.block_ids[:n]
         self.table.unpin(dropped)
         if n == 0:
@@ -698,71 +712,45 @@ class BlockStore:
     def _unlease(self, lease: Lease) -> None:
         self.table.unpin(lease.block_ids)
 
-    def promotion_slots(self, bids: list[int]) -> list[int | None]:
-        """A DRAM slot for each (pinned, SSD-only) block, owned by it; None where no room."""
-        sizes = [self.table.namespace_of(bid).layout.slot_bytes for bid in bids]
-        by_class: dict[int, int] = {}
-        for sb in sizes:
-            by_class[sb] = by_class.get(sb, 0) + 1
-        for sb, n in by_class.items():
-            self._make_room(sb, n)
-        slabs = self.dram.slabs
-        out: list[int | None] = []
-        for bid, sb in zip(bids, sizes):
-            off = slabs.allocate(sb)
-            if off is not None:
-                slabs.set_owner(off, bid)
-            out.append(off)
-        return out
-
     def _abort(self, alloc: Allocation, quarantine: Session | None = None) -> None:
         self._drop_writing(alloc.block_ids, quarantine)
 
     def _drop_writing(self, block_ids: list[int], quarantine: Session | None = None) -> None:
         """Forget these WRITING blocks (-1 entries skipped); their slots are freed, or held
         in ``quarantine``'s session (its writer may still be copying into them)."""
-        slabs = self.dram.slabs
+        dram = self.dram
         for bid in block_ids:
             if bid < 0:
                 continue
             off = self.table.drop_writing(bid)
             if quarantine is not None:
-                slabs.set_owner(off, QUARANTINED)
                 quarantine.quarantined_slots.append(off)
-                self._quarantined_bytes += slabs.slot_bytes(off)
+                self._quarantined_bytes += dram.quarantine(off)
             else:
-                slabs.free(off)
-
-    def _evict(self, victims: list[int]) -> None:
-        """Make DRAM room: demote victims that have (or get) an SSD copy, drop the rest."""
-        table, ssd, dram = self.table, self.ssd, self.dram
-        if ssd is not None:
-            ssd.prepare_demotion(victims)
-        for bid in victims:
-            if ssd is not None and ssd.can_demote(bid):
-                dram.slabs.free(int(table.dram[bid]))
-                table.set_dram(bid, NO_SLOT)
-                dram.counters.demotions += 1
-            else:
-                table.free(bid)
-        dram.counters.evictions += len(victims)
+                dram.free_slot(off)
 
     async def clean_room(self, slot_bytes: int, n_needed: int) -> None:
-        """Before an eviction for ``n_needed`` slots of this size (allocate, promotion_slots):
-        with a write-back SSD tier, write the dirty blocks it would evict to SSD now, awaiting
-        the I/O pool while the event loop serves others, so the synchronous eviction that
-        follows (no await in between) only demotes clean blocks. A few rounds at most (others
-        may dirty the order meanwhile); whatever is still dirty is written by the eviction."""
+        """The eviction plan, before a synchronous eviction for ``n_needed`` slots of this size
+        (allocate, fetch): with a write-back SSD tier, ask the DRAM tier for its victims and
+        write the dirty ones to SSD, awaiting the I/O pool while the event loop serves others;
+        then plan again (others may have changed the order meanwhile), a few rounds at most.
+        A victim the SSD tier could not write (I/O error, no SSD room) is evicted now, dropped,
+        as an eviction always dropped a block it could not demote. The eviction that follows
+        (no await in between: :meth:`_make_room`) takes clean victims only and does no I/O."""
         ssd = self.ssd
         if ssd is None or not ssd.writes_on_eviction():
             return
-        table = self.table
-        for _ in range(4):
-            victims = self.dram.planned_victims(slot_bytes, n_needed)
+        table, dram = self.table, self.dram
+        for _ in range(PLAN_ROUNDS):
+            victims = dram.planned_victims(slot_bytes, n_needed)
             dirty = victims[table.ssd[victims] == NO_SLOT].tolist()
             if not dirty:
                 return
             await ssd.clean(dirty)
+            failed = [b for b in dirty if table.ssd[b] == NO_SLOT and table.dram[b] != NO_SLOT
+                      and table.state[b] == COMMITTED and table.leases[b] == 0]
+            if failed:
+                dram.evict(failed)
 
     async def clean_room_for(self, session_id: int, namespace_id: bytes,
                              keys_blob: bytes) -> None:
@@ -780,9 +768,14 @@ class BlockStore:
         await self.clean_room(ns.layout.slot_bytes, int(np.count_nonzero(found < 0)))
 
     def _make_room(self, slot_bytes: int, n_needed: int) -> None:
-        """Evict least valuable unleased blocks until n_needed slots of this size exist."""
-        make_room(self.dram.slabs, self.dram.eviction_order, slot_bytes, n_needed,
-                  self.dram.evictable, self._evict)
+        """Have the DRAM tier evict until n_needed slots of this size are free: synchronous, no
+        I/O. With a write-back SSD tier only clean victims go (clean_room wrote the dirty ones
+        first); the SSD tier counts the demoted."""
+        ssd = self.ssd
+        demoted = self.dram.make_room(slot_bytes, n_needed,
+                                      keep_dirty=ssd is not None and ssd.writes_on_eviction())
+        if demoted:
+            ssd.demoted(demoted)
 
     # -- statistics --------------------------------------------------------------------------
     def namespace_usage(self) -> list[tuple[Namespace, int, int]]:

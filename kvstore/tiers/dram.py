@@ -14,9 +14,14 @@ below the prepared prefix exist for the allocator: the others are neither free n
 :meth:`SlabAllocator.mark_ready` says their memory is reserved, so no slot is ever handed out in
 unprepared memory. ``capacity_bytes`` stays the configured size, ``ready_bytes`` grows to it.
 
-:class:`DRAMTier` is the tier (kvstore.tiers.base.Tier) around the arena and its allocator: slot
-views, the eviction candidates of a size class, stats. Evicting DRAM means demoting to the tiers
-below, so *when* to evict is the store's (kvstore.store.blockstore), which coordinates the tiers.
+:class:`DRAMTier` is the tier (kvstore.tiers.base.Tier) around the arena and its allocator, and
+the only writer of both and of its counters: it hands out, assigns, frees and quarantines slots,
+plans and carries out evictions, and counts. Everyone else asks it (a test,
+tests/test_architecture.py, keeps it so). Evicting DRAM means demoting to the tiers below, so
+*when* to evict is the store's (kvstore.store.blockstore), which coordinates the tiers: it asks
+for the victims (:meth:`DRAMTier.planned_victims`), has the dirty ones written to SSD (awaited,
+off the event loop), then has them evicted (:meth:`DRAMTier.make_room`, synchronous, no I/O).
+A victim with an SSD copy is demoted (its DRAM copy dropped), one without is dropped.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import numpy as np
 from kvstore.core.arena import HEADER_BYTES
 from kvstore.metrics.counters import TierCounters
 from kvstore.policies.eviction import EvictionPolicy, PrefixAwareLRU
-from kvstore.tiers.base import COMMITTED, NO_SLOT
+from kvstore.tiers.base import COMMITTED, NO_SLOT, QUARANTINED
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
@@ -221,10 +226,16 @@ def make_room(slabs: SlabAllocator, order, slot_bytes: int, n_needed: int, evict
 
 
 class DRAMTier:
-    """The shared arena as a tier: its allocator (``slabs``), its counters, slot views.
+    """The shared arena as a tier: its allocator, its counters, slot views.
 
-    Owns which arena slot holds which block (``slabs``); the block's ``dram`` column in the
-    table is set through the table. Runs on the daemon's event loop (no locks)."""
+    Owns which arena slot holds which block (its allocator, ``slabs``, is read by others but
+    written only here) and its counters; the block's ``dram`` column in the table is set
+    through the table. Runs on the daemon's event loop (no locks).
+
+    Slot life cycle, as the store asks it: :meth:`take_slots` (free slots, no eviction) →
+    :meth:`assign` (the slot holds this block) → :meth:`free_slot`, or :meth:`quarantine`
+    (a writer may still copy into it: never handed out, never evicted) → :meth:`free_quarantined`.
+    Room is made by :meth:`make_room` (synchronous eviction, no I/O)."""
 
     name = "DRAM"
 
@@ -232,7 +243,7 @@ class DRAMTier:
                  eviction: EvictionPolicy | None = None):
         """``generations``: kvstore.core.slotgen.SlotGenerations of the arena (None: readers
         confirm their releases). Only the arena's prepared prefix is handed out; the daemon
-        marks the rest ready as its ArenaPreparer reserves it (``slabs.mark_ready``).
+        marks the rest ready as its ArenaPreparer reserves it (:meth:`mark_ready`).
         ``eviction``: the order DRAM gives blocks up in (kvstore.policies.eviction)."""
         self.arena = arena
         self.table = table
@@ -241,16 +252,38 @@ class DRAMTier:
         self.slabs = SlabAllocator(arena.size_bytes, chunk_bytes, generations,
                                    ready_bytes=arena.reserved_bytes)
         self.counters = TierCounters()
+        self._demoted = 0        # blocks demoted by the eviction under way (make_room, evict)
 
     @property
     def buffer(self):
         return self.arena.buffer
 
+    @property
+    def chunk_bytes(self) -> int:
+        return self.slabs.chunk_bytes
+
+    @property
+    def ready_bytes(self) -> int:
+        return self.slabs.ready_bytes
+
+    def mark_ready(self, reserved_end: int) -> int:
+        """The arena is prepared up to ``reserved_end`` (SlabAllocator.mark_ready)."""
+        return self.slabs.mark_ready(reserved_end)
+
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self.arena.buffer[offset:offset + nbytes]
 
+    # -- slots ---------------------------------------------------------------------------------
+    def check_slot_bytes(self, slot_bytes: int) -> None:
+        """Raise ValueError when a slot of this size cannot exist in the arena."""
+        self.slabs.size_class(slot_bytes)
+
+    def slot_bytes(self, offset: int) -> int:
+        return self.slabs.slot_bytes(offset)
+
     def take_slots(self, slot_bytes: int, n: int) -> list[int]:
-        """Up to n free slots of this size (no eviction: the store makes room first)."""
+        """Up to n free slots of this size (no eviction: the caller makes room first), owned by
+        no block until :meth:`assign`."""
         out: list[int] = []
         while len(out) < n:
             off = self.slabs.allocate(slot_bytes)
@@ -259,6 +292,41 @@ class DRAMTier:
             out.append(off)
         return out
 
+    def assign(self, offset: int, bid: int) -> None:
+        """Slot ``offset`` (from take_slots) holds block ``bid`` (an eviction candidate once the
+        table says it is committed, unleased and in DRAM)."""
+        self.slabs.set_owner(offset, bid)
+
+    def slots_for(self, bids: list[int], sizes: list[int]) -> list[int | None]:
+        """A free slot of ``sizes[i]`` bytes for each block, assigned to it; None from the first
+        block that finds none (no eviction: the caller made room)."""
+        out: list[int | None] = []
+        for bid, sb in zip(bids, sizes):
+            off = self.slabs.allocate(sb) if not out or out[-1] is not None else None
+            if off is not None:
+                self.slabs.set_owner(off, bid)
+            out.append(off)
+        return out
+
+    def free_slot(self, offset: int) -> None:
+        """Slot ``offset`` holds nothing any more (an aborted write, a failed promotion)."""
+        self.slabs.free(offset)
+
+    def quarantine(self, offset: int) -> int:
+        """Hold slot ``offset`` back from reuse (a writer may still copy into it); returns its
+        bytes. Freed by :meth:`free_quarantined` only."""
+        self.slabs.set_owner(offset, QUARANTINED)
+        return self.slabs.slot_bytes(offset)
+
+    def free_quarantined(self, offsets: list[int]) -> int:
+        """Free these quarantined slots; returns their bytes."""
+        freed = 0
+        for off in offsets:
+            freed += self.slabs.slot_bytes(off)
+            self.slabs.free(off)
+        return freed
+
+    # -- eviction --------------------------------------------------------------------------------
     def evictable(self, slot_bytes: int) -> np.ndarray:
         """Block ids of this size class that DRAM eviction may take: committed, unpinned, and
         with their DRAM copy in place (dram == NO_SLOT: a slot a promotion is filling)."""
@@ -285,6 +353,45 @@ class DRAMTier:
             return np.empty(0, dtype=np.int64)
         return self.eviction_order(self.evictable(slot_bytes))[:short]
 
+    def make_room(self, slot_bytes: int, n_needed: int, keep_dirty: bool = False) -> int:
+        """Evict least valuable unleased blocks until ``n_needed`` slots of this size are free
+        (or nothing more can go). Synchronous and without I/O: a victim with an SSD copy is
+        demoted (its DRAM copy dropped), one without is dropped — unless ``keep_dirty`` (a
+        write-back SSD tier: dirty blocks are written before they may go, see the store's
+        eviction plan), when blocks without an SSD copy are not candidates at all. Returns the
+        number of blocks demoted."""
+        self._demoted = 0
+        if keep_dirty:
+            ssd = self.table.ssd
+
+            def candidates(sb: int) -> np.ndarray:
+                c = self.evictable(sb)
+                return c[ssd[c] != NO_SLOT]
+        else:
+            candidates = self.evictable
+        make_room(self.slabs, self.eviction_order, slot_bytes, n_needed, candidates,
+                  self._evict)
+        return self._demoted
+
+    def evict(self, victims: list[int]) -> int:
+        """Evict these blocks now (demoted where they have an SSD copy, else dropped); returns
+        the number demoted."""
+        self._demoted = 0
+        self._evict(victims)
+        return self._demoted
+
+    def _evict(self, victims: list[int]) -> None:
+        table = self.table
+        for bid in victims:
+            if table.ssd[bid] != NO_SLOT:
+                self.slabs.free(int(table.dram[bid]))
+                table.set_dram(bid, NO_SLOT)
+                self._demoted += 1
+                self.counters.demotions += 1
+            else:
+                table.free(bid)       # the table's on_free frees the slot (forget)
+        self.counters.evictions += len(victims)
+
     def headroom(self):
         """(slot bytes, slots free or growable now, evictable block ids) per size class: what
         the write-back cleaner keeps clean ahead of eviction."""
@@ -297,6 +404,23 @@ class DRAMTier:
         """A promotion filled slot ``offset`` with the block's bytes: it is the DRAM copy now."""
         self.table.set_dram(bid, offset)
         self.counters.promotions += 1
+
+    def promotion_slots(self) -> "PromotionSlots":
+        """The narrow view of this tier a reading tier (SSD) is handed for one promotion."""
+        return PromotionSlots(self)
+
+    # -- counting ------------------------------------------------------------------------------
+    def count_get(self, hits: int, misses: int, bytes_out: int) -> None:
+        """One get: blocks served from DRAM, blocks asked for and not served there, bytes."""
+        self.counters.count_get(hits, misses, bytes_out)
+
+    def count_put(self, nbytes: int) -> None:
+        """Bytes committed into DRAM slots (the store fills DRAM for its clients)."""
+        self.counters.bytes_in += nbytes
+
+    def uncount_reads(self, nbytes: int) -> None:
+        """Bytes a get counted (count_get) and did not serve after all (a promotion fell short)."""
+        self.counters.bytes_out -= nbytes
 
     # -- kvstore.tiers.base.Tier ------------------------------------------------------------------
     def capacity_bytes(self) -> int:
@@ -317,6 +441,31 @@ class DRAMTier:
     def stats_row(self):
         from kvstore.v1 import kvstore_pb2 as pb
         return slab_stats_row(pb.TIER_DRAM, self.slabs, self.blocks(), self.counters)
+
+
+class PromotionSlots:
+    """The DRAM slots one promotion reads blocks into, as the tier that reads them (SSD) is
+    handed them — never the allocator. :meth:`take` hands out free slots (no eviction: the
+    caller made room before), each assigned to its block; the reader then reports every slot
+    it took either :meth:`filled` (its bytes are the block's DRAM copy now) or :meth:`unused`
+    (the read failed or was not made: the DRAM tier takes the slot back and frees it)."""
+
+    def __init__(self, dram: DRAMTier):
+        self._dram = dram
+
+    def take(self, bids: list[int]) -> list[int | None]:
+        """A slot for each block, None from the first that finds no free one."""
+        t = self._dram.table
+        return self._dram.slots_for(bids, [t.namespace_of(b).layout.slot_bytes for b in bids])
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        return self._dram.view(offset, nbytes)
+
+    def filled(self, bid: int, offset: int) -> None:
+        self._dram.promoted(bid, offset)
+
+    def unused(self, offset: int) -> None:
+        self._dram.free_slot(offset)
 
 
 def slab_stats_row(tier: int, slabs: SlabAllocator, blocks: int, c: TierCounters):

@@ -331,6 +331,10 @@ class HBMTier:
         finally:
             self.table.unpin(bids)
 
+    def count_get(self, hits: int, misses: int, bytes_out: int) -> None:
+        """One get: blocks served from HBM, blocks asked for and not served there, bytes."""
+        self.counters.count_get(hits, misses, bytes_out)
+
     def free_quarantined(self, offsets: list[int]) -> None:
         for off in offsets:
             self.slabs.free(off)

@@ -71,7 +71,7 @@ def test_store_never_places_a_block_in_unprepared_memory(shm_dir):
         with pytest.raises(ResourceExhausted):                    # nothing ready: refused
             store.allocate(s.session_id, ns.namespace_id, pack_keys(_keys(b"a", 1)))
         arena.reserve(HEADER_BYTES, MiB)
-        store.dram.slabs.mark_ready(arena.reserved_bytes)
+        store.dram.mark_ready(arena.reserved_bytes)
         keys = _keys(b"b", 200)                              # 128 slots are ready
         aid, offs = store.allocate(s.session_id, ns.namespace_id, pack_keys(keys))
         placed = [o for o in offs if o >= 0]

@@ -6,17 +6,21 @@ SSD side, asked by the store and the servicer:
     persist(bids)        after a commit: with a policy that writes on commit, write the blocks to
                          SSD and wait until their journal records are fsync'd (the commit
                          answers after that); write-back only wakes its cleaner.
-    prepare_demotion()   called by DRAM eviction: with write-back, dirty victims are written to
-                         SSD first (in parallel, the eviction waits); with any policy a victim
-                         that has an SSD copy is demoted (DRAM copy dropped), one without is dropped.
-    fetch(bids, slots)   bring SSD-only blocks into DRAM slots ``slots(bids)`` hands out (or the
-                         HBM pool's): parallel reads, checksums verified; a checksum failure is
-                         a miss — counted, block dropped. Used by gets (BlockStore.promote) and
-                         the prefetcher.
+    clean(bids)          write-back: write the dirty blocks a DRAM eviction is about to take,
+                         awaited off the event loop (the store's eviction plan,
+                         BlockStore.clean_room); the eviction that follows is synchronous and
+                         does no I/O (kvstore.tiers.dram.DRAMTier.make_room): a victim with an
+                         SSD copy is demoted, one without dropped. ``demoted(n)`` counts them.
+    fetch(bids, slots)   bring SSD-only blocks into the DRAM slots the caller hands in
+                         (kvstore.tiers.dram.PromotionSlots: free slots, taken without eviction,
+                         each reported back filled or unused) or the HBM pool's: parallel reads,
+                         checksums verified; a checksum failure is a miss — counted, block
+                         dropped. Used by gets (BlockStore.promote) and the prefetcher.
     recover(register)    rebuild the SSD part of the block table from the journal at startup.
 
 Composed of (each built by the daemon's composition root and handed in): the block table, the
-DRAM tier (arena bytes, eviction candidates), the slab files (kvstore/tiers/ssd/files.py), the
+DRAM tier (read only: arena bytes, eviction candidates; its slots are the DRAM tier's to hand out
+and free), the slab files (kvstore/tiers/ssd/files.py), the
 catalog (journal, recovery, compaction: catalog.py), the space manager (slots, eviction,
 segments: space.py), the write policy (kvstore/policies/write.py), and optionally the HBM tier
 and a GPUDirect reader (gds.py) for reads straight into the HBM pool.
@@ -362,8 +366,8 @@ class SSDTier:
             self._selected.difference_update(bids)
 
     def write_blocking(self, bids: list[int]) -> None:
-        """Write these DRAM blocks to SSD now, in parallel, blocking the caller (write-back
-        demotion and shutdown flush)."""
+        """Write these DRAM blocks to SSD now, in parallel, blocking the caller (the shutdown
+        flush; never while the daemon serves)."""
         self.table.pin(bids)
         try:
             started, futs = self._start_writes(bids)
@@ -408,8 +412,10 @@ class SSDTier:
 
     async def clean(self, bids: list[int]) -> None:
         """Write these dirty DRAM blocks to SSD, awaiting the I/O pool (the event loop serves
-        meanwhile): what an eviction about to take them needs (BlockStore.clean_room). The
-        journal is synced in the background, as for write_blocking."""
+        meanwhile): what an eviction about to take them needs (BlockStore.clean_room, the
+        eviction plan). Blocks it could not write (I/O error, no SSD room, the tier stopped
+        writing) stay without an SSD copy. The journal is synced in the background, as for
+        write_blocking."""
         if not self.writes_on_eviction():
             return
         bids = self._unwritten(bids)
@@ -419,20 +425,14 @@ class SSDTier:
         self.table.pin(bids)
         await asyncio.shield(self._persist_pinned(bids, sync=False))
 
-    # -- demotion (called by DRAM eviction) ------------------------------------------------------
-    def prepare_demotion(self, victims: list[int]) -> None:
-        if self.policy.on_eviction and self._writable():
-            idx = self.table
-            dirty = [b for b in victims if idx.ssd[b] == NO_SLOT]
-            if dirty:
-                self.slabs.counters.sync_demotions += len(dirty)
-                self.write_blocking(dirty)
+    # -- counting what the store saw --------------------------------------------------------------
+    def demoted(self, n: int) -> None:
+        """DRAM eviction dropped the DRAM copy of ``n`` blocks: SSD holds their only copy."""
+        self.counters.demotions += n
 
-    def can_demote(self, bid: int) -> bool:
-        ok = self.table.ssd[bid] != NO_SLOT
-        if ok:
-            self.counters.demotions += 1
-        return ok
+    def count_misses(self, n: int) -> None:
+        """A get asked for ``n`` SSD blocks that could not be promoted."""
+        self.counters.misses += n
 
     # -- reads -----------------------------------------------------------------------------------
     def direct_to_hbm(self) -> bool:
@@ -446,12 +446,19 @@ class SSDTier:
             return True
         return to_hbm and self.hbm is not None and self.hbm.has(b)
 
-    async def fetch(self, block_ids: list[int], dram_slots, to_hbm: bool = False) -> int:
+    def to_read(self, block_ids: list[int], to_hbm: bool = False) -> list[int]:
+        """The blocks fetch would read now: on SSD, not placed yet, no read in flight (what the
+        caller makes DRAM room for before it calls fetch)."""
+        return [b for b in block_ids if b not in self._promoting and
+                not self._placed(b, to_hbm) and self.table.ssd[b] != NO_SLOT]
+
+    async def fetch(self, block_ids: list[int], slots, to_hbm: bool = False) -> int:
         """Bring these pinned blocks into DRAM — or, for a client that reads HBM when the daemon
         can read SSD straight into the pool (direct_to_hbm), into HBM — sharing reads already in
-        flight; returns the blocks this call read. ``dram_slots(bids)`` gives a DRAM slot for
-        each block (None where there is no room: the store's promotion_slots, which evicts).
-        Where there is no room the rest stay on SSD (a get then misses them)."""
+        flight; returns the blocks this call read. ``slots``: the DRAM slots to read into
+        (kvstore.tiers.dram.PromotionSlots; free slots only, the caller made room first): every
+        slot taken is reported back filled or unused, none is freed here. Where there is no
+        room the rest stay on SSD (a get then misses them)."""
         direct = to_hbm and self.direct_to_hbm()
         read = 0
         for _ in range(2):     # a shared read may have gone to the other tier: then read again
@@ -463,7 +470,7 @@ class SSDTier:
                 elif not self._placed(b, to_hbm) and self.table.ssd[b] != NO_SLOT:
                     need.append(b)
             if need:
-                read += await self._read_into(need, direct, dram_slots)
+                read += await self._read_into(need, direct, slots)
             if not waits:
                 break
             await asyncio.gather(*waits)
@@ -471,11 +478,11 @@ class SSDTier:
                 break
         return read
 
-    async def _read_into(self, need: list[int], direct: bool, dram_slots) -> int:
+    async def _read_into(self, need: list[int], direct: bool, slots) -> int:
         if direct:
             offs = [o if o >= 0 else None for o in self.hbm.reserve(need)]
         else:
-            offs = dram_slots(need)
+            offs = slots.take(need)
         loop = asyncio.get_running_loop()
         mine = []
         full = False
@@ -483,7 +490,7 @@ class SSDTier:
             full = full or off is None   # no room: the answer's prefix ends before this block
             if full:
                 if off is not None:
-                    self._unreserve(b, off, direct)
+                    self._unreserve(b, off, direct, slots)
                 continue
             fut = loop.create_future()
             self._promoting[b] = fut
@@ -491,14 +498,14 @@ class SSDTier:
         if not mine:
             return 0
         self.table.pin([b for b, _, _ in mine])
-        await asyncio.shield(loop.create_task(self._read_pinned(mine, direct)))
+        await asyncio.shield(loop.create_task(self._read_pinned(mine, direct, slots)))
         return sum(1 for b, _, _ in mine if self._placed(b, direct))
 
-    def _unreserve(self, bid: int, off: int, into_hbm: bool) -> None:
+    def _unreserve(self, bid: int, off: int, into_hbm: bool, slots) -> None:
         if into_hbm:
             self.hbm.cancel_fill(bid, off)
         else:
-            self.dram.slabs.free(off)
+            slots.unused(off)        # the DRAM tier takes its slot back
 
     def read_bps(self) -> float:
         """Measured SSD read throughput of recent promotions (bytes / wall time per batch,
@@ -537,13 +544,13 @@ class SSDTier:
             idx.unpin(bids)
         return self.read_bps()
 
-    async def _read_pinned(self, mine, into_hbm: bool = False) -> None:
+    async def _read_pinned(self, mine, into_hbm: bool = False, slots=None) -> None:
         idx, ssd, hbm = self.table, self.slabs, self.hbm
         try:
             reads = []
             for b, off, _ in mine:
                 slot_bytes = idx.namespace_of(b).layout.slot_bytes
-                dest = hbm.dest(off, slot_bytes) if into_hbm else self.dram.view(off, slot_bytes)
+                dest = hbm.dest(off, slot_bytes) if into_hbm else slots.view(off, slot_bytes)
                 reads.append(self._read_item(b, dest))
             reader = self.gds if into_hbm and hbm.pool.backend == "cuda" else ssd
             t0 = time.monotonic()
@@ -556,11 +563,11 @@ class SSDTier:
                     if into_hbm:
                         hbm.adopt(b, off)
                     else:
-                        self.dram.promoted(b, off)
+                        slots.filled(b, off)
                     self.counters.promotions += 1
                     self.counters.hits += 1
                 else:
-                    self._unreserve(b, off, into_hbm)
+                    self._unreserve(b, off, into_hbm, slots)
                     if isinstance(r, BaseException):
                         ssd.counters.read_errors += 1
                         log.warning("SSD read of block %s failed (%s): treated as a miss",
