@@ -538,12 +538,16 @@ class SlabFiles:
 
     def _fill_header(self, addr: int, key: bytes, nbytes: int, csum: int, seg: Segment,
                      tag: bytes) -> memoryview:
+        view = memoryview(self._header_buf())
+        self._fill_header_into(view, addr, key, nbytes, csum, seg, tag)
+        return view
+
+    def _fill_header_into(self, view: memoryview, addr: int, key: bytes, nbytes: int,
+                          csum: int, seg: Segment, tag: bytes) -> None:
         seq = self.next_seq()
-        buf = self._header_buf()
-        buf[:] = encode_slot_header(addr, key, nbytes, csum, seq, seg.slot_bytes, tag)
+        view[:] = encode_slot_header(addr, key, nbytes, csum, seq, seg.slot_bytes, tag)
         # Recorded before the write returns: the caller journals the block with this number.
-        seg.seq[addr & ((1 << SLOT_BITS) - 1)] = seq
-        return memoryview(buf)
+        seg.seq[addr & _SLOT_MASK] = seq
 
     def write_header(self, addr: int, key: bytes, nbytes: int, csum: int, tag: bytes = b"") -> None:
         """Write only a slot's header (a path that writes the payload itself: GDS)."""
@@ -556,29 +560,118 @@ class SlabFiles:
     def count_write(self, nbytes: int) -> None:
         """One slot written (from any I/O thread, or kvstore.tiers.ssd.gds). Bandwidth is the
         slope of these byte counters (kvstore.metrics.model.RateMeter), as for every tier."""
-        with self._stat_lock:
-            self.counters.bytes_written += nbytes
-            self.counters.writes += 1
+        self.count_writes(1, nbytes)
 
     def count_read(self, nbytes: int) -> None:
         """One slot read (from any I/O thread, or kvstore.tiers.ssd.gds)."""
+        self.count_reads(1, nbytes)
+
+    def count_reads(self, slots: int, nbytes: int) -> None:
         with self._stat_lock:
             self.counters.bytes_read += nbytes
-            self.counters.reads += 1
+            self.counters.reads += slots
+
+    def count_writes(self, slots: int, nbytes: int) -> None:
+        with self._stat_lock:
+            self.counters.bytes_written += nbytes
+            self.counters.writes += slots
 
     def payload_offset(self, addr: int) -> tuple[Segment, int]:
         seg = self.segments[addr >> SLOT_BITS]
         return seg, slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes) + HEADER_BYTES
 
     def write_slots(self, writes) -> list:
-        """write_slot for each (addr, view, key, nbytes), sequentially in this thread; each
-        result is the checksum, or the OSError that write raised."""
-        return each_slot(self.write_slot, writes)
+        """write_slot for each (addr, view, key, nbytes[, tag]), in this thread; each result is
+        the checksum, or the OSError that write raised. Slots adjacent in one segment file are
+        written by one pwritev (header, payload, header, payload, ...): one system call and one
+        GIL hand-off per run instead of per block. A run that fails is retried slot by slot, so
+        one slot's failure stays its own."""
+        if self._write_delay_s or self._fault_errno:
+            return each_slot(self.write_slot, writes)    # the test hooks count single slots
+        out: list = [None] * len(writes)
+        for run in _runs(writes, self._stride):
+            if len(run) == 1:
+                i = run[0]
+                out[i] = _attempt(self.write_slot, writes[i])
+                continue
+            try:
+                csums = self._write_run([writes[i] for i in run])
+            except OSError:
+                csums = [_attempt(self.write_slot, writes[i]) for i in run]
+            for i, c in zip(run, csums):
+                out[i] = c
+        return out
+
+    def _write_run(self, writes) -> list[int]:
+        """Write slots adjacent in one file (sorted by address) with one pwritev."""
+        seg = self.segments[writes[0][0] >> SLOT_BITS]
+        n = len(writes)
+        hdrs = self._run_headers(n)
+        iov, csums = [], []
+        for j, (addr, view, key, nbytes, *tag) in enumerate(writes):
+            csum = block_checksum(view[:nbytes], key)
+            hdr = hdrs[j * HEADER_BYTES:(j + 1) * HEADER_BYTES]
+            self._fill_header_into(hdr, addr, key, nbytes, csum, seg, tag[0] if tag else b"")
+            iov += (hdr, view)
+            csums.append(csum)
+        want = sum(len(w[1]) for w in writes) + n * HEADER_BYTES
+        got = os.pwritev(seg.fd, iov, slot_offset(writes[0][0] & _SLOT_MASK, seg.slot_bytes))
+        if got != want:
+            raise OSError(errno.EIO, f"short write of {got}/{want} bytes")
+        self.count_writes(n, want - n * HEADER_BYTES)
+        return csums
+
+    def _run_headers(self, n: int) -> memoryview:
+        """An aligned buffer of n slot headers, this thread's own (grown as needed)."""
+        buf = getattr(self._tls, "run_hdrs", None)
+        if buf is None or len(buf) < n * HEADER_BYTES:
+            buf = self._tls.run_hdrs = mmap.mmap(-1, max(n, 16) * HEADER_BYTES)
+        return memoryview(buf)
 
     def read_slots(self, reads) -> list:
-        """read_slot for each (addr, view, key, nbytes, csum), sequentially in this thread;
-        each result is True/False, or the OSError that read raised."""
-        return each_slot(self.read_slot, reads)
+        """read_slot for each (addr, view, key, nbytes, csum), in this thread; each result is
+        True/False, or the OSError that read raised. Slots adjacent in one segment file are read
+        by one preadv straight into their destinations (the headers between them into a
+        scratch page): one system call and one GIL hand-off per run. A run that fails or comes
+        back short is read again slot by slot."""
+        out: list = [None] * len(reads)
+        for run in _runs(reads, self._stride):
+            if len(run) > 1:
+                try:
+                    ok = self._read_run([reads[i] for i in run])
+                except OSError:
+                    ok = None
+                if ok is not None:
+                    for i, r in zip(run, ok):
+                        out[i] = r
+                    continue
+            for i in run:
+                out[i] = _attempt(self.read_slot, reads[i])
+        return out
+
+    def _read_run(self, reads) -> list[bool] | None:
+        """Read slots adjacent in one file (sorted by address) with one preadv; None when it
+        came back short (the caller reads them one by one)."""
+        seg, off = self.payload_offset(reads[0][0])
+        scratch = memoryview(self._header_buf())
+        iov = [reads[0][1]]
+        for r in reads[1:]:
+            iov += (scratch, r[1])
+        want = sum(len(r[1]) for r in reads) + (len(reads) - 1) * HEADER_BYTES
+        if self.read_limiter is not None:
+            self.read_limiter.take(want)
+        got = os.preadv(seg.fd, iov, off)
+        if got != want:
+            return None
+        self.count_reads(len(reads), want - (len(reads) - 1) * HEADER_BYTES)
+        return [block_checksum(view[:nbytes], key) == csum
+                for _, view, key, nbytes, csum in reads]
+
+    def _stride(self, addr: int, nbytes: int) -> int:
+        """The slot size of ``addr``'s segment when a buffer of ``nbytes`` fills exactly that
+        slot (only such slots are coalesced), else 0."""
+        sb = self.segments[addr >> SLOT_BITS].slot_bytes
+        return sb if nbytes == sb else 0
 
     def read_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int, csum: int) -> bool:
         """Read one slot into ``view``; True iff its first ``nbytes`` match ``csum``.
@@ -641,13 +734,37 @@ class SlabFiles:
 def each_slot(op, items) -> list:
     """op(*item) for each item, sequentially in this thread (one pool task runs a group of
     slots); each result is op's, or the OSError it raised — one slot's failure is its own."""
-    out = []
-    for item in items:
-        try:
-            out.append(op(*item))
-        except OSError as exc:
-            out.append(exc)
-    return out
+    return [_attempt(op, item) for item in items]
+
+
+def _attempt(op, item):
+    try:
+        return op(*item)
+    except OSError as exc:
+        return exc
+
+
+_SLOT_MASK = (1 << SLOT_BITS) - 1
+_MAX_RUN = 256       # slots per vectored call: two iovecs each, under IOV_MAX (1024)
+
+
+def _runs(items, stride) -> list[list[int]]:
+    """Indices of ``items`` ((addr, buffer, ...) each) in address order, cut into runs of slots
+    that follow each other in one segment file and whose buffers fill their slot exactly
+    (``stride(addr, len(buffer))`` is the slot size, else 0: such an item is a run of one)."""
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    runs: list[list[int]] = []
+    prev = prev_stride = None
+    for i in order:
+        addr = items[i][0]
+        st = stride(addr, len(items[i][1]))
+        if runs and st and st == prev_stride and addr == prev + 1 and \
+                addr >> SLOT_BITS == prev >> SLOT_BITS and len(runs[-1]) < _MAX_RUN:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        prev, prev_stride = addr, st
+    return runs
 
 
 def _raise_fd_limit(needed: int) -> None:
