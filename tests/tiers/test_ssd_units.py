@@ -328,7 +328,7 @@ def test_delete_while_the_load_compacts_stays_deleted(tmp_path, shm_dir):
 
 def _syscalls(monkeypatch, name):
     """Count calls of os.<name> made by the slab files (the real call still runs)."""
-    import kvstore.tiers.ssd.files as files_mod
+    import kvstore.tiers.ssd.slotio as files_mod
     calls = []
     real = getattr(os, name)
 
@@ -393,7 +393,7 @@ def test_adjacent_slots_move_in_one_vectored_call_each_way(tmp_path, monkeypatch
 def test_a_failed_run_is_retried_slot_by_slot(tmp_path, monkeypatch):
     """A vectored read that comes back short or raises is read again one slot at a time, so one
     bad slot never fails its neighbours."""
-    import kvstore.tiers.ssd.files as files_mod
+    import kvstore.tiers.ssd.slotio as files_mod
     slot = 8192
     ssd = SlabFiles(tmp_path, 1 << 20, 1 << 20, io_threads=2)
     ssd.open()
