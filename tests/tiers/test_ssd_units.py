@@ -141,7 +141,7 @@ def test_background_compaction_while_writing_then_recovery(tmp_path, shm_dir, mo
     entry per loop turn, puts and deletes land while the compaction builds its snapshot."""
     import asyncio
 
-    from kvstore.tiers.ssd import catalog as ssd_journaling
+    from kvstore.tiers.ssd import compaction as ssd_journaling
     from kvstore.core.arena import Arena
     from kvstore.store.table import NO_SLOT, BlockTable
     from kvstore.core.layout import KVLayout

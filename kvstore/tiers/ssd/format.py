@@ -17,7 +17,7 @@ the journal is lost or damaged (``SlabFiles.scan``)::
     slot           [slot header, 4 KiB][payload, slot_bytes]
     slot header    magic, format version, address, key, payload length, payload checksum,
                    sequence number, slot size, an opaque tag (the namespace record, parent key,
-                   depth: see kvstore/tiers/ssd/catalog.py), xxh3-64 over the whole 4 KiB seeded
+                   depth: kvstore.tiers.ssd.recovery.SLOT_TAG), xxh3-64 over the whole 4 KiB seeded
                    with the key
 
 The header is one O_DIRECT block (4 KiB) written in the same pwritev as the payload. Sequence
