@@ -439,3 +439,41 @@ def test_block_checksum_is_xxh3_seeded_with_the_key_on_every_path():
         assert fmt.block_checksum(bytes(mv[:n]), key) == want
     mv.release()
     buf.close()       # no buffer export left behind by the ctypes path
+
+
+def test_journal_group_commit_does_not_queue_behind_slab_io(tmp_path, monkeypatch):
+    """A commit's fsync runs on the journal's own thread: with every slab I/O thread busy (a
+    slow disk, many reads in flight) a sync still completes, and concurrent syncs share
+    flushes (group commit)."""
+    import asyncio
+    import threading
+
+    pool = ThreadPoolExecutor(2)                      # the slab files' I/O pool
+    j = jr.Journal(tmp_path / "journal", pool)
+    j.rewrite([jr.encode_ns(_ns())])
+    release = threading.Event()
+    busy = [pool.submit(release.wait, 30) for _ in range(4)]    # every I/O thread taken
+    fsyncs = []
+    real = os.fsync
+
+    def counted(fd):
+        fsyncs.append(fd)
+        real(fd)
+    monkeypatch.setattr(jr.os, "fsync", counted)        # the OS boundary: counted, still done
+
+    async def commits():
+        for i in range(8):                            # 8 commits, awaited together
+            j.append(jr.encode_puts(_puts([i])))
+        await asyncio.wait_for(asyncio.gather(*(j.sync() for _ in range(8))), 10)
+
+    try:
+        asyncio.run(commits())
+    finally:
+        release.set()
+        for f in busy:
+            f.result()
+    assert j.pending() == 0 and len(fsyncs) == 1      # one flush for the eight commits
+    j.close()
+    st_ = jr.Journal(tmp_path / "journal", pool).replay()
+    assert sorted(st_.puts["addr"].tolist()) == list(range(8))
+    pool.shutdown()
