@@ -26,8 +26,8 @@ from kvstore.core.units import format_bytes
 from kvstore.tiers.ssd.allocator import Segment, SlotAllocator
 from kvstore.tiers.ssd.format import (ALIGN, FORMAT_VERSION, HEADER_BYTES, SUPERBLOCK_COPY,
                                       SSDFormatError, ScannedSlot, auto_segment_bytes,
-                                      decode_segment_header, read_superblock, slots_per_segment,
-                                      write_superblock)
+                                      checksum_releases_gil, decode_segment_header,
+                                      read_superblock, slots_per_segment, write_superblock)
 from kvstore.tiers.ssd.scan import scan_slab_files
 from kvstore.tiers.ssd.slotio import SlotIO
 
@@ -153,6 +153,9 @@ class SlabFiles(SlotAllocator, SlotIO):
         if self.want_direct and not self.direct:
             log.warning("SSD tier: %s refuses O_DIRECT (tmpfs?): using buffered I/O",
                         self.directory)
+        log.info("SSD tier: block checksums by %s", "the system libxxhash (interpreter lock "
+                 "released)" if checksum_releases_gil() else "python-xxhash (install libxxhash0 "
+                 "to hash without holding the interpreter lock)")
         # Any segment files beyond the configured capacity are left alone but unused.
 
     def _check_free_space(self) -> None:

@@ -110,6 +110,12 @@ def _load_xxh3():
 _xxh3_seeded = _load_xxh3()
 
 
+def checksum_releases_gil() -> bool:
+    """block_checksum hashes large writable buffers with the interpreter lock released (the
+    system libxxhash was found and agrees with python-xxhash)."""
+    return _xxh3_seeded is not None
+
+
 @dataclass
 class ScannedSlot:
     """A slot whose header verified during ``SlabFiles.scan``."""
