@@ -1,55 +1,37 @@
-"""The SSD tier's slab files: preallocated files with fixed-size slots, O_DIRECT I/O in a thread
-pool. The on-disk format (layout, superblock, headers) is kvstore.tiers.ssd.format.
+"""The SSD tier's slab files: a directory of preallocated files with fixed-size slots.
 
-Capacity is cut into segments; a segment is handed to one size class (one slot size: a block size
-rounded up to 4 KiB) the first time that class needs room, and cut into slots; an emptied segment
-can be re-cut for another class (``reassign_segment``; the policy is kvstore.tiers.ssd.space.SSDSpace). A
-slot address is ``segment << 32 | slot``. Millions of blocks live in a handful of files: no file per block.
+``SlabFiles`` owns the directory: the lock (one daemon per directory), the superblock and its
+copy (checked, repaired or rebuilt), the up-front free-space check, the preallocation of every
+segment file (O_DIRECT where the filesystem allows it, buffered with a log line otherwise), and
+the clean-up of a start that failed. The rest is composed of one-purpose parts:
 
-I/O contract:
-- ``read_into(addr, view)`` / ``write_from(addr, view)`` move one whole slot between the file and
-  a 4 KiB-aligned buffer (an arena slot: arena slots are page aligned) with os.preadv/pwritev,
-  which release the GIL, on a bounded pool of ``io_threads`` threads. With O_DIRECT the page
-  cache is bypassed; where the filesystem refuses O_DIRECT (tmpfs) the tier falls back to
-  buffered I/O and logs it.
-- Every block carries an xxh3-64 checksum of its bytes, seeded with its key, computed on write
-  and verified on every read: a torn, corrupted or misplaced slot is reported as a mismatch,
-  never as data. Reads read the payload only (not the header).
-- A failed write (ENOSPC, EIO) raises OSError to the caller, who drops that block from the tier.
+    kvstore.tiers.ssd.allocator   which slot holds which block (SlotAllocator, Segment)
+    kvstore.tiers.ssd.slotio      moving slots between files and buffers (SlotIO, SSDCounters)
+    kvstore.tiers.ssd.scan        rebuilding the index from the slot headers
+    kvstore.tiers.ssd.format      the on-disk format (layout, superblock, headers, checksum)
+
+Giving a segment to a size class (take_segment, reassign_segment) is both the allocator's
+bookkeeping and a segment header written in the file, so it lives here.
 """
 from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from kvstore.core import lockfile
 from kvstore.core.directio import direct_io_works
 from kvstore.core.units import format_bytes
-from kvstore.tiers.ssd.format import (ALIGN, FORMAT_VERSION, HEADER_BYTES, SLOT_BITS,
-                                      SUPERBLOCK_COPY, SSDFormatError, ScannedSlot,
-                                      auto_segment_bytes, block_checksum, decode_segment_header,
-                                      decode_slot_header, encode_segment_header,
-                                      encode_slot_header, read_superblock, slot_offset,
-                                      slots_per_segment, write_superblock)
+from kvstore.tiers.ssd.allocator import Segment, SlotAllocator
+from kvstore.tiers.ssd.format import (ALIGN, FORMAT_VERSION, HEADER_BYTES, SUPERBLOCK_COPY,
+                                      SSDFormatError, ScannedSlot, auto_segment_bytes,
+                                      checksum_releases_gil, decode_segment_header,
+                                      read_superblock, slots_per_segment, write_superblock)
+from kvstore.tiers.ssd.scan import scan_slab_files
+from kvstore.tiers.ssd.slotio import SlotIO
 
 log = logging.getLogger("kvstore.ssd")
-
-RESERVED = -2        # Segment.owner of a slot the loading index will restore (reserve_slots)
-# Test hook (fault injection at the OS boundary): after N successful slot writes, every write
-# fails with this errno. Both must be set; unset in production.
-_FAULT_ERRNO_ENV = "KVSTORE_TEST_SSD_WRITE_ERRNO"
-_FAULT_AFTER_ENV = "KVSTORE_TEST_SSD_WRITE_FAIL_AFTER"
-# Test hook (a slow disk): every slot write sleeps this many seconds first, in its I/O thread.
-_WRITE_DELAY_ENV = "KVSTORE_TEST_SSD_WRITE_DELAY_S"
 
 
 class SSDSpaceError(OSError):
@@ -62,33 +44,7 @@ class SSDSpaceError(OSError):
         self.free_bytes = free_bytes
 
 
-@dataclass
-class Segment:
-    number: int
-    fd: int
-    slot_bytes: int = 0                        # 0: not yet given to a size class
-    owner: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    free: list[int] = field(default_factory=list)
-    # Sequence number of the block each slot holds (written in its header; journaled with it).
-    seq: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
-
-
-@dataclass
-class SSDCounters:
-    bytes_read: int = 0
-    bytes_written: int = 0
-    reads: int = 0
-    writes: int = 0
-    write_errors: int = 0
-    read_errors: int = 0
-    checksum_failures: int = 0
-    recovered_blocks: int = 0
-    sync_demotions: int = 0     # write-back victims written while eviction waited
-    cleaned: int = 0            # write-back blocks written ahead of eviction
-    segments_reassigned: int = 0  # segments emptied and given to another block size
-
-
-class SlabFiles:
+class SlabFiles(SlotAllocator, SlotIO):
     """Slab files under ``directory``. Create with :meth:`open` (recovers an existing directory)."""
 
     def __init__(self, directory: Path, capacity_bytes: int, segment_bytes: int = 0,
@@ -99,22 +55,10 @@ class SlabFiles:
         self._requested_capacity = capacity_bytes
         self._requested_segment = segment_bytes // ALIGN * ALIGN
         self._set_geometry(self._requested_segment or auto_segment_bytes(capacity_bytes))
-        self.io_threads = io_threads
+        self._init_allocator()
+        self._init_io(io_threads, read_limiter)
         self.want_direct = direct
         self.direct = False
-        self.segments: list[Segment] = []
-        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstore-ssd")
-        self.counters = SSDCounters()
-        self.read_limiter = read_limiter   # kvstore.tiers.ssd.ratelimit.TokenBucket, or None
-        self._fault_errno = int(os.environ.get(_FAULT_ERRNO_ENV, "0") or 0)
-        self._fault_after = int(os.environ.get(_FAULT_AFTER_ENV, "-1") or -1)
-        self._writes_ok = 0
-        self._write_delay_s = float(os.environ.get(_WRITE_DELAY_ENV, "0") or 0)
-        self._fault_lock = threading.Lock()
-        self._stat_lock = threading.Lock()   # counters are bumped from the I/O threads
-        self._seq = 0
-        self._seq_lock = threading.Lock()
-        self._tls = threading.local()        # one aligned header buffer per I/O thread
         self.created = False                 # open() made a new directory (nothing to recover)
         self._made: list[Path] = []          # files this open() created (discard_created)
         self._made_dirs: list[Path] = []     # directories it created, outermost first
@@ -126,25 +70,6 @@ class SlabFiles:
     @property
     def capacity_bytes(self) -> int:
         return self.n_segments * self.segment_bytes
-
-    # -- sequence numbers ----------------------------------------------------------------------
-    def next_seq(self) -> int:
-        """A number larger than every one handed out or recovered so far (a hybrid clock: wall
-        clock ns when it moves forward, last + 1 otherwise)."""
-        with self._seq_lock:
-            self._seq = max(time.time_ns(), self._seq + 1)
-            return self._seq
-
-    def observe_seq(self, seq: int) -> None:
-        """Floor the clock at a recovered number (a clock stepped back across a restart)."""
-        with self._seq_lock:
-            self._seq = max(self._seq, int(seq))
-
-    def _header_buf(self) -> mmap.mmap:
-        buf = getattr(self._tls, "buf", None)
-        if buf is None:
-            buf = self._tls.buf = mmap.mmap(-1, HEADER_BYTES)   # page aligned: O_DIRECT
-        return buf
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -228,6 +153,9 @@ class SlabFiles:
         if self.want_direct and not self.direct:
             log.warning("SSD tier: %s refuses O_DIRECT (tmpfs?): using buffered I/O",
                         self.directory)
+        log.info("SSD tier: block checksums by %s", "the system libxxhash (interpreter lock "
+                 "released)" if checksum_releases_gil() else "python-xxhash (install libxxhash0 "
+                 "to hash without holding the interpreter lock)")
         # Any segment files beyond the configured capacity are left alone but unused.
 
     def _check_free_space(self) -> None:
@@ -366,20 +294,7 @@ class SlabFiles:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    # -- slot allocation ---------------------------------------------------------------------
-    def assign_segment(self, number: int, slot_bytes: int) -> bool:
-        """Give segment ``number`` to a size class (replay of the journal); False if out of range."""
-        if number >= len(self.segments):
-            return False
-        seg = self.segments[number]
-        if seg.slot_bytes == 0:
-            n = slots_per_segment(self.segment_bytes, slot_bytes)
-            seg.slot_bytes = slot_bytes
-            seg.owner = np.full(n, -1, dtype=np.int64)
-            seg.seq = np.zeros(n, dtype=np.uint64)
-            seg.free = list(range(n - 1, -1, -1))
-        return seg.slot_bytes == slot_bytes
-
+    # -- giving segments to size classes -----------------------------------------------------
     def reassign_segment(self, number: int, slot_bytes: int) -> None:
         """Hand an emptied segment (every slot free) to another size class."""
         seg = self.segments[number]
@@ -389,16 +304,6 @@ class SlabFiles:
         self.assign_segment(number, slot_bytes)
         self._write_segment_header(seg)
         self.counters.segments_reassigned += 1
-
-    def _write_segment_header(self, seg: Segment) -> None:
-        """Record the segment's slot size in the file itself (scan reads it when the journal is
-        lost). Its sequence number outdates every slot header written under the old size."""
-        buf = self._header_buf()
-        buf[:] = encode_segment_header(seg.number, seg.slot_bytes,
-                                       self.next_seq()).ljust(HEADER_BYTES, b"\0")
-        n = os.pwritev(seg.fd, [memoryview(buf)], 0)
-        if n != HEADER_BYTES:
-            raise OSError(errno.EIO, f"short segment header write of {n} bytes")
 
     def take_segment(self, slot_bytes: int) -> int | None:
         """An unassigned segment for this class, assigned now; None when every one is taken."""
@@ -413,241 +318,11 @@ class SlabFiles:
                 return seg.number
         return None
 
-    def allocate(self, slot_bytes: int) -> int | None:
-        """Address of a free slot of this size in an already assigned segment, or None."""
-        for seg in self.segments:
-            if seg.slot_bytes == slot_bytes and seg.free:
-                return (seg.number << SLOT_BITS) | seg.free.pop()
-        return None
-
-    def rebuild_free_lists(self) -> None:
-        """After recovery set owners directly: free slots are those without one (lowest first);
-        slots reserved for the load (reserve_slots) and never restored become free."""
-        for seg in self.segments:
-            if seg.slot_bytes:
-                seg.owner[seg.owner < 0] = -1
-                seg.free = np.flatnonzero(seg.owner < 0)[::-1].tolist()
-
-    def reserve_slots(self, addrs: np.ndarray) -> None:
-        """While the index loads: keep these slots (the ones it will restore) off the free
-        lists, so a block written meanwhile never lands in a slot a journaled block still
-        claims. rebuild_free_lists ends the reservation."""
-        addrs = np.asarray(addrs, dtype=np.int64)
-        seg_no = addrs >> SLOT_BITS
-        for n in np.unique(seg_no).tolist():
-            self.segments[n].owner[addrs[seg_no == n] & ((1 << SLOT_BITS) - 1)] = RESERVED
-        for seg in self.segments:
-            if seg.slot_bytes:
-                seg.free = np.flatnonzero(seg.owner == -1)[::-1].tolist()
-
-    def set_owner(self, addr: int, block_id: int) -> None:
-        self.segments[addr >> SLOT_BITS].owner[addr & ((1 << SLOT_BITS) - 1)] = block_id
-
-    def set_owners(self, addrs: np.ndarray, block_ids: np.ndarray) -> None:
-        """set_owner for many slots at once (recovery)."""
-        addrs = np.asarray(addrs, dtype=np.int64)
-        seg_no = addrs >> SLOT_BITS
-        slot = addrs & ((1 << SLOT_BITS) - 1)
-        for n in np.unique(seg_no).tolist():
-            mine = seg_no == n
-            self.segments[n].owner[slot[mine]] = block_ids[mine]
-
-    def seq_of(self, addrs: np.ndarray) -> np.ndarray:
-        """Sequence numbers of the blocks in these slots (as their headers say)."""
-        addrs = np.asarray(addrs, dtype=np.int64)
-        out = np.zeros(len(addrs), dtype=np.uint64)
-        seg_no = addrs >> SLOT_BITS
-        # One sort by segment instead of a mask over every address per segment.
-        order = np.argsort(seg_no, kind="stable")
-        segs, starts = np.unique(seg_no[order], return_index=True)
-        for n, a, b in zip(segs.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)]):
-            sel = order[a:b]
-            out[sel] = self.segments[n].seq[addrs[sel] & ((1 << SLOT_BITS) - 1)]
-        return out
-
-    def set_seq(self, addrs: np.ndarray, seqs: np.ndarray) -> None:
-        """Recovery: the sequence numbers of restored blocks (kept for compaction)."""
-        addrs = np.asarray(addrs, dtype=np.int64)
-        seg_no = addrs >> SLOT_BITS
-        for n in np.unique(seg_no).tolist():
-            sel = seg_no == n
-            self.segments[n].seq[addrs[sel] & ((1 << SLOT_BITS) - 1)] = seqs[sel]
-        if len(seqs):
-            self.observe_seq(int(np.max(seqs)))
-
-    def free(self, addr: int) -> None:
-        seg = self.segments[addr >> SLOT_BITS]
-        slot = addr & ((1 << SLOT_BITS) - 1)
-        seg.owner[slot] = -1
-        seg.free.append(slot)
-
-    def owners(self, slot_bytes: int) -> np.ndarray:
-        parts = [s.owner[s.owner >= 0] for s in self.segments if s.slot_bytes == slot_bytes]
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-
-    def sample_owners(self, slot_bytes: int, k: int, rng: np.random.Generator) -> np.ndarray:
-        """Block ids in up to k distinct slots of this size, drawn at random (all of them when
-        the class has at most k slots); free slots omitted."""
-        segs = [s for s in self.segments if s.slot_bytes == slot_bytes]
-        sizes = np.array([len(s.owner) for s in segs], dtype=np.int64)
-        total = int(sizes.sum()) if len(segs) else 0
-        if total <= k:
-            return self.owners(slot_bytes)
-        picks = np.unique(rng.integers(0, total, k))
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        seg_of = np.searchsorted(starts, picks, side="right") - 1
-        out = np.empty(len(picks), dtype=np.int64)
-        for i, seg in enumerate(segs):
-            sel = seg_of == i
-            out[sel] = seg.owner[picks[sel] - starts[i]]
-        return out[out >= 0]
-
-    def slot_bytes_of(self, addr: int) -> int:
-        return self.segments[addr >> SLOT_BITS].slot_bytes
-
-    def used_bytes(self) -> int:
-        """Bytes of slots not on a free list, their headers included (the same measure as
-        capacity_bytes; cheap: stats sample it every second)."""
-        return sum((s.slot_bytes + HEADER_BYTES) * (len(s.owner) - len(s.free))
-                   for s in self.segments if s.slot_bytes)
-
-    # -- I/O (run these in self.pool) --------------------------------------------------------
-    def write_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int,
-                   tag: bytes = b"") -> int:
-        """Write one slot from ``view`` (slot_bytes long, 4 KiB aligned) behind its header
-        (which carries ``tag``, at most MAX_TAG_BYTES, opaque here), in one pwritev; returns
-        the checksum of its first ``nbytes``. Raises OSError on failure (ENOSPC, EIO, short
-        write)."""
-        csum = block_checksum(view[:nbytes], key)
-        if self._write_delay_s:
-            time.sleep(self._write_delay_s)
-        if self._fault_errno and self._fault_after >= 0:
-            with self._fault_lock:
-                if self._writes_ok >= self._fault_after:
-                    raise OSError(self._fault_errno, os.strerror(self._fault_errno) + " (injected)")
-                self._writes_ok += 1
-        seg = self.segments[addr >> SLOT_BITS]
-        slot = addr & ((1 << SLOT_BITS) - 1)
-        hdr = self._fill_header(addr, key, nbytes, csum, seg, tag)
-        n = os.pwritev(seg.fd, [hdr, view], slot_offset(slot, seg.slot_bytes))
-        if n != len(view) + HEADER_BYTES:
-            raise OSError(errno.EIO, f"short write of {n}/{len(view) + HEADER_BYTES} bytes")
-        n = len(view)         # the counters are block bytes, as every tier's (headers aside)
-        self.count_write(n)
-        return csum
-
-    def _fill_header(self, addr: int, key: bytes, nbytes: int, csum: int, seg: Segment,
-                     tag: bytes) -> memoryview:
-        seq = self.next_seq()
-        buf = self._header_buf()
-        buf[:] = encode_slot_header(addr, key, nbytes, csum, seq, seg.slot_bytes, tag)
-        # Recorded before the write returns: the caller journals the block with this number.
-        seg.seq[addr & ((1 << SLOT_BITS) - 1)] = seq
-        return memoryview(buf)
-
-    def write_header(self, addr: int, key: bytes, nbytes: int, csum: int, tag: bytes = b"") -> None:
-        """Write only a slot's header (a path that writes the payload itself: GDS)."""
-        seg = self.segments[addr >> SLOT_BITS]
-        hdr = self._fill_header(addr, key, nbytes, csum, seg, tag)
-        off = slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes)
-        if os.pwritev(seg.fd, [hdr], off) != HEADER_BYTES:
-            raise OSError(errno.EIO, "short slot header write")
-
-    def count_write(self, nbytes: int) -> None:
-        """One slot written (from any I/O thread, or kvstore.tiers.ssd.gds). Bandwidth is the
-        slope of these byte counters (kvstore.metrics.model.RateMeter), as for every tier."""
-        with self._stat_lock:
-            self.counters.bytes_written += nbytes
-            self.counters.writes += 1
-
-    def count_read(self, nbytes: int) -> None:
-        """One slot read (from any I/O thread, or kvstore.tiers.ssd.gds)."""
-        with self._stat_lock:
-            self.counters.bytes_read += nbytes
-            self.counters.reads += 1
-
-    def payload_offset(self, addr: int) -> tuple[Segment, int]:
-        seg = self.segments[addr >> SLOT_BITS]
-        return seg, slot_offset(addr & ((1 << SLOT_BITS) - 1), seg.slot_bytes) + HEADER_BYTES
-
-    def write_slots(self, writes) -> list:
-        """write_slot for each (addr, view, key, nbytes), sequentially in this thread; each
-        result is the checksum, or the OSError that write raised."""
-        return each_slot(self.write_slot, writes)
-
-    def read_slots(self, reads) -> list:
-        """read_slot for each (addr, view, key, nbytes, csum), sequentially in this thread;
-        each result is True/False, or the OSError that read raised."""
-        return each_slot(self.read_slot, reads)
-
-    def read_slot(self, addr: int, view: memoryview, key: bytes, nbytes: int, csum: int) -> bool:
-        """Read one slot into ``view``; True iff its first ``nbytes`` match ``csum``.
-        Raises OSError on an I/O error."""
-        seg, off = self.payload_offset(addr)
-        if self.read_limiter is not None:
-            self.read_limiter.take(len(view))
-        n = os.preadv(seg.fd, [view], off)
-        self.count_read(n)
-        if n != len(view):
-            return False
-        return block_checksum(view[:nbytes], key) == csum
-
     # -- rebuilding the index from the slab files ------------------------------------------------
     def scan(self, known_slot_bytes: dict[int, int] | None = None
              ) -> tuple[list[ScannedSlot], dict]:
-        """Read every slot header of every segment (one 4 KiB read per slot, the segments in
-        parallel on the I/O pool; payloads are not read) and return the slots whose header
-        verifies, plus figures. A segment's slot size comes from its own header, else from
-        ``known_slot_bytes`` (the journal's SEG records); a segment with neither is skipped.
-        Assigns the segments it finds. Run only when the journal is missing or damaged."""
-        known = known_slot_bytes or {}
-        t0 = time.monotonic()
-
-        def one(seg: Segment):
-            buf = mmap.mmap(-1, HEADER_BYTES)
-            view = memoryview(buf)
-            try:
-                head = decode_segment_header(view[:os.preadv(seg.fd, [view], 0)], seg.number)
-                slot_bytes, seg_seq = head if head else (known.get(seg.number, 0), 0)
-                if not slot_bytes or not slots_per_segment(self.segment_bytes, slot_bytes):
-                    return slot_bytes, [], 0
-                found = []
-                n = slots_per_segment(self.segment_bytes, slot_bytes)
-                for slot in range(n):
-                    got = os.preadv(seg.fd, [view], slot_offset(slot, slot_bytes))
-                    s = decode_slot_header(view[:got], (seg.number << SLOT_BITS) | slot,
-                                           slot_bytes)
-                    # Older than the segment's assignment: left over from another slot size.
-                    if s is not None and s.seq > seg_seq:
-                        found.append(s)
-                return slot_bytes, found, n
-            finally:
-                view.release()
-                buf.close()
-
-        results = list(self.pool.map(one, self.segments))
-        found, headers_read, segments = [], 0, 0
-        for seg, (slot_bytes, slots, n) in zip(self.segments, results):
-            if slot_bytes and n and self.assign_segment(seg.number, slot_bytes):
-                segments += 1
-                headers_read += n
-                found += slots
-        for s in found:
-            self.observe_seq(s.seq)
-        return found, {"segments": segments, "headers_read": headers_read,
-                       "slots_found": len(found), "seconds": time.monotonic() - t0}
-
-
-def each_slot(op, items) -> list:
-    """op(*item) for each item, sequentially in this thread (one pool task runs a group of
-    slots); each result is op's, or the OSError it raised — one slot's failure is its own."""
-    out = []
-    for item in items:
-        try:
-            out.append(op(*item))
-        except OSError as exc:
-            out.append(exc)
-    return out
+        """kvstore.tiers.ssd.scan.scan_slab_files over these files."""
+        return scan_slab_files(self, known_slot_bytes)
 
 
 def _raise_fd_limit(needed: int) -> None:

@@ -17,7 +17,7 @@ the journal is lost or damaged (``SlabFiles.scan``)::
     slot           [slot header, 4 KiB][payload, slot_bytes]
     slot header    magic, format version, address, key, payload length, payload checksum,
                    sequence number, slot size, an opaque tag (the namespace record, parent key,
-                   depth: see kvstore/tiers/ssd/catalog.py), xxh3-64 over the whole 4 KiB seeded
+                   depth: kvstore.tiers.ssd.recovery.SLOT_TAG), xxh3-64 over the whole 4 KiB seeded
                    with the key
 
 The header is one O_DIRECT block (4 KiB) written in the same pwritev as the payload. Sequence
@@ -31,6 +31,8 @@ out). Every block carries an xxh3-64 checksum of its bytes, seeded with its key
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import struct
@@ -63,8 +65,55 @@ class SSDFormatError(RuntimeError):
 
 def block_checksum(data, key: bytes) -> int:
     """xxh3-64 of the block bytes, seeded with the key: a slot holding another block's bytes
-    fails verification even if those bytes are intact."""
-    return xxhash.xxh3_64_intdigest(data, seed=int.from_bytes(key[:8], "little"))
+    fails verification even if those bytes are intact.
+
+    Large writable buffers (arena slots: every block the tier moves) are hashed by the system
+    libxxhash through ctypes, which releases the GIL for the call: python-xxhash holds it, and
+    on a busy daemon the I/O threads then queue behind the event loop for every block. Same
+    function, same value (checked when the library is loaded); python-xxhash otherwise."""
+    seed = int.from_bytes(key[:8], "little")
+    if _xxh3_seeded is not None and len(data) >= _RELEASE_GIL_BYTES:
+        try:
+            ptr = ctypes.c_char.from_buffer(data)
+        except TypeError:          # read-only (bytes): hashed with the GIL held
+            pass
+        else:
+            try:
+                return _xxh3_seeded(ctypes.addressof(ptr), len(data), seed)
+            finally:
+                del ptr            # drop the buffer export at once (an mmap may be closed)
+    return xxhash.xxh3_64_intdigest(data, seed=seed)
+
+
+# Below this a ctypes call costs more than the GIL hand-off it saves.
+_RELEASE_GIL_BYTES = 64 << 10
+
+
+def _load_xxh3():
+    """XXH3_64bits_withSeed from the system libxxhash (0.8+: XXH3's output is frozen since
+    0.8.0), or None. Kept only if it agrees with python-xxhash on a sample."""
+    name = ctypes.util.find_library("xxhash") or "libxxhash.so.0"
+    try:
+        fn = ctypes.CDLL(name).XXH3_64bits_withSeed
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_uint64
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64)
+    sample = bytearray(os.urandom(3 * _RELEASE_GIL_BYTES + 13))
+    seed = 0x9E3779B97F4A7C15
+    buf = (ctypes.c_char * len(sample)).from_buffer(sample)
+    ok = fn(ctypes.addressof(buf), len(sample), seed) == xxhash.xxh3_64_intdigest(sample, seed=seed)
+    del buf
+    return fn if ok else None
+
+
+_xxh3_seeded = _load_xxh3()
+
+
+def checksum_releases_gil() -> bool:
+    """block_checksum hashes large writable buffers with the interpreter lock released (the
+    system libxxhash was found and agrees with python-xxhash)."""
+    return _xxh3_seeded is not None
 
 
 @dataclass

@@ -20,8 +20,9 @@ from __future__ import annotations
 import errno
 import logging
 
-from kvstore.tiers.ssd.files import SlabFiles, each_slot
+from kvstore.tiers.ssd.files import SlabFiles
 from kvstore.tiers.ssd.format import block_checksum
+from kvstore.tiers.ssd.slotio import each_slot
 
 log = logging.getLogger("kvstore.gds")
 

@@ -34,6 +34,7 @@ import logging
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +134,9 @@ class Journal:
     def __init__(self, path: Path, pool):
         self.path = Path(path)
         self.pool = pool
+        # Group-commit flushes run on a thread of their own: queued behind the slab I/O pool's
+        # reads and writes, a commit's fsync would wait for every other request's data.
+        self._flusher: ThreadPoolExecutor | None = None     # started by the first flush
         self._buf = bytearray()
         self._appended = 0        # records appended so far
         self._durable = 0         # records known fsync'd
@@ -275,7 +279,7 @@ class Journal:
         data, upto = bytes(self._buf), self._appended
         self._buf.clear()
         try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, self._write, data)
+            await asyncio.get_running_loop().run_in_executor(self._flush_thread(), self._write, data)
             self._durable = upto
         finally:
             self._flush_task = None
@@ -360,6 +364,14 @@ class Journal:
     def close(self) -> None:
         with self._io_lock:
             self._close()
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=False)
+            self._flusher = None
+
+    def _flush_thread(self) -> ThreadPoolExecutor:
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(1, thread_name_prefix="kvstore-journal")
+        return self._flusher
 
     def _close(self) -> None:
         if self._fd is not None:

@@ -45,7 +45,18 @@ from kvstore.tiers.base import COMMITTED, NO_SLOT
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
 CLEAN_BATCH = 64
+# Bytes one I/O task moves (a get of 32 x 256 KiB blocks: 8 tasks of 1 MiB, each one vectored
+# call when the slots are adjacent). Fewer, larger tasks cost fewer thread, GIL and loop
+# hand-offs; more of them keep more requests at the disk. Measured on a virtio disk: 1 MiB
+# tasks read as fast as 256 KiB ones with no other load and about twice as fast with a busy
+# interpreter; 4 MiB tasks lost about a fifth of the quiet throughput.
+GROUP_BYTES = 1 << 20
 RECOVERY_BATCH = 4096      # index entries applied per event-loop turn while loading
+
+
+def _indexed(fn, idxs: list[int], items: list) -> list[tuple[int, object]]:
+    """fn over items[idxs] in one pool task; results paired with their index in ``items``."""
+    return list(zip(idxs, fn([items[i] for i in idxs])))
 
 
 class SSDTier:
@@ -224,17 +235,26 @@ class SSDTier:
                 int(self.table.csum[bid]))
 
     def _grouped(self, fn, items: list) -> list:
-        """Submit ``fn`` over ``items`` as one pool task per group, as many groups as I/O
-        threads: the same parallelism, with fewer loop wake-ups than one task per block.
-        Returns concurrent futures of the groups' results (see _ungroup)."""
-        n_groups = min(len(items), self.slabs.io_threads)
-        return [self.slabs.pool.submit(fn, items[g::n_groups]) for g in range(n_groups)]
+        """Submit ``fn`` over ``items`` ((addr, buffer, ...) each) as one pool task per group:
+        the items in address order, cut into contiguous groups of about GROUP_BYTES (at most
+        as many as I/O threads), so that slots adjacent on disk land in one group and
+        SlabFiles moves them with one vectored call, while the groups keep the disk's queue
+        filled. Returns concurrent futures of the groups' results (see _ungroup)."""
+        if not items:
+            return []
+        total = sum(len(it[1]) for it in items)
+        n_groups = max(1, min(len(items), self.slabs.io_threads, -(-total // GROUP_BYTES)))
+        order = sorted(range(len(items)), key=lambda i: items[i][0])
+        bounds = [len(order) * g // n_groups for g in range(n_groups + 1)]
+        return [self.slabs.pool.submit(_indexed, fn, order[a:b], items)
+                for a, b in zip(bounds, bounds[1:]) if b > a]
 
     @staticmethod
     def _ungroup(group_results: list[list], n: int) -> list:
         out: list = [None] * n
-        for g, res in enumerate(group_results):
-            out[g::len(group_results)] = res
+        for res in group_results:
+            for i, r in res:
+                out[i] = r
         return out
 
     # -- writes --------------------------------------------------------------------------------
