@@ -12,9 +12,10 @@ Cost model (the prefill profile and tier bandwidths are kvstore.planner.recomput
   (0 for j = 0: nothing is asked for).
 - Compute: the engine then prefills tokens [c + j·B, N) on top of the c + j·B it holds
   (c: tokens the engine had already, B: block tokens, N: the prompt):
-      compute_s(j) = profile(N) − profile(c + j·B)
+      compute_s(j) = f(N) − f(c + j·B),   f(t) = c1·t + c2·t²
   (the profile's quadratic term is attention over the positions before each token, so the
-  difference is the marginal cost of the tokens computed).
+  difference is the marginal cost of the tokens computed; its fixed c0 is left out: the
+  uncached suffix is computed under every plan, so each pays one forward's fixed cost).
 - The load finishes before the forward that needs it starts (the connector's loads complete in
   get_finished, or before the forward of the step for a synchronous one), so the two add:
       ttft(j) = load_s(j) + compute_s(j)
@@ -57,10 +58,12 @@ def plan_prefix_load(block_tiers: Sequence[str], block_tokens: int, block_bytes:
         bw = tier_bandwidth_bps.get(tier, 0.0) or 0.0
         load[i + 1] = load[i] + (block_bytes / bw if bw > 0 else math.inf)
     load = [0.0] + [x + latency_s for x in load[1:]]
-    end = profile.seconds(prompt_tokens)
+
+    def upto(t: int) -> float:   # the profile without c0: every plan runs one forward anyway
+        return profile.c1 * t + profile.c2 * t * t
 
     def compute(j: int) -> float:
-        return end - profile.seconds(computed_tokens + j * block_tokens)
+        return upto(prompt_tokens) - upto(computed_tokens + j * block_tokens)
 
     if not profile.measured:
         j = next((i for i in range(n, -1, -1) if not math.isinf(load[i])), 0)

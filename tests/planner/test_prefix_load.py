@@ -67,6 +67,14 @@ def test_quadratic_attention_makes_late_blocks_dearer_to_compute():
     assert early.load_blocks == 0 and late.load_blocks == 4
 
 
+def test_a_forwards_fixed_cost_does_not_count_against_recompute():
+    # every plan runs the suffix's forward: c0 is paid once whatever is loaded
+    bw = BB / 20e-3                     # 20 ms per block, 12.8 ms to compute one
+    p = plan_prefix_load(["SSD"] * 8, BT, BB, {"SSD": bw}, PrefillProfile(2.0, 1e-4, 0.0),
+                         0, 8 * BT + 16)
+    assert p.load_blocks == 0 and p.recompute_all_s == pytest.approx((8 * BT + 16) * 1e-4)
+
+
 def test_latency_tips_a_small_load_to_recompute():
     args = (["SSD"] * 2, BT, BB, {"SSD": 1e9}, prof(), 0, 2 * BT + 16)
     assert plan_prefix_load(*args).load_blocks == 2
