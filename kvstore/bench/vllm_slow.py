@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -62,13 +63,14 @@ def run(args, py: str, workdir: Path) -> dict:
         n = args.prefix_tokens   # the prefix's compute, without a forward's fixed cost
         crossover = prefix_bytes / (profile.c1 * n + profile.c2 * n * n)
         if args.ssd_read_limit == "auto":   # around where loading the prefix costs its compute
-            limits = [int(f * crossover) for f in (0.25, 0.5, 1.0, 2.0, 4.0)]
+            limits = [int(f * crossover) for f in (0.25, 1.0, 4.0)]
         else:
             limits = [parse_rate(x) for x in args.ssd_read_limit.split(",") if x.strip()]
         # per limit: the load-all engine's and the planned engine's prompts (distinct prefixes:
-        # a hit promotes its blocks into DRAM); the first of each is untimed: it has the daemon
-        # measure the throttled disk, as a serving daemon would have from recent reads
-        prompts = {(lim, mode): [toks(n_tok) for _ in range(reps + 1)]
+        # a hit promotes its blocks into DRAM)
+        _progress(f"prefill profile {profile} from {samples}; crossover ~{crossover / 1e6:.1f} MB/s;"
+                  f" limits {[format_bytes(x) + '/s' for x in limits]}")
+        prompts = {(lim, mode): [toks(n_tok) for _ in range(reps)]
                    for lim in limits for mode in ("load-all", "planned")}
         engines = {"load-all": stack.enter_context(EngineProcess(
                        py, model, daemon.socket, max_model_len=max_len, extra_config=_KV,
@@ -79,8 +81,8 @@ def run(args, py: str, workdir: Path) -> dict:
                                                                 profile.c2]},
                        log_path=str(workdir / "planned.log")))}
         for mode, eng in engines.items():        # warm each hit path, then store the prompts
-            w = toks(n_tok)
-            eng.generate([w], 1), eng.generate([w[:args.prefix_tokens] + toks(8)], 1)
+            w = toks(args.prefix_tokens // 2)
+            eng.generate([w], 1), eng.generate([w + toks(8)], 1)
             for lim in limits:
                 for p in prompts[(lim, mode)]:
                     eng.generate([p], 1)
@@ -97,9 +99,8 @@ def run(args, py: str, workdir: Path) -> dict:
                     for p in prompts[(lim, mode)]:   # through load-all: it loads what it finds
                         engines["load-all"].generate(
                             [p[:args.dram_prefix_tokens] + toks(1)], 1)
-            for mode, eng in engines.items():    # untimed: the daemon measures the disk
-                eng.generate([prompts[(lim, mode)][0]], 1)
             points.append(_point(lim, none, engines, prompts, reps))
+            _progress({k: v for k, v in points[-1].items() if k != "ttft_all_s"})
         counters = {m: e.stats() for m, e in engines.items()}
     for p in points:
         best = min(p["ttft_load_all_s"], p["ttft_recompute_all_s"])
@@ -123,13 +124,18 @@ def run(args, py: str, workdir: Path) -> dict:
     }
 
 
+def _progress(what) -> None:
+    """A line on stderr: a long sweep shows where it is (stdout carries the result)."""
+    print(f"bench vllm --slow-tier: {what}", file=sys.stderr, flush=True)
+
+
 def _profile(none: EngineProcess, toks, n_tok: int) -> tuple[PrefillProfile, list]:
-    """The engine's prefill profile from its own TTFTs (best of 2) at 4 prompt lengths."""
-    samples = []
-    none.generate([toks(n_tok)], 1)               # warm
-    for frac in (0.125, 0.25, 0.5, 1.0):
-        n = max(16, int(n_tok * frac))
-        samples.append((n, min(none.generate([toks(n)], 1)["elapsed_s"] for _ in range(2))))
+    """The engine's prefill profile from its own TTFTs: best of 2 at half and at the full
+    prompt length, fitted as c1·k (kvstore.planner.recompute.PrefillProfile.fit with two
+    lengths). On a shared CPU a quadratic fit of so few points follows the noise."""
+    none.generate([toks(256)], 1)                  # warm
+    samples = [(n, min(none.generate([toks(n)], 1)["elapsed_s"] for _ in range(2)))
+               for n in (n_tok // 2, n_tok)]
     return PrefillProfile.fit(samples), samples
 
 
@@ -148,10 +154,13 @@ def _reconnect(eng: EngineProcess, toks, timeout_s: float = 60.0) -> None:
 
 
 def _point(lim: int, none: EngineProcess, engines: dict, prompts: dict, reps: int) -> dict:
+    """One limit's timed requests. Load-all goes first: its read of the throttled disk is
+    what the restarted daemon then answers the planner with (a serving daemon would have
+    measured it from recent reads)."""
     ttft = {"load-all": [], "planned": [], "none": []}
     cached = {"load-all": [], "planned": []}
     same = True
-    for r in range(1, reps + 1):
+    for r in range(reps):
         for mode, eng in engines.items():
             p = prompts[(lim, mode)][r]
             a = eng.generate([p], 1)
