@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+# Tiers a hit loads from whole, without asking the planner: reading them costs far less than
+# computing any block.
+_FAST_TIERS = frozenset({"HBM", "DRAM"})
+
 # Under "vllm." so that vLLM's log handlers show the connector's messages.
 log = logging.getLogger("vllm.kvstore_connector")
 
@@ -181,24 +185,31 @@ class KVStoreConnector(KVConnectorBase_V1):
         daemon's planner answers each tier's measured read bandwidth (and the blocks' tiers, fresh)
         and kvstore.planner.prefix_load picks the prefix whose load plus the compute of the rest
         is shortest: a slow tier's blocks are computed when that is faster than reading them.
-        A planner error loads all the lookup found (counted: plan_failures)."""
+        The planner has lookup_timeout_s, as the lookup (the scheduler waits for it): a daemon
+        that has read nothing yet measures its disk on the request's blocks, and one too slow
+        to answer in time is a disk too slow to load from, so the hit is computed. Any other
+        planner error loads all the lookup found. Both count plan_failures."""
         first = computed // self.block_size
         n = len(keys) - first
-        if self._profile is None or all(t == "DRAM" for t in tiers[first:]):
+        if self._profile is None or all(t in _FAST_TIERS for t in tiers[first:]):
             return n
         ns = self.link.namespace(self.cfg["lookup_timeout_s"])
         try:
             if ns is None:
                 raise ConnectionError("daemon unavailable")
-            plan = ns.plan_recompute(keys, self._profile)
+            plan = ns.plan_recompute(keys, self._profile, timeout_s=self.cfg["lookup_timeout_s"])
             cached = min(plan.num_cached, len(keys), len(plan.tiers))
+            bw = dict(plan.bandwidth_bps or {})
+            bw.setdefault("HBM", bw.get("DRAM", 0.0))   # HBM blocks have a DRAM copy too
             decision = plan_prefix_load(list(plan.tiers[first:cached]), self.block_size,
-                                        self.layout.block_bytes, plan.bandwidth_bps or {},
-                                        self._profile, computed, prompt_tokens)
+                                        self.layout.block_bytes, bw, self._profile, computed,
+                                        prompt_tokens)
         except Exception as exc:  # noqa: BLE001 - the plan is advice: without it, load
-            log.debug("KVStoreConnector: planner unavailable (%s); loading the whole hit", exc)
+            timed_out = getattr(exc, "reason", None) == Reason.TIMEOUT
+            log.debug("KVStoreConnector: no plan (%s); %s the hit", exc,
+                      "computing" if timed_out else "loading")
             self.counters.add(plan_failures=1)
-            return n
+            return 0 if timed_out else n
         self.counters.add(plans=1, planned_recompute_blocks=n - decision.load_blocks)
         return decision.load_blocks
 

@@ -81,9 +81,12 @@ def run(args, py: str, workdir: Path) -> dict:
                                                                 profile.c2]},
                        log_path=str(workdir / "planned.log")))}
         warm = {mode: toks(args.prefix_tokens // 2) for mode in engines}
+        disk = {lim: toks(257) for lim in limits}   # 2 blocks (vLLM's CPU block: 128 tokens)
         for mode, eng in engines.items():        # store the prompts (and a warm-up one)
             for p in [warm[mode], *(p for lim in limits for p in prompts[(lim, mode)])]:
                 eng.generate([p], 1)
+        for p in disk.values():
+            engines["load-all"].generate([p], 1)
         time.sleep(1.0)                           # the last puts land
         points = []
         for lim in [0, *limits]:                  # 0: unthrottled, to warm the SSD hit path
@@ -101,7 +104,10 @@ def run(args, py: str, workdir: Path) -> dict:
                     for p in prompts[(lim, mode)]:   # through load-all: it loads what it finds
                         engines["load-all"].generate(
                             [p[:args.dram_prefix_tokens] + toks(1)], 1)
-            points.append(_point(lim, none, engines, prompts, reps))
+            # untimed: a short read of the throttled disk, so the daemon answers the planner
+            # with a measured bandwidth, as a serving daemon would from recent reads
+            engines["load-all"].generate([disk[lim][:256] + toks(1)], 1)
+            points.append(_point(lim, none, engines, prompts, reps, len(points)))
             _progress({k: v for k, v in points[-1].items() if k != "ttft_all_s"})
         counters = {m: e.stats() for m, e in engines.items()}
     for p in points:
@@ -155,15 +161,16 @@ def _reconnect(eng: EngineProcess, toks, timeout_s: float = 60.0) -> None:
         time.sleep(0.3)
 
 
-def _point(lim: int, none: EngineProcess, engines: dict, prompts: dict, reps: int) -> dict:
-    """One limit's timed requests. Load-all goes first: its read of the throttled disk is
-    what the restarted daemon then answers the planner with (a serving daemon would have
-    measured it from recent reads)."""
+def _point(lim: int, none: EngineProcess, engines: dict, prompts: dict, reps: int,
+           turn: int) -> dict:
+    """One limit's timed requests; which connector engine goes first alternates (by ``turn``
+    and request), so machine noise hits both alike."""
     ttft = {"load-all": [], "planned": [], "none": []}
     cached = {"load-all": [], "planned": []}
     same = True
     for r in range(reps):
-        for mode, eng in engines.items():
+        order = list(engines.items())
+        for mode, eng in (order if (turn + r) % 2 == 0 else order[::-1]):
             p = prompts[(lim, mode)][r]
             a = eng.generate([p], 1)
             b = none.generate([p], 1)
