@@ -81,12 +81,12 @@ def run(args, py: str, workdir: Path) -> dict:
                                                                 profile.c2]},
                        log_path=str(workdir / "planned.log")))}
         warm = {mode: toks(args.prefix_tokens // 2) for mode in engines}
-        disk = {lim: toks(257) for lim in limits}   # 2 blocks (vLLM's CPU block: 128 tokens)
-        for mode, eng in engines.items():        # store the prompts (and a warm-up one)
-            for p in [warm[mode], *(p for lim in limits for p in prompts[(lim, mode)])]:
+        # 2 blocks each (vLLM's CPU block: 128 tokens), read untimed at each limit
+        disk = {(lim, mode): toks(257) for lim in limits for mode in engines}
+        for mode, eng in engines.items():        # store the prompts (and the untimed ones)
+            for p in [warm[mode], *(p for lim in limits for p in prompts[(lim, mode)]),
+                      *(disk[(lim, mode)] for lim in limits)]:
                 eng.generate([p], 1)
-        for p in disk.values():
-            engines["load-all"].generate([p], 1)
         time.sleep(1.0)                           # the last puts land
         points = []
         for lim in [0, *limits]:                  # 0: unthrottled, to warm the SSD hit path
@@ -105,8 +105,11 @@ def run(args, py: str, workdir: Path) -> dict:
                         engines["load-all"].generate(
                             [p[:args.dram_prefix_tokens] + toks(1)], 1)
             # untimed: a short read of the throttled disk, so the daemon answers the planner
-            # with a measured bandwidth, as a serving daemon would from recent reads
-            engines["load-all"].generate([disk[lim][:256] + toks(1)], 1)
+            # with a measured bandwidth, as a serving daemon would from recent reads; then
+            # the planned engine's first plan (its scheduler's first call on the restarted
+            # daemon: a serving engine's channel is connected already)
+            for mode, eng in engines.items():
+                eng.generate([disk[(lim, mode)][:256] + toks(1)], 1)
             points.append(_point(lim, none, engines, prompts, reps, len(points)))
             _progress({k: v for k, v in points[-1].items() if k != "ttft_all_s"})
         counters = {m: e.stats() for m, e in engines.items()}
