@@ -26,6 +26,21 @@ def _quant(v: Any) -> str:
     return s
 
 
+def _profile(v: Any) -> tuple[float, ...]:
+    """[c0, c1, c2]: seconds to prefill k tokens = c0 + c1*k + c2*k^2; empty: not measured."""
+    if v in (None, "", [], ()):
+        return ()
+    if isinstance(v, str):
+        v = v.split(",")
+    try:
+        c = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be [c0, c1, c2] (numbers), got {v!r}") from None
+    if len(c) != 3 or any(not (x >= 0 and x != float("inf")) for x in c) or not (c[1] or c[2]):
+        raise ValueError(f"must be [c0, c1, c2], finite, >= 0, c1 or c2 > 0, got {v!r}")
+    return c
+
+
 _SOCKET = Field("socket", _opt_str, None, "the daemon's Unix socket (unset: the daemon's "
                 "default socket)")
 _ADDRESS = Field("address", _opt_str, None, "the daemon's TCP host:port instead of the socket "
@@ -58,6 +73,10 @@ VLLM_FIELDS: list[Field] = [
     Field("sync_load_max_bytes", _size0, 256 << 20, "a hit wholly in this host's DRAM and at "
           "most this big loads in the step that schedules it, on the engine's thread; bigger "
           "or slower hits load asynchronously (0: always asynchronously)", format_bytes),
+    Field("prefill_profile", _profile, (), "[c0, c1, c2]: this engine's seconds to prefill k "
+          "tokens, c0 + c1*k + c2*k^2 (kvstore bench vllm --slow-tier prints it). Given, a hit "
+          "partly on a slow tier (SSD, cluster) loads only the prefix that pays and the engine "
+          "computes the rest; empty: every hit loads all it found"),
 ]
 
 SGLANG_FIELDS: list[Field] = [

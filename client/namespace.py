@@ -499,8 +499,10 @@ class Namespace:
             deadline_s=deadline_s), timeout_s=wait_s)
         return RemotePlacement(list(r.placed), r.timed_out)
 
-    def plan_recompute(self, keys: Sequence[bytes], profile, latency_s: float = 0.0):
-        """Ask the daemon's planner how much of the cached prefix of ``keys`` to recompute.
+    def plan_recompute(self, keys: Sequence[bytes], profile, latency_s: float = 0.0,
+                       timeout_s: float | None = None):
+        """Ask the daemon's planner how much of the cached prefix of ``keys`` to recompute
+        (``timeout_s``: the call's deadline, default the client's).
 
         ``profile`` is this client's kvstore.planner.recompute.PrefillProfile (seconds to prefill k
         tokens). Returns kvstore.planner.recompute.Plan built from the daemon's answer (its tiers and
@@ -512,7 +514,7 @@ class Namespace:
         _wait_for(self._puts_of(keys), self.client.timeout_s)
         r, _ = self._rpc("PlanRecompute", lambda sid: pb.PlanRecomputeRequest(
             namespace_id=self.namespace_id, keys=blob, latency_s=latency_s,
-            profile=pb.PrefillProfile(c0=profile.c0, c1=profile.c1, c2=profile.c2)))
+            profile=pb.PrefillProfile(c0=profile.c0, c1=profile.c1, c2=profile.c2)), timeout_s)
         return Plan(r.recompute_tokens, r.load_blocks_from, r.predicted_s, r.load_all_s,
                     r.recompute_all_s, 0.0, 0.0, num_cached=r.num_cached,
                     tiers=tuple(TIER_NAMES.get(t, "?") for t in r.tiers),

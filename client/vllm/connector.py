@@ -23,6 +23,8 @@ from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
 from kvstore.client.vllm.stats import Counters, KVStoreConnectorStats
 from kvstore.kernels.pages import PageFormat, page_format_for
+from kvstore.planner.prefix_load import plan_prefix_load
+from kvstore.planner.recompute import PrefillProfile
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+# Tiers a hit loads from whole, without asking the planner: reading them costs far less than
+# computing any block.
+_FAST_TIERS = frozenset({"HBM", "DRAM"})
 
 # Under "vllm." so that vLLM's log handlers show the connector's messages.
 log = logging.getLogger("vllm.kvstore_connector")
@@ -127,6 +133,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._lookups: dict[str, tuple[int, int]] = {}  # req -> (computed, hit blocks)
             self._pending_loads: list[LoadSpec] = []
             self._seed = namespace_digest(self.model_id, self.layout, self.cfg["tenant"])
+            # This engine's prefill cost, for the partial-load decision (_blocks_to_load).
+            self._profile = (PrefillProfile(*self.cfg["prefill_profile"])
+                             if self.cfg["prefill_profile"] else None)
         else:
             self.link = DaemonLink(self.cfg, self.model_id, self.layout,
                                    f"vllm-worker-tp{self.layout.tp_rank}", log)
@@ -160,9 +169,49 @@ class KVStoreConnector(KVConnectorBase_V1):
         st.stored = max(st.stored, hit)
         if hit <= first:
             return 0, False
+        hit = first + self._blocks_to_load(st.keys[:hit], tiers, num_computed_tokens,
+                                           len(request.prompt_token_ids))
+        if hit <= first:
+            return 0, False
         sync = self._loads_now(tiers[first:hit])
         self._lookups[request.request_id] = (num_computed_tokens, hit, sync)
         return hit * self.block_size - num_computed_tokens, not sync
+
+    def _blocks_to_load(self, keys: list[bytes], tiers: list[str], computed: int,
+                        prompt_tokens: int) -> int:
+        """How many of the hit's blocks [computed / block_size, len(keys)) to load; vLLM computes
+        the rest of the prompt. All of them when every one is in this host's DRAM (a DRAM load
+        costs less than computing any block) or no prefill_profile is configured. Otherwise the
+        daemon's planner answers each tier's measured read bandwidth (and the blocks' tiers, fresh)
+        and kvstore.planner.prefix_load picks the prefix whose load plus the compute of the rest
+        is shortest: a slow tier's blocks are computed when that is faster than reading them.
+        The planner has lookup_timeout_s, as the lookup (the scheduler waits for it): a daemon
+        that has read nothing yet measures its disk on the request's blocks, and one too slow
+        to answer in time is a disk too slow to load from, so the hit is computed. Any other
+        planner error loads all the lookup found. Both count plan_failures."""
+        first = computed // self.block_size
+        n = len(keys) - first
+        if self._profile is None or all(t in _FAST_TIERS for t in tiers[first:]):
+            return n
+        ns = self.link.namespace(self.cfg["lookup_timeout_s"])
+        try:
+            if ns is None:
+                raise ConnectionError("daemon unavailable")
+            plan = ns.plan_recompute(keys, self._profile, timeout_s=self.cfg["lookup_timeout_s"])
+            cached = min(plan.num_cached, len(keys), len(plan.tiers))
+            bw = dict(plan.bandwidth_bps or {})
+            bw.setdefault("HBM", bw.get("DRAM", 0.0))   # HBM blocks have a DRAM copy too
+            decision = plan_prefix_load(list(plan.tiers[first:cached]), self.block_size,
+                                        self.layout.block_bytes, bw, self._profile, computed,
+                                        prompt_tokens)
+        except Exception as exc:  # noqa: BLE001 - the plan is advice: without it, load
+            timed_out = getattr(exc, "reason", None) == Reason.TIMEOUT
+            log.debug("KVStoreConnector: no plan (%s); %s the hit", exc,
+                      "computing" if timed_out else "loading")
+            self.counters.add(plan_failures=1)
+            return 0 if timed_out else n
+        self.counters.add(plans=1, planned_recompute_blocks=n - decision.load_blocks)
+        return decision.load_blocks
 
     def _loads_now(self, tiers: list[str]) -> bool:
         """Load in the step that schedules the request (vLLM's synchronous load) rather than

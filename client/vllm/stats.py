@@ -10,6 +10,9 @@ _COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "sync_loads",
              "loaded_blocks", "loaded_bytes", "load_failed_blocks", "sync_reread_blocks",
              "stored_blocks", "stored_bytes", "store_failed_blocks", "store_skipped_blocks",
              "fallbacks",
+             # slow-tier hits the planner was asked about, blocks found but left to vLLM to
+             # compute (faster than reading them), and plans that failed (the hit loaded whole)
+             "plans", "planned_recompute_blocks", "plan_failures",
              # kv_producer: blocks of finished requests readable from the cluster tier when
              # the request was reported finished, and requests reported before all were
              "remote_placed_blocks", "remote_flush_timeouts")

