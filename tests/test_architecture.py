@@ -15,7 +15,8 @@ Rules:
   is read without the files, the allocator or the I/O;
 - kvstore.core imports only the standard library, numpy, kvstore.v1 and kvstore.core;
 - the SDK (kvstore.client, kvstore.kernels) imports from the daemon side only kvstore.core,
-  kvstore.v1 and kvstore.planner.recompute;
+  kvstore.v1 and the planner's pure decision modules (kvstore.planner.recompute,
+  kvstore.planner.prefix_load);
 - each tier is the only writer of its slot allocator and its counters: outside a tier's own
   modules, no code calls a slot allocator's mutating methods (``<x>.slabs.allocate/free/
   set_owner/...``), names one of them (a bound method handed on is a write all the same), or
@@ -40,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # source folder -> the package name it is installed as (pyproject's package-dir)
 SOURCES = {"kvstore": "kvstore", "client": "kvstore.client", "kernels": "kvstore.kernels"}
 SDK = ("kvstore.client", "kvstore.kernels")
-SDK_MAY_IMPORT = ("kvstore.core", "kvstore.v1", "kvstore.planner.recompute")
+SDK_MAY_IMPORT = ("kvstore.core", "kvstore.v1", "kvstore.planner.recompute",
+                  "kvstore.planner.prefix_load")
 ENTRY_POINTS = {"kvstore.daemon.cli", "kvstore.__main__"}
 SERVICER = "kvstore.daemon.service"
 
