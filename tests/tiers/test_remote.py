@@ -112,6 +112,44 @@ def test_prefetch_planner_and_selective_writes(engine, daemon_factory, tmp_path)
         assert get_exact(nsb, keys, data) == 4 and remote_row(cb).hits == 4
 
 
+def _nice_by_thread(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
+    import os
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue        # the thread ended meanwhile
+        out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+def test_only_the_fill_read_threads_run_at_a_lower_priority(engine, daemon_factory, tmp_path):
+    """Mooncake's batch reads busy-poll for completion: the daemon runs that loop at a lower
+    CPU priority (kvstore.tiers.remote.mooncake.READ_THREAD_NICE) on the fills' read threads
+    only, never on the event loop or the engine's transfer workers, which move the bytes."""
+    if engine.backend != "mooncake":
+        pytest.skip("the busy-polling read is Mooncake's")
+    from kvstore.tiers.remote.engine import READ_THREADS
+    from kvstore.tiers.remote.mooncake import READ_THREAD_NICE
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        _, keys, data = put_on(ca, 50, 8)
+        wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="A's writes")
+        before = _nice_by_thread(b.proc.pid)
+        assert set(before.values()) == {0}         # nothing lowered before B read anything
+        assert get_exact(cb.namespace(MODEL, LAYOUT), keys, data) == 8
+        after = _nice_by_thread(b.proc.pid)
+    lowered = [t for t, n in after.items() if n == READ_THREAD_NICE]
+    assert 1 <= len(lowered) <= READ_THREADS, after
+    assert after[b.proc.pid] == 0                   # the event loop's thread
+    assert all(n in (0, READ_THREAD_NICE) for n in after.values()), after
+    # the read threads start with the first fill: every thread there before keeps its priority
+    assert all(after[t] == 0 for t in before if t in after), after
+
+
 def _worst_lookup_s(socket: str, namespace_id: bytes, keys_blob: bytes, stop) -> float:
     """Lookups of local blocks, back to back until ``stop``: the longest one."""
     import grpc

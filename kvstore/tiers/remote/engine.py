@@ -1,6 +1,8 @@
 """The remote tier's calls to its engine, and the state its read and write paths share.
 
-Every engine call runs in a bounded thread pool under a deadline, behind the circuit breaker:
+Every engine call runs in a bounded thread pool under a deadline, behind the circuit breaker
+(fills' reads on threads of their own, ``reader=True``: a backend may lower their CPU priority,
+see kvstore.tiers.remote.mooncake):
 :meth:`EngineCalls.call` answers the call's result or raises RemoteUnavailable (refused,
 failed, late) — the caller degrades to local. The counters, the remote keys known stored,
 and the background tasks (which close waits for) are shared by the fill path
@@ -21,6 +23,9 @@ from kvstore.tiers.remote.breaker import CircuitBreaker
 log = logging.getLogger("kvstore.remote")
 
 KNOWN_KEYS = 1 << 20         # remote keys remembered as stored (skip re-queueing them)
+# Fills read one at a time (their FIFO lane); a second thread lets the next fill's read start
+# while a read that missed its deadline is still stuck in the engine.
+READ_THREADS = 2
 
 
 class RemoteUnavailable(Exception):
@@ -54,21 +59,23 @@ class EngineCalls:
         self.counters = RemoteCounters()
         self.closed = False
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvstore-remote")
-        self._max_inflight = threads * 2
+        self._reader = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kvstore-remote-read")
+        self._max_inflight = threads * 2 + READ_THREADS
         self._inflight = 0
         self._background: set[asyncio.Task] = set()
         self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def call(self, fn, *args, deadline_s: float | None = None,
-                   late: list | None = None):
-        """Run ``fn`` in the pool; its result, or RemoteUnavailable (refused, failed, late).
-        A late call keeps running; its outcome still feeds the breaker, and its future is
-        appended to ``late`` (the caller learns when it has returned)."""
+                   late: list | None = None, reader: bool = False):
+        """Run ``fn`` in the pool (``reader``: on the fills' read threads); its result, or
+        RemoteUnavailable (refused, failed, late). A late call keeps running; its outcome
+        still feeds the breaker, and its future is appended to ``late`` (the caller learns
+        when it has returned)."""
         if self.closed or self._inflight >= self._max_inflight or not self.breaker.allow():
             self.counters.refused += 1
             raise RemoteUnavailable("remote not called")
         self._inflight += 1
-        fut = asyncio.wrap_future(self._pool.submit(fn, *args))
+        fut = asyncio.wrap_future((self._reader if reader else self._pool).submit(fn, *args))
         fut.add_done_callback(self._finished)
         try:
             if deadline_s is None:
@@ -133,8 +140,9 @@ class EngineCalls:
             await asyncio.wait(list(self._background), timeout=max(timeout_s, 0))
 
     def shutdown(self) -> None:
-        """(any thread) Wait for the pool's calls to return; the engine client stays open."""
+        """(any thread) Wait for the pools' calls to return; the engine client stays open."""
         self._pool.shutdown(True)
+        self._reader.shutdown(True)
 
 
 def ewma(prev: float, nbytes: int, seconds: float) -> float:

@@ -228,7 +228,7 @@ class RemoteFills:
             try:
                 verifying, n_read, exc = await self.engine.call(
                     self._read_chunks, rkeys, keys, ns.namespace_id, offsets, bb,
-                    deadline_s=self.read_deadline_s, late=late)
+                    deadline_s=self.read_deadline_s, late=late, reader=True)
             except RemoteUnavailable:
                 return missing
         finally:
