@@ -11,6 +11,10 @@ Rules:
   messages and calls the read and write paths (kvstore.store.reads, kvstore.store.writes),
   which orchestrate the tiers the composition root hands them; nor does it reach them through
   an attribute (no ``.ssd``, ``.remote``, ``.prefetcher`` in its source);
+- the remote tier (kvstore.tiers.remote) is never handed the store: its code names neither
+  ``BlockStore`` nor kvstore.store (no import, lazy or not, no such name as a string), and no
+  parameter or attribute of it is called ``store`` — it gets the narrow
+  kvstore.tiers.remote.slots.FillSlots;
 - the SSD tier's on-disk format (kvstore.tiers.ssd.format) imports only kvstore.core: the format
   is read without the files, the allocator or the I/O;
 - kvstore.core imports only the standard library, numpy, kvstore.v1 and kvstore.core;
@@ -84,6 +88,41 @@ def _imports(name: str, path: Path, is_init: bool) -> set[str]:
             # "from kvstore.core import keys" imports the module kvstore.core.keys
             found.update(f"{mod}.{a.name}" for a in node.names)
     return found
+
+
+def _store_references(path: Path) -> list[str]:
+    """Where a module reaches for the store: the name ``BlockStore`` (identifier, attribute, or
+    a string such as getattr's), the module kvstore.store (import, or a string such as
+    importlib's), or a parameter or attribute called ``store``. Prose in docstrings is not
+    code and is not matched (only whole strings that are such a name)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        where = f"{path.name}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Name) and node.id == "BlockStore":
+            found.append(f"{where} names BlockStore")
+        elif isinstance(node, ast.Attribute) and node.attr in ("BlockStore", "store"):
+            found.append(f"{where} uses an attribute .{node.attr}")
+        elif isinstance(node, ast.arg) and node.arg == "store":
+            found.append(f"{where} takes a parameter 'store'")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value == "BlockStore" or _under(node.value, "kvstore.store")):
+            found.append(f"{where} names {node.value!r} (importlib, getattr)")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            if any(n == "BlockStore" or _under(n, "kvstore.store") for n in names):
+                found.append(f"{where} imports the store")
+    return found
+
+
+def remote_tier_violations(mods, refs=_store_references) -> list[str]:
+    """The remote tier never gets the store (see the module docstring)."""
+    out = []
+    for mod, (path, _) in sorted(mods.items()):
+        if _under(mod, "kvstore.tiers.remote"):
+            out += [f"{mod}: {r} (the remote tier gets FillSlots, never the store)"
+                    for r in refs(path)]
+    return out
 
 
 def _graph():
@@ -314,6 +353,36 @@ def test_the_import_graph_keeps_the_layering():
     mods, graph = _graph()
     assert "kvstore.store.blockstore" in mods and "kvstore.client" in mods   # the walk works
     assert violations(mods, graph) == []
+
+
+def test_the_remote_tier_never_gets_the_store():
+    mods = _modules()
+    assert "kvstore.tiers.remote.tier" in mods and "kvstore.tiers.remote.fills" in mods
+    assert remote_tier_violations(mods) == []
+
+
+def test_the_remote_tier_rule_catches_each_way_to_the_store(tmp_path):
+    """The rule can fail: each way of handing the remote tier the store is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from kvstore.store.blockstore import BlockStore\n"
+        "import importlib\n"
+        "class Tier:\n"
+        "    \"\"\"Prose may say BlockStore; it is no dependency.\"\"\"\n"
+        "    def __init__(self, store, other):\n"
+        "        self.store = store\n"
+        "        self.x = other.BlockStore\n"
+        "        self.m = importlib.import_module('kvstore.store.table')\n"
+        "        self.t: BlockStore = None\n")
+    found = "\n".join(_store_references(bad))
+    for expect in ("bad.py:1 imports the store", "bad.py:5 takes a parameter 'store'",
+                   "bad.py:6 uses an attribute .store", "bad.py:7 uses an attribute .BlockStore",
+                   "bad.py:8 names 'kvstore.store.table'", "bad.py:9 names BlockStore"):
+        assert expect in found, found
+    assert "bad.py:4" not in found
+    mods = {"kvstore.tiers.remote.bad": (bad, False), "kvstore.tiers.ssd.bad": (bad, False)}
+    reported = remote_tier_violations(mods)
+    assert reported and all(r.startswith("kvstore.tiers.remote.bad: ") for r in reported)
 
 
 def test_the_checker_catches_each_kind_of_violation():

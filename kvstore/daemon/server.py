@@ -657,10 +657,12 @@ def open_hbm_tier(cfg: Config, table, dram, eviction=None):
 def open_remote(cfg: Config, store: BlockStore):
     """The cluster tier; raises DaemonError when its engine client is missing. The engine
     itself may be down: the tier connects on first use and degrades to local until then."""
+    from kvstore.store.fills import StoreFillSlots
     from kvstore.tiers.remote import RemoteError, open_remote_tier
 
     try:
-        return open_remote_tier(cfg, store)
+        # the tier gets the slots its fills land in, never the store itself
+        return open_remote_tier(cfg, StoreFillSlots(store))
     except RemoteError as exc:
         raise DaemonError(f"remote tier {cfg.remote}: {exc}") from None
 

@@ -176,8 +176,9 @@ def build(shm_dir, tmp_path, *, ssd: bool = False, engine: MemoryEngine | None =
         tier.recover(store.register_namespace)
     remote = None
     if engine is not None:
+        from kvstore.store.fills import StoreFillSlots
         from kvstore.tiers.remote.tier import RemoteTier
-        remote = RemoteTier(store, engine, "memory://test", deadline_s=remote_deadline_s,
+        remote = RemoteTier(StoreFillSlots(store), engine, "memory://test", deadline_s=remote_deadline_s,
                             read_deadline_s=2.0, threads=2, fill_on_lookup=fill_on_lookup)
         closers.append(remote.close)
     seen = Recorder()

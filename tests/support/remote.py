@@ -15,7 +15,7 @@ DEADLINE_S = 0.3
 READ_DEADLINE_S = 2.0
 
 
-def host(daemon_factory, tmp_path, name: str, url: str, *extra: str):
+def host(daemon_factory, tmp_path, name: str, url: str, *extra: str, env: dict | None = None):
     """One "host": a daemon with its own socket, arena and SSD dir, on the shared engine."""
     wd = tmp_path / name
     wd.mkdir()
@@ -25,7 +25,7 @@ def host(daemon_factory, tmp_path, name: str, url: str, *extra: str):
         "--remote", url, "--remote-deadline-s", str(DEADLINE_S),
         "--remote-read-deadline-s", str(READ_DEADLINE_S), "--remote-retry-s", "0.5",
         "--remote-segment-bytes", "64MiB", "--remote-buffer-bytes", "16MiB", *extra,
-        workdir=wd)
+        workdir=wd, env=env)
 
 
 def chain(seed: int, n_blocks: int):

@@ -112,6 +112,95 @@ def test_prefetch_planner_and_selective_writes(engine, daemon_factory, tmp_path)
         assert get_exact(nsb, keys, data) == 4 and remote_row(cb).hits == 4
 
 
+def _nice_by_thread(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat)."""
+    import os
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue        # the thread ended meanwhile
+        out[int(tid)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out
+
+
+def test_only_the_fill_read_threads_run_at_a_lower_priority(engine, daemon_factory, tmp_path):
+    """Mooncake's batch reads busy-poll for completion: the daemon runs that loop at a lower
+    CPU priority (kvstore.tiers.remote.mooncake.READ_THREAD_NICE) on the fills' read threads
+    only, never on the event loop or the engine's transfer workers, which move the bytes."""
+    if engine.backend != "mooncake":
+        pytest.skip("the busy-polling read is Mooncake's")
+    from kvstore.tiers.remote.engine import READ_THREADS
+    from kvstore.tiers.remote.mooncake import READ_THREAD_NICE
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url)
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        _, keys, data = put_on(ca, 50, 8)
+        wait_for(lambda: remote_row(ca).bytes_in >= 8 * LAYOUT.block_bytes, what="A's writes")
+        before = _nice_by_thread(b.proc.pid)
+        assert set(before.values()) == {0}         # nothing lowered before B read anything
+        assert get_exact(cb.namespace(MODEL, LAYOUT), keys, data) == 8
+        after = _nice_by_thread(b.proc.pid)
+    lowered = [t for t, n in after.items() if n == READ_THREAD_NICE]
+    assert 1 <= len(lowered) <= READ_THREADS, after
+    assert after[b.proc.pid] == 0                   # the event loop's thread
+    assert all(n in (0, READ_THREAD_NICE) for n in after.values()), after
+    # the read threads start with the first fill: every thread there before keeps its priority
+    assert all(after[t] == 0 for t in before if t in after), after
+
+
+def _worst_lookup_s(socket: str, namespace_id: bytes, keys_blob: bytes, stop) -> float:
+    """Lookups of local blocks, back to back until ``stop``: the longest one."""
+    import grpc
+    from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+    worst, n = 0.0, 0
+    with grpc.insecure_channel(f"unix://{socket}") as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        while not stop.is_set() or n < 10:
+            t0 = time.monotonic()
+            stub.Lookup(pb.LookupRequest(namespace_id=namespace_id, keys=keys_blob), timeout=30)
+            worst = max(worst, time.monotonic() - t0)
+            n += 1
+            time.sleep(0.002)
+    return worst
+
+
+def test_a_fill_under_write_back_writes_ssd_off_the_event_loop(engine, daemon_factory,
+                                                               tmp_path):
+    """A fill takes DRAM slots like a put: under the write-back SSD policy its eviction first
+    writes the dirty victims to SSD, awaited off the event loop, so B's other clients are
+    served meanwhile. (A synchronous write in the eviction held every lookup on B for the whole
+    batch of writes: ~2 s here at 40 ms a write.) The bound is generous for a shared machine."""
+    from concurrent.futures import ThreadPoolExecutor
+    from kvstore.core.keys import pack_keys
+    a = host(daemon_factory, tmp_path, "a", engine.url)
+    b = host(daemon_factory, tmp_path, "b", engine.url, "--ssd-write-policy", "write_back",
+             "--remote-read-deadline-s", "60", env={"KVSTORE_TEST_SSD_WRITE_DELAY_S": "0.04"})
+    with KVClient(a.socket) as ca, KVClient(b.socket) as cb:
+        _, keys, data = put_on(ca, 40, 96)
+        wait_for(lambda: remote_row(ca).bytes_in >= 96 * LAYOUT.block_bytes, 60, "A's writes")
+        nsb = cb.namespace(MODEL, LAYOUT)
+        own = [put_on(cb, 100 + i, 16)[1:] for i in range(32)]   # B's DRAM full of dirty blocks
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            worst = pool.submit(_worst_lookup_s, b.socket, nsb.namespace_id,
+                                pack_keys(own[-1][0]), stop)
+            try:
+                time.sleep(0.1)
+                got = get_exact(nsb, keys, data)   # no lookup first: the get's own fill
+            finally:
+                stop.set()
+            worst_s = worst.result(timeout=120)
+        assert got == 96 and remote_row(cb).hits == 96
+        ssd = next(t for t in cb.stats().tiers if t.tier == pb.TIER_SSD)
+        dram = next(t for t in cb.stats().tiers if t.tier == pb.TIER_DRAM)
+        assert dram.demotions >= 96 and ssd.checksum_failures == 0
+        for k, d in own[-8:]:                      # B's own blocks: still exact, DRAM or SSD
+            assert get_exact(nsb, k, d) == 16
+    assert worst_s < 0.5, f"a lookup on B waited {worst_s * 1e3:.0f} ms behind the fill"
+
+
 @pytest.mark.parametrize("damage", ["flipped_byte", "other_block", "truncated"])
 def test_a_corrupted_remote_value_is_never_served(engine, daemon_factory, tmp_path, damage):
     a = host(daemon_factory, tmp_path, "a", engine.url)

@@ -6,7 +6,11 @@ engine — Mooncake Store (``mooncake://MASTER:PORT``) or Redis / Valkey (``redi
     breaker.py        the circuit breaker
     mooncake.py       Mooncake Store backend (zero-copy through the registered arena)
     redis_cluster.py  Redis Cluster / single Redis backend
-    tier.py           RemoteTier: placement, lookup, verified reads into the arena, faults
+    slots.py          FillSlots: the narrow interface to the daemon's slots the tier is handed
+    engine.py         engine calls: bounded pool, deadlines, breaker, the shared counters
+    fills.py          the read path: lookup, verified fills into arena slots
+    writes.py         the write queue: committed blocks to the engine in the background
+    tier.py           RemoteTier: the two paths composed (the daemon's one handle)
 
 ``open_remote_tier`` is what the daemon's composition root (kvstore/daemon/server.py) calls.
 """
@@ -35,8 +39,9 @@ def open_backend(url: str, *, segment_bytes: int = 256 << 20, buffer_bytes: int 
     return RedisBackend(u.hosts, timeout_s, node_retry_s)
 
 
-def open_remote_tier(cfg, store) -> RemoteTier:
-    """Build the remote tier from the daemon's configuration (the ``remote*`` keys)."""
+def open_remote_tier(cfg, slots) -> RemoteTier:
+    """Build the remote tier from the daemon's configuration (the ``remote*`` keys);
+    ``slots``: a kvstore.tiers.remote.slots.FillSlots."""
     backend = open_backend(cfg.remote, segment_bytes=cfg.remote_segment_bytes,
                            buffer_bytes=cfg.remote_buffer_bytes, replicas=cfg.remote_replicas,
                            local_host=cfg.remote_local_host,
@@ -44,7 +49,7 @@ def open_remote_tier(cfg, store) -> RemoteTier:
                            # pool under their own deadlines; a busy server is not an error
                            timeout_s=max(5.0, cfg.remote_read_deadline_s),
                            node_retry_s=cfg.remote_retry_s)
-    return RemoteTier(store, backend, str(parse_remote_url(cfg.remote)),
+    return RemoteTier(slots, backend, str(parse_remote_url(cfg.remote)),
                       policy=cfg.remote_write_policy, write_hits=cfg.remote_write_hits,
                       deadline_s=cfg.remote_deadline_s, read_deadline_s=cfg.remote_read_deadline_s,
                       threads=cfg.remote_threads, queue_blocks=cfg.remote_queue_blocks,

@@ -20,6 +20,17 @@ settled by the master's record of the object's size: the block's size means the 
 failed (FAILED: a miss, read again later); another size, and the complete value is read and
 answered as the wrong size (corrupt) only once it arrived whole. An error on every key of a
 call is a RemoteError.
+
+A batch call waits for its transfers by busy-polling their status in the calling thread
+(profiled: half of the daemon's CPU during a 64 MiB read went to that loop — clock_gettime and
+getTransferStatus — against a quarter to the transfer worker's socket copy). Where cores are
+scarce the loop competes with the very threads that move the bytes: the transfer engine's
+workers here and the peer's sender. So a thread that reads (``get_into``; the remote tier runs
+fills' reads on threads of their own) lowers its own CPU priority once (nice
+``READ_THREAD_NICE``) after the client is up, the engine's worker threads keeping theirs: the
+polling then takes only CPU nobody else wants. Measured on a loaded 2-core host: the daemon's
+CPU per 64 MiB get fell from 50–60 ms to 30–40 ms and the get from 0.41–0.75x to 0.71–1.16x
+the engine's own client in the same runs.
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ NOT_FOUND = -704
 BUFFER_TOO_SMALL = -600    # the value is longer than the buffers
 INVALID_SIZE = -800        # (seen for a value shorter than the buffers)
 WRONG_SIZE = (BUFFER_TOO_SMALL, INVALID_SIZE)
+READ_THREAD_NICE = 10     # the reading thread's nice value (0: leave it)
 MAX_BATCH = 1024          # keys per engine call (the tier splits larger batches)
 
 
@@ -137,8 +149,22 @@ class MooncakeBackend(RemoteBackend):
             raise RemoteError(f"Mooncake batch_put failed (code {codes[0]})")
         return [c == 0 for c in codes]
 
+    def _lower_read_priority(self) -> None:
+        """Once per reading thread, after the client is connected: the engine's worker threads
+        are made by the thread that connects and inherit its priority, so they keep theirs."""
+        if READ_THREAD_NICE <= 0 or getattr(self._tls, "niced", False):
+            return
+        self._tls.niced = True
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           max(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                               READ_THREAD_NICE))
+        except OSError as exc:       # not permitted (a sandbox): only slower on a busy host
+            log.debug("Mooncake: could not lower a read thread's priority: %s", exc)
+
     def get_into(self, keys, offsets, sizes) -> list[bytes | None]:
         client = self._connected()
+        self._lower_read_priority()
         scratch = self._scratch(len(keys))
         base = scratch.ctypes.data
         ptrs = [[base + i * HEADER_BYTES, self._arena_addr + off] for i, off in enumerate(offsets)]
