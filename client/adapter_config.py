@@ -58,6 +58,9 @@ VLLM_FIELDS: list[Field] = [
     Field("sync_load_max_bytes", _size0, 256 << 20, "a hit wholly in this host's DRAM and at "
           "most this big loads in the step that schedules it, on the engine's thread; bigger "
           "or slower hits load asynchronously (0: always asynchronously)", format_bytes),
+    Field("layerwise_load", _bool, True, "CPU engines: a synchronous load is scattered into the "
+          "pages layer by layer while the forward runs the layers already loaded (false: all "
+          "layers before the forward)"),
 ]
 
 SGLANG_FIELDS: list[Field] = [

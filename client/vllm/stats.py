@@ -10,6 +10,9 @@ _COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "sync_loads",
              "loaded_blocks", "loaded_bytes", "load_failed_blocks", "sync_reread_blocks",
              "stored_blocks", "stored_bytes", "store_failed_blocks", "store_skipped_blocks",
              "fallbacks",
+             # synchronous loads scattered layer by layer while the forward ran, and those
+             # whose forward read a layer without waiting for it (then reloaded whole)
+             "layerwise_loads", "layer_wait_misses",
              # kv_producer: blocks of finished requests readable from the cluster tier when
              # the request was reported finished, and requests reported before all were
              "remote_placed_blocks", "remote_flush_timeouts")
