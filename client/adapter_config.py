@@ -58,6 +58,10 @@ VLLM_FIELDS: list[Field] = [
     Field("sync_load_max_bytes", _size0, 256 << 20, "a hit wholly in this host's DRAM and at "
           "most this big loads in the step that schedules it, on the engine's thread; bigger "
           "or slower hits load asynchronously (0: always asynchronously)", format_bytes),
+    Field("device_staging_bytes", _size, 256 << 20, "GPU engines: device memory the "
+          "connector's staging may hold at once (unfinished puts' gathered blocks, "
+          "asynchronous loads' landing buffers), outside vLLM's own budget; stores beyond it "
+          "are skipped, loads beyond it land in host memory", format_bytes),
     Field("layerwise_load", _bool, True, "CPU engines: a synchronous load is scattered into the "
           "pages layer by layer while the forward runs the layers already loaded (false: all "
           "layers before the forward)"),

@@ -88,6 +88,7 @@ class _Load:
     spec: LoadSpec
     future: Future
     deadline: float
+    device_bytes: int = 0      # its landing buffer's share of device_staging_bytes
 
 
 @dataclass
@@ -155,6 +156,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._sync_failed = False      # a synchronous load of this step failed
             self._stores: list[tuple[Future, int]] = []
             self._pending_store_bytes = 0
+            # GPU engines: device bytes held by staging (unfinished puts' gathered blocks,
+            # asynchronous loads' landing buffers), bounded by device_staging_bytes
+            self._device_staging = 0
             # kv_producer: keys each request stored (by request id), then the flushes of the
             # finished ones; a request is reported finished (finished_sending) once its
             # blocks are readable from the cluster tier, or its flush timed out
@@ -323,22 +327,34 @@ class KVStoreConnector(KVConnectorBase_V1):
             if spec.sync:
                 continue
             ns = self.link.namespace()
+            dev_bytes = 0
             if ns is None:
                 fut: Future = Future()
                 fut.set_exception(ConnectionError("daemon unavailable"))
             else:
                 try:
                     # Staging on the KV cache's device: on a GPU engine the get is one DMA per
-                    # run from the pinned arena, or device to device from the HBM tier.
+                    # run from the pinned arena, or device to device from the HBM tier. Device
+                    # staging is bounded (device_staging_bytes); beyond it the blocks land in
+                    # host memory and get_finished copies them up.
+                    dev = self._kv[0].device
+                    nbytes = len(spec.keys) * self.layout.block_bytes
+                    if dev.type != "cpu":
+                        if self._device_staging + nbytes <= self.cfg["device_staging_bytes"]:
+                            dev_bytes = nbytes
+                        else:
+                            dev = torch.device("cpu")
                     out = torch.empty((len(spec.keys), *self.layout.block_shape),
-                                      dtype=getattr(torch, self.layout.dtype),
-                                      device=self._kv[0].device)
+                                      dtype=getattr(torch, self.layout.dtype), device=dev)
                     fut = ns.get(spec.keys, out=out)
                 except Exception as exc:  # noqa: BLE001
                     self.link.failed(exc)
                     fut = Future()
                     fut.set_exception(exc)
-            self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"]))
+                    dev_bytes = 0
+            self._device_staging += dev_bytes
+            self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"],
+                                     dev_bytes))
 
     def _start_sync_loads(self, specs: list[LoadSpec]) -> None:
         """Synchronous loads (see _loads_now), before the forward: the blocks in this host's
@@ -467,24 +483,28 @@ class KVStoreConnector(KVConnectorBase_V1):
             if not self.loads_enabled:     # a producer flushes what each request stored
                 self._producer_keys.setdefault(spec.req_id, []).extend(spec.keys)
             ns = self.link.namespace()
-            if ns is None or self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"]:
+            on_device = self._kv[0].device.type != "cpu"
+            if ns is None or self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"] \
+                    or (on_device and self._device_staging + nbytes
+                        > self.cfg["device_staging_bytes"]):
                 self.counters.add(store_skipped_blocks=n)
                 continue
             try:
-                # The copy out of the paged cache happens now: these blocks may be reused as
-                # soon as the step ends. The put itself runs on the SDK's I/O threads.
+                # The copy out of the paged cache happens now, into staging on the cache's
+                # device: these blocks may be reused as soon as the step ends. The put runs on
+                # the SDK's I/O threads; on a GPU engine its copy is a DMA from this staging
+                # into the pinned arena slots on the SDK's copy stream, ordered after this
+                # stream's gather by the event ns.put records: nothing here waits for the GPU
+                # or copies into pageable memory. The staging's device bytes count against
+                # device_staging_bytes until the put completes (outside vLLM's own budget).
                 staging = self.pages.gather(self._kv, spec.block_ids)
-                if staging.is_cuda:
-                    # Unfinished puts hold their staging; on a GPU engine that must not be
-                    # device memory vLLM budgeted for itself (gpu_memory_utilization): move it
-                    # to the host now, as one copy (the blocks may be reused after this step).
-                    staging = staging.cpu()
                 fut = ns.put(spec.keys, staging, parent_key=spec.parent_key or None)
             except Exception as exc:  # noqa: BLE001
                 self.link.failed(exc)
                 self.counters.add(store_failed_blocks=n, fallbacks=1)
                 continue
             self._pending_store_bytes += nbytes
+            self._device_staging += nbytes if on_device else 0
             # Counted as each put completes, not when reaped on a later step: the last
             # request's stores would otherwise never be counted (no step follows them).
             fut.add_done_callback(lambda f, n=n: self._count_store(f, n))
@@ -507,6 +527,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 keep.append((fut, n))
                 continue
             self._pending_store_bytes -= n * self.layout.block_bytes
+            if self._kv[0].device.type != "cpu":
+                self._device_staging -= n * self.layout.block_bytes
             if not fut.cancelled() and fut.exception() is not None:
                 self.link.failed(fut.exception())
         self._stores = keep
@@ -527,6 +549,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 continue
             done.add(ld.spec.req_id)
             self._finish_load(ld)
+            self._device_staging -= ld.device_bytes
         self._loads = keep
         return (sent or None), (done or None)
 

@@ -146,7 +146,8 @@ def test_adapter_keys_parse_to_typed_values_with_defaults():
                              "kv_connector_extra_config")
     assert cfg["max_pending_store_bytes"] == 256 << 20 and cfg["store_generated"] is False
     assert cfg["lookup_timeout_s"] == 2.0 and cfg["io_timeout_s"] == 5.0
-    assert cfg["socket"] is None and cfg["quant"] == "" and len(cfg) == 13
+    assert cfg["socket"] is None and cfg["quant"] == "" and len(cfg) == 15
+    assert cfg["layerwise_load"] is True and cfg["device_staging_bytes"] == 256 << 20
     assert cfg["remote_flush_timeout_s"] == 10.0
     cfg = parse_extra_config(SGLANG_FIELDS, {"backend_name": "kvstore", "interface_v1": 1,
                                              "socket": "/run/kv.sock"}, "extra_config",
