@@ -362,8 +362,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         views of the slots, proven after the copy by their generations); the rest, if the
         lookup's answer went stale (evicted, demoted), through an SDK get this thread waits
         for. On a CPU engine the scatter runs layer by layer on the loader thread while the
-        forward runs (wait_for_layer_load waits for one layer; kvstore.client.layerwise); otherwise it
-        is done here, all of it. _finish_sync_loads checks the proofs after the forward."""
+        forward runs (wait_for_layer_load waits for one layer; kvstore.client.layerwise);
+        otherwise it is done here, all of it. _finish_sync_loads checks the proofs after the
+        forward."""
         self._finish_sync_loads()          # a previous step's, were it still open
         segments: list[tuple[list[int], torch.Tensor]] = []
         for spec in specs:
@@ -399,8 +400,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._loader.submit(job)
             self.counters.add(layerwise_loads=len(specs))
         else:
-            # CUDA: one synchronous scatter before the forward (see docs/integrations/vllm.md,
-            # "Load modes": what runs on which stream); the forward then waits for nothing.
+            # Whole, before the forward: on a GPU engine (docs/integrations/vllm.md, "On a GPU
+            # engine: what runs where"), or with layerwise_load off. The forward waits for
+            # nothing.
             job.run_inline()
             self._layer_load = job
 
@@ -484,9 +486,9 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self._producer_keys.setdefault(spec.req_id, []).extend(spec.keys)
             ns = self.link.namespace()
             on_device = self._kv[0].device.type != "cpu"
-            if ns is None or self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"] \
-                    or (on_device and self._device_staging + nbytes
-                        > self.cfg["device_staging_bytes"]):
+            over = self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"] or (
+                on_device and self._device_staging + nbytes > self.cfg["device_staging_bytes"])
+            if ns is None or over:
                 self.counters.add(store_skipped_blocks=n)
                 continue
             try:
