@@ -77,6 +77,13 @@ VLLM_FIELDS: list[Field] = [
           "tokens, c0 + c1*k + c2*k^2 (kvstore bench vllm --slow-tier prints it). Given, a hit "
           "partly on a slow tier (SSD, cluster) loads only the prefix that pays and the engine "
           "computes the rest; empty: every hit loads all it found"),
+    Field("device_staging_bytes", _size, 256 << 20, "GPU engines: device memory the "
+          "connector's staging may hold at once (unfinished puts' gathered blocks, "
+          "asynchronous loads' landing buffers), outside vLLM's own budget; stores beyond it "
+          "are skipped, loads beyond it land in host memory", format_bytes),
+    Field("layerwise_load", _bool, True, "CPU engines: a synchronous load is scattered into the "
+          "pages layer by layer while the forward runs the layers already loaded (false: all "
+          "layers before the forward)"),
 ]
 
 SGLANG_FIELDS: list[Field] = [

@@ -151,6 +151,17 @@ class ArenaRead:
             self.report()
         return self._valid
 
+    def valid_now(self) -> int:
+        """Before reading the views: how many leading blocks still hold their keys' bytes at
+        this moment (the same generation check as :meth:`verify`, which it does not replace:
+        it proves nothing about a reading that follows). A caller that reads the views after
+        the forward has started (the vLLM connector's layer-wise loads) reads only these and
+        takes the rest another way, rather than learn of a slot reused before it began only
+        once the forward is over."""
+        if self._proof is None:
+            return 0
+        return min(self._proof.valid_prefix() or 0, len(self))
+
     def report(self) -> None:
         """Queue the reads :meth:`verify` proved for the daemon (once; nothing before
         verify)."""

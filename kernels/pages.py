@@ -61,6 +61,50 @@ class PageFormat:
         scatter(layers, _page_table(block_ids), data.to(dev).contiguous())
 
 
+    def scatter_layer(self, layer: torch.Tensor, block_ids: list[int], blocks: torch.Tensor,
+                      l: int) -> None:
+        """Write layer ``l`` of [n, layers, 2, N, H, D] ``blocks`` into pages ``block_ids`` of
+        ``layer`` (one layer's ``canonical`` view). ``blocks`` may have any block stride (arena
+        rows) and must be on the layer's device; ids must be distinct (ValueError otherwise).
+
+        One ``copy_`` per run of consecutive block ids, each moving whole head_dim rows (on
+        CPU, ``index_copy_`` into these strided pages copies element by element), through an
+        8-byte element view where the rows allow it: fewer, wider elements for the same bytes.
+        ``copy_`` releases the GIL for its whole length (kvstore.client.layerwise)."""
+        n = len(block_ids)
+        if blocks.dim() != 6 or blocks.shape[0] != n or tuple(blocks.shape[2:]) != tuple(
+                layer.shape[:1]) + tuple(layer.shape[2:]):
+            raise ValueError(f"scatter_layer: blocks {tuple(blocks.shape)} do not fit {n} "
+                             f"blocks of a layer {tuple(layer.shape)} ([2, B, N, H, D])")
+        if len(set(block_ids)) != n or (n and not 0 <= min(block_ids) <= max(block_ids)
+                                        < layer.shape[1]):
+            raise ValueError(f"scatter_layer: block ids must be distinct pages of the layer's "
+                             f"{layer.shape[1]}, got {block_ids}")
+        dst = _wide(layer.transpose(0, 1))           # [B, 2, N, H, D]
+        src = _wide(blocks[:, l])                    # [n, 2, N, H, D]
+        if dst.dtype != src.dtype:
+            dst, src = layer.transpose(0, 1), blocks[:, l]
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and block_ids[j] == block_ids[j - 1] + 1:
+                j += 1
+            page = block_ids[i]
+            dst[page:page + j - i].copy_(src[i:j])
+            i = j
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its contiguous last dim viewed as 8-byte elements, when its size and the
+    other strides allow (same bytes, a quarter of a bf16 tensor's elements); else ``t``."""
+    if t.dtype.itemsize >= 8 or t.stride(-1) != 1 or (t.shape[-1] * t.dtype.itemsize) % 8:
+        return t
+    try:
+        return t.view(torch.int64)
+    except RuntimeError:        # a stride or offset not a multiple of 8 bytes
+        return t
+
+
 def _page_table(block_ids: list[int]) -> torch.Tensor:
     # one vLLM block is one kvstore block: a page table of one page per block
     return torch.as_tensor(block_ids, dtype=torch.int64).reshape(-1, 1)

@@ -25,20 +25,23 @@ Protocol, in vLLM's call order:
              request_finished            forgets the request; never holds its blocks (the
                                           store was issued when the blocks were computed).
   worker     register_kv_caches          checks the engine's KV page format (refuses unknown).
-             wait_for_save               end of the forward: copies the completed blocks out of
-                                          the paged cache and hands them to an SDK put (async).
              start_load_kv               synchronous loads: scatter straight from the arena's
-                                          slots into the paged cache (Namespace.read_local), on
-                                          this thread, then the slot-generation proof; the
-                                          asynchronous ones: SDK gets into staging tensors on the
-                                          KV cache's device (I/O threads).
+                                          slots into the paged cache (Namespace.read_local); on
+                                          a CPU engine layer by layer on the loader thread
+                                          (kvstore.client.layerwise) while the forward runs,
+                                          otherwise whole, here; the asynchronous ones: SDK gets
+                                          into staging on the KV cache's device (I/O threads).
+             wait_for_layer_load         waits for one layer of this step's synchronous loads.
+             wait_for_save               end of the forward: waits for the loader, checks the
+                                          synchronous loads' slot-generation proofs; copies the
+                                          completed blocks out of the paged cache and hands them
+                                          to an SDK put (async).
              get_finished                copies finished gets into the paged cache and reports
                                           the request done.
              get_block_ids_with_load_errors  blocks missing or failed in either mode: vLLM
                                           recomputes them (a sync load's step then stores
                                           nothing: its forward read them).
-  wait_for_layer_load / save_kv_layer are no-ops: a load completes before its request's
-  forward, and a store is taken after the whole forward.
+  save_kv_layer is a no-op: a store is taken after the whole forward.
 
 Blocks: kvstore's block_tokens is vLLM's block_size, so one vLLM block is one kvstore block
 and keys chain over the prompt's token ids (only full blocks; the tail of a prompt that ends
@@ -46,10 +49,12 @@ mid-block is recomputed). Bytes are kvstore's canonical layout [layers, 2, block
 head_dim], converted from the backend's page format by kvstore.kernels (pages.py: the
 backend's page as a strided view; gather/scatter: Triton on CUDA, the torch reference
 elsewhere), so any runtime declaring the same layout reads them. Staging lives on the KV
-cache's device: on a GPU engine a store is one DMA per run into the pinned arena. Failure rule: every daemon error, timeout or restart is a miss (counted as a
+cache's device, bounded by device_staging_bytes on a GPU: there a store is one DMA per run
+from it into the pinned arena, on the SDK's copy stream. Failure rule: every daemon error, timeout or restart is a miss (counted as a
 fallback) and vLLM recomputes; nothing here raises into the engine.
 
 Modules: connector.py (the KVConnectorBase_V1 implementation), stats.py (its counters); the
+layer-wise loader is client/layerwise.py; the
 daemon link, backoff and fallback reports are client/link.py, shared with the other adapters.
 """
 from kvstore.client.vllm.connector import (KVStoreConnector, KVStoreConnectorMetadata, LoadSpec,

@@ -21,6 +21,7 @@ from kvstore.client import KVLayout, Reason
 from kvstore.client.adapter_config import VLLM_FIELDS, parse_extra_config
 from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
+from kvstore.client.layerwise import LayerLoad, Loader
 from kvstore.client.vllm.stats import Counters, KVStoreConnectorStats
 from kvstore.kernels.pages import PageFormat, page_format_for
 from kvstore.planner.prefix_load import plan_prefix_load
@@ -93,6 +94,16 @@ class _Load:
     spec: LoadSpec
     future: Future
     deadline: float
+    device_bytes: int = 0      # its landing buffer's share of device_staging_bytes
+
+
+@dataclass
+class _SyncLoad:
+    """One synchronous load of this step, until its proof is checked (_finish_sync_loads)."""
+    spec: LoadSpec
+    read: Any = None           # the ArenaRead its leading blocks come from (None: no daemon)
+    local: int = 0             # blocks [0, local) scattered from the arena's slots
+    leased: int = 0            # then [local, local + leased) from a leased get
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -144,8 +155,19 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._loads: list[_Load] = []
             self._load_errors: set[int] = set()
             self._unreported: list = []    # synchronous loads' reads (kvstore ArenaRead)
+            # This step's synchronous loads and their scatter (layer by layer on the loader
+            # thread, or all of it before the forward): _start_sync_loads .. _finish_sync_loads
+            self._sync: list[_SyncLoad] = []
+            self._layer_load: LayerLoad | None = None
+            self._layer_index = {n: i for i, n in enumerate(self.layer_names)}
+            self._layerwise = self.cfg["layerwise_load"]
+            self._loader = Loader()
+            self._sync_failed = False      # a synchronous load of this step failed
             self._stores: list[tuple[Future, int]] = []
             self._pending_store_bytes = 0
+            # GPU engines: device bytes held by staging (unfinished puts' gathered blocks,
+            # asynchronous loads' landing buffers), bounded by device_staging_bytes
+            self._device_staging = 0
             # kv_producer: keys each request stored (by request id), then the flushes of the
             # finished ones; a request is reported finished (finished_sending) once its
             # blocks are readable from the cluster tier, or its flush timed out
@@ -348,101 +370,163 @@ class KVStoreConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, KVStoreConnectorMetadata):
             return
-        failed_now = False
+        self._sync_failed = False
+        self._start_sync_loads([s for s in meta.loads if s.sync])
         for spec in meta.loads:
             if spec.sync:
-                failed_now |= not self._load_now(spec)
                 continue
             ns = self.link.namespace()
+            dev_bytes = 0
             if ns is None:
                 fut: Future = Future()
                 fut.set_exception(ConnectionError("daemon unavailable"))
             else:
                 try:
                     # Staging on the KV cache's device: on a GPU engine the get is one DMA per
-                    # run from the pinned arena, or device to device from the HBM tier.
+                    # run from the pinned arena, or device to device from the HBM tier. Device
+                    # staging is bounded (device_staging_bytes); beyond it the blocks land in
+                    # host memory and get_finished copies them up.
+                    dev = self._kv[0].device
+                    nbytes = len(spec.keys) * self.layout.block_bytes
+                    if dev.type != "cpu":
+                        if self._device_staging + nbytes <= self.cfg["device_staging_bytes"]:
+                            dev_bytes = nbytes
+                        else:
+                            dev = torch.device("cpu")
                     out = torch.empty((len(spec.keys), *self.layout.block_shape),
-                                      dtype=getattr(torch, self.layout.dtype),
-                                      device=self._kv[0].device)
+                                      dtype=getattr(torch, self.layout.dtype), device=dev)
                     fut = ns.get(spec.keys, out=out)
                 except Exception as exc:  # noqa: BLE001
                     self.link.failed(exc)
                     fut = Future()
                     fut.set_exception(exc)
-            self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"]))
-        if failed_now and meta.stores:
-            # This step's forward reads the blocks that failed to load (their requests', and
-            # those of any request sharing them through vLLM's prefix cache): KV it computes
-            # on top of them is wrong and must not be stored. vLLM recomputes it next step.
-            self.counters.add(store_skipped_blocks=sum(len(s.keys) for s in meta.stores))
-            meta.stores = []
+                    dev_bytes = 0
+            self._device_staging += dev_bytes
+            self._loads.append(_Load(spec, fut, time.monotonic() + self.cfg["load_timeout_s"],
+                                     dev_bytes))
 
-    def _load_now(self, spec: LoadSpec) -> bool:
-        """A synchronous load (see _loads_now), on the engine's thread, before the forward:
-        the blocks in this host's DRAM arena go straight from their slots into the engine's
-        pages (one scatter per run of adjacent slots, then the slot-generation proof); the
-        rest, if the lookup's answer went stale (evicted, demoted), through an SDK get this
-        thread waits for. Blocks not loaded go to get_block_ids_with_load_errors: vLLM
-        recomputes them (and drops this step's output for their requests). Returns whether
-        every block loaded."""
-        ids = spec.block_ids
-        found = 0
-        ns = self.link.namespace()
-        try:
-            if ns is not None:
-                found = self._scatter_local(ns, spec)
-                if found < len(ids):
-                    found += self._scatter_leased(ns, spec, found)
-        except Exception as exc:  # noqa: BLE001
-            self.link.failed(exc)
-        self._account_load(ids, found)
-        return found == len(ids)
+    def _start_sync_loads(self, specs: list[LoadSpec]) -> None:
+        """Synchronous loads (see _loads_now), before the forward: the blocks in this host's
+        DRAM arena go straight from their slots into the engine's pages (Namespace.read_local:
+        views of the slots, proven after the copy by their generations); the rest, if the
+        lookup's answer went stale (evicted, demoted), through an SDK get this thread waits
+        for. On a CPU engine the scatter runs layer by layer on the loader thread while the
+        forward runs (wait_for_layer_load waits for one layer; kvstore.client.layerwise);
+        otherwise it is done here, all of it. _finish_sync_loads checks the proofs after the
+        forward."""
+        self._finish_sync_loads()          # a previous step's, were it still open
+        segments: list[tuple[list[int], torch.Tensor]] = []
+        for spec in specs:
+            sl = _SyncLoad(spec)
+            self._sync.append(sl)
+            ns = self.link.namespace()
+            if ns is None:
+                continue
+            try:
+                sl.read = ns.read_local(spec.keys)
+                # Slots already reused (or generations already stale) go through the leased
+                # get now, not as load errors after the forward.
+                usable = sl.read.valid_now()
+                for first, count, rows in sl.read.runs:
+                    count = min(count, usable - first)
+                    if count <= 0:
+                        break
+                    segments.append((spec.block_ids[first:first + count],
+                                     self._blocks_of(rows[:count], count)))
+                    sl.local = first + count
+                if sl.local < len(spec.keys):
+                    kv = self._get_leased(ns, spec, sl.local)
+                    sl.leased = int(kv.shape[0])
+                    if sl.leased:
+                        segments.append((spec.block_ids[sl.local:sl.local + sl.leased], kv))
+            except Exception as exc:  # noqa: BLE001
+                self.link.failed(exc)
+        if not segments:
+            return
+        job = LayerLoad(self.pages, self._kv, segments)
+        if self._layerwise and self._kv[0].device.type == "cpu":
+            self._layer_load = job
+            self._loader.submit(job)
+            self.counters.add(layerwise_loads=len(specs))
+        else:
+            # Whole, before the forward: on a GPU engine (docs/integrations/vllm.md, "On a GPU
+            # engine: what runs where"), or with layerwise_load off. The forward waits for
+            # nothing.
+            job.run_inline()
+            self._layer_load = job
 
-    def _scatter_local(self, ns, spec: LoadSpec) -> int:
-        """Scatter the blocks the arena holds straight from their slots; returns how many
-        leading blocks are proven (later pages may hold torn bytes: reloaded or recomputed,
-        never used as they are)."""
-        read = ns.read_local(spec.keys)
-        done = 0
-        try:
-            for first, count, rows in read.runs:
-                self.pages.scatter(self._kv, spec.block_ids[first:first + count],
-                                   self._blocks_of(rows, count))
-                done = first + count
-        finally:
-            # The daemon hears of the reads after this step's forward (get_finished): on a
-            # small host its work, and the report thread's, would slow the forward.
-            proven = read.verify(report=False)
-            self._unreported.append(read)
-        return min(proven, done)
-
-    def _scatter_leased(self, ns, spec: LoadSpec, first: int) -> int:
+    def _get_leased(self, ns, spec: LoadSpec, first: int) -> torch.Tensor:
         """Blocks [first, ...) through an SDK get (leased), which this thread waits for: the
-        lookup's answer went stale (evicted, demoted, a slot reused). Returns how many."""
+        lookup's answer went stale (evicted, demoted, a slot reused)."""
         out = torch.empty((len(spec.keys) - first, *self.layout.block_shape),
                           dtype=getattr(torch, self.layout.dtype), device=self._kv[0].device)
         kv = ns.get(spec.keys[first:], out=out).result(self.cfg["load_timeout_s"])
-        n = int(kv.shape[0])
-        if n:
-            self.pages.scatter(self._kv, spec.block_ids[first:first + n], kv)
-        self.counters.add(sync_reread_blocks=n)
-        return n
+        self.counters.add(sync_reread_blocks=int(kv.shape[0]))
+        return kv
+
+    def _finish_sync_loads(self) -> None:
+        """(after the forward; idempotent) Wait until the scatter is done with every page and
+        slot, then check each load's proof: blocks [proven, ...) of a read may hold torn bytes
+        and, with everything after them, go to get_block_ids_with_load_errors (vLLM drops
+        this step's output for their requests and recomputes them). All of a job's blocks
+        fail when its scatter failed or the forward read a layer it had not waited for."""
+        job, self._layer_load = self._layer_load, None
+        ok = True
+        if job is not None:
+            ok = job.finish()
+            if job.error is not None:
+                log.warning("KVStoreConnector: writing loaded blocks failed: %s", job.error)
+            elif not ok:
+                # vLLM did not call wait_for_layer_load before some layer's attention (a model
+                # whose attention is not wrapped by its KV-transfer hook): load whole from now on.
+                log.warning("KVStoreConnector: the forward did not wait for %d of %d layers; "
+                            "loading every layer before the forward from now on",
+                            job.unwaited_layers, len(self._kv))
+                self._layerwise = False
+                self.counters.add(layer_wait_misses=1)
+        for sl in self._sync:
+            found = 0
+            if sl.read is not None:
+                # The daemon hears of the reads after this step (get_finished): on a small
+                # host its work, and the report thread's, would slow the forward.
+                proven = sl.read.verify(report=False)
+                self._unreported.append(sl.read)
+                found = sl.local + sl.leased if proven >= sl.local else proven
+            if not ok:
+                found = 0
+            self._sync_failed |= found < len(sl.spec.block_ids)
+            self._account_load(sl.spec.block_ids, found)
+        self._sync = []
 
     def _blocks_of(self, rows: torch.Tensor, count: int) -> torch.Tensor:
         """[count, block_bytes] uint8 arena rows as [count, *block_shape] blocks (a view)."""
         return rows.view(getattr(torch, self.layout.dtype)).view(count, *self.layout.block_shape)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # a load finishes before its request's forward (start_load_kv or get_finished)
+        # This step's synchronous loads, scattered layer by layer (_start_sync_loads); an
+        # asynchronous load finished before its request's forward (get_finished).
+        job = self._layer_load
+        if job is not None:
+            i = self._layer_index.get(layer_name)
+            if i is not None:
+                job.wait(i)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata,
                       **kwargs: Any) -> None:
         return  # stores are taken in wait_for_save, once the whole forward has run
 
     def wait_for_save(self):
+        self._finish_sync_loads()
         self._reap_stores()
         meta = self._connector_metadata
         if not isinstance(meta, KVStoreConnectorMetadata) or not meta.stores:
+            return
+        if self._sync_failed:
+            # This step's forward read the blocks that failed to load (their requests', and
+            # those of any request sharing them through vLLM's prefix cache): KV it computes
+            # on top of them is wrong and must not be stored. vLLM recomputes it next step.
+            self.counters.add(store_skipped_blocks=sum(len(s.keys) for s in meta.stores))
+            meta.stores = []
             return
         for spec in meta.stores:
             n = len(spec.keys)
@@ -450,24 +534,28 @@ class KVStoreConnector(KVConnectorBase_V1):
             if not self.loads_enabled:     # a producer flushes what each request stored
                 self._producer_keys.setdefault(spec.req_id, []).extend(spec.keys)
             ns = self.link.namespace()
-            if ns is None or self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"]:
+            on_device = self._kv[0].device.type != "cpu"
+            over = self._pending_store_bytes + nbytes > self.cfg["max_pending_store_bytes"] or (
+                on_device and self._device_staging + nbytes > self.cfg["device_staging_bytes"])
+            if ns is None or over:
                 self.counters.add(store_skipped_blocks=n)
                 continue
             try:
-                # The copy out of the paged cache happens now: these blocks may be reused as
-                # soon as the step ends. The put itself runs on the SDK's I/O threads.
+                # The copy out of the paged cache happens now, into staging on the cache's
+                # device: these blocks may be reused as soon as the step ends. The put runs on
+                # the SDK's I/O threads; on a GPU engine its copy is a DMA from this staging
+                # into the pinned arena slots on the SDK's copy stream, ordered after this
+                # stream's gather by the event ns.put records: nothing here waits for the GPU
+                # or copies into pageable memory. The staging's device bytes count against
+                # device_staging_bytes until the put completes (outside vLLM's own budget).
                 staging = self.pages.gather(self._kv, spec.block_ids)
-                if staging.is_cuda:
-                    # Unfinished puts hold their staging; on a GPU engine that must not be
-                    # device memory vLLM budgeted for itself (gpu_memory_utilization): move it
-                    # to the host now, as one copy (the blocks may be reused after this step).
-                    staging = staging.cpu()
                 fut = ns.put(spec.keys, staging, parent_key=spec.parent_key or None)
             except Exception as exc:  # noqa: BLE001
                 self.link.failed(exc)
                 self.counters.add(store_failed_blocks=n, fallbacks=1)
                 continue
             self._pending_store_bytes += nbytes
+            self._device_staging += nbytes if on_device else 0
             # Counted as each put completes, not when reaped on a later step: the last
             # request's stores would otherwise never be counted (no step follows them).
             fut.add_done_callback(lambda f, n=n: self._count_store(f, n))
@@ -490,11 +578,14 @@ class KVStoreConnector(KVConnectorBase_V1):
                 keep.append((fut, n))
                 continue
             self._pending_store_bytes -= n * self.layout.block_bytes
+            if self._kv[0].device.type != "cpu":
+                self._device_staging -= n * self.layout.block_bytes
             if not fut.cancelled() and fut.exception() is not None:
                 self.link.failed(fut.exception())
         self._stores = keep
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._finish_sync_loads()          # wait_for_save may be deferred (speculative decoding)
         for read in self._unreported:      # this step's forward is over (see _scatter_local)
             read.report()
         self._unreported = []
@@ -509,6 +600,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 continue
             done.add(ld.spec.req_id)
             self._finish_load(ld)
+            self._device_staging -= ld.device_bytes
         self._loads = keep
         return (sent or None), (done or None)
 
@@ -576,6 +668,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.counters.add(loaded_blocks=found, loaded_bytes=found * self.layout.block_bytes)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_sync_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
@@ -587,6 +680,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 except Exception:  # noqa: BLE001
                     pass
             self._reap_stores()
+            self._finish_sync_loads()
+            self._loader.close()
         self.link.close()
 
     # =========================================================================================

@@ -128,6 +128,9 @@ def test_outputs_equal_and_shared_prefix_loads_from_kvstore(engine, baseline, da
     assert s["scheduler"]["hit_tokens"] == 5 * BLOCK
     # DRAM hits of a few blocks load in the step that schedules them (docs/integrations/vllm.md, "Load modes")
     assert s["scheduler"]["sync_loads"] == 3 and s["scheduler"]["async_loads"] == 0
+    # ... scattered layer by layer while the forward ran: vLLM's attention waited for each
+    # layer (wait_for_layer_load) before reading it, in every one of those steps
+    assert s["worker"]["layerwise_loads"] == 3 and s["worker"]["layer_wait_misses"] == 0
     assert _dram_hits(daemon) - hits0 == 5               # the daemon served those 5 blocks
 
 

@@ -62,3 +62,55 @@ def test_unexpected_page_shape_or_strides_are_refused():
         fmt.canonical(torch.zeros(B, 2, 32, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="not contiguous"):
         fmt.canonical(torch.zeros(B, 2, 64, 32, dtype=torch.bfloat16).transpose(2, 3))
+
+
+def _random_layers(build):
+    g = torch.Generator().manual_seed(1)
+    shape = (B, LAYOUT.block_tokens, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    return [build(torch.randn(shape, generator=g).bfloat16(),
+                  torch.randn(shape, generator=g).bfloat16()) for _ in range(LAYOUT.num_layers)]
+
+
+def _arena_rows(n: int) -> torch.Tensor:
+    """n blocks as an arena holds them: rows of block_bytes, viewed [n, *block_shape] with a
+    row stride (a run's view of adjacent slots, here with one spare slot between rows)."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn((n, 2, LAYOUT.block_bytes // 2), generator=g).bfloat16()[:, 0]
+    return rows.view(n, *LAYOUT.block_shape)
+
+
+@pytest.mark.parametrize("backend,build", [("CPU_ATTN", _cpu_pages), ("FLASH_ATTN", _flash_pages)])
+def test_scatter_layer_by_layer_equals_scatter_and_touches_only_its_pages(backend, build):
+    fmt = page_format_for(backend, LAYOUT)
+    data = _arena_rows(4)
+    assert not data.is_contiguous()
+    ids = [2, 3, 0, 5]                                  # a run of two, then single pages
+    want_pages = _random_layers(build)
+    want = [fmt.canonical(p) for p in want_pages]
+    fmt.scatter(want, ids, data.contiguous())
+    got_pages = _random_layers(build)                   # the same starting bytes
+    got = [fmt.canonical(p) for p in got_pages]
+    for l, layer in enumerate(got):
+        before = [p.clone() for p in got_pages]
+        fmt.scatter_layer(layer, ids, data, l)
+        for m, (p, b) in enumerate(zip(got_pages, before)):
+            assert torch.equal(p, b) == (m != l)        # only layer l changed
+    for p, w in zip(got_pages, want_pages):
+        assert torch.equal(p.view(torch.int16), w.view(torch.int16))
+    assert torch.equal(fmt.gather(got, ids), data.contiguous())
+    assert torch.equal(fmt.gather(got, [1, 4]), fmt.gather(
+        [fmt.canonical(p) for p in _random_layers(build)], [1, 4]))   # others untouched
+
+
+def test_scatter_layer_refuses_ids_and_shapes_that_do_not_fit():
+    fmt = page_format_for("CPU_ATTN", LAYOUT)
+    layer = fmt.canonical(_cpu_pages(*(torch.zeros(B, LAYOUT.block_tokens, LAYOUT.num_kv_heads,
+                                                   LAYOUT.head_dim).bfloat16(),) * 2))
+    data = _arena_rows(2)
+    before = layer.clone()
+    for ids in ([1, 1], [0, B], [-1, 0]):
+        with pytest.raises(ValueError, match="distinct pages"):
+            fmt.scatter_layer(layer, ids, data, 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        fmt.scatter_layer(layer, [0, 1, 2], data, 0)
+    assert torch.equal(layer, before)

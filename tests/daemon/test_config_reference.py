@@ -146,7 +146,7 @@ def test_adapter_keys_parse_to_typed_values_with_defaults():
                              "kv_connector_extra_config")
     assert cfg["max_pending_store_bytes"] == 256 << 20 and cfg["store_generated"] is False
     assert cfg["lookup_timeout_s"] == 2.0 and cfg["io_timeout_s"] == 5.0
-    assert cfg["socket"] is None and cfg["quant"] == "" and len(cfg) == 14
+    assert cfg["socket"] is None and cfg["quant"] == "" and len(cfg) == 16
     assert cfg["remote_flush_timeout_s"] == 10.0 and cfg["prefill_profile"] == ()
     cfg = parse_extra_config(VLLM_FIELDS, {"prefill_profile": [0.01, "2e-4", 0]}, "x")
     assert cfg["prefill_profile"] == (0.01, 2e-4, 0.0)
@@ -155,6 +155,7 @@ def test_adapter_keys_parse_to_typed_values_with_defaults():
     for bad in ([1e-4], [0, -1e-4, 0], [0.1, 0, 0], ["a", 1, 2], [0, float("inf"), 0]):
         with pytest.raises(ConfigError, match="prefill_profile"):
             parse_extra_config(VLLM_FIELDS, {"prefill_profile": bad}, "x")
+    assert cfg["layerwise_load"] is True and cfg["device_staging_bytes"] == 256 << 20
     cfg = parse_extra_config(SGLANG_FIELDS, {"backend_name": "kvstore", "interface_v1": 1,
                                              "socket": "/run/kv.sock"}, "extra_config",
                              SGLANG_OWN_KEYS)
