@@ -41,10 +41,11 @@ import numpy as np
 from kvstore.metrics.counters import TierCounters
 from kvstore.policies.write import WritePolicy, WriteThrough
 from kvstore.tiers.base import COMMITTED, NO_SLOT
+from kvstore.tiers.ssd.bandwidth import ReadBandwidth
+from kvstore.tiers.ssd.cleaner import WriteBackCleaner
 
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
-CLEAN_BATCH = 64
 # Bytes one I/O task moves (a get of 32 x 256 KiB blocks: 8 tasks of 1 MiB, each one vectored
 # call when the slots are adjacent). Fewer, larger tasks cost fewer thread, GIL and loop
 # hand-offs; more of them keep more requests at the disk. Measured on a virtio disk: 1 MiB
@@ -82,8 +83,9 @@ class SSDTier:
         self._promoting: dict[int, asyncio.Future] = {}
         self._last_error_log = 0.0
         self._closed = False
-        self._cleaner: asyncio.Task | None = None
-        self._read_bw = 0.0          # recent SSD read throughput (bytes/s), see read_bps
+        self._cleaner = WriteBackCleaner(table, dram, self._persist_pinned, files.counters,
+                                         self._writable)
+        self._read_bw = ReadBandwidth()
         self._loaded = asyncio.Event()   # set once the index is loaded (see start_recovery)
         self._failed = False             # the load failed: no SSD writes, journal untouched
         self._recovery: asyncio.Task | None = None
@@ -396,35 +398,9 @@ class SSDTier:
             self.table.unpin(bids)
         self.catalog.schedule_sync()
 
-    # -- write-back cleaner ------------------------------------------------------------------------
+    # -- write-back (the cleaner is kvstore.tiers.ssd.cleaner) -------------------------------------
     def _kick_cleaner(self) -> None:
-        if self._writable() and (self._cleaner is None or self._cleaner.done()):
-            self._cleaner = asyncio.get_running_loop().create_task(self._clean())
-
-    async def _clean(self) -> None:
-        """Write-back: keep the next eviction victims clean, in the background.
-
-        While fewer than 1/8 of a size class's unleased DRAM blocks have an SSD copy, write
-        the coldest dirty ones (in eviction order, CLEAN_BATCH at a time). Eviction then finds
-        clean victims and demotes them without waiting; it writes synchronously only when the
-        cleaner fell behind. Blocks that die young in DRAM are never written."""
-        idx = self.table
-        capacity = self.dram.capacity_bytes()
-        while not self._closed:
-            todo = []
-            for slot_bytes, free_slots, ev in self.dram.headroom():
-                headroom = free_slots + int((idx.ssd[ev] != NO_SLOT).sum())
-                if headroom >= max(1, capacity // slot_bytes // 8):
-                    continue
-                dirty = ev[idx.ssd[ev] == NO_SLOT]
-                todo += self.dram.eviction_order(dirty)[:CLEAN_BATCH].tolist()
-            if not todo:
-                return
-            idx.pin(todo)
-            await asyncio.shield(self._persist_pinned(todo))
-            self.slabs.counters.cleaned += sum(1 for b in todo if idx.ssd[b] != NO_SLOT)
-            if all(idx.ssd[b] == NO_SLOT for b in todo):
-                return   # nothing could be written (disk full, I/O errors): stop, retry later
+        self._cleaner.kick()
 
     def writes_on_eviction(self) -> bool:
         """Dirty DRAM victims are written to SSD before they are demoted (write-back), now."""
@@ -529,18 +505,10 @@ class SSDTier:
 
     def read_bps(self) -> float:
         """Measured SSD read throughput of recent promotions (bytes / wall time per batch,
-        averaged by bytes), capped by ssd_read_limit; 0 when nothing was read yet."""
-        bw = self._read_bw
+        weighted by bytes: kvstore.tiers.ssd.bandwidth), capped by ssd_read_limit; 0 when
+        nothing was read yet."""
         lim = self.slabs.read_limiter.rate_bps if self.slabs.read_limiter is not None else 0.0
-        return min(bw, lim) if bw and lim else (bw or 0.0)
-
-    def _observe_read(self, nbytes: int, seconds: float) -> None:
-        if nbytes <= 0 or seconds <= 0:
-            return
-        bw = nbytes / seconds
-        # Weight by bytes: a 1-block batch (latency-bound) moves the figure little.
-        w = min(1.0, nbytes / (64 << 20))
-        self._read_bw = bw if not self._read_bw else (1 - w) * self._read_bw + w * bw
+        return self._read_bw.bps(lim)
 
     async def measure_read_bps(self, block_ids: list[int], max_blocks: int = 4) -> float:
         """For the planner of a daemon that has read nothing yet: read up to ``max_blocks`` of
@@ -559,7 +527,7 @@ class SSDTier:
             t0 = time.monotonic()
             await asyncio.gather(*(loop.run_in_executor(self.slabs.pool, self.slabs.read_slots, [r])
                                    for r in reads))
-            self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
+            self._read_bw.observe(sum(len(r[1]) for r in reads), time.monotonic() - t0)
         finally:
             idx.unpin(bids)
         return self.read_bps()
@@ -576,7 +544,7 @@ class SSDTier:
             t0 = time.monotonic()
             done = await asyncio.gather(*(asyncio.wrap_future(f)
                                           for f in self._grouped(reader.read_slots, reads)))
-            self._observe_read(sum(len(r[1]) for r in reads), time.monotonic() - t0)
+            self._read_bw.observe(sum(len(r[1]) for r in reads), time.monotonic() - t0)
             results = self._ungroup(done, len(reads))
             for (b, off, fut), r in zip(mine, results):
                 if r is True:
@@ -620,8 +588,7 @@ class SSDTier:
             self.abandon()
             return
         self._loader.shutdown(wait=False)
-        if self._cleaner is not None:
-            await asyncio.gather(self._cleaner, return_exceptions=True)
+        await self._cleaner.wait()
         if self._write_tasks:
             await asyncio.gather(*self._write_tasks, return_exceptions=True)
         await self.catalog.idle()      # a background compaction building its snapshot
