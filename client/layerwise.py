@@ -7,9 +7,12 @@ Contract, in vLLM's call order within one step (all calls but ``run`` on the eng
           scatters layer 0 of every segment, then layer 1, ... (``PageFormat.scatter_layer``).
   wait    ``job.wait(l)`` (from ``wait_for_layer_load``): returns once layer ``l`` is in the
           pages, or the job failed (then every block of the job is a load error: see finish).
+          A layer the loader has not started yet is scattered by the waiting thread itself:
+          the forward never waits for the loader to be scheduled (it gets the interpreter
+          lock only rarely beside a busy engine thread), only for a copy already under way.
   finish  ``job.finish()`` (end of the forward, before any proof is checked or any page is
-          handed back to vLLM): waits for the loader to be done with every page and every
-          source view — no copy of this job runs after it returns, so vLLM may reuse the
+          handed back to vLLM): no copy of this job runs after it returns (it moves what
+          nobody has claimed, then waits for the copies under way), so vLLM may reuse the
           pages and the arena proof (ArenaRead.verify) covers every read. Returns whether
           every layer was scattered AND the forward waited for each before reading it; when
           not, the caller reports every block of the job as a load error (vLLM discards the
@@ -31,7 +34,8 @@ from kvstore.kernels.pages import PageFormat
 
 class LayerLoad:
     """One step's synchronous loads: ``segments`` are (vLLM block ids, [n, layers, 2, N, H, D]
-    blocks: arena rows or a leased get's output), scattered layer-major."""
+    blocks: arena rows or a leased get's output), scattered layer-major. Layers are claimed in
+    order, by the loader thread or by a thread waiting for the next unclaimed one."""
 
     def __init__(self, pages: PageFormat, kv: list[torch.Tensor],
                  segments: list[tuple[list[int], torch.Tensor]]):
@@ -39,43 +43,77 @@ class LayerLoad:
         self._kv = kv
         self._segments = segments
         self._cond = threading.Condition()
-        self._scattered = 0          # layers [0, _scattered) are in the pages
-        self._ended = False          # the loader is done with this job (all layers, or failed)
+        self._claimed = 0            # layers [0, _claimed) were taken by a thread to scatter
+        self._done = [False] * len(kv)
+        self._inflight = 0           # claimed layers whose scatter has not returned
         self.error: BaseException | None = None
         self._waited = [False] * len(kv)
+        self.stolen = 0              # layers the waiting thread scattered itself
 
     @property
     def num_blocks(self) -> int:
         return sum(len(ids) for ids, _ in self._segments)
 
-    def run(self) -> None:
-        """(loader thread) Scatter every segment, layer by layer."""
+    def _claim(self) -> int | None:
+        """(under the lock) The next layer to scatter, now this thread's; None: none left or
+        the job failed."""
+        if self.error is not None or self._claimed >= len(self._kv):
+            return None
+        self._claimed += 1
+        self._inflight += 1
+        return self._claimed - 1
+
+    def _scatter(self, l: int) -> None:
+        """Scatter layer ``l`` of every segment (its claimer only), then say so."""
         try:
-            for l, layer in enumerate(self._kv):
-                for ids, blocks in self._segments:
-                    self._pages.scatter_layer(layer, ids, blocks, l)
-                with self._cond:
-                    self._scattered = l + 1
-                    self._cond.notify_all()
+            for ids, blocks in self._segments:
+                self._pages.scatter_layer(self._kv[l], ids, blocks, l)
         except BaseException as exc:  # noqa: BLE001 - reported by finish(), never raised here
-            self.error = exc
-        finally:
             with self._cond:
-                self._ended = True
+                self.error = self.error or exc
+                self._inflight -= 1
                 self._cond.notify_all()
+            return
+        with self._cond:
+            self._done[l] = True
+            self._inflight -= 1
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        """(loader thread) Scatter every layer nobody else has claimed, in order."""
+        while True:
+            with self._cond:
+                l = self._claim()
+            if l is None:
+                return
+            self._scatter(l)
 
     def wait(self, layer: int) -> None:
-        """Until layer ``layer`` is in the pages, or the job ended (failed: finish says so)."""
+        """Until layer ``layer`` is in the pages, or the job failed (finish says so). When the
+        loader has not claimed it yet, this thread claims and scatters it now."""
         self._waited[layer] = True
         with self._cond:
-            self._cond.wait_for(lambda: self._scattered > layer or self._ended)
+            mine = self._claim() if self._claimed == layer else None
+            if mine is None:
+                self._cond.wait_for(lambda: self._done[layer] or self.error is not None)
+                return
+        self.stolen += 1
+        self._scatter(mine)
 
     def finish(self) -> bool:
-        """Wait for the loader to be done with this job; True when every layer was scattered
-        and waited for before the forward read it (see the module docstring)."""
+        """Scatter the layers nobody has claimed yet (a forward that skipped a wait), then wait
+        for the copies under way: after it no copy of this job runs (a loader that reaches the
+        job later finds nothing to claim). True when every layer was scattered and waited for
+        before the forward read it (see the module docstring)."""
+        while True:                  # what nobody has claimed yet, this thread moves now
+            with self._cond:
+                l = self._claim()
+            if l is None:
+                break
+            self._scatter(l)
         with self._cond:
-            self._cond.wait_for(lambda: self._ended)
-        return self.error is None and all(self._waited)
+            self._cond.wait_for(lambda: self._inflight == 0)
+        return self.error is None and all(self._done) and all(self._waited)
 
     @property
     def unwaited_layers(self) -> int:
@@ -88,10 +126,10 @@ class LayerLoad:
         try:
             for ids, blocks in self._segments:
                 self._pages.scatter(self._kv, ids, blocks)
-            self._scattered = len(self._kv)
+            self._done = [True] * len(self._kv)
         except BaseException as exc:  # noqa: BLE001 - reported by finish()
             self.error = exc
-        self._ended = True
+        self._claimed = len(self._kv)
         self._waited = [True] * len(self._waited)
 
 

@@ -73,6 +73,38 @@ def test_a_failed_scatter_ends_the_waits_and_fails_the_job(loader):
     assert not fmt.gather(kv, list(range(PAGES))).any()
 
 
+def test_a_wait_scatters_a_layer_the_loader_has_not_started():
+    """No loader thread ever runs this job: every wait scatters its own layer on the waiting
+    thread (the forward never waits for a thread that is not running), in order, exactly."""
+    fmt = page_format_for("CPU_ATTN", LAYOUT)
+    _raw, kv = _cache(fmt)
+    a = _blocks(3, 6)
+    job = LayerLoad(fmt, kv, [([2, 8, 5], a)])
+    for l in range(LAYOUT.num_layers):
+        job.wait(l)
+        assert torch.equal(fmt.gather([kv[l]], [2, 8, 5])[:, 0], a[:, l])
+        if l + 1 < LAYOUT.num_layers:       # nothing ahead of the forward is moved early
+            assert not fmt.gather([kv[l + 1]], [2, 8, 5]).any()
+    assert job.stolen == LAYOUT.num_layers
+    assert job.finish() is True
+    assert torch.equal(fmt.gather(kv, [2, 8, 5]), a)
+    job.run()                                # a loader reaching it afterwards finds nothing
+    assert torch.equal(fmt.gather(kv, [2, 8, 5]), a) and job.finish() is True
+
+
+def test_finish_moves_what_nobody_claimed_and_reports_the_skipped_wait():
+    """A forward that skipped layer 3's wait: finish scatters the rest itself (no copy runs
+    after it returns) and fails the job."""
+    fmt = page_format_for("CPU_ATTN", LAYOUT)
+    _raw, kv = _cache(fmt)
+    a = _blocks(2, 7)
+    job = LayerLoad(fmt, kv, [([6, 1], a)])
+    for l in range(3):
+        job.wait(l)
+    assert job.finish() is False and job.unwaited_layers == LAYOUT.num_layers - 3
+    assert torch.equal(fmt.gather(kv, [6, 1]), a)
+
+
 def test_inline_job_needs_no_waits(loader):
     fmt = page_format_for("CPU_ATTN", LAYOUT)
     _raw, kv = _cache(fmt)
