@@ -94,7 +94,8 @@ def _engine(model_dir, daemon, workdir, name, prefix_caching=False, **extra):
 
 @pytest.fixture(scope="module")
 def engine(model_dir, daemon, workdir, baseline):
-    with _engine(model_dir, daemon, workdir, "engine1") as eng:
+    # layer-wise loads (off by default) here; the SSD engine below loads whole (the default)
+    with _engine(model_dir, daemon, workdir, "engine1", layerwise_load=True) as eng:
         yield eng
 
 
@@ -283,6 +284,7 @@ def test_ssd_hit_loads_asynchronously_dram_hit_synchronously(ssd_engine, baselin
     assert _loads(ssd_engine) == (sync0 + 1, async0 + 1)
     w = ssd_engine.stats()["worker"]
     assert w["load_failed_blocks"] == 0 and w["sync_reread_blocks"] == 0
+    assert w["layerwise_loads"] == 0                     # the default: whole, before the forward
 
 
 def _stale_generations(shm_dir: Path) -> None:

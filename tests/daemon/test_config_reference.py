@@ -155,7 +155,7 @@ def test_adapter_keys_parse_to_typed_values_with_defaults():
     for bad in ([1e-4], [0, -1e-4, 0], [0.1, 0, 0], ["a", 1, 2], [0, float("inf"), 0]):
         with pytest.raises(ConfigError, match="prefill_profile"):
             parse_extra_config(VLLM_FIELDS, {"prefill_profile": bad}, "x")
-    assert cfg["layerwise_load"] is True and cfg["device_staging_bytes"] == 256 << 20
+    assert cfg["layerwise_load"] is False and cfg["device_staging_bytes"] == 256 << 20
     cfg = parse_extra_config(SGLANG_FIELDS, {"backend_name": "kvstore", "interface_v1": 1,
                                              "socket": "/run/kv.sock"}, "extra_config",
                              SGLANG_OWN_KEYS)
