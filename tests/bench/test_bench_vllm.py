@@ -35,6 +35,7 @@ def test_floor_run_reports_hit_over_floor_with_identical_tokens():
     # kvstore's hit against vLLM's own prefix cache: the same KV, so the same greedy tokens
     assert res["first_tokens"]["kvstore"] == res["first_tokens"]["vllm-apc"]
     assert res["continuations"]["kvstore"] == res["continuations"]["vllm-apc"]
+    assert res["tokens_identical_to_floor"] is True
     assert res["cached_tokens_connector_warm"] == res["cached_tokens_floor_warm"] == [512, 512]
     assert res["hit_over_floor"] == pytest.approx(
         res["ttft_connector_warm_s"] / res["ttft_floor_warm_s"])
