@@ -45,6 +45,16 @@ class PeerUnavailable(RuntimeError):
     """The peer asked for cannot run here (no environment): exit code 2, with how to fix it."""
 
 
+def tokens_agree(first_tokens: dict[str, list[int]], continuations: dict[str, list[int]],
+                 ref: str, skip: tuple[str, ...] = ()) -> bool:
+    """Whether every engine but ``skip`` generated ``ref``'s greedy tokens (every first token
+    and the continuation). The exactness reference for a cache is vLLM's own prefix cache
+    ("vllm-apc": the same KV bytes, never recomputed); a cold prefill ("none") can differ from
+    it where two bf16 logits tie (docs/integrations/vllm.md)."""
+    return all(first_tokens[n] == first_tokens[ref] and continuations[n] == continuations[ref]
+               for n in first_tokens if n not in skip)
+
+
 def _timed(eng: EngineProcess, prompt: list[int]) -> tuple[float, int, int]:
     """(TTFT s, first token, cached prompt tokens) of one request generating one token."""
     r = eng.generate([prompt], max_tokens=1)
@@ -140,12 +150,8 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
                         ["outputs"][0] for n in names}
         counters = engines["kvstore"].stats()
     med = {n: statistics.median(v) for n, v in ttft.items()}
-    same_tokens = all(first_tokens[n] == first_tokens["none"] and continuation[n] ==
-                      continuation["none"] for n in names)
-    # The exactness reference is vLLM's own prefix cache (the same KV bytes, never recomputed):
-    # a cold prefill can differ from it where two bf16 logits tie (docs/integrations/vllm.md).
-    same_as_floor = (all(first_tokens[n] == first_tokens["vllm-apc"] and continuation[n] ==
-                         continuation["vllm-apc"] for n in names if n != "none")
+    same_tokens = tokens_agree(first_tokens, continuation, "none")
+    same_as_floor = (tokens_agree(first_tokens, continuation, "vllm-apc", skip=("none",))
                      if "vllm-apc" in names else None)
     r = {
         "model_shape": args.shape, "prefix_tokens": args.prefix_tokens,
