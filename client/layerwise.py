@@ -65,22 +65,22 @@ class LayerLoad:
 
     def _scatter(self, l: int) -> None:
         """Scatter layer ``l`` of every segment (its claimer only), then say so."""
+        failed = None
         try:
             for ids, blocks in self._segments:
                 self._pages.scatter_layer(self._kv[l], ids, blocks, l)
         except BaseException as exc:  # noqa: BLE001 - reported by finish(), never raised here
-            with self._cond:
-                self.error = self.error or exc
-                self._inflight -= 1
-                self._cond.notify_all()
-            return
+            failed = exc
         with self._cond:
-            self._done[l] = True
+            if failed is None:
+                self._done[l] = True
+            else:
+                self.error = self.error or failed
             self._inflight -= 1
             self._cond.notify_all()
 
     def run(self) -> None:
-        """(loader thread) Scatter every layer nobody else has claimed, in order."""
+        """Scatter every layer nobody else has claimed, in order (the loader thread; finish)."""
         while True:
             with self._cond:
                 l = self._claim()
@@ -105,15 +105,10 @@ class LayerLoad:
         for the copies under way: after it no copy of this job runs (a loader that reaches the
         job later finds nothing to claim). True when every layer was scattered and waited for
         before the forward read it (see the module docstring)."""
-        while True:                  # what nobody has claimed yet, this thread moves now
-            with self._cond:
-                l = self._claim()
-            if l is None:
-                break
-            self._scatter(l)
+        self.run()                   # what nobody has claimed yet, this thread moves now
         with self._cond:
             self._cond.wait_for(lambda: self._inflight == 0)
-        return self.error is None and all(self._done) and all(self._waited)
+        return self.error is None and all(self._waited)   # no error: every layer is done
 
     @property
     def unwaited_layers(self) -> int:

@@ -21,7 +21,7 @@ def _bench(*args, timeout=120):
 
 def test_exactness_is_judged_against_vllms_own_prefix_cache():
     """A run measured 2026-12-07 (small shape): the cold prefill took another token at a bf16
-    tie in request 5; both caches took vLLM's own prefix cache's."""
+    tie in one request; both caches took vLLM's own prefix cache's."""
     first = {"none": [17962, 31665, 8714], "kvstore": [17962, 21175, 8714],
              "lmcache": [17962, 21175, 8714], "vllm-apc": [17962, 21175, 8714]}
     cont = {n: [19971, 4739, 995] for n in first}
