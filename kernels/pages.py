@@ -26,6 +26,7 @@ import torch
 
 from kvstore.core.layout import KVLayout
 from kvstore.kernels.ops import gather, scatter
+from kvstore.kernels.reference import wide_rows
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ class PageFormat:
                                         < layer.shape[1]):
             raise ValueError(f"scatter_layer: block ids must be distinct pages of the layer's "
                              f"{layer.shape[1]}, got {block_ids}")
-        dst = _wide(layer.transpose(0, 1))           # [B, 2, N, H, D]
-        src = _wide(blocks[:, l])                    # [n, 2, N, H, D]
+        dst = wide_rows(layer.transpose(0, 1))           # [B, 2, N, H, D]
+        src = wide_rows(blocks[:, l])                    # [n, 2, N, H, D]
         if dst.dtype != src.dtype:
             dst, src = layer.transpose(0, 1), blocks[:, l]
         i = 0
@@ -92,17 +93,6 @@ class PageFormat:
             page = block_ids[i]
             dst[page:page + j - i].copy_(src[i:j])
             i = j
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its contiguous last dim viewed as 8-byte elements, when its size and the
-    other strides allow (same bytes, a quarter of a bf16 tensor's elements); else ``t``."""
-    if t.dtype.itemsize >= 8 or t.stride(-1) != 1 or (t.shape[-1] * t.dtype.itemsize) % 8:
-        return t
-    try:
-        return t.view(torch.int64)
-    except RuntimeError:        # a stride or offset not a multiple of 8 bytes
-        return t
 
 
 def _page_table(block_ids: list[int]) -> torch.Tensor:

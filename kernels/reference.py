@@ -105,6 +105,17 @@ def gather(pkv: PagedKV, page_table: torch.Tensor, out: torch.Tensor) -> torch.T
     return out
 
 
+def wide_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its contiguous last dim viewed as 8-byte elements, when its size and the
+    other strides allow (same bytes, a quarter of a bf16 tensor's elements); else ``t``."""
+    if t.dtype.itemsize >= 8 or t.stride(-1) != 1 or (t.shape[-1] * t.dtype.itemsize) % 8:
+        return t
+    try:
+        return t.view(torch.int64)
+    except RuntimeError:        # a stride or offset not a multiple of 8 bytes
+        return t
+
+
 def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> None:
     """The inverse of gather: layers[l][c, page_table[b, t // P], t % P] = blocks[b, l, c, t]."""
     n, ppb = page_table.shape
@@ -142,6 +153,13 @@ def scatter(pkv: PagedKV, page_table: torch.Tensor, blocks: torch.Tensor) -> Non
         # pages first, as in gather: [n*ppb, 2, P, H, D] (a view when a block is one page)
         src = blocks[:, l].reshape(n, 2, ppb, P, H, D).transpose(1, 2).reshape(n * ppb, 2, P, H, D)
         dst = layer.transpose(0, 1)
+        if runs is not None:
+            # 8-byte elements where the rows allow: measured 1.5x faster with two threads
+            # (vLLM's CPU pages, 128 blocks of the small and 1B shapes: 3.8 -> 2.5 ms, 8.4 ->
+            # 5.4 ms; 1.1x on one thread)
+            wdst, wsrc = wide_rows(dst), wide_rows(src)
+            if wdst.dtype == wsrc.dtype:
+                dst, src = wdst, wsrc
         if runs is None:
             dst.index_copy_(0, idx, src)
             continue

@@ -22,7 +22,7 @@ from kvstore.client.adapter_config import VLLM_FIELDS, parse_extra_config
 from kvstore.core.keys import chain_keys, namespace_digest
 from kvstore.client.link import DaemonLink
 from kvstore.client.layerwise import LayerLoad, Loader
-from kvstore.client.vllm.stats import Counters, KVStoreConnectorStats
+from kvstore.client.vllm.stats import Counters, KVStoreConnectorStats, engine_time
 from kvstore.kernels.pages import PageFormat, page_format_for
 from kvstore.planner.prefix_load import plan_prefix_load
 from kvstore.planner.recompute import PrefillProfile
@@ -177,6 +177,7 @@ class KVStoreConnector(KVConnectorBase_V1):
     # =========================================================================================
     # Scheduler side
     # =========================================================================================
+    @engine_time("lookup_us")
     def get_num_new_matched_tokens(self, request: "Request",
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)    # a producer needs it too: it names the blocks to store
@@ -366,6 +367,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         log.info("KVStoreConnector: %d layers, %s pages, %s", len(self._kv), name,
                  self.layout.describe())
 
+    @engine_time("load_us")
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata
         if not isinstance(meta, KVStoreConnectorMetadata):
@@ -451,8 +453,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         else:
             # Whole, before the forward: on a GPU engine (docs/integrations/vllm.md, "On a GPU
             # engine: what runs where"), or with layerwise_load off. The forward waits for
-            # nothing.
-            job.run_inline()
+            # nothing. On CPU the loader thread copies layers beside this one.
+            job.run_inline(self._loader)
             self._layer_load = job
 
     def _get_leased(self, ns, spec: LoadSpec, first: int) -> torch.Tensor:
@@ -515,6 +517,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                       **kwargs: Any) -> None:
         return  # stores are taken in wait_for_save, once the whole forward has run
 
+    @engine_time("save_us")
     def wait_for_save(self):
         self._finish_sync_loads()
         self._reap_stores()
@@ -584,6 +587,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.link.failed(fut.exception())
         self._stores = keep
 
+    @engine_time("finish_us")
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._finish_sync_loads()          # wait_for_save may be deferred (speculative decoding)
         for read in self._unreported:      # this step's forward is over (see _scatter_local)

@@ -1,7 +1,9 @@
 """The vLLM connector's counters: cumulative totals, and the per-interval stats vLLM logs."""
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from dataclasses import dataclass
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
@@ -18,7 +20,12 @@ _COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "sync_loads",
              "layerwise_loads", "layer_wait_misses",
              # kv_producer: blocks of finished requests readable from the cluster tier when
              # the request was reported finished, and requests reported before all were
-             "remote_placed_blocks", "remote_flush_timeouts")
+             "remote_placed_blocks", "remote_flush_timeouts",
+             # microseconds the connector held the engine's thread, by hook: the scheduler's
+             # lookups (get_num_new_matched_tokens), the loads before the forward
+             # (start_load_kv), the stores after it (wait_for_save), and the step's end
+             # (get_finished: proofs, read reports, asynchronous loads' scatter)
+             "lookup_us", "load_us", "save_us", "finish_us")
 
 
 @dataclass
@@ -42,6 +49,20 @@ class KVStoreConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+def engine_time(counter: str):
+    """Decorate a connector hook: add the microseconds each call took to ``counter``."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                self.counters.add(**{counter: int((time.perf_counter() - t0) * 1e6)})
+        return timed
+    return wrap
 
 
 class Counters:

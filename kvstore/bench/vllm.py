@@ -138,6 +138,7 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
         first = {n: _timed(engines[n], prompts[0]) for n in names}
         time.sleep(0.5)  # the cold requests' stores complete in the background
         ttft: dict[str, list[float]] = {n: [] for n in names}
+        before = engines["kvstore"].stats()
         cached: dict[str, list[int]] = {n: [] for n in names}
         first_tokens: dict[str, list[int]] = {n: [first[n][1]] for n in names}
         for i, p in enumerate(prompts[1:]):
@@ -146,6 +147,7 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
                 ttft[n].append(t)
                 first_tokens[n].append(tok)
                 cached[n].append(c)
+        engine_ms = _engine_ms_per_hit(before, engines["kvstore"].stats(), len(prompts) - 1)
         continuation = {n: engines[n].generate([check_prompt], max_tokens=args.check_tokens)
                         ["outputs"][0] for n in names}
         counters = engines["kvstore"].stats()
@@ -171,6 +173,8 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
         "check_tokens": args.check_tokens,
         "first_tokens": first_tokens, "continuations": continuation,
         "peer": args.peer,
+        # the connector's time on the engine's thread per timed hit, by hook (ms)
+        "connector_engine_ms_per_hit": engine_ms,
     }
     if args.floor:
         r.update({
@@ -193,6 +197,18 @@ def _measure(args, py: str, workdir: Path, prompts: list[list[int]], check_promp
             "goal_kvstore_vs_peer_warm": GOAL_VS_PEER,
         })
     return r
+
+
+def _engine_ms_per_hit(before: dict, after: dict, hits: int) -> dict:
+    """Per timed hit, the milliseconds the connector held the engine's thread in each hook
+    (the ``*_us`` counters: kvstore.client.vllm.stats), from two snapshots of the counters."""
+    out = {}
+    for half, keys in (("scheduler", ("lookup_us",)),
+                       ("worker", ("load_us", "save_us", "finish_us"))):
+        for k in keys:
+            d = after.get(half, {}).get(k, 0) - before.get(half, {}).get(k, 0)
+            out[k[:-3]] = d / 1e3 / max(1, hits)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['hit_over_floor']:.2f}x the floor)"
               + (f", {PEER_NAMES[args.peer]} {r['peer_overhead_over_floor_s'] * 1e3:.1f} ms "
                  f"({r['peer_hit_over_floor']:.2f}x)" if args.peer else ""))
+    e = r["connector_engine_ms_per_hit"]
+    print(f"  kvstore's time on the engine's thread per warm hit {sum(e.values()):.1f} ms: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in e.items()))
     engines = "no cache, kvstore" + (f", {PEER_NAMES[args.peer]}" if args.peer else "")
     engines += ", vLLM's prefix cache" if args.floor else ""
     if r["tokens_identical"]:
