@@ -11,6 +11,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 _COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "sync_loads", "async_loads",
              "loaded_blocks", "loaded_bytes", "load_failed_blocks", "sync_reread_blocks",
              "stored_blocks", "stored_bytes", "store_failed_blocks", "store_skipped_blocks",
+             # blocks copied out of the pages and sent that the store held already
+             "store_present_blocks",
              "fallbacks",
              # slow-tier hits the planner was asked about, blocks found but left to vLLM to
              # compute (faster than reading them), and plans that failed (the hit loaded whole)

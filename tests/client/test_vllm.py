@@ -162,6 +162,13 @@ def test_second_engine_reuses_first_engines_blocks(engine, model_dir, daemon, wo
         assert out == baseline["LONG"] and cached == 4 * BLOCK
         w = eng2.stats()["worker"]
         assert w["loaded_blocks"] == 4 and w["stored_blocks"] == 0
+        # Served by vLLM's own cache alone: nothing to load, and nothing the store holds is
+        # copied out of the pages and sent again
+        out, cached = _gen(eng2, "LONG")
+        assert out == baseline["LONG"] and cached == 4 * BLOCK
+        w = eng2.stats()["worker"]
+        assert w["loaded_blocks"] == 4 and w["stored_blocks"] == 0
+        assert w["store_present_blocks"] == 0
 
 
 def test_quantized_blocks_half_the_bytes(model_dir, daemon, workdir):
