@@ -114,27 +114,19 @@ class LayerLoad:
     def unwaited_layers(self) -> int:
         return self._waited.count(False)
 
-    def run_inline(self, helper: "Loader | None" = None) -> None:
-        """Scatter every layer before returning (the whole-load mode: the forward then needs
-        no per-layer wait). On CPU pages with a ``helper``, the layers are claimed in order by
-        this thread and the helper's thread at once, each copying its own layer: vLLM's CPU
-        engine runs torch with one intra-op thread, and a second thread whose copies release
-        the GIL halves the scatter where a core is free (never slower: it only takes what
-        this thread has not claimed yet). Otherwise one PageFormat.scatter on this thread
-        (Triton on CUDA)."""
-        if helper is not None and self._kv and self._kv[0].device.type == "cpu":
-            helper.submit(self)
-            self.run()
-            with self._cond:
-                self._cond.wait_for(lambda: self._inflight == 0)
-        else:
-            try:
-                for ids, blocks in self._segments:
-                    self._pages.scatter(self._kv, ids, blocks)
-                self._done = [True] * len(self._kv)
-            except BaseException as exc:  # noqa: BLE001 - reported by finish()
-                self.error = exc
-            self._claimed = len(self._kv)
+    def run_inline(self) -> None:
+        """Scatter every segment, all layers at once, on the calling thread now (the
+        whole-load mode: PageFormat.scatter, Triton on CUDA): the forward then needs no
+        per-layer wait. On CPU no second thread helps: a loader thread copying layers beside
+        this one halved the scatter alone, but the forward that followed ran slower in the
+        engine (docs/integrations/vllm.md, "Load modes")."""
+        try:
+            for ids, blocks in self._segments:
+                self._pages.scatter(self._kv, ids, blocks)
+            self._done = [True] * len(self._kv)
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+        self._claimed = len(self._kv)
         self._waited = [True] * len(self._waited)
 
 

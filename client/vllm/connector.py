@@ -474,8 +474,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         else:
             # Whole, before the forward: on a GPU engine (docs/integrations/vllm.md, "On a GPU
             # engine: what runs where"), or with layerwise_load off. The forward waits for
-            # nothing. On CPU the loader thread copies layers beside this one.
-            job.run_inline(self._loader)
+            # nothing.
+            job.run_inline()
             self._layer_load = job
 
     def _get_leased(self, ns, spec: LoadSpec, first: int) -> torch.Tensor:

@@ -115,34 +115,6 @@ def test_inline_job_needs_no_waits(loader):
     assert torch.equal(fmt.gather(kv, [7, 3]), a)
 
 
-def test_inline_job_with_a_helper_splits_the_layers_and_every_byte_lands(loader):
-    """Whole loads on CPU: this thread and the loader claim layers at once; when run_inline
-    returns every layer is in the pages (no copy runs after it), nothing else changed, and
-    the forward needs no waits."""
-    fmt = page_format_for("CPU_ATTN", LAYOUT)
-    _raw, kv = _cache(fmt)
-    a, b = _blocks(3, 11), _blocks(2, 12)
-    for _ in range(20):            # the helper joins at different points of the job
-        for t in kv:
-            t.zero_()
-        job = LayerLoad(fmt, kv, [([5, 6, 7], a), ([0, 9], b)])
-        job.run_inline(loader)
-        assert job._inflight == 0 and all(job._done)
-        assert torch.equal(fmt.gather(kv, [5, 6, 7]), a)
-        assert torch.equal(fmt.gather(kv, [0, 9]), b)
-        assert not fmt.gather(kv, [1, 2, 3, 4, 8, 10, 11]).any()
-        assert job.finish() is True and job.error is None
-
-
-def test_inline_job_with_a_helper_reports_a_failed_layer(loader):
-    """A layer whose copy fails (here: pages out of range) fails the job: finish says so."""
-    fmt = page_format_for("CPU_ATTN", LAYOUT)
-    _raw, kv = _cache(fmt)
-    job = LayerLoad(fmt, kv, [([PAGES + 3], _blocks(1, 13))])
-    job.run_inline(loader)
-    assert job.finish() is False and job.error is not None
-
-
 def test_this_thread_keeps_running_while_the_loader_moves_jobs(loader):
     """While the loader moves jobs back to back, a pure-Python loop on this thread keeps
     running (the engine thread runs the forward meanwhile), and every job lands."""
