@@ -164,15 +164,24 @@ class RedisCluster:
                 p.wait()
 
 
-def start_engine(backend: str, workdir: Path):
-    """A running engine; nothing is left running when starting it fails halfway."""
+def start_engine(backend: str, workdir: Path, attempts: int = 3):
+    """A running engine; nothing is left running when starting it fails halfway.
+
+    The ports are free when picked, but another process may bind one (an outgoing connection
+    takes its port from the same range) before the engine does: then the engine starts again
+    on new ports, up to ``attempts`` times in all."""
     workdir.mkdir(parents=True, exist_ok=True)
-    engine = MooncakeMaster(workdir) if backend == "mooncake" else RedisCluster(workdir)
-    try:
-        return engine.start()
-    except BaseException:
-        engine.stop()
-        raise
+    for attempt in range(attempts):
+        engine = MooncakeMaster(workdir) if backend == "mooncake" else RedisCluster(workdir)
+        try:
+            return engine.start()
+        except RuntimeError as exc:
+            engine.stop()
+            if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+        except BaseException:
+            engine.stop()
+            raise
 
 
 class RawClient:
