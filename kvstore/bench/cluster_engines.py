@@ -17,9 +17,20 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: every socket is held until all are picked (ports
+    picked one at a time can repeat, and two nodes given one port left one running)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
@@ -77,8 +88,7 @@ class MooncakeMaster:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.url = f"mooncake://127.0.0.1:{self.port}"
 
@@ -109,9 +119,10 @@ class RedisCluster:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.ports = [free_port() for _ in range(self.N)]
+        picked = free_ports(2 * self.N)
+        self.ports = picked[:self.N]
         # the bus port defaults to port + 10000, which a free high port may overflow or find taken
-        self.bus_ports = {p: free_port() for p in self.ports}
+        self.bus_ports = dict(zip(self.ports, picked[self.N:]))
         self.procs: dict[int, subprocess.Popen] = {}
         self.url = "redis://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
 

@@ -14,10 +14,15 @@ def test_a_port_taken_before_the_bind_restarts_the_cluster_on_new_ports(tmp_path
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))        # bound, not listening: nothing answers on it
     busy = taken.getsockname()[1]
-    picks = iter([busy])
-    real = ce.free_port
-    # the first node's port is one another process bound meanwhile; every later pick is free
-    monkeypatch.setattr(ce, "free_port", lambda: next(picks, None) or real())
+    real = ce.free_ports
+    calls = []
+
+    def picks(n):
+        # the first cluster's first node gets a port another process bound meanwhile
+        calls.append(n)
+        got = real(n)
+        return [busy] + got[1:] if len(calls) == 1 else got
+    monkeypatch.setattr(ce, "free_ports", picks)
     engine = ce.start_engine("redis", tmp_path / "engine")
     try:
         assert busy not in engine.ports and busy not in engine.bus_ports.values()
@@ -27,6 +32,13 @@ def test_a_port_taken_before_the_bind_restarts_the_cluster_on_new_ports(tmp_path
         engine.stop()
         taken.close()
     assert all(p.poll() is not None for p in engine.procs.values())
+    assert len(calls) == 2                # started again, once, on new ports
+
+
+def test_ports_picked_together_are_distinct():
+    """Two nodes given one port left one of them running after the cluster stopped."""
+    ports = ce.free_ports(64)
+    assert len(set(ports)) == 64 and all(0 < p < 65536 for p in ports)
 
 
 def test_a_failure_other_than_a_taken_port_is_not_retried(tmp_path, monkeypatch):
