@@ -33,11 +33,18 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+class PortTaken(RuntimeError):
+    """The engine exited because one of its ports was bound by another process after it was
+    picked: starting again on new ports may succeed (start_engine does)."""
+
+
 def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"engine exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            tail = log.read_text()[-2000:]
+            why = PortTaken if "Address already in use" in tail else RuntimeError
+            raise why(f"engine exited with {proc.returncode}:\n{tail}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -186,9 +193,9 @@ def start_engine(backend: str, workdir: Path, attempts: int = 3):
         engine = MooncakeMaster(workdir) if backend == "mooncake" else RedisCluster(workdir)
         try:
             return engine.start()
-        except RuntimeError as exc:
+        except PortTaken:
             engine.stop()
-            if "Address already in use" not in str(exc) or attempt == attempts - 1:
+            if attempt == attempts - 1:
                 raise
         except BaseException:
             engine.stop()

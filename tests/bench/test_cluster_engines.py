@@ -35,12 +35,6 @@ def test_a_port_taken_before_the_bind_restarts_the_cluster_on_new_ports(tmp_path
     assert len(calls) == 2                # started again, once, on new ports
 
 
-def test_ports_picked_together_are_distinct():
-    """Two nodes given one port left one of them running after the cluster stopped."""
-    ports = ce.free_ports(64)
-    assert len(set(ports)) == 64 and all(0 < p < 65536 for p in ports)
-
-
 def test_a_failure_other_than_a_taken_port_is_not_retried(tmp_path, monkeypatch):
     starts = []
 
