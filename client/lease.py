@@ -76,8 +76,10 @@ class BlockLease:
     def release(self, wait: bool = True, hbm_filled: bool = False) -> None:
         """Give the blocks back. ``wait`` (default): confirm with the daemon that the lease
         held until now — StaleRead if it had ended, and what was read must be discarded.
-        ``wait=False`` sends the release without waiting for the answer: only for a caller
-        that proved its copy otherwise (valid_prefix). ``hbm_filled``: the lease's HBM fill
+        ``wait=False`` gives it back without waiting for an answer: only for a caller that
+        proved its copy otherwise (valid_prefix). Such a release rides on this client's next
+        Acquire or Release of the session, or goes alone within a few milliseconds
+        (client/heldreleases.py). ``hbm_filled``: the lease's HBM fill
         slots were written with proven bytes (see client/hbm.py)."""
         if self._released:
             return
@@ -87,9 +89,14 @@ class BlockLease:
         if not wait:
             self.ns.client._release_async(req)
             return
+        held = self.ns.client.held_releases.take(self.session_id)   # they ride along
+        if held.ids:
+            req = pb.ReleaseRequest(session_id=self.session_id, lease_id=self.lease_id,
+                                    hbm_filled=hbm_filled, **held.fields())
         try:
             self.ns.client.call("Release", req)
         except KVStoreError as exc:
+            self.ns.client.held_releases.give_back(held)
             if exc.reason == Reason.EXPIRED_LEASE:
                 raise StaleRead(str(exc)) from None
             if isinstance(exc, (NotFound, Unavailable)):

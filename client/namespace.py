@@ -144,6 +144,28 @@ class Namespace:
                     raise
                 self._registered = False
 
+    def _acquire_rpc(self, **fields):
+        """Acquire (via _rpc) carrying this client's held releases of the session
+        (client/heldreleases.py): given back to be sent otherwise if the call fails."""
+        held = self.client.held_releases
+        carried = []
+
+        def request(sid):
+            taken = held.take(sid)
+            carried.append(taken)
+            for t in carried[:-1]:     # a retry carries the first attempt's releases again
+                if t.session_id == sid:
+                    taken.extend(t)
+                    t.ids, t.since = [], []
+            return pb.AcquireRequest(session_id=sid, namespace_id=self.namespace_id,
+                                     **fields, **taken.fields())
+        try:
+            return self._rpc("Acquire", request)
+        except BaseException:
+            for t in carried:
+                held.give_back(t)
+            raise
+
     # -- keys --------------------------------------------------------------------------------
     def block_keys(self, token_ids: Sequence[int], parent: bytes | None = None) -> list[bytes]:
         """Keys of every full block of ``token_ids``; ``parent`` continues an earlier chain."""
@@ -226,8 +248,7 @@ class Namespace:
         self._check_batch(len(keys))
         _wait_for(self._puts_of(keys), self.client.timeout_s)
         t0 = time.monotonic()
-        r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
-            session_id=sid, namespace_id=self.namespace_id, keys=blob))
+        r, sid = self._acquire_rpc(keys=blob)
         return BlockLease(self, sid, r.lease_id, list(r.offsets),
                           [TIER_NAMES.get(t, "?") for t in r.tiers], t0, r.lease_timeout_s,
                           list(r.generations))
@@ -390,8 +411,7 @@ class Namespace:
         path = self.client.datapath
         t0 = time.monotonic()
         rest = blob[16 * first:] if first else blob
-        r, sid = self._rpc("Acquire", lambda sid: pb.AcquireRequest(
-            session_id=sid, namespace_id=self.namespace_id, keys=rest, want_hbm=want_hbm))
+        r, sid = self._acquire_rpc(keys=rest, want_hbm=want_hbm)
         lease = BlockLease(self, sid, r.lease_id, list(r.offsets), [], t0, r.lease_timeout_s,
                            list(r.generations), list(r.hbm_offsets) if want_hbm else None,
                            list(r.hbm_fill) if want_hbm else None)

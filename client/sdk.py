@@ -29,6 +29,7 @@ from kvstore.core import memorder, shmindex
 from kvstore.client.datapath import DataPath, open_datapath
 from kvstore.client.errors import InvalidArgument, KVStoreError, Unavailable, from_rpc_error
 from kvstore.client.namespace import Namespace, PendingPuts
+from kvstore.client.heldreleases import HeldReleases
 from kvstore.client.readreports import ReadReports
 from kvstore.client.stats import Stats
 from kvstore.core.paths import default_socket
@@ -152,6 +153,8 @@ class KVClient:
         # Releases sent without waiting (their copies were proven): close() drains them
         self._releases_lock = threading.Condition()
         self._releases = 0
+        # Proven copies' releases, held for this client's next Acquire/Release (ride along)
+        self.held_releases = HeldReleases(lambda req: self.call("Release", req))
         self._work: set[Future] = set()      # puts and gets not finished yet, likewise
         self._pending_puts = PendingPuts()
         # Lease-free gets' reads, reported to the daemon off their critical path
@@ -296,6 +299,7 @@ class KVClient:
         get's latency sample) are waited for first, at most timeout_s."""
         self._ensure_session()
         self.read_reports.flush(self.timeout_s)
+        self.held_releases.flush(self.timeout_s)
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0, self.timeout_s)
         return Stats.from_proto(self.call("GetStats", pb.GetStatsRequest()))
@@ -344,7 +348,12 @@ class KVClient:
             self._work.discard(fut)
 
     def _release_async(self, request) -> None:
-        """Send a Release without waiting for its answer; close() waits for it."""
+        """Send a Release without waiting for its answer; close() waits for it. A plain
+        release (no HBM fill to publish) is held for this client's next call instead
+        (client/heldreleases.py)."""
+        if not request.hbm_filled:
+            self.held_releases.hold(request.session_id, request.lease_id)
+            return
         fut = self._stub.Release.future(request, timeout=self.timeout_s, metadata=self._metadata)
         with self._releases_lock:
             self._releases += 1
@@ -392,6 +401,7 @@ class KVClient:
         self._pool.shutdown(wait=not own)
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=not own)
+        self.held_releases.close(max(0.0, deadline - time.monotonic()))
         with self._releases_lock:
             self._releases_lock.wait_for(lambda: self._releases == 0,
                                          max(0.0, deadline - time.monotonic()))

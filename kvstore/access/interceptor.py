@@ -289,12 +289,19 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             ns = self.store.namespaces.get(bytes(request.namespace_id))
             want = n_keys * (ns.layout.block_bytes if ns else 0)
             key = self._client_key(principal, sid)
-            await self._admit(self._clients[key], key, want, context)
+            # the leases this call ends first (release_lease_ids) count no longer
+            ending = {(sid, lid) for lid in request.release_lease_ids} if name == "Acquire" \
+                else ()
+            await self._admit(self._clients[key], key, want, context, ending)
 
-    async def _admit(self, client: _Client, key: str, want_bytes: int, context) -> None:
+    async def _admit(self, client: _Client, key: str, want_bytes: int, context,
+                     ending=()) -> None:
         self._prune(client)
-        n = len(client.allocations) + len(client.leases) + client.streams
-        used = sum(client.allocations.values()) + sum(client.leases.values())
+        leases = client.leases
+        if ending:
+            leases = {k: v for k, v in leases.items() if k not in ending}
+        n = len(client.allocations) + len(leases) + client.streams
+        used = sum(client.allocations.values()) + sum(leases.values())
         lim = self.limits
         if n + 1 > lim.max_inflight_requests:
             why = (f"{n} puts/gets in flight (max_inflight_requests_per_client="

@@ -111,8 +111,27 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         n, tiers = await self.reads.lookup(request.namespace_id, request.keys)
         return pb.LookupResponse(num_cached=n, tiers=[TIER_ENUM[t] for t in tiers])
 
+    def _release_held_back(self, request) -> None:
+        """End the leases a client held back for this call (release_lease_ids: copies it
+        proved itself), before the call's own work; a lease that already ended is skipped."""
+        ids, waited = request.release_lease_ids, request.release_waited_s
+        if not ids:
+            return
+        if waited and len(waited) != len(ids):
+            raise InvalidArgument(f"release_waited_s has {len(waited)} entries for "
+                                  f"{len(ids)} release_lease_ids (one per lease, or none)")
+        if any(not 0.0 <= w <= MAX_REPORTED_GET_S for w in waited):
+            raise InvalidArgument(f"release_waited_s must be seconds in [0, "
+                                  f"{MAX_REPORTED_GET_S:g}]")
+        ended = set(self.reads.release_many(request.session_id, ids))
+        if self.metrics is not None:
+            for i, lid in enumerate(ids):
+                if lid in ended:
+                    self.metrics.get_finished(lid, waited[i] if waited else 0.0)
+
     @unary
     async def Acquire(self, request, context):
+        self._release_held_back(request)
         got = await self.reads.get(request.session_id, request.namespace_id, request.keys,
                                    want_hbm=request.want_hbm)
         return pb.AcquireResponse(lease_id=got.lease.lease_id if got.lease else 0,
@@ -132,7 +151,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @unary
     def Release(self, request, context):
-        self.reads.release(request.session_id, request.lease_id, request.hbm_filled)
+        self._release_held_back(request)
+        if request.lease_id:
+            self.reads.release(request.session_id, request.lease_id, request.hbm_filled)
         return pb.ReleaseResponse()
 
     @unary

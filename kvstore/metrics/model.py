@@ -139,11 +139,13 @@ class Metrics:
     def get_started(self, lease_id: int, tier: int, t0: float) -> None:
         _bounded_put(self._gets, lease_id, (t0, tier))
 
-    def get_finished(self, lease_id: int) -> None:
+    def get_finished(self, lease_id: int, waited_s: float = 0.0) -> None:
+        """The lease ended; ``waited_s``: how long its release waited in the client after the
+        get had finished (a release held back for the client's next call)."""
         started = self._gets.pop(lease_id, None)
         if started is not None:
             t0, tier = started
-            self.get_latency[tier].observe(self.clock() - t0)
+            self.get_latency[tier].observe(max(0.0, self.clock() - t0 - waited_s))
 
     def lookup_finished(self, t0: float) -> None:
         """A Lookup call that began at ``t0`` (this clock) has answered."""

@@ -184,6 +184,21 @@ class ReadPath:
     def release(self, session_id: int, lease_id: int, hbm_filled: bool = False) -> None:
         self.store.release(session_id, lease_id, hbm_filled)
 
+    def release_many(self, session_id: int, lease_ids) -> list[int]:
+        """End leases whose copies the client proved itself (releases it held back for its next
+        call), best effort: one that already ended (expired, released, never granted) is
+        skipped. Returns the ids ended now. Raises only for the session (unknown session)."""
+        store = self.store
+        store.session(session_id)
+        ended = []
+        for lid in lease_ids:
+            try:
+                store.release(session_id, lid)
+            except FailedPrecondition:
+                continue
+            ended.append(lid)
+        return ended
+
     def report_reads(self, namespace_id: bytes, keys_blob: bytes, misses: int = 0,
                      lookups: int = 0) -> int:
         """Lease-free DRAM reads, after the fact: accounted as a get's DRAM hits are

@@ -197,16 +197,20 @@ class CommitResponse(_message.Message):
     def __init__(self, committed: _Optional[int] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("session_id", "namespace_id", "keys", "want_hbm")
+    __slots__ = ("session_id", "namespace_id", "keys", "want_hbm", "release_lease_ids", "release_waited_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     WANT_HBM_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_WAITED_S_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     namespace_id: bytes
     keys: bytes
     want_hbm: bool
-    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., want_hbm: _Optional[bool] = ...) -> None: ...
+    release_lease_ids: _containers.RepeatedScalarFieldContainer[int]
+    release_waited_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[int] = ..., namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., want_hbm: _Optional[bool] = ..., release_lease_ids: _Optional[_Iterable[int]] = ..., release_waited_s: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("lease_id", "offsets", "tiers", "lease_timeout_s", "hbm_offsets", "hbm_fill", "generations")
@@ -243,14 +247,18 @@ class BlockData(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("session_id", "lease_id", "hbm_filled")
+    __slots__ = ("session_id", "lease_id", "hbm_filled", "release_lease_ids", "release_waited_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HBM_FILLED_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_WAITED_S_FIELD_NUMBER: _ClassVar[int]
     session_id: int
     lease_id: int
     hbm_filled: bool
-    def __init__(self, session_id: _Optional[int] = ..., lease_id: _Optional[int] = ..., hbm_filled: _Optional[bool] = ...) -> None: ...
+    release_lease_ids: _containers.RepeatedScalarFieldContainer[int]
+    release_waited_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[int] = ..., lease_id: _Optional[int] = ..., hbm_filled: _Optional[bool] = ..., release_lease_ids: _Optional[_Iterable[int]] = ..., release_waited_s: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ()

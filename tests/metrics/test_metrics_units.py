@@ -112,3 +112,21 @@ def test_metrics_history_latency_is_the_intervals_not_since_start():
     assert 0.5 <= slow["lookup_p99_s"] <= 0.5 * 1.2
     assert 1e-4 <= fast["lookup_p99_s"] <= 1.2e-4     # the slow ones are an earlier interval's
     assert m.snapshot().lookup_latency.count == 101
+
+
+def test_a_held_release_is_timed_without_its_wait():
+    """A release that waited in the client for its next call (client/heldreleases.py) ends
+    the get's latency sample at the copy's end, not at the call that carried it."""
+    from kvstore.metrics.model import Metrics
+    from kvstore.v1 import kvstore_pb2 as pb
+    now = [100.0]
+    m = Metrics(None, lambda: pb.Stats(), clock=lambda: now[0])
+    m.get_started(7, pb.TIER_SSD, 100.0)
+    m.get_started(8, pb.TIER_SSD, 100.0)
+    now[0] = 100.5
+    m.get_finished(7, waited_s=0.3)
+    m.get_finished(8)
+    h = m.get_latency[pb.TIER_SSD]
+    assert h.count == 2 and h.sum_s == pytest.approx(0.2 + 0.5)
+    m.get_finished(7, waited_s=0.3)          # ended once: a second end is not a sample
+    assert h.count == 2
