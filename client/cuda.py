@@ -28,8 +28,8 @@ _HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: pinned for every CU
 
 
 def is_cuda_tensor(x) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda"
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)   # see transfer._is_torch
+    return tensor is not None and isinstance(x, tensor) and x.device.type == "cuda"
 
 
 def cuda_available() -> tuple[bool, str]:

@@ -295,8 +295,9 @@ class KVClient:
     def stats(self) -> Stats:
         """The daemon's statistics (client/stats.py): print() shows a short table; .proto is
         the kvstore.v1.Stats message. This client's own gets so far are counted in it: its
-        lease-free reads' reports and its releases sent without waiting (which end a leased
-        get's latency sample) are waited for first, at most timeout_s."""
+        lease-free reads' reports and its releases sent without waiting or held for its next call
+        (which end a leased get's latency sample) are sent and waited for first, at most
+        timeout_s."""
         self._ensure_session()
         self.read_reports.flush(self.timeout_s)
         self.held_releases.flush(self.timeout_s)

@@ -18,8 +18,11 @@ _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, 
 
 
 def _is_torch(x) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    # torch as far as it is imported: another thread may be importing it right now (a client
+    # that never did imports it in an I/O thread for its first torch output), and a partly
+    # initialised module may have no Tensor yet; then x is no tensor of it
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
 
 
 def block_rows(kv, layout: KVLayout, n_blocks: int):

@@ -106,3 +106,20 @@ def test_host_copies_are_exact_at_every_relative_alignment(size):
             copy_rows(dst_buf[d_off:d_off + size], src)
             assert np.array_equal(dst_buf[d_off:d_off + size], src), (s_off, d_off)
             assert not dst_buf[:d_off].any() and not dst_buf[d_off + size:].any()
+
+
+def test_a_torch_import_in_progress_is_not_a_crash(monkeypatch):
+    """A client process that never imported torch imports it in an I/O thread for its first
+    torch output; meanwhile the caller's next get checks its ``out`` against a torch module
+    still being initialised, with no Tensor yet (seen: AttributeError from get)."""
+    import sys
+    import types
+
+    from kvstore.client import cuda, transfer
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    assert cuda.is_cuda_tensor(np.zeros(4)) is False
+    assert cuda.is_cuda_tensor(None) is False
+    assert transfer._is_torch(np.zeros(4)) is False
+    monkeypatch.undo()
+    assert transfer._is_torch(torch.zeros(4)) is True
+    assert cuda.is_cuda_tensor(torch.zeros(4)) is False
