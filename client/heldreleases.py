@@ -61,6 +61,7 @@ class HeldReleases:
         self._busy = False
         self._flushing = 0
         self._closed = False
+        self._idle = False         # the thread waits with nothing held (a hold must wake it)
         self._thread: threading.Thread | None = None
         self.riding = 0          # releases that went out on another call
         self.sent_alone = 0      # releases the thread sent in calls of their own
@@ -72,7 +73,6 @@ class HeldReleases:
                 closed = True
             else:
                 closed = False
-                was_empty = not self._held
                 ids, since = self._held.setdefault(session_id, ([], []))
                 ids.append(lease_id)
                 since.append(time.monotonic())
@@ -80,7 +80,7 @@ class HeldReleases:
                     self._thread = threading.Thread(target=self._run, name="kvstore-releases",
                                                     daemon=True)
                     self._thread.start()
-                if was_empty:
+                if self._idle:
                     self._cond.notify_all()
         if closed:
             self._send(pb.ReleaseRequest(session_id=session_id, lease_id=lease_id))
@@ -147,19 +147,25 @@ class HeldReleases:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._held and not self._closed:
-                    self._cond.wait()
-                until = time.monotonic() + self.linger_s   # a call of the client may take them
-                while self._held and not self._closed and not self._flushing:
-                    left = until - time.monotonic()
+                while True:
+                    if self._closed:
+                        return
+                    if not self._held:
+                        # idle: the next hold wakes this thread; while it waits with a timeout
+                        # (something held) holds do not wake it, so a stream of gets costs it
+                        # one wake-up per LINGER_S at most, not one per get
+                        self._idle = True
+                        self._cond.wait()
+                        self._idle = False
+                        continue
+                    if self._flushing:
+                        break
+                    oldest = min(since[0] for _, since in self._held.values())
+                    left = oldest + self.linger_s - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                if self._closed:
-                    return
-                if not self._held:
-                    continue
-                sid = next(iter(self._held))
+                sid = min(self._held, key=lambda s: self._held[s][1][0])
                 self._busy = True
             held = self.take(sid)
             with self._cond:
