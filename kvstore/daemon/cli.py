@@ -74,6 +74,21 @@ def _overrides(args) -> dict:
     return {f.name: getattr(args, f.name, None) for f in FIELDS if not f.internal}
 
 
+def run_loop(main, event_loop: str):
+    """Run ``main`` on the configured event loop (event_loop: auto, uvloop, asyncio)."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise ConfigError("event_loop = uvloop, but uvloop is not installed "
+                                  "(pip install uvloop)") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def cmd_serve(args) -> int:
     from kvstore.daemon.server import DaemonError, run_daemon
     from kvstore.core.arena import ArenaError
@@ -82,7 +97,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run_daemon(cfg))
+        run_loop(run_daemon(cfg), cfg.event_loop)
     except (DaemonError, ArenaError, OSError) as exc:
         print(f"kvstore serve: {exc}", file=sys.stderr)
         return 1

@@ -380,8 +380,9 @@ class Daemon:
     def _log_started(self, sock: Path, sock_mode: int, tcp: str, tls, tokens: TokenTable) -> None:
         """One line for the listener, the access rules and each tier."""
         cfg = self.cfg
-        log.info("kvstore %s listening on unix:%s (mode %04o)%s", __version__, sock, sock_mode,
-                 f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "")
+        log.info("kvstore %s listening on unix:%s (mode %04o)%s; %s event loop", __version__,
+                 sock, sock_mode, f" and tcp:{tcp}{' (TLS)' if tls else ''}" if tcp else "",
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
         log.info("access: %d bearer tokens; socket %s a token; shared arena for the socket's "
                  "owner%s; per client at most %d puts/gets and %s in flight", len(tokens),
                  "requires" if cfg.socket_requires_token else "does not require",

@@ -163,3 +163,37 @@ def test_bench_recompute_writes_no_file_unasked(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert '"plot"' not in r.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_event_loop_is_chosen_checked_and_named(daemon_factory, tmp_path, shm_dir):
+    """uvloop where installed (auto, the default), asyncio on request; a daemon told to use
+    uvloop where it is missing refuses to start with one line; each serves puts and gets."""
+    import numpy as np
+
+    from kvstore.client import KVClient, KVLayout
+    layout = KVLayout(1, 1, 64, 16, "uint8")
+    for flag, want in (((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")):
+        d = daemon_factory("--dram-bytes", "16MiB", "--chunk-bytes", "1MiB", *flag)
+        assert f"; {want} event loop" in d.log()
+        with KVClient(d.socket) as c:
+            ns = c.namespace("m", layout)
+            keys = ns.block_keys(list(range(32)))
+            data = np.arange(2 * layout.block_bytes, dtype=np.uint64).astype(np.uint8)
+            assert ns.put(keys, data.reshape(2, *layout.block_shape)).result() == 2
+            assert np.array_equal(np.asarray(ns.get(keys).result()).reshape(-1), data)
+    r = _kvstore("serve", "--event-loop", "libuv", "--socket", str(tmp_path / "a.sock"))
+    assert r.returncode == 2
+    assert "event_loop" in r.stderr and "must be one of auto, uvloop, asyncio" in r.stderr
+    # an interpreter where uvloop does not import
+    fake = tmp_path / "no-uvloop"
+    (fake / "uvloop").mkdir(parents=True)
+    (fake / "uvloop" / "__init__.py").write_text("raise ImportError('not here')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+    r = _kvstore("serve", "--event-loop", "uvloop", "--socket", str(tmp_path / "b.sock"),
+                 "--dram-bytes", "16MiB", "--chunk-bytes", "1MiB", "--shm-dir", str(shm_dir),
+                 env=env)
+    assert r.returncode == 2
+    assert "event_loop = uvloop, but uvloop is not installed" in r.stderr
+    assert not (tmp_path / "b.sock").exists()
+    d = daemon_factory("--dram-bytes", "16MiB", "--chunk-bytes", "1MiB", env=env)
+    assert "; asyncio event loop" in d.log()                  # auto: asyncio without uvloop
