@@ -45,10 +45,6 @@ class Held:
         return {"release_lease_ids": self.ids,
                 "release_waited_s": [max(0.0, now - t) for t in self.since]}
 
-    def extend(self, other: "Held") -> None:
-        self.ids += other.ids
-        self.since += other.since
-
 
 class HeldReleases:
     """``call(request)``: one blocking Release call (raises on failure)."""
@@ -89,18 +85,21 @@ class HeldReleases:
         """The releases held for ``session_id`` (at most MAX_PER_CALL), for a call about to be
         made: they are the caller's now (``give_back`` if its call fails)."""
         with self._cond:
-            entry = self._held.get(session_id)
-            if entry is None:
-                return Held(session_id, [], [])
-            ids, since = entry
-            if len(ids) <= MAX_PER_CALL:
-                del self._held[session_id]
-                taken = Held(session_id, ids, since)
-            else:
-                taken = Held(session_id, ids[:MAX_PER_CALL], since[:MAX_PER_CALL])
-                del ids[:MAX_PER_CALL], since[:MAX_PER_CALL]
+            taken = self._take(session_id)
             self.riding += len(taken.ids)
             return taken
+
+    def _take(self, session_id: int) -> Held:
+        entry = self._held.get(session_id)
+        if entry is None:
+            return Held(session_id, [], [])
+        ids, since = entry
+        if len(ids) <= MAX_PER_CALL:
+            del self._held[session_id]
+            return Held(session_id, ids, since)
+        taken = Held(session_id, ids[:MAX_PER_CALL], since[:MAX_PER_CALL])
+        del ids[:MAX_PER_CALL], since[:MAX_PER_CALL]   # the rest goes in the next call
+        return taken
 
     def give_back(self, held: Held) -> None:
         """The call that carried ``held`` failed: the thread sends them (a lease the daemon had
@@ -165,13 +164,11 @@ class HeldReleases:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                sid = min(self._held, key=lambda s: self._held[s][1][0])
-                self._busy = True
-            held = self.take(sid)
-            with self._cond:
-                self.riding -= len(held.ids)
+                # taken under the lock: a call of the client cannot take them meanwhile
+                held = self._take(min(self._held, key=lambda s: self._held[s][1][0]))
                 self.sent_alone += len(held.ids)
-            self._send(pb.ReleaseRequest(session_id=sid, **held.fields()))
+                self._busy = True
+            self._send(pb.ReleaseRequest(session_id=held.session_id, **held.fields()))
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()

@@ -148,22 +148,21 @@ class Namespace:
         """Acquire (via _rpc) carrying this client's held releases of the session
         (client/heldreleases.py): given back to be sent otherwise if the call fails."""
         held = self.client.held_releases
-        carried = []
+        carried = None
 
         def request(sid):
-            taken = held.take(sid)
-            carried.append(taken)
-            for t in carried[:-1]:     # a retry carries the first attempt's releases again
-                if t.session_id == sid:
-                    taken.extend(t)
-                    t.ids, t.since = [], []
+            nonlocal carried
+            if carried is None or carried.session_id != sid:   # a retry keeps what it took
+                if carried is not None:
+                    held.give_back(carried)
+                carried = held.take(sid)
             return pb.AcquireRequest(session_id=sid, namespace_id=self.namespace_id,
-                                     **fields, **taken.fields())
+                                     **fields, **carried.fields())
         try:
             return self._rpc("Acquire", request)
         except BaseException:
-            for t in carried:
-                held.give_back(t)
+            if carried is not None:
+                held.give_back(carried)
             raise
 
     # -- keys --------------------------------------------------------------------------------
