@@ -166,11 +166,13 @@ def create_companion(path: str | Path, magic: bytes, arena_uuid: bytes, count: i
 
 
 def attach_companion(path: str | Path, error: Callable[[str], Exception], what: str,
-                     magic: bytes, arena_uuid: bytes, min_bytes: int,
+                     magic: bytes | tuple[bytes, ...], arena_uuid: bytes, min_bytes: int,
                      needs_bytes: Callable[[int], int]) -> tuple[ShmFile, int]:
     """Map a companion file of arena ``arena_uuid`` read-only; returns (file, entry count).
+    ``magic``: the one accepted, or a tuple of them (the versions this reader knows).
     Raises ``error`` when it cannot be opened, is shorter than ``min_bytes``, or is not this
     arena's (magic, uuid, or shorter than ``needs_bytes(count)``)."""
+    magics = magic if isinstance(magic, tuple) else (magic,)
     file = ShmFile.open(path, error, what)
     with file.closing_on_error():
         size = file.size_bytes
@@ -178,7 +180,7 @@ def attach_companion(path: str | Path, error: Callable[[str], Exception], what: 
             raise error(f"{what} {file.path} is truncated")
         mm = file.map(size, writable=False)
         got, uid, count = COMPANION_HEADER.unpack(mm[:COMPANION_HEADER.size])
-        if got != magic or uid != arena_uuid or needs_bytes(count) > size:
+        if got not in magics or uid != arena_uuid or needs_bytes(count) > size:
             raise error(f"{what} {file.path} belongs to another arena")
     return file, count
 

@@ -4,8 +4,9 @@ The daemon (the only writer) mirrors every committed block into an open-addressi
 shared-memory file next to the arena (``<arena>.index``); trusted same-host clients map it
 read-only and answer ``Namespace.lookup`` themselves (client/namespace.py), and read DRAM
 blocks without an Acquire (``Namespace.get``, docs/decisions.md). What a bucket holds:
-(namespace tag, 16-byte key) → tier (DRAM or SSD), the block's DRAM slot offset (NO_OFFSET if
-it has none) and that slot's generation (kvstore/core/slotgen.py) when the block became
+(namespace tag, 16-byte key) → tier (HBM, DRAM or SSD: the fastest tier holding a copy, as the
+daemon's Lookup answers), the block's DRAM slot offset (NO_OFFSET if it has none; an HBM block
+keeps its DRAM slot here when it has one) and that slot's generation (kvstore/core/slotgen.py) when the block became
 visible there. The namespace tag is the first 8 bytes of the namespace id with its low bit set
 (0 marks an empty bucket), so a client needs nothing but the namespace id it already has.
 
@@ -40,8 +41,12 @@ Consistency (a seqlock per bucket, one for the table):
   stores in program order; other architectures would need fences, so there the SDK does not map
   the snapshot and asks the daemon (kvstore/core/memorder.py).
 
-What it does not hold: HBM copies (a daemon with an HBM tier publishes no snapshot) and the
-remote tier (the ``remote`` flag tells clients to ask the daemon when the local prefix is short).
+Versions: a daemon with an HBM tier writes tier HBM and marks its file ``KVSIDX02``; without one
+it writes ``KVSIDX01`` (tiers DRAM and SSD only). An SDK maps both; an older SDK maps only the
+first, so against a daemon with an HBM tier it asks over gRPC, never misreading tier HBM.
+
+What it does not hold: the remote tier (the ``remote`` flag tells clients to ask the daemon
+when the local prefix is short).
 The file itself is kvstore.core.shmfile's (0600, removed with its arena, orphans cleaned up).
 """
 from __future__ import annotations
@@ -57,15 +62,16 @@ from kvstore.core.shmfile import ShmFile, attach_companion, companion_path, crea
 DEFAULT_ENTRIES = 1 << 20            # buckets (41 bytes each), when nothing better is known
 MIN_ENTRIES, MAX_ENTRIES = 1 << 16, 1 << 22
 TYPICAL_BLOCK_BYTES = 64 << 10       # sizing guess: a 16-token block of a small model
-EMPTY, DRAM, SSD, TOMB = 0, 1, 2, 255
+EMPTY, DRAM, SSD, HBM, TOMB = 0, 1, 2, 3, 255
 NO_OFFSET = -1                       # a bucket's offset when the block has no DRAM slot
-TIER_NAMES = {DRAM: "DRAM", SSD: "SSD"}
+TIER_NAMES = {DRAM: "DRAM", SSD: "SSD", HBM: "HBM"}
 _NAMES = ["?"] * 256
 for _t, _name in TIER_NAMES.items():
     _NAMES[_t] = _name
 CLOSED, OVERFLOW, REMOTE = 1, 2, 4   # header flag bits
 
-_MAGIC = b"KVSIDX01"
+_MAGIC = b"KVSIDX01"                 # tiers DRAM and SSD
+_MAGIC_HBM = b"KVSIDX02"             # tier HBM as well (a daemon with an HBM tier)
 _EPOCH_AT, _FLAGS_AT, _BEAT_AT = 32, 40, 48   # uint64 words after the header
 HEARTBEAT_S = 0.1                    # how often the daemon stamps the header
 STALE_S = 1.0                        # a stamp older than this: readers ask the daemon instead
@@ -143,10 +149,12 @@ class ShmIndex:
 
     @classmethod
     def create(cls, arena_path: str | Path, arena_uuid: bytes, buckets: int = DEFAULT_ENTRIES,
-               remote: bool = False) -> "ShmIndex":
+               remote: bool = False, hbm: bool = False) -> "ShmIndex":
+        """``hbm``: the daemon has an HBM tier (tier HBM is written; see Versions above)."""
         if buckets < 16 or buckets & (buckets - 1):
             raise ValueError(f"buckets must be a power of two >= 16, got {buckets}")
-        file = create_companion(path_for(arena_path), _MAGIC, arena_uuid, buckets,
+        file = create_companion(path_for(arena_path), _MAGIC_HBM if hbm else _MAGIC,
+                                arena_uuid, buckets,
                                 _layout(buckets)[1])
         fcntl.flock(file.fd, fcntl.LOCK_EX)   # held until this process exits: readers' liveness
         idx = cls(file, buckets)
@@ -162,7 +170,8 @@ class ShmIndex:
     @classmethod
     def attach(cls, path: str | Path, arena_uuid: bytes) -> "ShmIndex":
         """Map a snapshot read-only; ShmIndexError if it is absent or not this arena's."""
-        file, buckets = attach_companion(path, ShmIndexError, "index snapshot", _MAGIC,
+        file, buckets = attach_companion(path, ShmIndexError, "index snapshot",
+                                         (_MAGIC, _MAGIC_HBM),
                                          arena_uuid, _DATA_OFFSET, lambda n: _layout(n)[1])
         return cls(file, buckets)
 
@@ -318,7 +327,7 @@ class ShmIndex:
 
     # -- reader (client) ---------------------------------------------------------------------
     def probe(self, tag: int, keys) -> np.ndarray | None:
-        """Tier of each key (uint8: DRAM, SSD, or EMPTY for a miss), all keys probed at once;
+        """Tier of each key (uint8: HBM, DRAM, SSD, or EMPTY for a miss), all keys probed at once;
         None when the snapshot cannot answer (closed, full, or still torn after retries):
         ask the daemon instead."""
         got = self._probe(tag, keys, False)
@@ -413,7 +422,7 @@ def prefix(tiers: np.ndarray) -> tuple[int, list[str]]:
 
 
 def dram_prefix(tiers: np.ndarray, offsets: np.ndarray) -> int:
-    """How many leading keys of a probe_slots answer are DRAM blocks with a published slot
-    (what a lease-free get may copy)."""
-    bad = np.flatnonzero((tiers != DRAM) | (offsets < 0))
+    """How many leading keys of a probe_slots answer are blocks with a published DRAM slot
+    (what a lease-free get may copy): DRAM blocks, and HBM blocks that keep a DRAM copy."""
+    bad = np.flatnonzero(((tiers != DRAM) & (tiers != HBM)) | (offsets < 0))
     return int(bad[0]) if len(bad) else len(tiers)

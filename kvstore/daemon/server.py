@@ -232,16 +232,16 @@ class Daemon:
             raise _unusable_path("shm_dir", cfg.shm_dir, exc) from None
         self.generations = slotgen.SlotGenerations.create(self.arena.path, self.arena.uuid,
                                                           self.arena.size_bytes)
-        if not cfg.hbm_bytes:     # HBM copies change lookup answers outside the index's view
-            self.snapshot = shmindex.ShmIndex.create(
-                self.arena.path, self.arena.uuid,
-                shmindex.buckets_for(cfg.dram_bytes + (cfg.ssd_bytes or 0)),
-                remote=bool(cfg.remote))
-            log.info("index snapshot for same-host lookups: %s (%d buckets, %d blocks before "
-                     "lookups fall back to gRPC)", self.snapshot.path, self.snapshot.buckets,
-                     self.snapshot.capacity_blocks)
-        else:
-            log.info("index snapshot: off (an HBM tier: lookups go over gRPC)")
+        # With an HBM tier the snapshot publishes tier HBM too (the block table mirrors the
+        # tier's copies as it reports them), so a GPU engine keeps its same-host lookups and
+        # lease-free DRAM reads.
+        self.snapshot = shmindex.ShmIndex.create(
+            self.arena.path, self.arena.uuid,
+            shmindex.buckets_for(cfg.dram_bytes + (cfg.ssd_bytes or 0)),
+            remote=bool(cfg.remote), hbm=bool(cfg.hbm_bytes))
+        log.info("index snapshot for same-host lookups: %s (%d buckets, %d blocks before "
+                 "lookups fall back to gRPC)", self.snapshot.path, self.snapshot.buckets,
+                 self.snapshot.capacity_blocks)
 
     def _compose(self, loop: asyncio.AbstractEventLoop) -> None:
         """The composition root: each part gets its collaborators through its constructor, in

@@ -44,7 +44,7 @@ import struct
 
 import numpy as np
 
-from kvstore.core.shmindex import DRAM, NO_OFFSET, SSD, ns_tag
+from kvstore.core.shmindex import DRAM, HBM, NO_OFFSET, SSD, ns_tag
 from kvstore.events.log import STORED, Record
 from kvstore.events.media import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_STORAGE
 from kvstore.tiers.base import COMMITTED, DELETED, FREE, NO_SLOT, WRITING
@@ -69,6 +69,7 @@ _COLUMNS = {
     "depth": np.uint32,     # position in its chain
     "csum": np.uint64,      # checksum of the block's bytes on SSD (valid when ssd != NO_SLOT)
     "hits": np.uint8,       # gets that leased the block (saturating): selective SSD writes
+    "gpu": np.uint8,        # 1 while the HBM tier holds a ready copy (report_copy)
 }
 
 
@@ -337,9 +338,13 @@ class BlockTable:
 
     def report_copy(self, medium: str, bid: int, stored: bool) -> None:
         """A tier that keeps its own copies (HBM) gained or lost a ready copy of a block. Its
-        owner reports both directions, once each, so the stream stays symmetric."""
+        owner reports both directions, once each, so the stream stays symmetric; the mirror
+        then publishes the block's tier as HBM while the copy is there (what lookups answer)."""
         if self._events is not None:
             self._report(stored, medium, bid)
+        self.gpu[bid] = stored
+        if self._mirror is not None and self.state[bid] == COMMITTED and bid != self._freeing:
+            self._mirror_put(bid)     # (a block being freed left the mirror when unlinked)
 
     def _report_stored(self, bids: np.ndarray, dram: bool = True) -> None:
         """Newly visible blocks: stored in each tier that holds them."""
@@ -393,6 +398,8 @@ class BlockTable:
             tier, off, gen = DRAM, NO_OFFSET, 0
         else:
             tier, gen = DRAM, self._generations.at(off)
+        if self.gpu[bid]:
+            tier = HBM       # the DRAM slot, if any, is published with it (lease-free reads)
         self._mirror.put(self._ns_tags[int(self.ns[bid])], int(self.keys[bid, 0]),
                          int(self.keys[bid, 1]), tier, off, gen)
 
@@ -403,7 +410,7 @@ class BlockTable:
         tags = np.asarray(self._ns_tags + [0], dtype=np.uint64)[self.ns[bids].astype(np.int64)]
         dram = self.dram[bids]
         in_dram = dram != NO_SLOT
-        tiers = np.where(in_dram, DRAM, SSD).astype(np.uint8)
+        tiers = np.where(self.gpu[bids] != 0, HBM, np.where(in_dram, DRAM, SSD)).astype(np.uint8)
         offs = np.full(len(bids), NO_OFFSET, dtype=np.int64)
         gens = np.zeros(len(bids), dtype=np.uint32)
         if self._generations is not None and in_dram.any():
@@ -432,6 +439,7 @@ class BlockTable:
         self.stamp[bid] = stamp
         self.leases[bid] = 0
         self.hits[bid] = 0
+        self.gpu[bid] = 0
         self.children[bid] = 0
         self.parent[bid] = parent
         if parent >= 0:
@@ -467,6 +475,7 @@ class BlockTable:
         self.stamp[bids] = stamp
         self.leases[bids] = 0
         self.hits[bids] = 0
+        self.gpu[bids] = 0
         self.children[bids] = 0
         self.parent[bids] = parents
         has = parents >= 0

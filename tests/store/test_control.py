@@ -379,3 +379,47 @@ def test_index_mirror_through_tombstones_overflow_and_rebuilds(tmp_path):
         reader.close()
         snap.close()
         arena.close()
+
+
+def test_the_mirror_publishes_hbm_copies_and_forgets_them_with_the_block(tmp_path):
+    """In process: a block whose HBM copy the tier reports is published as tier HBM (what the
+    daemon's Lookup answers) with its DRAM slot, goes back to DRAM when the copy goes, keeps
+    tier HBM through a rebuild, and leaves the snapshot for good when it is freed — even
+    though the HBM tier reports the copy's removal only after the unlink."""
+    from types import SimpleNamespace
+    from kvstore.store.table import BlockTable
+    from kvstore.tiers.base import NO_SLOT
+
+    snap = shmindex.ShmIndex.create(tmp_path / "x.arena", b"u" * 16, buckets=64, hbm=True)
+    reader = shmindex.ShmIndex.attach(snap.path, b"u" * 16)
+    table = None
+
+    def on_free(bid):       # the HBM tier's forget, as the daemon wires it
+        table.report_copy("GPU", bid, stored=False)
+
+    table = BlockTable(mirror=snap, on_free=on_free)
+    try:
+        ns = SimpleNamespace(index=0, namespace_id=b"n" * 16)
+        table.add_namespace(ns)
+        tag = shmindex.ns_tag(ns.namespace_id)
+        keys = [bytes([i]) * 16 for i in range(1, 4)]
+        bids = [table.add(0, k, -1, 1, dram=4096 * (i + 1)) for i, k in enumerate(keys)]
+        table.publish(bids)
+        table.set_dram(bids[2], NO_SLOT)          # the third one on SSD only
+        table.ssd[bids[2]] = 7
+        snap.beat()
+        probe = lambda: reader.probe(tag, b"".join(keys)).tolist()  # noqa: E731
+        assert probe() == [shmindex.DRAM, shmindex.DRAM, shmindex.SSD]
+        table.report_copy("GPU", bids[0], stored=True)
+        table.report_copy("GPU", bids[2], stored=True)
+        assert probe() == [shmindex.HBM, shmindex.DRAM, shmindex.HBM]
+        table.resync_mirror()
+        assert probe() == [shmindex.HBM, shmindex.DRAM, shmindex.HBM]
+        table.report_copy("GPU", bids[2], stored=False)
+        assert probe() == [shmindex.HBM, shmindex.DRAM, shmindex.SSD]
+        assert table.discard(bids[0])              # freed now: unlink, then the tiers forget
+        assert probe() == [shmindex.EMPTY, shmindex.DRAM, shmindex.SSD]
+        assert table.gpu[bids[0]] == 0
+    finally:
+        reader.close()
+        snap.close()

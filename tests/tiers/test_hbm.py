@@ -104,6 +104,46 @@ def test_a_dram_hit_fills_hbm_and_the_next_get_reads_hbm(daemon_factory):
                                             lease_id=lease_resp.lease_id))
 
 
+def test_with_an_hbm_tier_same_host_lookups_and_reads_skip_the_rpc(daemon_factory):
+    """An HBM tier keeps the index snapshot: lookups answer tier HBM for blocks with an HBM
+    copy (as the daemon's Lookup does), and a client reading host memory still reads their
+    DRAM copies lease-free. An SDK that knows only the first snapshot version refuses the file
+    (and asks over gRPC) rather than misread tier HBM."""
+    from kvstore.core import shmindex
+    from kvstore.core.shmfile import COMPANION_HEADER, attach_companion
+
+    d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
+    with KVClient(d.socket) as c, KVClient(d.socket, use_hbm=False) as plain:
+        assert plain.local_index() is not None
+        ns, pns = c.namespace("m", LAYOUT), plain.namespace("m", LAYOUT)
+        keys, data = put_chain(ns, 7, 8)
+        assert pns.lookup(keys).tiers == ["DRAM"] * 8 and pns.local_lookups_answered == 1
+        assert torch.equal(get_into(ns, keys, 8), data)     # DRAM hit: the client fills HBM
+        wait_for(lambda: tier(c, "HBM").blocks == 8)
+        assert pns.lookup(keys).tiers == ["HBM"] * 8 and pns.local_lookups_answered == 2
+        pns.local_lookups = False
+        assert pns.lookup(keys).tiers == ["HBM"] * 8              # the daemon agrees
+        pns.local_lookups = True
+        # Lease-free reads of the DRAM copies, byte-exact, no Acquire on their path.
+        before = tier(plain, "DRAM").hits
+        got = pns.get(keys).result(timeout=30)
+        assert np.array_equal(np.asarray(got), data.numpy()) and pns.local_gets_answered == 1
+        assert tier(c, "HBM").hits == 0
+        # The snapshot's file is version 2; a reader of version 1 only refuses it.
+        path = plain.local_index().path
+        magic, uuid, _ = COMPANION_HEADER.unpack(path.read_bytes()[:COMPANION_HEADER.size])
+        assert magic == b"KVSIDX02"
+        with pytest.raises(shmindex.ShmIndexError, match="another arena"):
+            attach_companion(path, shmindex.ShmIndexError, "index snapshot", b"KVSIDX01",
+                             uuid, 4096, lambda n: 0)
+        shmindex.ShmIndex.attach(path, uuid).close()      # this SDK maps it
+        # A delete leaves the snapshot: the lookup misses locally, the HBM copies are gone.
+        assert ns.delete(keys) == 8
+        assert pns.lookup(keys).num_cached == 0 and pns.local_lookups_answered == 3
+        assert tier(c, "HBM").blocks == 0
+        assert tier(plain, "DRAM").hits >= before
+
+
 def test_hbm_eviction_keeps_every_block_readable(daemon_factory):
     d = daemon_factory(*SMALL_DRAM, *HOST_HBM)
     with KVClient(d.socket) as c:
