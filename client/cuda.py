@@ -1,7 +1,7 @@
 """The SDK's CUDA data path: the mapped arena registered as pinned memory, and a copy stream.
 
 On a CUDA host a client registers the daemon's shared arena with ``cudaHostRegister`` (through
-``torch.cuda.cudart()``), so a put of a GPU tensor is one D2H DMA per run of adjacent slots
+``torch.cuda.cudart()``, in chunks on a thread of its own: kvstore.core.pinning), so a put of a GPU tensor is one D2H DMA per run of adjacent slots
 straight into the arena, and a get into a GPU tensor one H2D DMA per run, on a side stream that
 overlaps the caller's compute. No staging copy, no copy through the daemon.
 
@@ -21,6 +21,7 @@ import logging
 import sys
 
 from kvstore.client.transfer import runs  # noqa: F401  (re-exported)
+from kvstore.core.pinning import DEFAULT_CHUNK_BYTES, ChunkedRegistration
 
 log = logging.getLogger("kvstore.client.cuda")
 
@@ -74,19 +75,34 @@ def ready_event(x):
     return ev
 
 
+def copy_pieces(offsets: list[int], indices: list[int], row_bytes: int,
+                split=None) -> list[tuple[int, int, int, int, int]]:
+    """The copies for rows[i] <-> base[offsets[i]:+row] (i in indices): one per run of adjacent
+    slots (rows [first, first + count) at base offset o), cut where ``split(o, nbytes)`` cuts it
+    (kvstore.core.pinning.ChunkedRegistration.pieces: no copy spans two registrations). Each
+    is (first, count, byte offset within the run's rows, base offset, length)."""
+    out = []
+    for first, count, o in runs(offsets, indices, row_bytes):
+        for po, pn in (split(o, count * row_bytes) if split else [(o, count * row_bytes)]):
+            out.append((first, count, po - o, po, pn))
+    return out
+
+
 def queue_copies(stream, base, rows, offsets: list[int], indices: list[int], ready,
-                 to_base: bool):
+                 to_base: bool, split=None):
     """Queue copies rows[i] <-> base[offsets[i]:+row] for i in indices on ``stream`` (one copy
-    per run of adjacent slots), after ``ready``; returns the event marking their end. ``base`` is
-    a flat uint8 tensor: the pinned arena (H2D/D2H) or the HBM pool (D2D)."""
+    per run of adjacent slots, or per piece of it: see copy_pieces), after ``ready``; returns
+    the event marking their end. ``base`` is a flat uint8 tensor: the arena (H2D/D2H; pinned,
+    or a part of it still pageable: such a copy is staged by the driver, synchronously, and as
+    correct) or the HBM pool (D2D)."""
     import torch
     bb = rows.shape[1]
     with torch.cuda.stream(stream):
         if ready is not None:
             stream.wait_event(ready)
-        for first, count, o in runs(offsets, indices, bb):
-            slots = base[o:o + count * bb]
-            dev = rows[first:first + count].view(-1)
+        for first, count, r, o, n in copy_pieces(offsets, indices, bb, split):
+            slots = base[o:o + n]
+            dev = rows[first:first + count].view(-1)[r:r + n]
             if to_base:
                 slots.copy_(dev, non_blocking=True)
             else:
@@ -98,20 +114,24 @@ def queue_copies(stream, base, rows, offsets: list[int], indices: list[int], rea
 
 
 class PinnedArena:
-    """The arena pinned in this process, with one copy stream per device."""
+    """The arena pinned in this process, with one copy stream per device. Pinning runs in
+    chunks on a thread of its own (kvstore.core.pinning): connecting costs the caller (often
+    the engine's thread) nothing, and copies of the part not pinned yet are staged by the
+    driver until it is."""
 
-    def __init__(self, arena, arena_tensor):
+    def __init__(self, arena, arena_tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         import torch
         self._torch = torch
         self.arena_tensor = arena_tensor            # flat uint8 CPU tensor over the mapping
         self.ptr = arena_tensor.data_ptr()
         self.size_bytes = arena.size_bytes
         rt = torch.cuda.cudart()
-        err = rt.cudaHostRegister(self.ptr, self.size_bytes, _HOST_REGISTER_PORTABLE)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaHostRegister of {self.size_bytes} bytes failed ({err})")
+        self.registration = ChunkedRegistration(
+            self.ptr, self.size_bytes,
+            lambda ptr, n: rt.cudaHostRegister(ptr, n, _HOST_REGISTER_PORTABLE),
+            rt.cudaHostUnregister, chunk_bytes, name="kvstore-pin-arena",
+            what="the kvstore arena")
         self._streams: dict[int, object] = {}
-        log.info("pinned the kvstore arena (%d bytes) for DMA", self.size_bytes)
 
     def _stream(self, device):
         idx = device.index if device.index is not None else self._torch.cuda.current_device()
@@ -122,7 +142,7 @@ class PinnedArena:
 
     def _copy(self, gpu_rows, offsets: list[int], indices: list[int], ready, to_arena: bool):
         return queue_copies(self._stream(gpu_rows.device), self.arena_tensor, gpu_rows, offsets,
-                            indices, ready, to_base=to_arena)
+                            indices, ready, to_base=to_arena, split=self.registration.pieces)
 
     def to_arena(self, gpu_rows, offsets: list[int], indices: list[int], ready=None):
         """Queue D2H copies of gpu_rows[i] into the slots offsets[i]; returns the done event."""
@@ -141,5 +161,5 @@ class PinnedArena:
             return
         for s in self._streams.values():
             s.synchronize()
-        self._torch.cuda.cudart().cudaHostUnregister(self.ptr)
+        self.registration.close()
         self.ptr = None

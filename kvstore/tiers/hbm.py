@@ -118,8 +118,7 @@ class CudaPool:
         self.size_bytes = size_bytes
         self._share = self.tensor.untyped_storage()._share_cuda_()
         self._stream = None
-        self._pinned = False
-        self._pinned_ptr = None
+        self._pin = None       # kvstore.core.pinning.ChunkedRegistration of the DRAM arena
         log.info("HBM pool: %d bytes on %s (%s, %s) exported by CUDA IPC", size_bytes,
                  self.device, props.name, self.device_uuid)
 
@@ -138,8 +137,8 @@ class CudaPool:
 
     def copy_from_host(self, copies: list[tuple[int, memoryview]]) -> None:
         """H2D copies of host views (DRAM arena slots) into the pool, on this pool's own
-        stream; returns once they are complete. Pageable copies unless the arena is pinned
-        (pin_host)."""
+        stream; returns once they are complete. DMA from the part of the arena pin_host has
+        pinned so far, staged by the driver elsewhere (as correct, slower)."""
         import numpy as np
         torch = self._torch
         if self._stream is None:
@@ -147,27 +146,29 @@ class CudaPool:
         with torch.cuda.stream(self._stream):
             for off, src in copies:
                 host = torch.from_numpy(np.frombuffer(src, dtype=np.uint8))
-                self.tensor[off:off + len(src)].copy_(host, non_blocking=self._pinned)
+                self.tensor[off:off + len(src)].copy_(host, non_blocking=True)
         self._stream.synchronize()
 
     def pin_host(self, arena) -> None:
-        """Register the daemon's DRAM arena as pinned memory so copy_from_host is DMA."""
+        """Register the daemon's DRAM arena as pinned memory so copy_from_host is DMA: in
+        chunks, on a thread of its own, while the daemon serves (kvstore.core.pinning; a
+        whole large arena took seconds before the daemon listened)."""
         import numpy as np
+        from kvstore.core.pinning import ChunkedRegistration
+        rt = self._torch.cuda.cudart()
         ptr = np.frombuffer(arena.buffer, dtype=np.uint8).ctypes.data
-        err = self._torch.cuda.cudart().cudaHostRegister(ptr, arena.size_bytes, 1)
-        self._pinned = int(err) == 0
-        self._pinned_ptr = ptr if self._pinned else None
-        if not self._pinned:
-            log.warning("cudaHostRegister of the DRAM arena failed (%s): HBM prefetch copies "
-                        "are pageable", err)
+        self._pin = ChunkedRegistration(ptr, arena.size_bytes,
+                                        lambda p, n: rt.cudaHostRegister(p, n, 1),
+                                        rt.cudaHostUnregister, name="kvstore-pin-dram",
+                                        what="the DRAM arena (HBM prefetch copies)")
 
     def close(self) -> None:
         """Free the pool; unregister the arena (call before the arena is unmapped)."""
         if self._stream is not None:
             self._stream.synchronize()
-        if self._pinned_ptr is not None:
-            self._torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
-            self._pinned_ptr = None
+        if self._pin is not None:
+            self._pin.close()
+            self._pin = None
         self.tensor = None
 
 

@@ -69,3 +69,32 @@ def test_copies_are_grouped_into_runs_adjacent_in_both_places():
     assert kvcuda.runs([0, 4096, 8192], [0, 1, 2], bb) == [(0, 3, 0)]
     assert kvcuda.runs([8192, 4096], [0, 1], bb) == [(0, 1, 8192), (1, 1, 4096)]   # descending
     assert kvcuda.runs([], [], bb) == []
+
+
+def test_copy_pieces_cut_runs_at_registration_boundaries_and_move_every_byte():
+    """The arena is pinned in chunks (kvstore.core.pinning): a run of slots that spans two
+    registrations is copied in pieces, each inside one, and the pieces together move exactly
+    the rows to their slots (replayed here with numpy in place of the CUDA copies)."""
+    import numpy as np
+    from kvstore.core.pinning import ChunkedRegistration
+    bb, chunk = 4096, 16384
+    reg = ChunkedRegistration(0, 0, lambda p, n: 0, lambda p: 0, chunk_bytes=chunk)
+    offsets = [8192, 12288, 16384, 20480, -1, 40960, 0]
+    todo = [0, 1, 2, 3, 5, 6]
+    pieces = kvcuda.copy_pieces(offsets, todo, bb, reg.pieces)
+    # The run of rows 0-3 (bytes 8192..24576) crosses the boundary at 16384: two pieces.
+    assert pieces == [(0, 4, 0, 8192, 8192), (0, 4, 8192, 16384, 8192),
+                      (5, 1, 0, 40960, 4096), (6, 1, 0, 0, 4096)]
+    assert all(o // chunk == (o + n - 1) // chunk for *_, o, n in pieces)
+    assert kvcuda.copy_pieces(offsets, todo, bb) == [
+        (0, 4, 0, 8192, 16384), (5, 1, 0, 40960, 4096), (6, 1, 0, 0, 4096)]
+    rows = np.random.default_rng(3).integers(0, 256, (len(offsets), bb), dtype=np.uint8)
+    base = np.zeros(48 * 1024, dtype=np.uint8)
+    for first, count, r, o, n in pieces:
+        base[o:o + n] = rows[first:first + count].reshape(-1)[r:r + n]
+    for i in todo:
+        assert np.array_equal(base[offsets[i]:offsets[i] + bb], rows[i])
+    back = np.zeros_like(rows)
+    for first, count, r, o, n in pieces:
+        back[first:first + count].reshape(-1)[r:r + n] = base[o:o + n]
+    assert np.array_equal(back[todo], rows[todo]) and not back[4].any()
