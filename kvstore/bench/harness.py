@@ -10,14 +10,22 @@ from kvstore.testing.daemon import DaemonProcess
 
 
 @contextlib.contextmanager
-def private_daemon(*args: str, startup_timeout_s: float = 60.0):
+def private_daemon_process(*args: str, startup_timeout_s: float = 60.0):
     """Run `kvstore serve` on a private socket and shm dir (``args`` may override its 512 MiB
-    DRAM tier in 64 MiB chunks); yields the socket path, closes the daemon after."""
+    DRAM tier in 64 MiB chunks); yields the DaemonProcess (``.socket``, ``.proc.pid``),
+    closes the daemon after."""
     d = DaemonProcess.private(extra_args=args).start(startup_timeout_s)
     try:
-        yield d.socket
+        yield d
     finally:
         d.close()
+
+
+@contextlib.contextmanager
+def private_daemon(*args: str, startup_timeout_s: float = 60.0):
+    """As private_daemon_process; yields the socket path."""
+    with private_daemon_process(*args, startup_timeout_s=startup_timeout_s) as d:
+        yield d.socket
 
 
 def best_of(fn, repeats: int) -> float:

@@ -12,6 +12,11 @@ Starts a real daemon with a small DRAM tier and an SSD tier in ``--dir``, then, 
           (resident memory growth of this process / blocks, and the index arrays alone).
 
 Figures are ratios against the baselines of the same run; absolute numbers depend on the disk.
+Beside them, what each pass cost (medians over the pairs): core-seconds of CPU per GB moved, the
+daemon's and this process's (the client) apart, and, where ``--dir`` is on a block device, how
+busy the disk was and its mean queue depth. Those do not drift with the disk's speed as the
+ratios do: a pass that leaves the disk idle part of the time, or that needs the cores a raw
+read does not, shows it there.
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
-from kvstore.bench.harness import private_daemon
+from kvstore.bench.harness import private_daemon_process
 from kvstore.core.directio import O_DIRECT, directory_supports_direct_io
 from kvstore.core.layout import KVLayout
 from kvstore.core.units import format_bytes, parse_size
@@ -86,6 +92,85 @@ def raw_io(path: Path, slot: int, n: int, qd: int, write: bool, direct: bool) ->
     dt = time.perf_counter() - t
     os.close(fd)
     return dt
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, every thread) of process ``pid`` (None: this one)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def disk_stat_path(directory: Path) -> Path | None:
+    """/sys/block/<disk>/stat of the block device holding ``directory`` (the whole disk for a
+    partition), or None when it is not on one (tmpfs, overlay without a device)."""
+    st = os.stat(directory)
+    dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    try:
+        real = dev.resolve(strict=True)
+    except OSError:
+        return None
+    stat = real / "stat"
+    if (real / "partition").exists():
+        stat = real.parent / "stat"
+    return stat if stat.exists() else None
+
+
+class Meter:
+    """CPU seconds of this process and of the daemon, and the disk's busy and queue time,
+    across one pass (``with meter.measure() as m: ...``; then ``m.cpu_per_gb(nbytes)``...)."""
+
+    def __init__(self, daemon_pid: int | None, disk_stat: Path | None):
+        self.daemon_pid = daemon_pid
+        self.disk_stat = disk_stat
+
+    def _sample(self) -> tuple:
+        disk = None
+        if self.disk_stat is not None:
+            f = self.disk_stat.read_text().split()
+            disk = (int(f[9]), int(f[10]))           # io_ticks, time_in_queue (ms)
+        dpid = self.daemon_pid
+        return (time.perf_counter(), process_cpu_s(),
+                process_cpu_s(dpid) if dpid else 0.0, disk)
+
+    def measure(self) -> Pass:
+        return Pass(self)
+
+
+class Pass:
+    def __init__(self, meter: Meter):
+        self.meter = meter
+
+    def __enter__(self) -> Self:
+        self.start = self.meter._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = self.meter._sample()
+
+    def figures(self, nbytes: int) -> dict:
+        """client/daemon core-seconds per GB, and disk busy fraction / mean queue depth."""
+        (t0, c0, d0, k0), (t1, c1, d1, k1) = self.start, self.end
+        gb = max(nbytes, 1) / 1e9
+        out = {"client_cpu_s_per_gb": (c1 - c0) / gb}
+        if self.meter.daemon_pid:
+            out["daemon_cpu_s_per_gb"] = (d1 - d0) / gb
+        if k0 is not None and t1 > t0:
+            out["disk_busy"] = (k1[0] - k0[0]) / 1e3 / (t1 - t0)
+            out["disk_queue"] = (k1[1] - k0[1]) / 1e3 / (t1 - t0)
+        return out
+
+
+def _median_figures(passes: list[dict]) -> dict:
+    """Each figure's median over the passes that have it."""
+    out = {}
+    for k in {k for p in passes for k in p}:
+        vals = sorted(p[k] for p in passes if k in p)
+        out[k] = vals[len(vals) // 2]
+    return out
 
 
 class SDKRun:
@@ -215,27 +300,40 @@ def main(argv: list[str]) -> int:
         res["o_direct"] = direct = directory_supports_direct_io(work)
         raw = work / "raw.bin"
         slot = layout.slot_bytes
-        raw_w = raw_io(raw, slot, n_blocks, a.qd, write=True, direct=direct)
+        cost: dict = {}
+        with Meter(None, disk_stat_path(work)).measure() as m:
+            raw_w = raw_io(raw, slot, n_blocks, a.qd, write=True, direct=direct)
+        cost["raw_write"] = m.figures(n_blocks * slot)
         seg = 64 << 20
         ssd_bytes = -(-int(n_blocks * slot * 1.25) // seg) * seg
-        with private_daemon("--dram-bytes", a.dram, "--chunk-bytes", "4MiB",
+        with private_daemon_process("--dram-bytes", a.dram, "--chunk-bytes", "4MiB",
                             "--ssd-dir", str(work / "ssd"), "--ssd-bytes", str(ssd_bytes),
                             "--ssd-segment-bytes", str(seg), "--ssd-io-threads", str(a.qd),
                             # One client with --client-threads gets in flight: the default
                             # per-client limit (half of DRAM) refused a window of 8 x 8 MiB
                             # now and then (RESOURCE_EXHAUSTED, OVER_LIMIT)
                             "--max-inflight-bytes-per-client", a.dram,
-                            "--log-level", "warning") as sock:
-            sdk = SDKRun(a, sock, layout, n_blocks)
+                            "--log-level", "warning") as d:
+            meter = Meter(d.proc.pid, disk_stat_path(work))
+            raw_meter = Meter(None, meter.disk_stat)    # the raw passes run in this process
+            sdk = SDKRun(a, d.socket, layout, n_blocks)
             try:
-                put_s = sdk.put_all()
-                pairs = []
+                with meter.measure() as m:
+                    put_s = sdk.put_all()
+                cost["sdk_put"] = m.figures(n_blocks * layout.block_bytes)
+                pairs, raw_cost, get_cost = [], [], []
                 for _ in range(a.repeat):   # alternate baseline and SDK: load noise hits both
-                    raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False, direct=direct)
-                    get_s, got = sdk.get_all()
+                    with raw_meter.measure() as m:
+                        raw_r = raw_io(raw, slot, n_blocks, a.qd, write=False, direct=direct)
+                    raw_cost.append(m.figures(n_blocks * slot))
+                    with meter.measure() as m:
+                        get_s, got = sdk.get_all()
+                    get_cost.append(m.figures(got * layout.block_bytes))
                     acq_s, acq = sdk.acquire_all()
                     pairs.append((n_blocks * slot / raw_r, got * layout.block_bytes / get_s,
                                   acq * layout.block_bytes / acq_s))
+                cost["raw_read"] = _median_figures(raw_cost)
+                cost["sdk_get"] = _median_figures(get_cost)
                 st = sdk.ssd_stats()
             finally:
                 sdk.close()
@@ -256,6 +354,7 @@ def main(argv: list[str]) -> int:
             "short_gets": sdk.short_gets,
         })
         res["put_vs_raw_write"] = res["sdk_put_bps"] / res["raw_write_bps"]
+        res["cost"] = cost
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if a.index_blocks:
@@ -276,6 +375,16 @@ def main(argv: list[str]) -> int:
           f"({', '.join(f'{r:.2f}' for r in res['acquire_vs_raw_read_all'])})")
     print(f"  put  SDK {gb(res['sdk_put_bps'])}  raw write {gb(res['raw_write_bps'])}  "
           f"ratio {res['put_vs_raw_write']:.2f}x  (write-through: commit waits for SSD + fsync)")
+    for name, label in (("raw_read", "raw reads"), ("sdk_get", "SDK gets"),
+                        ("raw_write", "raw writes"), ("sdk_put", "SDK puts")):
+        c = res["cost"].get(name, {})
+        line = f"  cost of {label:<10}  CPU per GB: client {c.get('client_cpu_s_per_gb', 0):.2f}"
+        if name.startswith("sdk"):
+            line += f" + daemon {c.get('daemon_cpu_s_per_gb', 0):.2f}"
+        line += " core-s"
+        if "disk_busy" in c:
+            line += f"; disk busy {100 * c['disk_busy']:.0f}%, mean queue {c['disk_queue']:.1f}"
+        print(line)
     if "index" in res:
         ix = res["index"]
         print(f"  index: {ix['blocks']:,} blocks, {ix['rss_bytes_per_block']:.1f} B/block "

@@ -188,6 +188,19 @@ def test_bench_ssd_smoke(tmp_path):
     assert res["checksum_failures"] == 0
     assert res["get_vs_raw_read"] > 0 and res["put_vs_raw_write"] > 0
     assert res["index"]["array_bytes_per_block"] < 200
+    # What each pass cost: the daemon's CPU is counted for the SDK passes only (the raw passes
+    # run in this process), and the disk's busy time where tmp_path is on a block device.
+    from kvstore.bench.ssd import disk_stat_path
+    cost = res["cost"]
+    assert set(cost) == {"raw_write", "raw_read", "sdk_put", "sdk_get"}
+    for name in ("sdk_put", "sdk_get"):
+        assert cost[name]["daemon_cpu_s_per_gb"] > 0 and cost[name]["client_cpu_s_per_gb"] > 0
+    assert "daemon_cpu_s_per_gb" not in cost["raw_read"] | cost["raw_write"]
+    on_disk = disk_stat_path(tmp_path) is not None
+    for c in cost.values():
+        assert ("disk_busy" in c) == on_disk
+        if on_disk:
+            assert 0 <= c["disk_busy"] <= 1.05 and c["disk_queue"] >= 0
     assert list(tmp_path.iterdir()) == []      # cleaned up
 
 
