@@ -13,6 +13,7 @@ kvstore/kernels/quant.py for the error bound). The SDK quantizes on put and dequ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 # Element sizes by dtype name (torch names without the "torch." prefix).
 DTYPE_BYTES = {
@@ -35,6 +36,9 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class KVLayout:
+    # The sizes below are computed once per layout (cached_property stores them in the
+    # instance's __dict__, past the frozen __setattr__; eq, hash and repr see the fields only):
+    # the daemon and the SDK ask for them per block on every hot path.
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -63,32 +67,32 @@ class KVLayout:
         if self.block_bytes > 1 << 30:
             raise LayoutError(f"a block of {self.block_bytes} bytes is over the 1 GiB limit")
 
-    @property
+    @cached_property
     def block_shape(self) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, self.block_tokens, self.num_kv_heads, self.head_dim)
 
-    @property
+    @cached_property
     def element_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
-    @property
+    @cached_property
     def layer_bytes(self) -> int:
         """Bytes of one layer's K and V within one block."""
         return 2 * self.block_tokens * self.num_kv_heads * self.head_dim * self.element_bytes
 
-    @property
+    @cached_property
     def payload_bytes(self) -> int:
         """Bytes of the block's values (quantized: one byte each)."""
         if self.quant:
             return self.num_layers * 2 * self.block_tokens * self.num_kv_heads * self.head_dim
         return self.num_layers * self.layer_bytes
 
-    @property
+    @cached_property
     def block_bytes(self) -> int:
         """Stored bytes of one block (quantized: payload, then [layers, 2] float32 scales)."""
         return self.payload_bytes + (self.num_layers * 2 * 4 if self.quant else 0)
 
-    @property
+    @cached_property
     def slot_bytes(self) -> int:
         return -(-self.block_bytes // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES
 
