@@ -85,6 +85,11 @@ VLLM_FIELDS: list[Field] = [
           "pages layer by layer on a loader thread while the forward runs the layers already "
           "loaded (false: all layers on the engine thread before the forward, which measured "
           "as fast or faster where the engine's threads use every core)"),
+    Field("stream_slow_loads", _bool, False, "CPU engines with layerwise_load: a hit with "
+          "blocks on the SSD tier also loads in the step that schedules it, those blocks "
+          "arriving layer by layer (AcquireLayers) while the forward runs the layers already "
+          "there; with prefill_profile, the split between loading and computing counts that "
+          "overlap"),
 ]
 
 SGLANG_FIELDS: list[Field] = [

@@ -34,11 +34,12 @@ from kvstore.kernels.pages import PageFormat
 
 class LayerLoad:
     """One step's synchronous loads: ``segments`` are (vLLM block ids, [n, layers, 2, N, H, D]
-    blocks: arena rows or a leased get's output), scattered layer-major. Layers are claimed in
+    blocks: arena rows or a leased get's output[, ready]), scattered layer-major; ``ready(l)``,
+    where given, returns once layer l of that segment's blocks has arrived (a layer-wise get). Layers are claimed in
     order, by the loader thread or by a thread waiting for the next unclaimed one."""
 
     def __init__(self, pages: PageFormat, kv: list[torch.Tensor],
-                 segments: list[tuple[list[int], torch.Tensor]]):
+                 segments: list[tuple]):
         self._pages = pages
         self._kv = kv
         self._segments = segments
@@ -52,7 +53,7 @@ class LayerLoad:
 
     @property
     def num_blocks(self) -> int:
-        return sum(len(ids) for ids, _ in self._segments)
+        return sum(len(seg[0]) for seg in self._segments)
 
     def _claim(self) -> int | None:
         """(under the lock) The next layer to scatter, now this thread's; None: none left or
@@ -64,10 +65,14 @@ class LayerLoad:
         return self._claimed - 1
 
     def _scatter(self, l: int) -> None:
-        """Scatter layer ``l`` of every segment (its claimer only), then say so."""
+        """Scatter layer ``l`` of every segment (its claimer only), then say so. A segment
+        whose bytes are still arriving (a third item, ``ready``) is waited for first:
+        ``ready(l)`` returns once its layer ``l`` is in place (kvstore LayerLease.wait_layer)."""
         failed = None
         try:
-            for ids, blocks in self._segments:
+            for ids, blocks, *ready in self._segments:
+                if ready and ready[0] is not None:
+                    ready[0](l)
                 self._pages.scatter_layer(self._kv[l], ids, blocks, l)
         except BaseException as exc:  # noqa: BLE001 - reported by finish(), never raised here
             failed = exc
@@ -121,7 +126,9 @@ class LayerLoad:
         this one halved the scatter alone, but the forward that followed ran slower in the
         engine (docs/integrations/vllm.md, "Load modes")."""
         try:
-            for ids, blocks in self._segments:
+            for ids, blocks, *ready in self._segments:
+                if ready and ready[0] is not None:
+                    ready[0](len(self._kv) - 1)      # every layer of it in place
                 self._pages.scatter(self._kv, ids, blocks)
             self._done = [True] * len(self._kv)
         except BaseException as exc:  # noqa: BLE001 - reported by finish()

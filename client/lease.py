@@ -6,6 +6,8 @@ but ``views`` then raises InvalidArgument.
 """
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -222,3 +224,91 @@ class BlockAllocation:
             session_id=self.session_id, allocation_id=self.allocation_id, abort=abort))
 
 
+
+
+class LayerLease(BlockLease):
+    """A lease whose SSD blocks arrive layer by layer (Namespace.acquire_layers): layer ``l``
+    of every block is in its slot once :meth:`wait_layer` (l) returns, so a runtime can run
+    a forward's first layers on the views while later layers are still being read.
+
+    Until :meth:`finish`, bytes that arrived have not been checked yet: a caller that used
+    them keeps what it derived from the first :meth:`finish` blocks only (the daemon checked
+    every block's checksum once it was complete, and the slot generations prove that no slot
+    changed hands under the reading). A stream that breaks (daemon gone, deadline) raises
+    from wait_layer and finishes with 0; its lease is then the daemon's to end.
+    ``num_layers``: what the progress counts (the layout's layers). Thread-safe: the loader
+    thread and the engine's thread may both wait.
+    """
+
+    def __init__(self, ns: "Namespace", session_id: int, call, first, requested_at: float):
+        """``call``: the AcquireLayers stream (iterated here), ``first``: its first message."""
+        r = first.lease
+        super().__init__(ns, session_id, r.lease_id, list(r.offsets),
+                         [pb.Tier.Name(t).removeprefix("TIER_") for t in r.tiers],
+                         requested_at, r.lease_timeout_s, list(r.generations))
+        self.num_layers = first.num_layers
+        self.ready = first.layers_ready
+        self._call = call
+        self._lock = threading.Lock()
+        self._verified: int | None = len(self.offsets) if first.done else None
+        self._error: BaseException | None = None
+        if first.done:
+            self.ready = self.num_layers
+
+    def _pull(self) -> None:
+        """(under the lock) The next message; a broken stream finishes with nothing proven."""
+        try:
+            msg = next(self._call)
+        except StopIteration:
+            msg = None
+        except Exception as exc:  # noqa: BLE001 - grpc.RpcError and friends: the stream broke
+            msg, self._error = None, exc
+        if msg is None:
+            self._verified = 0
+            self._released = True          # the daemon ends a lease whose stream broke
+            return
+        self.ready = max(self.ready, msg.layers_ready)
+        if msg.done:
+            self._verified = min(msg.verified, len(self.offsets))
+            self.ready = self.num_layers
+
+    def runs(self) -> list:
+        """(first block, count, rows) per run of blocks in adjacent slots: rows a [count,
+        block_bytes] uint8 view of the arena (torch; numpy without torch), as ArenaRead.runs,
+        so a caller moves each run with one copy per layer."""
+        from kvstore.client import transfer
+        av = self.ns.client.datapath.arena_view
+        base = av.torch if "torch" in sys.modules else av.np
+        bb = self.ns.layout.block_bytes
+        return [(first, count, base[start:start + count * bb].reshape(count, bb))
+                for first, count, start in transfer.runs(self.offsets, list(range(len(self))),
+                                                         bb)]
+
+    def wait_layer(self, layer: int) -> None:
+        """Return once layer ``layer`` of every block is in its slot (KVStoreError, reason
+        UNAVAILABLE, if the stream broke first)."""
+        with self._lock:
+            while self.ready <= layer and self._verified is None:
+                self._pull()
+            if self.ready <= layer:
+                raise Unavailable(f"layer-wise get ended before layer {layer} arrived: "
+                                  f"{self._error or 'stream closed'}")
+
+    def finish(self) -> int:
+        """Wait for the end of the stream: how many leading blocks hold their keys' bytes (the
+        daemon verified them, and their slots provably did not change hands so far)."""
+        with self._lock:
+            while self._verified is None:
+                self._pull()
+            n = self._verified
+        proven = self.valid_prefix()
+        return n if proven is None else min(n, proven)
+
+    def release(self, wait: bool = False, hbm_filled: bool = False) -> None:
+        """Give the blocks back (after finish). Default wait=False: a caller checks finish()
+        (the slot generations) before it trusts what it read; see BlockLease.release."""
+        if self._verified is None:
+            self._call.cancel()            # not finished: the daemon ends the lease
+            self._released = True
+            return
+        super().release(wait=wait, hbm_filled=hbm_filled)

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Sequence
 from kvstore.core import shmindex
 from kvstore.client import cuda, quantized, transfer
 from kvstore.client.datapath import Read
-from kvstore.client.errors import (InvalidArgument, KVStoreError, NotFound, Reason, StaleRead,
-                                   Unavailable)
-from kvstore.client.lease import ArenaRead, BlockAllocation, BlockLease
+from kvstore.client.errors import (FailedPrecondition, InvalidArgument, KVStoreError, NotFound,
+                                   Reason, StaleRead, Unavailable, from_rpc_error)
+from kvstore.client.lease import ArenaRead, BlockAllocation, BlockLease, LayerLease
 from kvstore.core.keys import chain_keys, namespace_digest, pack_keys
 from kvstore.core.layout import KVLayout
 from kvstore.v1 import kvstore_pb2 as pb
@@ -251,6 +251,45 @@ class Namespace:
         return BlockLease(self, sid, r.lease_id, list(r.offsets),
                           [TIER_NAMES.get(t, "?") for t in r.tiers], t0, r.lease_timeout_s,
                           list(r.generations))
+
+    def acquire_layers(self, keys: Sequence[bytes], timeout_s: float | None = None) -> LayerLease:
+        """Lease the longest stored prefix of ``keys`` now, its SSD blocks arriving in their
+        slots layer by layer (LayerLease.wait_layer) — for a runtime that computes layer l
+        while later layers are read. Same host only (FailedPrecondition, reason NOT_ENABLED,
+        for a client not granted the arena). Call finish() before trusting what was read.
+        ``timeout_s``: the whole stream's deadline (default: the client's timeout_s)."""
+        import grpc
+        blob = pack_keys(keys)
+        self._check_batch(len(keys))
+        self.client._ensure_session()
+        if not self.client.shared_memory:
+            raise FailedPrecondition("a layer-wise get reads the blocks in the daemon's shared "
+                                     "arena, which this client has not mapped (another host, "
+                                     "or shared_memory=False): use get", Reason.NOT_ENABLED)
+        _wait_for(self._puts_of(keys), self.client.timeout_s)
+        t0 = time.monotonic()
+        held = self.client.held_releases
+        for attempt in (0, 1):
+            sess = self.client._ensure_session()
+            if not self._registered:
+                self._register()
+            sid = sess.event.session_id
+            carried = held.take(sid)
+            call = self.client.stream("AcquireLayers", pb.AcquireRequest(
+                session_id=sid, namespace_id=self.namespace_id, keys=blob, **carried.fields()),
+                timeout_s)
+            try:
+                first = next(call)
+            except grpc.RpcError as exc:
+                held.give_back(carried)
+                err = from_rpc_error(exc)
+                if attempt or not isinstance(err, (NotFound, Unavailable)) \
+                        or err.reason not in _REREGISTER:
+                    raise err from None
+                self._registered = False
+                continue
+            return LayerLease(self, sid, call, first, t0)
+        raise AssertionError("unreachable")
 
     def get(self, keys: Sequence[bytes], out=None) -> Future:
         """Future of the longest stored prefix of ``keys`` as [found, *layout.block_shape].

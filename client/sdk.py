@@ -279,10 +279,10 @@ class KVClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def stream(self, method: str, request):
-        """Start one server-streaming RPC with the client's deadline: the gRPC call (iterate
-        it; it raises grpc.RpcError, cancel() ends it)."""
-        return getattr(self._stub, method)(request, timeout=self.timeout_s,
+    def stream(self, method: str, request, timeout_s: float | None = None):
+        """Start one server-streaming RPC with the client's deadline (or ``timeout_s``): the
+        gRPC call (iterate it; it raises grpc.RpcError, cancel() ends it)."""
+        return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s,
                                            metadata=self._metadata)
 
     # -- API ---------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class LoadSpec:
     keys: list[bytes]          # keys of the blocks to load, in chain order
     block_ids: list[int]       # vLLM block receiving each
     sync: bool = False         # load before this step's forward (the request runs in it)
+    stream: bool = False       # sync, its SSD blocks arriving layer by layer (AcquireLayers)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class _SyncLoad:
     read: Any = None           # the ArenaRead its leading blocks come from (None: no daemon)
     local: int = 0             # blocks [0, local) scattered from the arena's slots
     leased: int = 0            # then [local, local + leased) from a leased get
+    layers: Any = None         # a streamed load's kvstore LayerLease (None: not streamed)
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -197,8 +199,9 @@ class KVStoreConnector(KVConnectorBase_V1):
                                            len(request.prompt_token_ids))
         if hit <= first:
             return 0, False
-        sync = self._loads_now(tiers[first:hit])
-        self._lookups[request.request_id] = (num_computed_tokens, hit, sync)
+        stream = self._streams(tiers[first:hit])
+        sync = stream or self._loads_now(tiers[first:hit])
+        self._lookups[request.request_id] = (num_computed_tokens, hit, sync, stream)
         return hit * self.block_size - num_computed_tokens, not sync
 
     def _skip_held(self, st: _ReqState, first: int) -> None:
@@ -245,9 +248,12 @@ class KVStoreConnector(KVConnectorBase_V1):
             cached = min(plan.num_cached, len(keys), len(plan.tiers))
             bw = dict(plan.bandwidth_bps or {})
             bw.setdefault("HBM", bw.get("DRAM", 0.0))   # HBM blocks have a DRAM copy too
-            decision = plan_prefix_load(list(plan.tiers[first:cached]), self.block_size,
-                                        self.layout.block_bytes, bw, self._profile, computed,
-                                        prompt_tokens)
+            tiers_hit = list(plan.tiers[first:cached])
+            # A load that will stream (_streams) overlaps the forward layer by layer.
+            overlap = self.layout.num_layers if self._streams(tiers_hit) else 0
+            decision = plan_prefix_load(tiers_hit, self.block_size, self.layout.block_bytes, bw,
+                                        self._profile, computed, prompt_tokens,
+                                        overlap_layers=overlap)
         except Exception as exc:  # noqa: BLE001 - the plan is advice: without it, load
             timed_out = getattr(exc, "reason", None) == Reason.TIMEOUT
             log.debug("KVStoreConnector: no plan (%s); %s the hit", exc,
@@ -268,6 +274,22 @@ class KVStoreConnector(KVConnectorBase_V1):
         asynchronous: the engine keeps serving other requests while they arrive."""
         if self.layout.quant or not tiers or not all(t == "DRAM" for t in tiers):
             return False       # quantized blocks are unpacked by the SDK: its threads' work
+        if len(tiers) * self.layout.block_bytes > self.cfg["sync_load_max_bytes"]:
+            return False
+        ns = self.link.namespace(self.cfg["lookup_timeout_s"])
+        return ns is not None and ns.client.datapath.shared_memory
+
+    def _streams(self, tiers: list[str]) -> bool:
+        """Load a hit with SSD blocks in the step that schedules it, its SSD blocks arriving
+        layer by layer while the forward computes the layers already in place
+        (stream_slow_loads, with layerwise_load): the forward then waits only for the layer
+        it is about to run, not for the whole read, and the planner counts the overlap
+        (_blocks_to_load). Only what this host's SSD tier and DRAM arena hold, at most
+        sync_load_max_bytes."""
+        if not (self.cfg["stream_slow_loads"] and self.cfg["layerwise_load"]) \
+                or self.layout.quant or "SSD" not in tiers \
+                or not all(t in ("DRAM", "SSD") for t in tiers):
+            return False
         if len(tiers) * self.layout.block_bytes > self.cfg["sync_load_max_bytes"]:
             return False
         ns = self.link.namespace(self.cfg["lookup_timeout_s"])
@@ -308,13 +330,14 @@ class KVStoreConnector(KVConnectorBase_V1):
                                  num_external_tokens: int):
         if num_external_tokens <= 0:
             return
-        computed, _hit, sync = self._lookups.pop(request.request_id, (0, 0, False))
+        computed, _hit, sync, stream = self._lookups.pop(request.request_id,
+                                                         (0, 0, False, False))
         st = self._reqs[request.request_id]
         first = computed // self.block_size
         last = (computed + num_external_tokens) // self.block_size
         block_ids = blocks.get_block_ids()[0]
         self._pending_loads.append(LoadSpec(request.request_id, st.keys[first:last],
-                                            list(block_ids[first:last]), sync))
+                                            list(block_ids[first:last]), sync, stream))
         self.counters.add(hit_tokens=num_external_tokens, sync_loads=int(sync),
                           async_loads=int(not sync))
 
@@ -445,6 +468,18 @@ class KVStoreConnector(KVConnectorBase_V1):
             ns = self.link.namespace()
             if ns is None:
                 continue
+            if spec.stream:
+                try:
+                    # Every block through one layer-wise lease: its SSD blocks' layers land in
+                    # their slots while the forward runs; each segment waits for its layer.
+                    sl.layers = ns.acquire_layers(spec.keys, self.cfg["load_timeout_s"])
+                    for first, count, rows in sl.layers.runs():
+                        segments.append((spec.block_ids[first:first + count],
+                                         self._blocks_of(rows, count), sl.layers.wait_layer))
+                    self.counters.add(streamed_loads=1, streamed_blocks=len(sl.layers))
+                except Exception as exc:  # noqa: BLE001
+                    self.link.failed(exc)
+                continue
             try:
                 sl.read = ns.read_local(spec.keys)
                 # Slots already reused (or generations already stale) go through the leased
@@ -509,6 +544,16 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.counters.add(layer_wait_misses=1)
         for sl in self._sync:
             found = 0
+            if sl.layers is not None:
+                # Verified by the daemon once every layer was in, proven by the slots'
+                # generations now: blocks after that prefix fed this forward bytes that may be
+                # wrong, so the step's output for them is dropped (load errors, recomputed).
+                try:
+                    found = sl.layers.finish()
+                    sl.layers.release()
+                except Exception as exc:  # noqa: BLE001
+                    self.link.failed(exc)
+                    found = 0
             if sl.read is not None:
                 # The daemon hears of the reads after this step (get_finished): on a small
                 # host its work, and the report thread's, would slow the forward.

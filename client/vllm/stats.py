@@ -19,7 +19,7 @@ _COUNTERS = ("lookups", "hit_blocks", "miss_blocks", "hit_tokens", "sync_loads",
              "plans", "planned_recompute_blocks", "plan_failures",
              # synchronous loads scattered layer by layer while the forward ran, and those
              # whose forward read a layer without waiting for it (then reloaded whole)
-             "layerwise_loads", "layer_wait_misses",
+             "layerwise_loads", "layer_wait_misses", "streamed_loads", "streamed_blocks",
              # kv_producer: blocks of finished requests readable from the cluster tier when
              # the request was reported finished, and requests reported before all were
              "remote_placed_blocks", "remote_flush_timeouts",

@@ -35,8 +35,8 @@ import grpc
 
 from kvstore.access.auth import LOCAL, Principal, TokenTable, bearer_token
 from kvstore.access.status import abort
-from kvstore.core.errors import (InvalidArgument, NotFound, PermissionDenied, Reason,
-                            ResourceExhausted, Unauthenticated)
+from kvstore.core.errors import (FailedPrecondition, InvalidArgument, NotFound,
+                                 PermissionDenied, Reason, ResourceExhausted, Unauthenticated)
 from kvstore.core.keys import KEY_BYTES
 from kvstore.metrics.model import Metrics
 from kvstore.v1 import kvstore_pb2 as pb
@@ -48,8 +48,9 @@ _EXEMPT = ("/grpc.health.v1.Health/",)
 REFUSAL_LOG_INTERVAL_S = 10.0
 REFUSALS_LOGGED = 16           # per peer host and interval, before the rest are only counted
 _MAX_REFUSING_PEERS = 4096     # bound on the peers tracked (expired windows are pruned first)
-_NS_CALLS = {"Lookup", "Allocate", "Acquire", "Delete", "Prefetch", "PlanRecompute",
-             "ReportReads"}
+_NS_CALLS = {"Lookup", "Allocate", "Acquire", "AcquireLayers", "Delete", "Prefetch",
+             "PlanRecompute", "ReportReads"}
+_GETS = ("Acquire", "AcquireLayers")     # calls that lease blocks
 
 
 class _RefusalLog:
@@ -193,6 +194,7 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                 await self._check(name, request, principal, context)
             key = self._client_key(principal, getattr(request, "session_id", 0))
             client = self._clients[key]
+            t0 = self.metrics.clock()
             counted = name == "ReadBlocks"
             if counted:
                 await self._admit(client, key, 0, context)
@@ -200,6 +202,8 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             opened = None
             try:
                 async for msg in inner(request, context):
+                    if name == "AcquireLayers" and msg.HasField("lease"):
+                        self._after("Acquire", request, msg.lease, principal, t0)
                     if name == "OpenSession" and opened is None:
                         opened = msg.session_id
                         self._session_opened(opened, principal)
@@ -256,6 +260,11 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                     f"{principal.name} may not use tenant {request.tenant!r}; allowed: "
                     f"{sorted(principal.salts or ())}", Reason.TENANT_DENIED))
             return
+        if not principal.arena and name == "AcquireLayers":
+            # the layers arrive in the arena's slots: nothing to stream without it
+            await abort(context, FailedPrecondition(
+                f"{principal.name} is not trusted with the shared arena: a layer-wise get "
+                "reads the blocks there; use Acquire and ReadBlocks", Reason.NOT_ENABLED))
         if not principal.arena and name == "ReportReads":
             # only a client reading the arena reads lease-free; no one else may move the
             # eviction order and write policies with reports of reads it could not make
@@ -282,7 +291,7 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
                 await abort(context, NotFound(
                     f"unknown namespace {bytes(request.namespace_id).hex() or '(empty)'}: "
                     "register it first", Reason.UNKNOWN_NAMESPACE))
-        if name in ("Allocate", "Acquire"):
+        if name == "Allocate" or name in _GETS:
             n_keys, rest = divmod(len(request.keys), KEY_BYTES)
             if rest or n_keys > self.store.max_batch_blocks:
                 return  # malformed or oversized: the store answers INVALID_ARGUMENT
@@ -290,7 +299,7 @@ class AccessPolicy(grpc.aio.ServerInterceptor):
             want = n_keys * (ns.layout.block_bytes if ns else 0)
             key = self._client_key(principal, sid)
             # the leases this call ends first (release_lease_ids) count no longer
-            ending = {(sid, lid) for lid in request.release_lease_ids} if name == "Acquire" \
+            ending = {(sid, lid) for lid in request.release_lease_ids} if name in _GETS \
                 else ()
             await self._admit(self._clients[key], key, want, context, ending)
 

@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dram-prefix-tokens", type=int, default=0, metavar="T",
                     help="--slow-tier: the first T tokens' blocks (a multiple of vLLM's block "
                          "size) read back into DRAM before timing; the rest stays on SSD")
+    ap.add_argument("--stream", action="store_true",
+                    help="--slow-tier: also time a fourth engine, planned with the connector's "
+                         "stream_slow_loads (SSD blocks arrive layer by layer while the forward "
+                         "runs; the planner counts the overlap)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.requests < 2:
@@ -269,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError("no rate given")
             except ValueError as exc:
                 ap.error(f"--ssd-read-limit: {exc}")
-    elif args.dram_prefix_tokens or args.ssd_read_limit != "auto":
-        ap.error("--ssd-read-limit and --dram-prefix-tokens go with --slow-tier")
+    elif args.dram_prefix_tokens or args.ssd_read_limit != "auto" or args.stream:
+        ap.error("--ssd-read-limit, --dram-prefix-tokens and --stream go with --slow-tier")
     try:
         r = run(args)
     except PeerUnavailable as exc:

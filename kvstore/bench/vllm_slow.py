@@ -6,6 +6,9 @@ Three engines run side by side on one daemon with an SSD tier (write-through):
   load-all       the connector without a prefill profile: every hit loads all it found
   planned        the connector with the measured profile (prefill_profile): a hit on a slow
                  tier loads only the prefix that pays, vLLM computes the rest
+  streamed       (--stream) planned, with stream_slow_loads and layerwise_load: the SSD
+                 blocks arrive layer by layer while the forward runs the layers already
+                 there, and the planner counts that overlap
 For each limit in ``--ssd-read-limit`` the daemon restarts with ``ssd_read_limit`` at that rate
 (a restart leaves every block on SSD only: the disk is the slow tier, DRAM holds nothing);
 ``--dram-prefix-tokens T`` then reads the first T tokens' blocks of each timed prompt back into
@@ -13,7 +16,7 @@ DRAM (a chain's roots, which many prompts share, stay in DRAM while its tail is 
 timed request is a prompt whose prefix was stored before the restart, generating one token.
 Printed per limit: the median TTFT of each mode, planned / min(load-all, recompute-all) (goal
 <= 1.05) and min / planned (the gain; goal >= 1.3 at the crossover, the limit where load-all
-and recompute-all are closest). Greedy tokens of every timed request are compared with the
+and recompute-all are closest); with --stream the same two for the streamed engine. Greedy tokens of every timed request are compared with the
 no-cache engine's.
 """
 from __future__ import annotations
@@ -70,16 +73,16 @@ def run(args, py: str, workdir: Path) -> dict:
         # a hit promotes its blocks into DRAM)
         _progress(f"prefill profile {profile} from {samples}; crossover ~{crossover / 1e6:.1f} MB/s;"
                   f" limits {[format_bytes(x) + '/s' for x in limits]}")
+        modes = ["load-all", "planned"] + (["streamed"] if getattr(args, "stream", False) else [])
         prompts = {(lim, mode): [toks(n_tok) for _ in range(reps)]
-                   for lim in limits for mode in ("load-all", "planned")}
-        engines = {"load-all": stack.enter_context(EngineProcess(
-                       py, model, daemon.socket, max_model_len=max_len, extra_config=_KV,
-                       log_path=str(workdir / "load-all.log"))),
-                   "planned": stack.enter_context(EngineProcess(
+                   for lim in limits for mode in modes}
+        planned = {**_KV, "prefill_profile": [profile.c0, profile.c1, profile.c2]}
+        configs = {"load-all": _KV, "planned": planned,
+                   "streamed": {**planned, "layerwise_load": True, "stream_slow_loads": True}}
+        engines = {mode: stack.enter_context(EngineProcess(
                        py, model, daemon.socket, max_model_len=max_len,
-                       extra_config={**_KV, "prefill_profile": [profile.c0, profile.c1,
-                                                                profile.c2]},
-                       log_path=str(workdir / "planned.log")))}
+                       extra_config=configs[mode], log_path=str(workdir / f"{mode}.log")))
+                   for mode in modes}
         warm = {mode: toks(args.prefix_tokens // 2) for mode in engines}
         # 2 blocks each (vLLM's CPU block: 128 tokens), read untimed at each limit
         disk = {(lim, mode): toks(257) for lim in limits for mode in engines}
@@ -113,12 +116,19 @@ def run(args, py: str, workdir: Path) -> dict:
             points.append(_point(lim, none, engines, prompts, reps, len(points)))
             _progress({k: v for k, v in points[-1].items() if k != "ttft_all_s"})
         counters = {m: e.stats() for m, e in engines.items()}
+    streamed = "streamed" in counters
     for p in points:
         best = min(p["ttft_load_all_s"], p["ttft_recompute_all_s"])
         p["planned_over_min"] = p["ttft_planned_s"] / best
         p["gain_vs_best_extreme"] = best / p["ttft_planned_s"]
+        if streamed:
+            p["streamed_over_min"] = p["ttft_streamed_s"] / best
+            p["streamed_gain_vs_best_extreme"] = best / p["ttft_streamed_s"]
     cross = min(points, key=lambda p: abs(p["ttft_load_all_s"] / p["ttft_recompute_all_s"] - 1))
-    return {
+    extra = {"streamed_over_min_max": max(p["streamed_over_min"] for p in points),
+             "streamed_crossover_gain": cross["streamed_gain_vs_best_extreme"]} \
+        if streamed else {}
+    return {**extra,
         "slow_tier": "ssd", "model_shape": args.shape, "prefix_tokens": args.prefix_tokens,
         "suffix_tokens": args.suffix_tokens, "timed_requests_per_point": reps,
         "dram_prefix_tokens": args.dram_prefix_tokens,
@@ -168,8 +178,8 @@ def _point(lim: int, none: EngineProcess, engines: dict, prompts: dict, reps: in
            turn: int) -> dict:
     """One limit's timed requests; which connector engine goes first alternates (by ``turn``
     and request), so machine noise hits both alike."""
-    ttft = {"load-all": [], "planned": [], "none": []}
-    cached = {"load-all": [], "planned": []}
+    ttft = {**{m: [] for m in engines}, "none": []}
+    cached = {m: [] for m in engines}
     same = True
     for r in range(reps):
         order = list(engines.items())
@@ -182,11 +192,15 @@ def _point(lim: int, none: EngineProcess, engines: dict, prompts: dict, reps: in
             cached[mode].append(a["num_cached_tokens"][0])
             same &= a["outputs"] == b["outputs"]
     med = {m: statistics.median(v) for m, v in ttft.items()}
-    return {"ssd_read_limit_bps": lim, "ssd_read_limit": format_bytes(lim) + "/s",
-            "ttft_load_all_s": med["load-all"], "ttft_recompute_all_s": med["none"],
-            "ttft_planned_s": med["planned"], "ttft_all_s": ttft,
-            "cached_tokens_load_all": cached["load-all"], "cached_tokens_planned": cached["planned"],
-            "tokens_identical": same}
+    out = {"ssd_read_limit_bps": lim, "ssd_read_limit": format_bytes(lim) + "/s",
+           "ttft_load_all_s": med["load-all"], "ttft_recompute_all_s": med["none"],
+           "ttft_planned_s": med["planned"], "ttft_all_s": ttft,
+           "cached_tokens_load_all": cached["load-all"], "cached_tokens_planned": cached["planned"],
+           "tokens_identical": same}
+    if "streamed" in engines:
+        out["ttft_streamed_s"] = med["streamed"]
+        out["cached_tokens_streamed"] = cached["streamed"]
+    return out
 
 
 def report(r: dict) -> None:
@@ -199,13 +213,19 @@ def report(r: dict) -> None:
     print(f"  prefill profile: {c[0] * 1e3:.1f} ms + {c[1] * 1e6:.1f} us/token + "
           f"{c[2] * 1e9:.3f} ns/token^2; estimated crossover "
           f"{format_bytes(r['crossover_estimate_bps'])}/s")
+    st = "streamed_over_min_max" in r
     print(f"  {'SSD read limit':>15} {'load all':>10} {'recompute':>10} {'planned':>10} "
-          f"{'planned/min':>12} {'gain':>6}  cached tokens (load all / planned)")
+          f"{'planned/min':>12} {'gain':>6}"
+          + (f" {'streamed':>10} {'streamed/min':>13} {'gain':>6}" if st else "")
+          + "  cached tokens (load all / planned" + (" / streamed)" if st else ")"))
     for p in r["points"]:
         print(f"  {p['ssd_read_limit']:>15} {p['ttft_load_all_s'] * 1e3:8.0f}ms "
               f"{p['ttft_recompute_all_s'] * 1e3:8.0f}ms {p['ttft_planned_s'] * 1e3:8.0f}ms "
-              f"{p['planned_over_min']:12.2f} {p['gain_vs_best_extreme']:6.2f}  "
-              f"{p['cached_tokens_load_all']} / {p['cached_tokens_planned']}")
+              f"{p['planned_over_min']:12.2f} {p['gain_vs_best_extreme']:6.2f}"
+              + (f" {p['ttft_streamed_s'] * 1e3:8.0f}ms {p['streamed_over_min']:13.2f} "
+                 f"{p['streamed_gain_vs_best_extreme']:6.2f}" if st else "")
+              + f"  {p['cached_tokens_load_all']} / {p['cached_tokens_planned']}"
+              + (f" / {p['cached_tokens_streamed']}" if st else ""))
     ok = r["planned_over_min_max"] <= r["goal_planned_over_min"]
     print(f"  planned / min(load all, recompute all): at most {r['planned_over_min_max']:.2f} "
           f"(goal <= {r['goal_planned_over_min']}: {'met' if ok else 'NOT met'})")
@@ -213,6 +233,15 @@ def report(r: dict) -> None:
     print(f"  at the crossover ({format_bytes(r['crossover_ssd_read_limit_bps'])}/s) planned is "
           f"{r['crossover_gain']:.2f}x faster than the better extreme (goal >= "
           f"{r['goal_crossover_gain']}: {'met' if ok else 'NOT met'})")
+    if st:
+        ok = r["streamed_over_min_max"] <= r["goal_planned_over_min"]
+        print(f"  streamed / min(load all, recompute all): at most "
+              f"{r['streamed_over_min_max']:.2f} (goal <= {r['goal_planned_over_min']}: "
+              f"{'met' if ok else 'NOT met'})")
+        ok = r["streamed_crossover_gain"] >= r["goal_crossover_gain"]
+        print(f"  at the crossover streamed is {r['streamed_crossover_gain']:.2f}x faster than "
+              f"the better extreme (goal >= {r['goal_crossover_gain']}: "
+              f"{'met' if ok else 'NOT met'})")
     print("  greedy tokens " + ("identical to the no-cache engine's in every timed request"
                                 if r["tokens_identical"] else "DIFFER from the no-cache engine's"))
 

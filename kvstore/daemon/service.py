@@ -140,6 +140,42 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                   lease_timeout_s=self.reads.lease_timeout_s,
                                   hbm_offsets=got.hbm_offsets, hbm_fill=got.hbm_fill)
 
+    async def AcquireLayers(self, request, context):
+        """Acquire whose SSD blocks arrive layer by layer (kvstore.v1 AcquireLayersResponse):
+        the lease first, then the layers in place as they land, then how many blocks verified.
+        A client that stops listening ends its lease once the reads under way have landed."""
+        try:
+            self._release_held_back(request)
+            lg = await self.reads.get_layers(request.session_id, request.namespace_id,
+                                             request.keys)
+        except KVStoreError as exc:
+            await abort(context, exc)
+            return
+        got = lg.get
+        lease = pb.AcquireResponse(
+            lease_id=got.lease.lease_id if got.lease else 0, offsets=got.offsets,
+            generations=got.generations, tiers=[TIER_ENUM[t] for t in got.tiers],
+            lease_timeout_s=self.reads.lease_timeout_s)
+        answered = False
+        try:
+            yield pb.AcquireLayersResponse(lease=lease, num_layers=lg.num_layers,
+                                           layers_ready=0 if lg.streaming else lg.num_layers)
+            while (ready := await lg.next_ready()) is not None:
+                yield pb.AcquireLayersResponse(layers_ready=ready)
+            try:
+                verified = await lg.finish()
+            except Exception:
+                log.exception("internal error in AcquireLayers")
+                await abort(context, KVStoreError("internal error in AcquireLayers; see the "
+                                                  "daemon log", Reason.INTERNAL))
+                return
+            yield pb.AcquireLayersResponse(done=True, verified=verified,
+                                           layers_ready=lg.num_layers)
+            answered = True
+        finally:
+            if not answered:
+                lg.abandon()
+
     async def ReadBlocks(self, request, context):
         try:
             blocks = self.reads.read_streamed(request.session_id, request.lease_id)

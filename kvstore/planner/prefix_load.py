@@ -19,6 +19,12 @@ Cost model (the prefill profile and tier bandwidths are kvstore.planner.recomput
 - The load finishes before the forward that needs it starts (the connector's loads complete in
   get_finished, or before the forward of the step for a synchronous one), so the two add:
       ttft(j) = load_s(j) + compute_s(j)
+  unless the load streams layer by layer (``overlap_layers`` = L layers: the connector's
+  stream_slow_loads). The forward's layer l then waits only for layer l of the loaded blocks,
+  so load and compute run as an L-stage pipeline, each stage 1/L of either:
+      ttft(j) = max(load_s(j), compute_s(j)) + min(load_s(j), compute_s(j)) / L
+  — at the crossover (load all = compute all) loading about half and computing the rest then
+  takes about half of either extreme.
   The plan minimises it over j = 0..n (exhaustive: n is at most a few thousand blocks); j = n is
   "load everything", j = 0 "recompute everything", so the chosen plan is never predicted slower
   than either. Ties go to loading more: it leaves the engine's compute to other requests.
@@ -43,7 +49,7 @@ class PrefixLoad:
 def plan_prefix_load(block_tiers: Sequence[str], block_tokens: int, block_bytes: int,
                      tier_bandwidth_bps: dict[str, float], profile: PrefillProfile,
                      computed_tokens: int, prompt_tokens: int,
-                     latency_s: float = 0.0) -> PrefixLoad:
+                     latency_s: float = 0.0, overlap_layers: int = 0) -> PrefixLoad:
     """How many leading blocks of a hit of len(block_tiers) blocks to load (module docstring).
 
     ``computed_tokens``: what the engine holds before the hit (the hit starts there);
@@ -65,12 +71,18 @@ def plan_prefix_load(block_tiers: Sequence[str], block_tokens: int, block_bytes:
     def compute(j: int) -> float:
         return upto(prompt_tokens) - upto(computed_tokens + j * block_tokens)
 
+    def ttft(j: int) -> float:
+        ld, cp = load[j], compute(j)
+        if overlap_layers > 0 and j > 0:
+            return max(ld, cp) + min(ld, cp) / overlap_layers
+        return ld + cp
+
     if not profile.measured:
         j = next((i for i in range(n, -1, -1) if not math.isinf(load[i])), 0)
         return PrefixLoad(j, load[j], load[n], math.inf if n else 0.0)
     best_j, best = 0, math.inf
     for j in range(n + 1):
-        t = load[j] + compute(j)
+        t = ttft(j)
         if not math.isinf(t) and t <= best + 1e-12:       # ties: the larger j (see the module docstring)
             best_j, best = j, t
-    return PrefixLoad(best_j, best, load[n] + compute(n), compute(0))
+    return PrefixLoad(best_j, best, ttft(n), compute(0))

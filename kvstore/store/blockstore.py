@@ -573,6 +573,54 @@ class BlockStore:
                 self._make_room(sb, n)
         return await ssd.fetch(bids, self.dram.promotion_slots(), to_hbm=to_hbm)
 
+    async def begin_layers(self, lease: Lease, positions: list[int]) -> tuple[list[int], list]:
+        """A layer-wise promotion's start (ReadPath.get_layers): the lease's SSD-only blocks (at
+        ``positions``) get DRAM slots now, and their bytes arrive later (SSDTier.read_layers).
+        Reads other gets have in flight are waited for (those blocks arrive whole); DRAM room
+        is made by the eviction plan, as for fetch. Returns (offsets of the lease's first n
+        blocks: their DRAM slots, or the slots taken for them; n stops at the first block that
+        got none, (block, slot, future) of each slot taken, for read_layers). The lease does not
+        expire until end_layers."""
+        ssd = self.ssd
+        bids = lease.block_ids
+        lease.deadline = float("inf")
+        need = [bids[p] for p in positions]
+        await ssd.wait_reads(need)
+        sizes: dict[int, int] = {}
+        for b in ssd.to_read(need):
+            sb = self.table.namespace_of(b).layout.slot_bytes
+            sizes[sb] = sizes.get(sb, 0) + 1
+        for sb, n in sizes.items():
+            await self.clean_room(sb, n)
+        # No await from here to the SSD tier taking its slots: the room made is its own.
+        for sb, n in sizes.items():
+            self._make_room(sb, n)
+        mine = ssd.begin_layers(ssd.to_read(need), self.dram.promotion_slots())
+        taken = {b: off for b, off, _ in mine}
+        dram = self.table.dram
+        offsets: list[int] = []
+        for b in bids:
+            off = int(dram[b])
+            if off == NO_SLOT:
+                off = taken.get(b, NO_SLOT)
+                if off == NO_SLOT:
+                    break
+            offsets.append(off)
+        return offsets, mine
+
+    def end_layers(self, session_id: int, lease: Lease, mine: list, placed: int,
+                   answered: int) -> int:
+        """A layer-wise promotion's end: the lease keeps its blocks up to the first of ``mine``
+        not placed (and at most the ``answered`` the client was told of); its clock starts
+        now. Returns the blocks it keeps (0: it ended, or the session did)."""
+        lease.deadline = self.clock() + self.lease_timeout_s
+        n = answered
+        if placed < len(mine):
+            n = min(n, lease.block_ids.index(mine[placed][0]))
+        self.ssd.count_misses(len(mine) - placed)
+        kept, _ = self.truncate_lease(session_id, lease, n)
+        return len(kept.block_ids) if kept is not None else 0
+
     def hbm_answer(self, lease: Lease | None) -> tuple[list[int], list[int]]:
         """For a want_hbm get: (HBM offset to read each leased block from, HBM slot to fill
         with it), -1 where none. Blocks answered from DRAM get fill slots while HBM has room;

@@ -33,6 +33,7 @@ runs on the daemon's event loop.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence
 
@@ -96,6 +97,49 @@ class Get:
     generations: list[int] = field(default_factory=list)
     hbm_offsets: list[int] = field(default_factory=list)
     hbm_fill: list[int] = field(default_factory=list)
+
+
+class LayerGet:
+    """A layer-wise get's answer (ReadPath.get_layers): ``get`` as Get's (the leased prefix,
+    its slots and generations; SSD blocks' slots are being filled), ``num_layers`` the steps
+    the progress counts. ``next_ready()`` waits for the next step (the layers in place now),
+    None once every step is in; then ``finish()`` ends the read: how many leading blocks are
+    readable (the lease keeps those). ``abandon()``: the caller stopped listening (a client
+    gone); the lease ends once the reads under way have landed. Nothing to wait for (no SSD
+    block): every step is in at once."""
+
+    def __init__(self, get: Get, num_layers: int, run=None, store: BlockStore | None = None,
+                 session_id: int = 0):
+        self.get = get
+        self.num_layers = num_layers
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = None
+        self._store, self._session_id = store, session_id
+        if run is not None:
+            self._task = asyncio.ensure_future(run(self._queue.put_nowait))
+        else:
+            self._queue.put_nowait(None)
+
+    @property
+    def streaming(self) -> bool:
+        return self._task is not None
+
+    async def next_ready(self) -> int | None:
+        return await self._queue.get()
+
+    async def finish(self) -> int:
+        if self._task is None:
+            return len(self.get.offsets)
+        return await asyncio.shield(self._task)
+
+    def abandon(self) -> None:
+        lease, store, sid = self.get.lease, self._store, self._session_id
+        if lease is None or store is None:
+            return
+        if self._task is None or self._task.done():
+            store.abandon_lease(sid, lease)
+        else:
+            self._task.add_done_callback(lambda _: store.abandon_lease(sid, lease))
 
 
 @dataclass
@@ -175,6 +219,47 @@ class ReadPath:
         if lease is None:
             return Get(None)
         return Get(lease, offsets, tiers, store.slot_generations(offsets), hbm_reads, hbm_fill)
+
+    async def get_layers(self, session_id: int, namespace_id: bytes,
+                         keys_blob: bytes) -> LayerGet:
+        """Lease the longest cached prefix of the keys (local tiers only: no cluster fill, no
+        HBM), answering at once: SSD-only blocks get DRAM slots now and are read into them
+        layer by layer (SSDTier.read_layers) while the caller reads what has arrived. Raises
+        KVStoreError for bad input."""
+        store = self.store
+        promote: list[int] | None = [] if self.ssd is not None else None
+        lease, offsets, tiers = store.acquire(session_id, namespace_id, keys_blob,
+                                              promote_out=promote)
+        layout = store.namespace(namespace_id).layout
+        if lease is None:
+            return LayerGet(Get(None), layout.num_layers)
+        try:
+            self._hits(lease.block_ids)
+            if not promote:
+                return LayerGet(Get(lease, offsets, tiers, store.slot_generations(offsets)),
+                                layout.num_layers)
+            offsets, mine = await store.begin_layers(lease, promote)
+        except BaseException:
+            store.abandon_lease(session_id, lease)
+            raise
+        ssd = self.ssd
+        ranges = ssd.layer_ranges(layout)
+        answered = len(offsets)
+        slots = store.dram.promotion_slots()
+
+        async def run(progress) -> int:
+            placed = 0
+            try:
+                # Progress counts layers: one range of the whole block jumps to all of them.
+                placed = await ssd.read_layers(
+                    mine, layout, slots,
+                    lambda r: progress(r * layout.num_layers // len(ranges)))
+            finally:
+                progress(None)
+                kept = store.end_layers(session_id, lease, mine, placed, answered)
+            return kept
+        got = Get(lease, offsets, tiers[:answered], store.slot_generations(offsets))
+        return LayerGet(got, layout.num_layers, run, store, session_id)
 
     def read_streamed(self, session_id: int, lease_id: int) -> Iterator[tuple[int, bytes]]:
         """(index, bytes) of each leased block, copied while the lease holds (a remote

@@ -230,6 +230,20 @@ class AcquireResponse(_message.Message):
     generations: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, lease_id: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[_Union[Tier, str]]] = ..., lease_timeout_s: _Optional[float] = ..., hbm_offsets: _Optional[_Iterable[int]] = ..., hbm_fill: _Optional[_Iterable[int]] = ..., generations: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class AcquireLayersResponse(_message.Message):
+    __slots__ = ("lease", "num_layers", "layers_ready", "done", "verified")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_READY_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    lease: AcquireResponse
+    num_layers: int
+    layers_ready: int
+    done: bool
+    verified: int
+    def __init__(self, lease: _Optional[_Union[AcquireResponse, _Mapping]] = ..., num_layers: _Optional[int] = ..., layers_ready: _Optional[int] = ..., done: _Optional[bool] = ..., verified: _Optional[int] = ...) -> None: ...
+
 class ReadBlocksRequest(_message.Message):
     __slots__ = ("session_id", "lease_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReadBlocksRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.BlockData.FromString,
                 _registered_method=True)
+        self.AcquireLayers = channel.unary_stream(
+                '/kvstore.v1.KVStore/AcquireLayers',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.AcquireLayersResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kvstore.v1.KVStore/Release',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
@@ -173,6 +178,13 @@ class KVStoreServicer:
 
     def ReadBlocks(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcquireLayers(self, request, context):
+        """FAILED_PRECONDITION (reason NOT_ENABLED) for a client not granted the arena.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -280,6 +292,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.ReadBlocks,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReadBlocksRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.BlockData.SerializeToString,
+            ),
+            'AcquireLayers': grpc.unary_stream_rpc_method_handler(
+                    servicer.AcquireLayers,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.AcquireRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.AcquireLayersResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -548,6 +565,33 @@ class KVStore:
             '/kvstore.v1.KVStore/ReadBlocks',
             kvstore_dot_v1_dot_kvstore__pb2.ReadBlocksRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.BlockData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLayers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.KVStore/AcquireLayers',
+            kvstore_dot_v1_dot_kvstore__pb2.AcquireRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.AcquireLayersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,8 @@ def test_slow_tier_flags_are_checked():
     assert r.returncode == 2 and "--dram-prefix-tokens must be in" in r.stderr
     r = _bench("--slow-tier", "ssd", "--floor")
     assert r.returncode == 2 and "without --peer and --floor" in r.stderr
+    r = _bench("--stream")
+    assert r.returncode == 2 and "go with --slow-tier" in r.stderr
 
 
 @pytest.mark.slow
@@ -78,7 +80,7 @@ def test_slow_tier_flags_are_checked():
 def test_slow_tier_sweep_recomputes_what_a_slow_disk_would_load_late():
     r = _bench("--slow-tier", "ssd", "--shape", "tiny", "--prefix-tokens", "512",
                "--suffix-tokens", "16", "--requests", "2", "--ssd-read-limit", "200KB/s,1GB/s",
-               "--json", timeout=1500)
+               "--stream", "--json", timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(r.stdout)
     assert res["tokens_identical"] is True
@@ -94,3 +96,11 @@ def test_slow_tier_sweep_recomputes_what_a_slow_disk_would_load_late():
     assert res["counters"]["load-all"]["scheduler"]["plans"] == 0
     assert {"planned_over_min_max", "crossover_gain", "crossover_ssd_read_limit_bps",
             "prefill_profile"} <= set(res)
+    # --stream: the fourth engine streams its SSD hits layer by layer into the step that
+    # schedules them (the fast point loads them; the slow one computes, as planned does)
+    assert slow["cached_tokens_streamed"] == [0] and fast["cached_tokens_streamed"] == [512]
+    w = res["counters"]["streamed"]["worker"]
+    assert w["streamed_loads"] >= 1 and w["load_failed_blocks"] == 0
+    assert w["layer_wait_misses"] == 0
+    assert res["counters"]["planned"]["worker"]["streamed_loads"] == 0
+    assert {"streamed_over_min_max", "streamed_crossover_gain"} <= set(res)

@@ -149,3 +149,51 @@ def test_this_thread_keeps_running_while_the_loader_moves_jobs(loader):
     # the loop never stopped for long: generous, the machine may be busy
     assert len(seen) > 1000 and gap < 0.5
     assert raw[0][0].eq(1).all() and raw[3][62].eq(1).all() and not raw[0][1].any()
+
+
+def test_a_segment_still_arriving_is_scattered_only_once_its_layer_is_ready(loader):
+    """A layer-wise get's segment (a third item, ready): layer l of it is scattered only after
+    ready(l) returned — here the bytes of each layer are written into the source just before
+    ready lets it go, so a scatter that ran early would copy zeros."""
+    fmt = page_format_for("CPU_ATTN", LAYOUT)
+    _raw, kv = _cache(fmt)
+    want = _blocks(2, 5)
+    src = torch.zeros_like(want)                       # the arena slots, filled layer by layer
+    arrived = [threading.Event() for _ in range(LAYOUT.num_layers)]
+    asked = []
+
+    def ready(l):
+        asked.append(l)
+        assert arrived[l].wait(10)
+
+    job = LayerLoad(fmt, kv, [([2, 7], src, ready), ([5], _blocks(1, 6))])
+    loader.submit(job)
+    for l in range(LAYOUT.num_layers):
+        time.sleep(0.01)
+        src[:, l] = want[:, l]                         # layer l lands ...
+        arrived[l].set()                               # ... and is said to be in place
+        job.wait(l)
+        assert torch.equal(fmt.gather([kv[l]], [2, 7])[:, 0], want[:, l])
+    assert job.finish() is True and job.error is None
+    assert torch.equal(fmt.gather(kv, [2, 7]), want)
+    assert sorted(set(asked)) == list(range(LAYOUT.num_layers))
+
+
+def test_a_segment_whose_layers_never_arrive_fails_the_job(loader):
+    fmt = page_format_for("CPU_ATTN", LAYOUT)
+    _raw, kv = _cache(fmt)
+
+    def ready(l):
+        if l == 2:
+            raise ConnectionError("stream broke")
+
+    job = LayerLoad(fmt, kv, [([1], _blocks(1, 7), ready)])
+    loader.submit(job)
+    for l in range(LAYOUT.num_layers):
+        job.wait(l)
+    assert job.finish() is False and isinstance(job.error, ConnectionError)
+    # run_inline waits for the last layer of every arriving segment, once, before scattering
+    seen = []
+    inline = LayerLoad(fmt, kv, [([3], _blocks(1, 8), seen.append)])
+    inline.run_inline()
+    assert seen == [LAYOUT.num_layers - 1] and inline.finish() is True

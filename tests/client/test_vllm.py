@@ -39,9 +39,10 @@ SLOW = _toks(280)
 LONG = E + _toks(310)                   # E's 2 blocks, then 2 more full blocks and a tail
 F = _toks(300)                          # the load-mode tests' prompt (2 full blocks)
 G = _toks(300)
+H = _toks(300)                          # the streamed-load test's prompt
 FILLS = [_toks(7 * BLOCK + 10) for _ in range(4)]   # 28 blocks: more than the small DRAM tier
 PROMPTS = {"A": A, "A2": A2, "ALIGNED": ALIGNED, "D": D, "E": E, "SLOW": SLOW, "LONG": LONG,
-           "F": F, "G": G}
+           "F": F, "G": G, "H": H}
 CHAT1 = _toks(200)                      # turn 1: 1 full prompt block; the answer completes block 2
 CHAT_ANSWER_TOKENS = 80                 # KV of 279 tokens: block 2 = 72 prompt + 56 generated
 CHAT_QUESTION = _toks(40)               # turn 2 = CHAT1 + answer + question (320 tokens)
@@ -292,6 +293,38 @@ def test_ssd_hit_loads_asynchronously_dram_hit_synchronously(ssd_engine, baselin
     w = ssd_engine.stats()["worker"]
     assert w["load_failed_blocks"] == 0 and w["sync_reread_blocks"] == 0
     assert w["layerwise_loads"] == 0                     # the default: whole, before the forward
+
+
+@pytest.fixture(scope="module")
+def stream_engine(model_dir, ssd_daemon, workdir, baseline):
+    with _engine(model_dir, ssd_daemon, workdir, "engine-stream", layerwise_load=True,
+                 stream_slow_loads=True) as eng:
+        yield eng
+
+
+def test_an_ssd_hit_streams_layer_by_layer_into_the_step_that_schedules_it(stream_engine,
+                                                                          baseline):
+    """stream_slow_loads: an SSD hit loads in the step that schedules it (no extra step), its
+    blocks' layers landing in their slots while the forward runs the layers already there; the
+    tokens are vLLM's own."""
+    out, cached = _gen(stream_engine, "H")               # computed, stored (DRAM and SSD)
+    assert out == baseline["H"] and cached == 0
+    for p in FILLS:                                      # H's blocks are demoted to SSD
+        gen(stream_engine, p)
+    sync0, async0 = _loads(stream_engine)
+    w0 = stream_engine.stats()["worker"]
+    out, cached = _gen(stream_engine, "H")               # an SSD hit, streamed
+    assert out == baseline["H"] and cached == 2 * BLOCK
+    assert _loads(stream_engine) == (sync0 + 1, async0)
+    w = stream_engine.stats()["worker"]
+    assert w["streamed_loads"] - w0["streamed_loads"] == 1
+    assert w["streamed_blocks"] - w0["streamed_blocks"] == 2
+    assert w["loaded_blocks"] - w0["loaded_blocks"] == 2
+    assert w["load_failed_blocks"] == w0["load_failed_blocks"]
+    assert w["layer_wait_misses"] == 0                   # the forward waited for every layer
+    out, cached = _gen(stream_engine, "H")               # promoted by that read: now DRAM
+    assert out == baseline["H"] and cached == 2 * BLOCK
+    assert stream_engine.stats()["worker"]["streamed_loads"] == w["streamed_loads"]
 
 
 def _stale_generations(shm_dir: Path) -> None:

@@ -146,7 +146,8 @@ def test_adapter_keys_parse_to_typed_values_with_defaults():
                              "kv_connector_extra_config")
     assert cfg["max_pending_store_bytes"] == 256 << 20 and cfg["store_generated"] is False
     assert cfg["lookup_timeout_s"] == 2.0 and cfg["io_timeout_s"] == 5.0
-    assert cfg["socket"] is None and cfg["quant"] == "" and len(cfg) == 16
+    assert cfg["socket"] is None and cfg["quant"] == "" and len(cfg) == 17
+    assert cfg["stream_slow_loads"] is False and cfg["layerwise_load"] is False
     assert cfg["remote_flush_timeout_s"] == 10.0 and cfg["prefill_profile"] == ()
     cfg = parse_extra_config(VLLM_FIELDS, {"prefill_profile": [0.01, "2e-4", 0]}, "x")
     assert cfg["prefill_profile"] == (0.01, 2e-4, 0.0)

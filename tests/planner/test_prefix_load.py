@@ -91,3 +91,29 @@ def test_never_predicted_slower_than_either_extreme(tiers, ssd_bw, c1, c2, befor
                          (before + n) * BT + 16, lat)
     assert 0 <= p.load_blocks <= n
     assert p.predicted_s <= min(p.load_all_s, p.recompute_all_s) + 1e-9
+
+
+def test_a_load_that_streams_layer_by_layer_overlaps_the_forward_at_the_crossover():
+    # 16 SSD blocks; the SSD's bandwidth makes loading them all cost what computing them does
+    compute_all = 2048 * 1e-4                       # c1 = 1e-4 s/token, 16 blocks of 128
+    bw = 16 * BB / compute_all                       # load all = compute all (plus the suffix)
+    tiers = ["SSD"] * 16
+    serial = plan_prefix_load(tiers, BT, BB, {"SSD": bw}, prof(), 0, 2080)
+    streamed = plan_prefix_load(tiers, BT, BB, {"SSD": bw}, prof(), 0, 2080, overlap_layers=16)
+    # Added up, every split costs the same: no split beats the better extreme.
+    assert serial.predicted_s == pytest.approx(min(serial.load_all_s, serial.recompute_all_s))
+    # Streamed, load and compute overlap: about half of each, and the forward waits for the
+    # loaded blocks' layers one at a time.
+    assert 6 <= streamed.load_blocks <= 10
+    assert streamed.predicted_s < 0.6 * min(serial.load_all_s, serial.recompute_all_s)
+    j = streamed.load_blocks
+    load_j = j * BB / bw
+    compute_j = (2080 - j * BT) * 1e-4
+    assert streamed.predicted_s == pytest.approx(max(load_j, compute_j) +
+                                                 min(load_j, compute_j) / 16)
+    # Nothing loaded: nothing to overlap (recompute all costs the same either way).
+    assert streamed.recompute_all_s == serial.recompute_all_s
+    # A fast tier still loads everything, streamed or not.
+    fast = plan_prefix_load(["DRAM"] * 16, BT, BB, {"DRAM": 10e9}, prof(), 0, 2080,
+                            overlap_layers=16)
+    assert fast.load_blocks == 16

@@ -247,6 +247,31 @@ class SlotIO:
         return [block_checksum(view[:nbytes], key) == csum
                 for _, view, key, nbytes, csum in reads]
 
+    def read_ranges(self, reads) -> list:
+        """For each (addr, view, start, hasher): read bytes [start, start + len(view)) of the
+        slot's payload into ``view`` (one preadv), then feed them to ``hasher`` (a streaming
+        xxh3 of the block: the ranges of one block arrive in order, one call after another);
+        each result is True, False (short read) or the OSError the read raised. The layer-wise
+        promotion's reads (SSDTier.read_layers): the checksum is checked by the caller once every
+        range of the block has been fed."""
+        out: list = []
+        for addr, view, start, hasher in reads:
+            try:
+                seg, off = self.payload_offset(addr)
+                if self.read_limiter is not None:
+                    self.read_limiter.take(len(view))
+                n = os.preadv(seg.fd, [view], off + start)
+            except OSError as exc:
+                out.append(exc)
+                continue
+            self.count_reads(1 if start == 0 else 0, n)    # one slot read, in ranges
+            if n != len(view):
+                out.append(False)
+                continue
+            hasher.update(view)
+            out.append(True)
+        return out
+
     def _stride(self, addr: int, nbytes: int) -> int:
         """The slot size of ``addr``'s segment when a buffer of ``nbytes`` fills exactly that
         slot (only such slots are coalesced), else 0."""

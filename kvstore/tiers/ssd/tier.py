@@ -572,6 +572,109 @@ class SSDTier:
                     fut.set_result(None)
             idx.unpin([b for b, _, _ in mine])
 
+    # -- layer-wise reads (AcquireLayers) ---------------------------------------------------------
+    async def wait_reads(self, block_ids: list[int]) -> None:
+        """Wait for the reads other gets have in flight for any of these blocks."""
+        waits = [f for f in (self._promoting.get(b) for b in block_ids) if f is not None]
+        if waits:
+            await asyncio.gather(*waits)
+
+    def begin_layers(self, block_ids: list[int], slots) -> list[tuple[int, int, asyncio.Future]]:
+        """Take a DRAM slot for each of these pinned SSD-only blocks (none has a read in flight:
+        the caller waited for those, kvstore.store.blockstore.BlockStore.promote_layers) and
+        mark them as being promoted; stops at the first block without room. Returns (block,
+        slot, future) for read_layers, which owns them from here."""
+        offs = slots.take(block_ids)
+        loop = asyncio.get_running_loop()
+        mine = []
+        for b, off in zip(block_ids, offs):
+            if off is None:
+                break
+            fut = loop.create_future()
+            self._promoting[b] = fut
+            mine.append((b, off, fut))
+        self.table.pin([b for b, _, _ in mine])
+        return mine
+
+    def layer_ranges(self, layout) -> list[tuple[int, int]]:
+        """The (start, length) payload ranges a layer-wise read moves, one per layer, in order:
+        whole layers when they tile the block and (with O_DIRECT) keep 4 KiB alignment, else one
+        range of the whole block (it arrives at once)."""
+        lb, n = layout.layer_bytes, layout.num_layers
+        if lb * n != layout.block_bytes or (self.slabs.direct and lb % 4096):
+            return [(0, layout.block_bytes)]
+        return [(i * lb, lb) for i in range(n)]
+
+    async def read_layers(self, mine, layout, slots, on_range=None) -> int:
+        """Read the blocks begin_layers took, range by range (layer_ranges): range r of every
+        block before any block's range r + 1, ``on_range(r + 1)`` after each (on the loop).
+        Each block's bytes feed a streaming checksum, checked once the block is complete: the
+        blocks that verify become DRAM copies (as a promotion's do), in order up to the first
+        that does not; that one (I/O error: a miss; wrong bytes: dropped) and the rest give
+        their slots back. Returns how many leading blocks of ``mine`` were placed. Every slot,
+        pin and promotion future is settled, even if this is cancelled."""
+        import xxhash
+        idx, ssd = self.table, self.slabs
+        ranges = self.layer_ranges(layout)
+        ok = [True] * len(mine)
+        errors: list = [None] * len(mine)    # an OSError, False (short read or wrong bytes)
+        try:
+            hashers = [xxhash.xxh3_64(seed=int.from_bytes(idx.key_of(b)[:8], "little"))
+                       for b, _, _ in mine]
+            addrs = [int(idx.ssd[b]) for b, _, _ in mine]
+            views = [slots.view(off, layout.slot_bytes) for _, off, _ in mine]
+            t0 = time.monotonic()
+            for r, (start, n) in enumerate(ranges):
+                items = [(addrs[i], views[i][start:start + n], start, hashers[i])
+                         for i in range(len(mine)) if ok[i]]
+                live = [i for i in range(len(mine)) if ok[i]]
+                done = await asyncio.gather(*(asyncio.wrap_future(f) for f in
+                                              self._grouped(ssd.read_ranges, items)))
+                for i, res in zip(live, self._ungroup(done, len(items))):
+                    if res is not True:
+                        ok[i], errors[i] = False, res
+                if on_range is not None:
+                    on_range(r + 1)
+            self._read_bw.observe(len(mine) * layout.block_bytes, time.monotonic() - t0)
+            for i, (b, _, _) in enumerate(mine):
+                if ok[i] and hashers[i].intdigest() != int(idx.csum[b]):
+                    ok[i], errors[i] = False, False
+        except BaseException:
+            ok = [False] * len(mine)     # cancelled: nothing is placed, nothing blamed
+            raise
+        finally:
+            placed = self._settle_layers(mine, ok, errors, slots)
+        return placed
+
+    def _settle_layers(self, mine, ok: list[bool], errors: list, slots) -> int:
+        """Publish the leading verified blocks; give the rest's slots back (a checksum failure
+        is dropped, never served); resolve the promotion futures; unpin. Returns blocks placed."""
+        idx, ssd = self.table, self.slabs
+        placed = 0
+        for i, (b, off, fut) in enumerate(mine):
+            if ok[i] and placed == i and idx.state[b] == COMMITTED:
+                slots.filled(b, off)
+                self.counters.promotions += 1
+                self.counters.hits += 1
+                placed += 1
+            else:
+                slots.unused(off)
+                err = errors[i]
+                if isinstance(err, BaseException):
+                    ssd.counters.read_errors += 1
+                    log.warning("SSD read of block %s failed (%s): treated as a miss",
+                                idx.key_of(b).hex()[:12], err)
+                elif err is False:       # as a whole-slot read's mismatch (or short read)
+                    ssd.counters.checksum_failures += 1
+                    log.warning("SSD block %s failed its checksum: dropped, never served",
+                                idx.key_of(b).hex()[:12])
+                    idx.discard(b)
+            self._promoting.pop(b, None)
+            if not fut.done():
+                fut.set_result(None)
+        idx.unpin([b for b, _, _ in mine])
+        return placed
+
     # -- shutdown --------------------------------------------------------------------------------
     async def close(self) -> None:
         """Flush write-back blocks, sync and compact the journal, close the files. Stopped
