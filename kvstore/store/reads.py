@@ -248,12 +248,14 @@ class ReadPath:
         slots = store.dram.promotion_slots()
 
         async def run(progress) -> int:
+            # Progress counts layers: one range of the whole block jumps to all of them. The
+            # reads are a task of their own, never cancelled with this one: they own the slots
+            # until they settle them (SSDTier.read_layers).
+            reads = asyncio.ensure_future(ssd.read_layers(
+                mine, layout, slots, lambda r: progress(r * layout.num_layers // len(ranges))))
             placed = 0
             try:
-                # Progress counts layers: one range of the whole block jumps to all of them.
-                placed = await ssd.read_layers(
-                    mine, layout, slots,
-                    lambda r: progress(r * layout.num_layers // len(ranges)))
+                placed = await asyncio.shield(reads)
             finally:
                 progress(None)
                 kept = store.end_layers(session_id, lease, mine, placed, answered)

@@ -581,7 +581,7 @@ class SSDTier:
 
     def begin_layers(self, block_ids: list[int], slots) -> list[tuple[int, int, asyncio.Future]]:
         """Take a DRAM slot for each of these pinned SSD-only blocks (none has a read in flight:
-        the caller waited for those, kvstore.store.blockstore.BlockStore.promote_layers) and
+        the caller waited for those, kvstore.store.blockstore.BlockStore.begin_layers) and
         mark them as being promoted; stops at the first block without room. Returns (block,
         slot, future) for read_layers, which owns them from here."""
         offs = slots.take(block_ids)
@@ -612,7 +612,9 @@ class SSDTier:
         blocks that verify become DRAM copies (as a promotion's do), in order up to the first
         that does not; that one (I/O error: a miss; wrong bytes: dropped) and the rest give
         their slots back. Returns how many leading blocks of ``mine`` were placed. Every slot,
-        pin and promotion future is settled, even if this is cancelled."""
+        pin and promotion future is settled, even if this fails. Run it as a task of its own
+        that nobody cancels (ReadPath.get_layers shields it): a cancelled wait would hand back
+        slots that reads still in the pool are writing into."""
         import xxhash
         idx, ssd = self.table, self.slabs
         ranges = self.layer_ranges(layout)
