@@ -159,7 +159,9 @@ class Pass:
         if self.meter.daemon_pid:
             out["daemon_cpu_s_per_gb"] = (d1 - d0) / gb
         if k0 is not None and t1 > t0:
-            out["disk_busy"] = (k1[0] - k0[0]) / 1e3 / (t1 - t0)
+            # io_ticks advance in whole milliseconds of busy time, counted when a request
+            # ends: over a short pass the count can exceed the wall time; busy is at most 1
+            out["disk_busy"] = min(1.0, (k1[0] - k0[0]) / 1e3 / (t1 - t0))
             out["disk_queue"] = (k1[1] - k0[1]) / 1e3 / (t1 - t0)
         return out
 
