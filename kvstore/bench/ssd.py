@@ -95,13 +95,18 @@ def raw_io(path: Path, slot: int, n: int, qd: int, write: bool, direct: bool) ->
 
 
 def process_cpu_s(pid: int | None = None) -> float:
-    """CPU seconds (user + system, every thread) of process ``pid`` (None: this one)."""
+    """CPU seconds (user + system, every thread) of process ``pid`` (None: this one), at
+    nanosecond resolution (clock ticks would read 0 for a short pass): this process's CPU
+    clock, or the sum of another's threads' run times (/proc/PID/task/*/schedstat)."""
     if pid is None:
-        t = os.times()
-        return t.user + t.system
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return time.process_time()
+    total = 0
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue            # a thread that ended meanwhile
+    return total / 1e9
 
 
 def disk_stat_path(directory: Path) -> Path | None:
