@@ -6,7 +6,6 @@ but ``views`` then raises InvalidArgument.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -277,12 +276,8 @@ class LayerLease(BlockLease):
         block_bytes] uint8 view of the arena (torch; numpy without torch), as ArenaRead.runs,
         so a caller moves each run with one copy per layer."""
         from kvstore.client import transfer
-        av = self.ns.client.datapath.arena_view
-        base = av.torch if "torch" in sys.modules else av.np
-        bb = self.ns.layout.block_bytes
-        return [(first, count, base[start:start + count * bb].reshape(count, bb))
-                for first, count, start in transfer.runs(self.offsets, list(range(len(self))),
-                                                         bb)]
+        return transfer.slot_runs(self.ns.client.datapath.arena_view, self.offsets,
+                                  self.ns.layout.block_bytes)
 
     def wait_layer(self, layer: int) -> None:
         """Return once layer ``layer`` of every block is in its slot (KVStoreError, reason

@@ -371,7 +371,7 @@ class Namespace:
             return None
         if out is None:
             out = transfer.new_output(self.layout, k,
-                                      like="numpy" if _torch_missing() else "torch")
+                                      like="numpy" if transfer.torch_missing() else "torch")
         valid = 0
         if k:
             # a lease in all but name (id 0: nothing to release): the data path copies it, and
@@ -435,10 +435,7 @@ class Namespace:
         bb = self.layout.block_bytes
         av = path.arena_view
         av.prefault(offsets, range(k), bb)      # before the caller touches the slots
-        base = av.np if _torch_missing() else av.torch
-        runs = [(first, count, base[start:start + count * bb].reshape(count, bb))
-                for first, count, start in transfer.runs(offsets, list(range(k)), bb)]
-        return ArenaRead(self, blob[:16 * k], runs, proof, t0)
+        return ArenaRead(self, blob[:16 * k], transfer.slot_runs(av, offsets, bb), proof, t0)
 
     def _get_leased(self, blob: bytes, n: int, out, ready, want_hbm: bool, first: int = 0,
                     grow: bool = False):
@@ -457,7 +454,7 @@ class Namespace:
         try:
             if out is None or (grow and found):
                 new = transfer.new_output(self.layout, first + found,
-                                          like="numpy" if _torch_missing() else "torch")
+                                          like="numpy" if transfer.torch_missing() else "torch")
                 if first:
                     transfer.out_rows(new, self.layout, first)[:] = \
                         transfer.out_rows(out, self.layout, first)
@@ -601,11 +598,3 @@ def _wait_for(futures, timeout_s: float) -> None:
     if not futures:
         return
     futures_wait(futures, timeout=timeout_s)
-
-
-def _torch_missing() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return True
-    return False

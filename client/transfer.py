@@ -261,6 +261,24 @@ def runs(offsets: list[int], indices: list[int], row_bytes: int) -> list[tuple[i
     return out
 
 
+def torch_missing() -> bool:
+    """torch cannot be imported here (views are then numpy arrays)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def slot_runs(arena_view, offsets: list[int], row_bytes: int) -> list[tuple[int, int, object]]:
+    """(first, count, rows) per run of blocks in adjacent slots (see runs): rows a [count,
+    row_bytes] uint8 view of the arena (torch; numpy without torch), so a caller moves each run
+    with one copy. ``arena_view``: the data path's (``.torch`` and ``.np`` flat views)."""
+    base = arena_view.np if torch_missing() else arena_view.torch
+    return [(first, count, base[start:start + count * row_bytes].reshape(count, row_bytes))
+            for first, count, start in runs(offsets, list(range(len(offsets))), row_bytes)]
+
+
 def strided_runs(offsets: list[int]) -> list[tuple[int, int, int]]:
     """Split slot offsets into arithmetic runs: (first block index, length, byte stride).
 

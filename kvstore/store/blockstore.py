@@ -562,16 +562,22 @@ class BlockStore:
         if ssd is None:
             return 0
         if not (to_hbm and ssd.direct_to_hbm()):
-            sizes: dict[int, int] = {}
-            for b in ssd.to_read(bids, to_hbm):
-                sb = self.table.namespace_of(b).layout.slot_bytes
-                sizes[sb] = sizes.get(sb, 0) + 1
-            for sb, n in sizes.items():
-                await self.clean_room(sb, n)
-            # No await from here to the SSD tier taking its slots: the room made is its own.
-            for sb, n in sizes.items():
-                self._make_room(sb, n)
+            await self._room_for_reads(ssd.to_read(bids, to_hbm))
+        # No await from here to the SSD tier taking its slots: the room made is its own.
         return await ssd.fetch(bids, self.dram.promotion_slots(), to_hbm=to_hbm)
+
+    async def _room_for_reads(self, bids: list[int]) -> None:
+        """DRAM room for these blocks' promotion, by the eviction plan as for a put: dirty
+        victims written first (awaited), then the clean ones evicted, synchronously. The
+        caller takes its slots with no await in between."""
+        sizes: dict[int, int] = {}
+        for b in bids:
+            sb = self.table.namespace_of(b).layout.slot_bytes
+            sizes[sb] = sizes.get(sb, 0) + 1
+        for sb, n in sizes.items():
+            await self.clean_room(sb, n)
+        for sb, n in sizes.items():
+            self._make_room(sb, n)
 
     async def begin_layers(self, lease: Lease, positions: list[int]) -> tuple[list[int], list]:
         """A layer-wise promotion's start (ReadPath.get_layers): the lease's SSD-only blocks (at
@@ -586,15 +592,7 @@ class BlockStore:
         lease.deadline = float("inf")
         need = [bids[p] for p in positions]
         await ssd.wait_reads(need)
-        sizes: dict[int, int] = {}
-        for b in ssd.to_read(need):
-            sb = self.table.namespace_of(b).layout.slot_bytes
-            sizes[sb] = sizes.get(sb, 0) + 1
-        for sb, n in sizes.items():
-            await self.clean_room(sb, n)
-        # No await from here to the SSD tier taking its slots: the room made is its own.
-        for sb, n in sizes.items():
-            self._make_room(sb, n)
+        await self._room_for_reads(ssd.to_read(need))
         mine = ssd.begin_layers(ssd.to_read(need), self.dram.promotion_slots())
         taken = {b: off for b, off, _ in mine}
         dram = self.table.dram

@@ -556,21 +556,25 @@ class SSDTier:
                     self.counters.hits += 1
                 else:
                     self._unreserve(b, off, into_hbm, slots)
-                    if isinstance(r, BaseException):
-                        ssd.counters.read_errors += 1
-                        log.warning("SSD read of block %s failed (%s): treated as a miss",
-                                    idx.key_of(b).hex()[:12], r)
-                    else:
-                        ssd.counters.checksum_failures += 1
-                        log.warning("SSD block %s failed its checksum: dropped, never served",
-                                    idx.key_of(b).hex()[:12])
-                    idx.discard(b)
+                    self._failed_read(b, r)
         finally:
             for b, _, fut in mine:
                 self._promoting.pop(b, None)
                 if not fut.done():
                     fut.set_result(None)
             idx.unpin([b for b, _, _ in mine])
+
+    def _failed_read(self, bid: int, err) -> None:
+        """A block whose read failed (``err``: the OSError) or whose bytes did not verify
+        (False: wrong bytes or a short read): counted, logged, dropped from the store."""
+        key = self.table.key_of(bid).hex()[:12]
+        if isinstance(err, BaseException):
+            self.slabs.counters.read_errors += 1
+            log.warning("SSD read of block %s failed (%s): treated as a miss", key, err)
+        else:
+            self.slabs.counters.checksum_failures += 1
+            log.warning("SSD block %s failed its checksum: dropped, never served", key)
+        self.table.discard(bid)
 
     # -- layer-wise reads (AcquireLayers) ---------------------------------------------------------
     async def wait_reads(self, block_ids: list[int]) -> None:
@@ -649,9 +653,10 @@ class SSDTier:
         return placed
 
     def _settle_layers(self, mine, ok: list[bool], errors: list, slots) -> int:
-        """Publish the leading verified blocks; give the rest's slots back (a checksum failure
-        is dropped, never served); resolve the promotion futures; unpin. Returns blocks placed."""
-        idx, ssd = self.table, self.slabs
+        """Publish the leading verified blocks; give the rest's slots back (a block whose read
+        failed or whose bytes did not verify is dropped, as for a whole-slot read: never
+        served); resolve the promotion futures; unpin. Returns blocks placed."""
+        idx = self.table
         placed = 0
         for i, (b, off, fut) in enumerate(mine):
             if ok[i] and placed == i and idx.state[b] == COMMITTED:
@@ -661,16 +666,8 @@ class SSDTier:
                 placed += 1
             else:
                 slots.unused(off)
-                err = errors[i]
-                if isinstance(err, BaseException):
-                    ssd.counters.read_errors += 1
-                    log.warning("SSD read of block %s failed (%s): treated as a miss",
-                                idx.key_of(b).hex()[:12], err)
-                elif err is False:       # as a whole-slot read's mismatch (or short read)
-                    ssd.counters.checksum_failures += 1
-                    log.warning("SSD block %s failed its checksum: dropped, never served",
-                                idx.key_of(b).hex()[:12])
-                    idx.discard(b)
+                if errors[i] is not None:   # None: not placed after an earlier failure
+                    self._failed_read(b, errors[i])
             self._promoting.pop(b, None)
             if not fut.done():
                 fut.set_result(None)
