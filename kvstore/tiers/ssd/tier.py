@@ -629,7 +629,6 @@ class SSDTier:
                        for b, _, _ in mine]
             addrs = [int(idx.ssd[b]) for b, _, _ in mine]
             views = [slots.view(off, layout.slot_bytes) for _, off, _ in mine]
-            t0 = time.monotonic()
             for r, (start, n) in enumerate(ranges):
                 items = [(addrs[i], views[i][start:start + n], start, hashers[i])
                          for i in range(len(mine)) if ok[i]]
@@ -641,7 +640,9 @@ class SSDTier:
                         ok[i], errors[i] = False, res
                 if on_range is not None:
                     on_range(r + 1)
-            self._read_bw.observe(len(mine) * layout.block_bytes, time.monotonic() - t0)
+            # Not observed as the tier's read bandwidth: per-layer passes wait on one another
+            # (and on the loop between them), so they would understate the disk the planner
+            # prices; whole-slot promotions measure it.
             for i, (b, _, _) in enumerate(mine):
                 if ok[i] and hashers[i].intdigest() != int(idx.csum[b]):
                     ok[i], errors[i] = False, False
