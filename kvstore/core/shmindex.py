@@ -263,6 +263,57 @@ class ShmIndex:
         self._write(pos, tag, lo, hi, tier, off, gen)
         self.live += 1
 
+    def put_many(self, tags: np.ndarray, keys: np.ndarray, tiers: np.ndarray,
+                 offs: np.ndarray, gens: np.ndarray) -> None:
+        """:meth:`put` for each of n distinct blocks (uint64 tags, [n, 2] uint64 keys, uint8
+        tiers, int64 offsets, uint32 generations): readers find what n puts would publish,
+        though a block may sit in another bucket. Blocks already in their home bucket are
+        rewritten and new blocks whose home bucket is empty are placed first, in numpy calls,
+        each bucket under its own version bump as put does; the rest (a collision, a
+        tombstone, the load limit) one by one."""
+        if self.flags & OVERFLOW:
+            return
+        lo = np.ascontiguousarray(keys[:, 0], dtype=np.uint64)
+        hi = np.ascontiguousarray(keys[:, 1], dtype=np.uint64)
+        pos = ((lo ^ (tags * np.uint64(_MIX))) & np.uint64(self._mask)).astype(np.int64)
+        t = self.tier[pos]
+        home = (t != EMPTY) & (t != TOMB) & (self.lo[pos] == lo) & (self.hi[pos] == hi) & \
+            (self.tag[pos] == tags)
+        done = home.copy()
+        i = np.flatnonzero(home)
+        if len(i):
+            p = pos[i]
+            moved = (t[i] != tiers[i]) | (self.off[p] != offs[i]) | (self.gen[p] != gens[i])
+            i, p = i[moved], p[moved]
+            if len(i):
+                self.ver[p] += np.uint32(1)          # odd: readers of these buckets retry
+                self.off[p] = offs[i]
+                self.gen[p] = gens[i]
+                self.tier[p] = tiers[i]
+                self.ver[p] += np.uint32(1)          # even again: consistent
+        new = np.flatnonzero(~home & (t == EMPTY))
+        if len(new):
+            # An empty home bucket: the key is nowhere else (linear probing starts there).
+            # Two new keys with one home: the first takes it, the other probes on below.
+            _, first = np.unique(pos[new], return_index=True)
+            i = new[first]
+            if self.live + len(i) <= _MAX_LOAD * self.buckets:
+                p = pos[i]
+                self.ver[p] += np.uint32(1)
+                self.tag[p] = tags[i]
+                self.lo[p] = lo[i]
+                self.hi[p] = hi[i]
+                self.off[p] = offs[i]
+                self.gen[p] = gens[i]
+                self.tier[p] = tiers[i]
+                self.ver[p] += np.uint32(1)
+                self.live += len(i)
+                self.used += len(i)
+                done[i] = True
+        for j in np.flatnonzero(~done).tolist():
+            self.put(int(tags[j]), int(lo[j]), int(hi[j]), int(tiers[j]), int(offs[j]),
+                     int(gens[j]))
+
     def remove(self, tag: int, lo: int, hi: int) -> None:
         """Hide one block (no-op if absent); see needs_rebuild for the tombstones it leaves."""
         if self.flags & OVERFLOW:

@@ -547,10 +547,10 @@ class BlockStore:
         finally:
             lease.deadline = self.clock() + self.lease_timeout_s
         hbm = self.hbm if to_hbm else None
-        dram = self.table.dram
-        n = 0
-        while n < len(bids) and (dram[bids[n]] != NO_SLOT or (hbm is not None and hbm.has(bids[n]))):
-            n += 1
+        placed = self.table.dram[np.asarray(bids, dtype=np.int64)] != NO_SLOT
+        if hbm is not None:
+            placed |= np.fromiter((hbm.has(b) for b in bids), dtype=bool, count=len(bids))
+        n = len(bids) if placed.all() else int(np.argmin(placed))
         self.ssd.count_misses(len(positions) - sum(1 for p in positions if p < n))
         return self.truncate_lease(session_id, lease, n)
 
@@ -571,9 +571,8 @@ class BlockStore:
         victims written first (awaited), then the clean ones evicted, synchronously. The
         caller takes its slots with no await in between."""
         sizes: dict[int, int] = {}
-        for b in bids:
-            sb = self.table.namespace_of(b).layout.slot_bytes
-            sizes[sb] = sizes.get(sb, 0) + 1
+        for layout in self.table.layouts_of(np.asarray(bids, dtype=np.int64)):
+            sizes[layout.slot_bytes] = sizes.get(layout.slot_bytes, 0) + 1
         for sb, n in sizes.items():
             await self.clean_room(sb, n)
         for sb, n in sizes.items():

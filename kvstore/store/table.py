@@ -44,6 +44,7 @@ import struct
 
 import numpy as np
 
+from kvstore.core.keys import KEY_BYTES
 from kvstore.core.shmindex import DRAM, HBM, NO_OFFSET, SSD, ns_tag
 from kvstore.events.log import STORED, Record
 from kvstore.events.media import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_STORAGE
@@ -186,6 +187,18 @@ class BlockTable:
     def namespace_of(self, bid: int):
         return self._namespaces[int(self.ns[bid])]
 
+    def layouts_of(self, bids) -> list:
+        """The layout of each block's namespace (int64 ids; one lookup when they share one)."""
+        ns = self.ns[bids]
+        if len(ns) and (ns == ns[0]).all():
+            return [self._namespaces[int(ns[0])].layout] * len(ns)
+        return [self._namespaces[i].layout for i in ns.tolist()]
+
+    def keys_of(self, bids) -> list[bytes]:
+        """key_of for each block (int64 ids)."""
+        raw = self.keys[bids].tobytes()
+        return [raw[i:i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+
     def namespaces(self) -> tuple:
         """Every registered namespace, by index."""
         return tuple(self._namespaces)
@@ -220,8 +233,7 @@ class BlockTable:
         if len(bids) > _REBUILD_BATCH:
             self.resync_mirror()
             return
-        for bid in bids.tolist():
-            self._mirror_put(bid)
+        self._mirror_put_many(bids)
 
     def set_dram(self, bid: int, offset: int) -> None:
         """Set (or clear, NO_SLOT) a block's DRAM slot: a promotion or a demotion."""
@@ -231,6 +243,27 @@ class BlockTable:
         self.dram[bid] = offset
         if self._mirror is not None and self.state[bid] == COMMITTED:
             self._mirror_put(bid)
+
+    def set_dram_many(self, bids: np.ndarray, offsets: np.ndarray) -> None:
+        """set_dram for distinct blocks at once (a promotion's blocks, a demotion's victims):
+        the same columns, events and mirror as one call per block, in numpy calls per batch."""
+        bids = np.asarray(bids, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if not len(bids):
+            return
+        committed = self.state[bids] == COMMITTED
+        if self._events is not None:
+            now_in = offsets != NO_SLOT
+            changed = committed & (now_in != (self.dram[bids] != NO_SLOT)) & \
+                (bids != self._freeing)
+            stored, removed = bids[changed & now_in], bids[changed & ~now_in]
+            if len(stored):
+                self._report_stored_in(MEDIUM_CPU, stored)
+            if len(removed):
+                self._events.removed(MEDIUM_CPU, self.ns[removed], self.keys[removed])
+        self.dram[bids] = offsets
+        if self._mirror is not None:
+            self._mirror_put_many(bids[committed])
 
     def set_ssd(self, bid: int, addr: int, csum: int) -> None:
         """A block's bytes are now on SSD at ``addr`` with this checksum."""
@@ -403,10 +436,16 @@ class BlockTable:
         self._mirror.put(self._ns_tags[int(self.ns[bid])], int(self.keys[bid, 0]),
                          int(self.keys[bid, 1]), tier, off, gen)
 
-    def resync_mirror(self) -> None:
-        """Rewrite the mirror from the columns: every linked COMMITTED block."""
-        linked = self._table[self._table >= 0].astype(np.int64)
-        bids = linked[self.state[linked] == COMMITTED]
+    def _mirror_put_many(self, bids: np.ndarray) -> None:
+        """_mirror_put for distinct blocks (int64 ids), in one ShmIndex.put_many."""
+        if len(bids) == 1:
+            self._mirror_put(int(bids[0]))
+        elif len(bids):
+            self._mirror.put_many(*self._mirror_rows(bids))
+
+    def _mirror_rows(self, bids: np.ndarray) -> tuple:
+        """(tags, keys, tiers, offsets, generations) of these blocks as _mirror_put publishes
+        each: what ShmIndex.put_many and rebuild take."""
         tags = np.asarray(self._ns_tags + [0], dtype=np.uint64)[self.ns[bids].astype(np.int64)]
         dram = self.dram[bids]
         in_dram = dram != NO_SLOT
@@ -416,7 +455,13 @@ class BlockTable:
         if self._generations is not None and in_dram.any():
             offs[in_dram] = dram[in_dram]
             gens[in_dram] = self._generations.of(dram[in_dram])
-        self._mirror.rebuild(tags, self.keys[bids], tiers, offs, gens)
+        return tags, self.keys[bids], tiers, offs, gens
+
+    def resync_mirror(self) -> None:
+        """Rewrite the mirror from the columns: every linked COMMITTED block."""
+        linked = self._table[self._table >= 0].astype(np.int64)
+        bids = linked[self.state[linked] == COMMITTED]
+        self._mirror.rebuild(*self._mirror_rows(bids))
 
     # -- mutation ---------------------------------------------------------------------------
     def add(self, ns: int, key: bytes, parent: int, stamp: int, dram: int = NO_SLOT) -> int:

@@ -382,14 +382,17 @@ class DRAMTier:
 
     def _evict(self, victims: list[int]) -> None:
         table = self.table
-        for bid in victims:
-            if table.ssd[bid] != NO_SLOT:
-                self.slabs.free(int(table.dram[bid]))
-                table.set_dram(bid, NO_SLOT)
-                self._demoted += 1
-                self.counters.demotions += 1
-            else:
-                table.free(bid)       # the table's on_free frees the slot (forget)
+        ids = np.asarray(victims, dtype=np.int64)
+        on_ssd = table.ssd[ids] != NO_SLOT
+        demoted = ids[on_ssd]
+        if len(demoted):
+            for off in table.dram[demoted].tolist():
+                self.slabs.free(off)
+            table.set_dram_many(demoted, np.full(len(demoted), NO_SLOT, dtype=np.int64))
+            self._demoted += len(demoted)
+            self.counters.demotions += len(demoted)
+        for bid in ids[~on_ssd].tolist():
+            table.free(bid)           # the table's on_free frees the slot (forget)
         self.counters.evictions += len(victims)
 
     def headroom(self):
@@ -400,10 +403,12 @@ class DRAMTier:
             yield (cls.slot_bytes, len(cls.free) + free_chunk_bytes // cls.slot_bytes,
                    self.evictable(cls.slot_bytes))
 
-    def promoted(self, bid: int, offset: int) -> None:
-        """A promotion filled slot ``offset`` with the block's bytes: it is the DRAM copy now."""
-        self.table.set_dram(bid, offset)
-        self.counters.promotions += 1
+    def promoted(self, bids: list[int], offsets: list[int]) -> None:
+        """A promotion filled these slots with their blocks' bytes: they are the DRAM copies
+        now."""
+        self.table.set_dram_many(np.asarray(bids, dtype=np.int64),
+                                 np.asarray(offsets, dtype=np.int64))
+        self.counters.promotions += len(bids)
 
     def promotion_slots(self) -> "PromotionSlots":
         """The narrow view of this tier a reading tier (SSD) is handed for one promotion."""
@@ -455,14 +460,14 @@ class PromotionSlots:
 
     def take(self, bids: list[int]) -> list[int | None]:
         """A slot for each block, None from the first that finds no free one."""
-        t = self._dram.table
-        return self._dram.slots_for(bids, [t.namespace_of(b).layout.slot_bytes for b in bids])
+        layouts = self._dram.table.layouts_of(np.asarray(bids, dtype=np.int64))
+        return self._dram.slots_for(bids, [lay.slot_bytes for lay in layouts])
 
     def view(self, offset: int, nbytes: int) -> memoryview:
         return self._dram.view(offset, nbytes)
 
-    def filled(self, bid: int, offset: int) -> None:
-        self._dram.promoted(bid, offset)
+    def filled(self, bids: list[int], offsets: list[int]) -> None:
+        self._dram.promoted(bids, offsets)
 
     def unused(self, offset: int) -> None:
         self._dram.free_slot(offset)

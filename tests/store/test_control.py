@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.core import shmindex
 from kvstore.client import KVClient, KVStoreError, Unavailable
@@ -158,6 +160,56 @@ def test_snapshot_full_falls_back_and_recovers(tmp_path):
     finally:
         snap.close()
     assert not snap.path.exists()
+
+
+_POOL = np.random.default_rng(11).integers(0, 2**63, size=(40, 2), dtype=np.uint64)
+_batch = st.lists(st.tuples(st.integers(0, 39), st.sampled_from(["DRAM", "SSD", "gone"]),
+                            st.integers(0, 1 << 16)), max_size=24, unique_by=lambda t: t[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_batch, min_size=1, max_size=8))
+def test_put_many_publishes_what_one_put_per_block_publishes(tmp_path_factory, batches):
+    """ShmIndex.put_many (a promotion's, a demotion's, a commit's blocks at once) against put
+    per block, on a table of 64 buckets: home-bucket collisions, tombstones (removals between
+    batches) and the load limit (40 keys, 38 fit) all happen. Every key probes the same tier,
+    offset and generation from both, and both agree on the live count and on overflowing (the
+    buckets may differ: put_many places new blocks whose home bucket is empty first)."""
+    d = tmp_path_factory.mktemp("putmany")
+    a = shmindex.ShmIndex.create(d / "a.arena", b"u" * 16, buckets=64)
+    b = shmindex.ShmIndex.create(d / "b.arena", b"u" * 16, buckets=64)
+    tag = shmindex.ns_tag(b"n" * 16)
+    try:
+        for batch in batches:
+            puts = [(i, t, o) for i, t, o in batch if t != "gone"]
+            for i, t, _ in batch:
+                if t == "gone":
+                    a.remove(tag, *_POOL[i].tolist())
+                    b.remove(tag, *_POOL[i].tolist())
+            if puts:
+                ids = np.array([i for i, _, _ in puts])
+                tiers = np.array([shmindex.DRAM if t == "DRAM" else shmindex.SSD
+                                  for _, t, _ in puts], dtype=np.uint8)
+                offs = np.array([o * 4096 if t == "DRAM" else shmindex.NO_OFFSET
+                                 for _, t, o in puts], dtype=np.int64)
+                gens = np.array([o % 7 if t == "DRAM" else 0 for _, t, o in puts],
+                                dtype=np.uint32)
+                a.put_many(np.full(len(puts), tag, dtype=np.uint64), _POOL[ids], tiers, offs,
+                           gens)
+                for j, i in enumerate(ids.tolist()):
+                    lo, hi = _POOL[i].tolist()
+                    b.put(tag, lo, hi, int(tiers[j]), int(offs[j]), int(gens[j]))
+            a.beat()
+            b.beat()
+            assert (a.live, a.flags) == (b.live, b.flags)
+            got_a, got_b = a.probe_slots(tag, _POOL), b.probe_slots(tag, _POOL)
+            assert (got_a is None) == (got_b is None) == bool(a.flags & shmindex.OVERFLOW)
+            if got_a is not None:
+                for x, y in zip(got_a, got_b):
+                    assert x.tolist() == y.tolist()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_stale_heartbeat_makes_readers_ask_the_daemon(tmp_path, monkeypatch):

@@ -244,7 +244,8 @@ def test_read_local_views_the_arena_and_proves_after_the_read(daemon_factory, tm
 
 def _slot_flipper(path_q, stop, arena_uuid: bytes, tmpdir: str):
     """Writer process: keys whose bucket flips between (DRAM, offset o, generation g(o)) for
-    ever-changing o and (SSD, no offset, 0), removals, and rebuilds that move every key."""
+    ever-changing o and (SSD, no offset, 0), one by one and in batches (put_many), removals,
+    and rebuilds that move every key."""
     snap = shmindex.ShmIndex.create(f"{tmpdir}/fake.arena", arena_uuid, buckets=1024)
     rng = np.random.default_rng(5)
     keys = _slot_keys()
@@ -254,7 +255,18 @@ def _slot_flipper(path_q, stop, arena_uuid: bytes, tmpdir: str):
     while not stop.is_set():
         i += 1
         snap.beat()
-        for lo, hi in keys[rng.permutation(len(keys))[:16]].tolist():
+        picked = keys[rng.permutation(len(keys))[:16]]
+        if i % 2:     # one batch, as a promotion, a demotion or a commit publishes its blocks
+            dram = rng.random(len(picked)) < 0.6
+            offs = np.where(dram, rng.integers(0, 1 << 20, len(picked)) * 4096,
+                            shmindex.NO_OFFSET).astype(np.int64)
+            gens = np.array([_gen_of(int(o)) if d else 0 for o, d in zip(offs, dram)],
+                            dtype=np.uint32)
+            snap.put_many(np.full(len(picked), tag, dtype=np.uint64), picked,
+                          np.where(dram, shmindex.DRAM, shmindex.SSD).astype(np.uint8), offs,
+                          gens)
+            picked = picked[:0]
+        for lo, hi in picked.tolist():
             r = rng.random()
             off = int(rng.integers(0, 1 << 20)) * 4096
             if r < 0.2:

@@ -480,3 +480,40 @@ def test_journal_group_commit_does_not_queue_behind_slab_io(tmp_path, monkeypatc
     st_ = jr.Journal(tmp_path / "journal", pool).replay()
     assert sorted(st_.puts["addr"].tolist()) == list(range(8))
     pool.shutdown()
+
+
+def test_all_done_wakes_once_keeps_order_raises_and_cancels_the_unstarted():
+    """The SSD tier's wait for its grouped pool tasks (kvstore.tiers.ssd.tier._all_done):
+    results in submission order whatever order they end in; a task's exception reaches the
+    caller; a cancelled wait cancels the tasks not started yet."""
+    import asyncio
+    import threading
+    import time
+
+    from kvstore.tiers.ssd.tier import _all_done
+
+    def slow(i: int) -> int:
+        time.sleep(0.02 * (3 - i))      # the last submitted ends first
+        return i * 10
+
+    def boom() -> int:
+        raise OSError(5, "disk")
+
+    async def go():
+        with ThreadPoolExecutor(3) as pool:
+            assert await _all_done([pool.submit(slow, i) for i in range(3)]) == [0, 10, 20]
+            assert await _all_done([]) == []
+            with pytest.raises(OSError):
+                await _all_done([pool.submit(slow, 2), pool.submit(boom)])
+        gate = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(gate.wait, 5)
+            queued = pool.submit(slow, 2)
+            wait = asyncio.ensure_future(_all_done([first, queued]))
+            await asyncio.sleep(0.05)
+            wait.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await wait
+            assert queued.cancelled()
+            gate.set()
+    asyncio.run(go())

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,41 @@ RECOVERY_BATCH = 4096      # index entries applied per event-loop turn while loa
 def _indexed(fn, idxs: list[int], items: list) -> list[tuple[int, object]]:
     """fn over items[idxs] in one pool task; results paired with their index in ``items``."""
     return list(zip(idxs, fn([items[i] for i in idxs])))
+
+
+async def _all_done(futs: list) -> list:
+    """The results of these pool futures, in order, once every one has ended: the event loop
+    is woken once, by the last to end, not once per future as gathering wrapped futures does
+    (each wake-up is a thread hand-off on the loop's thread). Cancelled: the futures not
+    started yet are cancelled, as a cancelled wrapped future cancels its own."""
+    if not futs:
+        return []
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [len(futs)]
+    lock = threading.Lock()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def ended(_) -> None:        # in the pool thread that ran it (here if it had ended)
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle)
+
+    for f in futs:
+        f.add_done_callback(ended)
+    try:
+        await done
+    except asyncio.CancelledError:
+        for f in futs:
+            f.cancel()
+        raise
+    return [f.result() for f in futs]
 
 
 class SSDTier:
@@ -236,6 +272,13 @@ class SSDTier:
         return (int(self.table.ssd[bid]), dest, self.table.key_of(bid), layout.block_bytes,
                 int(self.table.csum[bid]))
 
+    def _read_items(self, bids: list[int], dests: list, layouts: list) -> list[tuple]:
+        """_read_item for each block, the table's columns read once for all."""
+        t = self.table
+        ids = np.asarray(bids, dtype=np.int64)
+        return list(zip(t.ssd[ids].tolist(), dests, t.keys_of(ids),
+                        [lay.block_bytes for lay in layouts], t.csum[ids].tolist()))
+
     def _grouped(self, fn, items: list) -> list:
         """Submit ``fn`` over ``items`` ((addr, buffer, ...) each) as one pool task per group:
         the items in address order, cut into contiguous groups of about GROUP_BYTES (at most
@@ -348,8 +391,7 @@ class SSDTier:
         schedule it; unpins."""
         try:
             started, futs = self._start_writes(bids, make_room)
-            groups = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
-            self._finish_writes(started, self._ungroup(groups, len(started)))
+            self._finish_writes(started, self._ungroup(await _all_done(futs), len(started)))
             if sync:
                 await self.journal.sync()
             else:
@@ -437,16 +479,23 @@ class SSDTier:
         hbm = self.hbm
         return hbm is not None and (hbm.pool.backend == "host" or self.gds is not None)
 
-    def _placed(self, b: int, to_hbm: bool) -> bool:
-        if self.table.dram[b] != NO_SLOT:
-            return True
-        return to_hbm and self.hbm is not None and self.hbm.has(b)
+    def _placed(self, block_ids: list[int], to_hbm: bool) -> np.ndarray:
+        """Whether each block has its copy where a get reads it (DRAM, or HBM for ``to_hbm``)."""
+        placed = self.table.dram[np.asarray(block_ids, dtype=np.int64)] != NO_SLOT
+        if to_hbm and self.hbm is not None:
+            placed |= np.fromiter((self.hbm.has(b) for b in block_ids), dtype=bool,
+                                  count=len(block_ids))
+        return placed
 
     def to_read(self, block_ids: list[int], to_hbm: bool = False) -> list[int]:
         """The blocks fetch would read now: on SSD, not placed yet, no read in flight (what the
         caller makes DRAM room for before it calls fetch)."""
-        return [b for b in block_ids if b not in self._promoting and
-                not self._placed(b, to_hbm) and self.table.ssd[b] != NO_SLOT]
+        if not block_ids:
+            return []
+        ids = np.asarray(block_ids, dtype=np.int64)
+        need = ids[~self._placed(block_ids, to_hbm) & (self.table.ssd[ids] != NO_SLOT)].tolist()
+        promoting = self._promoting
+        return [b for b in need if b not in promoting] if promoting else need
 
     async def fetch(self, block_ids: list[int], slots, to_hbm: bool = False) -> int:
         """Bring these pinned blocks into DRAM — or, for a client that reads HBM when the daemon
@@ -458,19 +507,16 @@ class SSDTier:
         direct = to_hbm and self.direct_to_hbm()
         read = 0
         for _ in range(2):     # a shared read may have gone to the other tier: then read again
-            waits, need = [], []
-            for b in block_ids:
-                fut = self._promoting.get(b)
-                if fut is not None:
-                    waits.append(fut)
-                elif not self._placed(b, to_hbm) and self.table.ssd[b] != NO_SLOT:
-                    need.append(b)
+            promoting = self._promoting
+            waits = {id(f): f for f in (promoting.get(b) for b in block_ids)
+                     if f is not None} if promoting else {}
+            need = self.to_read(block_ids, to_hbm)
             if need:
                 read += await self._read_into(need, direct, slots)
             if not waits:
                 break
-            await asyncio.gather(*waits)
-            if all(self._placed(b, to_hbm) for b in block_ids):
+            await asyncio.gather(*waits.values())
+            if self._placed(block_ids, to_hbm).all():
                 break
         return read
 
@@ -479,23 +525,21 @@ class SSDTier:
             offs = [o if o >= 0 else None for o in self.hbm.reserve(need)]
         else:
             offs = slots.take(need)
-        loop = asyncio.get_running_loop()
-        mine = []
-        full = False
-        for b, off in zip(need, offs):
-            full = full or off is None   # no room: the answer's prefix ends before this block
-            if full:
-                if off is not None:
-                    self._unreserve(b, off, direct, slots)
-                continue
-            fut = loop.create_future()
-            self._promoting[b] = fut
-            mine.append((b, off, fut))
-        if not mine:
+        # no room: the answer's prefix ends before the first block without a slot
+        n = next((i for i, off in enumerate(offs) if off is None), len(offs))
+        for b, off in zip(need[n:], offs[n:]):
+            if off is not None:
+                self._unreserve(b, off, direct, slots)
+        if not n:
             return 0
-        self.table.pin([b for b, _, _ in mine])
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()     # one per batch: a get sharing any of its reads waits
+        mine = [(b, off, fut) for b, off in zip(need[:n], offs[:n])]
+        for b in need[:n]:
+            self._promoting[b] = fut
+        self.table.pin(need[:n])
         await asyncio.shield(loop.create_task(self._read_pinned(mine, direct, slots)))
-        return sum(1 for b, _, _ in mine if self._placed(b, direct))
+        return int(self._placed(need[:n], direct).sum())
 
     def _unreserve(self, bid: int, off: int, into_hbm: bool, slots) -> None:
         if into_hbm:
@@ -535,34 +579,43 @@ class SSDTier:
     async def _read_pinned(self, mine, into_hbm: bool = False, slots=None) -> None:
         idx, ssd, hbm = self.table, self.slabs, self.hbm
         try:
-            reads = []
-            for b, off, _ in mine:
-                slot_bytes = idx.namespace_of(b).layout.slot_bytes
-                dest = hbm.dest(off, slot_bytes) if into_hbm else slots.view(off, slot_bytes)
-                reads.append(self._read_item(b, dest))
+            bids = [b for b, _, _ in mine]
+            layouts = idx.layouts_of(np.asarray(bids, dtype=np.int64))
+            dests = [hbm.dest(off, lay.slot_bytes) if into_hbm else slots.view(off, lay.slot_bytes)
+                     for (_, off, _), lay in zip(mine, layouts)]
+            reads = self._read_items(bids, dests, layouts)
             reader = self.gds if into_hbm and hbm.pool.backend == "cuda" else ssd
             t0 = time.monotonic()
-            done = await asyncio.gather(*(asyncio.wrap_future(f)
-                                          for f in self._grouped(reader.read_slots, reads)))
+            results = self._ungroup(await _all_done(self._grouped(reader.read_slots, reads)),
+                                    len(reads))
             self._read_bw.observe(sum(len(r[1]) for r in reads), time.monotonic() - t0)
-            results = self._ungroup(done, len(reads))
-            for (b, off, fut), r in zip(mine, results):
+            got, got_offs = [], []
+            for (b, off, _), r in zip(mine, results):
                 if r is True:
-                    if into_hbm:
-                        hbm.adopt(b, off)
-                    else:
-                        slots.filled(b, off)
-                    self.counters.promotions += 1
-                    self.counters.hits += 1
+                    got.append(b)
+                    got_offs.append(off)
                 else:
                     self._unreserve(b, off, into_hbm, slots)
                     self._failed_read(b, r)
+            if into_hbm:
+                for b, off in zip(got, got_offs):
+                    hbm.adopt(b, off)
+            elif got:
+                slots.filled(got, got_offs)
+            self.counters.promotions += len(got)
+            self.counters.hits += len(got)
         finally:
-            for b, _, fut in mine:
-                self._promoting.pop(b, None)
-                if not fut.done():
-                    fut.set_result(None)
-            idx.unpin([b for b, _, _ in mine])
+            self._settled(mine)
+
+    def _settled(self, mine) -> None:
+        """The reads of ``mine`` ((block, slot, future) each) ended, placed or not: gets
+        waiting for them go on, and the blocks are unpinned."""
+        promoting = self._promoting
+        for b, _, fut in mine:
+            promoting.pop(b, None)
+            if not fut.done():
+                fut.set_result(None)
+        self.table.unpin([b for b, _, _ in mine])
 
     def _failed_read(self, bid: int, err) -> None:
         """A block whose read failed (``err``: the OSError) or whose bytes did not verify
@@ -579,9 +632,9 @@ class SSDTier:
     # -- layer-wise reads (AcquireLayers) ---------------------------------------------------------
     async def wait_reads(self, block_ids: list[int]) -> None:
         """Wait for the reads other gets have in flight for any of these blocks."""
-        waits = [f for f in (self._promoting.get(b) for b in block_ids) if f is not None]
+        waits = {id(f): f for f in (self._promoting.get(b) for b in block_ids) if f is not None}
         if waits:
-            await asyncio.gather(*waits)
+            await asyncio.gather(*waits.values())
 
     def begin_layers(self, block_ids: list[int], slots) -> list[tuple[int, int, asyncio.Future]]:
         """Take a DRAM slot for each of these pinned SSD-only blocks (none has a read in flight:
@@ -589,12 +642,11 @@ class SSDTier:
         mark them as being promoted; stops at the first block without room. Returns (block,
         slot, future) for read_layers, which owns them from here."""
         offs = slots.take(block_ids)
-        loop = asyncio.get_running_loop()
+        fut = asyncio.get_running_loop().create_future()     # one for the batch, as fetch's
         mine = []
         for b, off in zip(block_ids, offs):
             if off is None:
                 break
-            fut = loop.create_future()
             self._promoting[b] = fut
             mine.append((b, off, fut))
         self.table.pin([b for b, _, _ in mine])
@@ -633,8 +685,7 @@ class SSDTier:
                 items = [(addrs[i], views[i][start:start + n], start, hashers[i])
                          for i in range(len(mine)) if ok[i]]
                 live = [i for i in range(len(mine)) if ok[i]]
-                done = await asyncio.gather(*(asyncio.wrap_future(f) for f in
-                                              self._grouped(ssd.read_ranges, items)))
+                done = await _all_done(self._grouped(ssd.read_ranges, items))
                 for i, res in zip(live, self._ungroup(done, len(items))):
                     if res is not True:
                         ok[i], errors[i] = False, res
@@ -659,20 +710,18 @@ class SSDTier:
         served); resolve the promotion futures; unpin. Returns blocks placed."""
         idx = self.table
         placed = 0
-        for i, (b, off, fut) in enumerate(mine):
+        for i, (b, off, _) in enumerate(mine):
             if ok[i] and placed == i and idx.state[b] == COMMITTED:
-                slots.filled(b, off)
-                self.counters.promotions += 1
-                self.counters.hits += 1
                 placed += 1
             else:
                 slots.unused(off)
                 if errors[i] is not None:   # None: not placed after an earlier failure
                     self._failed_read(b, errors[i])
-            self._promoting.pop(b, None)
-            if not fut.done():
-                fut.set_result(None)
-        idx.unpin([b for b, _, _ in mine])
+        if placed:
+            slots.filled([b for b, _, _ in mine[:placed]], [off for _, off, _ in mine[:placed]])
+        self.counters.promotions += placed
+        self.counters.hits += placed
+        self._settled(mine)
         return placed
 
     # -- shutdown --------------------------------------------------------------------------------
