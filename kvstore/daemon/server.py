@@ -618,7 +618,7 @@ def open_ssd_tier(cfg: Config, table, dram, hbm=None, eviction=None):
     space = SSDSpace(table, files, catalog, eviction=eviction)
     return SSDTier(table, dram, files, catalog, space,
                    write_policy(cfg.ssd_write_policy, cfg.ssd_write_hits),
-                   hbm=hbm, gds=open_gds(files, hbm))
+                   hbm=hbm, gds=open_gds(files, hbm), io_uring=cfg.ssd_io_uring)
 
 
 def open_gds(files, hbm):

@@ -229,6 +229,29 @@ class SlotIO:
                 out[i] = _attempt(self.read_slot, reads[i])
         return out
 
+    def read_plan(self, reads) -> list[tuple[list[int], int, int, list, int]]:
+        """How read_slots moves these (addr, view, key, nbytes, csum) reads, for a caller that
+        issues the reads itself (kvstore.tiers.ssd.ringio): one vectored read per run of
+        adjacent slots, as (indices into ``reads``, fd, file offset, buffers, bytes wanted);
+        ``None`` among the buffers stands for a slot header between two payloads (read into
+        scratch and dropped). Then check each slot with :meth:`verify` and count it with
+        count_reads."""
+        plan = []
+        for run in _runs(reads, self._stride):
+            seg, off = self.payload_offset(reads[run[0]][0])
+            bufs: list = [reads[run[0]][1]]
+            for i in run[1:]:
+                bufs += (None, reads[i][1])
+            want = sum(len(reads[i][1]) for i in run) + (len(run) - 1) * HEADER_BYTES
+            plan.append((run, seg.fd, off, bufs, want))
+        return plan
+
+    @staticmethod
+    def verify(read) -> bool:
+        """Whether a slot read's (addr, view, key, nbytes, csum) bytes match its checksum."""
+        _, view, key, nbytes, csum = read
+        return block_checksum(view[:nbytes], key) == csum
+
     def _read_run(self, reads) -> list[bool] | None:
         """Read slots adjacent in one file (sorted by address) with one preadv; None when it
         came back short (the caller reads them one by one)."""

@@ -44,6 +44,7 @@ from kvstore.policies.write import WritePolicy, WriteThrough
 from kvstore.tiers.base import COMMITTED, NO_SLOT
 from kvstore.tiers.ssd.bandwidth import ReadBandwidth
 from kvstore.tiers.ssd.cleaner import WriteBackCleaner
+from kvstore.tiers.ssd.ringio import RingReads
 
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
@@ -100,12 +101,16 @@ class SSDTier:
     name = "SSD"
 
     def __init__(self, table, dram, files, catalog, space, policy: WritePolicy | None = None,
-                 *, hbm=None, gds=None):
+                 *, hbm=None, gds=None, io_uring: bool = False):
         """``table``: the block table; ``dram``: the DRAM tier (kvstore.tiers.dram.DRAMTier);
         ``files``: open slab files; ``catalog``/``space``: their SSDCatalog and SSDSpace;
         ``hbm``: the HBM tier, if any; ``gds``: a kvstore.tiers.ssd.gds.KvikioSlotIO over the
-        same files (SSD → CUDA pool reads), if any."""
+        same files (SSD → CUDA pool reads), if any; ``io_uring``: promote through an io_uring
+        on the event loop (kvstore.tiers.ssd.ringio) where the kernel allows it and no read
+        limit is set, instead of the I/O threads."""
         self.table = table
+        self._want_ring = io_uring and files.read_limiter is None
+        self._ring: RingReads | None = None
         self.dram = dram
         self.slabs = files
         self.catalog = catalog
@@ -585,9 +590,13 @@ class SSDTier:
                      for (_, off, _), lay in zip(mine, layouts)]
             reads = self._read_items(bids, dests, layouts)
             reader = self.gds if into_hbm and hbm.pool.backend == "cuda" else ssd
+            ring = self._ring_reads() if reader is ssd else None
             t0 = time.monotonic()
-            results = self._ungroup(await _all_done(self._grouped(reader.read_slots, reads)),
-                                    len(reads))
+            if ring is not None:
+                results = await ring.read_slots(reads)
+            else:
+                results = self._ungroup(await _all_done(self._grouped(reader.read_slots, reads)),
+                                        len(reads))
             self._read_bw.observe(sum(len(r[1]) for r in reads), time.monotonic() - t0)
             got, got_offs = [], []
             for (b, off, _), r in zip(mine, results):
@@ -606,6 +615,19 @@ class SSDTier:
             self.counters.hits += len(got)
         finally:
             self._settled(mine)
+
+    def _ring_reads(self) -> RingReads | None:
+        """The io_uring reader, opened on first use (on the event loop); None where it is not
+        wanted, cannot be set up, or was given up."""
+        ring = self._ring
+        if ring is None and self._want_ring and not self._closed:
+            ring = self._ring = RingReads.open(self.slabs, asyncio.get_running_loop())
+            self._want_ring = False
+            if ring is None:
+                log.info("io_uring is not available here: SSD reads use the I/O threads")
+            else:
+                log.info("SSD promotions read through io_uring on the event loop")
+        return ring if ring is not None and not ring.broken else None
 
     def _settled(self, mine) -> None:
         """The reads of ``mine`` ((block, slot, future) each) ended, placed or not: gets
@@ -735,6 +757,7 @@ class SSDTier:
             await asyncio.gather(self._recovery, return_exceptions=True)  # stops at a batch
         while self._load_writes:      # journaled in the file as found before it is closed
             await asyncio.gather(*self._load_writes, return_exceptions=True)
+        await self._close_ring()
         if self.loading or self._failed or self.catalog.loading:
             await asyncio.get_running_loop().run_in_executor(None, self._loader.shutdown)
             self.abandon()
@@ -762,6 +785,17 @@ class SSDTier:
         finally:
             self.journal.close()
             self.slabs.close()
+
+    async def _close_ring(self, wait_s: float = 10.0) -> None:
+        """Close the io_uring reader once its reads have ended (they own arena slots until
+        then); a read the disk never finishes is left to the kernel after ``wait_s``."""
+        ring, self._ring = self._ring, None
+        if ring is None:
+            return
+        end = time.monotonic() + wait_s
+        while ring.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        ring.close()
 
     def abandon(self) -> None:
         """Close the files without flushing or compacting: a start-up whose recovery failed
