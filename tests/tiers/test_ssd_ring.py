@@ -1,4 +1,4 @@
-"""The io_uring read path (kvstore.core.uring, kvstore.tiers.ssd.ringio) against real slab files:
+"""The io_uring read path (kvstore.tiers.ssd.uring, kvstore.tiers.ssd.ringio) against real slab files:
 the same answers as the I/O threads' SlotIO.read_slots, byte for byte, for runs of adjacent
 slots and scattered ones; a slot whose bytes do not verify is False, never served; a run the
 kernel cuts short is read again slot by slot; a failed submission gives the ring up without
@@ -14,7 +14,7 @@ import select
 import numpy as np
 import pytest
 
-from kvstore.core import uring
+from kvstore.tiers.ssd import uring
 from kvstore.tiers.ssd.files import SlabFiles
 from kvstore.tiers.ssd.ringio import RingReads
 

@@ -27,7 +27,7 @@ import logging
 import mmap
 from collections import deque
 
-from kvstore.core.uring import Ring, address, iovecs
+from kvstore.tiers.ssd.uring import Ring, address, iovecs
 from kvstore.tiers.ssd.format import HEADER_BYTES
 from kvstore.tiers.ssd.slotio import each_slot
 
