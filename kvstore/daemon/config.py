@@ -129,9 +129,10 @@ FIELDS: list[Field] = [
     Field("ssd_segment_bytes", _size0, 0, "size of one preallocated slab file (0: the "
           "directory's own, or capacity/64 within 64 MiB..16 GiB for a new one)", format_bytes),
     Field("ssd_io_threads", _pos_int, 16, "SSD I/O threads (requests in flight)"),
-    Field("ssd_io_uring", _bool, True, "promote SSD blocks through an io_uring driven by the "
-          "event loop (no thread hand-offs per read) where the kernel allows it (x86-64; not "
-          "with ssd_read_limit); off, or where io_uring is refused, the I/O threads read"),
+    Field("ssd_io_uring", _bool, True, "read and write SSD slots through an io_uring driven "
+          "by the event loop (no thread hand-offs per request) where the kernel allows it "
+          "(x86-64; not with ssd_read_limit); off, or where io_uring is refused, the I/O "
+          "threads do"),
     Field("ssd_write_policy", _write_policy, "write_through",
           "write_through (commit waits for SSD), write_back (written when evicted) or "
           "write_through_selective (written once read ssd_write_hits times; others never)"),

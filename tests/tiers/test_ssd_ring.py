@@ -16,7 +16,7 @@ import pytest
 
 from kvstore.tiers.ssd import uring
 from kvstore.tiers.ssd.files import SlabFiles
-from kvstore.tiers.ssd.ringio import RingReads
+from kvstore.tiers.ssd.ringio import RingIO
 
 SLOT = 64 << 10
 
@@ -83,7 +83,7 @@ def test_ring_reads_answer_as_the_thread_path_does(tmp_path):
     files, slots = _files_with_slots(tmp_path, 12)
     try:
         async def go():
-            reader = RingReads.open(files, asyncio.get_running_loop())
+            reader = RingIO.open(files, asyncio.get_running_loop())
             assert reader is not None
             try:
                 # adjacent runs, a gap, reversed order, and a slot of another key
@@ -105,7 +105,7 @@ def test_ring_reads_answer_as_the_thread_path_does(tmp_path):
                 # more reads than the ring holds wait their turn
                 many = [i % 12 for i in range(40)]
                 dests, reads = _reads(slots, many)
-                small = RingReads.open(files, asyncio.get_running_loop(), entries=4)
+                small = RingIO.open(files, asyncio.get_running_loop(), entries=4)
                 try:
                     assert await small.read_slots(reads) == [True] * 40
                     assert all(bytes(d) == slots[i][1] for i, d in zip(many, dests))
@@ -137,7 +137,7 @@ def test_corrupt_and_short_runs_fall_back_slot_by_slot_and_a_failed_submit_loses
 
         async def go():
             loop = asyncio.get_running_loop()
-            reader = RingReads.open(files, loop)
+            reader = RingIO.open(files, loop)
             try:
                 _, reads = _reads(slots, range(6))
                 assert await reader.read_slots(reads) == [True, True, False, True, True, True]
@@ -160,6 +160,67 @@ def test_corrupt_and_short_runs_fall_back_slot_by_slot_and_a_failed_submit_loses
                 assert bytes(dests[0]) == slots[4][1]
             finally:
                 reader.close()
+        asyncio.run(go())
+    finally:
+        files.close()
+
+
+def test_ring_writes_read_back_exact_and_fall_back_as_the_thread_path_does(tmp_path, monkeypatch):
+    """RingIO.write_slots: each slot's checksum, headers and payloads where SlotIO.write_slots
+    puts them (the thread path reads every byte back and verifies it), adjacent slots in one
+    request; a run the kernel writes short is written again slot by slot; with the fault hooks
+    on, the pool writes (so injected failures still reach the tier)."""
+    _ring_or_skip().close()
+    files = SlabFiles(tmp_path / "ssd", 4 << 20, 1 << 20, io_threads=2)
+    files.open()
+    files.assign_segment(0, SLOT)
+    rng = np.random.default_rng(4)
+
+    def items(n):
+        out, payloads = [], []
+        for _ in range(n):
+            buf = mmap.mmap(-1, SLOT)
+            buf[:] = rng.integers(0, 256, SLOT, dtype=np.uint8).tobytes()
+            out.append((files.allocate(SLOT), memoryview(buf), os.urandom(16), SLOT - 100))
+            payloads.append(bytes(buf))
+        return out, payloads
+
+    def read_back(writes, csums):
+        dests, reads = [], []
+        for (addr, _, key, nbytes), c in zip(writes, csums):
+            d = mmap.mmap(-1, SLOT)
+            dests.append(d)
+            reads.append((addr, memoryview(d), key, nbytes, c))
+        return files.read_slots(reads), [bytes(d) for d in dests]
+
+    try:
+        async def go():
+            ring = RingIO.open(files, asyncio.get_running_loop())
+            try:
+                writes, payloads = items(6)
+                csums = await ring.write_slots(writes)
+                assert all(isinstance(c, int) for c in csums)
+                ok, got = read_back(writes, csums)
+                assert ok == [True] * 6 and got == payloads
+                assert files.counters.writes >= 6
+                # the kernel answers a run short: written again slot by slot
+                real = ring._ring.completions
+                monkeypatch.setattr(ring._ring, "completions",
+                                    lambda: [(t, r - 1) for t, r in real()])
+                writes, payloads = items(3)
+                csums = await ring.write_slots(writes)
+                monkeypatch.setattr(ring._ring, "completions", real)
+                ok, got = read_back(writes, csums)
+                assert ok == [True] * 3 and got == payloads
+                # fault hooks: the pool applies them
+                monkeypatch.setattr(files, "_fault_errno", errno.ENOSPC)
+                monkeypatch.setattr(files, "_fault_after", 0)
+                writes, _ = items(2)
+                res = await ring.write_slots(writes)
+                assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in res)
+                assert ring.in_flight == 0
+            finally:
+                ring.close()
         asyncio.run(go())
     finally:
         files.close()

@@ -246,6 +246,37 @@ class SlotIO:
             plan.append((run, seg.fd, off, bufs, want))
         return plan
 
+    @property
+    def injecting_faults(self) -> bool:
+        """The test hooks that slow or fail single slot writes are on (KVSTORE_TEST_SSD_*):
+        writes must then go through write_slots, which applies them."""
+        return bool(self._write_delay_s or self._fault_errno)
+
+    def write_plan(self, writes) -> list[tuple[list[int], int, int, list, int, list[int]]]:
+        """How write_slots moves these (addr, view, key, nbytes[, tag]) writes, for a caller
+        that issues the writes itself (kvstore.tiers.ssd.ringio): per run of adjacent slots,
+        (indices into ``writes``, fd, file offset, buffers, bytes, checksums), the buffers being
+        each slot's header (computed now, with its checksum and sequence number, in memory of
+        the run's own) then its payload. Count what was written with count_writes; a run that
+        fails or comes back short is written again slot by slot (write_slot)."""
+        plan = []
+        for run in _runs(writes, self._stride):
+            seg = self.segments[writes[run[0]][0] >> SLOT_BITS]
+            hdrs = memoryview(mmap.mmap(-1, len(run) * HEADER_BYTES))   # page aligned
+            bufs: list = []
+            csums: list[int] = []
+            for j, i in enumerate(run):
+                addr, view, key, nbytes, *tag = writes[i]
+                csum = block_checksum(view[:nbytes], key)
+                hdr = hdrs[j * HEADER_BYTES:(j + 1) * HEADER_BYTES]
+                self._fill_header_into(hdr, addr, key, nbytes, csum, seg, tag[0] if tag else b"")
+                bufs += (hdr, view)
+                csums.append(csum)
+            want = sum(len(writes[i][1]) for i in run) + len(run) * HEADER_BYTES
+            off = slot_offset(writes[run[0]][0] & SLOT_MASK, seg.slot_bytes)
+            plan.append((run, seg.fd, off, bufs, want, csums))
+        return plan
+
     @staticmethod
     def verify(read) -> bool:
         """Whether a slot read's (addr, view, key, nbytes, csum) bytes match its checksum."""

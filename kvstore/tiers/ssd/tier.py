@@ -44,7 +44,7 @@ from kvstore.policies.write import WritePolicy, WriteThrough
 from kvstore.tiers.base import COMMITTED, NO_SLOT
 from kvstore.tiers.ssd.bandwidth import ReadBandwidth
 from kvstore.tiers.ssd.cleaner import WriteBackCleaner
-from kvstore.tiers.ssd.ringio import RingReads
+from kvstore.tiers.ssd.ringio import RingIO
 
 log = logging.getLogger("kvstore.tiers.ssd.tier")
 
@@ -105,12 +105,12 @@ class SSDTier:
         """``table``: the block table; ``dram``: the DRAM tier (kvstore.tiers.dram.DRAMTier);
         ``files``: open slab files; ``catalog``/``space``: their SSDCatalog and SSDSpace;
         ``hbm``: the HBM tier, if any; ``gds``: a kvstore.tiers.ssd.gds.KvikioSlotIO over the
-        same files (SSD → CUDA pool reads), if any; ``io_uring``: promote through an io_uring
-        on the event loop (kvstore.tiers.ssd.ringio) where the kernel allows it and no read
-        limit is set, instead of the I/O threads."""
+        same files (SSD → CUDA pool reads), if any; ``io_uring``: promote and write through an
+        io_uring on the event loop (kvstore.tiers.ssd.ringio) where the kernel allows it and no
+        read limit is set, instead of the I/O threads."""
         self.table = table
         self._want_ring = io_uring and files.read_limiter is None
-        self._ring: RingReads | None = None
+        self._ring: RingIO | None = None
         self.dram = dram
         self.slabs = files
         self.catalog = catalog
@@ -310,8 +310,8 @@ class SSDTier:
     # -- writes --------------------------------------------------------------------------------
     def _start_writes(self, bids: list[int], make_room: bool = True
                       ) -> tuple[list[tuple[int, int]], list]:
-        """Allocate SSD slots (evicting only if ``make_room``) and submit the writes. Returns
-        ((bid, addr) per write, futures of the groups' results)."""
+        """Allocate SSD slots (evicting only if ``make_room``) for these blocks' writes.
+        Returns ((bid, addr) per write, the write items for SlabFiles.write_slots)."""
         started, writes = [], []
         for bid in bids:
             addrs = self.space.take_slots(self.table.namespace_of(bid).layout.slot_bytes, 1,
@@ -322,7 +322,16 @@ class SSDTier:
             self.slabs.set_owner(addr, bid)
             writes.append(self._write_item(bid, addr))
             started.append((bid, addr))
-        return started, self._grouped(self.slabs.write_slots, writes)
+        return started, writes
+
+    async def _write(self, writes: list) -> list:
+        """Each write item's result (its checksum or the OSError): through the io_uring where
+        there is one, else the I/O threads."""
+        ring = self._ring_io()
+        if ring is not None:
+            return await ring.write_slots(writes)
+        return self._ungroup(await _all_done(self._grouped(self.slabs.write_slots, writes)),
+                             len(writes))
 
     def _finish_writes(self, started, results) -> None:
         """Apply finished writes: record them in the table and journal them in one frame."""
@@ -395,8 +404,8 @@ class SSDTier:
         """Write pinned blocks, journal them and (``sync``) wait for the journal's fsync, else
         schedule it; unpins."""
         try:
-            started, futs = self._start_writes(bids, make_room)
-            self._finish_writes(started, self._ungroup(await _all_done(futs), len(started)))
+            started, writes = self._start_writes(bids, make_room)
+            self._finish_writes(started, await self._write(writes))
             if sync:
                 await self.journal.sync()
             else:
@@ -439,7 +448,8 @@ class SSDTier:
         flush; never while the daemon serves)."""
         self.table.pin(bids)
         try:
-            started, futs = self._start_writes(bids)
+            started, writes = self._start_writes(bids)
+            futs = self._grouped(self.slabs.write_slots, writes)
             self._finish_writes(started, self._ungroup([f.result() for f in futs], len(started)))
         finally:
             self.table.unpin(bids)
@@ -590,7 +600,7 @@ class SSDTier:
                      for (_, off, _), lay in zip(mine, layouts)]
             reads = self._read_items(bids, dests, layouts)
             reader = self.gds if into_hbm and hbm.pool.backend == "cuda" else ssd
-            ring = self._ring_reads() if reader is ssd else None
+            ring = self._ring_io() if reader is ssd else None
             t0 = time.monotonic()
             if ring is not None:
                 results = await ring.read_slots(reads)
@@ -616,17 +626,18 @@ class SSDTier:
         finally:
             self._settled(mine)
 
-    def _ring_reads(self) -> RingReads | None:
-        """The io_uring reader, opened on first use (on the event loop); None where it is not
-        wanted, cannot be set up, or was given up."""
+    def _ring_io(self) -> RingIO | None:
+        """The io_uring, opened on first use (on the event loop); None where it is not wanted,
+        cannot be set up, or was given up."""
         ring = self._ring
         if ring is None and self._want_ring and not self._closed:
-            ring = self._ring = RingReads.open(self.slabs, asyncio.get_running_loop())
+            ring = self._ring = RingIO.open(self.slabs, asyncio.get_running_loop())
             self._want_ring = False
             if ring is None:
-                log.info("io_uring is not available here: SSD reads use the I/O threads")
+                log.info("io_uring is not available here: SSD reads and writes use the I/O "
+                         "threads")
             else:
-                log.info("SSD promotions read through io_uring on the event loop")
+                log.info("SSD reads and writes go through io_uring on the event loop")
         return ring if ring is not None and not ring.broken else None
 
     def _settled(self, mine) -> None:
@@ -787,8 +798,8 @@ class SSDTier:
             self.slabs.close()
 
     async def _close_ring(self, wait_s: float = 10.0) -> None:
-        """Close the io_uring reader once its reads have ended (they own arena slots until
-        then); a read the disk never finishes is left to the kernel after ``wait_s``."""
+        """Close the io_uring once its requests have ended (they use arena slots until then);
+        one the disk never finishes is left to the kernel after ``wait_s``."""
         ring, self._ring = self._ring, None
         if ring is None:
             return

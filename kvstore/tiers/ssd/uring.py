@@ -1,4 +1,5 @@
-"""A minimal io_uring: vectored reads submitted from one thread, completions on an eventfd.
+"""A minimal io_uring: vectored reads and writes submitted from one thread, their completions
+signalled on an eventfd.
 
 The SSD tier's thread pool pays, per read, a hand-off to a pool thread and back, and each pool
 thread takes the interpreter's lock for its Python steps: on a daemon whose event loop is busy,
@@ -8,11 +9,12 @@ through one eventfd, with no other thread involved.
 
     ring = Ring.create(entries)      # None where io_uring is unavailable (old kernel, seccomp,
                                      # not x86-64): callers keep their thread pool
-    ring.readv(fd, offset, iov, tag) # queue a vectored read; iov: [(address, length), ...]
-    ring.submit()                    # hand the queued reads to the kernel
-    ring.completions()               # [(tag, result)] of the reads that ended (result: bytes
-                                     # read, or -errno)
-    ring.eventfd                     # readable when reads have ended (watch it on the loop)
+    ring.readv(fd, offset, iov, tag) # queue a vectored read; iov: iovecs([(address, length)])
+    ring.writev(fd, offset, iov, tag)                 # and a vectored write
+    ring.submit()                    # hand the queued requests to the kernel
+    ring.completions()               # [(tag, result)] of the requests that ended (result:
+                                     # bytes moved, or -errno)
+    ring.eventfd                     # readable when requests have ended (watch it on the loop)
 
 Only the thread that owns the ring may call it. The callers keep each iov's memory alive until
 its completion comes back. x86-64 only: the ring is shared with the kernel, and the order of
@@ -37,7 +39,7 @@ _OFF_SQ_RING, _OFF_CQ_RING, _OFF_SQES = 0, 0x8000000, 0x10000000
 _FEAT_SINGLE_MMAP = 1
 _ENTER_GETEVENTS = 1
 _REGISTER_EVENTFD = 4
-_OP_READV = 1
+_OP_READV, _OP_WRITEV = 1, 2
 _SQE_BYTES, _CQE_BYTES = 64, 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -160,13 +162,20 @@ class Ring:
         return max(0, self.entries - self.in_flight)
 
     def readv(self, fd: int, offset: int, iov: "ctypes.Array", tag: int) -> None:
-        """Queue a vectored read of ``iov`` (an array made by :func:`iovecs`, kept alive by
+        """Queue a vectored read into ``iov`` (an array made by :func:`iovecs`, kept alive by
         the caller until the completion) at ``offset`` of ``fd``; ``tag`` comes back with its
         result. The caller checks :attr:`free` first."""
+        self._queue(_OP_READV, fd, offset, iov, tag)
+
+    def writev(self, fd: int, offset: int, iov: "ctypes.Array", tag: int) -> None:
+        """Queue a vectored write of ``iov`` at ``offset`` of ``fd``, as readv."""
+        self._queue(_OP_WRITEV, fd, offset, iov, tag)
+
+    def _queue(self, op: int, fd: int, offset: int, iov: "ctypes.Array", tag: int) -> None:
         if self.in_flight >= self.entries:
             raise OSError(errno.EBUSY, "io_uring submission queue is full")
         sqe = self._sqes[self._tail & self._sq_mask]
-        sqe["opcode"], sqe["flags"], sqe["ioprio"], sqe["fd"] = _OP_READV, 0, 0, fd
+        sqe["opcode"], sqe["flags"], sqe["ioprio"], sqe["fd"] = op, 0, 0, fd
         sqe["off"], sqe["addr"], sqe["len"] = offset, ctypes.addressof(iov), len(iov)
         sqe["rw_flags"], sqe["user_data"] = 0, tag
         self._tail = (self._tail + 1) & 0xFFFFFFFF
