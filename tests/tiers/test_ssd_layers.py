@@ -54,6 +54,26 @@ def test_ssd_blocks_arrive_layer_by_layer_and_every_byte_is_the_blocks(daemon_fa
         assert get_exact(ns, keys, data) == 16
 
 
+@pytest.mark.parametrize("uring", ["true", "false"])
+def test_layer_wise_gets_at_disk_speed_are_byte_exact_through_the_ring_or_the_threads(
+        daemon_factory, tmp_path, uring):
+    """No read limit: the daemon queues every layer of every block at once on its io_uring
+    (or, with --ssd-io-uring false, reads layer by layer in its I/O threads); either way
+    every byte is the block's and every block verified."""
+    d, [(keys, data)] = on_ssd(daemon_factory, tmp_path, extra=("--ssd-io-uring", uring))
+    with KVClient(d.socket) as c:
+        ns = c.namespace("m", LAYOUT)
+        lease = ns.acquire_layers(keys)
+        assert len(lease) == 16 and lease.num_layers == 2
+        lease.wait_layer(1)
+        assert lease.finish() == 16
+        assert np.array_equal(rows(lease), data.reshape(len(keys), -1))
+        lease.release()
+        ssd = tier(ssd_stats(c), "SSD")
+        assert (ssd.hits, ssd.promotions, ssd.checksum_failures) == (16, 16, 0)
+        assert c.stats().proto.active_leases == 0
+
+
 def test_blocks_already_in_dram_are_ready_at_once(daemon_factory):
     d = daemon_factory("--dram-bytes", "4MiB", "--chunk-bytes", "1MiB")
     with KVClient(d.socket) as c:

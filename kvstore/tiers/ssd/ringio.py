@@ -117,6 +117,16 @@ class RingIO:
                 out[i] = r
         return out
 
+    def read(self, fd: int, offset: int, bufs: list) -> asyncio.Future:
+        """Queue one vectored read of ``bufs`` at ``offset`` of ``fd`` (sent by the next
+        :meth:`submit`): a future of the bytes read, or -errno. Its buffers are held until it
+        ends, whoever awaits it."""
+        return self._queue(False, fd, offset, bufs)
+
+    def submit(self) -> None:
+        """Send what read queued."""
+        self._submit()
+
     def _queue(self, write: bool, fd: int, offset: int, bufs: list) -> asyncio.Future:
         keep, pieces = [], []
         for b in bufs:

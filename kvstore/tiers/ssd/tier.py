@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -703,7 +704,8 @@ class SSDTier:
         their slots back. Returns how many leading blocks of ``mine`` were placed. Every slot,
         pin and promotion future is settled, even if this fails. Run it as a task of its own
         that nobody cancels (ReadPath.get_layers shields it): a cancelled wait would hand back
-        slots that reads still in the pool are writing into."""
+        slots that reads still in the pool are writing into. Through the io_uring where there
+        is one (_read_layers_ring), else range by range in the pool."""
         import xxhash
         idx, ssd = self.table, self.slabs
         ranges = self.layer_ranges(layout)
@@ -714,16 +716,21 @@ class SSDTier:
                        for b, _, _ in mine]
             addrs = [int(idx.ssd[b]) for b, _, _ in mine]
             views = [slots.view(off, layout.slot_bytes) for _, off, _ in mine]
-            for r, (start, n) in enumerate(ranges):
-                items = [(addrs[i], views[i][start:start + n], start, hashers[i])
-                         for i in range(len(mine)) if ok[i]]
-                live = [i for i in range(len(mine)) if ok[i]]
-                done = await _all_done(self._grouped(ssd.read_ranges, items))
-                for i, res in zip(live, self._ungroup(done, len(items))):
-                    if res is not True:
-                        ok[i], errors[i] = False, res
-                if on_range is not None:
-                    on_range(r + 1)
+            ring = self._ring_io()
+            if ring is not None:
+                await self._read_layers_ring(ring, ranges, addrs, views, hashers, ok, errors,
+                                             on_range)
+            else:
+                for r, (start, n) in enumerate(ranges):
+                    items = [(addrs[i], views[i][start:start + n], start, hashers[i])
+                             for i in range(len(mine)) if ok[i]]
+                    live = [i for i in range(len(mine)) if ok[i]]
+                    done = await _all_done(self._grouped(ssd.read_ranges, items))
+                    for i, res in zip(live, self._ungroup(done, len(items))):
+                        if res is not True:
+                            ok[i], errors[i] = False, res
+                    if on_range is not None:
+                        on_range(r + 1)
             # Not observed as the tier's read bandwidth: per-layer passes wait on one another
             # (and on the loop between them), so they would understate the disk the planner
             # prices; whole-slot promotions measure it.
@@ -736,6 +743,42 @@ class SSDTier:
         finally:
             placed = self._settle_layers(mine, ok, errors, slots)
         return placed
+
+    async def _read_layers_ring(self, ring: RingIO, ranges, addrs, views, hashers, ok: list,
+                                errors: list, on_range) -> None:
+        """read_layers' reads through the io_uring: every range of every block is queued at
+        once, range-major, so the disk's queue stays full across ranges instead of draining
+        between them; the results are taken in that order (each block's hasher is fed in
+        order, ``on_range`` follows the slowest block). Returns only once every read has ended:
+        the slots must not go back while the kernel writes into them."""
+        ssd = self.slabs
+        rows = []
+        for start, n in ranges:
+            row = []
+            for i, addr in enumerate(addrs):
+                seg, off = ssd.payload_offset(addr)
+                row.append(ring.read(seg.fd, off + start, [views[i][start:start + n]]))
+            rows.append(row)
+        ring.submit()
+        try:
+            for r, (start, n) in enumerate(ranges):
+                for i, fut in enumerate(rows[r]):
+                    res = await fut
+                    if not ok[i]:
+                        continue
+                    if res == n:
+                        hashers[i].update(views[i][start:start + n])
+                        ssd.count_reads(1 if start == 0 else 0, n)
+                    else:
+                        ok[i] = False
+                        errors[i] = OSError(-res, os.strerror(-res)) if res < 0 else False
+                if on_range is not None:
+                    on_range(r + 1)
+        finally:
+            for row in rows:
+                for fut in row:
+                    if not fut.done():
+                        await asyncio.wait([fut])
 
     def _settle_layers(self, mine, ok: list[bool], errors: list, slots) -> int:
         """Publish the leading verified blocks; give the rest's slots back (a block whose read
