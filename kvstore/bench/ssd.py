@@ -355,7 +355,7 @@ def main(argv: list[str]) -> int:
             "get_vs_raw_read": med[1] / med[0], "get_vs_raw_read_all": ratios,
             "acquire_vs_raw_read": acq_ratios[len(acq_ratios) // 2],
             "acquire_vs_raw_read_all": acq_ratios,
-            "ssd_hits": st.hits, "ssd_promotions": st.promotions,
+            "ssd_hits": st.hits, "ssd_promotions": st.promotions, "ssd_io": st.backend,
             "checksum_failures": st.checksum_failures,
             "sdk_get_blocks": 2 * n_blocks * a.repeat,   # get + acquire passes
             "short_gets": sdk.short_gets,
@@ -372,7 +372,8 @@ def main(argv: list[str]) -> int:
     gb = lambda bps: f"{bps / 1e9:.2f} GB/s"  # noqa: E731
     print(f"SSD tier bench: working set {format_bytes(res['working_set_bytes'])} = "
           f"{a.factor:g}x DRAM {format_bytes(dram)}, request {format_bytes(layout.slot_bytes)}, "
-          f"queue depth {a.qd}, {'O_DIRECT' if res['o_direct'] else 'buffered (no O_DIRECT)'}")
+          f"queue depth {a.qd}, {'O_DIRECT' if res['o_direct'] else 'buffered (no O_DIRECT)'}, "
+          f"daemon I/O through {res['ssd_io']}")
     print(f"  get      SDK {gb(res['sdk_get_bps'])}  raw read  {gb(res['raw_read_bps'])}  "
           f"ratio {res['get_vs_raw_read']:.2f}x  (median of {a.repeat} alternating pairs: "
           f"{', '.join(f'{r:.2f}' for r in res['get_vs_raw_read_all'])}; {res['ssd_hits']} SSD "

@@ -85,7 +85,8 @@ def render_table(st: pb.Stats) -> str:
         lines.append("  ".join(v.rjust(w) for v, w in zip(r, widths)))
     for t in st.tiers:
         if t.tier == pb.TIER_SSD:
-            lines.append(f"SSD: read {format_bytes(int(t.read_bps))}/s  write "
+            io = f" ({t.backend})" if t.backend else ""
+            lines.append(f"SSD{io}: read {format_bytes(int(t.read_bps))}/s  write "
                          f"{format_bytes(int(t.write_bps))}/s  promotions {t.promotions}  "
                          f"demotions {t.demotions}  checksum failures {t.checksum_failures}  "
                          f"I/O errors {t.io_errors}  recovered {t.recovered_blocks}")

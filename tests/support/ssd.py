@@ -69,3 +69,14 @@ def on_ssd(daemon_factory, tmp_path, n_chains=1, n_blocks=16, extra=()):
     d.stop()
     d2 = daemon_factory(*ssd_args(ssd_dir, "32MiB", *extra), workdir=tmp_path / "after")
     return d2, chains
+
+
+def expected_ssd_io() -> str:
+    """What a daemon's SSD tier moves slots through here (stats' backend): "io_uring" where
+    this kernel lets a process set one up, else "threads"."""
+    from kvstore.tiers.ssd.uring import Ring
+    ring = Ring.create(8)
+    if ring is None:
+        return "threads"
+    ring.close()
+    return "io_uring"

@@ -13,8 +13,8 @@ import pytest
 from kvstore.client import KVClient
 from kvstore.core.layout import KVLayout
 from support import SUPPORT
-from support.ssd import (BB, LAYOUT, SMALL_DRAM, chain, get_exact, payload_offset, put_chain,
-                         ssd_args, ssd_stats, tier)
+from support.ssd import (BB, LAYOUT, SMALL_DRAM, chain, expected_ssd_io, get_exact, payload_offset,
+                         put_chain, ssd_args, ssd_stats, tier)
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_back"])
@@ -52,7 +52,7 @@ def test_lookup_reports_ssd_tier(daemon_factory, tmp_path):
         assert set(ns.lookup(first[0]).tiers) == {"DRAM"}
     out = subprocess.run([sys.executable, "-m", "kvstore", "stats", "--socket", d.socket],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "SSD: read" in out.stdout
+    assert out.returncode == 0 and f"SSD ({expected_ssd_io()}): read" in out.stdout, out.stdout
     js = json.loads(subprocess.run([sys.executable, "-m", "kvstore", "stats", "--json",
                                     "--socket", d.socket], capture_output=True, text=True,
                                    timeout=60).stdout)
@@ -187,6 +187,7 @@ def test_bench_ssd_smoke(tmp_path):
     assert res["acquire_vs_raw_read"] > 0
     assert res["checksum_failures"] == 0
     assert res["get_vs_raw_read"] > 0 and res["put_vs_raw_write"] > 0
+    assert res["ssd_io"] == expected_ssd_io()   # io_uring wherever the kernel allows it
     assert res["index"]["array_bytes_per_block"] < 200
     # What each pass cost: the daemon's CPU is counted for the SDK passes only (the raw passes
     # run in this process), and the disk's busy time where tmp_path is on a block device.

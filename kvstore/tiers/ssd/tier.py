@@ -181,6 +181,7 @@ class SSDTier:
 
         A failure is logged and leaves the tier serving what it restored, writing nothing and
         leaving the journal as it found it (the next start recovers again)."""
+        self._ring_io()      # set up (and logged) now rather than at the first request
         self._recovery = asyncio.get_running_loop().create_task(
             self._recover(register, max(1, batch_blocks), limit_bps))
         return self._recovery
@@ -886,4 +887,10 @@ class SSDTier:
             evictions=self.space.evictions, bytes_in=io.bytes_written, bytes_out=io.bytes_read,
             promotions=c.promotions, demotions=c.demotions,
             checksum_failures=io.checksum_failures, recovered_blocks=io.recovered_blocks,
-            io_errors=io.write_errors + io.read_errors)   # bandwidth: kvstore.metrics.model
+            io_errors=io.write_errors + io.read_errors,   # bandwidth: kvstore.metrics.model
+            backend=self.io_backend())
+
+    def io_backend(self) -> str:
+        """How the tier moves slots now: "io_uring" or "threads" (stats' backend)."""
+        ring = self._ring
+        return "io_uring" if ring is not None and not ring.broken else "threads"
