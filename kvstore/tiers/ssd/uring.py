@@ -40,6 +40,12 @@ _FEAT_SINGLE_MMAP = 1
 _ENTER_GETEVENTS = 1
 _REGISTER_EVENTFD = 4
 _OP_READV, _OP_WRITEV = 1, 2
+# IOSQE_ASYNC: the kernel's io-wq workers (threads of this process) issue each request, not the
+# submitting thread inside io_uring_enter. The event loop then does not pay for pinning pages
+# and building bios, and on a host whose cores are all busy that work gets its own share of
+# them instead of queueing behind the loop (2-core VM, both cores spinning: SSD gets at 0.89 and
+# 0.68 of raw reads against 0.60 and 0.60 without it; no difference with the cores quiet).
+_SQE_FLAGS = 1 << 4
 _SQE_BYTES, _CQE_BYTES = 64, 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -175,7 +181,7 @@ class Ring:
         if self.in_flight >= self.entries:
             raise OSError(errno.EBUSY, "io_uring submission queue is full")
         sqe = self._sqes[self._tail & self._sq_mask]
-        sqe["opcode"], sqe["flags"], sqe["ioprio"], sqe["fd"] = op, 0, 0, fd
+        sqe["opcode"], sqe["flags"], sqe["ioprio"], sqe["fd"] = op, _SQE_FLAGS, 0, fd
         sqe["off"], sqe["addr"], sqe["len"] = offset, ctypes.addressof(iov), len(iov)
         sqe["rw_flags"], sqe["user_data"] = 0, tag
         self._tail = (self._tail + 1) & 0xFFFFFFFF
