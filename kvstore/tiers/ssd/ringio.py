@@ -79,11 +79,7 @@ class RingIO:
             nbytes += want - (len(run) - 1) * HEADER_BYTES
         if slots:
             files.count_reads(slots, nbytes)
-        if retry:
-            again = await self._loop.run_in_executor(files.pool, each_slot, files.read_slot,
-                                                     [reads[i] for i in retry])
-            for i, r in zip(retry, again):
-                out[i] = r
+        await self._redo(files.read_slot, reads, retry, out)
         return out
 
     async def write_slots(self, writes) -> list:
@@ -110,12 +106,18 @@ class RingIO:
             nbytes += want - len(run) * HEADER_BYTES
         if slots:
             files.count_writes(slots, nbytes)
+        await self._redo(files.write_slot, writes, retry, out)
+        return out
+
+    async def _redo(self, op, items: list, retry: list[int], out: list) -> None:
+        """Redo ``items[retry]`` slot by slot in the pool (``op``: SlotIO.read_slot or
+        write_slot), as SlotIO redoes a vectored call that failed or came back short: each
+        slot's result, or the OSError it raised, goes to ``out``."""
         if retry:
-            again = await self._loop.run_in_executor(files.pool, each_slot, files.write_slot,
-                                                     [writes[i] for i in retry])
+            again = await self._loop.run_in_executor(self._files.pool, each_slot, op,
+                                                     [items[i] for i in retry])
             for i, r in zip(retry, again):
                 out[i] = r
-        return out
 
     def read(self, fd: int, offset: int, bufs: list) -> asyncio.Future:
         """Queue one vectored read of ``bufs`` at ``offset`` of ``fd`` (sent by the next
